@@ -1,0 +1,33 @@
+"""Triton kernels (import name `resampling_forcing.kernels`; the repo folder is `kernels/`).
+
+* `routed_attention_fwd`: routed attention forward for inference (history chunks read in place,
+  per-token selection, current chunk always attended; returns out and lse).
+* `routing_select`: fused routing step (scores q . mean(K_j) + sink/window/top-k selection).
+
+Triton is optional: without it (or without CUDA and without TRITON_INTERPRET=1) the torch paths in
+`resampling_forcing.attention.routing` are used. Kernels are defined at import; set
+TRITON_INTERPRET=1 BEFORE importing this package to run them on CPU tensors (tests do).
+"""
+from __future__ import annotations
+
+try:  # pragma: no cover - depends on the platform
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # ImportError, or a broken install
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    from .routed_attention import is_interpreted, routed_attention_fwd
+    from .routing_select import routing_select
+else:  # pragma: no cover
+    def is_interpreted() -> bool:
+        return False
+
+    def _missing(*_args, **_kwargs):
+        raise RuntimeError("Triton is not installed; use backend='torch' (pip install triton on Linux for the kernels)")
+
+    routed_attention_fwd = _missing
+    routing_select = _missing
+
+__all__ = ["HAS_TRITON", "is_interpreted", "routed_attention_fwd", "routing_select"]

@@ -1,0 +1,107 @@
+"""One place that decides how attention is computed.
+
+Backends (config `attention.backend`, CLI `--attention-backend`):
+- sdpa:     torch scaled_dot_product_attention; masked layouts use a dense bool mask. Works
+            everywhere and is the only one with a backward on CPU.
+- flex:     FlexAttention with a cached BlockMask (compiled on CUDA; eager forward on CPU).
+- triton:   our routed-attention kernels (resampling_forcing.kernels) for history routing;
+            masked training layouts fall back to flex on CUDA, sdpa on CPU.
+- xformers: memory_efficient_attention for unmasked attention (CUDA only, optional extra);
+            masked layouts use it with a dense additive bias.
+- auto:     triton on CUDA when Triton imports (flex for masked layouts), else flex; sdpa on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .masks import MaskSpec, block_mask, dense_mask, padded_len
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "flex", "triton", "xformers")
+
+
+@functools.lru_cache(maxsize=None)
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # noqa: F401
+
+        return xops
+    except Exception as e:  # ImportError or a CUDA/ABI mismatch at load time
+        log.warning("xformers could not be loaded (%s); falling back to sdpa", str(e).splitlines()[0])
+        return None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when Triton kernels can run here: CUDA, or the CPU interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Map a configured backend to the one that will run; one-line errors for impossible choices."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {list(BACKENDS)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "triton" if triton_usable(device) else "flex"
+    if name == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"attention backend 'triton' needs a CUDA device (got {device.type}); "
+            "use attention.backend=sdpa on CPU (or set TRITON_INTERPRET=1 for the slow interpreter)")
+    if name == "xformers":
+        if device.type != "cuda":
+            raise ValueError(f"attention backend 'xformers' is CUDA-only (got {device.type}); use sdpa on CPU")
+        if _xformers_ops() is None:
+            return "sdpa"
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def flex_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
+    """q, k, v: [B, Hh, L, D] with L = spec.seq_len; pads to the BlockMask's length."""
+    length = spec.seq_len
+    pad = padded_len(length) - length
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    fn = _flex_fn(q.device.type == "cuda")
+    out = fn(q, k, v, block_mask=block_mask(spec, q.device))
+    return out[:, :, :length]
+
+
+def attention(q, k, v, spec: MaskSpec | None, backend: str) -> torch.Tensor:
+    """Self-attention over one layout. q, k, v: [B, Hh, L, D] -> [B, Hh, L, D].
+
+    `spec` None or kind "full" means unmasked attention; `backend` is a resolved name."""
+    masked = spec is not None and spec.kind != "full"
+    if backend in ("flex", "triton") and masked:
+        if q.device.type == "cuda" or (not torch.is_grad_enabled()):
+            return flex_attention(q, k, v, spec)
+        backend = "sdpa"  # FlexAttention has no backward on CPU
+    if backend == "xformers":
+        xops = _xformers_ops()
+        bias = None
+        if masked:
+            m = dense_mask(spec, q.device)
+            bias = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, float("-inf"))
+            bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+    mask = dense_mask(spec, q.device) if masked else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

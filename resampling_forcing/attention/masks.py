@@ -1,0 +1,98 @@
+"""The attention rules of training, written once as FlexAttention `mask_mod`s.
+
+Two layouts (method.md section 3, docs/CONTRACTS.md):
+- "dual":  [H_1..H_N | Q_1..Q_N], N chunks of T tokens per stream (L = 2 N T).
+           Q_i->Q_j iff j == i; Q_i->H_j iff j < i; H_i->H_j iff j <= i; H_i->Q_j never.
+- "block_causal": [C_1..C_N] (L = N T), C_i->C_j iff j <= i (what the KV cache holds).
+- "full": no mask.
+
+The same mask_mod feeds the FlexAttention BlockMask (GPU; forward only on CPU) and the dense
+boolean mask that SDPA needs on CPU, so the two backends cannot disagree about the rule.
+Both are cached by shape: building a BlockMask costs tens of milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Literal
+
+import torch
+
+# FlexAttention works on tiles of this many tokens; sequences are padded up to a multiple.
+FLEX_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """A token layout: `kind` with `num_chunks` chunks of `chunk_tokens` tokens (per stream)."""
+
+    kind: Literal["full", "dual", "block_causal"]
+    num_chunks: int
+    chunk_tokens: int
+
+    @property
+    def seq_len(self) -> int:
+        streams = 2 if self.kind == "dual" else 1
+        return streams * self.num_chunks * self.chunk_tokens
+
+    def mask_mod(self, seq_len: int | None = None) -> Callable:
+        """mask_mod(b, h, q_idx, kv_idx) -> bool; indices >= seq_len (padding) are masked."""
+        return _mask_mod(self.kind, self.num_chunks, self.chunk_tokens, seq_len or self.seq_len)
+
+
+def _mask_mod(kind: str, n: int, t: int, seq_len: int) -> Callable:
+    nt = n * t
+
+    def full(b, h, q, kv):
+        return (q < seq_len) & (kv < seq_len)
+
+    def block_causal(b, h, q, kv):
+        return (kv // t <= q // t) & (q < seq_len) & (kv < seq_len)
+
+    def dual(b, h, q, kv):
+        q_hist, k_hist = q < nt, kv < nt
+        qc = torch.where(q_hist, q, q - nt) // t
+        kc = torch.where(k_hist, kv, kv - nt) // t
+        hist_rows = q_hist & k_hist & (kc <= qc)
+        noisy_rows = ~q_hist & ((k_hist & (kc < qc)) | (~k_hist & (kc == qc)))
+        return (hist_rows | noisy_rows) & (q < seq_len) & (kv < seq_len)
+
+    return {"full": full, "block_causal": block_causal, "dual": dual}[kind]
+
+
+@lru_cache(maxsize=32)
+def dense_mask(spec: MaskSpec, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [L, L] mask (True = attend) evaluated from the same mask_mod."""
+    idx = torch.arange(spec.seq_len, device=device)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return spec.mask_mod()(zero, zero, idx[:, None], idx[None, :])
+
+
+def padded_len(seq_len: int, block: int = FLEX_BLOCK) -> int:
+    return -(-seq_len // block) * block
+
+
+@lru_cache(maxsize=32)
+def block_mask(spec: MaskSpec, device: torch.device | str = "cpu"):
+    """FlexAttention BlockMask over the sequence padded to a multiple of FLEX_BLOCK."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = padded_len(spec.seq_len)
+    return create_block_mask(spec.mask_mod(spec.seq_len), None, None, length, length,
+                             device=device, BLOCK_SIZE=FLEX_BLOCK)
+
+
+def block_sparsity(spec: MaskSpec) -> float:
+    """Fraction of FLEX_BLOCK x FLEX_BLOCK tiles that FlexAttention can skip entirely.
+
+    Evaluated one row of tiles at a time, so the 1.3B shapes never build an [L, L] mask."""
+    length = padded_len(spec.seq_len)
+    mod = spec.mask_mod(spec.seq_len)
+    kv = torch.arange(length)
+    zero = torch.zeros((), dtype=torch.long)
+    live = 0
+    for start in range(0, length, FLEX_BLOCK):
+        q = torch.arange(start, start + FLEX_BLOCK)
+        rows = mod(zero, zero, q[:, None], kv[None, :])
+        live += int(rows.view(FLEX_BLOCK, length // FLEX_BLOCK, FLEX_BLOCK).any(dim=(0, 2)).sum())
+    return 1.0 - live / (length // FLEX_BLOCK) ** 2

@@ -1,0 +1,372 @@
+"""Typed configuration: dataclasses, YAML loading, and `key.path=value` overrides.
+
+Every field has a type; loading walks the YAML against the dataclasses, so a typo or a wrong
+type fails at load with the full key path (`train.lr: expected float, got str 'abc'`).
+Nested sections are plain dataclasses; `load_config(path, overrides)` is the one entry point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key path and the fix."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the causal Wan2.1 DiT. `preset` fills every size; explicit keys override it."""
+
+    preset: Optional[str] = None
+    in_channels: int = 16
+    out_channels: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_theta: float = 10000.0
+    # Latent frames per chunk: the unit of per-chunk timesteps, the causal mask and the KV cache.
+    chunk_frames: int = 3
+    # What the network outputs: "velocity" (eps - x, what Wan weights predict) or "x0" (the clean
+    # sample, converted to velocity; needed by tiny pixel-space models, see environment.md).
+    prediction: Literal["velocity", "x0"] = "velocity"
+    # Smallest t when converting an x0 prediction to velocity: v = (x_t - x0) / max(t, x0_min_t).
+    x0_min_t: float = 0.05
+    # Per-block activation checkpointing during training.
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RoutingConfig:
+    """History routing (method.md section 6). mode: dense | topk | window."""
+
+    mode: Literal["dense", "topk", "window"] = "dense"
+    top_k: Optional[int] = None
+    sink_chunks: int = 0
+    window_chunks: int = 0
+    # Which transformer blocks route (None = all). Unlisted blocks attend densely.
+    layers: Optional[list[int]] = None
+    # Keep per-head chunk selections of each rollout for plots (costs memory).
+    record: bool = False
+
+
+@dataclass
+class AttentionConfig:
+    # auto picks the fastest available on the device; see attention/backends.py.
+    backend: Literal["auto", "sdpa", "flex", "triton", "xformers"] = "auto"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow matching: training timesteps, self-resampling t_s, and the sampling schedule."""
+
+    # Training timestep per chunk: t = shift(sigmoid(N(mean, std))).
+    train_t_mean: float = 0.0
+    train_t_std: float = 1.0
+    train_t_shift: float = 1.0
+    # Self-resampling strength t_s per video: sigmoid(N(0,1)) then shift s (paper: 0.6).
+    resample_shift: float = 0.6
+    # Sampling (paper: 32 Euler steps, shift 5.0, CFG 5.0).
+    sample_steps: int = 32
+    sample_shift: float = 5.0
+    cfg_scale: float = 5.0
+    negative_prompt: str = ""
+    # Timestep of the pass that writes a finished chunk into the KV cache.
+    context_t: float = 0.0
+
+
+@dataclass
+class EncoderConfig:
+    """Latent space and text encoder. kinds: vae in {wan, pixel_shuffle}, text in {umt5, hash}."""
+
+    vae: str = "wan"
+    vae_path: Optional[str] = None
+    vae_factor: int = 4  # pixel_shuffle only
+    text: str = "umt5"
+    text_path: Optional[str] = None
+    text_len: int = 512
+    text_dim: int = 4096  # hash encoder only; umT5 reports its own
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from. manifest: real videos; latents: a precomputed store; synthetic."""
+
+    source: Literal["synthetic", "manifest", "latents"] = "synthetic"
+    manifest: Optional[str] = None
+    latents_dir: Optional[str] = None
+    synthetic_dir: str = "outputs/synthetic"
+    synthetic_videos: int = 512
+    synthetic_max_objects: int = 2
+    num_frames: int = 12  # pixel frames per clip (Wan VAE: 1 + 4k)
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    num_workers: int = 0
+    text_dropout: float = 0.1  # caption -> "" with this probability, for classifier-free guidance
+
+
+@dataclass
+class StageConfig:
+    """One training stage. objective: teacher_forcing | resampling | noise_augmentation | parallel_resampling."""
+
+    name: str = "tf"
+    objective: Literal[
+        "teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling"
+    ] = "teacher_forcing"
+    steps: int = 100
+    resample_steps: int = 1  # Euler steps from t_s to 0 while degrading history
+    resample_cfg: float = 1.0  # CFG while resampling (1.0 = off, the paper's unstated default)
+    noise_aug_scale: float = 0.1  # std of Gaussian history noise (noise_augmentation)
+    routing: bool = False  # train with top-k history routing (attention.routing settings)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: Optional[float] = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    init_from: Optional[str] = None  # weights to start from (Wan checkpoint or our checkpoint)
+    resume_from: Optional[str] = None  # a checkpoint dir; else auto-resume from run_dir
+    save_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+    max_bad_steps: int = 20  # consecutive NaN/Inf losses before aborting
+    seed: int = 0
+    tensorboard: bool = True
+    wandb: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- model presets
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 12 heads, FFN 8960, umT5 (4096), Wan VAE (16 ch).
+    "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
+                            out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
+    # Wan2.1-T2V-14B: 40 blocks, dim 5120, 40 heads, FFN 13824.
+    "wan2.1-t2v-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16,
+                           out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
+    # ~100M parameters at Wan's shapes, for CPU benchmarks.
+    "wan-100m": dict(dim=768, ffn_dim=3072, num_heads=12, num_layers=12, in_channels=16,
+                     out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
+    # The embedded default: 32x32 pixels -> PixelShuffleVAE(4) -> 48 x 8 x 8 latents.
+    "tiny": dict(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_channels=48,
+                 out_channels=48, text_dim=32, freq_dim=64, patch_size=[1, 2, 2]),
+}
+
+
+def resolve_model(cfg: ModelConfig, explicit: set[str] | None = None) -> ModelConfig:
+    """Fill sizes from `cfg.preset`; keys the user set explicitly win over the preset."""
+    if cfg.preset is None:
+        return cfg
+    if cfg.preset not in MODEL_PRESETS:
+        raise ConfigError(
+            f"model.preset: unknown preset {cfg.preset!r}; choose one of {sorted(MODEL_PRESETS)}"
+        )
+    explicit = explicit or set()
+    values = {k: v for k, v in MODEL_PRESETS[cfg.preset].items() if k not in explicit}
+    return dataclasses.replace(cfg, **values)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses. Errors name `path`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads 1e-4 as a string (no dot); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_path(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data = _deepcopy(data or {})
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    cfg = _build(Config, data, "")
+    explicit = set((data.get("model") or {}).keys())
+    cfg.model = resolve_model(cfg.model, explicit)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (or start from defaults when `path` is None) and apply key=value overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. configs/tiny.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return config_from_dict(data, overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m = cfg.model
+    if m.dim % m.num_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
+    head_dim = m.dim // m.num_heads
+    if head_dim % 2 or head_dim < 6:
+        raise ConfigError(f"model: head dim {head_dim} must be even and >= 6 for 3-axis RoPE")
+    if len(m.patch_size) != 3 or min(m.patch_size) < 1:
+        raise ConfigError(f"model.patch_size={m.patch_size}: expected three positive ints [t, h, w]")
+    if m.chunk_frames < 1:
+        raise ConfigError(f"model.chunk_frames={m.chunk_frames}: must be >= 1")
+    r = cfg.attention.routing
+    if r.mode == "topk" and (r.top_k is None or r.top_k < 1):
+        raise ConfigError(f"attention.routing.top_k={r.top_k}: mode topk needs top_k >= 1")
+    if r.mode == "window" and r.window_chunks + r.sink_chunks < 1:
+        raise ConfigError("attention.routing: mode window needs window_chunks + sink_chunks >= 1")
+    if r.sink_chunks < 0 or r.window_chunks < 0:
+        raise ConfigError("attention.routing: sink_chunks and window_chunks must be >= 0")
+    d = cfg.diffusion
+    if d.sample_steps < 1:
+        raise ConfigError(f"diffusion.sample_steps={d.sample_steps}: must be >= 1")
+    if d.sample_shift <= 0 or d.resample_shift <= 0 or d.train_t_shift <= 0:
+        raise ConfigError("diffusion: shifts must be > 0")
+    if not 0.0 <= cfg.data.text_dropout <= 1.0:
+        raise ConfigError(f"data.text_dropout={cfg.data.text_dropout}: must be in [0, 1]")
+    for i, st in enumerate(cfg.train.stages):
+        if st.steps < 0:
+            raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")
+        if st.resample_steps < 1:
+            raise ConfigError(f"train.stages[{i}].resample_steps={st.resample_steps}: must be >= 1")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data

@@ -1,0 +1,197 @@
+"""Load Wan2.1 transformer weights from local files; save and load our own format.
+
+Recognised layouts (no network, `path` is a local directory):
+- ours:      model.safetensors + model_config.json (what `save_model` writes).
+- diffusers: config.json with `num_attention_heads` (+ `diffusion_pytorch_model*.safetensors`,
+             sharded with an index or single); a repo root with `transformer/` also works
+             (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
+- original:  the Wan2.1 release: config.json with `dim`/`num_heads` and
+             `diffusion_pytorch_model*.safetensors` with Wan's own key names (ours too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+from .wan import CausalWanModel
+
+OUR_WEIGHTS, OUR_CONFIG = "model.safetensors", "model_config.json"
+
+# diffusers name -> original Wan name (regex, replacement), applied in order.
+_DIFFUSERS_TO_WAN = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # diffusers' norm2 is the cross-attn norm
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file/tensor and the fix."""
+
+
+def diffusers_to_wan_key(key: str) -> str:
+    for pattern, repl in _DIFFUSERS_TO_WAN:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index[0]} lists shard {missing[0]} which is missing; re-download the checkpoint")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {folder}; expected a Wan2.1 / diffusers / "
+                              "resampling-forcing checkpoint directory")
+    return files
+
+
+def detect_layout(path: str | Path) -> tuple[str, Path]:
+    """-> (layout, folder) with layout in {ours, diffusers, original}."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint path {folder} is not a directory")
+    if (folder / OUR_CONFIG).is_file():
+        return "ours", folder
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{folder} has neither {OUR_CONFIG} nor config.json; point to a Wan2.1 checkpoint, "
+                              "its diffusers `transformer/` folder, or a resampling-forcing run/checkpoint")
+    raw = json.loads(cfg_file.read_text())
+    if "num_attention_heads" in raw:
+        return "diffusers", folder
+    if "num_heads" in raw and "dim" in raw:
+        return "original", folder
+    raise CheckpointError(f"{cfg_file} is not a Wan2.1 transformer config (no num_heads/num_attention_heads)")
+
+
+def config_from_checkpoint(path: str | Path, base: ModelConfig | None = None) -> ModelConfig:
+    """ModelConfig from a checkpoint's config; fields not stored there come from `base`."""
+    layout, folder = detect_layout(path)
+    base = base or ModelConfig()
+    raw = json.loads((folder / (OUR_CONFIG if layout == "ours" else "config.json")).read_text())
+    if layout == "ours":
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return dataclasses.replace(base, **{k: v for k, v in raw.items() if k in names and k != "preset"},
+                                   preset=None)
+    if layout == "diffusers":
+        heads = raw["num_attention_heads"]
+        values = dict(dim=heads * raw["attention_head_dim"], num_heads=heads, ffn_dim=raw["ffn_dim"],
+                      num_layers=raw["num_layers"], in_channels=raw["in_channels"],
+                      out_channels=raw.get("out_channels") or raw["in_channels"], text_dim=raw["text_dim"],
+                      freq_dim=raw["freq_dim"], patch_size=list(raw.get("patch_size", [1, 2, 2])),
+                      eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
+                      qk_norm=raw.get("qk_norm") is not None)
+    else:
+        values = dict(dim=raw["dim"], num_heads=raw["num_heads"], ffn_dim=raw["ffn_dim"],
+                      num_layers=raw["num_layers"], in_channels=raw.get("in_dim", 16),
+                      out_channels=raw.get("out_dim", 16), text_dim=raw.get("text_dim", 4096),
+                      freq_dim=raw.get("freq_dim", 256), patch_size=list(raw.get("patch_size", [1, 2, 2])),
+                      eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
+                      qk_norm=raw.get("qk_norm", True))
+    if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("model_type") in ("i2v", "flf2v"):
+        raise CheckpointError(f"{folder}: image-to-video Wan checkpoints are not supported; use a T2V checkpoint")
+    return dataclasses.replace(base, preset=None, **values)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, renamed to our (original Wan) names."""
+    layout, folder = detect_layout(path)
+    files = [folder / OUR_WEIGHTS] if layout == "ours" else _weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # truncated or foreign file
+            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}; the file is corrupt or not safetensors") from None
+    if layout == "diffusers":
+        state = {diffusers_to_wan_key(k): v for k, v in state.items()}
+    # Some original releases prefix keys with "model." (e.g. trained with a wrapper).
+    if state and all(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_into(model: CausalWanModel, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strict load with errors that name the first missing/unexpected/mismatched tensor."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise CheckpointError(f"{source} does not fit the model: {', '.join(parts)}; check model.preset / sizes")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: tensor {k} has shape {list(state[k].shape)}, the model expects "
+                                  f"{list(v.shape)}; the checkpoint was made for other model sizes")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k].to(v.dtype))
+
+
+def load_model(path: str | Path, base: ModelConfig | None = None, device="cpu",
+               dtype: torch.dtype = torch.float32) -> CausalWanModel:
+    """Build the model from a checkpoint's own config and load its weights."""
+    cfg = config_from_checkpoint(path, base)
+    model = CausalWanModel(cfg)
+    load_state_into(model, read_state_dict(path), source=str(path))
+    return model.to(device=device, dtype=dtype)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(model: CausalWanModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Our format: model.safetensors + model_config.json, each written atomically."""
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    _atomic_write(folder / OUR_WEIGHTS, lambda p: save_file(tensors, p))
+    cfg = json.dumps(dataclasses.asdict(model.cfg), indent=2)
+    _atomic_write(folder / OUR_CONFIG, lambda p: Path(p).write_text(cfg))
