@@ -288,15 +288,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _set_path(data: dict, keys: list[str], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
-        node = nxt
-    node[keys[-1]] = value
+    """Set data[k0][k1]... = value; integer keys index lists (train.stages.1.steps=500)."""
+    node: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override {'.'.join(keys)}: {where} is not an index of a list of {len(node)}")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:depth])} is not a section")
+        if last:
+            node[k] = value
+            return
+        if isinstance(node, dict) and node.get(k) is None:
+            # A missing section is created on demand; train.stages starts from the default stage.
+            node[k] = [dataclasses.asdict(StageConfig())] if k == "stages" else {}
+        node = node[k]
 
 
 def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

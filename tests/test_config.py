@@ -1,0 +1,53 @@
+import pytest
+
+from resampling_forcing.config import ConfigError, config_from_dict, load_config
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert cfg.model.chunk_frames == 3 and cfg.diffusion.sample_steps == 32
+
+
+def test_preset_fills_sizes_and_explicit_keys_win():
+    cfg = config_from_dict({"model": {"preset": "wan2.1-t2v-1.3b", "num_layers": 2}})
+    assert (cfg.model.dim, cfg.model.num_heads, cfg.model.ffn_dim, cfg.model.num_layers) == (1536, 12, 8960, 2)
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"model": {"dimm": 3}}, r"unknown key model\.dimm"),
+    ({"train": {"lr": "fast"}}, r"train\.lr: expected float, got str 'fast'"),
+    ({"train": {"stages": [{"objective": "magic"}]}}, r"train\.stages\[0\]\.objective: 'magic' is not one of"),
+    ({"model": {"preset": "nope"}}, r"model\.preset: unknown preset 'nope'"),
+    ({"attention": {"routing": {"mode": "topk"}}}, r"attention\.routing\.top_k=None"),
+    ({"model": {"dim": 100, "num_heads": 3}}, r"model\.dim=100 is not divisible"),
+    ({"data": {"height": True}}, r"data\.height: expected int, got bool"),
+])
+def test_errors_name_the_key(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(data)
+
+
+def test_overrides_parse_types_and_lists():
+    cfg = config_from_dict({"train": {"stages": [{"name": "a"}, {"name": "b"}]}},
+                           ["train.lr=1e-4", "train.stages.1.steps=7", "attention.routing.mode=topk",
+                            "attention.routing.top_k=5", "model.patch_size=[1,4,4]"])
+    assert cfg.train.lr == 1e-4 and cfg.train.stages[1].steps == 7
+    assert cfg.attention.routing.top_k == 5 and cfg.model.patch_size == [1, 4, 4]
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        config_from_dict({}, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr"):
+        config_from_dict({}, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"not an index of a list of 1"):
+        config_from_dict({}, ["train.stages.3.steps=1"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
