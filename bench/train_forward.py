@@ -1,0 +1,145 @@
+"""Training forward(+backward) of the [history | noisy] sequence: time, peak memory, sparsity.
+
+Measures, per model size and attention backend:
+- forward+backward time per step and peak memory (CUDA: max_memory_allocated; CPU: peak RSS of
+  a fresh subprocess, which includes the Python/torch baseline, reported separately),
+- forward-only time for SDPA with a dense mask vs FlexAttention with the BlockMask,
+- the block sparsity of the dual mask (fraction of 128x128 tiles FlexAttention skips).
+
+CPU:  python bench/train_forward.py --presets tiny wan-100m --out outputs/bench/train_forward.json
+GPU:  python bench/train_forward.py --device cuda --dtype bf16 --presets wan2.1-t2v-1.3b \
+        --latent 21x60x104 --chunk-frames 3 --backends sdpa flex --layers 2
+      (the 1.3B shape at 5 s: 7 chunks x 3 latent frames x 1560 tokens, two streams; --layers
+      keeps only a few blocks so time per block can be scaled to 30 blocks)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resampling_forcing.attention.masks import MaskSpec, block_sparsity  # noqa: E402
+from resampling_forcing.attention.ops import MaskedAttention  # noqa: E402
+from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
+from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _measure(args_dict: dict) -> dict:
+    a = argparse.Namespace(**args_dict)
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    cfg = resolve_model(ModelConfig(preset=a.preset, chunk_frames=a.chunk_frames))
+    if a.layers:
+        cfg.num_layers = a.layers
+    model = CausalWanModel(cfg).to(device=device, dtype=dtype)
+    f, h, w = a.latent
+    n = f // cfg.chunk_frames
+    x = torch.randn(a.batch, cfg.in_channels, f, h, w, device=device, dtype=dtype)
+    ctx = torch.randn(a.batch, a.text_len, cfg.text_dim, device=device, dtype=dtype)
+    t = torch.rand(a.batch, n, device=device)
+    spec = MaskSpec("dual", n, model.chunk_tokens(h, w))
+    op = MaskedAttention(spec, a.backend)
+
+    def step():
+        if a.mode == "fwd":
+            with torch.no_grad():
+                return model.forward_dual(x, x, t, ctx, op)
+        out = model.forward_dual(x, x, t, ctx, op)
+        out.float().square().mean().backward()
+        return out
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(a.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(preset=a.preset, params_m=round(count_parameters(model) / 1e6, 1), layers=cfg.num_layers,
+                mode=a.mode, backend=a.backend, tokens=spec.seq_len, batch=a.batch,
+                step_s=round(sorted(times)[len(times) // 2], 4), peak_mem_mb=round(peak / 2**20, 1))
+
+
+def run_isolated(args_dict: dict) -> dict:
+    """One measurement per fresh process, so CPU peak RSS belongs to that measurement alone."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_measure, (args_dict,))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "wan-100m"])
+    p.add_argument("--backends", nargs="+", default=["sdpa", "flex"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--latent", default=None, help="FxHxW latent size (default per preset)")
+    p.add_argument("--chunk-frames", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-len", type=int, default=16)
+    p.add_argument("--layers", type=int, default=0, help="override the number of blocks (0 = preset)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    defaults = {"tiny": ("12x8x8", 2), "wan-100m": ("12x16x16", 3)}
+    rows = []
+    for preset in args.presets:
+        lat, cf = defaults.get(preset, ("21x60x104", 3))
+        lat = [int(v) for v in (args.latent or lat).split("x")]
+        cf = args.chunk_frames or cf
+        base = dict(preset=preset, device=args.device, dtype=args.dtype, latent=lat, chunk_frames=cf,
+                    batch=args.batch, text_len=args.text_len, layers=args.layers, warmup=args.warmup,
+                    repeats=args.repeats, threads=args.threads)
+        tpf = (lat[1] // 2) * (lat[2] // 2)
+        spec = MaskSpec("dual", lat[0] // cf, cf * tpf)
+        sparsity = block_sparsity(spec)
+        # Backward needs sdpa on CPU (FlexAttention has no CPU backward).
+        for backend in args.backends:
+            for mode in ("fwd", "fwd+bwd"):
+                if mode == "fwd+bwd" and backend == "flex" and args.device == "cpu":
+                    continue
+                row = run_isolated(dict(base, backend=backend, mode=mode))
+                row["block_sparsity"] = round(sparsity, 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    baseline = run_isolated(dict(preset="tiny", device="cpu", dtype="fp32", latent=[2, 2, 2], chunk_frames=1,
+                                 batch=1, text_len=1, layers=1, warmup=0, repeats=1, threads=1,
+                                 backend="sdpa", mode="fwd")) if args.device == "cpu" else None
+    print("\n| preset | params (M) | backend | mode | tokens | step (s) | peak mem (MB) | block sparsity |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['params_m']} | {r['backend']} | {r['mode']} | {r['tokens']} | "
+              f"{r['step_s']} | {r['peak_mem_mb']} | {r['block_sparsity']} |")
+    if baseline:
+        print(f"\nCPU peak memory is process RSS; an empty process with torch uses {baseline['peak_mem_mb']} MB.")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(rows=rows, rss_baseline=baseline), indent=2))
+
+
+if __name__ == "__main__":
+    main()
