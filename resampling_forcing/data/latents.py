@@ -1,0 +1,342 @@
+"""Precomputed VAE latents + text embeddings in safetensors shards, and a dataset reading them.
+
+Layout of ``out_dir``
+- ``shard-00000.safetensors``, ...: shard ``k`` holds the good videos among dataset rows
+  ``[k * shard_size, (k + 1) * shard_size)``: tensors ``latents [n, C, f, h, w]`` and
+  ``text [n, Lt, Dt]`` (dtype as the encoders return them unless ``dtype`` is given), and header
+  metadata (strings): ``captions``, ``indices`` (dataset rows), ``paths``, ``bad`` (reason -> count
+  for the rows skipped in this shard), ``start``, ``stop``, ``num_items``. A shard whose rows are
+  all bad holds one empty tensor ``empty`` and ``num_items = 0``.
+- ``index.json``: ``format``, ``complete``, ``num_items``, ``num_rows``, ``shard_size``,
+  ``fingerprint`` (what was encoded: dataset class, manifest, clip size, fps, split, row count),
+  ``latent_shape``, ``text_shape``, ``dtype``, ``bad_files`` and ``shards`` (``file``, ``start``,
+  ``stop``, ``num_items``, ``bad``).
+
+Resumable: shards are written atomically (temp name + rename), so a shard file that exists is
+complete; on restart every existing shard is kept (even one written just before a crash and not
+yet in the index) and only missing shards are encoded. ``index.json`` is rewritten atomically after
+every shard and at the end (``complete: true``). Resuming into a folder made from a different
+data set or ``shard_size`` raises a ``ValueError`` (use a new folder or ``overwrite=True``).
+
+Encoders are duck-typed: ``vae.encode(video [B,3,F,H,W] in [-1,1]) -> [B,C,f,h,w]`` and
+``text_encoder.encode(list[str]) -> [B, Lt, Dt]``.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..io import atomic_path, atomic_write_json
+
+INDEX_NAME = "index.json"
+FORMAT_VERSION = 1
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def _fingerprint(dataset, shard_size: int) -> dict:
+    fp = {"dataset": type(dataset).__name__, "num_rows": len(dataset), "shard_size": int(shard_size)}
+    for attr in ("manifest", "num_frames", "height", "width", "fps", "split", "random_start", "start_frame"):
+        if hasattr(dataset, attr):
+            v = getattr(dataset, attr)
+            fp[attr] = str(Path(v).resolve()) if isinstance(v, Path) else v
+    return json.loads(json.dumps(fp, default=str))
+
+
+def _get_item(dataset, i: int):
+    """(video, caption) of row i, or (None, reason) when the row is bad."""
+    if hasattr(dataset, "try_get"):
+        item = dataset.try_get(i)
+        if item is None:
+            reason = dataset.bad_reason(i) if hasattr(dataset, "bad_reason") else None
+            return None, reason or "bad"
+    else:
+        try:
+            item = dataset[i]
+        except Exception as e:  # a generic dataset: count the error, keep going
+            return None, type(e).__name__
+    if isinstance(item, dict):
+        return item["video"], str(item.get("caption", ""))
+    video, caption = item[0], item[1]
+    return video, str(caption)
+
+
+def _infer_device(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def _read_shard_header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    return {"meta": meta, "shapes": shapes, "dtypes": dtypes}
+
+
+def _shard_entry(file: str, meta: dict) -> dict:
+    return {
+        "file": file,
+        "start": int(meta["start"]),
+        "stop": int(meta["stop"]),
+        "num_items": int(meta["num_items"]),
+        "bad": json.loads(meta.get("bad", "{}")),
+    }
+
+
+def precompute(
+    dataset,
+    vae,
+    text_encoder,
+    out_dir: str | os.PathLike,
+    shard_size: int = 256,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Encode every good row of ``dataset`` into shards under ``out_dir``; return the index dict.
+
+    ``dataset``: a :class:`~resampling_forcing.data.video.VideoClipDataset` (its ``try_get`` skips
+    bad files without fall-through, so each good video is encoded once) or any indexable dataset
+    returning ``{"video", "caption"}`` / ``(video, caption)`` (an exception there counts as a bad row).
+    ``device``: where the videos are sent (default: the VAE's parameter device, else CPU).
+    ``dtype``: cast stored tensors (e.g. ``torch.float16``); default keeps the encoders' dtype.
+    Prints a summary line (items, shards, skipped files by reason) at the end.
+    """
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_rows = len(dataset)
+    if n_rows == 0:
+        raise ValueError("precompute: the dataset is empty")
+    fp = _fingerprint(dataset, shard_size)
+    num_shards = -(-n_rows // shard_size)
+    index_path = out / INDEX_NAME
+    if overwrite:
+        for p in out.glob("shard-*.safetensors"):
+            p.unlink()
+        if index_path.exists():
+            index_path.unlink()
+    elif index_path.exists():
+        try:
+            old = json.loads(index_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.get("fingerprint") != fp:
+            raise ValueError(
+                f"{out}: holds latents of a different data set/config ({old.get('fingerprint')} != {fp}); "
+                "use a new out_dir or overwrite=True"
+            )
+    device = torch.device(device) if device is not None else _infer_device(vae)
+
+    state = {"latent_shape": None, "text_shape": None, "dtype": None}
+    shards: dict[int, dict] = {}
+    # adopt every complete shard already on disk (atomic writes: existing == complete)
+    for k in range(num_shards):
+        p = out / shard_name(k)
+        if not p.is_file():
+            continue
+        try:
+            hdr = _read_shard_header(p)
+            entry = _shard_entry(p.name, hdr["meta"])
+        except Exception:
+            p.unlink()  # unreadable leftover: encode again
+            continue
+        if entry["start"] != k * shard_size or entry["stop"] != min(n_rows, (k + 1) * shard_size):
+            raise ValueError(f"{p}: covers rows {entry['start']}..{entry['stop']}, not shard {k}; use a new out_dir or overwrite=True")
+        shards[k] = entry
+        if entry["num_items"] > 0 and state["latent_shape"] is None:
+            state["latent_shape"] = hdr["shapes"]["latents"][1:]
+            state["text_shape"] = hdr["shapes"]["text"][1:]
+            state["dtype"] = hdr["dtypes"]["latents"]
+
+    def write_index(complete: bool) -> dict:
+        entries = [shards[k] for k in sorted(shards)]
+        bad = Counter()
+        for e in entries:
+            bad.update(e["bad"])
+        index = {
+            "format": FORMAT_VERSION,
+            "complete": complete,
+            "num_items": sum(e["num_items"] for e in entries),
+            "num_rows": n_rows,
+            "shard_size": shard_size,
+            "num_shards": num_shards,
+            "fingerprint": fp,
+            "latent_shape": state["latent_shape"],
+            "text_shape": state["text_shape"],
+            "dtype": state["dtype"],
+            "bad_files": dict(sorted(bad.items())),
+            "shards": entries,
+        }
+        atomic_write_json(index_path, index)
+        return index
+
+    todo = [k for k in range(num_shards) if k not in shards]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(min(n_rows, (k + 1) * shard_size) - k * shard_size for k in todo), desc="precompute", unit="video")
+    if shards:
+        write_index(complete=not todo)
+    for k in todo:
+        start, stop = k * shard_size, min(n_rows, (k + 1) * shard_size)
+        lat_list, txt_list, caps, idxs, paths = [], [], [], [], []
+        bad = Counter()
+        pending: list[tuple[int, torch.Tensor, str]] = []
+
+        def flush():
+            if not pending:
+                return
+            videos = torch.stack([torch.as_tensor(v) for _, v, _ in pending]).to(device=device, dtype=torch.float32)
+            texts = [c for _, _, c in pending]
+            with torch.inference_mode():
+                lat = vae.encode(videos)
+                emb = text_encoder.encode(texts)
+            lat, emb = torch.as_tensor(lat).detach().cpu(), torch.as_tensor(emb).detach().cpu()
+            if lat.shape[0] != len(pending) or emb.shape[0] != len(pending):
+                raise RuntimeError(f"encoders returned batch sizes {lat.shape[0]}, {emb.shape[0]} for {len(pending)} inputs")
+            if dtype is not None:
+                lat, emb = lat.to(dtype), emb.to(dtype)
+            lat_list.append(lat)
+            txt_list.append(emb)
+            caps.extend(texts)
+            idxs.extend(i for i, _, _ in pending)
+            pending.clear()
+
+        for i in range(start, stop):
+            video, cap = _get_item(dataset, i)
+            if video is None:
+                bad[cap] += 1
+            else:
+                if hasattr(dataset, "rows"):
+                    paths.append(str(dataset.rows[i].get("path", "")))
+                pending.append((i, video, cap))
+                if len(pending) >= batch_size:
+                    flush()
+            if bar is not None:
+                bar.update(1)
+        flush()
+        meta = {
+            "format": str(FORMAT_VERSION),
+            "start": str(start),
+            "stop": str(stop),
+            "num_items": str(len(caps)),
+            "captions": json.dumps(caps),
+            "indices": json.dumps(idxs),
+            "paths": json.dumps(paths),
+            "bad": json.dumps(dict(sorted(bad.items()))),
+        }
+        if caps:
+            tensors = {"latents": torch.cat(lat_list).contiguous(), "text": torch.cat(txt_list).contiguous()}
+            if state["latent_shape"] is None:
+                state["latent_shape"] = list(tensors["latents"].shape[1:])
+                state["text_shape"] = list(tensors["text"].shape[1:])
+                state["dtype"] = str(tensors["latents"].dtype).replace("torch.", "")
+            elif list(tensors["latents"].shape[1:]) != state["latent_shape"] or list(tensors["text"].shape[1:]) != state["text_shape"]:
+                raise RuntimeError(
+                    f"shard {k}: shapes {list(tensors['latents'].shape[1:])}/{list(tensors['text'].shape[1:])} differ from "
+                    f"earlier shards {state['latent_shape']}/{state['text_shape']}"
+                )
+        else:
+            tensors = {"empty": torch.zeros(0)}
+        from safetensors.torch import save_file
+
+        with atomic_path(out / shard_name(k)) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        shards[k] = _shard_entry(shard_name(k), meta)
+        write_index(complete=False)
+    if bar is not None:
+        bar.close()
+    index = write_index(complete=True)
+    bad_total = sum(index["bad_files"].values())
+    detail = ", ".join(f"{r}: {c}" for r, c in index["bad_files"].items())
+    name = Path(str(fp.get("manifest", type(dataset).__name__))).name
+    print(
+        f"precompute {name}: {index['num_items']} of {n_rows} videos encoded in {num_shards} shard(s) at {out}; "
+        f"{bad_total} skipped" + (f" ({detail})" if bad_total else "")
+    )
+    return index
+
+
+class LatentDataset(Dataset):
+    """Reads shards written by :func:`precompute` lazily (memory-mapped by safetensors).
+
+    ``ds[i] -> {"latents": [C, f, h, w], "text": [Lt, Dt], "caption": str, "index": int}``
+    (``index`` = the source dataset row). Shard files are opened on first use in each process,
+    so the dataset can be handed to DataLoader workers.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        ip = self.root / INDEX_NAME
+        if not ip.is_file():
+            raise ValueError(f"{ip}: latent index not found; run resampling_forcing.data.latents.precompute(...) into {self.root} first")
+        try:
+            self.index = json.loads(ip.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{ip}: unreadable latent index ({e}); rerun precompute into {self.root}") from None
+        self.shards = [s for s in self.index.get("shards", []) if int(s.get("num_items", 0)) > 0]
+        if not self.shards:
+            raise ValueError(f"{ip}: latent index lists no items; rerun precompute (were all videos bad? see bad_files: {self.index.get('bad_files')})")
+        for s in self.shards:
+            if not (self.root / s["file"]).is_file():
+                raise ValueError(f"{self.root / s['file']}: shard listed in {ip} is missing; rerun precompute into {self.root}")
+        self.complete = bool(self.index.get("complete", False))
+        self._offsets = [0]
+        for s in self.shards:
+            self._offsets.append(self._offsets[-1] + int(s["num_items"]))
+        self._handles: dict[int, object] = {}
+        self._meta: dict[int, tuple[list, list]] = {}
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, k: int):
+        h = self._handles.get(k)
+        if h is None:
+            from safetensors import safe_open
+
+            h = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
+            meta = h.metadata() or {}
+            self._meta[k] = (json.loads(meta.get("captions", "[]")), json.loads(meta.get("indices", "[]")))
+            self._handles[k] = h
+        return h
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        k = bisect.bisect_right(self._offsets, i) - 1
+        j = i - self._offsets[k]
+        h = self._handle(k)
+        caps, idxs = self._meta[k]
+        return {
+            "latents": h.get_slice("latents")[j],
+            "text": h.get_slice("text")[j],
+            "caption": caps[j] if j < len(caps) else "",
+            "index": int(idxs[j]) if j < len(idxs) else -1,
+        }

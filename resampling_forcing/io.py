@@ -1,0 +1,288 @@
+"""Small, dependable file IO: mp4 in/out, PNG contact sheets, atomic writes.
+
+Every writer here is atomic: it writes to a hidden temporary name in the destination folder and
+then ``os.replace``-s it onto the final name, so a crash or an exception never leaves a half file
+under the final name (and never leaves the temporary behind either).
+
+Video frames
+- ``uint8`` arrays/tensors shaped ``[F, H, W, 3]`` are taken as they are.
+- float arrays/tensors are taken as values in ``[-1, 1]`` (the model/VAE convention), laid out either
+  ``[3, F, H, W]`` (channel first, what the datasets produce) or ``[F, H, W, 3]``; a leading batch
+  dimension of size 1 is dropped. See :func:`to_uint8_video`.
+
+mp4 files are H.264 (libx264) written through imageio-ffmpeg with ``macro_block_size=1`` so that small
+frames (32x32, 48x80, ...) keep their exact size; read-back shape equals the input shape. The pixel
+format is ``yuv420p`` (plays everywhere) when height and width are even, ``yuv444p`` otherwise (4:2:0
+cannot represent odd sizes).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_json",
+    "to_uint8_video",
+    "write_mp4",
+    "read_mp4",
+    "contact_sheet",
+    "save_figure",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder as ``path``; on success move it onto ``path``.
+
+    The temporary name keeps the final suffix (tools such as ffmpeg pick the container from it)
+    and starts with a dot. On any exception the temporary file is removed and the final name is
+    left untouched (an older complete file stays; nothing new appears).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# frame conversion
+# ----------------------------------------------------------------------------------------------
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if x.dtype == torch.bfloat16 or x.dtype == torch.float16:
+                x = x.float()
+            return x.numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(x)
+
+
+def to_uint8_video(video) -> np.ndarray:
+    """Convert a video to a C-contiguous ``uint8 [F, H, W, 3]`` array.
+
+    uint8 input must already be ``[F, H, W, 3]``. Float input is in ``[-1, 1]`` and either
+    ``[3, F, H, W]`` or ``[F, H, W, 3]`` (``[1, ...]`` batch of one is accepted too).
+    """
+    x = _to_numpy(video)
+    if x.ndim == 5 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 4:
+        raise ValueError(f"expected a video [F,H,W,3] (uint8) or [3,F,H,W] (float); got shape {x.shape}")
+    if x.dtype == np.uint8:
+        if x.shape[-1] != 3:
+            raise ValueError(f"uint8 video must be [F,H,W,3]; got shape {x.shape}")
+        return np.ascontiguousarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"unsupported video dtype {x.dtype}: use uint8 [F,H,W,3] or float in [-1,1]")
+    if x.shape[0] == 3 and x.shape[-1] != 3:
+        x = np.moveaxis(x, 0, -1)  # [3,F,H,W] -> [F,H,W,3]
+    elif x.shape[-1] != 3:
+        raise ValueError(f"float video must be [3,F,H,W] or [F,H,W,3]; got shape {x.shape}")
+    x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    x = np.clip((x + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# mp4
+# ----------------------------------------------------------------------------------------------
+def write_mp4(
+    path: str | os.PathLike,
+    frames,
+    fps: float = 16,
+    quality: int = 9,
+    pix_fmt: str | None = None,
+) -> Path:
+    """Write ``frames`` to an H.264 mp4 at ``path`` atomically and return the path.
+
+    ``frames``: uint8 ``[F,H,W,3]`` or float ``[3,F,H,W]`` / ``[F,H,W,3]`` in ``[-1,1]``.
+    ``quality``: imageio-ffmpeg scale 0..10 (maps to libx264 ``crf = 51*(1-q/10)``; 9 -> crf 5,
+    visually lossless; 10 would be crf 0, the lossless profile many players refuse).
+    ``pix_fmt``: output pixel format; default yuv420p for even sizes, yuv444p for odd ones.
+    """
+    import imageio_ffmpeg
+
+    video = to_uint8_video(frames)
+    num, h, w, _ = video.shape
+    if num == 0:
+        raise ValueError(f"{path}: cannot write a video with 0 frames")
+    if not (fps > 0):
+        raise ValueError(f"{path}: fps must be > 0, got {fps}")
+    if pix_fmt is None:
+        pix_fmt = "yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p"
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp),
+            (w, h),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out=pix_fmt,
+            quality=quality,
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+            output_params=["-movflags", "+faststart"],
+        )
+        writer.send(None)  # start the ffmpeg process
+        try:
+            for frame in video:
+                writer.send(frame)
+        finally:
+            writer.close()
+        if tmp.stat().st_size == 0:
+            raise RuntimeError(f"{path}: ffmpeg produced an empty file")
+    return path
+
+
+def read_mp4(path: str | os.PathLike, with_fps: bool = False):
+    """Read every frame of a video file as ``uint8 [F, H, W, 3]`` (RGB).
+
+    With ``with_fps=True`` return ``(frames, fps)``. Raises ``ValueError`` naming the file for a
+    missing, empty or undecodable file.
+    """
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such video file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty video file (0 bytes)")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = next(reader)
+        w, h = meta["size"]
+        fps = float(meta.get("fps") or 0.0)
+        frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    except Exception as e:  # imageio-ffmpeg raises IOError/RuntimeError/StopIteration variants
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {first})") from e
+    if not frames:
+        raise ValueError(f"{path}: video has no decodable frames")
+    video = np.stack(frames)
+    return (video, fps) if with_fps else video
+
+
+# ----------------------------------------------------------------------------------------------
+# images / figures
+# ----------------------------------------------------------------------------------------------
+def _write_png(path: Path, image: np.ndarray) -> Path:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return path
+
+
+def contact_sheet(
+    videos: Sequence,
+    path: str | os.PathLike,
+    every: int = 1,
+    labels: Sequence[str] | None = None,
+    max_columns: int | None = None,
+    scale: int | None = None,
+    gap: int = 2,
+) -> Path:
+    """Save a PNG grid: one row per video, columns = frames ``0, every, 2*every, ...``.
+
+    ``videos``: list of uint8 ``[F,H,W,3]`` (or float videos, see :func:`to_uint8_video`); they may
+    differ in length (missing cells are grey) and in size (cells are padded to the largest).
+    ``labels``: optional text per row, drawn in a left margin. ``scale``: integer nearest-neighbour
+    upscale (default: enough to make cells at least 64 px tall). ``max_columns`` caps the columns.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(videos) == 0:
+        raise ValueError("contact_sheet: no videos given")
+    if every < 1:
+        raise ValueError(f"contact_sheet: every must be >= 1, got {every}")
+    if labels is not None and len(labels) != len(videos):
+        raise ValueError(f"contact_sheet: {len(labels)} labels for {len(videos)} videos")
+    vids = [to_uint8_video(v) for v in videos]
+    ch = max(v.shape[1] for v in vids)
+    cw = max(v.shape[2] for v in vids)
+    if scale is None:
+        scale = max(1, -(-64 // ch))
+    ncols = max(-(-v.shape[0] // every) for v in vids)
+    if max_columns is not None:
+        ncols = min(ncols, max_columns)
+    cell_h, cell_w = ch * scale, cw * scale
+    label_w = 0
+    font = None
+    if labels is not None:
+        font = ImageFont.load_default()
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        label_w = max(int(probe.textlength(str(s), font=font)) for s in labels) + 2 * gap + 4
+    sheet_h = len(vids) * cell_h + (len(vids) + 1) * gap
+    sheet_w = label_w + ncols * cell_w + (ncols + 1) * gap
+    sheet = np.full((sheet_h, sheet_w, 3), 255, dtype=np.uint8)
+    for r, v in enumerate(vids):
+        y0 = gap + r * (cell_h + gap)
+        for c in range(ncols):
+            x0 = label_w + gap + c * (cell_w + gap)
+            t = c * every
+            cell = np.full((cell_h, cell_w, 3), 128, dtype=np.uint8)
+            if t < v.shape[0]:
+                img = v[t].repeat(scale, axis=0).repeat(scale, axis=1)
+                cell[: img.shape[0], : img.shape[1]] = img
+            sheet[y0 : y0 + cell_h, x0 : x0 + cell_w] = cell
+    image = Image.fromarray(sheet)
+    if labels is not None:
+        draw = ImageDraw.Draw(image)
+        for r, text in enumerate(labels):
+            y0 = gap + r * (cell_h + gap) + cell_h // 2 - 5
+            draw.text((gap + 2, y0), str(text), fill=(0, 0, 0), font=font)
+    return _write_png(Path(path), np.asarray(image))
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120, close: bool = True, **kwargs) -> Path:
+    """``fig.savefig`` atomically (format from the suffix of ``path``); closes the figure by default."""
+    path = Path(path)
+    fmt = kwargs.pop("format", path.suffix.lstrip(".") or "png")
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs)
+    finally:
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    return path

@@ -1,0 +1,148 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from resampling_forcing import eval as E
+from resampling_forcing.data import synthetic as S
+from resampling_forcing.io import read_mp4, write_mp4
+
+SEEDS = (0, 2, 5, 9)  # one- and two-object scenes, circles, squares and triangles
+
+
+def _clip(seed, frames=36, size=32):
+    return S.generate_clip(seed, frames=frames, size=size, shapes=S.SHAPES)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Overall scores of real clips (raw and through mp4) and of broken versions of them."""
+    d = tmp_path_factory.mktemp("ev")
+    rng = np.random.default_rng(0)
+    out = {k: [] for k in ("raw", "mp4", "noise", "frozen", "shuffled")}
+    for seed in SEEDS:
+        v, m = _clip(seed)
+        write_mp4(d / f"{seed}.mp4", v, fps=8)
+        variants = {
+            "raw": v,
+            "mp4": read_mp4(d / f"{seed}.mp4"),
+            "noise": rng.integers(0, 256, v.shape, dtype=np.uint8),
+            "frozen": np.repeat(v[:1], len(v), 0),
+            "shuffled": v[rng.permutation(len(v))],
+        }
+        for k, x in variants.items():
+            out[k].append(E.evaluate_video(x, m["caption"], segment_frames=12)["overall"])
+    return out
+
+
+def _worst(results, key):
+    return min(r[key] for r in results)
+
+
+def _best(results, key):
+    return max(r[key] for r in results)
+
+
+def test_real_clips_score_near_perfect(scored):
+    for kind in ("raw", "mp4"):
+        res = scored[kind]
+        assert _worst(res, "object_fidelity") >= 0.95
+        assert _worst(res, "count_acc") >= 0.95 and _worst(res, "color_acc") >= 0.95
+        assert _worst(res, "shape_acc") >= 0.9
+        assert _worst(res, "identity_consistency") >= 0.95
+        assert _worst(res, "motion_score") >= 0.9
+        assert _worst(res, "background_clean") >= 0.97
+        assert _worst(res, "quality") >= 0.95
+
+
+def test_noise_scores_badly(scored):
+    res = scored["noise"]
+    assert _best(res, "object_fidelity") <= 0.1
+    assert _best(res, "background_clean") <= 0.2
+    assert _best(res, "quality") <= 0.2
+
+
+def test_frozen_clip_is_caught_by_motion(scored):
+    res = scored["frozen"]
+    # everything looks right in each frame ...
+    assert _worst(res, "object_fidelity") >= 0.95
+    # ... but nothing moves, while the generator always moves
+    assert _best(res, "moving_fraction") <= 0.05 and _best(res, "motion_score") <= 0.05
+    assert _worst(scored["raw"], "motion_score") - _best(res, "motion_score") >= 0.85
+    assert _best(res, "quality") <= _worst(scored["raw"], "quality") - 0.2
+
+
+def test_shuffled_frames_break_identity_and_physics(scored):
+    res = scored["shuffled"]
+    assert _best(res, "motion_score") <= 0.3
+    assert _best(res, "identity_consistency") <= 0.6
+    assert _best(res, "quality") <= _worst(scored["raw"], "quality") - 0.2
+
+
+def test_segments_reference_and_drift():
+    v, m = _clip(5, frames=40)
+    rep = E.evaluate_video(v, m["caption"], segment_frames=12, reference=v, reference_meta=m)
+    segs = rep["segments"]
+    assert [(s["start"], s["stop"]) for s in segs] == [(0, 12), (12, 24), (24, 36), (36, 40)]
+    assert all(s["psnr"] >= 60 and s["center_error"] < 0.3 and s["center_missing"] == 0 for s in segs)
+    json.dumps(rep)  # JSON-serialisable
+    # float [3,F,H,W] input in [-1,1] is accepted
+    t = torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert E.evaluate_video(t, m["caption"], 12)["overall"]["quality"] >= 0.95
+    # a rollout that degrades over time: later segments score lower, against the reference too
+    rng = np.random.default_rng(0)
+    d = v.astype(np.float32)
+    for k in range(4):
+        d[12 * k : 12 * (k + 1)] += rng.normal(0, 30 * k, d[12 * k : 12 * (k + 1)].shape)
+    bad = E.evaluate_video(np.clip(d, 0, 255).astype(np.uint8), m["caption"], 12, reference=v, reference_meta=m)
+    q = [s["quality"] for s in bad["segments"]]
+    p = [s["psnr"] for s in bad["segments"]]
+    assert q[0] > 0.95 and q[-1] < 0.5 and q[0] > q[1] > q[2]
+    assert p[0] > p[1] > p[2]
+    # a wrong caption is caught by colour
+    wrong = E.evaluate_video(v, "a green circle bouncing", 12)["overall"]
+    assert wrong["color_acc"] == 0 and wrong["object_fidelity"] == 0
+
+
+def test_cli_sidecars_and_bad_input(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    S.make_dataset(ds, num_videos=3, frames=20, size=32, fps=8, seed=3, held_out_fraction=0.0)
+    vids = ds / "videos"
+    out, plot = tmp_path / "metrics.json", tmp_path / "drift.png"
+    rc = E.main(["--videos", str(vids), "--segment-frames", "8", "--out", str(out), "--plot", str(plot)])
+    assert rc == 0 and plot.stat().st_size > 0
+    rep = json.loads(out.read_text())
+    assert len(rep["videos"]) == 3 and len(rep["mean"]) == 3
+    assert rep["overall"]["object_fidelity"] >= 0.95 and rep["overall"]["quality"] >= 0.95
+    # a generated-looking folder: mp4 + sidecar with "prompt"; reference folder matched by name
+    gen = tmp_path / "gen"
+    v = read_mp4(vids / "000001.mp4")
+    write_mp4(gen / "000001.mp4", v, fps=8)
+    (gen / "000001.json").write_text(json.dumps({"prompt": json.loads((vids / "000001.json").read_text())["prompt"]}))
+    rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids), "--segment-frames", "10", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert rc == 0 and rep["mean"][0]["psnr"] > 25 and rep["mean"][0]["center_error"] < 0.5
+    # captions from a map file
+    cmap = tmp_path / "caps.json"
+    cmap.write_text(json.dumps({"000001.mp4": "a blue square bouncing"}))
+    (gen / "000001.json").unlink()
+    assert E.main(["--videos", str(gen), "--captions", str(cmap), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for argv in (
+        ["--videos", str(tmp_path / "nothing")],
+        ["--videos", str(gen)],  # no sidecar, no captions
+        ["--videos", str(gen), "--caption", "a dog"],
+        ["--videos", str(gen), "--captions", str(tmp_path / "missing.json")],
+        ["--videos", str(vids), "--segment-frames", "0"],
+    ):
+        (tmp_path / "junk.mp4").write_bytes(b"\x00" * 100)
+        assert E.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("eval: error:") and "\n" not in err
+    assert E.main(["--videos", str(tmp_path / "junk.mp4"), "--caption", "a red circle"]) == 2
+    # the module runs as a program
+    r = subprocess.run([sys.executable, "-m", "resampling_forcing.eval", "--videos", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nothing" in r.stderr

@@ -1,0 +1,134 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from resampling_forcing import io as rio
+
+
+def _clip(f=10, h=32, w=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.full((f, h, w, 3), 16, np.uint8)
+    for t in range(f):
+        y0, x0 = 4 + t % 8, 3 + (2 * t) % 12
+        x[t, y0 : y0 + 8, x0 : x0 + 10] = (220, 40, 40)
+    x[:, -6:, -6:] = rng.integers(0, 255, 3)  # a second, flat patch
+    return x
+
+
+def _only_final(folder, names):
+    assert sorted(os.listdir(folder)) == sorted(names)
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (64, 64), (48, 80), (33, 17)])
+def test_mp4_round_trip_shape_and_content(tmp_path, h, w):
+    x = _clip(9, h, w)
+    p = rio.write_mp4(tmp_path / "a.mp4", x, fps=8)
+    y, fps = rio.read_mp4(p, with_fps=True)
+    assert y.shape == x.shape and y.dtype == np.uint8
+    assert fps == pytest.approx(8.0)
+    assert np.abs(y.astype(int) - x).mean() < 3.0
+    _only_final(tmp_path, ["a.mp4"])
+
+
+def test_write_float_tensor_channel_first(tmp_path):
+    x = _clip(7)
+    t = torch.from_numpy(x).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # [3,F,H,W] in [-1,1]
+    rio.write_mp4(tmp_path / "t.mp4", t, fps=4)
+    y = rio.read_mp4(tmp_path / "t.mp4")
+    assert y.shape == x.shape
+    assert np.abs(y.astype(int) - x).mean() < 3.0
+    # batch of one and [F,H,W,3] float also accepted
+    assert rio.to_uint8_video(t[None]).shape == x.shape
+    assert rio.to_uint8_video(x.astype(np.float32) / 127.5 - 1).shape == x.shape
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    with pytest.raises(ValueError):
+        rio.write_mp4(tmp_path / "bad.mp4", np.zeros((3, 8, 8, 4), np.uint8))
+    with pytest.raises(ValueError):
+        rio.write_mp4(tmp_path / "bad.mp4", np.zeros((0, 8, 8, 3), np.uint8))
+    _only_final(tmp_path, [])
+
+    # a failure in the middle of encoding: nothing under the final name, no temp left, and an
+    # existing complete file is kept untouched
+    good = rio.write_mp4(tmp_path / "v.mp4", _clip(5), fps=8)
+    before = good.read_bytes()
+    import imageio_ffmpeg
+
+    real = imageio_ffmpeg.write_frames
+
+    def broken(*a, **k):
+        gen = real(*a, **k)
+
+        def wrapper():
+            n = 0
+            frame = yield
+            while True:
+                gen.send(frame)
+                n += 1
+                if n == 2:
+                    gen.close()
+                    raise RuntimeError("disk full")
+                frame = yield
+
+        w = wrapper()
+        gen.send(None)
+        return w
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rio.write_mp4(tmp_path / "v.mp4", _clip(5, seed=1), fps=8)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rio.write_mp4(tmp_path / "new.mp4", _clip(5), fps=8)
+    _only_final(tmp_path, ["v.mp4"])
+    assert good.read_bytes() == before
+
+
+def test_read_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="no such video"):
+        rio.read_mp4(tmp_path / "missing.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.mp4"):
+        rio.read_mp4(tmp_path / "empty.mp4")
+    (tmp_path / "junk.mp4").write_bytes(os.urandom(2000))
+    with pytest.raises(ValueError, match="junk.mp4"):
+        rio.read_mp4(tmp_path / "junk.mp4")
+
+
+def test_contact_sheet(tmp_path):
+    from PIL import Image
+
+    a, b = _clip(10), _clip(6, seed=3)
+    p = rio.contact_sheet([a, b], tmp_path / "sheet.png", every=3, scale=2, gap=2)
+    img = np.asarray(Image.open(p))
+    cols = 4  # frames 0,3,6,9 of the longest video
+    assert img.shape == (2 * 64 + 3 * 2, cols * 64 + (cols + 1) * 2, 3)
+    # the first cell is the first frame upscaled x2
+    np.testing.assert_array_equal(img[2 : 2 + 64 : 2, 2 : 2 + 64 : 2], a[0])
+    # labels add a left margin; unequal lengths/sizes are fine
+    p2 = rio.contact_sheet([a, _clip(4, 16, 24)], tmp_path / "lab.png", every=2, labels=["one", "two"])
+    assert Image.open(p2).size[0] > 5 * 64
+    _only_final(tmp_path, ["sheet.png", "lab.png"])
+    with pytest.raises(ValueError):
+        rio.contact_sheet([a], tmp_path / "x.png", labels=["a", "b"])
+
+
+def test_save_figure_and_json_are_atomic(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    rio.save_figure(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    fig, _ = plt.subplots()
+    with pytest.raises(Exception):
+        rio.save_figure(fig, tmp_path / "g.png", format="no-such-format")
+    rio.atomic_write_json(tmp_path / "d.json", {"a": 1})
+    assert json.loads((tmp_path / "d.json").read_text()) == {"a": 1}
+    _only_final(tmp_path, ["f.png", "d.json"])

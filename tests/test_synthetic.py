@@ -1,0 +1,127 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from resampling_forcing.data import synthetic as S
+from resampling_forcing.io import read_mp4
+
+
+def test_deterministic_and_long_clips_continue_short_ones():
+    a, ma = S.generate_clip(7, frames=24)
+    b, mb = S.generate_clip(7, frames=24)
+    np.testing.assert_array_equal(a, b)
+    assert ma == mb
+    long, ml = S.generate_clip(7, frames=400)  # far longer than a training clip
+    np.testing.assert_array_equal(long[:24], a)
+    assert ml["frames"][:24] == ma["frames"]
+    c, _ = S.generate_clip(8, frames=24)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("size", [32, 64, (48, 80)])
+def test_frames_objects_and_metadata(size):
+    h, w = (size, size) if isinstance(size, int) else size
+    for seed in range(6):
+        v, m = S.generate_clip(seed, frames=30, size=size, max_objects=2, shapes=S.SHAPES)
+        assert v.shape == (30, h, w, 3) and v.dtype == np.uint8
+        objs = m["objects"]
+        assert 1 <= len(objs) <= 2
+        assert len({o["color"] for o in objs}) == len(objs)  # colours are distinct in a scene
+        assert S.parse_caption(m["caption"]) == [(o["color"], o["shape"]) for o in objs]
+        assert m["prompt"] == m["caption"] and m["num_frames"] == 30
+        # dark clean background: most pixels are exactly the background colour
+        bg = (v == np.array(S.BACKGROUND, np.uint8)).all(-1).mean()
+        assert bg > 0.6
+        for t in (0, 29):
+            for o in m["frames"][t]:
+                x, y = o["center"]
+                r = o["size"]
+                assert r - 1e-6 <= x <= w - 1 - r + 1e-6 and r - 1e-6 <= y <= h - 1 - r + 1e-6
+                # the object's colour is there, around its centre
+                px = v[t, int(round(y)), int(round(x))]
+                assert tuple(px) == tuple(S.PALETTE[o["color"]])
+
+
+def test_physics_constant_speed_and_walls():
+    scene = S.sample_scene(np.random.default_rng(3), size=32, objects=[("red", "circle"), ("blue", "square")])
+    pos, vel = S.simulate(scene, 1000)
+    speed = np.linalg.norm(vel, axis=-1)
+    np.testing.assert_allclose(speed, speed[:1].repeat(1000, 0), rtol=1e-9)  # never slows, never stops
+    for k, o in enumerate(scene.objects):
+        assert (pos[:, k] >= o.size - 1e-9).all() and (pos[:, k] <= 31 - o.size + 1e-9).all()
+    # straight lines between bounces: zero acceleration where the velocity did not change
+    steady = ((vel[:-2] == vel[1:-1]) & (vel[1:-1] == vel[2:])).all(-1).all(-1)  # [F-2]
+    acc = pos[2:] - 2 * pos[1:-1] + pos[:-2]
+    assert steady.sum() > 500
+    assert np.abs(acc[steady]).max() < 1e-9
+    assert (np.sign(vel[1:]) != np.sign(vel[:-1])).any()  # it does bounce
+
+
+def test_rendered_centroid_matches_metadata():
+    v, m = S.generate_clip(11, frames=10, size=64, caption="a green circle bouncing")
+    col = np.array(S.PALETTE["green"], np.float32)
+    bg = np.array(S.BACKGROUND, np.float32)
+    ys, xs = np.mgrid[0:64, 0:64]
+    for t in range(10):
+        cov = ((v[t].astype(np.float32) - bg) @ (col - bg)) / ((col - bg) @ (col - bg))
+        cov = np.clip(cov, 0, 1)
+        cx, cy = (cov * xs).sum() / cov.sum(), (cov * ys).sum() / cov.sum()
+        assert math.hypot(cx - m["frames"][t][0]["center"][0], cy - m["frames"][t][0]["center"][1]) < 0.1
+
+
+def test_captions_round_trip():
+    assert S.make_caption([("red", "circle")]) == "a red circle bouncing"
+    cap = S.make_caption([("red", "circle"), ("blue", "square")])
+    assert cap == "a red circle and a blue square bouncing"
+    assert S.parse_caption(cap) == [("red", "circle"), ("blue", "square")]
+    assert S.parse_caption("Two things: a YELLOW Triangle, a green squares") == [("yellow", "triangle"), ("green", "square")]
+    assert S.parse_caption("a dog running") == []
+    scene = S.scene_from_caption("a blue triangle and a red square bouncing", seed=1, size=64)
+    assert [(o.color, o.shape) for o in scene.objects] == [("blue", "triangle"), ("red", "square")]
+    with pytest.raises(ValueError):
+        S.scene_from_caption("nothing here")
+
+
+def test_held_out_combos_keep_every_single_pair_in_training():
+    held = S.held_out_combos(fraction=0.2, seed=0)
+    assert held and all(len(c) == 2 for c in held)
+    train_pairs = {p for c in S.all_combos(S.DEFAULT_COLORS, S.DEFAULT_SHAPES, 2) if c not in held for p in c}
+    assert train_pairs == {(c, s) for c in S.DEFAULT_COLORS for s in S.DEFAULT_SHAPES}
+    assert S.held_out_combos(fraction=0.0) == []
+
+
+def test_make_dataset_split_manifest_and_resume(tmp_path):
+    out = tmp_path / "ds"
+    manifest = S.make_dataset(out, num_videos=10, frames=9, size=32, fps=8, seed=0, held_out_fraction=0.2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(rows) == 10
+    info = json.loads((out / "dataset.json").read_text())
+    held = {S.combo_key(map(tuple, c)) for c in info["held_out_combos"]}
+    splits = [r["split"] for r in rows]
+    assert splits.count("test") == 2 and set(splits) == {"train", "test"}
+    for r in rows:
+        key = S.combo_key(S.parse_caption(r["caption"]))
+        assert (key in held) == (r["split"] == "test")
+        mp4 = out / r["path"]
+        v = read_mp4(mp4)
+        assert v.shape == (9, 32, 32, 3)
+        meta = json.loads(mp4.with_suffix(".json").read_text())
+        assert meta["prompt"] == r["caption"] and len(meta["frames"]) == 9 and meta["split"] == r["split"]
+    assert len(info["held_out_captions"]) == len(held)
+
+    # idempotent: nothing is rewritten; a missing file is regenerated identically
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "videos").iterdir()}
+    gone = out / "videos" / "000003.mp4"
+    data = gone.read_bytes()
+    gone.unlink()
+    S.make_dataset(out, num_videos=10, frames=9, size=32, fps=8, seed=0, held_out_fraction=0.2)
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "videos").iterdir()}
+    changed = {k for k in now if now[k] != mtimes.get(k)}
+    assert changed == {"000003.mp4", "000003.json"}
+    assert gone.read_bytes() == data
+    assert not [p for p in out.rglob(".*")]  # no temp files
+    # other arguments -> the recipe differs -> the file is rendered again
+    S.make_dataset(out, num_videos=2, frames=12, size=32, fps=8, seed=0, held_out_fraction=0.2)
+    assert read_mp4(out / "videos" / "000000.mp4").shape[0] == 12

@@ -1,0 +1,197 @@
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from resampling_forcing.data import synthetic as S
+from resampling_forcing.data import video as V
+from resampling_forcing.io import write_mp4
+
+
+def _counter_video(n, h=32, w=32):
+    """Frame k is flat grey level 8*k (so the decoded level tells which frame was picked)."""
+    x = np.zeros((n, h, w, 3), np.uint8)
+    for k in range(n):
+        x[k] = min(255, 8 * k)
+    return x
+
+
+def _level_to_index(clip):  # clip [3,F,H,W] in [-1,1]
+    level = (clip.mean(dim=(0, 2, 3)) + 1) * 127.5
+    return [int(round(v / 8)) for v in level.tolist()]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vids")
+    write_mp4(d / "c16.mp4", _counter_video(24), fps=16)  # 1.5 s at 16 fps
+    write_mp4(d / "c8.mp4", _counter_video(12), fps=8)
+    v, _ = S.generate_clip(0, frames=20, size=(48, 80))
+    write_mp4(d / "wide.mp4", v, fps=8)
+    write_mp4(d / "short.mp4", _counter_video(4), fps=8)
+    write_mp4(d / "small.mp4", _counter_video(12, 16, 16), fps=8)
+    good = (d / "c8.mp4").read_bytes()
+    (d / "trunc.mp4").write_bytes(good[: len(good) // 2])
+    (d / "junk.mp4").write_bytes(os.urandom(3000))
+    (d / "empty.mp4").write_bytes(b"")
+    return d
+
+
+def _manifest(d, names, name="m.jsonl", split=None):
+    rows = [{"path": n, "caption": f"cap {n}"} | ({"split": split[i]} if split else {}) for i, n in enumerate(names)]
+    p = d / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_clip_shape_range_and_fps_resampling(files):
+    m = _manifest(files, ["c16.mp4", "c8.mp4"])
+    ds = V.VideoClipDataset(m, num_frames=5, height=32, width=32, fps=8, random_start=False)
+    a = ds[0]
+    assert a["video"].shape == (3, 5, 32, 32) and a["video"].dtype == torch.float32
+    assert a["video"].min() >= -1 and a["video"].max() <= 1
+    assert a["caption"] == "cap c16.mp4" and a["index"] == 0
+    assert _level_to_index(a["video"]) == [0, 2, 4, 6, 8]  # 16 -> 8 fps: every other frame by timestamp
+    assert _level_to_index(ds[1]["video"]) == [0, 1, 2, 3, 4]
+    up = V.VideoClipDataset(m, num_frames=6, height=32, width=32, fps=16, random_start=False)
+    assert _level_to_index(up[1]["video"]) == [0, 0, 1, 1, 2, 2]  # 8 -> 16 fps repeats frames
+    native = V.VideoClipDataset(m, num_frames=9, height=32, width=32, fps=None, random_start=False, start_frame=3)
+    assert _level_to_index(native[0]["video"]) == list(range(3, 12))
+    # clip length is a parameter (1 + 4k for the Wan VAE, or anything else)
+    for n in (1, 9, 13):
+        assert V.VideoClipDataset(m, n, 32, 32, fps=16)[0]["video"].shape[1] == n
+
+
+def test_random_start_is_seeded(files):
+    m = _manifest(files, ["c16.mp4"])
+    mk = lambda seed: V.VideoClipDataset(m, 5, 32, 32, fps=16, seed=seed)  # noqa: E731
+    starts = lambda ds: [_level_to_index(ds[0]["video"])[0] for _ in range(2)]  # noqa: E731
+    assert starts(mk(0)) == starts(mk(0))
+    seen = set()
+    ds = mk(0)
+    for e in range(12):
+        ds.set_epoch(e)
+        idx = _level_to_index(ds[0]["video"])
+        assert idx == list(range(idx[0], idx[0] + 5))
+        seen.add(idx[0])
+    assert len(seen) > 3 and max(seen) <= 24 - 5
+
+
+def test_resize_short_side_and_center_crop(files):
+    m = _manifest(files, ["wide.mp4"])
+    ds = V.VideoClipDataset(m, 4, 32, 32, fps=8, random_start=False)
+    x = ds[0]["video"]
+    assert x.shape == (3, 4, 32, 32)
+    # direct check of the transform: a marker at the centre of an 80-wide frame stays centred
+    f = np.zeros((1, 48, 80, 3), np.uint8)
+    f[0, 20:28, 36:44] = 255
+    out = V.resize_center_crop(f, 32, 32)
+    col = (out[0, 0] > 0).any(0).nonzero().flatten()
+    assert out.shape == (3, 1, 32, 32) and abs(col.float().mean().item() - 15.5) < 1.0
+    ds2 = V.VideoClipDataset(m, 4, 24, 40, fps=8, random_start=False)
+    assert ds2[0]["video"].shape == (3, 4, 24, 40)
+
+
+def test_bad_files_are_skipped_counted_and_fall_through(files, caplog):
+    names = ["c8.mp4", "trunc.mp4", "junk.mp4", "empty.mp4", "gone.mp4", "short.mp4", "small.mp4", "c16.mp4"]
+    m = _manifest(files, names)
+    with caplog.at_level(logging.WARNING, logger="resampling_forcing.data"):
+        ds = V.VideoClipDataset(m, 5, 32, 32, fps=8, random_start=False)
+        items = [ds[i]["index"] for i in range(len(ds))]
+        again = [ds[i]["index"] for i in range(len(ds))]
+    assert items == [0, 7, 7, 7, 7, 7, 7, 7] == again  # bad rows fall through to the next good one
+    bad = ds.bad_files
+    assert sum(bad.values()) == 6
+    assert bad["empty"] == 1 and bad["missing"] == 1 and bad["too_short"] == 1 and bad["too_small"] == 1
+    assert bad.get("corrupt", 0) + bad.get("unreadable", 0) == 2
+    lines = [r for r in caplog.records if r.name == "resampling_forcing.data"]
+    assert len(lines) == 6  # ONE line per bad file, not per access
+    assert all("\n" not in r.getMessage() for r in lines)
+    assert "8 videos listed, 6 skipped" in ds.summary() and "too_short: 1" in ds.summary()
+    assert ds.try_get(1) is None and ds.try_get(0) is not None
+    # pyav backend agrees
+    ds2 = V.VideoClipDataset(m, 5, 32, 32, fps=8, random_start=False, backend="pyav")
+    assert [ds2[i]["index"] for i in range(len(ds2))] == items
+    assert sum(ds2.bad_files.values()) == 6
+    # probing up front (headers only) finds all but the half-written file before any access;
+    # decoding finds that one
+    ds3 = V.VideoClipDataset(m, 5, 32, 32, fps=8, probe=True)
+    assert sum(ds3.bad_files.values()) >= 5 and ds3.bad_reason(5) == "too_short"
+    assert [ds3[i]["index"] for i in range(len(ds3))] == items
+    assert sum(ds3.bad_files.values()) == 6
+
+
+def test_decord_failure_falls_back_to_pyav(files, monkeypatch):
+    m = _manifest(files, ["c8.mp4"])
+    ref = V.VideoClipDataset(m, 5, 32, 32, fps=8, random_start=False)[0]["video"]
+
+    def boom(self, *a, **k):
+        raise V.BadVideo("corrupt", "simulated decord failure")
+
+    monkeypatch.setattr(V._DecordBackend, "frames", boom)
+    ds = V.VideoClipDataset(m, 5, 32, 32, fps=8, random_start=False)
+    out = ds[0]["video"]
+    assert ds.num_bad == 0
+    assert (out - ref).abs().max() < 0.05
+    # decord not installed at all: auto uses PyAV
+    monkeypatch.setattr(V, "_decord", None)
+    monkeypatch.setattr(V, "_decord_checked", True)
+    ds = V.VideoClipDataset(m, 5, 32, 32, fps=8, random_start=False)
+    assert [type(b).__name__ for b in ds._backends] == ["_PyAVBackend"]
+    assert (ds[0]["video"] - ref).abs().max() < 0.05
+    with pytest.raises(ValueError, match="decord"):
+        V.VideoClipDataset(m, 5, 32, 32, backend="decord")
+
+
+def test_manifest_errors_are_one_line(files, tmp_path):
+    def one_line(excinfo, *words):
+        msg = str(excinfo.value)
+        assert "\n" not in msg
+        for w in words:
+            assert w in msg
+
+    with pytest.raises(ValueError) as e:
+        V.VideoClipDataset(tmp_path / "nope.jsonl", 5, 32, 32)
+    one_line(e, "nope.jsonl", "not found", "path, caption")
+    p = tmp_path / "cols.csv"
+    p.write_text("file,text\na.mp4,hello\n")
+    with pytest.raises(ValueError) as e:
+        V.VideoClipDataset(p, 5, 32, 32)
+    one_line(e, "cols.csv", "path", "caption")
+    p = tmp_path / "keys.jsonl"
+    p.write_text(json.dumps({"path": "a.mp4"}) + "\n")
+    with pytest.raises(ValueError) as e:
+        V.VideoClipDataset(p, 5, 32, 32)
+    one_line(e, "keys.jsonl", "caption")
+    p = tmp_path / "bad.jsonl"
+    p.write_text("{not json\n")
+    with pytest.raises(ValueError) as e:
+        V.read_manifest(p)
+    one_line(e, "bad.jsonl:1")
+    p = tmp_path / "none.jsonl"
+    p.write_text(json.dumps({"path": "missing.mp4", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError) as e:
+        V.VideoClipDataset(p, 5, 32, 32)
+    one_line(e, "none.jsonl", "no usable video")
+    m = _manifest(files, ["c8.mp4"], "sp.jsonl")
+    with pytest.raises(ValueError) as e:
+        V.VideoClipDataset(m, 5, 32, 32, split="test")
+    one_line(e, "sp.jsonl", "split")
+
+
+def test_csv_manifest_split_and_dataloader(files, tmp_path):
+    d = tmp_path / "sub"
+    d.mkdir()
+    for n in ("c8.mp4", "c16.mp4"):
+        shutil.copy(files / n, d / n)
+    p = d / "m.csv"
+    p.write_text("path,caption,split\nc8.mp4,eight,train\nc16.mp4,\"sixteen, sixteen\",test\n")
+    ds = V.VideoClipDataset(p, 5, 32, 32, fps=8, split="test")
+    assert len(ds) == 1 and ds[0]["caption"] == "sixteen, sixteen"
+    dl = torch.utils.data.DataLoader(V.VideoClipDataset(p, 5, 32, 32, fps=8), batch_size=2)
+    batch = next(iter(dl))
+    assert batch["video"].shape == (2, 3, 5, 32, 32) and batch["caption"] == ["eight", "sixteen, sixteen"]
