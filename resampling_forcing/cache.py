@@ -112,6 +112,12 @@ class CachedAttention:
     routing_layers: list[int] | None = None
     recorder: SelectionRecorder | None = None
 
+    def _routing_backend(self, q) -> str:
+        # Our Triton kernel on CUDA (unless sdpa was asked for); the torch path elsewhere.
+        if self.backend == "triton":
+            return "triton"
+        return "auto" if q.is_cuda and self.backend != "sdpa" else "torch"
+
     def __call__(self, q, k, v, layer: int):
         cache = self.cache
         routed = (self.routing is not None and not self.routing.is_dense and cache.num_chunks > 0
@@ -125,7 +131,7 @@ class CachedAttention:
             if self.recorder is not None and self.commit:
                 self.recorder.add(cache.num_chunks, layer, sel)
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens,
-                                      backend="triton" if self.backend == "triton" else "torch")
+                                      backend=self._routing_backend(q))
         else:
             keys, values = cache.put_current(layer, k, v)
             out = attention(q, keys, values, None, self.backend)

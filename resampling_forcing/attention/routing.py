@@ -1,0 +1,759 @@
+"""History routing for attention (method.md section 6; conventions in docs/CONTRACTS.md).
+
+Each query token (per head) scores every history chunk j by q . mean(K_j) and attends to a subset of
+them (sink U window U top-k of the rest; or sink U window for the sliding-window baseline; or all
+for dense) plus, always and fully, its own chunk. The selection is parameter free and carries no
+gradient.
+
+Inference (queries of the current chunk, history in the KV cache):
+    mean_k = chunk_means(k_hist, T)                        # cache this per chunk
+    sel = select_chunks(q, mean_k, spec)                   # bool [B,Hh,Lq,N]
+    out, lse = routed_attention(q, k_hist, v_hist, k_cur, v_cur, sel, T)
+
+Training (sequence [H_1..H_N | Q_1..Q_N], base mask of CONTRACTS.md, routing over H_j, j < i):
+    out = routed_training_attention(q, k, v, N, T, spec, backend="sdpa" | "flex")
+
+Backends
+--------
+* Reference functions (`*_reference`): plain dense tensor math, obviously correct, for tests.
+* torch: `select_chunks` uses a stable sort (exactly the reference tie rule); `routed_attention`
+  runs two branches (current chunk; gathered union of selected history chunks with a per-token
+  chunk mask) in query blocks of bounded memory and merges them by log-sum-exp. ONE host sync
+  remains: the size of the gathered union (`nonzero`). Everything else is sync free.
+* triton (CUDA, or CPU under TRITON_INTERPRET=1): `resampling_forcing.kernels` — a fused routing
+  kernel and a routed attention kernel that reads history chunks in place. No host syncs.
+
+Scores are computed in fp64 everywhere (products of fp32/fp16/bf16 inputs are exact; only the D-term
+sum rounds, ~1e-16 relative). The torch paths share one score function, so `select_chunks(backend=
+"torch")` equals the reference bit for bit; the Triton kernel sums in its own order and can differ only
+when two scores agree to ~1e-16 without being equal. Exact ties (equal mean keys) are resolved
+identically everywhere: the lower chunk index wins.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RoutingSpec",
+    "chunk_means",
+    "routing_scores",
+    "select_chunks_reference",
+    "select_chunks",
+    "routed_attention_reference",
+    "routed_attention",
+    "merge_by_lse",
+    "routed_block_mask",
+    "training_allowed",
+    "RoutedTrainingMask",
+    "routed_training_mask",
+    "routed_training_attention",
+]
+
+_MODES = ("dense", "topk", "window")
+_BACKENDS = ("auto", "torch", "triton")
+_NEG_INF = float("-inf")
+# Upper bound (bytes) on one fp32 score block in the torch attention path.
+_SCORE_BLOCK_BYTES = 1 << 28
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RoutingSpec:
+    """Which history chunks a query token attends (config `routing`).
+
+    mode: "dense" (all history), "topk" (sink U window U top_k of the rest by q . mean(K_j)),
+          "window" (sink U window: the sliding-window baseline, no scores).
+    top_k: number of scored chunks kept in topk mode (>= 1). Ignored by dense/window.
+    sink_chunks: first n (allowed) history chunks always kept. Ignored by dense.
+    window_chunks: last n (allowed) history chunks always kept. Ignored by dense.
+    """
+
+    mode: str = "dense"
+    top_k: int | None = None
+    sink_chunks: int = 0
+    window_chunks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"RoutingSpec.mode must be one of {list(_MODES)}, got {self.mode!r}; "
+                "use 'dense' for full attention, 'topk' for routing, 'window' for the sliding-window baseline"
+            )
+        for name in ("sink_chunks", "window_chunks"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"RoutingSpec.{name} must be an int >= 0, got {val!r}; set it to 0 to disable")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise ValueError(f"RoutingSpec.top_k must be an int or None, got {self.top_k!r}")
+        if self.mode == "topk" and (self.top_k is None or self.top_k < 1):
+            raise ValueError(
+                f"RoutingSpec.top_k must be >= 1 when mode='topk', got {self.top_k!r}; "
+                "set top_k (the paper uses 5), or use mode='dense'"
+            )
+        if self.mode == "window" and self.sink_chunks + self.window_chunks < 1:
+            raise ValueError(
+                "RoutingSpec.window_chunks (or sink_chunks) must be >= 1 when mode='window' "
+                "(otherwise no history is attended); set window_chunks, e.g. 1"
+            )
+
+    @property
+    def is_dense(self) -> bool:
+        return self.mode == "dense"
+
+    def max_selected(self) -> int | None:
+        """Most history chunks a query can attend (None = unbounded, dense)."""
+        if self.mode == "dense":
+            return None
+        extra = self.top_k if self.mode == "topk" else 0
+        return self.sink_chunks + self.window_chunks + int(extra or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+_KERNELS_MODULE: object = False  # False = not looked up yet
+
+
+def _load_kernels_module():
+    """Import `resampling_forcing.kernels` (repo folder kernels/, mapped by pyproject package-dir).
+
+    In a checkout that is on PYTHONPATH but not pip-installed that mapping does not exist: load the
+    folder next to the package by hand so the Triton path is not silently lost. None if unavailable.
+    """
+    import sys
+
+    try:
+        import resampling_forcing.kernels as kernels
+
+        return kernels
+    except ImportError:
+        pass
+    import importlib.util
+    from pathlib import Path
+
+    import resampling_forcing
+
+    init = Path(resampling_forcing.__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not init.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "resampling_forcing.kernels", init, submodule_search_locations=[str(init.parent)]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception:  # pragma: no cover
+        del sys.modules[spec.name]
+        return None
+    resampling_forcing.kernels = mod
+    return mod
+
+
+def _kernels():
+    """The Triton kernels module, or None when triton (or the kernels folder) is unavailable."""
+    global _KERNELS_MODULE
+    if _KERNELS_MODULE is False:
+        try:
+            _KERNELS_MODULE = _load_kernels_module()
+        except Exception:  # pragma: no cover - broken triton install
+            _KERNELS_MODULE = None
+    k = _KERNELS_MODULE
+    return k if k is not None and getattr(k, "HAS_TRITON", False) else None
+
+
+def _use_triton(backend: str, x: torch.Tensor, what: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {list(_BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return False
+    kern = _kernels()
+    if backend == "auto":
+        return (
+            kern is not None
+            and x.is_cuda
+            and not kern.is_interpreted()
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        )
+    if kern is None:
+        raise RuntimeError(f"{what}: backend='triton' needs the triton package, which is not importable; use backend='torch'")
+    if not x.is_cuda and not kern.is_interpreted():
+        raise RuntimeError(
+            f"{what}: backend='triton' needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before import; "
+            "use backend='torch' or 'auto' on CPU"
+        )
+    return True
+
+
+def _work_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _check_4d(what: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what}: {name} must be a 4-D tensor [B, Hh, L, D] (heads second), got {got}")
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk means and scores
+# --------------------------------------------------------------------------------------------
+def chunk_means(k: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Mean key of each chunk: k [B,Hh,N*T,D] -> [B,Hh,N,D] in fp32 (fp32 accumulation, no copy of k)."""
+    _check_4d("chunk_means", "k", k)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_means: chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    L = k.shape[2]
+    if L % chunk_tokens:
+        raise ValueError(
+            f"chunk_means: k has {L} tokens, not a multiple of chunk_tokens={chunk_tokens}; "
+            "pass whole chunks only"
+        )
+    dt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    return k.unflatten(2, (L // chunk_tokens, chunk_tokens)).mean(dim=3, dtype=dt)
+
+
+def routing_scores(q: torch.Tensor, mean_k: torch.Tensor, *, block_rows: int = 8192) -> torch.Tensor:
+    """Scores q . mean_k per head and token, [B,Hh,Lq,N], computed in fp64 (exact products).
+
+    The scale 1/sqrt(D) is omitted: it does not change the ranking.
+    """
+    mk = mean_k.detach().to(torch.float64)
+    q = q.detach()
+    Lq = q.shape[2]
+    if Lq <= block_rows:
+        return torch.matmul(q.to(torch.float64), mk.transpose(-1, -2))
+    return torch.cat(
+        [torch.matmul(q[:, :, s: s + block_rows].to(torch.float64), mk.transpose(-1, -2)) for s in range(0, Lq, block_rows)],
+        dim=2,
+    )
+
+
+def _check_select_inputs(what, q, mean_k, spec, allowed):
+    _check_4d(what, "q", q)
+    _check_4d(what, "mean_k", mean_k)
+    if not isinstance(spec, RoutingSpec):
+        raise TypeError(f"{what}: spec must be a RoutingSpec, got {type(spec).__name__}")
+    B, Hh, Lq, D = q.shape
+    if mean_k.shape[0] != B or mean_k.shape[1] != Hh or mean_k.shape[3] != D:
+        raise ValueError(f"{what}: mean_k {tuple(mean_k.shape)} must be [B,Hh,N,D] matching q {tuple(q.shape)}")
+    N = mean_k.shape[2]
+    if allowed is not None:
+        if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or tuple(allowed.shape) != (Lq, N):
+            got = (allowed.dtype, tuple(allowed.shape)) if isinstance(allowed, torch.Tensor) else type(allowed).__name__
+            raise ValueError(f"{what}: allowed must be a bool tensor [Lq, N] = [{Lq}, {N}], got {got}")
+        if allowed.device != q.device:
+            raise ValueError(f"{what}: allowed is on {allowed.device} but q is on {q.device}")
+    if mean_k.device != q.device:
+        raise ValueError(f"{what}: mean_k is on {mean_k.device} but q is on {q.device}")
+
+
+def _keep_and_allowed(spec: RoutingSpec, allowed: torch.Tensor | None, Lq: int, N: int, device):
+    """(allowed [Lq,N], keep [Lq,N]) where keep = sink U window relative to each row's allowed set."""
+    al = allowed if allowed is not None else torch.ones((Lq, N), dtype=torch.bool, device=device)
+    pos = torch.cumsum(al.to(torch.int64), dim=-1) - 1  # position of each allowed chunk in its row
+    cnt = al.sum(dim=-1, keepdim=True)
+    keep = al & ((pos < spec.sink_chunks) | (pos >= cnt - spec.window_chunks))
+    return al, keep
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def select_chunks_reference(
+    q: torch.Tensor, mean_k: torch.Tensor, spec: RoutingSpec, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference selection: bool [B,Hh,Lq,N], True where query token (per head) attends history chunk j.
+
+    sel = sink U window U top_k(rest) (topk), sink U window (window), allowed (dense); sink/window are
+    the first/last chunks of each row's allowed set. Top-k by explicit rank:
+    rank(j) = #{candidates j' : s_j' > s_j or (s_j' == s_j and j' < j)} -> lower index wins ties.
+    Memory O(B*Hh*Lq*N^2): for tests and small checks.
+    """
+    _check_select_inputs("select_chunks_reference", q, mean_k, spec, allowed)
+    B, Hh, Lq, _ = q.shape
+    N = mean_k.shape[2]
+    al, keep = _keep_and_allowed(spec, allowed, Lq, N, q.device)
+    if spec.mode == "dense":
+        return al.expand(B, Hh, Lq, N).clone()
+    if spec.mode == "window":
+        return keep.expand(B, Hh, Lq, N).clone()
+    cand = (al & ~keep).expand(B, Hh, Lq, N)
+    s = routing_scores(q, mean_k)
+    sa, sb = s.unsqueeze(-1), s.unsqueeze(-2)  # [.., a, 1], [.., 1, b]
+    idx = torch.arange(N, device=q.device)
+    a_before_b = idx[:, None] < idx[None, :]
+    beats = cand.unsqueeze(-1) & ((sa > sb) | ((sa == sb) & a_before_b))  # candidate a outranks b
+    rank = beats.sum(dim=-2)  # over a
+    top = cand & (rank < spec.top_k)
+    return keep.expand(B, Hh, Lq, N) | top
+
+
+@torch.no_grad()
+def _select_torch(q, mean_k, spec, allowed):
+    B, Hh, Lq, _ = q.shape
+    N = mean_k.shape[2]
+    al, keep = _keep_and_allowed(spec, allowed, Lq, N, q.device)
+    if spec.mode == "dense":
+        return al.expand(B, Hh, Lq, N).contiguous()
+    if spec.mode == "window" or N == 0:
+        return keep.expand(B, Hh, Lq, N).contiguous()
+    cand = al & ~keep
+    s = routing_scores(q, mean_k).masked_fill_(~cand, _NEG_INF)
+    k = min(int(spec.top_k), N)
+    # stable descending sort: equal scores keep ascending chunk order -> lower index wins
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+    top = torch.zeros((B, Hh, Lq, N), dtype=torch.bool, device=q.device)
+    top.scatter_(-1, order, True)
+    return (top & cand) | keep
+
+
+def select_chunks(
+    q: torch.Tensor,
+    mean_k: torch.Tensor,
+    spec: RoutingSpec,
+    allowed: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Efficient selection, exactly equal to `select_chunks_reference`. bool [B,Hh,Lq,N].
+
+    backend: "auto" (Triton fused kernel on CUDA when available, else torch), "torch", "triton".
+    No gradient flows (inputs are detached); no host syncs.
+    """
+    _check_select_inputs("select_chunks", q, mean_k, spec, allowed)
+    if _use_triton(backend, q, "select_chunks"):
+        with torch.no_grad():
+            return _kernels().routing_select(
+                q.detach(), mean_k.detach(), spec.mode, spec.top_k, spec.sink_chunks, spec.window_chunks,
+                allowed=allowed,
+            )
+    return _select_torch(q.detach(), mean_k.detach(), spec, allowed)
+
+
+# --------------------------------------------------------------------------------------------
+# Routed attention
+# --------------------------------------------------------------------------------------------
+def _check_attention_inputs(what, q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens):
+    for name, t in (("q", q), ("k_hist", k_hist), ("v_hist", v_hist), ("k_cur", k_cur), ("v_cur", v_cur)):
+        _check_4d(what, name, t)
+    B, Hh, Lq, D = q.shape
+    for name, t in (("k_hist", k_hist), ("v_hist", v_hist), ("k_cur", k_cur), ("v_cur", v_cur)):
+        if t.shape[0] != B or t.shape[1] != Hh or t.shape[3] != D:
+            raise ValueError(f"{what}: {name} {tuple(t.shape)} does not match q {tuple(q.shape)} in B, Hh or D")
+        if t.device != q.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{what}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}; cast them to one dtype")
+    if k_hist.shape[2] != v_hist.shape[2] or k_cur.shape[2] != v_cur.shape[2]:
+        raise ValueError(f"{what}: keys and values must have the same length")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"{what}: chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if not isinstance(sel, torch.Tensor) or sel.dtype != torch.bool or sel.dim() != 4 or tuple(sel.shape[:3]) != (B, Hh, Lq):
+        got = (sel.dtype, tuple(sel.shape)) if isinstance(sel, torch.Tensor) else type(sel).__name__
+        raise ValueError(f"{what}: sel must be a bool tensor [B,Hh,Lq,N] = [{B},{Hh},{Lq},N], got {got}")
+    N = sel.shape[3]
+    if k_hist.shape[2] != N * chunk_tokens:
+        raise ValueError(
+            f"{what}: k_hist has {k_hist.shape[2]} tokens but sel has N={N} chunks of chunk_tokens={chunk_tokens} "
+            f"(= {N * chunk_tokens} tokens)"
+        )
+    if sel.device != q.device:
+        raise ValueError(f"{what}: sel is on {sel.device} but q is on {q.device}")
+
+
+def routed_attention_reference(
+    q: torch.Tensor,
+    k_hist: torch.Tensor,
+    v_hist: torch.Tensor,
+    k_cur: torch.Tensor,
+    v_cur: torch.Tensor,
+    sel: torch.Tensor,
+    chunk_tokens: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dense softmax over [history | current]; unselected history chunks get -inf.
+
+    Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32, natural log). fp32 accumulation.
+    A row with no key at all gets out 0 and lse -inf.
+    """
+    _check_attention_inputs("routed_attention_reference", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
+    B, Hh, Lq, D = q.shape
+    Lc = k_cur.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    wd = _work_dtype(q)
+    K = torch.cat([k_hist, k_cur], dim=2).to(wd)
+    V = torch.cat([v_hist, v_cur], dim=2).to(wd)
+    s = torch.matmul(q.to(wd), K.transpose(-1, -2)) * scale
+    mask = torch.cat(
+        [sel.repeat_interleave(chunk_tokens, dim=-1), torch.ones((B, Hh, Lq, Lc), dtype=torch.bool, device=q.device)],
+        dim=-1,
+    )
+    s = s.masked_fill(~mask, _NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(lse == _NEG_INF, torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.matmul(p, V)
+    return out.to(q.dtype), lse.to(torch.float32)
+
+
+def merge_by_lse(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attention results over disjoint key sets.
+
+    o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2), lse = log(e^l1 + e^l2). A branch with lse = -inf (no keys)
+    contributes nothing, whatever its o holds (even NaN); both -inf gives o = 0, lse = -inf.
+    Computed in fp32 (fp64 if any input is fp64); o returned in o1.dtype, lse in fp32 (or fp64).
+    """
+    if o1.shape != o2.shape or lse1.shape != lse2.shape or o1.shape[:-1] != lse1.shape:
+        raise ValueError(
+            f"merge_by_lse: shapes must be o [..., D], lse [...]: got {tuple(o1.shape)}, {tuple(lse1.shape)}, "
+            f"{tuple(o2.shape)}, {tuple(lse2.shape)}"
+        )
+    wd = _work_dtype(o1, o2, lse1, lse2)
+    l1, l2 = lse1.to(wd), lse2.to(wd)
+    m = torch.maximum(l1, l2)
+    m_safe = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
+    w1 = torch.exp(l1 - m_safe)
+    w2 = torch.exp(l2 - m_safe)
+    tot = w1 + w2
+    lse = m_safe + torch.log(tot)  # tot == 0 -> -inf
+    tot_safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    a1 = (w1 / tot_safe).unsqueeze(-1)
+    a2 = (w2 / tot_safe).unsqueeze(-1)
+    zero = torch.zeros((), dtype=wd, device=o1.device)
+    o = torch.where(a1 > 0, o1.to(wd) * a1, zero) + torch.where(a2 > 0, o2.to(wd) * a2, zero)
+    lse_dtype = torch.float64 if wd == torch.float64 else torch.float32
+    return o.to(o1.dtype), lse.to(lse_dtype)
+
+
+def _attend_with_lse(q, k, v, scale, chunk_sel=None, chunk_tokens=None, block_rows=None):
+    """Softmax attention with lse, in query blocks of bounded memory (torch path).
+
+    chunk_sel: optional bool [B,Hh,Lq,U], key token t is visible iff chunk_sel[..., t // chunk_tokens].
+    Returns (out, lse) in the working dtype (fp32, or fp64 for fp64 inputs).
+    """
+    B, Hh, Lq, D = q.shape
+    Lk = k.shape[2]
+    wd = _work_dtype(q)
+    if Lk == 0 or Lq == 0:
+        out = torch.zeros((B, Hh, Lq, v.shape[3]), dtype=wd, device=q.device)
+        return out, torch.full((B, Hh, Lq), _NEG_INF, dtype=wd, device=q.device)
+    kf = k.to(wd)
+    vf = v.to(wd)
+    el = torch.finfo(wd).bits // 8
+    rows = block_rows or max(1, min(Lq, _SCORE_BLOCK_BYTES // max(1, B * Hh * Lk * el)))
+    outs, lses = [], []
+    for s0 in range(0, Lq, rows):
+        s = torch.matmul(q[:, :, s0: s0 + rows].to(wd), kf.transpose(-1, -2)) * scale
+        if chunk_sel is not None:
+            m = chunk_sel[:, :, s0: s0 + rows]
+            s = s.unflatten(-1, (m.shape[-1], chunk_tokens)).masked_fill(~m.unsqueeze(-1), _NEG_INF).flatten(-2)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(lse == _NEG_INF, torch.zeros_like(lse), lse).unsqueeze(-1))
+        outs.append(torch.matmul(p, vf))
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale):
+    out_c, lse_c = _attend_with_lse(q, k_cur, v_cur, scale)
+    N = sel.shape[-1]
+    if N == 0 or q.shape[2] == 0:
+        return out_c.to(q.dtype), lse_c.to(torch.float32)
+    # Union of chunks selected by any (batch, head, token): the one host sync of this path.
+    idx = sel.reshape(-1, N).any(dim=0).nonzero().squeeze(1)
+    U = int(idx.numel())
+    if U == 0:
+        return out_c.to(q.dtype), lse_c.to(torch.float32)
+    if U < N:
+        kh = k_hist.unflatten(2, (N, T)).index_select(2, idx).flatten(2, 3)
+        vh = v_hist.unflatten(2, (N, T)).index_select(2, idx).flatten(2, 3)
+        s = sel.index_select(3, idx)
+    else:
+        kh, vh, s = k_hist, v_hist, sel
+    out_h, lse_h = _attend_with_lse(q, kh, vh, scale, chunk_sel=s, chunk_tokens=T)
+    out, lse = merge_by_lse(out_h, lse_h, out_c, lse_c)
+    return out.to(q.dtype), lse.to(torch.float32)
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k_hist: torch.Tensor,
+    v_hist: torch.Tensor,
+    k_cur: torch.Tensor,
+    v_cur: torch.Tensor,
+    sel: torch.Tensor,
+    chunk_tokens: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention of current-chunk queries: own chunk (full) + selected history chunks (per token).
+
+    q [B,Hh,Lq,D]; k_hist/v_hist [B,Hh,N*T,D]; k_cur/v_cur [B,Hh,Lc,D]; sel bool [B,Hh,Lq,N].
+    Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32).
+
+    backend "triton" (or "auto" on CUDA): one kernel, history read in place, no host sync.
+    backend "torch" (or "auto" elsewhere): current branch + gathered-union history branch, merged by
+    lse; one host sync (the union size). Differentiable; "auto" picks it whenever autograd needs
+    gradients (the Triton kernel is forward only).
+    """
+    _check_attention_inputs("routed_attention", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_hist, v_hist, k_cur, v_cur))
+    if needs_grad and backend == "auto":
+        backend = "torch"  # the Triton kernel is forward only
+    if _use_triton(backend, q, "routed_attention"):
+        if needs_grad:
+            raise RuntimeError(
+                "routed_attention: backend='triton' is forward only but inputs require grad; "
+                "run under torch.no_grad() or use backend='torch'"
+            )
+        return _kernels().routed_attention_fwd(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
+    return _routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
+
+
+def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:
+    Lq, N = sel.shape[2], sel.shape[3]
+    T = chunk_tokens
+    NT = N * T
+    if N == 0:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx >= 0
+        return mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        chunk = (kv_idx // T).clamp(max=N - 1)  # only read when kv_idx < NT
+        return (kv_idx >= NT) | sel[b, h, q_idx.clamp(max=Lq - 1), chunk]
+
+    return mask_mod
+
+
+def routed_block_mask(sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, block_size: int = 128):
+    """FlexAttention BlockMask for inference keys [history (N*T) | current (cur_tokens)].
+
+    The mask_mod reads `sel` (exact per token); block sparsity is computed from `sel` at block
+    granularity (never materialises Lq x Lk): a block is full when all its pairs may attend, partial
+    when some may. Same classification as `create_block_mask(mask_mod, ...)`.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(sel, torch.Tensor) or sel.dtype != torch.bool or sel.dim() != 4:
+        raise ValueError("routed_block_mask: sel must be a bool tensor [B,Hh,Lq,N]")
+    B, Hh, Lq, N = sel.shape
+    T, Lc = chunk_tokens, cur_tokens
+    NT = N * T
+    Lk = NT + Lc
+    dev = sel.device
+    nq, nk = -(-Lq // block_size), -(-Lk // block_size)
+    tok = torch.arange(nk * block_size, device=dev)
+    seg = torch.where(tok < NT, tok // T, torch.full_like(tok, N))  # N = the current chunk
+    onehot = F.one_hot(seg.clamp(max=N), N + 1).to(torch.float32) * (tok < Lk).to(torch.float32)[:, None]
+    overlap = onehot.view(nk, block_size, N + 1).sum(dim=1)  # [nk, N+1]
+    qtok = torch.arange(nq * block_size, device=dev)
+    q_cnt = (qtok < Lq).to(torch.float32).view(nq, block_size).sum(dim=1)  # valid queries per block
+    cur_cnt = q_cnt[:, None] * overlap[None, :, N]  # [nq, nk]
+    sel_cnt = F.pad(sel.to(torch.float32), (0, 0, 0, nq * block_size - Lq)).view(B, Hh, nq, block_size, N).sum(3)
+    cnt = sel_cnt @ overlap[:, :N].T + cur_cnt  # exact integers < 2^24
+    full = cnt == float(block_size * block_size)
+    partial = (cnt > 0) & ~full
+    kv_num, kv_idx = _dense_to_ordered(partial)
+    full_num, full_idx = _dense_to_ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx,
+        BLOCK_SIZE=block_size, mask_mod=_make_inference_mask_mod(sel, T), seq_lengths=(Lq, Lk),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training with routing: sequence [H_1..H_N | Q_1..Q_N]
+# --------------------------------------------------------------------------------------------
+def training_allowed(num_chunks: int, chunk_tokens: int, device=None) -> torch.Tensor:
+    """bool [2*N*T, N]: history chunks each training token may be routed to (H_i, Q_i -> H_j, j < i).
+
+    Its own chunk is attended separately (always) and is not part of this set.
+    """
+    N, T = num_chunks, chunk_tokens
+    r = torch.arange(2 * N * T, device=device)
+    own = torch.where(r < N * T, r, r - N * T) // T
+    return torch.arange(N, device=device)[None, :] < own[:, None]
+
+
+def _make_training_mask_mod(sel: torch.Tensor, num_chunks: int, chunk_tokens: int) -> Callable:
+    N, T = num_chunks, chunk_tokens
+    NT = N * T
+    L = 2 * NT
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        own = (q_idx // T) == (kv_idx // T)  # same stream and same chunk (segments of T tokens)
+        kv_chunk = (kv_idx // T).clamp(max=N - 1)  # only read when kv_idx < NT
+        routed = (kv_idx < NT) & sel[b, h, q_idx.clamp(max=L - 1), kv_chunk]
+        return own | routed
+
+    return mask_mod
+
+
+def _dense_to_ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = blocks.to(torch.int32)
+    num = blocks.sum(dim=-1).to(torch.int32).contiguous()
+    idx = torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+    return num, idx
+
+
+@dataclass
+class RoutedTrainingMask:
+    """Routing of a training sequence [H_1..H_N | Q_1..Q_N] (L = 2*N*T tokens).
+
+    sel: bool [B, Hh, L, N]: token (per head) attends history chunk H_j (only j < own chunk index).
+    The own chunk (same stream) is always attended. Everything else is masked (CONTRACTS.md rule).
+    """
+
+    sel: torch.Tensor
+    num_chunks: int
+    chunk_tokens: int
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.num_chunks * self.chunk_tokens
+
+    def dense(self) -> torch.Tensor:
+        """bool [B, Hh, L, L] mask for scaled_dot_product_attention (True = may attend)."""
+        N, T, L = self.num_chunks, self.chunk_tokens, self.seq_len
+        B, Hh = self.sel.shape[:2]
+        seg = torch.arange(L, device=self.sel.device) // T
+        own = seg[:, None] == seg[None, :]
+        routed = self.sel.repeat_interleave(T, dim=-1)  # [B,Hh,L,N*T]
+        routed = F.pad(routed, (0, L - N * T))
+        return routed | own
+
+    def mask_mod(self) -> Callable:
+        """FlexAttention mask_mod reading `sel` (exact per token)."""
+        return _make_training_mask_mod(self.sel, self.num_chunks, self.chunk_tokens)
+
+    def block_mask(self, block_size: int = 128):
+        """FlexAttention BlockMask, built from `sel` at block granularity (never materialises L x L).
+
+        Block (qb, kb) is FULL when every (query, key) pair in it may attend, PARTIAL (mask_mod applied)
+        when some may, absent otherwise; same classification as `create_block_mask(self.mask_mod())`.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        N, T, L = self.num_chunks, self.chunk_tokens, self.seq_len
+        B, Hh = self.sel.shape[:2]
+        dev = self.sel.device
+        nb = -(-L // block_size)
+        pad = nb * block_size - L
+        tok = torch.arange(nb * block_size, device=dev)
+        seg = (tok // T).clamp(max=2 * N - 1)
+        # overlap[blk, s] = number of tokens of block blk in segment s (H_0..H_{N-1}, Q_0..Q_{N-1})
+        onehot = F.one_hot(seg, 2 * N).to(torch.float32) * (tok < L).to(torch.float32)[:, None]
+        overlap = onehot.view(nb, block_size, 2 * N).sum(dim=1)  # [nb, 2N], integers <= block_size
+        own_cnt = overlap @ overlap.T  # [nb, nb] own-chunk pairs
+        sel_cnt = F.pad(self.sel.to(torch.float32), (0, 0, 0, pad)).view(B, Hh, nb, block_size, N).sum(dim=3)
+        routed_cnt = sel_cnt @ overlap[:, :N].T  # [B,Hh,nb,nb] routed pairs (disjoint from own)
+        cnt = own_cnt + routed_cnt  # exact: integers < 2^24
+        full = cnt == float(block_size * block_size)
+        partial = (cnt > 0) & ~full
+        kv_num, kv_idx = _dense_to_ordered(partial)
+        full_num, full_idx = _dense_to_ordered(full)
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, full_num, full_idx,
+            BLOCK_SIZE=block_size, mask_mod=self.mask_mod(), seq_lengths=(L, L),
+        )
+
+
+def routed_training_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    num_chunks: int,
+    chunk_tokens: int,
+    spec: RoutingSpec,
+    *,
+    backend: str = "auto",
+) -> RoutedTrainingMask:
+    """Per-token routing over history chunks for a training sequence [H_1..H_N | Q_1..Q_N].
+
+    q, k: [B, Hh, 2*N*T, D]. Scores use mean keys of the history stream H_j; candidates for a token of
+    chunk i (either stream) are H_j with j < i; sink/window are relative to that set. No gradient.
+    """
+    _check_4d("routed_training_mask", "q", q)
+    _check_4d("routed_training_mask", "k", k)
+    if not isinstance(spec, RoutingSpec):
+        raise TypeError(f"routed_training_mask: spec must be a RoutingSpec, got {type(spec).__name__}")
+    N, T = num_chunks, chunk_tokens
+    if isinstance(N, bool) or not isinstance(N, int) or N < 1 or isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"routed_training_mask: num_chunks and chunk_tokens must be positive ints, got {N!r}, {T!r}")
+    B, Hh, L, _ = q.shape
+    if L != 2 * N * T or k.shape[2] != L:
+        raise ValueError(
+            f"routed_training_mask: q/k must have 2*num_chunks*chunk_tokens = {2 * N * T} tokens "
+            f"([H_1..H_N | Q_1..Q_N]), got {L} and {k.shape[2]}"
+        )
+    allowed = training_allowed(N, T, q.device)
+    if spec.is_dense:
+        sel = allowed.expand(B, Hh, L, N).contiguous()
+    else:
+        with torch.no_grad():
+            mean_k = chunk_means(k.detach()[:, :, : N * T], T)
+            sel = select_chunks(q.detach(), mean_k, spec, allowed=allowed, backend=backend)
+    return RoutedTrainingMask(sel, N, T)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention_fn(device: torch.device):
+    """Compiled flex_attention on CUDA (needed for speed and memory); eager elsewhere."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def routed_training_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_chunks: int,
+    chunk_tokens: int,
+    spec: RoutingSpec,
+    backend: str = "sdpa",
+    scale: float | None = None,
+    *,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Training attention over [H_1..H_N | Q_1..Q_N] with the CONTRACTS.md mask and history routing.
+
+    backend "sdpa": scaled_dot_product_attention with a dense bool [B,Hh,L,L] mask (CPU, small L; has
+    backward everywhere). backend "flex": FlexAttention with a BlockMask whose mask_mod reads the
+    selection (exact per token; compiled on CUDA; on CPU forward only - no flex backward there).
+    Gradients flow to q, k, v through attention, never through the selection.
+    """
+    if backend not in ("sdpa", "flex"):
+        raise ValueError(f"routed_training_attention: backend must be 'sdpa' or 'flex', got {backend!r}")
+    _check_4d("routed_training_attention", "v", v)
+    rm = routed_training_mask(q, k, num_chunks, chunk_tokens, spec)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=rm.dense(), scale=scale)
+    flex = _flex_attention_fn(q.device)
+    block_mask = rm.block_mask(block_size)
+    if q.device.type == "cuda":
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+    with warnings.catch_warnings():  # eager flex on CPU is expected here (tests, small sizes)
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex(q, k, v, block_mask=block_mask, scale=scale)

@@ -1,0 +1,264 @@
+"""Triton kernels (routed attention, fused routing) under TRITON_INTERPRET=1 (fp32 and fp16, tiny sizes).
+
+bf16 is not tested here: tl.dot in bf16 is wrong in the interpreter (bench/kernels.py checks it on GPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resampling_forcing import kernels as K
+from resampling_forcing.attention.routing import (
+    RoutingSpec,
+    chunk_means,
+    routed_attention,
+    routed_attention_reference,
+    select_chunks,
+    select_chunks_reference,
+    training_allowed,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not K.HAS_TRITON or (DEVICE == "cpu" and not K.is_interpreted()),
+    reason="needs triton and CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+)
+REPO = Path(__file__).resolve().parents[1]
+
+# fp16: probabilities are cast to fp16 for P@V and the output is rounded to fp16, both 2^-11 relative
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+LSE_TOL = dict(atol=1e-4, rtol=1e-5)  # lse: fp32 accumulation of exact products in both dtypes
+
+
+def rand_inputs(B, Hh, N, T, Lc, D, dtype, Lq=None):
+    Lq = Lc if Lq is None else Lq
+    g = lambda L: torch.randn(B, Hh, L, D, device=DEVICE).to(dtype)  # noqa: E731
+    return g(Lq), g(N * T), g(N * T), g(Lc), g(Lc)
+
+
+def plain_attention(q, K_, V_):
+    s = q.double() @ K_.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s, -1) @ V_.double(), torch.logsumexp(s, -1)
+
+
+def check_kernel(q, kh, vh, kc, vc, sel, T, **kw):
+    out, lse = K.routed_attention_fwd(q, kh, vh, kc, vc, sel, T, **kw)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and out.shape == q.shape
+    ref_o, ref_l = routed_attention_reference(q, kh, vh, kc if kc is not None else q[:, :, :0],
+                                              vc if vc is not None else q[:, :, :0], sel, T)
+    torch.testing.assert_close(out.float(), ref_o.float(), **TOL[q.dtype])
+    torch.testing.assert_close(lse, ref_l, **LSE_TOL)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------
+# routed attention kernel
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T, N, D", [(7, 3, 16), (13, 2, 32), (100, 2, 16)])
+def test_kernel_matches_reference_random_per_token_selection(T, N, D, dtype):
+    B, Hh = 2, 2
+    q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, dtype)
+    sel = torch.rand(B, Hh, T, N, device=DEVICE) > 0.5
+    sel[0, 0, :, 0] = False  # a (batch, head) that skips chunk 0 entirely (block-level skip)
+    sel[1, 1, 0] = False  # a row with no history
+    sel[1, 0, 1] = True  # a row with all history
+    check_kernel(q, kh, vh, kc, vc, sel, T)
+
+
+def test_kernel_block_sizes_not_dividing_chunks():
+    q, kh, vh, kc, vc = rand_inputs(1, 2, 3, 13, 11, 16, torch.float32, Lq=19)
+    sel = torch.rand(1, 2, 19, 3, device=DEVICE) > 0.3
+    check_kernel(q, kh, vh, kc, vc, sel, 13, block_m=16, block_n=16)
+
+
+def test_kernel_head_dim_64_fp16():
+    q, kh, vh, kc, vc = rand_inputs(1, 2, 2, 9, 9, 64, torch.float16)
+    sel = torch.rand(1, 2, 9, 2, device=DEVICE) > 0.5
+    check_kernel(q, kh, vh, kc, vc, sel, 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_topk1_and_k_larger_than_history(dtype):
+    B, Hh, N, T, D = 2, 2, 3, 7, 16
+    q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, dtype)
+    mk = chunk_means(kh, T)
+    sel1 = select_chunks(q, mk, RoutingSpec("topk", top_k=1), backend="triton")
+    assert torch.equal(sel1, select_chunks_reference(q, mk, RoutingSpec("topk", top_k=1)))
+    assert (sel1.sum(-1) == 1).all()
+    check_kernel(q, kh, vh, kc, vc, sel1, T)
+    sel_all = select_chunks(q, mk, RoutingSpec("topk", top_k=N + 2), backend="triton")
+    assert sel_all.all()
+    out, lse = routed_attention(q, kh, vh, kc, vc, sel_all, T, backend="triton")
+    o, l = plain_attention(q, torch.cat([kh, kc], 2), torch.cat([vh, vc], 2))
+    torch.testing.assert_close(out.double(), o, **TOL[dtype])
+    torch.testing.assert_close(lse.double(), l, **LSE_TOL)
+
+
+def test_kernel_heads_pick_different_chunks():
+    B, Hh, N, T, D = 1, 2, 3, 7, 16
+    q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, torch.float32)
+    kh = kh * 0.1
+    kh[0, 0, 0:T, 0] += 3.0  # chunk 0 mean key points along e_0 in head 0
+    kh[0, 1, 2 * T:3 * T, 1] += 3.0  # chunk 2 mean key points along e_1 in head 1
+    q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 2.0
+    q[0, 1, :, 1] = q[0, 1, :, 1].abs() + 2.0
+    sel = select_chunks(q, chunk_means(kh, T), RoutingSpec("topk", top_k=1), backend="triton")
+    assert sel[0, 0, :, 0].all() and sel[0, 1, :, 2].all()
+    assert not torch.equal(sel[0, 0], sel[0, 1])
+    out, _ = check_kernel(q, kh, vh, kc, vc, sel, T)
+    # and the two heads really attended different chunks: swapping the selection changes the output
+    out_sw, _ = K.routed_attention_fwd(q, kh, vh, kc, vc, sel.flip(1), T)
+    assert (out - out_sw).abs().max() > 1e-3
+
+
+def test_kernel_single_chunk_no_history_no_current():
+    B, Hh, T, D = 2, 2, 7, 16
+    q, kh, vh, kc, vc = rand_inputs(B, Hh, 1, T, T, D, torch.float32)
+    check_kernel(q, kh, vh, kc, vc, torch.rand(B, Hh, T, 1, device=DEVICE) > 0.5, T)
+    empty = kh[:, :, :0]
+    out, lse = check_kernel(q, empty, empty, kc, vc, torch.zeros(B, Hh, T, 0, dtype=torch.bool, device=DEVICE), T)
+    o, l = plain_attention(q, kc, vc)
+    torch.testing.assert_close(out.double(), o, **TOL[torch.float32])
+    # history only (no current chunk): rows that selected nothing give out 0 and lse -inf
+    sel = torch.rand(B, Hh, T, 1, device=DEVICE) > 0.5
+    sel[0, 0, 0] = False
+    out, lse = check_kernel(q, kh, vh, None, None, sel, T)
+    assert lse[0, 0, 0] == float("-inf") and (out[0, 0, 0] == 0).all()
+
+
+def test_kernel_reads_strided_kv_cache_in_place():
+    """History as views of a pre-allocated cache: capacity slice, and a [B, L, Hh, D] layout."""
+    B, Hh, N, T, D, cap = 1, 2, 3, 7, 16, 40
+    q, _, _, kc, vc = rand_inputs(B, Hh, N, T, T, D, torch.float32)
+    cache_k = torch.randn(B, Hh, cap, D, device=DEVICE)
+    cache_v = torch.randn(B, cap, Hh, D, device=DEVICE).transpose(1, 2)  # heads-second view, non-contiguous
+    kh, vh = cache_k[:, :, : N * T], cache_v[:, :, : N * T]
+    assert not kh.is_contiguous() or not vh.is_contiguous()
+    sel = torch.rand(B, Hh, T, N, device=DEVICE) > 0.5
+    out, lse = check_kernel(q, kh, vh, kc, vc, sel, T)
+    out_c, lse_c = K.routed_attention_fwd(q, kh.contiguous(), vh.contiguous(), kc, vc, sel, T)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+
+
+def test_routed_attention_backend_triton_matches_torch_backend():
+    B, Hh, N, T, D = 2, 2, 4, 7, 16
+    q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, torch.float16)
+    spec = RoutingSpec("topk", top_k=2, sink_chunks=1)
+    mk = chunk_means(kh, T)
+    sel = select_chunks(q, mk, spec, backend="triton")
+    assert torch.equal(sel, select_chunks(q, mk, spec, backend="torch"))
+    o_t, l_t = routed_attention(q, kh, vh, kc, vc, sel, T, backend="triton")
+    o_p, l_p = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch")
+    torch.testing.assert_close(o_t.float(), o_p.float(), **TOL[torch.float16])
+    torch.testing.assert_close(l_t, l_p, **LSE_TOL)
+
+
+def test_triton_backend_is_forward_only():
+    q, kh, vh, kc, vc = rand_inputs(1, 2, 2, 5, 5, 16, torch.float32)
+    sel = torch.ones(1, 2, 5, 2, dtype=torch.bool, device=DEVICE)
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="forward only"):
+        routed_attention(q, kh, vh, kc, vc, sel, 5, backend="triton")
+    out, _ = routed_attention(q, kh, vh, kc, vc, sel, 5, backend="auto")  # torch path, differentiable
+    out.sum().backward()
+    assert q.grad is not None
+    with torch.no_grad():
+        routed_attention(q, kh, vh, kc, vc, sel, 5, backend="triton")
+
+
+def test_kernel_input_errors():
+    q, kh, vh, kc, vc = rand_inputs(1, 2, 3, 4, 4, 16, torch.float32)
+    sel = torch.ones(1, 2, 4, 3, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        K.routed_attention_fwd(q, kh, vh, kc, vc, sel, 5)
+    with pytest.raises(TypeError, match="sel"):
+        K.routed_attention_fwd(q, kh, vh, kc, vc, sel.int(), 4)
+    with pytest.raises(ValueError, match="sel shape"):
+        K.routed_attention_fwd(q, kh, vh, kc, vc, sel[:, :1], 4)
+    with pytest.raises(TypeError, match="dtype"):
+        K.routed_attention_fwd(q, kh.half(), vh, kc, vc, sel, 4)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        K.routed_attention_fwd(q.double(), kh.double(), vh.double(), kc.double(), vc.double(), sel, 4)
+    with pytest.raises(ValueError, match="k_cur"):
+        K.routed_attention_fwd(q, kh, vh, kc, None, sel, 4)
+    with pytest.raises(ValueError, match="allowed"):
+        K.routing_select(q, chunk_means(kh, 4), "topk", 1, allowed=torch.ones(4, 2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="top_k"):
+        K.routing_select(q, chunk_means(kh, 4), "topk", None)
+
+
+# ------------------------------------------------------------------------------------------
+# fused routing kernel
+# ------------------------------------------------------------------------------------------
+SPECS = [
+    RoutingSpec(),
+    RoutingSpec("topk", top_k=1),
+    RoutingSpec("topk", top_k=2, sink_chunks=1, window_chunks=1),
+    RoutingSpec("topk", top_k=3, window_chunks=2),
+    RoutingSpec("topk", top_k=50),
+    RoutingSpec("window", window_chunks=2),
+    RoutingSpec("window", sink_chunks=1, window_chunks=1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N", [1, 5, 9])
+def test_routing_select_kernel_exact(N, dtype):
+    B, Hh, Lq, D = 2, 2, 37, 16
+    q = torch.randn(B, Hh, Lq, D, device=DEVICE).to(dtype)
+    mk = chunk_means(torch.randn(B, Hh, N * 3, D, device=DEVICE).to(dtype), 3)
+    allowed_opts = [None, torch.rand(Lq, N, device=DEVICE) > 0.4]
+    for allowed in allowed_opts:
+        for spec in SPECS:
+            got = select_chunks(q, mk, spec, allowed, backend="triton")
+            ref = select_chunks_reference(q, mk, spec, allowed)
+            assert got.dtype == torch.bool and got.shape == ref.shape
+            assert torch.equal(got, ref), (spec, allowed is None)
+
+
+def test_routing_select_kernel_training_allowed_and_ties():
+    N, T, D = 5, 3, 8
+    L = 2 * N * T
+    q = torch.randint(-3, 4, (2, 2, L, D), device=DEVICE).float()
+    base = torch.randint(-3, 4, (2, 2, 2, D), device=DEVICE).float()
+    mk = base[:, :, [0, 1, 0, 1, 0]]  # many exact ties
+    allowed = training_allowed(N, T, DEVICE)
+    for spec in SPECS:
+        got = select_chunks(q, mk, spec, allowed, backend="triton")
+        assert torch.equal(got, select_chunks_reference(q, mk, spec, allowed)), spec
+    # explicit tie check: all mean keys equal -> lowest indices
+    mk_eq = base[:, :, [0, 0, 0, 0, 0]]
+    got = select_chunks(q, mk_eq, RoutingSpec("topk", top_k=2), backend="triton")
+    assert torch.equal(got[..., :2], torch.ones_like(got[..., :2])) and not got[..., 2:].any()
+
+
+def test_routing_select_kernel_empty_history():
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    sel = select_chunks(q, torch.zeros(1, 2, 0, 16, device=DEVICE), RoutingSpec("topk", top_k=1), backend="triton")
+    assert sel.shape == (1, 2, 5, 0) and sel.dtype == torch.bool
+
+
+# ------------------------------------------------------------------------------------------
+# benchmark script, smoke mode (interpreter, tiny shapes)
+# ------------------------------------------------------------------------------------------
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "kernels.py"), "--smoke", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["checks"] and all(c["ok"] for c in data["checks"]), data["checks"]
+    methods = {row["method"] for row in data["timings"]}
+    assert {"triton", "dense_sdpa", "flex", "gather_sdpa"} <= methods
+    assert "| method |" in r.stdout
