@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Rollout benchmark: per-chunk latency vs chunk index for dense vs routed vs sliding-window
+attention, attention time per chunk, peak memory, frames per second with and without VAE decode.
+
+Random weights (no checkpoint needed): preset `tiny` (pixel-shuffle "VAE") and `wan-100m`
+(~120M parameters at Wan's shapes; decoded by a randomly initialised Wan2.1 VAE architecture,
+diffusers' AutoencoderKLWan, so decode times are representative of the real VAE at that size).
+
+    python bench/rollout.py --out bench.json       # defaults: tiny 16x16 + wan-100m 8x8, 16 chunks, ~1-2 min
+    python bench/rollout.py --presets tiny --latent 32x32 --chunks 24 --threads 1 --modes dense,window5,topk5
+    python bench/rollout.py --presets wan-100m --latent 8x8 --chunks 40 --modes dense,topk5 --vae none
+
+Modes: dense, topkK (top-K history chunks per query token, e.g. topk1, topk5; optional --sink),
+windowW (sliding window of the last W chunks, e.g. window5; plain `window` = --window).
+Attention time is measured by wrapping the attention op (host timer; CUDA is synchronised around
+each call, which slows the rollout a little). Chunk n (1-based) includes writing chunk n-1 into
+the cache (the sampler writes lazily). Peak memory: VmHWM of this process reset before each mode
+(Linux CPU) or torch.cuda.max_memory_allocated. VAE decode does not depend on the attention
+mode: it is timed once per model by streaming-decoding the first --decode-chunks chunks of a
+rollout (all of them for pixel-shuffle; 1 for the Wan VAE, which takes seconds per chunk on a
+CPU), and "fps with decode" = frames / (rollout time + decode seconds per frame * frames).
+Prints markdown tables; --out writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from resampling_forcing.attention.backends import resolve_backend  # noqa: E402
+from resampling_forcing.attention.routing import RoutingSpec  # noqa: E402
+from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
+from resampling_forcing.encoders import PixelShuffleVAE, WanVAE  # noqa: E402
+from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
+from resampling_forcing.pipeline import cast_model  # noqa: E402
+from resampling_forcing.sampler import SamplingOptions, sample  # noqa: E402
+
+
+def parse_mode(name: str, args) -> RoutingSpec | None:
+    if name == "dense":
+        return None
+    if name.startswith("topk"):
+        k = int(name[4:] or args.top_k)
+        return RoutingSpec("topk", top_k=k, sink_chunks=args.sink, window_chunks=0)
+    if name.startswith("window"):
+        w = int(name[6:] or args.window)
+        return RoutingSpec("window", sink_chunks=args.sink if args.window_sink else 0, window_chunks=w)
+    raise SystemExit(f"error: unknown mode {name!r}; use dense, topkK, windowW")
+
+
+def build_vae(preset_cfg: ModelConfig, args, device):
+    if args.vae == "none":
+        return None
+    c = preset_cfg.in_channels
+    if args.vae == "pixel_shuffle" or (args.vae == "auto" and c % 3 == 0 and int((c // 3) ** 0.5) ** 2 == c // 3):
+        return PixelShuffleVAE(factor=int((c // 3) ** 0.5), device=device)
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(base_dim=args.vae_base_dim, z_dim=c).eval()
+    return WanVAE.from_model(model, device=device, dtype=torch.float32)
+
+
+class AttnTimer:
+    """Wraps an attention op and adds its wall time to `self.seconds`."""
+
+    def __init__(self, device):
+        self.seconds = 0.0
+        self.cuda = torch.device(device).type == "cuda"
+
+    def wrap(self, op):
+        def timed(q, k, v, layer):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = op(q, k, v, layer)
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        return timed
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_mode(model, ctx, spec, args, device) -> tuple[dict, torch.Tensor]:
+    """One rollout without decoding; returns (measurements, latents)."""
+    timer = AttnTimer(device)
+    per_attn: list[float] = []
+
+    def on_chunk(c):
+        per_attn.append(timer.seconds)
+        timer.seconds = 0.0
+
+    opts = SamplingOptions(steps=args.steps, shift=args.shift, cfg_scale=args.cfg, routing=spec,
+                           backend=args.backend)
+    neg = torch.zeros_like(ctx) if args.cfg != 1.0 else None
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_ok = _reset_peak_rss()
+    res = sample(model, ctx, args.chunks, args.latent_hw, neg_context=neg, options=opts, seed=0,
+                 callback=on_chunk, attn_wrapper=timer.wrap)
+    t = res.timings
+    peak = t["peak_memory_mib"] if torch.device(device).type == "cuda" else (_peak_rss_mib() if rss_ok else None)
+    return dict(per_chunk_s=t["per_chunk_denoise_s"], per_chunk_attn_s=per_attn, total_s=t["total_denoise_s"],
+                total_attn_s=sum(per_attn), latent_frames=args.chunks * args.chunk_frames,
+                first_chunk_latency_s=t["first_chunk_latency_no_decode_s"], peak_memory_mib=peak,
+                peak_memory_kind="cuda_max_allocated" if torch.device(device).type == "cuda"
+                else "process VmHWM (reset per mode)", kv_cache_mib=t["kv_cache_mib"]), res.latents
+
+
+def time_decode(vae, latents: torch.Tensor, chunk_frames: int, max_chunks: int) -> dict:
+    """Streaming decode of the first `max_chunks` chunks: seconds per pixel frame (decode cost does
+    not depend on the attention mode, so it is measured once per model)."""
+    state = vae.init_decode_state()
+    frames, secs = 0, 0.0
+    n = min(max_chunks, latents.shape[2] // chunk_frames)
+    for i in range(n):
+        t0 = time.perf_counter()
+        out = vae.decode_chunk(latents[:, :, i * chunk_frames:(i + 1) * chunk_frames].to(vae.device), state)
+        secs += time.perf_counter() - t0
+        frames += out.shape[2]
+    return dict(decoded_chunks=n, decoded_frames=frames, decode_s=secs, decode_s_per_frame=secs / max(frames, 1))
+
+
+def add_fps(r: dict, vae, dec: dict | None) -> None:
+    frames = vae.frames_for_latents(r["latent_frames"]) if vae is not None else r["latent_frames"]
+    r["generated_frames"] = frames
+    r["fps_without_decode"] = frames / r["total_s"]
+    r["fps_with_decode"] = frames / (r["total_s"] + dec["decode_s_per_frame"] * frames) if dec else None
+
+
+def _at(xs, n):  # 1-based chunk n, clamped to the rollout
+    return xs[min(n, len(xs)) - 1]
+
+
+def _fmt(x, p=3):
+    return "-" if x is None else f"{x:.{p}f}"
+
+
+def summary_rows(preset, modes: dict, args) -> list[str]:
+    early, late = args.early_chunk, min(args.late_chunk, args.chunks)
+    dense = modes.get("dense")
+    rows = []
+    for name, r in modes.items():
+        a6, a40 = _at(r["per_chunk_attn_s"], early), _at(r["per_chunk_attn_s"], late)
+        l6, l40 = _at(r["per_chunk_s"], early), _at(r["per_chunk_s"], late)
+        speed = dense["total_s"] / r["total_s"] if dense else None
+        rows.append(f"| {preset} | {name} | {_fmt(l6)} | {_fmt(l40)} | {_fmt(a6, 4)} | {_fmt(a40, 4)} | "
+                    f"{_fmt(a40 / a6 if a6 else None, 2)} | {_fmt(r['total_s'], 2)} | {_fmt(r['total_attn_s'], 2)} | "
+                    f"{_fmt(speed, 2)} | {_fmt(r['fps_without_decode'], 2)} | {_fmt(r['fps_with_decode'], 2)} | "
+                    f"{_fmt(r['peak_memory_mib'], 0)} | {_fmt(r['kv_cache_mib'], 1)} |")
+    return rows
+
+
+def latency_rows(preset, modes: dict, points) -> list[str]:
+    rows = []
+    for name, r in modes.items():
+        cells = " | ".join(f"{_at(r['per_chunk_s'], p):.3f} / {_at(r['per_chunk_attn_s'], p):.4f}" for p in points)
+        rows.append(f"| {preset} | {name} | {cells} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="tiny,wan-100m", help="comma list of model presets (config.MODEL_PRESETS)")
+    p.add_argument("--modes", default="dense,topk1,topk5,window5", help="comma list: dense, topkK, windowW")
+    p.add_argument("--chunks", type=int, default=16, help="chunks per rollout (the routing target is stated at 40)")
+    p.add_argument("--steps", type=int, default=1, help="Euler steps per chunk (paper: 32)")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1: one branch; != 1 doubles the batch)")
+    p.add_argument("--latent", default=None, help="latent HxW per preset, e.g. 32x32 or tiny=32x32,wan-100m=8x8")
+    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (paper: 3)")
+    p.add_argument("--top-k", type=int, default=5, help="k for a bare `topk` mode")
+    p.add_argument("--window", type=int, default=5, help="W for a bare `window` mode")
+    p.add_argument("--sink", type=int, default=0, help="sink chunks kept by topk modes")
+    p.add_argument("--window-sink", action="store_true", help="window modes keep --sink chunks too")
+    p.add_argument("--vae", default="auto", choices=["auto", "pixel_shuffle", "wan", "none"],
+                   help="auto: pixel_shuffle when the channels fit (tiny), else a random Wan VAE")
+    p.add_argument("--vae-base-dim", type=int, default=96, help="random Wan VAE width (real: 96)")
+    p.add_argument("--decode-chunks", type=int, default=None,
+                   help="chunks decoded to time the VAE (default: all for pixel_shuffle, 1 for the Wan VAE)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--early-chunk", type=int, default=6)
+    p.add_argument("--late-chunk", type=int, default=40)
+    p.add_argument("--train-chunks", type=int, default=None,
+                   help="training length in chunks, for the 'N x training length' label (default chunks/4)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    args.backend = resolve_backend(args.attention_backend, device)
+    defaults = {"tiny": "16x16", "wan-100m": "8x8"}
+    per_preset = {}
+    if args.latent and "=" in args.latent:
+        per_preset = dict(kv.split("=") for kv in args.latent.split(","))
+    presets = args.presets.split(",")
+    mode_names = args.modes.split(",")
+    results = dict(command=" ".join([sys.executable.split("/")[-1], "bench/rollout.py"] + (argv or sys.argv[1:])),
+                   machine=dict(platform=platform.platform(), processor=platform.processor(),
+                                torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
+                                dtype=args.dtype, backend=args.backend),
+                   settings=dict(chunks=args.chunks, steps=args.steps, cfg=args.cfg, chunk_frames=args.chunk_frames,
+                                 sink=args.sink),
+                   presets={})
+    summary, latency = [], []
+    points = sorted({1, min(args.early_chunk, args.chunks), args.chunks // 4 or 1, args.chunks // 2 or 1, args.chunks})
+    for preset in presets:
+        lat = per_preset.get(preset) or (args.latent if args.latent and "=" not in args.latent else defaults.get(preset, "8x8"))
+        h, w = (int(v) for v in lat.lower().split("x"))
+        args.latent_hw = (h, w)
+        cfg = resolve_model(ModelConfig(preset=preset, chunk_frames=args.chunk_frames))
+        torch.manual_seed(0)
+        model = cast_model(CausalWanModel(cfg), device, dtype).eval().requires_grad_(False)
+        vae = build_vae(cfg, args, device)
+        n_decode = args.decode_chunks or (args.chunks if isinstance(vae, PixelShuffleVAE) else 1)
+        ctx = torch.randn(1, 16, cfg.text_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        tokens = model.chunk_tokens(h, w)
+        # warm-up (allocator, kernels), not recorded
+        sample(model, ctx, 2, (h, w), options=SamplingOptions(steps=1, cfg_scale=1.0, backend=args.backend))
+        modes, decode = {}, None
+        for name in mode_names:
+            t0 = time.perf_counter()
+            modes[name], latents = run_mode(model, ctx, parse_mode(name, args), args, device)
+            if decode is None and vae is not None:
+                decode = time_decode(vae, latents, args.chunk_frames, n_decode)
+            add_fps(modes[name], vae, decode)
+            print(f"[{preset}] {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        results["presets"][preset] = dict(
+            params_m=count_parameters(model) / 1e6, latent_hw=[h, w], tokens_per_chunk=tokens,
+            vae=type(vae).__name__ if vae is not None else None, decode=decode, modes=modes)
+        summary += summary_rows(f"{preset} ({count_parameters(model) / 1e6:.0f}M, {tokens} tok/chunk)", modes, args)
+        latency += latency_rows(preset, modes, points)
+        del model, vae
+
+    early, late = args.early_chunk, min(args.late_chunk, args.chunks)
+    train = args.train_chunks or max(1, args.chunks // 4)
+    lines = [
+        f"Rollout of {args.chunks} chunks ({args.chunks / train:.1f}x a training length of {train} chunks), "
+        f"{args.steps} Euler step(s)/chunk, cfg {args.cfg}, batch 1, {args.dtype}, {device} "
+        f"({torch.get_num_threads()} threads), attention backend {args.backend}.",
+        "",
+        f"| model | mode | latency chunk {early} (s) | latency chunk {late} (s) | attn chunk {early} (s) | "
+        f"attn chunk {late} (s) | attn ratio {late}/{early} | rollout total (s) | attn total (s) | speedup vs dense | "
+        "fps w/o decode | fps with decode | peak mem (MiB) | KV cache (MiB) |",
+        "|" + "---|" * 14,
+        *summary,
+        "",
+        "Per-chunk latency / attention time (s) at chunk n:",
+        "",
+        "| model | mode | " + " | ".join(f"chunk {p}" for p in points) + " |",
+        "|" + "---|" * (2 + len(points)),
+        *latency,
+    ]
+    table = "\n".join(lines)
+    print(table)
+    results["markdown"] = table
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""Chunk-by-chunk rollout of a causal Wan model with a KV cache (method.md section 7).
+
+Two levels:
+
+    # low level: one chunk at a time (what the tests and the benchmark drive)
+    ro = Rollout(model, context, latent_hw=(h, w), neg_context=neg, options=opts, seed=0)
+    ro.prefill(history_latents)              # optional: continue a given video
+    chunk = ro.next_chunk()                  # [B, C, chunk_frames, h, w] fp32, repeat
+
+    # high level: streaming VAE decode, per-chunk callback, progress bars, timings, routing stats
+    result = sample(model, context, num_chunks, (h, w), neg_context=neg, options=opts, vae=vae)
+
+One chunk: x = noise at t = 1; `steps` Euler steps on Wan's shifted grid
+(`diffusion.euler_schedule(steps, shift)`), the queries of the chunk attending the K/V of all
+cached chunks plus their own chunk; then the finished chunk is written into the cache by one more
+forward pass at `context_t` (default 0: clean; for context_t > 0 the chunk is first re-noised to
+that level with the sample's own noise). That cache-writing pass is LAZY: it runs when the next
+chunk starts (or on `flush()`), so a rollout of N chunks runs N - 1 of them and the first chunk
+is handed out one pass earlier. `prefill` writes given chunks the same way (eagerly).
+
+Classifier-free guidance: with cfg_scale != 1 the conditional and unconditional branches are the
+two halves of ONE batch [cond | uncond] through the model; the KV cache has 2B rows, i.e. separate
+conditional and unconditional caches (each half only ever attends to its own rows).
+v = v_uncond + cfg_scale * (v_cond - v_uncond). With cfg_scale == 1 the unconditional branch is
+skipped entirely (batch B, no negative prompt needed).
+
+Positions (RoPE policy): every latent frame gets its ABSOLUTE index in the video as RoPE frame
+position: a chunk written after n cached chunks starts at frame n * chunk_frames, history from an
+init video included. The model computes the rotary angles analytically in float64 from these
+integers (`models.wan.rope_cos_sin`): there is no table to index past, and positions never wrap
+or get re-based, however long the rollout (exact up to 2**53 frames). Beyond the training length
+the model sees positions it never saw in training (plain extrapolation, as Wan does); no
+interpolation or windowed re-indexing is applied. This is the only policy, hence the rollout
+equals the training forward on [history | noisy] at every chunk (tests/test_sampler.py).
+
+Seeds: sample j of a batch draws all its noise (chunk noise, context re-noising) from its own
+CPU generator seeded by `sample_seed(seed, index_j)` (`indices` default 0..B-1). So sample j is
+the same whether it is generated alone (`indices=[j]`) or in any batch, and the same on CPU and
+GPU up to the model's own arithmetic; noise is drawn in fp32 on the CPU and then moved.
+
+Routing: `SamplingOptions.routing` (a `RoutingSpec`: dense | topk | window with sink/window),
+applied in `routing_layers` (None = all). Selections can be recorded for plots:
+`SampleResult.selection` is a float array [chunks, layers, heads, history] with, for chunk c,
+layer l, head h, history chunk j < c, the fraction of chunk c's query tokens (conditional half,
+averaged over the batch) that selected j. NaN where nothing was recorded (j >= c, chunk 0,
+layers that do not route, or dense routing). Selections are taken in the cache-writing pass of
+each chunk (`cache.SelectionRecorder`), so the last chunk is written too when recording.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .attention.backends import resolve_backend
+from .attention.routing import RoutingSpec
+from .cache import CachedAttention, KVCache, SelectionRecorder
+from .diffusion import euler_schedule
+
+__all__ = [
+    "SamplingOptions",
+    "routing_spec_from_config",
+    "sample_seed",
+    "SampleNoise",
+    "Rollout",
+    "ChunkOutput",
+    "SampleResult",
+    "sample",
+    "peak_memory",
+]
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def routing_spec_from_config(routing_cfg: Any) -> Optional[RoutingSpec]:
+    """config.RoutingConfig (or anything with mode/top_k/sink_chunks/window_chunks) -> RoutingSpec;
+    None for dense."""
+    if routing_cfg is None or getattr(routing_cfg, "mode", "dense") == "dense":
+        return None
+    return RoutingSpec(mode=routing_cfg.mode, top_k=routing_cfg.top_k,
+                       sink_chunks=int(routing_cfg.sink_chunks), window_chunks=int(routing_cfg.window_chunks))
+
+
+@dataclass
+class SamplingOptions:
+    """How a rollout samples. Defaults are the paper's (32 Euler steps, shift 5, CFG 5)."""
+
+    steps: int = 32
+    shift: float = 5.0
+    cfg_scale: float = 5.0
+    context_t: float = 0.0
+    routing: Optional[RoutingSpec] = None  # None or mode dense = dense attention over all history
+    routing_layers: Optional[list[int]] = None  # blocks that route (None = all)
+    backend: str = "sdpa"  # a RESOLVED backend name (attention.backends.resolve_backend)
+    record_selection: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: need an int >= 1 (the paper uses 32)")
+        if not (self.shift > 0 and math.isfinite(self.shift)):
+            raise ValueError(f"shift={self.shift!r}: must be a finite number > 0 (the paper uses 5.0)")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale={self.cfg_scale!r}: must be finite (1.0 switches guidance off)")
+        if not 0.0 <= self.context_t < 1.0:
+            raise ValueError(f"context_t={self.context_t!r}: must be in [0, 1) (0 = write clean chunks)")
+        if self.routing is not None and not isinstance(self.routing, RoutingSpec):
+            raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
+
+    @property
+    def uses_routing(self) -> bool:
+        return self.routing is not None and not self.routing.is_dense
+
+    @classmethod
+    def from_config(cls, cfg, device="cpu", **overrides) -> "SamplingOptions":
+        """Options from a resolved `Config` (diffusion.* sampling keys, attention.*), then overrides."""
+        d, a = cfg.diffusion, cfg.attention
+        values = dict(steps=d.sample_steps, shift=d.sample_shift, cfg_scale=d.cfg_scale, context_t=d.context_t,
+                      routing=routing_spec_from_config(a.routing), routing_layers=a.routing.layers,
+                      backend=resolve_backend(a.backend, device), record_selection=a.routing.record)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["routing"] = (dataclasses.asdict(self.routing) if self.routing is not None
+                          else {"mode": "dense", "top_k": None, "sink_chunks": 0, "window_chunks": 0})
+        return out
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """RNG seed of sample `index` in a rollout seeded with `seed` (stable across runs, batch
+    compositions and devices). Mixed with numpy's SeedSequence; result < 2**63."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be an int >= 0")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"sample index {index!r}: must be an int >= 0")
+    s = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return (int(s[0]) << 31) ^ int(s[1])
+
+
+class SampleNoise:
+    """Per-sample Gaussian noise: one CPU generator per sample, seeded by (seed, index)."""
+
+    def __init__(self, seed: int, indices: Sequence[int]):
+        self.seed, self.indices = int(seed), [int(i) for i in indices]
+        self.generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, i)) for i in self.indices]
+
+    def __call__(self, shape: Sequence[int], device) -> torch.Tensor:
+        """[B, *shape] float32 on `device`; sample b's values depend only on (seed, indices[b])."""
+        out = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators])
+        return out.to(device)
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+class Rollout:
+    """One KV-cached rollout over a batch of B prompts (see the module docstring).
+
+    model: a CausalWanModel (eval mode; its parameters' device/dtype are used).
+    context: text embeddings [B, Lt, text_dim] of the prompts.
+    neg_context: [B or 1, Lt, text_dim] of the negative prompt; needed when the unconditional branch
+        runs (cfg_scale != 1); ignored otherwise.
+    latent_hw: latent (h, w) of every chunk.
+    options: SamplingOptions.
+    seed, indices: noise of sample b comes from sample_seed(seed, indices[b]) (indices default 0..B-1).
+    capacity: cache capacity hint in chunks (history + generated); the cache grows by doubling past it.
+    uncond: force (True) or forbid (False) the unconditional branch; None = cfg_scale != 1.
+    attn_wrapper: optional f(op) -> op wrapping the attention ops (instrumentation, e.g. the benchmark).
+    """
+
+    def __init__(self, model, context: torch.Tensor, *, latent_hw: tuple[int, int],
+                 neg_context: Optional[torch.Tensor] = None, options: Optional[SamplingOptions] = None,
+                 seed: int = 0, indices: Optional[Sequence[int]] = None, capacity: int = 8,
+                 uncond: Optional[bool] = None, attn_wrapper: Optional[Callable] = None):
+        self.model = model
+        self.options = options or SamplingOptions()
+        cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if context.dim() != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be [B, Lt, {cfg.text_dim}] text embeddings; got {list(context.shape)}")
+        self.batch = b = context.shape[0]
+        h, w = (int(latent_hw[0]), int(latent_hw[1]))
+        _, ph, pw = cfg.patch_size
+        if h < ph or w < pw or h % ph or w % pw:
+            raise ValueError(f"latent size {h}x{w} is not a positive multiple of the patch {ph}x{pw}")
+        self.latent_hw = (h, w)
+        self.chunk_frames = cfg.chunk_frames
+        self.chunk_shape = (cfg.in_channels, cfg.chunk_frames, h, w)
+        self.use_uncond = (self.options.cfg_scale != 1.0) if uncond is None else bool(uncond)
+        if self.use_uncond:
+            if neg_context is None:
+                raise ValueError("cfg_scale != 1 needs neg_context (the encoded negative prompt; '' is fine)")
+            if neg_context.dim() != 3 or neg_context.shape[0] not in (1, b) or neg_context.shape[2] != context.shape[2]:
+                raise ValueError(f"neg_context must be [1 or {b}, Lt, {context.shape[2]}]; got {list(neg_context.shape)}")
+            if neg_context.shape[1] != context.shape[1]:
+                raise ValueError(f"neg_context has {neg_context.shape[1]} text tokens, context {context.shape[1]}; "
+                                 "encode both with the same text encoder")
+            ctx = torch.cat([context, neg_context.expand(b, -1, -1)], dim=0)
+        else:
+            ctx = context
+        indices = list(range(b)) if indices is None else [int(i) for i in indices]
+        if len(indices) != b:
+            raise ValueError(f"{len(indices)} sample indices for a batch of {b}")
+        self.noise = SampleNoise(seed, indices)
+        self.cache = KVCache.for_model(model, ctx.shape[0], self.latent_hw, self.device, self.dtype,
+                                       capacity=max(1, int(capacity)))
+        with torch.no_grad():
+            self.cache.text_kv = model.text_kv(ctx.to(self.device))
+        # t grid as host floats: no device reads while sampling.
+        self.timesteps: list[float] = euler_schedule(self.options.steps, self.options.shift).tolist()
+        self.recorder = SelectionRecorder() if self.options.record_selection else None
+        self._sel_rows: dict[int, dict[int, np.ndarray]] = {}
+        opt, wrap = self.options, (attn_wrapper or (lambda op: op))
+        self._denoise_op = wrap(CachedAttention(self.cache, opt.backend, routing=opt.routing,
+                                                routing_layers=opt.routing_layers))
+        self._commit_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, routing=opt.routing,
+                                               routing_layers=opt.routing_layers, recorder=self.recorder))
+        self.pending: Optional[torch.Tensor] = None  # finished chunk not yet written into the cache
+
+    # -- cursors (host ints) ----------------------------------------------------------------
+
+    @property
+    def cached_chunks(self) -> int:
+        """Chunks written into the cache so far."""
+        return self.cache.num_chunks
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks of the video so far (cached + the pending one)."""
+        return self.cache.num_chunks + (self.pending is not None)
+
+    @property
+    def frame_offset(self) -> int:
+        """RoPE frame position of the next chunk the model sees (absolute, never wrapped)."""
+        return self.cache.num_chunks * self.chunk_frames
+
+    # -- the two passes ---------------------------------------------------------------------
+
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device=self.device, dtype=self.dtype)
+        return torch.cat([x, x], dim=0) if self.use_uncond else x
+
+    def _t(self, t: float) -> torch.Tensor:
+        return torch.full((self.cache.batch,), float(t), device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Guided velocity [B, C, cf, h, w] (fp32) of the current chunk x at time t, attending the
+        cached history. Writes any pending chunk first. This is the sampler's only model call
+        for denoising."""
+        self.flush()
+        if tuple(x.shape) != (self.batch, *self.chunk_shape):
+            raise ValueError(f"chunk latents must be {[self.batch, *self.chunk_shape]}; got {list(x.shape)}")
+        v = self.model(self._batched(x), self._t(t), text_kv=self.cache.text_kv, attn=self._denoise_op,
+                       frame_offset=self.frame_offset).float()
+        if not self.use_uncond:
+            return v
+        v_cond, v_uncond = v.chunk(2, dim=0)
+        return v_uncond + self.options.cfg_scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def write_chunk(self, latents: torch.Tensor) -> None:
+        """Write a finished chunk [B, C, cf, h, w] into the cache now (pass at context_t) and commit it.
+        Writes any pending chunk first."""
+        self.flush()
+        self._write(latents)
+
+    def _write(self, latents: torch.Tensor) -> None:
+        if tuple(latents.shape) != (self.batch, *self.chunk_shape):
+            raise ValueError(f"chunk latents must be {[self.batch, *self.chunk_shape]}; got {list(latents.shape)}")
+        ct = self.options.context_t
+        x = latents.float()
+        if ct > 0:
+            x = (1.0 - ct) * x + ct * self.noise(self.chunk_shape, x.device)
+        self.model(self._batched(x), self._t(ct), text_kv=self.cache.text_kv, attn=self._commit_op,
+                   frame_offset=self.frame_offset)
+        self.cache.commit()
+        if self.recorder is not None:
+            self._absorb_selection()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write the pending chunk (if any) into the cache."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._write(pending)
+
+    @torch.no_grad()
+    def prefill(self, latents: torch.Tensor) -> None:
+        """Put given history latents [B or 1, C, n * cf, h, w] into the cache, chunk by chunk."""
+        cf = self.chunk_frames
+        if latents.dim() != 5 or latents.shape[0] not in (1, self.batch) or \
+                tuple(latents.shape[1:2] + latents.shape[3:]) != (self.chunk_shape[0], *self.latent_hw):
+            raise ValueError(f"history latents must be [1 or {self.batch}, {self.chunk_shape[0]}, n*{cf}, "
+                             f"{self.latent_hw[0]}, {self.latent_hw[1]}]; got {list(latents.shape)}")
+        if latents.shape[2] % cf:
+            raise ValueError(f"history has {latents.shape[2]} latent frames, not a whole number of "
+                             f"{cf}-frame chunks; trim it (Pipeline.prepare_init_video does)")
+        self.reserve(latents.shape[2] // cf)
+        lat = latents.expand(self.batch, -1, -1, -1, -1)
+        for s in range(0, lat.shape[2], cf):
+            self.write_chunk(lat[:, :, s:s + cf])
+
+    def reserve(self, chunks: int) -> None:
+        """Make room for `chunks` more chunks in the cache (avoids regrowth copies)."""
+        self.cache.reserve(int(chunks) + (self.pending is not None))
+
+    @torch.no_grad()
+    def next_chunk(self, on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        """Denoise the next chunk from noise: returns its clean latents [B, C, cf, h, w] (fp32,
+        model device). It is written into the cache lazily, when the next chunk starts."""
+        self.flush()
+        x = self.noise(self.chunk_shape, self.device)
+        ts = self.timesteps
+        for i in range(len(ts) - 1):
+            v = self.velocity(x, ts[i])
+            x = x + (ts[i + 1] - ts[i]) * v
+            if on_step is not None:
+                on_step(i)
+        self.pending = x
+        return x
+
+    # -- routing statistics -----------------------------------------------------------------
+
+    def _absorb_selection(self) -> None:
+        rec = self.recorder
+        if not rec.entries:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # recorder copies are non_blocking
+        for chunk, layer, sel in rec.entries:
+            freq = sel[: self.batch].float().mean(dim=(0, 2))  # conditional half -> [Hh, N]
+            self._sel_rows.setdefault(int(chunk), {})[int(layer)] = freq.numpy()
+        rec.entries.clear()
+
+    def selection_frequencies(self) -> np.ndarray:
+        """float32 [chunks, layers, heads, max(chunks - 1, 0)]; see the module docstring (NaN = none)."""
+        n = self.num_chunks
+        cfg = self.model.cfg
+        out = np.full((n, cfg.num_layers, cfg.num_heads, max(n - 1, 0)), np.nan, dtype=np.float32)
+        for c, layers in self._sel_rows.items():
+            for l, f in layers.items():
+                if c < n:
+                    out[c, l, :, : f.shape[1]] = f
+        return out
+
+
+# ----------------------------------------------------------------------------- sample()
+
+
+@dataclass
+class ChunkOutput:
+    """What the per-chunk callback receives."""
+
+    index: int  # chunk index in the video (history chunks included)
+    generated: int  # 0 .. num_chunks - 1 among the generated chunks
+    latents: torch.Tensor  # [B, C, cf, h, w] fp32, model device
+    frames: Optional[torch.Tensor]  # [B, 3, m, H, W] float in [-1, 1] on CPU; None without decode
+    denoise_s: float
+    decode_s: float
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # [B, C, F, h, w] fp32 CPU: history + generated
+    video: Optional[torch.Tensor]  # uint8 [B, frames, H, W, 3] CPU: decoded history + generated; None w/o decode
+    history_chunks: int
+    history_frames: int  # pixel frames of `video` that reconstruct the given history
+    timings: dict
+    selection: Optional[np.ndarray] = None  # [chunks, layers, heads, history] (record_selection)
+    options: dict = field(default_factory=dict)  # SamplingOptions used, as a dict
+    init_video: Optional[dict] = None  # Pipeline.generate: how a given video was trimmed/encoded
+    prompts: Optional[list] = None  # Pipeline.generate
+    negative_prompt: Optional[str] = None  # Pipeline.generate (None when CFG is off)
+
+
+def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] float in [-1, 1] -> uint8 [B, F, H, W, 3] (same rounding as io.to_uint8_video)."""
+    x = torch.nan_to_num(frames.float(), nan=0.0, posinf=1.0, neginf=-1.0)
+    return ((x + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def peak_memory(device) -> tuple[float, str]:
+    """(MiB, kind): CUDA max allocated since the last reset, else the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 1024), "process_peak_rss"
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample(model, context: torch.Tensor, num_chunks: int, latent_hw: tuple[int, int], *,
+           neg_context: Optional[torch.Tensor] = None, options: Optional[SamplingOptions] = None,
+           seed: int = 0, indices: Optional[Sequence[int]] = None, history: Optional[torch.Tensor] = None,
+           vae=None, decode: bool = True, callback: Optional[Callable[[ChunkOutput], Any]] = None,
+           progress: bool = False, uncond: Optional[bool] = None,
+           attn_wrapper: Optional[Callable] = None) -> SampleResult:
+    """Roll out `num_chunks` chunks after an optional `history` (latents [B or 1, C, n*cf, h, w]).
+
+    With `vae` and `decode`, every chunk is decoded as soon as it is finished with the VAE's
+    streaming decode (history first, so the causal decoder state is right), and `callback`
+    receives a ChunkOutput per generated chunk (return False from it to stop early).
+    Timings (seconds): first_chunk_latency_s (from this call to the first generated chunk's
+    frames, incl. cache setup, prefill and decode; `_no_decode_s` without decode), per_chunk_s,
+    per_chunk_denoise_s (denoising + writing the previous chunk into the cache), per_chunk_decode_s,
+    fps_with_decode / fps_without_decode (generated pixel frames / time), peak memory.
+    """
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"num_chunks={num_chunks!r}: need an int >= 1")
+    options = options or SamplingOptions()
+    device = next(model.parameters()).device
+    cf = model.cfg.chunk_frames
+    hist_chunks = 0 if history is None else history.shape[2] // cf
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    ro = Rollout(model, context, latent_hw=latent_hw, neg_context=neg_context, options=options, seed=seed,
+                 indices=indices, capacity=hist_chunks + num_chunks, uncond=uncond, attn_wrapper=attn_wrapper)
+    decoding = decode and vae is not None
+    state = vae.init_decode_state() if decoding else None
+    pieces_lat: list[torch.Tensor] = []
+    pieces_vid: list[torch.Tensor] = []
+    history_frames = 0
+    timings: dict[str, Any] = {}
+    if history is not None:
+        _sync(device)
+        t0 = time.perf_counter()
+        ro.prefill(history)
+        _sync(device)
+        timings["prefill_s"] = time.perf_counter() - t0
+        hist = history.expand(ro.batch, -1, -1, -1, -1).float()
+        pieces_lat.append(hist.cpu())
+        if decoding:
+            t0 = time.perf_counter()
+            frames = vae.decode_chunk(hist.to(vae.device), state).cpu()
+            timings["history_decode_s"] = time.perf_counter() - t0
+            history_frames = frames.shape[2]
+            pieces_vid.append(_to_uint8(frames))
+    timings["setup_s"] = time.perf_counter() - t_start - timings.get("prefill_s", 0.0) \
+        - timings.get("history_decode_s", 0.0)
+
+    per_denoise, per_decode, gen_frames = [], [], 0
+    first_no_decode = first_full = None
+    bar = _progress(num_chunks, "chunks", progress)
+    try:
+        for g in range(num_chunks):
+            step_bar = _progress(options.steps, f"chunk {g + 1}/{num_chunks} steps", progress, leave=False)
+            t0 = time.perf_counter()
+            lat = ro.next_chunk(on_step=(lambda _i: step_bar.update(1)) if step_bar is not None else None)
+            _sync(device)
+            t1 = time.perf_counter()
+            if step_bar is not None:
+                step_bar.close()
+            frames = None
+            if decoding:
+                frames = vae.decode_chunk(lat.to(vae.device), state).cpu()
+                pieces_vid.append(_to_uint8(frames))
+                gen_frames += frames.shape[2]
+            t2 = time.perf_counter()
+            if not decoding:  # frames the chunk would decode to (latent frames without a VAE)
+                gen_frames += _chunk_frames(vae, ro.num_chunks, cf)
+            pieces_lat.append(lat.cpu())
+            per_denoise.append(t1 - t0)
+            per_decode.append(t2 - t1)
+            if g == 0:
+                first_no_decode, first_full = t1 - t_start, t2 - t_start
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                ret = callback(ChunkOutput(index=ro.num_chunks - 1, generated=g, latents=lat, frames=frames,
+                                           denoise_s=t1 - t0, decode_s=t2 - t1))
+                if ret is False:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    if options.record_selection:
+        ro.flush()  # the last chunk's selections are taken in its cache-writing pass
+    _sync(device)
+    mem, kind = peak_memory(device)
+    denoise_total, decode_total = float(sum(per_denoise)), float(sum(per_decode))
+    timings.update(
+        first_chunk_latency_s=first_full, first_chunk_latency_no_decode_s=first_no_decode,
+        per_chunk_s=[a + b for a, b in zip(per_denoise, per_decode)], per_chunk_denoise_s=per_denoise,
+        per_chunk_decode_s=per_decode, total_s=time.perf_counter() - t_start,
+        total_denoise_s=denoise_total, total_decode_s=decode_total,
+        generated_chunks=len(per_denoise), generated_frames=gen_frames,
+        fps_without_decode=gen_frames / denoise_total if denoise_total > 0 else None,
+        fps_with_decode=(gen_frames / (denoise_total + decode_total)) if decoding and denoise_total > 0 else None,
+        peak_memory_mib=mem, peak_memory_kind=kind, kv_cache_mib=ro.cache.memory_bytes() / 2**20,
+        batch=ro.batch, cfg_branches=2 if ro.use_uncond else 1,
+    )
+    return SampleResult(
+        latents=torch.cat(pieces_lat, dim=2),
+        video=torch.cat(pieces_vid, dim=1) if decoding else None,
+        history_chunks=hist_chunks, history_frames=history_frames, timings=timings,
+        selection=ro.selection_frequencies() if options.record_selection else None,
+        options=options.to_dict(),
+    )
+
+
+def _chunk_frames(vae, chunk_count: int, cf: int) -> int:
+    if vae is None:
+        return cf
+    return vae.frames_for_latents(chunk_count * cf) - vae.frames_for_latents((chunk_count - 1) * cf)
+
+
+def _progress(total: int, desc: str, enabled: bool, leave: bool = True):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=leave, unit="chunk" if leave else "step", dynamic_ncols=True)
+

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Sample videos from a run, a checkpoint or a raw Wan2.1 checkpoint into mp4 files.
+
+    python sample/sample.py --checkpoint runs/tiny --prompt "a red circle moves left" \\
+        --num-chunks 8 --output outputs/red.mp4
+    python sample/sample.py --checkpoint runs/tiny --prompts-file prompts.txt --batch 4 \\
+        --num-chunks 8 --top-k 5 --sink 1 --output outputs/grid/        # one mp4 per prompt
+
+Each video gets a JSON next to it (same name, .json) with the prompt, the seed, the settings and
+the timings. Bad input (missing or mismatched checkpoint, --top-k 0, --num-chunks 0, an
+unwritable output, an empty prompts file, an unreadable --init-video, ...) prints ONE line on
+stderr and exits with code 2, before any long work and without leaving a partial mp4.
+Thin CLI over resampling_forcing.pipeline.Pipeline (the same API the notebook uses).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class BadInput(Exception):
+    """A user error: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise BadInput(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan2.1 checkpoint")
+    p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (needed for raw Wan checkpoints)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set data.height=480 (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="text file, one prompt per line (blank lines and # comments skipped)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: config diffusion.negative_prompt)")
+    p.add_argument("--num-chunks", type=int, required=True, help="chunks to generate (after --init-video's history)")
+    p.add_argument("--output", required=True, help="out.mp4 (several prompts: out_000_<prompt>.mp4, ...), or a directory (no suffix / trailing /): DIR/000_<prompt>.mp4")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (config: diffusion.sample_steps, paper 32)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (config: diffusion.sample_shift, paper 5.0)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale; 1 switches the unconditional branch off (paper 5.0)")
+    p.add_argument("--context-t", type=float, default=None, help="timestep of the cache-writing pass (default 0)")
+    p.add_argument("--routing", choices=["dense", "topk", "window"], default=None,
+                   help="history routing mode (default: --top-k -> topk, --window/--sink -> window, else config)")
+    p.add_argument("--top-k", type=int, default=None, help="attend the top-k history chunks per query token")
+    p.add_argument("--sink", type=int, default=None, help="always keep the first N history chunks")
+    p.add_argument("--window", type=int, default=None, help="always keep the last N history chunks (alone: sliding window)")
+    p.add_argument("--record-selection", action="store_true",
+                   help="save the routing selection frequencies [chunks, layers, heads, history] as .npy next to the video")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed (seed, i) whatever the batch")
+    p.add_argument("--fps", type=float, default=None, help="mp4 frame rate (default: config data.fps)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per rollout (batch size)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (VAE decodes in fp32)")
+    p.add_argument("--attention-backend", default=None, choices=["auto", "sdpa", "flex", "triton", "xformers"],
+                   help="attention backend (default: config attention.backend)")
+    p.add_argument("--init-video", default=None, help="continue this video: its frames become the cached history")
+    p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_").lower()
+    return s[:n].rstrip("_") or "prompt"
+
+
+def read_prompts(args) -> list[str]:
+    prompts = [p for p in args.prompt]
+    if any(not p.strip() for p in prompts):
+        raise BadInput("--prompt must not be empty")
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise BadInput(f"--prompts-file {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--prompts-file {path}: cannot read it ({type(e).__name__})") from None
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not from_file:
+            raise BadInput(f"--prompts-file {path} has no prompts (one per line; blank lines and # comments are skipped)")
+        prompts += from_file
+    if not prompts:
+        raise BadInput("give --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def output_paths(output: str, prompts: list[str]) -> list[Path]:
+    """out.mp4 for one prompt; out_000_<slug>.mp4 ... for several; DIR/000_<slug>.mp4 for a directory
+    (an existing one, or a path ending with / or without a suffix)."""
+    out = Path(output)
+    is_dir = output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == ""
+    if is_dir:
+        return [out / f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(prompts)]
+    if out.suffix.lower() != ".mp4":
+        raise BadInput(f"--output {output}: must end with .mp4 (or name a directory)")
+    if len(prompts) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:03d}_{_slug(p)}.mp4") for i, p in enumerate(prompts)]
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Fail now (not after the rollout) when an output cannot be written."""
+    for folder in sorted({p.parent for p in paths}):
+        probe = folder
+        while not probe.exists():  # the first existing ancestor must let us create the folder
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise BadInput(f"--output: {probe} is a file, not a directory")
+        if not folder.exists():
+            if not os.access(probe, os.W_OK | os.X_OK):
+                raise BadInput(f"--output: cannot create {folder} ({probe} is not writable)")
+            continue
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write_test.")
+            os.close(fd)
+            os.remove(tmp)
+        except OSError as e:
+            raise BadInput(f"--output: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+    for p in paths:
+        for q in (p, p.with_suffix(".json")):
+            if q.is_dir():
+                raise BadInput(f"--output: {q} is a directory")
+            if q.exists() and not os.access(q, os.W_OK):
+                raise BadInput(f"--output: {q} exists and is not writable")
+
+
+def check_args(args) -> None:
+    if args.num_chunks < 1:
+        raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
+    if args.top_k is not None and args.top_k < 1:
+        raise BadInput(f"--top-k must be >= 1 (got {args.top_k}); omit it for dense attention")
+    for name in ("sink", "window"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise BadInput(f"--{name} must be >= 0 (got {v})")
+    if args.routing == "dense" and (args.top_k is not None):
+        raise BadInput("--routing dense contradicts --top-k")
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps must be >= 1 (got {args.steps})")
+    if args.shift is not None and not args.shift > 0:
+        raise BadInput(f"--shift must be > 0 (got {args.shift})")
+    if args.cfg is not None and not (args.cfg == args.cfg and abs(args.cfg) != float("inf")):
+        raise BadInput(f"--cfg must be a finite number (got {args.cfg})")
+    if args.context_t is not None and not 0 <= args.context_t < 1:
+        raise BadInput(f"--context-t must be in [0, 1) (got {args.context_t})")
+    if args.fps is not None and not args.fps > 0:
+        raise BadInput(f"--fps must be > 0 (got {args.fps})")
+    if args.batch < 1:
+        raise BadInput(f"--batch must be >= 1 (got {args.batch})")
+    if args.seed < 0:
+        raise BadInput(f"--seed must be >= 0 (got {args.seed})")
+    if args.init_video is not None and not Path(args.init_video).is_file():
+        raise BadInput(f"--init-video {args.init_video}: no such file")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args) -> int:
+    check_args(args)
+    prompts = read_prompts(args)
+    paths = output_paths(args.output, prompts)
+    check_writable(paths)
+
+    import numpy as np
+    import torch
+
+    from resampling_forcing.config import ConfigError
+    from resampling_forcing.encoders import EncoderLoadError
+    from resampling_forcing.io import atomic_path, atomic_write_json, write_mp4
+    from resampling_forcing.models.loading import CheckpointError
+    from resampling_forcing.pipeline import Pipeline, PipelineError
+
+    input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
+    t_load = time.perf_counter()
+    try:
+        pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
+                                        device=args.device, dtype=args.dtype, use_ema=not args.no_ema,
+                                        attention_backend=args.attention_backend)
+        opts = pipe.sampling_options(steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                                     context_t=args.context_t, routing=args.routing, top_k=args.top_k,
+                                     sink=args.sink, window=args.window,
+                                     record_selection=True if args.record_selection else None)
+        history, init_info = (None, None)
+        if args.init_video is not None:
+            history, init_info = pipe.load_init_video(args.init_video)
+    except input_errors as e:
+        raise BadInput(str(e).strip().splitlines()[0]) from None
+    load_s = time.perf_counter() - t_load
+    fps = args.fps if args.fps is not None else pipe.config.data.fps
+    neg = args.negative_prompt if args.negative_prompt is not None else pipe.config.diffusion.negative_prompt
+    if init_info is not None and not args.quiet:
+        print(f"init video: {init_info['frames_in']} frames -> kept the last {init_info['frames_used']} "
+              f"({init_info['chunks']} chunks), dropped {init_info['frames_dropped_from_start']} from the start",
+              file=sys.stderr)
+
+    for start in range(0, len(prompts), args.batch):
+        idx = list(range(start, min(start + args.batch, len(prompts))))
+        batch_prompts = [prompts[i] for i in idx]
+        res = pipe.generate(batch_prompts, args.num_chunks, negative_prompt=neg, seed=args.seed, indices=idx,
+                            steps=opts.steps, shift=opts.shift, cfg_scale=opts.cfg_scale, context_t=opts.context_t,
+                            routing=opts.routing if opts.routing is not None else "dense",
+                            record_selection=opts.record_selection,
+                            init_latents=history, progress=not args.quiet)
+        for b, i in enumerate(idx):
+            path = paths[i]
+            write_mp4(path, res.video[b].numpy(), fps=fps)
+            meta = dict(
+                prompt=prompts[i], negative_prompt=res.negative_prompt, seed=args.seed, sample_index=i,
+                noise_seed_rule="sampler.sample_seed(seed, sample_index)",
+                video=path.name, frames=int(res.video.shape[1]), fps=fps,
+                history_frames=res.history_frames, history_chunks=res.history_chunks,
+                num_chunks=args.num_chunks, init_video=(dict(init_info, source=str(args.init_video))
+                                                        if init_info else None),
+                sampling=res.options, pipeline=pipe.describe(),
+                timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)),
+                argv=sys.argv[1:],
+            )
+            if res.selection is not None:
+                sel_path = path.with_suffix(".selection.npy")
+                with atomic_path(sel_path) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, res.selection)
+                meta["selection"] = sel_path.name
+            atomic_write_json(path.with_suffix(".json"), _jsonable(meta))
+            if not args.quiet:
+                t = res.timings
+                print(f"wrote {path} ({meta['frames']} frames, first chunk {t['first_chunk_latency_s']:.2f}s, "
+                      f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
+        del res
+        if pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""sample/sample.py and resampling_forcing.pipeline on a tiny random checkpoint saved in the
+run-directory layout of docs/CONTRACTS.md (pixel_shuffle VAE + hash text encoder)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from resampling_forcing.config import config_from_dict, to_dict
+from resampling_forcing.encoders import PixelShuffleVAE, VideoCodec
+from resampling_forcing.io import read_mp4, write_mp4
+from resampling_forcing.models.loading import save_model
+from resampling_forcing.models.wan import CausalWanModel
+from resampling_forcing.pipeline import Pipeline, PipelineError, prepare_init_video, resolve_checkpoint
+from resampling_forcing.sampler import SamplingOptions, sample
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "sample" / "sample.py"
+CF = 2  # latent frames per chunk
+
+
+def tiny_config(**sections):
+    data = {
+        "model": dict(in_channels=12, out_channels=12, dim=32, ffn_dim=48, num_heads=2, num_layers=2,
+                      patch_size=[1, 2, 2], text_dim=8, freq_dim=16, chunk_frames=CF),
+        "encoders": dict(vae="pixel_shuffle", vae_factor=2, text="hash", text_len=6, text_dim=8),
+        "data": dict(height=8, width=8, fps=4.0),
+        "diffusion": dict(sample_steps=2, sample_shift=3.0, cfg_scale=2.0),
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return config_from_dict(data)
+
+
+def save_checkpoint_for_tests(root, *, step=10, seed=0, ema=False, cfg=None, model_overrides=None):
+    """A run dir as the trainer writes it: RUN/config.yaml, RUN/checkpoints/step_XXXXXXX/
+    {model.safetensors, model_config.json, config.yaml[, ema.safetensors]}. Returns RUN."""
+    root = Path(root)
+    cfg = cfg or tiny_config()
+    mcfg = cfg.model if not model_overrides else type(cfg.model)(**{**to_dict(cfg.model), **model_overrides})
+    torch.manual_seed(seed)
+    model = CausalWanModel(mcfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ck = root / "checkpoints" / f"step_{step:07d}"
+    save_model(model, ck)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    (ck / "config.yaml").write_text(text)
+    (root / "config.yaml").write_text(text)
+    if ema:
+        from safetensors.torch import save_file
+
+        save_file({k: (v + 0.1).contiguous() for k, v in model.state_dict().items()}, str(ck / "ema.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = save_checkpoint_for_tests(tmp_path_factory.mktemp("run"), step=10)
+    save_checkpoint_for_tests(root, step=20, seed=1)
+    (root / "checkpoints" / ".tmp_step_0000030").mkdir()  # an unfinished save: ignored
+    return root
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CLI = _load_cli()
+
+
+def cli(*args):
+    return CLI.main([str(a) for a in args])
+
+
+def _mp4s(folder):
+    return sorted(p.name for p in Path(folder).rglob("*.mp4"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_resolve_latest_checkpoint_and_ema(run_dir, tmp_path):
+    info = resolve_checkpoint(run_dir)
+    assert info.kind == "run" and info.step == 20 and info.weights.name == "model.safetensors"
+    ck = info.model_dir
+    assert resolve_checkpoint(ck).kind == "checkpoint"
+    e = save_checkpoint_for_tests(tmp_path / "e", ema=True)
+    assert resolve_checkpoint(e).weights.name == "ema.safetensors"
+    assert resolve_checkpoint(e, use_ema=False).weights.name == "model.safetensors"
+    pe = Pipeline.from_pretrained(e)
+    pm = Pipeline.from_pretrained(e, use_ema=False)
+    assert pe.source["ema"] and not pm.source["ema"]
+    w = pe.model.blocks[0].self_attn.q.weight
+    torch.testing.assert_close(w, pm.model.blocks[0].self_attn.q.weight + 0.1)
+
+
+def test_pipeline_generate_matches_sampler(run_dir):
+    pipe = Pipeline.from_pretrained(run_dir)
+    assert pipe.latent_hw == (4, 4) and pipe.chunk_frames == CF
+    frames = []
+    res = pipe.generate(["a red circle", "a blue square"], 3, seed=5, callback=lambda c: frames.append(c.frames))
+    assert res.video.shape == (2, 3 * CF, 8, 8, 3) and res.video.dtype == torch.uint8
+    assert len(frames) == 3 and frames[0].shape == (2, 3, CF, 8, 8)
+    ctx = pipe.text_encoder.encode(["a red circle", "a blue square"])
+    neg = pipe.text_encoder.encode([""])
+    opts = SamplingOptions(steps=2, shift=3.0, cfg_scale=2.0)
+    ref = sample(pipe.model, ctx, 3, (4, 4), neg_context=neg, options=opts, seed=5)
+    torch.testing.assert_close(res.latents, ref.latents)
+    # per-sample seeds: the second prompt alone with its index gives the same video
+    alone = pipe.generate(["a blue square"], 3, seed=5, indices=[1])
+    torch.testing.assert_close(alone.latents[0], res.latents[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_options_routing_flags(run_dir):
+    pipe = Pipeline.from_pretrained(run_dir)
+    assert pipe.sampling_options().routing is None
+    o = pipe.sampling_options(top_k=2, sink=1)
+    assert (o.routing.mode, o.routing.top_k, o.routing.sink_chunks) == ("topk", 2, 1)
+    o = pipe.sampling_options(window=1)
+    assert (o.routing.mode, o.routing.window_chunks) == ("window", 1)
+    assert pipe.sampling_options(routing="dense", window=1).routing is None
+    with pytest.raises(PipelineError):
+        pipe.sampling_options(top_k=0)
+
+
+def test_raw_wan_checkpoint_with_config(tmp_path):
+    """An original-layout Wan checkpoint (config.json + diffusion_pytorch_model.safetensors) plus
+    a YAML for everything the checkpoint does not say."""
+    from safetensors.torch import save_file
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = CausalWanModel(cfg.model)
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    m = cfg.model
+    (wan / "config.json").write_text(json.dumps(dict(
+        model_type="t2v", dim=m.dim, num_heads=m.num_heads, ffn_dim=m.ffn_dim, num_layers=m.num_layers,
+        in_dim=m.in_channels, out_dim=m.out_channels, text_dim=m.text_dim, freq_dim=m.freq_dim,
+        patch_size=m.patch_size, eps=m.eps)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(wan / "diffusion_pytorch_model.safetensors"))
+    yml = tmp_path / "wan.yaml"
+    d = to_dict(cfg)
+    d["model"] = dict(chunk_frames=CF)
+    yml.write_text(yaml.safe_dump(d))
+    pipe = Pipeline.from_pretrained(wan, config=yml)
+    assert pipe.source["kind"] == "wan" and pipe.model.cfg.dim == 32 and pipe.chunk_frames == CF
+    out = tmp_path / "wan.mp4"
+    assert cli("--checkpoint", wan, "--config", yml, "--prompt", "x", "--num-chunks", 1, "--output", out,
+               "--quiet", "--device", "cpu") == 0
+    assert read_mp4(out).shape == (CF, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_writes_mp4_and_json(run_dir, tmp_path):
+    out = tmp_path / "v" / "red.mp4"
+    rc = cli("--checkpoint", run_dir, "--prompt", "a red circle moves left", "--num-chunks", 3, "--output", out,
+             "--seed", 3, "--steps", 2, "--cfg", 1.5, "--device", "cpu", "--quiet")
+    assert rc == 0
+    frames, fps = read_mp4(out, with_fps=True)
+    assert frames.shape == (3 * CF, 8, 8, 3) and fps == pytest.approx(4.0)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["prompt"] == "a red circle moves left" and meta["seed"] == 3 and meta["sample_index"] == 0
+    assert meta["sampling"]["steps"] == 2 and meta["sampling"]["cfg_scale"] == 1.5
+    assert meta["sampling"]["routing"]["mode"] == "dense"
+    t = meta["timings"]
+    for key in ("first_chunk_latency_s", "first_chunk_latency_no_decode_s", "per_chunk_s", "per_chunk_denoise_s",
+                "per_chunk_decode_s", "fps_with_decode", "fps_without_decode", "peak_memory_mib", "load_s"):
+        assert key in t, key
+    assert len(t["per_chunk_s"]) == 3
+    assert meta["pipeline"]["source"]["step"] == 20
+    assert _mp4s(tmp_path) == ["red.mp4"]
+
+
+def test_cli_prompts_file_batches_are_composition_independent(run_dir, tmp_path):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("# comment\na red circle\n\na blue square\na green circle\n")
+    cli("--checkpoint", run_dir, "--prompts-file", pf, "--num-chunks", 2, "--output", f"{tmp_path / 'b1'}/",
+        "--batch", 1, "--quiet", "--device", "cpu")
+    cli("--checkpoint", run_dir, "--prompts-file", pf, "--num-chunks", 2, "--output", tmp_path / "b3" / "v.mp4",
+        "--batch", 3, "--quiet", "--device", "cpu")
+    names1 = _mp4s(tmp_path / "b1")
+    assert names1 == ["000_a_red_circle.mp4", "001_a_blue_square.mp4", "002_a_green_circle.mp4"]
+    names3 = _mp4s(tmp_path / "b3")
+    assert names3 == ["v_000_a_red_circle.mp4", "v_001_a_blue_square.mp4", "v_002_a_green_circle.mp4"]
+    for a, b in zip(names1, names3):
+        x, y = read_mp4(tmp_path / "b1" / a), read_mp4(tmp_path / "b3" / b)
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+        ja = json.loads((tmp_path / "b1" / a).with_suffix(".json").read_text())
+        jb = json.loads((tmp_path / "b3" / b).with_suffix(".json").read_text())
+        assert ja["prompt"] == jb["prompt"] and ja["sample_index"] == jb["sample_index"]
+    assert not np.array_equal(read_mp4(tmp_path / "b1" / names1[0]), read_mp4(tmp_path / "b1" / names1[1]))
+
+
+def test_cli_routing_and_selection(run_dir, tmp_path):
+    out = tmp_path / "r.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 4, "--output", out, "--top-k", 1,
+               "--sink", 1, "--record-selection", "--quiet", "--device", "cpu") == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["sampling"]["routing"] == {"mode": "topk", "top_k": 1, "sink_chunks": 1, "window_chunks": 0}
+    sel = np.load(tmp_path / meta["selection"])
+    assert sel.shape == (4, 2, 2, 3)
+    np.testing.assert_allclose(sel[3, :, :, 0], 1.0)  # sink
+    out = tmp_path / "w.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", out, "--window", 1,
+               "--quiet", "--device", "cpu") == 0
+    assert json.loads(out.with_suffix(".json").read_text())["sampling"]["routing"]["mode"] == "window"
+
+
+def test_cli_bf16_smoke(run_dir, tmp_path):
+    out = tmp_path / "h.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", out, "--dtype", "bf16",
+               "--top-k", 1, "--quiet", "--device", "cpu") == 0
+    assert read_mp4(out).shape == (2 * CF, 8, 8, 3)
+    assert json.loads(out.with_suffix(".json").read_text())["pipeline"]["dtype"] == "bfloat16"
+
+
+def test_cli_init_video_continues(run_dir, tmp_path):
+    """7 frames of 12x10 -> resized/cropped to 8x8, trimmed to 3 chunks (6 frames, the first one
+    dropped); output = reconstruction of the history + the new chunks."""
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, (7, 12, 10, 3), dtype=np.uint8)
+    vid = write_mp4(tmp_path / "in.mp4", src, fps=4)
+    out = tmp_path / "cont.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", out,
+               "--init-video", vid, "--quiet", "--device", "cpu") == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["init_video"]["frames_in"] == 7 and meta["init_video"]["frames_used"] == 6
+    assert meta["init_video"]["frames_dropped_from_start"] == 1
+    assert meta["history_chunks"] == 3 and meta["history_frames"] == 6
+    assert read_mp4(out).shape == (6 + 2 * CF, 8, 8, 3)
+    # the history part of the output is the (lossless pixel-shuffle) reconstruction of the kept frames
+    pipe = Pipeline.from_pretrained(run_dir)
+    lat, info = pipe.load_init_video(vid)
+    assert lat.shape == (1, 12, 6, 4, 4) and info["chunks"] == 3
+    res = pipe.generate(["x"], 2, init_video=vid, seed=0)
+    torch.testing.assert_close(res.latents[:, :, :6], lat)
+    # continuing == a rollout whose cache holds those chunks
+    ro_res = sample(pipe.model, pipe.encode_prompts(["x"]), 2, (4, 4), neg_context=pipe.encode_prompts([""]),
+                    options=pipe.sampling_options(), history=lat, seed=0)
+    torch.testing.assert_close(res.latents, ro_res.latents)
+
+
+class _WanLikeCodec(VideoCodec):
+    """Frame arithmetic of the Wan VAE (1 + 4k frames) with a trivial encoder."""
+
+    latent_channels, temporal_factor, spatial_factor, causal_first_frame = 3, 4, 1, True
+
+
+@pytest.mark.parametrize("frames,chunks,used", [(20, 1, 9), (30, 2, 21), (21, 2, 21), (9, 1, 9)])
+def test_init_video_trimming_wan_rule(frames, chunks, used):
+    x = np.zeros((frames, 8, 8, 3), np.uint8)
+    x[:, 0, 0, 0] = np.arange(frames)  # frame id
+    clip, info = prepare_init_video(x, _WanLikeCodec(), 8, 8, chunk_frames=3)
+    assert (info["chunks"], info["frames_used"]) == (chunks, used)
+    assert clip.shape == (1, 3, used, 8, 8)
+    ids = ((clip[0, 0, :, 0, 0] + 1) * 127.5).round().long().tolist()
+    assert ids == list(range(frames - used, frames))  # the END of the video is kept
+
+
+def test_init_video_too_short_and_resize():
+    with pytest.raises(PipelineError, match="needs at least 9 frames"):
+        prepare_init_video(np.zeros((8, 8, 8, 3), np.uint8), _WanLikeCodec(), 8, 8, chunk_frames=3)
+    clip, _ = prepare_init_video(np.zeros((4, 30, 60, 3), np.uint8), PixelShuffleVAE(2), 8, 16, chunk_frames=2)
+    assert clip.shape == (1, 3, 4, 8, 16)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad(tmp_path, *args):
+    out = tmp_path / "bad.mp4"
+    rc = cli(*args) if "--output" in args else cli(*args, "--output", out)
+    assert rc == 2
+    assert [p for p in tmp_path.rglob("*.mp4") if p.parent.name != "inputs"] == []  # no partial output
+    return rc
+
+
+def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
+    cases = {
+        "missing checkpoint": ("--checkpoint", tmp_path / "nope", "--prompt", "x", "--num-chunks", 1),
+        "top-k 0": ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--top-k", 0),
+        "num-chunks 0": ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 0),
+        "not a number": ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", "three"),
+        "missing init video": ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
+                               "--init-video", tmp_path / "none.mp4"),
+        "no prompt": ("--checkpoint", run_dir, "--num-chunks", 1),
+        "bad device": ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--device", "cuda:7"),
+    }
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n\n")
+    cases["empty prompts file"] = ("--checkpoint", run_dir, "--prompts-file", empty, "--num-chunks", 1)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    cases["unwritable output"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
+                                  "--output", blocker / "sub" / "o.mp4")
+    cases["output not mp4"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
+                               "--output", tmp_path / "o.avi")
+    short = tmp_path / "inputs" / "short.mp4"
+    write_mp4(short, np.zeros((1, 8, 8, 3), np.uint8), fps=4)
+    cases["init video shorter than a chunk"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
+                                                "--init-video", short)
+    for name, args in cases.items():
+        capsys.readouterr()
+        _bad(tmp_path, *args)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, f"{name}: {err!r}"
+    short.unlink()
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+def test_mismatched_checkpoints_exit_2(tmp_path, capsys):
+    # encoders of the config do not fit the weights: pixel_shuffle factor 4 gives 48 channels, model takes 12
+    a = save_checkpoint_for_tests(tmp_path / "a", cfg=tiny_config(encoders=dict(vae_factor=4), data=dict(height=16, width=16)))
+    assert cli("--checkpoint", a, "--prompt", "x", "--num-chunks", 1, "--output", tmp_path / "a.mp4") == 2
+    assert "48 latent channels" in capsys.readouterr().err
+    # weights of another size than model_config.json says
+    b = save_checkpoint_for_tests(tmp_path / "b")
+    ck = b / "checkpoints" / "step_0000010"
+    other = CausalWanModel(tiny_config(model=dict(dim=64, num_heads=2)).model)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(ck / "model.safetensors"))
+    assert cli("--checkpoint", b, "--prompt", "x", "--num-chunks", 1, "--output", tmp_path / "b.mp4") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "shape" in err and "\n" not in err
+    # a raw Wan checkpoint without encoder paths (default config: Wan VAE + umT5, no paths)
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "config.json").write_text(json.dumps(dict(dim=32, num_heads=2, ffn_dim=48, num_layers=2, in_dim=16,
+                                                     out_dim=16, text_dim=4096, freq_dim=16)))
+    from resampling_forcing.config import ModelConfig
+    w = CausalWanModel(ModelConfig(dim=32, num_heads=2, ffn_dim=48, num_layers=2, freq_dim=16))
+    save_file({k: v.contiguous() for k, v in w.state_dict().items()}, str(wan / "diffusion_pytorch_model.safetensors"))
+    assert cli("--checkpoint", wan, "--prompt", "x", "--num-chunks", 1, "--output", tmp_path / "w.mp4") == 2
+    err = capsys.readouterr().err.strip()
+    assert "encoders" in err and "vae_path" in err and "\n" not in err
+    # a run without any complete checkpoint
+    c = tmp_path / "c"
+    (c / "checkpoints" / "step_0000001").mkdir(parents=True)
+    assert cli("--checkpoint", c, "--prompt", "x", "--num-chunks", 1, "--output", tmp_path / "c.mp4") == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+def test_cli_subprocess_exit_code_and_stderr(tmp_path):
+    """The script as a user runs it: a bad flag gives one line on stderr and exit code 2."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint", str(tmp_path), "--prompt", "x",
+                        "--num-chunks", "2", "--top-k", "0", "--output", str(tmp_path / "o.mp4")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--top-k must be >= 1" in r.stderr
+    assert not (tmp_path / "o.mp4").exists()

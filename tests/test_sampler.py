@@ -1,0 +1,283 @@
+"""The sampler (resampling_forcing/sampler.py) through its own code path:
+
+1. cached rollout velocity == training forward on [history | noisy], every chunk (fp32), also with
+   CFG (two halves of one batch), with routing, and for a rollout 10x the training length (RoPE);
+2. a full rollout is deterministic for a seed and independent of batch composition;
+3. CFG scale 1 equals the conditional branch alone (and skips the unconditional one).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from resampling_forcing.attention.masks import MaskSpec
+from resampling_forcing.attention.ops import MaskedAttention
+from resampling_forcing.attention.routing import RoutingSpec
+from resampling_forcing.encoders import PixelShuffleVAE
+from resampling_forcing.sampler import Rollout, SamplingOptions, sample, sample_seed
+from helpers import tiny_model
+
+H, W = 2, 14  # latent size: 1 x 7 tokens per frame with patch 2
+
+
+def _data(model, n, b=2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    cf = model.cfg.chunk_frames
+    hist = torch.randn(b, 4, n * cf, H, W, generator=g)
+    noisy = torch.randn(b, 4, n * cf, H, W, generator=g)
+    t = torch.rand(b, n, generator=g)
+    ctx = torch.randn(b, 5, 8, generator=g)
+    neg = torch.randn(1, 5, 8, generator=g)
+    return hist, noisy, t, ctx, neg
+
+
+def _dual(model, hist, noisy, t, ctx, routing=None):
+    spec = MaskSpec("dual", t.shape[1], model.chunk_tokens(H, W))
+    return model.forward_dual(hist, noisy, t, ctx, MaskedAttention(spec, "sdpa", routing=routing))
+
+
+def _check_parity(model, n, opts, b=2, capacity=1):
+    """Rollout.velocity on chunk i given history chunks < i (written by Rollout.write_chunk)
+    equals the training forward, guided exactly as the sampler guides."""
+    hist, noisy, t, ctx, neg = _data(model, n, b)
+    cf = model.cfg.chunk_frames
+    with torch.no_grad():
+        want = _dual(model, hist, noisy, t, ctx, opts.routing)
+        if opts.cfg_scale != 1.0:
+            unc = _dual(model, hist, noisy, t, neg.expand(b, -1, -1), opts.routing)
+            want = unc + opts.cfg_scale * (want - unc)
+    ro = Rollout(model, ctx, latent_hw=(H, W), neg_context=neg, options=opts, capacity=capacity)
+    offsets = []
+    for i in range(n):
+        sl = slice(i * cf, (i + 1) * cf)
+        offsets.append(ro.frame_offset)
+        # the sampler uses one t for the whole batch; check each sample's own t separately
+        for j in range(b):
+            v = ro.velocity(noisy[:, :, sl], float(t[j, i]))
+            torch.testing.assert_close(v[j], want[j, :, sl], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"chunk {i} sample {j}: {m}")
+        ro.write_chunk(hist[:, :, sl])
+    assert offsets == [i * cf for i in range(n)]  # absolute RoPE positions, never wrapped
+    assert ro.cached_chunks == n
+
+
+def test_cached_rollout_equals_training_forward_dense():
+    _check_parity(tiny_model(), 5, SamplingOptions(cfg_scale=1.0))
+
+
+def test_cached_rollout_equals_training_forward_cfg_two_halves():
+    _check_parity(tiny_model(), 4, SamplingOptions(cfg_scale=3.0))
+
+
+@pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=1, sink_chunks=1),
+                                  RoutingSpec("window", window_chunks=2)])
+def test_cached_rollout_equals_training_forward_routed(spec):
+    _check_parity(tiny_model(), 5, SamplingOptions(cfg_scale=1.0, routing=spec), b=1)
+
+
+def test_rollout_10x_training_length_positions():
+    """Training length 3 chunks; a 30-chunk rollout uses absolute positions 0..59 (no table, no
+    wrap): every chunk still equals the training forward over the whole 30-chunk sequence."""
+    model = tiny_model()
+    _check_parity(model, 30, SamplingOptions(cfg_scale=1.0), b=1)
+
+
+def test_rope_positions_are_not_wrapped():
+    """The RoPE angles of a far chunk are those of its absolute position, not of a wrapped one."""
+    model = tiny_model()
+    pos = torch.arange(58, 60)
+    cos, _ = model.rope(pos, H, W)
+    cos0, _ = model.rope(torch.arange(0, 2), H, W)
+    assert not torch.allclose(cos, cos0)
+    f = torch.tensor([59.0], dtype=torch.float64)
+    d = model.rope(torch.tensor([59]), H, W)[0][0, 0]
+    torch.testing.assert_close(d, torch.cos(f).float()[0])  # first frame-axis frequency is 1
+
+
+def _ctx(prompts_seed, b):
+    g = torch.Generator().manual_seed(prompts_seed)
+    return torch.randn(b, 5, 8, generator=g)
+
+
+def test_full_rollout_deterministic_and_batch_independent():
+    model = tiny_model()
+    opts = SamplingOptions(steps=3, cfg_scale=2.0)
+    ctx = _ctx(1, 3)
+    neg = torch.zeros(1, 5, 8)
+    a = sample(model, ctx, 3, (H, W), neg_context=neg, options=opts, seed=7).latents
+    b = sample(model, ctx, 3, (H, W), neg_context=neg, options=opts, seed=7).latents
+    assert torch.equal(a, b)
+    c = sample(model, ctx, 3, (H, W), neg_context=neg, options=opts, seed=8).latents
+    assert not torch.allclose(a, c)
+    for j in range(3):  # sample j alone == sample j in the batch
+        alone = sample(model, ctx[j:j + 1], 3, (H, W), neg_context=neg, options=opts, seed=7, indices=[j]).latents
+        torch.testing.assert_close(alone[0], a[j], rtol=1e-5, atol=1e-5)
+    # a different batch composition (reordered, sample 2 first) keeps each sample
+    perm = sample(model, ctx[[2, 0]], 3, (H, W), neg_context=neg, options=opts, seed=7, indices=[2, 0]).latents
+    torch.testing.assert_close(perm[0], a[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(perm[1], a[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sample_seed_is_stable():
+    assert sample_seed(0, 0) != sample_seed(0, 1) != sample_seed(1, 0)
+    assert sample_seed(5, 3) == sample_seed(5, 3) < 2**63
+    with pytest.raises(ValueError):
+        sample_seed(-1, 0)
+
+
+def test_cfg_scale_one_is_conditional_branch(monkeypatch):
+    model = tiny_model()
+    ctx = _ctx(2, 2)
+    neg = torch.randn(1, 5, 8)
+    batches = []
+    orig = type(model).forward
+
+    def spy(self, x, *a, **k):
+        batches.append(x.shape[0])
+        return orig(self, x, *a, **k)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    opts = SamplingOptions(steps=3, cfg_scale=1.0)
+    auto = sample(model, ctx, 2, (H, W), neg_context=neg, options=opts, seed=4).latents
+    assert set(batches) == {2}  # the unconditional branch never ran
+    no_neg = sample(model, ctx, 2, (H, W), options=opts, seed=4).latents  # no negative prompt needed
+    assert torch.equal(auto, no_neg)
+    batches.clear()
+    both = sample(model, ctx, 2, (H, W), neg_context=neg, options=opts, seed=4, uncond=True).latents
+    assert set(batches) == {4}  # forced: both halves ran, weighted 1 * cond + 0 * uncond
+    torch.testing.assert_close(auto, both, rtol=1e-5, atol=1e-5)
+    # and a rollout with another negative prompt is unchanged at scale 1
+    other = sample(model, ctx, 2, (H, W), neg_context=torch.randn(1, 5, 8), options=opts, seed=4).latents
+    assert torch.equal(auto, other)
+    # while a scale != 1 changes the result
+    guided = sample(model, ctx, 2, (H, W), neg_context=neg, options=SamplingOptions(steps=3, cfg_scale=4.0), seed=4)
+    assert not torch.allclose(guided.latents, auto)
+
+
+def test_euler_loop_and_lazy_write():
+    """next_chunk integrates with the shifted grid; the finished chunk enters the cache when the
+    next one starts (and with flush())."""
+    model = tiny_model()
+    ctx = _ctx(3, 1)
+    opts = SamplingOptions(steps=4, shift=3.0, cfg_scale=1.0)
+    ro = Rollout(model, ctx, latent_hw=(H, W), options=opts, seed=1)
+    x0 = ro.next_chunk()
+    assert ro.cached_chunks == 0 and ro.num_chunks == 1
+    # manual Euler with the same noise and velocities
+    ref = Rollout(model, ctx, latent_hw=(H, W), options=opts, seed=1)
+    x = ref.noise(ref.chunk_shape, "cpu")
+    ts = ref.timesteps
+    assert ts[0] == 1.0 and ts[-1] == 0.0 and len(ts) == 5
+    for i in range(4):
+        x = x + (ts[i + 1] - ts[i]) * ref.velocity(x, ts[i])
+    torch.testing.assert_close(x0, x)
+    ro.next_chunk()
+    assert ro.cached_chunks == 1 and ro.num_chunks == 2
+    ro.flush()
+    assert ro.cached_chunks == 2
+
+
+def test_context_t_renoises_written_chunk():
+    model = tiny_model()
+    ctx = _ctx(3, 1)
+    a = sample(model, ctx, 2, (H, W), options=SamplingOptions(steps=2, cfg_scale=1.0), seed=0).latents
+    b = sample(model, ctx, 2, (H, W), options=SamplingOptions(steps=2, cfg_scale=1.0, context_t=0.1), seed=0).latents
+    cf = model.cfg.chunk_frames
+    assert torch.equal(a[:, :, :cf], b[:, :, :cf])  # chunk 0 does not see the cache
+    assert not torch.allclose(a[:, :, cf:], b[:, :, cf:])
+
+
+def test_prefill_history_and_streaming_callback():
+    """Continuing given history == writing those chunks; the callback gets decoded frames per chunk,
+    and concatenated frames equal decoding the whole latent video."""
+    model = tiny_model(in_channels=12, out_channels=12)  # PixelShuffleVAE(2): 12 channels
+    vae = PixelShuffleVAE(factor=2)
+    cf = model.cfg.chunk_frames
+    g = torch.Generator().manual_seed(0)
+    hist = torch.randn(1, 12, 2 * cf, H, W, generator=g).clamp(-1, 1)
+    ctx = _ctx(4, 2)
+    opts = SamplingOptions(steps=2, cfg_scale=1.0)
+    seen = []
+    res = sample(model, ctx, 3, (H, W), options=opts, history=hist, vae=vae, seed=2,
+                 callback=lambda c: seen.append((c.index, c.generated, tuple(c.frames.shape))))
+    assert [s[:2] for s in seen] == [(2, 0), (3, 1), (4, 2)]
+    assert all(s[2] == (2, 3, cf, 2 * H, 2 * W) for s in seen)
+    assert res.history_chunks == 2 and res.history_frames == 2 * cf
+    assert res.latents.shape == (2, 12, 5 * cf, H, W)
+    torch.testing.assert_close(res.latents[:, :, :2 * cf], hist.expand(2, -1, -1, -1, -1))
+    full = vae.decode(res.latents)
+    want = ((full + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)
+    assert torch.equal(res.video, want)
+    # the same rollout by hand: write the history chunks, then generate
+    ro = Rollout(model, ctx, latent_hw=(H, W), options=opts, seed=2)
+    for i in range(2):
+        ro.write_chunk(hist[:, :, i * cf:(i + 1) * cf].expand(2, -1, -1, -1, -1))
+    assert ro.frame_offset == 2 * cf
+    first = ro.next_chunk()
+    torch.testing.assert_close(first, res.latents[:, :, 2 * cf:3 * cf])
+    t = res.timings
+    assert len(t["per_chunk_s"]) == 3 and t["first_chunk_latency_s"] > 0 and t["generated_frames"] == 3 * cf
+    assert t["fps_with_decode"] > 0 and t["fps_without_decode"] >= t["fps_with_decode"]
+    # stop early from the callback
+    short = sample(model, ctx, 3, (H, W), options=opts, vae=vae, seed=2, callback=lambda c: c.generated < 1 and None)
+    assert short.latents.shape[2] == 2 * cf
+
+
+def test_history_must_be_whole_chunks():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="whole number"):
+        sample(model, _ctx(0, 1), 1, (H, W), options=SamplingOptions(steps=1, cfg_scale=1.0),
+               history=torch.randn(1, 4, 3, H, W))
+
+
+def test_selection_recording_shape_and_values():
+    model = tiny_model(num_layers=2)
+    spec = RoutingSpec("topk", top_k=1, sink_chunks=1)
+    opts = SamplingOptions(steps=1, cfg_scale=2.0, routing=spec, record_selection=True, routing_layers=[1])
+    res = sample(model, _ctx(5, 2), 5, (H, W), neg_context=torch.zeros(1, 5, 8), options=opts, seed=0)
+    sel = res.selection
+    assert sel.shape == (5, 2, 2, 4)
+    assert np.isnan(sel[0]).all() and np.isnan(sel[:, 0]).all()  # chunk 0: no history; layer 0 dense
+    for c in range(1, 5):
+        row = sel[c, 1]  # [heads, history]
+        assert np.isnan(row[:, c:]).all()
+        assert np.all((row[:, :c] >= 0) & (row[:, :c] <= 1))
+        np.testing.assert_allclose(row[:, 0], 1.0)  # the sink chunk is always kept
+        # sink + top-1: each token keeps min(c, 2) chunks
+        np.testing.assert_allclose(row[:, :c].sum(-1), min(c, 2), rtol=1e-6)
+
+
+def test_sampling_option_errors():
+    with pytest.raises(ValueError, match="steps"):
+        SamplingOptions(steps=0)
+    with pytest.raises(ValueError, match="context_t"):
+        SamplingOptions(context_t=1.0)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="neg_context"):
+        Rollout(model, _ctx(0, 1), latent_hw=(H, W), options=SamplingOptions(cfg_scale=5.0))
+    with pytest.raises(ValueError, match="patch"):
+        Rollout(model, _ctx(0, 1), latent_hw=(3, W), options=SamplingOptions(cfg_scale=1.0))
+    with pytest.raises(ValueError, match="num_chunks"):
+        sample(model, _ctx(0, 1), 0, (H, W), options=SamplingOptions(cfg_scale=1.0))
+    assert math.isfinite(SamplingOptions().shift)
+
+
+def test_bench_rollout_smoke(tmp_path):
+    """bench/rollout.py runs end to end at a toy size and writes its JSON (not a timing test)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "rollout.py"
+    spec = importlib.util.spec_from_file_location("bench_rollout", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    assert mod.main(["--presets", "tiny", "--latent", "4x4", "--chunks", "3", "--chunk-frames", "1",
+                     "--modes", "dense,topk1,window1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    modes = res["presets"]["tiny"]["modes"]
+    assert set(modes) == {"dense", "topk1", "window1"}
+    assert len(modes["dense"]["per_chunk_attn_s"]) == 3 and modes["topk1"]["fps_with_decode"] > 0
+    assert "| tiny" in res["markdown"]
