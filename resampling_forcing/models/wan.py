@@ -51,10 +51,12 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 (Wan does this for stability in bf16)."""
+    """LayerNorm computed in fp32 (Wan does this for stability in bf16), weights included."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,10 +100,9 @@ def rope_cos_sin(frame_pos: torch.Tensor, rows: int, cols: int, head_dim: int, t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x [B, Hh, L, D] by angles with cos/sin [L, D/2]."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate consecutive pairs of x [B, Hh, L, D] by angles with cos/sin [L, D/2] (fp32)."""
+    rot = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(rot * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 class SelfAttention(nn.Module):
