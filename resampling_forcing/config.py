@@ -121,6 +121,7 @@ class DataConfig:
     fps: float = 8.0
     num_workers: int = 0
     text_dropout: float = 0.1  # caption -> "" with this probability, for classifier-free guidance
+    fixed_batch: bool = False  # train on the first batch forever (an overfitting smoke test)
 
 
 @dataclass
@@ -144,6 +145,8 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     batch_size: int = 4  # per process
     grad_accum: int = 1
+    # If set, grad_accum is derived at launch: global_batch_size / (batch_size x processes).
+    global_batch_size: Optional[int] = None
     lr: float = 5e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -160,6 +163,7 @@ class TrainConfig:
     seed: int = 0
     tensorboard: bool = True
     wandb: bool = False
+    progress: bool = True  # tqdm progress bar on the main process
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""Training batches from `DataConfig`: deterministic order, sharded by rank, resumable by position.
+
+Sources (config ``data.source``):
+- ``synthetic``: the bouncing-shapes set is generated into ``data.synthetic_dir`` when missing
+  (``data.synthetic.make_dataset``, clips of exactly ``num_frames`` frames), read with
+  ``VideoClipDataset`` and encoded with the configured VAE / text encoder. Encoded clips are
+  cached in memory on first use (the set is small), so the loader never limits a tiny run.
+- ``manifest``: real videos (``data.manifest``), random clip starts per epoch, decoded by a
+  DataLoader with ``data.num_workers`` workers and encoded on the training device per batch.
+- ``latents``: a store written by ``data.latents.precompute`` (``data.latents_dir``).
+
+Order: micro-batch ``p`` (the data position, one counter shared by all ranks) of epoch
+``e = p // per_epoch`` takes, on rank r, positions ``[(i * world + r) * B, ... + B)`` of
+``randperm(n, seed + e)`` where ``i = p % per_epoch`` (the last partial batch is dropped). The
+batch at a position is a pure function of (seed, position, rank, world), so a resumed run sees
+exactly the batches an uninterrupted run would. ``data.fixed_batch`` repeats position 0 forever
+(an overfitting smoke test).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from ..config import Config
+
+logger = logging.getLogger("resampling_forcing.data")
+
+
+class DataError(ValueError):
+    """Missing data, no usable video, or a clip shape the model cannot train on (one line)."""
+
+
+def synthetic_manifest(cfg: Config) -> Path:
+    """Generate (or reuse) the synthetic set for cfg.data; return its manifest path."""
+    from .synthetic import make_dataset
+
+    d = cfg.data
+    return make_dataset(d.synthetic_dir, num_videos=d.synthetic_videos, frames=d.num_frames,
+                        size=(d.height, d.width), fps=d.fps, seed=cfg.train.seed,
+                        max_objects=d.synthetic_max_objects)
+
+
+class TrainData:
+    """Batches ``{"latents": [B, C, F, h, w], "text": [B, Lt, Dt], "caption": list[str]}`` on ``device``.
+
+    ``null_text`` [Lt, Dt] is the embedding of the empty prompt (for text dropout)."""
+
+    def __init__(self, cfg: Config, batch_size: int, rank: int = 0, world: int = 1, device="cpu",
+                 vae=None, text_encoder=None, manifest: Optional[Path] = None):
+        self.cfg, self.batch_size, self.rank, self.world = cfg, batch_size, rank, world
+        self.device = torch.device(device)
+        self.source = cfg.data.source
+        self.vae, self.text_encoder = vae, text_encoder
+        self._clip_cache: dict[int, torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._loader_epoch: Optional[int] = None
+        self._loader_iter = None
+        self._next_pos: Optional[int] = None
+        if self.source == "latents":
+            from .latents import LatentDataset
+
+            if not cfg.data.latents_dir:
+                raise DataError("data.source=latents needs data.latents_dir (a folder written by data.latents.precompute)")
+            try:
+                self.dataset = LatentDataset(cfg.data.latents_dir)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+        else:
+            from .video import VideoClipDataset
+
+            if manifest is None:
+                if self.source == "manifest":
+                    if not cfg.data.manifest:
+                        raise DataError("data.source=manifest needs data.manifest (a .jsonl/.json/.csv of path, caption)")
+                    manifest = Path(cfg.data.manifest)
+                else:
+                    manifest = Path(cfg.data.synthetic_dir) / "manifest.jsonl"
+            try:
+                self.dataset = VideoClipDataset(
+                    manifest, cfg.data.num_frames, cfg.data.height, cfg.data.width, fps=cfg.data.fps,
+                    split="train", seed=cfg.train.seed, random_start=self.source == "manifest")
+            except ValueError as e:
+                raise DataError(str(e).splitlines()[0]) from None
+            if vae is None or text_encoder is None:
+                raise ValueError("video sources need the VAE and the text encoder")
+        self.num_items = len(self.dataset)
+        if self.num_items < batch_size * world:
+            raise DataError(f"{self.num_items} training clips cannot fill one batch of {batch_size} x {world} "
+                            f"processes; add data or lower train.batch_size")
+        self.per_epoch = self.num_items // (batch_size * world)
+        self.null_text = self._null_text()
+
+    # -- order --------------------------------------------------------------------------------
+
+    def indices(self, position: int) -> list[int]:
+        """Dataset rows of this rank's micro-batch at `position`."""
+        if self.cfg.data.fixed_batch:
+            position = 0
+        epoch, i = divmod(position, self.per_epoch)
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+        start = (i * self.world + self.rank) * self.batch_size
+        return perm[start:start + self.batch_size].tolist()
+
+    def epoch_of(self, position: int) -> int:
+        return 0 if self.cfg.data.fixed_batch else position // self.per_epoch
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _null_text(self) -> torch.Tensor:
+        """Embedding of the empty prompt; for a latent store read from its null_text.safetensors
+        (written once by the trainer), else zeros when text dropout is off."""
+        if self.source == "latents":
+            path = Path(self.cfg.data.latents_dir) / "null_text.safetensors"
+            if path.is_file():
+                from safetensors.torch import load_file
+
+                return load_file(str(path))["text"].float().to(self.device)
+            if self.text_encoder is None:
+                return torch.zeros_like(self.dataset[0]["text"]).float().to(self.device)
+        return self.text_encoder.encode([""])[0].float().to(self.device)
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        if self.source != "synthetic":
+            return self.text_encoder.encode(captions).float()
+        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if missing:
+            for c, e in zip(missing, self.text_encoder.encode(missing).float()):
+                self._text_cache[c] = e.to(self.device)
+        return torch.stack([self._text_cache[c] for c in captions])
+
+    @torch.no_grad()
+    def _encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video.to(self.device)).float()
+
+    def _synthetic_batch(self, idx: list[int]) -> dict:
+        missing = [i for i in idx if i not in self._clip_cache]
+        if missing:
+            items = [self.dataset[i] for i in missing]  # bad files fall through to the next good one
+            lat = self._encode_video(torch.stack([it["video"] for it in items]))
+            for i, it, z in zip(missing, items, lat):
+                self._clip_cache[i] = (z, it["caption"])
+        lat = torch.stack([self._clip_cache[i][0] for i in idx])
+        caps = [self._clip_cache[i][1] for i in idx]
+        return {"latents": lat, "text": self._encode_text(caps), "caption": caps}
+
+    def _manifest_batch(self, position: int, idx: list[int]) -> dict:
+        epoch = self.epoch_of(position)
+        if self.cfg.data.num_workers <= 0:
+            self.dataset.set_epoch(epoch)
+            items = [self.dataset[i] for i in idx]
+            video = torch.stack([it["video"] for it in items])
+            caps = [it["caption"] for it in items]
+        else:
+            if self._loader_epoch != epoch or self._loader_iter is None or self._next_pos != position:
+                self._start_loader(position, epoch)
+            batch = next(self._loader_iter)
+            self._next_pos = position + 1
+            video, caps = batch["video"], list(batch["caption"])
+        return {"latents": self._encode_video(video), "text": self._encode_text(caps), "caption": caps}
+
+    def _start_loader(self, position: int, epoch: int) -> None:
+        from torch.utils.data import DataLoader
+
+        self.dataset.set_epoch(epoch)
+        end = (epoch + 1) * self.per_epoch
+        lists = [self.indices(p) for p in range(position, end)]
+        # forkserver: workers never inherit the trainer's threads (decord, TensorBoard, OpenMP), which
+        # can deadlock forked children
+        ctx = None
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["resampling_forcing.data.video"])  # torch imported once, not per worker
+        loader = DataLoader(self.dataset, batch_sampler=lists, num_workers=self.cfg.data.num_workers,
+                            collate_fn=_collate, pin_memory=self.device.type == "cuda", multiprocessing_context=ctx)
+        self._loader_iter, self._loader_epoch = iter(loader), epoch
+
+    def batch(self, position: int) -> dict:
+        """This rank's micro-batch at data position `position`."""
+        idx = self.indices(position)
+        if self.source == "latents":
+            items = [self.dataset[i] for i in idx]
+            return {"latents": torch.stack([it["latents"] for it in items]).float().to(self.device),
+                    "text": torch.stack([it["text"] for it in items]).float().to(self.device),
+                    "caption": [it["caption"] for it in items]}
+        if self.source == "synthetic":
+            return self._synthetic_batch(idx)
+        return self._manifest_batch(position, idx)
+
+    def iterate(self, position: int) -> Iterator[tuple[int, dict]]:
+        while True:
+            yield position, self.batch(position)
+            position += 1
+
+    def summary(self) -> str:
+        extra = ""
+        if hasattr(self.dataset, "summary"):
+            extra = f" ({self.dataset.summary()})"
+        return f"{self.source} data: {self.num_items} clips, {self.per_epoch} micro-batches per epoch{extra}"
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"video": torch.stack([it["video"] for it in items]), "caption": [it["caption"] for it in items]}

@@ -1,0 +1,242 @@
+"""History degradation for training (method.md section 4): what the history stream H holds.
+
+Four objectives share one entry point, :func:`degrade_history`:
+
+- ``teacher_forcing``: H = the ground truth (identity).
+- ``resampling`` (the method, autoregressive self-resampling): one t_s per video from the
+  logit-normal law with shift s (paper 0.6); chunk by chunk, with NO gradient and the current
+  online weights, noise the ground-truth chunk to t_s (z = (1 - t_s) x_i + t_s eps), run
+  ``steps`` Euler steps from t_s to 0 conditioned on the already degraded chunks < i (read from
+  the rollout KV cache of :mod:`resampling_forcing.cache`, exactly as at inference), and write the
+  result into the cache with a pass at ``context_t`` (0) before moving on.
+- ``parallel_resampling`` (ablation): the same, but every chunk conditions on the GROUND-TRUTH
+  history, so errors do not accumulate. Done in one dual forward per Euler step (history = ground
+  truth, noisy = all chunks at t_s), which is exactly "each chunk resampled on its own".
+- ``noise_augmentation`` (ablation): H = x + scale * N(0, I) (history timestep stays 0).
+
+Euler grid from t_s to 0: ``t_k = t_s (1 - k / steps)`` per video (uniform; with one step,
+x~ = z - t_s v). With t_s = 0 every objective returns the ground truth exactly.
+
+The last history chunk H_N is never attended in the dual layout (Q_i sees H_j only for j < i), so
+the resampling objectives leave it as the ground truth and skip its cost (``include_last=True``
+resamples it too, e.g. for inspection).
+
+With history routing on (the last stage) pass the stage's ``RoutingSpec`` and ``routing_layers``:
+the resampling rollout then routes exactly as inference does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .attention.masks import MaskSpec
+from .attention.ops import MaskedAttention
+from .cache import CachedAttention, KVCache
+from .diffusion import sample_logit_normal
+
+OBJECTIVES = ("teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling")
+RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")
+
+__all__ = [
+    "OBJECTIVES",
+    "RESAMPLING_OBJECTIVES",
+    "DegradeSettings",
+    "sample_resample_t",
+    "resample_grid",
+    "autoregressive_resample",
+    "autoregressive_resample_reference",
+    "parallel_resample",
+    "noise_augment",
+    "degrade_history",
+]
+
+
+@dataclass
+class DegradeSettings:
+    """Everything a degradation pass needs besides the model and the data."""
+
+    objective: str = "teacher_forcing"
+    steps: int = 1  # Euler steps from t_s to 0
+    shift: float = 0.6  # t_s law: shift(sigmoid(N(0, 1)))
+    noise_scale: float = 0.1  # noise_augmentation std
+    cfg_scale: float = 1.0  # CFG while resampling (1 = off)
+    backend: str = "sdpa"  # resolved attention backend
+    routing: object | None = None  # attention.routing.RoutingSpec (None / dense = no routing)
+    routing_layers: Optional[list[int]] = None
+    context_t: float = 0.0  # timestep of the cache-writing pass
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is unknown; choose one of {list(OBJECTIVES)}")
+        if self.steps < 1:
+            raise ValueError(f"resample steps={self.steps}: need at least 1")
+
+
+def sample_resample_t(batch: int, shift: float = 0.6, generator: torch.Generator | None = None,
+                      device=None) -> torch.Tensor:
+    """One t_s per video: shift(sigmoid(N(0, 1))) with shift s (median 0.375 for s = 0.6). [B] fp32."""
+    return sample_logit_normal((batch,), 0.0, 1.0, shift, generator=generator, device=device)
+
+
+def resample_grid(t_s: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-video Euler grid from t_s to 0: [B, steps + 1], t_k = t_s (1 - k / steps)."""
+    frac = 1.0 - torch.arange(steps + 1, device=t_s.device, dtype=torch.float32) / steps
+    return t_s.float()[:, None] * frac[None, :]
+
+
+def _noise(x: torch.Tensor, eps: torch.Tensor | None, generator) -> torch.Tensor:
+    if eps is not None:
+        return eps
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _compute_dtype(model, x: torch.Tensor) -> torch.dtype:
+    """dtype of the K/V the model produces (autocast's when active, else the weights')."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return next(model.parameters()).dtype
+
+
+def _bt(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.to(x.dtype).reshape(-1, 1, 1, 1, 1)
+
+
+def _guided(model, z, t, kv_cond, attn_cond, kv_null, attn_null, cfg_scale, frame_offset):
+    v = model(z, t, text_kv=kv_cond, attn=attn_cond, frame_offset=frame_offset)
+    if kv_null is None or cfg_scale == 1.0:
+        return v
+    v_null = model(z, t, text_kv=kv_null, attn=attn_null, frame_offset=frame_offset)
+    return v_null + cfg_scale * (v - v_null)
+
+
+@torch.no_grad()
+def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor | None = None,
+                            text_kv: list | None = None, eps: torch.Tensor | None = None, steps: int = 1,
+                            backend: str = "sdpa", routing=None, routing_layers=None, context_t: float = 0.0,
+                            null_context: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                            generator: torch.Generator | None = None, include_last: bool = False,
+                            on_chunk: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Autoregressive self-resampling of latents x [B, C, F, H, W] (F = N * chunk_frames).
+
+    Chunk i: z = (1 - t_s) x_i + t_s eps_i, ``steps`` Euler steps to 0 with history = the degraded
+    chunks < i from the KV cache, then a cache-writing pass of the result at ``context_t``.
+    ``on_chunk(i, x~_i) -> x~_i`` may replace a finished chunk before it is cached (tests).
+    ``null_context`` + ``cfg_scale != 1``: classifier-free guidance with a separate unconditional
+    cache. Returns the degraded latents (no graph; chunk N is x_N unless include_last)."""
+    cf = model.cfg.chunk_frames
+    b, _, frames, h, w = x.shape
+    n = frames // cf
+    if n * cf != frames:
+        raise ValueError(f"{frames} latent frames are not a whole number of chunks of {cf}")
+    eps = _noise(x, eps, generator)
+    grid = resample_grid(t_s.to(x.device), steps)
+    kv_cond = text_kv if text_kv is not None else model.text_kv(context)
+    guided = null_context is not None and cfg_scale != 1.0
+    last = n if include_last else n - 1
+    kv_dtype = _compute_dtype(model, x)
+    cap = max(1, last)  # committed chunks (last - 1) + the room commit() reserves; never grows
+    cache = KVCache.for_model(model, b, (h, w), x.device, kv_dtype, capacity=cap)
+    ucache = KVCache.for_model(model, b, (h, w), x.device, kv_dtype, capacity=cap) if guided else None
+    kv_null = model.text_kv(null_context) if guided else None
+    attn_kw = dict(routing=routing, routing_layers=routing_layers)
+    out = x.clone()
+    ctx_t = torch.full((b,), float(context_t), device=x.device)
+    for i in range(last):
+        sl = slice(i * cf, (i + 1) * cf)
+        z = (1 - _bt(grid[:, 0], x)) * x[:, :, sl] + _bt(grid[:, 0], x) * eps[:, :, sl]
+        for k in range(steps):
+            v = _guided(model, z, grid[:, k], kv_cond, CachedAttention(cache, backend, **attn_kw), kv_null,
+                        CachedAttention(ucache, backend, **attn_kw) if guided else None, cfg_scale, i * cf)
+            z = z + _bt(grid[:, k + 1] - grid[:, k], z) * v.to(z.dtype)
+        if on_chunk is not None:
+            z = on_chunk(i, z)
+        out[:, :, sl] = z
+        if i + 1 < last:  # the next chunk needs this one in the cache
+            for c, kv in ((cache, kv_cond), (ucache, kv_null)) if guided else ((cache, kv_cond),):
+                model(z, ctx_t, text_kv=kv, attn=CachedAttention(c, backend, commit=True, **attn_kw),
+                      frame_offset=i * cf)
+                c.commit()
+    return out
+
+
+@torch.no_grad()
+def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int = 1, backend: str = "sdpa",
+                                      context_t: float = 0.0, include_last: bool = False) -> torch.Tensor:
+    """The same rollout without a KV cache (dense attention only; slow, for tests): chunk i is denoised
+    by a full forward over [x~_1..x~_{i-1}, z_i] under the block-causal mask with per-chunk timesteps
+    [context_t, ..., context_t, t_k]."""
+    cf = model.cfg.chunk_frames
+    b, _, frames, h, w = x.shape
+    n = frames // cf
+    grid = resample_grid(t_s.to(x.device), steps)
+    out = x.clone()
+    tokens = model.chunk_tokens(h, w)
+    for i in range(n if include_last else n - 1):
+        sl = slice(i * cf, (i + 1) * cf)
+        z = (1 - _bt(grid[:, 0], x)) * x[:, :, sl] + _bt(grid[:, 0], x) * eps[:, :, sl]
+        attn = MaskedAttention(MaskSpec("block_causal", i + 1, tokens), backend)
+        for k in range(steps):
+            seq = torch.cat([out[:, :, : i * cf], z], dim=2)
+            t = torch.full((b, i + 1), float(context_t), device=x.device)
+            t[:, i] = grid[:, k]
+            v = model(seq, t, context, attn=attn)[:, :, i * cf:]
+            z = z + _bt(grid[:, k + 1] - grid[:, k], z) * v
+        out[:, :, sl] = z
+    return out
+
+
+@torch.no_grad()
+def parallel_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor,
+                      eps: torch.Tensor | None = None, steps: int = 1, backend: str = "sdpa", routing=None,
+                      routing_layers=None, null_context: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Parallel resampling (ablation): every chunk is resampled from t_s conditioned on the
+    ground-truth history (no accumulation); one dual forward per Euler step."""
+    cf = model.cfg.chunk_frames
+    b, _, frames, h, w = x.shape
+    n = frames // cf
+    eps = _noise(x, eps, generator)
+    grid = resample_grid(t_s.to(x.device), steps)
+    attn = MaskedAttention(MaskSpec("dual", n, model.chunk_tokens(h, w)), backend, routing=routing,
+                           routing_layers=routing_layers)
+    z = (1 - _bt(grid[:, 0], x)) * x + _bt(grid[:, 0], x) * eps
+    guided = null_context is not None and cfg_scale != 1.0
+    for k in range(steps):
+        t = grid[:, k, None].expand(b, n)
+        v = model.forward_dual(x, z, t, context, attn)
+        if guided:
+            v_null = model.forward_dual(x, z, t, null_context, attn)
+            v = v_null + cfg_scale * (v - v_null)
+        z = z + _bt(grid[:, k + 1] - grid[:, k], z) * v.to(z.dtype)
+    return z
+
+
+def noise_augment(x: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise augmentation (ablation): x + scale * N(0, I)."""
+    return x + scale * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: DegradeSettings, *,
+                    generator: torch.Generator | None = None, null_context: torch.Tensor | None = None,
+                    t_s: torch.Tensor | None = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The history stream for one training batch -> (history detached, t_s [B] or None).
+
+    ``model`` must be the plain (unwrapped) CausalWanModel with the current online weights.
+    ``t_s`` overrides the sampled strengths (e.g. zeros for a teacher-forcing check)."""
+    obj = settings.objective
+    if obj == "teacher_forcing":
+        return x, None
+    if obj == "noise_augmentation":
+        return noise_augment(x, settings.noise_scale, generator).detach(), None
+    if t_s is None:
+        t_s = sample_resample_t(x.shape[0], settings.shift, generator=generator, device=x.device)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    common = dict(eps=eps, steps=settings.steps, backend=settings.backend, routing=settings.routing,
+                  routing_layers=settings.routing_layers, null_context=null_context, cfg_scale=settings.cfg_scale)
+    if obj == "resampling":
+        hist = autoregressive_resample(model, x, t_s, context=context, context_t=settings.context_t, **common)
+    else:
+        hist = parallel_resample(model, x, t_s, context=context, **common)
+    return hist.detach(), t_s

@@ -1,0 +1,481 @@
+"""The training loop: staged objectives (teacher forcing -> resampling), accelerate/DeepSpeed, checkpoints.
+
+One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_size` per process:
+1. batch at data position p (data/loader.py), randomness seeded by (seed, p, rank);
+2. text dropout (caption -> "" embedding with prob `data.text_dropout`);
+3. history = degrade_history(...) with the stage's objective (no gradient, current online weights,
+   the stage's routing when on);
+4. per-chunk training t ~ logit-normal(diffusion.train_t_*), x_t = (1 - t) x + t eps;
+5. v = model.forward_dual(history, x_t, t, text) and the velocity MSE on the noisy half
+   (overall and per chunk position).
+A micro-batch whose loss is NaN/Inf on any process is skipped on all of them (no backward, a
+warning); `train.max_bad_steps` in a row abort with a message (the last checkpoint is untouched).
+Then clipping, AdamW, LR (linear warmup, then constant), EMA, logs, checkpoints.
+
+Entry point: `train(cfg)` (used by train/train.py under `accelerate launch`). Run directory and
+checkpoint layout: docs/CONTRACTS.md and checkpoint.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import yaml
+
+from .attention.backends import resolve_backend
+from .attention.masks import MaskSpec
+from .attention.ops import MaskedAttention
+from .checkpoint import (GracefulStop, clean_stale, latest_checkpoint, read_trainer_state,
+                         resolve_checkpoint, save_checkpoint)
+from .config import Config, ConfigError, StageConfig
+from .diffusion import sample_logit_normal
+from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
+from .models.wan import CausalWanModel
+from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
+from .training_utils import (EMA, MetricsLogger, build_accelerator, flatten, launch_world_size, lr_at,  # noqa: F401
+                             resolve_grad_accum, stage_at, step_seed, total_steps, validate_training)
+
+logger = logging.getLogger("resampling_forcing.train")
+
+
+class TrainingAborted(RuntimeError):
+    """Too many non-finite losses in a row; the message names the step and the last checkpoint."""
+
+
+class DualForward(nn.Module):
+    """What accelerate/DeepSpeed wrap: the dual-stream training forward of the model."""
+
+    def __init__(self, model: CausalWanModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, history, noisy, t, context, attn):
+        dtype = self.model.patch_embedding.weight.dtype  # DeepSpeed bf16 keeps bf16 weights
+        return self.model.forward_dual(history.to(dtype), noisy.to(dtype), t, context.to(dtype), attn)
+
+
+def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE of velocity [B, C, F, H, W] -> (scalar loss, per-chunk loss [B, N]) in fp32."""
+    err = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    per_chunk = err.unflatten(1, (-1, chunk_frames)).mean(-1)
+    return per_chunk.mean(), per_chunk
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator=None):
+        resolve_grad_accum(cfg, accelerator.num_processes if accelerator is not None else launch_world_size())
+        validate_training(cfg)
+        self.cfg = cfg
+        self.acc = accelerator or build_accelerator(cfg)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.step = 0
+        self.data_position = 0
+        self.bad_in_a_row = 0
+        self.last_checkpoint: Optional[Path] = None
+        self._setup()
+
+    # -- setup ------------------------------------------------------------------------------
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.acc.distributed_type.value == "DEEPSPEED"
+
+    @property
+    def zero_stage(self) -> int:
+        return self.acc.state.deepspeed_plugin.zero_stage if self.is_deepspeed else 0
+
+    def _setup(self) -> None:
+        from .data.loader import DataError, TrainData, synthetic_manifest
+        from .encoders import build_text_encoder, build_vae
+
+        cfg, acc = self.cfg, self.acc
+        if cfg.train.ema_decay is not None and self.zero_stage == 3:
+            raise ConfigError("train.ema_decay with DeepSpeed ZeRO-3 is not supported (weights are partitioned); "
+                              "use ZeRO-2 or set train.ema_decay=null")
+        self.device = acc.device
+        self.backend = resolve_backend(cfg.attention.backend, self.device)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.run_dir)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        vae = text = None
+        if cfg.data.source != "latents":
+            vae = build_vae(cfg.encoders, device=self.device)
+            text_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.encoders.text == "umt5" else torch.float32
+            text = build_text_encoder(cfg.encoders, device=self.device, dtype=text_dtype)
+            if vae.latent_channels != cfg.model.in_channels:
+                raise ConfigError(f"encoders give {vae.latent_channels} latent channels but model.in_channels="
+                                  f"{cfg.model.in_channels}")
+            if text.dim != cfg.model.text_dim:
+                raise ConfigError(f"the text encoder gives {text.dim}-dim embeddings but model.text_dim={cfg.model.text_dim}")
+        if cfg.data.source == "synthetic":
+            if acc.is_local_main_process:
+                synthetic_manifest(cfg)
+            acc.wait_for_everyone()
+        if cfg.data.source == "latents":
+            self._prepare_null_text()
+        self.data = TrainData(cfg, cfg.train.batch_size, acc.process_index, acc.num_processes, self.device, vae, text)
+        probe = self.data.batch(0)["latents"]
+        cf, (pt, ph, pw) = cfg.model.chunk_frames, cfg.model.patch_size
+        if probe.shape[1] != cfg.model.in_channels or probe.shape[2] % cf or probe.shape[3] % ph or probe.shape[4] % pw:
+            raise DataError(f"latents {list(probe.shape[1:])} do not fit the model (in_channels {cfg.model.in_channels}, "
+                            f"chunk_frames {cf}, patch {cfg.model.patch_size}); check data.num_frames/height/width")
+        self.latent_shape = tuple(probe.shape[1:])
+        self.num_chunks = probe.shape[2] // cf
+        self.chunk_tokens = cf // pt * (probe.shape[3] // ph) * (probe.shape[4] // pw)
+
+        torch.manual_seed(cfg.train.seed)
+        model = CausalWanModel(cfg.model)
+        resume = self._find_resume()
+        if resume is None and cfg.train.init_from:
+            src = cfg.train.init_from
+            with contextlib.suppress(CheckpointError):
+                src = str(resolve_checkpoint(src))
+            load_state_into(model, read_state_dict(src), source=src)
+            logger.info("initialised the model from %s", src)
+        model.train()
+        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        t = cfg.train
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        if self.is_deepspeed:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = t.batch_size
+            ds["gradient_accumulation_steps"] = t.grad_accum
+            ds["train_batch_size"] = t.batch_size * t.grad_accum * acc.num_processes
+            ds["gradient_clipping"] = t.grad_clip if t.grad_clip > 0 else 0.0
+        self.model, self.optimizer = acc.prepare(DualForward(model), opt)
+        self.inner: CausalWanModel = acc.unwrap_model(self.model).model
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        if resume is not None:
+            self._resume(resume)
+        self.metrics = MetricsLogger(acc, self.run_dir, self.step)
+        self._init_trackers()
+        if acc.is_main_process:
+            logger.info("%s; model %.1fM params; %d chunks x %d tokens; %d processes; step %d/%d",
+                        self.data.summary(), sum(p.numel() for p in model.parameters()) / 1e6, self.num_chunks,
+                        self.chunk_tokens, acc.num_processes, self.step, total_steps(cfg))
+
+    def _init_trackers(self) -> None:
+        """TensorBoard in RUN/tb (resumed runs purge the steps after the checkpoint) and, optionally,
+        wandb, through accelerate's trackers on the main process."""
+        if not self.acc.is_main_process:
+            return
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        trackers = []
+        if self.cfg.train.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+
+                kw = {"purge_step": self.step + 1} if self.step else {}
+                trackers.append(TensorBoardTracker("tb", str(self.run_dir), **kw))
+            except ImportError:
+                logger.warning("tensorboard is not installed: logging to log.jsonl only")
+        if self.cfg.train.wandb:
+            try:
+                import wandb  # noqa: F401
+
+                trackers.append(WandBTracker("resampling-forcing", name=self.run_dir.name, dir=str(self.run_dir),
+                                             resume="allow"))
+            except ImportError:
+                logger.warning("train.wandb=true but wandb is not installed: skipping it")
+        flat = flatten(dataclasses.asdict(self.cfg))
+        for tr in trackers:
+            tr.start()
+            tr.store_init_configuration(flat)
+        self.acc.trackers.extend(trackers)
+
+    def _prepare_null_text(self) -> None:
+        """The empty-prompt embedding of a latent store (text dropout), computed once by the local main
+        process and kept next to the latents as null_text.safetensors."""
+        from .data.loader import DataError
+        from .encoders import build_text_encoder
+        from .io import atomic_path
+
+        if not self.cfg.data.latents_dir or not Path(self.cfg.data.latents_dir).is_dir():
+            raise DataError(f"data.latents_dir={self.cfg.data.latents_dir!r} is not a directory; run "
+                            "resampling_forcing.data.latents.precompute into it first")
+        path = Path(self.cfg.data.latents_dir) / "null_text.safetensors"
+        if self.acc.is_local_main_process and not path.is_file() and self.cfg.data.text_dropout > 0:
+            from safetensors.torch import save_file
+
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            enc = build_text_encoder(self.cfg.encoders, device=self.device, dtype=dtype)
+            emb = enc.encode([""])[0].float().cpu().contiguous()
+            del enc
+            with atomic_path(path) as tmp:
+                save_file({"text": emb}, str(tmp))
+        self.acc.wait_for_everyone()
+
+    def _find_resume(self) -> Optional[Path]:
+        if self.cfg.train.resume_from:
+            return resolve_checkpoint(self.cfg.train.resume_from)
+        return latest_checkpoint(self.run_dir)
+
+    # accelerate hooks: the model is saved/loaded in our format (model.safetensors), not twice
+    def _save_hook(self, models, weights, output_dir):
+        weights.clear()
+
+    def _load_hook(self, models, input_dir):
+        if models:
+            models.clear()
+            load_state_into(self.inner, read_state_dict(input_dir), source=str(input_dir))
+
+    def _resume(self, ckpt: Path) -> None:
+        state = read_trainer_state(ckpt)
+        self.acc.load_state(str(ckpt))
+        self.step, self.data_position = int(state["step"]), int(state["data_position"])
+        if self.ema is not None:
+            ema_file = ckpt / "ema.safetensors"
+            if ema_file.is_file():
+                from safetensors.torch import load_file
+
+                self.ema.load_state_dict(load_file(str(ema_file)))
+            else:
+                logger.warning("%s has no ema.safetensors: EMA restarts from the current weights", ckpt)
+                self.ema = EMA(self.inner, self.cfg.train.ema_decay)
+        if int(state.get("world_size", self.acc.num_processes)) != self.acc.num_processes:
+            logger.warning("resuming with %d processes, the checkpoint was written by %s: the data order differs",
+                           self.acc.num_processes, state.get("world_size"))
+        self.last_checkpoint = ckpt
+        logger.info("resumed from %s at step %d (data position %d)", ckpt, self.step, self.data_position)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _all(self, flag: float, op: str) -> float:
+        """min/max of a flag over processes (no collective when single-process)."""
+        if self.acc.num_processes == 1:
+            return flag
+        import torch.distributed as dist
+
+        x = torch.tensor([flag], device=self.device, dtype=torch.float32)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        return float(x.item())
+
+    def settings(self, stage: StageConfig) -> DegradeSettings:
+        from .attention.routing import RoutingSpec
+
+        r = self.cfg.attention.routing
+        spec = RoutingSpec(r.mode, r.top_k, r.sink_chunks, r.window_chunks) if stage.routing else None
+        return DegradeSettings(objective=stage.objective, steps=stage.resample_steps,
+                               shift=self.cfg.diffusion.resample_shift, noise_scale=stage.noise_aug_scale,
+                               cfg_scale=stage.resample_cfg, backend=self.backend, routing=spec,
+                               routing_layers=r.layers if stage.routing else None,
+                               context_t=self.cfg.diffusion.context_t)
+
+    def compute_loss(self, batch: dict, stage: StageConfig, gen: torch.Generator):
+        """One micro-batch -> (loss, per-chunk loss [B, N], t_s or None, seconds spent resampling)."""
+        cfg, d = self.cfg, self.cfg.diffusion
+        x, text = batch["latents"], batch["text"]
+        b = x.shape[0]
+        if cfg.data.text_dropout > 0:
+            drop = torch.rand(b, generator=gen, device=self.device) < cfg.data.text_dropout
+            text = torch.where(drop[:, None, None], self.data.null_text.to(text.dtype), text)
+        settings = self.settings(stage)
+        t0 = time.perf_counter()
+        dtype = next(self.inner.parameters()).dtype
+        null = self.data.null_text.expand_as(text).to(dtype) if stage.resample_cfg != 1.0 else None
+        with self.acc.autocast():
+            history, t_s = degrade_history(self.inner, x.to(dtype), text.to(dtype), settings, generator=gen,
+                                           null_context=null)
+        t_res = time.perf_counter() - t0 if stage.objective in RESAMPLING_OBJECTIVES else 0.0
+        n, cf = self.num_chunks, cfg.model.chunk_frames
+        t = sample_logit_normal((b, n), d.train_t_mean, d.train_t_std, d.train_t_shift, generator=gen, device=self.device)
+        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
+        tf = t.repeat_interleave(cf, dim=1)[:, None, :, None, None]
+        noisy = (1 - tf) * x + tf * eps
+        attn = MaskedAttention(MaskSpec("dual", n, self.chunk_tokens), self.backend, routing=settings.routing,
+                               routing_layers=settings.routing_layers)
+        v = self.model(history, noisy, t, text, attn)
+        loss, per_chunk = velocity_loss(v, eps - x, cf)
+        return loss, per_chunk, t_s, t_res
+
+    def train_step(self) -> dict:
+        acc, cfg = self.acc, self.cfg
+        k = cfg.train.grad_accum
+        stage_idx, stage = stage_at(cfg, self.step)
+        lr = lr_at(self.step, cfg.train.lr, cfg.train.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        start = time.perf_counter()
+        good, skipped, t_res = 0, 0, 0.0
+        losses, chunks, ts = [], [], []
+        while good < k:
+            pos = self.data_position
+            batch = self.data.batch(pos)
+            self.data_position += 1
+            gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, pos, acc.process_index))
+            last = good == k - 1
+            acc.sync_gradients = last
+            ctx = acc.no_sync(self.model) if not last else contextlib.nullcontext()
+            with ctx:
+                loss, per_chunk, t_s, dt = self.compute_loss(batch, stage, gen)
+                t_res += dt
+                if self._all(float(torch.isfinite(loss).item()), "min") < 1:
+                    skipped += 1
+                    self.bad_in_a_row += 1
+                    logger.warning("step %d: non-finite loss at data position %d; skipping this micro-batch "
+                                   "(%d in a row)", self.step, pos, self.bad_in_a_row)
+                    if self.bad_in_a_row >= cfg.train.max_bad_steps:
+                        raise TrainingAborted(
+                            f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; aborting. Last good "
+                            f"checkpoint: {self.last_checkpoint or 'none'} (lower train.lr or check the data)")
+                    continue
+                acc.backward(loss)
+            good += 1
+            losses.append(loss.detach().float())
+            chunks.append(per_chunk.detach().float().mean(0))
+            if t_s is not None:
+                ts.append(t_s.detach().float())
+        grad_norm = self._optimizer_step()
+        if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
+            self.bad_in_a_row += 1
+            logger.warning("step %d: non-finite gradient norm; update skipped", self.step)
+        else:
+            self.bad_in_a_row = 0
+            if self.ema is not None:
+                self.ema.update(self.inner)
+        self.step += 1
+        # metrics, averaged over processes (one small gather)
+        vec = torch.cat([torch.stack(losses).mean()[None], torch.stack(chunks).mean(0)])
+        vec = acc.gather(vec[None]).mean(0) if acc.num_processes > 1 else vec
+        all_ts = torch.cat(ts) if ts else None
+        if all_ts is not None and acc.num_processes > 1:
+            all_ts = acc.gather(all_ts)
+        elapsed = time.perf_counter() - start
+        tokens = 2 * self.num_chunks * self.chunk_tokens * cfg.train.batch_size * k * acc.num_processes
+        rec = {"step": self.step, "stage": stage.name, "stage_index": stage_idx, "objective": stage.objective,
+               "loss": float(vec[0]), "loss_chunk": [float(x) for x in vec[1:]], "lr": lr,
+               "grad_norm": None if grad_norm is None else float(grad_norm), "step_time": elapsed,
+               "resample_time": t_res, "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped": skipped,
+               "data_position": self.data_position, "epoch": self.data.epoch_of(self.data_position)}
+        if all_ts is not None:
+            rec.update(t_s_mean=float(all_ts.mean()), t_s_std=float(all_ts.std()) if all_ts.numel() > 1 else 0.0,
+                       t_s_min=float(all_ts.min()), t_s_max=float(all_ts.max()))
+        return rec
+
+    def _optimizer_step(self) -> Optional[float]:
+        acc, clip = self.acc, self.cfg.train.grad_clip
+        if self.is_deepspeed:  # accelerate.backward already ran engine.step (clipping from the DS config)
+            norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        params = list(self.inner.parameters())
+        if clip > 0:
+            norm = float(acc.clip_grad_norm_(params, clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+        if not torch.isfinite(torch.tensor(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        stage_idx, stage = stage_at(self.cfg, max(self.step - 1, 0))
+        return {"step": self.step, "data_position": self.data_position, "stage_index": stage_idx,
+                "stage": stage.name, "objective": stage.objective, "epoch": self.data.epoch_of(self.data_position),
+                "lr": lr_at(self.step, self.cfg.train.lr, self.cfg.train.warmup_steps),
+                "world_size": self.acc.num_processes, "batch_size": self.cfg.train.batch_size,
+                "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed, "time": time.time()}
+
+    def _export(self, folder: Path) -> None:
+        state = None
+        if self.zero_stage == 3:  # gather the partitioned weights (collective: all processes)
+            full = self.acc.get_state_dict(self.model)
+            state = {k[len("model."):]: v for k, v in full.items()} if full else None
+        if not self.acc.is_main_process:
+            return
+        save_model(self.inner, folder, state=state)
+        if self.ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous().cpu() for k, v in self.ema.state_dict().items()}, str(folder / "ema.safetensors"))
+        (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.acc, self.run_dir, self.step, trainer_state=self.trainer_state(),
+                               export=self._export, keep_last=self.cfg.train.keep_last)
+        self.last_checkpoint = path
+        if self.acc.is_main_process:
+            logger.info("saved %s", path)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        total = total_steps(cfg)
+        stop = GracefulStop().install()
+        status = "completed"
+        bar = None
+        if cfg.train.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < total:
+                rec = self.train_step()
+                self.metrics.log(rec)
+                saved = False
+                if self.step % cfg.train.save_every == 0 or self.step == total:
+                    self.save()
+                    saved = True
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % cfg.train.log_every == 0 or self.step == total:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", stage=rec["stage"], refresh=False)
+                if self._all(1.0 if stop.requested else 0.0, "max") > 0:
+                    if not saved:
+                        self.save()
+                    status = "interrupted"
+                    logger.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume",
+                                   self.step, stop.requested or "a signal on another process", self.last_checkpoint)
+                    break
+            if self.step >= total and (self.last_checkpoint is None or read_trainer_state(self.last_checkpoint)["step"] != self.step):
+                self.save()
+        except BaseException:
+            for tracker in acc.trackers:  # flush TensorBoard/wandb; the JSONL log is already on disk
+                tracker.finish()
+            acc.trackers.clear()
+            raise
+        finally:
+            stop.close()
+            if bar is not None:
+                bar.close()
+        self._write_rank_report()
+        acc.end_training()
+        return {"status": status, "step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _write_rank_report(self) -> None:
+        """RUN/ranks/rank_R.json: step and a hash of this process's weights (multi-node checks)."""
+        if self.zero_stage == 3 or sum(p.numel() for p in self.inner.parameters()) > 50_000_000:
+            return
+        h = hashlib.sha256()
+        for p in self.inner.parameters():
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        out = self.run_dir / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        from .io import atomic_write_json
+
+        atomic_write_json(out / f"rank_{self.acc.process_index}.json",
+                          {"rank": self.acc.process_index, "world_size": self.acc.num_processes,
+                           "step": self.step, "weights_sha256": h.hexdigest()})
+
+
+def train(cfg: Config, accelerator=None) -> dict:
+    """Train `cfg` to the end of its last stage (or until SIGTERM/SIGINT). Resumes automatically."""
+    return Trainer(cfg, accelerator).fit()

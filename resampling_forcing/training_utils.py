@@ -1,0 +1,214 @@
+"""Small pieces of the training loop: stage schedule and config checks, the Accelerator, EMA, LR
+schedule, step seeds, and the metrics logger."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, StageConfig
+from .io import atomic_write_text
+
+logger = logging.getLogger("resampling_forcing.train")
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def total_steps(cfg: Config) -> int:
+    return sum(s.steps for s in cfg.train.stages)
+
+
+def stage_at(cfg: Config, step: int) -> tuple[int, StageConfig]:
+    """The stage that optimizer step `step` (0-based) belongs to; hard switches at boundaries."""
+    end = 0
+    for i, st in enumerate(cfg.train.stages):
+        end += st.steps
+        if step < end:
+            return i, st
+    return len(cfg.train.stages) - 1, cfg.train.stages[-1]
+
+
+def validate_training(cfg: Config) -> None:
+    t = cfg.train
+    if not t.stages or total_steps(cfg) < 1:
+        raise ConfigError("train.stages: need at least one stage with steps >= 1")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError(f"train.batch_size={t.batch_size}, train.grad_accum={t.grad_accum}: must be >= 1")
+    if t.lr <= 0 or len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.lr={t.lr} must be > 0 and train.betas={t.betas} two numbers in [0, 1)")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in (0, 1) or null")
+    if t.save_every < 1 or t.max_bad_steps < 1:
+        raise ConfigError("train.save_every and train.max_bad_steps must be >= 1")
+    for i, st in enumerate(t.stages):
+        if st.routing and cfg.attention.routing.mode == "dense":
+            raise ConfigError(f"train.stages[{i}].routing=true needs attention.routing.mode topk or window "
+                              "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")
+        if st.noise_aug_scale < 0:
+            raise ConfigError(f"train.stages[{i}].noise_aug_scale must be >= 0")
+
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_grad_accum(cfg: Config, world: int) -> None:
+    """train.global_batch_size -> train.grad_accum for this number of processes (in place)."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return
+    per_step = t.batch_size * world
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.batch_size "
+                          f"({t.batch_size}) x {world} processes; change one of them")
+    t.grad_accum = t.global_batch_size // per_step
+
+
+def build_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mp = cfg.train.mixed_precision
+    if mp != "no" and not torch.cuda.is_available():
+        logger.warning("train.mixed_precision=%s needs a GPU; training in fp32 on CPU", mp)
+        mp = "no"
+    timeout = datetime.timedelta(minutes=60)
+    handlers = []
+    if launch_world_size() > 1:  # launched distributed; CPU needs gloo (environment.md)
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout) if not torch.cuda.is_available()
+                        else InitProcessGroupKwargs(timeout=timeout))
+    # Launched distributed on a machine without CUDA (and not DeepSpeed): run DDP on CPU with gloo
+    # whatever the accelerate config says (accelerate needs cpu=True for that, environment.md).
+    cpu = (not torch.cuda.is_available() and launch_world_size() > 1
+           and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true")
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mp,
+                       project_dir=cfg.train.run_dir, kwargs_handlers=handlers,
+                       step_scheduler_with_optimizer=False)
+
+
+# ----------------------------------------------------------------------------- LR and seeds
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warmup over `warmup_steps` optimizer steps, then constant (the paper states no decay).
+    A pure function of the step, so the schedule's state is the step itself."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def step_seed(seed: int, position: int, rank: int) -> int:
+    """Seed of the randomness of one micro-batch (timesteps, noise, t_s, text dropout): a pure
+    function of (run seed, data position, rank), so a resumed run draws exactly the same numbers."""
+    return (int(seed) % (1 << 20)) * (1 << 42) + int(position) * (1 << 10) + int(rank) % (1 << 10)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """fp32 exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay {decay} must be in (0, 1)")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self._param_names = {n for n, _ in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.decay
+        for k, v in model.state_dict().items():
+            if k in self._param_names and v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v.detach())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.shadow if k not in state]
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} tensors (first: {missing[0]})")
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k].float())
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": scalar}; lists and None become strings (TensorBoard hparams)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    out[key] = d if isinstance(d, (int, float, str, bool)) else str(d)
+    return out
+
+
+class MetricsLogger:
+    """Per-step records to RUN/log.jsonl and scalars to accelerate's trackers (main process)."""
+
+    def __init__(self, accelerator, run_dir: str | os.PathLike, resume_step: int = 0):
+        self.acc = accelerator
+        self.path = Path(run_dir) / "log.jsonl"
+        self.main = accelerator.is_main_process
+        if self.main:
+            self._truncate(resume_step)
+
+    def _truncate(self, step: int) -> None:
+        """Drop records past `step` (from a run killed after its last checkpoint)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {}
+        for k, v in record.items():
+            if isinstance(v, bool) or k == "step":
+                continue
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                scalars[f"train/{k}"] = v
+            elif isinstance(v, list) and k == "loss_chunk":
+                for i, x in enumerate(v):
+                    if x is not None and math.isfinite(x):
+                        scalars[f"loss_chunk/{i}"] = x
+        if self.acc.trackers:
+            self.acc.log(scalars, step=record["step"])
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out

@@ -1,0 +1,189 @@
+"""History degradation (resampling.py): no gradient, t_s = 0 is teacher forcing, dependence on the
+weights, the KV-cache rollout equals a masked forward, and autoregressive causality."""
+import copy
+
+import pytest
+import torch
+
+from resampling_forcing.attention.masks import MaskSpec
+from resampling_forcing.attention.ops import MaskedAttention
+from resampling_forcing.attention.routing import RoutingSpec
+from resampling_forcing.resampling import (DegradeSettings, autoregressive_resample,
+                                           autoregressive_resample_reference, degrade_history,
+                                           noise_augment, parallel_resample, resample_grid,
+                                           sample_resample_t)
+from helpers import tiny_model
+
+N = 4  # chunks
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to a busy second core
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(model, seed=0, b=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, N * model.cfg.chunk_frames, 4, 4, generator=g)
+    ctx = torch.randn(b, 5, 8, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    return x, ctx, eps
+
+
+def _settings(obj, **kw):
+    return DegradeSettings(objective=obj, **kw)
+
+
+def test_t_s_law_and_grid():
+    t = sample_resample_t(20000, 0.6, generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - 0.375) < 0.01  # shift(0.5) with s = 0.6
+    grid = resample_grid(torch.tensor([0.5, 0.2]), 2)
+    torch.testing.assert_close(grid, torch.tensor([[0.5, 0.25, 0.0], [0.2, 0.1, 0.0]]))
+
+
+@pytest.mark.parametrize("objective", ["resampling", "parallel_resampling"])
+def test_t_s_zero_is_teacher_forcing(objective):
+    model = tiny_model()
+    x, ctx, _ = _data(model)
+    hist, t_s = degrade_history(model, x, ctx, _settings(objective, steps=2), t_s=torch.zeros(2))
+    assert torch.equal(hist, x)
+    tf, none = degrade_history(model, x, ctx, _settings("teacher_forcing"))
+    assert tf is x and none is None
+
+
+@pytest.mark.parametrize("objective", ["resampling", "parallel_resampling", "noise_augmentation"])
+def test_history_carries_no_gradient(objective):
+    """The history is a leaf without graph, and a backward through the training forward gives the
+    same gradients as training on a constant copy of it: the resampling pass is untouched."""
+    model = tiny_model().train()
+    x, ctx, eps = _data(model)
+    g = torch.Generator().manual_seed(1)
+    hist, _ = degrade_history(model, x, ctx, _settings(objective), generator=g)
+    assert not hist.requires_grad and hist.grad_fn is None
+    assert all(p.grad is None for p in model.parameters())
+    spec = MaskSpec("dual", N, model.chunk_tokens(4, 4))
+    t = torch.rand(2, N, generator=g)
+    noisy = (1 - t.repeat_interleave(2, 1)[:, None, :, None, None]) * x + t.repeat_interleave(2, 1)[:, None, :, None, None] * eps
+
+    def grads(h):
+        model.zero_grad(set_to_none=True)
+        v = model.forward_dual(h, noisy, t, ctx, MaskedAttention(spec, "sdpa"))
+        ((v - (eps - x)) ** 2).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(hist), grads(hist.clone())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("objective", ["resampling", "parallel_resampling"])
+def test_differs_from_ground_truth_and_depends_on_weights(objective):
+    model = tiny_model()
+    x, ctx, _ = _data(model)
+    t_s = torch.tensor([0.5, 0.3])
+    h1, _ = degrade_history(model, x, ctx, _settings(objective), generator=torch.Generator().manual_seed(5), t_s=t_s)
+    cf = model.cfg.chunk_frames
+    for i in range(N - 1):  # the last history chunk is never attended: left as ground truth
+        assert (h1[:, :, i * cf:(i + 1) * cf] - x[:, :, i * cf:(i + 1) * cf]).abs().max() > 1e-3
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.blocks[0].self_attn.v.weight.add_(0.2)
+    h2, _ = degrade_history(other, x, ctx, _settings(objective), generator=torch.Generator().manual_seed(5), t_s=t_s)
+    assert (h1 - h2)[:, :, : (N - 1) * cf].abs().max() > 1e-4
+    # same weights and seed: deterministic
+    h3, _ = degrade_history(model, x, ctx, _settings(objective), generator=torch.Generator().manual_seed(5), t_s=t_s)
+    assert torch.equal(h1, h3)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_cache_rollout_equals_masked_forward(steps):
+    """The KV-cache rollout equals chunk-by-chunk full forwards under the block-causal mask."""
+    model = tiny_model()
+    x, ctx, eps = _data(model)
+    t_s = torch.tensor([0.7, 0.25])
+    fast = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, steps=steps, include_last=True)
+    ref = autoregressive_resample_reference(model, x, t_s, context=ctx, eps=eps, steps=steps, include_last=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    one = fast[:, :, :2]  # first chunk, one step: x~ = z - t_s v(z, t_s)
+    if steps == 1:
+        z = (1 - t_s.view(-1, 1, 1, 1, 1)) * x[:, :, :2] + t_s.view(-1, 1, 1, 1, 1) * eps[:, :, :2]
+        with torch.no_grad():
+            v = model(z, t_s, ctx, attn=MaskedAttention(MaskSpec("block_causal", 1, 4 * 2), "sdpa"))
+        torch.testing.assert_close(one, z - t_s.view(-1, 1, 1, 1, 1) * v, rtol=1e-5, atol=1e-5)
+
+
+def test_autoregressive_causality():
+    """Perturbing degraded chunk j changes chunks > j only (chunk i conditions on degraded chunks < i)."""
+    model = tiny_model()
+    x, ctx, eps = _data(model)
+    t_s = torch.tensor([0.5, 0.5])
+    cf = model.cfg.chunk_frames
+    base = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, include_last=True)
+    for j in range(N):
+        def bump(i, z, j=j):
+            return z + 0.5 if i == j else z
+
+        out = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, include_last=True, on_chunk=bump)
+        for i in range(N):
+            d = (out - base)[:, :, i * cf:(i + 1) * cf].abs().max().item()
+            if i < j:
+                assert d == 0.0, (j, i)
+            elif i == j:
+                assert abs(d - 0.5) < 1e-6
+            else:
+                assert d > 1e-4, (j, i)
+
+
+def test_parallel_resampling_conditions_on_ground_truth():
+    """Parallel resampling of chunk i == one denoising pass over [x_<i (ground truth), z_i]."""
+    model = tiny_model()
+    x, ctx, eps = _data(model)
+    t_s = torch.tensor([0.6, 0.4])
+    cf, tok = model.cfg.chunk_frames, model.chunk_tokens(4, 4)
+    par = parallel_resample(model, x, t_s, context=ctx, eps=eps)
+    tb = t_s.view(-1, 1, 1, 1, 1)
+    for i in range(N):
+        z = (1 - tb) * x[:, :, i * cf:(i + 1) * cf] + tb * eps[:, :, i * cf:(i + 1) * cf]
+        seq = torch.cat([x[:, :, :i * cf], z], 2)
+        t = torch.zeros(2, i + 1)
+        t[:, i] = t_s
+        with torch.no_grad():
+            v = model(seq, t, ctx, attn=MaskedAttention(MaskSpec("block_causal", i + 1, tok), "sdpa"))[:, :, i * cf:]
+        torch.testing.assert_close(par[:, :, i * cf:(i + 1) * cf], z - tb * v, rtol=1e-5, atol=1e-5)
+    # no accumulation: the AR variant differs from the parallel one beyond the first chunk
+    ar = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, include_last=True)
+    torch.testing.assert_close(ar[:, :, :cf], par[:, :, :cf], rtol=1e-5, atol=1e-5)
+    assert (ar[:, :, cf:] - par[:, :, cf:]).abs().max() > 1e-4
+
+
+def test_noise_augmentation_scale():
+    x = torch.zeros(4, 3, 8, 16, 16)
+    y = noise_augment(x, 0.1, torch.Generator().manual_seed(0))
+    assert abs(y.std().item() - 0.1) < 0.005
+
+
+def test_routing_with_room_for_all_equals_dense():
+    model = tiny_model()
+    x, ctx, eps = _data(model)
+    t_s = torch.tensor([0.5, 0.5])
+    dense = autoregressive_resample(model, x, t_s, context=ctx, eps=eps)
+    wide = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, routing=RoutingSpec("topk", top_k=N))
+    torch.testing.assert_close(wide, dense, rtol=1e-5, atol=1e-5)
+    top1 = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, routing=RoutingSpec("topk", top_k=1))
+    assert top1.shape == dense.shape and torch.isfinite(top1).all()
+    par = parallel_resample(model, x, t_s, context=ctx, eps=eps, routing=RoutingSpec("topk", top_k=1))
+    assert torch.isfinite(par).all()
+
+
+def test_resampling_cfg():
+    model = tiny_model()
+    x, ctx, eps = _data(model)
+    t_s = torch.tensor([0.5, 0.5])
+    plain = autoregressive_resample(model, x, t_s, context=ctx, eps=eps)
+    same = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, null_context=torch.zeros_like(ctx), cfg_scale=1.0)
+    assert torch.equal(plain, same)
+    guided = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, null_context=torch.zeros_like(ctx), cfg_scale=3.0)
+    assert (guided - plain).abs().max() > 1e-4

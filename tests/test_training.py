@@ -1,0 +1,243 @@
+"""The training loop in-process (single process, CPU): objective stages, logs, checkpoints, exact
+resume after a signal, NaN handling, atomic checkpoints, and one-line config errors."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
+from resampling_forcing.config import Config, StageConfig, config_from_dict, load_config
+from resampling_forcing.models.loading import load_model
+from resampling_forcing.training import Trainer, TrainingAborted, lr_at, stage_at, train
+from train_helpers import REPO, TINY_YAML, read_log, small_overrides
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and immune to a busy second core
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def cfg_for(run_dir, synth, *extra, **kw):
+    return load_config(TINY_YAML, small_overrides(run_dir, synth, **kw) + list(extra))
+
+
+def test_stage_schedule_and_lr():
+    cfg = Config()
+    cfg.train.stages = [StageConfig(name="tf", steps=3), StageConfig(name="rf", objective="resampling", steps=2)]
+    assert [stage_at(cfg, s)[1].name for s in range(5)] == ["tf", "tf", "tf", "rf", "rf"]
+    assert lr_at(0, 1.0, 4) == 0.25 and lr_at(3, 1.0, 4) == 1.0 and lr_at(100, 1.0, 4) == 1.0
+    assert lr_at(0, 1.0, 0) == 1.0
+
+
+def test_fixed_batch_loss_decreases_and_run_dir_layout(tmp_path, synth):
+    run = tmp_path / "run"
+    cfg = cfg_for(run, synth, "data.fixed_batch=true", "train.ema_decay=0.9", "train.keep_last=2",
+                  "train.save_every=2", steps_tf=4, steps_rf=4)
+    result = train(cfg)
+    assert result["status"] == "completed" and result["step"] == 8
+    log = read_log(run)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert [r["objective"] for r in log] == ["teacher_forcing"] * 4 + ["resampling"] * 4  # hard switch
+    assert all(len(r["loss_chunk"]) == 4 and r["tokens_per_s"] > 0 and r["step_time"] > 0 for r in log)
+    assert all("t_s_mean" in r for r in log[4:]) and not any("t_s_mean" in r for r in log[:4])
+    losses = [r["loss"] for r in log]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    # rotation keeps the last 2; each checkpoint is complete and readable by the sampler's loader
+    ckpts = list_checkpoints(run)
+    assert [s for s, _ in ckpts] == [6, 8]
+    for step, path in ckpts:
+        names = {p.name for p in path.iterdir()}
+        assert {"model.safetensors", "model_config.json", "ema.safetensors", "config.yaml", "trainer_state.json",
+                "optimizer.bin", "random_states_0.pkl"} <= names
+        state = read_trainer_state(path)
+        assert state["step"] == step and state["data_position"] == step
+        model = load_model(path)
+        assert model.cfg.dim == 32 and model.cfg.chunk_frames == 2
+        back = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        assert back.train.stages[1].objective == "resampling"
+    assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
+    assert (run / "config.yaml").is_file() and any((run / "tb").rglob("events.out.tfevents*"))
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeypatch):
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    train(cfg_for(ref_run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
+    ref = read_log(ref_run)
+
+    original = Trainer.train_step
+
+    def step_then_signal(self):
+        rec = original(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: finish the step, save, return
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    first = train(cfg_for(run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
+    assert first["status"] == "interrupted" and first["step"] == 3
+    assert [s for s, _ in list_checkpoints(run)] == [3]
+    monkeypatch.setattr(Trainer, "train_step", original)
+    second = train(cfg_for(run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
+    assert second["status"] == "completed" and second["step"] == 6
+    got = read_log(run)
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]  # exact, step for step
+    assert [r["loss_chunk"] for r in got] == [r["loss_chunk"] for r in ref]
+    a = load_model(list_checkpoints(ref_run)[-1][1]).state_dict()
+    b = load_model(list_checkpoints(run)[-1][1]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # an explicit resume_from (another run's checkpoint) continues from there into a new run dir
+    third = train(cfg_for(tmp_path / "branch", synth, "train.save_every=100", f"train.resume_from={run}/checkpoints/step_0000003",
+                          steps_tf=2, steps_rf=4))
+    assert third["step"] == 6
+    assert [r["loss"] for r in read_log(tmp_path / "branch")] == [r["loss"] for r in ref[3:]]
+
+
+def test_nan_loss_skips_then_aborts(tmp_path, synth, monkeypatch):
+    run = tmp_path / "run"
+    original = Trainer.compute_loss
+    bad_positions = {2}
+
+    def flaky(self, batch, stage, gen):
+        loss, per_chunk, t_s, dt = original(self, batch, stage, gen)
+        if self.data_position - 1 in bad_positions or self.data_position - 1 >= 100:
+            loss = loss * float("nan")
+        return loss, per_chunk, t_s, dt
+
+    monkeypatch.setattr(Trainer, "compute_loss", flaky)
+    train(cfg_for(run, synth, "train.save_every=2", steps_tf=2, steps_rf=2))
+    log = read_log(run)
+    assert [r["skipped"] for r in log] == [0, 0, 1, 0]  # position 2 skipped; step 3 used position 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert all(torch.isfinite(p).all() for p in load_model(run / "checkpoints" / "step_0000004").parameters())
+    # from position 5 on every loss is NaN: abort after max_bad_steps in a row, checkpoint intact
+    bad_positions.update(range(5, 1000))
+    with pytest.raises(TrainingAborted, match="3 non-finite losses in a row.*step_0000004"):
+        train(cfg_for(run, synth, "train.save_every=2", "train.max_bad_steps=3", steps_tf=2, steps_rf=6))
+    assert [s for s, _ in list_checkpoints(run)][-1] == 4
+    load_model(run / "checkpoints" / "step_0000004")
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path, synth, monkeypatch):
+    run = tmp_path / "run"
+    original = Trainer._export
+    calls = {"n": 0}
+
+    def export_fails_second_time(self, folder):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            original(self, folder)
+            (folder / "model.safetensors").write_bytes(b"half")  # a torn write...
+            raise OSError("disk full")  # ...then a crash before the rename
+        original(self, folder)
+
+    monkeypatch.setattr(Trainer, "_export", export_fails_second_time)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg_for(run, synth, "train.save_every=2", steps_tf=2, steps_rf=2))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [".tmp-step_0000004", "step_0000002"]  # the final name only ever holds a complete one
+    monkeypatch.setattr(Trainer, "_export", original)
+    result = train(cfg_for(run, synth, "train.save_every=2", steps_tf=2, steps_rf=2))  # auto-resume from step 2
+    assert result["step"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+    load_model(run / "checkpoints" / "step_0000004")
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.stages=[{name: na, objective: noise_augmentation, steps: 1, noise_aug_scale: 0.2}]"],
+    ["train.stages=[{name: pr, objective: parallel_resampling, steps: 1, resample_steps: 2}]"],
+    ["train.stages=[{name: rr, objective: resampling, steps: 1, routing: true, resample_cfg: 2.0}]",
+     "attention.routing.mode=topk", "attention.routing.top_k=1", "train.grad_accum=2"],
+])
+def test_objectives_and_routing_stage_train(tmp_path, synth, extra):
+    run = tmp_path / "run"
+    result = train(cfg_for(run, synth, *extra))
+    assert result["step"] == 1
+    rec = read_log(run)[0]
+    assert torch.isfinite(torch.tensor(rec["loss"])) and rec["grad_norm"] > 0
+
+
+def test_text_dropout_uses_the_empty_prompt(tmp_path, synth):
+    trainer = Trainer(cfg_for(tmp_path / "run", synth, "data.text_dropout=1.0"))
+    seen = []
+    inner_forward = trainer.inner.forward_dual
+    trainer.inner.forward_dual = lambda h, n, t, ctx, attn: seen.append(ctx) or inner_forward(h, n, t, ctx, attn)
+    batch = trainer.data.batch(0)
+    trainer.compute_loss(batch, trainer.cfg.train.stages[0], torch.Generator().manual_seed(0))
+    empty = trainer.data.text_encoder.encode([""])[0]
+    assert torch.equal(seen[0], empty.expand_as(seen[0])) and not torch.equal(batch["text"], seen[0])
+    trainer.acc.end_training()
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+@pytest.mark.parametrize("bad", [
+    ["train.nosuchkey=1"],
+    ["data.source=manifest", "data.manifest=/nonexistent/manifest.jsonl"],
+    ["data.source=latents", "data.latents_dir=/nonexistent"],
+    ["train.stages=[{name: r, steps: 1, routing: true}]"],
+    ["data.num_frames=7"],  # 7 latent frames are not whole chunks of 2
+])
+def test_cli_bad_config_or_data_exits_2(tmp_path, synth, capsys, bad):
+    code = _cli()(["--config", str(TINY_YAML)] + small_overrides(tmp_path / "run", synth) + bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) >= 1 and err[-1].startswith("error: ")
+
+
+def test_latents_source_trains(tmp_path, synth):
+    """data.source=latents: a store from data.latents.precompute; the empty-prompt embedding is
+    computed once and kept next to it."""
+    from resampling_forcing.data.latents import precompute
+    from resampling_forcing.data.loader import synthetic_manifest
+    from resampling_forcing.data.video import VideoClipDataset
+    from resampling_forcing.encoders import build_text_encoder, build_vae
+
+    cfg = cfg_for(tmp_path / "run", synth)
+    ds = VideoClipDataset(synthetic_manifest(cfg), 8, 16, 16, fps=cfg.data.fps, split="train", random_start=False)
+    store = tmp_path / "latents"
+    precompute(ds, build_vae(cfg.encoders), build_text_encoder(cfg.encoders), store, shard_size=8, progress=False)
+    result = train(cfg_for(tmp_path / "run", synth, "data.source=latents", f"data.latents_dir={store}"))
+    assert result["step"] == 6 and (store / "null_text.safetensors").is_file()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "run"))
+
+
+def test_loader_order_is_a_function_of_the_position(tmp_path, synth):
+    """Batches depend only on (seed, position, rank, world): the same with and without DataLoader
+    workers, across an epoch boundary, and disjoint between ranks."""
+    from resampling_forcing.data.loader import TrainData, synthetic_manifest
+    from resampling_forcing.encoders import build_text_encoder, build_vae
+
+    cfg = cfg_for(tmp_path / "run", synth, "data.source=manifest", "data.text_dropout=0.0")
+    cfg.data.manifest = str(synthetic_manifest(cfg))
+    enc = dict(vae=build_vae(cfg.encoders), text_encoder=build_text_encoder(cfg.encoders))
+    plain = TrainData(cfg, 2, **enc)
+    cfg.data.num_workers = 2
+    workers = TrainData(cfg, 2, **enc)
+    for pos in range(plain.per_epoch + 2):  # one loader per epoch
+        a, b = plain.batch(pos), workers.batch(pos)
+        assert torch.equal(a["latents"], b["latents"]) and a["caption"] == b["caption"]
+    r0 = TrainData(cfg, 2, rank=0, world=2, **enc).indices(5)
+    r1 = TrainData(cfg, 2, rank=1, world=2, **enc).indices(5)
+    assert len(set(r0) | set(r1)) == 4
