@@ -1,7 +1,11 @@
 """Small builders shared by tests."""
-import torch
+from pathlib import Path
 
-from resampling_forcing.config import ModelConfig
+import torch
+import yaml
+
+from resampling_forcing.config import ModelConfig, config_from_dict, to_dict
+from resampling_forcing.models.loading import save_model
 from resampling_forcing.models.wan import CausalWanModel
 
 
@@ -19,3 +23,39 @@ def tiny_model(seed=0, **kw) -> CausalWanModel:
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return m.eval()
+
+
+def tiny_run_config(**sections):
+    data = {
+        "model": dict(in_channels=12, out_channels=12, dim=32, ffn_dim=48, num_heads=2, num_layers=2,
+                      patch_size=[1, 2, 2], text_dim=8, freq_dim=16, chunk_frames=2),
+        "encoders": dict(vae="pixel_shuffle", vae_factor=2, text="hash", text_len=6, text_dim=8),
+        "data": dict(height=8, width=8, fps=4.0),
+        "diffusion": dict(sample_steps=2, sample_shift=3.0, cfg_scale=2.0),
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return config_from_dict(data)
+
+
+def save_checkpoint_for_tests(root, *, step=10, seed=0, ema=False, cfg=None, model_overrides=None):
+    """A run dir as the trainer writes it: RUN/config.yaml, RUN/checkpoints/step_XXXXXXX/
+    {model.safetensors, model_config.json, config.yaml[, ema.safetensors]}. Returns RUN."""
+    root = Path(root)
+    cfg = cfg or tiny_run_config()
+    mcfg = cfg.model if not model_overrides else type(cfg.model)(**{**to_dict(cfg.model), **model_overrides})
+    torch.manual_seed(seed)
+    model = CausalWanModel(mcfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ck = root / "checkpoints" / f"step_{step:07d}"
+    save_model(model, ck)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    (ck / "config.yaml").write_text(text)
+    (root / "config.yaml").write_text(text)
+    if ema:
+        from safetensors.torch import save_file
+
+        save_file({k: (v + 0.1).contiguous() for k, v in model.state_dict().items()}, str(ck / "ema.safetensors"))
+    return root

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from test_sample_cli import save_checkpoint_for_tests
+from helpers import save_checkpoint_for_tests
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "preview.ipynb"
 

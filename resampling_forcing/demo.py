@@ -1,0 +1,160 @@
+"""`make demo`: the embedded default end to end on CPU.
+
+1. generate the synthetic bouncing-shapes data set (mp4 + captions, some captions held out),
+2. train the tiny model for a few minutes: teacher-forcing warmup, then Resampling Forcing,
+3. sample videos 4x longer than the training clips from the held-out captions, with the model
+   just trained and with the small checkpoint shipped in assets/ (trained longer by the same
+   command, see docs/results.md),
+4. evaluate every video against what its caption should show, per training-length segment,
+   next to real generator clips of the same captions,
+5. write mp4s, a contact sheet, drift plots and metrics.json to outputs/demo/.
+
+    python -m resampling_forcing.demo [--out outputs/demo] [--tf-steps N] [--rf-steps N] ...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config
+from .data.synthetic import generate_clip
+from .encoders import build_vae
+from .eval import evaluate_video, mean_over_videos, plot_drift
+from .io import atomic_write_json, contact_sheet, write_mp4
+from .pipeline import Pipeline
+from .training import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
+PRETRAINED = REPO / "assets" / "tiny-pretrained"
+SUMMARY_KEYS = ("quality", "object_fidelity", "motion_score", "identity_consistency", "background_clean")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48]
+
+
+def demo_captions(data_dir: Path, extra: int) -> list[str]:
+    """Held-out captions of the generated data set, then `extra` training captions for contrast."""
+    info = json.loads((data_dir / "dataset.json").read_text())
+    captions = list(info["held_out_captions"])
+    seen = []
+    for line in (data_dir / "manifest.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "train" and row["caption"] not in seen + captions:
+            seen.append(row["caption"])
+    return captions + seen[:extra]
+
+
+def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int, seed: int,
+                    segment_frames: int, out: Path) -> tuple[list[dict], torch.Tensor, dict]:
+    pipe = Pipeline.from_pretrained(path, device="cpu")
+    print(f"[demo]   {name}: {len(captions)} rollouts of {num_chunks} chunks from {path}", flush=True)
+    res = pipe.generate(captions, num_chunks, seed=seed)
+    results = []
+    for i, caption in enumerate(captions):
+        video = res.video[i].numpy()
+        mp4 = out / name / f"{i:02d}_{_slug(caption)}.mp4"
+        write_mp4(mp4, video, fps=pipe.config.data.fps)
+        atomic_write_json(mp4.with_suffix(".json"), dict(prompt=caption, seed=seed, model=name,
+                                                          checkpoint=str(path), options=res.options))
+        results.append(evaluate_video(video, caption, segment_frames=segment_frames, name=mp4.name))
+    return results, res.video, res.timings
+
+
+def summarize(results: list[dict]) -> dict:
+    means = mean_over_videos(results)
+    return {"per_segment": means,
+            "first_segment": {k: means[0].get(k) for k in SUMMARY_KEYS},
+            "last_segment": {k: means[-1].get(k) for k in SUMMARY_KEYS}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--tf-steps", type=int, default=250, help="teacher-forcing warmup steps")
+    p.add_argument("--rf-steps", type=int, default=100, help="Resampling Forcing steps")
+    p.add_argument("--length-factor", type=int, default=4, help="rollout length / training clip length")
+    p.add_argument("--extra-captions", type=int, default=2, help="training captions sampled besides held-out ones")
+    p.add_argument("--pretrained", default=str(PRETRAINED), help="shipped checkpoint ('' to skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    out = Path(args.out)
+    start = time.time()
+    try:
+        cfg = load_config(args.config, [f"train.run_dir={out / 'run'}", *args.overrides])
+    except ConfigError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+    if len(cfg.train.stages) != 2:
+        print("demo: error: the demo config needs two stages (teacher forcing, resampling)", file=sys.stderr)
+        return 2
+    cfg.train.stages[0].steps, cfg.train.stages[1].steps = args.tf_steps, args.rf_steps
+
+    print(f"[demo] 1-2/5 data + training ({args.tf_steps} teacher-forcing + {args.rf_steps} resampling steps) "
+          f"-> {out / 'run'}", flush=True)
+    train(cfg)
+    t_train = time.time() - start
+
+    data_dir = Path(cfg.data.synthetic_dir)
+    captions = demo_captions(data_dir, args.extra_captions)
+    clip_frames = cfg.data.num_frames
+    vae = build_vae(cfg.encoders)
+    num_chunks = args.length_factor * vae.latents_for_frames(clip_frames) // cfg.model.chunk_frames
+    rollout_frames = vae.frames_for_latents(num_chunks * cfg.model.chunk_frames)
+    print(f"[demo] 3/5 sampling {len(captions)} captions x {rollout_frames} frames "
+          f"({args.length_factor}x the {clip_frames}-frame training clips)", flush=True)
+
+    models = {"live": out / "run"}
+    if args.pretrained and Path(args.pretrained).is_dir():
+        models["pretrained"] = Path(args.pretrained)
+    metrics, rows, labels, timings = {}, [], [], {}
+    for name, path in models.items():
+        results, video, timings[name] = sample_and_eval(name, path, captions, num_chunks, args.seed,
+                                                        clip_frames, out)
+        metrics[name] = summarize(results)
+        plot_drift(results, out / f"drift_{name}.png", title=f"{name}: per {clip_frames}-frame segment")
+        rows += list(video.numpy())
+        labels += [f"{name}: {c}" for c in captions]
+
+    print("[demo] 4/5 evaluating real generator clips of the same captions (the ceiling)", flush=True)
+    real = []
+    for i, caption in enumerate(captions):
+        frames, _ = generate_clip(10_000 + i, frames=rollout_frames, size=cfg.data.height, caption=caption)
+        real.append(evaluate_video(frames, caption, segment_frames=clip_frames, name=f"real_{i}"))
+        rows.append(frames)
+        labels.append(f"real: {caption}")
+    metrics["real"] = summarize(real)
+
+    print("[demo] 5/5 writing contact sheet, plots and metrics", flush=True)
+    contact_sheet(rows, out / "contact_sheet.png", every=2, labels=labels, scale=2)
+    atomic_write_json(out / "metrics.json", dict(
+        captions=captions, rollout_frames=rollout_frames, segment_frames=clip_frames,
+        train_steps=dict(teacher_forcing=args.tf_steps, resampling=args.rf_steps),
+        train_seconds=round(t_train, 1), total_seconds=round(time.time() - start, 1),
+        sampling_timings=timings, models=metrics))
+
+    print(f"\n[demo] done in {time.time() - start:.0f} s. Mean scores per {clip_frames}-frame segment "
+          "(quality = mean of fidelity, motion, identity, background; 1 is perfect):")
+    for name, m in metrics.items():
+        q = [s.get("quality") for s in m["per_segment"]]
+        print(f"  {name:<11} " + "  ".join("-" if v is None else f"{v:.2f}" for v in q))
+    print(f"\noutputs in {out}/: live/*.mp4" + (", pretrained/*.mp4" if "pretrained" in models else "")
+          + ", contact_sheet.png, drift_*.png, metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
