@@ -120,21 +120,35 @@ class CachedAttention:
 
     def __call__(self, q, k, v, layer: int):
         cache = self.cache
-        routed = (self.routing is not None and not self.routing.is_dense and cache.num_chunks > 0
+        n = cache.num_chunks
+        routes = (self.routing is not None and not self.routing.is_dense and n > 0
                   and routes_layer(self.routing_layers, layer))
-        if routed:
+        chunks = None
+        if routes:
+            from .attention.routing import routed_attention, select_chunks, static_chunks
+
+            # Window mode, or a history no longer than what is kept: the chunks are known on the
+            # host without scores (no sync); keeping them all is plain dense attention.
+            chunks = static_chunks(self.routing, n)
+        if routes and chunks != list(range(n)):
             hist_k, hist_v, mean_k = cache.history(layer)
             cache.put_current(layer, k, v)
-            from .attention.routing import routed_attention, select_chunks
-
-            sel = select_chunks(q, mean_k, self.routing)
-            if self.recorder is not None and self.commit:
-                self.recorder.add(cache.num_chunks, layer, sel)
+            sel = select_chunks(q, mean_k, self.routing) if chunks is None else _static_sel(q, n, chunks)
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens,
-                                      backend=self._routing_backend(q))
+                                      backend=self._routing_backend(q), chunks=chunks)
         else:
             keys, values = cache.put_current(layer, k, v)
+            sel = _static_sel(q, n, chunks) if routes else None
             out = attention(q, keys, values, None, self.backend)
+        if self.recorder is not None and self.commit and sel is not None:
+            self.recorder.add(n, layer, sel)
         if self.commit:
             cache.put_mean(layer, k)
         return out
+
+
+def _static_sel(q: torch.Tensor, n: int, chunks: list[int]) -> torch.Tensor:
+    """The bool selection [B, Hh, Lq, n] that keeps `chunks` for every query (for the recorder)."""
+    sel = torch.zeros(q.shape[0], q.shape[1], q.shape[2], n, dtype=torch.bool, device=q.device)
+    sel[..., chunks] = True
+    return sel

@@ -16,10 +16,13 @@ Training (sequence [H_1..H_N | Q_1..Q_N], base mask of CONTRACTS.md, routing ove
 Backends
 --------
 * Reference functions (`*_reference`): plain dense tensor math, obviously correct, for tests.
-* torch: `select_chunks` uses a stable sort (exactly the reference tie rule); `routed_attention`
-  runs two branches (current chunk; gathered union of selected history chunks with a per-token
-  chunk mask) in query blocks of bounded memory and merges them by log-sum-exp. ONE host sync
-  remains: the size of the gathered union (`nonzero`). Everything else is sync free.
+* torch: `select_chunks` takes the top-k by a threshold + lowest-index tie break (exactly the
+  reference tie rule, no sort, no host sync). `routed_attention` is planned from `sel` with ONE
+  host sync (none when the caller passes `chunks=static_chunks(spec, N)`): same chunks for every
+  query (window mode, k >= history) -> one plain attention over [those chunks | current] (no mask);
+  otherwise the current chunk and the (query, chunk) pairs grouped by chunk (MoBA style, cost
+  ~ #pairs * T * D: proportional to k, not to the history length), merged by log-sum-exp. On CPU
+  inference both use torch's fused flash kernel; with autograd, explicit differentiable ops.
 * triton (CUDA, or CPU under TRITON_INTERPRET=1): `resampling_forcing.kernels` — a fused routing
   kernel and a routed attention kernel that reads history chunks in place. No host syncs.
 
@@ -47,6 +50,7 @@ __all__ = [
     "select_chunks",
     "routed_attention_reference",
     "routed_attention",
+    "static_chunks",
     "merge_by_lse",
     "routed_block_mask",
     "training_allowed",
@@ -302,18 +306,22 @@ def select_chunks_reference(
 def _select_torch(q, mean_k, spec, allowed):
     B, Hh, Lq, _ = q.shape
     N = mean_k.shape[2]
-    al, keep = _keep_and_allowed(spec, allowed, Lq, N, q.device)
-    if spec.mode == "dense":
+    if spec.mode == "dense" or N <= spec.max_selected():  # every allowed chunk is kept (host rule)
+        al = allowed if allowed is not None else torch.ones((Lq, N), dtype=torch.bool, device=q.device)
         return al.expand(B, Hh, Lq, N).contiguous()
+    al, keep = _keep_and_allowed(spec, allowed, Lq, N, q.device)
     if spec.mode == "window" or N == 0:
         return keep.expand(B, Hh, Lq, N).contiguous()
     cand = al & ~keep
-    s = routing_scores(q, mean_k).masked_fill_(~cand, _NEG_INF)
+    s = torch.where(cand, routing_scores(q, mean_k), _NEG_INF)
     k = min(int(spec.top_k), N)
-    # stable descending sort: equal scores keep ascending chunk order -> lower index wins
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
-    top = torch.zeros((B, Hh, Lq, N), dtype=torch.bool, device=q.device)
-    top.scatter_(-1, order, True)
+    # Exactly "stable descending sort, first k" without a sort: kth = the k-th largest score (topk
+    # values do not depend on how ties are ordered); keep every candidate above it, and of those equal
+    # to it the first (lowest index) k - #above.
+    kth = s.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = s > kth
+    tie = (s == kth) & cand
+    top = above | (tie & (tie.cumsum(dim=-1) <= k - above.sum(dim=-1, keepdim=True)))
     return (top & cand) | keep
 
 
@@ -436,11 +444,10 @@ def merge_by_lse(
     return o.to(o1.dtype), lse.to(lse_dtype)
 
 
-def _attend_with_lse(q, k, v, scale, chunk_sel=None, chunk_tokens=None, block_rows=None):
-    """Softmax attention with lse, in query blocks of bounded memory (torch path).
+def _attend_with_lse(q, k, v, scale):
+    """Unmasked softmax attention with lse, in query blocks of bounded memory (explicit torch ops).
 
-    chunk_sel: optional bool [B,Hh,Lq,U], key token t is visible iff chunk_sel[..., t // chunk_tokens].
-    Returns (out, lse) in the working dtype (fp32, or fp64 for fp64 inputs).
+    Returns (out, lse) in the working dtype (fp32, or fp64 for fp64 inputs); no keys -> 0, -inf.
     """
     B, Hh, Lq, D = q.shape
     Lk = k.shape[2]
@@ -451,41 +458,162 @@ def _attend_with_lse(q, k, v, scale, chunk_sel=None, chunk_tokens=None, block_ro
     kf = k.to(wd)
     vf = v.to(wd)
     el = torch.finfo(wd).bits // 8
-    rows = block_rows or max(1, min(Lq, _SCORE_BLOCK_BYTES // max(1, B * Hh * Lk * el)))
+    rows = max(1, min(Lq, _SCORE_BLOCK_BYTES // max(1, B * Hh * Lk * el)))
     outs, lses = [], []
     for s0 in range(0, Lq, rows):
         s = torch.matmul(q[:, :, s0: s0 + rows].to(wd), kf.transpose(-1, -2)) * scale
-        if chunk_sel is not None:
-            m = chunk_sel[:, :, s0: s0 + rows]
-            s = s.unflatten(-1, (m.shape[-1], chunk_tokens)).masked_fill(~m.unsqueeze(-1), _NEG_INF).flatten(-2)
         lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - torch.where(lse == _NEG_INF, torch.zeros_like(lse), lse).unsqueeze(-1))
-        outs.append(torch.matmul(p, vf))
+        outs.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vf))
         lses.append(lse)
     if len(outs) == 1:
         return outs[0], lses[0]
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale):
-    out_c, lse_c = _attend_with_lse(q, k_cur, v_cur, scale)
+# torch's fused CPU flash-attention kernel returns the lse too. Private op: its lse carries no gradient
+# and it rejects empty inputs, so autograd, other devices and empty shapes use `_attend_with_lse`.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attn_lse(q, k, v, scale):
+    """Unmasked attention -> (out, lse) in the working dtype; the fused kernel for CPU inference."""
+    if (
+        _FLASH_CPU is not None and q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    ):
+        wd = _work_dtype(q)
+        out, lse = _FLASH_CPU(q.to(wd), k.to(wd), v.to(wd), scale=scale)
+        return out, lse.to(wd)
+    return _attend_with_lse(q, k, v, scale)
+
+
+# History branch of the torch path, grouped like MoBA: the pairs (query token, selected chunk) of one
+# (batch, head, chunk) group share that chunk's keys, so their queries are gathered into tiles of G rows
+# and each tile attends its chunk's T keys, unmasked (one fused-kernel problem per tile). Cost ~ #pairs
+# * T * D (the selection size, not the history length) plus padding of each group's last tile.
+# "padded": one tile per group with G = the largest group, K/V read in place ([B*Hh, N, T, D] view of
+# the cache); otherwise tiles skip empty groups and each tile's chunk K/V is gathered. The layout is
+# chosen by a cost model fitted to CPU timings (tiny and wan-100m shapes; flash kernel): time ~
+# (rows + _TILE_GATHER_ROWS * gathered tiles) * T * D + _TILE_OVERHEAD * tiles.
+_TILE_ROWS = (16, 32, 64)
+_TILE_GATHER_ROWS = 24
+_TILE_OVERHEAD = 20000
+
+
+def _plan_history(sel: torch.Tensor, T: int, D: int):
+    """Host-side plan of the torch path's history branch from `sel` [B,Hh,Lq,N] (ONE host sync).
+
+    Returns ("none",) | ("uniform", chunks) | ("grouped", G, num_tiles, padded).
+    uniform: every (batch, head, token) selects the same chunks (window mode, k >= history).
+    """
+    B, Hh, Lq, N = sel.shape
+    counts = sel.sum(dim=2).flatten()  # queries per (batch, head, chunk) group
+    row0 = sel[0, 0, 0]
+    stats = [(sel == row0).all().long(), counts.max(), (counts > 0).sum()]
+    stats += [(counts + (g - 1)).div(g, rounding_mode="floor").sum() for g in _TILE_ROWS]  # tiles per G
+    vals = torch.cat([row0.long(), torch.stack(stats)]).tolist()  # the one host sync of this path
+    uniform, g_max, nonempty, tiles = vals[N], vals[N + 1], vals[N + 2], vals[N + 3:]
+    if g_max == 0:
+        return ("none",)
+    if uniform:
+        return ("uniform", [j for j in range(N) if vals[j]])
+
+    def cost(rows, n_tiles, gathered):
+        return (rows + gathered * _TILE_GATHER_ROWS * n_tiles) * T * D + _TILE_OVERHEAD * n_tiles
+
+    groups = B * Hh * N
+    options = [(cost(groups * g_max, groups, False), g_max, groups, True),
+               (cost(nonempty * g_max, nonempty, True), g_max, nonempty, False)]
+    options += [(cost(nt * g, nt, True), g, nt, False) for g, nt in zip(_TILE_ROWS, tiles) if g < g_max]
+    _, g, nt, padded = min(options)
+    return ("grouped", g, nt, padded)
+
+
+def _grouped_history(q, k_hist, v_hist, sel, T, scale, G, num_tiles, padded):
+    """Per (query, chunk) pair rows of the history branch: (out [R,D], lse [R], query row [R]).
+
+    Query row index B*Hh*Lq marks padding rows (to be dropped)."""
+    B, Hh, Lq, D = q.shape
     N = sel.shape[-1]
-    if N == 0 or q.shape[2] == 0:
-        return out_c.to(q.dtype), lse_c.to(torch.float32)
-    # Union of chunks selected by any (batch, head, token): the one host sync of this path.
-    idx = sel.reshape(-1, N).any(dim=0).nonzero().squeeze(1)
-    U = int(idx.numel())
-    if U == 0:
-        return out_c.to(q.dtype), lse_c.to(torch.float32)
-    if U < N:
-        kh = k_hist.unflatten(2, (N, T)).index_select(2, idx).flatten(2, 3)
-        vh = v_hist.unflatten(2, (N, T)).index_select(2, idx).flatten(2, 3)
-        s = sel.index_select(3, idx)
+    BH, dev = B * Hh, q.device
+    sel_t = sel.transpose(2, 3).reshape(BH * N, Lq)  # group g = (b*Hh + h)*N + j
+    n_tiles = torch.ones(BH * N, dtype=torch.int64, device=dev) if padded else \
+        (sel_t.sum(dim=1) + (G - 1)).div(G, rounding_mode="floor")
+    first_row = (torch.cumsum(n_tiles, 0) - n_tiles) * G  # first row of each group's tiles
+    rows = num_tiles * G
+    slot = (torch.cumsum(sel_t, dim=1) - 1 + first_row[:, None]).masked_fill_(~sel_t, rows)
+    qrow = torch.arange(BH * Lq, device=dev).view(BH, 1, Lq).expand(BH, N, Lq)
+    dest = torch.full((rows + 1,), BH * Lq, dtype=torch.int64, device=dev)
+    dest = dest.scatter_(0, slot.flatten(), qrow.flatten())[:rows]
+    q_rows = torch.cat([q.reshape(BH * Lq, D), q.new_zeros(1, D)]).index_select(0, dest)  # padding: q = 0
+    kh = k_hist.unflatten(2, (N, T)).flatten(0, 1)  # [BH, N, T, D], a view of the cache
+    vh = v_hist.unflatten(2, (N, T)).flatten(0, 1)
+    if padded:
+        out, lse = _attn_lse(q_rows.view(BH, N, G, D), kh, vh, scale)
     else:
-        kh, vh, s = k_hist, v_hist, sel
-    out_h, lse_h = _attend_with_lse(q, kh, vh, scale, chunk_sel=s, chunk_tokens=T)
-    out, lse = merge_by_lse(out_h, lse_h, out_c, lse_c)
+        group = torch.repeat_interleave(n_tiles, output_size=num_tiles)  # group of each tile
+        b, j = group // N, group % N
+        out, lse = _attn_lse(q_rows.view(1, num_tiles, G, D), kh[b, j].unsqueeze(0), vh[b, j].unsqueeze(0), scale)
+    return out.reshape(rows, D), lse.reshape(rows), dest
+
+
+def _merge_rows_by_lse(out, lse, o_rows, lse_rows, dest):
+    """Exact lse merge of extra rows (o_rows [R,D], lse_rows [R]) into query rows dest [R] of
+    (out [M,D], lse [M]); dest == M drops a row. Same formula as `merge_by_lse`, per query."""
+    M, D = out.shape
+    with torch.no_grad():  # per-query max: a stabiliser only, no gradient needed
+        m = torch.cat([lse, lse.new_full((1,), _NEG_INF)]).scatter_reduce(0, dest, lse_rows, "amax")
+        m = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
+    w_rows = torch.exp(lse_rows - m[dest])
+    w = torch.exp(lse - m[:M])
+    acc = torch.cat([out * w[:, None], out.new_zeros(1, D)]).index_add(0, dest, o_rows * w_rows[:, None])[:M]
+    tot = torch.cat([w, w.new_zeros(1)]).index_add(0, dest, w_rows)[:M]
+    tot_safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    return acc / tot_safe[:, None], m[:M] + torch.log(tot)
+
+
+def _chunk_runs(x: torch.Tensor, chunks: list[int], T: int) -> list[torch.Tensor]:
+    """Views of x [B,Hh,N*T,D] covering the given ascending chunks, one per contiguous run."""
+    runs, start = [], chunks[0] if chunks else None
+    for a, b in zip(chunks, chunks[1:] + [None]):
+        if b != a + 1:
+            runs.append(x[:, :, start * T: (a + 1) * T])
+            start = b
+    return runs
+
+
+def _routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None):
+    N = sel.shape[-1]
+    if chunks is not None:
+        plan = ("uniform", chunks) if chunks else ("none",)
+    else:
+        plan = _plan_history(sel, T, q.shape[-1]) if N > 0 and q.numel() > 0 else ("none",)
+    if plan[0] == "grouped":  # per-token selections: current chunk + grouped history, merged by lse
+        B, Hh, Lq, D = q.shape
+        out_c, lse_c = _attn_lse(q, k_cur, v_cur, scale)
+        o_rows, lse_rows, dest = _grouped_history(q, k_hist, v_hist, sel, T, scale, *plan[1:])
+        out, lse = _merge_rows_by_lse(out_c.reshape(-1, D), lse_c.reshape(-1), o_rows, lse_rows, dest)
+        out, lse = out.view(B, Hh, Lq, D), lse.view(B, Hh, Lq)
+    elif plan[0] == "uniform":  # same chunks for every query: one plain attention over [them | current]
+        k = torch.cat(_chunk_runs(k_hist, plan[1], T) + [k_cur], dim=2)
+        v = torch.cat(_chunk_runs(v_hist, plan[1], T) + [v_cur], dim=2)
+        out, lse = _attn_lse(q, k, v, scale)
+    else:
+        out, lse = _attn_lse(q, k_cur, v_cur, scale)
     return out.to(q.dtype), lse.to(torch.float32)
+
+
+def static_chunks(spec: RoutingSpec | None, num_chunks: int) -> list[int] | None:
+    """History chunks EVERY query attends when that is known on the host without scores (inference,
+    no `allowed`): all of them for dense or when the history is not longer than what is kept; sink U
+    window for window mode. None when the selection depends on the scores (topk over a longer history).
+    Pass it as `routed_attention(..., chunks=...)` to skip the torch path's host sync."""
+    N = num_chunks
+    if spec is None or spec.is_dense or N <= (spec.max_selected() or 0):
+        return list(range(N))
+    if spec.mode == "window":
+        return sorted(set(range(min(spec.sink_chunks, N))) | set(range(max(0, N - spec.window_chunks), N)))
+    return None
 
 
 def routed_attention(
@@ -498,6 +626,8 @@ def routed_attention(
     chunk_tokens: int,
     scale: float | None = None,
     backend: str = "auto",
+    *,
+    chunks: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention of current-chunk queries: own chunk (full) + selected history chunks (per token).
 
@@ -505,9 +635,15 @@ def routed_attention(
     Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32).
 
     backend "triton" (or "auto" on CUDA): one kernel, history read in place, no host sync.
-    backend "torch" (or "auto" elsewhere): current branch + gathered-union history branch, merged by
-    lse; one host sync (the union size). Differentiable; "auto" picks it whenever autograd needs
-    gradients (the Triton kernel is forward only).
+    backend "torch" (or "auto" elsewhere): planned from `sel` with ONE host sync. If every query
+    selects the same chunks (window mode, k >= history): one plain attention over [those chunks |
+    current chunk], no mask. Otherwise the current chunk and a MoBA-style history branch ((query,
+    chunk) pairs grouped by chunk, cost ~ #pairs * T * D: proportional to k, not to the history;
+    see `_plan_history`) merged by lse. On CPU without autograd it runs torch's fused flash kernel;
+    with autograd, explicit differentiable ops ("auto" picks torch whenever gradients are needed:
+    the Triton kernel is forward only).
+    chunks: optional host list of the history chunks every query selects (`static_chunks`; must agree
+    with `sel`): the torch path then reads those slices directly, with no host sync.
     """
     _check_attention_inputs("routed_attention", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -521,7 +657,10 @@ def routed_attention(
                 "run under torch.no_grad() or use backend='torch'"
             )
         return _kernels().routed_attention_fwd(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
-    return _routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
+    if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
+        raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
+    return _routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale,
+                                   sorted(chunks) if chunks is not None else None)
 
 
 def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:

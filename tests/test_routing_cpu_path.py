@@ -1,0 +1,318 @@
+"""The torch (CPU) path of routed attention and selection, against the references.
+
+`routed_attention(backend="torch")` plans its history from `sel` (one host sync): "uniform" (same
+chunks for every query: one plain attention over [those cache slices | current chunk]), "grouped"
+(MoBA-style tiles of the (query, chunk) pairs of each (batch, head, chunk), "padded" in place or
+gathered tiles, merged with the current chunk by lse), or "none". Each layout runs on torch's fused
+CPU flash kernel (inference) or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and
+both kernels must equal `routed_attention_reference` (outputs and lse, fp32 tolerance). Also: the
+sort-free top-k selection keeps the exact tie rule.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import resampling_forcing.attention.routing as R
+from resampling_forcing.attention.routing import (
+    RoutingSpec,
+    chunk_means,
+    routed_attention,
+    routed_attention_reference,
+    select_chunks,
+    select_chunks_reference,
+    static_chunks,
+    training_allowed,
+)
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def inputs(B, Hh, N, T, D, Lq=None, Lc=None, dtype=torch.float32, spare=2, seed=0):
+    """q, k_hist, v_hist, k_cur, v_cur; history as views of a larger cache (like KVCache.history)."""
+    g = torch.Generator().manual_seed(seed)
+    Lq = T if Lq is None else Lq
+    Lc = T if Lc is None else Lc
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    cache_k, cache_v = r(B, Hh, (N + spare) * T, D), r(B, Hh, (N + spare) * T, D)
+    return r(B, Hh, Lq, D), cache_k[:, :, : N * T], cache_v[:, :, : N * T], r(B, Hh, Lc, D), r(B, Hh, Lc, D)
+
+
+@pytest.fixture(params=["flash", "explicit"])
+def kernel(request, monkeypatch):
+    """Run the torch path on torch's fused CPU kernel, or on the explicit ops (autograd's path)."""
+    if request.param == "explicit":
+        monkeypatch.setattr(R, "_FLASH_CPU", None)
+        yield request.param
+        return
+    if R._FLASH_CPU is None:
+        pytest.skip("this torch has no fused CPU flash kernel")
+    calls, fused = [], R._FLASH_CPU
+    monkeypatch.setattr(R, "_FLASH_CPU", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    yield request.param
+    assert calls, "the fused kernel was never used"
+
+
+def force_layout(monkeypatch, layout):
+    """Replace the planner's grouped choice: ("padded",) or ("tiles", G). Returns the list of plans run."""
+    orig, seen = R._plan_history, []
+
+    def plan(sel, T, D):
+        p = orig(sel, T, D)
+        if p[0] == "grouped" and layout is not None:
+            counts = sel.sum(dim=2).flatten()
+            if layout[0] == "padded":
+                p = ("grouped", int(counts.max()), counts.numel(), True)
+            else:
+                G = layout[1]
+                p = ("grouped", G, int(((counts + G - 1) // G).sum()), False)
+        seen.append(p)
+        return p
+
+    monkeypatch.setattr(R, "_plan_history", plan)
+    return seen
+
+
+def check(q, kh, vh, kc, vc, sel, T, atol=1e-5, **kw):
+    ref_o, ref_l = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
+    out, lse = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch", **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_o.float(), atol=atol, rtol=max(atol, 1e-5))
+    torch.testing.assert_close(lse, ref_l, **TOL)
+    return out, lse
+
+
+LAYOUTS = [None, ("padded",), ("tiles", 2), ("tiles", 5)]  # G=2, 5: several tiles per group, ragged last
+
+
+# ------------------------------------------------------------------------------------------
+# every layout x both kernels, odd shapes
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "auto" if x is None else "-".join(map(str, x)))
+@pytest.mark.parametrize("T, N, Lq", [(7, 4, 7), (13, 5, 9)])
+def test_grouped_layouts_equal_reference(kernel, monkeypatch, layout, T, N, Lq):
+    seen = force_layout(monkeypatch, layout)
+    B, Hh, D = 2, 3, 16
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, Lq=Lq)
+    for spec in (RoutingSpec("topk", top_k=1), RoutingSpec("topk", top_k=2, sink_chunks=1)):
+        sel = select_chunks(q, chunk_means(kh, T), spec, backend="torch")
+        check(q, kh, vh, kc, vc, sel, T)
+    sel = torch.rand(B, Hh, Lq, N, generator=torch.Generator().manual_seed(1)) > 0.5  # per-token random
+    sel[0, 0, 0] = False  # a token with no history at all
+    check(q, kh, vh, kc, vc, sel, T)
+    assert seen and all(p[0] == "grouped" for p in seen)
+
+
+def test_heads_with_different_selections_and_batch(kernel):
+    """Each head (and batch item) attends a different chunk for all its tokens: not uniform globally."""
+    B, Hh, N, T, D = 2, 3, 4, 7, 8
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D)
+    sel = torch.zeros(B, Hh, T, N, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hh):
+            sel[b, h, :, (b + h) % N] = True
+    assert R._plan_history(sel, T, D)[0] == "grouped"
+    out, _ = check(q, kh, vh, kc, vc, sel, T)
+    # each head's result is attention over [its chunk | current chunk] only
+    for b in range(B):
+        for h in range(Hh):
+            j = (b + h) % N
+            K = torch.cat([kh[b, h, j * T:(j + 1) * T], kc[b, h]])
+            V = torch.cat([vh[b, h, j * T:(j + 1) * T], vc[b, h]])
+            want = torch.softmax(q[b, h] @ K.T / math.sqrt(D), -1) @ V
+            torch.testing.assert_close(out[b, h], want, **TOL)
+
+
+def test_single_history_chunk_and_nothing_selected(kernel):
+    B, Hh, T, D = 2, 2, 13, 8
+    q, kh, vh, kc, vc = inputs(B, Hh, 1, T, D)
+    sel = torch.rand(B, Hh, T, 1) > 0.5
+    check(q, kh, vh, kc, vc, sel, T)
+    assert R._plan_history(torch.zeros_like(sel), T, D) == ("none",)
+    out, lse = check(q, kh, vh, kc, vc, torch.zeros_like(sel), T)
+    want = torch.softmax(q @ kc.transpose(-1, -2) / math.sqrt(D), -1) @ vc
+    torch.testing.assert_close(out, want, **TOL)
+    check(q, kh[:, :, :0], vh[:, :, :0], kc, vc, sel[..., :0], T)  # no history at all
+
+
+def test_no_current_chunk_rows_without_keys(kernel):
+    """Lc = 0: a token with nothing selected has no key at all -> out 0, lse -inf (like the reference)."""
+    B, Hh, N, T, D = 1, 2, 3, 7, 8
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, Lc=0)
+    sel = torch.rand(B, Hh, T, N) > 0.6
+    sel[0, 1, 2] = False
+    out, lse = check(q, kh, vh, kc, vc, sel, T)
+    assert lse[0, 1, 2] == float("-inf") and (out[0, 1, 2] == 0).all()
+
+
+@pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=5),
+                                  RoutingSpec("topk", top_k=1, sink_chunks=1, window_chunks=2)])
+def test_k_at_least_history_equals_dense_attention(kernel, spec):
+    B, Hh, N, T, D = 2, 2, 4, 7, 16
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D)
+    sel = select_chunks(q, chunk_means(kh, T), spec, backend="torch")
+    assert sel.all() and R._plan_history(sel, T, D) == ("uniform", list(range(N)))
+    out, lse = check(q, kh, vh, kc, vc, sel, T)
+    K, V = torch.cat([kh, kc], 2).double(), torch.cat([vh, vc], 2).double()
+    s = q.double() @ K.transpose(-1, -2) / math.sqrt(D)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ V, **TOL)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), **TOL)
+    assert static_chunks(spec, N) == list(range(N))
+    out2, lse2 = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch", chunks=static_chunks(spec, N))
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [RoutingSpec("window", window_chunks=2),
+                                  RoutingSpec("window", sink_chunks=1, window_chunks=2),
+                                  RoutingSpec("window", sink_chunks=2, window_chunks=1)])
+def test_window_mode_uniform_slices(kernel, monkeypatch, spec):
+    B, Hh, N, T, D = 2, 2, 6, 7, 16
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D)
+    sel = select_chunks(q, chunk_means(kh, T), spec, backend="torch")
+    chunks = static_chunks(spec, N)
+    assert R._plan_history(sel, T, D) == ("uniform", chunks)
+    assert torch.equal(sel, torch.zeros_like(sel).index_fill_(3, torch.tensor(chunks), True))
+    out, lse = check(q, kh, vh, kc, vc, sel, T)
+    # chunks given by the caller: no plan (no host sync), same result
+    monkeypatch.setattr(R, "_plan_history", lambda *a: pytest.fail("planned despite chunks="))
+    out2, lse2 = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch", chunks=chunks)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    torch.testing.assert_close(lse2, lse, atol=0, rtol=0)
+
+
+def test_contiguous_chunks_read_as_views():
+    x = torch.randn(1, 2, 6 * 5, 4)
+    runs = R._chunk_runs(x, [3, 4, 5], 5)
+    assert len(runs) == 1 and runs[0]._base is x  # one run: a view, no copy
+    torch.testing.assert_close(torch.cat(R._chunk_runs(x, [0, 4, 5], 5), 2), torch.cat([x[:, :, :5], x[:, :, 20:]], 2))
+    assert R._chunk_runs(x, [], 5) == []
+
+
+def test_static_chunks_agree_with_select_chunks():
+    q = torch.randn(1, 2, 5, 8)
+    specs = [None, RoutingSpec(), RoutingSpec("topk", top_k=2),
+             RoutingSpec("topk", top_k=1, sink_chunks=1, window_chunks=1),
+             RoutingSpec("window", window_chunks=3), RoutingSpec("window", sink_chunks=2, window_chunks=2)]
+    for spec in specs:
+        for N in range(0, 8):
+            chunks = static_chunks(spec, N)
+            if spec is not None and spec.mode == "topk" and N > spec.max_selected():
+                assert chunks is None
+                continue
+            sel = select_chunks(q, torch.randn(1, 2, N, 8), spec or RoutingSpec(), backend="torch")
+            want = torch.zeros(N, dtype=torch.bool)
+            want[chunks] = True
+            assert torch.equal(sel, want.expand_as(sel)), (spec, N, chunks)
+
+
+def test_chunks_argument_errors():
+    q, kh, vh, kc, vc = inputs(1, 1, 2, 3, 4)
+    sel = torch.ones(1, 1, 3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="chunks"):
+        routed_attention(q, kh, vh, kc, vc, sel, 3, backend="torch", chunks=[0, 2])
+
+
+# ------------------------------------------------------------------------------------------
+# dtypes and autograd
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-3), (torch.float64, 1e-10)])
+def test_dtypes(kernel, dtype, atol):
+    B, Hh, N, T, D = 1, 2, 4, 7, 16
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, dtype=dtype)
+    sel = torch.rand(B, Hh, T, N) > 0.5
+    ref_o, ref_l = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
+    out, lse = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_o.double(), atol=atol, rtol=atol)
+    torch.testing.assert_close(lse.double(), ref_l.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda x: "-".join(map(str, x)))
+def test_gradients_equal_reference(monkeypatch, layout):
+    force_layout(monkeypatch, layout)
+    B, Hh, N, T, D = 2, 2, 3, 5, 8
+    ins = [t.double().requires_grad_() for t in inputs(B, Hh, N, T, D)]
+    sel = torch.rand(B, Hh, T, N) > 0.5
+    sel[..., 0] = True
+    sel[0, 0, 0] = False
+    for s in (sel, torch.ones_like(sel)):  # grouped; uniform
+        out, lse = routed_attention(*ins, s, T, backend="torch")
+        g = torch.autograd.grad(out.pow(2).sum() + lse.sum(), ins)
+        ins2 = [t.detach().clone().requires_grad_() for t in ins]
+        out2, lse2 = routed_attention_reference(*ins2, s, T)
+        g2 = torch.autograd.grad(out2.pow(2).sum() + lse2.sum(), ins2)
+        for a, b in zip(g, g2):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# the planning rule, both ways
+# ------------------------------------------------------------------------------------------
+def test_plan_rule_chooses_by_cost():
+    B, Hh, Lq, N, T, D = 1, 2, 64, 8, 64, 32
+    g = torch.Generator().manual_seed(0)
+    # balanced per-token random selections (random weights): every group ~Lq*k/N queries -> padded, in place
+    scores = torch.rand(B, Hh, Lq, N, generator=g)
+    sel = scores >= scores.topk(2, dim=-1).values[..., -1:]
+    kind, G, nt, padded = R._plan_history(sel, T, D)
+    assert kind == "grouped" and padded and G == int(sel.sum(2).max()) and nt == B * Hh * N
+    # coherent heads: head 0 -> chunk 0 for every token, head 1 -> chunk 5; groups mostly empty ->
+    # tiles over the non-empty groups only (gathered), not B*Hh*N padded groups of Lq rows
+    sel = torch.zeros(B, Hh, Lq, N, dtype=torch.bool)
+    sel[0, 0, :, 0] = sel[0, 1, :, 5] = True
+    kind, G, nt, padded = R._plan_history(sel, T, D)
+    assert kind == "grouped" and not padded and G * nt <= 2 * Lq
+    # uniform and empty
+    assert R._plan_history(torch.ones(B, Hh, Lq, N, dtype=torch.bool), T, D) == ("uniform", list(range(N)))
+    assert R._plan_history(torch.zeros(B, Hh, Lq, N, dtype=torch.bool), T, D) == ("none",)
+
+
+def test_one_host_sync_per_call(monkeypatch):
+    """The torch path reads device values once (the plan's `.tolist()`); no `.item()` / `int(tensor)`."""
+    calls = []
+    orig_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append("tolist") or orig_tolist(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in the torch path"))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("int(tensor) in the torch path"))
+    q, kh, vh, kc, vc = inputs(1, 2, 5, 7, 8)
+    sel = select_chunks(q, chunk_means(kh, 7), RoutingSpec("topk", top_k=2), backend="torch")
+    assert calls == []  # selection: no sync
+    routed_attention(q, kh, vh, kc, vc, sel, 7, backend="torch")
+    assert calls == ["tolist"]
+
+
+# ------------------------------------------------------------------------------------------
+# selection: the sort-free top-k keeps the exact tie rule
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_k", [1, 2, 3, 7])
+def test_select_topk_many_exact_ties(top_k):
+    B, Hh, D, N = 2, 2, 3, 7
+    Lq = 2 * N  # = the training sequence of N chunks of 1 token
+    g = torch.Generator().manual_seed(top_k)
+    q = torch.randint(-1, 2, (B, Hh, Lq, D), generator=g).float()  # few distinct scores: ties everywhere
+    mk = torch.randint(-1, 2, (B, Hh, N, D), generator=g).float()
+    for allowed in (None, training_allowed(N, 1), torch.rand(Lq, N, generator=g) > 0.3):
+        for spec in (RoutingSpec("topk", top_k=top_k),
+                     RoutingSpec("topk", top_k=top_k, sink_chunks=1, window_chunks=1)):
+            ref = select_chunks_reference(q, mk, spec, allowed)
+            assert torch.equal(select_chunks(q, mk, spec, allowed, backend="torch"), ref)
+
+
+def test_explicit_ops_in_small_query_blocks(monkeypatch):
+    """The explicit path bounds its score memory by splitting query rows into blocks."""
+    monkeypatch.setattr(R, "_FLASH_CPU", None)
+    monkeypatch.setattr(R, "_SCORE_BLOCK_BYTES", 4 * 2 * 2 * 40 * 3)  # a few query rows per block
+    q, kh, vh, kc, vc = inputs(2, 2, 4, 10, 8)
+    check(q, kh, vh, kc, vc, torch.rand(2, 2, 10, 4) > 0.5, 10)  # grouped
+    check(q, kh, vh, kc, vc, torch.ones(2, 2, 10, 4, dtype=torch.bool), 10)  # uniform
