@@ -22,16 +22,11 @@ from resampling_forcing.attention.routing import RoutingSpec, routed_training_ma
 from resampling_forcing.sampler import SamplingOptions, sample
 from helpers import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 H, W = 2, 14  # 1 x 7 tokens per latent frame (patch 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------

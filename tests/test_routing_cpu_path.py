@@ -29,14 +29,9 @@ from resampling_forcing.attention.routing import (
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def inputs(B, Hh, N, T, D, Lq=None, Lc=None, dtype=torch.float32, spare=2, seed=0):
