@@ -40,7 +40,6 @@ from resampling_forcing.attention.routing import RoutingSpec  # noqa: E402
 from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
 from resampling_forcing.encoders import PixelShuffleVAE, WanVAE  # noqa: E402
 from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
-from resampling_forcing.pipeline import cast_model  # noqa: E402
 from resampling_forcing.sampler import SamplingOptions, sample  # noqa: E402
 
 
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
         args.latent_hw = (h, w)
         cfg = resolve_model(ModelConfig(preset=preset, chunk_frames=args.chunk_frames))
         torch.manual_seed(0)
-        model = cast_model(CausalWanModel(cfg), device, dtype).eval().requires_grad_(False)
+        model = CausalWanModel(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
         vae = build_vae(cfg, args, device)
         n_decode = args.decode_chunks or (args.chunks if isinstance(vae, PixelShuffleVAE) else 1)
         ctx = torch.randn(1, 16, cfg.text_dim, generator=torch.Generator().manual_seed(0)).to(device)

@@ -55,6 +55,12 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def step_of(path: str | os.PathLike) -> Optional[int]:
+    """The step of a checkpoints/step_XXXXXXX directory (None for any other name)."""
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None

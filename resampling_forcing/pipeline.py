@@ -32,7 +32,6 @@ the pixel-shuffle codec n*cf*temporal_factor. The kept frames are encoded as a c
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention.backends import resolve_backend
+from .checkpoint import latest_checkpoint, step_of
 from .attention.routing import RoutingSpec
 from .config import Config, ConfigError, config_from_dict, load_config, to_dict
 from .encoders import build_text_encoder, build_vae
@@ -57,14 +57,12 @@ __all__ = [
     "latest_checkpoint",
     "resolve_checkpoint",
     "parse_dtype",
-    "cast_model",
     "resolve_device",
     "prepare_init_video",
     "Pipeline",
 ]
 
 EMA_WEIGHTS = "ema.safetensors"
-_STEP_DIR = re.compile(r"step_(\d+)")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 
@@ -90,19 +88,6 @@ def _complete(d: Path) -> bool:
     return (d / OUR_WEIGHTS).is_file() and (d / OUR_CONFIG).is_file()
 
 
-def latest_checkpoint(run_dir: Union[str, Path]) -> Optional[Path]:
-    """Newest complete checkpoints/step_XXXXXXX/ of a run (None if there is none)."""
-    best, best_step = None, -1
-    ck = Path(run_dir) / "checkpoints"
-    if not ck.is_dir():
-        return None
-    for d in ck.iterdir():
-        m = _STEP_DIR.fullmatch(d.name)
-        if m and d.is_dir() and _complete(d) and int(m.group(1)) > best_step:
-            best, best_step = d, int(m.group(1))
-    return best
-
-
 def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> CheckpointInfo:
     """Classify `path` as a run dir, one of our checkpoint dirs or a raw Wan checkpoint."""
     p = Path(path).expanduser()
@@ -114,8 +99,8 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
     if not _complete(p) and (p / "checkpoints").is_dir():
         ck = latest_checkpoint(p)
         if ck is None:
-            raise PipelineError(f"run {p} has no complete checkpoint under checkpoints/ (step_XXXXXXX with "
-                                f"{OUR_WEIGHTS} + {OUR_CONFIG}); train longer or pass a checkpoint dir")
+            raise PipelineError(f"run {p} has no complete checkpoint under checkpoints/ (step_XXXXXXX written "
+                                f"by the trainer); train longer or pass a checkpoint dir")
         run_dir, p, kind = p, ck, "run"
     else:
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
@@ -123,8 +108,7 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
         weights = p / EMA_WEIGHTS if use_ema and (p / EMA_WEIGHTS).is_file() else p / OUR_WEIGHTS
         cfg_path = next((c for c in (p / "config.yaml", run_dir / "config.yaml" if run_dir else None)
                          if c is not None and c.is_file()), None)
-        m = _STEP_DIR.fullmatch(p.name)
-        return CheckpointInfo(kind, Path(path), p, cfg_path, weights, int(m.group(1)) if m else None)
+        return CheckpointInfo(kind, Path(path), p, cfg_path, weights, step_of(p))
     if (p / OUR_CONFIG).is_file() or (p / OUR_WEIGHTS).is_file():
         missing = OUR_WEIGHTS if not (p / OUR_WEIGHTS).is_file() else OUR_CONFIG
         raise PipelineError(f"checkpoint {p} is incomplete: {missing} is missing")
@@ -160,19 +144,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     elif dev.type not in ("cpu", "mps"):
         raise PipelineError(f"device {device!r}: only cpu, cuda[:N] and mps are supported")
     return dev
-
-
-def cast_model(model: CausalWanModel, device, dtype: torch.dtype) -> CausalWanModel:
-    """Move/cast the model for inference; LayerNorm32 modules keep fp32 parameters (they compute
-    in fp32 on an fp32 input, as Wan does), everything else takes `dtype`."""
-    from .models.wan import LayerNorm32
-
-    model = model.to(device=device, dtype=dtype)
-    if dtype != torch.float32:
-        for m in model.modules():
-            if isinstance(m, LayerNorm32):
-                m.float()
-    return model
 
 
 # ----------------------------------------------------------------------------- init video
@@ -277,7 +248,7 @@ class Pipeline:
         # Built without initialising (meta device, then uninitialised memory in the final dtype):
         # every parameter is overwritten by the strict load below.
         with torch.device("meta"):
-            model = cast_model(CausalWanModel(model_cfg), "meta", dt)
+            model = CausalWanModel(model_cfg).to(dtype=dt)
         model = model.to_empty(device=dev)
         if info.weights is not None:
             from safetensors.torch import load_file

@@ -1,4 +1,5 @@
 """Small builders shared by tests."""
+import json
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ def save_checkpoint_for_tests(root, *, step=10, seed=0, ema=False, cfg=None, mod
     save_model(model, ck)
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     (ck / "config.yaml").write_text(text)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": step}))  # the trainer's completion mark
     (root / "config.yaml").write_text(text)
     if ema:
         from safetensors.torch import save_file

@@ -41,8 +41,7 @@ def _rollout(model, backend, routing, chunks=3):
 
 def _triton_kernels():
     kern = R._kernels()
-    if kern is None or not kern.is_interpreted():
-        pytest.skip("needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    assert kern is not None and kern.is_interpreted(), "needs triton with TRITON_INTERPRET=1 (tests/conftest.py)"
     return kern
 
 

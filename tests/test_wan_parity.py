@@ -2,6 +2,7 @@
 diffusers' WanTransformer3DModel (full attention) to fp32 precision."""
 import json
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,7 +10,6 @@ from safetensors.torch import save_file
 from resampling_forcing.models.loading import (CheckpointError, diffusers_to_wan_key, load_model,
                                                 save_model)
 
-diffusers = pytest.importorskip("diffusers")
 
 
 def tiny_diffusers(seed=0):
