@@ -103,6 +103,7 @@ class EncoderConfig:
     text_path: Optional[str] = None
     text_len: int = 512
     text_dim: int = 4096  # hash encoder only; umT5 reports its own
+    text_ngram: int = 1  # hash encoder only: each word also carries the n-grams starting at it
 
 
 @dataclass
@@ -151,6 +152,10 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # After warmup: "constant" (the paper states no decay) or "cosine" down to lr * min_lr_ratio at the
+    # last step of the last stage.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: Optional[float] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -366,6 +371,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("diffusion: shifts must be > 0")
     if not 0.0 <= cfg.data.text_dropout <= 1.0:
         raise ConfigError(f"data.text_dropout={cfg.data.text_dropout}: must be in [0, 1]")
+    if cfg.encoders.text_ngram < 1:
+        raise ConfigError(f"encoders.text_ngram={cfg.encoders.text_ngram}: must be >= 1 (1 = words only)")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: must be in [0, 1]")
     for i, st in enumerate(cfg.train.stages):
         if st.steps < 0:
             raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")

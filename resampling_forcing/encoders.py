@@ -580,6 +580,10 @@ class HashTextEncoder:
       (stable across processes, platforms and versions; NOT Python's salted ``hash()``).
     * ``p(i)``: the sinusoidal position code (sin/cos pairs, base 10000), so word order -- e.g. which
       colour goes with which shape -- is recoverable by attention.
+    * with ``ngram = n > 1``, also ``+ w("word_i word_i+1")`` ... up to the n-gram starting at word i
+      (where the caption has those words): a little context, as a real text encoder's outputs have.
+      The colour token of "green square" then names the object, so a tiny DiT need not bind
+      adjacent words itself to compose unseen pairs of objects.
 
     Positions past the caption's word count are zero; captions longer than ``text_len`` are
     truncated. The empty prompt (or one with no words) encodes to all zeros: the unconditional /
@@ -587,10 +591,10 @@ class HashTextEncoder:
     """
 
     def __init__(self, text_len: int = 16, dim: int = 32, seed: int = 0, pos_scale: float = 1.0,
-                 device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32):
-        if text_len < 1 or dim < 1:
-            raise ValueError(f"HashTextEncoder: text_len={text_len}, dim={dim} must be >= 1")
-        self.text_len, self.text_dim, self.seed = int(text_len), int(dim), int(seed)
+                 ngram: int = 1, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32):
+        if text_len < 1 or dim < 1 or ngram < 1:
+            raise ValueError(f"HashTextEncoder: text_len={text_len}, dim={dim}, ngram={ngram} must be >= 1")
+        self.text_len, self.text_dim, self.seed, self.ngram = int(text_len), int(dim), int(seed), int(ngram)
         self.pos_scale = float(pos_scale)
         self.device, self.dtype = _as_device(device), dtype
         self._vectors: dict[str, torch.Tensor] = {}
@@ -624,6 +628,13 @@ class HashTextEncoder:
             self._vectors[word] = v
         return v
 
+    def _token(self, words: list[str], i: int) -> torch.Tensor:
+        """[dim] features of word i: its vector plus those of the n-grams (n <= ngram) starting at it."""
+        v = self.word_vector(words[i])
+        for n in range(2, min(self.ngram, len(words) - i) + 1):
+            v = v + self.word_vector(" ".join(words[i:i + n]))
+        return v
+
     def to(self, device: DeviceLike = None, dtype: Optional[torch.dtype] = None) -> "HashTextEncoder":
         if device is not None:
             self.device = torch.device(device)
@@ -638,7 +649,8 @@ class HashTextEncoder:
         for b, p in enumerate(prompts):
             ws = self.words(p)[: self.text_len]
             if ws:
-                out[b, : len(ws)] = torch.stack([self.word_vector(w) for w in ws]) + self.pos_scale * self._pos[: len(ws)]
+                out[b, : len(ws)] = torch.stack([self._token(ws, i) for i in range(len(ws))]) \
+                    + self.pos_scale * self._pos[: len(ws)]
         return out.to(self.device, self.dtype)
 
 
@@ -712,6 +724,7 @@ def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: to
         "text_len": _get(cfg, "text_len"),
         "dim": _get(cfg, "dim", _get(cfg, "text_dim")),
         "seed": _get(cfg, "seed", 0),
+        "ngram": _get(cfg, "ngram", _get(cfg, "text_ngram", 1)),
         "text_encoder_path": _get(cfg, "text_encoder_path"),
         "tokenizer_path": _get(cfg, "tokenizer_path"),
     }
@@ -725,6 +738,7 @@ def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: to
                                text_encoder_path=spec["text_encoder_path"], tokenizer_path=spec["tokenizer_path"])
     if kind == "hash":
         return HashTextEncoder(text_len=int(spec["text_len"] or 16), dim=int(spec["dim"] or 32),
-                               seed=int(spec["seed"] or 0), device=device, dtype=dtype)
+                               seed=int(spec["seed"] or 0), ngram=int(spec["ngram"] or 1), device=device,
+                               dtype=dtype)
     raise ValueError(
         f"build_text_encoder: unknown text encoder kind {kind!r}; accepted: {', '.join(map(repr, TEXT_KINDS))}")

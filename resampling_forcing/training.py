@@ -10,7 +10,7 @@ One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_siz
    (overall and per chunk position).
 A micro-batch whose loss is NaN/Inf on any process is skipped on all of them (no backward, a
 warning); `train.max_bad_steps` in a row abort with a message (the last checkpoint is untouched).
-Then clipping, AdamW, LR (linear warmup, then constant), EMA, logs, checkpoints.
+Then clipping, AdamW, LR (linear warmup, then constant or cosine), EMA, logs, checkpoints.
 
 Entry point: `train(cfg)` (used by train/train.py under `accelerate launch`). Run directory and
 checkpoint layout: docs/CONTRACTS.md and checkpoint.py.
@@ -40,7 +40,8 @@ from .models.loading import CheckpointError, load_state_into, read_state_dict, s
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_utils import (EMA, MetricsLogger, build_accelerator, flatten, launch_world_size, lr_at,  # noqa: F401
-                             resolve_grad_accum, stage_at, step_seed, total_steps, validate_training)
+                             resolve_grad_accum, stage_at, step_seed, total_steps, train_lr,
+                             validate_training)
 
 logger = logging.getLogger("resampling_forcing.train")
 
@@ -305,7 +306,7 @@ class Trainer:
         acc, cfg = self.acc, self.cfg
         k = cfg.train.grad_accum
         stage_idx, stage = stage_at(cfg, self.step)
-        lr = lr_at(self.step, cfg.train.lr, cfg.train.warmup_steps)
+        lr = train_lr(cfg, self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         start = time.perf_counter()
@@ -388,7 +389,7 @@ class Trainer:
         stage_idx, stage = stage_at(self.cfg, max(self.step - 1, 0))
         return {"step": self.step, "data_position": self.data_position, "stage_index": stage_idx,
                 "stage": stage.name, "objective": stage.objective, "epoch": self.data.epoch_of(self.data_position),
-                "lr": lr_at(self.step, self.cfg.train.lr, self.cfg.train.warmup_steps),
+                "lr": train_lr(self.cfg, self.step),
                 "world_size": self.acc.num_processes, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed, "time": time.time()}
 

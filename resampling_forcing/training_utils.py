@@ -96,12 +96,26 @@ def build_accelerator(cfg: Config):
 # ----------------------------------------------------------------------------- LR and seeds
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup over `warmup_steps` optimizer steps, then constant (the paper states no decay).
+def lr_at(step: int, base_lr: float, warmup_steps: int, total: int = 0, schedule: str = "constant",
+          min_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup_steps` optimizer steps, then constant (the paper states no decay) or
+    cosine from base_lr (at the end of warmup) to base_lr * min_ratio (at step total - 1).
     A pure function of the step, so the schedule's state is the step itself."""
-    if warmup_steps <= 0:
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
         return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
+    if schedule != "cosine":
+        raise ValueError(f"lr schedule {schedule!r}: expected 'constant' or 'cosine'")
+    span = max(total - 1 - warmup_steps, 1)
+    frac = min(max(step - warmup_steps, 0) / span, 1.0)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train_lr(cfg: Config, step: int) -> float:
+    """The learning rate of optimizer step `step` under cfg.train."""
+    t = cfg.train
+    return lr_at(step, t.lr, t.warmup_steps, total_steps(cfg), t.lr_schedule, t.min_lr_ratio)
 
 
 def step_seed(seed: int, position: int, rank: int) -> int:

@@ -21,6 +21,9 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"attention": {"routing": {"mode": "topk"}}}, r"attention\.routing\.top_k=None"),
     ({"model": {"dim": 100, "num_heads": 3}}, r"model\.dim=100 is not divisible"),
     ({"data": {"height": True}}, r"data\.height: expected int, got bool"),
+    ({"encoders": {"text_ngram": 0}}, r"encoders\.text_ngram=0: must be >= 1"),
+    ({"train": {"min_lr_ratio": 1.5}}, r"train\.min_lr_ratio=1\.5: must be in \[0, 1\]"),
+    ({"train": {"lr_schedule": "linear"}}, r"train\.lr_schedule: 'linear' is not one of"),
 ])
 def test_errors_name_the_key(data, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -238,6 +238,25 @@ def test_hash_text_encoder():
     assert enc.to(dtype=torch.float64).encode(["red"]).dtype == torch.float64
 
 
+def test_hash_text_encoder_ngrams():
+    words = HashTextEncoder(text_len=6, dim=8)
+    enc = HashTextEncoder(text_len=6, dim=8, ngram=3)
+    out, base = enc.encode(["a green square x"])[0], words.encode(["a green square x"])[0]
+    w = enc.word_vector
+    # word i carries the 2- and 3-grams starting at it, where the caption has them
+    torch.testing.assert_close(out[1] - base[1], w("green square") + w("green square x"))
+    torch.testing.assert_close(out[2] - base[2], w("square x"))
+    torch.testing.assert_close(out[3], base[3])
+    assert torch.count_nonzero(out[4:]) == 0
+    # the colour token of an object now differs with the shape it names
+    g = HashTextEncoder(text_len=6, dim=8, ngram=2).encode(["a green square", "a green circle"])
+    assert not torch.allclose(g[0, 1], g[1, 1])
+    torch.testing.assert_close(words.encode(["a green square"])[0, 1], words.encode(["a green circle"])[0, 1])
+    with pytest.raises(ValueError, match="ngram"):
+        HashTextEncoder(ngram=0)
+    assert build_text_encoder({"kind": "hash", "text_len": 6, "dim": 8, "ngram": 3}).ngram == 3
+
+
 # ----------------------------------------------------------------------------- umT5
 
 

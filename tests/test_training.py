@@ -13,7 +13,7 @@ import yaml
 from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
 from resampling_forcing.config import Config, StageConfig, config_from_dict, load_config
 from resampling_forcing.models.loading import load_model
-from resampling_forcing.training import Trainer, TrainingAborted, lr_at, stage_at, train
+from resampling_forcing.training import Trainer, TrainingAborted, lr_at, stage_at, train, train_lr
 from train_helpers import REPO, TINY_YAML, read_log, small_overrides
 
 
@@ -45,6 +45,16 @@ def test_stage_schedule_and_lr():
     assert [stage_at(cfg, s)[1].name for s in range(5)] == ["tf", "tf", "tf", "rf", "rf"]
     assert lr_at(0, 1.0, 4) == 0.25 and lr_at(3, 1.0, 4) == 1.0 and lr_at(100, 1.0, 4) == 1.0
     assert lr_at(0, 1.0, 0) == 1.0
+    # cosine: full lr at the end of warmup, min_ratio at the last step, the midpoint halfway between
+    assert lr_at(3, 1.0, 4, total=14, schedule="cosine", min_ratio=0.1) == 1.0  # last warmup step
+    assert lr_at(4, 1.0, 4, total=14, schedule="cosine", min_ratio=0.1) == pytest.approx(1.0)
+    assert lr_at(13, 1.0, 4, total=14, schedule="cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(8.5, 1.0, 4, total=14, schedule="cosine", min_ratio=0.1) == pytest.approx(0.55)
+    assert lr_at(99, 1.0, 4, total=14, schedule="cosine", min_ratio=0.1) == pytest.approx(0.1)
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio = 2.0, 0, "cosine", 0.0
+    assert train_lr(cfg, 0) == 2.0 and train_lr(cfg, 4) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(5, 1.0, 0, total=10, schedule="linear")
 
 
 def test_fixed_batch_loss_decreases_and_run_dir_layout(tmp_path, synth):
