@@ -6,7 +6,8 @@
    just trained and with the small checkpoint shipped in assets/ (trained longer by the same
    command, see docs/results.md),
 4. evaluate every video against what its caption should show, per training-length segment,
-   next to real generator clips of the same captions,
+   next to real generator clips of the same captions; the best model also continues the first
+   chunk of each real clip, scored against the true continuation (PSNR, centre error),
 5. write mp4s, a contact sheet, drift plots and metrics.json to outputs/demo/.
 
     python -m resampling_forcing.demo [--out outputs/demo] [--tf-steps N] [--rf-steps N] ...
@@ -35,7 +36,8 @@ from .training import train
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
 PRETRAINED = REPO / "assets" / "tiny-pretrained"
-SUMMARY_KEYS = ("quality", "object_fidelity", "motion_score", "identity_consistency", "background_clean")
+SUMMARY_KEYS = ("quality", "object_fidelity", "motion_score", "identity_consistency", "background_clean", "psnr",
+                "center_error")
 
 
 def _slug(text: str) -> str:
@@ -70,6 +72,27 @@ def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int,
     return results, res.video, res.timings
 
 
+def continue_and_eval(name: str, path: Path, captions: list[str], real: list[tuple], num_chunks: int,
+                      given_chunks: int, seed: int, segment_frames: int, out: Path) -> tuple[list[dict], torch.Tensor]:
+    """Continue the first `given_chunks` chunks of each real clip (uint8 [F, H, W, 3], metadata) to
+    `num_chunks` chunks; score against the caption and against the true continuation."""
+    pipe = Pipeline.from_pretrained(path, device="cpu")
+    given = pipe.vae.frames_for_latents(given_chunks * pipe.chunk_frames)
+    history = torch.cat([pipe.load_init_video(frames[:given])[0] for frames, _ in real])
+    print(f"[demo]   {name}: continuing {len(captions)} real clips from their first {given} frames", flush=True)
+    res = pipe.generate(captions, num_chunks - given_chunks, seed=seed, init_latents=history)
+    results = []
+    for i, ((frames, meta), caption) in enumerate(zip(real, captions)):
+        video = res.video[i].numpy()
+        mp4 = out / name / f"{i:02d}_{_slug(caption)}.mp4"
+        write_mp4(mp4, video, fps=pipe.config.data.fps)
+        atomic_write_json(mp4.with_suffix(".json"), dict(prompt=caption, seed=seed, model=name, checkpoint=str(path),
+                                                          given_frames=given, options=res.options))
+        results.append(evaluate_video(video, caption, segment_frames=segment_frames, reference=frames,
+                                      reference_meta=meta, name=mp4.name))
+    return results, res.video
+
+
 def summarize(results: list[dict]) -> dict:
     means = mean_over_videos(results)
     return {"per_segment": means,
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length-factor", type=int, default=4, help="rollout length / training clip length")
     p.add_argument("--extra-captions", type=int, default=2, help="training captions sampled besides held-out ones")
     p.add_argument("--pretrained", default=str(PRETRAINED), help="shipped checkpoint ('' to skip)")
+    p.add_argument("--continue-chunks", type=int, default=1,
+                   help="chunks of each real clip given to the continuation run (0 to skip it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
@@ -130,13 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         labels += [f"{name}: {c}" for c in captions]
 
     print("[demo] 4/5 evaluating real generator clips of the same captions (the ceiling)", flush=True)
-    real = []
-    for i, caption in enumerate(captions):
-        frames, _ = generate_clip(10_000 + i, frames=rollout_frames, size=cfg.data.height, caption=caption)
-        real.append(evaluate_video(frames, caption, segment_frames=clip_frames, name=f"real_{i}"))
-        rows.append(frames)
-        labels.append(f"real: {caption}")
+    clips = [generate_clip(10_000 + i, frames=rollout_frames, size=cfg.data.height, caption=caption)
+             for i, caption in enumerate(captions)]
+    real = [evaluate_video(frames, caption, segment_frames=clip_frames, name=f"real_{i}")
+            for i, ((frames, _), caption) in enumerate(zip(clips, captions))]
     metrics["real"] = summarize(real)
+    if 0 < args.continue_chunks < num_chunks:
+        best = "pretrained" if "pretrained" in models else "live"
+        name = f"{best}_continued"
+        results, video = continue_and_eval(name, models[best], captions, clips, num_chunks, args.continue_chunks,
+                                           args.seed, clip_frames, out)
+        metrics[name] = summarize(results)
+        plot_drift(results, out / f"drift_{name}.png",
+                   title=f"{name}: per {clip_frames}-frame segment, vs the true continuation")
+        rows += list(video.numpy())
+        labels += [f"{name}: {c}" for c in captions]
+    rows += [frames for frames, _ in clips]
+    labels += [f"real: {c}" for c in captions]
 
     print("[demo] 5/5 writing contact sheet, plots and metrics", flush=True)
     contact_sheet(rows, out / "contact_sheet.png", every=2, labels=labels, scale=2)
@@ -151,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in metrics.items():
         q = [s.get("quality") for s in m["per_segment"]]
         print(f"  {name:<11} " + "  ".join("-" if v is None else f"{v:.2f}" for v in q))
-    print(f"\noutputs in {out}/: live/*.mp4" + (", pretrained/*.mp4" if "pretrained" in models else "")
-          + ", contact_sheet.png, drift_*.png, metrics.json")
+    videos = ", ".join(f"{name}/*.mp4" for name in metrics if name != "real")
+    print(f"\noutputs in {out}/: {videos}, contact_sheet.png, drift_*.png, metrics.json")
     return 0
 
 
