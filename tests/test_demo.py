@@ -43,3 +43,24 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 def test_demo_bad_override_exits_2(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "train.lrr=1"]) == 2
     assert "unknown key train.lrr" in capsys.readouterr().err
+
+
+def test_quality_sweep_smoke(tmp_path, capsys):
+    """bench/quality_sweep.py scores the shipped checkpoint per setting (not a quality test)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_sweep", REPO / "bench" / "quality_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.json"
+    assert mod.main(["--checkpoint", str(demo.PRETRAINED), "--seeds", "0", "--length-factor", "1",
+                     "--train-captions", "1", "--settings", '{"steps": 2}', '{"steps": 2, "sink": 1, "window": 2}',
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["held_out"] == 2 and len(report["captions"]) == 3
+    assert [r["setting"] for r in report["settings"]] == [{"steps": 2}, {"steps": 2, "sink": 1, "window": 2}]
+    for row in report["settings"]:
+        assert len(row["per_segment"]) == 1 and 0 <= row["mean"] <= 1 and row["training"] is not None
+    assert '| `{"steps": 2}` |' in capsys.readouterr().out
+    assert mod.main(["--checkpoint", str(demo.PRETRAINED), "--settings", "{bad"]) == 2
+    assert "bad --settings" in capsys.readouterr().err
