@@ -3,8 +3,8 @@
 1. generate the synthetic bouncing-shapes data set (mp4 + captions, some captions held out),
 2. train the tiny model for a few minutes: teacher-forcing warmup, then Resampling Forcing,
 3. sample videos 4x longer than the training clips from the held-out captions, with the model
-   just trained and with the small checkpoint shipped in assets/ (trained longer by the same
-   command, see docs/results.md),
+   just trained and with the small checkpoint shipped in assets/ (trained longer with the same
+   config, see docs/results.md),
 4. evaluate every video against what its caption should show, per training-length segment,
    next to real generator clips of the same captions; the best model also continues the first
    chunk of each real clip, scored against the true continuation (PSNR, centre error),
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -127,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: error: the demo config needs two stages (teacher forcing, resampling)", file=sys.stderr)
         return 2
     cfg.train.stages[0].steps, cfg.train.stages[1].steps = args.tf_steps, args.rf_steps
+    run = Path(cfg.train.run_dir)
+    if run.exists():  # a previous demo's run may come from other code or settings: train afresh
+        print(f"[demo] removing the previous demo run {run}", flush=True)
+        shutil.rmtree(run)
 
     print(f"[demo] 1-2/5 data + training ({args.tf_steps} teacher-forcing + {args.rf_steps} resampling steps) "
           f"-> {out / 'run'}", flush=True)

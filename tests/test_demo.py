@@ -28,15 +28,18 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert all(s["quality"] > 0.95 for s in metrics["models"]["real"]["per_segment"])
     assert len(metrics["models"]["live"]["per_segment"]) == 2
     assert demo.PRETRAINED.is_dir(), "the shipped checkpoint assets/tiny-pretrained is missing"
-    # the shipped checkpoint still loads and draws coloured moving objects on a clean background
-    # with this code (noise scores ~0; the live model after 350 steps scores 0.37 / 0.23)
+    # the shipped checkpoint still loads and draws the captioned objects moving on a clean background
+    # with this code: 0.79 quality here (2 Euler steps, 24 frames); noise scores ~0, and the previous
+    # checkpoint (2400 steps, words-only text features) scored 0.53 in `make demo`
     first = metrics["models"]["pretrained"]["per_segment"][0]
-    assert first["quality"] > 0.45 and first["object_fidelity"] > 0.4, first
+    assert first["quality"] > 0.65 and first["object_fidelity"] > 0.6, first
     assert first["background_clean"] > 0.9, first
     # it also continues the first chunk of each real clip; scored against the true continuation
+    # (measured 0.92 / 0.83 quality, PSNR 14.9 / 11.7 dB, centre error 3.6 / 8.8 px)
     cont = metrics["models"]["pretrained_continued"]["per_segment"]
     assert len(sorted((out / "pretrained_continued").glob("*.mp4"))) == len(metrics["captions"])
-    assert all(s["psnr"] is not None and s["center_error"] is not None for s in cont), cont
+    assert all(s["quality"] > 0.7 and s["center_error"] < 12 for s in cont), cont
+    assert cont[0]["quality"] > 0.8 and cont[0]["psnr"] > 12, cont
     assert "outputs in" in capsys.readouterr().out
 
 
