@@ -40,8 +40,8 @@ from .models.loading import CheckpointError, load_state_into, read_state_dict, s
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_utils import (EMA, MetricsLogger, build_accelerator, flatten, launch_world_size, lr_at,  # noqa: F401
-                             resolve_grad_accum, stage_at, step_seed, total_steps, train_lr,
-                             validate_training)
+                             resolve_grad_accum, resume_config_changes, stage_at, step_seed, total_steps,
+                             train_lr, validate_training)
 
 logger = logging.getLogger("resampling_forcing.train")
 
@@ -105,6 +105,11 @@ class Trainer:
                               "use ZeRO-2 or set train.ema_decay=null")
         self.device = acc.device
         self.backend = resolve_backend(cfg.attention.backend, self.device)
+        resume = self._find_resume()
+        if resume is not None:  # before RUN/config.yaml is rewritten: a refused resume changes nothing
+            changed = resume_config_changes(resume, cfg)
+            if changed:
+                logger.warning("resuming %s with changed settings: %s", resume, "; ".join(changed))
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(self.run_dir)
@@ -137,7 +142,6 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = CausalWanModel(cfg.model)
-        resume = self._find_resume()
         if resume is None and cfg.train.init_from:
             src = cfg.train.init_from
             with contextlib.suppress(CheckpointError):

@@ -172,6 +172,42 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Sections whose values decide what the saved weights mean: a resumed run may not change them.
+WEIGHT_SECTIONS = ("model", "encoders")
+
+
+def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
+    """Compare cfg with the config a checkpoint was written under (ckpt/config.yaml).
+
+    Raises ConfigError naming the first changed key of a WEIGHT_SECTIONS section (resuming would pair
+    weights with a different model or encoder); returns the other changes as "key: old -> new"
+    (step counts, LR, paths, ... may legitimately change between runs of a resumed command)."""
+    import yaml
+
+    from .config import config_from_dict, to_dict
+
+    path = Path(ckpt) / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        old = flatten(to_dict(config_from_dict(yaml.safe_load(path.read_text()))))
+    except (ConfigError, yaml.YAMLError) as e:
+        logger.warning("cannot compare with %s (%s): resuming without the config check", path,
+                       str(e).splitlines()[0])
+        return []
+    new = flatten(to_dict(cfg))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key.split(".")[0] in WEIGHT_SECTIONS:
+            raise ConfigError(
+                f"{key} is {new.get(key)!r} but the checkpoint {ckpt} was trained with {old.get(key)!r}; set it "
+                f"back, or start a new train.run_dir (train.init_from={ckpt} to start from its weights)")
+        changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
 class MetricsLogger:
     """Per-step records to RUN/log.jsonl and scalars to accelerate's trackers (main process)."""
 

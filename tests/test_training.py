@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
-from resampling_forcing.config import Config, StageConfig, config_from_dict, load_config
+from resampling_forcing.config import Config, ConfigError, StageConfig, config_from_dict, load_config
 from resampling_forcing.models.loading import load_model
 from resampling_forcing.training import Trainer, TrainingAborted, lr_at, stage_at, train, train_lr
 from train_helpers import REPO, TINY_YAML, read_log, small_overrides
@@ -85,6 +85,21 @@ def test_fixed_batch_loss_decreases_and_run_dir_layout(tmp_path, synth):
         assert back.train.stages[1].objective == "resampling"
     assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
     assert (run / "config.yaml").is_file() and any((run / "tb").rglob("events.out.tfevents*"))
+
+
+def test_resume_refuses_changed_model_or_encoders(tmp_path, synth, caplog):
+    run = tmp_path / "run"
+    assert train(cfg_for(run, synth, steps_tf=1, steps_rf=1))["step"] == 2
+    before = (run / "config.yaml").read_text()
+    for change in ("encoders.text_ngram=3", "model.prediction=x0"):
+        with pytest.raises(ConfigError, match=change.split("=")[0].replace(".", r"\.") + " is .* but the checkpoint"):
+            train(cfg_for(run, synth, change, steps_tf=1, steps_rf=1))
+        assert (run / "config.yaml").read_text() == before  # nothing rewritten by a refused resume
+    # other settings may change (more steps, another LR): resumed, with the changes logged
+    with caplog.at_level("WARNING", logger="resampling_forcing.train"):
+        res = train(cfg_for(run, synth, "train.lr=0.001", steps_tf=1, steps_rf=2))
+    assert res["status"] == "completed" and res["step"] == 3
+    assert "train.lr: 0.003 -> 0.001" in caplog.text
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeypatch):
