@@ -25,17 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from resampling_forcing.data.synthetic import all_combos, held_out_combos, make_caption  # noqa: E402
+from resampling_forcing.data.synthetic import (DEFAULT_COLORS, DEFAULT_SHAPES, all_combos,  # noqa: E402
+                                               held_out_combos, make_caption)
 from resampling_forcing.eval import evaluate_video, mean_over_videos  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
 
 
 def sweep_captions(max_objects: int, seed: int, train_captions: int) -> tuple[list[str], int]:
-    """(held-out captions + the first `train_captions` multi-object training captions, #held out)."""
-    held = held_out_combos(max_objects=max_objects, seed=seed)
-    seen = [c for c in all_combos(("red", "green", "blue", "yellow"), ("circle", "square"), max_objects)
-            if len(c) > 1 and c not in held]
+    """(held-out captions + the first `train_captions` multi-object training captions, #held out), for
+    the data set train/train.py generates (the generator's default colours and shapes)."""
+    held = held_out_combos(DEFAULT_COLORS, DEFAULT_SHAPES, max_objects=max_objects, seed=seed)
+    seen = [c for c in all_combos(DEFAULT_COLORS, DEFAULT_SHAPES, max_objects) if len(c) > 1 and c not in held]
     return [make_caption(c) for c in held + seen[:train_captions]], len(held)
 
 

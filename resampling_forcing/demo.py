@@ -57,41 +57,36 @@ def demo_captions(data_dir: Path, extra: int) -> list[str]:
     return captions + seen[:extra]
 
 
-def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int, seed: int,
-                    segment_frames: int, out: Path) -> tuple[list[dict], torch.Tensor, dict]:
+def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int, seed: int, segment_frames: int,
+                    out: Path, real: list[tuple] | None = None,
+                    given_chunks: int = 0) -> tuple[list[dict], torch.Tensor, dict]:
+    """Roll out `num_chunks` chunks per caption, write out/name/*.mp4 (+ JSON), score each video.
+
+    With `real` (per caption: uint8 [F, H, W, 3] frames, generator metadata) and `given_chunks` > 0, the
+    first `given_chunks` chunks of each real clip are given as history and the videos are also scored
+    against the true continuation."""
     pipe = Pipeline.from_pretrained(path, device="cpu")
-    print(f"[demo]   {name}: {len(captions)} rollouts of {num_chunks} chunks from {path}", flush=True)
-    res = pipe.generate(captions, num_chunks, seed=seed)
+    history, given, extra = None, 0, {}
+    if real is not None and given_chunks > 0:
+        given = pipe.vae.frames_for_latents(given_chunks * pipe.chunk_frames)
+        history = torch.cat([pipe.load_init_video(frames[:given])[0] for frames, _ in real])
+        extra["given_frames"] = given
+        print(f"[demo]   {name}: continuing {len(captions)} real clips from their first {given} frames", flush=True)
+    else:
+        print(f"[demo]   {name}: {len(captions)} rollouts of {num_chunks} chunks from {path}", flush=True)
+    res = pipe.generate(captions, num_chunks - (given_chunks if history is not None else 0), seed=seed,
+                        init_latents=history)
     results = []
     for i, caption in enumerate(captions):
         video = res.video[i].numpy()
         mp4 = out / name / f"{i:02d}_{_slug(caption)}.mp4"
         write_mp4(mp4, video, fps=pipe.config.data.fps)
-        atomic_write_json(mp4.with_suffix(".json"), dict(prompt=caption, seed=seed, model=name,
-                                                          checkpoint=str(path), options=res.options))
-        results.append(evaluate_video(video, caption, segment_frames=segment_frames, name=mp4.name))
-    return results, res.video, res.timings
-
-
-def continue_and_eval(name: str, path: Path, captions: list[str], real: list[tuple], num_chunks: int,
-                      given_chunks: int, seed: int, segment_frames: int, out: Path) -> tuple[list[dict], torch.Tensor]:
-    """Continue the first `given_chunks` chunks of each real clip (uint8 [F, H, W, 3], metadata) to
-    `num_chunks` chunks; score against the caption and against the true continuation."""
-    pipe = Pipeline.from_pretrained(path, device="cpu")
-    given = pipe.vae.frames_for_latents(given_chunks * pipe.chunk_frames)
-    history = torch.cat([pipe.load_init_video(frames[:given])[0] for frames, _ in real])
-    print(f"[demo]   {name}: continuing {len(captions)} real clips from their first {given} frames", flush=True)
-    res = pipe.generate(captions, num_chunks - given_chunks, seed=seed, init_latents=history)
-    results = []
-    for i, ((frames, meta), caption) in enumerate(zip(real, captions)):
-        video = res.video[i].numpy()
-        mp4 = out / name / f"{i:02d}_{_slug(caption)}.mp4"
-        write_mp4(mp4, video, fps=pipe.config.data.fps)
         atomic_write_json(mp4.with_suffix(".json"), dict(prompt=caption, seed=seed, model=name, checkpoint=str(path),
-                                                          given_frames=given, options=res.options))
-        results.append(evaluate_video(video, caption, segment_frames=segment_frames, reference=frames,
+                                                          options=res.options, **extra))
+        ref, meta = real[i] if history is not None else (None, None)
+        results.append(evaluate_video(video, caption, segment_frames=segment_frames, reference=ref,
                                       reference_meta=meta, name=mp4.name))
-    return results, res.video
+    return results, res.video, res.timings
 
 
 def summarize(results: list[dict]) -> dict:
@@ -168,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if 0 < args.continue_chunks < num_chunks:
         best = "pretrained" if "pretrained" in models else "live"
         name = f"{best}_continued"
-        results, video = continue_and_eval(name, models[best], captions, clips, num_chunks, args.continue_chunks,
-                                           args.seed, clip_frames, out)
+        results, video, timings[name] = sample_and_eval(name, models[best], captions, num_chunks, args.seed,
+                                                        clip_frames, out, real=clips, given_chunks=args.continue_chunks)
         metrics[name] = summarize(results)
         plot_drift(results, out / f"drift_{name}.png",
                    title=f"{name}: per {clip_frames}-frame segment, vs the true continuation")
