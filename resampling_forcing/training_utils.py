@@ -172,15 +172,17 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Sections whose values decide what the saved weights mean: a resumed run may not change them.
+# Sections whose values decide what the saved weights mean: a resumed run may not change them,
+# except for these keys (memory choice; encoder files moved to another directory).
 WEIGHT_SECTIONS = ("model", "encoders")
+RESUMABLE_KEYS = ("model.gradient_checkpointing", "encoders.vae_path", "encoders.text_path")
 
 
 def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
     """Compare cfg with the config a checkpoint was written under (ckpt/config.yaml).
 
-    Raises ConfigError naming the first changed key of a WEIGHT_SECTIONS section (resuming would pair
-    weights with a different model or encoder); returns the other changes as "key: old -> new"
+    Raises ConfigError naming the first changed key of a WEIGHT_SECTIONS section, RESUMABLE_KEYS apart
+    (resuming would pair weights with a different model or encoder); returns the other changes as "key: old -> new"
     (step counts, LR, paths, ... may legitimately change between runs of a resumed command)."""
     import yaml
 
@@ -200,7 +202,7 @@ def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
-        if key.split(".")[0] in WEIGHT_SECTIONS:
+        if key.split(".")[0] in WEIGHT_SECTIONS and key not in RESUMABLE_KEYS:
             raise ConfigError(
                 f"{key} is {new.get(key)!r} but the checkpoint {ckpt} was trained with {old.get(key)!r}; set it "
                 f"back, or start a new train.run_dir (train.init_from={ckpt} to start from its weights)")

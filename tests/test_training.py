@@ -95,11 +95,11 @@ def test_resume_refuses_changed_model_or_encoders(tmp_path, synth, caplog):
         with pytest.raises(ConfigError, match=change.split("=")[0].replace(".", r"\.") + " is .* but the checkpoint"):
             train(cfg_for(run, synth, change, steps_tf=1, steps_rf=1))
         assert (run / "config.yaml").read_text() == before  # nothing rewritten by a refused resume
-    # other settings may change (more steps, another LR): resumed, with the changes logged
+    # other settings may change (more steps, another LR, gradient checkpointing): resumed, changes logged
     with caplog.at_level("WARNING", logger="resampling_forcing.train"):
-        res = train(cfg_for(run, synth, "train.lr=0.001", steps_tf=1, steps_rf=2))
+        res = train(cfg_for(run, synth, "train.lr=0.001", "model.gradient_checkpointing=true", steps_tf=1, steps_rf=2))
     assert res["status"] == "completed" and res["step"] == 3
-    assert "train.lr: 0.003 -> 0.001" in caplog.text
+    assert "train.lr: 0.003 -> 0.001" in caplog.text and "model.gradient_checkpointing: False -> True" in caplog.text
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeypatch):
