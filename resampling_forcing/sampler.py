@@ -62,6 +62,7 @@ import torch
 from .attention.backends import resolve_backend
 from .attention.routing import RoutingSpec
 from .cache import CachedAttention, KVCache, SelectionRecorder
+from .config import DiffusionConfig
 from .diffusion import euler_schedule
 
 __all__ = [
@@ -91,12 +92,13 @@ def routing_spec_from_config(routing_cfg: Any) -> Optional[RoutingSpec]:
 
 @dataclass
 class SamplingOptions:
-    """How a rollout samples. Defaults are the paper's (32 Euler steps, shift 5, CFG 5)."""
+    """How a rollout samples: the resolved runtime form of the sampling keys of config.DiffusionConfig
+    and config.AttentionConfig. Defaults are DiffusionConfig's (the paper's: 32 Euler steps, shift 5, CFG 5)."""
 
-    steps: int = 32
-    shift: float = 5.0
-    cfg_scale: float = 5.0
-    context_t: float = 0.0
+    steps: int = DiffusionConfig.sample_steps
+    shift: float = DiffusionConfig.sample_shift
+    cfg_scale: float = DiffusionConfig.cfg_scale
+    context_t: float = DiffusionConfig.context_t
     routing: Optional[RoutingSpec] = None  # None or mode dense = dense attention over all history
     routing_layers: Optional[list[int]] = None  # blocks that route (None = all)
     backend: str = "sdpa"  # a RESOLVED backend name (attention.backends.resolve_backend)

@@ -17,12 +17,7 @@ from helpers import tiny_model
 N = 4  # chunks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to a busy second core
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(model, seed=0, b=2):

@@ -23,13 +23,10 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def _fresh_accelerate_state(one_thread):
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and immune to a busy second core
     yield
-    torch.set_num_threads(threads)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
