@@ -300,6 +300,11 @@ class Rollout:
             pending, self.pending = self.pending, None
             self._write(pending)
 
+    def discard_pending(self) -> None:
+        """Drop the pending chunk without writing it into the cache (e.g. to write another chunk in
+        its place with `write_chunk`: the one-chunk-ahead error of diagnose.one_step_error)."""
+        self.pending = None
+
     @torch.no_grad()
     def prefill(self, latents: torch.Tensor) -> None:
         """Put given history latents [B or 1, C, n * cf, h, w] into the cache, chunk by chunk."""
