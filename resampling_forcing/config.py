@@ -138,6 +138,14 @@ class StageConfig:
     resample_cfg: float = 1.0  # CFG while resampling (1.0 = off, the paper's unstated default)
     noise_aug_scale: float = 0.1  # std of Gaussian history noise (noise_augmentation)
     routing: bool = False  # train with top-k history routing (attention.routing settings)
+    # Switch from the previous stage (e.g. the teacher-forcing warmup): "none" = hard switch (the default;
+    # the paper pins neither form, README "The switch from teacher forcing"), or a ramp over the first
+    # `ramp_steps` steps of this stage with r = min(1, (steps into the stage + 1) / ramp_steps):
+    # "probability" = each video's history is degraded with probability r (else the ground truth),
+    # "strength" = t_s -> r * t_s (noise_augmentation: noise std -> r * noise_aug_scale).
+    # ramp_steps = 0 is the hard switch too. Not for teacher_forcing.
+    ramp: Literal["none", "probability", "strength"] = "none"
+    ramp_steps: int = 0
 
 
 @dataclass
@@ -392,3 +400,8 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
+        if st.ramp_steps < 0:
+            raise ConfigError(f"train.stages[{i}].ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
+        if st.ramp != "none" and st.objective == "teacher_forcing":
+            raise ConfigError(f"train.stages[{i}].ramp={st.ramp}: a teacher_forcing stage has no history "
+                              "degradation to ramp; set it to none (ramp the stage after the warmup)")

@@ -23,6 +23,19 @@ resamples it too, e.g. for inspection).
 
 With history routing on (the last stage) pass the stage's ``RoutingSpec`` and ``routing_layers``:
 the resampling rollout then routes exactly as inference does.
+
+Ramp from teacher forcing (``DegradeSettings.ramp`` at level ``ramp_level`` = r in [0, 1]; the trainer
+sets r = min(1, (steps into the stage + 1) / ramp_steps), see ``training_utils.ramp_at``):
+
+- ``none``: the full degradation (the hard switch; r is ignored).
+- ``probability``: each video's history is the degraded one with probability r, else the ground truth
+  (the mask is drawn from ``generator`` after t_s and the noise, and only when r < 1, so at r = 1 the
+  draws and the result are exactly those of ``none``). Only the selected videos are degraded (the
+  rollout runs on that sub-batch), so the kept ones cost nothing; their returned t_s is 0 (what
+  teacher forcing is). ``always_forward`` degrades one video even when none is selected and
+  discards it, so every process makes the same forwards (DeepSpeed ZeRO-3 gathers weights in each).
+- ``strength``: t_s -> r * t_s for the resampling objectives (t_s = 0 is teacher forcing exactly),
+  the noise std -> r * noise_scale for noise augmentation.
 """
 from __future__ import annotations
 
@@ -38,10 +51,12 @@ from .diffusion import sample_logit_normal
 
 OBJECTIVES = ("teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling")
 RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")
+RAMPS = ("none", "probability", "strength")  # the config's StageConfig.ramp (a Literal of the same names)
 
 __all__ = [
     "OBJECTIVES",
     "RESAMPLING_OBJECTIVES",
+    "RAMPS",
     "DegradeSettings",
     "sample_resample_t",
     "resample_grid",
@@ -66,12 +81,19 @@ class DegradeSettings:
     routing: object | None = None  # attention.routing.RoutingSpec (None / dense = no routing)
     routing_layers: Optional[list[int]] = None
     context_t: float = 0.0  # timestep of the cache-writing pass
+    ramp: str = "none"  # ramp from teacher forcing: none | probability | strength (module docstring)
+    ramp_level: float = 1.0  # r in [0, 1]: probability of a degraded history, or the t_s / noise scale
+    always_forward: bool = False  # probability ramp: run the model even when no video is selected
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is unknown; choose one of {list(OBJECTIVES)}")
         if self.steps < 1:
             raise ValueError(f"resample steps={self.steps}: need at least 1")
+        if self.ramp not in RAMPS:
+            raise ValueError(f"ramp {self.ramp!r} is unknown; choose one of {list(RAMPS)}")
+        if not 0.0 <= self.ramp_level <= 1.0:
+            raise ValueError(f"ramp_level={self.ramp_level}: must be in [0, 1]")
 
 
 def sample_resample_t(batch: int, shift: float = 0.6, generator: torch.Generator | None = None,
@@ -224,19 +246,47 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     """The history stream for one training batch -> (history detached, t_s [B] or None).
 
     ``model`` must be the plain (unwrapped) CausalWanModel with the current online weights.
-    ``t_s`` overrides the sampled strengths (e.g. zeros for a teacher-forcing check)."""
+    ``t_s`` overrides the sampled strengths (e.g. zeros for a teacher-forcing check); a strength ramp
+    scales it too. The returned t_s is the one each video's history was built with (0 for a video a
+    probability ramp kept on the ground truth)."""
     obj = settings.objective
     if obj == "teacher_forcing":
         return x, None
+    r = 1.0 if settings.ramp == "none" else float(settings.ramp_level)
     if obj == "noise_augmentation":
-        return noise_augment(x, settings.noise_scale, generator).detach(), None
+        scale = settings.noise_scale * r if settings.ramp == "strength" else settings.noise_scale
+        hist = noise_augment(x, scale, generator)
+        if settings.ramp == "probability" and r < 1.0:
+            keep = _ramp_mask(x.shape[0], r, generator, x.device)
+            hist = torch.where(keep[:, None, None, None, None], hist, x)
+        return hist.detach(), None
     if t_s is None:
         t_s = sample_resample_t(x.shape[0], settings.shift, generator=generator, device=x.device)
+    if settings.ramp == "strength" and r < 1.0:
+        t_s = t_s * r
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    common = dict(eps=eps, steps=settings.steps, backend=settings.backend, routing=settings.routing,
-                  routing_layers=settings.routing_layers, null_context=null_context, cfg_scale=settings.cfg_scale)
+    common = dict(steps=settings.steps, backend=settings.backend, routing=settings.routing,
+                  routing_layers=settings.routing_layers, cfg_scale=settings.cfg_scale)
     if obj == "resampling":
-        hist = autoregressive_resample(model, x, t_s, context=context, context_t=settings.context_t, **common)
-    else:
-        hist = parallel_resample(model, x, t_s, context=context, **common)
-    return hist.detach(), t_s
+        common["context_t"] = settings.context_t
+    fn = autoregressive_resample if obj == "resampling" else parallel_resample
+    if settings.ramp != "probability" or r >= 1.0:
+        hist = fn(model, x, t_s, context=context, eps=eps, null_context=null_context, **common)
+        return hist.detach(), t_s
+    # probability ramp: degrade only the selected videos (a sub-batch), the others keep the ground truth
+    t_s = t_s.to(x.device)
+    sel = _ramp_mask(x.shape[0], r, generator, x.device)
+    idx = sel.nonzero().flatten()
+    run = idx if idx.numel() or not settings.always_forward else idx.new_zeros(1)
+    hist = x.clone()
+    if run.numel():
+        sub = fn(model, x[run], t_s[run], context=context[run], eps=eps[run],
+                 null_context=None if null_context is None else null_context[run], **common)
+        if idx.numel():
+            hist[idx] = sub
+    return hist.detach(), torch.where(sel, t_s, torch.zeros_like(t_s))
+
+
+def _ramp_mask(batch: int, r: float, generator, device) -> torch.Tensor:
+    """[B] bool: True (degraded history) with probability r per video, drawn from ``generator``."""
+    return torch.rand(batch, generator=generator, device=device) < r

@@ -4,7 +4,7 @@ One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_siz
 1. batch at data position p (data/loader.py), randomness seeded by (seed, p, rank);
 2. text dropout (caption -> "" embedding with prob `data.text_dropout`);
 3. history = degrade_history(...) with the stage's objective (no gradient, current online weights,
-   the stage's routing when on);
+   the stage's routing when on; during a stage's `ramp`, at level r = training_utils.ramp_at(step));
 4. per-chunk training t ~ logit-normal(diffusion.train_t_*), x_t = (1 - t) x + t eps;
 5. v = model.forward_dual(history, x_t, t, text) and the velocity MSE on the noisy half
    (overall and per chunk position).
@@ -40,7 +40,7 @@ from .models.loading import CheckpointError, load_state_into, read_state_dict, s
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_utils import (EMA, MetricsLogger, build_accelerator, flatten, launch_world_size, lr_at,  # noqa: F401
-                             resolve_grad_accum, resume_config_changes, stage_at, step_seed, total_steps,
+                             ramp_at, resolve_grad_accum, resume_config_changes, stage_at, step_seed, total_steps,
                              train_lr, validate_training)
 
 logger = logging.getLogger("resampling_forcing.train")
@@ -268,7 +268,8 @@ class Trainer:
         dist.all_reduce(x, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
         return float(x.item())
 
-    def settings(self, stage: StageConfig) -> DegradeSettings:
+    def settings(self, stage: StageConfig, ramp: Optional[float] = None) -> DegradeSettings:
+        """The degradation of `stage`; `ramp` = the level r of its ramp now (None: no ramp, hard switch)."""
         from .attention.routing import RoutingSpec
 
         r = self.cfg.attention.routing
@@ -277,17 +278,20 @@ class Trainer:
                                shift=self.cfg.diffusion.resample_shift, noise_scale=stage.noise_aug_scale,
                                cfg_scale=stage.resample_cfg, backend=self.backend, routing=spec,
                                routing_layers=r.layers if stage.routing else None,
-                               context_t=self.cfg.diffusion.context_t)
+                               context_t=self.cfg.diffusion.context_t,
+                               ramp=stage.ramp if ramp is not None else "none",
+                               ramp_level=1.0 if ramp is None else ramp, always_forward=self.zero_stage == 3)
 
     def compute_loss(self, batch: dict, stage: StageConfig, gen: torch.Generator):
-        """One micro-batch -> (loss, per-chunk loss [B, N], t_s or None, seconds spent resampling)."""
+        """One micro-batch -> (loss, per-chunk loss [B, N], t_s or None, seconds spent resampling).
+        A ramp applies at its level of the current step `self.step` when `stage` is that step's stage."""
         cfg, d = self.cfg, self.cfg.diffusion
         x, text = batch["latents"], batch["text"]
         b = x.shape[0]
         if cfg.data.text_dropout > 0:
             drop = torch.rand(b, generator=gen, device=self.device) < cfg.data.text_dropout
             text = torch.where(drop[:, None, None], self.data.null_text.to(text.dtype), text)
-        settings = self.settings(stage)
+        settings = self.settings(stage, ramp_at(cfg, self.step) if stage_at(cfg, self.step)[1] is stage else None)
         t0 = time.perf_counter()
         dtype = next(self.inner.parameters()).dtype
         null = self.data.null_text.expand_as(text).to(dtype) if stage.resample_cfg != 1.0 else None
@@ -315,6 +319,7 @@ class Trainer:
             g["lr"] = lr
         start = time.perf_counter()
         good, skipped, t_res = 0, 0, 0.0
+        ramp = ramp_at(cfg, self.step)  # None without a ramp (hard switch)
         losses, chunks, ts = [], [], []
         while good < k:
             pos = self.data_position
@@ -370,6 +375,8 @@ class Trainer:
                        t_s_min=float(all_ts.min()), t_s_max=float(all_ts.max()))
         return rec
 
+        if ramp is not None:
+            rec["ramp"] = ramp
     def _optimizer_step(self) -> Optional[float]:
         acc, clip = self.acc, self.cfg.train.grad_clip
         if self.is_deepspeed:  # accelerate.backward already ran engine.step (clipping from the DS config)

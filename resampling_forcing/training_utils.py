@@ -35,6 +35,21 @@ def stage_at(cfg: Config, step: int) -> tuple[int, StageConfig]:
     return len(cfg.train.stages) - 1, cfg.train.stages[-1]
 
 
+def stage_start(cfg: Config, index: int) -> int:
+    """The first optimizer step (0-based) of stage `index`."""
+    return sum(s.steps for s in cfg.train.stages[:index])
+
+
+def ramp_at(cfg: Config, step: int) -> float | None:
+    """Level r of the ramp from teacher forcing at optimizer step `step` (0-based): r = min(1, (k + 1) /
+    ramp_steps), k = steps into the stage (the stage's `ramp` says what r scales). None when the stage
+    has none (ramp none or ramp_steps 0: the hard switch). A pure function of the step: resumes exactly."""
+    idx, st = stage_at(cfg, step)
+    if st.ramp == "none" or st.ramp_steps == 0 or st.objective == "teacher_forcing":
+        return None
+    return min(1.0, (step - stage_start(cfg, idx) + 1) / st.ramp_steps)
+
+
 def validate_training(cfg: Config) -> None:
     t = cfg.train
     if not t.stages or total_steps(cfg) < 1:

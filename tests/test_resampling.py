@@ -182,3 +182,140 @@ def test_resampling_cfg():
     assert torch.equal(plain, same)
     guided = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, null_context=torch.zeros_like(ctx), cfg_scale=3.0)
     assert (guided - plain).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- ramp from teacher forcing
+
+
+def _old_degrade(model, x, ctx, obj, seed, steps=1, shift=0.6, noise_scale=0.1):
+    """degrade_history as it was before the ramp existed (the hard switch), written out by hand."""
+    g = torch.Generator().manual_seed(seed)
+    if obj == "noise_augmentation":
+        return noise_augment(x, noise_scale, g), None, g
+    t_s = sample_resample_t(x.shape[0], shift, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    if obj == "resampling":
+        return autoregressive_resample(model, x, t_s, context=ctx, eps=eps, steps=steps), t_s, g
+    return parallel_resample(model, x, t_s, context=ctx, eps=eps, steps=steps), t_s, g
+
+
+@pytest.mark.parametrize("objective", ["resampling", "parallel_resampling", "noise_augmentation"])
+def test_ramp_none_and_full_level_are_the_old_hard_switch(objective):
+    """ramp none (any level), and either ramp at r = 1, give bit for bit the history, t_s and
+    generator state of the code before the ramp (so a hard-switch run is unchanged)."""
+    model = tiny_model()
+    x, ctx, _ = _data(model, b=3)
+    ref, ref_t, ref_g = _old_degrade(model, x, ctx, objective, seed=7, steps=2)
+    after = torch.rand(4, generator=ref_g)
+    for ramp, level in (("none", 1.0), ("none", 0.2), ("probability", 1.0), ("strength", 1.0)):
+        g = torch.Generator().manual_seed(7)
+        hist, t_s = degrade_history(model, x, ctx, _settings(objective, steps=2, ramp=ramp, ramp_level=level),
+                                    generator=g)
+        assert torch.equal(hist, ref), (ramp, level)
+        assert (t_s is None and ref_t is None) or torch.equal(t_s, ref_t)
+        assert torch.equal(torch.rand(4, generator=g), after)  # same draws consumed
+
+
+class _CountingModel:
+    """Wraps a model and records the batch size of every forward (attributes pass through)."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __call__(self, x, *a, **kw):
+        self.batches.append(x.shape[0])
+        return self.model(x, *a, **kw)
+
+    def forward_dual(self, history, *a, **kw):
+        self.batches.append(history.shape[0])
+        return self.model.forward_dual(history, *a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("objective", ["resampling", "parallel_resampling"])
+def test_probability_ramp_ends_and_selected_subbatch(objective):
+    """r = 0: every history is the ground truth (t_s 0) and the model never runs; r = 1: the full
+    degradation; in between each video is either the ground truth exactly or its full degradation, and
+    the model runs on the selected videos only."""
+    model = tiny_model()
+    x, ctx, _ = _data(model, b=8)
+    full, full_t = degrade_history(model, x, ctx, _settings(objective), generator=torch.Generator().manual_seed(3))
+    counting = _CountingModel(model)
+    zero, t0 = degrade_history(counting, x, ctx, _settings(objective, ramp="probability", ramp_level=0.0),
+                               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(zero, x) and torch.equal(t0, torch.zeros(8)) and counting.batches == []
+    one, t1 = degrade_history(model, x, ctx, _settings(objective, ramp="probability", ramp_level=1.0),
+                              generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one, full) and torch.equal(t1, full_t)
+    counting = _CountingModel(model)
+    half, th = degrade_history(counting, x, ctx, _settings(objective, ramp="probability", ramp_level=0.5),
+                               generator=torch.Generator().manual_seed(3))
+    sel = th > 0
+    assert 0 < int(sel.sum()) < 8  # this seed selects some, not all
+    assert set(counting.batches) == {int(sel.sum())}  # only the selected sub-batch was degraded
+    assert torch.equal(half[~sel], x[~sel]) and torch.equal(th[sel], full_t[sel])
+    torch.testing.assert_close(half[sel], full[sel], rtol=1e-5, atol=1e-5)  # same t_s and noise per video
+    assert (half[sel] - x[sel])[:, :, :-2].abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4
+    # always_forward (DeepSpeed ZeRO-3): the model runs on one video even when none is selected
+    counting = _CountingModel(model)
+    zero_f, _ = degrade_history(counting, x, ctx, _settings(objective, ramp="probability", ramp_level=0.0,
+                                                            always_forward=True),
+                                generator=torch.Generator().manual_seed(3))
+    assert torch.equal(zero_f, x) and set(counting.batches) == {1}
+
+
+@pytest.mark.parametrize("objective", ["resampling", "noise_augmentation"])
+def test_probability_ramp_fraction(objective):
+    """At r = 0.3 the fraction of degraded histories over 2000 videos is 0.3 within 0.04 (about four
+    binomial standard deviations, sqrt(0.3 * 0.7 / 2000) = 0.010)."""
+    model = tiny_model()
+    b = 2000
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(b, 4, N * model.cfg.chunk_frames, 4, 4, generator=g)
+    ctx = torch.randn(b, 5, 8, generator=g)
+    hist, _ = degrade_history(model, x, ctx, _settings(objective, ramp="probability", ramp_level=0.3),
+                              generator=torch.Generator().manual_seed(12))
+    changed = (hist != x).flatten(1).any(1).float().mean().item()
+    assert abs(changed - 0.3) < 0.04, changed
+
+
+@pytest.mark.parametrize("objective", ["resampling", "parallel_resampling"])
+def test_strength_ramp_scales_t_s(objective):
+    """ramp strength at level r == the degradation at t_s * r with the same noise, for every video."""
+    model = tiny_model()
+    x, ctx, _ = _data(model, b=3)
+    r = 0.4
+    g = torch.Generator().manual_seed(5)
+    t_s = sample_resample_t(3, 0.6, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    fn = autoregressive_resample if objective == "resampling" else parallel_resample
+    ref = fn(model, x, t_s * r, context=ctx, eps=eps, steps=2)
+    hist, got_t = degrade_history(model, x, ctx, _settings(objective, steps=2, ramp="strength", ramp_level=r),
+                                  generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got_t, t_s * r) and torch.equal(hist, ref)
+    # an explicit t_s is scaled as well; level 0 is teacher forcing exactly
+    zero, _ = degrade_history(model, x, ctx, _settings(objective, ramp="strength", ramp_level=0.0),
+                              t_s=torch.tensor([0.5, 0.7, 0.9]), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(zero, x)
+
+
+def test_noise_augmentation_strength_ramp_scales_the_std():
+    x = torch.zeros(4, 3, 8, 16, 16)
+    y, _ = degrade_history(None, x, None, _settings("noise_augmentation", noise_scale=0.1, ramp="strength",
+                                                    ramp_level=0.5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, noise_augment(x, 0.05, torch.Generator().manual_seed(0)))
+
+
+def test_ramp_names_match_the_config():
+    import typing
+
+    from resampling_forcing.config import StageConfig
+    from resampling_forcing.resampling import RAMPS
+
+    assert typing.get_args(typing.get_type_hints(StageConfig)["ramp"]) == RAMPS
+    with pytest.raises(ValueError, match="ramp 'linear' is unknown"):
+        _settings("resampling", ramp="linear")
+    with pytest.raises(ValueError, match="ramp_level"):
+        _settings("resampling", ramp="strength", ramp_level=1.5)

@@ -13,7 +13,7 @@ import yaml
 from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
 from resampling_forcing.config import Config, ConfigError, StageConfig, config_from_dict, load_config
 from resampling_forcing.models.loading import load_model
-from resampling_forcing.training import Trainer, TrainingAborted, lr_at, stage_at, train, train_lr
+from resampling_forcing.training import Trainer, TrainingAborted, lr_at, ramp_at, stage_at, train, train_lr
 from train_helpers import REPO, TINY_YAML, read_log, small_overrides
 
 
@@ -263,3 +263,63 @@ def test_loader_order_is_a_function_of_the_position(tmp_path, synth):
     r0 = TrainData(cfg, 2, rank=0, world=2, **enc).indices(5)
     r1 = TrainData(cfg, 2, rank=1, world=2, **enc).indices(5)
     assert len(set(r0) | set(r1)) == 4
+
+
+# ----------------------------------------------------------------------------- ramp from teacher forcing
+
+
+def test_ramp_level_schedule():
+    """r = min(1, (steps into the stage + 1) / ramp_steps); None (hard switch) for ramp none, ramp_steps 0
+    and teacher-forcing stages."""
+    cfg = Config()
+    cfg.train.stages = [StageConfig(name="tf", steps=3),
+                        StageConfig(name="rf", objective="resampling", steps=5, ramp="probability", ramp_steps=4),
+                        StageConfig(name="rf2", objective="resampling", steps=2, ramp="strength", ramp_steps=0),
+                        StageConfig(name="rf3", objective="resampling", steps=2, ramp="none", ramp_steps=9)]
+    assert [ramp_at(cfg, s) for s in range(12)] == [None] * 3 + [0.25, 0.5, 0.75, 1.0, 1.0] + [None] * 4
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.stages.1.ramp_steps=-1", r"train\.stages\[1\]\.ramp_steps=-1: must be >= 0"),
+    ("train.stages.0.ramp=strength", r"train\.stages\[0\]\.ramp=strength: a teacher_forcing stage"),
+    ("train.stages.1.ramp=linear", r"train\.stages\[1\]\.ramp: 'linear' is not one of"),
+])
+def test_ramp_config_errors_name_the_key(tmp_path, synth, override, key):
+    with pytest.raises(ConfigError, match=key) as err:
+        cfg_for(tmp_path / "run", synth, override)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_in_the_middle_of_a_ramp_is_exact(tmp_path, synth, monkeypatch):
+    """A probability ramp over 4 steps, interrupted after its second step: the resumed run logs the same
+    losses, t_s and ramp levels as the uninterrupted one; the hard-switch stage logs no ramp."""
+    ramp = ["train.stages.1.ramp=probability", "train.stages.1.ramp_steps=4", "train.save_every=100"]
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    train(cfg_for(ref_run, synth, *ramp, steps_tf=1, steps_rf=5))
+    ref = read_log(ref_run)
+    assert [r.get("ramp") for r in ref] == [None, 0.25, 0.5, 0.75, 1.0, 1.0]
+    original = Trainer.train_step
+
+    def step_then_signal(self):
+        rec = original(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert train(cfg_for(run, synth, *ramp, steps_tf=1, steps_rf=5))["step"] == 3
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert train(cfg_for(run, synth, *ramp, steps_tf=1, steps_rf=5))["step"] == 6
+    got = read_log(run)
+    for k in ("loss", "loss_chunk", "ramp", "t_s_mean", "t_s_min"):
+        assert [r.get(k) for r in got] == [r.get(k) for r in ref], k
+    # the ramp kept some early histories on the ground truth (t_s 0) and changed the run
+    assert ref[1]["t_s_min"] == 0.0
+    plain = tmp_path / "plain"
+    train(cfg_for(plain, synth, "train.save_every=100", steps_tf=1, steps_rf=5))
+    assert not any("ramp" in r for r in read_log(plain))
+    off = tmp_path / "off"  # ramp none with ramp_steps set: the hard switch, bit for bit
+    train(cfg_for(off, synth, "train.save_every=100", "train.stages.1.ramp=none", "train.stages.1.ramp_steps=4",
+                  steps_tf=1, steps_rf=5))
+    assert [r["loss_chunk"] for r in read_log(off)] == [r["loss_chunk"] for r in read_log(plain)]
+    assert [r["loss"] for r in read_log(plain)][1:] != [r["loss"] for r in ref][1:]
