@@ -388,6 +388,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")
         if st.resample_steps < 1:
             raise ConfigError(f"train.stages[{i}].resample_steps={st.resample_steps}: must be >= 1")
+        if st.ramp_steps < 0:
+            raise ConfigError(f"train.stages[{i}].ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
+        if st.ramp != "none" and st.objective == "teacher_forcing":
+            raise ConfigError(f"train.stages[{i}].ramp={st.ramp}: a teacher_forcing stage has no history "
+                              "degradation to ramp; set it to none (ramp the stage after the warmup)")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -400,8 +405,3 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
-        if st.ramp_steps < 0:
-            raise ConfigError(f"train.stages[{i}].ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
-        if st.ramp != "none" and st.objective == "teacher_forcing":
-            raise ConfigError(f"train.stages[{i}].ramp={st.ramp}: a teacher_forcing stage has no history "
-                              "degradation to ramp; set it to none (ramp the stage after the warmup)")
