@@ -314,12 +314,12 @@ class Trainer:
         acc, cfg = self.acc, self.cfg
         k = cfg.train.grad_accum
         stage_idx, stage = stage_at(cfg, self.step)
+        ramp = ramp_at(cfg, self.step)  # None without a ramp (hard switch)
         lr = train_lr(cfg, self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         start = time.perf_counter()
         good, skipped, t_res = 0, 0, 0.0
-        ramp = ramp_at(cfg, self.step)  # None without a ramp (hard switch)
         losses, chunks, ts = [], [], []
         while good < k:
             pos = self.data_position
@@ -370,13 +370,13 @@ class Trainer:
                "grad_norm": None if grad_norm is None else float(grad_norm), "step_time": elapsed,
                "resample_time": t_res, "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped": skipped,
                "data_position": self.data_position, "epoch": self.data.epoch_of(self.data_position)}
+        if ramp is not None:
+            rec["ramp"] = ramp
         if all_ts is not None:
             rec.update(t_s_mean=float(all_ts.mean()), t_s_std=float(all_ts.std()) if all_ts.numel() > 1 else 0.0,
                        t_s_min=float(all_ts.min()), t_s_max=float(all_ts.max()))
         return rec
 
-        if ramp is not None:
-            rec["ramp"] = ramp
     def _optimizer_step(self) -> Optional[float]:
         acc, clip = self.acc, self.cfg.train.grad_clip
         if self.is_deepspeed:  # accelerate.backward already ran engine.step (clipping from the DS config)
