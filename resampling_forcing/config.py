@@ -325,7 +325,8 @@ def _set_path(data: dict, keys: list[str], value: Any) -> None:
         node = node[k]
 
 
-def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = (),
+                     require_encoder_paths: bool = False) -> Config:
     data = _deepcopy(data or {})
     for text in overrides:
         keys, value = parse_override(text)
@@ -333,12 +334,15 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     cfg = _build(Config, data, "")
     explicit = set((data.get("model") or {}).keys())
     cfg.model = resolve_model(cfg.model, explicit)
-    validate(cfg)
+    validate(cfg, require_encoder_paths=require_encoder_paths)
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML (or start from defaults when `path` is None) and apply key=value overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                require_encoder_paths: bool = False) -> Config:
+    """Read YAML (or start from defaults when `path` is None) and apply key=value overrides.
+    `require_encoder_paths`: the config is about to be used to build its encoders (training,
+    precompute), so encoders.vae=wan / text=umt5 must name their local files."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -350,11 +354,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, require_encoder_paths=require_encoder_paths)
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
+    """Cross-field checks that types alone cannot express (the one validation pass of every value;
+    device- and file-system checks come later, training_utils.preflight)."""
     m = cfg.model
     if m.dim % m.num_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
@@ -383,6 +388,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"encoders.text_ngram={cfg.encoders.text_ngram}: must be >= 1 (1 = words only)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: must be in [0, 1]")
+    dc, t, e = cfg.data, cfg.train, cfg.encoders
+    for key, value in (("data.num_frames", dc.num_frames), ("data.height", dc.height), ("data.width", dc.width),
+                       ("data.synthetic_videos", dc.synthetic_videos), ("train.log_every", t.log_every),
+                       ("train.save_every", t.save_every), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum), ("train.max_bad_steps", t.max_bad_steps),
+                       ("encoders.vae_factor", e.vae_factor), ("encoders.text_len", e.text_len),
+                       ("encoders.text_dim", e.text_dim)):
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    if not dc.fps > 0 or dc.fps == float("inf"):
+        raise ConfigError(f"data.fps={dc.fps}: must be a number > 0 (frames per second of the clips, e.g. 8)")
+    if dc.num_workers < 0:
+        raise ConfigError(f"data.num_workers={dc.num_workers}: must be >= 0 (0 = decode in the main process)")
+    if t.keep_last < 0:
+        raise ConfigError(f"train.keep_last={t.keep_last}: must be >= 0 (0 keeps every checkpoint)")
+    if e.vae not in ("wan", "pixel_shuffle"):
+        raise ConfigError(f"encoders.vae={e.vae!r}: choose wan (with encoders.vae_path) or pixel_shuffle")
+    if e.text not in ("umt5", "hash"):
+        raise ConfigError(f"encoders.text={e.text!r}: choose umt5 (with encoders.text_path) or hash")
+    if require_encoder_paths:
+        if e.vae == "wan" and not e.vae_path:
+            raise ConfigError("encoders.vae=wan needs encoders.vae_path (a local Wan2.1 VAE / diffusers folder), "
+                              "e.g. encoders.vae_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.vae=pixel_shuffle")
+        if e.text == "umt5" and not e.text_path:
+            raise ConfigError("encoders.text=umt5 needs encoders.text_path (a local umT5 / diffusers folder), "
+                              "e.g. encoders.text_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.text=hash")
     for i, st in enumerate(cfg.train.stages):
         if st.steps < 0:
             raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")

@@ -32,8 +32,8 @@ import yaml
 from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
-from .checkpoint import (GracefulStop, clean_stale, latest_checkpoint, read_trainer_state,
-                         resolve_checkpoint, save_checkpoint)
+from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
+                         latest_good_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint)
 from .config import Config, ConfigError, StageConfig
 from .diffusion import sample_logit_normal
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
@@ -225,8 +225,13 @@ class Trainer:
 
     def _find_resume(self) -> Optional[Path]:
         if self.cfg.train.resume_from:
-            return resolve_checkpoint(self.cfg.train.resume_from)
-        return latest_checkpoint(self.run_dir)
+            ckpt = resolve_checkpoint(self.cfg.train.resume_from)
+            problem = checkpoint_problem(ckpt)
+            if problem:
+                raise CheckpointError(f"train.resume_from={ckpt} is damaged ({problem}); pass an earlier checkpoint")
+            return ckpt
+        # a truncated newest checkpoint (killed disk, full disk) falls back to the previous whole one
+        return latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process)
 
     # accelerate hooks: the model is saved/loaded in our format (model.safetensors), not twice
     def _save_hook(self, models, weights, output_dir):
@@ -489,5 +494,23 @@ class Trainer:
 
 
 def train(cfg: Config, accelerator=None) -> dict:
-    """Train `cfg` to the end of its last stage (or until SIGTERM/SIGINT). Resumes automatically."""
-    return Trainer(cfg, accelerator).fit()
+    """Train `cfg` to the end of its last stage (or until SIGTERM/SIGINT). Resumes automatically.
+
+    Before anything is loaded: `preflight` (backend on this device, writable folders, a memory
+    estimate). The main process holds RUN/.lock for the whole run (a second trainer on the same
+    run folder is refused); a start that fails before training removes the run folder it created."""
+    import os
+
+    from .training_utils import RunLock, preflight
+
+    preflight(cfg, accelerator.num_processes if accelerator is not None else None)
+    main = accelerator.is_main_process if accelerator is not None else int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(cfg.train.run_dir).acquire() if main else None
+    started = False
+    try:
+        trainer = Trainer(cfg, accelerator)
+        started = True
+        return trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release(remove_run_dir=not started)

@@ -279,3 +279,99 @@ def read_log(run_dir: str | os.PathLike) -> list[dict]:
         except ValueError:
             pass
     return out
+
+
+# ----------------------------------------------------------------------------- before any work
+
+
+def preflight(cfg: Config, world: int | None = None) -> None:
+    """Checks that need this machine, run before anything is loaded or written: the attention backend
+    on this device, a run folder (and synthetic data folder) that can really be created/written,
+    and a memory estimate of one training step. ConfigError (one line) on failure."""
+    from .attention.backends import resolve_backend
+    from .io import probe_writable_dir
+    from .memory import check_fits, train_memory
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolve_backend(cfg.attention.backend, device)
+    except ValueError as e:
+        raise ConfigError(f"attention.backend={cfg.attention.backend}: {str(e).splitlines()[0]}") from None
+    folders = [("train.run_dir", cfg.train.run_dir)]
+    if cfg.data.source == "synthetic" and not (Path(cfg.data.synthetic_dir) / "manifest.jsonl").is_file():
+        folders.append(("data.synthetic_dir", cfg.data.synthetic_dir))
+    for key, folder in folders:
+        problem = probe_writable_dir(folder)
+        if problem:
+            raise ConfigError(f"{key}={folder}: {problem}; choose a folder you can write")
+    d, t = cfg.data, cfg.train
+    msg = check_fits(train_memory(cfg, world or launch_world_size()), device,
+                     f"training on {d.num_frames}x{d.height}x{d.width} clips in batches of {t.batch_size}",
+                     "lower data.height/data.width/data.num_frames or train.batch_size")
+    if msg:
+        raise ConfigError(msg)
+
+
+class RunLockError(ConfigError):
+    """Another trainer holds the run folder."""
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``RUN/.lock`` held for the trainer's lifetime.
+
+    The kernel drops the lock when the holder exits in any way (kill -9 included), so a lock left
+    by a crash is never stale: the next trainer simply gets it. A second trainer on the same run
+    folder is refused (RunLockError naming the holder's pid). The file itself stays (removing it
+    would race with a trainer opening it) unless the run folder holds nothing else."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / self.NAME
+        self.fd: int | None = None
+        self.created_dir = False
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockError(f"train.run_dir={self.run_dir} is in use by another trainer (pid {holder}); "
+                               "wait for it to end or stop it, or choose another train.run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self, remove_run_dir: bool = False) -> None:
+        """Drop the lock; `remove_run_dir`: delete the run folder this lock created (a start that failed
+        before training leaves nothing behind)."""
+        if self.fd is None:
+            return
+        try:
+            if remove_run_dir and self.created_dir:
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            elif [p.name for p in self.run_dir.iterdir()] == [self.NAME]:
+                self.path.unlink()
+                if self.created_dir:
+                    self.run_dir.rmdir()
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,10 +1,11 @@
 """The torch (CPU) path of routed attention and selection, against the references.
 
 `routed_attention(backend="torch")` plans its history from `sel` (one host sync): "uniform" (same
-chunks for every query: one plain attention over [those cache slices | current chunk]), "grouped"
-(MoBA-style tiles of the (query, chunk) pairs of each (batch, head, chunk), "padded" in place or
-gathered tiles, merged with the current chunk by lse), or "none". Each layout runs on torch's fused
-CPU flash kernel (inference) or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and
+chunks for every query: one plain attention over [those cache slices | current chunk]), "blocks"
+(per head: the m most selected chunks as dense blocks attended by all the head's queries, the other
+(query, chunk) pairs as MoBA rows, "padded" (one call over all chunks) or "per-chunk" (one call per
+chunk, exact row counts); merged with the current chunk by lse), or "none". Each layout runs on torch's
+fused CPU flash kernel (inference) or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and
 both kernels must equal `routed_attention_reference` (outputs and lse, fp32 tolerance). Also: the
 sort-free top-k selection keeps the exact tie rule.
 """
@@ -60,18 +61,12 @@ def kernel(request, monkeypatch):
 
 
 def force_layout(monkeypatch, layout):
-    """Replace the planner's grouped choice: ("padded",) or ("tiles", G). Returns the list of plans run."""
+    """Replace the planner's choice by (dense chunks per head, sparse layout) (None = the cost model's).
+    Returns the list of plans run."""
     orig, seen = R._plan_history, []
 
     def plan(sel, T, D):
-        p = orig(sel, T, D)
-        if p[0] == "grouped" and layout is not None:
-            counts = sel.sum(dim=2).flatten()
-            if layout[0] == "padded":
-                p = ("grouped", int(counts.max()), counts.numel(), True)
-            else:
-                G = layout[1]
-                p = ("grouped", G, int(((counts + G - 1) // G).sum()), False)
+        p = orig(sel, T, D) if layout is None else orig(sel, T, D, force_dense=layout[0], force_layout=layout[1])
         seen.append(p)
         return p
 
@@ -88,7 +83,8 @@ def check(q, kh, vh, kc, vc, sel, T, atol=1e-5, **kw):
     return out, lse
 
 
-LAYOUTS = [None, ("padded",), ("tiles", 2), ("tiles", 5)]  # G=2, 5: several tiles per group, ragged last
+# (dense chunks per head, sparse layout): MoBA rows only, dense blocks + rows, every selected chunk dense
+LAYOUTS = [None, (0, "padded"), (0, "per-chunk"), (1, "padded"), (2, "per-chunk"), (100, None)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,7 +102,67 @@ def test_grouped_layouts_equal_reference(kernel, monkeypatch, layout, T, N, Lq):
     sel = torch.rand(B, Hh, Lq, N, generator=torch.Generator().manual_seed(1)) > 0.5  # per-token random
     sel[0, 0, 0] = False  # a token with no history at all
     check(q, kh, vh, kc, vc, sel, T)
-    assert seen and all(p[0] == "grouped" for p in seen)
+    assert seen and all(p.kind == "blocks" for p in seen)
+
+
+def pattern_sel(B, Hh, Lq, N, k, pattern, seed=0):
+    """Selections of the patterns the planner must handle: "random" (each token its own k chunks, what
+    random weights make), "coherent" (sink + the k-1 most recent chunks for almost every token, a few
+    outliers: what trained models make), "mixed" (every other head coherent)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, Hh, Lq, N, generator=g)
+    if pattern != "random":
+        pref = torch.zeros(N)
+        pref[[0] + list(range(N - (k - 1), N))] = 1.0
+        heads = range(Hh) if pattern == "coherent" else range(0, Hh, 2)
+        for h in heads:
+            scores[:, h] += 2.0 * pref
+            scores[:, h, 1::4] = torch.rand(B, len(range(1, Lq, 4)), N, generator=g)  # outlier tokens
+    return scores >= scores.topk(k, dim=-1).values[..., -1:]
+
+
+PATTERNS = ["random", "coherent", "mixed"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "auto" if x is None else "-".join(map(str, x)))
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 5])
+def test_patterns_equal_reference(kernel, monkeypatch, layout, pattern, k):
+    """Every plan (dense blocks, padded rows, per-chunk rows, their mixtures) == the plain reference,
+    outputs and lse, for the three selection patterns, odd token counts, batch 2."""
+    seen = force_layout(monkeypatch, layout)
+    B, Hh, N, T, D, Lq = 2, 3, 9, 13, 16, 11
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, Lq=Lq, seed=k)
+    sel = pattern_sel(B, Hh, Lq, N, k, pattern, seed=k)
+    check(q, kh, vh, kc, vc, sel, T)
+    assert [p.kind for p in seen] == ["blocks"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "auto" if x is None else "-".join(map(str, x)))
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 5])
+def test_patterns_gradients_equal_reference(monkeypatch, layout, pattern, k):
+    force_layout(monkeypatch, layout)
+    B, Hh, N, T, D, Lq = 1, 4, 7, 5, 8, 9
+    ins = [t.double().requires_grad_() for t in inputs(B, Hh, N, T, D, Lq=Lq, seed=k)]
+    sel = pattern_sel(B, Hh, Lq, N, k, pattern, seed=k + 1)
+    out, lse = routed_attention(*ins, sel, T, backend="torch")
+    torch.testing.assert_close(out, routed_attention_reference(*[t.detach() for t in ins], sel, T)[0], atol=1e-10, rtol=1e-8)
+    g = torch.autograd.grad(out.pow(2).sum() + lse.sum(), ins)
+    ins2 = [t.detach().clone().requires_grad_() for t in ins]
+    out2, lse2 = routed_attention_reference(*ins2, sel, T)
+    g2 = torch.autograd.grad(out2.pow(2).sum() + lse2.sum(), ins2)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_pattern_sel_makes_the_patterns():
+    sel = pattern_sel(1, 2, 40, 9, 5, "mixed")
+    want = torch.zeros(9, dtype=torch.bool)
+    want[[0, 5, 6, 7, 8]] = True
+    same = (sel == want).all(-1)  # [1, 2, 40]
+    assert same[0, 0].float().mean() >= 0.7 and same[0, 1].float().mean() < 0.2
+    assert (sel.sum(-1) == 5).all()
 
 
 def test_heads_with_different_selections_and_batch(kernel):
@@ -117,7 +173,7 @@ def test_heads_with_different_selections_and_batch(kernel):
     for b in range(B):
         for h in range(Hh):
             sel[b, h, :, (b + h) % N] = True
-    assert R._plan_history(sel, T, D)[0] == "grouped"
+    assert R._plan_history(sel, T, D).kind == "blocks"
     out, _ = check(q, kh, vh, kc, vc, sel, T)
     # each head's result is attention over [its chunk | current chunk] only
     for b in range(B):
@@ -134,7 +190,7 @@ def test_single_history_chunk_and_nothing_selected(kernel):
     q, kh, vh, kc, vc = inputs(B, Hh, 1, T, D)
     sel = torch.rand(B, Hh, T, 1) > 0.5
     check(q, kh, vh, kc, vc, sel, T)
-    assert R._plan_history(torch.zeros_like(sel), T, D) == ("none",)
+    assert R._plan_history(torch.zeros_like(sel), T, D).kind == "none"
     out, lse = check(q, kh, vh, kc, vc, torch.zeros_like(sel), T)
     want = torch.softmax(q @ kc.transpose(-1, -2) / math.sqrt(D), -1) @ vc
     torch.testing.assert_close(out, want, **TOL)
@@ -157,7 +213,8 @@ def test_k_at_least_history_equals_dense_attention(kernel, spec):
     B, Hh, N, T, D = 2, 2, 4, 7, 16
     q, kh, vh, kc, vc = inputs(B, Hh, N, T, D)
     sel = select_chunks(q, chunk_means(kh, T), spec, backend="torch")
-    assert sel.all() and R._plan_history(sel, T, D) == ("uniform", list(range(N)))
+    plan = R._plan_history(sel, T, D)
+    assert sel.all() and plan.kind == "uniform" and plan.chunks == list(range(N))
     out, lse = check(q, kh, vh, kc, vc, sel, T)
     K, V = torch.cat([kh, kc], 2).double(), torch.cat([vh, vc], 2).double()
     s = q.double() @ K.transpose(-1, -2) / math.sqrt(D)
@@ -176,7 +233,8 @@ def test_window_mode_uniform_slices(kernel, monkeypatch, spec):
     q, kh, vh, kc, vc = inputs(B, Hh, N, T, D)
     sel = select_chunks(q, chunk_means(kh, T), spec, backend="torch")
     chunks = static_chunks(spec, N)
-    assert R._plan_history(sel, T, D) == ("uniform", chunks)
+    plan = R._plan_history(sel, T, D)
+    assert plan.kind == "uniform" and plan.chunks == chunks
     assert torch.equal(sel, torch.zeros_like(sel).index_fill_(3, torch.tensor(chunks), True))
     out, lse = check(q, kh, vh, kc, vc, sel, T)
     # chunks given by the caller: no plan (no host sync), same result
@@ -233,7 +291,7 @@ def test_dtypes(kernel, dtype, atol):
     torch.testing.assert_close(lse.double(), ref_l.double(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda x: "-".join(map(str, x)))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "auto" if x is None else "-".join(map(str, x)))
 def test_gradients_equal_reference(monkeypatch, layout):
     force_layout(monkeypatch, layout)
     B, Hh, N, T, D = 2, 2, 3, 5, 8
@@ -254,23 +312,53 @@ def test_gradients_equal_reference(monkeypatch, layout):
 # ------------------------------------------------------------------------------------------
 # the planning rule, both ways
 # ------------------------------------------------------------------------------------------
+def _topk_sel(scores, k):
+    return scores >= scores.topk(k, dim=-1).values[..., -1:]
+
+
+def _rows(plan, Lq, N):
+    """Query rows the plan computes per head (dense blocks: all Lq; padded: N * G; per-chunk: counts)."""
+    return [len(d) * Lq + (N * g if g else sum(c)) for d, g, c in zip(plan.dense, plan.rows, plan.counts)]
+
+
 def test_plan_rule_chooses_by_cost():
-    B, Hh, Lq, N, T, D = 1, 2, 64, 8, 64, 32
     g = torch.Generator().manual_seed(0)
-    # balanced per-token random selections (random weights): every group ~Lq*k/N queries -> padded, in place
-    scores = torch.rand(B, Hh, Lq, N, generator=g)
-    sel = scores >= scores.topk(2, dim=-1).values[..., -1:]
-    kind, G, nt, padded = R._plan_history(sel, T, D)
-    assert kind == "grouped" and padded and G == int(sel.sum(2).max()) and nt == B * Hh * N
-    # coherent heads: head 0 -> chunk 0 for every token, head 1 -> chunk 5; groups mostly empty ->
-    # tiles over the non-empty groups only (gathered), not B*Hh*N padded groups of Lq rows
+    # real shape (1560 tokens per chunk, 40 chunks), per-token random top-1 (~39 tokens per chunk): no
+    # dense block; one call per chunk with its exact count (padding to the largest count would cost more)
+    B, Hh, Lq, N, T, D = 1, 2, 1560, 40, 1560, 128
+    sel = _topk_sel(torch.rand(B, Hh, Lq, N, generator=g), 1)
+    plan = R._plan_history(sel, T, D)
+    assert plan.kind == "blocks" and plan.dense == [[], []] and plan.rows == [0, 0]
+    assert _rows(plan, Lq, N) == [Lq, Lq]  # exactly the pairs
+    # sink + recent with a few outliers (coherent heads): work ~ the selected pairs, never all N chunks
     sel = torch.zeros(B, Hh, Lq, N, dtype=torch.bool)
-    sel[0, 0, :, 0] = sel[0, 1, :, 5] = True
-    kind, G, nt, padded = R._plan_history(sel, T, D)
-    assert kind == "grouped" and not padded and G * nt <= 2 * Lq
+    sel[..., [0, 36, 37, 38, 39]] = True
+    sel[0, 0, 5, 36], sel[0, 0, 5, 7] = False, True
+    plan = R._plan_history(sel, T, D)
+    pairs = sel.sum((2, 3)).flatten().tolist()
+    assert plan.kind == "blocks" and all(r <= 1.01 * n for r, n in zip(_rows(plan, Lq, N), pairs))
+    # tiny shape (48 tokens per chunk): kernel calls dominate -> fewest calls: padded rows for random
+    # picks, dense blocks (shared by the heads) for sink + recent
+    B, Hh, Lq, N, T, D = 1, 4, 48, 40, 48, 32
+    sel = _topk_sel(torch.rand(B, Hh, Lq, N, generator=g), 2)
+    plan = R._plan_history(sel, T, D)
+    assert plan.kind == "blocks" and all(plan.rows) and not any(plan.dense)
+    assert plan.rows == sel.sum(2).amax(-1).flatten().tolist()
+    sel = torch.zeros(B, Hh, Lq, N, dtype=torch.bool)
+    sel[..., [0, 37, 38, 39]] = True
+    sel[0, 1, 3, 38], sel[0, 1, 3, 12] = False, True
+    plan = R._plan_history(sel, T, D)
+    assert plan.kind == "blocks" and plan.dense[0] == [0, 37, 38, 39] and plan.dense[2] == plan.dense[0]
+    # never more work than dense attention over the whole history (up to one kernel call's overhead)
+    for p in (0.3, 0.7, 0.95):
+        sel = torch.rand(B, Hh, Lq, N, generator=g) < p
+        plan = R._plan_history(sel, T, D)
+        assert max(_rows(plan, Lq, N)) <= N * Lq
     # uniform and empty
-    assert R._plan_history(torch.ones(B, Hh, Lq, N, dtype=torch.bool), T, D) == ("uniform", list(range(N)))
-    assert R._plan_history(torch.zeros(B, Hh, Lq, N, dtype=torch.bool), T, D) == ("none",)
+    B, Hh, Lq, N = 1, 2, 64, 8
+    plan = R._plan_history(torch.ones(B, Hh, Lq, N, dtype=torch.bool), 64, 32)
+    assert plan.kind == "uniform" and plan.chunks == list(range(N))
+    assert R._plan_history(torch.zeros(B, Hh, Lq, N, dtype=torch.bool), 64, 32).kind == "none"
 
 
 def test_one_host_sync_per_call(monkeypatch):
