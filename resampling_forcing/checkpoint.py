@@ -91,6 +91,112 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DiskFullError(CheckpointError):
+    """A save ran out of space; the message is "no space left on <dir>: ..." (one line)."""
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"{path.name} is truncated (header of {n} bytes, file of {size})"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name} has a corrupt header"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
+    return None
+
+
+def _zip_problem(path: Path) -> Optional[str]:
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"{path.name} is truncated"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"{path.name} is truncated or corrupt"
+    return None
+
+
+def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from (a truncated or missing file), or None.
+
+    Cheap: safetensors headers against the file sizes, torch zip files' central directories,
+    pickles' final STOP opcode, trainer_state.json parsed; nothing is loaded."""
+    ckpt = Path(ckpt)
+    try:
+        json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is missing or unreadable"
+    if not (ckpt / "model.safetensors").is_file():
+        return "model.safetensors is missing"
+    try:
+        for p in sorted(ckpt.rglob("*")):
+            if not p.is_file():
+                continue
+            if p.stat().st_size == 0:
+                return f"{p.relative_to(ckpt)} is empty"
+            if p.suffix == ".safetensors":
+                problem = _safetensors_problem(p)
+            elif p.suffix in (".bin", ".pt", ".pth", ".pkl") and _is_zip(p):  # torch.save's zip format
+                problem = _zip_problem(p)
+            elif p.suffix == ".pkl":  # a plain pickle ends with the STOP opcode
+                with open(p, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    problem = None if f.read(1) == b"." else f"{p.name} is truncated"
+            else:
+                problem = None
+            if problem:
+                return problem
+    except OSError as e:
+        return f"cannot read it ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
+
+
+def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint whose files are whole. Damaged newer ones are named in a
+    warning and (``set_aside``, main process) renamed to ``step_XXXXXXX.damaged`` so that neither a
+    later resume nor rotation nor the sampler picks them. CheckpointError when all are damaged."""
+    ckpts = list_checkpoints(run_dir)
+    damaged = []
+    for _, path in reversed(ckpts):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in damaged:
+                logger.warning("checkpoint %s is damaged (%s); resuming from the previous complete one, %s%s",
+                               bad, why, path.name, f" (kept as {bad.name}{DAMAGED_SUFFIX})" if set_aside else "")
+            if set_aside:
+                for bad, _ in damaged:
+                    with_suffix = bad.with_name(bad.name + DAMAGED_SUFFIX)
+                    shutil.rmtree(with_suffix, ignore_errors=True)
+                    os.replace(bad, with_suffix)
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        bad, why = damaged[0]
+        raise CheckpointError(f"every checkpoint in {checkpoint_root(run_dir)} is damaged (newest: {bad.name}, {why}); "
+                              f"restore one, or start over with another train.run_dir")
+    return None
+
+
 def clean_stale(run_dir: str | os.PathLike) -> list[Path]:
     """Remove temporary checkpoint folders left by a killed run (main process only)."""
     root = checkpoint_root(run_dir)
@@ -142,16 +248,29 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, train
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        export(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / STATE_FILE, trainer_state)
+    except Exception as e:
+        from .io import is_no_space
+
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint is untouched: only tmp was written
+        if is_no_space(e):
+            prev = latest_checkpoint(run_dir)
+            raise DiskFullError(f"no space left on {root}: checkpoint {final.name} was not written"
+                                + (f"; {prev.name} is intact" if prev is not None else "")
+                                + "; free some space and run the same command to resume") from None
+        raise
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    export(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / STATE_FILE, trainer_state)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): swap, never a gap in completeness
             old = root / f".old-{final.name}"

@@ -29,6 +29,12 @@ import numpy as np
 __all__ = [
     "atomic_path",
     "atomic_write_text",
+    "atomic_group",
+    "clean_stale_temps",
+    "file_mode",
+    "current_umask",
+    "probe_writable_dir",
+    "is_no_space",
     "atomic_write_json",
     "to_uint8_video",
     "write_mp4",
@@ -41,13 +47,47 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------
+def _read_umask() -> int:
+    """The process umask without changing it (Linux: /proc/self/status); else set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only portable way (a brief window, once per call)
+    os.umask(mask)
+    return mask
+
+
+def current_umask() -> int:
+    return _read_umask()
+
+
+def file_mode() -> int:
+    """Mode of a new file under the current umask (what ``open(path, "w")`` would give)."""
+    return 0o666 & ~_read_umask()
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True for a disk-full error: ENOSPC/EDQUOT, or the same wrapped by torch/safetensors/ffmpeg."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(e) for s in ("No space left", "Disk quota exceeded", "ENOSPC"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``path``; on success move it onto ``path``.
 
     The temporary name keeps the final suffix (tools such as ffmpeg pick the container from it)
     and starts with a dot. On any exception the temporary file is removed and the final name is
-    left untouched (an older complete file stays; nothing new appears).
+    left untouched (an older complete file stays; nothing new appears). The final file gets the
+    mode a plain ``open(path, "w")`` would give (0o666 minus the umask), not mkstemp's 0600, so
+    colleagues on a shared machine can read results when the umask allows it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,11 +96,60 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # a writer may have replaced the file: set the mode on what is there
+            os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_group(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths for files that belong together (a video and its JSON); on success they are
+    renamed in order, the LAST one being the marker. The old marker is removed before the first
+    rename, so after a crash at any moment a marker on disk always has the rest of its group
+    (``sample.py``: every mp4 has its JSON). On an exception every temporary file is removed.
+    Leftover temporaries of a killed process: :func:`clean_stale_temps`."""
+    finals = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for p in finals:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield tmps
+        mode = file_mode()
+        for t in tmps:
+            os.chmod(t, mode)
+        finals[-1].unlink(missing_ok=True)
+        for t, p in zip(tmps, finals):
+            os.replace(t, p)
+    except BaseException:
+        for t in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                t.unlink()
+        raise
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries that a killed writer of ``path`` (any suffix) left next to it."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for t in path.parent.glob(f".{glob_escape(path.stem)}.{'?' * 8}.tmp*"):
+            with contextlib.suppress(OSError):
+                t.unlink()
+                removed.append(t)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -74,6 +163,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def probe_writable_dir(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be created or written (one line), or None when it can.
+
+    Really tries (os.access says yes to root even on /proc): an existing folder gets a temporary
+    file, a missing one a temporary sub-folder in its first existing ancestor; both are removed,
+    so nothing is left behind either way."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    try:
+        if probe == folder:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write_test.")
+            os.close(fd)
+            os.remove(tmp)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write_test."))
+    except OSError as e:
+        what = "write in" if probe == folder else f"create folders in {probe} for"
+        return f"cannot {what} {folder} ({e.strerror or type(e).__name__})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +244,7 @@ def write_mp4(
     fps: float = 16,
     quality: int = 9,
     pix_fmt: str | None = None,
+    atomic: bool = True,
 ) -> Path:
     """Write ``frames`` to an H.264 mp4 at ``path`` atomically and return the path.
 
@@ -137,6 +252,7 @@ def write_mp4(
     ``quality``: imageio-ffmpeg scale 0..10 (maps to libx264 ``crf = 51*(1-q/10)``; 9 -> crf 5,
     visually lossless; 10 would be crf 0, the lossless profile many players refuse).
     ``pix_fmt``: output pixel format; default yuv420p for even sizes, yuv444p for odd ones.
+    ``atomic=False``: write ``path`` directly (it is already a temporary name, e.g. of :func:`atomic_group`).
     """
     import imageio_ffmpeg
 
@@ -149,7 +265,7 @@ def write_mp4(
     if pix_fmt is None:
         pix_fmt = "yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p"
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with (atomic_path(path) if atomic else contextlib.nullcontext(path)) as tmp:
         writer = imageio_ffmpeg.write_frames(
             str(tmp),
             (w, h),

@@ -349,20 +349,45 @@ class Pipeline:
         except (ValueError, TypeError) as e:
             raise PipelineError(str(e)) from None
 
-    def load_init_video(self, video, max_chunks: Optional[int] = None) -> tuple[torch.Tensor, dict]:
-        """A path (mp4 etc., read with io.read_mp4) or frames -> (latents [1, C, n*cf, h, w], info)."""
+    def load_init_video(self, video, max_chunks: Optional[int] = None,
+                        resample_fps: bool = True) -> tuple[torch.Tensor, dict]:
+        """A path (mp4 etc., read with io.read_mp4) or frames -> (latents [1, C, n*cf, h, w], info).
+
+        A file is first resampled in time to the model's frame rate (config data.fps, by timestamp as
+        in training; `resample_fps=False` keeps its own rate). `max_chunks` keeps at most that many
+        history chunks (the END of the video); only those frames are converted and encoded, so a long
+        clip costs no more memory than `max_chunks` chunks."""
+        d = self.config.data
+        src_fps = None
         if isinstance(video, (str, Path)):
             from .io import read_mp4
 
             try:
-                frames = read_mp4(video)
+                frames, src_fps = read_mp4(video, with_fps=True)
             except ValueError as e:
                 raise PipelineError(str(e)) from None
             src = str(video)
         else:
             frames, src = video, "<array>"
-        d = self.config.data
-        clip, info = prepare_init_video(frames, self.vae, d.height, d.width, self.chunk_frames, max_chunks)
+        is_file = isinstance(video, (str, Path))  # uint8 [F, H, W, 3]; arrays may be channel-first
+        n_file = len(frames) if is_file else None
+        if is_file and src_fps and resample_fps and abs(src_fps - d.fps) > 1e-3:
+            from .data.video import available_frames, frame_indices
+
+            n_out = available_frames(n_file, src_fps, d.fps)
+            frames = frames[frame_indices(0, n_out, n_file, src_fps, d.fps)]
+        clip_frames = frames
+        if is_file and max_chunks is not None:
+            keep = self.vae.frames_for_latents(int(max_chunks) * self.chunk_frames)
+            clip_frames = frames[max(len(frames) - keep, 0):]
+        clip, info = prepare_init_video(clip_frames, self.vae, d.height, d.width, self.chunk_frames, max_chunks)
+        if not is_file:
+            info["source"] = src
+            with torch.no_grad():
+                return self.vae.encode(clip.to(self.vae.device)).float(), info
+        n_in = len(frames)
+        info.update(frames_in=n_in, frames_dropped_from_start=n_in - info["frames_used"], max_chunks=max_chunks,
+                    source_frames=n_file, source_fps=src_fps, fps=d.fps if (src_fps and resample_fps) else src_fps)
         with torch.no_grad():
             latents = self.vae.encode(clip.to(self.vae.device)).float()
         info["source"] = src
@@ -418,6 +443,21 @@ class Pipeline:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def resolve_config(path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
+                   overrides: Sequence[str] = (), use_ema: bool = True) -> Config:
+    """The Config that `Pipeline.from_pretrained` would use (model sizes from the checkpoint),
+    without loading any weights or encoders: for up-front checks such as memory estimates."""
+    info = resolve_checkpoint(path, use_ema=use_ema)
+    cfg = _load_config(info, config, overrides)
+    try:
+        model_cfg = config_from_checkpoint(info.model_dir, base=cfg.model)
+    except CheckpointError as e:
+        raise PipelineError(str(e)) from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise PipelineError(f"{info.model_dir}: unreadable model config ({type(e).__name__}: {e})") from None
+    return dataclasses.replace(cfg, model=model_cfg)
 
 
 def _load_config(info: CheckpointInfo, config, overrides: Sequence[str]) -> Config:

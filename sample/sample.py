@@ -15,10 +15,10 @@ Thin CLI over resampling_forcing.pipeline.Pipeline (the same API the notebook us
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (VAE decodes in fp32)")
     p.add_argument("--attention-backend", default=None, choices=["auto", "sdpa", "flex", "triton", "xformers"],
                    help="attention backend (default: config attention.backend)")
-    p.add_argument("--init-video", default=None, help="continue this video: its frames become the cached history")
+    p.add_argument("--init-video", default=None, help="continue this video: its frames (resampled to the model's "
+                   "fps) become the cached history")
+    p.add_argument("--max-history-chunks", type=int, default=16,
+                   help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes (the final 'wrote ...' lines stay)")
     return p
 
 
@@ -116,25 +119,14 @@ def output_paths(output: str, prompts: list[str]) -> list[Path]:
 
 
 def check_writable(paths: list[Path]) -> None:
-    """Fail now (not after the rollout) when an output cannot be written."""
+    """Fail now (not after the rollout) when an output cannot be written: really creates a temporary
+    file (or folder) where the outputs go, and removes it again."""
+    from resampling_forcing.io import probe_writable_dir
+
     for folder in sorted({p.parent for p in paths}):
-        probe = folder
-        while not probe.exists():  # the first existing ancestor must let us create the folder
-            if probe.parent == probe:
-                break
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            raise BadInput(f"--output: {probe} is a file, not a directory")
-        if not folder.exists():
-            if not os.access(probe, os.W_OK | os.X_OK):
-                raise BadInput(f"--output: cannot create {folder} ({probe} is not writable)")
-            continue
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write_test.")
-            os.close(fd)
-            os.remove(tmp)
-        except OSError as e:
-            raise BadInput(f"--output: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+        problem = probe_writable_dir(folder)
+        if problem:
+            raise BadInput(f"--output: {problem}")
     for p in paths:
         for q in (p, p.with_suffix(".json")):
             if q.is_dir():
@@ -168,6 +160,8 @@ def check_args(args) -> None:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
     if args.seed < 0:
         raise BadInput(f"--seed must be >= 0 (got {args.seed})")
+    if args.max_history_chunks < 1:
+        raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
     if args.init_video is not None and not Path(args.init_video).is_file():
         raise BadInput(f"--init-video {args.init_video}: no such file")
 
@@ -186,13 +180,17 @@ def run(args) -> int:
 
     from resampling_forcing.config import ConfigError
     from resampling_forcing.encoders import EncoderLoadError
-    from resampling_forcing.io import atomic_path, atomic_write_json, write_mp4
+    from resampling_forcing.io import atomic_group, clean_stale_temps, is_no_space, write_mp4
     from resampling_forcing.models.loading import CheckpointError
-    from resampling_forcing.pipeline import Pipeline, PipelineError
+    from resampling_forcing.pipeline import Pipeline, PipelineError, resolve_config, resolve_device
 
     input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
     t_load = time.perf_counter()
     try:
+        overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
+                                            if args.attention_backend is not None else [])
+        check_memory(resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema),
+                     resolve_device(args.device), args, len(prompts))
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=args.device, dtype=args.dtype, use_ema=not args.no_ema,
                                         attention_backend=args.attention_backend)
@@ -202,16 +200,20 @@ def run(args) -> int:
                                      record_selection=True if args.record_selection else None)
         history, init_info = (None, None)
         if args.init_video is not None:
-            history, init_info = pipe.load_init_video(args.init_video)
+            history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
     except input_errors as e:
         raise BadInput(str(e).strip().splitlines()[0]) from None
     load_s = time.perf_counter() - t_load
     fps = args.fps if args.fps is not None else pipe.config.data.fps
     neg = args.negative_prompt if args.negative_prompt is not None else pipe.config.diffusion.negative_prompt
     if init_info is not None and not args.quiet:
-        print(f"init video: {init_info['frames_in']} frames -> kept the last {init_info['frames_used']} "
-              f"({init_info['chunks']} chunks), dropped {init_info['frames_dropped_from_start']} from the start",
+        print(f"init video: {init_info['frames_in']} frames at {init_info['fps'] or 0:g} fps -> kept the last "
+              f"{init_info['frames_used']} ({init_info['chunks']} chunks, at most --max-history-chunks "
+              f"{args.max_history_chunks}), dropped {init_info['frames_dropped_from_start']} from the start",
               file=sys.stderr)
+    for path in paths:  # temporaries of a run that was killed while writing these outputs
+        for stale in (path, path.with_suffix(".selection.npy")):
+            clean_stale_temps(stale)
 
     for start in range(0, len(prompts), args.batch):
         idx = list(range(start, min(start + args.batch, len(prompts))))
@@ -223,33 +225,62 @@ def run(args) -> int:
                             init_latents=history, progress=not args.quiet)
         for b, i in enumerate(idx):
             path = paths[i]
-            write_mp4(path, res.video[b].numpy(), fps=fps)
             meta = dict(
                 prompt=prompts[i], negative_prompt=res.negative_prompt, seed=args.seed, sample_index=i,
                 noise_seed_rule="sampler.sample_seed(seed, sample_index)",
                 video=path.name, frames=int(res.video.shape[1]), fps=fps,
                 history_frames=res.history_frames, history_chunks=res.history_chunks,
-                num_chunks=args.num_chunks, init_video=(dict(init_info, source=str(args.init_video))
+                num_chunks=args.num_chunks, init_video=(dict(init_info, source=str(args.init_video),
+                                                             max_history_chunks=args.max_history_chunks)
                                                         if init_info else None),
                 sampling=res.options, pipeline=pipe.describe(),
                 timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)),
                 argv=sys.argv[1:],
             )
+            group = [path.with_suffix(".json"), path]  # the mp4 last: an mp4 on disk always has its JSON
             if res.selection is not None:
-                sel_path = path.with_suffix(".selection.npy")
-                with atomic_path(sel_path) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.save(f, res.selection)
-                meta["selection"] = sel_path.name
-            atomic_write_json(path.with_suffix(".json"), _jsonable(meta))
-            if not args.quiet:
-                t = res.timings
-                print(f"wrote {path} ({meta['frames']} frames, first chunk {t['first_chunk_latency_s']:.2f}s, "
-                      f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
+                meta["selection"] = path.with_suffix(".selection.npy").name
+                group.insert(0, path.with_suffix(".selection.npy"))
+            try:
+                with atomic_group(group) as tmps:
+                    if res.selection is not None:
+                        with open(tmps[0], "wb") as f:
+                            np.save(f, res.selection)
+                    tmps[-2].write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
+                    write_mp4(tmps[-1], res.video[b].numpy(), fps=fps, atomic=False)
+            except OSError as e:
+                if is_no_space(e):
+                    raise BadInput(f"no space left on {path.parent} (writing {path.name}); free some space") from None
+                raise
+            t = res.timings
+            print(f"wrote {path} ({meta['frames']} frames, first chunk {t['first_chunk_latency_s']:.2f}s, "
+                  f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
         del res
         if pipe.device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
+
+
+def check_memory(cfg, device, args, num_prompts: int) -> None:
+    """Refuse, before loading anything, a rollout whose memory lower bound exceeds what is free; note
+    the estimate when a CPU rollout will take long."""
+    from resampling_forcing.memory import check_fits, gib, sample_flops, sample_memory
+
+    d = cfg.data
+    batch = min(args.batch, num_prompts)
+    history = args.max_history_chunks if args.init_video is not None else 0
+    steps = args.steps if args.steps is not None else cfg.diffusion.sample_steps
+    cfg_scale = args.cfg if args.cfg is not None else cfg.diffusion.cfg_scale
+    need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, cfg_scale)
+    what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
+    msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
+    if msg:
+        raise BadInput(msg)
+    flops = sample_flops(cfg, args.num_chunks, batch, steps, cfg_scale, history)
+    if device.type == "cpu" and flops > 2e13 and not args.quiet:
+        print(f"note: {what} is about {flops / 1e12:.0f} TFLOP and needs at least "
+              f"{gib(need['device'] + need['host'])}: on a CPU (~0.1-1 TFLOP/s) this takes "
+              f"{flops / 1e12 / 60:.0f}+ minutes", file=sys.stderr)
 
 
 def _jsonable(x):

@@ -132,3 +132,39 @@ def test_save_figure_and_json_are_atomic(tmp_path):
     rio.atomic_write_json(tmp_path / "d.json", {"a": 1})
     assert json.loads((tmp_path / "d.json").read_text()) == {"a": 1}
     _only_final(tmp_path, ["f.png", "d.json"])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_files_honour_the_umask(tmp_path, umask, mode):
+    """mkstemp creates 0600; every atomically written file must get 0666 & ~umask like open() would."""
+    import torch.nn as nn
+
+    from resampling_forcing.config import ModelConfig
+    from resampling_forcing.models.loading import save_model
+    from resampling_forcing.models.wan import CausalWanModel
+
+    old = os.umask(umask)
+    try:
+        assert rio.current_umask() == umask
+        rio.atomic_write_json(tmp_path / "a.json", {"a": 1})
+        rio.write_mp4(tmp_path / "v.mp4", _clip(3), fps=4)
+        with rio.atomic_group([tmp_path / "g.json", tmp_path / "g.mp4"]) as (j, m):
+            j.write_text("{}")
+            rio.write_mp4(m, _clip(3), fps=4, atomic=False)
+        model = CausalWanModel(ModelConfig(dim=32, num_heads=2, ffn_dim=48, num_layers=1, freq_dim=16,
+                                           in_channels=4, out_channels=4, text_dim=8))
+        assert isinstance(model, nn.Module)
+        save_model(model, tmp_path / "m")
+        files = [tmp_path / n for n in ("a.json", "v.mp4", "g.json", "g.mp4")] + list((tmp_path / "m").iterdir())
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+    finally:
+        os.umask(old)
+
+
+def test_probe_writable_dir_really_tries_and_leaves_nothing(tmp_path):
+    assert rio.probe_writable_dir(tmp_path / "new" / "deeper") is None
+    assert rio.probe_writable_dir(tmp_path) is None
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "f").write_text("x")
+    assert "is a file" in rio.probe_writable_dir(tmp_path / "f" / "sub")
+    assert "cannot create" in rio.probe_writable_dir("/proc/nope/run")

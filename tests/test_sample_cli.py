@@ -278,11 +278,21 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
     write_mp4(short, np.zeros((1, 8, 8, 3), np.uint8), fps=4)
     cases["init video shorter than a chunk"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
                                                 "--init-video", short)
+    cases["output under /proc"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
+                                   "--output", "/proc/nope/out.mp4")
+    cases["huge frames"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1,
+                            "--set", "data.height=32768", "--set", "data.width=32768")
+    cases["a billion chunks"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1000000000)
+    cases["history cap 0"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--max-history-chunks", 0)
     for name, args in cases.items():
         capsys.readouterr()
         _bad(tmp_path, *args)
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, f"{name}: {err!r}"
+        if name in ("huge frames", "a billion chunks"):
+            assert "needs at least" in err and "GiB" in err, err  # refused up front with the estimate
+        if name == "output under /proc":
+            assert "cannot create" in err, err
     short.unlink()
     assert not list(tmp_path.rglob("*.mp4"))
 
@@ -330,3 +340,42 @@ def test_cli_subprocess_exit_code_and_stderr(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--top-k must be >= 1" in r.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_mp4_and_json_appear_together_and_quiet_keeps_wrote_line(run_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p" / "v.mp4"
+    import resampling_forcing.io as rio
+
+    real = rio.write_mp4
+
+    def killed(path, *a, **k):  # the encoder dies half way (as under kill -9 or a full disk)
+        real(path, *a, **k)
+        raise RuntimeError("killed while encoding")
+
+    monkeypatch.setattr(rio, "write_mp4", killed)
+    with pytest.raises(RuntimeError):
+        cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--output", out, "--quiet", "--device", "cpu")
+    assert sorted(os.listdir(out.parent)) == []  # neither file, no temporaries
+    monkeypatch.setattr(rio, "write_mp4", real)
+    stale = out.parent / ".v.abcd1234.tmp.json"  # what a kill -9 would have left
+    stale.write_text("{}")
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--output", out, "--quiet",
+               "--device", "cpu") == 0
+    assert sorted(os.listdir(out.parent)) == ["v.json", "v.mp4"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wrote {out}")
+
+
+def test_init_video_is_resampled_to_the_model_fps_and_capped(run_dir, tmp_path):
+    """A 16 fps clip for a 4 fps model: every 4th frame; --max-history-chunks keeps the last chunks only."""
+    src = np.zeros((32, 8, 8, 3), np.uint8)
+    src[:, 0, 0, 0] = np.arange(32) * 8  # frame id
+    vid = write_mp4(tmp_path / "fast.mp4", src, fps=16)
+    out = tmp_path / "c.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--output", out, "--init-video", vid,
+               "--max-history-chunks", 2, "--quiet", "--device", "cpu") == 0
+    info = json.loads(out.with_suffix(".json").read_text())["init_video"]
+    assert info["source_frames"] == 32 and info["source_fps"] == pytest.approx(16) and info["fps"] == 4.0
+    assert info["frames_in"] == 8 and info["chunks"] == 2 and info["frames_used"] == 4
+    assert info["max_history_chunks"] == 2

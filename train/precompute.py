@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,8 +25,25 @@ from resampling_forcing.config import ConfigError, load_config  # noqa: E402
 from resampling_forcing.data.latents import precompute  # noqa: E402
 from resampling_forcing.data.video import VideoClipDataset  # noqa: E402
 from resampling_forcing.encoders import build_text_encoder, build_vae  # noqa: E402
+from resampling_forcing.io import is_no_space, probe_writable_dir  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(name: str) -> str:
+    """The --device string, checked before any work (an unknown name, CUDA that is not there)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name}: not a device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,22 +59,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out_existed = None
     try:
-        cfg = load_config(args.config, args.overrides)
+        check_device(args.device)
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1 (got {args.shard_size})")
+        cfg = load_config(args.config, args.overrides, require_encoder_paths=True)
         manifest = args.manifest or cfg.data.manifest
         out = args.out or cfg.data.latents_dir
         if not manifest or not out:
             raise ValueError("give --manifest and --out (or data.manifest / data.latents_dir in the config)")
+        problem = probe_writable_dir(out)
+        if problem:
+            raise ValueError(f"--out {out}: {problem}; choose a folder you can write")
         d = cfg.data
         dataset = VideoClipDataset(manifest, d.num_frames, d.height, d.width, fps=d.fps,
                                    split=args.split or None, random_start=False)
         dtype = DTYPES[args.dtype]
         vae = build_vae(cfg.encoders, device=args.device, dtype=dtype)
         text = build_text_encoder(cfg.encoders, device=args.device, dtype=dtype)
+        out_existed = Path(out).exists()
         index = precompute(dataset, vae, text, out, shard_size=args.shard_size, device=args.device,
                            dtype=dtype, overwrite=args.overwrite)
+        if not index.get("num_items"):
+            # an empty store is no use and would only be mistaken for a result: leave nothing behind
+            if not out_existed:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for f in [*Path(out).glob("shard-*.safetensors"), Path(out) / "index.json"]:
+                    f.unlink(missing_ok=True)
+            bad = index.get("bad_files") or {}
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
+            raise ValueError(f"{manifest}: no usable video: all {index.get('num_rows', len(dataset))} files skipped "
+                             f"({detail}); check the paths (relative to the manifest) and the files")
     except (ConfigError, ValueError, OSError) as e:
-        print(f"precompute: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        if isinstance(e, OSError) and is_no_space(e):
+            msg = f"no space left on {args.out or 'the store folder'} ({str(e).splitlines()[0]}); free some space and rerun"
+        else:
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"precompute: error: {msg}", file=sys.stderr)
         return 2
     print(f"precompute: {index.get('num_items', '?')} clips in {out}")
     return 0

@@ -6,8 +6,10 @@
 Overrides are `key.path=value` with YAML values, e.g. `train.lr=1e-4 train.batch_size=8`; integers
 index lists (`train.stages.1.steps=500`) and a list can be replaced whole:
 `train.stages=[{name: tf, steps: 50}, {name: rf, objective: resampling, steps: 50}]`.
-Exit codes: 0 done or stopped by SIGTERM/SIGINT after saving; 2 bad config / missing data;
-1 training aborted (repeated NaN/Inf losses); 130 interrupted twice (no checkpoint).
+Exit codes: 0 done or stopped by SIGTERM/SIGINT after saving; 2 bad config / missing data / an
+unusable run folder (unwritable, locked by another trainer, no space left), with ONE line on stderr
+naming the problem and the fix; 1 training aborted (repeated NaN/Inf losses); 130 interrupted twice
+(no checkpoint).
 """
 from __future__ import annotations
 
@@ -34,10 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     from resampling_forcing.encoders import EncoderLoadError
     from resampling_forcing.models.loading import CheckpointError
 
+    from resampling_forcing.io import is_no_space
+
+    def one_line(e: BaseException) -> str:
+        lines = str(e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, require_encoder_paths=True)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
     from resampling_forcing.training import TrainingAborted, train
@@ -45,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except (ConfigError, DataError, EncoderLoadError, CheckpointError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        print(f"error: no space left on {cfg.train.run_dir} ({one_line(e)}); free some space and run the same "
+              "command to resume", file=sys.stderr)
         return 2
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)

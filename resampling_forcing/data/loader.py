@@ -87,12 +87,23 @@ class TrainData:
                 raise DataError(str(e).splitlines()[0]) from None
             if vae is None or text_encoder is None:
                 raise ValueError("video sources need the VAE and the text encoder")
+            self._check_usable()
         self.num_items = len(self.dataset)
         if self.num_items < batch_size * world:
             raise DataError(f"{self.num_items} training clips cannot fill one batch of {batch_size} x {world} "
                             f"processes; add data or lower train.batch_size")
         self.per_epoch = self.num_items // (batch_size * world)
         self.null_text = self._null_text()
+
+    def _check_usable(self) -> None:
+        """Refuse a manifest whose files are all unusable (corrupt, audio only, too short, ...) now, in the
+        main process, with the skipped files counted by cause: not as a traceback from the first batch."""
+        ds = self.dataset
+        for i in range(len(ds)):
+            if ds.try_get(i) is not None:
+                return
+        raise DataError(f"{ds.manifest}: no usable video: all {len(ds)} files skipped ({ds._counts_text()}); "
+                        "check the paths (relative to the manifest) and the files (see the warnings above)")
 
     # -- order --------------------------------------------------------------------------------
 

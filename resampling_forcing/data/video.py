@@ -114,7 +114,8 @@ def read_manifest(manifest: str | os.PathLike, split: str | None = None) -> list
             raise ValueError(f"{mpath}: row {n} has an empty path; {_FIX}")
         full = Path(p) if os.path.isabs(p) else (mpath.parent / p)
         sp = str(row.get("split") or "train").strip() or "train"
-        out.append({"path": str(full), "caption": "" if row["caption"] is None else str(row["caption"]), "split": sp})
+        out.append({"path": str(full), "caption": "" if row["caption"] is None else str(row["caption"]), "split": sp,
+                    "row": n})
     if not out:
         raise ValueError(f"{mpath}: manifest has no rows; {_FIX}")
     if split is not None:
@@ -367,6 +368,9 @@ class VideoClipDataset(Dataset):
         self._bad: dict[int, str] = {}
         self._info: dict[int, VideoInfo] = {}
         for i, r in enumerate(self.rows):  # cheap up-front checks
+            if "\x00" in r["path"]:  # os.stat would raise ValueError and stop everything
+                self._mark_bad(i, BadVideo("bad_path", f"manifest row {r.get('row', i + 1)}: the path contains a null byte"))
+                continue
             try:
                 st = os.stat(r["path"])
             except OSError:
@@ -419,7 +423,7 @@ class VideoClipDataset(Dataset):
             return
         self._bad[i] = err.reason
         detail = f" ({err.detail})" if err.detail else ""
-        logger.warning("skipping video %s: %s%s", self.rows[i]["path"], err.reason, detail)
+        logger.warning("skipping video %s: %s%s", self.rows[i]["path"].replace("\x00", "\\0"), err.reason, detail)
 
     # -- decoding ---------------------------------------------------------------------------
     def _probe(self, i: int) -> VideoInfo:

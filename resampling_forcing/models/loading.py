@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -176,16 +174,11 @@ def load_model(path: str | Path, base: ModelConfig | None = None, device="cpu",
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """`write(tmp_path_str)` then rename onto `path`: the project's one atomic writer (io.atomic_path)."""
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_model(model: CausalWanModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -1,0 +1,187 @@
+"""Up-front memory estimates: refuse a run that cannot fit before loading or generating anything.
+
+The numbers are LOWER BOUNDS of what a training step or a rollout must hold at once (weights,
+the clip batch, the latents, the per-block activations that even gradient checkpointing keeps,
+the KV cache of every chunk, the decoded video). A lower bound above the memory that is free
+means the run cannot work, so the caller refuses with the estimate in the message; a bound below
+it does not promise success (attention work buffers, allocator slack and encoders come on top).
+
+    need = train_memory(cfg)                      # {"device": bytes, "host": bytes, "parts": {...}}
+    msg = check_fits(need, device)                # None, or one line naming the estimate and the fix
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .config import Config
+
+GiB = float(1 << 30)
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= 0.1 * GiB else f"{n / (1 << 20):.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def codec_geometry(cfg: Config) -> dict:
+    """Latent geometry of cfg.encoders without building the encoders (pixel_shuffle / Wan VAE)."""
+    e = cfg.encoders
+    if e.vae == "pixel_shuffle":
+        s = e.vae_factor
+        return dict(channels=3 * s * s, spatial=s, temporal=1, causal=False)
+    return dict(channels=16, spatial=8, temporal=4, causal=True)  # Wan2.1 VAE
+
+
+def latent_frames(geo: dict, num_frames: int) -> int:
+    if geo["causal"]:
+        return 1 + max(num_frames - 1, 0) // geo["temporal"]
+    return max(num_frames // geo["temporal"], 1)
+
+
+def pixel_frames(geo: dict, latent: int) -> int:
+    return 1 + geo["temporal"] * (latent - 1) if geo["causal"] else geo["temporal"] * latent
+
+
+def model_params(cfg: Config) -> int:
+    m = cfg.model
+    pt, ph, pw = m.patch_size
+    block = 8 * m.dim * m.dim + 2 * m.dim * m.ffn_dim + 12 * m.dim
+    return (m.num_layers * block + m.in_channels * pt * ph * pw * m.dim + m.text_dim * m.dim + m.dim * m.dim
+            + m.freq_dim * m.dim + 7 * m.dim * m.dim + m.dim * m.out_channels * pt * ph * pw)
+
+
+def tokens_per_chunk(cfg: Config, h: int, w: int) -> int:
+    pt, ph, pw = cfg.model.patch_size
+    return max(cfg.model.chunk_frames // pt, 1) * max(h // ph, 1) * max(w // pw, 1)
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+def train_memory(cfg: Config, world: int = 1) -> dict:
+    """Lower bound of one training step per process: {"device", "host", "parts"} in bytes."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    geo = codec_geometry(cfg)
+    b = t.batch_size
+    f = latent_frames(geo, d.num_frames)
+    h, w = d.height // geo["spatial"], d.width // geo["spatial"]
+    chunks = max(f // m.chunk_frames, 1)
+    tokens = 2 * chunks * tokens_per_chunk(cfg, h, w)  # dual sequence: history + noisy
+    act_bytes = 2 if t.mixed_precision != "no" else 4
+    parts = {
+        "weights": model_params(cfg) * 4 // max(world, 1),
+        "latents": 4 * b * geo["channels"] * f * h * w * 4,  # clean, noisy, noise, history
+        "activations": b * tokens * m.dim * act_bytes * m.num_layers,  # one block input per layer
+    }
+    host = {}
+    if d.source != "latents":
+        host["clip batch"] = b * 3 * d.num_frames * d.height * d.width * 4  # float32 pixels
+    return _total(parts, host)
+
+
+def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
+                  history_chunks: int = 0, cfg_scale: float = 1.0) -> dict:
+    """Lower bound of one rollout of `batch` videos: KV cache of every chunk, latents, the live
+    tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
+    the decoded video."""
+    d, m = cfg.data, cfg.model
+    geo = codec_geometry(cfg)
+    h, w = d.height // geo["spatial"], d.width // geo["spatial"]
+    n = num_chunks + history_chunks
+    t = tokens_per_chunk(cfg, h, w)
+    frames = pixel_frames(geo, n * m.chunk_frames)
+    parts = {
+        "weights": model_params(cfg) * dtype_bytes,
+        "kv cache": m.num_layers * 2 * n * t * m.dim * dtype_bytes * batch,
+        "latents": 2 * batch * geo["channels"] * n * m.chunk_frames * h * w * 4,
+        "block work": (2 if cfg_scale != 1.0 else 1) * batch * t * (5 * m.dim + m.ffn_dim) * dtype_bytes,
+    }
+    host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
+    return _total(parts, host)
+
+
+def sample_flops(cfg: Config, num_chunks: int, batch: int, steps: int, cfg_scale: float,
+                 history_chunks: int = 0) -> float:
+    """Rough multiply-adds x 2 of a rollout (the big matmuls and the attention over the cache)."""
+    d, m = cfg.data, cfg.model
+    geo = codec_geometry(cfg)
+    t = tokens_per_chunk(cfg, d.height // geo["spatial"], d.width // geo["spatial"])
+    passes = steps * (2 if cfg_scale != 1.0 else 1) + 1  # denoising steps + the cache-writing pass
+    per_token_block = 2 * (8 * m.dim * m.dim + 2 * m.dim * m.ffn_dim)
+    n = float(num_chunks)
+    ctx_sum = t * (n * (history_chunks + 1) + n * (n - 1) / 2)  # keys attended, summed over the chunks
+    return batch * passes * m.num_layers * t * (n * per_token_block + 4 * m.dim * ctx_sum)
+
+
+def _total(parts: dict, host: dict) -> dict:
+    return {"device": sum(parts.values()), "host": sum(host.values()), "parts": {**parts, **host}}
+
+
+# ----------------------------------------------------------------------------- what is free
+
+
+def available_host_bytes() -> Optional[int]:
+    """Free RAM for this process: MemAvailable, capped by a cgroup (v2/v1) memory limit."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            raw = open(limit_file).read().strip()
+            if raw == "max":
+                continue
+            limit, usage = int(raw), int(open(usage_file).read().strip())
+            if limit < (1 << 60):
+                avail = min(avail, max(limit - usage, 0))
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def available_device_bytes(device) -> Optional[int]:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            return None
+    if device.type == "cpu":
+        return None  # counted with the host
+    return None
+
+
+def check_fits(need: dict, device, what: str, fix: str) -> Optional[str]:
+    """One line when the lower bound `need` exceeds the free memory, else None."""
+    import torch
+
+    device = torch.device(device)
+    host_need = need["host"] + (need["device"] if device.type == "cpu" else 0)
+    biggest = max(need["parts"].items(), key=lambda kv: kv[1])
+    host_free = available_host_bytes()
+    if host_free is not None and host_need > host_free:
+        return (f"{what} needs at least {gib(host_need)} of RAM (estimate; largest part: {biggest[0]} "
+                f"{gib(biggest[1])}) but {gib(host_free)} is available; {fix}")
+    if device.type == "cuda":
+        dev_free = available_device_bytes(device)
+        if dev_free is not None and need["device"] > dev_free:
+            return (f"{what} needs at least {gib(need['device'])} of GPU memory (estimate; largest part: "
+                    f"{biggest[0]} {gib(biggest[1])}) but {gib(dev_free)} is free on {device}; {fix}")
+    return None

@@ -1,0 +1,224 @@
+"""Issue 13: every bad input to train/train.py and train/precompute.py gives ONE line on stderr
+naming the problem and the fix, exit code 2, no traceback and nothing left behind; the run folder
+is locked; a damaged newest checkpoint falls back to the previous one; a full disk during a save
+says so in one line and keeps the previous checkpoint."""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from resampling_forcing.checkpoint import checkpoint_problem, list_checkpoints
+from resampling_forcing.io import write_mp4
+from resampling_forcing.training import Trainer, train
+from train_helpers import REPO, TINY_YAML, child_env, read_log, small_overrides
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state(one_thread):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _bad_manifest(folder):
+    """A manifest of only unusable videos: corrupt bytes, a 3-frame clip, a missing file, a null byte."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corrupt.mp4").write_bytes(os.urandom(3000))
+    write_mp4(folder / "short.mp4", np.zeros((3, 32, 32, 3), np.uint8), fps=8)
+    rows = [{"path": "corrupt.mp4", "caption": "a"}, {"path": "short.mp4", "caption": "b"},
+            {"path": "missing.mp4", "caption": "c"}, {"path": "nul\x00.mp4", "caption": "d"}]
+    m = folder / "allbad.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return m
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    manifest = _bad_manifest(tmp_path / "videos")
+    cases = {  # overrides -> a word the one line must contain
+        "log_every 0": (["train.log_every=0"], "train.log_every=0"),
+        "num_frames 0": (["data.num_frames=0"], "data.num_frames=0"),
+        "fps 0": (["data.fps=0"], "data.fps=0"),
+        "wan vae without path": (["encoders.vae=wan"], "encoders.vae_path"),
+        "umt5 without path": (["encoders.text=umt5"], "encoders.text_path"),
+        "run_dir under a file": ([f"train.run_dir={afile}/run"], "is a file"),
+        "run_dir under /proc": (["train.run_dir=/proc/nope/run"], "cannot create"),
+        "8192x8192": (["data.height=8192", "data.width=8192"], "needs at least"),
+        "no usable video": (["data.source=manifest", f"data.manifest={manifest}"],
+                            "all 4 files skipped (bad_path: 1, missing: 1, too_short: 1, unreadable: 1)"),
+    }
+    if not torch.cuda.is_available():
+        cases["xformers on CPU"] = (["attention.backend=xformers"], "CUDA-only")
+    main = _train_cli()
+    for name, (extra, needle) in cases.items():
+        run = tmp_path / f"run_{len(os.listdir(tmp_path))}"
+        args = ["--config", str(TINY_YAML)] + small_overrides(run, synth) + extra
+        capsys.readouterr()
+        t0 = time.time()
+        code = main(args)
+        line = _one_error_line(capsys.readouterr().err)
+        assert code == 2, name
+        assert needle in line, f"{name}: {line}"
+        assert not run.exists(), f"{name}: left {run} behind"
+        assert time.time() - t0 < 60, f"{name}: refused only after {time.time() - t0:.0f}s"
+
+
+def _precompute(*args):
+    return subprocess.run([sys.executable, str(REPO / "train" / "precompute.py"), "--config", str(TINY_YAML), *args],
+                          capture_output=True, text=True, timeout=300, env=child_env(), cwd=REPO)
+
+
+def test_precompute_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path):
+    manifest = _bad_manifest(tmp_path / "videos")
+    cases = [
+        (["--device", "tpu9"], "--device tpu9"),
+        (["encoders.vae=wan"], "encoders.vae_path"),
+        (["--out", "/proc/nope/latents"], "cannot create"),
+        # every file unusable: refused with the counts by cause, and no empty store left
+        ([], "no usable video: all 4 files skipped (bad_path: 1, missing: 1, too_short: 1, unreadable: 1)"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for extra, needle in cases:
+        out = tmp_path / "store"
+        args = ["--manifest", str(manifest), "--out", str(out), "--split", ""]
+        if "--out" in extra:
+            args = ["--manifest", str(manifest), "--split", ""]
+        r = _precompute(*args, *extra)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("precompute: error:")]
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert needle in lines[0], (extra, lines[0])
+        assert not out.exists(), extra
+
+
+def test_null_byte_row_is_skipped_and_named(tmp_path, caplog):
+    from resampling_forcing.data.video import VideoClipDataset
+
+    write_mp4(tmp_path / "good.mp4", np.zeros((8, 16, 16, 3), np.uint8), fps=8)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "good.mp4", "caption": "g"}) + "\n"
+                                      + json.dumps({"path": "bad\x00.mp4", "caption": "b"}) + "\n")
+    with caplog.at_level("WARNING", logger="resampling_forcing.data"):
+        ds = VideoClipDataset(tmp_path / "m.jsonl", 8, 16, 16, fps=8)
+    assert ds.bad_files == {"bad_path": 1} and "manifest row 2" in caplog.text
+    assert ds.try_get(0) is not None and ds.try_get(1) is None
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+
+HOLD = ("import sys, time; from resampling_forcing.training_utils import RunLock; "
+        "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(300)")
+
+
+def test_second_trainer_is_refused_and_lock_dies_with_its_holder(tmp_path, synth, capsys):
+    from resampling_forcing.training_utils import RunLock, RunLockError
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = _train_cli()(["--config", str(TINY_YAML)] + small_overrides(run, synth))
+        line = _one_error_line(capsys.readouterr().err)
+        assert code == 2 and f"pid {holder.pid}" in line and "in use by another trainer" in line
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused trainer wrote nothing
+        holder.send_signal(signal.SIGKILL)  # a crash: the kernel drops the lock, nothing is stale
+        holder.wait()
+        lock = RunLock(run).acquire()
+        with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
+            RunLock(run).acquire()
+        lock.release()
+        with RunLock(run):  # released after a normal exit too
+            pass
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert train(load_cfg(run, synth, steps_tf=1, steps_rf=0))["step"] == 1  # and a trainer runs there
+
+
+def load_cfg(run, synth, *extra, **kw):
+    from resampling_forcing.config import load_config
+
+    return load_config(TINY_YAML, small_overrides(run, synth, **kw) + list(extra))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, synth, caplog):
+    run = tmp_path / "run"
+    train(load_cfg(run, synth, "train.save_every=2", "data.fixed_batch=true", steps_tf=2, steps_rf=2))
+    ref = read_log(run)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    step4 = run / "checkpoints" / "step_0000004"
+    for name in ("optimizer.bin", "model.safetensors"):  # each damage is seen without loading anything
+        f = step4 / name
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+        assert name in checkpoint_problem(step4)
+        f.write_bytes(data)
+    assert checkpoint_problem(step4) is None
+    opt = step4 / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[:1000])
+    with caplog.at_level("WARNING", logger="resampling_forcing.train"):
+        res = train(load_cfg(run, synth, "train.save_every=2", "data.fixed_batch=true", steps_tf=2, steps_rf=2))
+    assert "step_0000004 is damaged (optimizer.bin is truncated" in caplog.text and "step_0000002" in caplog.text
+    assert res["step"] == 4
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # steps 3-4 trained again from step 2, exactly as before
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref]
+    assert (run / "checkpoints" / "step_0000004.damaged").is_dir()  # kept for inspection, out of the way
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4] and checkpoint_problem(step4) is None
+
+
+def test_disk_full_during_a_save_one_line_previous_checkpoint_intact(tmp_path, synth, capsys, monkeypatch):
+    run = tmp_path / "run"
+    original = Trainer._export
+    calls = {"n": 0}
+
+    def export_disk_full(self, folder):
+        calls["n"] += 1
+        original(self, folder)
+        if calls["n"] == 2:
+            raise RuntimeError(f"[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing "
+                               f"file data/0: file write failed ({os.strerror(errno.ENOSPC)})")
+
+    monkeypatch.setattr(Trainer, "_export", export_disk_full)
+    code = _train_cli()(["--config", str(TINY_YAML)] + small_overrides(run, synth, steps_tf=2, steps_rf=2)
+                        + ["train.save_every=2"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and f"no space left on {run / 'checkpoints'}" in line and "step_0000002 is intact" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
+    assert checkpoint_problem(run / "checkpoints" / "step_0000002") is None
