@@ -222,3 +222,51 @@ def test_disk_full_during_a_save_one_line_previous_checkpoint_intact(tmp_path, s
     assert code == 2 and f"no space left on {run / 'checkpoints'}" in line and "step_0000002 is intact" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
     assert checkpoint_problem(run / "checkpoints" / "step_0000002") is None
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def test_loader_workers_die_with_their_parent(tmp_path):
+    """The worker_init_fn sets PR_SET_PDEATHSIG: a worker whose parent is killed with -9 goes too."""
+    script = (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    from resampling_forcing.data.loader import die_with_parent\n"
+        "    die_with_parent(0)\n"
+        "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "time.sleep(120)\n"
+    )
+    marker = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(marker)], env=child_env())
+    try:
+        deadline = time.time() + 120
+        while not (marker.exists() and marker.read_text()):
+            assert time.time() < deadline and parent.poll() is None
+            time.sleep(0.1)
+        child = int(marker.read_text())
+        os.kill(child, 0)  # alive while its parent lives
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            try:  # reaped by init (or a subreaper); a zombie still answers kill(0), so check its state
+                if open(f"/proc/{child}/stat").read().split(")")[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the worker outlived its killed parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()

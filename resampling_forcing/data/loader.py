@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -186,7 +187,8 @@ class TrainData:
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(["resampling_forcing.data.video"])  # torch imported once, not per worker
         loader = DataLoader(self.dataset, batch_sampler=lists, num_workers=self.cfg.data.num_workers,
-                            collate_fn=_collate, pin_memory=self.device.type == "cuda", multiprocessing_context=ctx)
+                            collate_fn=_collate, pin_memory=self.device.type == "cuda", multiprocessing_context=ctx,
+                            worker_init_fn=die_with_parent)
         self._loader_iter, self._loader_epoch = iter(loader), epoch
 
     def batch(self, position: int) -> dict:
@@ -211,6 +213,22 @@ class TrainData:
         if hasattr(self.dataset, "summary"):
             extra = f" ({self.dataset.summary()})"
         return f"{self.source} data: {self.num_items} clips, {self.per_epoch} micro-batches per epoch{extra}"
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: on Linux ask the kernel to SIGKILL this worker when its parent
+    dies (prctl PR_SET_PDEATHSIG), so a trainer killed with -9 leaves no workers behind. Under the
+    forkserver context the parent is the fork server, which exits when the trainer is gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
 
 
 def _collate(items: list[dict]) -> dict:
