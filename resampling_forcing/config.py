@@ -177,6 +177,12 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True  # tqdm progress bar on the main process
+    # Exposure-gap diagnostic (diagnose.py) every `gap_every` steps (0 = off) on the first `gap_clips`
+    # clips of data position 0, main process only; logged as gap_* keys. gap_sample_steps: Euler steps
+    # of its rollouts (None = diffusion.sample_steps).
+    gap_every: int = 0
+    gap_clips: int = 4
+    gap_sample_steps: Optional[int] = None
 
 
 @dataclass
@@ -414,6 +420,10 @@ def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
         if e.text == "umt5" and not e.text_path:
             raise ConfigError("encoders.text=umt5 needs encoders.text_path (a local umT5 / diffusers folder), "
                               "e.g. encoders.text_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.text=hash")
+    g = cfg.train
+    if g.gap_every < 0 or g.gap_clips < 1 or (g.gap_sample_steps is not None and g.gap_sample_steps < 1):
+        raise ConfigError(f"train.gap_every={g.gap_every} (>= 0, 0 = off), train.gap_clips={g.gap_clips} (>= 1), "
+                          f"train.gap_sample_steps={g.gap_sample_steps} (null or >= 1)")
     for i, st in enumerate(cfg.train.stages):
         if st.steps < 0:
             raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")

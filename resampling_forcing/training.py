@@ -8,6 +8,8 @@ One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_siz
 4. per-chunk training t ~ logit-normal(diffusion.train_t_*), x_t = (1 - t) x + t eps;
 5. v = model.forward_dual(history, x_t, t, text) and the velocity MSE on the noisy half
    (overall and per chunk position).
+Every `train.gap_every` steps (main process) the exposure-gap diagnostic on a fixed held batch
+(`Trainer.gap_metrics`, diagnose.py) adds gap_* keys to that step's record.
 A micro-batch whose loss is NaN/Inf on any process is skipped on all of them (no backward, a
 warning); `train.max_bad_steps` in a row abort with a message (the last checkpoint is untouched).
 Then clipping, AdamW, LR (linear warmup, then constant or cosine), EMA, logs, checkpoints.
@@ -139,6 +141,7 @@ class Trainer:
         self.latent_shape = tuple(probe.shape[1:])
         self.num_chunks = probe.shape[2] // cf
         self.chunk_tokens = cf // pt * (probe.shape[3] // ph) * (probe.shape[4] // pw)
+        self.gap_batch = self._held_gap_batch()
 
         torch.manual_seed(cfg.train.seed)
         model = CausalWanModel(cfg.model)
@@ -287,6 +290,73 @@ class Trainer:
                                ramp=stage.ramp if ramp is not None else "none",
                                ramp_level=1.0 if ramp is None else ramp, always_forward=self.zero_stage == 3)
 
+    # -- exposure-gap logging (diagnose.py) ----------------------------------------------------
+
+    def _held_gap_batch(self) -> Optional[tuple]:
+        """(latents [gap_clips, C, F, h, w], text, null text [1, Lt, Dt], negative prompt [1, Lt, Dt]) of
+        the first train.gap_clips clips from data position 0 on, fixed for the run; None when the
+        diagnostic is off, on other processes than the main one, or under ZeRO-3."""
+        t = self.cfg.train
+        if t.gap_every == 0 or not self.acc.is_main_process:
+            return None
+        if self.zero_stage == 3:
+            logger.warning("train.gap_every=%d: the exposure-gap diagnostic is skipped under DeepSpeed ZeRO-3 "
+                           "(the weights are partitioned); run python -m resampling_forcing.diagnose on a checkpoint",
+                           t.gap_every)
+            return None
+        if self.num_chunks < 3:
+            raise ConfigError(f"train.gap_every={t.gap_every}: the exposure gap needs clips of at least 3 chunks "
+                              f"(1 given, 1 generated as history, 1 after it); these have {self.num_chunks}")
+        lat, text, pos = [], [], 0
+        while sum(x.shape[0] for x in lat) < t.gap_clips:
+            b = self.data.batch(pos)
+            lat.append(b["latents"])
+            text.append(b["text"])
+            pos += 1
+        null = self.data.null_text[None].float()
+        neg_prompt, enc = self.cfg.diffusion.negative_prompt, self.data.text_encoder
+        neg = enc.encode([neg_prompt]).float().to(self.device) if neg_prompt and enc is not None else null
+        return torch.cat(lat)[:t.gap_clips], torch.cat(text)[:t.gap_clips].float(), null, neg
+
+    @torch.no_grad()
+    def gap_metrics(self, stage_idx: int, ramp: Optional[float] = None) -> dict:
+        """Exposure gap of the current weights on the held batch (diagnose.exposure_gap, 1 true chunk
+        given, horizon = the clip): gap_degradation / gap_one_step / gap_rollout (means over the ratio
+        chunks) and gap_ratio, with stage `stage_idx`'s degradation at ramp level `ramp`. During a
+        teacher-forcing stage (degradation 0 by definition) it also reports the next degrading stage's
+        degradation at full strength: gap_next_stage, gap_next_degradation, gap_next_ratio.
+        Model in eval mode, then back; own generators (seed train.seed): the training RNG is untouched.
+        Runs in the weights' dtype (no autocast); sampler: the config's, with train.gap_sample_steps."""
+        from .diagnose import degradation_error, exposure_gap
+        from .sampler import SamplingOptions
+
+        cfg, model = self.cfg, self.inner
+        stage = cfg.train.stages[stage_idx]
+        dtype = next(model.parameters()).dtype
+        x, text, null, neg = (v.to(dtype) for v in self.gap_batch)
+        opts = SamplingOptions.from_config(cfg, self.device, steps=cfg.train.gap_sample_steps, backend=self.backend,
+                                           record_selection=False)
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            nulls = null.expand_as(text)
+            rep = exposure_gap(model, x, text, self.settings(stage, ramp), opts, seed=cfg.train.seed,
+                               null_context=nulls, neg_context=neg)
+            out = dict(gap_degradation=rep.degradation_mean, gap_one_step=rep.one_step_mean,
+                       gap_rollout=rep.rollout_mean, gap_ratio=rep.ratio)
+            nxt = next((s for s in cfg.train.stages[stage_idx + 1:] if s.objective != "teacher_forcing"), None)
+            if stage.objective == "teacher_forcing" and nxt is not None:
+                err = degradation_error(model, x, text, self.settings(nxt), seed=cfg.train.seed, null_context=nulls)
+                d = sum(float(err[i]) for i in rep.chunks) / len(rep.chunks)
+                out.update(gap_next_stage=nxt.name, gap_next_degradation=d,
+                           gap_next_ratio=d / rep.rollout_mean if rep.rollout_mean > 0 else float("nan"))
+        finally:
+            model.train(was_training)
+        out = {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}  # NaN -> null
+        out["gap_time"] = time.perf_counter() - t0
+        return out
+
     def compute_loss(self, batch: dict, stage: StageConfig, gen: torch.Generator):
         """One micro-batch -> (loss, per-chunk loss [B, N], t_s or None, seconds spent resampling).
         A ramp applies at its level of the current step `self.step` when `stage` is that step's stage."""
@@ -380,6 +450,8 @@ class Trainer:
         if all_ts is not None:
             rec.update(t_s_mean=float(all_ts.mean()), t_s_std=float(all_ts.std()) if all_ts.numel() > 1 else 0.0,
                        t_s_min=float(all_ts.min()), t_s_max=float(all_ts.max()))
+        if self.gap_batch is not None and self.step % cfg.train.gap_every == 0:
+            rec.update(self.gap_metrics(stage_idx, ramp))
         return rec
 
     def _optimizer_step(self) -> Optional[float]:

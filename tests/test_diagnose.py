@@ -237,3 +237,43 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args):
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("diagnose: error: "), err
+
+
+# ----------------------------------------------------------------------------- trainer logging
+
+
+def test_trainer_logs_the_gap_and_stays_bit_identical(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from resampling_forcing.config import load_config
+    from resampling_forcing.models.loading import load_model
+    from resampling_forcing.training import train
+    from train_helpers import TINY_YAML, read_log, small_overrides
+
+    def run(name, *extra):
+        cfg = load_config(TINY_YAML, small_overrides(tmp_path / name, tmp_path / "syn", steps_tf=2, steps_rf=2,
+                                                     **{"train.save_every": 100}) + list(extra))
+        try:
+            train(cfg)
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            PartialState._reset_state()
+        return read_log(tmp_path / name), load_model(tmp_path / name / "checkpoints" / "step_0000004").state_dict()
+
+    off_log, off = run("off")
+    on_log, on = run("on", "train.gap_every=2", "train.gap_clips=3", "train.gap_sample_steps=2")
+    keys = ("gap_degradation", "gap_one_step", "gap_rollout", "gap_ratio")
+    assert [all(k in r for k in keys) for r in on_log] == [False, True, False, True]
+    assert not any(k in r for r in off_log for k in keys)
+    tf, rf = on_log[1], on_log[3]
+    assert tf["gap_degradation"] == 0.0 and tf["gap_ratio"] == 0.0  # teacher forcing degrades nothing
+    assert tf["gap_next_stage"] == "rf" and tf["gap_next_degradation"] > 0 and "gap_next_ratio" in tf
+    assert "gap_next_stage" not in rf
+    for r in (tf, rf):
+        assert r["gap_rollout"] > 0 and r["gap_one_step"] > 0
+        assert r["gap_ratio"] == pytest.approx(r["gap_degradation"] / r["gap_rollout"])
+    assert rf["gap_degradation"] > 0
+    # the diagnostic changes nothing in the training: same losses, bit-identical weights
+    assert [r["loss"] for r in on_log] == [r["loss"] for r in off_log]
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
