@@ -12,7 +12,8 @@ One layer's attention of the current chunk (queries = one chunk of `--tokens` to
           inference path: backend "auto" = torch on CPU, the Triton kernel on CUDA; chunk means are
           cached by the KV cache, so they are computed outside the timed region).
 Dense and routed calls are INTERLEAVED (one dense, then every routed case of that history, repeated
-`--repeats` times; the median is reported), so that load from other processes hits both alike.
+`--repeats` times after one warm-up round of the routed cases; the median is reported), so that load
+from other processes hits both alike.
 
 Selection patterns (`--pattern`, comma list), made by the queries and keys, not by editing `sel`:
   random    i.i.d. q and k: every token picks its own k chunks (what random weights do);
@@ -128,12 +129,12 @@ def main(argv=None) -> int:
 
             dense_times = []
             with torch.no_grad():
-                for rep in range(args.repeats + 1):  # round 0 = warm-up
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    dense()
-                    _sync(device)
+                for rep in range(args.repeats + 1):  # round 0 = warm-up of the routed calls (plans, allocator)
                     if rep:
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        dense()
+                        _sync(device)
                         dense_times.append(time.perf_counter() - t0)
                     for c in cases:
                         _sync(device)
