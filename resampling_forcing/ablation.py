@@ -1,0 +1,395 @@
+"""A controlled ablation of the history degradation (issue 11), as one resumable command.
+
+    python -m resampling_forcing.ablation --preset cpu [--arms tf,ar_rec] [--steps 300] [--out DIR]
+
+1. Warmup: ONE teacher-forcing checkpoint every arm starts from: the preset's shipped asset
+   (``assets/ablation/warmup``, made by ``python train/train.py --config configs/ablation_cpu.yaml``
+   and exported with ``--export-warmup``), ``--warmup PATH``, or trained here into OUT/warmup.
+2. Calibration: the exposure-gap diagnostic (diagnose.py) of the warmup on held-out clips gives the
+   rollout error a history has at inference (target), the resampling shift s whose degradation error
+   meets it (``recommend_shift``) and the noise level sigma = sqrt(target) with the same error.
+3. Arms: each trains ``steps`` more steps from the warmup with the SAME learning-rate schedule
+   (linear warm-up, cosine to lr * min_lr_ratio), batch, data order and seed; only the history
+   degradation differs (ARMS below). Training runs in this process through training.train (its own
+   checkpoints: a rerun resumes an arm where it stopped).
+4. Evaluation (ablation_eval.py): held-out clips continued from their first chunk to 8x the training
+   clip, scored per segment against the truth; each arm's exposure gap; then the best resampling arm
+   (highest extrapolation object fidelity) under inference routing: dense, top-1, top-5, window 1,
+   sink 1 + window 4.
+5. Report: OUT/report.json (+ ``--report-dir``: ``<preset>.json``, one PNG per metric over segments,
+   one contact sheet per arm). Every stage's result is a file in OUT; a rerun skips what exists.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["Preset", "PRESETS", "ARMS", "arm_overrides", "run", "main"]
+
+EXIT_BAD_INPUT = 2
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: str  # the world, the model and the warmup's training (a train/train.py config)
+    warmup_asset: Optional[str]  # shipped warmup checkpoint (used when present); None: train it
+    steps: int = 300  # per arm, after the warmup
+    lr: float = 3e-4
+    lr_warmup: int = 20
+    min_lr_ratio: float = 0.1
+    eval_clips: int = 32
+    eval_segments: int = 8  # continuation length in training clips
+    given_chunks: int = 1
+    gap_clips: int = 16
+    shifts: str = "0.6,1,2,3,5,8,16,32,100"
+    sample_seed: int = 0
+
+
+PRESETS = {
+    "cpu": Preset("configs/ablation_cpu.yaml", "assets/ablation/warmup"),
+    # prepared for a lent accelerator: a larger world (64x64, up to 4 objects) and model (configs/ablation_gpu.yaml)
+    "gpu": Preset("configs/ablation_gpu.yaml", None, steps=3000, lr=2e-4, lr_warmup=100, eval_clips=128,
+                  gap_clips=64),
+}
+
+# name -> what the arm's history degradation is (filled with the calibration in arm_overrides)
+ARMS = {
+    "tf": "teacher forcing continued (clean history)",
+    "noise_aug": "noise augmentation, sigma = sqrt(warmup rollout error); no noise-level input to the model",
+    "parallel": "parallel resampling at the recommended s",
+    "ar_0.6": "autoregressive self-resampling at the paper's s = 0.6",
+    "ar_rec": "autoregressive self-resampling at the recommended s",
+    "ar_large": "autoregressive self-resampling at 4x the recommended s",
+    "ramp": "ar_rec with a ramp: a video's history is resampled with probability rising 0 -> 1 over the first third",
+}
+ROUTINGS = {  # inference routing of the best arm (RoutingSpec arguments)
+    "dense": None,
+    "top-1": ("topk", 1, 0, 0),
+    "top-5": ("topk", 5, 0, 0),
+    "window 1": ("window", None, 0, 1),
+    "sink 1 + window 4": ("window", None, 1, 4),
+}
+
+
+class BadInput(Exception):
+    """One line on stderr, exit 2."""
+
+
+def _path(p: str) -> Path:
+    """A preset path: as given when it exists (relative to the working folder), else in the checkout."""
+    q = Path(p)
+    return q if q.exists() or q.is_absolute() else _ROOT / q
+
+
+def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Path, run_dir: Path) -> list[str]:
+    """train/train.py overrides of arm `name` (config keys; everything else is the preset config's)."""
+    s_rec, sigma = calib["recommended_shift"], calib["noise_sigma"]
+    stage: dict = {"name": name.replace(".", "_"), "steps": steps}
+    shift = s_rec
+    if name == "tf":
+        stage["objective"] = "teacher_forcing"
+    elif name == "noise_aug":
+        stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
+    elif name == "parallel":
+        stage.update(objective="parallel_resampling")
+    elif name in ("ar_0.6", "ar_rec", "ar_large", "ramp"):
+        stage["objective"] = "resampling"
+        shift = {"ar_0.6": 0.6, "ar_large": 4 * s_rec}.get(name, s_rec)
+        if name == "ramp":
+            stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
+    else:
+        raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}")
+    return [f"train.run_dir={run_dir}", f"train.init_from={warmup}", f"train.stages={json.dumps([stage])}",
+            f"diffusion.resample_shift={round(shift, 4)}", f"train.lr={preset.lr}",
+            f"train.warmup_steps={preset.lr_warmup}", "train.lr_schedule=cosine",
+            f"train.min_lr_ratio={preset.min_lr_ratio}", f"train.save_every={max(1, steps // 3)}", "train.keep_last=1",
+            "train.gap_every=0", "train.tensorboard=false"]
+
+
+def _train(config: Path, overrides: list[str]) -> Path:
+    """training.train in this process (resumes from the run's own checkpoints) -> the run dir."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from .config import load_config
+    from .training import train
+
+    cfg = load_config(config, overrides)
+    try:
+        train(cfg)
+    finally:  # the next arm gets a fresh Accelerator
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    return Path(cfg.train.run_dir)
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    from .checkpoint import latest_checkpoint, step_of
+
+    ck = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    return ck is not None and step_of(ck) >= steps
+
+
+def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Sequence[str] = ()) -> dict:
+    from .diagnose import main as diagnose
+
+    if not out.is_file():
+        code = diagnose(["--checkpoint", str(checkpoint), "--clips", str(clips), "--shifts", shifts,
+                         "--device", "cpu", "--out", str(out), *extra])
+        if code != 0:
+            raise RuntimeError(f"diagnose of {checkpoint} failed (exit {code})")
+    return json.loads(out.read_text())
+
+
+def calibrate(warmup: Path, out: Path, preset: Preset, clips: int) -> dict:
+    """The warmup's exposure gap -> target error, recommended s, noise sigma (OUT/calibration.json)."""
+    diag = _diagnose(warmup, out / "diagnose_warmup.json", clips, preset.shifts, ["--objective", "resampling"])
+    target = diag["report"]["rollout_mean"]
+    rec = diag["recommendation"]
+    return dict(target=target, recommended_shift=rec["shift"], reached=rec["reached"], rule=rec["rule"],
+                noise_sigma=math.sqrt(target), sweep=diag["sweep"], report=diag["report"])
+
+
+def _arm_gap(name: str, run_dir: Path, out: Path, clips: int) -> dict:
+    from .config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    stage = cfg.train.stages[-1]
+    extra = ["--objective", stage.objective, "--noise-scale", str(stage.noise_aug_scale),
+             "--shift", str(cfg.diffusion.resample_shift)]
+    d = _diagnose(run_dir, out / f"gap_{name}.json", clips, str(cfg.diffusion.resample_shift), extra)
+    return {k: d["report"][k] for k in ("degradation_mean", "one_step_mean", "rollout_mean", "ratio")}
+
+
+def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out: Path, routing=None) -> dict:
+    """Continue the eval clips with a checkpoint -> {summary, per-clip arrays} (cached in OUT/eval)."""
+    from .ablation_eval import continue_clips, contact_sheet, metric_arrays, score, summarize
+    from .attention.routing import RoutingSpec
+    from .pipeline import Pipeline
+
+    path = out / "eval" / f"{name.replace(' ', '_').replace('+', 'and')}.npz"
+    if not path.is_file():
+        t0 = time.perf_counter()
+        pipe = Pipeline.from_pretrained(checkpoint, device="cpu")
+        spec = RoutingSpec(*routing) if routing else None
+        videos = continue_clips(pipe, clips, preset.given_chunks, routing=spec if routing else "dense",
+                                seed=preset.sample_seed)
+        arrays = metric_arrays(score(videos, clips, seg))
+        contact_sheet(videos, np.stack([v for v, _ in clips]), seg, out / "sheets" / f"{path.stem}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, seconds=time.perf_counter() - t0, **arrays)
+        tmp.replace(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "seconds"}
+        seconds = float(z["seconds"])
+    return dict(arrays=arrays, summary=summarize(arrays), seconds=round(seconds, 1))
+
+
+def run(args) -> int:
+    from .ablation_eval import METRICS, eval_clips, extrapolation_mean, paired, plot_metric, sanity_check, interval
+    from .config import ConfigError, load_config
+    from .io import atomic_write_json
+
+    if args.preset not in PRESETS:
+        raise BadInput(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[args.preset]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(ARMS)
+    for a in arms:
+        if a not in ARMS:
+            raise BadInput(f"--arms: unknown arm {a!r}; choose from {', '.join(ARMS)}")
+    steps = preset.steps if args.steps is None else args.steps
+    if steps < 1:
+        raise BadInput(f"--steps must be >= 1 (got {steps})")
+    config = _path(args.config or preset.config)
+    try:
+        base = load_config(config, args.overrides)
+    except ConfigError as e:
+        raise BadInput(str(e).splitlines()[0]) from None
+    out = Path(args.out or f"outputs/ablation/{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    clips_n = args.eval_clips or preset.eval_clips
+    gap_n = args.gap_clips or preset.gap_clips
+    seg = base.data.num_frames
+    print(f"[ablation] preset {args.preset}: arms {', '.join(arms)}, {steps} steps each, {clips_n} eval clips "
+          f"of {preset.eval_segments} x {seg} frames; work folder {out}", flush=True)
+
+    # 1. the shared warmup
+    if args.warmup:
+        warmup = Path(args.warmup)
+    elif preset.warmup_asset and _path(preset.warmup_asset).is_dir() and not args.train_warmup:
+        warmup = _path(preset.warmup_asset)
+    else:
+        warm_steps = sum(s.steps for s in base.train.stages)
+        warmup = out / "warmup"
+        if not _finished(warmup, warm_steps):
+            print(f"[ablation] training the teacher-forcing warmup ({warm_steps} steps) into {warmup}", flush=True)
+            _train(config, list(args.overrides) + [f"train.run_dir={warmup}", "train.tensorboard=false"])
+    if not warmup.exists():
+        raise BadInput(f"warmup {warmup} does not exist; pass --warmup RUN_OR_CHECKPOINT or --train-warmup")
+    print(f"[ablation] warmup: {warmup}", flush=True)
+
+    # 2. calibration
+    calib = calibrate(warmup, out, preset, gap_n)
+    print(f"[ablation] calibration: rollout error {calib['target']:.4g}, recommended s {calib['recommended_shift']:.3g} "
+          f"({'reached' if calib['reached'] else 'NOT reached'}), noise sigma {calib['noise_sigma']:.3g}", flush=True)
+
+    # 3. evaluation clips, the metrics' sanity check and the warmup's own evaluation (before the arms:
+    # its time tells how long each arm's evaluation takes)
+    clips = eval_clips(base.data, clips_n, seg * preset.eval_segments, base.train.seed)
+    print(f"[ablation] sanity check of the metrics on {len(clips)} true clips", flush=True)
+    sanity_path = out / "sanity.json"
+    if not sanity_path.is_file():  # given frames = latent frames: the ablation worlds use PixelShuffleVAE (1:1 in time)
+        atomic_write_json(sanity_path, sanity_check(clips, preset.given_chunks * base.model.chunk_frames, seg))
+    sanity = json.loads(sanity_path.read_text())
+    results = {"warmup": _evaluate("warmup", warmup, clips, preset, seg, out)}
+    results["warmup"]["gap"] = None
+    print(f"[ablation] warmup evaluated ({results['warmup']['seconds']:.0f} s per evaluation)", flush=True)
+
+    # 4. arms
+    arm_dirs = {}
+    for i, name in enumerate(arms):
+        run_dir = out / "arms" / name
+        arm_dirs[name] = run_dir
+        if _finished(run_dir, steps):
+            continue
+        print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {ARMS[name]}", flush=True)
+        _train(config, list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir))
+
+    # 5. evaluation of the arms
+    for name in arms:
+        print(f"[ablation] evaluating {name}", flush=True)
+        results[name] = _evaluate(name, arm_dirs[name], clips, preset, seg, out)
+        results[name]["gap"] = _arm_gap(name, arm_dirs[name], out / "gaps", gap_n)
+
+    def primary(name):  # extrapolation object fidelity, then PSNR
+        r = results[name]["arrays"]
+        return (float(np.nanmean(extrapolation_mean(r["object_fidelity"]))),
+                float(np.nanmean(extrapolation_mean(r["psnr"]))))
+
+    candidates = [a for a in arms if a != "tf"] or arms
+    best = max(candidates, key=primary)
+    routing = {}
+    if not args.no_routing:
+        for rname, spec in ROUTINGS.items():
+            if spec is None and base.attention.routing.mode == "dense":  # = the arm's own evaluation
+                routing[rname] = results[best]
+                continue
+            print(f"[ablation] routing of {best}: {rname}", flush=True)
+            routing[rname] = _evaluate(f"{best} {rname}", arm_dirs[best], clips, preset, seg, out, routing=spec)
+
+    # 6. report
+    def arm_entry(name):
+        r = results[name]
+        d = dict(summary=r["summary"], eval_seconds=r["seconds"], gap=r["gap"],
+                 extrapolation={m: interval(extrapolation_mean(r["arrays"][m])) for m in METRICS})
+        if "tf" in results and name != "tf":
+            d["vs_tf"] = {m: paired(r["arrays"][m], results["tf"]["arrays"][m]) for m in METRICS}
+        if name != "warmup":
+            d["description"] = ARMS[name]
+            d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name])[2:4]
+        return d
+
+    report = dict(
+        command=" ".join(["python -m resampling_forcing.ablation"] + (args.argv or [])),
+        preset=dataclasses.asdict(preset), config=str(config), warmup=str(warmup), steps_per_arm=steps,
+        eval=dict(clips=len(clips), frames=seg * preset.eval_segments, segment_frames=seg,
+                  given_chunks=preset.given_chunks, sampler=dict(steps=base.diffusion.sample_steps,
+                  shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale), seed=preset.sample_seed,
+                  collapse="object_fidelity < 0.5 or background_clean < 0.8 in a segment",
+                  interval="mean +- 1.96 sd / sqrt(n) over clips; vs_tf: paired over the same clips",
+                  extrapolation="per clip mean over segments 1.. (beyond the training length)"),
+        calibration=calib, sanity=sanity, arms={n: arm_entry(n) for n in ["warmup"] + arms}, best_arm=best,
+        best_by="extrapolation object_fidelity (then psnr)",
+        routing={k: dict(summary=v["summary"], eval_seconds=v["seconds"],
+                         extrapolation={m: interval(extrapolation_mean(v["arrays"][m])) for m in METRICS},
+                         vs_dense={m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS})
+                 for k, v in routing.items()},
+        wall_seconds_this_run=round(time.perf_counter() - t_start, 1))
+    atomic_write_json(out / "report.json", report)
+    summaries = {n: results[n]["summary"] for n in ["warmup"] + arms}
+    for m in METRICS:
+        plot_metric(summaries, m, seg, out / "plots" / f"{m}.png", title=f"{m}: continuing held-out clips")
+        if routing:
+            plot_metric({k: v["summary"] for k, v in routing.items()}, m, seg, out / "plots" / f"routing_{m}.png",
+                        title=f"{m}: {best} under inference routing")
+    print(table(report), flush=True)
+    if args.report_dir:
+        rd = Path(args.report_dir)
+        rd.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(rd / f"{args.preset}.json", report)
+        for sub in ("plots", "sheets"):
+            for f in sorted((out / sub).glob("*.png")):
+                (rd / f"{args.preset}_{sub}").mkdir(exist_ok=True)
+                shutil.copyfile(f, rd / f"{args.preset}_{sub}" / f.name)
+        print(f"[ablation] wrote {rd / (args.preset + '.json')} and its plots/sheets", flush=True)
+    print(f"[ablation] done in {time.perf_counter() - t_start:.0f} s (this run; finished stages were reused)")
+    return 0
+
+
+def table(report: dict) -> str:
+    """Markdown: extrapolation means (95% interval) per arm, then the routing rows."""
+    cols = ("psnr", "center_error", "object_fidelity", "color_acc", "collapse")
+    rows = ["| arm | gap ratio | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+
+    def cell(s):
+        return "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
+
+    for name, a in list(report["arms"].items()) + [(f"{report['best_arm']} {k}", v)
+                                                   for k, v in report["routing"].items()]:
+        gap = a.get("gap")
+        g = "" if not gap or gap.get("ratio") is None else f"{gap['ratio']:.3g}"
+        rows.append(f"| {name} | {g} | " + " | ".join(cell(a["extrapolation"][c]) for c in cols) + " |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    class P(argparse.ArgumentParser):
+        def error(self, message):
+            raise BadInput(message)
+
+    p = P(prog="python -m resampling_forcing.ablation", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
+    p.add_argument("--arms", default=None, help=f"comma list (default all): {', '.join(ARMS)}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
+    p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>); a rerun resumes it")
+    p.add_argument("--report-dir", default=None, help="also copy the report JSON, plots and sheets here (docs/ablation)")
+    p.add_argument("--config", default=None, help="train config of the world/model/warmup (default: the preset's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of that config (repeatable), e.g. --set data.synthetic_videos=64")
+    p.add_argument("--warmup", default=None, help="warmup checkpoint/run to start the arms from (default: the preset's asset)")
+    p.add_argument("--train-warmup", action="store_true", help="train the warmup into OUT/warmup even if an asset exists")
+    p.add_argument("--eval-clips", type=int, default=None, help="evaluation clips (default: the preset's)")
+    p.add_argument("--gap-clips", type=int, default=None, help="clips of the exposure-gap diagnostics")
+    p.add_argument("--no-routing", action="store_true", help="skip the routing evaluation of the best arm")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        for name in ("eval_clips", "gap_clips"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+        return run(args)
+    except BadInput as e:
+        print(f"ablation: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Long-continuation evaluation for the ablation (ablation.py): what exposure bias touches.
+
+Held-out clips of the synthetic world (seeds from ``HELD_OUT_SEED_BASE``, never in a training set;
+scenes whose object combination the data set holds out for composition tests are skipped, so every
+clip shows a combination the model trained on) are rendered ``total_frames`` long (8x the training
+clip). A model is given the first ``given_chunks`` chunks (VAE-encoded, as ``--init-video``) and
+continues to the end; every segment of ``segment_frames`` frames (the training clip length) is
+scored against the true continuation with eval.evaluate_video:
+
+- ``psnr`` (dB) and ``center_error`` (px, found objects vs their true centres) against the truth;
+- object fidelity (``object_fidelity``, ``count_acc``, ``color_acc``, ``shape_acc``) and
+  ``background_clean`` against the caption;
+- ``collapse``: 1 when a segment's object_fidelity < 0.5 or background_clean < 0.8 (objects lost or
+  merged, or the frame dissolving), else 0.
+
+Statistics over clips: per segment the mean with a 95% interval mean +- 1.96 sd / sqrt(n); arms are
+also compared PAIRED (same clips, same sampler seeds) on the mean over the extrapolation segments
+(every segment after the first, i.e. beyond the training length).
+
+``sanity_check`` first shows that the metrics separate good from bad continuations in this world:
+the true continuation against a frozen one (last given frame repeated), another scene's, and the
+truth with pixel noise.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data.synthetic import combo_key, generate_clip, held_out_combos, parse_caption
+from .eval import evaluate_video
+
+__all__ = ["HELD_OUT_SEED_BASE", "METRICS", "eval_clips", "continue_clips", "score", "metric_arrays", "summarize",
+           "interval", "paired", "extrapolation_mean", "sanity_check", "plot_metric", "contact_sheet"]
+
+HELD_OUT_SEED_BASE = 10_000_000  # as diagnose.py: disjoint from every training set's seeds
+METRICS = ("psnr", "center_error", "object_fidelity", "count_acc", "color_acc", "shape_acc", "background_clean",
+           "collapse")
+HIGHER_IS_BETTER = {m: m not in ("center_error", "collapse") for m in METRICS}
+COLLAPSE_FIDELITY, COLLAPSE_BACKGROUND = 0.5, 0.8
+
+
+def eval_clips(data_cfg, num: int, frames: int, dataset_seed: int = 0) -> list[tuple[np.ndarray, dict]]:
+    """``num`` held-out clips of the world ``data_cfg`` describes (size, max objects), ``frames`` long:
+    [(uint8 [frames, H, W, 3], generator metadata with "caption")]. Deterministic."""
+    held = set(held_out_combos(max_objects=data_cfg.synthetic_max_objects, seed=dataset_seed))
+    out, seed = [], HELD_OUT_SEED_BASE
+    while len(out) < num:
+        video, meta = generate_clip(seed, frames=frames, size=(data_cfg.height, data_cfg.width),
+                                    max_objects=data_cfg.synthetic_max_objects)
+        seed += 1
+        if combo_key(parse_caption(meta["caption"])) not in held:
+            out.append((video, meta))
+    return out
+
+
+@torch.no_grad()
+def continue_clips(pipe, clips: Sequence[tuple[np.ndarray, dict]], given_chunks: int, routing=None,
+                   seed: int = 0, batch: int = 32) -> np.ndarray:
+    """Continue each clip from its first ``given_chunks`` chunks to its full length with ``pipe``'s
+    sampler (config settings; ``routing`` a RoutingSpec or None = the config's). Sample i uses the
+    noise of (seed, i) whatever the batching, so arms see the same noise. -> uint8 [B, F, H, W, 3]."""
+    total = clips[0][0].shape[0]
+    given = pipe.vae.frames_for_latents(given_chunks * pipe.chunk_frames)
+    new_chunks = pipe.vae.latents_for_frames(total) // pipe.chunk_frames - given_chunks
+    out = []
+    for lo in range(0, len(clips), batch):
+        part = clips[lo:lo + batch]
+        history = torch.cat([pipe.load_init_video(v[:given])[0] for v, _ in part])
+        res = pipe.generate([m["caption"] for _, m in part], new_chunks, seed=seed,
+                            indices=list(range(lo, lo + len(part))), init_latents=history, routing=routing, progress=True)
+        out.extend(res.video[i].numpy()[:total] for i in range(len(part)))
+    return np.stack(out)
+
+
+def score(videos: np.ndarray, clips: Sequence[tuple[np.ndarray, dict]], segment_frames: int) -> list[dict]:
+    """evaluate_video of each continuation against its clip (truth frames and metadata)."""
+    return [evaluate_video(v, meta["caption"], segment_frames=segment_frames, reference=truth, reference_meta=meta,
+                           name=f"clip{i:03d}") for i, (v, (truth, meta)) in enumerate(zip(videos, clips))]
+
+
+def metric_arrays(results: list[dict]) -> dict[str, np.ndarray]:
+    """{metric: [clips, segments] float (NaN where undefined)} for METRICS, collapse derived."""
+    def arr(key):
+        return np.array([[np.nan if s.get(key) is None else float(s[key]) for s in r["segments"]] for r in results])
+
+    out = {m: arr(m) for m in METRICS if m != "collapse"}
+    fid, bg = out["object_fidelity"], out["background_clean"]
+    out["collapse"] = ((np.nan_to_num(fid, nan=0.0) < COLLAPSE_FIDELITY) |
+                       (np.nan_to_num(bg, nan=0.0) < COLLAPSE_BACKGROUND)).astype(float)
+    return out
+
+
+def interval(values: np.ndarray) -> dict:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return {"mean": round(float(v.mean()), 5), "ci95": round(1.96 * sd / math.sqrt(v.size), 5), "n": int(v.size)}
+
+
+def summarize(arrays: dict[str, np.ndarray]) -> dict[str, list[dict]]:
+    """{metric: per segment {mean, ci95, n}} (95% interval half-width over clips)."""
+    return {m: [interval(a[:, k]) for k in range(a.shape[1])] for m, a in arrays.items()}
+
+
+def extrapolation_mean(a: np.ndarray) -> np.ndarray:
+    """[clips]: each clip's mean over the segments after the first (beyond the training length)."""
+    tail = a[:, 1:] if a.shape[1] > 1 else a
+    with warnings.catch_warnings():  # all-NaN rows (e.g. no centre ever found) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(tail, axis=1)
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired difference a - b of per-clip extrapolation means (same clips): {mean, ci95, n}."""
+    return interval(extrapolation_mean(a) - extrapolation_mean(b))
+
+
+def sanity_check(clips: Sequence[tuple[np.ndarray, dict]], given_frames: int, segment_frames: int,
+                 noise: float = 0.1, seed: int = 0) -> dict:
+    """Metrics (extrapolation mean with interval) of known-good and known-bad continuations:
+    truth; truth + N(0, noise) pixel noise; frozen (the last given frame repeated); another scene
+    (the next clip's true frames, scored against this clip's caption and truth)."""
+    rng = np.random.default_rng(seed)
+    truth = np.stack([v for v, _ in clips])
+    noisy = np.clip(truth / 255.0 + rng.normal(0.0, noise, truth.shape), 0, 1)
+    frozen = truth.copy()
+    frozen[:, given_frames:] = truth[:, given_frames - 1:given_frames]
+    other = np.concatenate([truth[1:], truth[:1]])
+    cases = {"truth": truth, f"truth + noise {noise:g}": (noisy * 255).round().astype(np.uint8),
+             "frozen": frozen, "other scene": other}
+    out = {}
+    for name, vids in cases.items():
+        arrays = metric_arrays(score(vids, clips, segment_frames))
+        out[name] = {m: interval(extrapolation_mean(a)) for m, a in arrays.items()}
+    return out
+
+
+def plot_metric(summaries: dict[str, dict], metric: str, segment_frames: int, path: Path,
+                title: Optional[str] = None) -> Path:
+    """One line per arm (mean, shaded 95% interval) of ``metric`` over segments."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for arm, summ in summaries.items():
+        st = summ[metric]
+        xs = [k for k, s in enumerate(st) if s["mean"] is not None]
+        if not xs:
+            continue
+        m = np.array([st[k]["mean"] for k in xs])
+        c = np.array([st[k]["ci95"] for k in xs])
+        ax.plot(xs, m, marker="o", ms=3, label=arm)
+        ax.fill_between(xs, m - c, m + c, alpha=0.15)
+    ax.set_xlabel(f"segment ({segment_frames} frames = one training clip; 0 holds the given frames)")
+    arrow = "higher is better" if HIGHER_IS_BETTER.get(metric, True) else "lower is better"
+    ax.set_ylabel(f"{metric} ({arrow})")
+    ax.set_title(title or metric)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def contact_sheet(videos: np.ndarray, truth: np.ndarray, every: int, path: Path, rows: int = 4, scale: int = 2) -> Path:
+    """PNG: for the first ``rows`` clips, the truth (upper) and the continuation (lower), one frame
+    every ``every`` frames plus the last; white gaps between frames and clip pairs."""
+    import imageio.v3 as iio
+
+    f = videos.shape[1]
+    idx = sorted(set(list(range(0, f, every)) + [f - 1]))
+    pad = 2
+
+    def strip(v):
+        cells = [np.kron(v[i], np.ones((scale, scale, 1), dtype=np.uint8)) for i in idx]
+        gap = np.full((cells[0].shape[0], pad, 3), 255, np.uint8)
+        return np.concatenate(sum(([c, gap] for c in cells), [])[:-1], axis=1)
+
+    blocks = []
+    for r in range(min(rows, len(videos))):
+        a, b = strip(truth[r]), strip(videos[r])
+        blocks += [a, np.full((1, a.shape[1], 3), 128, np.uint8), b, np.full((3 * pad, a.shape[1], 3), 255, np.uint8)]
+    sheet = np.concatenate(blocks[:-1], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    iio.imwrite(tmp, sheet)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,102 @@
+"""The ablation runner (resampling_forcing.ablation) end to end on a very small world, and its
+evaluation helpers on known answers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from resampling_forcing.ablation import PRESETS, main
+from resampling_forcing.ablation_eval import (eval_clips, extrapolation_mean, metric_arrays, paired, sanity_check,
+                                              score)
+from resampling_forcing.config import load_config
+from resampling_forcing.data.synthetic import combo_key, held_out_combos, parse_caption
+from train_helpers import REPO
+
+SMALL = {  # configs/ablation_cpu.yaml shrunk: 16x16, 4 chunks per clip, ~50K parameters
+    "data.synthetic_videos": 24, "data.num_frames": 8, "data.height": 16, "data.width": 16,
+    "model.dim": 32, "model.ffn_dim": 64, "model.num_heads": 2, "model.num_layers": 2, "model.freq_dim": 32,
+    "train.batch_size": 2, "train.progress": False, "diffusion.sample_steps": 2,
+    "train.stages": "[{name: tf, steps: 3}]",
+}
+
+
+def _cli(tmp_path, *extra):
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+    return ["--preset", "cpu", "--out", str(tmp_path / "out"), "--report-dir", str(tmp_path / "docs"),
+            "--train-warmup", "--arms", "tf,ar_rec,ramp", "--steps", "6", "--eval-clips", "3", "--gap-clips", "2",
+            "--set", f"data.synthetic_dir={tmp_path / 'syn'}", *sets, *extra]
+
+
+@pytest.mark.slow
+def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
+    assert main(_cli(tmp_path)) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["arms"]) == {"warmup", "tf", "ar_rec", "ramp"}
+    cal = report["calibration"]
+    assert cal["target"] > 0 and cal["recommended_shift"] > 0 and cal["noise_sigma"] == pytest.approx(cal["target"] ** 0.5)
+    for name in ("tf", "ar_rec", "ramp"):
+        arm = report["arms"][name]
+        assert len(arm["summary"]["psnr"]) == 8  # 8 segments of the training clip length
+        assert all(s["n"] == 3 and s["mean"] is not None for s in arm["summary"]["psnr"])
+        assert arm["gap"]["rollout_mean"] > 0
+    assert report["arms"]["tf"]["gap"]["degradation_mean"] == 0.0  # teacher forcing degrades nothing
+    assert report["arms"]["ar_rec"]["gap"]["degradation_mean"] > 0
+    assert set(report["arms"]["ar_rec"]["vs_tf"]) >= {"psnr", "object_fidelity", "collapse"}
+    assert report["best_arm"] in ("ar_rec", "ramp")
+    assert list(report["routing"]) == ["dense", "top-1", "top-5", "window 1", "sink 1 + window 4"]
+    # equal budgets: same steps and the same learning rate at every step in every arm
+    logs = {n: [json.loads(l) for l in (out / "arms" / n / "log.jsonl").read_text().splitlines()]
+            for n in ("tf", "ar_rec", "ramp")}
+    assert {n: [r["step"] for r in log] for n, log in logs.items()} == {n: [1, 2, 3, 4, 5, 6] for n in logs}
+    assert [r["lr"] for r in logs["tf"]] == [r["lr"] for r in logs["ar_rec"]] == [r["lr"] for r in logs["ramp"]]
+    assert [r.get("ramp") for r in logs["ramp"]] == [0.5] + [1.0] * 5  # ramp over the first steps // 3 = 2 steps
+    for m in ("psnr", "object_fidelity", "collapse"):
+        assert (out / "plots" / f"{m}.png").is_file() and (tmp_path / "docs" / "cpu_plots" / f"{m}.png").is_file()
+    assert (tmp_path / "docs" / "cpu.json").is_file() and (out / "sheets" / "tf.png").is_file()
+    # a rerun reuses every finished stage and reports the same numbers
+    capsys.readouterr()
+    assert main(_cli(tmp_path)) == 0
+    assert "arm 1/3" not in capsys.readouterr().out
+    again = json.loads((out / "report.json").read_text())
+    assert again["arms"] == report["arms"] and again["routing"] == report["routing"]
+
+
+def test_bad_arm_is_one_line_exit_2(capsys):
+    assert main(["--arms", "tf,bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown arm 'bogus'" in err[0]
+
+
+def test_eval_clips_are_held_out_and_trained_combinations():
+    data = load_config(REPO / PRESETS["cpu"].config).data
+    clips = eval_clips(data, 6, 24)
+    held = set(held_out_combos(max_objects=data.synthetic_max_objects, seed=0))
+    assert len(clips) == 6 and all(v.shape == (24, data.height, data.width, 3) for v, _ in clips)
+    assert all(combo_key(parse_caption(m["caption"])) not in held for _, m in clips)
+    assert all(m["seed"] >= 10_000_000 for _, m in clips)
+
+
+def test_metrics_separate_good_from_bad_continuations():
+    data = load_config(REPO / PRESETS["cpu"].config).data
+    clips = eval_clips(data, 6, 36)
+    s = sanity_check(clips, given_frames=2, segment_frames=12)
+    truth, frozen, other = s["truth"], s["frozen"], s["other scene"]
+    assert truth["psnr"]["mean"] > s["truth + noise 0.1"]["psnr"]["mean"] > frozen["psnr"]["mean"]
+    assert truth["center_error"]["mean"] < 0.5 < frozen["center_error"]["mean"]
+    assert truth["object_fidelity"]["mean"] > 0.9 and truth["collapse"]["mean"] == 0.0
+    assert other["color_acc"]["mean"] < truth["color_acc"]["mean"]
+
+
+def test_paired_difference_and_collapse_rule():
+    data = load_config(REPO / PRESETS["cpu"].config).data
+    clips = eval_clips(data, 3, 24)
+    truth = np.stack([v for v, _ in clips])
+    blank = np.zeros_like(truth) + truth[:, :1, :1, :1]  # background only: every object lost
+    a, b = metric_arrays(score(truth, clips, 12)), metric_arrays(score(blank, clips, 12))
+    assert (a["collapse"] == 0).all() and (b["collapse"] == 1).all()
+    d = paired(a["collapse"], b["collapse"])
+    assert d["mean"] == -1.0 and d["ci95"] == 0.0 and d["n"] == 3
+    assert extrapolation_mean(np.array([[5.0, 1.0, np.nan, 3.0]])).tolist() == [2.0]
