@@ -11,7 +11,8 @@ One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_siz
 Every `train.gap_every` steps (main process) the exposure-gap diagnostic on a fixed held batch
 (`Trainer.gap_metrics`, diagnose.py) adds gap_* keys to that step's record.
 A micro-batch whose loss is NaN/Inf on any process is skipped on all of them (no backward, a
-warning); `train.max_bad_steps` in a row abort with a message (the last checkpoint is untouched).
+warning); `train.max_bad_steps` in a row abort with a message naming the last good checkpoint,
+verified first (finite weights, finite loss on its last batch; else the one before it, or none).
 Then clipping, AdamW, LR (linear warmup, then constant or cosine), EMA, logs, checkpoints.
 
 Entry point: `train(cfg)` (used by train/train.py under `accelerate launch`). Run directory and
@@ -36,6 +37,7 @@ from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
                          latest_good_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint)
+from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig
 from .diffusion import sample_logit_normal
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
@@ -413,9 +415,10 @@ class Trainer:
                     logger.warning("step %d: non-finite loss at data position %d; skipping this micro-batch "
                                    "(%d in a row)", self.step, pos, self.bad_in_a_row)
                     if self.bad_in_a_row >= cfg.train.max_bad_steps:
+                        good_ckpt, note = self.last_good_checkpoint()
                         raise TrainingAborted(
                             f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; aborting. Last good "
-                            f"checkpoint: {self.last_checkpoint or 'none'} (lower train.lr or check the data)")
+                            f"checkpoint: {good_ckpt or 'none'}{note} (lower train.lr or check the data)")
                     continue
                 acc.backward(loss)
             good += 1
@@ -453,6 +456,86 @@ class Trainer:
         if self.gap_batch is not None and self.step % cfg.train.gap_every == 0:
             rec.update(self.gap_metrics(stage_idx, ramp))
         return rec
+
+    # -- after an abort: which checkpoint is really good ----------------------------------------
+
+    def last_good_checkpoint(self) -> tuple[Optional[Path], str]:
+        """After repeated non-finite losses: the newest checkpoint (up to `last_checkpoint`) whose weights
+        (model and EMA) are all finite and whose weights give a finite loss on the last batch they were
+        trained on (a teacher-forcing forward with a fixed seed, outside the normal step; skipped under
+        ZeRO-3). Returns (path or None, a note naming the checkpoints rejected on the way, or "").
+        Called on every process at the same point (the abort decision is collective); the verdicts are
+        agreed over processes. The in-memory weights are overwritten (the run is aborting anyway)."""
+        from .checkpoint import list_checkpoints
+
+        if self.last_checkpoint is None:
+            return None, ""
+        last = step_of_path(self.last_checkpoint)
+        candidates = [p for s, p in reversed(list_checkpoints(self.run_dir)) if last is None or s <= last]
+        if not candidates:
+            candidates = [self.last_checkpoint]
+        rejected = []
+        for ckpt in candidates:
+            problem = self._checkpoint_nonfinite(ckpt)
+            bad = self._all(1.0 if problem else 0.0, "max") > 0
+            if not bad:
+                note = f" ({'; '.join(rejected)})" if rejected else ""
+                return ckpt, note
+            rejected.append(f"{ckpt.name} rejected: {problem or 'non-finite on another process'}")
+        return None, f" ({'; '.join(rejected)})"
+
+    @torch.no_grad()
+    def _checkpoint_nonfinite(self, ckpt: Path) -> Optional[str]:
+        """Why `ckpt` is not a good restart point (non-finite weights or loss), or None."""
+        from safetensors import safe_open
+
+        for name in ("model.safetensors", "ema.safetensors"):
+            f = ckpt / name
+            if not f.is_file():
+                continue
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        if not torch.isfinite(st.get_tensor(key)).all():
+                            return f"{name} has non-finite values ({key})"
+            except Exception as e:  # noqa: BLE001 - a damaged file is not a good checkpoint either
+                return f"cannot read {name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        if self.zero_stage == 3:  # partitioned weights: the file check only
+            return None
+        try:
+            state = read_trainer_state(ckpt)
+            load_state_into(self.inner, read_state_dict(ckpt), source=str(ckpt))
+        except CheckpointError as e:
+            return str(e).splitlines()[0]
+        loss = self._plain_loss(max(int(state.get("data_position", 1)) - 1, 0))
+        if not torch.isfinite(loss):
+            return f"its weights give a non-finite loss ({float(loss)})"
+        return None
+
+    @torch.no_grad()
+    def _plain_loss(self, pos: int) -> torch.Tensor:
+        """Teacher-forcing velocity loss of the current inner weights on the batch at data position `pos`
+        (fixed generator, no text dropout, no resampling): a cheap finiteness probe."""
+        cfg, d = self.cfg, self.cfg.diffusion
+        batch = self.data.batch(pos)
+        x, text = batch["latents"], batch["text"]
+        gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, pos, self.acc.process_index))
+        dtype = next(self.inner.parameters()).dtype
+        n, cf = self.num_chunks, cfg.model.chunk_frames
+        t = sample_logit_normal((x.shape[0], n), d.train_t_mean, d.train_t_std, d.train_t_shift, generator=gen,
+                                device=self.device)
+        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
+        tf = t.repeat_interleave(cf, dim=1)[:, None, :, None, None]
+        noisy = (1 - tf) * x + tf * eps
+        attn = MaskedAttention(MaskSpec("dual", n, self.chunk_tokens), self.backend)
+        was_training = self.inner.training
+        self.inner.eval()
+        try:
+            with self.acc.autocast():
+                v = self.inner.forward_dual(x.to(dtype), noisy.to(dtype), t, text.to(dtype), attn)
+        finally:
+            self.inner.train(was_training)
+        return velocity_loss(v, eps - x, cf)[0].float()
 
     def _optimizer_step(self) -> Optional[float]:
         acc, clip = self.acc, self.cfg.train.grad_clip

@@ -157,6 +157,46 @@ def test_nan_loss_skips_then_aborts(tmp_path, synth, monkeypatch):
     load_model(run / "checkpoints" / "step_0000004")
 
 
+def _poison(ckpt, scale=None):
+    """Rewrite a checkpoint's model.safetensors with a NaN in one tensor (or every float tensor * scale)."""
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    state = load_file(str(f))
+    if scale is None:
+        key = sorted(state)[0]
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = float("nan")
+    else:
+        state = {k: v * scale if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(f))
+
+
+def test_nan_abort_names_a_verified_good_checkpoint(tmp_path, synth):
+    """After the abort, the checkpoint named "last good" has finite weights and a finite loss: a newer
+    one with NaN weights is passed over (and named), and when none is good the message says none."""
+    run = tmp_path / "run"
+    train(cfg_for(run, synth, "train.save_every=2", "train.keep_last=0", steps_tf=2, steps_rf=2))
+    ckpts = dict(list_checkpoints(run))
+    assert sorted(ckpts) == [2, 4]
+    _poison(ckpts[4])  # resuming from it makes every loss NaN
+    with pytest.raises(TrainingAborted) as info:
+        train(cfg_for(run, synth, "train.save_every=2", "train.keep_last=0", "train.max_bad_steps=2",
+                      steps_tf=2, steps_rf=6))
+    msg = str(info.value)
+    assert f"Last good checkpoint: {ckpts[2]} (" in msg, msg
+    assert "step_0000004 rejected: model.safetensors has non-finite values" in msg, msg
+    # step 2: finite but enormous weights -> a non-finite loss; no checkpoint is good
+    _poison(ckpts[2], scale=1e30)
+    assert all(torch.isfinite(p).all() for p in load_model(ckpts[2]).parameters())
+    with pytest.raises(TrainingAborted) as info:
+        train(cfg_for(run, synth, "train.save_every=2", "train.keep_last=0", "train.max_bad_steps=2",
+                      steps_tf=2, steps_rf=6))
+    msg = str(info.value)
+    assert "Last good checkpoint: none (" in msg, msg
+    assert "step_0000002 rejected: its weights give a non-finite loss" in msg, msg
+
+
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path, synth, monkeypatch):
     run = tmp_path / "run"
     original = Trainer._export
