@@ -11,6 +11,11 @@
 5. write mp4s, a contact sheet, drift plots and metrics.json to outputs/demo/.
 
     python -m resampling_forcing.demo [--out outputs/demo] [--tf-steps N] [--rf-steps N] ...
+
+Stopping it: SIGTERM or Ctrl+C (SIGINT) during training saves the run's checkpoint and ends the demo
+there (no sampling from a half-trained model); at any other moment the demo ends at once. Either way
+one line on stderr and exit code 143 (SIGTERM) or 130 (SIGINT), the shell's 128 + signal number.
+Exit codes otherwise: 0 done, 2 bad arguments or config.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import json
 import logging
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -96,7 +102,41 @@ def summarize(results: list[dict]) -> dict:
             "last_segment": {k: means[-1].get(k) for k in SUMMARY_KEYS}}
 
 
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, as a shell reports a process killed by it
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside training (during training the trainer's own handler saves and returns)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _stopped(signame: str, where: str) -> int:
+    code = EXIT_SIGTERM if signame == "SIGTERM" else EXIT_SIGINT
+    print(f"demo: stopped by {signame} {where} (exit {code})", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The demo; SIGTERM / SIGINT end it with one line on stderr and exit 143 / 130 (module docstring)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: keep the default handler
+        old = None
+    try:
+        return _main(argv)
+    except _Terminated:
+        return _stopped("SIGTERM", "before the end; outputs may be incomplete")
+    except KeyboardInterrupt as e:  # Ctrl+C outside training, or a second signal during it
+        return _stopped("SIGTERM" if "SIGTERM" in str(e) else "SIGINT", "before the end; outputs may be incomplete")
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -130,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[demo] 1-2/5 data + training ({args.tf_steps} teacher-forcing + {args.rf_steps} resampling steps) "
           f"-> {out / 'run'}", flush=True)
-    train(cfg)
+    result = train(cfg)
+    if result["status"] != "completed":  # SIGTERM/SIGINT: the trainer saved; do not sample a half-trained model
+        return _stopped(result.get("signal") or "SIGINT",
+                        f"during training at step {result['step']} (checkpoint {result['checkpoint']}); not sampling")
     t_train = time.time() - start
 
     data_dir = Path(cfg.data.synthetic_dir)

@@ -630,7 +630,8 @@ class Trainer:
                 bar.close()
         self._write_rank_report()
         acc.end_training()
-        return {"status": status, "step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+        return {"status": status, "step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "signal": stop.requested if status == "interrupted" else None}
 
     def _write_rank_report(self) -> None:
         """RUN/ranks/rank_R.json: step and a hash of this process's weights (multi-node checks)."""

@@ -67,3 +67,87 @@ def test_quality_sweep_smoke(tmp_path, capsys):
     assert '| `{"steps": 2}` |' in capsys.readouterr().out
     assert mod.main(["--checkpoint", str(demo.PRETRAINED), "--settings", "{bad"]) == 2
     assert "bad --settings" in capsys.readouterr().err
+
+
+def _small_demo_args(tmp_path, tf_steps=3):
+    return ["--out", str(tmp_path / "demo"), "--tf-steps", str(tf_steps), "--rf-steps", "2", "--length-factor", "2",
+            "--extra-captions", "1", f"data.synthetic_dir={tmp_path / 'data'}", "data.synthetic_videos=24",
+            "train.batch_size=4", "diffusion.sample_steps=2", "train.tensorboard=false", "train.progress=false"]
+
+
+def _signal_during_training(tmp_path, sig):
+    """Start the demo in a child process, send `sig` once training has logged a step; its result."""
+    import os
+    import signal as _signal  # noqa: F401
+    import subprocess
+    import time
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_helpers import child_env
+
+    log = tmp_path / "demo" / "run" / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "resampling_forcing.demo", *_small_demo_args(tmp_path, 100_000)],
+                            env=child_env(), cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not (log.is_file() and log.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the demo did not start training"
+            time.sleep(0.2)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def test_demo_sigterm_during_training_stops_without_sampling(tmp_path):
+    import signal
+
+    rc, out, err = _signal_during_training(tmp_path, signal.SIGTERM)
+    assert rc == demo.EXIT_SIGTERM == 143, (rc, err)
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("demo: stopped by SIGTERM during training at step "), err
+    assert "not sampling" in last
+    assert "3/5 sampling" not in out
+    assert not (tmp_path / "demo" / "live").exists() and not (tmp_path / "demo" / "metrics.json").exists()
+    assert list((tmp_path / "demo" / "run" / "checkpoints").glob("step_*")), "the trainer saved on SIGTERM"
+
+
+def test_demo_ctrl_c_during_training_one_line_no_traceback(tmp_path):
+    import signal
+
+    rc, out, err = _signal_during_training(tmp_path, signal.SIGINT)
+    assert rc == demo.EXIT_SIGINT == 130, (rc, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("demo: stopped by SIGINT during training"), err
+    assert not (tmp_path / "demo" / "live").exists()
+
+
+def test_demo_signals_outside_training_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl+C or SIGTERM before/after training (data generation, sampling): one line, 130 / 143."""
+    import os
+    import signal
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train", ctrl_c)
+    assert demo.main(_small_demo_args(tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["demo: stopped by SIGINT before the end; outputs may be incomplete (exit 130)"]
+
+    def sigterm(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the demo")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(demo, "train", sigterm)
+    assert demo.main(_small_demo_args(tmp_path)) == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["demo: stopped by SIGTERM before the end; outputs may be incomplete (exit 143)"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the demo's handler is removed again
