@@ -75,7 +75,36 @@ __all__ = [
     "SampleResult",
     "sample",
     "peak_memory",
+    "SWITCH_CACHE_MODES",
+    "check_storyboard",
 ]
+
+# What happens to the cached history at a prompt switch (Rollout.set_context).
+SWITCH_CACHE_MODES = ("keep", "recache")
+
+
+def check_storyboard(entries, num_chunks: Optional[int] = None) -> list[tuple[int, Any]]:
+    """Validate a storyboard: (chunk index, payload) pairs -> sorted list. Chunk indices count the
+    GENERATED chunks (0 = the first chunk after any given history); they must be distinct ints >= 0
+    and < num_chunks (when given). Raises ValueError with a one-line message."""
+    out = []
+    for e in entries:
+        if not isinstance(e, (tuple, list)) or len(e) != 2:
+            raise ValueError(f"storyboard entry {e!r}: need (chunk_index, prompt)")
+        c, payload = e
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise ValueError(f"storyboard chunk index {c!r}: need an int >= 0")
+        if num_chunks is not None and c >= num_chunks:
+            raise ValueError(f"storyboard switches at chunk {int(c)} but only {num_chunks} chunks are "
+                             f"generated (indices count generated chunks from 0)")
+        out.append((int(c), payload))
+    out.sort(key=lambda e: e[0])
+    dup = [a for (a, _), (b, _) in zip(out, out[1:]) if a == b]
+    if dup:
+        raise ValueError(f"storyboard has two entries for chunk {dup[0]}")
+    if not out:
+        raise ValueError("storyboard is empty")
+    return out
 
 
 # ----------------------------------------------------------------------------- options
@@ -210,8 +239,10 @@ class Rollout:
             if neg_context.shape[1] != context.shape[1]:
                 raise ValueError(f"neg_context has {neg_context.shape[1]} text tokens, context {context.shape[1]}; "
                                  "encode both with the same text encoder")
-            ctx = torch.cat([context, neg_context.expand(b, -1, -1)], dim=0)
+            self._neg_context = neg_context.expand(b, -1, -1)
+            ctx = torch.cat([context, self._neg_context], dim=0)
         else:
+            self._neg_context = None
             ctx = context
         indices = list(range(b)) if indices is None else [int(i) for i in indices]
         if len(indices) != b:
@@ -230,7 +261,13 @@ class Rollout:
                                                 routing_layers=opt.routing_layers))
         self._commit_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, routing=opt.routing,
                                                routing_layers=opt.routing_layers, recorder=self.recorder))
+        self._recache_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, routing=opt.routing,
+                                                routing_layers=opt.routing_layers))
         self.pending: Optional[torch.Tensor] = None  # finished chunk not yet written into the cache
+        # The model input of every cache-writing pass so far ([B, C, cf, h, w] fp32, after the
+        # context_t re-noising): what `recache` runs again under a new text. Latent-sized, i.e.
+        # negligible next to the K/V they produce.
+        self.written: list[torch.Tensor] = []
 
     # -- cursors (host ints) ----------------------------------------------------------------
 
@@ -287,11 +324,56 @@ class Rollout:
         x = latents.float()
         if ct > 0:
             x = (1.0 - ct) * x + ct * self.noise(self.chunk_shape, x.device)
+        else:
+            x = x.clone()  # kept for recache: must not alias the caller's tensor
         self.model(self._batched(x), self._t(ct), text_kv=self.cache.text_kv, attn=self._commit_op,
                    frame_offset=self.frame_offset)
         self.cache.commit()
+        self.written.append(x)
         if self.recorder is not None:
             self._absorb_selection()
+
+    # -- prompt switching -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_context(self, context: torch.Tensor, *, recache: bool = False) -> None:
+        """Switch the text of the rollout: the chunks generated from now on cross-attend `context`
+        [B, Lt, text_dim] (the unconditional half keeps the negative prompt). A pending chunk is
+        written into the cache first, under the text it was generated with.
+
+        The cached self-attention K/V of the history depend on the text too (every block's K/V
+        are computed from a residual stream that earlier blocks' cross-attention has mixed the
+        text into; only block 0's do not). `recache=False` keeps them as written (the history
+        stays encoded under the old text); `recache=True` re-runs the cache-writing pass of every
+        cached chunk, in order and at its own position, under the new text (LongLive's KV
+        re-cache): the cache is then exactly what a rollout that had always used the new text
+        would hold for the same history latents. Draws no noise (the re-noised inputs of the
+        context_t > 0 passes are reused), so the noise of later chunks is unchanged."""
+        cfg = self.model.cfg
+        if context.dim() != 3 or context.shape[0] != self.batch or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be [{self.batch}, Lt, {cfg.text_dim}] text embeddings; "
+                             f"got {list(context.shape)}")
+        if self._neg_context is not None and self._neg_context.shape[1] != context.shape[1]:
+            raise ValueError(f"context has {context.shape[1]} text tokens, neg_context "
+                             f"{self._neg_context.shape[1]}; encode both with the same text encoder")
+        self.flush()
+        ctx = context if self._neg_context is None else torch.cat([context, self._neg_context], dim=0)
+        self.cache.text_kv = self.model.text_kv(ctx.to(self.device))
+        if recache:
+            self.recache()
+
+    @torch.no_grad()
+    def recache(self) -> None:
+        """Re-write every cached chunk under the current text (see `set_context`)."""
+        self.flush()
+        ct = self.options.context_t
+        written, self.written = self.written, []
+        self.cache.num_chunks = 0  # host cursor: slots are overwritten in order
+        for x in written:
+            self.model(self._batched(x), self._t(ct), text_kv=self.cache.text_kv, attn=self._recache_op,
+                       frame_offset=self.frame_offset)
+            self.cache.commit()
+            self.written.append(x)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -391,7 +473,9 @@ class SampleResult:
     options: dict = field(default_factory=dict)  # SamplingOptions used, as a dict
     init_video: Optional[dict] = None  # Pipeline.generate: how a given video was trimmed/encoded
     prompts: Optional[list] = None  # Pipeline.generate
-    negative_prompt: Optional[str] = None  # Pipeline.generate (None when CFG is off)
+    negative_prompt: Optional[Any] = None  # Pipeline.generate (None when CFG is off; a list: one per prompt)
+    storyboard: Optional[list] = None  # [{"chunk": g, "prompt": ...}] when the text switched (Pipeline.generate)
+    switch_cache: Optional[str] = None  # "keep" | "recache" with a storyboard
 
 
 def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -415,13 +499,21 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
-def sample(model, context: torch.Tensor, num_chunks: int, latent_hw: tuple[int, int], *,
+def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: tuple[int, int], *,
            neg_context: Optional[torch.Tensor] = None, options: Optional[SamplingOptions] = None,
            seed: int = 0, indices: Optional[Sequence[int]] = None, history: Optional[torch.Tensor] = None,
            vae=None, decode: bool = True, callback: Optional[Callable[[ChunkOutput], Any]] = None,
            progress: bool = False, uncond: Optional[bool] = None,
-           attn_wrapper: Optional[Callable] = None) -> SampleResult:
+           attn_wrapper: Optional[Callable] = None, storyboard: Optional[Sequence] = None,
+           switch_cache: str = "keep") -> SampleResult:
     """Roll out `num_chunks` chunks after an optional `history` (latents [B or 1, C, n*cf, h, w]).
+
+    Prompt switching: `storyboard` is a list of (chunk index, context [B, Lt, text_dim]); chunk
+    indices count generated chunks (0 = the first one after the history). Before generating chunk
+    g the rollout switches to that entry's context (`Rollout.set_context`; `switch_cache` "keep"
+    leaves the cached K/V of the history as they were written, "recache" re-writes them under the
+    new text). An entry at chunk 0 gives the initial context (then `context` may be None; the
+    history is written under it). A one-entry storyboard is the plain call.
 
     With `vae` and `decode`, every chunk is decoded as soon as it is finished with the VAE's
     streaming decode (history first, so the causal decoder state is right), and `callback`
@@ -433,6 +525,18 @@ def sample(model, context: torch.Tensor, num_chunks: int, latent_hw: tuple[int, 
     """
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r}: need an int >= 1")
+    if switch_cache not in SWITCH_CACHE_MODES:
+        raise ValueError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
+    switches: dict[int, torch.Tensor] = {}
+    if storyboard is not None:
+        board = check_storyboard(storyboard, num_chunks)
+        if board[0][0] == 0:
+            if context is not None:
+                raise ValueError("give the initial context as `context` or as a storyboard entry at chunk 0, not both")
+            context = board.pop(0)[1]
+        switches = dict(board)
+    if context is None:
+        raise ValueError("no context: pass `context` or a storyboard entry at chunk 0")
     options = options or SamplingOptions()
     device = next(model.parameters()).device
     cf = model.cfg.chunk_frames
@@ -472,6 +576,8 @@ def sample(model, context: torch.Tensor, num_chunks: int, latent_hw: tuple[int, 
         for g in range(num_chunks):
             step_bar = _progress(options.steps, f"chunk {g + 1}/{num_chunks} steps", progress, leave=False)
             t0 = time.perf_counter()
+            if g in switches:
+                ro.set_context(switches[g], recache=switch_cache == "recache")
             lat = ro.next_chunk(on_step=(lambda _i: step_bar.update(1)) if step_bar is not None else None)
             _sync(device)
             t1 = time.perf_counter()
