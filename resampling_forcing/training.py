@@ -135,7 +135,7 @@ class Trainer:
         if cfg.data.source == "latents":
             self._prepare_null_text()
         self.data = TrainData(cfg, cfg.train.batch_size, acc.process_index, acc.num_processes, self.device, vae, text)
-        probe = self.data.batch(0)["latents"]
+        probe = self.data.first_batch(0)[1]["latents"]
         cf, (pt, ph, pw) = cfg.model.chunk_frames, cfg.model.patch_size
         if probe.shape[1] != cfg.model.in_channels or probe.shape[2] % cf or probe.shape[3] % ph or probe.shape[4] % pw:
             raise DataError(f"latents {list(probe.shape[1:])} do not fit the model (in_channels {cfg.model.in_channels}, "
@@ -311,7 +311,7 @@ class Trainer:
                               f"(1 given, 1 generated as history, 1 after it); these have {self.num_chunks}")
         lat, text, pos = [], [], 0
         while sum(x.shape[0] for x in lat) < t.gap_clips:
-            b = self.data.batch(pos)
+            pos, b = self.data.first_batch(pos)
             lat.append(b["latents"])
             text.append(b["text"])
             pos += 1
@@ -398,10 +398,19 @@ class Trainer:
         start = time.perf_counter()
         good, skipped, t_res = 0, 0, 0.0
         losses, chunks, ts = [], [], []
+        empty = 0
         while good < k:
             pos = self.data_position
             batch = self.data.batch(pos)
             self.data_position += 1
+            if self._all(0.0 if batch is None else 1.0, "min") < 1:  # only bad videos here (on some rank)
+                empty += 1
+                if empty > 4 * self.data.per_epoch:
+                    from .data.loader import DataError
+
+                    raise DataError(f"no usable micro-batch in {empty} positions: too few usable videos "
+                                    f"({self.data.summary()})")
+                continue
             gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, pos, acc.process_index))
             last = good == k - 1
             acc.sync_gradients = last
@@ -517,7 +526,7 @@ class Trainer:
         """Teacher-forcing velocity loss of the current inner weights on the batch at data position `pos`
         (fixed generator, no text dropout, no resampling): a cheap finiteness probe."""
         cfg, d = self.cfg, self.cfg.diffusion
-        batch = self.data.batch(pos)
+        pos, batch = self.data.first_batch(pos)
         x, text = batch["latents"], batch["text"]
         gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, pos, self.acc.process_index))
         dtype = next(self.inner.parameters()).dtype
@@ -628,6 +637,8 @@ class Trainer:
             stop.close()
             if bar is not None:
                 bar.close()
+        if acc.is_main_process and getattr(self.data.dataset, "num_bad", 0):  # each bad file once (data/loader.py)
+            logger.warning("data: %s", self.data.summary())
         self._write_rank_report()
         acc.end_training()
         return {"status": status, "step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,

@@ -305,6 +305,40 @@ def test_loader_order_is_a_function_of_the_position(tmp_path, synth):
     assert len(set(r0) | set(r1)) == 4
 
 
+def test_training_skips_micro_batches_of_bad_videos_only(tmp_path, synth, caplog):
+    """Batch size 1 on a manifest with corrupt files between the good ones: a position whose only video
+    is bad is skipped (no stand-in video), training completes, the end-of-run summary counts each once."""
+    import json
+    import logging
+    import os
+
+    from resampling_forcing.data.loader import synthetic_manifest
+
+    cfg = cfg_for(tmp_path / "run", synth)
+    rows = [json.loads(line) for line in synthetic_manifest(cfg).read_text().splitlines()]
+    rows = [r for r in rows if r.get("split", "train") == "train"][:6]
+    out = []
+    for k, r in enumerate(rows):
+        r["path"] = str(synthetic_manifest(cfg).parent / r["path"])
+        out.append(r)
+        junk = tmp_path / f"junk{k}.mp4"
+        junk.write_bytes(os.urandom(2000))
+        out.append({"path": str(junk), "caption": f"junk {k}"})
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in out))
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg_for(tmp_path / "run", synth, "data.source=manifest", f"data.manifest={man}",
+                               "train.batch_size=1", steps_tf=3, steps_rf=3))
+    assert result["status"] == "completed" and result["step"] == 6
+    log = read_log(tmp_path / "run")
+    assert len(log) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert log[-1]["data_position"] > 6  # positions of bad videos were skipped, not filled in
+    skips = [r.getMessage() for r in caplog.records if "skipping video" in r.getMessage()]
+    assert skips and len(skips) == len(set(skips)), skips  # one warning per bad file
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert summary and f"12 videos listed, {len(skips)} skipped" in summary[-1], summary
+
+
 # ----------------------------------------------------------------------------- ramp from teacher forcing
 
 

@@ -195,3 +195,71 @@ def test_csv_manifest_split_and_dataloader(files, tmp_path):
     dl = torch.utils.data.DataLoader(V.VideoClipDataset(p, 5, 32, 32, fps=8), batch_size=2)
     batch = next(iter(dl))
     assert batch["video"].shape == (2, 3, 5, 32, 32) and batch["caption"] == ["eight", "sixteen, sixteen"]
+
+
+def _bad_rows_setup(files, tmp_path, workers=0, batch=2):
+    """A manifest of 7 good videos and 6 bad ones (2 known at open: empty, missing; 4 found when
+    decoded), the first row good; TrainData over it (tiny encoders)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_helpers import TINY_YAML
+
+    from resampling_forcing.config import load_config
+    from resampling_forcing.data.loader import TrainData
+    from resampling_forcing.encoders import build_text_encoder, build_vae
+
+    for k in range(5):
+        dst = files / f"c8_{k}.mp4"
+        if not dst.exists():
+            shutil.copy(files / "c8.mp4", dst)
+    names = ["c8.mp4", "trunc.mp4", "c8_0.mp4", "junk.mp4", "empty.mp4", "c8_1.mp4", "short.mp4", "gone.mp4",
+             "c8_2.mp4", "small.mp4", "c8_3.mp4", "c16.mp4", "c8_4.mp4"]
+    m = _manifest(files, names, name="bad_rows.jsonl")
+    cfg = load_config(TINY_YAML, ["data.source=manifest", f"data.manifest={m}", "data.num_frames=5",
+                                  f"data.num_workers={workers}", f"train.run_dir={tmp_path / 'run'}"])
+    data = TrainData(cfg, batch, vae=build_vae(cfg.encoders), text_encoder=build_text_encoder(cfg.encoders))
+    good = {f"cap {n}" for n in names if n.startswith("c")}
+    return data, good
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_rows_are_dropped_from_the_epoch_and_counted_once(files, tmp_path, workers, caplog, one_thread,
+                                                              monkeypatch):
+    """A bad row is dropped from its micro-batch, never replaced by the next good video (which then
+    got several samples per epoch); each bad file is warned about and counted once, also with
+    DataLoader workers (the rows a worker found travel back to the main process)."""
+    data, good = _bad_rows_setup(files, tmp_path, workers)
+    assert data.num_items == 11 and data.per_epoch == 5  # empty + missing left out of the permutation
+    reported = []
+    note = V.VideoClipDataset.note_bad
+    monkeypatch.setattr(V.VideoClipDataset, "note_bad", lambda self, i, reason: (reported.append(i), note(self, i, reason)))
+    with caplog.at_level(logging.WARNING, logger="resampling_forcing.data"):
+        for epoch in range(2):
+            caps = []
+            for pos in range(epoch * data.per_epoch, (epoch + 1) * data.per_epoch):
+                b = data.batch(pos)
+                if b is not None:
+                    assert b["latents"].shape[0] == len(b["caption"]) <= 2
+                    caps += b["caption"]
+            assert len(caps) == len(set(caps)), f"epoch {epoch}: a video sampled twice: {sorted(caps)}"
+            assert set(caps) <= good
+            used = {data.dataset.rows[i]["caption"] for p in range(epoch * 5, epoch * 5 + 5) for i in data.indices(p)}
+            assert set(caps) == used & good  # every good row of the epoch's order, once
+    bad = data.dataset.bad_files
+    assert sum(bad.values()) == 6 and "13 videos listed, 6 skipped" in data.summary(), data.summary()
+    if workers:
+        assert sorted(reported) == sorted(set(reported)) and len(reported) == 4, reported  # each once
+    else:
+        assert len([r for r in caplog.records if "skipping video" in r.getMessage()]) == 6
+
+
+def test_a_micro_batch_of_bad_rows_only_is_skipped(files, tmp_path, one_thread):
+    data, good = _bad_rows_setup(files, tmp_path, batch=1)
+    out = [data.batch(p) for p in range(data.per_epoch)]
+    assert sum(b is None for b in out) == 4  # trunc, junk, short, small: no stand-in
+    assert sorted(b["caption"][0] for b in out if b is not None) == sorted(good)
+    p, b = data.first_batch(0)
+    assert b is not None and data.batch(p)["caption"] == b["caption"]
+    assert [q for q, _ in zip(data.iterate(0), range(7))][-1][0] == data.per_epoch - 1

@@ -15,6 +15,16 @@ Order: micro-batch ``p`` (the data position, one counter shared by all ranks) of
 batch at a position is a pure function of (seed, position, rank, world), so a resumed run sees
 exactly the batches an uninterrupted run would. ``data.fixed_batch`` repeats position 0 forever
 (an overfitting smoke test).
+
+Bad videos (video sources) are dropped from the epoch, never replaced by another video: rows known
+bad when the data set is opened (missing, empty, a null byte in the path, and those decoded while
+checking that one video is usable) are left out of the permutation (n counts the others); a row found
+bad later is dropped from its micro-batch, which is then smaller, and ``batch`` returns None for a
+micro-batch with no usable row (the trainer skips that position on every rank). Every file is a
+property of the disk, so the order stays a pure function of the position. With DataLoader workers,
+the rows a worker found bad travel back with the batch and are recorded once in the main process's
+data set (its summary counts each file once; the workers of the next epoch know them and do not warn
+again).
 """
 from __future__ import annotations
 
@@ -89,7 +99,10 @@ class TrainData:
             if vae is None or text_encoder is None:
                 raise ValueError("video sources need the VAE and the text encoder")
             self._check_usable()
-        self.num_items = len(self.dataset)
+        # the rows of every epoch's permutation: all of them, less those already known to be bad
+        bad = getattr(self.dataset, "bad_reason", lambda i: None)
+        self.rows = [i for i in range(len(self.dataset)) if bad(i) is None]
+        self.num_items = len(self.rows)
         if self.num_items < batch_size * world:
             raise DataError(f"{self.num_items} training clips cannot fill one batch of {batch_size} x {world} "
                             f"processes; add data or lower train.batch_size")
@@ -115,7 +128,7 @@ class TrainData:
         epoch, i = divmod(position, self.per_epoch)
         perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
         start = (i * self.world + self.rank) * self.batch_size
-        return perm[start:start + self.batch_size].tolist()
+        return [self.rows[j] for j in perm[start:start + self.batch_size].tolist()]
 
     def epoch_of(self, position: int) -> int:
         return 0 if self.cfg.data.fixed_batch else position // self.per_epoch
@@ -148,30 +161,36 @@ class TrainData:
     def _encode_video(self, video: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(video.to(self.device)).float()
 
-    def _synthetic_batch(self, idx: list[int]) -> dict:
+    def _synthetic_batch(self, idx: list[int]) -> Optional[dict]:
         missing = [i for i in idx if i not in self._clip_cache]
-        if missing:
-            items = [self.dataset[i] for i in missing]  # bad files fall through to the next good one
-            lat = self._encode_video(torch.stack([it["video"] for it in items]))
-            for i, it, z in zip(missing, items, lat):
+        items = [(i, self.dataset.try_get(i)) for i in missing]  # a bad file: None, dropped (module docstring)
+        items = [(i, it) for i, it in items if it is not None]
+        if items:
+            lat = self._encode_video(torch.stack([it["video"] for _, it in items]))
+            for (i, it), z in zip(items, lat):
                 self._clip_cache[i] = (z, it["caption"])
+        idx = [i for i in idx if i in self._clip_cache]
+        if not idx:
+            return None
         lat = torch.stack([self._clip_cache[i][0] for i in idx])
         caps = [self._clip_cache[i][1] for i in idx]
         return {"latents": lat, "text": self._encode_text(caps), "caption": caps}
 
-    def _manifest_batch(self, position: int, idx: list[int]) -> dict:
+    def _manifest_batch(self, position: int, idx: list[int]) -> Optional[dict]:
         epoch = self.epoch_of(position)
         if self.cfg.data.num_workers <= 0:
             self.dataset.set_epoch(epoch)
-            items = [self.dataset[i] for i in idx]
-            video = torch.stack([it["video"] for it in items])
-            caps = [it["caption"] for it in items]
+            batch = _collate([self.dataset.try_get(i) for i in idx])  # bad files: dropped (module docstring)
         else:
             if self._loader_epoch != epoch or self._loader_iter is None or self._next_pos != position:
                 self._start_loader(position, epoch)
             batch = next(self._loader_iter)
             self._next_pos = position + 1
-            video, caps = batch["video"], list(batch["caption"])
+            for i, reason in batch["bad"]:  # found by a worker: counted once, here
+                self.dataset.note_bad(i, reason)
+        if batch["video"] is None:
+            return None
+        video, caps = batch["video"], list(batch["caption"])
         return {"latents": self._encode_video(video), "text": self._encode_text(caps), "caption": caps}
 
     def _start_loader(self, position: int, epoch: int) -> None:
@@ -186,13 +205,14 @@ class TrainData:
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(["resampling_forcing.data.video"])  # torch imported once, not per worker
-        loader = DataLoader(self.dataset, batch_sampler=lists, num_workers=self.cfg.data.num_workers,
+        loader = DataLoader(_DropBad(self.dataset), batch_sampler=lists, num_workers=self.cfg.data.num_workers,
                             collate_fn=_collate, pin_memory=self.device.type == "cuda", multiprocessing_context=ctx,
                             worker_init_fn=die_with_parent)
         self._loader_iter, self._loader_epoch = iter(loader), epoch
 
-    def batch(self, position: int) -> dict:
-        """This rank's micro-batch at data position `position`."""
+    def batch(self, position: int) -> Optional[dict]:
+        """This rank's micro-batch at data position `position`; None when none of its videos is usable
+        (video sources: bad rows are dropped, see the module docstring)."""
         idx = self.indices(position)
         if self.source == "latents":
             items = [self.dataset[i] for i in idx]
@@ -203,9 +223,21 @@ class TrainData:
             return self._synthetic_batch(idx)
         return self._manifest_batch(position, idx)
 
+    def first_batch(self, position: int = 0) -> tuple[int, dict]:
+        """(p, batch) of the first position p >= `position` with a usable micro-batch."""
+        for p in range(position, position + max(self.per_epoch, 1) * 4):
+            b = self.batch(p)
+            if b is not None:
+                return p, b
+        raise DataError(f"no usable micro-batch in {4 * self.per_epoch} positions from {position}: too few usable "
+                        f"videos ({self.summary()})")
+
     def iterate(self, position: int) -> Iterator[tuple[int, dict]]:
+        """(position, batch) for every usable micro-batch from `position` on."""
         while True:
-            yield position, self.batch(position)
+            b = self.batch(position)
+            if b is not None:
+                yield position, b
             position += 1
 
     def summary(self) -> str:
@@ -231,5 +263,29 @@ def die_with_parent(worker_id: int = 0) -> None:
         return
 
 
-def _collate(items: list[dict]) -> dict:
-    return {"video": torch.stack([it["video"] for it in items]), "caption": [it["caption"] for it in items]}
+class _DropBad(torch.utils.data.Dataset):
+    """The DataLoader's view of a VideoClipDataset: row i; for a bad file (no fall-through to another
+    video) (i, reason) when this worker found it, None when it was already known. _collate drops both
+    and reports the new ones to the main process."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        known = self.dataset.bad_reason(i) is not None  # the main process knew it: nothing to report
+        item = self.dataset.try_get(i)
+        if item is None and not known:
+            return (i, self.dataset.bad_reason(i) or "corrupt")
+        return item
+
+
+def _collate(items: list) -> dict:
+    """Stack the good clips; a bad row (None, or (index, reason) from a worker) is dropped and listed
+    under "bad". "video" is None when no clip of the micro-batch is usable."""
+    good = [it for it in items if isinstance(it, dict)]
+    bad = [it for it in items if isinstance(it, tuple)]
+    return {"video": torch.stack([it["video"] for it in good]) if good else None,
+            "caption": [it["caption"] for it in good], "bad": bad}

@@ -27,13 +27,15 @@ is logged with ONE warning line (logger ``resampling_forcing.data``), remembered
 (``dataset.bad_files``: reason -> count; ``dataset.summary()``: a one-line report).
 ``dataset[i]`` on a bad file falls through to the next good index (i+1, i+2, ... wrapping around),
 so the result is deterministic. ``dataset.try_get(i)`` returns ``None`` instead (no fall-through;
-used by latent precomputation so each good video is encoded exactly once).
+used by latent precomputation so each good video is encoded exactly once, and by the training data,
+data/loader.py, which drops bad rows from the epoch rather than sampling a neighbour twice).
 
 Probing: existence and size are checked up front (cheap). Opening/decoding is lazy by default
 (first access), because probing a large manifest is slow; ``probe=True`` opens every file up front
 (header only: frame count, fps, size) so unreadable/too-short/too-small files are known before
 training, and raises if none is usable. Decoding errors are caught either way. With DataLoader
-workers each worker keeps its own counts; the counts of the main process cover its own accesses.
+workers each worker keeps its own counts; ``note_bad`` records in the main process what a worker
+found (data/loader.py does this), so its counts cover every file once.
 """
 from __future__ import annotations
 
@@ -417,6 +419,11 @@ class VideoClipDataset(Dataset):
         n, b = len(self.rows), len(self._bad)
         tail = f" ({self._counts_text()})" if b else ""
         return f"{self.manifest.name}: {n} videos listed, {b} skipped{tail}"
+
+    def note_bad(self, i: int, reason: str) -> None:
+        """Record row ``i`` as bad without a warning (found, and warned about, by a DataLoader worker's
+        copy of this data set), so that it is counted once and later copies skip it silently."""
+        self._bad.setdefault(i, reason)
 
     def _mark_bad(self, i: int, err: BadVideo) -> None:
         if i in self._bad:
