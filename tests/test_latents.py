@@ -87,7 +87,7 @@ def test_precompute_and_read(manifest, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files
 
 
-def test_resume_after_interruption(manifest, tmp_path):
+def test_resume_after_interruption(manifest, tmp_path, capsys):
     ds = _ds(manifest)
     out = tmp_path / "lat"
     with pytest.raises(KeyboardInterrupt):
@@ -99,8 +99,11 @@ def test_resume_after_interruption(manifest, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     mtime0 = (out / shard_name(0)).stat().st_mtime_ns
     vae = PoolVAE()
+    capsys.readouterr()
     index = precompute(ds, vae, HashText(), out, shard_size=3, batch_size=1, progress=False)
     assert vae.calls == 4  # only the 4 good videos of shards 1 and 2 were encoded
+    printed = capsys.readouterr().out
+    assert "7 of 8 videos" in printed and "4 encoded now in 2 shard(s), 3 reused from 1 shard(s)" in printed, printed
     assert index["complete"] and index["num_items"] == 7 and index["bad_files"]
     assert (out / shard_name(0)).stat().st_mtime_ns == mtime0
     full = tmp_path / "full"
@@ -111,8 +114,11 @@ def test_resume_after_interruption(manifest, tmp_path):
     # a shard written just before a crash but not yet in the index is adopted
     (out / INDEX_NAME).unlink()
     vae = PoolVAE()
+    capsys.readouterr()
     index = precompute(ds, vae, HashText(), out, shard_size=3, progress=False)
     assert vae.calls == 0 and index["num_items"] == 7 and sum(index["bad_files"].values()) == 1
+    printed = capsys.readouterr().out
+    assert "all 3 shard(s) reused from an earlier run, nothing encoded" in printed and "encoded now" not in printed
 
 
 def test_mismatch_dtype_and_errors(manifest, tmp_path):

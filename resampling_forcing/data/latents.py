@@ -115,7 +115,8 @@ def precompute(
     returning ``{"video", "caption"}`` / ``(video, caption)`` (an exception there counts as a bad row).
     ``device``: where the videos are sent (default: the VAE's parameter device, else CPU).
     ``dtype``: cast stored tensors (e.g. ``torch.float16``); default keeps the encoders' dtype.
-    Prints a summary line (items, shards, skipped files by reason) at the end.
+    Prints a summary line at the end: items, shards, how many were encoded now and how many reused
+    from the shards of an earlier run, skipped files by reason.
     """
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
@@ -268,8 +269,17 @@ def precompute(
     bad_total = sum(index["bad_files"].values())
     detail = ", ".join(f"{r}: {c}" for r, c in index["bad_files"].items())
     name = Path(str(fp.get("manifest", type(dataset).__name__))).name
+    encoded = sum(shards[k]["num_items"] for k in todo)
+    reused = index["num_items"] - encoded
+    if not todo:
+        how = f"all {num_shards} shard(s) reused from an earlier run, nothing encoded"
+    elif len(todo) == num_shards:
+        how = f"all {encoded} encoded now"
+    else:
+        how = (f"{encoded} encoded now in {len(todo)} shard(s), {reused} reused from {num_shards - len(todo)} "
+               "shard(s) of an earlier run")
     print(
-        f"precompute {name}: {index['num_items']} of {n_rows} videos encoded in {num_shards} shard(s) at {out}; "
+        f"precompute {name}: {index['num_items']} of {n_rows} videos in {num_shards} shard(s) at {out} ({how}); "
         f"{bad_total} skipped" + (f" ({detail})" if bad_total else "")
     )
     return index
