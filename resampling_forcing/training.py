@@ -66,6 +66,12 @@ class DualForward(nn.Module):
         return self.model.forward_dual(history.to(dtype), noisy.to(dtype), t, context.to(dtype), attn)
 
 
+def param_count(module: nn.Module) -> int:
+    """Parameters of `module`, also when DeepSpeed ZeRO-3 has partitioned it (a partitioned parameter
+    is an empty placeholder whose full size is `ds_numel`)."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in module.parameters())
+
+
 def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE of velocity [B, C, F, H, W] -> (scalar loss, per-chunk loss [B, N]) in fp32."""
     err = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
@@ -147,6 +153,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = CausalWanModel(cfg.model)
+        n_params = param_count(model)  # before acc.prepare: ZeRO-3 then leaves empty placeholders
         if resume is None and cfg.train.init_from:
             src = cfg.train.init_from
             with contextlib.suppress(CheckpointError):
@@ -173,7 +180,7 @@ class Trainer:
         self._init_trackers()
         if acc.is_main_process:
             logger.info("%s; model %.1fM params; %d chunks x %d tokens; %d processes; step %d/%d",
-                        self.data.summary(), sum(p.numel() for p in model.parameters()) / 1e6, self.num_chunks,
+                        self.data.summary(), n_params / 1e6, self.num_chunks,
                         self.chunk_tokens, acc.num_processes, self.step, total_steps(cfg))
 
     def _init_trackers(self) -> None:
@@ -615,10 +622,10 @@ class Trainer:
                 if self.step % cfg.train.save_every == 0 or self.step == total:
                     self.save()
                     saved = True
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None:  # the postfix first: update() draws the bar with this step's loss
                     if self.step % cfg.train.log_every == 0 or self.step == total:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", stage=rec["stage"], refresh=False)
+                    bar.update(1)
                 if self._all(1.0 if stop.requested else 0.0, "max") > 0:
                     if not saved:
                         self.save()
@@ -646,7 +653,7 @@ class Trainer:
 
     def _write_rank_report(self) -> None:
         """RUN/ranks/rank_R.json: step and a hash of this process's weights (multi-node checks)."""
-        if self.zero_stage == 3 or sum(p.numel() for p in self.inner.parameters()) > 50_000_000:
+        if self.zero_stage == 3 or param_count(self.inner) > 50_000_000:
             return
         h = hashlib.sha256()
         for p in self.inner.parameters():

@@ -60,9 +60,10 @@ def assert_learns_in_step(run_dir, world: int):
 
 def test_ddp_cpu_two_processes(tmp_path, synth):
     run_dir = tmp_path / "run"
-    run(launch_cmd("ddp_cpu.yaml", "--main_process_port", str(free_port()))
-        + small_overrides(run_dir, synth, **{"data.fixed_batch": True, "train.grad_accum": 2}))
+    proc = run(launch_cmd("ddp_cpu.yaml", "--main_process_port", str(free_port()))
+               + small_overrides(run_dir, synth, **{"data.fixed_batch": True, "train.grad_accum": 2}))
     assert_learns_in_step(run_dir, 2)
+    assert proc.stdout.count("completed at step") == 1, proc.stdout  # the main process's line, once
 
 
 def test_deepspeed_zero2_two_processes(tmp_path, synth):

@@ -305,6 +305,43 @@ def test_loader_order_is_a_function_of_the_position(tmp_path, synth):
     assert len(set(r0) | set(r1)) == 4
 
 
+def test_progress_bar_shows_the_current_steps_loss(tmp_path, synth, monkeypatch):
+    """When the bar is drawn for step s (update), its postfix already holds step s's loss."""
+    import tqdm.auto
+
+    drawn = []
+
+    class Recorder:
+        def __init__(self, *a, **k):
+            self.postfix = None
+
+        def set_postfix(self, refresh=True, **kw):
+            self.postfix = kw
+
+        def update(self, n=1):
+            drawn.append(self.postfix and self.postfix["loss"])
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    run = tmp_path / "run"
+    train(cfg_for(run, synth, "train.progress=true", "train.log_every=1", steps_tf=2, steps_rf=1))
+    assert drawn == [f"{r['loss']:.4f}" for r in read_log(run)]
+
+
+def test_param_count_of_a_zero3_partitioned_model():
+    """ZeRO-3 leaves empty parameters with the full size in ds_numel: the log said "0.0M params"."""
+    from resampling_forcing.training import param_count
+
+    layer = torch.nn.Linear(10, 20)
+    assert param_count(layer) == 220
+    for prm in layer.parameters():
+        prm.ds_numel = prm.numel()
+        prm.data = torch.empty(0)
+    assert sum(prm.numel() for prm in layer.parameters()) == 0 and param_count(layer) == 220
+
+
 def test_training_skips_micro_batches_of_bad_videos_only(tmp_path, synth, caplog):
     """Batch size 1 on a manifest with corrupt files between the good ones: a position whose only video
     is bad is skipped (no stand-in video), training completes, the end-of-run summary counts each once."""

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted twice: stopped without a checkpoint", file=sys.stderr)
         return 130
-    print(f"{result['status']} at step {result['step']}; checkpoint {result['checkpoint']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
+        print(f"{result['status']} at step {result['step']}; checkpoint {result['checkpoint']}")
     return 0
 
 
