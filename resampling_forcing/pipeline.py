@@ -49,7 +49,8 @@ from .encoders import build_text_encoder, build_vae
 from .models.loading import (OUR_CONFIG, OUR_WEIGHTS, CheckpointError, config_from_checkpoint, detect_layout,
                              load_state_into, read_state_dict)
 from .models.wan import CausalWanModel
-from .sampler import SampleResult, SamplingOptions, sample
+from .sampler import SWITCH_CACHE_MODES, SampleResult, SamplingOptions, sample
+from .storyboard import PipelineError, check_storyboard, parse_storyboard, video_paths
 
 __all__ = [
     "PipelineError",
@@ -59,6 +60,11 @@ __all__ = [
     "parse_dtype",
     "resolve_device",
     "prepare_init_video",
+    "read_image",
+    "parse_storyboard",
+    "video_paths",
+    "save_video",
+    "PipelineOutput",
     "Pipeline",
 ]
 
@@ -67,8 +73,6 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "fp16": torch.float16, "float16": torch.float16}
 
 
-class PipelineError(ValueError):
-    """Bad input to the pipeline (path, checkpoint/config mismatch, init video); one-line message."""
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -203,6 +207,113 @@ def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
     return video.unsqueeze(0), info
 
 
+def read_image(path: Union[str, Path], what: str = "init image") -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] RGB. PipelineError (one line) for a missing file, a file
+    that is not an image, or a truncated/corrupt one."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"{what} {p}: no such file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise PipelineError(f"{what} {p}: not an image file (PIL cannot identify it)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise PipelineError(f"{what} {p}: corrupt or truncated image ({type(e).__name__}: {first})") from None
+    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise PipelineError(f"{what} {p}: empty image")
+    return arr
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def save_video(path: Union[str, Path], video, meta: dict, fps: float, selection: Optional[np.ndarray] = None) -> None:
+    """Write an mp4 (uint8 [F, H, W, 3]) with its JSON sidecar (same name, .json) and optionally the
+    routing selections (.selection.npy) as one atomic group, the mp4 last: an mp4 on disk always
+    has its JSON. The writer of sample/sample.py and PipelineOutput.save."""
+    import json
+
+    from .io import atomic_group, write_mp4
+
+    path = Path(path)
+    group = [path.with_suffix(".json"), path]
+    meta = dict(meta)
+    if selection is not None:
+        meta["selection"] = path.with_suffix(".selection.npy").name
+        group.insert(0, path.with_suffix(".selection.npy"))
+    video = video.numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
+    with atomic_group(group) as tmps:
+        if selection is not None:
+            with open(tmps[0], "wb") as f:
+                np.save(f, selection)
+        tmps[-2].write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
+        write_mp4(tmps[-1], video, fps=fps, atomic=False)
+
+
+@dataclass
+class PipelineOutput:
+    """What `Pipeline.__call__` returns: `frames` uint8 [B, F, H, W, 3] (decoded history + new
+    frames), the underlying SampleResult, and `save(path)` (mp4 + JSON per prompt)."""
+
+    frames: torch.Tensor
+    result: SampleResult
+    fps: float
+    seed: int
+    indices: list
+    pipeline: dict
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.result.latents
+
+    def metadata(self, b: int = 0, path: Union[str, Path, None] = None) -> dict:
+        """The JSON sidecar of sample b (what sample/sample.py writes)."""
+        res = self.result
+        neg = res.negative_prompt[b] if isinstance(res.negative_prompt, list) else res.negative_prompt
+        board = res.storyboard
+        if board is not None:
+            board = [dict(chunk=e["chunk"], prompt=e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][b])
+                     for e in board]
+        return dict(
+            prompt=res.prompts[b] if res.prompts else None, negative_prompt=neg, seed=self.seed,
+            sample_index=self.indices[b], noise_seed_rule="sampler.sample_seed(seed, sample_index)",
+            video=Path(path).name if path is not None else None, frames=int(self.frames.shape[1]), fps=self.fps,
+            history_frames=res.history_frames, history_chunks=res.history_chunks,
+            num_chunks=int(res.timings.get("generated_chunks", 0)),
+            storyboard=board, switch_cache=res.switch_cache if board is not None else None,
+            init_video=res.init_video, sampling=res.options, pipeline=self.pipeline, timings=dict(res.timings),
+        )
+
+    def save(self, path: Union[str, Path], extra: Optional[dict] = None) -> list[Path]:
+        """Write sample b to path (one prompt) or to path_000_<prompt>.mp4, ... (several; a
+        directory: DIR/000_<prompt>.mp4); each with its JSON. Returns the mp4 paths."""
+        prompts = self.result.prompts or [f"sample_{i}" for i in range(self.frames.shape[0])]
+        paths = video_paths(path, prompts)
+        for b, p in enumerate(paths):
+            self.save_one(b, p, extra)
+        return paths
+
+    def save_one(self, b: int, path: Union[str, Path], extra: Optional[dict] = None) -> dict:
+        meta = self.metadata(b, path)
+        meta.update(extra or {})
+        save_video(path, self.frames[b], meta, self.fps, self.result.selection)
+        return meta
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
@@ -312,6 +423,35 @@ class Pipeline:
     def frames_for_chunks(self, num_chunks: int) -> int:
         return self.vae.frames_for_latents(num_chunks * self.chunk_frames)
 
+    def chunks_for_frames(self, num_frames: int, history_chunks: int = 0) -> int:
+        """Generated chunks whose video (after `history_chunks` of history) has exactly `num_frames`
+        frames in all; PipelineError naming the nearest valid counts when it does not fit."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+            raise PipelineError(f"num_frames={num_frames!r}: need an int >= 1")
+        n = history_chunks + 1
+        while self.frames_for_chunks(n) < num_frames:
+            n += 1
+        if self.frames_for_chunks(n) == num_frames:
+            return n - history_chunks
+        lo = self.frames_for_chunks(n - 1) if n - 1 > history_chunks else None
+        hist = f" after {history_chunks} history chunks" if history_chunks else ""
+        near = " or ".join(str(f) for f in (lo, self.frames_for_chunks(n)) if f is not None)
+        raise PipelineError(f"num_frames={num_frames} is not a whole number of chunks{hist} (a chunk is "
+                            f"{self.chunk_frames} latent frames); use {near}")
+
+    def _geometry(self, height: Optional[int], width: Optional[int]) -> tuple[int, int, tuple[int, int]]:
+        """(height, width, latent_hw): the config's resolution unless given; checked against the
+        VAE factor and the patch."""
+        d = self.config.data
+        hh, ww = (d.height if height is None else height), (d.width if width is None else width)
+        s = self.vae.spatial_factor
+        _, ph, pw = self.model.cfg.patch_size
+        for name, v, pp in (("height", hh, ph), ("width", ww, pw)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % (s * pp):
+                raise PipelineError(f"{name}={v!r}: must be a positive multiple of {s * pp} "
+                                    f"(VAE factor {s} x patch {pp})")
+        return int(hh), int(ww), (int(hh) // s, int(ww) // s)
+
     # -- pieces -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -349,8 +489,39 @@ class Pipeline:
         except (ValueError, TypeError) as e:
             raise PipelineError(str(e)) from None
 
+    def load_init_image(self, image, height: Optional[int] = None,
+                        width: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+        """A still image (path, or uint8 [H, W, 3] / float [3, H, W] in [-1, 1]) -> (latents
+        [1, C, cf, h, w], info): the first chunk's history. The image is repeated to the pixel
+        frames of one chunk (frames_for_latents(cf): cf x temporal factor for the pixel-shuffle
+        codec; 1 + 4 (cf - 1) for the Wan VAE, whose first latent frame is then the causal
+        encoding of the image alone) and goes through prepare_init_video (same resize/crop)."""
+        hh, ww, _ = self._geometry(height, width)
+        if isinstance(image, (str, Path)):
+            arr, src = read_image(image), str(image)
+            frame = torch.from_numpy(arr.copy())
+        else:
+            frame, src = (image.detach().cpu() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))), "<array>"
+            if frame.dim() != 3 or 3 not in (frame.shape[0], frame.shape[-1]):
+                raise PipelineError(f"init image must be [H, W, 3] uint8 or [3, H, W] float; got {list(frame.shape)}")
+        n = self.frames_for_chunks(1)
+        if frame.dtype == torch.uint8:
+            frames = frame.unsqueeze(0).expand(n, -1, -1, -1)
+        else:
+            frame = frame.float()
+            frames = (frame.unsqueeze(1) if frame.shape[0] == 3 and frame.shape[-1] != 3
+                      else frame.permute(2, 0, 1).unsqueeze(1)).expand(-1, n, -1, -1)
+        clip, info = prepare_init_video(frames, self.vae, hh, ww, self.chunk_frames, max_chunks=1)
+        h0, w0 = (frame.shape[0], frame.shape[1]) if frame.dtype == torch.uint8 or frame.shape[-1] == 3 \
+            else (frame.shape[1], frame.shape[2])
+        info = dict(source=src, kind="image", image_size=[int(h0), int(w0)], frames_repeated=n, chunks=1,
+                    latent_frames=self.chunk_frames, resized_to=[hh, ww])
+        with torch.no_grad():
+            return self.vae.encode(clip.to(self.vae.device)).float(), info
+
     def load_init_video(self, video, max_chunks: Optional[int] = None,
-                        resample_fps: bool = True) -> tuple[torch.Tensor, dict]:
+                        resample_fps: bool = True, height: Optional[int] = None,
+                        width: Optional[int] = None) -> tuple[torch.Tensor, dict]:
         """A path (mp4 etc., read with io.read_mp4) or frames -> (latents [1, C, n*cf, h, w], info).
 
         A file is first resampled in time to the model's frame rate (config data.fps, by timestamp as
@@ -358,6 +529,7 @@ class Pipeline:
         history chunks (the END of the video); only those frames are converted and encoded, so a long
         clip costs no more memory than `max_chunks` chunks."""
         d = self.config.data
+        hh, ww, _ = self._geometry(height, width)
         src_fps = None
         if isinstance(video, (str, Path)):
             from .io import read_mp4
@@ -380,7 +552,7 @@ class Pipeline:
         if is_file and max_chunks is not None:
             keep = self.vae.frames_for_latents(int(max_chunks) * self.chunk_frames)
             clip_frames = frames[max(len(frames) - keep, 0):]
-        clip, info = prepare_init_video(clip_frames, self.vae, d.height, d.width, self.chunk_frames, max_chunks)
+        clip, info = prepare_init_video(clip_frames, self.vae, hh, ww, self.chunk_frames, max_chunks)
         if not is_file:
             info["source"] = src
             with torch.no_grad():
@@ -395,44 +567,147 @@ class Pipeline:
 
     # -- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: Union[str, Sequence[str]], num_chunks: int, *, negative_prompt: Optional[str] = None,
+    def generate(self, prompts: Union[str, Sequence[str], None] = None, num_chunks: Optional[int] = None, *,
+                 negative_prompt: Union[str, Sequence[str], None] = None,
                  seed: int = 0, indices: Optional[Sequence[int]] = None, steps: Optional[int] = None,
                  shift: Optional[float] = None, cfg_scale: Optional[float] = None, context_t: Optional[float] = None,
                  routing: Union[RoutingSpec, str, None] = None, top_k: Optional[int] = None,
                  sink: Optional[int] = None, window: Optional[int] = None, record_selection: Optional[bool] = None,
-                 init_video=None, init_latents: Optional[torch.Tensor] = None,
+                 init_video=None, init_latents: Optional[torch.Tensor] = None, init_image=None,
+                 storyboard=None, switch_cache: str = "keep", height: Optional[int] = None,
+                 width: Optional[int] = None, max_history_chunks: Optional[int] = None,
                  callback: Optional[Callable] = None, progress: bool = False, decode: bool = True) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
         Sampling settings default to the config's `diffusion` / `attention.routing` sections.
-        init_video: a path or frames to continue (see prepare_init_video); or init_latents
+        negative_prompt: one string for all prompts, or a list with one per prompt.
+        init_video: a path or frames to continue (see prepare_init_video); init_image: a still image
+        (path or array) as the first chunk's history (see load_init_image); or init_latents
         [1 or B, C, n*cf, h, w] directly. The result's video holds the VAE reconstruction of the
         given history followed by the new frames (`result.history_frames` of them are history).
         `result.init_video` (dict) describes the trimming. Seeds: sample b uses (seed, indices[b]).
+        storyboard: prompt switching, a list of (chunk index, prompt) (or anything parse_storyboard
+        takes); indices count generated chunks (0 = the first after the history); a prompt is a
+        string for every sample or a list with one per sample. `prompts` may then be omitted (the
+        entry at chunk 0 is the initial prompt) or give the initial prompts (no entry at 0).
+        switch_cache: "keep" (cached history K/V stay as written) or "recache" (re-written under
+        the new text), see Rollout.set_context. height/width: default the config's resolution.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if switch_cache not in SWITCH_CACHE_MODES:
+            raise PipelineError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
+            raise PipelineError(f"num_chunks={num_chunks!r}: need an int >= 1")
+        num_chunks = int(num_chunks)
+        board = parse_storyboard(storyboard) if storyboard is not None else None
+        if board is not None:
+            try:
+                check_storyboard(board, num_chunks)
+            except ValueError as e:
+                raise PipelineError(str(e)) from None
+        if prompts is None:
+            if board is None or board[0][0] != 0:
+                raise PipelineError("no prompts given (pass prompts, or a storyboard with an entry at chunk 0)")
+            first = board[0][1]
+            prompts = [first] if isinstance(first, str) else list(first)
+        else:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if board is not None and board[0][0] == 0:
+                raise PipelineError("the storyboard has an entry at chunk 0 and prompts were given too; give one of them")
         if not prompts:
             raise PipelineError("no prompts given")
+        bsz = len(prompts)
+        if board is not None:
+            board = [(c, p if isinstance(p, str) else list(p)) for c, p in board]
+            for c, p in board:
+                if isinstance(p, list) and len(p) != bsz:
+                    raise PipelineError(f"storyboard chunk {c}: {len(p)} prompts for a batch of {bsz}")
         opts = self.sampling_options(steps=steps, shift=shift, cfg_scale=cfg_scale, context_t=context_t,
                                      routing=routing, top_k=top_k, sink=sink, window=window,
                                      record_selection=record_selection)
+        hh, ww, latent_hw = self._geometry(height, width)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
+        if not isinstance(neg_text, str):
+            neg_text = list(neg_text)
+            if len(neg_text) != bsz or any(not isinstance(t, str) for t in neg_text):
+                raise PipelineError(f"negative_prompt: a string or a list of {bsz} strings (one per prompt)")
         t0 = time.perf_counter()
         ctx = self.encode_prompts(prompts)
-        neg = self.encode_prompts([neg_text]) if opts.cfg_scale != 1.0 else None
+        neg = None
+        if opts.cfg_scale != 1.0:
+            neg = self.encode_prompts([neg_text] if isinstance(neg_text, str) else neg_text)
+        switches = None
+        if board is not None:
+            switches = [(c, self.encode_prompts([p] * bsz if isinstance(p, str) else p))
+                        for c, p in board if c > 0]
         text_s = time.perf_counter() - t0
         init_info = None
         history = init_latents
+        given = [n for n, v in (("init_video", init_video), ("init_latents", init_latents),
+                                ("init_image", init_image)) if v is not None]
+        if len(given) > 1:
+            raise PipelineError(f"pass one of init_video, init_image, init_latents (got {', '.join(given)})")
         if init_video is not None:
-            if init_latents is not None:
-                raise PipelineError("pass init_video or init_latents, not both")
-            history, init_info = self.load_init_video(init_video)
-        result = sample(self.model, ctx, num_chunks, self.latent_hw, neg_context=neg, options=opts, seed=seed,
+            history, init_info = self.load_init_video(init_video, max_chunks=max_history_chunks, height=hh, width=ww)
+        elif init_image is not None:
+            history, init_info = self.load_init_image(init_image, height=hh, width=ww)
+        result = sample(self.model, ctx, num_chunks, latent_hw, neg_context=neg, options=opts, seed=seed,
                         indices=indices, history=None if history is None else history.to(self.device),
-                        vae=self.vae, decode=decode, callback=callback, progress=progress)
+                        vae=self.vae, decode=decode, callback=callback, progress=progress,
+                        storyboard=switches or None, switch_cache=switch_cache)
         result.timings["text_encode_s"] = text_s
+        story = None
+        if board is not None:
+            story = ([] if board[0][0] == 0 else [dict(chunk=0, prompt=prompts[0] if bsz == 1 else prompts)]) + \
+                [dict(chunk=c, prompt=p) for c, p in board]
         return dataclasses.replace(result, init_video=init_info, prompts=prompts,
-                                   negative_prompt=neg_text if opts.cfg_scale != 1.0 else None)
+                                   negative_prompt=neg_text if opts.cfg_scale != 1.0 else None,
+                                   storyboard=story, switch_cache=switch_cache if story is not None else None)
+
+    def __call__(self, prompt: Union[str, Sequence[str], None] = None, num_frames: Optional[int] = None, *,
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 negative_prompt: Union[str, Sequence[str], None] = None,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 generator: Union[torch.Generator, int, None] = None, top_k: Optional[int] = None,
+                 callback_on_chunk_end: Optional[Callable] = None, fps: Optional[float] = None,
+                 **kwargs) -> PipelineOutput:
+        """diffusers-style call: `pipe(prompt, num_frames=..., height=..., width=..., negative_prompt=...,
+        num_inference_steps=..., guidance_scale=..., generator=..., top_k=..., callback_on_chunk_end=...)`.
+
+        num_frames counts VIDEO frames of the whole output (a given init image/video's history
+        included); it must be a whole number of chunks (PipelineError names the nearest valid
+        counts); None = one chunk. generator: a torch.Generator (the rollout seed is drawn from
+        it, so a generator seeded alike gives the same video) or an int seed; None = seed 0.
+        callback_on_chunk_end(pipe, chunk_index, chunk) is called after every generated chunk
+        (a sampler.ChunkOutput with latents and decoded frames); returning False stops early.
+        Other keyword arguments go to `generate` (storyboard, init_image, init_video, routing, ...),
+        which is the one implementation under both. Returns a PipelineOutput (.frames, .save(path)).
+        """
+        if "num_chunks" in kwargs:
+            raise PipelineError("pass num_frames (video frames) to pipe(...); num_chunks is generate()'s argument")
+        if isinstance(generator, torch.Generator):
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        elif generator is None:
+            seed = int(kwargs.pop("seed", 0))
+        else:
+            seed = int(generator)
+        hist_chunks = 0
+        if kwargs.get("init_image") is not None:
+            hist_chunks = 1
+        elif kwargs.get("init_latents") is not None:
+            hist_chunks = kwargs["init_latents"].shape[2] // self.chunk_frames
+        elif kwargs.get("init_video") is not None:
+            raise PipelineError("pipe(..., init_video=...) counts frames after a history of unknown length; "
+                                "use generate(..., init_video=..., num_chunks=...)")
+        n = 1 if num_frames is None else self.chunks_for_frames(num_frames, hist_chunks)
+        callback = None
+        if callback_on_chunk_end is not None:
+            callback = lambda c: callback_on_chunk_end(self, c.generated, c)  # noqa: E731
+        res = self.generate(prompt, n, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
+                            cfg_scale=guidance_scale, top_k=top_k, height=height, width=width, callback=callback,
+                            **kwargs)
+        return PipelineOutput(frames=res.video, result=res, fps=self.config.data.fps if fps is None else fps,
+                              seed=seed, indices=list(kwargs.get("indices") or range(len(res.prompts))),
+                              pipeline=self.describe())
 
     def describe(self) -> dict:
         """Settings worth saving next to a video."""

@@ -64,6 +64,7 @@ from .attention.routing import RoutingSpec
 from .cache import CachedAttention, KVCache, SelectionRecorder
 from .config import DiffusionConfig
 from .diffusion import euler_schedule
+from .storyboard import check_storyboard
 
 __all__ = [
     "SamplingOptions",
@@ -81,30 +82,6 @@ __all__ = [
 
 # What happens to the cached history at a prompt switch (Rollout.set_context).
 SWITCH_CACHE_MODES = ("keep", "recache")
-
-
-def check_storyboard(entries, num_chunks: Optional[int] = None) -> list[tuple[int, Any]]:
-    """Validate a storyboard: (chunk index, payload) pairs -> sorted list. Chunk indices count the
-    GENERATED chunks (0 = the first chunk after any given history); they must be distinct ints >= 0
-    and < num_chunks (when given). Raises ValueError with a one-line message."""
-    out = []
-    for e in entries:
-        if not isinstance(e, (tuple, list)) or len(e) != 2:
-            raise ValueError(f"storyboard entry {e!r}: need (chunk_index, prompt)")
-        c, payload = e
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
-            raise ValueError(f"storyboard chunk index {c!r}: need an int >= 0")
-        if num_chunks is not None and c >= num_chunks:
-            raise ValueError(f"storyboard switches at chunk {int(c)} but only {num_chunks} chunks are "
-                             f"generated (indices count generated chunks from 0)")
-        out.append((int(c), payload))
-    out.sort(key=lambda e: e[0])
-    dup = [a for (a, _), (b, _) in zip(out, out[1:]) if a == b]
-    if dup:
-        raise ValueError(f"storyboard has two entries for chunk {dup[0]}")
-    if not out:
-        raise ValueError("storyboard is empty")
-    return out
 
 
 # ----------------------------------------------------------------------------- options

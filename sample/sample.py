@@ -15,9 +15,7 @@ Thin CLI over resampling_forcing.pipeline.Pipeline (the same API the notebook us
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -68,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention backend (default: config attention.backend)")
     p.add_argument("--init-video", default=None, help="continue this video: its frames (resampled to the model's "
                    "fps) become the cached history")
+    p.add_argument("--init-image", default=None, help="start from this still image: encoded through the VAE as the "
+                   "first chunk's history (repeated to fill the chunk; resized/cropped like --init-video)")
+    p.add_argument("--prompts-at", default=None, metavar="'0:PROMPT;8:PROMPT'",
+                   help="prompt switching (one video): the prompt of each segment, keyed by the generated chunk "
+                   "index where it starts (0 = first generated chunk); replaces --prompt")
+    p.add_argument("--storyboard", default=None, metavar="FILE",
+                   help="like --prompts-at, from a JSON/YAML file: a list of {chunk, prompt} or a {chunk: prompt} mapping")
+    p.add_argument("--switch-cache", choices=["keep", "recache"], default="keep",
+                   help="at a prompt switch: keep the cached history K/V as written (default) or re-encode the "
+                   "history under the new text (LongLive's KV re-cache)")
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
@@ -78,9 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- checks
 
 
-def _slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_").lower()
-    return s[:n].rstrip("_") or "prompt"
+def read_storyboard(args):
+    """--prompts-at / --storyboard -> sorted [(chunk, prompt)] (None without them)."""
+    from resampling_forcing.storyboard import PipelineError, parse_storyboard
+
+    given = [f for f, v in (("--prompts-at", args.prompts_at), ("--storyboard", args.storyboard)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise BadInput("give --prompts-at or --storyboard, not both")
+    if args.prompt or args.prompts_file is not None:
+        raise BadInput(f"{given[0]} gives the prompts (one video); drop --prompt / --prompts-file")
+    spec = args.prompts_at if args.prompts_at is not None else Path(args.storyboard)
+    try:
+        board = parse_storyboard(spec)
+    except PipelineError as e:
+        raise BadInput(f"{given[0]}: {e}") from None
+    if board[0][0] != 0:
+        raise BadInput(f"{given[0]}: needs an entry at chunk 0 (the first prompt)")
+    if any(not isinstance(p, str) for _, p in board):
+        raise BadInput(f"{given[0]}: one prompt per entry (a string)")
+    if board[-1][0] >= args.num_chunks:
+        raise BadInput(f"{given[0]}: switches at chunk {board[-1][0]} but --num-chunks is {args.num_chunks} "
+                       f"(indices count generated chunks from 0)")
+    return board
 
 
 def read_prompts(args) -> list[str]:
@@ -106,16 +135,13 @@ def read_prompts(args) -> list[str]:
 
 def output_paths(output: str, prompts: list[str]) -> list[Path]:
     """out.mp4 for one prompt; out_000_<slug>.mp4 ... for several; DIR/000_<slug>.mp4 for a directory
-    (an existing one, or a path ending with / or without a suffix)."""
-    out = Path(output)
-    is_dir = output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == ""
-    if is_dir:
-        return [out / f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(prompts)]
-    if out.suffix.lower() != ".mp4":
-        raise BadInput(f"--output {output}: must end with .mp4 (or name a directory)")
-    if len(prompts) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i:03d}_{_slug(p)}.mp4") for i, p in enumerate(prompts)]
+    (an existing one, or a path ending with / or without a suffix): pipeline.video_paths."""
+    from resampling_forcing.storyboard import PipelineError, video_paths
+
+    try:
+        return video_paths(output, prompts)
+    except PipelineError as e:
+        raise BadInput(f"--{e}") from None
 
 
 def check_writable(paths: list[Path]) -> None:
@@ -164,6 +190,10 @@ def check_args(args) -> None:
         raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
     if args.init_video is not None and not Path(args.init_video).is_file():
         raise BadInput(f"--init-video {args.init_video}: no such file")
+    if args.init_video is not None and args.init_image is not None:
+        raise BadInput("give --init-video or --init-image, not both")
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise BadInput(f"--init-image {args.init_image}: no such file")
 
 
 # ----------------------------------------------------------------------------- main
@@ -171,22 +201,28 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     check_args(args)
-    prompts = read_prompts(args)
+    storyboard = read_storyboard(args)
+    prompts = [storyboard[0][1]] if storyboard is not None else read_prompts(args)
     paths = output_paths(args.output, prompts)
     check_writable(paths)
 
-    import numpy as np
     import torch
 
     from resampling_forcing.config import ConfigError
     from resampling_forcing.encoders import EncoderLoadError
-    from resampling_forcing.io import atomic_group, clean_stale_temps, is_no_space, write_mp4
+    from resampling_forcing.io import clean_stale_temps, is_no_space
     from resampling_forcing.models.loading import CheckpointError
-    from resampling_forcing.pipeline import Pipeline, PipelineError, resolve_config, resolve_device
+    from resampling_forcing.pipeline import (Pipeline, PipelineError, PipelineOutput, read_image, resolve_config,
+                                             resolve_device)
 
     input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
     t_load = time.perf_counter()
     try:
+        if args.init_image is not None:
+            try:
+                read_image(args.init_image, what="--init-image")  # bad files fail before anything is loaded
+            except PipelineError as e:
+                raise BadInput(str(e)) from None
         overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
                                             if args.attention_backend is not None else [])
         check_memory(resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema),
@@ -201,12 +237,14 @@ def run(args) -> int:
         history, init_info = (None, None)
         if args.init_video is not None:
             history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
+        elif args.init_image is not None:
+            history, init_info = pipe.load_init_image(args.init_image)
     except input_errors as e:
         raise BadInput(str(e).strip().splitlines()[0]) from None
     load_s = time.perf_counter() - t_load
     fps = args.fps if args.fps is not None else pipe.config.data.fps
     neg = args.negative_prompt if args.negative_prompt is not None else pipe.config.diffusion.negative_prompt
-    if init_info is not None and not args.quiet:
+    if init_info is not None and args.init_video is not None and not args.quiet:
         print(f"init video: {init_info['frames_in']} frames at {init_info['fps'] or 0:g} fps -> kept the last "
               f"{init_info['frames_used']} ({init_info['chunks']} chunks, at most --max-history-chunks "
               f"{args.max_history_chunks}), dropped {init_info['frames_dropped_from_start']} from the start",
@@ -215,6 +253,7 @@ def run(args) -> int:
         for stale in (path, path.with_suffix(".selection.npy")):
             clean_stale_temps(stale)
 
+    switches = [e for e in storyboard if e[0] > 0] or None if storyboard is not None else None
     for start in range(0, len(prompts), args.batch):
         idx = list(range(start, min(start + args.batch, len(prompts))))
         batch_prompts = [prompts[i] for i in idx]
@@ -222,32 +261,25 @@ def run(args) -> int:
                             steps=opts.steps, shift=opts.shift, cfg_scale=opts.cfg_scale, context_t=opts.context_t,
                             routing=opts.routing if opts.routing is not None else "dense",
                             record_selection=opts.record_selection,
-                            init_latents=history, progress=not args.quiet)
+                            init_latents=history, progress=not args.quiet,
+                            storyboard=switches, switch_cache=args.switch_cache)
+        out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
+                             pipeline=pipe.describe())
+        if storyboard is not None and res.storyboard is None:  # a one-entry storyboard: still recorded
+            res.storyboard, res.switch_cache = [dict(chunk=0, prompt=prompts[0])], args.switch_cache
         for b, i in enumerate(idx):
             path = paths[i]
-            meta = dict(
-                prompt=prompts[i], negative_prompt=res.negative_prompt, seed=args.seed, sample_index=i,
-                noise_seed_rule="sampler.sample_seed(seed, sample_index)",
-                video=path.name, frames=int(res.video.shape[1]), fps=fps,
-                history_frames=res.history_frames, history_chunks=res.history_chunks,
-                num_chunks=args.num_chunks, init_video=(dict(init_info, source=str(args.init_video),
-                                                             max_history_chunks=args.max_history_chunks)
-                                                        if init_info else None),
-                sampling=res.options, pipeline=pipe.describe(),
-                timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)),
-                argv=sys.argv[1:],
-            )
-            group = [path.with_suffix(".json"), path]  # the mp4 last: an mp4 on disk always has its JSON
-            if res.selection is not None:
-                meta["selection"] = path.with_suffix(".selection.npy").name
-                group.insert(0, path.with_suffix(".selection.npy"))
+            init = None
+            if init_info is not None:
+                init = dict(init_info, source=str(args.init_video if args.init_video is not None else args.init_image))
+                if args.init_video is not None:
+                    init["max_history_chunks"] = args.max_history_chunks
+            extra = dict(num_chunks=args.num_chunks, init_video=init if args.init_video is not None else None,
+                         timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
+            if args.init_image is not None:
+                extra["init_image"] = init
             try:
-                with atomic_group(group) as tmps:
-                    if res.selection is not None:
-                        with open(tmps[0], "wb") as f:
-                            np.save(f, res.selection)
-                    tmps[-2].write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
-                    write_mp4(tmps[-1], res.video[b].numpy(), fps=fps, atomic=False)
+                meta = out.save_one(b, path, extra)
             except OSError as e:
                 if is_no_space(e):
                     raise BadInput(f"no space left on {path.parent} (writing {path.name}); free some space") from None
@@ -268,7 +300,7 @@ def check_memory(cfg, device, args, num_prompts: int) -> None:
 
     d = cfg.data
     batch = min(args.batch, num_prompts)
-    history = args.max_history_chunks if args.init_video is not None else 0
+    history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
     steps = args.steps if args.steps is not None else cfg.diffusion.sample_steps
     cfg_scale = args.cfg if args.cfg is not None else cfg.diffusion.cfg_scale
     need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, cfg_scale)
@@ -281,18 +313,6 @@ def check_memory(cfg, device, args, num_prompts: int) -> None:
         print(f"note: {what} is about {flops / 1e12:.0f} TFLOP and needs at least "
               f"{gib(need['device'] + need['host'])}: on a CPU (~0.1-1 TFLOP/s) this takes "
               f"{flops / 1e12 / 60:.0f}+ minutes", file=sys.stderr)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 def main(argv=None) -> int:

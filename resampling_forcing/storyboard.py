@@ -1,0 +1,133 @@
+"""Storyboards (prompt switching) and output naming: the torch-free helpers that the pipeline and
+sample/sample.py share (the CLI checks its input with them before importing torch).
+
+A storyboard is a list of (chunk index, prompt): the prompt of each segment keyed by the GENERATED
+chunk where it starts (0 = the first chunk after any given history). Written as
+"0:a red ball rolls in;8:the ball turns blue", a {chunk: prompt} mapping, a list of
+{"chunk": c, "prompt": p}, or a JSON/YAML file holding one of those (optionally under a
+"storyboard" key). A prompt is a string, or in the Python API a list with one per sample.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["PipelineError", "check_storyboard", "parse_storyboard", "video_paths"]
+
+
+class PipelineError(ValueError):
+    """Bad input to the pipeline (path, checkpoint/config mismatch, init video, storyboard); one-line message."""
+
+
+def check_storyboard(entries, num_chunks: Optional[int] = None) -> list[tuple[int, Any]]:
+    """Validate a storyboard: (chunk index, payload) pairs -> sorted list. Chunk indices count the
+    GENERATED chunks (0 = the first chunk after any given history); they must be distinct ints >= 0
+    and < num_chunks (when given). Raises ValueError with a one-line message."""
+    out = []
+    for e in entries:
+        if not isinstance(e, (tuple, list)) or len(e) != 2:
+            raise ValueError(f"storyboard entry {e!r}: need (chunk_index, prompt)")
+        c, payload = e
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise ValueError(f"storyboard chunk index {c!r}: need an int >= 0")
+        if num_chunks is not None and c >= num_chunks:
+            raise ValueError(f"storyboard switches at chunk {int(c)} but only {num_chunks} chunks are "
+                             f"generated (indices count generated chunks from 0)")
+        out.append((int(c), payload))
+    out.sort(key=lambda e: e[0])
+    dup = [a for (a, _), (b, _) in zip(out, out[1:]) if a == b]
+    if dup:
+        raise ValueError(f"storyboard has two entries for chunk {dup[0]}")
+    if not out:
+        raise ValueError("storyboard is empty")
+    return out
+
+
+def parse_storyboard(spec: Union[str, Path, Sequence, dict]) -> list[tuple[int, Any]]:
+    """A storyboard from any of: a list of (chunk, prompt) pairs or {"chunk":, "prompt":} dicts,
+    a {chunk: prompt} mapping, the string "0:a red ball;8:a blue ball", or a .json/.yaml/.yml file
+    holding a list or mapping as above. Returns sorted (chunk, prompt) pairs (check_storyboard);
+    PipelineError (one line) for anything malformed. Chunk indices count generated chunks."""
+    src = "storyboard"
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.lower().endswith((".json", ".yaml", ".yml"))):
+        path = Path(spec)
+        src = f"storyboard file {path}"
+        if not path.is_file():
+            raise PipelineError(f"{src}: no such file")
+        try:
+            import yaml  # YAML is a superset of JSON
+
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise PipelineError(f"{src}: cannot read it ({type(e).__name__})") from None
+        except yaml.YAMLError as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise PipelineError(f"{src}: not valid JSON/YAML ({first})") from None
+        if isinstance(spec, dict) and "storyboard" in spec:
+            spec = spec["storyboard"]
+    if isinstance(spec, str):
+        entries = []
+        for part in [x for x in spec.split(";") if x.strip()]:
+            c, sep, text = part.partition(":")
+            if not sep:
+                raise PipelineError(f"{src} entry {part.strip()!r}: need CHUNK:PROMPT (entries separated by ';')")
+            try:
+                idx = int(c.strip())
+            except ValueError:
+                raise PipelineError(f"{src} entry {part.strip()!r}: chunk index {c.strip()!r} is not an int") from None
+            entries.append((idx, text.strip()))
+    elif isinstance(spec, dict):
+        entries = []
+        for k, v in spec.items():
+            try:
+                entries.append((int(k), v))
+            except (TypeError, ValueError):
+                raise PipelineError(f"{src}: key {k!r} is not a chunk index") from None
+    elif isinstance(spec, (list, tuple)):
+        entries = []
+        for e in spec:
+            if isinstance(e, dict):
+                if set(e) != {"chunk", "prompt"}:
+                    raise PipelineError(f"{src} entry {e!r}: need keys chunk and prompt")
+                e = (e["chunk"], e["prompt"])
+            entries.append(tuple(e) if isinstance(e, (list, tuple)) else e)
+    else:
+        raise PipelineError(f"{src}: need a list of (chunk, prompt), a mapping or 'CHUNK:PROMPT;...'")
+    try:
+        board = check_storyboard(entries)
+    except ValueError as e:
+        raise PipelineError(f"{src}: {e}") from None
+    for c, text in board:
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not texts or \
+                any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise PipelineError(f"{src}: the prompt at chunk {c} must be a non-empty string (or a list of them)")
+    return board
+
+
+def _slug(text: str, n: int = 40) -> str:
+    import re
+
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_").lower()
+    return s[:n].rstrip("_") or "prompt"
+
+
+def video_paths(output: Union[str, Path], prompts: Sequence[str]) -> list[Path]:
+    """out.mp4 for one prompt; out_000_<slug>.mp4 ... for several; DIR/000_<slug>.mp4 for a directory
+    (an existing one, or a path ending with / or without a suffix)."""
+    import os
+
+    output = str(output)
+    out = Path(output)
+    is_dir = output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == ""
+    if is_dir:
+        return [out / f"{i:03d}_{_slug(p)}.mp4" for i, p in enumerate(prompts)]
+    if out.suffix.lower() != ".mp4":
+        raise PipelineError(f"output {output}: must end with .mp4 (or name a directory)")
+    if len(prompts) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:03d}_{_slug(p)}.mp4") for i, p in enumerate(prompts)]
+
+
