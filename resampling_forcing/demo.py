@@ -8,7 +8,8 @@
 4. evaluate every video against what its caption should show, per training-length segment,
    next to real generator clips of the same captions; the best model also continues the first
    chunk of each real clip, scored against the true continuation (PSNR, centre error),
-5. write mp4s, a contact sheet, drift plots and metrics.json to outputs/demo/.
+5. write mp4s, a contact sheet, drift plots and metrics.json to outputs/demo/ (``--out``), where
+   the run (``run/``) and the data set (``synthetic/``, unless ``data.synthetic_dir=`` is given) live too.
 
     python -m resampling_forcing.demo [--out outputs/demo] [--tf-steps N] [--rf-steps N] ...
 
@@ -154,8 +155,10 @@ def _main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     out = Path(args.out)
     start = time.time()
+    # everything the demo writes goes under --out: the run and (unless overridden) the data set
     try:
-        cfg = load_config(args.config, [f"train.run_dir={out / 'run'}", *args.overrides])
+        cfg = load_config(args.config, [f"train.run_dir={out / 'run'}", f"data.synthetic_dir={out / 'synthetic'}",
+                                        *args.overrides])
     except ConfigError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2

@@ -151,3 +151,20 @@ def test_demo_signals_outside_training_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["demo: stopped by SIGTERM before the end; outputs may be incomplete (exit 143)"]
     assert signal.getsignal(signal.SIGTERM) is before  # the demo's handler is removed again
+
+
+def test_demo_out_holds_the_data_set_and_the_run(tmp_path, monkeypatch, capsys):
+    """`--out X` puts the synthetic data set under X (it went to ./outputs/synthetic); an explicit
+    data.synthetic_dir= still wins."""
+    seen = []
+
+    def fake_train(cfg):
+        seen.append((cfg.data.synthetic_dir, cfg.train.run_dir))
+        return {"status": "interrupted", "signal": "SIGINT", "step": 0, "checkpoint": None}
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    out = tmp_path / "X"
+    assert demo.main(["--out", str(out)]) == 130
+    assert seen[-1] == (str(out / "synthetic"), str(out / "run"))
+    assert demo.main(["--out", str(out), f"data.synthetic_dir={tmp_path / 'mine'}"]) == 130
+    assert seen[-1][0] == str(tmp_path / "mine")
