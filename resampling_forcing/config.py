@@ -44,7 +44,8 @@ class ModelConfig:
     # Latent frames per chunk: the unit of per-chunk timesteps, the causal mask and the KV cache.
     chunk_frames: int = 3
     # What the network outputs: "velocity" (eps - x, what Wan weights predict) or "x0" (the clean
-    # sample, converted to velocity; needed by tiny pixel-space models, see environment.md).
+    # sample, converted to velocity; needed by tiny pixel-space models whose patch is wider than the model, e.g.
+    # configs/tiny.yaml: 192 values per patch, dim 128).
     prediction: Literal["velocity", "x0"] = "velocity"
     # Smallest t when converting an x0 prediction to velocity: v = (x_t - x0) / max(t, x0_min_t).
     x0_min_t: float = 0.05

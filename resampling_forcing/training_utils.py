@@ -96,11 +96,11 @@ def build_accelerator(cfg: Config):
         mp = "no"
     timeout = datetime.timedelta(minutes=60)
     handlers = []
-    if launch_world_size() > 1:  # launched distributed; CPU needs gloo (environment.md)
+    if launch_world_size() > 1:  # launched distributed; CPU needs gloo (docs/install.md)
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timeout) if not torch.cuda.is_available()
                         else InitProcessGroupKwargs(timeout=timeout))
     # Launched distributed on a machine without CUDA (and not DeepSpeed): run DDP on CPU with gloo
-    # whatever the accelerate config says (accelerate needs cpu=True for that, environment.md).
+    # whatever the accelerate config says (accelerate needs cpu=True for that, docs/install.md).
     cpu = (not torch.cuda.is_available() and launch_world_size() > 1
            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true")
     return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mp,
