@@ -72,6 +72,15 @@ def param_count(module: nn.Module) -> int:
     return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in module.parameters())
 
 
+def format_count(n: int) -> str:
+    """1234 -> '1.2K', 1_300_000 -> '1.3M', 1.4e9 -> '1.40B' (never '0.0M' for a small model)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
 def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE of velocity [B, C, F, H, W] -> (scalar loss, per-chunk loss [B, N]) in fp32."""
     err = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
@@ -179,8 +188,8 @@ class Trainer:
         self.metrics = MetricsLogger(acc, self.run_dir, self.step)
         self._init_trackers()
         if acc.is_main_process:
-            logger.info("%s; model %.1fM params; %d chunks x %d tokens; %d processes; step %d/%d",
-                        self.data.summary(), n_params / 1e6, self.num_chunks,
+            logger.info("%s; model %s params; %d chunks x %d tokens; %d processes; step %d/%d",
+                        self.data.summary(), format_count(n_params), self.num_chunks,
                         self.chunk_tokens, acc.num_processes, self.step, total_steps(cfg))
 
     def _init_trackers(self) -> None:

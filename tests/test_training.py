@@ -340,6 +340,9 @@ def test_param_count_of_a_zero3_partitioned_model():
         prm.ds_numel = prm.numel()
         prm.data = torch.empty(0)
     assert sum(prm.numel() for prm in layer.parameters()) == 0 and param_count(layer) == 220
+    from resampling_forcing.training import format_count
+
+    assert [format_count(n) for n in (220, 52_100, 1_300_000, 1_420_000_000)] == ["220", "52.1K", "1.3M", "1.42B"]
 
 
 def test_training_skips_micro_batches_of_bad_videos_only(tmp_path, synth, caplog):
