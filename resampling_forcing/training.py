@@ -619,10 +619,14 @@ class Trainer:
         stop = GracefulStop().install()
         status = "completed"
         bar = None
+        redirect = contextlib.ExitStack()
         if cfg.train.progress and acc.is_main_process:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+            # console log lines (warnings) above the bar, not glued onto its line
+            redirect.enter_context(logging_redirect_tqdm())
         try:
             while self.step < total:
                 rec = self.train_step()
@@ -651,6 +655,7 @@ class Trainer:
             raise
         finally:
             stop.close()
+            redirect.close()
             if bar is not None:
                 bar.close()
         if acc.is_main_process and getattr(self.data.dataset, "num_bad", 0):  # each bad file once (data/loader.py)

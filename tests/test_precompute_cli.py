@@ -29,6 +29,9 @@ def test_precompute_manifest(tmp_path):
     item = ds[0]
     assert tuple(item["latents"].shape) == (48, 12, 8, 8) and tuple(item["text"].shape) == (16, 32)
     assert "corrupt" in r.stdout + r.stderr or "unreadable" in r.stdout + r.stderr
+    # the warning has its own line, not glued onto the progress bar's
+    warned = [ln.split("\r")[-1] for ln in r.stderr.split("\n") if "skipping video" in ln]
+    assert warned and all(ln.startswith("WARNING") for ln in warned), r.stderr
     # a second run finds everything done and keeps the shards
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     r2 = run("--manifest", str(manifest), "--out", str(out), "--shard-size", "2", "--split", "")

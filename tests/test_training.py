@@ -330,6 +330,31 @@ def test_progress_bar_shows_the_current_steps_loss(tmp_path, synth, monkeypatch)
     assert drawn == [f"{r['loss']:.4f}" for r in read_log(run)]
 
 
+def test_warnings_print_above_the_progress_bar(tmp_path, synth, monkeypatch, capsys):
+    """A warning during training starts its own console line (it was glued onto the bar's line)."""
+    import logging
+    import sys
+
+    original = Trainer.compute_loss
+
+    def flaky(self, batch, stage, gen):
+        loss, per_chunk, t_s, dt = original(self, batch, stage, gen)
+        return (loss * float("nan") if self.data_position - 1 == 1 else loss), per_chunk, t_s, dt
+
+    monkeypatch.setattr(Trainer, "compute_loss", flaky)
+    handler = logging.StreamHandler(sys.stderr)  # the console handler train/train.py's basicConfig adds
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        train(cfg_for(tmp_path / "run", synth, "train.progress=true", steps_tf=2, steps_rf=1))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    lines = [ln.split("\r")[-1] for ln in err.split("\n") if "non-finite loss" in ln]
+    assert lines and all(ln.startswith("WARNING step 1: non-finite loss") for ln in lines), err
+    assert "train: 100%" in err
+
+
 def test_param_count_of_a_zero3_partitioned_model():
     """ZeRO-3 leaves empty parameters with the full size in ds_numel: the log said "0.0M params"."""
     from resampling_forcing.training import param_count

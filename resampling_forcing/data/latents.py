@@ -24,6 +24,7 @@ Encoders are duck-typed: ``vae.encode(video [B,3,F,H,W] in [-1,1]) -> [B,C,f,h,w
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 from collections import Counter
@@ -190,79 +191,84 @@ def precompute(
 
     todo = [k for k in range(num_shards) if k not in shards]
     bar = None
+    redirect = contextlib.ExitStack()
     if progress and todo:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(min(n_rows, (k + 1) * shard_size) - k * shard_size for k in todo), desc="precompute", unit="video")
-    if shards:
-        write_index(complete=not todo)
-    for k in todo:
-        start, stop = k * shard_size, min(n_rows, (k + 1) * shard_size)
-        lat_list, txt_list, caps, idxs, paths = [], [], [], [], []
-        bad = Counter()
-        pending: list[tuple[int, torch.Tensor, str]] = []
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        def flush():
-            if not pending:
-                return
-            videos = torch.stack([torch.as_tensor(v) for _, v, _ in pending]).to(device=device, dtype=torch.float32)
-            texts = [c for _, _, c in pending]
-            with torch.inference_mode():
-                lat = vae.encode(videos)
-                emb = text_encoder.encode(texts)
-            lat, emb = torch.as_tensor(lat).detach().cpu(), torch.as_tensor(emb).detach().cpu()
-            if lat.shape[0] != len(pending) or emb.shape[0] != len(pending):
-                raise RuntimeError(f"encoders returned batch sizes {lat.shape[0]}, {emb.shape[0]} for {len(pending)} inputs")
-            if dtype is not None:
-                lat, emb = lat.to(dtype), emb.to(dtype)
-            lat_list.append(lat)
-            txt_list.append(emb)
-            caps.extend(texts)
-            idxs.extend(i for i, _, _ in pending)
-            pending.clear()
+        redirect.enter_context(logging_redirect_tqdm())
+    with redirect:  # bad-file warnings above the bar, not glued onto its line
+        if shards:
+            write_index(complete=not todo)
+        for k in todo:
+            start, stop = k * shard_size, min(n_rows, (k + 1) * shard_size)
+            lat_list, txt_list, caps, idxs, paths = [], [], [], [], []
+            bad = Counter()
+            pending: list[tuple[int, torch.Tensor, str]] = []
 
-        for i in range(start, stop):
-            video, cap = _get_item(dataset, i)
-            if video is None:
-                bad[cap] += 1
+            def flush():
+                if not pending:
+                    return
+                videos = torch.stack([torch.as_tensor(v) for _, v, _ in pending]).to(device=device, dtype=torch.float32)
+                texts = [c for _, _, c in pending]
+                with torch.inference_mode():
+                    lat = vae.encode(videos)
+                    emb = text_encoder.encode(texts)
+                lat, emb = torch.as_tensor(lat).detach().cpu(), torch.as_tensor(emb).detach().cpu()
+                if lat.shape[0] != len(pending) or emb.shape[0] != len(pending):
+                    raise RuntimeError(f"encoders returned batch sizes {lat.shape[0]}, {emb.shape[0]} for {len(pending)} inputs")
+                if dtype is not None:
+                    lat, emb = lat.to(dtype), emb.to(dtype)
+                lat_list.append(lat)
+                txt_list.append(emb)
+                caps.extend(texts)
+                idxs.extend(i for i, _, _ in pending)
+                pending.clear()
+
+            for i in range(start, stop):
+                video, cap = _get_item(dataset, i)
+                if video is None:
+                    bad[cap] += 1
+                else:
+                    if hasattr(dataset, "rows"):
+                        paths.append(str(dataset.rows[i].get("path", "")))
+                    pending.append((i, video, cap))
+                    if len(pending) >= batch_size:
+                        flush()
+                if bar is not None:
+                    bar.update(1)
+            flush()
+            meta = {
+                "format": str(FORMAT_VERSION),
+                "start": str(start),
+                "stop": str(stop),
+                "num_items": str(len(caps)),
+                "captions": json.dumps(caps),
+                "indices": json.dumps(idxs),
+                "paths": json.dumps(paths),
+                "bad": json.dumps(dict(sorted(bad.items()))),
+            }
+            if caps:
+                tensors = {"latents": torch.cat(lat_list).contiguous(), "text": torch.cat(txt_list).contiguous()}
+                if state["latent_shape"] is None:
+                    state["latent_shape"] = list(tensors["latents"].shape[1:])
+                    state["text_shape"] = list(tensors["text"].shape[1:])
+                    state["dtype"] = str(tensors["latents"].dtype).replace("torch.", "")
+                elif list(tensors["latents"].shape[1:]) != state["latent_shape"] or list(tensors["text"].shape[1:]) != state["text_shape"]:
+                    raise RuntimeError(
+                        f"shard {k}: shapes {list(tensors['latents'].shape[1:])}/{list(tensors['text'].shape[1:])} differ from "
+                        f"earlier shards {state['latent_shape']}/{state['text_shape']}"
+                    )
             else:
-                if hasattr(dataset, "rows"):
-                    paths.append(str(dataset.rows[i].get("path", "")))
-                pending.append((i, video, cap))
-                if len(pending) >= batch_size:
-                    flush()
-            if bar is not None:
-                bar.update(1)
-        flush()
-        meta = {
-            "format": str(FORMAT_VERSION),
-            "start": str(start),
-            "stop": str(stop),
-            "num_items": str(len(caps)),
-            "captions": json.dumps(caps),
-            "indices": json.dumps(idxs),
-            "paths": json.dumps(paths),
-            "bad": json.dumps(dict(sorted(bad.items()))),
-        }
-        if caps:
-            tensors = {"latents": torch.cat(lat_list).contiguous(), "text": torch.cat(txt_list).contiguous()}
-            if state["latent_shape"] is None:
-                state["latent_shape"] = list(tensors["latents"].shape[1:])
-                state["text_shape"] = list(tensors["text"].shape[1:])
-                state["dtype"] = str(tensors["latents"].dtype).replace("torch.", "")
-            elif list(tensors["latents"].shape[1:]) != state["latent_shape"] or list(tensors["text"].shape[1:]) != state["text_shape"]:
-                raise RuntimeError(
-                    f"shard {k}: shapes {list(tensors['latents'].shape[1:])}/{list(tensors['text'].shape[1:])} differ from "
-                    f"earlier shards {state['latent_shape']}/{state['text_shape']}"
-                )
-        else:
-            tensors = {"empty": torch.zeros(0)}
-        from safetensors.torch import save_file
+                tensors = {"empty": torch.zeros(0)}
+            from safetensors.torch import save_file
 
-        with atomic_path(out / shard_name(k)) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        shards[k] = _shard_entry(shard_name(k), meta)
-        write_index(complete=False)
+            with atomic_path(out / shard_name(k)) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+            shards[k] = _shard_entry(shard_name(k), meta)
+            write_index(complete=False)
     if bar is not None:
         bar.close()
     index = write_index(complete=True)
