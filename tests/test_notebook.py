@@ -29,5 +29,8 @@ def test_preview_notebook_executes(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "dense.mp4").stat().st_size > 0
     text = "".join(o.get("text", "") for o in outputs)
     assert "quality per" in text and "chunk 3:" in text
+    # the prompt-switching cell: a storyboard rollout per cache mode, the sheet written
+    assert "storyboard: [{'chunk': 0" in text and "recache" in text and " | " in text
+    assert (tmp_path / "out" / "switch.png").stat().st_size > 0
     # no numpy warnings printed into the notebook (the heatmap printed "Mean of empty slice")
     assert "Mean of empty slice" not in text and "RuntimeWarning" not in text, text
