@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import signal
 import sys
@@ -37,8 +36,8 @@ from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
 from .encoders import build_vae
 from .eval import evaluate_video, mean_over_videos, plot_drift
-from .io import atomic_write_json, contact_sheet, write_mp4
-from .pipeline import Pipeline
+from .io import atomic_write_json, contact_sheet
+from .pipeline import Pipeline, PipelineOutput
 from .training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,10 +45,6 @@ DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
 PRETRAINED = REPO / "assets" / "tiny-pretrained"
 SUMMARY_KEYS = ("quality", "object_fidelity", "motion_score", "identity_consistency", "background_clean", "psnr",
                 "center_error")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48]
 
 
 def demo_captions(data_dir: Path, extra: int) -> list[str]:
@@ -67,7 +62,9 @@ def demo_captions(data_dir: Path, extra: int) -> list[str]:
 def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int, seed: int, segment_frames: int,
                     out: Path, real: list[tuple] | None = None,
                     given_chunks: int = 0) -> tuple[list[dict], torch.Tensor, dict]:
-    """Roll out `num_chunks` chunks per caption, write out/name/*.mp4 (+ JSON), score each video.
+    """Roll out `num_chunks` chunks per caption, write out/name/NNN_<caption>.mp4 + JSON (the names and the
+    JSON schema of sample/sample.py, PipelineOutput.save, plus `demo_model`, `checkpoint` and, when
+    continuing, `given_frames`), score each video.
 
     With `real` (per caption: uint8 [F, H, W, 3] frames, generator metadata) and `given_chunks` > 0, the
     first `given_chunks` chunks of each real clip are given as history and the videos are also scored
@@ -83,13 +80,12 @@ def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int,
         print(f"[demo]   {name}: {len(captions)} rollouts of {num_chunks} chunks from {path}", flush=True)
     res = pipe.generate(captions, num_chunks - (given_chunks if history is not None else 0), seed=seed,
                         init_latents=history)
+    output = PipelineOutput(frames=res.video, result=res, fps=pipe.config.data.fps, seed=seed,
+                            indices=list(range(len(captions))), pipeline=pipe.describe())
+    paths = output.save(out / name, extra=dict(demo_model=name, checkpoint=str(path), **extra))
     results = []
-    for i, caption in enumerate(captions):
+    for i, (caption, mp4) in enumerate(zip(captions, paths)):
         video = res.video[i].numpy()
-        mp4 = out / name / f"{i:02d}_{_slug(caption)}.mp4"
-        write_mp4(mp4, video, fps=pipe.config.data.fps)
-        atomic_write_json(mp4.with_suffix(".json"), dict(prompt=caption, seed=seed, model=name, checkpoint=str(path),
-                                                          options=res.options, **extra))
         ref, meta = real[i] if history is not None else (None, None)
         results.append(evaluate_video(video, caption, segment_frames=segment_frames, reference=ref,
                                       reference_meta=meta, name=mp4.name))

@@ -24,6 +24,15 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert metrics["captions"][: len(held_out)] == held_out
     mp4s = sorted((out / "live").glob("*.mp4"))
     assert len(mp4s) == len(metrics["captions"])
+    # named and described as sample/sample.py names and describes its videos (PipelineOutput.save)
+    import re
+
+    assert all(re.fullmatch(r"\d{3}_[a-z0-9_]+\.mp4", p.name) for p in mp4s), [p.name for p in mp4s]
+    meta = json.loads(mp4s[0].with_suffix(".json").read_text())
+    for key in ("prompt", "negative_prompt", "seed", "sample_index", "video", "frames", "fps", "num_chunks",
+                "sampling", "pipeline", "timings"):
+        assert key in meta, (key, sorted(meta))
+    assert meta["video"] == mp4s[0].name and meta["demo_model"] == "live" and meta["prompt"] == metrics["captions"][0]
     # real generator clips are the ceiling of the metric
     assert all(s["quality"] > 0.95 for s in metrics["models"]["real"]["per_segment"])
     assert len(metrics["models"]["live"]["per_segment"]) == 2
