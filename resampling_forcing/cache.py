@@ -9,6 +9,18 @@ the two halves of the batch. Cursors are host integers: no `.item()` or device s
 The slot after the last finished chunk is scratch: each denoising step writes the current
 chunk's K/V there (so dense attention is one contiguous view, no concatenation) and the
 cache-writing pass at `context_t` commits it.
+
+Bounded memory (`TieredKVCache`, `KVCache.for_model(..., resident_chunks=R)`): only the R most
+recent finished chunks (plus the scratch slot) stay on the compute device, in a ring; older chunks
+move to a second tier (host memory, pinned on CUDA, one tensor per chunk and layer). The mean keys
+stay resident (routing selects without a transfer). For each attention call the history of that
+layer is assembled into ONE device staging buffer shared by all layers, at the same offsets as in
+the all-resident cache, so every attention path runs unchanged on the same values: outputs are
+bit-identical (tests/test_kv_offload.py). Only the chunks a call reads are brought in: all of them
+for dense attention and top-k routing (its per-token selection is on the device; knowing it on the
+host would need a sync), the sink + window chunks for window routing. Device memory: R chunks of
+every layer + one layer's history + mean keys, instead of every layer's history. All copies are
+enqueued on the current stream (non_blocking from/to pinned memory): no host sync.
 """
 from __future__ import annotations
 
@@ -35,10 +47,16 @@ class KVCache:
         self._grow(max(1, capacity))
 
     @classmethod
-    def for_model(cls, model, batch: int, latent_hw: tuple[int, int], device, dtype, capacity: int = 8):
+    def for_model(cls, model, batch: int, latent_hw: tuple[int, int], device, dtype, capacity: int = 8,
+                  resident_chunks: int | None = None, host_device="cpu"):
+        """The cache of `model` for chunks of `latent_hw`; `resident_chunks` = R bounds what stays on
+        `device` (TieredKVCache, the rest on `host_device`); None keeps everything resident."""
         cfg = model.cfg
-        return cls(cfg.num_layers, batch, cfg.num_heads, cfg.dim // cfg.num_heads,
-                   model.chunk_tokens(*latent_hw), device, dtype, capacity)
+        args = (cfg.num_layers, batch, cfg.num_heads, cfg.dim // cfg.num_heads, model.chunk_tokens(*latent_hw),
+                device, dtype, capacity)
+        if resident_chunks is None:
+            return cls(*args)
+        return TieredKVCache(*args, resident_chunks=resident_chunks, host_device=host_device)
 
     def _grow(self, capacity: int) -> None:
         """Reallocate to hold `capacity` chunks plus the scratch slot (host-side decision)."""
@@ -62,13 +80,16 @@ class KVCache:
 
     # -- per layer -------------------------------------------------------------------------
 
-    def history(self, layer: int):
-        """K, V [B, Hh, n*T, D] and mean keys [B, Hh, n, D] of the n finished chunks (views)."""
+    def history(self, layer: int, chunks: list[int] | None = None):
+        """K, V [B, Hh, n*T, D] and mean keys [B, Hh, n, D] of the n finished chunks (views).
+        `chunks`: the history chunks the caller will read (None = all); a tiered cache brings in only
+        those (the other slices of its views are then stale)."""
         end = self.num_chunks * self.chunk_tokens
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.mean_k[layer][:, :, :self.num_chunks]
 
-    def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the current chunk's K/V into the scratch slot; return K, V of history + current."""
+    def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunks: list[int] | None = None):
+        """Write the current chunk's K/V into the scratch slot; return K, V of history + current
+        (`chunks` as in `history`)."""
         if k.shape[2] != self.chunk_tokens:
             raise ValueError(f"current chunk has {k.shape[2]} tokens; the cache holds chunks of {self.chunk_tokens}")
         start = self.num_chunks * self.chunk_tokens
@@ -86,7 +107,150 @@ class KVCache:
         self.reserve(1)
 
     def memory_bytes(self) -> int:
+        """Bytes held on the compute device (all of the cache here)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v + self.mean_k)
+
+    def total_bytes(self) -> int:
+        """Bytes of the cache over all tiers."""
+        return self.memory_bytes()
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Sorted ints -> maximal runs [a, b) of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for j in idx:
+        if out and out[-1][1] == j:
+            out[-1] = (out[-1][0], j + 1)
+        else:
+            out.append((j, j + 1))
+    return out
+
+
+class TieredKVCache(KVCache):
+    """KV cache with at most `resident_chunks` finished chunks on the device (see the module doc).
+
+    Layout: ring `rk/rv[layer]` [B, Hh, (R+1)*T, D] on the device (chunk j >= n - R and the scratch
+    chunk n at slot j % (R+1)); `hk/hv[layer][j]` [B, Hh, T, D] on `host_device` for j < n - R;
+    `mean_k[layer]` as in KVCache; one staging pair [B, Hh, (capacity+1)*T, D] on the device."""
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, chunk_tokens: int,
+                 device, dtype, capacity: int = 8, *, resident_chunks: int, host_device="cpu"):
+        if isinstance(resident_chunks, bool) or not isinstance(resident_chunks, int) or resident_chunks < 1:
+            raise ValueError(f"resident_chunks={resident_chunks!r}: need an int >= 1 (None = all resident)")
+        self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
+        self.chunk_tokens = chunk_tokens
+        self.device, self.dtype = torch.device(device), dtype
+        self.host_device = torch.device(host_device)
+        self.pin = self.device.type == "cuda" and self.host_device.type == "cpu"
+        self.resident = resident_chunks
+        self._n = 0
+        self._staged = None  # (layer, n, chunks) whose history the staging buffers hold
+        self.text_kv = None
+        ring = (batch, heads, (resident_chunks + 1) * chunk_tokens, head_dim)
+        self.rk = [torch.zeros(ring, device=self.device, dtype=dtype) for _ in range(num_layers)]
+        self.rv = [torch.zeros(ring, device=self.device, dtype=dtype) for _ in range(num_layers)]
+        self.hk: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.hv: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.capacity = 0
+        self.mean_k: list[torch.Tensor] = []
+        self.stage_k = self.stage_v = None
+        self._grow(max(1, capacity))
+
+    # host-side cursors
+    @property
+    def num_chunks(self) -> int:
+        return self._n
+
+    @num_chunks.setter
+    def num_chunks(self, n: int) -> None:  # Rollout.recache rewinds to 0 and rewrites in order
+        self._n = int(n)
+        self._staged = None
+
+    @property
+    def offloaded(self) -> int:
+        """Finished chunks in the host tier (0 .. offloaded-1)."""
+        return max(0, self._n - self.resident)
+
+    def _slot(self, j: int) -> slice:
+        s = (j % (self.resident + 1)) * self.chunk_tokens
+        return slice(s, s + self.chunk_tokens)
+
+    def _grow(self, capacity: int) -> None:
+        mshape = (self.batch, self.heads, capacity + 1, self.head_dim)
+        new = [torch.zeros(mshape, device=self.device, dtype=torch.float32) for _ in range(self.num_layers)]
+        for o, nw in zip(self.mean_k, new):
+            nw[:, :, :self._n] = o[:, :, :self._n]
+        self.mean_k = new
+        shape = (self.batch, self.heads, (capacity + 1) * self.chunk_tokens, self.head_dim)
+        self.stage_k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # transient: no copy
+        self.stage_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._staged = None
+        self.capacity = capacity
+
+    def _stage(self, layer: int, chunks: list[int] | None) -> None:
+        n = self._n
+        key = (layer, n, None if chunks is None else tuple(chunks))
+        if self._staged == key:
+            return
+        need = list(range(n)) if chunks is None else sorted(chunks)
+        T, off = self.chunk_tokens, self.offloaded
+        for a, b in _runs([j for j in need if j >= off]):  # resident: ring slots, contiguous until the wrap
+            j = a
+            while j < b:
+                s = j % (self.resident + 1)
+                e = min(b, j + (self.resident + 1 - s))
+                src = slice(s * T, (s + e - j) * T)
+                self.stage_k[:, :, j * T:e * T].copy_(self.rk[layer][:, :, src])
+                self.stage_v[:, :, j * T:e * T].copy_(self.rv[layer][:, :, src])
+                j = e
+        for j in (j for j in need if j < off):  # host tier, one chunk each
+            self.stage_k[:, :, j * T:(j + 1) * T].copy_(self.hk[layer][j], non_blocking=True)
+            self.stage_v[:, :, j * T:(j + 1) * T].copy_(self.hv[layer][j], non_blocking=True)
+        self._staged = key
+
+    def history(self, layer: int, chunks: list[int] | None = None):
+        self._stage(layer, chunks)
+        end = self._n * self.chunk_tokens
+        return self.stage_k[:, :, :end], self.stage_v[:, :, :end], self.mean_k[layer][:, :, :self._n]
+
+    def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunks: list[int] | None = None):
+        if k.shape[2] != self.chunk_tokens:
+            raise ValueError(f"current chunk has {k.shape[2]} tokens; the cache holds chunks of {self.chunk_tokens}")
+        self._stage(layer, chunks)
+        sl = self._slot(self._n)
+        self.rk[layer][:, :, sl] = k  # the ring keeps it for the commit
+        self.rv[layer][:, :, sl] = v
+        start = self._n * self.chunk_tokens
+        end = start + self.chunk_tokens
+        self.stage_k[:, :, start:end] = k
+        self.stage_v[:, :, start:end] = v
+        return self.stage_k[:, :, :end], self.stage_v[:, :, :end]
+
+    def commit(self) -> None:
+        self._n += 1
+        self._staged = None
+        j = self._n - self.resident - 1  # the chunk that just left the resident window
+        if j >= 0:
+            sl = self._slot(j)
+            for layer in range(self.num_layers):
+                for ring, tier in ((self.rk[layer], self.hk[layer]), (self.rv[layer], self.hv[layer])):
+                    if j == len(tier):
+                        tier.append(torch.empty((self.batch, self.heads, self.chunk_tokens, self.head_dim),
+                                                dtype=self.dtype, device=self.host_device, pin_memory=self.pin))
+                    tier[j].copy_(ring[:, :, sl], non_blocking=True)
+        self.reserve(1)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the first tier (the compute device): ring, mean keys, staging."""
+        ts = self.rk + self.rv + self.mean_k + [self.stage_k, self.stage_v]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def host_bytes(self) -> int:
+        """Bytes of the second tier (host memory)."""
+        return sum(t.numel() * t.element_size() for tier in self.hk + self.hv for t in tier)
+
+    def total_bytes(self) -> int:
+        return self.memory_bytes() + self.host_bytes()
 
 
 @dataclass
@@ -131,13 +295,13 @@ class CachedAttention:
             # host without scores (no sync); keeping them all is plain dense attention.
             chunks = static_chunks(self.routing, n)
         if routes and chunks != list(range(n)):
-            hist_k, hist_v, mean_k = cache.history(layer)
-            cache.put_current(layer, k, v)
+            hist_k, hist_v, mean_k = cache.history(layer, chunks)
+            cache.put_current(layer, k, v, chunks)
             sel = select_chunks(q, mean_k, self.routing) if chunks is None else _static_sel(q, n, chunks)
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens,
                                       backend=self._routing_backend(q), chunks=chunks)
         else:
-            keys, values = cache.put_current(layer, k, v)
+            keys, values = cache.put_current(layer, k, v, chunks)
             sel = _static_sel(q, n, chunks) if routes else None
             out = attention(q, keys, values, None, self.backend)
         if self.recorder is not None and self.commit and sel is not None:

@@ -109,6 +109,9 @@ class SamplingOptions:
     routing_layers: Optional[list[int]] = None  # blocks that route (None = all)
     backend: str = "sdpa"  # a RESOLVED backend name (attention.backends.resolve_backend)
     record_selection: bool = False
+    # Bounded memory: at most this many finished chunks' K/V stay on the device, older ones go to
+    # host memory (cache.TieredKVCache; outputs bit-identical). None = all resident.
+    kv_resident_chunks: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -119,6 +122,9 @@ class SamplingOptions:
             raise ValueError(f"cfg_scale={self.cfg_scale!r}: must be finite (1.0 switches guidance off)")
         if not 0.0 <= self.context_t < 1.0:
             raise ValueError(f"context_t={self.context_t!r}: must be in [0, 1) (0 = write clean chunks)")
+        r = self.kv_resident_chunks
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"kv_resident_chunks={r!r}: need an int >= 1 (None keeps the whole cache on the device)")
         if self.routing is not None and not isinstance(self.routing, RoutingSpec):
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
 
@@ -226,7 +232,8 @@ class Rollout:
             raise ValueError(f"{len(indices)} sample indices for a batch of {b}")
         self.noise = SampleNoise(seed, indices)
         self.cache = KVCache.for_model(model, ctx.shape[0], self.latent_hw, self.device, self.dtype,
-                                       capacity=max(1, int(capacity)))
+                                       capacity=max(1, int(capacity)),
+                                       resident_chunks=self.options.kv_resident_chunks)
         with torch.no_grad():
             self.cache.text_kv = model.text_kv(ctx.to(self.device))
         # t grid as host floats: no device reads while sampling.
@@ -597,6 +604,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
         fps_without_decode=gen_frames / denoise_total if denoise_total > 0 else None,
         fps_with_decode=(gen_frames / (denoise_total + decode_total)) if decoding and denoise_total > 0 else None,
         peak_memory_mib=mem, peak_memory_kind=kind, kv_cache_mib=ro.cache.memory_bytes() / 2**20,
+        kv_cache_total_mib=ro.cache.total_bytes() / 2**20, kv_resident_chunks=options.kv_resident_chunks,
         batch=ro.batch, cfg_branches=2 if ro.use_uncond else 1,
     )
     return SampleResult(

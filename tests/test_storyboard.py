@@ -19,6 +19,8 @@ from resampling_forcing.sampler import Rollout, SamplingOptions, check_storyboar
 from helpers import tiny_model
 
 H, W = 2, 14
+# tiny tensors: threads only add overhead (and stall on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny-pretrained"
 
