@@ -86,6 +86,10 @@ class BadInput(Exception):
     """One line on stderr, exit 2."""
 
 
+class Interrupted(Exception):
+    """An arm's training was stopped by a signal (its checkpoint is saved; rerun to resume)."""
+
+
 def _path(p: str) -> Path:
     """A preset path: as given when it exists (relative to the working folder), else in the checkout."""
     q = Path(p)
@@ -126,11 +130,13 @@ def _train(config: Path, overrides: list[str]) -> Path:
 
     cfg = load_config(config, overrides)
     try:
-        train(cfg)
+        result = train(cfg)
     finally:  # the next arm gets a fresh Accelerator
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         PartialState._reset_state()
+    if result["status"] != "completed":
+        raise Interrupted(f"{cfg.train.run_dir} stopped at step {result['step']} by {result.get('signal')}")
     return Path(cfg.train.run_dir)
 
 
@@ -308,7 +314,7 @@ def run(args) -> int:
         eval=dict(clips=len(clips), frames=seg * preset.eval_segments, segment_frames=seg,
                   given_chunks=preset.given_chunks, sampler=dict(steps=base.diffusion.sample_steps,
                   shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale), seed=preset.sample_seed,
-                  collapse="object_fidelity < 0.5 or background_clean < 0.8 in a segment",
+                  collapse="object_fidelity < 0.5 or background_clean < 0.5 in a segment",
                   interval="mean +- 1.96 sd / sqrt(n) over clips; vs_tf: paired over the same clips",
                   extrapolation="per clip mean over segments 1.. (beyond the training length)"),
         calibration=calib, sanity=sanity, arms={n: arm_entry(n) for n in ["warmup"] + arms}, best_arm=best,
@@ -341,7 +347,7 @@ def run(args) -> int:
 
 def table(report: dict) -> str:
     """Markdown: extrapolation means (95% interval) per arm, then the routing rows."""
-    cols = ("psnr", "center_error", "object_fidelity", "color_acc", "collapse")
+    cols = ("psnr", "center_error", "object_fidelity", "color_acc", "motion_score", "collapse")
     rows = ["| arm | gap ratio | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
 
     def cell(s):
@@ -389,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as e:
         print(f"ablation: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as e:
+        print(f"ablation: {e}; run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

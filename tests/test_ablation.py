@@ -87,6 +87,7 @@ def test_metrics_separate_good_from_bad_continuations():
     assert truth["psnr"]["mean"] > s["truth + noise 0.1"]["psnr"]["mean"] > frozen["psnr"]["mean"]
     assert truth["center_error"]["mean"] < 0.5 < frozen["center_error"]["mean"]
     assert truth["object_fidelity"]["mean"] > 0.9 and truth["collapse"]["mean"] == 0.0
+    assert frozen["motion_score"]["mean"] < 0.2 < truth["motion_score"]["mean"]
     assert other["color_acc"]["mean"] < truth["color_acc"]["mean"]
 
 
@@ -100,3 +101,21 @@ def test_paired_difference_and_collapse_rule():
     d = paired(a["collapse"], b["collapse"])
     assert d["mean"] == -1.0 and d["ci95"] == 0.0 and d["n"] == 3
     assert extrapolation_mean(np.array([[5.0, 1.0, np.nan, 3.0]])).tolist() == [2.0]
+
+
+def test_an_interrupted_arm_stops_the_runner(tmp_path, monkeypatch, capsys):
+    """A signal that stops an arm's training (its checkpoint saved) stops the runner with one line and
+    exit 130; it must not go on to the next arm or evaluate a half-trained one."""
+    import resampling_forcing.training as training
+
+    calls = []
+
+    def fake_train(cfg, accelerator=None):
+        calls.append(cfg.train.run_dir)
+        return {"status": "interrupted", "step": 1, "checkpoint": None, "signal": "SIGTERM"}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert main(_cli(tmp_path)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) == 1 and calls[0].endswith("warmup")
+    assert len(err) == 1 and "stopped at step 1 by SIGTERM" in err[0] and "resume" in err[0]
