@@ -83,10 +83,11 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
 
 
 def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
-                  history_chunks: int = 0, cfg_scale: float = 1.0) -> dict:
+                  history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None) -> dict:
     """Lower bound of one rollout of `batch` videos: KV cache of every chunk, latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
-    the decoded video."""
+    the decoded video. With `kv_resident_chunks` = R (cache.TieredKVCache) the device holds R + 1
+    chunks of every layer plus one layer's whole history; the rest of the cache is host memory."""
     d, m = cfg.data, cfg.model
     geo = codec_geometry(cfg)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
@@ -95,11 +96,14 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     frames = pixel_frames(geo, n * m.chunk_frames)
     parts = {
         "weights": model_params(cfg) * dtype_bytes,
-        "kv cache": m.num_layers * 2 * n * t * m.dim * dtype_bytes * batch,
+        "kv cache": m.num_layers * 2 * n * t * m.dim * dtype_bytes * batch if kv_resident_chunks is None else
+        (m.num_layers * 2 * min(n, kv_resident_chunks + 1) + 2 * (n + 1)) * t * m.dim * dtype_bytes * batch,
         "latents": 2 * batch * geo["channels"] * n * m.chunk_frames * h * w * 4,
         "block work": (2 if cfg_scale != 1.0 else 1) * batch * t * (5 * m.dim + m.ffn_dim) * dtype_bytes,
     }
     host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
+    if kv_resident_chunks is not None:
+        host["kv cache (host tier)"] = m.num_layers * 2 * max(0, n - kv_resident_chunks) * t * m.dim * dtype_bytes * batch
     return _total(parts, host)
 
 

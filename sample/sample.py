@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch-cache", choices=["keep", "recache"], default="keep",
                    help="at a prompt switch: keep the cached history K/V as written (default) or re-encode the "
                    "history under the new text (LongLive's KV re-cache)")
+    p.add_argument("--kv-resident-chunks", type=int, default=None, metavar="N",
+                   help="bounded memory: keep at most N finished chunks' K/V on the device, older ones in host "
+                   "memory (pinned on CUDA); same output bit for bit (default: all on the device)")
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
@@ -186,6 +189,8 @@ def check_args(args) -> None:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
     if args.seed < 0:
         raise BadInput(f"--seed must be >= 0 (got {args.seed})")
+    if args.kv_resident_chunks is not None and args.kv_resident_chunks < 1:
+        raise BadInput(f"--kv-resident-chunks must be >= 1 (got {args.kv_resident_chunks}); omit it to keep all on the device")
     if args.max_history_chunks < 1:
         raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
     if args.init_video is not None and not Path(args.init_video).is_file():
@@ -233,7 +238,8 @@ def run(args) -> int:
         opts = pipe.sampling_options(steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
                                      context_t=args.context_t, routing=args.routing, top_k=args.top_k,
                                      sink=args.sink, window=args.window,
-                                     record_selection=True if args.record_selection else None)
+                                     record_selection=True if args.record_selection else None,
+                                     kv_resident_chunks=args.kv_resident_chunks)
         history, init_info = (None, None)
         if args.init_video is not None:
             history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
@@ -260,7 +266,7 @@ def run(args) -> int:
         res = pipe.generate(batch_prompts, args.num_chunks, negative_prompt=neg, seed=args.seed, indices=idx,
                             steps=opts.steps, shift=opts.shift, cfg_scale=opts.cfg_scale, context_t=opts.context_t,
                             routing=opts.routing if opts.routing is not None else "dense",
-                            record_selection=opts.record_selection,
+                            record_selection=opts.record_selection, kv_resident_chunks=opts.kv_resident_chunks,
                             init_latents=history, progress=not args.quiet,
                             storyboard=switches, switch_cache=args.switch_cache)
         out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
@@ -303,7 +309,8 @@ def check_memory(cfg, device, args, num_prompts: int) -> None:
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
     steps = args.steps if args.steps is not None else cfg.diffusion.sample_steps
     cfg_scale = args.cfg if args.cfg is not None else cfg.diffusion.cfg_scale
-    need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, cfg_scale)
+    need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, cfg_scale,
+                         args.kv_resident_chunks)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
     if msg:

@@ -78,3 +78,29 @@ def test_tiered_cache_tiers_and_bytes():
         assert torch.equal(k, k0) and torch.equal(v, v0) and torch.equal(m, m0)
     with pytest.raises(ValueError, match="kv_resident_chunks"):
         SamplingOptions(kv_resident_chunks=0)
+
+
+def test_cli_kv_resident_chunks_same_video(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sample_cli_kv", repo / "sample" / "sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = ["--checkpoint", str(repo / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
+            "--num-chunks", "5", "--steps", "2", "--device", "cpu", "--quiet", "--top-k", "1"]
+    assert mod.main(base + ["--output", str(tmp_path / "all.mp4")]) == 0
+    assert mod.main(base + ["--kv-resident-chunks", "1", "--output", str(tmp_path / "bounded.mp4")]) == 0
+    assert (tmp_path / "all.mp4").read_bytes() == (tmp_path / "bounded.mp4").read_bytes()
+    meta = json.loads((tmp_path / "bounded.json").read_text())
+    t = meta["timings"]
+    assert meta["sampling"]["kv_resident_chunks"] == 1 and t["kv_resident_chunks"] == 1
+    assert t["kv_cache_total_mib"] > t["kv_cache_mib"] > 0
+    full = json.loads((tmp_path / "all.json").read_text())["timings"]
+    assert full["kv_cache_total_mib"] == full["kv_cache_mib"] and full["kv_resident_chunks"] is None
+    capsys.readouterr()
+    assert mod.main(base + ["--kv-resident-chunks", "0", "--output", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--kv-resident-chunks must be >= 1" in err
