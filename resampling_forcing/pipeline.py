@@ -57,6 +57,7 @@ __all__ = [
     "CheckpointInfo",
     "latest_checkpoint",
     "resolve_checkpoint",
+    "resolve_hub_id",
     "parse_dtype",
     "resolve_device",
     "prepare_init_video",
@@ -92,9 +93,35 @@ def _complete(d: Path) -> bool:
     return (d / OUR_WEIGHTS).is_file() and (d / OUR_CONFIG).is_file()
 
 
+def _looks_like_hub_id(path: Union[str, Path]) -> bool:
+    import re
+
+    return isinstance(path, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None \
+        and not path.startswith((".", "/")) and ".." not in path
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """A Hugging Face Hub id ("org/name") -> its snapshot folder in the local Hugging Face cache
+    (HF_HUB_CACHE), offline: nothing is downloaded. PipelineError when it is not cached."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:  # pragma: no cover - a transformers/diffusers dependency
+        raise PipelineError(f"{repo_id}: no such local path (and huggingface_hub is not installed)") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, invalid ids, ...
+        raise PipelineError(f"checkpoint {repo_id}: not a local path and not in the local Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}); download it first (`hf download {repo_id}`) or pass a "
+                            f"folder ({type(e).__name__})") from None
+
+
 def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> CheckpointInfo:
-    """Classify `path` as a run dir, one of our checkpoint dirs or a raw Wan checkpoint."""
+    """Classify `path` as a run dir, one of our checkpoint dirs or a raw Wan checkpoint. A path that
+    does not exist but looks like a Hub id ("org/name") resolves through the local Hugging Face
+    cache (offline)."""
     p = Path(path).expanduser()
+    if not p.exists() and _looks_like_hub_id(path):
+        p = resolve_hub_id(str(path))
     if not p.exists():
         raise PipelineError(f"checkpoint {p} does not exist; pass a run dir, a checkpoints/step_* dir or a Wan2.1 checkpoint")
     if not p.is_dir():
@@ -679,7 +706,7 @@ class Pipeline:
         num_inference_steps=..., guidance_scale=..., generator=..., top_k=..., callback_on_chunk_end=...)`.
 
         num_frames counts VIDEO frames of the whole output (a given init image/video's history
-        included); it must be a whole number of chunks (PipelineError names the nearest valid
+        included: an init video is trimmed and encoded first); it must be a whole number of chunks (PipelineError names the nearest valid
         counts); None = one chunk. generator: a torch.Generator (the rollout seed is drawn from
         it, so a generator seeded alike gives the same video) or an int seed; None = seed 0.
         callback_on_chunk_end(pipe, chunk_index, chunk) is called after every generated chunk
@@ -695,14 +722,16 @@ class Pipeline:
             seed = int(kwargs.pop("seed", 0))
         else:
             seed = int(generator)
-        hist_chunks = 0
+        hist_chunks, video_info = 0, None
+        if kwargs.get("init_video") is not None:  # encoded first: its length sets the history's frames
+            if kwargs.get("init_latents") is not None or kwargs.get("init_image") is not None:
+                raise PipelineError("pass one of init_video, init_image, init_latents")
+            kwargs["init_latents"], video_info = self.load_init_video(
+                kwargs.pop("init_video"), max_chunks=kwargs.pop("max_history_chunks", None), height=height, width=width)
         if kwargs.get("init_image") is not None:
             hist_chunks = 1
         elif kwargs.get("init_latents") is not None:
             hist_chunks = kwargs["init_latents"].shape[2] // self.chunk_frames
-        elif kwargs.get("init_video") is not None:
-            raise PipelineError("pipe(..., init_video=...) counts frames after a history of unknown length; "
-                                "use generate(..., init_video=..., num_chunks=...)")
         n = 1 if num_frames is None else self.chunks_for_frames(num_frames, hist_chunks)
         callback = None
         if callback_on_chunk_end is not None:
@@ -710,6 +739,8 @@ class Pipeline:
         res = self.generate(prompt, n, negative_prompt=negative_prompt, seed=seed, steps=num_inference_steps,
                             cfg_scale=guidance_scale, top_k=top_k, height=height, width=width, callback=callback,
                             **kwargs)
+        if video_info is not None:
+            res = dataclasses.replace(res, init_video=video_info)
         return PipelineOutput(frames=res.video, result=res, fps=self.config.data.fps if fps is None else fps,
                               seed=seed, indices=list(kwargs.get("indices") or range(len(res.prompts))),
                               pipeline=self.describe())

@@ -320,3 +320,42 @@ def test_pipeline_call_like_diffusers(pipe, tmp_path):
     _png(tmp_path / "i.png", _image(32, 32))
     o = pipe(RED, num_frames=f3, num_inference_steps=1, init_image=tmp_path / "i.png")
     assert o.frames.shape[1] == f3 and o.result.history_chunks == 1
+
+
+def test_hub_id_resolves_offline_through_the_local_cache(tmp_path, monkeypatch):
+    """pipe = Pipeline.from_pretrained("org/name"): the snapshot in the local Hugging Face cache, no
+    network; a clear one-line error when it is not cached."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from resampling_forcing.pipeline import Pipeline, PipelineError
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny-rf" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in TINY.iterdir():
+        shutil.copy(f, snap / f.name)
+    (cache / "models--someone--tiny-rf" / "refs").mkdir()
+    (cache / "models--someone--tiny-rf" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = Pipeline.from_pretrained("someone/tiny-rf")
+    assert Path(pipe.source["model_dir"]) == snap
+    assert pipe("a red circle bouncing", num_frames=2, num_inference_steps=1).frames.shape[1] == 2
+    with pytest.raises(PipelineError, match="not in the local Hugging Face cache") as e:
+        Pipeline.from_pretrained("someone/missing-model")
+    assert "\n" not in str(e.value)
+    with pytest.raises(PipelineError, match="does not exist"):
+        Pipeline.from_pretrained("./no/such/dir")
+
+
+def test_pipeline_call_with_init_video(pipe):
+    """pipe(..., init_video=frames): the video is trimmed/encoded first; num_frames counts its frames too."""
+    cf = pipe.chunk_frames
+    frames = np.stack([_image(32, 32, seed=i) for i in range(2 * cf + 1)])  # 2 chunks (+1 dropped)
+    out = pipe(RED, num_frames=pipe.frames_for_chunks(4), num_inference_steps=1, init_video=frames)
+    assert out.result.history_chunks == 2 and out.frames.shape[1] == pipe.frames_for_chunks(4)
+    assert out.result.init_video["frames_dropped_from_start"] == 1
+    ref = pipe.generate(RED, 2, steps=1, seed=out.seed, init_video=frames)
+    assert torch.equal(ref.video, out.frames)
