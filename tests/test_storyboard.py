@@ -359,3 +359,30 @@ def test_pipeline_call_with_init_video(pipe):
     assert out.result.init_video["frames_dropped_from_start"] == 1
     ref = pipe.generate(RED, 2, steps=1, seed=out.seed, init_video=frames)
     assert torch.equal(ref.video, out.frames)
+
+
+def test_init_image_wan_vae_first_latent_is_the_causal_image_frame(tmp_path):
+    """With the causal Wan VAE the image is repeated to 1 + 4 (cf - 1) frames; the first latent frame
+    is the encoding of the image alone (the VAE's causal first frame)."""
+    from diffusers import AutoencoderKLWan
+
+    from resampling_forcing.encoders import HashTextEncoder, WanVAE
+    from resampling_forcing.pipeline import Pipeline
+    from helpers import tiny_run_config
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval().save_pretrained(tmp_path / "vae")
+    vae = WanVAE(tmp_path)
+    cfg = tiny_run_config(data=dict(height=16, width=16))
+    model = tiny_model(chunk_frames=3)
+    p = Pipeline(model, vae, HashTextEncoder(text_len=6, dim=8), cfg, torch.device("cpu"), torch.float32)
+    img = _image(24, 20)
+    lat, info = p.load_init_image(img)
+    assert lat.shape == (1, 4, 3, 2, 2) and info["frames_repeated"] == 1 + 4 * 2
+    x = torch.from_numpy(img).permute(2, 0, 1).float()[:, None] / 127.5 - 1
+    from resampling_forcing.pipeline import _resize_crop
+
+    alone = vae.encode(_resize_crop(x, 16, 16)[None]).float()  # one frame -> one latent frame
+    assert alone.shape[2] == 1
+    torch.testing.assert_close(lat[:, :, :1], alone, rtol=1e-4, atol=1e-5)
