@@ -5,6 +5,11 @@
     pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", config="configs/wan.yaml")  # raw Wan
     out = pipe.generate(["a red circle moves left"], num_chunks=8, seed=0, top_k=5)
     out.video      # uint8 [B, frames, H, W, 3]; out.timings; out.selection (record_selection=True)
+    out = pipe.generate(None, 12, storyboard=[(0, "a red ball"), (6, "a blue ball")])  # prompt switch
+    out = pipe.generate("a red ball", 4, init_image="first.png")         # image-to-video
+    res = pipe("a red ball", num_frames=24, num_inference_steps=12, guidance_scale=2.0)  # diffusers-style
+    res.frames; res.save("out.mp4")                                      # mp4 + JSON
+    pipe = Pipeline.from_pretrained("org/name")  # a Hub id: its snapshot in the local HF cache (offline)
 
 What is loaded (docs/CONTRACTS.md, run-directory contract):
 - RUN dir (has checkpoints/): the newest complete `checkpoints/step_XXXXXXX/` (highest step whose
