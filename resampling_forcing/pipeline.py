@@ -323,7 +323,8 @@ class PipelineOutput:
         return dict(
             prompt=res.prompts[b] if res.prompts else None, negative_prompt=neg, seed=self.seed,
             sample_index=self.indices[b], noise_seed_rule="sampler.sample_seed(seed, sample_index)",
-            video=Path(path).name if path is not None else None, frames=int(self.frames.shape[1]), fps=self.fps,
+            video=Path(path).name if path is not None else None,
+            frames=int(self.frames.shape[1]) if self.frames is not None else 0, fps=self.fps,
             history_frames=res.history_frames, history_chunks=res.history_chunks,
             num_chunks=int(res.timings.get("generated_chunks", 0)),
             storyboard=board, switch_cache=res.switch_cache if board is not None else None,
@@ -340,6 +341,8 @@ class PipelineOutput:
         return paths
 
     def save_one(self, b: int, path: Union[str, Path], extra: Optional[dict] = None) -> dict:
+        if self.frames is None:
+            raise PipelineError("nothing to save: the rollout was not decoded (decode=False)")
         meta = self.metadata(b, path)
         meta.update(extra or {})
         save_video(path, self.frames[b], meta, self.fps, self.result.selection)
