@@ -16,7 +16,8 @@ move to a second tier (host memory, pinned on CUDA, one tensor per chunk and lay
 stay resident (routing selects without a transfer). For each attention call the history of that
 layer is assembled into ONE device staging buffer shared by all layers, at the same offsets as in
 the all-resident cache, so every attention path runs unchanged on the same values: outputs are
-bit-identical (tests/test_kv_offload.py). Only the chunks a call reads are brought in: all of them
+bit-identical (tests/test_kv_offload.py). Optionally the host tier stores K/V in a smaller dtype
+(`host_dtype`, e.g. bf16 under an fp32 model: half the host memory, no longer exact). Only the chunks a call reads are brought in: all of them
 for dense attention and top-k routing (its per-token selection is on the device; knowing it on the
 host would need a sync), the sink + window chunks for window routing. Device memory: R chunks of
 every layer + one layer's history + mean keys, instead of every layer's history. All copies are
@@ -48,15 +49,16 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch: int, latent_hw: tuple[int, int], device, dtype, capacity: int = 8,
-                  resident_chunks: int | None = None, host_device="cpu"):
+                  resident_chunks: int | None = None, host_device="cpu", host_dtype=None):
         """The cache of `model` for chunks of `latent_hw`; `resident_chunks` = R bounds what stays on
-        `device` (TieredKVCache, the rest on `host_device`); None keeps everything resident."""
+        `device` (TieredKVCache, the rest on `host_device`, in `host_dtype`: None = `dtype`); None
+        keeps everything resident."""
         cfg = model.cfg
         args = (cfg.num_layers, batch, cfg.num_heads, cfg.dim // cfg.num_heads, model.chunk_tokens(*latent_hw),
                 device, dtype, capacity)
         if resident_chunks is None:
             return cls(*args)
-        return TieredKVCache(*args, resident_chunks=resident_chunks, host_device=host_device)
+        return TieredKVCache(*args, resident_chunks=resident_chunks, host_device=host_device, host_dtype=host_dtype)
 
     def _grow(self, capacity: int) -> None:
         """Reallocate to hold `capacity` chunks plus the scratch slot (host-side decision)."""
@@ -134,13 +136,16 @@ class TieredKVCache(KVCache):
     `mean_k[layer]` as in KVCache; one staging pair [B, Hh, (capacity+1)*T, D] on the device."""
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, chunk_tokens: int,
-                 device, dtype, capacity: int = 8, *, resident_chunks: int, host_device="cpu"):
+                 device, dtype, capacity: int = 8, *, resident_chunks: int, host_device="cpu", host_dtype=None):
         if isinstance(resident_chunks, bool) or not isinstance(resident_chunks, int) or resident_chunks < 1:
             raise ValueError(f"resident_chunks={resident_chunks!r}: need an int >= 1 (None = all resident)")
         self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
         self.chunk_tokens = chunk_tokens
         self.device, self.dtype = torch.device(device), dtype
         self.host_device = torch.device(host_device)
+        # The host tier may store K/V in a smaller dtype (lossy: rounded once when a chunk leaves the
+        # device, converted back by the staging copy); None = the cache dtype (exact).
+        self.host_dtype = dtype if host_dtype is None else host_dtype
         self.pin = self.device.type == "cuda" and self.host_device.type == "cpu"
         self.resident = resident_chunks
         self._n = 0
@@ -236,7 +241,7 @@ class TieredKVCache(KVCache):
                 for ring, tier in ((self.rk[layer], self.hk[layer]), (self.rv[layer], self.hv[layer])):
                     if j == len(tier):
                         tier.append(torch.empty((self.batch, self.heads, self.chunk_tokens, self.head_dim),
-                                                dtype=self.dtype, device=self.host_device, pin_memory=self.pin))
+                                                dtype=self.host_dtype, device=self.host_device, pin_memory=self.pin))
                     tier[j].copy_(ring[:, :, sl], non_blocking=True)
         self.reserve(1)
 

@@ -83,11 +83,13 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
 
 
 def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
-                  history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None) -> dict:
+                  history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None,
+                  kv_host_bytes: int | None = None) -> dict:
     """Lower bound of one rollout of `batch` videos: KV cache of every chunk, latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
     the decoded video. With `kv_resident_chunks` = R (cache.TieredKVCache) the device holds R + 1
-    chunks of every layer plus one layer's whole history; the rest of the cache is host memory."""
+    chunks of every layer plus one layer's whole history; the rest of the cache is host memory
+    (`kv_host_bytes` per element there; None = dtype_bytes)."""
     d, m = cfg.data, cfg.model
     geo = codec_geometry(cfg)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
@@ -103,7 +105,8 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     }
     host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
     if kv_resident_chunks is not None:
-        host["kv cache (host tier)"] = m.num_layers * 2 * max(0, n - kv_resident_chunks) * t * m.dim * dtype_bytes * batch
+        host["kv cache (host tier)"] = (m.num_layers * 2 * max(0, n - kv_resident_chunks) * t * m.dim * batch
+                                        * (dtype_bytes if kv_host_bytes is None else kv_host_bytes))
     return _total(parts, host)
 
 

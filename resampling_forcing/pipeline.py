@@ -496,7 +496,7 @@ class Pipeline:
 
     def sampling_options(self, *, steps=None, shift=None, cfg_scale=None, context_t=None, routing=None,
                          top_k=None, sink=None, window=None, record_selection=None,
-                         kv_resident_chunks=None) -> SamplingOptions:
+                         kv_resident_chunks=None, kv_host_dtype=None) -> SamplingOptions:
         """Config sampling settings with overrides. Routing: `routing` (a RoutingSpec, or a mode name
         'dense' | 'topk' | 'window'); `top_k` alone switches to topk; `window`/`sink` alone switch a
         dense config to the sliding-window baseline (topk configs keep topk and get sink/window)."""
@@ -521,7 +521,7 @@ class Pipeline:
             opts = SamplingOptions.from_config(self.config, self.device, steps=steps, shift=shift,
                                                cfg_scale=cfg_scale, context_t=context_t,
                                                record_selection=record_selection, backend=self.backend,
-                                               kv_resident_chunks=kv_resident_chunks)
+                                               kv_resident_chunks=kv_resident_chunks, kv_host_dtype=kv_host_dtype)
             return dataclasses.replace(opts, routing=spec)
         except (ValueError, TypeError) as e:
             raise PipelineError(str(e)) from None
@@ -613,7 +613,7 @@ class Pipeline:
                  init_video=None, init_latents: Optional[torch.Tensor] = None, init_image=None,
                  storyboard=None, switch_cache: str = "keep", height: Optional[int] = None,
                  width: Optional[int] = None, max_history_chunks: Optional[int] = None,
-                 kv_resident_chunks: Optional[int] = None,
+                 kv_resident_chunks: Optional[int] = None, kv_host_dtype: Optional[str] = None,
                  callback: Optional[Callable] = None, progress: bool = False, decode: bool = True) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
@@ -632,6 +632,7 @@ class Pipeline:
         the new text), see Rollout.set_context. height/width: default the config's resolution.
         kv_resident_chunks: bounded memory, at most that many finished chunks' K/V on the device, the
         rest in host memory (cache.TieredKVCache; the same output bit for bit). None = all resident.
+        kv_host_dtype: "bf16" | "fp16" | "fp32" for the host tier (smaller than the model's: lossy).
         """
         if switch_cache not in SWITCH_CACHE_MODES:
             raise PipelineError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
@@ -663,7 +664,8 @@ class Pipeline:
                     raise PipelineError(f"storyboard chunk {c}: {len(p)} prompts for a batch of {bsz}")
         opts = self.sampling_options(steps=steps, shift=shift, cfg_scale=cfg_scale, context_t=context_t,
                                      routing=routing, top_k=top_k, sink=sink, window=window,
-                                     record_selection=record_selection, kv_resident_chunks=kv_resident_chunks)
+                                     record_selection=record_selection, kv_resident_chunks=kv_resident_chunks,
+                                     kv_host_dtype=kv_host_dtype)
         hh, ww, latent_hw = self._geometry(height, width)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(neg_text, str):

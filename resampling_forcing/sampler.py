@@ -96,6 +96,9 @@ def routing_spec_from_config(routing_cfg: Any) -> Optional[RoutingSpec]:
                        sink_chunks=int(routing_cfg.sink_chunks), window_chunks=int(routing_cfg.window_chunks))
 
 
+_KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @dataclass
 class SamplingOptions:
     """How a rollout samples: the resolved runtime form of the sampling keys of config.DiffusionConfig
@@ -112,6 +115,8 @@ class SamplingOptions:
     # Bounded memory: at most this many finished chunks' K/V stay on the device, older ones go to
     # host memory (cache.TieredKVCache; outputs bit-identical). None = all resident.
     kv_resident_chunks: Optional[int] = None
+    # dtype of the host tier ("bf16" | "fp16" | "fp32"; None = the model's): smaller is lossy.
+    kv_host_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -125,6 +130,10 @@ class SamplingOptions:
         r = self.kv_resident_chunks
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ValueError(f"kv_resident_chunks={r!r}: need an int >= 1 (None keeps the whole cache on the device)")
+        if self.kv_host_dtype is not None and self.kv_host_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_host_dtype={self.kv_host_dtype!r}: choose one of {', '.join(_KV_DTYPES)}")
+        if self.kv_host_dtype is not None and self.kv_resident_chunks is None:
+            raise ValueError("kv_host_dtype needs kv_resident_chunks (it is the dtype of the host tier)")
         if self.routing is not None and not isinstance(self.routing, RoutingSpec):
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
 
@@ -233,7 +242,8 @@ class Rollout:
         self.noise = SampleNoise(seed, indices)
         self.cache = KVCache.for_model(model, ctx.shape[0], self.latent_hw, self.device, self.dtype,
                                        capacity=max(1, int(capacity)),
-                                       resident_chunks=self.options.kv_resident_chunks)
+                                       resident_chunks=self.options.kv_resident_chunks,
+                                       host_dtype=_KV_DTYPES.get(self.options.kv_host_dtype))
         with torch.no_grad():
             self.cache.text_kv = model.text_kv(ctx.to(self.device))
         # t grid as host floats: no device reads while sampling.

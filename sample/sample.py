@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-resident-chunks", type=int, default=None, metavar="N",
                    help="bounded memory: keep at most N finished chunks' K/V on the device, older ones in host "
                    "memory (pinned on CUDA); same output bit for bit (default: all on the device)")
+    p.add_argument("--kv-host-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="with --kv-resident-chunks: dtype of the host tier (smaller than --dtype halves its memory "
+                   "but is no longer exact; default: the model's)")
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
@@ -191,6 +194,8 @@ def check_args(args) -> None:
         raise BadInput(f"--seed must be >= 0 (got {args.seed})")
     if args.kv_resident_chunks is not None and args.kv_resident_chunks < 1:
         raise BadInput(f"--kv-resident-chunks must be >= 1 (got {args.kv_resident_chunks}); omit it to keep all on the device")
+    if args.kv_host_dtype is not None and args.kv_resident_chunks is None:
+        raise BadInput("--kv-host-dtype needs --kv-resident-chunks N (it is the dtype of the host tier)")
     if args.max_history_chunks < 1:
         raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
     if args.init_video is not None and not Path(args.init_video).is_file():
@@ -239,7 +244,7 @@ def run(args) -> int:
                                      context_t=args.context_t, routing=args.routing, top_k=args.top_k,
                                      sink=args.sink, window=args.window,
                                      record_selection=True if args.record_selection else None,
-                                     kv_resident_chunks=args.kv_resident_chunks)
+                                     kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype)
         history, init_info = (None, None)
         if args.init_video is not None:
             history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
@@ -267,6 +272,7 @@ def run(args) -> int:
                             steps=opts.steps, shift=opts.shift, cfg_scale=opts.cfg_scale, context_t=opts.context_t,
                             routing=opts.routing if opts.routing is not None else "dense",
                             record_selection=opts.record_selection, kv_resident_chunks=opts.kv_resident_chunks,
+                            kv_host_dtype=opts.kv_host_dtype,
                             init_latents=history, progress=not args.quiet,
                             storyboard=switches, switch_cache=args.switch_cache)
         out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
@@ -310,7 +316,8 @@ def check_memory(cfg, device, args, num_prompts: int) -> None:
     steps = args.steps if args.steps is not None else cfg.diffusion.sample_steps
     cfg_scale = args.cfg if args.cfg is not None else cfg.diffusion.cfg_scale
     need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, cfg_scale,
-                         args.kv_resident_chunks)
+                         args.kv_resident_chunks, None if args.kv_host_dtype is None else
+                         (4 if args.kv_host_dtype == "fp32" else 2))
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
     if msg:

@@ -104,3 +104,43 @@ def test_cli_kv_resident_chunks_same_video(tmp_path, capsys):
     assert mod.main(base + ["--kv-resident-chunks", "0", "--output", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--kv-resident-chunks must be >= 1" in err
+
+
+def test_host_tier_in_a_smaller_dtype():
+    """kv_host_dtype="bf16" under an fp32 model: half the host bytes, close to (not equal to) exact;
+    "fp32" (the model's dtype) is exact."""
+    model = tiny_model()
+    opts = SamplingOptions(steps=2, cfg_scale=2.0, kv_resident_chunks=1)
+    ctx, neg = _ctx(1, 2), _ctx(2)
+    kw = dict(neg_context=neg, seed=5, decode=False)
+    exact = sample(model, ctx, 6, (H, W), options=opts, **kw)
+    same = sample(model, ctx, 6, (H, W), options=dataclasses.replace(opts, kv_host_dtype="fp32"), **kw)
+    small = sample(model, ctx, 6, (H, W), options=dataclasses.replace(opts, kv_host_dtype="bf16"), **kw)
+    assert torch.equal(exact.latents, same.latents)
+    assert not torch.equal(exact.latents, small.latents)
+    torch.testing.assert_close(small.latents, exact.latents, rtol=5e-3, atol=5e-3)  # bf16 rounding (max seen 4e-4)
+    host = lambda r: r.timings["kv_cache_total_mib"] - r.timings["kv_cache_mib"]  # noqa: E731
+    assert abs(host(small) - host(exact) / 2) < 1e-9
+    with pytest.raises(ValueError, match="needs kv_resident_chunks"):
+        SamplingOptions(kv_host_dtype="bf16")
+    with pytest.raises(ValueError, match="kv_host_dtype"):
+        SamplingOptions(kv_resident_chunks=1, kv_host_dtype="int8")
+
+
+def test_cli_kv_host_dtype(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sample_cli_kv2", repo / "sample" / "sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = ["--checkpoint", str(repo / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
+            "--num-chunks", "4", "--steps", "2", "--device", "cpu", "--quiet"]
+    assert mod.main(base + ["--kv-resident-chunks", "1", "--kv-host-dtype", "bf16",
+                            "--output", str(tmp_path / "b.mp4")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["sampling"]["kv_host_dtype"] == "bf16"
+    capsys.readouterr()
+    assert mod.main(base + ["--kv-host-dtype", "bf16", "--output", str(tmp_path / "x.mp4")]) == 2
+    assert "needs --kv-resident-chunks" in capsys.readouterr().err
