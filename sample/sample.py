@@ -5,11 +5,16 @@
         --num-chunks 8 --output outputs/red.mp4
     python sample/sample.py --checkpoint runs/tiny --prompts-file prompts.txt --batch 4 \\
         --num-chunks 8 --top-k 5 --sink 1 --output outputs/grid/        # one mp4 per prompt
+    python sample/sample.py --checkpoint runs/tiny --num-chunks 12 --output outputs/switch.mp4 \\
+        --prompts-at "0:a red circle bouncing;6:a blue circle bouncing"    # prompt switch at chunk 6
+    python sample/sample.py --checkpoint runs/tiny --prompt "a red circle bouncing" --init-image first.png \\
+        --num-chunks 8 --kv-resident-chunks 4 --output outputs/i2v.mp4     # image start, bounded cache
 
 Each video gets a JSON next to it (same name, .json) with the prompt, the seed, the settings and
 the timings. Bad input (missing or mismatched checkpoint, --top-k 0, --num-chunks 0, an
-unwritable output, an empty prompts file, an unreadable --init-video, ...) prints ONE line on
-stderr and exits with code 2, before any long work and without leaving a partial mp4.
+unwritable output, an empty prompts file, an unreadable --init-video or --init-image, a malformed
+--prompts-at / --storyboard, ...) prints ONE line on stderr and exits with code 2, before any long
+work and without leaving a partial mp4.
 Thin CLI over resampling_forcing.pipeline.Pipeline (the same API the notebook uses).
 """
 from __future__ import annotations
