@@ -24,6 +24,7 @@ Prints markdown tables; --out writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -49,10 +50,13 @@ def parse_mode(name: str, args) -> RoutingSpec | None:
     if name.startswith("topk"):
         k = int(name[4:] or args.top_k)
         return RoutingSpec("topk", top_k=k, sink_chunks=args.sink, window_chunks=0)
+    if name.startswith("sink") and "+window" in name:  # e.g. sink1+window4: the sliding window with sink chunks
+        sk, w = name[4:].split("+window")
+        return RoutingSpec("window", sink_chunks=int(sk), window_chunks=int(w))
     if name.startswith("window"):
         w = int(name[6:] or args.window)
         return RoutingSpec("window", sink_chunks=args.sink if args.window_sink else 0, window_chunks=w)
-    raise SystemExit(f"error: unknown mode {name!r}; use dense, topkK, windowW")
+    raise SystemExit(f"error: unknown mode {name!r}; use dense, topkK, windowW, sinkS+windowW")
 
 
 def build_vae(preset_cfg: ModelConfig, args, device):
@@ -189,7 +193,7 @@ def latency_rows(preset, modes: dict, points) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="tiny,wan-100m", help="comma list of model presets (config.MODEL_PRESETS)")
-    p.add_argument("--modes", default="dense,topk1,topk5,window5", help="comma list: dense, topkK, windowW")
+    p.add_argument("--modes", default="dense,topk1,topk5,window5", help="comma list: dense, topkK, windowW, sinkS+windowW")
     p.add_argument("--chunks", type=int, default=16, help="chunks per rollout (the routing target is stated at 40)")
     p.add_argument("--steps", type=int, default=1, help="Euler steps per chunk (paper: 32)")
     p.add_argument("--shift", type=float, default=5.0)
@@ -205,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-base-dim", type=int, default=96, help="random Wan VAE width (real: 96)")
     p.add_argument("--decode-chunks", type=int, default=None,
                    help="chunks decoded to time the VAE (default: all for pixel_shuffle, 1 for the Wan VAE)")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's depth (e.g. 2 blocks at 1.3B width)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--attention-backend", default="auto")
@@ -240,6 +245,8 @@ def main(argv=None) -> int:
         h, w = (int(v) for v in lat.lower().split("x"))
         args.latent_hw = (h, w)
         cfg = resolve_model(ModelConfig(preset=preset, chunk_frames=args.chunk_frames))
+        if args.layers is not None:  # real width, reduced depth: attention's share per block is unchanged
+            cfg = dataclasses.replace(cfg, num_layers=args.layers)
         torch.manual_seed(0)
         model = CausalWanModel(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
         vae = build_vae(cfg, args, device)
