@@ -71,6 +71,7 @@ ARMS = {
     "ar_0.6": "autoregressive self-resampling at the paper's s = 0.6",
     "ar_rec": "autoregressive self-resampling at the recommended s",
     "ar_large": "autoregressive self-resampling at 4x the recommended s",
+    "ar_1step": "autoregressive self-resampling at the s whose degradation error matches the warmup's ONE-STEP error",
     "ramp": "ar_rec with a ramp: a video's history is resampled with probability rising 0 -> 1 over the first third",
 }
 ROUTINGS = {  # inference routing of the best arm (RoutingSpec arguments)
@@ -107,9 +108,9 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
         stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
     elif name == "parallel":
         stage.update(objective="parallel_resampling")
-    elif name in ("ar_0.6", "ar_rec", "ar_large", "ramp"):
+    elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp"):
         stage["objective"] = "resampling"
-        shift = {"ar_0.6": 0.6, "ar_large": 4 * s_rec}.get(name, s_rec)
+        shift = {"ar_0.6": 0.6, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
         if name == "ramp":
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
     else:
@@ -161,9 +162,14 @@ def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Seque
 def calibrate(warmup: Path, out: Path, preset: Preset, clips: int) -> dict:
     """The warmup's exposure gap -> target error, recommended s, noise sigma (OUT/calibration.json)."""
     diag = _diagnose(warmup, out / "diagnose_warmup.json", clips, preset.shifts, ["--objective", "resampling"])
-    target = diag["report"]["rollout_mean"]
+    from .diagnose import recommend_shift
+
+    target, one_step = diag["report"]["rollout_mean"], diag["report"]["one_step_mean"]
     rec = diag["recommendation"]
+    sweep = {p["shift"]: p["degradation"] for p in diag["sweep"]["shifts"] if p["degradation"] is not None}
+    rec_one = recommend_shift(sweep, one_step)
     return dict(target=target, recommended_shift=rec["shift"], reached=rec["reached"], rule=rec["rule"],
+                one_step_target=one_step, one_step_shift=float(rec_one), one_step_reached=rec_one.reached,
                 noise_sigma=math.sqrt(target), sweep=diag["sweep"], report=diag["report"])
 
 
@@ -287,14 +293,17 @@ def run(args) -> int:
 
     candidates = [a for a in arms if a != "tf"] or arms
     best = max(candidates, key=primary)
+    routed = args.routing_arm or best
+    if routed not in arms:
+        raise BadInput(f"--routing-arm {routed!r} is not among the arms run ({', '.join(arms)})")
     routing = {}
     if not args.no_routing:
         for rname, spec in ROUTINGS.items():
             if spec is None and base.attention.routing.mode == "dense":  # = the arm's own evaluation
-                routing[rname] = results[best]
+                routing[rname] = results[routed]
                 continue
-            print(f"[ablation] routing of {best}: {rname}", flush=True)
-            routing[rname] = _evaluate(f"{best} {rname}", arm_dirs[best], clips, preset, seg, out, routing=spec)
+            print(f"[ablation] routing of {routed}: {rname}", flush=True)
+            routing[rname] = _evaluate(f"{routed} {rname}", arm_dirs[routed], clips, preset, seg, out, routing=spec)
 
     # 6. report
     def arm_entry(name):
@@ -318,7 +327,7 @@ def run(args) -> int:
                   interval="mean +- 1.96 sd / sqrt(n) over clips; vs_tf: paired over the same clips",
                   extrapolation="per clip mean over segments 1.. (beyond the training length)"),
         calibration=calib, sanity=sanity, arms={n: arm_entry(n) for n in ["warmup"] + arms}, best_arm=best,
-        best_by="extrapolation object_fidelity (then psnr)",
+        best_by="extrapolation object_fidelity (then psnr)", routing_arm=routed,
         routing={k: dict(summary=v["summary"], eval_seconds=v["seconds"],
                          extrapolation={m: interval(extrapolation_mean(v["arrays"][m])) for m in METRICS},
                          vs_dense={m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS})
@@ -330,7 +339,7 @@ def run(args) -> int:
         plot_metric(summaries, m, seg, out / "plots" / f"{m}.png", title=f"{m}: continuing held-out clips")
         if routing:
             plot_metric({k: v["summary"] for k, v in routing.items()}, m, seg, out / "plots" / f"routing_{m}.png",
-                        title=f"{m}: {best} under inference routing")
+                        title=f"{m}: {routed} under inference routing")
     print(table(report), flush=True)
     if args.report_dir:
         rd = Path(args.report_dir)
@@ -353,7 +362,7 @@ def table(report: dict) -> str:
     def cell(s):
         return "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
 
-    for name, a in list(report["arms"].items()) + [(f"{report['best_arm']} {k}", v)
+    for name, a in list(report["arms"].items()) + [(f"{report['routing_arm']} {k}", v)
                                                    for k, v in report["routing"].items()]:
         gap = a.get("gap")
         g = "" if not gap or gap.get("ratio") is None else f"{gap['ratio']:.3g}"
@@ -380,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-clips", type=int, default=None, help="evaluation clips (default: the preset's)")
     p.add_argument("--gap-clips", type=int, default=None, help="clips of the exposure-gap diagnostics")
     p.add_argument("--no-routing", action="store_true", help="skip the routing evaluation of the best arm")
+    p.add_argument("--routing-arm", default=None, help="arm whose inference routing is evaluated (default: the best)")
     return p
 
 

@@ -490,6 +490,8 @@ def run(args) -> int:
     what = (f"{sweep_obj}, {settings.steps} Euler step(s); mean degradation error over chunks "
             f"{report.chunks[0]}-{report.chunks[-1]}")
     rec = recommend_shift(sweep, target) if math.isfinite(target) and target > 0 else None
+    one = report.one_step_mean  # second target: the error ONE generated chunk has (docs/results.md#ablation)
+    rec_one = recommend_shift(sweep, one) if math.isfinite(one) and one > 0 else None
     seconds = time.perf_counter() - start
 
     step = pipe.source.get("step")
@@ -507,12 +509,16 @@ def run(args) -> int:
         print("no recommendation: the rollout error is zero or undefined")
     else:
         print(f"recommended resampling shift s = {float(rec):.3g} (rule: {rec.rule})")
+    if rec_one is not None:
+        print(f"s matching the one-step error instead = {float(rec_one):.3g} ({rec_one.rule.replace('rollout error', 'one-step error')}); "
+              f"in the CPU ablation this target trained better than the rollout one (docs/results.md#ablation)")
     out = dict(checkpoint=str(args.checkpoint), step=step, clips=len(captions), chunks=n, seed=args.seed,
                data=args.data or "synthetic (in memory)", degradation=dataclasses.asdict(settings),
                sampling=options.to_dict(), report=report.to_dict(),
                sweep={"objective": sweep_obj, "chunks": report.chunks,
                       "shifts": [{"shift": s, "degradation": None if math.isnan(e) else e} for s, e in sweep.items()]},
-               recommendation=None if rec is None else rec.to_dict(), seconds=round(seconds, 2))
+               recommendation=None if rec is None else rec.to_dict(),
+               recommendation_one_step=None if rec_one is None else rec_one.to_dict(), seconds=round(seconds, 2))
     if args.out:
         atomic_write_json(args.out, out)
         print(f"wrote {args.out}")

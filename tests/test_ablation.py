@@ -25,7 +25,7 @@ SMALL = {  # configs/ablation_cpu.yaml shrunk: 16x16, 4 chunks per clip, ~50K pa
 def _cli(tmp_path, *extra):
     sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     return ["--preset", "cpu", "--out", str(tmp_path / "out"), "--report-dir", str(tmp_path / "docs"),
-            "--train-warmup", "--arms", "tf,ar_rec,ramp", "--steps", "6", "--eval-clips", "3", "--gap-clips", "2",
+            "--train-warmup", "--arms", "tf,ar_rec,ar_1step,ramp", "--steps", "6", "--eval-clips", "3", "--gap-clips", "2",
             "--set", f"data.synthetic_dir={tmp_path / 'syn'}", *sets, *extra]
 
 
@@ -34,9 +34,13 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert main(_cli(tmp_path)) == 0
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
-    assert set(report["arms"]) == {"warmup", "tf", "ar_rec", "ramp"}
+    assert set(report["arms"]) == {"warmup", "tf", "ar_rec", "ar_1step", "ramp"}
     cal = report["calibration"]
     assert cal["target"] > 0 and cal["recommended_shift"] > 0 and cal["noise_sigma"] == pytest.approx(cal["target"] ** 0.5)
+    assert cal["one_step_target"] > 0 and cal["one_step_shift"] > 0
+    shifts = {n: a["overrides"][1] for n, a in report["arms"].items() if n != "warmup"}
+    assert shifts["ar_1step"] == f"diffusion.resample_shift={round(cal['one_step_shift'], 4)}"
+    assert shifts["ar_rec"] == shifts["ramp"] == f"diffusion.resample_shift={round(cal['recommended_shift'], 4)}"
     for name in ("tf", "ar_rec", "ramp"):
         arm = report["arms"][name]
         assert len(arm["summary"]["psnr"]) == 8  # 8 segments of the training clip length
@@ -45,7 +49,7 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert report["arms"]["tf"]["gap"]["degradation_mean"] == 0.0  # teacher forcing degrades nothing
     assert report["arms"]["ar_rec"]["gap"]["degradation_mean"] > 0
     assert set(report["arms"]["ar_rec"]["vs_tf"]) >= {"psnr", "object_fidelity", "collapse"}
-    assert report["best_arm"] in ("ar_rec", "ramp")
+    assert report["best_arm"] in ("ar_rec", "ar_1step", "ramp")
     assert list(report["routing"]) == ["dense", "top-1", "top-5", "window 1", "sink 1 + window 4"]
     # equal budgets: same steps and the same learning rate at every step in every arm
     logs = {n: [json.loads(l) for l in (out / "arms" / n / "log.jsonl").read_text().splitlines()]
@@ -59,7 +63,7 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     # a rerun reuses every finished stage and reports the same numbers
     capsys.readouterr()
     assert main(_cli(tmp_path)) == 0
-    assert "arm 1/3" not in capsys.readouterr().out
+    assert "arm 1/4" not in capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
     assert again["arms"] == report["arms"] and again["routing"] == report["routing"]
 
