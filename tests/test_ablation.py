@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from resampling_forcing.ablation import PRESETS, main
@@ -123,3 +124,14 @@ def test_an_interrupted_arm_stops_the_runner(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(calls) == 1 and calls[0].endswith("warmup")
     assert len(err) == 1 and "stopped at step 1 by SIGTERM" in err[0] and "resume" in err[0]
+
+
+@pytest.mark.parametrize("name", ["warmup", "tf", "ar_0.6"])
+def test_shipped_ablation_checkpoints_load_and_sample(name, one_thread):
+    """assets/ablation/{warmup, tf, ar_0.6}: the shared warmup and the final teacher-forcing and best
+    resampling arms (docs/results.md#ablation) load with Pipeline.from_pretrained and roll out."""
+    from resampling_forcing.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(REPO / "assets" / "ablation" / name, device="cpu")
+    res = pipe.generate("a red circle", 2, steps=2, seed=0)
+    assert tuple(res.video.shape) == (1, 4, 32, 32, 3) and res.video.dtype == torch.uint8
