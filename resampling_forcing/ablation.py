@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Preset", "PRESETS", "ARMS", "arm_overrides", "run", "main"]
+__all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "arm_overrides", "run", "main"]
 
 EXIT_BAD_INPUT = 2
 _ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,11 @@ ARMS = {
     "ar_large": "autoregressive self-resampling at 4x the recommended s",
     "ar_1step": "autoregressive self-resampling at the s whose degradation error matches the warmup's ONE-STEP error",
     "ramp": "ar_rec with a ramp: a video's history is resampled with probability rising 0 -> 1 over the first third",
+    # optional (not in the default list): the switch and parallel resampling at the paper's s
+    "ramp_0.6": "ar_0.6 with the same ramp (probability 0 -> 1 over the first third)",
+    "parallel_0.6": "parallel resampling at the paper's s = 0.6",
 }
+DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 ROUTINGS = {  # inference routing of the best arm (RoutingSpec arguments)
     "dense": None,
     "top-1": ("topk", 1, 0, 0),
@@ -106,12 +110,13 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
         stage["objective"] = "teacher_forcing"
     elif name == "noise_aug":
         stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
-    elif name == "parallel":
+    elif name in ("parallel", "parallel_0.6"):
         stage.update(objective="parallel_resampling")
-    elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp"):
+        shift = 0.6 if name == "parallel_0.6" else s_rec
+    elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp", "ramp_0.6"):
         stage["objective"] = "resampling"
-        shift = {"ar_0.6": 0.6, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
-        if name == "ramp":
+        shift = {"ar_0.6": 0.6, "ramp_0.6": 0.6, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
+        if name in ("ramp", "ramp_0.6"):
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
     else:
         raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}")
@@ -217,7 +222,7 @@ def run(args) -> int:
     if args.preset not in PRESETS:
         raise BadInput(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(ARMS)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(DEFAULT_ARMS)
     for a in arms:
         if a not in ARMS:
             raise BadInput(f"--arms: unknown arm {a!r}; choose from {', '.join(ARMS)}")
@@ -377,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = P(prog="python -m resampling_forcing.ablation", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
-    p.add_argument("--arms", default=None, help=f"comma list (default all): {', '.join(ARMS)}")
+    p.add_argument("--arms", default=None, help=f"comma list (default {','.join(DEFAULT_ARMS)}; also: "
+                   f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)})")
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
     p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>); a rerun resumes it")
     p.add_argument("--report-dir", default=None, help="also copy the report JSON, plots and sheets here (docs/ablation)")
