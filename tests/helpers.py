@@ -61,3 +61,14 @@ def save_checkpoint_for_tests(root, *, step=10, seed=0, ema=False, cfg=None, mod
 
         save_file({k: (v + 0.1).contiguous() for k, v in model.state_dict().items()}, str(ck / "ema.safetensors"))
     return root
+
+
+def load_sample_cli():
+    """sample/sample.py as a module (a script, not a package member), for calling its main(argv)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "sample" / "sample.py"
+    spec = importlib.util.spec_from_file_location("sample_cli", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

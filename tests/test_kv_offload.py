@@ -9,7 +9,8 @@ import torch
 from resampling_forcing.attention.routing import RoutingSpec
 from resampling_forcing.cache import KVCache, TieredKVCache
 from resampling_forcing.sampler import Rollout, SamplingOptions, sample
-from helpers import tiny_model
+from helpers import load_sample_cli, tiny_model
+from train_helpers import REPO
 
 H, W = 2, 14
 # tiny tensors: threads only add overhead (and stall on a busy machine)
@@ -81,14 +82,10 @@ def test_tiered_cache_tiers_and_bytes():
 
 
 def test_cli_kv_resident_chunks_same_video(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("sample_cli_kv", repo / "sample" / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_sample_cli()
+    repo = REPO
     base = ["--checkpoint", str(repo / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
             "--num-chunks", "5", "--steps", "2", "--device", "cpu", "--quiet", "--top-k", "1"]
     assert mod.main(base + ["--output", str(tmp_path / "all.mp4")]) == 0
@@ -128,14 +125,10 @@ def test_host_tier_in_a_smaller_dtype():
 
 
 def test_cli_kv_host_dtype(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("sample_cli_kv2", repo / "sample" / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_sample_cli()
+    repo = REPO
     base = ["--checkpoint", str(repo / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
             "--num-chunks", "4", "--steps", "2", "--device", "cpu", "--quiet"]
     assert mod.main(base + ["--kv-resident-chunks", "1", "--kv-host-dtype", "bf16",

@@ -1,6 +1,5 @@
 """sample/sample.py and resampling_forcing.pipeline on a tiny random checkpoint saved in the
 run-directory layout of docs/CONTRACTS.md (pixel_shuffle VAE + hash text encoder)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from resampling_forcing.models.wan import CausalWanModel
 from resampling_forcing.pipeline import Pipeline, PipelineError, prepare_init_video, resolve_checkpoint
 from resampling_forcing.sampler import SamplingOptions, sample
 
-from helpers import save_checkpoint_for_tests, tiny_run_config as tiny_config
+from helpers import load_sample_cli, save_checkpoint_for_tests, tiny_run_config as tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "sample" / "sample.py"
@@ -34,14 +33,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = _load_cli()
+CLI = load_sample_cli()
 
 
 def cli(*args):

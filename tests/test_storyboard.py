@@ -175,11 +175,9 @@ def test_pipeline_storyboard_errors(pipe, tmp_path):
 
 
 def _cli():
-    import importlib.util
+    from helpers import load_sample_cli
 
-    spec = importlib.util.spec_from_file_location("sample_cli_sb", REPO / "sample" / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_sample_cli()
     return lambda *a: mod.main([str(x) for x in a])
 
 
