@@ -11,9 +11,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
+
+from .attention.spec import RoutingSpec
 
 
 class ConfigError(ValueError):
@@ -54,13 +56,12 @@ class ModelConfig:
 
 
 @dataclass
-class RoutingConfig:
-    """History routing (method.md section 6). mode: dense | topk | window."""
+class RoutingConfig(RoutingSpec):
+    """History routing (method.md section 6): the fields and rules of attention.spec.RoutingSpec
+    (mode dense | topk | window, top_k, sink_chunks, window_chunks), checked when the config is built,
+    plus where and whether to route."""
 
-    mode: Literal["dense", "topk", "window"] = "dense"
-    top_k: Optional[int] = None
-    sink_chunks: int = 0
-    window_chunks: int = 0
+    field_prefix: ClassVar[str] = "attention.routing."
     # Which transformer blocks route (None = all). Unlisted blocks attend densely.
     layers: Optional[list[int]] = None
     # Keep per-head chunk selections of each rollout for plots (costs memory).
@@ -293,7 +294,10 @@ def _build(cls: type, data: dict, path: str) -> Any:
         raise ConfigError(
             f"unknown key {where}{unknown[0]}; valid keys here: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own rules (__post_init__); its message names the key path
+        raise ConfigError(str(e)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -377,13 +381,6 @@ def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
         raise ConfigError(f"model.patch_size={m.patch_size}: expected three positive ints [t, h, w]")
     if m.chunk_frames < 1:
         raise ConfigError(f"model.chunk_frames={m.chunk_frames}: must be >= 1")
-    r = cfg.attention.routing
-    if r.mode == "topk" and (r.top_k is None or r.top_k < 1):
-        raise ConfigError(f"attention.routing.top_k={r.top_k}: mode topk needs top_k >= 1")
-    if r.mode == "window" and r.window_chunks + r.sink_chunks < 1:
-        raise ConfigError("attention.routing: mode window needs window_chunks + sink_chunks >= 1")
-    if r.sink_chunks < 0 or r.window_chunks < 0:
-        raise ConfigError("attention.routing: sink_chunks and window_chunks must be >= 0")
     d = cfg.diffusion
     if d.sample_steps < 1:
         raise ConfigError(f"diffusion.sample_steps={d.sample_steps}: must be >= 1")

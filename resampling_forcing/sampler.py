@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from .attention.backends import resolve_backend
-from .attention.routing import RoutingSpec
+from .attention.spec import RoutingSpec, routing_spec
 from .cache import CachedAttention, KVCache, SelectionRecorder
 from .config import DiffusionConfig
 from .diffusion import euler_schedule
@@ -68,7 +68,6 @@ from .storyboard import check_storyboard
 
 __all__ = [
     "SamplingOptions",
-    "routing_spec_from_config",
     "sample_seed",
     "SampleNoise",
     "Rollout",
@@ -85,15 +84,6 @@ SWITCH_CACHE_MODES = ("keep", "recache")
 
 
 # ----------------------------------------------------------------------------- options
-
-
-def routing_spec_from_config(routing_cfg: Any) -> Optional[RoutingSpec]:
-    """config.RoutingConfig (or anything with mode/top_k/sink_chunks/window_chunks) -> RoutingSpec;
-    None for dense."""
-    if routing_cfg is None or getattr(routing_cfg, "mode", "dense") == "dense":
-        return None
-    return RoutingSpec(mode=routing_cfg.mode, top_k=routing_cfg.top_k,
-                       sink_chunks=int(routing_cfg.sink_chunks), window_chunks=int(routing_cfg.window_chunks))
 
 
 _KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -146,7 +136,7 @@ class SamplingOptions:
         """Options from a resolved `Config` (diffusion.* sampling keys, attention.*), then overrides."""
         d, a = cfg.diffusion, cfg.attention
         values = dict(steps=d.sample_steps, shift=d.sample_shift, cfg_scale=d.cfg_scale, context_t=d.context_t,
-                      routing=routing_spec_from_config(a.routing), routing_layers=a.routing.layers,
+                      routing=routing_spec(a.routing), routing_layers=a.routing.layers,
                       backend=resolve_backend(a.backend, device), record_selection=a.routing.record)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

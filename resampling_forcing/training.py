@@ -296,10 +296,10 @@ class Trainer:
 
     def settings(self, stage: StageConfig, ramp: Optional[float] = None) -> DegradeSettings:
         """The degradation of `stage`; `ramp` = the level r of its ramp now (None: no ramp, hard switch)."""
-        from .attention.routing import RoutingSpec
+        from .attention.spec import routing_spec
 
         r = self.cfg.attention.routing
-        spec = RoutingSpec(r.mode, r.top_k, r.sink_chunks, r.window_chunks) if stage.routing else None
+        spec = routing_spec(r) if stage.routing else None
         return DegradeSettings(objective=stage.objective, steps=stage.resample_steps,
                                shift=self.cfg.diffusion.resample_shift, noise_scale=stage.noise_aug_scale,
                                cfg_scale=stage.resample_cfg, backend=self.backend, routing=spec,

@@ -44,8 +44,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .spec import ROUTING_MODES, RoutingSpec, routing_spec  # noqa: F401  (re-exported)
+
 __all__ = [
+    "ROUTING_MODES",
     "RoutingSpec",
+    "routing_spec",
     "chunk_means",
     "routing_scores",
     "select_chunks_reference",
@@ -61,65 +65,10 @@ __all__ = [
     "routed_training_attention",
 ]
 
-_MODES = ("dense", "topk", "window")
 _BACKENDS = ("auto", "torch", "triton")
 _NEG_INF = float("-inf")
 # Upper bound (bytes) on one fp32 score block in the torch attention path.
 _SCORE_BLOCK_BYTES = 1 << 28
-
-
-# --------------------------------------------------------------------------------------------
-# Spec
-# --------------------------------------------------------------------------------------------
-@dataclass
-class RoutingSpec:
-    """Which history chunks a query token attends (config `routing`).
-
-    mode: "dense" (all history), "topk" (sink U window U top_k of the rest by q . mean(K_j)),
-          "window" (sink U window: the sliding-window baseline, no scores).
-    top_k: number of scored chunks kept in topk mode (>= 1). Ignored by dense/window.
-    sink_chunks: first n (allowed) history chunks always kept. Ignored by dense.
-    window_chunks: last n (allowed) history chunks always kept. Ignored by dense.
-    """
-
-    mode: str = "dense"
-    top_k: int | None = None
-    sink_chunks: int = 0
-    window_chunks: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(
-                f"RoutingSpec.mode must be one of {list(_MODES)}, got {self.mode!r}; "
-                "use 'dense' for full attention, 'topk' for routing, 'window' for the sliding-window baseline"
-            )
-        for name in ("sink_chunks", "window_chunks"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"RoutingSpec.{name} must be an int >= 0, got {val!r}; set it to 0 to disable")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
-            raise ValueError(f"RoutingSpec.top_k must be an int or None, got {self.top_k!r}")
-        if self.mode == "topk" and (self.top_k is None or self.top_k < 1):
-            raise ValueError(
-                f"RoutingSpec.top_k must be >= 1 when mode='topk', got {self.top_k!r}; "
-                "set top_k (the paper uses 5), or use mode='dense'"
-            )
-        if self.mode == "window" and self.sink_chunks + self.window_chunks < 1:
-            raise ValueError(
-                "RoutingSpec.window_chunks (or sink_chunks) must be >= 1 when mode='window' "
-                "(otherwise no history is attended); set window_chunks, e.g. 1"
-            )
-
-    @property
-    def is_dense(self) -> bool:
-        return self.mode == "dense"
-
-    def max_selected(self) -> int | None:
-        """Most history chunks a query can attend (None = unbounded, dense)."""
-        if self.mode == "dense":
-            return None
-        extra = self.top_k if self.mode == "topk" else 0
-        return self.sink_chunks + self.window_chunks + int(extra or 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""What history routing selects, as data: the routing modes and `RoutingSpec` (torch-free).
+
+The one declaration of the routing modes and of their rules. `config.RoutingConfig` extends
+`RoutingSpec` (so a config is checked by the same `__post_init__`, with errors that name the key
+path), and `routing_spec(cfg)` is the one conversion from config to the spec the attention code takes.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+RoutingMode = Literal["dense", "topk", "window"]
+ROUTING_MODES: tuple[str, ...] = typing.get_args(RoutingMode)
+
+
+@dataclass
+class RoutingSpec:
+    """Which history chunks a query token attends (config `attention.routing`).
+
+    mode: "dense" (all history), "topk" (sink U window U top_k of the rest by q . mean(K_j)),
+          "window" (sink U window: the sliding-window baseline, no scores).
+    top_k: number of scored chunks kept in topk mode (>= 1). Ignored by dense/window.
+    sink_chunks: first n (allowed) history chunks always kept. Ignored by dense.
+    window_chunks: last n (allowed) history chunks always kept. Ignored by dense.
+    """
+
+    # How errors name a field: "RoutingSpec.top_k" here, the config key path in config.RoutingConfig.
+    field_prefix: ClassVar[str] = "RoutingSpec."
+
+    mode: RoutingMode = "dense"
+    top_k: Optional[int] = None
+    sink_chunks: int = 0
+    window_chunks: int = 0
+
+    def __post_init__(self) -> None:
+        p = self.field_prefix
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(
+                f"{p}mode must be one of {list(ROUTING_MODES)}, got {self.mode!r}; "
+                "use 'dense' for full attention, 'topk' for routing, 'window' for the sliding-window baseline"
+            )
+        for name in ("sink_chunks", "window_chunks"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise ValueError(f"{p}{name} must be an int >= 0, got {val!r}; set it to 0 to disable")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise ValueError(f"{p}top_k must be an int or None, got {self.top_k!r}")
+        if self.mode == "topk" and (self.top_k is None or self.top_k < 1):
+            raise ValueError(
+                f"{p}top_k must be >= 1 when mode='topk', got {self.top_k!r}; "
+                "set top_k (the paper uses 5), or use mode='dense'"
+            )
+        if self.mode == "window" and self.sink_chunks + self.window_chunks < 1:
+            raise ValueError(
+                f"{p}window_chunks (or sink_chunks) must be >= 1 when mode='window' "
+                "(otherwise no history is attended); set window_chunks, e.g. 1"
+            )
+
+    @property
+    def is_dense(self) -> bool:
+        return self.mode == "dense"
+
+    def max_selected(self) -> int | None:
+        """Most history chunks a query can attend (None = unbounded, dense)."""
+        if self.mode == "dense":
+            return None
+        extra = self.top_k if self.mode == "topk" else 0
+        return self.sink_chunks + self.window_chunks + int(extra or 0)
+
+
+def routing_spec(cfg: RoutingSpec | None) -> RoutingSpec | None:
+    """The spec the attention code takes, from config (`attention.routing`) or a spec; None for dense.
+    The one conversion from config: sampler, pipeline, training, ablation and bench all call it."""
+    if cfg is None or cfg.mode == "dense":
+        return None
+    return RoutingSpec(cfg.mode, cfg.top_k, cfg.sink_chunks, cfg.window_chunks)
