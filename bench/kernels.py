@@ -73,10 +73,13 @@ import torch.nn.functional as F  # noqa: E402
 
 
 from resampling_forcing.attention import routing as R  # noqa: E402
+from resampling_forcing.attention.backends import flex_fn as _flex_fn, kernels  # noqa: E402
 
-# `resampling_forcing.kernels` maps the repo folder kernels/ (pyproject package-dir); routing falls back
-# to loading that folder by hand when the repo is only on sys.path (e.g. a GPU box without an install).
-K = R._kernels()
+# `resampling_forcing.kernels` is the repo folder kernels/ (pyproject package-dir): `pip install -e .` first.
+K = kernels()
+if K is None:
+    sys.exit("bench/kernels.py: the Triton kernels do not import; install the package (pip install -e ., which maps "
+             "kernels/ to resampling_forcing.kernels) and triton")
 try:  # one compiled flex graph per history length (+ checks): stay under dynamo's recompile limit
     import torch._dynamo
 
@@ -142,18 +145,8 @@ def max_err(a, b):
     return float((a[fin] - b[fin]).abs().max()) if fin.any() else 0.0
 
 
-_COMPILED_FLEX = None
-
-
 def flex_fn():
-    global _COMPILED_FLEX
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if DEV.type != "cuda":
-        return flex_attention
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    return _flex_fn(DEV)
 
 
 def make_inputs(B, Hh, N, T, Lc, D, dtype, pattern, gen):
@@ -233,7 +226,7 @@ def run_checks():
         bad = 0
         for spec in specs:
             for al in (None, allowed):
-                got = K.routing_select(q, mk, spec.mode, spec.top_k, spec.sink_chunks, spec.window_chunks, allowed=al)
+                got = K.routing_select(q, mk, spec, allowed=al)
                 bad += int((got != R.select_chunks_reference(q, mk, spec, al)).sum())
         record_check("routing_select == reference (exact)", bad == 0, mismatches=bad)
 
@@ -326,7 +319,7 @@ def run_timings():
         dense_row = None
         for k in topks:
             spec = R.RoutingSpec("topk", top_k=k)
-            sel = K.routing_select(q, mk, "topk", k)
+            sel = K.routing_select(q, mk, R.RoutingSpec("topk", top_k=k))
             useful = attended_flops(sel, T, Lc, D)
             base = dict(history_chunks=N, top_k=k, heads=Hh, head_dim=D, chunk_tokens=T, dtype=str(dtype)[6:],
                         pattern=ARGS.pattern, tok_chunks=float(sel.sum(-1).double().mean()),
@@ -348,7 +341,7 @@ def run_timings():
                 return row
 
             if "select" in methods:
-                add("select", lambda: K.routing_select(q, mk, "topk", k), 4.0 * D * B * Hh * Lc * N / 2)
+                add("select", lambda: K.routing_select(q, mk, R.RoutingSpec("topk", top_k=k)), 4.0 * D * B * Hh * Lc * N / 2)
             if "triton" in methods:
                 add("triton", lambda: K.routed_attention_fwd(q, kh, vh, kc, vc, sel, T), useful)
             if "dense_sdpa" in methods:
@@ -388,7 +381,7 @@ def run_tune():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[ARGS.dtype]
     gen = torch.Generator(device=DEV).manual_seed(2)
     q, kh, vh, kc, vc = make_inputs(1, Hh, N, T, T, D, dtype, ARGS.pattern, gen)
-    sel = K.routing_select(q, R.chunk_means(kh, T), "topk", k)
+    sel = K.routing_select(q, R.chunk_means(kh, T), R.RoutingSpec("topk", top_k=k))
     rows = []
     for bm_, bn_, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]:
         try:

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.routed import check_attention_inputs
+
 __all__ = ["routed_attention_fwd", "is_interpreted"]
 
 _LOG2E = 1.4426950408889634
@@ -167,12 +169,6 @@ def _default_config(D: int, interpreted: bool) -> tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
-def _check_4d(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 4:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"routed_attention_fwd: {name} must be a 4-D tensor [B, Hh, L, D], got {shape}")
-
-
 def routed_attention_fwd(
     q: torch.Tensor,
     k_hist: torch.Tensor,
@@ -191,50 +187,23 @@ def routed_attention_fwd(
     """Routed attention forward. Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32).
 
     q [B,Hh,Lq,D]; k_hist/v_hist [B,Hh,N*T,D] (read in place, any strides); k_cur/v_cur [B,Hh,Lc,D]
-    or None (history only); sel bool [B,Hh,Lq,N]; chunk_tokens = T.
+    or None (history only); sel bool [B,Hh,Lq,N]; chunk_tokens = T. Inputs are checked by the
+    library's one check (attention.routed.check_attention_inputs) plus what only this kernel needs.
     """
-    for name, t in (("q", q), ("k_hist", k_hist), ("v_hist", v_hist)):
-        _check_4d(name, t)
     if (k_cur is None) != (v_cur is None):
         raise ValueError("routed_attention_fwd: pass both k_cur and v_cur, or neither (history only)")
-    if k_cur is None:
-        k_cur = q.new_empty((q.shape[0], q.shape[1], 0, q.shape[3]))
-        v_cur = k_cur
-    _check_4d("k_cur", k_cur)
-    _check_4d("v_cur", v_cur)
-    B, Hh, Lq, D = q.shape
+    if k_cur is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        k_cur = v_cur = q.new_empty((q.shape[0], q.shape[1], 0, q.shape[3]))
+    check_attention_inputs("routed_attention_fwd", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"routed_attention_fwd: q.dtype must be fp16, bf16 or fp32, got {q.dtype}")
-    for name, t in (("k_hist", k_hist), ("v_hist", v_hist), ("k_cur", k_cur), ("v_cur", v_cur)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"routed_attention_fwd: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}; cast them to one dtype")
-        if t.device != q.device:
-            raise ValueError(f"routed_attention_fwd: {name} is on {t.device} but q is on {q.device}")
-        if t.shape[0] != B or t.shape[1] != Hh or t.shape[3] != D:
-            raise ValueError(
-                f"routed_attention_fwd: {name} shape {tuple(t.shape)} does not match q {tuple(q.shape)} in B, Hh or D"
-            )
-    if k_hist.shape[2] != v_hist.shape[2] or k_cur.shape[2] != v_cur.shape[2]:
-        raise ValueError("routed_attention_fwd: keys and values must have the same length")
-    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"routed_attention_fwd: chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    if sel.dtype != torch.bool or sel.dim() != 4:
-        raise TypeError(f"routed_attention_fwd: sel must be a bool tensor [B,Hh,Lq,N], got {sel.dtype} {tuple(sel.shape)}")
-    N = sel.shape[3]
-    if tuple(sel.shape[:3]) != (B, Hh, Lq):
-        raise ValueError(f"routed_attention_fwd: sel shape {tuple(sel.shape)} must be [B,Hh,Lq,N] = [{B},{Hh},{Lq},N]")
-    if k_hist.shape[2] != N * chunk_tokens:
-        raise ValueError(
-            f"routed_attention_fwd: k_hist has {k_hist.shape[2]} tokens but sel has N={N} chunks of "
-            f"chunk_tokens={chunk_tokens} (= {N * chunk_tokens} tokens)"
-        )
-    if sel.device != q.device:
-        raise ValueError(f"routed_attention_fwd: sel is on {sel.device} but q is on {q.device}")
     if q.device.type != "cuda" and not is_interpreted():
         raise RuntimeError(
             f"routed_attention_fwd: Triton needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set "
             "before import; use backend='torch' on CPU"
         )
+    B, Hh, Lq, D = q.shape
+    N = sel.shape[3]
 
     Lc = k_cur.shape[2]
     if scale is None:

@@ -1,7 +1,7 @@
 """Fused routing step, Triton: scores q . mean(K_j) and the chunk selection, in one kernel.
 
 Output: sel bool [B, Hh, Lq, N] (True = that query token, in that head, attends history chunk j),
-identical in meaning to `resampling_forcing.attention.routing.select_chunks_reference`:
+identical in meaning to `resampling_forcing.attention.reference.select_chunks_reference`:
 
 * allowed (optional bool [Lq, N]) restricts each query row to some chunks; sink/window are relative to
   the row's allowed set (sink = its first `sink` allowed chunks, window = its last `window`).
@@ -31,9 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.selection import check_select_inputs
+from ..attention.spec import RoutingSpec
+
 __all__ = ["routing_select", "MODES"]
 
-MODES = {"dense": 0, "window": 1, "topk": 2}
+MODES = {"dense": 0, "window": 1, "topk": 2}  # the kernel's codes of attention.spec.ROUTING_MODES
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -113,10 +117,7 @@ def _is_interpreted() -> bool:
 def routing_select(
     q: torch.Tensor,
     mean_k: torch.Tensor,
-    mode: str,
-    top_k: int | None = None,
-    sink_chunks: int = 0,
-    window_chunks: int = 0,
+    spec: RoutingSpec,
     allowed: torch.Tensor | None = None,
     *,
     block_m: int | None = None,
@@ -124,36 +125,19 @@ def routing_select(
 ) -> torch.Tensor:
     """Fused routing. q [B,Hh,Lq,D] (fp16/bf16/fp32), mean_k [B,Hh,N,D], allowed bool [Lq,N] or None.
 
-    Returns sel bool [B,Hh,Lq,N]. No host synchronisation.
+    Returns sel bool [B,Hh,Lq,N]. No host synchronisation. Inputs are checked by the library's one
+    check (attention.selection.check_select_inputs) plus what only this kernel needs.
     """
-    if q.dim() != 4 or mean_k.dim() != 4:
-        raise ValueError(f"routing_select: q and mean_k must be 4-D, got {tuple(q.shape)} and {tuple(mean_k.shape)}")
-    B, Hh, Lq, D = q.shape
-    if mean_k.shape[0] != B or mean_k.shape[1] != Hh or mean_k.shape[3] != D:
-        raise ValueError(f"routing_select: mean_k {tuple(mean_k.shape)} must be [B,Hh,N,D] matching q {tuple(q.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or mean_k.dtype not in (
-        torch.float16, torch.bfloat16, torch.float32,
-    ):
+    check_select_inputs("routing_select", q, mean_k, spec, allowed)
+    if q.dtype not in _FLOAT_DTYPES or mean_k.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"routing_select: q/mean_k must be fp16, bf16 or fp32, got {q.dtype}/{mean_k.dtype}")
-    if mean_k.device != q.device:
-        raise ValueError(f"routing_select: mean_k is on {mean_k.device} but q is on {q.device}")
-    if mode not in MODES:
-        raise ValueError(f"routing_select: mode must be one of {sorted(MODES)}, got {mode!r}")
-    if mode == "topk" and (top_k is None or top_k < 1):
-        raise ValueError(f"routing_select: mode 'topk' needs top_k >= 1, got {top_k!r}")
-    N = mean_k.shape[2]
-    if allowed is not None:
-        if allowed.dtype != torch.bool or tuple(allowed.shape) != (Lq, N):
-            raise ValueError(
-                f"routing_select: allowed must be bool [Lq, N] = [{Lq}, {N}], got {allowed.dtype} {tuple(allowed.shape)}"
-            )
-        if allowed.device != q.device:
-            raise ValueError(f"routing_select: allowed is on {allowed.device} but q is on {q.device}")
     if q.device.type != "cuda" and not _is_interpreted():
         raise RuntimeError(
             f"routing_select: Triton needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before import; "
             "use select_chunks(..., backend='torch') on CPU"
         )
+    B, Hh, Lq, D = q.shape
+    N = mean_k.shape[2]
 
     sel = torch.zeros((B, Hh, Lq, N), device=q.device, dtype=torch.uint8)
     if sel.numel() == 0:
@@ -169,8 +153,8 @@ def routing_select(
         q, mean_k, al, sel,
         *q.stride(), *mean_k.stride(), *a_strides, *sel.stride(),
         Hh, Lq, N, D,
-        int(top_k or 0), int(sink_chunks), int(window_chunks),
-        MODE=MODES[mode], HAS_ALLOWED=allowed is not None,
+        int(spec.top_k or 0), spec.sink_chunks, spec.window_chunks,
+        MODE=MODES[spec.mode], HAS_ALLOWED=allowed is not None,
         BLOCK_M=block_m, BLOCK_NC=BLOCK_NC, BLOCK_D=BLOCK_D,
         num_warps=num_warps,
     )

@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention.backends import attention
+from .attention.backends import attention, routing_path
 from .attention.ops import routes_layer
+from .attention.routed import routed_attention
+from .attention.selection import index_runs, select_chunks, static_chunks
+from .attention.spec import RoutingSpec
 
 
 class KVCache:
@@ -117,17 +120,6 @@ class KVCache:
         return self.memory_bytes()
 
 
-def _runs(idx: list[int]) -> list[tuple[int, int]]:
-    """Sorted ints -> maximal runs [a, b) of consecutive values."""
-    out: list[tuple[int, int]] = []
-    for j in idx:
-        if out and out[-1][1] == j:
-            out[-1] = (out[-1][0], j + 1)
-        else:
-            out.append((j, j + 1))
-    return out
-
-
 class TieredKVCache(KVCache):
     """KV cache with at most `resident_chunks` finished chunks on the device (see the module doc).
 
@@ -199,7 +191,7 @@ class TieredKVCache(KVCache):
             return
         need = list(range(n)) if chunks is None else sorted(chunks)
         T, off = self.chunk_tokens, self.offloaded
-        for a, b in _runs([j for j in need if j >= off]):  # resident: ring slots, contiguous until the wrap
+        for a, b in index_runs([j for j in need if j >= off]):  # resident: ring slots, contiguous until the wrap
             j = a
             while j < b:
                 s = j % (self.resident + 1)
@@ -277,15 +269,9 @@ class CachedAttention:
     cache: KVCache
     backend: str
     commit: bool = False
-    routing: object | None = None  # routing.RoutingSpec
+    routing: RoutingSpec | None = None
     routing_layers: list[int] | None = None
     recorder: SelectionRecorder | None = None
-
-    def _routing_backend(self, q) -> str:
-        # Our Triton kernel on CUDA (unless sdpa was asked for); the torch path elsewhere.
-        if self.backend == "triton":
-            return "triton"
-        return "auto" if q.is_cuda and self.backend != "sdpa" else "torch"
 
     def __call__(self, q, k, v, layer: int):
         cache = self.cache
@@ -294,17 +280,15 @@ class CachedAttention:
                   and routes_layer(self.routing_layers, layer))
         chunks = None
         if routes:
-            from .attention.routing import routed_attention, select_chunks, static_chunks
-
             # Window mode, or a history no longer than what is kept: the chunks are known on the
             # host without scores (no sync); keeping them all is plain dense attention.
             chunks = static_chunks(self.routing, n)
         if routes and chunks != list(range(n)):
             hist_k, hist_v, mean_k = cache.history(layer, chunks)
             cache.put_current(layer, k, v, chunks)
-            sel = select_chunks(q, mean_k, self.routing) if chunks is None else _static_sel(q, n, chunks)
-            out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens,
-                                      backend=self._routing_backend(q), chunks=chunks)
+            path = routing_path(self.backend)  # selection and attention take the same path
+            sel = select_chunks(q, mean_k, self.routing, backend=path) if chunks is None else _static_sel(q, n, chunks)
+            out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens, backend=path, chunks=chunks)
         else:
             keys, values = cache.put_current(layer, k, v, chunks)
             sel = _static_sel(q, n, chunks) if routes else None

@@ -14,8 +14,7 @@ import math
 import pytest
 import torch
 
-import resampling_forcing.attention.routing as R
-from resampling_forcing.attention.backends import resolve_backend
+from resampling_forcing.attention.backends import kernels, resolve_backend
 from resampling_forcing.attention.masks import MaskSpec, dense_mask
 from resampling_forcing.attention.ops import MaskedAttention
 from resampling_forcing.attention.routing import RoutingSpec, routed_training_mask
@@ -40,7 +39,7 @@ def _rollout(model, backend, routing, chunks=3):
 
 
 def _triton_kernels():
-    kern = R._kernels()
+    kern = kernels()
     assert kern is not None and kern.is_interpreted(), "needs triton with TRITON_INTERPRET=1 (tests/conftest.py)"
     return kern
 
@@ -145,3 +144,49 @@ def test_training_routing_fast_path_equals_reference_loss_and_grads():
     base = dense_mask(MaskSpec("dual", N, T), "cpu")
     for m in ref.masks:
         assert not (m & ~base).any() and (base & ~m).any()
+
+
+# ------------------------------------------------------------------------------------------
+# 3. one dispatch: selection follows the configured backend, at inference and in training
+# ------------------------------------------------------------------------------------------
+EXPECTED_PATH = {"sdpa": "torch", "flex": "auto", "triton": "triton"}
+
+
+@pytest.mark.parametrize("backend", sorted(EXPECTED_PATH))
+def test_rollout_selection_and_attention_take_the_configured_path(backend, monkeypatch):
+    """Issue 15's bug: with attention.backend=sdpa the cache's selection ran with the default path
+    ("auto": the Triton kernel on CUDA). Now selection and routed attention get the same path from
+    attention.backends, and the Triton selection kernel runs exactly when the backend asks for it."""
+    import resampling_forcing.cache as cache_mod
+
+    kern = _triton_kernels()
+    seen = {"select": set(), "attend": set()}
+    kernel_calls = []
+    sel_fn, att_fn, kern_sel = cache_mod.select_chunks, cache_mod.routed_attention, kern.routing_select
+    monkeypatch.setattr(cache_mod, "select_chunks",
+                        lambda *a, backend, **k: seen["select"].add(backend) or sel_fn(*a, backend=backend, **k))
+    monkeypatch.setattr(cache_mod, "routed_attention",
+                        lambda *a, backend, **k: seen["attend"].add(backend) or att_fn(*a, backend=backend, **k))
+    monkeypatch.setattr(kern, "routing_select", lambda *a, **k: kernel_calls.append(1) or kern_sel(*a, **k))
+    lat = _rollout(tiny_model(), backend, RoutingSpec("topk", top_k=1), chunks=4)
+    assert torch.isfinite(lat).all()
+    assert seen["select"] == seen["attend"] == {EXPECTED_PATH[backend]}
+    assert bool(kernel_calls) == (backend == "triton")
+
+
+@pytest.mark.parametrize("backend", sorted(EXPECTED_PATH))
+def test_training_selection_takes_the_configured_path(backend, monkeypatch):
+    import resampling_forcing.attention.routed_training as rt
+
+    seen = []
+    orig = rt.select_chunks
+    monkeypatch.setattr(rt, "select_chunks", lambda *a, backend, **k: seen.append(backend) or orig(*a, backend=backend, **k))
+    N, model = 3, tiny_model(chunk_frames=1)
+    T = model.chunk_tokens(H, W)
+    g = torch.Generator().manual_seed(5)
+    hist, noisy = torch.randn(1, 4, N, H, W, generator=g), torch.randn(1, 4, N, H, W, generator=g)
+    op = MaskedAttention(MaskSpec("dual", N, T), resolve_backend(backend, "cpu"), routing=RoutingSpec("topk", top_k=1))
+    with torch.no_grad():
+        out = model.forward_dual(hist, noisy, torch.rand(1, N, generator=g), torch.randn(1, 5, 8, generator=g), attn=op)
+    assert torch.isfinite(out).all()
+    assert seen and set(seen) == {EXPECTED_PATH[backend]}

@@ -182,9 +182,9 @@ def test_kernel_input_errors():
     sel = torch.ones(1, 2, 4, 3, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="chunk_tokens"):
         K.routed_attention_fwd(q, kh, vh, kc, vc, sel, 5)
-    with pytest.raises(TypeError, match="sel"):
+    with pytest.raises(ValueError, match="sel must be a bool tensor"):
         K.routed_attention_fwd(q, kh, vh, kc, vc, sel.int(), 4)
-    with pytest.raises(ValueError, match="sel shape"):
+    with pytest.raises(ValueError, match="sel must be a bool tensor"):
         K.routed_attention_fwd(q, kh, vh, kc, vc, sel[:, :1], 4)
     with pytest.raises(TypeError, match="dtype"):
         K.routed_attention_fwd(q, kh.half(), vh, kc, vc, sel, 4)
@@ -193,9 +193,10 @@ def test_kernel_input_errors():
     with pytest.raises(ValueError, match="k_cur"):
         K.routed_attention_fwd(q, kh, vh, kc, None, sel, 4)
     with pytest.raises(ValueError, match="allowed"):
-        K.routing_select(q, chunk_means(kh, 4), "topk", 1, allowed=torch.ones(4, 2, dtype=torch.bool, device=DEVICE))
-    with pytest.raises(ValueError, match="top_k"):
-        K.routing_select(q, chunk_means(kh, 4), "topk", None)
+        K.routing_select(q, chunk_means(kh, 4), RoutingSpec("topk", top_k=1),
+                         allowed=torch.ones(4, 2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="RoutingSpec"):
+        K.routing_select(q, chunk_means(kh, 4), "topk")  # the spec carries mode and top_k, checked once
 
 
 # ------------------------------------------------------------------------------------------

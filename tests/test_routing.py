@@ -306,7 +306,7 @@ def test_torch_path_matches_reference(T, dtype):
 
 
 def test_torch_path_small_query_blocks(monkeypatch):
-    import resampling_forcing.attention.routing as R
+    import resampling_forcing.attention.routed_torch as R
 
     monkeypatch.setattr(R, "_SCORE_BLOCK_BYTES", 4 * 2 * 2 * 40 * 3)  # forces blocks of 3 query rows
     q, kh, vh, kc, vc = rand_attn_inputs(2, 2, 4, 10, 10, 8)

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-import resampling_forcing.attention.routing as R
+import resampling_forcing.attention.routed_torch as R  # the torch path: its planner and kernel are patched
 from resampling_forcing.attention.routing import (
     RoutingSpec,
     chunk_means,

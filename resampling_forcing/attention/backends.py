@@ -9,12 +9,19 @@ Backends (config `attention.backend`, CLI `--attention-backend`):
 - xformers: memory_efficient_attention for unmasked attention (CUDA only, optional extra);
             masked layouts use it with a dense additive bias.
 - auto:     triton on CUDA when Triton imports (flex for masked layouts), else flex; sdpa on CPU.
+
+Every choice of how attention runs is made here, from the resolved backend and the device:
+- dense / masked attention: `attention` (and `flex_fn`, the one compiled FlexAttention);
+- history routing at inference, selection AND routed attention alike: `routing_path(backend)` gives
+  the path ("torch" | "triton" | "auto") that `select_chunks` and `routed_attention` take, and
+  `use_routing_kernels` decides what a path means for a tensor;
+- routed training attention: `training_routing(backend, device)` (sdpa | flex, and the selection path).
+The rest of the library receives the resolved name and asks these functions; it decides nothing.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +42,6 @@ def _xformers_ops():
     except Exception as e:  # ImportError or a CUDA/ABI mismatch at load time
         log.warning("xformers could not be loaded (%s); falling back to sdpa", str(e).splitlines()[0])
         return None
-
-
-def triton_usable(device: torch.device) -> bool:
-    """True when Triton kernels can run here: CUDA, or the CPU interpreter (TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -67,11 +65,72 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+# Paths of the history-routing code (`attention.selection.select_chunks`, `attention.routed.routed_attention`).
+ROUTING_PATHS = ("auto", "torch", "triton")
+
+
 @functools.lru_cache(maxsize=None)
-def _flex_fn(compiled: bool):
+def kernels():
+    """The Triton kernels (`resampling_forcing.kernels`, repo folder kernels/), or None without Triton."""
+    try:
+        import resampling_forcing.kernels as kern
+    except ImportError:  # a checkout used without `pip install -e .`: the package-dir mapping is missing
+        return None
+    return kern if kern.HAS_TRITON else None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when Triton kernels can run here: CUDA, or the CPU interpreter (TRITON_INTERPRET=1)."""
+    return kernels() is not None and (device.type == "cuda" or kernels().is_interpreted())
+
+
+def routing_path(backend: str) -> str:
+    """The routing path for a resolved attention backend: our Triton kernels when triton was asked
+    for, the torch path for sdpa, and "auto" (the kernels on CUDA when they import) otherwise."""
+    return {"triton": "triton", "sdpa": "torch"}.get(backend, "auto")
+
+
+def use_routing_kernels(path: str, x: torch.Tensor, what: str) -> bool:
+    """Whether routing `path` runs the Triton kernels for tensors like `x` (False: the torch path)."""
+    if path not in ROUTING_PATHS:
+        raise ValueError(f"{what}: backend must be one of {list(ROUTING_PATHS)}, got {path!r}")
+    if path == "torch":
+        return False
+    kern = kernels()
+    if path == "auto":
+        return (kern is not None and x.is_cuda and not kern.is_interpreted()
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    if kern is None:
+        raise RuntimeError(f"{what}: backend='triton' needs the Triton kernels (the triton package and an installed "
+                           "checkout, pip install -e ., which maps kernels/ to resampling_forcing.kernels); use backend='torch'")
+    if not x.is_cuda and not kern.is_interpreted():
+        raise RuntimeError(
+            f"{what}: backend='triton' needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before import; "
+            "use backend='torch' or 'auto' on CPU")
+    return True
+
+
+def training_routing(backend: str, device: torch.device) -> tuple[str, str]:
+    """(attention, selection path) of routed training attention: FlexAttention on CUDA for flex and
+    triton (the routed kernel is forward only), else SDPA with a dense mask; selection as at inference."""
+    attn = "flex" if backend in ("flex", "triton") and torch.device(device).type == "cuda" else "sdpa"
+    return attn, routing_path(backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_compiled():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_fn(device: torch.device):
+    """flex_attention, compiled on CUDA (needed for its speed and memory), eager elsewhere."""
+    if torch.device(device).type == "cuda":
+        return _flex_compiled()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 def flex_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
@@ -80,8 +139,7 @@ def flex_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
     pad = padded_len(length) - length
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    fn = _flex_fn(q.device.type == "cuda")
-    out = fn(q, k, v, block_mask=block_mask(spec, q.device))
+    out = flex_fn(q.device)(q, k, v, block_mask=block_mask(spec, q.device))
     return out[:, :, :length]
 
 

@@ -96,3 +96,25 @@ def block_sparsity(spec: MaskSpec) -> float:
         rows = mod(zero, zero, q[:, None], kv[None, :])
         live += int(rows.view(FLEX_BLOCK, length // FLEX_BLOCK, FLEX_BLOCK).any(dim=(0, 2)).sum())
     return 1.0 - live / (length // FLEX_BLOCK) ** 2
+
+
+def block_mask_from_counts(cnt: torch.Tensor, block_size: int, mask_mod: Callable, seq_lengths: tuple[int, int]):
+    """FlexAttention BlockMask from cnt [..., nq, nk] = the number of (query, key) pairs of each tile that may
+    attend: a tile is FULL when all block_size^2 may, PARTIAL (mask_mod applied) when some may, absent
+    otherwise; the classification `create_block_mask(mask_mod, ...)` makes, without its [Lq, Lk] pass."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    full = cnt == float(block_size * block_size)
+    partial = (cnt > 0) & ~full
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=seq_lengths)
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool tile map [..., nq, nk] -> (num [..., nq], idx [..., nq, nk]) int32, live tiles first, ascending."""
+    blocks = blocks.to(torch.int32)
+    num = blocks.sum(dim=-1).to(torch.int32).contiguous()
+    idx = torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+    return num, idx

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import attention
+from .backends import attention, training_routing
 from .masks import MaskSpec
+from .routed_training import routed_training_attention
+from .spec import RoutingSpec
 
 
 def routes_layer(layers: list[int] | None, layer: int) -> bool:
@@ -24,16 +26,14 @@ class MaskedAttention:
 
     spec: MaskSpec
     backend: str  # resolved (attention.backends.resolve_backend)
-    routing: object | None = None  # routing.RoutingSpec; None or dense = no routing
+    routing: RoutingSpec | None = None  # None or dense = no routing
     routing_layers: list[int] | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         if self.routing is not None and not self.routing.is_dense and routes_layer(self.routing_layers, layer):
             if self.spec.kind != "dual":
                 raise ValueError("routed training attention needs the dual [history | noisy] layout")
-            from .routing import routed_training_attention
-
-            backend = "flex" if self.backend in ("flex", "triton") and q.device.type == "cuda" else "sdpa"
+            attn, select = training_routing(self.backend, q.device)
             return routed_training_attention(q, k, v, self.spec.num_chunks, self.spec.chunk_tokens,
-                                             self.routing, backend=backend)
+                                             self.routing, backend=attn, select_backend=select)
         return attention(q, k, v, self.spec, self.backend)

@@ -1,0 +1,140 @@
+"""History routing, step 2 at inference: routed attention of the current chunk's queries over the
+selected history chunks (per head, per token) plus, always and fully, their own chunk.
+
+    out, lse = routed_attention(q, k_hist, v_hist, k_cur, v_cur, sel, T)
+
+Paths (chosen by attention.backends): the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1; history
+read in place, no host sync) or the torch path (attention/routed_torch.py). `routed_block_mask` is the
+FlexAttention form of the same rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .backends import kernels, use_routing_kernels
+from .masks import block_mask_from_counts
+from .routed_torch import routed_attention_torch
+from .selection import check_4d
+
+
+def check_attention_inputs(what, q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens):
+    for name, t in (("q", q), ("k_hist", k_hist), ("v_hist", v_hist), ("k_cur", k_cur), ("v_cur", v_cur)):
+        check_4d(what, name, t)
+    B, Hh, Lq, D = q.shape
+    for name, t in (("k_hist", k_hist), ("v_hist", v_hist), ("k_cur", k_cur), ("v_cur", v_cur)):
+        if t.shape[0] != B or t.shape[1] != Hh or t.shape[3] != D:
+            raise ValueError(f"{what}: {name} {tuple(t.shape)} does not match q {tuple(q.shape)} in B, Hh or D")
+        if t.device != q.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{what}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}; cast them to one dtype")
+    if k_hist.shape[2] != v_hist.shape[2] or k_cur.shape[2] != v_cur.shape[2]:
+        raise ValueError(f"{what}: keys and values must have the same length")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"{what}: chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if not isinstance(sel, torch.Tensor) or sel.dtype != torch.bool or sel.dim() != 4 or tuple(sel.shape[:3]) != (B, Hh, Lq):
+        got = (sel.dtype, tuple(sel.shape)) if isinstance(sel, torch.Tensor) else type(sel).__name__
+        raise ValueError(f"{what}: sel must be a bool tensor [B,Hh,Lq,N] = [{B},{Hh},{Lq},N], got {got}")
+    N = sel.shape[3]
+    if k_hist.shape[2] != N * chunk_tokens:
+        raise ValueError(
+            f"{what}: k_hist has {k_hist.shape[2]} tokens but sel has N={N} chunks of chunk_tokens={chunk_tokens} "
+            f"(= {N * chunk_tokens} tokens)"
+        )
+    if sel.device != q.device:
+        raise ValueError(f"{what}: sel is on {sel.device} but q is on {q.device}")
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k_hist: torch.Tensor,
+    v_hist: torch.Tensor,
+    k_cur: torch.Tensor,
+    v_cur: torch.Tensor,
+    sel: torch.Tensor,
+    chunk_tokens: int,
+    scale: float | None = None,
+    backend: str = "auto",
+    *,
+    chunks: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention of current-chunk queries: own chunk (full) + selected history chunks (per token).
+
+    q [B,Hh,Lq,D]; k_hist/v_hist [B,Hh,N*T,D]; k_cur/v_cur [B,Hh,Lc,D]; sel bool [B,Hh,Lq,N].
+    Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32).
+
+    backend "triton" (or "auto" on CUDA): one kernel, history read in place, no host sync.
+    backend "torch" (or "auto" elsewhere): planned from `sel` with ONE host sync. If every query
+    selects the same chunks (window mode, k >= history): one plain attention over [those chunks |
+    current chunk], no mask. Otherwise the current chunk and the history planned per head (dense
+    blocks for chunks most tokens select, MoBA-style (query, chunk) rows for the rest; cost ~ the
+    selected pairs * T * D: proportional to k, not to the history; see `routed_torch`) merged by lse. On CPU without autograd it runs torch's fused flash
+    kernel; with autograd, explicit differentiable ops ("auto" picks torch whenever gradients are needed:
+    the Triton kernel is forward only).
+    chunks: optional host list of the history chunks every query selects (`static_chunks`; must agree
+    with `sel`): the torch path then reads those slices directly, with no host sync.
+    """
+    check_attention_inputs("routed_attention", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_hist, v_hist, k_cur, v_cur))
+    if needs_grad and backend == "auto":
+        backend = "torch"  # the Triton kernel is forward only
+    if use_routing_kernels(backend, q, "routed_attention"):
+        if needs_grad:
+            raise RuntimeError(
+                "routed_attention: backend='triton' is forward only but inputs require grad; "
+                "run under torch.no_grad() or use backend='torch'"
+            )
+        return kernels().routed_attention_fwd(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
+    if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
+        raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
+    return routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale,
+                                   sorted(chunks) if chunks is not None else None)
+
+
+def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:
+    Lq, N = sel.shape[2], sel.shape[3]
+    T = chunk_tokens
+    NT = N * T
+    if N == 0:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx >= 0
+        return mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        chunk = (kv_idx // T).clamp(max=N - 1)  # only read when kv_idx < NT
+        return (kv_idx >= NT) | sel[b, h, q_idx.clamp(max=Lq - 1), chunk]
+
+    return mask_mod
+
+
+def routed_block_mask(sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, block_size: int = 128):
+    """FlexAttention BlockMask for inference keys [history (N*T) | current (cur_tokens)].
+
+    The mask_mod reads `sel` (exact per token); block sparsity is computed from `sel` at block
+    granularity (never materialises Lq x Lk): a block is full when all its pairs may attend, partial
+    when some may. Same classification as `create_block_mask(mask_mod, ...)`.
+    """
+    if not isinstance(sel, torch.Tensor) or sel.dtype != torch.bool or sel.dim() != 4:
+        raise ValueError("routed_block_mask: sel must be a bool tensor [B,Hh,Lq,N]")
+    B, Hh, Lq, N = sel.shape
+    T, Lc = chunk_tokens, cur_tokens
+    NT = N * T
+    Lk = NT + Lc
+    dev = sel.device
+    nq, nk = -(-Lq // block_size), -(-Lk // block_size)
+    tok = torch.arange(nk * block_size, device=dev)
+    seg = torch.where(tok < NT, tok // T, torch.full_like(tok, N))  # N = the current chunk
+    onehot = F.one_hot(seg.clamp(max=N), N + 1).to(torch.float32) * (tok < Lk).to(torch.float32)[:, None]
+    overlap = onehot.view(nk, block_size, N + 1).sum(dim=1)  # [nk, N+1]
+    qtok = torch.arange(nq * block_size, device=dev)
+    q_cnt = (qtok < Lq).to(torch.float32).view(nq, block_size).sum(dim=1)  # valid queries per block
+    cur_cnt = q_cnt[:, None] * overlap[None, :, N]  # [nq, nk]
+    sel_cnt = F.pad(sel.to(torch.float32), (0, 0, 0, nq * block_size - Lq)).view(B, Hh, nq, block_size, N).sum(3)
+    cnt = sel_cnt @ overlap[:, :N].T + cur_cnt  # exact integers < 2^24
+    return block_mask_from_counts(cnt, block_size, _make_inference_mask_mod(sel, T), (Lq, Lk))
+

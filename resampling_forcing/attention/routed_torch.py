@@ -1,0 +1,358 @@
+"""History routing, step 2 on the torch path: routed attention planned from the selection (CPU, and
+the autograd path of training). The Triton kernel (resampling_forcing.kernels) is the GPU twin; both
+equal `reference.routed_attention_reference` (tests/test_routing_cpu_path.py, tests/test_kernels.py).
+
+`routed_attention_torch` plans from `sel` with ONE host sync (none when the caller passes
+`chunks=static_chunks(spec, N)`): same chunks for every query (window mode, k >= history) -> one plain
+attention over [those chunks | current] (no mask); otherwise, per head, chunks most of its tokens select
+as dense blocks (all the head's queries, K/V in place; "sink + recent" heads) and the other (query,
+chunk) pairs grouped by chunk (MoBA style), chosen by a cost model (cost ~ the selected pairs * T * D:
+proportional to k, not to the history length; never more than dense attention), merged with the current
+chunk by log-sum-exp. On CPU inference all use torch's fused flash kernel; with autograd, explicit
+differentiable ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .selection import NEG_INF, index_runs, work_dtype
+
+# Upper bound (bytes) on one fp32 score block of the explicit (autograd) path.
+_SCORE_BLOCK_BYTES = 1 << 28
+
+
+def merge_by_lse(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attention results over disjoint key sets.
+
+    o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2), lse = log(e^l1 + e^l2). A branch with lse = -inf (no keys)
+    contributes nothing, whatever its o holds (even NaN); both -inf gives o = 0, lse = -inf.
+    Computed in fp32 (fp64 if any input is fp64); o returned in o1.dtype, lse in fp32 (or fp64).
+    """
+    if o1.shape != o2.shape or lse1.shape != lse2.shape or o1.shape[:-1] != lse1.shape:
+        raise ValueError(
+            f"merge_by_lse: shapes must be o [..., D], lse [...]: got {tuple(o1.shape)}, {tuple(lse1.shape)}, "
+            f"{tuple(o2.shape)}, {tuple(lse2.shape)}"
+        )
+    wd = work_dtype(o1, o2, lse1, lse2)
+    l1, l2 = lse1.to(wd), lse2.to(wd)
+    m = torch.maximum(l1, l2)
+    m_safe = torch.where(m == NEG_INF, torch.zeros_like(m), m)
+    w1 = torch.exp(l1 - m_safe)
+    w2 = torch.exp(l2 - m_safe)
+    tot = w1 + w2
+    lse = m_safe + torch.log(tot)  # tot == 0 -> -inf
+    tot_safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    a1 = (w1 / tot_safe).unsqueeze(-1)
+    a2 = (w2 / tot_safe).unsqueeze(-1)
+    zero = torch.zeros((), dtype=wd, device=o1.device)
+    o = torch.where(a1 > 0, o1.to(wd) * a1, zero) + torch.where(a2 > 0, o2.to(wd) * a2, zero)
+    lse_dtype = torch.float64 if wd == torch.float64 else torch.float32
+    return o.to(o1.dtype), lse.to(lse_dtype)
+
+
+def _attend_with_lse(q, k, v, scale):
+    """Unmasked softmax attention with lse, in query blocks of bounded memory (explicit torch ops).
+
+    Returns (out, lse) in the working dtype (fp32, or fp64 for fp64 inputs); no keys -> 0, -inf.
+    """
+    B, Hh, Lq, D = q.shape
+    Lk = k.shape[2]
+    wd = work_dtype(q)
+    if Lk == 0 or Lq == 0:
+        out = torch.zeros((B, Hh, Lq, v.shape[3]), dtype=wd, device=q.device)
+        return out, torch.full((B, Hh, Lq), NEG_INF, dtype=wd, device=q.device)
+    kf = k.to(wd)
+    vf = v.to(wd)
+    el = torch.finfo(wd).bits // 8
+    rows = max(1, min(Lq, _SCORE_BLOCK_BYTES // max(1, B * Hh * Lk * el)))
+    outs, lses = [], []
+    for s0 in range(0, Lq, rows):
+        s = torch.matmul(q[:, :, s0: s0 + rows].to(wd), kf.transpose(-1, -2)) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vf))
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+# torch's fused CPU flash-attention kernel returns the lse too. Private op: its lse carries no gradient
+# and it rejects empty inputs, so autograd, other devices and empty shapes use `_attend_with_lse`.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attn_lse(q, k, v, scale):
+    """Unmasked attention -> (out, lse) in the working dtype; the fused kernel for CPU inference."""
+    if (
+        _FLASH_CPU is not None and q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    ):
+        wd = work_dtype(q)
+        out, lse = _FLASH_CPU(q.to(wd), k.to(wd), v.to(wd), scale=scale)
+        return out, lse.to(wd)
+    return _attend_with_lse(q, k, v, scale)
+
+
+# History branch of the torch path. Per (batch, head) the history chunks are split by how many of the
+# head's query tokens select them (counts c_j, from `sel`):
+#   dense blocks: the m most selected chunks are attended by ALL the head's queries in place (query view
+#     expanded over a run of consecutive chunks, the run's K/V a view of the cache: no copies), and the
+#     pairs a token did not select are dropped at the merge (their lse set to -inf). Cost ~ m * Lq * T,
+#     at the kernel's full speed: what "sink + recent" selections (coherent heads) need.
+#   sparse rows: the remaining (query, chunk) pairs, MoBA style: each chunk's queries gathered into rows
+#     and attended against the chunk's keys in place. Two layouts: "padded" (every chunk of the head
+#     gets G rows, G = the largest remaining count; one call for all N chunks, [heads, N, T, D] view of
+#     the cache, heads batched when padding them to one G adds at most 1/4 rows) and "per-chunk" (exactly
+#     c_j rows, one call per non-empty chunk: no padding, and chunks nobody picked are never read).
+#     Cost ~ (pairs + padding) * T: what per-token picks (random heads) need.
+# m and the layout are chosen per head from a cost model in "query rows at the kernel's full speed": a
+# problem of G query rows over one chunk's T keys costs like _problem_rows(G) = G + 32 + 0.8 * min(G, 128)
+# rows (fitted to the fused CPU kernel at T = 1560, D = 128, 1 thread: reading a chunk's K/V costs ~32
+# rows, problems of < ~128 rows run at ~55% speed), plus `call` rows per kernel call (host overhead):
+#   cost(m) = m * _problem_rows(Lq) + call + min(N * _problem_rows(G_m) + call,             [padded]
+#                                                sum_{i>=m, c_(i)>0} (_problem_rows(c_(i)) + call))  [per-chunk]
+# with c_(i) the counts in descending order and G_m = c_(m). m = all selected chunks is an exact "dense
+# attention over the selected history" (never more work than dense SDPA over all history: the fallback
+# when routing cannot win); m = 0 is the pure MoBA layout. All branches (current chunk, dense blocks,
+# sparse rows) are merged exactly by lse, in one pass.
+_PAD_SLACK = 1.25
+_CALL_SECONDS = 4e-5  # host + dispatch cost of one kernel call ...
+_ROW_FLOPS_PER_S = 5e10  # ... in rows at the fused kernel's full speed (~50 GFLOP/s per core)
+_LAST_PLAN: list = ["-"]
+
+
+def _problem_rows(g: torch.Tensor) -> torch.Tensor:
+    return g + 32.0 + 0.8 * g.clamp(max=128.0)
+
+
+def last_plan_summary() -> str:
+    """A short description of the torch path's most recent history plan (for benchmarks)."""
+    return _LAST_PLAN[0]
+
+
+@dataclass
+class _HistoryPlan:
+    kind: str  # "none" | "uniform" | "blocks"
+    chunks: list[int] | None = None  # uniform: the chunks every query selects
+    dense: list[list[int]] | None = None  # blocks: dense chunks per (batch, head), ascending
+    rows: list[int] | None = None  # blocks: padded sparse rows per chunk (G) per (batch, head); 0 = none
+    counts: list[list[int]] | None = None  # blocks, heads with rows 0: sparse pairs per chunk (one call each)
+    dense_mask: torch.Tensor | None = None  # blocks: bool [B*Hh, N] on sel's device
+
+    def summary(self) -> str:
+        if self.kind != "blocks":
+            return self.kind if self.kind == "none" else f"uniform {len(self.chunks)}"
+        nd = sum(len(d) for d in self.dense) / len(self.dense)
+        pad = [g for g in self.rows if g]
+        var = sum(1 for g, c in zip(self.rows, self.counts) if not g and any(c))
+        s = f"dense {nd:.1f}/head"
+        if pad:
+            s += f", padded G {min(pad)}-{max(pad)} x{len(pad)}"
+        if var:
+            s += f", per-chunk x{var}"
+        return s
+
+
+def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = None,
+                  force_layout: str | None = None) -> _HistoryPlan:
+    """Host-side plan of the torch path's history branch from `sel` [B,Hh,Lq,N] (ONE host sync).
+
+    force_dense / force_layout ("padded" | "per-chunk") are for tests: make the min(force_dense, N) most
+    selected chunks of every head dense blocks / use that sparse layout, instead of the cost model's."""
+    B, Hh, Lq, N = sel.shape
+    BH, dev = B * Hh, sel.device
+    counts = sel.sum(dim=2).view(BH, N)  # queries per (batch*head, chunk)
+    cs, order = counts.sort(dim=1, descending=True, stable=True)
+    g_m = torch.cat([cs, cs.new_zeros(BH, 1)], dim=1).double()  # G when the m most selected chunks are dense
+    m = torch.arange(N + 1, device=dev)
+    call = _CALL_SECONDS * _ROW_FLOPS_PER_S / (4.0 * T * D)  # one kernel call, in rows
+    per_chunk = (_problem_rows(g_m) + call) * (g_m > 0)
+    var_cost = per_chunk.flip(1).cumsum(1).flip(1)  # one call per remaining non-empty chunk
+    pad_cost = (N * _problem_rows(g_m) + call) * (g_m > 0)  # one call, every chunk padded to G_m rows
+    use_var = var_cost < pad_cost
+    if force_layout is not None:
+        use_var = torch.full_like(use_var, force_layout == "per-chunk")
+    # dense blocks: heads with the same dense chunks share their calls (one per run of chunks): ~1 call
+    dense_cost = m * _problem_rows(torch.tensor(float(Lq), dtype=torch.float64)) + call * (m > 0)
+    cost = dense_cost + torch.where(use_var, var_cost, pad_cost)
+    best = cost.argmin(dim=1)  # first minimum: the fewest dense blocks among equal costs
+    if force_dense is not None:
+        best = torch.full_like(best, min(force_dense, N))
+    var = use_var.gather(1, best[:, None]).squeeze(1)
+    rows = g_m.gather(1, best[:, None]).squeeze(1).long().masked_fill(var, 0)
+    rank = torch.empty_like(order).scatter_(1, order, m[:N].expand(BH, N).contiguous())
+    dense_mask = rank < best[:, None]
+    row0 = sel[0, 0, 0]
+    uniform = (sel == row0).all()
+    sparse_counts = counts.masked_fill(dense_mask, 0)
+    vals = torch.cat([row0.long(), uniform.long().view(1), rows, dense_mask.long().flatten(),
+                      sparse_counts.flatten()]).tolist()  # the one host sync of this path
+    rows_l = vals[N + 1: N + 1 + BH]
+    flat = vals[N + 1 + BH: N + 1 + BH + BH * N]
+    cnt = vals[N + 1 + BH + BH * N:]
+    if not any(flat) and not any(cnt):
+        return _HistoryPlan("none")
+    if vals[N]:
+        return _HistoryPlan("uniform", chunks=[j for j in range(N) if vals[j]])
+    dense = [[j for j in range(N) if flat[i * N + j]] for i in range(BH)]
+    counts_l = [cnt[i * N: (i + 1) * N] for i in range(BH)]
+    return _HistoryPlan("blocks", dense=dense, rows=rows_l, counts=counts_l, dense_mask=dense_mask)
+
+
+def _head_groups(plan: _HistoryPlan):
+    """(dense groups, padded sparse groups): consecutive heads that share one kernel call.
+
+    dense: (h0, h1, chunks) for runs of heads with the same dense chunks; padded: (h0, h1, G) for runs of
+    heads with padded sparse rows whose padding to the run's largest G stays within _PAD_SLACK."""
+    dense, sparse = [], []
+    for h, d in enumerate(plan.dense):
+        if d and dense and dense[-1][1] == h and dense[-1][2] == d:
+            dense[-1][1] = h + 1
+        elif d:
+            dense.append([h, h + 1, d])
+    for h, g in enumerate(plan.rows):
+        if g and sparse and sparse[-1][1] == h:
+            gs = sparse[-1][2]
+            if max(gs + [g]) * (len(gs) + 1) <= _PAD_SLACK * (sum(gs) + g):
+                sparse[-1][1] = h + 1
+                gs.append(g)
+                continue
+        if g:
+            sparse.append([h, h + 1, [g]])
+    return [tuple(x) for x in dense], [(h0, h1, max(gs)) for h0, h1, gs in sparse]
+
+
+def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan):
+    """History branch of a "blocks" plan. Returns (dense parts [(h0, h1, out [n,r,Lq,D], lse [n,r,Lq])],
+    sparse parts [(out [n,D], lse [n], query row [n])]); query row B*Hh*Lq marks padding rows."""
+    B, Hh, Lq, D = q.shape
+    N = sel.shape[-1]
+    BH, M, dev = B * Hh, B * Hh * Lq, q.device
+    wd = work_dtype(q)
+    qf = q.reshape(BH, Lq, D).to(wd)
+    kh = k_hist.unflatten(2, (N, T)).flatten(0, 1)  # [BH, N, T, D], a view of the cache
+    vh = v_hist.unflatten(2, (N, T)).flatten(0, 1)
+    sel_h = sel.reshape(BH, Lq, N)
+    dense_groups, pad_groups = _head_groups(plan)
+    dense_parts = []
+    for h0, h1, chunks in dense_groups:
+        for j0, j1 in index_runs(chunks):
+            qe = qf[h0:h1, None].expand(h1 - h0, j1 - j0, Lq, D)
+            o, lse = _attn_lse(qe, kh[h0:h1, j0:j1], vh[h0:h1, j0:j1], scale)
+            lse = lse.masked_fill(~sel_h[h0:h1, :, j0:j1].transpose(1, 2), NEG_INF)  # pairs not selected
+            dense_parts.append((h0, h1, o, lse))
+    # sparse rows: pair (token t, chunk j) of head h -> row first[h][j] + (its rank among j's tokens);
+    # padded heads give every chunk G rows (one call per group of heads, K/V in place), the others
+    # exactly their count (one call per non-empty chunk, K/V in place)
+    first = [[0] * N for _ in range(BH)]
+    calls = []  # (row offset, rows, h0, h1, j0, j1, G)
+    off = 0
+    pad_of = {}
+    for h0, h1, g in pad_groups:
+        for h in range(h0, h1):
+            pad_of[h] = (h0, h1, g)
+    h = 0
+    while h < BH:
+        if h in pad_of:
+            h0, h1, g = pad_of[h]
+            for hh in range(h0, h1):
+                first[hh] = [off + ((hh - h0) * N + j) * g for j in range(N)]
+            calls.append((off, (h1 - h0) * N * g, h0, h1, 0, N, g))
+            off += (h1 - h0) * N * g
+            h = h1
+            continue
+        for j, c in enumerate(plan.counts[h]):
+            first[h][j] = off
+            if c:
+                calls.append((off, c, h, h + 1, j, j + 1, c))
+                off += c
+        h += 1
+    if not calls:
+        return dense_parts, []
+    R = off
+    sp = sel_h.transpose(1, 2) & ~plan.dense_mask[:, :, None]  # [BH, N, Lq] sparse pairs
+    first_t = torch.tensor(first, dtype=torch.int64, device=dev)
+    slot = (torch.cumsum(sp, dim=2) - 1 + first_t[:, :, None]).masked_fill_(~sp, R)
+    qrow = torch.arange(M, device=dev).view(BH, 1, Lq).expand(BH, N, Lq)
+    dest = torch.full((R + 1,), M, dtype=torch.int64, device=dev).scatter_(0, slot.flatten(), qrow.flatten())[:R]
+    q_rows = torch.cat([qf.reshape(M, D), qf.new_zeros(1, D)]).index_select(0, dest)  # padding: q = 0
+    parts = []
+    for o0, n, h0, h1, j0, j1, g in calls:
+        o, lse = _attn_lse(q_rows[o0: o0 + n].view(h1 - h0, j1 - j0, g, D), kh[h0:h1, j0:j1], vh[h0:h1, j0:j1], scale)
+        parts.append((o.reshape(n, D), lse.reshape(n), dest[o0: o0 + n]))
+    return dense_parts, parts
+
+
+def _merge_blocks(out_c, lse_c, dense_parts, sparse_parts):
+    """Exact lse merge of the current-chunk branch (out_c [BH,Lq,D], lse_c [BH,Lq]) with the dense blocks
+    and sparse rows of `_blocks_history`. Same formula as `merge_by_lse`, over all branches at once."""
+    BH, Lq, D = out_c.shape
+    M = BH * Lq
+    grad = torch.is_grad_enabled() and (out_c.requires_grad or any(p[2].requires_grad for p in dense_parts)
+                                        or any(p[0].requires_grad for p in sparse_parts))
+    if grad and len(sparse_parts) > 1:  # autograd: one out-of-place index_add instead of one per part
+        sparse_parts = [tuple(torch.cat(x) for x in zip(*sparse_parts))]
+    with torch.no_grad():  # per-query max over all branches: a stabiliser only, no gradient needed
+        m = lse_c.clone()
+        for h0, h1, _, lse in dense_parts:
+            m[h0:h1] = torch.maximum(m[h0:h1], lse.amax(dim=1))
+        if sparse_parts:
+            mf = torch.cat([m.reshape(M), m.new_full((1,), NEG_INF)])
+            for _, lse, dest in sparse_parts:
+                mf.scatter_reduce_(0, dest, lse, "amax")
+            m = mf[:M].view(BH, Lq)
+        m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
+    w = torch.exp(lse_c - m)
+    acc = out_c * w[..., None]
+    tot = w.clone()
+    for h0, h1, o, lse in dense_parts:
+        wb = torch.exp(lse - m[h0:h1, None])  # 0 for pairs not selected
+        acc[h0:h1] += (o * wb[..., None]).sum(dim=1)
+        tot[h0:h1] += wb.sum(dim=1)
+    if sparse_parts:
+        m_rows = torch.cat([m.reshape(M), m.new_zeros(1)])
+        acc = torch.cat([acc.reshape(M, D), acc.new_zeros(1, D)])
+        tot = torch.cat([tot.reshape(M), tot.new_zeros(1)])
+        for o_rows, lse_rows, dest in sparse_parts:
+            w_rows = torch.exp(lse_rows - m_rows[dest])
+            if grad:
+                acc = acc.index_add(0, dest, o_rows * w_rows[:, None])
+                tot = tot.index_add(0, dest, w_rows)
+            else:
+                acc.index_add_(0, dest, o_rows * w_rows[:, None])
+                tot.index_add_(0, dest, w_rows)
+        acc, tot = acc[:M].view(BH, Lq, D), tot[:M].view(BH, Lq)
+    tot_safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    return acc / tot_safe[..., None], m + torch.log(tot)
+
+
+def _chunk_runs(x: torch.Tensor, chunks: list[int], T: int) -> list[torch.Tensor]:
+    """Views of x [B,Hh,N*T,D] covering the given ascending chunks, one per contiguous run."""
+    return [x[:, :, a * T: b * T] for a, b in index_runs(chunks)]
+
+
+def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None):
+    N = sel.shape[-1]
+    if chunks is not None:
+        plan = _HistoryPlan("uniform", chunks=chunks) if chunks else _HistoryPlan("none")
+    else:
+        plan = _plan_history(sel, T, q.shape[-1]) if N > 0 and q.numel() > 0 else _HistoryPlan("none")
+    _LAST_PLAN[0] = plan.summary()
+    if plan.kind == "blocks":  # current chunk + dense blocks + sparse rows, merged by lse
+        B, Hh, Lq, D = q.shape
+        out_c, lse_c = _attn_lse(q, k_cur, v_cur, scale)
+        dense_parts, sparse = _blocks_history(q, k_hist, v_hist, sel, T, scale, plan)
+        out, lse = _merge_blocks(out_c.reshape(B * Hh, Lq, D), lse_c.reshape(B * Hh, Lq), dense_parts, sparse)
+        out, lse = out.view(B, Hh, Lq, D), lse.view(B, Hh, Lq)
+    elif plan.kind == "uniform":  # same chunks for every query: one plain attention over [them | current]
+        k = torch.cat(_chunk_runs(k_hist, plan.chunks, T) + [k_cur], dim=2)
+        v = torch.cat(_chunk_runs(v_hist, plan.chunks, T) + [v_cur], dim=2)
+        out, lse = _attn_lse(q, k, v, scale)
+    else:
+        out, lse = _attn_lse(q, k_cur, v_cur, scale)
+    return out.to(q.dtype), lse.to(torch.float32)
+
