@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..attention.routed import check_attention_inputs
+from .common import check_runnable, interpreted
 
 __all__ = ["routed_attention_fwd", "is_interpreted"]
 
@@ -151,12 +152,9 @@ def _routed_attn_fwd_kernel(
     tl.store(l_ptrs, lse, mask=m_valid)
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def is_interpreted() -> bool:
     """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-    return type(_routed_attn_fwd_kernel).__name__ == "InterpretedFunction"
+    return interpreted(_routed_attn_fwd_kernel)
 
 
 def _default_config(D: int, interpreted: bool) -> tuple[int, int, int, int]:
@@ -195,13 +193,7 @@ def routed_attention_fwd(
     if k_cur is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         k_cur = v_cur = q.new_empty((q.shape[0], q.shape[1], 0, q.shape[3]))
     check_attention_inputs("routed_attention_fwd", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"routed_attention_fwd: q.dtype must be fp16, bf16 or fp32, got {q.dtype}")
-    if q.device.type != "cuda" and not is_interpreted():
-        raise RuntimeError(
-            f"routed_attention_fwd: Triton needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set "
-            "before import; use backend='torch' on CPU"
-        )
+    check_runnable("routed_attention_fwd", _routed_attn_fwd_kernel, "use backend='torch' on CPU", q)
     B, Hh, Lq, D = q.shape
     N = sel.shape[3]
 

@@ -33,11 +33,11 @@ import triton.language as tl
 
 from ..attention.selection import check_select_inputs
 from ..attention.spec import RoutingSpec
+from .common import check_runnable, interpreted
 
 __all__ = ["routing_select", "MODES"]
 
 MODES = {"dense": 0, "window": 1, "topk": 2}  # the kernel's codes of attention.spec.ROUTING_MODES
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -110,10 +110,6 @@ def _routing_select_kernel(
     tl.store(s_ptrs, sel.to(tl.uint8), mask=tile_valid)
 
 
-def _is_interpreted() -> bool:
-    return type(_routing_select_kernel).__name__ == "InterpretedFunction"
-
-
 def routing_select(
     q: torch.Tensor,
     mean_k: torch.Tensor,
@@ -129,13 +125,7 @@ def routing_select(
     check (attention.selection.check_select_inputs) plus what only this kernel needs.
     """
     check_select_inputs("routing_select", q, mean_k, spec, allowed)
-    if q.dtype not in _FLOAT_DTYPES or mean_k.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"routing_select: q/mean_k must be fp16, bf16 or fp32, got {q.dtype}/{mean_k.dtype}")
-    if q.device.type != "cuda" and not _is_interpreted():
-        raise RuntimeError(
-            f"routing_select: Triton needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before import; "
-            "use select_chunks(..., backend='torch') on CPU"
-        )
+    check_runnable("routing_select", _routing_select_kernel, "use select_chunks(..., backend='torch') on CPU", q, mean_k)
     B, Hh, Lq, D = q.shape
     N = mean_k.shape[2]
 
@@ -145,7 +135,7 @@ def routing_select(
     BLOCK_NC = max(2, triton.next_power_of_2(N))
     BLOCK_D = max(2, triton.next_power_of_2(D))
     if block_m is None:
-        block_m = 32 if _is_interpreted() else (16 if BLOCK_D * BLOCK_NC >= 4096 else 32)
+        block_m = 32 if interpreted(_routing_select_kernel) else (16 if BLOCK_D * BLOCK_NC >= 4096 else 32)
     al = allowed.view(torch.uint8) if allowed is not None else sel  # dummy pointer when absent
     a_strides = al.stride()[-2:] if allowed is not None else (0, 0)
     grid = (triton.cdiv(Lq, block_m), B * Hh)

@@ -74,6 +74,19 @@ def force_layout(monkeypatch, layout):
     return seen
 
 
+def check_grads(ins, sel, T):
+    """Gradients of the torch path (fp64 inputs `ins` = q, k_hist, v_hist, k_cur, v_cur) equal the
+    reference's, for the loss sum(out^2) + sum(lse). Returns the torch path's out."""
+    out, lse = routed_attention(*ins, sel, T, backend="torch")
+    g = torch.autograd.grad(out.pow(2).sum() + lse.sum(), ins)
+    ins2 = [t.detach().clone().requires_grad_() for t in ins]
+    out2, lse2 = routed_attention_reference(*ins2, sel, T)
+    g2 = torch.autograd.grad(out2.pow(2).sum() + lse2.sum(), ins2)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    return out
+
+
 def check(q, kh, vh, kc, vc, sel, T, atol=1e-5, **kw):
     ref_o, ref_l = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
     out, lse = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch", **kw)
@@ -146,14 +159,8 @@ def test_patterns_gradients_equal_reference(monkeypatch, layout, pattern, k):
     B, Hh, N, T, D, Lq = 1, 4, 7, 5, 8, 9
     ins = [t.double().requires_grad_() for t in inputs(B, Hh, N, T, D, Lq=Lq, seed=k)]
     sel = pattern_sel(B, Hh, Lq, N, k, pattern, seed=k + 1)
-    out, lse = routed_attention(*ins, sel, T, backend="torch")
+    out = check_grads(ins, sel, T)
     torch.testing.assert_close(out, routed_attention_reference(*[t.detach() for t in ins], sel, T)[0], atol=1e-10, rtol=1e-8)
-    g = torch.autograd.grad(out.pow(2).sum() + lse.sum(), ins)
-    ins2 = [t.detach().clone().requires_grad_() for t in ins]
-    out2, lse2 = routed_attention_reference(*ins2, sel, T)
-    g2 = torch.autograd.grad(out2.pow(2).sum() + lse2.sum(), ins2)
-    for a, b in zip(g, g2):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
 def test_pattern_sel_makes_the_patterns():
@@ -300,13 +307,7 @@ def test_gradients_equal_reference(monkeypatch, layout):
     sel[..., 0] = True
     sel[0, 0, 0] = False
     for s in (sel, torch.ones_like(sel)):  # grouped; uniform
-        out, lse = routed_attention(*ins, s, T, backend="torch")
-        g = torch.autograd.grad(out.pow(2).sum() + lse.sum(), ins)
-        ins2 = [t.detach().clone().requires_grad_() for t in ins]
-        out2, lse2 = routed_attention_reference(*ins2, s, T)
-        g2 = torch.autograd.grad(out2.pow(2).sum() + lse2.sum(), ins2)
-        for a, b in zip(g, g2):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+        check_grads(ins, s, T)
 
 
 # ------------------------------------------------------------------------------------------
