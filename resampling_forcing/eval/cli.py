@@ -49,6 +49,14 @@ def _load_json(path: Path, what: str):
         raise EvalInputError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
 
 
+def _read_video(path: Path):
+    """uint8 ``[F, H, W, 3]`` frames of an mp4; an unreadable file is bad input (one line, exit 2)."""
+    try:
+        return read_mp4(path)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
+
+
 def _sidecar(video: Path) -> dict | None:
     p = video.with_suffix(".json")
     if not p.is_file():
@@ -129,17 +137,11 @@ def evaluate_paths(
         cap = _caption_for(v, mapping, caption, side)
         if not parse_caption(cap):
             raise EvalInputError(f"{v}: caption names no known colour+shape pair: {cap!r}")
-        try:
-            frames = read_mp4(v)
-        except ValueError as e:
-            raise EvalInputError(str(e)) from None
+        frames = _read_video(v)
         ref_path = _reference_for(v, refs, side)
         ref_frames = ref_meta = None
         if ref_path is not None:
-            try:
-                ref_frames = read_mp4(ref_path)
-            except ValueError as e:
-                raise EvalInputError(str(e)) from None
+            ref_frames = _read_video(ref_path)
             mp = ref_path.with_suffix(".json")
             if mp.is_file():
                 meta = _load_json(mp, "reference metadata")
