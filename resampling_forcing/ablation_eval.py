@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import io as rio
 from .data.synthetic import combo_key, generate_clip, held_out_combos, parse_caption
 from .eval import evaluate_video
 
@@ -169,35 +170,12 @@ def plot_metric(summaries: dict[str, dict], metric: str, segment_frames: int, pa
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return rio.save_figure(fig, path, dpi=110)
 
 
 def contact_sheet(videos: np.ndarray, truth: np.ndarray, every: int, path: Path, rows: int = 4, scale: int = 2) -> Path:
     """PNG: for the first ``rows`` clips, the truth (upper) and the continuation (lower), one frame
     every ``every`` frames plus the last; white gaps between frames and clip pairs."""
-    import imageio.v3 as iio
-
-    f = videos.shape[1]
-    idx = sorted(set(list(range(0, f, every)) + [f - 1]))
-    pad = 2
-
-    def strip(v):
-        cells = [np.kron(v[i], np.ones((scale, scale, 1), dtype=np.uint8)) for i in idx]
-        gap = np.full((cells[0].shape[0], pad, 3), 255, np.uint8)
-        return np.concatenate(sum(([c, gap] for c in cells), [])[:-1], axis=1)
-
-    blocks = []
-    for r in range(min(rows, len(videos))):
-        a, b = strip(truth[r]), strip(videos[r])
-        blocks += [a, np.full((1, a.shape[1], 3), 128, np.uint8), b, np.full((3 * pad, a.shape[1], 3), 255, np.uint8)]
-    sheet = np.concatenate(blocks[:-1], axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    iio.imwrite(tmp, sheet)
-    tmp.replace(path)
-    return path
+    n = min(rows, len(videos))
+    return rio.contact_sheet([x for r in range(n) for x in (truth[r], videos[r])], path, every=every, scale=scale,
+                             last=True, margin=0, pairs=True)

@@ -116,6 +116,22 @@ def test_contact_sheet(tmp_path):
         rio.contact_sheet([a], tmp_path / "x.png", labels=["a", "b"])
 
 
+def test_contact_sheet_pairs_last_frame_and_margin(tmp_path):
+    """The ablation's layout: truth over continuation, joined by a grey line, pairs 3 gaps apart."""
+    from PIL import Image
+
+    a, b = _clip(10, 8, 8), _clip(10, 8, 8, seed=1)
+    p = rio.contact_sheet([a, b, b, a], tmp_path / "pairs.png", every=4, scale=1, gap=2, last=True, margin=0, pairs=True)
+    img = np.asarray(Image.open(p))
+    assert img.shape == (4 * 8 + 1 + 6 + 1, 4 * 8 + 3 * 2, 3)  # frames 0, 4, 8 and the last, 9
+    np.testing.assert_array_equal(img[:8, -8:], a[9])
+    assert (img[8] == 128).all() and (img[17:23] == 255).all()  # joint of pair 1, gap between pairs
+    np.testing.assert_array_equal(img[9:17, :8], b[0])
+    np.testing.assert_array_equal(img[23:31, 10:18], b[4])
+    with pytest.raises(ValueError, match="max_columns"):
+        rio.contact_sheet([a], tmp_path / "x.png", max_columns=0)
+
+
 def test_save_figure_and_json_are_atomic(tmp_path):
     import matplotlib
 
