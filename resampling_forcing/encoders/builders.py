@@ -14,6 +14,7 @@ from .wan_vae import WanVAE
 VAE_KINDS = ("wan", "pixel_shuffle")
 TEXT_KINDS = ("umt5", "hash")
 
+
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from .codec import DecodeState, VideoCodec
 from .common import DeviceLike, as_device
 
+
 class PixelShuffleVAE(VideoCodec):
     """Parameter-free, exactly invertible space-to-depth "latent space" for tiny CPU models.
 

@@ -20,6 +20,7 @@ import torch
 
 from .common import DeviceLike, EncoderLoadError, Placed, as_device, load_or_raise
 
+
 def _basic_clean(text: str) -> str:
     try:
         import ftfy  # optional, as in diffusers
