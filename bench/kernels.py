@@ -37,15 +37,18 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import add_attention_shape_args  # noqa: E402  (torch-free: flags come first)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     p.add_argument("--out", default="outputs/bench/kernels.json", help="where to write the JSON results")
-    p.add_argument("--histories", default="5,10,20,40,60", help="history lengths in chunks")
-    p.add_argument("--topk", default="1,5", help="top-k values")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=128)
+    add_attention_shape_args(p, history_flag="--histories", history="5,10,20,40,60", topk_flag="--topk", heads=12)
     p.add_argument("--chunk-tokens", type=int, default=4680, help="tokens per chunk (3 latent frames x 1560)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--pattern", default="coherent", choices=["coherent", "random"])
@@ -64,16 +67,13 @@ ARGS = parse_args()
 if ARGS.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
 from resampling_forcing.attention import routing as R  # noqa: E402
 from resampling_forcing.attention.backends import flex_fn as _flex_fn, kernels  # noqa: E402
+from resampling_forcing.timing import Stopwatch, time_fn  # noqa: E402
 
 # `resampling_forcing.kernels` is the repo folder kernels/ (pyproject package-dir): `pip install -e .` first.
 K = kernels()
@@ -96,33 +96,6 @@ TIMINGS: list[dict] = []
 # ------------------------------------------------------------------------------------------------
 # utilities
 # ------------------------------------------------------------------------------------------------
-def sync():
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn, warmup, reps):
-    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(max(1, reps)):
-        if DEV.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def record_check(name, ok, **info):
     row = dict(name=name, ok=bool(ok), **{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in info.items()})
     CHECKS.append(row)
@@ -328,7 +301,7 @@ def run_timings():
             def add(method, fn, flops, reps_=reps, extra=None):
                 row = dict(base, method=method)
                 try:
-                    ms = time_fn(fn, warmup, reps_)
+                    ms = time_fn(fn, DEV, warmup, reps_)
                     row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
                 except Exception as e:  # OOM or missing feature: record, keep going
                     row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -350,10 +323,9 @@ def run_timings():
                 else:  # independent of k: reuse the measurement (or its error)
                     TIMINGS.append(dict(base, **{c: dense_row.get(c) for c in ("method", "ms", "tflops", "error") if c in dense_row}))
             if "flex" in methods:
-                t0 = time.perf_counter()
-                bm = R.routed_block_mask(sel, T, Lc, 128)
-                sync()
-                mask_ms = (time.perf_counter() - t0) * 1e3
+                with Stopwatch(DEV) as sw:
+                    bm = R.routed_block_mask(sel, T, Lc, 128)
+                mask_ms = sw.seconds * 1e3
                 add("flex", lambda: flex_fn()(q, k_all, v_all, block_mask=bm), useful,
                     extra=dict(mask_build_ms=mask_ms))
                 del bm
@@ -386,7 +358,7 @@ def run_tune():
     for bm_, bn_, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]:
         try:
             ms = time_fn(lambda: K.routed_attention_fwd(q, kh, vh, kc, vc, sel, T, block_m=bm_, block_n=bn_,
-                                                       num_warps=nw, num_stages=ns), ARGS.warmup, ARGS.reps)
+                                                       num_warps=nw, num_stages=ns), DEV, ARGS.warmup, ARGS.reps)
             rows.append(dict(block_m=bm_, block_n=bn_, num_warps=nw, num_stages=ns, ms=ms,
                              blk_chunks=block_union_chunks(sel, bm_)))
         except Exception as e:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
+from resampling_forcing.timing import Stopwatch  # noqa: E402
 
 
 def wan_arithmetic(minutes: float = 1.0, resident: int = 4, fps: float = 16.0) -> dict:
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     for n in [int(x) for x in args.chunks.split(",")]:
         res = {}
         for r in (None, args.resident):
-            t0 = time.perf_counter()
-            out = pipe.generate("a red circle bouncing", n, seed=0, steps=args.steps, top_k=args.top_k,
-                                kv_resident_chunks=r, decode=False)
-            res[r] = (out, time.perf_counter() - t0)
+            with Stopwatch(args.device) as sw:
+                out = pipe.generate("a red circle bouncing", n, seed=0, steps=args.steps, top_k=args.top_k,
+                                    kv_resident_chunks=r, decode=False)
+            res[r] = (out, sw.seconds)
         (a, ta), (b, tb) = res[None], res[args.resident]
         row = dict(chunks=n, all_device_mib=a.timings["kv_cache_mib"], bounded_device_mib=b.timings["kv_cache_mib"],
                    bounded_total_mib=b.timings["kv_cache_total_mib"], all_s=ta, bounded_s=tb,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +29,7 @@ from resampling_forcing.data.synthetic import (DEFAULT_COLORS, DEFAULT_SHAPES, a
 from resampling_forcing.eval import evaluate_video, mean_over_videos  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
+from resampling_forcing.timing import Stopwatch  # noqa: E402
 
 
 def sweep_captions(max_objects: int, seed: int, train_captions: int) -> tuple[list[str], int]:
@@ -66,18 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| setting | quality per {clip}-frame segment | mean | held-out | training captions | s |")
     print("|---|---|---|---|---|---|")
     for setting in settings:
-        start = time.perf_counter()
         results = []
-        for seed in seeds:
-            res = pipe.generate(captions, num_chunks, seed=seed, **setting)
-            results += [evaluate_video(res.video[i].numpy(), c, segment_frames=clip) for i, c in enumerate(captions)]
+        with Stopwatch() as sw:
+            for seed in seeds:
+                res = pipe.generate(captions, num_chunks, seed=seed, **setting)
+                results += [evaluate_video(res.video[i].numpy(), c, segment_frames=clip) for i, c in enumerate(captions)]
         per_seg = [m["quality"] for m in mean_over_videos(results)]
         per_video = [r["overall"]["quality"] for r in results]
         held = [q for i, q in enumerate(per_video) if i % len(captions) < n_held]
         seen = [q for i, q in enumerate(per_video) if i % len(captions) >= n_held]
         row = dict(setting=setting, per_segment=per_seg, mean=float(np.mean(per_video)),
                    held_out=float(np.mean(held)), training=float(np.mean(seen)) if seen else None,
-                   seconds=round(time.perf_counter() - start, 1))
+                   seconds=round(sw.seconds, 1))
         report["settings"].append(row)
         training = "-" if row["training"] is None else f"{row['training']:.3f}"
         print(f"| `{json.dumps(setting)}` | {' / '.join(f'{q:.2f}' for q in per_seg)} | {row['mean']:.3f} | "

@@ -36,12 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import DTYPE_NAMES, setup_device  # noqa: E402
 from resampling_forcing.attention.backends import resolve_backend  # noqa: E402
 from resampling_forcing.attention.routing import RoutingSpec  # noqa: E402
 from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
 from resampling_forcing.encoders import PixelShuffleVAE, WanVAE  # noqa: E402
 from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
 from resampling_forcing.sampler import SamplingOptions, sample  # noqa: E402
+from resampling_forcing.timing import Stopwatch, peak_rss_mib, reset_peak_memory, reset_peak_rss  # noqa: E402
 
 
 def parse_mode(name: str, args) -> RoutingSpec | None:
@@ -77,39 +79,16 @@ class AttnTimer:
 
     def __init__(self, device):
         self.seconds = 0.0
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = device
 
     def wrap(self, op):
         def timed(q, k, v, layer):
-            if self.cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = op(q, k, v, layer)
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - t0
+            with Stopwatch(self.device) as sw:
+                out = op(q, k, v, layer)
+            self.seconds += sw.seconds
             return out
 
         return timed
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def run_mode(model, ctx, spec, args, device) -> tuple[dict, torch.Tensor]:
@@ -124,13 +103,12 @@ def run_mode(model, ctx, spec, args, device) -> tuple[dict, torch.Tensor]:
     opts = SamplingOptions(steps=args.steps, shift=args.shift, cfg_scale=args.cfg, routing=spec,
                            backend=args.backend)
     neg = torch.zeros_like(ctx) if args.cfg != 1.0 else None
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_ok = _reset_peak_rss()
+    reset_peak_memory(device)
+    rss_ok = reset_peak_rss()
     res = sample(model, ctx, args.chunks, args.latent_hw, neg_context=neg, options=opts, seed=0,
                  callback=on_chunk, attn_wrapper=timer.wrap)
     t = res.timings
-    peak = t["peak_memory_mib"] if torch.device(device).type == "cuda" else (_peak_rss_mib() if rss_ok else None)
+    peak = t["peak_memory_mib"] if torch.device(device).type == "cuda" else (peak_rss_mib() if rss_ok else None)
     return dict(per_chunk_s=t["per_chunk_denoise_s"], per_chunk_attn_s=per_attn, total_s=t["total_denoise_s"],
                 total_attn_s=sum(per_attn), latent_frames=args.chunks * args.chunk_frames,
                 first_chunk_latency_s=t["first_chunk_latency_no_decode_s"], peak_memory_mib=peak,
@@ -145,9 +123,9 @@ def time_decode(vae, latents: torch.Tensor, chunk_frames: int, max_chunks: int) 
     frames, secs = 0, 0.0
     n = min(max_chunks, latents.shape[2] // chunk_frames)
     for i in range(n):
-        t0 = time.perf_counter()
-        out = vae.decode_chunk(latents[:, :, i * chunk_frames:(i + 1) * chunk_frames].to(vae.device), state)
-        secs += time.perf_counter() - t0
+        with Stopwatch(vae.device) as sw:
+            out = vae.decode_chunk(latents[:, :, i * chunk_frames:(i + 1) * chunk_frames].to(vae.device), state)
+        secs += sw.seconds
         frames += out.shape[2]
     return dict(decoded_chunks=n, decoded_frames=frames, decode_s=secs, decode_s_per_frame=secs / max(frames, 1))
 
@@ -211,7 +189,7 @@ def main(argv=None) -> int:
                    help="chunks decoded to time the VAE (default: all for pixel_shuffle, 1 for the Wan VAE)")
     p.add_argument("--layers", type=int, default=None, help="override the preset's depth (e.g. 2 blocks at 1.3B width)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--early-chunk", type=int, default=6)
@@ -220,10 +198,7 @@ def main(argv=None) -> int:
                    help="training length in chunks, for the 'N x training length' label (default chunks/4)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device, dtype = setup_device(args)
     args.backend = resolve_backend(args.attention_backend, device)
     defaults = {"tiny": "16x16", "wan-100m": "8x8"}
     per_preset = {}

@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import DTYPE_NAMES, add_attention_shape_args, setup_device  # noqa: E402
 from resampling_forcing.attention import routing as R  # noqa: E402
 from resampling_forcing.attention.routing import RoutingSpec, chunk_means, routed_attention, select_chunks  # noqa: E402
+from resampling_forcing.timing import Stopwatch  # noqa: E402
 
 
 def make_inputs(Hh, N, T, D, k, pattern, device, dtype, seed=0, gap=3.5):
@@ -74,21 +75,13 @@ def coherence(sel):
     return sum(fr) / len(fr)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--pattern", default="random,coherent,mixed", help="comma list of random, coherent, mixed")
     p.add_argument("--tokens", default="1560", help="tokens per chunk (comma list); 1560 = one 480p latent frame")
-    p.add_argument("--history", default="6,10,20,40", help="history lengths in chunks (comma list)")
-    p.add_argument("--k", default="1,5", help="top-k values (comma list)")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=128)
+    add_attention_shape_args(p, history_flag="--history", history="6,10,20,40", topk_flag="--k", heads=2)
     p.add_argument("--gap", type=float, default=3.5,
                    help="coherent heads: score lead of the preferred chunks in units of the per-token noise")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
@@ -96,10 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", help="routed_attention backend (auto, torch, triton)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device, dtype = setup_device(args)
     patterns = args.pattern.split(",")
     ks = [int(x) for x in args.k.split(",")]
     Hh, D = args.heads, args.head_dim
@@ -131,18 +121,14 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 for rep in range(args.repeats + 1):  # round 0 = warm-up of the routed calls (plans, allocator)
                     if rep:
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        dense()
-                        _sync(device)
-                        dense_times.append(time.perf_counter() - t0)
+                        with Stopwatch(device) as sw:
+                            dense()
+                        dense_times.append(sw.seconds)
                     for c in cases:
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        routed(c)
-                        _sync(device)
+                        with Stopwatch(device) as sw:
+                            routed(c)
                         if rep:
-                            c["times"].append(time.perf_counter() - t0)
+                            c["times"].append(sw.seconds)
                         if rep == 0:
                             c["plan"] = getattr(R, "last_plan_summary", lambda: "-")()
             td = statistics.median(dense_times)

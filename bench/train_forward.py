@@ -17,28 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import DTYPE_NAMES, torch_dtype  # noqa: E402
 from resampling_forcing.attention.masks import MaskSpec, block_sparsity  # noqa: E402
 from resampling_forcing.attention.ops import MaskedAttention  # noqa: E402
 from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
 from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
+from resampling_forcing.timing import Stopwatch, median, peak_memory, reset_peak_memory, sync  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _measure(args_dict: dict) -> dict:
     a = argparse.Namespace(**args_dict)
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    device, dtype = torch.device(a.device), torch_dtype(a.dtype)
     cfg = resolve_model(ModelConfig(preset=a.preset, chunk_frames=a.chunk_frames))
     if a.layers:
         cfg.num_layers = a.layers
@@ -59,26 +58,19 @@ def _measure(args_dict: dict) -> dict:
         out.float().square().mean().backward()
         return out
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for _ in range(a.warmup):
         step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    reset_peak_memory(device)
     times = []
     for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        with Stopwatch(device) as sw:
+            step()
+        times.append(sw.seconds)
+    peak_mib = peak_memory(device)[0]
     return dict(preset=a.preset, params_m=round(count_parameters(model) / 1e6, 1), layers=cfg.num_layers,
                 mode=a.mode, backend=a.backend, tokens=spec.seq_len, batch=a.batch,
-                step_s=round(sorted(times)[len(times) // 2], 4), peak_mem_mb=round(peak / 2**20, 1))
+                step_s=round(median(times), 4), peak_mem_mb=round(peak_mib, 1))
 
 
 def run_isolated(args_dict: dict) -> dict:
@@ -93,7 +85,7 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny", "wan-100m"])
     p.add_argument("--backends", nargs="+", default=["sdpa", "flex"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--latent", default=None, help="FxHxW latent size (default per preset)")
     p.add_argument("--chunk-frames", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)

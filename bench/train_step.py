@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,11 +28,6 @@ SHAPES = {
     "wan2.1-t2v-1.3b": (1, (16, 21, 60, 104), 3, "velocity"),  # 5 s at 480x832: 7 chunks x 4680 tokens
 }
 OBJECTIVES = [("teacher_forcing", 1), ("resampling", 1), ("resampling", 4)]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, threads: int,
@@ -50,13 +43,14 @@ def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, t
     from resampling_forcing.diffusion import sample_logit_normal
     from resampling_forcing.models.wan import CausalWanModel
     from resampling_forcing.resampling import DegradeSettings, degrade_history
+    from resampling_forcing.timing import Stopwatch, median, peak_memory, reset_peak_memory, rss_mib
     from resampling_forcing.training import velocity_loss
 
     dev = torch.device(device)
     batch, (c, f, h, w), cf, pred = SHAPES[preset]
     mcfg = resolve_model(ModelConfig(preset=preset, chunk_frames=cf, prediction=pred,
                                      gradient_checkpointing=checkpointing))
-    base_rss = _rss_mb()
+    base_rss = rss_mib()
     torch.manual_seed(0)
     model = CausalWanModel(mcfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -68,43 +62,31 @@ def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, t
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, c, f, h, w, device=dev, generator=g)
     text = torch.randn(batch, 16, mcfg.text_dim, device=dev, generator=g)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    reset_peak_memory(dev)
 
     times, res_times = [], []
     for i in range(steps + 1):  # the first step is warm-up
-        sync()
-        t0 = time.perf_counter()
-        with amp:
-            hist, _ = degrade_history(model, x, text, settings, generator=g)
-        sync()
-        t1 = time.perf_counter()
-        t = sample_logit_normal((batch, n), generator=g, device=dev)
-        eps = torch.randn(x.shape, generator=g, device=dev)
-        tf = t.repeat_interleave(cf, 1)[:, None, :, None, None]
-        with amp:
-            v = model.forward_dual(hist, (1 - tf) * x + tf * eps, t, text, attn)
-        loss, _ = velocity_loss(v, eps - x, cf)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
+        with Stopwatch(dev) as resample:
+            with amp:
+                hist, _ = degrade_history(model, x, text, settings, generator=g)
+        with Stopwatch(dev) as rest:
+            t = sample_logit_normal((batch, n), generator=g, device=dev)
+            eps = torch.randn(x.shape, generator=g, device=dev)
+            tf = t.repeat_interleave(cf, 1)[:, None, :, None, None]
+            with amp:
+                v = model.forward_dual(hist, (1 - tf) * x + tf * eps, t, text, attn)
+            loss, _ = velocity_loss(v, eps - x, cf)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if i:
-            times.append(time.perf_counter() - t0)
-            res_times.append(t1 - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    times.sort()
+            times.append(resample.seconds + rest.seconds)
+            res_times.append(resample.seconds)
+    peak = peak_memory(dev)[0] - (0.0 if dev.type == "cuda" else base_rss)
     return {"model": preset, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "batch": batch, "latent": [c, f, h, w], "chunks": n, "tokens_dual": 2 * n * tokens,
             "objective": objective if objective == "teacher_forcing" else f"resampling ({rsteps} step{'s' * (rsteps > 1)})",
-            "step_s": times[len(times) // 2], "resample_s": sorted(res_times)[len(res_times) // 2],
+            "step_s": median(times), "resample_s": median(res_times),
             "peak_mem_MB": round(peak), "device": device, "threads": torch.get_num_threads()}
 
 

@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -65,6 +63,7 @@ from .cache import CachedAttention, KVCache, SelectionRecorder
 from .config import DiffusionConfig
 from .diffusion import euler_schedule
 from .storyboard import check_storyboard
+from .timing import peak_memory, sync as _sync
 
 __all__ = [
     "SamplingOptions",
@@ -466,20 +465,6 @@ def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
     """[B, 3, F, H, W] float in [-1, 1] -> uint8 [B, F, H, W, 3] (same rounding as io.to_uint8_video)."""
     x = torch.nan_to_num(frames.float(), nan=0.0, posinf=1.0, neginf=-1.0)
     return ((x + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
-
-
-def peak_memory(device) -> tuple[float, str]:
-    """(MiB, kind): CUDA max allocated since the last reset, else the process's peak RSS."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss / 2**20 if sys.platform == "darwin" else rss / 1024), "process_peak_rss"
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

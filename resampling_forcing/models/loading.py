@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..io import atomic_path, atomic_write_text
 from .wan import CausalWanModel
 
 OUR_WEIGHTS, OUR_CONFIG = "model.safetensors", "model_config.json"
@@ -173,18 +174,10 @@ def load_model(path: str | Path, base: ModelConfig | None = None, device="cpu",
     return model.to(device=device, dtype=dtype)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path_str)` then rename onto `path`: the project's one atomic writer (io.atomic_path)."""
-    from ..io import atomic_path
-
-    with atomic_path(path) as tmp:
-        write(str(tmp))
-
-
 def save_model(model: CausalWanModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Our format: model.safetensors + model_config.json, each written atomically."""
     folder = Path(folder)
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
-    _atomic_write(folder / OUR_WEIGHTS, lambda p: save_file(tensors, p))
-    cfg = json.dumps(dataclasses.asdict(model.cfg), indent=2)
-    _atomic_write(folder / OUR_CONFIG, lambda p: Path(p).write_text(cfg))
+    with atomic_path(folder / OUR_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_text(folder / OUR_CONFIG, json.dumps(dataclasses.asdict(model.cfg), indent=2))
