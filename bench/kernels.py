@@ -75,11 +75,11 @@ from resampling_forcing.attention import routing as R  # noqa: E402
 from resampling_forcing.attention.backends import flex_fn as _flex_fn, kernels  # noqa: E402
 from resampling_forcing.timing import Stopwatch, time_fn  # noqa: E402
 
-# `resampling_forcing.kernels` is the repo folder kernels/ (pyproject package-dir): `pip install -e .` first.
+# `resampling_forcing.kernels` is the repo folder kernels/routing/ (pyproject package-dir): `pip install -e .` first.
 K = kernels()
 if K is None:
     sys.exit("bench/kernels.py: the Triton kernels do not import; install the package (pip install -e ., which maps "
-             "kernels/ to resampling_forcing.kernels) and triton")
+             "kernels/routing/ to resampling_forcing.kernels) and triton")
 try:  # one compiled flex graph per history length (+ checks): stay under dynamo's recompile limit
     import torch._dynamo
 

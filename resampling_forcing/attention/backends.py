@@ -71,7 +71,7 @@ ROUTING_PATHS = ("auto", "torch", "triton")
 
 @functools.lru_cache(maxsize=None)
 def kernels():
-    """The Triton kernels (`resampling_forcing.kernels`, repo folder kernels/), or None without Triton."""
+    """The Triton kernels (`resampling_forcing.kernels`, repo folder kernels/routing/), or None without Triton."""
     try:
         import resampling_forcing.kernels as kern
     except ImportError:  # a checkout used without `pip install -e .`: the package-dir mapping is missing
@@ -102,7 +102,7 @@ def use_routing_kernels(path: str, x: torch.Tensor, what: str) -> bool:
                 and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
     if kern is None:
         raise RuntimeError(f"{what}: backend='triton' needs the Triton kernels (the triton package and an installed "
-                           "checkout, pip install -e ., which maps kernels/ to resampling_forcing.kernels); use backend='torch'")
+                           "checkout, pip install -e ., which maps kernels/routing/ to resampling_forcing.kernels); use backend='torch'")
     if not x.is_cuda and not kern.is_interpreted():
         raise RuntimeError(
             f"{what}: backend='triton' needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before import; "

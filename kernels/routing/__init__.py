@@ -1,11 +1,11 @@
-"""Triton kernels (import name `resampling_forcing.kernels`; the repo folder is `kernels/`).
+"""Triton kernels (import name `resampling_forcing.kernels`; the repo folder is `kernels/routing/`, see kernels/README.md).
 
 * `routed_attention_fwd`: routed attention forward for inference (history chunks read in place,
   per-token selection, current chunk always attended; returns out and lse).
 * `routing_select`: fused routing step (scores q . mean(K_j) + sink/window/top-k selection).
 
 Triton is optional: without it (or without CUDA and without TRITON_INTERPRET=1) the torch paths in
-`resampling_forcing.attention.routing` are used. Kernels are defined at import; set
+`resampling_forcing.attention` (attention/backends.py decides) are used. Kernels are defined at import; set
 TRITON_INTERPRET=1 BEFORE importing this package to run them on CPU tensors (tests do).
 """
 from __future__ import annotations
