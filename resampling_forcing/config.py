@@ -22,6 +22,14 @@ class ConfigError(ValueError):
     """A config problem; the message names the key path and the fix."""
 
 
+# The history-degradation objectives and ramps (resampling.py), declared once: StageConfig's field
+# types, and the name tuples the rest of the package checks against.
+Objective = Literal["teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling"]
+Ramp = Literal["none", "probability", "strength"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+RAMPS: tuple[str, ...] = typing.get_args(Ramp)
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -132,9 +140,7 @@ class StageConfig:
     """One training stage. objective: teacher_forcing | resampling | noise_augmentation | parallel_resampling."""
 
     name: str = "tf"
-    objective: Literal[
-        "teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling"
-    ] = "teacher_forcing"
+    objective: Objective = "teacher_forcing"
     steps: int = 100
     resample_steps: int = 1  # Euler steps from t_s to 0 while degrading history
     resample_cfg: float = 1.0  # CFG while resampling (1.0 = off, the paper's unstated default)
@@ -146,7 +152,7 @@ class StageConfig:
     # "probability" = each video's history is degraded with probability r (else the ground truth),
     # "strength" = t_s -> r * t_s (noise_augmentation: noise std -> r * noise_aug_scale).
     # ramp_steps = 0 is the hard switch too. Not for teacher_forcing.
-    ramp: Literal["none", "probability", "strength"] = "none"
+    ramp: Ramp = "none"
     ramp_steps: int = 0
 
 
@@ -422,16 +428,41 @@ def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
     if g.gap_every < 0 or g.gap_clips < 1 or (g.gap_sample_steps is not None and g.gap_sample_steps < 1):
         raise ConfigError(f"train.gap_every={g.gap_every} (>= 0, 0 = off), train.gap_clips={g.gap_clips} (>= 1), "
                           f"train.gap_sample_steps={g.gap_sample_steps} (null or >= 1)")
-    for i, st in enumerate(cfg.train.stages):
+    if g.global_batch_size is not None and g.global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size={g.global_batch_size}: must be >= 1 (or null: use train.grad_accum)")
+    if g.lr <= 0 or len(g.betas) != 2 or not all(0 <= b < 1 for b in g.betas):
+        raise ConfigError(f"train.lr={g.lr} must be > 0 and train.betas={g.betas} two numbers in [0, 1)")
+    if g.ema_decay is not None and not 0 < g.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={g.ema_decay}: must be in (0, 1) or null")
+    if not g.stages or sum(st.steps for st in g.stages) < 1:
+        raise ConfigError("train.stages: need at least one stage with steps >= 1")
+    for i, st in enumerate(g.stages):
+        where = f"train.stages[{i}]."
         if st.steps < 0:
-            raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")
-        if st.resample_steps < 1:
-            raise ConfigError(f"train.stages[{i}].resample_steps={st.resample_steps}: must be >= 1")
+            raise ConfigError(f"{where}steps={st.steps}: must be >= 0")
+        check_degradation(st.objective, st.resample_steps, st.ramp, where)
         if st.ramp_steps < 0:
-            raise ConfigError(f"train.stages[{i}].ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
+            raise ConfigError(f"{where}ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
         if st.ramp != "none" and st.objective == "teacher_forcing":
-            raise ConfigError(f"train.stages[{i}].ramp={st.ramp}: a teacher_forcing stage has no history "
+            raise ConfigError(f"{where}ramp={st.ramp}: a teacher_forcing stage has no history "
                               "degradation to ramp; set it to none (ramp the stage after the warmup)")
+        if st.noise_aug_scale < 0:
+            raise ConfigError(f"{where}noise_aug_scale must be >= 0")
+        if st.routing and cfg.attention.routing.mode == "dense":
+            raise ConfigError(f"{where}routing=true needs attention.routing.mode topk or window "
+                              "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")
+
+
+def check_degradation(objective: str, resample_steps: int, ramp: str, where: str = "") -> None:
+    """The rules of one history degradation, for both of its spellings: a stage of the config (from
+    `validate`, `where` = "train.stages[i].") and resampling.DegradeSettings (public, user values).
+    ConfigError (a ValueError) naming the key."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{where}objective {objective!r} is unknown; choose one of {list(OBJECTIVES)}")
+    if resample_steps < 1:
+        raise ConfigError(f"{where}resample_steps={resample_steps}: must be >= 1")
+    if ramp not in RAMPS:
+        raise ConfigError(f"{where}ramp {ramp!r} is unknown; choose one of {list(RAMPS)}")
 
 
 def to_dict(cfg: Any) -> dict:
