@@ -38,15 +38,16 @@ class ModelConfig:
     """Sizes of the causal Wan2.1 DiT. `preset` fills every size; explicit keys override it."""
 
     preset: Optional[str] = None
-    in_channels: int = 16
-    out_channels: int = 16
-    dim: int = 1536
-    ffn_dim: int = 8960
-    num_heads: int = 12
-    num_layers: int = 30
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
-    text_dim: int = 4096
-    freq_dim: int = 256
+    # The sizes a preset fills; these defaults are Wan2.1-T2V-1.3B's (MODEL_PRESETS["wan2.1-t2v-1.3b"]).
+    in_channels: int = 16  # latent channels in (Wan VAE: 16)
+    out_channels: int = 16  # latent channels out
+    dim: int = 1536  # hidden width of the blocks
+    ffn_dim: int = 8960  # feed-forward width
+    num_heads: int = 12  # attention heads (head dim = dim / num_heads)
+    num_layers: int = 30  # transformer blocks
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # [t, h, w] latent patch
+    text_dim: int = 4096  # text embedding width (umT5: 4096)
+    freq_dim: int = 256  # sinusoidal timestep embedding width
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
@@ -205,10 +206,11 @@ class Config:
 
 # ----------------------------------------------------------------------------- model presets
 
+PRESET_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim", "freq_dim",
+               "patch_size")
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 12 heads, FFN 8960, umT5 (4096), Wan VAE (16 ch).
-    "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
-                            out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
+    # Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 12 heads, FFN 8960, umT5 (4096), Wan VAE (16 ch): the defaults.
+    "wan2.1-t2v-1.3b": {k: getattr(ModelConfig(), k) for k in PRESET_KEYS},
     # Wan2.1-T2V-14B: 40 blocks, dim 5120, 40 heads, FFN 13824.
     "wan2.1-t2v-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16,
                            out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),

@@ -131,9 +131,10 @@ def _guided(model, z, t, kv_cond, attn_cond, kv_null, attn_null, cfg_scale, fram
 
 @torch.no_grad()
 def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor | None = None,
-                            text_kv: list | None = None, eps: torch.Tensor | None = None, steps: int = 1,
-                            backend: str = "sdpa", routing=None, routing_layers=None, context_t: float = 0.0,
-                            null_context: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                            text_kv: list | None = None, eps: torch.Tensor | None = None,
+                            steps: int = StageConfig.resample_steps, backend: str = "sdpa", routing=None,
+                            routing_layers=None, context_t: float = DiffusionConfig.context_t,
+                            null_context: torch.Tensor | None = None, cfg_scale: float = StageConfig.resample_cfg,
                             generator: torch.Generator | None = None, include_last: bool = False,
                             on_chunk: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Autoregressive self-resampling of latents x [B, C, F, H, W] (F = N * chunk_frames).
@@ -180,8 +181,9 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
 
 
 @torch.no_grad()
-def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int = 1, backend: str = "sdpa",
-                                      context_t: float = 0.0, include_last: bool = False) -> torch.Tensor:
+def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int = StageConfig.resample_steps,
+                                      backend: str = "sdpa", context_t: float = DiffusionConfig.context_t,
+                                      include_last: bool = False) -> torch.Tensor:
     """The same rollout without a KV cache (dense attention only; slow, for tests): chunk i is denoised
     by a full forward over [x~_1..x~_{i-1}, z_i] under the block-causal mask with per-chunk timesteps
     [context_t, ..., context_t, t_k]."""
@@ -207,8 +209,9 @@ def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int
 
 @torch.no_grad()
 def parallel_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor,
-                      eps: torch.Tensor | None = None, steps: int = 1, backend: str = "sdpa", routing=None,
-                      routing_layers=None, null_context: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                      eps: torch.Tensor | None = None, steps: int = StageConfig.resample_steps, backend: str = "sdpa",
+                      routing=None, routing_layers=None, null_context: torch.Tensor | None = None,
+                      cfg_scale: float = StageConfig.resample_cfg,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Parallel resampling (ablation): every chunk is resampled from t_s conditioned on the
     ground-truth history (no accumulation); one dual forward per Euler step."""
