@@ -45,8 +45,9 @@ from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_data import DataCursor
 from .training_gap import GapMonitor
-from .training_utils import (EMA, MetricsLogger, build_accelerator, flatten, launch_world_size, lr_at,  # noqa: F401
-                             ramp_at, resolve_grad_accum, resume_config_changes, stage_at, total_steps, train_lr)
+from .training_utils import (EMA, MetricsLogger, build_accelerator, launch_world_size, lr_at,  # noqa: F401 (lr_at)
+                             ramp_at, resolve_grad_accum, resume_config_changes, stage_at, start_trackers,
+                             total_steps, train_lr)
 
 logger = logging.getLogger("resampling_forcing.train")
 
@@ -93,6 +94,9 @@ def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> t
 
 
 class Trainer:
+    """One training run: setup (data, model, optimizer, resume), `train_step` (the staged objective over
+    `train.grad_accum` micro-batches), `fit` (the loop: logs, checkpoints, signals, non-finite aborts)."""
+
     def __init__(self, cfg: Config, accelerator=None):
         resolve_grad_accum(cfg, accelerator.num_processes if accelerator is not None else launch_world_size())
         validate(cfg)  # a config built or changed in code (load_config validated the others already)
@@ -120,7 +124,7 @@ class Trainer:
         return self.cursor.position
 
     def _setup(self) -> None:
-        from .data.loader import DataError, TrainData, synthetic_manifest
+        from .data.loader import DataError, TrainData, prepare_null_text, synthetic_manifest
         from .encoders import build_text_encoder, build_vae
 
         cfg, acc = self.cfg, self.acc
@@ -153,7 +157,8 @@ class Trainer:
                 synthetic_manifest(cfg)
             acc.wait_for_everyone()
         if cfg.data.source == "latents":
-            self._prepare_null_text()
+            prepare_null_text(cfg, self.device, write=acc.is_local_main_process)
+            acc.wait_for_everyone()
         self.data = TrainData(cfg, cfg.train.batch_size, acc.process_index, acc.num_processes, self.device, vae, text)
         probe = self.data.first_batch(0)[1]["latents"]
         cf, (pt, ph, pw) = cfg.model.chunk_frames, cfg.model.patch_size
@@ -193,63 +198,11 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         self.metrics = MetricsLogger(acc, self.run_dir, self.step)
-        self._init_trackers()
+        start_trackers(acc, cfg, self.run_dir, self.step)
         if acc.is_main_process:
             logger.info("%s; model %s params; %d chunks x %d tokens; %d processes; step %d/%d",
                         self.data.summary(), format_count(n_params), self.num_chunks,
                         self.chunk_tokens, acc.num_processes, self.step, total_steps(cfg))
-
-    def _init_trackers(self) -> None:
-        """TensorBoard in RUN/tb (resumed runs purge the steps after the checkpoint) and, optionally,
-        wandb, through accelerate's trackers on the main process."""
-        if not self.acc.is_main_process:
-            return
-        from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-        trackers = []
-        if self.cfg.train.tensorboard:
-            try:
-                import tensorboard  # noqa: F401
-
-                kw = {"purge_step": self.step + 1} if self.step else {}
-                trackers.append(TensorBoardTracker("tb", str(self.run_dir), **kw))
-            except ImportError:
-                logger.warning("tensorboard is not installed: logging to log.jsonl only")
-        if self.cfg.train.wandb:
-            try:
-                import wandb  # noqa: F401
-
-                trackers.append(WandBTracker("resampling-forcing", name=self.run_dir.name, dir=str(self.run_dir),
-                                             resume="allow"))
-            except ImportError:
-                logger.warning("train.wandb=true but wandb is not installed: skipping it")
-        flat = flatten(dataclasses.asdict(self.cfg))
-        for tr in trackers:
-            tr.start()
-            tr.store_init_configuration(flat)
-        self.acc.trackers.extend(trackers)
-
-    def _prepare_null_text(self) -> None:
-        """The empty-prompt embedding of a latent store (text dropout), computed once by the local main
-        process and kept next to the latents as null_text.safetensors."""
-        from .data.loader import DataError
-        from .encoders import build_text_encoder
-        from .io import atomic_path
-
-        if not self.cfg.data.latents_dir or not Path(self.cfg.data.latents_dir).is_dir():
-            raise DataError(f"data.latents_dir={self.cfg.data.latents_dir!r} is not a directory; run "
-                            "resampling_forcing.data.latents.precompute into it first")
-        path = Path(self.cfg.data.latents_dir) / "null_text.safetensors"
-        if self.acc.is_local_main_process and not path.is_file() and self.cfg.data.text_dropout > 0:
-            from safetensors.torch import save_file
-
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            enc = build_text_encoder(self.cfg.encoders, device=self.device, dtype=dtype)
-            emb = enc.encode([""])[0].float().cpu().contiguous()
-            del enc
-            with atomic_path(path) as tmp:
-                save_file({"text": emb}, str(tmp))
-        self.acc.wait_for_everyone()
 
     def _find_resume(self) -> Optional[Path]:
         if self.cfg.train.resume_from:

@@ -1,5 +1,5 @@
 """Small pieces of the training loop: stage schedule, the Accelerator, EMA, LR schedule, the metrics
-logger, preflight checks and the run lock (config values are checked once, by config.validate)."""
+logger and trackers, preflight checks and the run lock (config values are checked once, by config.validate)."""
 from __future__ import annotations
 
 import datetime
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, StageConfig
+from .config import Config, ConfigError, StageConfig, to_dict
 from .io import atomic_write_text
 
 logger = logging.getLogger("resampling_forcing.train")
@@ -174,7 +174,7 @@ def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
     (step counts, LR, paths, ... may legitimately change between runs of a resumed command)."""
     import yaml
 
-    from .config import config_from_dict, to_dict
+    from .config import config_from_dict
 
     path = Path(ckpt) / "config.yaml"
     if not path.is_file():
@@ -239,6 +239,36 @@ class MetricsLogger:
                         scalars[f"loss_chunk/{i}"] = x
         if self.acc.trackers:
             self.acc.log(scalars, step=record["step"])
+
+
+def start_trackers(accelerator, cfg: Config, run_dir: Path, step: int = 0) -> None:
+    """TensorBoard in RUN/tb (a run resumed at `step` purges the steps after it) and, optionally, wandb,
+    through accelerate's trackers on the main process; each gets the flattened config."""
+    if not accelerator.is_main_process:
+        return
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    if cfg.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            kw = {"purge_step": step + 1} if step else {}
+            trackers.append(TensorBoardTracker("tb", str(run_dir), **kw))
+        except ImportError:
+            logger.warning("tensorboard is not installed: logging to log.jsonl only")
+    if cfg.train.wandb:
+        try:
+            import wandb  # noqa: F401
+
+            trackers.append(WandBTracker("resampling-forcing", name=run_dir.name, dir=str(run_dir), resume="allow"))
+        except ImportError:
+            logger.warning("train.wandb=true but wandb is not installed: skipping it")
+    flat = flatten(to_dict(cfg))
+    for tr in trackers:
+        tr.start()
+        tr.store_init_configuration(flat)
+    accelerator.trackers.extend(trackers)
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict]:
