@@ -376,9 +376,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(data, overrides, require_encoder_paths=require_encoder_paths)
 
 
-def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
+def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = False) -> None:
     """Cross-field checks that types alone cannot express (the one validation pass of every value;
-    device- and file-system checks come later, training_utils.preflight)."""
+    device- and file-system checks come later, training_utils.preflight). `training`: the config is about
+    to train (the Trainer), so it needs steps to run and a routing mode for its routing stages (an
+    inference config may keep a routing-trained run's stages with attention.routing.mode=dense)."""
     m = cfg.model
     if m.dim % m.num_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
@@ -436,7 +438,7 @@ def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
         raise ConfigError(f"train.lr={g.lr} must be > 0 and train.betas={g.betas} two numbers in [0, 1)")
     if g.ema_decay is not None and not 0 < g.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={g.ema_decay}: must be in (0, 1) or null")
-    if not g.stages or sum(st.steps for st in g.stages) < 1:
+    if training and (not g.stages or sum(st.steps for st in g.stages) < 1):
         raise ConfigError("train.stages: need at least one stage with steps >= 1")
     for i, st in enumerate(g.stages):
         where = f"train.stages[{i}]."
@@ -450,7 +452,7 @@ def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
                               "degradation to ramp; set it to none (ramp the stage after the warmup)")
         if st.noise_aug_scale < 0:
             raise ConfigError(f"{where}noise_aug_scale must be >= 0")
-        if st.routing and cfg.attention.routing.mode == "dense":
+        if training and st.routing and cfg.attention.routing.mode == "dense":
             raise ConfigError(f"{where}routing=true needs attention.routing.mode topk or window "
                               "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")
 

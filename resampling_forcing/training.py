@@ -99,7 +99,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator=None):
         resolve_grad_accum(cfg, accelerator.num_processes if accelerator is not None else launch_world_size())
-        validate(cfg)  # a config built or changed in code (load_config validated the others already)
+        validate(cfg, training=True)  # load_config checked what inference needs too; this adds the training rules
         self.cfg = cfg
         self.acc = accelerator or build_accelerator(cfg)
         self.run_dir = Path(cfg.train.run_dir)
