@@ -39,7 +39,7 @@ from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_c
                          latest_good_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
-from .diffusion import add_noise, sample_logit_normal
+from .diffusion import add_noise, sample_logit_normal, velocity_target
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
@@ -271,7 +271,7 @@ class Trainer:
     def compute_loss(self, batch: dict, stage: StageConfig, gen: torch.Generator):
         """One micro-batch -> (loss, per-chunk loss [B, N], t_s or None, seconds spent resampling).
         A ramp applies at its level of the current step `self.step` when `stage` is that step's stage."""
-        cfg, d = self.cfg, self.cfg.diffusion
+        cfg = self.cfg
         x, text = batch["latents"], batch["text"]
         b = x.shape[0]
         if cfg.data.text_dropout > 0:
@@ -285,15 +285,21 @@ class Trainer:
             history, t_s = degrade_history(self.inner, x.to(dtype), text.to(dtype), settings, generator=gen,
                                            null_context=null)
         t_res = time.perf_counter() - t0 if stage.objective in RESAMPLING_OBJECTIVES else 0.0
-        n, cf = self.num_chunks, cfg.model.chunk_frames
-        t = sample_logit_normal((b, n), d.train_t_mean, d.train_t_std, d.train_t_shift, generator=gen, device=self.device)
-        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
-        noisy = add_noise(x, eps, t.repeat_interleave(cf, dim=1)[:, None, :, None, None])
-        attn = MaskedAttention(MaskSpec("dual", n, self.chunk_tokens), self.backend, routing=settings.routing,
-                               routing_layers=settings.routing_layers)
+        t, eps, noisy = self._noised(x, gen)
+        attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend,
+                               routing=settings.routing, routing_layers=settings.routing_layers)
         v = self.model(history, noisy, t, text, attn)
-        loss, per_chunk = velocity_loss(v, eps - x, cf)
+        loss, per_chunk = velocity_loss(v, velocity_target(x, eps), cfg.model.chunk_frames)
         return loss, per_chunk, t_s, t_res
+
+    def _noised(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean latents x [B, C, F, H, W] -> (per-chunk training timesteps t [B, N] ~ logit-normal
+        (diffusion.train_t_*), noise eps [B, C, F, H, W], x_t [B, C, F, H, W]), drawn from `gen` in that order."""
+        d, cf = self.cfg.diffusion, self.cfg.model.chunk_frames
+        t = sample_logit_normal((x.shape[0], self.num_chunks), d.train_t_mean, d.train_t_std, d.train_t_shift,
+                                generator=gen, device=self.device)
+        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
+        return t, eps, add_noise(x, eps, t.repeat_interleave(cf, dim=1)[:, None, :, None, None])
 
     def train_step(self) -> dict:
         acc, cfg = self.acc, self.cfg
@@ -421,16 +427,11 @@ class Trainer:
     def _plain_loss(self, pos: int) -> torch.Tensor:
         """Teacher-forcing velocity loss of the current inner weights on the batch at data position `pos`
         (fixed generator, no text dropout, no resampling): a cheap finiteness probe."""
-        cfg, d = self.cfg, self.cfg.diffusion
         batch, gen = self.cursor.batch_at(pos)
         x, text = batch["latents"], batch["text"]
         dtype = next(self.inner.parameters()).dtype
-        n, cf = self.num_chunks, cfg.model.chunk_frames
-        t = sample_logit_normal((x.shape[0], n), d.train_t_mean, d.train_t_std, d.train_t_shift, generator=gen,
-                                device=self.device)
-        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
-        noisy = add_noise(x, eps, t.repeat_interleave(cf, dim=1)[:, None, :, None, None])
-        attn = MaskedAttention(MaskSpec("dual", n, self.chunk_tokens), self.backend)
+        t, eps, noisy = self._noised(x, gen)
+        attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend)
         was_training = self.inner.training
         self.inner.eval()
         try:
@@ -438,7 +439,7 @@ class Trainer:
                 v = self.inner.forward_dual(x.to(dtype), noisy.to(dtype), t, text.to(dtype), attn)
         finally:
             self.inner.train(was_training)
-        return velocity_loss(v, eps - x, cf)[0].float()
+        return velocity_loss(v, velocity_target(x, eps), self.cfg.model.chunk_frames)[0].float()
 
     def _optimizer_step(self) -> Optional[float]:
         acc, clip = self.acc, self.cfg.train.grad_clip
