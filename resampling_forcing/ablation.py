@@ -52,7 +52,7 @@ class Preset:
     eval_segments: int = 8  # continuation length in training clips
     given_chunks: int = 1
     gap_clips: int = 16
-    shifts: str = "0.6,1,2,3,5,8,16,32,100"
+    shifts: Optional[str] = None  # the calibration's shift sweep (None: diagnose.DEFAULT_SHIFTS)
     sample_seed: int = 0
 
 
@@ -103,7 +103,10 @@ def _path(p: str) -> Path:
 
 def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Path, run_dir: Path) -> list[str]:
     """train/train.py overrides of arm `name` (config keys; everything else is the preset config's)."""
+    from .config import DiffusionConfig
+
     s_rec, sigma = calib["recommended_shift"], calib["noise_sigma"]
+    paper = DiffusionConfig.resample_shift  # the paper's s (0.6), the *_0.6 arms
     stage: dict = {"name": name.replace(".", "_"), "steps": steps}
     shift = s_rec
     if name == "tf":
@@ -112,10 +115,10 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
         stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
     elif name in ("parallel", "parallel_0.6"):
         stage.update(objective="parallel_resampling")
-        shift = 0.6 if name == "parallel_0.6" else s_rec
+        shift = paper if name == "parallel_0.6" else s_rec
     elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp", "ramp_0.6"):
         stage["objective"] = "resampling"
-        shift = {"ar_0.6": 0.6, "ramp_0.6": 0.6, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
+        shift = {"ar_0.6": paper, "ramp_0.6": paper, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
         if name in ("ramp", "ramp_0.6"):
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
     else:
@@ -217,11 +220,13 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
 def run(args) -> int:
     from .ablation_eval import METRICS, eval_clips, extrapolation_mean, paired, plot_metric, sanity_check, interval
     from .config import ConfigError, load_config
+    from .diagnose import DEFAULT_SHIFTS
     from .io import atomic_write_json
 
     if args.preset not in PRESETS:
         raise BadInput(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
+    preset = dataclasses.replace(preset, shifts=preset.shifts or DEFAULT_SHIFTS)  # as the report records it
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(DEFAULT_ARMS)
     for a in arms:
         if a not in ARMS:

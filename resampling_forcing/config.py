@@ -22,6 +22,14 @@ class ConfigError(ValueError):
     """A config problem; the message names the key path and the fix."""
 
 
+# The history-degradation objectives and ramps (resampling.py), declared once: StageConfig's field
+# types, and the name tuples the rest of the package checks against.
+Objective = Literal["teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling"]
+Ramp = Literal["none", "probability", "strength"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+RAMPS: tuple[str, ...] = typing.get_args(Ramp)
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -30,15 +38,16 @@ class ModelConfig:
     """Sizes of the causal Wan2.1 DiT. `preset` fills every size; explicit keys override it."""
 
     preset: Optional[str] = None
-    in_channels: int = 16
-    out_channels: int = 16
-    dim: int = 1536
-    ffn_dim: int = 8960
-    num_heads: int = 12
-    num_layers: int = 30
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
-    text_dim: int = 4096
-    freq_dim: int = 256
+    # The sizes a preset fills; these defaults are Wan2.1-T2V-1.3B's (MODEL_PRESETS["wan2.1-t2v-1.3b"]).
+    in_channels: int = 16  # latent channels in (Wan VAE: 16)
+    out_channels: int = 16  # latent channels out
+    dim: int = 1536  # hidden width of the blocks
+    ffn_dim: int = 8960  # feed-forward width
+    num_heads: int = 12  # attention heads (head dim = dim / num_heads)
+    num_layers: int = 30  # transformer blocks
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # [t, h, w] latent patch
+    text_dim: int = 4096  # text embedding width (umT5: 4096)
+    freq_dim: int = 256  # sinusoidal timestep embedding width
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
@@ -132,9 +141,7 @@ class StageConfig:
     """One training stage. objective: teacher_forcing | resampling | noise_augmentation | parallel_resampling."""
 
     name: str = "tf"
-    objective: Literal[
-        "teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling"
-    ] = "teacher_forcing"
+    objective: Objective = "teacher_forcing"
     steps: int = 100
     resample_steps: int = 1  # Euler steps from t_s to 0 while degrading history
     resample_cfg: float = 1.0  # CFG while resampling (1.0 = off, the paper's unstated default)
@@ -146,7 +153,7 @@ class StageConfig:
     # "probability" = each video's history is degraded with probability r (else the ground truth),
     # "strength" = t_s -> r * t_s (noise_augmentation: noise std -> r * noise_aug_scale).
     # ramp_steps = 0 is the hard switch too. Not for teacher_forcing.
-    ramp: Literal["none", "probability", "strength"] = "none"
+    ramp: Ramp = "none"
     ramp_steps: int = 0
 
 
@@ -199,10 +206,11 @@ class Config:
 
 # ----------------------------------------------------------------------------- model presets
 
+PRESET_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "text_dim", "freq_dim",
+               "patch_size")
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 12 heads, FFN 8960, umT5 (4096), Wan VAE (16 ch).
-    "wan2.1-t2v-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16,
-                            out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
+    # Wan2.1-T2V-1.3B: 30 blocks, dim 1536, 12 heads, FFN 8960, umT5 (4096), Wan VAE (16 ch): the defaults.
+    "wan2.1-t2v-1.3b": {k: getattr(ModelConfig(), k) for k in PRESET_KEYS},
     # Wan2.1-T2V-14B: 40 blocks, dim 5120, 40 heads, FFN 13824.
     "wan2.1-t2v-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16,
                            out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
@@ -368,9 +376,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(data, overrides, require_encoder_paths=require_encoder_paths)
 
 
-def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
+def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = False) -> None:
     """Cross-field checks that types alone cannot express (the one validation pass of every value;
-    device- and file-system checks come later, training_utils.preflight)."""
+    device- and file-system checks come later, training_utils.preflight). `training`: the config is about
+    to train (the Trainer), so it needs steps to run and a routing mode for its routing stages (an
+    inference config may keep a routing-trained run's stages with attention.routing.mode=dense)."""
     m = cfg.model
     if m.dim % m.num_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
@@ -422,16 +432,41 @@ def validate(cfg: Config, require_encoder_paths: bool = False) -> None:
     if g.gap_every < 0 or g.gap_clips < 1 or (g.gap_sample_steps is not None and g.gap_sample_steps < 1):
         raise ConfigError(f"train.gap_every={g.gap_every} (>= 0, 0 = off), train.gap_clips={g.gap_clips} (>= 1), "
                           f"train.gap_sample_steps={g.gap_sample_steps} (null or >= 1)")
-    for i, st in enumerate(cfg.train.stages):
+    if g.global_batch_size is not None and g.global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size={g.global_batch_size}: must be >= 1 (or null: use train.grad_accum)")
+    if g.lr <= 0 or len(g.betas) != 2 or not all(0 <= b < 1 for b in g.betas):
+        raise ConfigError(f"train.lr={g.lr} must be > 0 and train.betas={g.betas} two numbers in [0, 1)")
+    if g.ema_decay is not None and not 0 < g.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={g.ema_decay}: must be in (0, 1) or null")
+    if training and (not g.stages or sum(st.steps for st in g.stages) < 1):
+        raise ConfigError("train.stages: need at least one stage with steps >= 1")
+    for i, st in enumerate(g.stages):
+        where = f"train.stages[{i}]."
         if st.steps < 0:
-            raise ConfigError(f"train.stages[{i}].steps={st.steps}: must be >= 0")
-        if st.resample_steps < 1:
-            raise ConfigError(f"train.stages[{i}].resample_steps={st.resample_steps}: must be >= 1")
+            raise ConfigError(f"{where}steps={st.steps}: must be >= 0")
+        check_degradation(st.objective, st.resample_steps, st.ramp, where)
         if st.ramp_steps < 0:
-            raise ConfigError(f"train.stages[{i}].ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
+            raise ConfigError(f"{where}ramp_steps={st.ramp_steps}: must be >= 0 (0 = hard switch)")
         if st.ramp != "none" and st.objective == "teacher_forcing":
-            raise ConfigError(f"train.stages[{i}].ramp={st.ramp}: a teacher_forcing stage has no history "
+            raise ConfigError(f"{where}ramp={st.ramp}: a teacher_forcing stage has no history "
                               "degradation to ramp; set it to none (ramp the stage after the warmup)")
+        if st.noise_aug_scale < 0:
+            raise ConfigError(f"{where}noise_aug_scale must be >= 0")
+        if training and st.routing and cfg.attention.routing.mode == "dense":
+            raise ConfigError(f"{where}routing=true needs attention.routing.mode topk or window "
+                              "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")
+
+
+def check_degradation(objective: str, resample_steps: int, ramp: str, where: str = "") -> None:
+    """The rules of one history degradation, for both of its spellings: a stage of the config (from
+    `validate`, `where` = "train.stages[i].") and resampling.DegradeSettings (public, user values).
+    ConfigError (a ValueError) naming the key."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{where}objective {objective!r} is unknown; choose one of {list(OBJECTIVES)}")
+    if resample_steps < 1:
+        raise ConfigError(f"{where}resample_steps={resample_steps}: must be >= 1")
+    if ramp not in RAMPS:
+        raise ConfigError(f"{where}ramp {ramp!r} is unknown; choose one of {list(RAMPS)}")
 
 
 def to_dict(cfg: Any) -> dict:

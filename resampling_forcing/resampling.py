@@ -47,11 +47,10 @@ import torch
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .cache import CachedAttention, KVCache
-from .diffusion import sample_logit_normal
+from .config import OBJECTIVES, RAMPS, DiffusionConfig, StageConfig, check_degradation
+from .diffusion import add_noise, sample_logit_normal
 
-OBJECTIVES = ("teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling")
-RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")
-RAMPS = ("none", "probability", "strength")  # the config's StageConfig.ramp (a Literal of the same names)
+RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")  # the OBJECTIVES that run the model
 
 __all__ = [
     "OBJECTIVES",
@@ -70,33 +69,30 @@ __all__ = [
 
 @dataclass
 class DegradeSettings:
-    """Everything a degradation pass needs besides the model and the data."""
+    """Everything a degradation pass needs besides the model and the data. The defaults are the
+    config's (StageConfig, DiffusionConfig); the rules shared with a config stage are
+    config.check_degradation's."""
 
-    objective: str = "teacher_forcing"
-    steps: int = 1  # Euler steps from t_s to 0
-    shift: float = 0.6  # t_s law: shift(sigmoid(N(0, 1)))
-    noise_scale: float = 0.1  # noise_augmentation std
-    cfg_scale: float = 1.0  # CFG while resampling (1 = off)
+    objective: str = StageConfig.objective
+    steps: int = StageConfig.resample_steps  # Euler steps from t_s to 0
+    shift: float = DiffusionConfig.resample_shift  # t_s law: shift(sigmoid(N(0, 1)))
+    noise_scale: float = StageConfig.noise_aug_scale  # noise_augmentation std
+    cfg_scale: float = StageConfig.resample_cfg  # CFG while resampling (1 = off)
     backend: str = "sdpa"  # resolved attention backend
     routing: object | None = None  # attention.routing.RoutingSpec (None / dense = no routing)
     routing_layers: Optional[list[int]] = None
-    context_t: float = 0.0  # timestep of the cache-writing pass
-    ramp: str = "none"  # ramp from teacher forcing: none | probability | strength (module docstring)
+    context_t: float = DiffusionConfig.context_t  # timestep of the cache-writing pass
+    ramp: str = StageConfig.ramp  # ramp from teacher forcing: none | probability | strength (module docstring)
     ramp_level: float = 1.0  # r in [0, 1]: probability of a degraded history, or the t_s / noise scale
     always_forward: bool = False  # probability ramp: run the model even when no video is selected
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is unknown; choose one of {list(OBJECTIVES)}")
-        if self.steps < 1:
-            raise ValueError(f"resample steps={self.steps}: need at least 1")
-        if self.ramp not in RAMPS:
-            raise ValueError(f"ramp {self.ramp!r} is unknown; choose one of {list(RAMPS)}")
-        if not 0.0 <= self.ramp_level <= 1.0:
+        check_degradation(self.objective, self.steps, self.ramp)
+        if not 0.0 <= self.ramp_level <= 1.0:  # not a config value: the trainer derives it (ramp_at)
             raise ValueError(f"ramp_level={self.ramp_level}: must be in [0, 1]")
 
 
-def sample_resample_t(batch: int, shift: float = 0.6, generator: torch.Generator | None = None,
+def sample_resample_t(batch: int, shift: float, generator: torch.Generator | None = None,
                       device=None) -> torch.Tensor:
     """One t_s per video: shift(sigmoid(N(0, 1))) with shift s (median 0.375 for s = 0.6). [B] fp32."""
     return sample_logit_normal((batch,), 0.0, 1.0, shift, generator=generator, device=device)
@@ -135,9 +131,10 @@ def _guided(model, z, t, kv_cond, attn_cond, kv_null, attn_null, cfg_scale, fram
 
 @torch.no_grad()
 def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor | None = None,
-                            text_kv: list | None = None, eps: torch.Tensor | None = None, steps: int = 1,
-                            backend: str = "sdpa", routing=None, routing_layers=None, context_t: float = 0.0,
-                            null_context: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                            text_kv: list | None = None, eps: torch.Tensor | None = None,
+                            steps: int = StageConfig.resample_steps, backend: str = "sdpa", routing=None,
+                            routing_layers=None, context_t: float = DiffusionConfig.context_t,
+                            null_context: torch.Tensor | None = None, cfg_scale: float = StageConfig.resample_cfg,
                             generator: torch.Generator | None = None, include_last: bool = False,
                             on_chunk: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Autoregressive self-resampling of latents x [B, C, F, H, W] (F = N * chunk_frames).
@@ -167,7 +164,7 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
     ctx_t = torch.full((b,), float(context_t), device=x.device)
     for i in range(last):
         sl = slice(i * cf, (i + 1) * cf)
-        z = (1 - _bt(grid[:, 0], x)) * x[:, :, sl] + _bt(grid[:, 0], x) * eps[:, :, sl]
+        z = add_noise(x[:, :, sl], eps[:, :, sl], grid[:, 0])
         for k in range(steps):
             v = _guided(model, z, grid[:, k], kv_cond, CachedAttention(cache, backend, **attn_kw), kv_null,
                         CachedAttention(ucache, backend, **attn_kw) if guided else None, cfg_scale, i * cf)
@@ -184,8 +181,9 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
 
 
 @torch.no_grad()
-def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int = 1, backend: str = "sdpa",
-                                      context_t: float = 0.0, include_last: bool = False) -> torch.Tensor:
+def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int = StageConfig.resample_steps,
+                                      backend: str = "sdpa", context_t: float = DiffusionConfig.context_t,
+                                      include_last: bool = False) -> torch.Tensor:
     """The same rollout without a KV cache (dense attention only; slow, for tests): chunk i is denoised
     by a full forward over [x~_1..x~_{i-1}, z_i] under the block-causal mask with per-chunk timesteps
     [context_t, ..., context_t, t_k]."""
@@ -197,7 +195,7 @@ def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int
     tokens = model.chunk_tokens(h, w)
     for i in range(n if include_last else n - 1):
         sl = slice(i * cf, (i + 1) * cf)
-        z = (1 - _bt(grid[:, 0], x)) * x[:, :, sl] + _bt(grid[:, 0], x) * eps[:, :, sl]
+        z = add_noise(x[:, :, sl], eps[:, :, sl], grid[:, 0])
         attn = MaskedAttention(MaskSpec("block_causal", i + 1, tokens), backend)
         for k in range(steps):
             seq = torch.cat([out[:, :, : i * cf], z], dim=2)
@@ -211,8 +209,9 @@ def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int
 
 @torch.no_grad()
 def parallel_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor,
-                      eps: torch.Tensor | None = None, steps: int = 1, backend: str = "sdpa", routing=None,
-                      routing_layers=None, null_context: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                      eps: torch.Tensor | None = None, steps: int = StageConfig.resample_steps, backend: str = "sdpa",
+                      routing=None, routing_layers=None, null_context: torch.Tensor | None = None,
+                      cfg_scale: float = StageConfig.resample_cfg,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Parallel resampling (ablation): every chunk is resampled from t_s conditioned on the
     ground-truth history (no accumulation); one dual forward per Euler step."""
@@ -223,7 +222,7 @@ def parallel_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: tor
     grid = resample_grid(t_s.to(x.device), steps)
     attn = MaskedAttention(MaskSpec("dual", n, model.chunk_tokens(h, w)), backend, routing=routing,
                            routing_layers=routing_layers)
-    z = (1 - _bt(grid[:, 0], x)) * x + _bt(grid[:, 0], x) * eps
+    z = add_noise(x, eps, grid[:, 0])
     guided = null_context is not None and cfg_scale != 1.0
     for k in range(steps):
         t = grid[:, k, None].expand(b, n)

@@ -1,7 +1,7 @@
 """The training loop: staged objectives (teacher forcing -> resampling), accelerate/DeepSpeed, checkpoints.
 
 One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_size` per process:
-1. batch at data position p (data/loader.py), randomness seeded by (seed, p, rank);
+1. batch at data position p (data/loader.py), randomness seeded by (seed, p, rank) (training_data.py);
 2. text dropout (caption -> "" embedding with prob `data.text_dropout`);
 3. history = degrade_history(...) with the stage's objective (no gradient, current online weights,
    the stage's routing when on; during a stage's `ramp`, at level r = training_utils.ramp_at(step));
@@ -9,7 +9,7 @@ One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_siz
 5. v = model.forward_dual(history, x_t, t, text) and the velocity MSE on the noisy half
    (overall and per chunk position).
 Every `train.gap_every` steps (main process) the exposure-gap diagnostic on a fixed held batch
-(`Trainer.gap_metrics`, diagnose.py) adds gap_* keys to that step's record.
+(training_gap.GapMonitor, diagnose.py) adds gap_* keys to that step's record.
 A micro-batch whose loss is NaN/Inf on any process is skipped on all of them (no backward, a
 warning); `train.max_bad_steps` in a row abort with a message naming the last good checkpoint,
 verified first (finite weights, finite loss on its last batch; else the one before it, or none).
@@ -38,14 +38,16 @@ from .attention.ops import MaskedAttention
 from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
                          latest_good_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint)
 from .checkpoint import step_of as step_of_path
-from .config import Config, ConfigError, StageConfig
-from .diffusion import sample_logit_normal
+from .config import Config, ConfigError, StageConfig, validate
+from .diffusion import add_noise, sample_logit_normal, velocity_target
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
-from .training_utils import (EMA, MetricsLogger, build_accelerator, flatten, launch_world_size, lr_at,  # noqa: F401
-                             ramp_at, resolve_grad_accum, resume_config_changes, stage_at, step_seed, total_steps,
-                             train_lr, validate_training)
+from .training_data import DataCursor
+from .training_gap import GapMonitor
+from .training_utils import (EMA, MetricsLogger, build_accelerator, launch_world_size, lr_at,  # noqa: F401 (lr_at)
+                             ramp_at, resolve_grad_accum, resume_config_changes, stage_at, start_trackers,
+                             total_steps, train_lr)
 
 logger = logging.getLogger("resampling_forcing.train")
 
@@ -92,14 +94,16 @@ def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> t
 
 
 class Trainer:
+    """One training run: setup (data, model, optimizer, resume), `train_step` (the staged objective over
+    `train.grad_accum` micro-batches), `fit` (the loop: logs, checkpoints, signals, non-finite aborts)."""
+
     def __init__(self, cfg: Config, accelerator=None):
         resolve_grad_accum(cfg, accelerator.num_processes if accelerator is not None else launch_world_size())
-        validate_training(cfg)
+        validate(cfg, training=True)  # load_config checked what inference needs too; this adds the training rules
         self.cfg = cfg
         self.acc = accelerator or build_accelerator(cfg)
         self.run_dir = Path(cfg.train.run_dir)
         self.step = 0
-        self.data_position = 0
         self.bad_in_a_row = 0
         self.last_checkpoint: Optional[Path] = None
         self._setup()
@@ -114,8 +118,13 @@ class Trainer:
     def zero_stage(self) -> int:
         return self.acc.state.deepspeed_plugin.zero_stage if self.is_deepspeed else 0
 
+    @property
+    def data_position(self) -> int:
+        """Data position of the next micro-batch (training_data.DataCursor)."""
+        return self.cursor.position
+
     def _setup(self) -> None:
-        from .data.loader import DataError, TrainData, synthetic_manifest
+        from .data.loader import DataError, TrainData, prepare_null_text, synthetic_manifest
         from .encoders import build_text_encoder, build_vae
 
         cfg, acc = self.cfg, self.acc
@@ -148,7 +157,8 @@ class Trainer:
                 synthetic_manifest(cfg)
             acc.wait_for_everyone()
         if cfg.data.source == "latents":
-            self._prepare_null_text()
+            prepare_null_text(cfg, self.device, write=acc.is_local_main_process)
+            acc.wait_for_everyone()
         self.data = TrainData(cfg, cfg.train.batch_size, acc.process_index, acc.num_processes, self.device, vae, text)
         probe = self.data.first_batch(0)[1]["latents"]
         cf, (pt, ph, pw) = cfg.model.chunk_frames, cfg.model.patch_size
@@ -158,7 +168,9 @@ class Trainer:
         self.latent_shape = tuple(probe.shape[1:])
         self.num_chunks = probe.shape[2] // cf
         self.chunk_tokens = cf // pt * (probe.shape[3] // ph) * (probe.shape[4] // pw)
-        self.gap_batch = self._held_gap_batch()
+        self.cursor = DataCursor(self.data, cfg.train.seed, acc.process_index, self.device, self._all)
+        self.gap = GapMonitor.held(cfg, self.data, self.device, self.backend, self.num_chunks,
+                                   main=acc.is_main_process, zero_stage=self.zero_stage)
 
         torch.manual_seed(cfg.train.seed)
         model = CausalWanModel(cfg.model)
@@ -186,63 +198,11 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         self.metrics = MetricsLogger(acc, self.run_dir, self.step)
-        self._init_trackers()
+        start_trackers(acc, cfg, self.run_dir, self.step)
         if acc.is_main_process:
             logger.info("%s; model %s params; %d chunks x %d tokens; %d processes; step %d/%d",
                         self.data.summary(), format_count(n_params), self.num_chunks,
                         self.chunk_tokens, acc.num_processes, self.step, total_steps(cfg))
-
-    def _init_trackers(self) -> None:
-        """TensorBoard in RUN/tb (resumed runs purge the steps after the checkpoint) and, optionally,
-        wandb, through accelerate's trackers on the main process."""
-        if not self.acc.is_main_process:
-            return
-        from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-        trackers = []
-        if self.cfg.train.tensorboard:
-            try:
-                import tensorboard  # noqa: F401
-
-                kw = {"purge_step": self.step + 1} if self.step else {}
-                trackers.append(TensorBoardTracker("tb", str(self.run_dir), **kw))
-            except ImportError:
-                logger.warning("tensorboard is not installed: logging to log.jsonl only")
-        if self.cfg.train.wandb:
-            try:
-                import wandb  # noqa: F401
-
-                trackers.append(WandBTracker("resampling-forcing", name=self.run_dir.name, dir=str(self.run_dir),
-                                             resume="allow"))
-            except ImportError:
-                logger.warning("train.wandb=true but wandb is not installed: skipping it")
-        flat = flatten(dataclasses.asdict(self.cfg))
-        for tr in trackers:
-            tr.start()
-            tr.store_init_configuration(flat)
-        self.acc.trackers.extend(trackers)
-
-    def _prepare_null_text(self) -> None:
-        """The empty-prompt embedding of a latent store (text dropout), computed once by the local main
-        process and kept next to the latents as null_text.safetensors."""
-        from .data.loader import DataError
-        from .encoders import build_text_encoder
-        from .io import atomic_path
-
-        if not self.cfg.data.latents_dir or not Path(self.cfg.data.latents_dir).is_dir():
-            raise DataError(f"data.latents_dir={self.cfg.data.latents_dir!r} is not a directory; run "
-                            "resampling_forcing.data.latents.precompute into it first")
-        path = Path(self.cfg.data.latents_dir) / "null_text.safetensors"
-        if self.acc.is_local_main_process and not path.is_file() and self.cfg.data.text_dropout > 0:
-            from safetensors.torch import save_file
-
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            enc = build_text_encoder(self.cfg.encoders, device=self.device, dtype=dtype)
-            emb = enc.encode([""])[0].float().cpu().contiguous()
-            del enc
-            with atomic_path(path) as tmp:
-                save_file({"text": emb}, str(tmp))
-        self.acc.wait_for_everyone()
 
     def _find_resume(self) -> Optional[Path]:
         if self.cfg.train.resume_from:
@@ -266,7 +226,7 @@ class Trainer:
     def _resume(self, ckpt: Path) -> None:
         state = read_trainer_state(ckpt)
         self.acc.load_state(str(ckpt))
-        self.step, self.data_position = int(state["step"]), int(state["data_position"])
+        self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
         if self.ema is not None:
             ema_file = ckpt / "ema.safetensors"
             if ema_file.is_file():
@@ -308,77 +268,10 @@ class Trainer:
                                ramp=stage.ramp if ramp is not None else "none",
                                ramp_level=1.0 if ramp is None else ramp, always_forward=self.zero_stage == 3)
 
-    # -- exposure-gap logging (diagnose.py) ----------------------------------------------------
-
-    def _held_gap_batch(self) -> Optional[tuple]:
-        """(latents [gap_clips, C, F, h, w], text, null text [1, Lt, Dt], negative prompt [1, Lt, Dt]) of
-        the first train.gap_clips clips from data position 0 on, fixed for the run; None when the
-        diagnostic is off, on other processes than the main one, or under ZeRO-3."""
-        t = self.cfg.train
-        if t.gap_every == 0 or not self.acc.is_main_process:
-            return None
-        if self.zero_stage == 3:
-            logger.warning("train.gap_every=%d: the exposure-gap diagnostic is skipped under DeepSpeed ZeRO-3 "
-                           "(the weights are partitioned); run python -m resampling_forcing.diagnose on a checkpoint",
-                           t.gap_every)
-            return None
-        if self.num_chunks < 3:
-            raise ConfigError(f"train.gap_every={t.gap_every}: the exposure gap needs clips of at least 3 chunks "
-                              f"(1 given, 1 generated as history, 1 after it); these have {self.num_chunks}")
-        lat, text, pos = [], [], 0
-        while sum(x.shape[0] for x in lat) < t.gap_clips:
-            pos, b = self.data.first_batch(pos)
-            lat.append(b["latents"])
-            text.append(b["text"])
-            pos += 1
-        null = self.data.null_text[None].float()
-        neg_prompt, enc = self.cfg.diffusion.negative_prompt, self.data.text_encoder
-        neg = enc.encode([neg_prompt]).float().to(self.device) if neg_prompt and enc is not None else null
-        return torch.cat(lat)[:t.gap_clips], torch.cat(text)[:t.gap_clips].float(), null, neg
-
-    @torch.no_grad()
-    def gap_metrics(self, stage_idx: int, ramp: Optional[float] = None) -> dict:
-        """Exposure gap of the current weights on the held batch (diagnose.exposure_gap, 1 true chunk
-        given, horizon = the clip): gap_degradation / gap_one_step / gap_rollout (means over the ratio
-        chunks) and gap_ratio, with stage `stage_idx`'s degradation at ramp level `ramp`. During a
-        teacher-forcing stage (degradation 0 by definition) it also reports the next degrading stage's
-        degradation at full strength: gap_next_stage, gap_next_degradation, gap_next_ratio.
-        Model in eval mode, then back; own generators (seed train.seed): the training RNG is untouched.
-        Runs in the weights' dtype (no autocast); sampler: the config's, with train.gap_sample_steps."""
-        from .diagnose import degradation_error, exposure_gap
-        from .sampler import SamplingOptions
-
-        cfg, model = self.cfg, self.inner
-        stage = cfg.train.stages[stage_idx]
-        dtype = next(model.parameters()).dtype
-        x, text, null, neg = (v.to(dtype) for v in self.gap_batch)
-        opts = SamplingOptions.from_config(cfg, self.device, steps=cfg.train.gap_sample_steps, backend=self.backend,
-                                           record_selection=False)
-        t0 = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        try:
-            nulls = null.expand_as(text)
-            rep = exposure_gap(model, x, text, self.settings(stage, ramp), opts, seed=cfg.train.seed,
-                               null_context=nulls, neg_context=neg)
-            out = dict(gap_degradation=rep.degradation_mean, gap_one_step=rep.one_step_mean,
-                       gap_rollout=rep.rollout_mean, gap_ratio=rep.ratio)
-            nxt = next((s for s in cfg.train.stages[stage_idx + 1:] if s.objective != "teacher_forcing"), None)
-            if stage.objective == "teacher_forcing" and nxt is not None:
-                err = degradation_error(model, x, text, self.settings(nxt), seed=cfg.train.seed, null_context=nulls)
-                d = sum(float(err[i]) for i in rep.chunks) / len(rep.chunks)
-                out.update(gap_next_stage=nxt.name, gap_next_degradation=d,
-                           gap_next_ratio=d / rep.rollout_mean if rep.rollout_mean > 0 else float("nan"))
-        finally:
-            model.train(was_training)
-        out = {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}  # NaN -> null
-        out["gap_time"] = time.perf_counter() - t0
-        return out
-
     def compute_loss(self, batch: dict, stage: StageConfig, gen: torch.Generator):
         """One micro-batch -> (loss, per-chunk loss [B, N], t_s or None, seconds spent resampling).
         A ramp applies at its level of the current step `self.step` when `stage` is that step's stage."""
-        cfg, d = self.cfg, self.cfg.diffusion
+        cfg = self.cfg
         x, text = batch["latents"], batch["text"]
         b = x.shape[0]
         if cfg.data.text_dropout > 0:
@@ -392,16 +285,21 @@ class Trainer:
             history, t_s = degrade_history(self.inner, x.to(dtype), text.to(dtype), settings, generator=gen,
                                            null_context=null)
         t_res = time.perf_counter() - t0 if stage.objective in RESAMPLING_OBJECTIVES else 0.0
-        n, cf = self.num_chunks, cfg.model.chunk_frames
-        t = sample_logit_normal((b, n), d.train_t_mean, d.train_t_std, d.train_t_shift, generator=gen, device=self.device)
-        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
-        tf = t.repeat_interleave(cf, dim=1)[:, None, :, None, None]
-        noisy = (1 - tf) * x + tf * eps
-        attn = MaskedAttention(MaskSpec("dual", n, self.chunk_tokens), self.backend, routing=settings.routing,
-                               routing_layers=settings.routing_layers)
+        t, eps, noisy = self._noised(x, gen)
+        attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend,
+                               routing=settings.routing, routing_layers=settings.routing_layers)
         v = self.model(history, noisy, t, text, attn)
-        loss, per_chunk = velocity_loss(v, eps - x, cf)
+        loss, per_chunk = velocity_loss(v, velocity_target(x, eps), cfg.model.chunk_frames)
         return loss, per_chunk, t_s, t_res
+
+    def _noised(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean latents x [B, C, F, H, W] -> (per-chunk training timesteps t [B, N] ~ logit-normal
+        (diffusion.train_t_*), noise eps [B, C, F, H, W], x_t [B, C, F, H, W]), drawn from `gen` in that order."""
+        d, cf = self.cfg.diffusion, self.cfg.model.chunk_frames
+        t = sample_logit_normal((x.shape[0], self.num_chunks), d.train_t_mean, d.train_t_std, d.train_t_shift,
+                                generator=gen, device=self.device)
+        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
+        return t, eps, add_noise(x, eps, t.repeat_interleave(cf, dim=1)[:, None, :, None, None])
 
     def train_step(self) -> dict:
         acc, cfg = self.acc, self.cfg
@@ -414,20 +312,8 @@ class Trainer:
         start = time.perf_counter()
         good, skipped, t_res = 0, 0, 0.0
         losses, chunks, ts = [], [], []
-        empty = 0
         while good < k:
-            pos = self.data_position
-            batch = self.data.batch(pos)
-            self.data_position += 1
-            if self._all(0.0 if batch is None else 1.0, "min") < 1:  # only bad videos here (on some rank)
-                empty += 1
-                if empty > 4 * self.data.per_epoch:
-                    from .data.loader import DataError
-
-                    raise DataError(f"no usable micro-batch in {empty} positions: too few usable videos "
-                                    f"({self.data.summary()})")
-                continue
-            gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, pos, acc.process_index))
+            pos, batch, gen = self.cursor.next()
             last = good == k - 1
             acc.sync_gradients = last
             ctx = acc.no_sync(self.model) if not last else contextlib.nullcontext()
@@ -472,14 +358,14 @@ class Trainer:
                "loss": float(vec[0]), "loss_chunk": [float(x) for x in vec[1:]], "lr": lr,
                "grad_norm": None if grad_norm is None else float(grad_norm), "step_time": elapsed,
                "resample_time": t_res, "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped": skipped,
-               "data_position": self.data_position, "epoch": self.data.epoch_of(self.data_position)}
+               "data_position": self.data_position, "epoch": self.cursor.epoch}
         if ramp is not None:
             rec["ramp"] = ramp
         if all_ts is not None:
             rec.update(t_s_mean=float(all_ts.mean()), t_s_std=float(all_ts.std()) if all_ts.numel() > 1 else 0.0,
                        t_s_min=float(all_ts.min()), t_s_max=float(all_ts.max()))
-        if self.gap_batch is not None and self.step % cfg.train.gap_every == 0:
-            rec.update(self.gap_metrics(stage_idx, ramp))
+        if self.gap is not None and self.gap.due(self.step):
+            rec.update(self.gap.metrics(self.inner, self.settings, stage_idx, ramp))
         return rec
 
     # -- after an abort: which checkpoint is really good ----------------------------------------
@@ -541,18 +427,11 @@ class Trainer:
     def _plain_loss(self, pos: int) -> torch.Tensor:
         """Teacher-forcing velocity loss of the current inner weights on the batch at data position `pos`
         (fixed generator, no text dropout, no resampling): a cheap finiteness probe."""
-        cfg, d = self.cfg, self.cfg.diffusion
-        pos, batch = self.data.first_batch(pos)
+        batch, gen = self.cursor.batch_at(pos)
         x, text = batch["latents"], batch["text"]
-        gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, pos, self.acc.process_index))
         dtype = next(self.inner.parameters()).dtype
-        n, cf = self.num_chunks, cfg.model.chunk_frames
-        t = sample_logit_normal((x.shape[0], n), d.train_t_mean, d.train_t_std, d.train_t_shift, generator=gen,
-                                device=self.device)
-        eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
-        tf = t.repeat_interleave(cf, dim=1)[:, None, :, None, None]
-        noisy = (1 - tf) * x + tf * eps
-        attn = MaskedAttention(MaskSpec("dual", n, self.chunk_tokens), self.backend)
+        t, eps, noisy = self._noised(x, gen)
+        attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend)
         was_training = self.inner.training
         self.inner.eval()
         try:
@@ -560,7 +439,7 @@ class Trainer:
                 v = self.inner.forward_dual(x.to(dtype), noisy.to(dtype), t, text.to(dtype), attn)
         finally:
             self.inner.train(was_training)
-        return velocity_loss(v, eps - x, cf)[0].float()
+        return velocity_loss(v, velocity_target(x, eps), self.cfg.model.chunk_frames)[0].float()
 
     def _optimizer_step(self) -> Optional[float]:
         acc, clip = self.acc, self.cfg.train.grad_clip
@@ -584,7 +463,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         stage_idx, stage = stage_at(self.cfg, max(self.step - 1, 0))
         return {"step": self.step, "data_position": self.data_position, "stage_index": stage_idx,
-                "stage": stage.name, "objective": stage.objective, "epoch": self.data.epoch_of(self.data_position),
+                "stage": stage.name, "objective": stage.objective, "epoch": self.cursor.epoch,
                 "lr": train_lr(self.cfg, self.step),
                 "world_size": self.acc.num_processes, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed, "time": time.time()}

@@ -1,5 +1,5 @@
-"""Small pieces of the training loop: stage schedule and config checks, the Accelerator, EMA, LR
-schedule, step seeds, and the metrics logger."""
+"""Small pieces of the training loop: stage schedule, the Accelerator, EMA, LR schedule, the metrics
+logger and trackers, preflight checks and the run lock (config values are checked once, by config.validate)."""
 from __future__ import annotations
 
 import datetime
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, StageConfig
+from .config import Config, ConfigError, StageConfig, to_dict
 from .io import atomic_write_text
 
 logger = logging.getLogger("resampling_forcing.train")
@@ -48,26 +48,6 @@ def ramp_at(cfg: Config, step: int) -> float | None:
     if st.ramp == "none" or st.ramp_steps == 0 or st.objective == "teacher_forcing":
         return None
     return min(1.0, (step - stage_start(cfg, idx) + 1) / st.ramp_steps)
-
-
-def validate_training(cfg: Config) -> None:
-    t = cfg.train
-    if not t.stages or total_steps(cfg) < 1:
-        raise ConfigError("train.stages: need at least one stage with steps >= 1")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError(f"train.batch_size={t.batch_size}, train.grad_accum={t.grad_accum}: must be >= 1")
-    if t.lr <= 0 or len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise ConfigError(f"train.lr={t.lr} must be > 0 and train.betas={t.betas} two numbers in [0, 1)")
-    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in (0, 1) or null")
-    if t.save_every < 1 or t.max_bad_steps < 1:
-        raise ConfigError("train.save_every and train.max_bad_steps must be >= 1")
-    for i, st in enumerate(t.stages):
-        if st.routing and cfg.attention.routing.mode == "dense":
-            raise ConfigError(f"train.stages[{i}].routing=true needs attention.routing.mode topk or window "
-                              "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")
-        if st.noise_aug_scale < 0:
-            raise ConfigError(f"train.stages[{i}].noise_aug_scale must be >= 0")
 
 
 def launch_world_size() -> int:
@@ -108,7 +88,7 @@ def build_accelerator(cfg: Config):
                        step_scheduler_with_optimizer=False)
 
 
-# ----------------------------------------------------------------------------- LR and seeds
+# ----------------------------------------------------------------------------- LR
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total: int = 0, schedule: str = "constant",
@@ -133,12 +113,6 @@ def train_lr(cfg: Config, step: int) -> float:
     return lr_at(step, t.lr, t.warmup_steps, total_steps(cfg), t.lr_schedule, t.min_lr_ratio)
 
 
-def step_seed(seed: int, position: int, rank: int) -> int:
-    """Seed of the randomness of one micro-batch (timesteps, noise, t_s, text dropout): a pure
-    function of (run seed, data position, rank), so a resumed run draws exactly the same numbers."""
-    return (int(seed) % (1 << 20)) * (1 << 42) + int(position) * (1 << 10) + int(rank) % (1 << 10)
-
-
 # ----------------------------------------------------------------------------- EMA
 
 
@@ -146,8 +120,7 @@ class EMA:
     """fp32 exponential moving average of a model's parameters (buffers are copied)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay {decay} must be in (0, 1)")
+        """`decay` in (0, 1): train.ema_decay, checked by config.validate."""
         self.decay = decay
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
         self._param_names = {n for n, _ in model.named_parameters()}
@@ -201,7 +174,7 @@ def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
     (step counts, LR, paths, ... may legitimately change between runs of a resumed command)."""
     import yaml
 
-    from .config import config_from_dict, to_dict
+    from .config import config_from_dict
 
     path = Path(ckpt) / "config.yaml"
     if not path.is_file():
@@ -266,6 +239,36 @@ class MetricsLogger:
                         scalars[f"loss_chunk/{i}"] = x
         if self.acc.trackers:
             self.acc.log(scalars, step=record["step"])
+
+
+def start_trackers(accelerator, cfg: Config, run_dir: Path, step: int = 0) -> None:
+    """TensorBoard in RUN/tb (a run resumed at `step` purges the steps after it) and, optionally, wandb,
+    through accelerate's trackers on the main process; each gets the flattened config."""
+    if not accelerator.is_main_process:
+        return
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    if cfg.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            kw = {"purge_step": step + 1} if step else {}
+            trackers.append(TensorBoardTracker("tb", str(run_dir), **kw))
+        except ImportError:
+            logger.warning("tensorboard is not installed: logging to log.jsonl only")
+    if cfg.train.wandb:
+        try:
+            import wandb  # noqa: F401
+
+            trackers.append(WandBTracker("resampling-forcing", name=run_dir.name, dir=str(run_dir), resume="allow"))
+        except ImportError:
+            logger.warning("train.wandb=true but wandb is not installed: skipping it")
+    flat = flatten(to_dict(cfg))
+    for tr in trackers:
+        tr.start()
+        tr.store_init_configuration(flat)
+    accelerator.trackers.extend(trackers)
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict]:

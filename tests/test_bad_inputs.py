@@ -21,21 +21,10 @@ from resampling_forcing.checkpoint import checkpoint_problem, list_checkpoints
 from resampling_forcing.io import write_mp4
 from resampling_forcing.training import Trainer, train
 from train_helpers import REPO, TINY_YAML, child_env, read_log, small_overrides
+from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(one_thread):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _train_cli():

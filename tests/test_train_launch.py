@@ -19,14 +19,10 @@ import pytest
 from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
 from resampling_forcing.models.loading import load_model
 from train_helpers import REPO, TINY_YAML, child_env, read_log, small_overrides
+from train_helpers import synth  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 ACC = REPO / "configs" / "accelerate"
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic")
 
 
 def free_port() -> int:

@@ -15,21 +15,10 @@ from resampling_forcing.config import Config, ConfigError, StageConfig, config_f
 from resampling_forcing.models.loading import load_model
 from resampling_forcing.training import Trainer, TrainingAborted, lr_at, ramp_at, stage_at, train, train_lr
 from train_helpers import REPO, TINY_YAML, read_log, small_overrides
+from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(one_thread):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def cfg_for(run_dir, synth, *extra, **kw):

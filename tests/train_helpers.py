@@ -5,8 +5,28 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_YAML = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A synthetic data folder shared by the tests of one module (generated on first use)."""
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture
+def fresh_accelerate_state(one_thread):
+    """Forget accelerate's process-wide state after an in-process training test (the next one builds its
+    own Accelerator); single-threaded torch while it runs. Use with pytest.mark.usefixtures or autouse."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def small_overrides(run_dir, synthetic_dir, steps_tf: int = 3, steps_rf: int = 3, **extra) -> list[str]:

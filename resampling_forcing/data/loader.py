@@ -41,8 +41,33 @@ from ..config import Config
 logger = logging.getLogger("resampling_forcing.data")
 
 
+NULL_TEXT_FILE = "null_text.safetensors"  # in data.latents_dir: the empty prompt's embedding
+
+
 class DataError(ValueError):
     """Missing data, no usable video, or a clip shape the model cannot train on (one line)."""
+
+
+def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> None:
+    """The empty-prompt embedding of a latent store (text dropout), computed once and kept next to the
+    latents as null_text.safetensors (what TrainData reads). `write`: this process computes it when it is
+    missing (the local main process; the others wait for it, then read it)."""
+    if not cfg.data.latents_dir or not Path(cfg.data.latents_dir).is_dir():
+        raise DataError(f"data.latents_dir={cfg.data.latents_dir!r} is not a directory; run "
+                        "resampling_forcing.data.latents.precompute into it first")
+    path = Path(cfg.data.latents_dir) / NULL_TEXT_FILE
+    if write and not path.is_file() and cfg.data.text_dropout > 0:
+        from safetensors.torch import save_file
+
+        from ..encoders import build_text_encoder
+        from ..io import atomic_path
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        enc = build_text_encoder(cfg.encoders, device=device, dtype=dtype)
+        emb = enc.encode([""])[0].float().cpu().contiguous()
+        del enc
+        with atomic_path(path) as tmp:
+            save_file({"text": emb}, str(tmp))
 
 
 def synthetic_manifest(cfg: Config) -> Path:
@@ -137,9 +162,9 @@ class TrainData:
 
     def _null_text(self) -> torch.Tensor:
         """Embedding of the empty prompt; for a latent store read from its null_text.safetensors
-        (written once by the trainer), else zeros when text dropout is off."""
+        (written once by `prepare_null_text`), else zeros when text dropout is off."""
         if self.source == "latents":
-            path = Path(self.cfg.data.latents_dir) / "null_text.safetensors"
+            path = Path(self.cfg.data.latents_dir) / NULL_TEXT_FILE
             if path.is_file():
                 from safetensors.torch import load_file
 
