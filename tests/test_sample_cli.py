@@ -16,7 +16,8 @@ from resampling_forcing.encoders import PixelShuffleVAE, VideoCodec
 from resampling_forcing.io import read_mp4, write_mp4
 from resampling_forcing.models.wan import CausalWanModel
 from resampling_forcing.pipeline import Pipeline, PipelineError, prepare_init_video, resolve_checkpoint
-from resampling_forcing.sampler import SamplingOptions, sample
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import sample
 
 from helpers import load_sample_cli, save_checkpoint_for_tests, tiny_run_config as tiny_config
 
