@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .attention.spec import ROUTING_MODES, RoutingSpec, routing_spec
+from .attention.spec import RoutingSpec, routing_spec
 from .config import DiffusionConfig
 
 __all__ = ["SamplingOptions", "KV_HOST_DTYPES"]
@@ -79,7 +79,7 @@ class SamplingOptions:
         kv_resident_chunks, kv_host_dtype; `backend` a resolved name, default the config's
         attention.backend resolved for `device`).
 
-        Routing: `routing` a RoutingSpec (used as given) or a mode name of attention.spec.ROUTING_MODES;
+        Routing: `routing` a RoutingSpec (used as given) or a mode name (attention.spec.ROUTING_MODES);
         without a mode, `top_k` alone switches to topk and `window`/`sink` alone switch a dense
         config to the sliding-window baseline (a topk config keeps topk and gets sink/window).
         ValueError (one line) for a bad value."""
@@ -92,8 +92,6 @@ class SamplingOptions:
                 mode = "topk" if top_k is not None else rc.mode
                 if mode == "dense" and (window or sink):
                     mode = "window"
-            if mode not in ROUTING_MODES:  # before replace(): name the argument, not the config key
-                raise ValueError(f"routing mode {mode!r} is unknown; choose one of {', '.join(ROUTING_MODES)}")
             # RoutingConfig validates itself: errors name attention.routing.*
             spec = routing_spec(dataclasses.replace(
                 rc, mode=mode, top_k=(rc.top_k if top_k is None else top_k) if mode == "topk" else None,

@@ -38,6 +38,9 @@ CPU generator seeded by `sample_seed(seed, index_j)` (`indices` default 0..B-1).
 the same whether it is generated alone (`indices=[j]`) or in any batch, and the same on CPU and
 GPU up to the model's own arithmetic; noise is drawn in fp32 on the CPU and then moved.
 
+Options: `options.SamplingOptions` (built from a config by `SamplingOptions.from_config`); prompt
+switches: `storyboard.split_storyboard`. This module is the rollout itself.
+
 Routing: `SamplingOptions.routing` (a `RoutingSpec`: dense | topk | window with sink/window),
 applied in `routing_layers` (None = all). Selections can be recorded for plots:
 `SampleResult.selection` is a float array [chunks, layers, heads, history] with, for chunk c,
