@@ -51,7 +51,7 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def config_path(folder: str | os.PathLike) -> Path:
+def config_file(folder: str | os.PathLike) -> Path:
     """The config.yaml of a run dir or of a checkpoint dir."""
     return Path(folder) / CONFIG_FILE
 
@@ -174,7 +174,7 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
         run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else None
     if _complete(p):
         weights = p / EMA_WEIGHTS if use_ema and (p / EMA_WEIGHTS).is_file() else p / MODEL_WEIGHTS
-        cfg_path = next((c for c in (config_path(p), config_path(run_dir) if run_dir else None)
+        cfg_path = next((c for c in (config_file(p), config_file(run_dir) if run_dir else None)
                          if c is not None and c.is_file()), None)
         return CheckpointInfo(kind, Path(path), p, cfg_path, weights, step_of(p))
     if (p / MODEL_CONFIG).is_file() or (p / MODEL_WEIGHTS).is_file():
@@ -184,7 +184,7 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
         detect_layout(p)
     except CheckpointError as e:
         raise PipelineError(str(e)) from None
-    return CheckpointInfo("wan", Path(path), p, config_path(p) if config_path(p).is_file() else None, None)
+    return CheckpointInfo("wan", Path(path), p, config_file(p) if config_file(p).is_file() else None, None)
 
 
 # ----------------------------------------------------------------------------- resume checks
