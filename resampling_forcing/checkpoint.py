@@ -12,6 +12,11 @@ A checkpoint is first written to ``RUN/checkpoints/.tmp-step_XXXXXXX`` by all pr
 renamed by the main process, so a directory named ``step_*`` is always complete (and has
 ``trainer_state.json``). Leftover ``.tmp-*`` folders of a killed run are removed at the next start.
 The newest ``step_*`` is the "latest"; ``keep_last`` bounds how many are kept.
+
+This module is the one place that spells the names of a run directory (the constants and helpers
+below) and that resolves a user's path to a checkpoint: ``resolve_checkpoint`` (sampling: a run dir,
+a ``step_*`` dir, a raw Wan2.1 checkpoint or a cached Hub id -> ``CheckpointInfo``) and
+``resolve_trainer_checkpoint`` (training: a ``step_*`` dir with trainer state, or a run dir -> its latest).
 """
 from __future__ import annotations
 
@@ -21,21 +26,34 @@ import os
 import re
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from .io import atomic_write_json
-from .models.loading import CheckpointError
+from .models.loading import OUR_CONFIG, OUR_WEIGHTS, CheckpointError, detect_layout
+from .storyboard import PipelineError
 
 logger = logging.getLogger("resampling_forcing.train")
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
+# ----------------------------------------------------------------------------- run-directory layout
+
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints/step_XXXXXXX/
+STATE_FILE = "trainer_state.json"  # written last: a step_* dir with it is complete
+CONFIG_FILE = "config.yaml"  # the resolved Config, in RUN/ and in every step_* dir
+MODEL_WEIGHTS, MODEL_CONFIG = OUR_WEIGHTS, OUR_CONFIG  # our model format (models.loading.save_model)
+EMA_WEIGHTS = "ema.safetensors"
+TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"  # a step_* dir being written / being replaced or deleted
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def config_file(folder: str | os.PathLike) -> Path:
+    """The config.yaml of a run dir or of a checkpoint dir."""
+    return Path(folder) / CONFIG_FILE
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -70,8 +88,9 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / STATE_FILE).is_file()
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, or a run dir (-> its latest checkpoint). CheckpointError otherwise."""
+def resolve_trainer_checkpoint(path: str | os.PathLike) -> Path:
+    """A training checkpoint dir (with trainer state), or a run dir (-> its latest checkpoint), to
+    resume or initialise from. CheckpointError otherwise."""
     p = Path(path)
     if is_checkpoint_dir(p):
         return p
@@ -89,6 +108,86 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- sampling: path -> checkpoint
+
+
+@dataclass
+class CheckpointInfo:
+    kind: str  # "run" | "checkpoint" | "wan"
+    path: Path  # what the user gave
+    model_dir: Path  # folder holding the weights
+    config_path: Optional[Path]  # config.yaml to use (None for a raw Wan checkpoint without one)
+    weights: Optional[Path]  # our format: the safetensors file to load; None = read_state_dict(model_dir)
+    step: Optional[int] = None
+
+    @property
+    def ema(self) -> bool:
+        return self.weights is not None and self.weights.name == EMA_WEIGHTS
+
+
+def _complete(d: Path) -> bool:
+    return (d / MODEL_WEIGHTS).is_file() and (d / MODEL_CONFIG).is_file()
+
+
+def _looks_like_hub_id(path: Union[str, Path]) -> bool:
+    return isinstance(path, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None \
+        and not path.startswith((".", "/")) and ".." not in path
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """A Hugging Face Hub id ("org/name") -> its snapshot folder in the local Hugging Face cache
+    (HF_HUB_CACHE), offline: nothing is downloaded. PipelineError when it is not cached."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:  # pragma: no cover - a transformers/diffusers dependency
+        raise PipelineError(f"{repo_id}: no such local path (and huggingface_hub is not installed)") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, invalid ids, ...
+        raise PipelineError(f"checkpoint {repo_id}: not a local path and not in the local Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}); download it first (`hf download {repo_id}`) or pass a "
+                            f"folder ({type(e).__name__})") from None
+
+
+def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> CheckpointInfo:
+    """Classify `path` for sampling as a run dir (-> its newest complete step_* dir), one of our
+    checkpoint dirs (EMA weights unless use_ema=False; the config.yaml of the checkpoint, else of
+    the run) or a raw Wan checkpoint. A path that does not exist but looks like a Hub id
+    ("org/name") resolves through the local Hugging Face cache (offline). PipelineError (one line)."""
+    p = Path(path).expanduser()
+    if not p.exists() and _looks_like_hub_id(path):
+        p = resolve_hub_id(str(path))
+    if not p.exists():
+        raise PipelineError(f"checkpoint {p} does not exist; pass a run dir, a {CHECKPOINTS}/step_* dir or a Wan2.1 checkpoint")
+    if not p.is_dir():
+        raise PipelineError(f"checkpoint {p} is a file; pass its directory (run dir, {CHECKPOINTS}/step_* or a Wan2.1 folder)")
+    kind = "checkpoint"
+    if not _complete(p) and checkpoint_root(p).is_dir():
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise PipelineError(f"run {p} has no complete checkpoint under {CHECKPOINTS}/ (step_XXXXXXX written "
+                                f"by the trainer); train longer or pass a checkpoint dir")
+        run_dir, p, kind = p, ck, "run"
+    else:
+        run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else None
+    if _complete(p):
+        weights = p / EMA_WEIGHTS if use_ema and (p / EMA_WEIGHTS).is_file() else p / MODEL_WEIGHTS
+        cfg_path = next((c for c in (config_file(p), config_file(run_dir) if run_dir else None)
+                         if c is not None and c.is_file()), None)
+        return CheckpointInfo(kind, Path(path), p, cfg_path, weights, step_of(p))
+    if (p / MODEL_CONFIG).is_file() or (p / MODEL_WEIGHTS).is_file():
+        missing = MODEL_WEIGHTS if not (p / MODEL_WEIGHTS).is_file() else MODEL_CONFIG
+        raise PipelineError(f"checkpoint {p} is incomplete: {missing} is missing")
+    try:
+        detect_layout(p)
+    except CheckpointError as e:
+        raise PipelineError(str(e)) from None
+    return CheckpointInfo("wan", Path(path), p, config_file(p) if config_file(p).is_file() else None, None)
+
+
+# ----------------------------------------------------------------------------- resume checks
 
 
 DAMAGED_SUFFIX = ".damaged"
@@ -141,8 +240,8 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
         json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
         return f"{STATE_FILE} is missing or unreadable"
-    if not (ckpt / "model.safetensors").is_file():
-        return "model.safetensors is missing"
+    if not (ckpt / MODEL_WEIGHTS).is_file():
+        return f"{MODEL_WEIGHTS} is missing"
     try:
         for p in sorted(ckpt.rglob("*")):
             if not p.is_file():
@@ -203,7 +302,7 @@ def clean_stale(run_dir: str | os.PathLike) -> list[Path]:
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".tmp-") or p.name.startswith(".old-"):
+            if p.name.startswith((TMP_PREFIX, OLD_PREFIX)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -219,7 +318,7 @@ def rotate(run_dir: str | os.PathLike, keep_last: int, protect: Optional[Path] =
         if protect is not None and p.resolve() == protect.resolve():
             continue
         # rename first so that a crash mid-delete never leaves a partial step_* folder
-        trash = p.parent / f".old-{p.name}"
+        trash = p.parent / f"{OLD_PREFIX}{p.name}"
         os.replace(p, trash)
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(p)
@@ -247,7 +346,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, train
     the model files on the main process only."""
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
@@ -273,7 +372,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, train
     if accelerator.is_main_process:
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): swap, never a gap in completeness
-            old = root / f".old-{final.name}"
+            old = root / f"{OLD_PREFIX}{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)

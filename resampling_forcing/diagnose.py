@@ -530,12 +530,9 @@ def run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except BadInput as e:
-        print(f"diagnose: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    from .cli import run_cli
+
+    return run_cli(build_parser, run, argv, BadInput, "diagnose: error")
 
 
 if __name__ == "__main__":

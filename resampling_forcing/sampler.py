@@ -38,6 +38,9 @@ CPU generator seeded by `sample_seed(seed, index_j)` (`indices` default 0..B-1).
 the same whether it is generated alone (`indices=[j]`) or in any batch, and the same on CPU and
 GPU up to the model's own arithmetic; noise is drawn in fp32 on the CPU and then moved.
 
+Options: `options.SamplingOptions` (built from a config by `SamplingOptions.from_config`); prompt
+switches: `storyboard.split_storyboard`. This module is the rollout itself.
+
 Routing: `SamplingOptions.routing` (a `RoutingSpec`: dense | topk | window with sink/window),
 applied in `routing_layers` (None = all). Selections can be recorded for plots:
 `SampleResult.selection` is a float array [chunks, layers, heads, history] with, for chunk c,
@@ -48,8 +51,6 @@ each chunk (`cache.SelectionRecorder`), so the last chunk is written too when re
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -57,16 +58,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .attention.backends import resolve_backend
-from .attention.spec import RoutingSpec, routing_spec
 from .cache import CachedAttention, KVCache, SelectionRecorder
-from .config import DiffusionConfig
-from .diffusion import euler_schedule
-from .storyboard import check_storyboard
+from .diffusion import add_noise, euler_schedule
+from .options import KV_HOST_DTYPES, SamplingOptions
+from .storyboard import SWITCH_CACHE_MODES, split_storyboard
 from .timing import peak_memory, sync as _sync
 
 __all__ = [
-    "SamplingOptions",
     "sample_seed",
     "SampleNoise",
     "Rollout",
@@ -74,77 +72,7 @@ __all__ = [
     "SampleResult",
     "sample",
     "peak_memory",
-    "SWITCH_CACHE_MODES",
-    "check_storyboard",
 ]
-
-# What happens to the cached history at a prompt switch (Rollout.set_context).
-SWITCH_CACHE_MODES = ("keep", "recache")
-
-
-# ----------------------------------------------------------------------------- options
-
-
-_KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class SamplingOptions:
-    """How a rollout samples: the resolved runtime form of the sampling keys of config.DiffusionConfig
-    and config.AttentionConfig. Defaults are DiffusionConfig's (the paper's: 32 Euler steps, shift 5, CFG 5)."""
-
-    steps: int = DiffusionConfig.sample_steps
-    shift: float = DiffusionConfig.sample_shift
-    cfg_scale: float = DiffusionConfig.cfg_scale
-    context_t: float = DiffusionConfig.context_t
-    routing: Optional[RoutingSpec] = None  # None or mode dense = dense attention over all history
-    routing_layers: Optional[list[int]] = None  # blocks that route (None = all)
-    backend: str = "sdpa"  # a RESOLVED backend name (attention.backends.resolve_backend)
-    record_selection: bool = False
-    # Bounded memory: at most this many finished chunks' K/V stay on the device, older ones go to
-    # host memory (cache.TieredKVCache; outputs bit-identical). None = all resident.
-    kv_resident_chunks: Optional[int] = None
-    # dtype of the host tier ("bf16" | "fp16" | "fp32"; None = the model's): smaller is lossy.
-    kv_host_dtype: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps={self.steps!r}: need an int >= 1 (the paper uses 32)")
-        if not (self.shift > 0 and math.isfinite(self.shift)):
-            raise ValueError(f"shift={self.shift!r}: must be a finite number > 0 (the paper uses 5.0)")
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale={self.cfg_scale!r}: must be finite (1.0 switches guidance off)")
-        if not 0.0 <= self.context_t < 1.0:
-            raise ValueError(f"context_t={self.context_t!r}: must be in [0, 1) (0 = write clean chunks)")
-        r = self.kv_resident_chunks
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise ValueError(f"kv_resident_chunks={r!r}: need an int >= 1 (None keeps the whole cache on the device)")
-        if self.kv_host_dtype is not None and self.kv_host_dtype not in _KV_DTYPES:
-            raise ValueError(f"kv_host_dtype={self.kv_host_dtype!r}: choose one of {', '.join(_KV_DTYPES)}")
-        if self.kv_host_dtype is not None and self.kv_resident_chunks is None:
-            raise ValueError("kv_host_dtype needs kv_resident_chunks (it is the dtype of the host tier)")
-        if self.routing is not None and not isinstance(self.routing, RoutingSpec):
-            raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
-
-    @property
-    def uses_routing(self) -> bool:
-        return self.routing is not None and not self.routing.is_dense
-
-    @classmethod
-    def from_config(cls, cfg, device="cpu", **overrides) -> "SamplingOptions":
-        """Options from a resolved `Config` (diffusion.* sampling keys, attention.*), then overrides."""
-        d, a = cfg.diffusion, cfg.attention
-        values = dict(steps=d.sample_steps, shift=d.sample_shift, cfg_scale=d.cfg_scale, context_t=d.context_t,
-                      routing=routing_spec(a.routing), routing_layers=a.routing.layers,
-                      backend=resolve_backend(a.backend, device), record_selection=a.routing.record)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["routing"] = (dataclasses.asdict(self.routing) if self.routing is not None
-                          else {"mode": "dense", "top_k": None, "sink_chunks": 0, "window_chunks": 0})
-        return out
 
 
 # ----------------------------------------------------------------------------- noise
@@ -232,7 +160,7 @@ class Rollout:
         self.cache = KVCache.for_model(model, ctx.shape[0], self.latent_hw, self.device, self.dtype,
                                        capacity=max(1, int(capacity)),
                                        resident_chunks=self.options.kv_resident_chunks,
-                                       host_dtype=_KV_DTYPES.get(self.options.kv_host_dtype))
+                                       host_dtype=KV_HOST_DTYPES.get(self.options.kv_host_dtype))
         with torch.no_grad():
             self.cache.text_kv = model.text_kv(ctx.to(self.device))
         # t grid as host floats: no device reads while sampling.
@@ -306,7 +234,7 @@ class Rollout:
         ct = self.options.context_t
         x = latents.float()
         if ct > 0:
-            x = (1.0 - ct) * x + ct * self.noise(self.chunk_shape, x.device)
+            x = add_noise(x, self.noise(self.chunk_shape, x.device), x.new_full((x.shape[0],), ct))
         else:
             x = x.clone()  # kept for recache: must not alias the caller's tensor
         self.model(self._batched(x), self._t(ct), text_kv=self.cache.text_kv, attn=self._commit_op,
@@ -496,16 +424,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
         raise ValueError(f"num_chunks={num_chunks!r}: need an int >= 1")
     if switch_cache not in SWITCH_CACHE_MODES:
         raise ValueError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
-    switches: dict[int, torch.Tensor] = {}
-    if storyboard is not None:
-        board = check_storyboard(storyboard, num_chunks)
-        if board[0][0] == 0:
-            if context is not None:
-                raise ValueError("give the initial context as `context` or as a storyboard entry at chunk 0, not both")
-            context = board.pop(0)[1]
-        switches = dict(board)
-    if context is None:
-        raise ValueError("no context: pass `context` or a storyboard entry at chunk 0")
+    context, switches = split_storyboard(storyboard, context, num_chunks)
     options = options or SamplingOptions()
     device = next(model.parameters()).device
     cf = model.cfg.chunk_frames

@@ -14,7 +14,11 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["PipelineError", "check_storyboard", "parse_storyboard", "video_paths"]
+__all__ = ["PipelineError", "SWITCH_CACHE_MODES", "check_storyboard", "parse_storyboard", "split_storyboard",
+           "resolve_prompts", "storyboard_record", "video_paths"]
+
+# What happens to the cached history at a prompt switch (sampler.Rollout.set_context).
+SWITCH_CACHE_MODES = ("keep", "recache")
 
 
 class PipelineError(ValueError):
@@ -105,6 +109,64 @@ def parse_storyboard(spec: Union[str, Path, Sequence, dict]) -> list[tuple[int, 
                 any(not isinstance(t, str) or not t.strip() for t in texts):
             raise PipelineError(f"{src}: the prompt at chunk {c} must be a non-empty string (or a list of them)")
     return board
+
+
+def split_storyboard(storyboard, context, num_chunks: int) -> tuple[Any, dict[int, Any]]:
+    """A checked storyboard of (generated chunk, payload) -> (initial payload, {chunk: payload} of the
+    switches). An entry at chunk 0 is the initial payload (then `context` must be None); otherwise
+    `context` is. ValueError (one line) for a bad storyboard or a missing / doubled initial one."""
+    switches: dict[int, Any] = {}
+    if storyboard is not None:
+        board = check_storyboard(storyboard, num_chunks)
+        if board[0][0] == 0:
+            if context is not None:
+                raise ValueError("give the initial context as `context` or as a storyboard entry at chunk 0, not both")
+            context = board.pop(0)[1]
+        switches = dict(board)
+    if context is None:
+        raise ValueError("no context: pass `context` or a storyboard entry at chunk 0")
+    return context, switches
+
+
+def resolve_prompts(prompts: Union[str, Sequence[str], None], storyboard,
+                    num_chunks: int) -> tuple[list[str], Optional[list[tuple[int, Any]]]]:
+    """The prompts of a rollout and its storyboard (anything parse_storyboard takes, or None) ->
+    (prompts, one per sample; the board with list prompts of the batch size, or None).
+    `prompts` may be omitted when the storyboard has an entry at chunk 0 (its prompt is the
+    initial one). PipelineError (one line) for contradictions and batch-size mismatches."""
+    board = parse_storyboard(storyboard) if storyboard is not None else None
+    if board is not None:
+        try:
+            check_storyboard(board, num_chunks)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+    if prompts is None:
+        if board is None or board[0][0] != 0:
+            raise PipelineError("no prompts given (pass prompts, or a storyboard with an entry at chunk 0)")
+        first = board[0][1]
+        prompts = [first] if isinstance(first, str) else list(first)
+    else:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if board is not None and board[0][0] == 0:
+            raise PipelineError("the storyboard has an entry at chunk 0 and prompts were given too; give one of them")
+    if not prompts:
+        raise PipelineError("no prompts given")
+    bsz = len(prompts)
+    if board is not None:
+        board = [(c, p if isinstance(p, str) else list(p)) for c, p in board]
+        for c, p in board:
+            if isinstance(p, list) and len(p) != bsz:
+                raise PipelineError(f"storyboard chunk {c}: {len(p)} prompts for a batch of {bsz}")
+    return prompts, board
+
+
+def storyboard_record(prompts: list[str], board: Optional[list[tuple[int, Any]]]) -> Optional[list[dict]]:
+    """What a result records of its storyboard: [{"chunk": g, "prompt": ...}] from chunk 0 on (the
+    initial prompts first when the board has no entry at 0); None without a storyboard."""
+    if board is None:
+        return None
+    head = [] if board[0][0] == 0 else [dict(chunk=0, prompt=prompts[0] if len(prompts) == 1 else prompts)]
+    return head + [dict(chunk=c, prompt=p) for c, p in board]
 
 
 def _slug(text: str, n: int = 40) -> str:

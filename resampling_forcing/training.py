@@ -36,7 +36,7 @@ from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
-                         latest_good_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint)
+                         latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint, save_checkpoint)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
 from .diffusion import add_noise, sample_logit_normal, velocity_target
@@ -178,7 +178,7 @@ class Trainer:
         if resume is None and cfg.train.init_from:
             src = cfg.train.init_from
             with contextlib.suppress(CheckpointError):
-                src = str(resolve_checkpoint(src))
+                src = str(resolve_trainer_checkpoint(src))
             load_state_into(model, read_state_dict(src), source=src)
             logger.info("initialised the model from %s", src)
         model.train()
@@ -206,7 +206,7 @@ class Trainer:
 
     def _find_resume(self) -> Optional[Path]:
         if self.cfg.train.resume_from:
-            ckpt = resolve_checkpoint(self.cfg.train.resume_from)
+            ckpt = resolve_trainer_checkpoint(self.cfg.train.resume_from)
             problem = checkpoint_problem(ckpt)
             if problem:
                 raise CheckpointError(f"train.resume_from={ckpt} is damaged ({problem}); pass an earlier checkpoint")

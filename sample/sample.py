@@ -21,26 +21,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-class BadInput(Exception):
-    """A user error: one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        raise BadInput(f"{message} (see --help)")
+from resampling_forcing.cli import BadInput, OneLineParser, run_cli  # noqa: E402 (torch-free)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan2.1 checkpoint")
     p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (needed for raw Wan checkpoints)")
@@ -146,7 +139,7 @@ def read_prompts(args) -> list[str]:
 
 def output_paths(output: str, prompts: list[str]) -> list[Path]:
     """out.mp4 for one prompt; out_000_<slug>.mp4 ... for several; DIR/000_<slug>.mp4 for a directory
-    (an existing one, or a path ending with / or without a suffix): pipeline.video_paths."""
+    (an existing one, or a path ending with / or without a suffix): storyboard.video_paths."""
     from resampling_forcing.storyboard import PipelineError, video_paths
 
     try:
@@ -173,34 +166,18 @@ def check_writable(paths: list[Path]) -> None:
 
 
 def check_args(args) -> None:
+    """What only the CLI knows (counts, files, flag combinations); the sampling values are checked by
+    SamplingOptions.from_config (sampling_options)."""
     if args.num_chunks < 1:
         raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
-    if args.top_k is not None and args.top_k < 1:
-        raise BadInput(f"--top-k must be >= 1 (got {args.top_k}); omit it for dense attention")
-    for name in ("sink", "window"):
-        v = getattr(args, name)
-        if v is not None and v < 0:
-            raise BadInput(f"--{name} must be >= 0 (got {v})")
     if args.routing == "dense" and (args.top_k is not None):
         raise BadInput("--routing dense contradicts --top-k")
-    if args.steps is not None and args.steps < 1:
-        raise BadInput(f"--steps must be >= 1 (got {args.steps})")
-    if args.shift is not None and not args.shift > 0:
-        raise BadInput(f"--shift must be > 0 (got {args.shift})")
-    if args.cfg is not None and not (args.cfg == args.cfg and abs(args.cfg) != float("inf")):
-        raise BadInput(f"--cfg must be a finite number (got {args.cfg})")
-    if args.context_t is not None and not 0 <= args.context_t < 1:
-        raise BadInput(f"--context-t must be in [0, 1) (got {args.context_t})")
     if args.fps is not None and not args.fps > 0:
         raise BadInput(f"--fps must be > 0 (got {args.fps})")
     if args.batch < 1:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
     if args.seed < 0:
         raise BadInput(f"--seed must be >= 0 (got {args.seed})")
-    if args.kv_resident_chunks is not None and args.kv_resident_chunks < 1:
-        raise BadInput(f"--kv-resident-chunks must be >= 1 (got {args.kv_resident_chunks}); omit it to keep all on the device")
-    if args.kv_host_dtype is not None and args.kv_resident_chunks is None:
-        raise BadInput("--kv-host-dtype needs --kv-resident-chunks N (it is the dtype of the host tier)")
     if args.max_history_chunks < 1:
         raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
     if args.init_video is not None and not Path(args.init_video).is_file():
@@ -209,6 +186,31 @@ def check_args(args) -> None:
         raise BadInput("give --init-video or --init-image, not both")
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise BadInput(f"--init-image {args.init_image}: no such file")
+
+
+# SamplingOptions.from_config's names -> the flags that set them (its errors are reworded with these).
+_FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks": "--sink",
+          "attention.routing.window_chunks": "--window", "steps": "--steps", "shift": "--shift",
+          "cfg_scale": "--cfg", "context_t": "--context-t", "kv_resident_chunks": "--kv-resident-chunks",
+          "kv_host_dtype": "--kv-host-dtype"}
+# a name at the start of the message, or after "needs"
+_FLAG_RE = re.compile(r"(?:^|(?<=needs ))(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True))
+                      + r")(?![\w])")
+
+
+def sampling_options(cfg, device, args):
+    """The flags -> SamplingOptions over `cfg` (SamplingOptions.from_config: the one build and
+    validation of the options); a bad value -> BadInput naming the flag."""
+    from resampling_forcing.options import SamplingOptions
+
+    try:
+        return SamplingOptions.from_config(
+            cfg, device, routing=args.routing, top_k=args.top_k, sink=args.sink, window=args.window,
+            steps=args.steps, shift=args.shift, cfg_scale=args.cfg, context_t=args.context_t,
+            record_selection=True if args.record_selection else None,
+            kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype)
+    except (ValueError, TypeError) as e:
+        raise BadInput(_FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], str(e).strip().splitlines()[0])) from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -223,13 +225,14 @@ def run(args) -> int:
 
     import torch
 
-    from resampling_forcing.config import ConfigError
+    from resampling_forcing.config import Config, ConfigError
     from resampling_forcing.encoders import EncoderLoadError
     from resampling_forcing.io import clean_stale_temps, is_no_space
     from resampling_forcing.models.loading import CheckpointError
     from resampling_forcing.pipeline import (Pipeline, PipelineError, PipelineOutput, read_image, resolve_config,
                                              resolve_device)
 
+    sampling_options(Config(), "cpu", args)  # the flags' own values, before any file is read
     input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
     t_load = time.perf_counter()
     try:
@@ -240,16 +243,13 @@ def run(args) -> int:
                 raise BadInput(str(e)) from None
         overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
                                             if args.attention_backend is not None else [])
-        check_memory(resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema),
-                     resolve_device(args.device), args, len(prompts))
+        device = resolve_device(args.device)
+        cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
+        opts = sampling_options(cfg, device, args)  # the options of every rollout below
+        check_memory(cfg, device, args, len(prompts), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
-                                        device=args.device, dtype=args.dtype, use_ema=not args.no_ema,
+                                        device=device, dtype=args.dtype, use_ema=not args.no_ema,
                                         attention_backend=args.attention_backend)
-        opts = pipe.sampling_options(steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
-                                     context_t=args.context_t, routing=args.routing, top_k=args.top_k,
-                                     sink=args.sink, window=args.window,
-                                     record_selection=True if args.record_selection else None,
-                                     kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype)
         history, init_info = (None, None)
         if args.init_video is not None:
             history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
@@ -274,11 +274,7 @@ def run(args) -> int:
         idx = list(range(start, min(start + args.batch, len(prompts))))
         batch_prompts = [prompts[i] for i in idx]
         res = pipe.generate(batch_prompts, args.num_chunks, negative_prompt=neg, seed=args.seed, indices=idx,
-                            steps=opts.steps, shift=opts.shift, cfg_scale=opts.cfg_scale, context_t=opts.context_t,
-                            routing=opts.routing if opts.routing is not None else "dense",
-                            record_selection=opts.record_selection, kv_resident_chunks=opts.kv_resident_chunks,
-                            kv_host_dtype=opts.kv_host_dtype,
-                            init_latents=history, progress=not args.quiet,
+                            options=opts, init_latents=history, progress=not args.quiet,
                             storyboard=switches, switch_cache=args.switch_cache)
         out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
                              pipeline=pipe.describe())
@@ -310,24 +306,22 @@ def run(args) -> int:
     return 0
 
 
-def check_memory(cfg, device, args, num_prompts: int) -> None:
+def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     """Refuse, before loading anything, a rollout whose memory lower bound exceeds what is free; note
-    the estimate when a CPU rollout will take long."""
+    the estimate when a CPU rollout will take long. `opts`: the SamplingOptions of the rollouts."""
     from resampling_forcing.memory import check_fits, gib, sample_flops, sample_memory
 
     d = cfg.data
     batch = min(args.batch, num_prompts)
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
-    steps = args.steps if args.steps is not None else cfg.diffusion.sample_steps
-    cfg_scale = args.cfg if args.cfg is not None else cfg.diffusion.cfg_scale
-    need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, cfg_scale,
-                         args.kv_resident_chunks, None if args.kv_host_dtype is None else
-                         (4 if args.kv_host_dtype == "fp32" else 2))
+    need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, opts.cfg_scale,
+                         opts.kv_resident_chunks, None if opts.kv_host_dtype is None else
+                         (4 if opts.kv_host_dtype == "fp32" else 2))
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
     if msg:
         raise BadInput(msg)
-    flops = sample_flops(cfg, args.num_chunks, batch, steps, cfg_scale, history)
+    flops = sample_flops(cfg, args.num_chunks, batch, opts.steps, opts.cfg_scale, history)
     if device.type == "cpu" and flops > 2e13 and not args.quiet:
         print(f"note: {what} is about {flops / 1e12:.0f} TFLOP and needs at least "
               f"{gib(need['device'] + need['host'])}: on a CPU (~0.1-1 TFLOP/s) this takes "
@@ -335,12 +329,7 @@ def check_memory(cfg, device, args, num_prompts: int) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import torch
 
 from resampling_forcing.attention.routing import RoutingSpec
 from resampling_forcing.cache import KVCache, TieredKVCache
-from resampling_forcing.sampler import Rollout, SamplingOptions, sample
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import Rollout, sample
 from helpers import load_sample_cli, tiny_model
 from train_helpers import REPO
 

@@ -16,7 +16,8 @@ from resampling_forcing.encoders import PixelShuffleVAE, VideoCodec
 from resampling_forcing.io import read_mp4, write_mp4
 from resampling_forcing.models.wan import CausalWanModel
 from resampling_forcing.pipeline import Pipeline, PipelineError, prepare_init_video, resolve_checkpoint
-from resampling_forcing.sampler import SamplingOptions, sample
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import sample
 
 from helpers import load_sample_cli, save_checkpoint_for_tests, tiny_run_config as tiny_config
 
@@ -89,6 +90,13 @@ def test_sampling_options_routing_flags(run_dir):
     assert pipe.sampling_options(routing="dense", window=1).routing is None
     with pytest.raises(PipelineError):
         pipe.sampling_options(top_k=0)
+    # options built once and passed down == the same settings as generate() arguments
+    o = pipe.sampling_options(steps=2, top_k=1, sink=1)
+    a = pipe.generate("x", 3, options=o, seed=1)
+    b = pipe.generate("x", 3, steps=2, top_k=1, sink=1, seed=1)
+    assert torch.equal(a.latents, b.latents) and a.options == b.options
+    with pytest.raises(PipelineError, match="not both"):
+        pipe.generate("x", 1, options=o, steps=2)
 
 
 def test_raw_wan_checkpoint_with_config(tmp_path):

@@ -15,7 +15,8 @@ from resampling_forcing.attention.masks import MaskSpec
 from resampling_forcing.attention.ops import MaskedAttention
 from resampling_forcing.attention.routing import RoutingSpec
 from resampling_forcing.encoders import PixelShuffleVAE
-from resampling_forcing.sampler import Rollout, SamplingOptions, sample, sample_seed
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import Rollout, sample, sample_seed
 from helpers import tiny_model
 
 H, W = 2, 14  # latent size: 1 x 7 tokens per frame with patch 2

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from resampling_forcing.sampler import Rollout, SamplingOptions, check_storyboard, sample
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import Rollout, sample
+from resampling_forcing.storyboard import check_storyboard
 from helpers import tiny_model
 
 H, W = 2, 14
@@ -232,7 +234,7 @@ def _image(h, w, seed=0):
 
 
 def test_init_image_first_frame_is_the_image(pipe, tmp_path):
-    from resampling_forcing.pipeline import _resize_crop
+    from resampling_forcing.data.video import resize_center_crop
 
     h, w = pipe.config.data.height, pipe.config.data.width
     for shape in ((h, w), (3 * h // 2, 2 * w + 6)):  # same size; larger and wider: resize + centre crop
@@ -243,7 +245,7 @@ def test_init_image_first_frame_is_the_image(pipe, tmp_path):
         assert res.history_chunks == 1 and res.history_frames == pipe.frames_for_chunks(1)
         assert res.latents.shape[2] == 3 * cf and res.video.shape[1] == pipe.frames_for_chunks(3)
         assert res.init_video["kind"] == "image" and res.init_video["image_size"] == list(shape)
-        want = _resize_crop(torch.from_numpy(img).permute(2, 0, 1)[:, None].float() / 127.5 - 1, h, w)
+        want = resize_center_crop(torch.from_numpy(img).permute(2, 0, 1)[:, None].float() / 127.5 - 1, h, w)
         # the VAE's own reconstruction error of that frame (uint8 rounding on top)
         lat = pipe.vae.encode(want[None].expand(-1, -1, pipe.frames_for_chunks(1), -1, -1))
         recon = pipe.vae.decode(lat)[0, :, 0]
@@ -379,8 +381,8 @@ def test_init_image_wan_vae_first_latent_is_the_causal_image_frame(tmp_path):
     lat, info = p.load_init_image(img)
     assert lat.shape == (1, 4, 3, 2, 2) and info["frames_repeated"] == 1 + 4 * 2
     x = torch.from_numpy(img).permute(2, 0, 1).float()[:, None] / 127.5 - 1
-    from resampling_forcing.pipeline import _resize_crop
+    from resampling_forcing.data.video import resize_center_crop
 
-    alone = vae.encode(_resize_crop(x, 16, 16)[None]).float()  # one frame -> one latent frame
+    alone = vae.encode(resize_center_crop(x, 16, 16)[None]).float()  # one frame -> one latent frame
     assert alone.shape[2] == 1
     torch.testing.assert_close(lat[:, :, :1], alone, rtol=1e-4, atol=1e-5)

@@ -26,24 +26,9 @@ from resampling_forcing.data.latents import precompute  # noqa: E402
 from resampling_forcing.data.video import VideoClipDataset  # noqa: E402
 from resampling_forcing.encoders import build_text_encoder, build_vae  # noqa: E402
 from resampling_forcing.io import is_no_space, probe_writable_dir  # noqa: E402
+from resampling_forcing.pipeline import resolve_device  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_device(name: str) -> str:
-    """The --device string, checked before any work (an unknown name, CUDA that is not there)."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name}: not a device; use cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported")
-    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out_existed = None
     try:
-        check_device(args.device)
+        resolve_device(args.device, what="--device", kinds=("cpu", "cuda"))
         if args.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1 (got {args.shard_size})")
         cfg = load_config(args.config, args.overrides, require_encoder_paths=True)

@@ -312,9 +312,14 @@ def frame_indices(start: int, num_frames: int, num_src: int, src_fps: float, fps
     return [min(int(math.floor((start + k) * src_fps / fps + 1e-6)), num_src - 1) for k in range(num_frames)]
 
 
-def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 ``[F, H, W, 3]`` -> float32 ``[3, F, height, width]`` in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [F,3,H,W]
+def resize_center_crop(frames, height: int, width: int) -> torch.Tensor:
+    """Frames -> float32 ``[3, F, height, width]`` in [-1, 1]: scale to cover (aspect kept; bilinear,
+    antialiased when shrinking), then centre crop. ``frames``: uint8 ``[F, H, W, 3]`` (array or
+    tensor; normalised after resizing) or float ``[3, F, H, W]`` in [-1, 1]. The one resize of the
+    training clips and of the sampler's init videos / images (pipeline.inputs)."""
+    x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+    is_uint8 = x.dtype == torch.uint8
+    x = x.permute(0, 3, 1, 2).float() if is_uint8 else x.permute(1, 0, 2, 3)  # [F, 3, H, W]
     _, _, h, w = x.shape
     scale = max(height / h, width / w)
     nh, nw = max(height, int(round(h * scale))), max(width, int(round(w * scale)))
@@ -322,8 +327,9 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
     top, left = (nh - height) // 2, (nw - width) // 2
     x = x[:, :, top : top + height, left : left + width]
-    x = (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
-    return x.permute(1, 0, 2, 3).contiguous()
+    if is_uint8:
+        x = x / 127.5 - 1.0
+    return x.clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,332 @@
+"""Generation: `Pipeline`, a ready-to-sample bundle of model + VAE + text encoder + config.
+
+    pipe = Pipeline.from_pretrained("runs/tiny")             # RUN dir: its latest checkpoint
+    pipe = Pipeline.from_pretrained("runs/tiny/checkpoints/step_0001000")
+    pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", config="configs/wan.yaml")  # raw Wan
+    out = pipe.generate(["a red circle moves left"], num_chunks=8, seed=0, top_k=5)
+    out.video      # uint8 [B, frames, H, W, 3]; out.timings; out.selection (record_selection=True)
+    opts = pipe.sampling_options(steps=8, top_k=5)                      # built once, reused
+    out = pipe.generate("a red ball", 8, options=opts)
+    out = pipe.generate(None, 12, storyboard=[(0, "a red ball"), (6, "a blue ball")])  # prompt switch
+    out = pipe.generate("a red ball", 4, init_image="first.png")         # image-to-video
+    res = pipe("a red ball", num_frames=24, num_inference_steps=12, guidance_scale=2.0)  # diffusers-style
+    res.frames; res.save("out.mp4")                                      # mp4 + JSON
+    pipe = Pipeline.from_pretrained("org/name")  # a Hub id: its snapshot in the local HF cache (offline)
+
+What is loaded: pipeline.loading. Init videos / images: pipeline.inputs. Outputs: pipeline.output.
+Sampling options: options.SamplingOptions.from_config (the config's sampling keys + the call's overrides).
+
+Consistency checks (PipelineError, one line): VAE latent channels == model in_channels, text
+encoder dim == model text_dim, pixel size divisible by the VAE and latent size by the patch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..attention.backends import resolve_backend
+from ..attention.spec import RoutingSpec
+from ..config import Config
+from ..models.wan import CausalWanModel
+from ..options import SamplingOptions
+from ..sampler import SampleResult, sample
+from ..storyboard import SWITCH_CACHE_MODES, PipelineError, resolve_prompts, storyboard_record
+from .inputs import image_clip, video_clip
+from .loading import load_pretrained
+from .output import PipelineOutput
+
+__all__ = ["Pipeline"]
+
+# generate()'s arguments that are SamplingOptions overrides (an `options=` object replaces them).
+_OPTION_ARGS = ("steps", "shift", "cfg_scale", "context_t", "routing", "top_k", "sink", "window",
+                "record_selection", "kv_resident_chunks", "kv_host_dtype")
+
+
+@dataclass
+class Pipeline:
+    model: CausalWanModel
+    vae: Any
+    text_encoder: Any
+    config: Config
+    device: torch.device
+    dtype: torch.dtype
+    source: dict = field(default_factory=dict)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
+                        overrides: Sequence[str] = (), device: Union[str, torch.device, None] = "cpu",
+                        dtype: Union[str, torch.dtype] = "fp32", use_ema: bool = True,
+                        attention_backend: Optional[str] = None) -> "Pipeline":
+        """Load a run dir / checkpoint dir / raw Wan checkpoint and its encoders (pipeline.loading).
+        Errors about the input raise PipelineError (or ConfigError / CheckpointError /
+        EncoderLoadError, all ValueErrors) with one-line messages."""
+        pipe = cls(*load_pretrained(path, config=config, overrides=overrides, device=device, dtype=dtype,
+                                    use_ema=use_ema, attention_backend=attention_backend))
+        pipe._check_consistency()
+        return pipe
+
+    def _check_consistency(self) -> None:
+        m, d = self.model.cfg, self.config.data
+        if self.vae.latent_channels != m.in_channels:
+            raise PipelineError(
+                f"mismatched checkpoint: the VAE ({self.config.encoders.vae}) has {self.vae.latent_channels} latent "
+                f"channels but the model takes {m.in_channels}; fix encoders.* in the config")
+        tdim = getattr(self.text_encoder, "dim", None)
+        if tdim is not None and tdim != m.text_dim:
+            raise PipelineError(
+                f"mismatched checkpoint: the text encoder ({self.config.encoders.text}) gives {tdim}-dim "
+                f"embeddings but the model takes text_dim={m.text_dim}; fix encoders.text / text_dim")
+        s = self.vae.spatial_factor
+        _, ph, pw = m.patch_size
+        if d.height % s or d.width % s or (d.height // s) % ph or (d.width // s) % pw:
+            raise PipelineError(f"data.height x width = {d.height}x{d.width} must be a multiple of "
+                                f"VAE factor {s} x patch {ph}x{pw}")
+
+    # -- geometry ---------------------------------------------------------------------------
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        s = self.vae.spatial_factor
+        return self.config.data.height // s, self.config.data.width // s
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.model.cfg.chunk_frames
+
+    @property
+    def backend(self) -> str:
+        return self.source.get("attention_backend") or resolve_backend(self.config.attention.backend, self.device)
+
+    def frames_for_chunks(self, num_chunks: int) -> int:
+        return self.vae.frames_for_latents(num_chunks * self.chunk_frames)
+
+    def chunks_for_frames(self, num_frames: int, history_chunks: int = 0) -> int:
+        """Generated chunks whose video (after `history_chunks` of history) has exactly `num_frames`
+        frames in all; PipelineError naming the nearest valid counts when it does not fit."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+            raise PipelineError(f"num_frames={num_frames!r}: need an int >= 1")
+        n = history_chunks + 1
+        while self.frames_for_chunks(n) < num_frames:
+            n += 1
+        if self.frames_for_chunks(n) == num_frames:
+            return n - history_chunks
+        lo = self.frames_for_chunks(n - 1) if n - 1 > history_chunks else None
+        hist = f" after {history_chunks} history chunks" if history_chunks else ""
+        near = " or ".join(str(f) for f in (lo, self.frames_for_chunks(n)) if f is not None)
+        raise PipelineError(f"num_frames={num_frames} is not a whole number of chunks{hist} (a chunk is "
+                            f"{self.chunk_frames} latent frames); use {near}")
+
+    def _geometry(self, height: Optional[int], width: Optional[int]) -> tuple[int, int, tuple[int, int]]:
+        """(height, width, latent_hw): the config's resolution unless given; checked against the
+        VAE factor and the patch."""
+        d = self.config.data
+        hh, ww = (d.height if height is None else height), (d.width if width is None else width)
+        s = self.vae.spatial_factor
+        _, ph, pw = self.model.cfg.patch_size
+        for name, v, pp in (("height", hh, ph), ("width", ww, pw)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v % (s * pp):
+                raise PipelineError(f"{name}={v!r}: must be a positive multiple of {s * pp} "
+                                    f"(VAE factor {s} x patch {pp})")
+        return int(hh), int(ww), (int(hh) // s, int(ww) // s)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Union[str, Sequence[str]]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.text_encoder.encode(prompts).to(self.device)
+
+    def sampling_options(self, *, routing: Union[RoutingSpec, str, None] = None, top_k: Optional[int] = None,
+                         sink: Optional[int] = None, window: Optional[int] = None, **overrides) -> SamplingOptions:
+        """The config's sampling settings with this call's overrides (SamplingOptions.from_config;
+        None = the config's): steps, shift, cfg_scale, context_t, record_selection,
+        kv_resident_chunks, kv_host_dtype, and routing: `routing` (a RoutingSpec, or a mode name
+        'dense' | 'topk' | 'window'); `top_k` alone switches to topk; `window`/`sink` alone switch a
+        dense config to the sliding-window baseline (topk configs keep topk and get sink/window)."""
+        try:
+            return SamplingOptions.from_config(self.config, self.device, routing=routing, top_k=top_k, sink=sink,
+                                               window=window, backend=self.backend, **overrides)
+        except (ValueError, TypeError) as e:
+            raise PipelineError(str(e)) from None
+
+    def load_init_image(self, image, height: Optional[int] = None,
+                        width: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+        """A still image (path, or uint8 [H, W, 3] / float [3, H, W] in [-1, 1]) -> (latents
+        [1, C, cf, h, w], info): the first chunk's history (pipeline.inputs.image_clip)."""
+        hh, ww, _ = self._geometry(height, width)
+        clip, info = image_clip(image, self.vae, hh, ww, self.chunk_frames)
+        return self._encode(clip), info
+
+    def load_init_video(self, video, max_chunks: Optional[int] = None,
+                        resample_fps: bool = True, height: Optional[int] = None,
+                        width: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+        """A path (mp4 etc.) or frames -> (latents [1, C, n*cf, h, w], info): a file is resampled to
+        the model's frame rate (config data.fps) unless resample_fps=False; at most `max_chunks`
+        chunks from the END of the video are kept (pipeline.inputs.video_clip)."""
+        hh, ww, _ = self._geometry(height, width)
+        clip, info = video_clip(video, self.vae, hh, ww, self.chunk_frames, self.config.data.fps,
+                                max_chunks=max_chunks, resample_fps=resample_fps)
+        return self._encode(clip), info
+
+    @torch.no_grad()
+    def _encode(self, clip: torch.Tensor) -> torch.Tensor:
+        """Pixel clip [1, 3, F, H, W] in [-1, 1] -> latents [1, C, f, h, w] fp32."""
+        return self.vae.encode(clip.to(self.vae.device)).float()
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(self, prompts: Union[str, Sequence[str], None] = None, num_chunks: Optional[int] = None, *,
+                 negative_prompt: Union[str, Sequence[str], None] = None,
+                 seed: int = 0, indices: Optional[Sequence[int]] = None, steps: Optional[int] = None,
+                 shift: Optional[float] = None, cfg_scale: Optional[float] = None, context_t: Optional[float] = None,
+                 routing: Union[RoutingSpec, str, None] = None, top_k: Optional[int] = None,
+                 sink: Optional[int] = None, window: Optional[int] = None, record_selection: Optional[bool] = None,
+                 init_video=None, init_latents: Optional[torch.Tensor] = None, init_image=None,
+                 storyboard=None, switch_cache: str = "keep", height: Optional[int] = None,
+                 width: Optional[int] = None, max_history_chunks: Optional[int] = None,
+                 kv_resident_chunks: Optional[int] = None, kv_host_dtype: Optional[str] = None,
+                 options: Optional[SamplingOptions] = None,
+                 callback: Optional[Callable] = None, progress: bool = False, decode: bool = True) -> SampleResult:
+        """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
+
+        Sampling settings default to the config's `diffusion` / `attention.routing` sections, with
+        the sampling arguments (steps ... kv_host_dtype) as overrides (`sampling_options`); or pass a
+        ready SamplingOptions as `options` (then none of those arguments).
+        negative_prompt: one string for all prompts, or a list with one per prompt.
+        init_video: a path or frames to continue (see prepare_init_video); init_image: a still image
+        (path or array) as the first chunk's history (see load_init_image); or init_latents
+        [1 or B, C, n*cf, h, w] directly. The result's video holds the VAE reconstruction of the
+        given history followed by the new frames (`result.history_frames` of them are history).
+        `result.init_video` (dict) describes the trimming. Seeds: sample b uses (seed, indices[b]).
+        storyboard: prompt switching, a list of (chunk index, prompt) (or anything parse_storyboard
+        takes); indices count generated chunks (0 = the first after the history); a prompt is a
+        string for every sample or a list with one per sample. `prompts` may then be omitted (the
+        entry at chunk 0 is the initial prompt) or give the initial prompts (no entry at 0).
+        switch_cache: "keep" (cached history K/V stay as written) or "recache" (re-written under
+        the new text), see Rollout.set_context. height/width: default the config's resolution.
+        kv_resident_chunks: bounded memory, at most that many finished chunks' K/V on the device, the
+        rest in host memory (cache.TieredKVCache; the same output bit for bit). None = all resident.
+        kv_host_dtype: "bf16" | "fp16" | "fp32" for the host tier (smaller than the model's: lossy).
+        """
+        if switch_cache not in SWITCH_CACHE_MODES:
+            raise PipelineError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
+            raise PipelineError(f"num_chunks={num_chunks!r}: need an int >= 1")
+        num_chunks = int(num_chunks)
+        prompts, board = resolve_prompts(prompts, storyboard, num_chunks)
+        bsz = len(prompts)
+        overrides = dict(steps=steps, shift=shift, cfg_scale=cfg_scale, context_t=context_t, routing=routing,
+                         top_k=top_k, sink=sink, window=window, record_selection=record_selection,
+                         kv_resident_chunks=kv_resident_chunks, kv_host_dtype=kv_host_dtype)
+        if options is None:
+            opts = self.sampling_options(**overrides)
+        elif any(v is not None for v in overrides.values()):
+            given = ", ".join(k for k, v in overrides.items() if v is not None)
+            raise PipelineError(f"pass options= or the sampling arguments ({given}), not both")
+        else:
+            opts = options
+        hh, ww, latent_hw = self._geometry(height, width)
+        neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
+        if not isinstance(neg_text, str):
+            neg_text = list(neg_text)
+            if len(neg_text) != bsz or any(not isinstance(t, str) for t in neg_text):
+                raise PipelineError(f"negative_prompt: a string or a list of {bsz} strings (one per prompt)")
+        t0 = time.perf_counter()
+        ctx = self.encode_prompts(prompts)
+        neg = None
+        if opts.cfg_scale != 1.0:
+            neg = self.encode_prompts([neg_text] if isinstance(neg_text, str) else neg_text)
+        switches = None
+        if board is not None:
+            switches = [(c, self.encode_prompts([p] * bsz if isinstance(p, str) else p))
+                        for c, p in board if c > 0]
+        text_s = time.perf_counter() - t0
+        init_info = None
+        history = init_latents
+        given = [n for n, v in (("init_video", init_video), ("init_latents", init_latents),
+                                ("init_image", init_image)) if v is not None]
+        if len(given) > 1:
+            raise PipelineError(f"pass one of init_video, init_image, init_latents (got {', '.join(given)})")
+        if init_video is not None:
+            history, init_info = self.load_init_video(init_video, max_chunks=max_history_chunks, height=hh, width=ww)
+        elif init_image is not None:
+            history, init_info = self.load_init_image(init_image, height=hh, width=ww)
+        result = sample(self.model, ctx, num_chunks, latent_hw, neg_context=neg, options=opts, seed=seed,
+                        indices=indices, history=None if history is None else history.to(self.device),
+                        vae=self.vae, decode=decode, callback=callback, progress=progress,
+                        storyboard=switches or None, switch_cache=switch_cache)
+        result.timings["text_encode_s"] = text_s
+        story = storyboard_record(prompts, board)
+        return dataclasses.replace(result, init_video=init_info, prompts=prompts,
+                                   negative_prompt=neg_text if opts.cfg_scale != 1.0 else None,
+                                   storyboard=story, switch_cache=switch_cache if story is not None else None)
+
+    def __call__(self, prompt: Union[str, Sequence[str], None] = None, num_frames: Optional[int] = None, *,
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 negative_prompt: Union[str, Sequence[str], None] = None,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 generator: Union[torch.Generator, int, None] = None, top_k: Optional[int] = None,
+                 callback_on_chunk_end: Optional[Callable] = None, fps: Optional[float] = None,
+                 **kwargs) -> PipelineOutput:
+        """diffusers-style call: `pipe(prompt, num_frames=..., height=..., width=..., negative_prompt=...,
+        num_inference_steps=..., guidance_scale=..., generator=..., top_k=..., callback_on_chunk_end=...)`.
+
+        num_frames counts VIDEO frames of the whole output (a given init image/video's history
+        included: an init video is trimmed and encoded first); it must be a whole number of chunks (PipelineError names the nearest valid
+        counts); None = one chunk. generator: a torch.Generator (the rollout seed is drawn from
+        it, so a generator seeded alike gives the same video) or an int seed; None = seed 0.
+        callback_on_chunk_end(pipe, chunk_index, chunk) is called after every generated chunk
+        (a sampler.ChunkOutput with latents and decoded frames); returning False stops early.
+        Other keyword arguments go to `generate` (storyboard, init_image, init_video, routing, ...),
+        which is the one implementation under both; the sampling options are built once, here. Returns a PipelineOutput (.frames, .save(path)).
+        """
+        if "num_chunks" in kwargs:
+            raise PipelineError("pass num_frames (video frames) to pipe(...); num_chunks is generate()'s argument")
+        if isinstance(generator, torch.Generator):
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        elif generator is None:
+            seed = int(kwargs.pop("seed", 0))
+        else:
+            seed = int(generator)
+        if kwargs.get("options") is None:
+            kwargs["options"] = self.sampling_options(
+                steps=num_inference_steps, cfg_scale=guidance_scale, top_k=top_k,
+                **{k: kwargs.pop(k) for k in _OPTION_ARGS if k in kwargs})
+        elif num_inference_steps is not None or guidance_scale is not None or top_k is not None:
+            raise PipelineError("pass options= or num_inference_steps / guidance_scale / top_k, not both")
+        hist_chunks, video_info = 0, None
+        if kwargs.get("init_video") is not None:  # encoded first: its length sets the history's frames
+            if kwargs.get("init_latents") is not None or kwargs.get("init_image") is not None:
+                raise PipelineError("pass one of init_video, init_image, init_latents")
+            kwargs["init_latents"], video_info = self.load_init_video(
+                kwargs.pop("init_video"), max_chunks=kwargs.pop("max_history_chunks", None), height=height, width=width)
+        if kwargs.get("init_image") is not None:
+            hist_chunks = 1
+        elif kwargs.get("init_latents") is not None:
+            hist_chunks = kwargs["init_latents"].shape[2] // self.chunk_frames
+        n = 1 if num_frames is None else self.chunks_for_frames(num_frames, hist_chunks)
+        callback = None
+        if callback_on_chunk_end is not None:
+            callback = lambda c: callback_on_chunk_end(self, c.generated, c)  # noqa: E731
+        res = self.generate(prompt, n, negative_prompt=negative_prompt, seed=seed, height=height, width=width,
+                            callback=callback, **kwargs)
+        if video_info is not None:
+            res = dataclasses.replace(res, init_video=video_info)
+        return PipelineOutput(frames=res.video, result=res, fps=self.config.data.fps if fps is None else fps,
+                              seed=seed, indices=list(kwargs.get("indices") or range(len(res.prompts))),
+                              pipeline=self.describe())
+
+    def describe(self) -> dict:
+        """Settings worth saving next to a video."""
+        return dict(source=self.source, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+                    model=dataclasses.asdict(self.model.cfg), encoders=dataclasses.asdict(self.config.encoders),
+                    resolution=[self.config.data.height, self.config.data.width], latent_hw=list(self.latent_hw),
+                    chunk_frames=self.chunk_frames)

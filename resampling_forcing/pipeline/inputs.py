@@ -1,0 +1,150 @@
+"""Init videos and images: given frames -> a pixel clip [1, 3, F', H, W] that encodes to whole chunks.
+
+Init videos (`prepare_init_video`): frames are resized to cover the config resolution
+(data.height x data.width, aspect kept, antialiased bilinear) and centre-cropped
+(data.video.resize_center_crop, the same resize as the training clips); then the frame count is
+trimmed to a whole number of chunks IN LATENT SPACE, keeping the END of the video (the
+continuation follows its last frame) and dropping the first frames: with the Wan VAE
+(F = 1 + 4(f - 1)) n chunks of cf latent frames need exactly 1 + 4(n*cf - 1) pixel frames, with
+the pixel-shuffle codec n*cf*temporal_factor. The kept frames are encoded as a clip of their own
+(so its first frame is the VAE's causal first frame, as in training).
+
+Init images (`image_clip`): the image repeated to the pixel frames of one chunk, then as above.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from ..data.video import resize_center_crop
+from ..storyboard import PipelineError
+
+__all__ = ["prepare_init_video", "read_image", "image_clip", "video_clip"]
+
+
+def _frames_to_float(frames) -> torch.Tensor:
+    """uint8 [F, H, W, 3] (or float [3, F, H, W] / [F, H, W, 3] in [-1, 1]) -> float [3, F, H, W]."""
+    x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames.detach().cpu()
+    if x.dim() == 5 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 4:
+        raise PipelineError(f"init video must be [F, H, W, 3] uint8 or [3, F, H, W] float; got shape {list(x.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] != 3:
+            raise PipelineError(f"uint8 init video must be [F, H, W, 3]; got {list(x.shape)}")
+        return x.permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    x = x.float()
+    if x.shape[0] == 3 and x.shape[-1] != 3:
+        return x
+    if x.shape[-1] == 3:
+        return x.permute(3, 0, 1, 2)
+    raise PipelineError(f"float init video must be [3, F, H, W] or [F, H, W, 3]; got {list(x.shape)}")
+
+
+def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
+                       max_chunks: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+    """Frames of a given video -> (video [1, 3, F', height, width] in [-1, 1], info), F' the
+    largest frame count that encodes to a whole number of chunks (at most `max_chunks`),
+    keeping the LAST F' frames. Raises PipelineError when the video is shorter than one chunk."""
+    video = _frames_to_float(frames)
+    n_in = video.shape[1]
+    tf = vae.temporal_factor
+    latent_avail = (1 + (n_in - 1) // tf) if vae.causal_first_frame else n_in // tf
+    chunks = latent_avail // chunk_frames if n_in > 0 else 0
+    if max_chunks is not None:
+        chunks = min(chunks, int(max_chunks))
+    if chunks < 1:
+        raise PipelineError(f"init video has {n_in} frames; one chunk of {chunk_frames} latent frames needs at "
+                            f"least {vae.frames_for_latents(chunk_frames)} frames")
+    used = vae.frames_for_latents(chunks * chunk_frames)
+    video = resize_center_crop(video[:, n_in - used:], height, width)
+    info = dict(frames_in=n_in, frames_used=used, frames_dropped_from_start=n_in - used, chunks=chunks,
+                latent_frames=chunks * chunk_frames, resized_to=[height, width])
+    return video.unsqueeze(0), info
+
+
+def read_image(path: Union[str, Path], what: str = "init image") -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] RGB. PipelineError (one line) for a missing file, a file
+    that is not an image, or a truncated/corrupt one."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"{what} {p}: no such file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise PipelineError(f"{what} {p}: not an image file (PIL cannot identify it)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise PipelineError(f"{what} {p}: corrupt or truncated image ({type(e).__name__}: {first})") from None
+    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise PipelineError(f"{what} {p}: empty image")
+    return arr
+
+
+def image_clip(image, vae, height: int, width: int, chunk_frames: int) -> tuple[torch.Tensor, dict]:
+    """A still image (path, or uint8 [H, W, 3] / float [3, H, W] in [-1, 1]) -> (clip [1, 3, n, height,
+    width], info): the image repeated to the n = frames_for_latents(cf) pixel frames of one chunk
+    (cf x temporal factor for the pixel-shuffle codec; 1 + 4 (cf - 1) for the Wan VAE, whose first
+    latent frame is then the causal encoding of the image alone), resized like an init video."""
+    if isinstance(image, (str, Path)):
+        arr, src = read_image(image), str(image)
+        frame = torch.from_numpy(arr.copy())
+    else:
+        frame, src = (image.detach().cpu() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))), "<array>"
+        if frame.dim() != 3 or 3 not in (frame.shape[0], frame.shape[-1]):
+            raise PipelineError(f"init image must be [H, W, 3] uint8 or [3, H, W] float; got {list(frame.shape)}")
+    n = vae.frames_for_latents(chunk_frames)
+    if frame.dtype == torch.uint8:
+        frames = frame.unsqueeze(0).expand(n, -1, -1, -1)
+    else:
+        frame = frame.float()
+        frames = (frame.unsqueeze(1) if frame.shape[0] == 3 and frame.shape[-1] != 3
+                  else frame.permute(2, 0, 1).unsqueeze(1)).expand(-1, n, -1, -1)
+    clip, _ = prepare_init_video(frames, vae, height, width, chunk_frames, max_chunks=1)
+    h0, w0 = (frame.shape[0], frame.shape[1]) if frame.dtype == torch.uint8 or frame.shape[-1] == 3 \
+        else (frame.shape[1], frame.shape[2])
+    info = dict(source=src, kind="image", image_size=[int(h0), int(w0)], frames_repeated=n, chunks=1,
+                latent_frames=chunk_frames, resized_to=[height, width])
+    return clip, info
+
+
+def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: float,
+               max_chunks: Optional[int] = None, resample_fps: bool = True) -> tuple[torch.Tensor, dict]:
+    """A path (mp4 etc., read with io.read_mp4) or frames -> (clip [1, 3, F', height, width], info).
+
+    A file is first resampled in time to `fps` (the model's, config data.fps; by timestamp as in
+    training; `resample_fps=False` keeps its own rate). `max_chunks` keeps at most that many
+    history chunks (the END of the video); only those frames are converted, so a long clip costs
+    no more memory than `max_chunks` chunks."""
+    if not isinstance(video, (str, Path)):
+        clip, info = prepare_init_video(video, vae, height, width, chunk_frames, max_chunks)
+        info["source"] = "<array>"
+        return clip, info
+    from ..data.video import available_frames, frame_indices
+    from ..io import read_mp4
+
+    try:
+        frames, src_fps = read_mp4(video, with_fps=True)  # uint8 [F, H, W, 3]
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    n_file = len(frames)
+    if src_fps and resample_fps and abs(src_fps - fps) > 1e-3:
+        n_out = available_frames(n_file, src_fps, fps)
+        frames = frames[frame_indices(0, n_out, n_file, src_fps, fps)]
+    clip_frames = frames
+    if max_chunks is not None:
+        keep = vae.frames_for_latents(int(max_chunks) * chunk_frames)
+        clip_frames = frames[max(len(frames) - keep, 0):]
+    clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks)
+    n_in = len(frames)
+    info.update(frames_in=n_in, frames_dropped_from_start=n_in - info["frames_used"], max_chunks=max_chunks,
+                source_frames=n_file, source_fps=src_fps, fps=fps if (src_fps and resample_fps) else src_fps)
+    info["source"] = str(video)
+    return clip, info
