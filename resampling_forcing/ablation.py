@@ -34,9 +34,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser
+
 __all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "arm_overrides", "run", "main"]
 
-EXIT_BAD_INPUT = 2
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,10 +86,6 @@ ROUTINGS = {  # inference routing of the best arm (RoutingSpec arguments)
     "window 1": ("window", None, 0, 1),
     "sink 1 + window 4": ("window", None, 1, 4),
 }
-
-
-class BadInput(Exception):
-    """One line on stderr, exit 2."""
 
 
 class Interrupted(Exception):
@@ -150,9 +147,9 @@ def _train(config: Path, overrides: list[str]) -> Path:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    from .checkpoint import latest_checkpoint, step_of
+    from .checkpoint import checkpoint_root, latest_checkpoint, step_of
 
-    ck = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    ck = latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
     return ck is not None and step_of(ck) >= steps
 
 
@@ -182,9 +179,10 @@ def calibrate(warmup: Path, out: Path, preset: Preset, clips: int) -> dict:
 
 
 def _arm_gap(name: str, run_dir: Path, out: Path, clips: int) -> dict:
+    from .checkpoint import config_file
     from .config import load_config
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(config_file(run_dir))
     stage = cfg.train.stages[-1]
     extra = ["--objective", stage.objective, "--noise-scale", str(stage.noise_aug_scale),
              "--shift", str(cfg.diffusion.resample_shift)]
@@ -381,11 +379,7 @@ def table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    class P(argparse.ArgumentParser):
-        def error(self, message):
-            raise BadInput(message)
-
-    p = P(prog="python -m resampling_forcing.ablation", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m resampling_forcing.ablation", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
     p.add_argument("--arms", default=None, help=f"comma list (default {','.join(DEFAULT_ARMS)}; also: "
                    f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)})")

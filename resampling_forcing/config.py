@@ -7,6 +7,7 @@ Nested sections are plain dataclasses; `load_config(path, overrides)` is the one
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -392,10 +393,11 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
     if m.chunk_frames < 1:
         raise ConfigError(f"model.chunk_frames={m.chunk_frames}: must be >= 1")
     d = cfg.diffusion
-    if d.sample_steps < 1:
-        raise ConfigError(f"diffusion.sample_steps={d.sample_steps}: must be >= 1")
-    if d.sample_shift <= 0 or d.resample_shift <= 0 or d.train_t_shift <= 0:
-        raise ConfigError("diffusion: shifts must be > 0")
+    check_sampling(d.sample_steps, d.sample_shift, d.cfg_scale, d.context_t,
+                   names=("diffusion.sample_steps", "diffusion.sample_shift", "diffusion.cfg_scale", "diffusion.context_t"))
+    for key, value in (("diffusion.resample_shift", d.resample_shift), ("diffusion.train_t_shift", d.train_t_shift)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key}={value}: must be a finite number > 0")
     if not 0.0 <= cfg.data.text_dropout <= 1.0:
         raise ConfigError(f"data.text_dropout={cfg.data.text_dropout}: must be in [0, 1]")
     if cfg.encoders.text_ngram < 1:
@@ -455,6 +457,22 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         if training and st.routing and cfg.attention.routing.mode == "dense":
             raise ConfigError(f"{where}routing=true needs attention.routing.mode topk or window "
                               "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")
+
+
+def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
+                   names: tuple[str, str, str, str] = ("steps", "shift", "cfg_scale", "context_t")) -> None:
+    """The rules of the sampling settings, for both of their spellings: the config (`validate`, names
+    diffusion.sample_steps, ...) and options.SamplingOptions (public, user values: steps, shift, ...).
+    ConfigError (a ValueError) whose message starts with the name."""
+    n_steps, n_shift, n_cfg, n_ctx = names
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"{n_steps} must be >= 1 (got {steps!r}; an int, the paper uses 32)")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise ConfigError(f"{n_shift} must be > 0 (got {shift!r}; a finite number, the paper uses 5.0)")
+    if not math.isfinite(cfg_scale):
+        raise ConfigError(f"{n_cfg} must be a finite number (got {cfg_scale!r}); 1.0 switches guidance off")
+    if not 0.0 <= context_t < 1.0:
+        raise ConfigError(f"{n_ctx} must be in [0, 1) (got {context_t!r}); 0 writes clean chunks")
 
 
 def check_degradation(objective: str, resample_steps: int, ramp: str, where: str = "") -> None:

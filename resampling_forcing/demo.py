@@ -21,7 +21,6 @@ Exit codes otherwise: 0 done, 2 bad arguments or config.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil

@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cli import BadInput, OneLineParser, run_cli
 from .diffusion import shift_t
 from .resampling import OBJECTIVES, RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .sampler import Rollout, SamplingOptions, sample
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 NAN = float("nan")
-EXIT_BAD_INPUT = 2
 HELD_OUT_SEED_BASE = 10_000_000  # in-memory synthetic clips use seeds disjoint from any training set
 DEFAULT_SHIFTS = "0.6,1,2,3,5,8,16,32,100"  # s = 100: median t_s 0.99
 
@@ -316,17 +316,8 @@ def recommend_shift(sweep: dict[float, float], target: float) -> ShiftRecommenda
 # ----------------------------------------------------------------------------- CLI
 
 
-class BadInput(Exception):
-    """A user error: one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        raise BadInput(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m resampling_forcing.diagnose",
+    p = OneLineParser(prog="python -m resampling_forcing.diagnose",
                 description="Exposure gap of a checkpoint: the error of the histories training builds vs "
                             "the errors inference makes, per chunk; a sweep of the resampling shift s and "
                             "the s that matches them.")
@@ -530,8 +521,6 @@ def run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import run_cli
-
     return run_cli(build_parser, run, argv, BadInput, "diagnose: error")
 
 

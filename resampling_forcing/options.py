@@ -10,14 +10,13 @@ validation (`attention.spec.RoutingSpec`) with errors naming `attention.routing.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from .attention.spec import RoutingSpec, routing_spec
-from .config import DiffusionConfig
+from .config import DiffusionConfig, check_sampling
 
 __all__ = ["SamplingOptions", "KV_HOST_DTYPES"]
 
@@ -47,14 +46,7 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         # The runtime check of every field: options are also built directly (tests, bench), not
         # only from a validated config.
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {self.steps!r}; an int, the paper uses 32)")
-        if not (self.shift > 0 and math.isfinite(self.shift)):
-            raise ValueError(f"shift must be > 0 (got {self.shift!r}; a finite number, the paper uses 5.0)")
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number (got {self.cfg_scale!r}); 1.0 switches guidance off")
-        if not 0.0 <= self.context_t < 1.0:
-            raise ValueError(f"context_t must be in [0, 1) (got {self.context_t!r}); 0 writes clean chunks")
+        check_sampling(self.steps, self.shift, self.cfg_scale, self.context_t)
         r = self.kv_resident_chunks
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ValueError(f"kv_resident_chunks must be >= 1 (got {r!r}); omit it (None) to keep the whole "

@@ -36,7 +36,8 @@ from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
-                         latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint, save_checkpoint)
+                         latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint, save_checkpoint,
+                         EMA_WEIGHTS, MODEL_WEIGHTS, config_file)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
 from .diffusion import add_noise, sample_logit_normal, velocity_target
@@ -141,7 +142,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            config_file(self.run_dir).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         vae = text = None
         if cfg.data.source != "latents":
             vae = build_vae(cfg.encoders, device=self.device)
@@ -228,7 +229,7 @@ class Trainer:
         self.acc.load_state(str(ckpt))
         self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
         if self.ema is not None:
-            ema_file = ckpt / "ema.safetensors"
+            ema_file = ckpt / EMA_WEIGHTS
             if ema_file.is_file():
                 from safetensors.torch import load_file
 
@@ -400,7 +401,7 @@ class Trainer:
         """Why `ckpt` is not a good restart point (non-finite weights or loss), or None."""
         from safetensors import safe_open
 
-        for name in ("model.safetensors", "ema.safetensors"):
+        for name in (MODEL_WEIGHTS, EMA_WEIGHTS):
             f = ckpt / name
             if not f.is_file():
                 continue
@@ -479,8 +480,8 @@ class Trainer:
         if self.ema is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous().cpu() for k, v in self.ema.state_dict().items()}, str(folder / "ema.safetensors"))
-        (folder / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+            save_file({k: v.contiguous().cpu() for k, v in self.ema.state_dict().items()}, str(folder / EMA_WEIGHTS))
+        config_file(folder).write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
 
     def save(self) -> Path:
         path = save_checkpoint(self.acc, self.run_dir, self.step, trainer_state=self.trainer_state(),

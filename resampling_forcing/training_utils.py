@@ -174,9 +174,10 @@ def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
     (step counts, LR, paths, ... may legitimately change between runs of a resumed command)."""
     import yaml
 
+    from .checkpoint import config_file
     from .config import config_from_dict
 
-    path = Path(ckpt) / "config.yaml"
+    path = config_file(ckpt)
     if not path.is_file():
         return []
     try:
