@@ -29,6 +29,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from resampling_forcing.attention.spec import ROUTING_MODES  # noqa: E402 (torch-free)
 from resampling_forcing.cli import BadInput, OneLineParser, run_cli  # noqa: E402 (torch-free)
 
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=None, help="timestep shift (config: diffusion.sample_shift, paper 5.0)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale; 1 switches the unconditional branch off (paper 5.0)")
     p.add_argument("--context-t", type=float, default=None, help="timestep of the cache-writing pass (default 0)")
-    p.add_argument("--routing", choices=["dense", "topk", "window"], default=None,
+    p.add_argument("--routing", choices=ROUTING_MODES, default=None,
                    help="history routing mode (default: --top-k -> topk, --window/--sink -> window, else config)")
     p.add_argument("--top-k", type=int, default=None, help="attend the top-k history chunks per query token")
     p.add_argument("--sink", type=int, default=None, help="always keep the first N history chunks")
