@@ -44,6 +44,10 @@ CONFIG_FILE = "config.yaml"  # the resolved Config, in RUN/ and in every step_* 
 MODEL_WEIGHTS, MODEL_CONFIG = OUR_WEIGHTS, OUR_CONFIG  # our model format (models.loading.save_model)
 EMA_WEIGHTS = "ema.safetensors"
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"  # a step_* dir being written / being replaced or deleted
+LOG_FILE = "log.jsonl"  # RUN/log.jsonl: one JSON record per logged step
+TB_DIR = "tb"  # RUN/tb/: TensorBoard events
+LOCK_FILE = ".lock"  # RUN/.lock: held by the running trainer (training_utils.RunLock)
+RANKS_DIR = "ranks"  # RUN/ranks/rank_<i>.json: per-rank weight hashes (multi-process consistency check)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
-from .attention.spec import RoutingSpec
+from .attention.spec import AttentionBackend, RoutingSpec
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,7 @@ class RoutingConfig(RoutingSpec):
 @dataclass
 class AttentionConfig:
     # auto picks the fastest available on the device; see attention/backends.py.
-    backend: Literal["auto", "sdpa", "flex", "triton", "xformers"] = "auto"
+    backend: AttentionBackend = "auto"
     routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 

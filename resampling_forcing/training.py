@@ -37,7 +37,7 @@ from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
                          latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint, save_checkpoint,
-                         EMA_WEIGHTS, MODEL_WEIGHTS, config_file)
+                         EMA_WEIGHTS, MODEL_WEIGHTS, RANKS_DIR, config_file)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
 from .diffusion import add_noise, sample_logit_normal, velocity_target
@@ -552,7 +552,7 @@ class Trainer:
         h = hashlib.sha256()
         for p in self.inner.parameters():
             h.update(p.detach().float().cpu().numpy().tobytes())
-        out = self.run_dir / "ranks"
+        out = self.run_dir / RANKS_DIR
         out.mkdir(parents=True, exist_ok=True)
         from .io import atomic_write_json
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import LOCK_FILE, LOG_FILE, TB_DIR
 from .config import Config, ConfigError, StageConfig, to_dict
 from .io import atomic_write_text
 
@@ -204,7 +205,7 @@ class MetricsLogger:
 
     def __init__(self, accelerator, run_dir: str | os.PathLike, resume_step: int = 0):
         self.acc = accelerator
-        self.path = Path(run_dir) / "log.jsonl"
+        self.path = Path(run_dir) / LOG_FILE
         self.main = accelerator.is_main_process
         if self.main:
             self._truncate(resume_step)
@@ -255,7 +256,7 @@ def start_trackers(accelerator, cfg: Config, run_dir: Path, step: int = 0) -> No
             import tensorboard  # noqa: F401
 
             kw = {"purge_step": step + 1} if step else {}
-            trackers.append(TensorBoardTracker("tb", str(run_dir), **kw))
+            trackers.append(TensorBoardTracker(TB_DIR, str(run_dir), **kw))
         except ImportError:
             logger.warning("tensorboard is not installed: logging to log.jsonl only")
     if cfg.train.wandb:
@@ -273,7 +274,7 @@ def start_trackers(accelerator, cfg: Config, run_dir: Path, step: int = 0) -> No
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
+    path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         return []
     out = []
@@ -328,7 +329,7 @@ class RunLock:
     folder is refused (RunLockError naming the holder's pid). The file itself stays (removing it
     would race with a trainer opening it) unless the run folder holds nothing else."""
 
-    NAME = ".lock"
+    NAME = LOCK_FILE
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resampling_forcing.attention.spec import ROUTING_MODES  # noqa: E402 (torch-free)
+from resampling_forcing.attention.spec import BACKENDS, ROUTING_MODES  # noqa: E402 (torch-free)
 from resampling_forcing.cli import BadInput, OneLineParser, run_cli  # noqa: E402 (torch-free)
 
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="prompts per rollout (batch size)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (VAE decodes in fp32)")
-    p.add_argument("--attention-backend", default=None, choices=["auto", "sdpa", "flex", "triton", "xformers"],
+    p.add_argument("--attention-backend", default=None, choices=BACKENDS,
                    help="attention backend (default: config attention.backend)")
     p.add_argument("--init-video", default=None, help="continue this video: its frames (resampled to the model's "
                    "fps) become the cached history")

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .masks import MaskSpec, block_mask, dense_mask, padded_len
+from .spec import BACKENDS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "flex", "triton", "xformers")
 
 
 @functools.lru_cache(maxsize=None)

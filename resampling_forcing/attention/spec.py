@@ -1,4 +1,5 @@
-"""What history routing selects, as data: the routing modes and `RoutingSpec` (torch-free).
+"""What attention can be asked for, as data (torch-free): the backend names, the routing modes and
+`RoutingSpec`.
 
 The one declaration of the routing modes and of their rules. `config.RoutingConfig` extends
 `RoutingSpec` (so a config is checked by the same `__post_init__`, with errors that name the key
@@ -9,6 +10,10 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
+
+# Attention backends (config attention.backend); attention/backends.py resolves and dispatches them.
+AttentionBackend = Literal["auto", "sdpa", "flex", "triton", "xformers"]
+BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 
 RoutingMode = Literal["dense", "topk", "window"]
 ROUTING_MODES: tuple[str, ...] = typing.get_args(RoutingMode)
