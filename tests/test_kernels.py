@@ -15,13 +15,12 @@ import pytest
 import torch
 
 from resampling_forcing import kernels as K
+from resampling_forcing.attention.reference import routed_attention_reference, select_chunks_reference  # the plain twins
 from resampling_forcing.attention.routing import (
     RoutingSpec,
     chunk_means,
     routed_attention,
-    routed_attention_reference,
     select_chunks,
-    select_chunks_reference,
     training_allowed,
 )
 

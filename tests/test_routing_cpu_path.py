@@ -17,13 +17,12 @@ import pytest
 import torch
 
 import resampling_forcing.attention.routed_torch as R  # the torch path: its planner and kernel are patched
+from resampling_forcing.attention.reference import routed_attention_reference, select_chunks_reference  # the plain twins
 from resampling_forcing.attention.routing import (
     RoutingSpec,
     chunk_means,
     routed_attention,
-    routed_attention_reference,
     select_chunks,
-    select_chunks_reference,
     static_chunks,
     training_allowed,
 )
