@@ -35,6 +35,7 @@ import yaml
 from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
+from .attention.spec import routing_spec
 from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
                          latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint, save_checkpoint,
                          EMA_WEIGHTS, MODEL_WEIGHTS, RANKS_DIR, config_file)
@@ -134,6 +135,7 @@ class Trainer:
                               "use ZeRO-2 or set train.ema_decay=null")
         self.device = acc.device
         self.backend = resolve_backend(cfg.attention.backend, self.device)
+        self.routing = routing_spec(cfg.attention.routing)  # for the stages with `routing: true`
         resume = self._find_resume()
         if resume is not None:  # before RUN/config.yaml is rewritten: a refused resume changes nothing
             changed = resume_config_changes(resume, cfg)
@@ -257,14 +259,11 @@ class Trainer:
 
     def settings(self, stage: StageConfig, ramp: Optional[float] = None) -> DegradeSettings:
         """The degradation of `stage`; `ramp` = the level r of its ramp now (None: no ramp, hard switch)."""
-        from .attention.spec import routing_spec
-
-        r = self.cfg.attention.routing
-        spec = routing_spec(r) if stage.routing else None
         return DegradeSettings(objective=stage.objective, steps=stage.resample_steps,
                                shift=self.cfg.diffusion.resample_shift, noise_scale=stage.noise_aug_scale,
-                               cfg_scale=stage.resample_cfg, backend=self.backend, routing=spec,
-                               routing_layers=r.layers if stage.routing else None,
+                               cfg_scale=stage.resample_cfg, backend=self.backend,
+                               routing=self.routing if stage.routing else None,
+                               routing_layers=self.cfg.attention.routing.layers if stage.routing else None,
                                context_t=self.cfg.diffusion.context_t,
                                ramp=stage.ramp if ramp is not None else "none",
                                ramp_level=1.0 if ramp is None else ramp, always_forward=self.zero_stage == 3)
