@@ -1,7 +1,7 @@
 """History routing for attention (method.md section 6; conventions in docs/CONTRACTS.md): the public
 names, one import away. Each role lives in its own module beside this one:
 
-    spec.py            RoutingSpec, the routing modes, routing_spec(config)      (torch-free)
+    spec.py            backend names, routing modes, RoutingSpec, routing_spec(config)  (torch-free)
     selection.py       chunk means, scores q . mean(K_j), select_chunks, static_chunks
     routed.py          routed_attention at inference (dispatch: Triton kernel or torch path), routed_block_mask
     routed_torch.py    the torch path: planner (dense blocks + MoBA rows), lse merge

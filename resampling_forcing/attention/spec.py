@@ -76,7 +76,7 @@ class RoutingSpec:
 
 def routing_spec(cfg: RoutingSpec | None) -> RoutingSpec | None:
     """The spec the attention code takes, from config (`attention.routing`) or a spec; None for dense.
-    The one conversion from config: sampler, pipeline, training, ablation and bench all call it."""
+    The one conversion from config (options.SamplingOptions.from_config and the Trainer call it)."""
     if cfg is None or cfg.mode == "dense":
         return None
     return RoutingSpec(cfg.mode, cfg.top_k, cfg.sink_chunks, cfg.window_chunks)
