@@ -12,10 +12,10 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 def torch_dtype(name: str):
-    """"fp32" | "bf16" | "fp16" -> the torch dtype."""
-    import torch
+    """"fp32" | "bf16" | "fp16" -> the torch dtype (models.loading.DTYPES)."""
+    from resampling_forcing.models.loading import DTYPES
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def add_attention_shape_args(p: argparse.ArgumentParser, *, history_flag: str, history: str, topk_flag: str,

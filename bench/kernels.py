@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import add_attention_shape_args  # noqa: E402  (torch-free: flags come first)
+from bench.common import add_attention_shape_args, torch_dtype  # noqa: E402  (torch-free: flags come first)
 
 
 def parse_args(argv=None):
@@ -270,7 +270,7 @@ def run_checks():
 # ------------------------------------------------------------------------------------------------
 def run_timings():
     smoke = ARGS.smoke
-    dtype = torch.float32 if smoke else {"bf16": torch.bfloat16, "fp16": torch.float16}[ARGS.dtype]
+    dtype = torch.float32 if smoke else torch_dtype(ARGS.dtype)
     Hh, D, T = (2, 16, 13) if smoke else (ARGS.heads, ARGS.head_dim, ARGS.chunk_tokens)
     histories = [2, 3] if smoke else [int(x) for x in ARGS.histories.split(",")]
     topks = [1, 2] if smoke else [int(x) for x in ARGS.topk.split(",")]
@@ -350,7 +350,7 @@ def run_tune():
     Hh, D, T = ARGS.heads, ARGS.head_dim, ARGS.chunk_tokens
     N = max(int(x) for x in ARGS.histories.split(","))
     k = max(int(x) for x in ARGS.topk.split(","))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[ARGS.dtype]
+    dtype = torch_dtype(ARGS.dtype)
     gen = torch.Generator(device=DEV).manual_seed(2)
     q, kh, vh, kc, vc = make_inputs(1, Hh, N, T, T, D, dtype, ARGS.pattern, gen)
     sel = K.routing_select(q, R.chunk_means(kh, T), R.RoutingSpec("topk", top_k=k))

@@ -273,6 +273,9 @@ class CachedAttention:
     routing_layers: list[int] | None = None
     recorder: SelectionRecorder | None = None
 
+    def __post_init__(self) -> None:
+        self._path = routing_path(self.backend)  # selection and routed attention take the same path
+
     def __call__(self, q, k, v, layer: int):
         cache = self.cache
         n = cache.num_chunks
@@ -286,9 +289,9 @@ class CachedAttention:
         if routes and chunks != list(range(n)):
             hist_k, hist_v, mean_k = cache.history(layer, chunks)
             cache.put_current(layer, k, v, chunks)
-            path = routing_path(self.backend)  # selection and attention take the same path
-            sel = select_chunks(q, mean_k, self.routing, backend=path) if chunks is None else _static_sel(q, n, chunks)
-            out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens, backend=path, chunks=chunks)
+            sel = (select_chunks(q, mean_k, self.routing, backend=self._path) if chunks is None
+                   else _static_sel(q, n, chunks))
+            out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens, backend=self._path, chunks=chunks)
         else:
             keys, values = cache.put_current(layer, k, v, chunks)
             sel = _static_sel(q, n, chunks) if routes else None

@@ -5,6 +5,8 @@ v = eps - x, so an Euler step from t to t' is x_t' = x_t + (t' - t) v.
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 
@@ -13,9 +15,10 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
 
 
-def add_noise(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x + t eps. `t` is [B] or any shape that broadcasts after the batch dim."""
-    t = _bcast(t.to(x.dtype), x)
+def add_noise(x: torch.Tensor, eps: torch.Tensor, t: Union[torch.Tensor, float]) -> torch.Tensor:
+    """x_t = (1 - t) x + t eps. `t` is a number, [B], or any shape that broadcasts after the batch dim."""
+    if isinstance(t, torch.Tensor):
+        t = _bcast(t.to(x.dtype), x)
     return (1 - t) * x + t * eps
 
 

@@ -13,15 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
-
 from .attention.spec import RoutingSpec, routing_spec
 from .config import DiffusionConfig, check_sampling
+from .models.loading import DTYPES
 
 __all__ = ["SamplingOptions", "KV_HOST_DTYPES"]
 
 # dtypes of the host tier of a bounded KV cache (cache.TieredKVCache), by name.
-KV_HOST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KV_HOST_DTYPES = DTYPES
 
 
 @dataclass

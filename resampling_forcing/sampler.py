@@ -62,7 +62,7 @@ from .cache import CachedAttention, KVCache, SelectionRecorder
 from .diffusion import add_noise, euler_schedule
 from .options import KV_HOST_DTYPES, SamplingOptions
 from .storyboard import SWITCH_CACHE_MODES, split_storyboard
-from .timing import peak_memory, sync as _sync
+from .timing import peak_memory, reset_peak_memory, sync
 
 __all__ = [
     "sample_seed",
@@ -234,7 +234,7 @@ class Rollout:
         ct = self.options.context_t
         x = latents.float()
         if ct > 0:
-            x = add_noise(x, self.noise(self.chunk_shape, x.device), x.new_full((x.shape[0],), ct))
+            x = add_noise(x, self.noise(self.chunk_shape, x.device), ct)
         else:
             x = x.clone()  # kept for recache: must not alias the caller's tensor
         self.model(self._batched(x), self._t(ct), text_kv=self.cache.text_kv, attn=self._commit_op,
@@ -429,8 +429,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     device = next(model.parameters()).device
     cf = model.cfg.chunk_frames
     hist_chunks = 0 if history is None else history.shape[2] // cf
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     t_start = time.perf_counter()
     ro = Rollout(model, context, latent_hw=latent_hw, neg_context=neg_context, options=options, seed=seed,
                  indices=indices, capacity=hist_chunks + num_chunks, uncond=uncond, attn_wrapper=attn_wrapper)
@@ -441,10 +440,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     history_frames = 0
     timings: dict[str, Any] = {}
     if history is not None:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         ro.prefill(history)
-        _sync(device)
+        sync(device)
         timings["prefill_s"] = time.perf_counter() - t0
         hist = history.expand(ro.batch, -1, -1, -1, -1).float()
         pieces_lat.append(hist.cpu())
@@ -467,7 +466,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
             if g in switches:
                 ro.set_context(switches[g], recache=switch_cache == "recache")
             lat = ro.next_chunk(on_step=(lambda _i: step_bar.update(1)) if step_bar is not None else None)
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             if step_bar is not None:
                 step_bar.close()
@@ -496,7 +495,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
             bar.close()
     if options.record_selection:
         ro.flush()  # the last chunk's selections are taken in its cache-writing pass
-    _sync(device)
+    sync(device)
     mem, kind = peak_memory(device)
     denoise_total, decode_total = float(sum(per_denoise)), float(sum(per_decode))
     timings.update(

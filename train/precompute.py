@@ -26,9 +26,9 @@ from resampling_forcing.data.latents import precompute  # noqa: E402
 from resampling_forcing.data.video import VideoClipDataset  # noqa: E402
 from resampling_forcing.encoders import build_text_encoder, build_vae  # noqa: E402
 from resampling_forcing.io import is_no_space, probe_writable_dir  # noqa: E402
+from resampling_forcing.models.loading import DTYPES  # noqa: E402
 from resampling_forcing.pipeline import resolve_device  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,10 +84,13 @@ def triton_usable(device: torch.device) -> bool:
     return kernels() is not None and (device.type == "cuda" or kernels().is_interpreted())
 
 
+_ROUTING_PATH_OF = {"triton": "triton", "sdpa": "torch"}
+
+
 def routing_path(backend: str) -> str:
     """The routing path for a resolved attention backend: our Triton kernels when triton was asked
     for, the torch path for sdpa, and "auto" (the kernels on CUDA when they import) otherwise."""
-    return {"triton": "triton", "sdpa": "torch"}.get(backend, "auto")
+    return _ROUTING_PATH_OF.get(backend, "auto")
 
 
 def use_routing_kernels(path: str, x: torch.Tensor, what: str) -> bool:

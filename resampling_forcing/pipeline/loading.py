@@ -26,14 +26,13 @@ from ..attention.backends import resolve_backend
 from ..checkpoint import CheckpointInfo, resolve_checkpoint
 from ..config import Config, ConfigError, config_from_dict, load_config, to_dict
 from ..encoders import build_text_encoder, build_vae
-from ..models.loading import CheckpointError, config_from_checkpoint, load_state_into, read_state_dict
+from ..models.loading import DTYPES, CheckpointError, config_from_checkpoint, load_state_into, read_state_dict
 from ..models.wan import CausalWanModel
 from ..storyboard import PipelineError
 
 __all__ = ["parse_dtype", "resolve_device", "resolve_config", "load_pretrained"]
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
