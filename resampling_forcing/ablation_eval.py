@@ -47,14 +47,16 @@ HIGHER_IS_BETTER = {m: m not in ("center_error", "collapse") for m in METRICS}
 COLLAPSE_FIDELITY, COLLAPSE_BACKGROUND = 0.5, 0.5
 
 
-def eval_clips(data_cfg, num: int, frames: int, dataset_seed: int = 0) -> list[tuple[np.ndarray, dict]]:
+def eval_clips(data_cfg, num: int, frames: int, dataset_seed: int = 0,
+               blackout: Optional[tuple[int, int]] = None) -> list[tuple[np.ndarray, dict]]:
     """``num`` held-out clips of the world ``data_cfg`` describes (size, max objects), ``frames`` long:
-    [(uint8 [frames, H, W, 3], generator metadata with "caption")]. Deterministic."""
+    [(uint8 [frames, H, W, 3], generator metadata with "caption")]. Deterministic. ``blackout``:
+    (start, length) frames of every clip that show the background only (ablation_memory.py)."""
     held = set(held_out_combos(max_objects=data_cfg.synthetic_max_objects, seed=dataset_seed))
     out, seed = [], HELD_OUT_SEED_BASE
     while len(out) < num:
         video, meta = generate_clip(seed, frames=frames, size=(data_cfg.height, data_cfg.width),
-                                    max_objects=data_cfg.synthetic_max_objects)
+                                    max_objects=data_cfg.synthetic_max_objects, blackout=blackout)
         seed += 1
         if combo_key(parse_caption(meta["caption"])) not in held:
             out.append((video, meta))

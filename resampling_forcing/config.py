@@ -128,6 +128,9 @@ class DataConfig:
     synthetic_dir: str = "outputs/synthetic"
     synthetic_videos: int = 512
     synthetic_max_objects: int = 2
+    # occlusion: this fraction of synthetic videos has a blackout of [lo, hi] frames (objects unseen)
+    synthetic_blackout_prob: float = 0.0
+    synthetic_blackout_frames: list[int] = field(default_factory=lambda: [4, 6])
     num_frames: int = 12  # pixel frames per clip (Wan VAE: 1 + 4k)
     height: int = 32
     width: int = 32
@@ -413,6 +416,14 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
                        ("encoders.text_dim", e.text_dim)):
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    if len(dc.synthetic_blackout_frames) != 2:
+        raise ConfigError(f"data.synthetic_blackout_frames={dc.synthetic_blackout_frames}: need [lo, hi] frames")
+    try:
+        from .data.synthetic import check_blackout_law
+
+        check_blackout_law(dc.num_frames, dc.synthetic_blackout_prob, dc.synthetic_blackout_frames)
+    except ValueError as e:
+        raise ConfigError(f"data.synthetic_blackout_prob / data.synthetic_blackout_frames: {e}") from None
     if not dc.fps > 0 or dc.fps == float("inf"):
         raise ConfigError(f"data.fps={dc.fps}: must be a number > 0 (frames per second of the clips, e.g. 8)")
     if dc.num_workers < 0:

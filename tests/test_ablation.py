@@ -135,3 +135,68 @@ def test_shipped_ablation_checkpoints_load_and_sample(name, one_thread):
     pipe = Pipeline.from_pretrained(REPO / "assets" / "ablation" / name, device="cpu")
     res = pipe.generate("a red circle", 2, steps=2, seed=0)
     assert tuple(res.video.shape) == (1, 4, 32, 32, 3) and res.video.dtype == torch.uint8
+
+
+# ----------------------------------------------------------------------------- the memory probe
+
+
+def test_memory_probe_metrics_separate_return_from_loss():
+    from resampling_forcing.ablation_memory import after, memory_sanity, probe_clips
+
+    data = load_config(REPO / "configs/ablation_memory.yaml").data
+    clips = probe_clips(data, 6, visible=8, blackout=4, after_frames=6)
+    video, meta = clips[0]
+    assert video.shape[0] == 18 and meta["blackout"] == [8, 4]
+    assert (video[8:12] == video[8, 0, 0]).all() and video[7].std() > 0  # dark frames are background only
+    tail = after(clips, 12)
+    assert tail[0][0].shape[0] == 6 and tail[0][1]["frames"][0] == meta["frames"][12]
+    s = memory_sanity(clips, 12, 6)
+    truth, gone, other = s["truth"], s["objects never return"], s["other clip"]
+    assert truth["object_fidelity"]["mean"] > 0.9 and truth["collapse"]["mean"] == 0.0
+    assert gone["object_fidelity"]["mean"] < 0.1 and gone["collapse"]["mean"] == 1.0
+    assert other["color_acc"]["mean"] < truth["color_acc"]["mean"]
+
+
+@pytest.mark.slow
+def test_memory_probe_smoke_resumes_and_reports(tmp_path, one_thread, monkeypatch, capsys):
+    from resampling_forcing import ablation_memory as am
+    from resampling_forcing.training import train
+
+    small = {**SMALL, "data.synthetic_dir": tmp_path / "syn", "data.synthetic_blackout_frames": "[2, 2]",
+             "data.synthetic_blackout_prob": 1.0}
+    sets = [f"{k}={v}" for k, v in small.items()]
+    init = tmp_path / "init"
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    train(load_config(REPO / am.CONFIG, sets + [f"train.run_dir={init}", "train.init_from=null"]))
+    AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
+    monkeypatch.setattr(am, "MODES", {k: am.MODES[k] for k in ("dense", "top-1", "window 1")})
+    monkeypatch.setattr(am, "VISIBLE", 6), monkeypatch.setattr(am, "BLACKOUT", 4), monkeypatch.setattr(am, "AFTER", 4)
+    argv = ["--out", str(tmp_path / "out"), "--report-dir", str(tmp_path / "docs"), "--clips", "3", "--steps", "2",
+            *[a for kv in sets for a in ("--set", kv)], "--set", f"train.init_from={init}"]
+    assert am.main(argv) == 0
+    report = json.loads((tmp_path / "docs" / "memory.json").read_text())
+    assert report["steps"] == 2 and report["probe"]["given_chunks"] == 5
+    for cond in am.CONDITIONINGS:
+        modes = report["modes"][cond]
+        assert list(modes) == ["dense", "top-1", "window 1"]
+        assert modes["dense"]["picks_before_blackout"] is None
+        assert modes["window 1"]["picks_before_blackout"] == 0.0  # it only sees the last (dark) chunk
+        assert 0.0 <= modes["top-1"]["picks_before_blackout"] <= 1.0
+        assert all(modes[m]["after"]["psnr"]["n"] == 3 for m in modes)
+        assert modes["dense"]["vs_dense"]["psnr"]["mean"] == 0.0
+    assert (tmp_path / "docs" / "memory_sheets" / "memory_none.png").is_file()
+    log = (tmp_path / "out" / "train" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in log] == [1, 2]
+    capsys.readouterr()
+    assert am.main(argv) == 0  # a rerun reuses everything
+    assert "[memory] training" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "docs" / "memory.json").read_text())["modes"] == report["modes"]
+
+
+def test_memory_probe_bad_init_is_one_line_exit_2(capsys):
+    from resampling_forcing.ablation_memory import main as memory_main
+
+    assert memory_main(["--set", "train.init_from=no/such/run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ablation_memory: error: train.init_from") and "\n" not in err

@@ -25,6 +25,10 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"encoders": {"text_ngram": 0}}, r"encoders\.text_ngram=0: must be >= 1"),
     ({"train": {"min_lr_ratio": 1.5}}, r"train\.min_lr_ratio=1\.5: must be in \[0, 1\]"),
     ({"train": {"lr_schedule": "linear"}}, r"train\.lr_schedule: 'linear' is not one of"),
+    ({"data": {"synthetic_blackout_prob": 0.5, "synthetic_blackout_frames": [4, 9]}},
+     r"data\.synthetic_blackout_prob / data\.synthetic_blackout_frames: .*do not fit 12-frame clips"),
+    ({"data": {"synthetic_blackout_prob": 1.5}}, r"data\.synthetic_blackout_prob .*must be in \[0, 1\]"),
+    ({"data": {"synthetic_blackout_frames": [4]}}, r"data\.synthetic_blackout_frames=\[4\]: need \[lo, hi\]"),
 ])
 def test_errors_name_the_key(data, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -125,3 +125,34 @@ def test_make_dataset_split_manifest_and_resume(tmp_path):
     # other arguments -> the recipe differs -> the file is rendered again
     S.make_dataset(out, num_videos=2, frames=12, size=32, fps=8, seed=0, held_out_fraction=0.2)
     assert read_mp4(out / "videos" / "000000.mp4").shape[0] == 12
+
+
+def test_blackout_hides_objects_and_keeps_the_motion():
+    plain, pm = S.generate_clip(5, frames=14)
+    dark, dm = S.generate_clip(5, frames=14, blackout=(4, 5))
+    bg = np.asarray(S.BACKGROUND, dtype=np.uint8)
+    assert (dark[4:9] == bg).all() and not (plain[4:9] == bg).all()
+    assert np.array_equal(dark[:4], plain[:4]) and np.array_equal(dark[9:], plain[9:])  # objects move on unseen
+    assert dm["blackout"] == [4, 5] and pm["blackout"] is None
+    assert all(o.get("visible") is False for t in range(4, 9) for o in dm["frames"][t])
+    assert all("visible" not in o for t in (3, 9) for o in dm["frames"][t])
+    with pytest.raises(ValueError, match="inside the clip"):
+        S.generate_clip(5, frames=14, blackout=(12, 5))
+
+
+def test_dataset_blackouts_follow_the_law_and_leave_scenes_unchanged(tmp_path):
+    kw = dict(num_videos=8, frames=12, size=16, fps=8, seed=3)
+    plain = S.make_dataset(tmp_path / "plain", **kw)
+    dark = S.make_dataset(tmp_path / "dark", blackout_prob=1.0, blackout_frames=(4, 6), **kw)
+    for a, b in zip(plain.read_text().splitlines(), dark.read_text().splitlines()):
+        assert a == b  # same captions, paths and splits
+    for i in range(8):
+        pm = json.loads((tmp_path / "plain" / "videos" / f"{i:06d}.json").read_text())
+        dm = json.loads((tmp_path / "dark" / "videos" / f"{i:06d}.json").read_text())
+        assert "blackout" not in pm["spec"] and pm["spec"]["scene"] == dm["spec"]["scene"]
+        start, length = dm["spec"]["blackout"]
+        assert 4 <= length <= 6 and S.BLACKOUT_MARGIN <= start and start + length <= 12 - S.BLACKOUT_MARGIN
+        v = read_mp4(tmp_path / "dark" / "videos" / f"{i:06d}.mp4")
+        assert np.abs(v[start:start + length].astype(int) - np.asarray(S.BACKGROUND)).max() <= 3  # H.264 rounding
+    with pytest.raises(ValueError, match="do not fit 8-frame clips"):
+        S.make_dataset(tmp_path / "bad", num_videos=1, frames=8, blackout_prob=0.5, blackout_frames=(4, 6))

@@ -77,7 +77,8 @@ def synthetic_manifest(cfg: Config) -> Path:
     d = cfg.data
     return make_dataset(d.synthetic_dir, num_videos=d.synthetic_videos, frames=d.num_frames,
                         size=(d.height, d.width), fps=d.fps, seed=cfg.train.seed,
-                        max_objects=d.synthetic_max_objects)
+                        max_objects=d.synthetic_max_objects, blackout_prob=d.synthetic_blackout_prob,
+                        blackout_frames=d.synthetic_blackout_frames)
 
 
 class TrainData:

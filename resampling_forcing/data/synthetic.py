@@ -5,7 +5,9 @@ clean background. Each object has its own colour (colours are distinct inside a 
 names an object), a size (half extent ``r`` in pixels), and a constant speed: it moves in a straight
 line, reflects off the walls, and reflects off other objects (each object mirrors its own velocity
 about the contact normal, so every object keeps its speed forever and never stops). Objects never
-overlap, so every object is always fully visible.
+overlap, so every object is always fully visible, except during a clip's optional blackout: frames
+``[start, start + length)`` show the background only while the objects keep moving unseen (an occlusion
+of the whole scene; the frames after it test whether a model remembers what it saw before).
 
 Everything is deterministic in the seed: ``generate_clip(seed, frames=N)`` and
 ``generate_clip(seed, frames=M)`` agree on their first ``min(N, M)`` frames, so a long clip is the
@@ -55,6 +57,7 @@ DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square")
 SIZE_RANGE: tuple[float, float] = (0.11, 0.17)
 SPEED_RANGE: tuple[float, float] = (0.025, 0.05)
 MANIFEST_NAME = "manifest.jsonl"
+BLACKOUT_MARGIN = 2  # visible frames a data set's blackout leaves before and after it
 FORMAT_VERSION = 2  # bump when rendering changes: make_dataset then re-renders old files
 
 
@@ -284,8 +287,24 @@ def luma(rgb) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def render(scene: SceneSpec, frames: int, aa: int = 4) -> tuple[np.ndarray, dict]:
+def check_blackout(blackout, frames: int) -> tuple[int, int] | None:
+    """``(start, length)`` inside ``[0, frames)`` or None; a one-line ValueError otherwise."""
+    if blackout is None:
+        return None
+    try:
+        start, length = (int(x) for x in blackout)
+    except (TypeError, ValueError):
+        raise ValueError(f"blackout={blackout!r}: need (start, length) frames") from None
+    if start < 0 or length < 1 or start + length > frames:
+        raise ValueError(f"blackout={blackout!r}: (start, length) must lie inside the clip's {frames} frames")
+    return start, length
+
+
+def render(scene: SceneSpec, frames: int, aa: int = 4, blackout=None) -> tuple[np.ndarray, dict]:
     """Render ``frames`` frames: ``(uint8 [F, H, W, 3], metadata)``.
+
+    ``blackout``: optional ``(start, length)``; those frames show the background only (the objects
+    move on unseen; their metadata entries then carry ``"visible": False``).
 
     Edges are antialiased by ``aa`` x ``aa`` supersampling (``aa=1``: hard pixel-centre edges), so
     sub-pixel motion is visible and object centroids are exact to a small fraction of a pixel.
@@ -293,8 +312,10 @@ def render(scene: SceneSpec, frames: int, aa: int = 4) -> tuple[np.ndarray, dict
     ``metadata``: ``caption``, ``prompt`` (same text, the key the sampler's sidecars use), ``height``,
     ``width``, ``num_frames``, ``background``, ``objects`` (static: colour, shape, rgb, size) and
     ``frames``: per frame a list (one entry per object, in caption order) of
-    ``{"color", "shape", "center": [x, y], "size", "velocity": [vx, vy]}``.
+    ``{"color", "shape", "center": [x, y], "size", "velocity": [vx, vy]}``; ``blackout`` ([start,
+    length] or None).
     """
+    blackout = check_blackout(blackout, frames)
     h, w = scene.height, scene.width
     pos, vel = simulate(scene, frames)
     img = np.empty((frames, h, w, 3), dtype=np.float32)
@@ -302,6 +323,10 @@ def render(scene: SceneSpec, frames: int, aa: int = 4) -> tuple[np.ndarray, dict
     for k, o in enumerate(scene.objects):  # later objects on top (they never overlap anyway)
         cov = shape_coverage(o.shape, pos[:, k, 0], pos[:, k, 1], np.full(frames, o.size), h, w, aa=aa)[..., None]
         img = img * (1.0 - cov) + np.asarray(PALETTE[o.color], dtype=np.float32) * cov
+    dark = np.zeros(frames, dtype=bool)
+    if blackout is not None:
+        dark[blackout[0]:blackout[0] + blackout[1]] = True
+        img[dark] = np.asarray(scene.background, dtype=np.float32)
     video = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     per_frame = [
         [
@@ -311,6 +336,7 @@ def render(scene: SceneSpec, frames: int, aa: int = 4) -> tuple[np.ndarray, dict
                 "center": [round(float(pos[t, k, 0]), 4), round(float(pos[t, k, 1]), 4)],
                 "size": round(float(o.size), 4),
                 "velocity": [round(float(vel[t, k, 0]), 4), round(float(vel[t, k, 1]), 4)],
+                **({"visible": False} if dark[t] else {}),
             }
             for k, o in enumerate(scene.objects)
         ]
@@ -329,6 +355,7 @@ def render(scene: SceneSpec, frames: int, aa: int = 4) -> tuple[np.ndarray, dict
         ],
         "scene": scene.to_dict(),
         "frames": per_frame,
+        "blackout": None if blackout is None else list(blackout),
     }
     return video, meta
 
@@ -339,9 +366,11 @@ def generate_clip(
     size: int | tuple[int, int] = 32,
     caption: str | None = None,
     aa: int = 4,
+    blackout=None,
     **scene_kwargs,
 ) -> tuple[np.ndarray, dict]:
     """One clip: ``(uint8 [F, H, W, 3], metadata)``; deterministic in ``seed`` (and the other args).
+    ``blackout``: ``(start, length)`` frames showing the background only (see :func:`render`).
 
     With ``caption`` the content follows the caption (random layout from ``seed``); otherwise it is
     sampled (see :func:`sample_scene` for ``max_objects``, ``colors``, ``shapes``).
@@ -350,7 +379,7 @@ def generate_clip(
         scene = scene_from_caption(caption, seed=seed, size=size, **scene_kwargs)
     else:
         scene = sample_scene(np.random.default_rng(seed), size=size, **scene_kwargs)
-    video, meta = render(scene, frames, aa=aa)
+    video, meta = render(scene, frames, aa=aa, blackout=blackout)
     meta["seed"] = seed
     return video, meta
 
@@ -401,8 +430,35 @@ def _is_test_index(i: int, fraction: float) -> bool:
     return fraction > 0 and math.ceil((i + 1) * fraction) > math.ceil(i * fraction)
 
 
+def _draw_blackout(i: int, seed: int, frames: int, prob: float, lengths: tuple[int, int]) -> list[int] | None:
+    """Video ``i``'s blackout [start, length] or None: with probability ``prob`` a length in
+    ``lengths`` (inclusive) and a start leaving at least ``BLACKOUT_MARGIN`` visible frames on both
+    sides. Its own random stream, so the scenes are the same with or without blackouts."""
+    if prob <= 0:
+        return None
+    rng = np.random.default_rng([seed, i, 2])
+    if rng.random() >= prob:
+        return None
+    length = int(rng.integers(lengths[0], lengths[1] + 1))
+    start = int(rng.integers(BLACKOUT_MARGIN, frames - length - BLACKOUT_MARGIN + 1))
+    return [start, length]
+
+
+def check_blackout_law(frames: int, prob: float, lengths) -> None:
+    """One-line ValueError unless ``prob`` in [0, 1] and ``lengths`` = [lo, hi] fit ``frames``."""
+    if not 0 <= prob <= 1:
+        raise ValueError(f"blackout probability {prob!r} must be in [0, 1]")
+    lo, hi = lengths
+    if not 1 <= lo <= hi:
+        raise ValueError(f"blackout lengths {list(lengths)}: need 1 <= lo <= hi")
+    if prob > 0 and hi + 2 * BLACKOUT_MARGIN > frames:
+        raise ValueError(f"blackout lengths up to {hi} frames do not fit {frames}-frame clips with "
+                         f"{BLACKOUT_MARGIN} visible frames before and after; shorten them or lengthen the clips")
+
+
 def _video_spec(
-    i: int, seed: int, frames: int, size, fps: float, split: str, held_out: list, colors, shapes, max_objects, aa: int = 4
+    i: int, seed: int, frames: int, size, fps: float, split: str, held_out: list, colors, shapes, max_objects, aa: int = 4,
+    blackout: list[int] | None = None,
 ) -> dict:
     """The deterministic recipe of video ``i`` (cheap: no rendering). Stored in its metadata."""
     rng = np.random.default_rng([seed, i])
@@ -419,7 +475,7 @@ def _video_spec(
         objs = [(o.color, o.shape) for o in scene.objects]
     scene = sample_scene(rng, size=size, objects=objs)
     h, w = _hw(size)
-    return {
+    spec = {
         "format": FORMAT_VERSION,
         "index": i,
         "seed": seed,
@@ -431,6 +487,9 @@ def _video_spec(
         "aa": int(aa),
         "scene": scene.to_dict(),
     }
+    if blackout is not None:  # absent otherwise: data sets made before blackouts existed stay valid
+        spec["blackout"] = blackout
+    return spec
 
 
 def make_dataset(
@@ -447,6 +506,8 @@ def make_dataset(
     aa: int = 4,
     pix_fmt: str = "yuv444p",
     progress: bool = False,
+    blackout_prob: float = 0.0,
+    blackout_frames: Sequence[int] = (4, 6),
 ) -> Path:
     """Write a bouncing-shapes data set and return the path of its ``manifest.jsonl``.
 
@@ -474,6 +535,8 @@ def make_dataset(
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not 0 <= held_out_fraction < 1:
         raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    blackout_frames = tuple(int(x) for x in blackout_frames)
+    check_blackout_law(frames, blackout_prob, blackout_frames)
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
@@ -487,7 +550,8 @@ def make_dataset(
     made = 0
     for i in it:
         split = "test" if (held_out and _is_test_index(i, held_out_fraction)) else "train"
-        spec = _video_spec(i, seed, frames, size, fps, split, held_out, colors, shapes, max_objects, aa)
+        blackout = _draw_blackout(i, seed, frames, blackout_prob, blackout_frames)
+        spec = _video_spec(i, seed, frames, size, fps, split, held_out, colors, shapes, max_objects, aa, blackout)
         spec["pix_fmt"] = pix_fmt
         mp4 = vdir / f"{i:06d}.mp4"
         meta_path = vdir / f"{i:06d}.json"
@@ -500,7 +564,7 @@ def make_dataset(
             except (OSError, ValueError):
                 done = False
         if not done:
-            video, meta = render(scene, frames, aa=aa)
+            video, meta = render(scene, frames, aa=aa, blackout=blackout)
             meta.update(seed=seed, index=i, split=split, fps=float(fps), spec=spec)
             write_mp4(mp4, video, fps=fps, pix_fmt=pix_fmt)
             atomic_write_json(meta_path, meta, indent=None)
@@ -523,6 +587,8 @@ def make_dataset(
             "shapes": list(shapes),
             "aa": int(aa),
             "pix_fmt": pix_fmt,
+            "blackout_prob": blackout_prob,
+            "blackout_frames": list(blackout_frames),
             "held_out_combos": [list(map(list, c)) for c in held_out],
             "held_out_captions": [make_caption(c) for c in held_out],
         },
