@@ -284,3 +284,17 @@ def test_bounded_topk_device_bytes_flat_with_length(monkeypatch):
                neg_context=_ctx(2), **kw).latents
     assert torch.equal(a, b)
 
+
+def test_sample_memory_bounded_estimate():
+    """The estimate's device KV: R + 1 chunks of every layer + one layer's staged chunks + the current
+    one; the staging is the whole history for dense attention, `kv_staged_chunks` for routed modes."""
+    from resampling_forcing.config import Config
+    from resampling_forcing.memory import sample_memory
+
+    cfg = Config()
+    kv = lambda n, **kw: sample_memory(cfg, n, **kw)["parts"]["kv cache"]  # noqa: E731
+    layer_chunk = kv(1) // cfg.model.num_layers
+    assert kv(16, kv_resident_chunks=2) == kv(3) + 17 * layer_chunk  # dense: grows with the history
+    assert kv(64, kv_resident_chunks=2, kv_staged_chunks=3) == kv(16, kv_resident_chunks=2, kv_staged_chunks=3) \
+        == kv(3) + 4 * layer_chunk  # routed: flat
+    assert kv(2, kv_resident_chunks=2, kv_staged_chunks=3) == kv(2) + 3 * layer_chunk
