@@ -335,29 +335,46 @@ class CachedAttention:
             # Window mode, or a history no longer than what is kept: the chunks are known on the
             # host without scores (no sync); keeping them all is plain dense attention.
             chunks = static_chunks(self.routing, n)
+        record = self.recorder is not None and self.commit
+        sel = None
         if routes and chunks != list(range(n)):
+            staged = chunks
             if chunks is None:  # top-k: select first, over the resident mean keys
                 sel = select_chunks(q, cache.mean_keys(layer), self.routing, backend=self._path)
                 staged = cache.staged_chunks(sel)  # a bounded cache: the union (its one host sync)
-            else:
-                sel, staged = _static_sel(q, n, chunks), chunks
             hist_k, hist_v, _ = cache.history(layer, staged)
             cache.put_current(layer, k, v, staged)
-            sel_a, chunks_a, packed = sel, chunks, None
-            if cache.packs and staged is not None:  # history packed: the selection alike
-                sel_a, packed = sel[..., staged], (staged, n)
-                chunks_a = None if chunks is None else list(range(len(staged)))
+            packed = (staged, n) if cache.packs and staged is not None else None
+            if packed is None:
+                sel = _static_sel(q, n, chunks) if sel is None else sel
+                sel_a, chunks_a = sel, chunks
+            elif sel is None:  # window, packed: every query keeps every staged chunk
+                sel_a = torch.ones((*q.shape[:3], len(staged)), dtype=torch.bool, device=q.device)
+                chunks_a = list(range(len(staged)))
+            else:
+                sel_a, chunks_a = _packed_columns(sel, len(staged)), None
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel_a, cache.chunk_tokens, backend=self._path,
                                       chunks=chunks_a, packed=packed)
+            if record and sel is None:
+                sel = _static_sel(q, n, chunks)
         else:
             keys, values = cache.put_current(layer, k, v, chunks)
-            sel = _static_sel(q, n, chunks) if routes else None
+            if routes and record:
+                sel = _static_sel(q, n, chunks)
             out = attention(q, keys, values, None, self.backend)
-        if self.recorder is not None and self.commit and sel is not None:
+        if record and sel is not None:
             self.recorder.add(n, layer, sel)
         if self.commit:
             cache.put_mean(layer, k)
         return out
+
+
+def _packed_columns(sel: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` columns of sel [B, Hh, Lq, n] that some query selects, ascending: [B, Hh, Lq, count].
+    Found on the device by a stable sort of the union mask (an index list from the host would be one
+    more transfer and sync)."""
+    unused = (~sel.flatten(0, 2).any(dim=0)).to(torch.uint8)
+    return sel.index_select(-1, torch.argsort(unused, stable=True)[:count])
 
 
 def _static_sel(q: torch.Tensor, n: int, chunks: list[int]) -> torch.Tensor:

@@ -298,3 +298,18 @@ def test_sample_memory_bounded_estimate():
     assert kv(64, kv_resident_chunks=2, kv_staged_chunks=3) == kv(16, kv_resident_chunks=2, kv_staged_chunks=3) \
         == kv(3) + 4 * layer_chunk  # routed: flat
     assert kv(2, kv_resident_chunks=2, kv_staged_chunks=3) == kv(2) + 3 * layer_chunk
+
+
+@pytest.mark.parametrize("case", ["window", "topk"])
+def test_recorded_selection_is_the_unpacked_one(case):
+    """record_selection keeps the full [.., n] selection in bounded mode (not the packed one)."""
+    import numpy as np
+
+    model = tiny_model()
+    opts = dataclasses.replace(CASES[case], record_selection=True)
+    kw = dict(neg_context=_ctx(2), seed=5, decode=False)
+    a = sample(model, _ctx(1, 2), 7, (H, W), options=opts, **kw)
+    b = sample(model, _ctx(1, 2), 7, (H, W), options=dataclasses.replace(opts, kv_resident_chunks=1), **kw)
+    assert torch.equal(a.latents, b.latents)
+    np.testing.assert_array_equal(a.selection, b.selection)
+    assert not np.isnan(a.selection[6]).all()
