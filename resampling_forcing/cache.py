@@ -204,12 +204,12 @@ class TieredKVCache(KVCache):
         self.capacity = capacity
 
     def _reserve_stage(self, chunks: int) -> None:
-        """Staging room for `chunks` chunks: doubling (amortised), never beyond the whole history."""
+        """Staging room for `chunks` chunks: grown to the largest need so far (no doubling: the bytes
+        are the point; the contents are transient, so a regrowth is one allocation, no copy)."""
         have = 0 if self.stage_k is None else self.stage_k.shape[2] // self.chunk_tokens
         if chunks <= have:
             return
-        size = max(chunks, min(2 * have, self.capacity + 1))
-        shape = (self.batch, self.heads, size * self.chunk_tokens, self.head_dim)
+        shape = (self.batch, self.heads, chunks * self.chunk_tokens, self.head_dim)
         self.stage_k = self.stage_v = None  # transient: no copy, free the old pair first
         self.stage_k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.stage_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
