@@ -4,7 +4,8 @@ Per block the cache holds the K/V of every finished chunk in one preallocated bu
 [B, Hh, capacity * T, D] (T = tokens per chunk), the running per-head mean key of each chunk
 [B, Hh, capacity, D] (the routing descriptor, fp32), and the text cross-attention K/V computed
 once per rollout. Classifier-free guidance keeps its conditional and unconditional caches as
-the two halves of the batch. Cursors are host integers: no `.item()` or device sync here.
+the two halves of the batch. Cursors are host integers: no `.item()` or device sync here (the
+one exception: top-k over a host tier, below).
 
 The slot after the last finished chunk is scratch: each denoising step writes the current
 chunk's K/V there (so dense attention is one contiguous view, no concatenation) and the
@@ -14,19 +15,22 @@ Bounded memory (`TieredKVCache`, `KVCache.for_model(..., resident_chunks=R)`): o
 recent finished chunks (plus the scratch slot) stay on the compute device, in a ring; older chunks
 move to a second tier (host memory, pinned on CUDA, one tensor per chunk and layer). The mean keys
 stay resident, so routing selects without a transfer. Each attention call stages the history chunks
-it reads, packed in ascending order, into ONE device buffer shared by all layers (sized by need):
+it reads, packed in ascending order, into ONE device buffer shared by all layers (grown to the
+largest need so far):
   dense attention: the whole history of the layer (exact attention over it needs every key);
   window routing: sink + window (known on the host);
   top-k routing: the union over batch, heads and queries of the selected chunks. The selection is
     on the device, so the cache reads the union's mask to the host: ONE host sync per layer call, the
     price of the host tier (only while chunks are offloaded; the all-resident KVCache has none).
-The attention paths see the packed history with the selection packed alike and compute the same
-arithmetic as over the whole history: outputs are bit-identical (tests/test_kv_offload.py).
+The attention paths see the packed history with the selection packed alike (`routed_attention(...,
+packed=(chunks, n))`) and compute the same arithmetic as over the whole history: outputs are
+bit-identical (tests/test_kv_offload.py).
 Optionally the host tier stores K/V in a smaller dtype (`host_dtype`, e.g. bf16 under an fp32 model:
-half the host memory, no longer exact). Device memory: R + 1 chunks of every layer + mean keys + the
-staging buffer, i.e. one layer's history for dense attention but only the staged chunks for routed
-modes: flat in the rollout length while top-k selections stay coherent (the union can reach every
-chunk for incoherent per-token picks). Copies are enqueued on the current stream (non_blocking
+half the host memory, no longer exact). Device memory: R + 1 chunks of every layer + the mean keys
+(one key per chunk and layer: the part that still grows, 1/T of the history) + the staging buffer,
+i.e. one layer's history for dense attention but only the staged chunks for routed modes: flat in
+the rollout length for window routing, and for top-k while its selections stay coherent (the union
+can reach every chunk for incoherent per-token picks). Copies are enqueued on the current stream (non_blocking
 from/to pinned memory).
 """
 from __future__ import annotations
