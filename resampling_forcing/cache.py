@@ -30,8 +30,8 @@ half the host memory, no longer exact). Device memory: R + 1 chunks of every lay
 (one key per chunk and layer: the part that still grows, 1/T of the history) + the staging buffer,
 i.e. one layer's history for dense attention but only the staged chunks for routed modes: flat in
 the rollout length for window routing, and for top-k while its selections stay coherent (the union
-can reach every chunk for incoherent per-token picks). Copies are enqueued on the current stream (non_blocking
-from/to pinned memory).
+can reach every chunk for incoherent per-token picks). Copies are enqueued on the current stream
+(non_blocking from/to pinned memory).
 """
 from __future__ import annotations
 
