@@ -3,10 +3,14 @@
 vs `kv_resident_chunks=R` (cache.TieredKVCache), with a bit-for-bit check of the latents and the time.
 
     python bench/kv_offload.py --checkpoint assets/tiny-pretrained --chunks 4,8,16,32 --resident 2 \\
-        [--top-k 2] [--device cuda] --out outputs/bench/kv_offload.json
+        [--top-k 2 | --window 2 --sink 1] [--device cuda] --out outputs/bench/kv_offload.json
 
 Also prints the arithmetic for the Wan2.1-1.3B shape at 480p (30 layers, 1536 dim, 4680 tokens per
-3-latent-frame chunk, bf16, CFG): K/V bytes on the device per chunk of history, all-resident vs bounded.
+3-latent-frame chunk, bf16, CFG): K/V bytes on the device per chunk of history, all-resident vs bounded
+(dense: the staging buffer holds one layer's whole history; with routing also the routed case at its
+floor: sink + window (+ k) staged chunks, exact for window routing, coherent selections for top-k).
+Per length: device / total MiB, seconds, the bounded run's chunk copies from the host tier and the most
+history chunks it staged at once, and whether the latents are bit-identical.
 """
 from __future__ import annotations
 
@@ -19,18 +23,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from resampling_forcing.cache import KVCache  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
 from resampling_forcing.timing import Stopwatch  # noqa: E402
 
+_MADE: list = []  # the caches the rollouts build (the pipeline returns timings, not its cache)
+_for_model = KVCache.for_model.__func__
 
-def wan_arithmetic(minutes: float = 1.0, resident: int = 4, fps: float = 16.0) -> dict:
+
+def _spy(cls, *a, **kw):
+    _MADE.append(_for_model(cls, *a, **kw))
+    return _MADE[-1]
+
+
+def wan_arithmetic(minutes: float = 1.0, resident: int = 4, fps: float = 16.0, staged: int | None = None) -> dict:
+    """`staged`: history chunks the staging buffer holds (one layer): None = all (dense attention)."""
     layers, dim, tokens, bytes_, branches = 30, 1536, 4680, 2, 2
     chunk = layers * 2 * tokens * dim * bytes_ * branches  # K and V of every layer, both CFG halves
     latent_frames = 1 + int(minutes * 60 * fps - 1) // 4
     n = latent_frames // 3
+    staged = n if staged is None else min(n, staged)
     return dict(chunks=n, chunk_gib=chunk / 2**30, all_resident_gib=n * chunk / 2**30,
-                bounded_device_gib=((resident + 1) * chunk + (n + 1) * chunk / layers) / 2**30,
-                bounded_host_gib=max(0, n - resident) * chunk / 2**30, resident_chunks=resident)
+                bounded_device_gib=((resident + 1) * chunk + (staged + 1) * chunk / layers) / 2**30,
+                bounded_host_gib=max(0, n - resident) * chunk / 2**30, resident_chunks=resident,
+                staged_chunks=staged)
 
 
 def main(argv=None) -> int:
@@ -39,31 +55,43 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", default="4,8,16,32")
     p.add_argument("--resident", type=int, default=2)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device)
+    KVCache.for_model = classmethod(_spy)
     rows = []
     for n in [int(x) for x in args.chunks.split(",")]:
         res = {}
         for r in (None, args.resident):
             with Stopwatch(args.device) as sw:
                 out = pipe.generate("a red circle bouncing", n, seed=0, steps=args.steps, top_k=args.top_k,
-                                    kv_resident_chunks=r, decode=False)
+                                    sink=args.sink, window=args.window, kv_resident_chunks=r, decode=False)
             res[r] = (out, sw.seconds)
         (a, ta), (b, tb) = res[None], res[args.resident]
+        tier = _MADE[-1]  # the bounded run's cache: chunks copied in from the host, most staged at once
         row = dict(chunks=n, all_device_mib=a.timings["kv_cache_mib"], bounded_device_mib=b.timings["kv_cache_mib"],
                    bounded_total_mib=b.timings["kv_cache_total_mib"], all_s=ta, bounded_s=tb,
+                   host_reads=tier.host_reads, staged_peak=tier.stage_k.shape[2] // tier.chunk_tokens - 1,
                    identical=bool(torch.equal(a.latents, b.latents)))
         rows.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     wan = wan_arithmetic(resident=max(args.resident, 1))
-    print("wan2.1-1.3b 480p, 1 min:", {k: round(v, 1) if isinstance(v, float) else v for k, v in wan.items()})
+    print("wan2.1-1.3b 480p, 1 min, dense:", {k: round(v, 1) if isinstance(v, float) else v for k, v in wan.items()})
+    spec = pipe.sampling_options(top_k=args.top_k, sink=args.sink, window=args.window).routing
+    if spec is not None and not spec.is_dense:
+        floor = spec.max_selected()
+        wan_routed = wan_arithmetic(resident=max(args.resident, 1), staged=floor)
+        wan = dict(dense=wan, routed=wan_routed, routing=str(spec))
+        print(f"wan2.1-1.3b 480p, 1 min, {spec.mode} ({floor} staged chunks, its floor):",
+              {k: round(v, 1) if isinstance(v, float) else v for k, v in wan_routed.items()})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(rows=rows, wan=wan, resident=args.resident, top_k=args.top_k,
-                                                  device=args.device), indent=2) + "\n")
+                                                  sink=args.sink, window=args.window, device=args.device), indent=2) + "\n")
     return 0
 
 

@@ -4,7 +4,8 @@ Per block the cache holds the K/V of every finished chunk in one preallocated bu
 [B, Hh, capacity * T, D] (T = tokens per chunk), the running per-head mean key of each chunk
 [B, Hh, capacity, D] (the routing descriptor, fp32), and the text cross-attention K/V computed
 once per rollout. Classifier-free guidance keeps its conditional and unconditional caches as
-the two halves of the batch. Cursors are host integers: no `.item()` or device sync here.
+the two halves of the batch. Cursors are host integers: no `.item()` or device sync here (the
+one exception: top-k over a host tier, below).
 
 The slot after the last finished chunk is scratch: each denoising step writes the current
 chunk's K/V there (so dense attention is one contiguous view, no concatenation) and the
@@ -13,15 +14,24 @@ cache-writing pass at `context_t` commits it.
 Bounded memory (`TieredKVCache`, `KVCache.for_model(..., resident_chunks=R)`): only the R most
 recent finished chunks (plus the scratch slot) stay on the compute device, in a ring; older chunks
 move to a second tier (host memory, pinned on CUDA, one tensor per chunk and layer). The mean keys
-stay resident (routing selects without a transfer). For each attention call the history of that
-layer is assembled into ONE device staging buffer shared by all layers, at the same offsets as in
-the all-resident cache, so every attention path runs unchanged on the same values: outputs are
-bit-identical (tests/test_kv_offload.py). Optionally the host tier stores K/V in a smaller dtype
-(`host_dtype`, e.g. bf16 under an fp32 model: half the host memory, no longer exact). Only the chunks a call reads are brought in: all of them
-for dense attention and top-k routing (its per-token selection is on the device; knowing it on the
-host would need a sync), the sink + window chunks for window routing. Device memory: R chunks of
-every layer + one layer's history + mean keys, instead of every layer's history. All copies are
-enqueued on the current stream (non_blocking from/to pinned memory): no host sync.
+stay resident, so routing selects without a transfer. Each attention call stages the history chunks
+it reads, packed in ascending order, into ONE device buffer shared by all layers (grown to the
+largest need so far):
+  dense attention: the whole history of the layer (exact attention over it needs every key);
+  window routing: sink + window (known on the host);
+  top-k routing: the union over batch, heads and queries of the selected chunks. The selection is
+    on the device, so the cache reads the union's mask to the host: ONE host sync per layer call, the
+    price of the host tier (only while chunks are offloaded; the all-resident KVCache has none).
+The attention paths see the packed history with the selection packed alike (`routed_attention(...,
+packed=(chunks, n))`) and compute the same arithmetic as over the whole history: outputs are
+bit-identical (tests/test_kv_offload.py).
+Optionally the host tier stores K/V in a smaller dtype (`host_dtype`, e.g. bf16 under an fp32 model:
+half the host memory, no longer exact). Device memory: R + 1 chunks of every layer + the mean keys
+(one key per chunk and layer: the part that still grows, 1/T of the history) + the staging buffer,
+i.e. one layer's history for dense attention but only the staged chunks for routed modes: flat in
+the rollout length for window routing, and for top-k while its selections stay coherent (the union
+can reach every chunk for incoherent per-token picks). Copies are enqueued on the current stream
+(non_blocking from/to pinned memory).
 """
 from __future__ import annotations
 
@@ -37,6 +47,8 @@ from .attention.spec import RoutingSpec
 
 
 class KVCache:
+    packs = False  # history(layer, chunks) returns every chunk (views); a packing cache only `chunks`
+
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, chunk_tokens: int,
                  device, dtype, capacity: int = 8):
         self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
@@ -92,6 +104,15 @@ class KVCache:
         end = self.num_chunks * self.chunk_tokens
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.mean_k[layer][:, :, :self.num_chunks]
 
+    def mean_keys(self, layer: int) -> torch.Tensor:
+        """Mean keys [B, Hh, n, D] (fp32) of the n finished chunks: always resident."""
+        return self.mean_k[layer][:, :, :self.num_chunks]
+
+    def staged_chunks(self, sel: torch.Tensor) -> list[int] | None:
+        """History chunks to bring in for the selection `sel` [B, Hh, Lq, n]: None = all of them (here:
+        every chunk is a view already, no sync)."""
+        return None
+
     def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunks: list[int] | None = None):
         """Write the current chunk's K/V into the scratch slot; return K, V of history + current
         (`chunks` as in `history`)."""
@@ -125,7 +146,11 @@ class TieredKVCache(KVCache):
 
     Layout: ring `rk/rv[layer]` [B, Hh, (R+1)*T, D] on the device (chunk j >= n - R and the scratch
     chunk n at slot j % (R+1)); `hk/hv[layer][j]` [B, Hh, T, D] on `host_device` for j < n - R;
-    `mean_k[layer]` as in KVCache; one staging pair [B, Hh, (capacity+1)*T, D] on the device."""
+    `mean_k[layer]` as in KVCache; one staging pair [B, Hh, S*T, D] on the device, S >= the staged
+    chunks + 1 (grown on demand). `history(layer, chunks)` packs `chunks`: [B, Hh, len(chunks)*T, D].
+    `last_staged`: the chunks the latest staging held; `host_reads`: chunk copies from the host tier."""
+
+    packs = True
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, chunk_tokens: int,
                  device, dtype, capacity: int = 8, *, resident_chunks: int, host_device="cpu", host_dtype=None):
@@ -142,6 +167,8 @@ class TieredKVCache(KVCache):
         self.resident = resident_chunks
         self._n = 0
         self._staged = None  # (layer, n, chunks) whose history the staging buffers hold
+        self.last_staged: tuple[int, ...] = ()
+        self.host_reads = 0
         self.text_kv = None
         ring = (batch, heads, (resident_chunks + 1) * chunk_tokens, head_dim)
         self.rk = [torch.zeros(ring, device=self.device, dtype=dtype) for _ in range(num_layers)]
@@ -178,46 +205,72 @@ class TieredKVCache(KVCache):
         for o, nw in zip(self.mean_k, new):
             nw[:, :, :self._n] = o[:, :, :self._n]
         self.mean_k = new
-        shape = (self.batch, self.heads, (capacity + 1) * self.chunk_tokens, self.head_dim)
-        self.stage_k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # transient: no copy
-        self.stage_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self._staged = None
         self.capacity = capacity
 
-    def _stage(self, layer: int, chunks: list[int] | None) -> None:
-        n = self._n
-        key = (layer, n, None if chunks is None else tuple(chunks))
-        if self._staged == key:
+    def _reserve_stage(self, chunks: int) -> None:
+        """Staging room for `chunks` chunks: grown to the largest need so far (no doubling: the bytes
+        are the point; the contents are transient, so a regrowth is one allocation, no copy)."""
+        have = 0 if self.stage_k is None else self.stage_k.shape[2] // self.chunk_tokens
+        if chunks <= have:
             return
-        need = list(range(n)) if chunks is None else sorted(chunks)
-        T, off = self.chunk_tokens, self.offloaded
-        for a, b in index_runs([j for j in need if j >= off]):  # resident: ring slots, contiguous until the wrap
+        shape = (self.batch, self.heads, chunks * self.chunk_tokens, self.head_dim)
+        self.stage_k = self.stage_v = None  # transient: no copy, free the old pair first
+        self.stage_k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.stage_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._staged = None
+
+    def staged_chunks(self, sel: torch.Tensor) -> list[int] | None:
+        """The union of `sel` [B, Hh, Lq, n] over batch, heads and queries, as a host list: the ONE host
+        sync of a routed call in bounded mode. None (stage all, no sync) while nothing is offloaded."""
+        if self.offloaded == 0:
+            return None
+        return [j for j, used in enumerate(sel.flatten(0, 2).any(dim=0).tolist()) if used]
+
+    def _stage(self, layer: int, chunks: list[int] | None) -> int:
+        """Pack the history chunks `chunks` (None = all) of `layer` into the staging buffer, ascending;
+        room for the current chunk after them. Returns how many were staged."""
+        n = self._n
+        need = tuple(range(n)) if chunks is None else tuple(sorted(chunks))
+        key = (layer, n, need)
+        if self._staged == key:
+            return len(need)
+        self._reserve_stage(len(need) + 1)
+        T, off, ring = self.chunk_tokens, self.offloaded, self.resident + 1
+        p = 0  # packed position of chunk j
+        for a, b in index_runs(list(need)):
             j = a
             while j < b:
-                s = j % (self.resident + 1)
-                e = min(b, j + (self.resident + 1 - s))
-                src = slice(s * T, (s + e - j) * T)
-                self.stage_k[:, :, j * T:e * T].copy_(self.rk[layer][:, :, src])
-                self.stage_v[:, :, j * T:e * T].copy_(self.rv[layer][:, :, src])
+                if j < off:  # host tier, one chunk each
+                    e = j + 1
+                    self.stage_k[:, :, p * T:(p + 1) * T].copy_(self.hk[layer][j], non_blocking=True)
+                    self.stage_v[:, :, p * T:(p + 1) * T].copy_(self.hv[layer][j], non_blocking=True)
+                    self.host_reads += 1
+                else:  # resident: ring slots, contiguous until the wrap
+                    s = j % ring
+                    e = min(b, j + ring - s)
+                    src = slice(s * T, (s + e - j) * T)
+                    self.stage_k[:, :, p * T:(p + e - j) * T].copy_(self.rk[layer][:, :, src])
+                    self.stage_v[:, :, p * T:(p + e - j) * T].copy_(self.rv[layer][:, :, src])
+                p += e - j
                 j = e
-        for j in (j for j in need if j < off):  # host tier, one chunk each
-            self.stage_k[:, :, j * T:(j + 1) * T].copy_(self.hk[layer][j], non_blocking=True)
-            self.stage_v[:, :, j * T:(j + 1) * T].copy_(self.hv[layer][j], non_blocking=True)
         self._staged = key
+        self.last_staged = need
+        return len(need)
 
     def history(self, layer: int, chunks: list[int] | None = None):
-        self._stage(layer, chunks)
-        end = self._n * self.chunk_tokens
+        """K, V [B, Hh, len(chunks)*T, D] of `chunks` (None = all n), packed ascending, and the mean
+        keys [B, Hh, n, D] of every chunk."""
+        end = self._stage(layer, chunks) * self.chunk_tokens
         return self.stage_k[:, :, :end], self.stage_v[:, :, :end], self.mean_k[layer][:, :, :self._n]
 
     def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunks: list[int] | None = None):
+        """As KVCache.put_current, over the packed `chunks`: K, V [B, Hh, (len(chunks)+1)*T, D]."""
         if k.shape[2] != self.chunk_tokens:
             raise ValueError(f"current chunk has {k.shape[2]} tokens; the cache holds chunks of {self.chunk_tokens}")
-        self._stage(layer, chunks)
+        start = self._stage(layer, chunks) * self.chunk_tokens
         sl = self._slot(self._n)
         self.rk[layer][:, :, sl] = k  # the ring keeps it for the commit
         self.rv[layer][:, :, sl] = v
-        start = self._n * self.chunk_tokens
         end = start + self.chunk_tokens
         self.stage_k[:, :, start:end] = k
         self.stage_v[:, :, start:end] = v
@@ -239,7 +292,7 @@ class TieredKVCache(KVCache):
 
     def memory_bytes(self) -> int:
         """Bytes of the first tier (the compute device): ring, mean keys, staging."""
-        ts = self.rk + self.rv + self.mean_k + [self.stage_k, self.stage_v]
+        ts = self.rk + self.rv + self.mean_k + [t for t in (self.stage_k, self.stage_v) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def host_bytes(self) -> int:
@@ -286,21 +339,46 @@ class CachedAttention:
             # Window mode, or a history no longer than what is kept: the chunks are known on the
             # host without scores (no sync); keeping them all is plain dense attention.
             chunks = static_chunks(self.routing, n)
+        record = self.recorder is not None and self.commit
+        sel = None
         if routes and chunks != list(range(n)):
-            hist_k, hist_v, mean_k = cache.history(layer, chunks)
-            cache.put_current(layer, k, v, chunks)
-            sel = (select_chunks(q, mean_k, self.routing, backend=self._path) if chunks is None
-                   else _static_sel(q, n, chunks))
-            out, _ = routed_attention(q, hist_k, hist_v, k, v, sel, cache.chunk_tokens, backend=self._path, chunks=chunks)
+            staged = chunks
+            if chunks is None:  # top-k: select first, over the resident mean keys
+                sel = select_chunks(q, cache.mean_keys(layer), self.routing, backend=self._path)
+                staged = cache.staged_chunks(sel)  # a bounded cache: the union (its one host sync)
+            hist_k, hist_v, _ = cache.history(layer, staged)
+            cache.put_current(layer, k, v, staged)
+            packed = (staged, n) if cache.packs and staged is not None else None
+            if packed is None:
+                sel = _static_sel(q, n, chunks) if sel is None else sel
+                sel_a, chunks_a = sel, chunks
+            elif sel is None:  # window, packed: every query keeps every staged chunk
+                sel_a = torch.ones((*q.shape[:3], len(staged)), dtype=torch.bool, device=q.device)
+                chunks_a = list(range(len(staged)))
+            else:
+                sel_a, chunks_a = _packed_columns(sel, len(staged)), None
+            out, _ = routed_attention(q, hist_k, hist_v, k, v, sel_a, cache.chunk_tokens, backend=self._path,
+                                      chunks=chunks_a, packed=packed)
+            if record and sel is None:
+                sel = _static_sel(q, n, chunks)
         else:
             keys, values = cache.put_current(layer, k, v, chunks)
-            sel = _static_sel(q, n, chunks) if routes else None
+            if routes and record:
+                sel = _static_sel(q, n, chunks)
             out = attention(q, keys, values, None, self.backend)
-        if self.recorder is not None and self.commit and sel is not None:
+        if record and sel is not None:
             self.recorder.add(n, layer, sel)
         if self.commit:
             cache.put_mean(layer, k)
         return out
+
+
+def _packed_columns(sel: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` columns of sel [B, Hh, Lq, n] that some query selects, ascending: [B, Hh, Lq, count].
+    Found on the device by a stable sort of the union mask (an index list from the host would be one
+    more transfer and sync)."""
+    unused = (~sel.flatten(0, 2).any(dim=0)).to(torch.uint8)
+    return sel.index_select(-1, torch.argsort(unused, stable=True)[:count])
 
 
 def _static_sel(q: torch.Tensor, n: int, chunks: list[int]) -> torch.Tensor:

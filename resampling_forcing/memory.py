@@ -84,22 +84,27 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
 
 def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
                   history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None,
-                  kv_host_bytes: int | None = None) -> dict:
+                  kv_host_bytes: int | None = None, kv_staged_chunks: int | None = None) -> dict:
     """Lower bound of one rollout of `batch` videos: KV cache of every chunk, latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
     the decoded video. With `kv_resident_chunks` = R (cache.TieredKVCache) the device holds R + 1
-    chunks of every layer plus one layer's whole history; the rest of the cache is host memory
-    (`kv_host_bytes` per element there; None = dtype_bytes)."""
+    chunks of every layer plus ONE layer's staged history and the current chunk; the rest of the
+    cache is host memory (`kv_host_bytes` per element there; None = dtype_bytes).
+    `kv_staged_chunks`: the history chunks staged at once: None = all (dense attention); routed modes
+    stage fewer: window sink + window, top-k the union of the selections, at least
+    `RoutingSpec.max_selected()` (flat in the rollout length while selections are coherent)."""
     d, m = cfg.data, cfg.model
     geo = codec_geometry(cfg)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
     n = num_chunks + history_chunks
     t = tokens_per_chunk(cfg, h, w)
     frames = pixel_frames(geo, n * m.chunk_frames)
+    staged = n if kv_staged_chunks is None else min(n, kv_staged_chunks)
+    kv_chunks = (m.num_layers * n if kv_resident_chunks is None  # chunks of K and V on the device
+                 else m.num_layers * min(n, kv_resident_chunks + 1) + staged + 1)  # ring + one layer's staging
     parts = {
         "weights": model_params(cfg) * dtype_bytes,
-        "kv cache": m.num_layers * 2 * n * t * m.dim * dtype_bytes * batch if kv_resident_chunks is None else
-        (m.num_layers * 2 * min(n, kv_resident_chunks + 1) + 2 * (n + 1)) * t * m.dim * dtype_bytes * batch,
+        "kv cache": 2 * kv_chunks * t * m.dim * dtype_bytes * batch,
         "latents": 2 * batch * geo["channels"] * n * m.chunk_frames * h * w * 4,
         "block work": (2 if cfg_scale != 1.0 else 1) * batch * t * (5 * m.dim + m.ffn_dim) * dtype_bytes,
     }

@@ -138,3 +138,180 @@ def test_cli_kv_host_dtype(tmp_path, capsys):
     capsys.readouterr()
     assert mod.main(base + ["--kv-host-dtype", "bf16", "--output", str(tmp_path / "x.mp4")]) == 2
     assert "needs --kv-resident-chunks" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-k in bounded mode stages only the union of the selected chunks, packed (issue 14, item 3)
+# ------------------------------------------------------------------------------------------------
+from resampling_forcing.attention import routed_torch as R  # noqa: E402
+from resampling_forcing.attention.selection import select_chunks  # noqa: E402
+from resampling_forcing.cache import CachedAttention  # noqa: E402
+
+
+def _filled(cache, n, layers, b, hh, t, d, hot, seed):
+    """Write n chunks of K/V into `cache`; the chunks in `hot` have keys along +e0 (queries along +e0
+    pick among them), the others along -e0: top-k's union is sink + window + (part of) `hot`."""
+    g = torch.Generator().manual_seed(seed)
+    for j in range(n):
+        for layer in range(layers):
+            k = torch.randn(b, hh, t, d, generator=g) * 0.3
+            k[..., 0] += 2.0 if j in hot else -2.0
+            v = torch.randn(b, hh, t, d, generator=g)
+            cache.put_current(layer, k, v, [])  # [] : stage no history (the ring / buffer keeps the chunk)
+            cache.put_mean(layer, k)
+        cache.commit()
+    return cache
+
+
+def _call(cache, spec, backend, q, k, v, layer=0):
+    return CachedAttention(cache, backend, routing=spec)(q, k, v, layer)
+
+
+LAYOUTS = {"cost": None, "pad0": (0, "padded"), "var0": (0, "per-chunk"), "pad1": (1, "padded"), "var2": (2, "per-chunk")}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6, 1), (2, 2, 7, 5, 3)], ids=["b1-T5-D6-R1", "b2-T7-D5-R3"])
+def test_topk_stages_only_the_union_and_is_bit_identical(shape, layout, monkeypatch):
+    b, hh, t, d, resident = shape
+    n, layers, hot = 13, 2, {2, 3, 6, 7, 8}
+    spec = RoutingSpec("topk", top_k=2, sink_chunks=1, window_chunks=1)
+    if LAYOUTS[layout] is not None:
+        nd, lay = LAYOUTS[layout]
+        orig = R._plan_history
+        monkeypatch.setattr(R, "_plan_history",
+                            lambda sel, T, D, **kw: orig(sel, T, D, force_dense=nd, force_layout=lay, **kw))
+    full = _filled(KVCache(layers, b, hh, d, t, "cpu", torch.float32, capacity=2), n, layers, b, hh, t, d, hot, 1)
+    tier = _filled(TieredKVCache(layers, b, hh, d, t, "cpu", torch.float32, capacity=2, resident_chunks=resident),
+                   n, layers, b, hh, t, d, hot, 1)
+    g = torch.Generator().manual_seed(2)
+    stag = []
+    for layer in range(layers):
+        q = torch.randn(b, hh, t, d, generator=g)
+        q[..., 0] = q[..., 0].abs() + 1.0
+        k, v = torch.randn(b, hh, t, d, generator=g), torch.randn(b, hh, t, d, generator=g)
+        reads = tier.host_reads
+        want, got = _call(full, spec, "sdpa", q, k, v, layer), _call(tier, spec, "sdpa", q, k, v, layer)
+        assert torch.equal(want, got)
+        sel = select_chunks(q, full.mean_keys(layer), spec, backend="torch")
+        union = tuple(int(j) for j in sel.flatten(0, 2).any(dim=0).nonzero().flatten())
+        assert tier.last_staged == union and set(union) <= {0, n - 1} | hot  # not all n chunks
+        assert tier.host_reads - reads == sum(1 for j in union if j < n - resident)  # only the union moved
+        stag.append(len(union))
+        assert tier.stage_k.shape[2] == (max(stag) + 1) * t  # packed, sized by need, not to the history
+        assert tier.mean_keys(layer).shape == (b, hh, n, d)  # selection reads every mean key, resident
+
+
+@pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=2, sink_chunks=1, window_chunks=1),
+                                  RoutingSpec("window", sink_chunks=1, window_chunks=2)], ids=["topk", "window"])
+def test_packed_history_on_the_triton_path(spec):
+    """The routed kernel (TRITON_INTERPRET=1 on CPU) over the packed history equals it over the whole."""
+    from resampling_forcing.attention.backends import kernels
+
+    kern = kernels()
+    if kern is None or not kern.is_interpreted():
+        pytest.skip("needs triton with TRITON_INTERPRET=1 (tests/conftest.py)")
+    b, hh, t, d, n = 2, 2, 7, 5, 9
+    full = _filled(KVCache(1, b, hh, d, t, "cpu", torch.float32), n, 1, b, hh, t, d, {2, 4, 5}, 3)
+    tier = _filled(TieredKVCache(1, b, hh, d, t, "cpu", torch.float32, resident_chunks=2), n, 1, b, hh, t, d, {2, 4, 5}, 3)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(b, hh, t, d, generator=g)
+    q[..., 0] = q[..., 0].abs() + 1.0
+    k, v = torch.randn(b, hh, t, d, generator=g), torch.randn(b, hh, t, d, generator=g)
+    assert torch.equal(_call(full, spec, "triton", q, k, v), _call(tier, spec, "triton", q, k, v))
+    assert len(tier.last_staged) < n
+
+
+@pytest.mark.parametrize("T,D", [(1560, 128), (128, 64), (64, 16)])
+def test_packed_plan_is_the_unpacked_plan(T, D):
+    """The torch path plans a packed selection (columns `ids` of an N-chunk history) exactly as the
+    unpacked one: same dense blocks, padded rows and per-chunk counts (the padded layout is costed over
+    N chunks: costed over the packed 12 it wins at the two small shapes and the plans would differ),
+    so the bounded cache's arithmetic is the all-resident one."""
+    g = torch.Generator().manual_seed(0)
+    B, Hh, Lq, N = 1, 6, T, 40
+    ids = sorted(torch.randperm(N - 2, generator=g)[:10].add(1).tolist() + [0, N - 1])
+    pick = torch.zeros(B, Hh, Lq, N, dtype=torch.bool)
+    width = torch.tensor([1, 2, 4, 8, 12, 12])  # coherent .. scattered heads
+    for h in range(Hh):
+        r = torch.randint(0, int(width[h]), (Lq,), generator=g)
+        pick[0, h, torch.arange(Lq), torch.tensor(ids)[r]] = True
+    pick[..., 0] = pick[..., N - 1] = True
+    a = R._plan_history(pick, T, D)
+    p = R._plan_history(pick[..., ids], T, D, full_chunks=N)
+    assert a.kind == p.kind == "blocks"
+    assert a.dense == [[ids[j] for j in d] for d in p.dense] and a.rows == p.rows
+    assert a.counts == [[c[ids.index(j)] if j in ids else 0 for j in range(N)] for c in p.counts]
+
+
+def test_bounded_topk_device_bytes_flat_with_length(monkeypatch):
+    """With coherent selections (forced: sink + the last two chunks, by top-k's code path) the device
+    bytes of a bounded top-k rollout, mean keys aside, do not grow with its length; dense bounded
+    attention stages one layer's whole history, so its staging buffer does grow."""
+    import resampling_forcing.cache as C
+
+    def coherent(q, mean_k, spec, backend="auto"):
+        B, Hh, Lq, _ = q.shape
+        n = mean_k.shape[2]
+        sel = torch.zeros(B, Hh, Lq, n, dtype=torch.bool)
+        sel[..., [0, n - 2, n - 1]] = True
+        return sel
+
+    monkeypatch.setattr(C, "select_chunks", coherent)
+    model = tiny_model()
+    spec = RoutingSpec("topk", top_k=1, sink_chunks=1, window_chunks=1)
+
+    def run(chunks, routing, resident=2):
+        opts = SamplingOptions(steps=1, cfg_scale=1.0, routing=routing, kv_resident_chunks=resident)
+        ro = Rollout(model, _ctx(1), latent_hw=(H, W), options=opts)
+        for _ in range(chunks):
+            ro.next_chunk()
+            ro.flush()
+        c = ro.cache
+        mean = sum(m.numel() * m.element_size() for m in c.mean_k)
+        return c.memory_bytes() - mean, c.stage_k.shape[2] // c.chunk_tokens, ro
+
+    short, s_short, _ = run(6, spec)
+    long, s_long, ro = run(14, spec)
+    assert short == long and s_short == s_long == 4  # 3 staged + the current chunk
+    assert ro.cache.last_staged == (0, 11, 12)  # the 14th chunk's history: sink + the forced two
+    dense_short, d_short, _ = run(6, None)
+    dense_long, d_long, _ = run(14, None)
+    assert d_long > d_short >= 6 and dense_long > dense_short
+    # and the forced selection gives the same latents as the all-resident cache
+    kw = dict(seed=5, decode=False)
+    opts = SamplingOptions(steps=2, cfg_scale=2.0, routing=spec)
+    a = sample(model, _ctx(1), 9, (H, W), options=opts, neg_context=_ctx(2), **kw).latents
+    b = sample(model, _ctx(1), 9, (H, W), options=dataclasses.replace(opts, kv_resident_chunks=1),
+               neg_context=_ctx(2), **kw).latents
+    assert torch.equal(a, b)
+
+
+def test_sample_memory_bounded_estimate():
+    """The estimate's device KV: R + 1 chunks of every layer + one layer's staged chunks + the current
+    one; the staging is the whole history for dense attention, `kv_staged_chunks` for routed modes."""
+    from resampling_forcing.config import Config
+    from resampling_forcing.memory import sample_memory
+
+    cfg = Config()
+    kv = lambda n, **kw: sample_memory(cfg, n, **kw)["parts"]["kv cache"]  # noqa: E731
+    layer_chunk = kv(1) // cfg.model.num_layers
+    assert kv(16, kv_resident_chunks=2) == kv(3) + 17 * layer_chunk  # dense: grows with the history
+    assert kv(64, kv_resident_chunks=2, kv_staged_chunks=3) == kv(16, kv_resident_chunks=2, kv_staged_chunks=3) \
+        == kv(3) + 4 * layer_chunk  # routed: flat
+    assert kv(2, kv_resident_chunks=2, kv_staged_chunks=3) == kv(2) + 3 * layer_chunk
+
+
+@pytest.mark.parametrize("case", ["window", "topk"])
+def test_recorded_selection_is_the_unpacked_one(case):
+    """record_selection keeps the full [.., n] selection in bounded mode (not the packed one)."""
+    import numpy as np
+
+    model = tiny_model()
+    opts = dataclasses.replace(CASES[case], record_selection=True)
+    kw = dict(neg_context=_ctx(2), seed=5, decode=False)
+    a = sample(model, _ctx(1, 2), 7, (H, W), options=opts, **kw)
+    b = sample(model, _ctx(1, 2), 7, (H, W), options=dataclasses.replace(opts, kv_resident_chunks=1), **kw)
+    assert torch.equal(a.latents, b.latents)
+    np.testing.assert_array_equal(a.selection, b.selection)
+    assert not np.isnan(a.selection[6]).all()

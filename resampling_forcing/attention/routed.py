@@ -61,6 +61,7 @@ def routed_attention(
     backend: str = "auto",
     *,
     chunks: list[int] | None = None,
+    packed: tuple[list[int], int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention of current-chunk queries: own chunk (full) + selected history chunks (per token).
 
@@ -77,8 +78,15 @@ def routed_attention(
     the Triton kernel is forward only).
     chunks: optional host list of the history chunks every query selects (`static_chunks`; must agree
     with `sel`): the torch path then reads those slices directly, with no host sync.
+    packed: (ids, n) when k_hist / v_hist / sel hold only the history chunks `ids` (ascending host
+    list, len N) of an n-chunk history (a bounded cache's staging buffer): same output, bit for bit, as
+    over the whole history with `sel` zero elsewhere (the kernel skips unselected chunks; the torch path
+    plans as unpacked).
     """
     check_attention_inputs("routed_attention", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
+    if packed is not None and (len(packed[0]) != sel.shape[-1] or any(not 0 <= j < packed[1] for j in packed[0])):
+        raise ValueError(f"routed_attention: packed ids {list(packed[0])} must be {sel.shape[-1]} "
+                         f"chunk indices < {packed[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_hist, v_hist, k_cur, v_cur))
     if needs_grad and backend == "auto":
@@ -93,7 +101,7 @@ def routed_attention(
     if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
         raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
     return routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale,
-                                   sorted(chunks) if chunks is not None else None)
+                                   sorted(chunks) if chunks is not None else None, packed)
 
 
 def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:

@@ -158,11 +158,14 @@ class _HistoryPlan:
 
 
 def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = None,
-                  force_layout: str | None = None) -> _HistoryPlan:
+                  force_layout: str | None = None, full_chunks: int | None = None) -> _HistoryPlan:
     """Host-side plan of the torch path's history branch from `sel` [B,Hh,Lq,N] (ONE host sync).
 
     force_dense / force_layout ("padded" | "per-chunk") are for tests: make the min(force_dense, N) most
-    selected chunks of every head dense blocks / use that sparse layout, instead of the cost model's."""
+    selected chunks of every head dense blocks / use that sparse layout, instead of the cost model's.
+    full_chunks: `sel` holds the columns of a packed subset of a history this long (a bounded cache);
+    the layouts are costed as over the whole history, so the plan is the unpacked one (columns nobody
+    selects change no other term: their counts are 0)."""
     B, Hh, Lq, N = sel.shape
     BH, dev = B * Hh, sel.device
     counts = sel.sum(dim=2).view(BH, N)  # queries per (batch*head, chunk)
@@ -172,7 +175,8 @@ def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = N
     call = _CALL_SECONDS * _ROW_FLOPS_PER_S / (4.0 * T * D)  # one kernel call, in rows
     per_chunk = (_problem_rows(g_m) + call) * (g_m > 0)
     var_cost = per_chunk.flip(1).cumsum(1).flip(1)  # one call per remaining non-empty chunk
-    pad_cost = (N * _problem_rows(g_m) + call) * (g_m > 0)  # one call, every chunk padded to G_m rows
+    n_pad = N if full_chunks is None else full_chunks
+    pad_cost = (n_pad * _problem_rows(g_m) + call) * (g_m > 0)  # one call, every chunk padded to G_m rows
     use_var = var_cost < pad_cost
     if force_layout is not None:
         use_var = torch.full_like(use_var, force_layout == "per-chunk")
@@ -226,9 +230,25 @@ def _head_groups(plan: _HistoryPlan):
     return [tuple(x) for x in dense], [(h0, h1, max(gs)) for h0, h1, gs in sparse]
 
 
-def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan):
+def _runs(chunks: list[int], ids: list[int] | None) -> list[tuple[int, int]]:
+    """Runs of consecutive columns among ascending `chunks`, split where the history indices `ids` of
+    a packed history are not consecutive: the runs of the unpacked history (`_merge_blocks` sums a
+    run's chunks in one reduction, so other runs would round differently)."""
+    if ids is None:
+        return index_runs(chunks)
+    out: list[tuple[int, int]] = []
+    for j in chunks:
+        if out and out[-1][1] == j and ids[j - 1] + 1 == ids[j]:
+            out[-1] = (out[-1][0], j + 1)
+        else:
+            out.append((j, j + 1))
+    return out
+
+
+def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: list[int] | None = None):
     """History branch of a "blocks" plan. Returns (dense parts [(h0, h1, out [n,r,Lq,D], lse [n,r,Lq])],
-    sparse parts [(out [n,D], lse [n], query row [n])]); query row B*Hh*Lq marks padding rows."""
+    sparse parts [(out [n,D], lse [n], query row [n])]); query row B*Hh*Lq marks padding rows.
+    ids: history index of each column of a packed history (dense runs as unpacked), None = unpacked."""
     B, Hh, Lq, D = q.shape
     N = sel.shape[-1]
     BH, M, dev = B * Hh, B * Hh * Lq, q.device
@@ -240,7 +260,7 @@ def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan):
     dense_groups, pad_groups = _head_groups(plan)
     dense_parts = []
     for h0, h1, chunks in dense_groups:
-        for j0, j1 in index_runs(chunks):
+        for j0, j1 in _runs(chunks, ids):
             qe = qf[h0:h1, None].expand(h1 - h0, j1 - j0, Lq, D)
             o, lse = _attn_lse(qe, kh[h0:h1, j0:j1], vh[h0:h1, j0:j1], scale)
             lse = lse.masked_fill(~sel_h[h0:h1, :, j0:j1].transpose(1, 2), NEG_INF)  # pairs not selected
@@ -335,17 +355,24 @@ def _chunk_runs(x: torch.Tensor, chunks: list[int], T: int) -> list[torch.Tensor
     return [x[:, :, a * T: b * T] for a, b in index_runs(chunks)]
 
 
-def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None):
+def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None, packed=None):
+    """packed: (ids, n) when k_hist / sel hold only the history chunks `ids` (ascending) of an n-chunk
+    history: planned and merged exactly as over the whole history (bit-identical output; the padded
+    layout's calls then read only the packed chunks: rows of the others would all be padding)."""
     N = sel.shape[-1]
+    ids = None if packed is None else list(packed[0])
     if chunks is not None:
         plan = _HistoryPlan("uniform", chunks=chunks) if chunks else _HistoryPlan("none")
+    elif N == 0 or q.numel() == 0:
+        plan = _HistoryPlan("none")
     else:
-        plan = _plan_history(sel, T, q.shape[-1]) if N > 0 and q.numel() > 0 else _HistoryPlan("none")
+        D = q.shape[-1]
+        plan = _plan_history(sel, T, D) if ids is None else _plan_history(sel, T, D, full_chunks=packed[1])
     _LAST_PLAN[0] = plan.summary()
     if plan.kind == "blocks":  # current chunk + dense blocks + sparse rows, merged by lse
         B, Hh, Lq, D = q.shape
         out_c, lse_c = _attn_lse(q, k_cur, v_cur, scale)
-        dense_parts, sparse = _blocks_history(q, k_hist, v_hist, sel, T, scale, plan)
+        dense_parts, sparse = _blocks_history(q, k_hist, v_hist, sel, T, scale, plan, ids)
         out, lse = _merge_blocks(out_c.reshape(B * Hh, Lq, D), lse_c.reshape(B * Hh, Lq), dense_parts, sparse)
         out, lse = out.view(B, Hh, Lq, D), lse.view(B, Hh, Lq)
     elif plan.kind == "uniform":  # same chunks for every query: one plain attention over [them | current]
