@@ -315,9 +315,13 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     d = cfg.data
     batch = min(args.batch, num_prompts)
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
+    # a bounded cache stages at least the chunks a routed query may attend (a lower bound: top-k stages
+    # the union of its picks); dense attention, or any layer left dense, stages the whole history
+    routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
     need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, opts.cfg_scale,
                          opts.kv_resident_chunks, None if opts.kv_host_dtype is None else
-                         (4 if opts.kv_host_dtype == "fp32" else 2))
+                         (4 if opts.kv_host_dtype == "fp32" else 2),
+                         kv_staged_chunks=opts.routing.max_selected() if routed else None)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
     if msg:

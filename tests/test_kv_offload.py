@@ -104,6 +104,28 @@ def test_cli_kv_resident_chunks_same_video(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--kv-resident-chunks must be >= 1" in err
 
 
+def test_cli_memory_check_counts_what_a_bounded_routed_run_stages(monkeypatch):
+    """The CLI's up-front check passes the routed modes' staged chunks (window: sink + window; top-k: at
+    least k) to the estimate; dense (or a routing restricted to some layers) stages the whole history."""
+    import types
+
+    import resampling_forcing.memory as memory
+    from resampling_forcing.config import load_config
+
+    mod = load_sample_cli()
+    seen = []
+    real = memory.sample_memory
+    monkeypatch.setattr(memory, "sample_memory", lambda *a, **k: seen.append(k.get("kv_staged_chunks")) or real(*a, **k))
+    cfg = load_config(REPO / "assets" / "tiny-pretrained" / "config.yaml")
+    args = types.SimpleNamespace(batch=1, max_history_chunks=None, init_video=None, init_image=None, num_chunks=8,
+                                 dtype="fp32", quiet=True)
+    for routing, layers in ((RoutingSpec("window", sink_chunks=1, window_chunks=2), None),
+                            (RoutingSpec("topk", top_k=3), None), (None, None), (RoutingSpec("topk", top_k=3), [0])):
+        opts = SamplingOptions(steps=1, kv_resident_chunks=2, routing=routing, routing_layers=layers)
+        mod.check_memory(cfg, torch.device("cpu"), args, 1, opts)
+    assert seen == [3, 3, None, None]
+
+
 def test_host_tier_in_a_smaller_dtype():
     """kv_host_dtype="bf16" under an fp32 model: half the host bytes, close to (not equal to) exact;
     "fp32" (the model's dtype) is exact."""
