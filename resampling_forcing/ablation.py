@@ -127,6 +127,14 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
             "train.gap_every=0", "train.tensorboard=false"]
 
 
+def seed_overrides(seed: Optional[int], base) -> list[str]:
+    """Overrides of a training-seed replicate (``--seed``): the arms' own randomness (data order, noise
+    and t_s draws) changes; the data set (so the warmup's data and the evaluation clips) stays `base`'s."""
+    from .config import synthetic_seed
+
+    return [] if seed is None else [f"train.seed={seed}", f"data.synthetic_seed={synthetic_seed(base)}"]
+
+
 def _train(config: Path, overrides: list[str]) -> Path:
     """training.train in this process (resumes from the run's own checkpoints) -> the run dir."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -217,7 +225,7 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
 
 def run(args) -> int:
     from .ablation_eval import METRICS, eval_clips, extrapolation_mean, paired, plot_metric, sanity_check, interval
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, synthetic_seed
     from .diagnose import DEFAULT_SHIFTS
     from .io import atomic_write_json
 
@@ -239,6 +247,8 @@ def run(args) -> int:
         raise BadInput(str(e).splitlines()[0]) from None
     out = Path(args.out or f"outputs/ablation/{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
+    data_seed = synthetic_seed(base)
+    seed_sets = seed_overrides(args.seed, base)
     t_start = time.perf_counter()
     clips_n = args.eval_clips or preset.eval_clips
     gap_n = args.gap_clips or preset.gap_clips
@@ -268,7 +278,7 @@ def run(args) -> int:
 
     # 3. evaluation clips, the metrics' sanity check and the warmup's own evaluation (before the arms:
     # its time tells how long each arm's evaluation takes)
-    clips = eval_clips(base.data, clips_n, seg * preset.eval_segments, base.train.seed)
+    clips = eval_clips(base.data, clips_n, seg * preset.eval_segments, data_seed)
     print(f"[ablation] sanity check of the metrics on {len(clips)} true clips", flush=True)
     sanity_path = out / "sanity.json"
     if not sanity_path.is_file():  # given frames = latent frames: the ablation worlds use PixelShuffleVAE (1:1 in time)
@@ -286,7 +296,7 @@ def run(args) -> int:
         if _finished(run_dir, steps):
             continue
         print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {ARMS[name]}", flush=True)
-        _train(config, list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir))
+        _train(config, list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir) + seed_sets)
 
     # 5. evaluation of the arms
     for name in arms:
@@ -328,6 +338,7 @@ def run(args) -> int:
     report = dict(
         command=" ".join(["python -m resampling_forcing.ablation"] + (args.argv or [])),
         preset=dataclasses.asdict(preset), config=str(config), warmup=str(warmup), steps_per_arm=steps,
+        train_seed=base.train.seed if args.seed is None else args.seed, data_seed=data_seed,
         eval=dict(clips=len(clips), frames=seg * preset.eval_segments, segment_frames=seg,
                   given_chunks=preset.given_chunks, sampler=dict(steps=base.diffusion.sample_steps,
                   shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale), seed=preset.sample_seed,
@@ -394,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-clips", type=int, default=None, help="evaluation clips (default: the preset's)")
     p.add_argument("--gap-clips", type=int, default=None, help="clips of the exposure-gap diagnostics")
     p.add_argument("--no-routing", action="store_true", help="skip the routing evaluation of the best arm")
+    p.add_argument("--seed", type=int, default=None, help="training seed of the arms (data order, noise draws; default "
+                   "the config's train.seed): a replicate; the data set, warmup and evaluation clips stay the same")
     p.add_argument("--routing-arm", default=None, help="arm whose inference routing is evaluated (default: the best)")
     return p
 

@@ -142,7 +142,7 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
 
 def run(args) -> int:
     from .ablation_eval import interval, paired
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, synthetic_seed
     from .io import atomic_write_json, contact_sheet
 
     config = _path(args.config)
@@ -175,7 +175,7 @@ def run(args) -> int:
     models = {"trained": run_dir, "before": init}
 
     # 2. probe clips and the metrics' sanity check
-    clips = probe_clips(base.data, args.clips, base.train.seed, VISIBLE, BLACKOUT, AFTER)
+    clips = probe_clips(base.data, args.clips, synthetic_seed(base), VISIBLE, BLACKOUT, AFTER)
     print(f"[memory] {len(clips)} probe clips: {VISIBLE} visible + {BLACKOUT} dark frames given, {AFTER} continued",
           flush=True)
     sanity_path = out / "sanity.json"

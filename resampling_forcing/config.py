@@ -128,6 +128,7 @@ class DataConfig:
     synthetic_dir: str = "outputs/synthetic"
     synthetic_videos: int = 512
     synthetic_max_objects: int = 2
+    synthetic_seed: Optional[int] = None  # the synthetic data set's scenes and held-out combinations (None: train.seed)
     # occlusion: this fraction of synthetic videos has a blackout of [lo, hi] frames (objects unseen)
     synthetic_blackout_prob: float = 0.0
     synthetic_blackout_frames: list[int] = field(default_factory=lambda: [4, 6])
@@ -378,6 +379,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
     return config_from_dict(data, overrides, require_encoder_paths=require_encoder_paths)
+
+
+def synthetic_seed(cfg: Config) -> int:
+    """Seed of the synthetic data set (data.synthetic_seed, else train.seed): a training-seed replicate
+    can change train.seed (data order, noise) and keep the data set."""
+    return cfg.train.seed if cfg.data.synthetic_seed is None else cfg.data.synthetic_seed
 
 
 def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = False) -> None:

@@ -200,3 +200,14 @@ def test_memory_probe_bad_init_is_one_line_exit_2(capsys):
     assert memory_main(["--set", "train.init_from=no/such/run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ablation_memory: error: train.init_from") and "\n" not in err
+
+
+def test_seed_replicate_changes_training_randomness_not_the_data_set():
+    from resampling_forcing.ablation import seed_overrides
+    from resampling_forcing.config import synthetic_seed
+
+    base = load_config(REPO / PRESETS["cpu"].config)
+    assert seed_overrides(None, base) == []
+    arm = load_config(REPO / PRESETS["cpu"].config, seed_overrides(5, base))
+    assert arm.train.seed == 5 and synthetic_seed(arm) == synthetic_seed(base) == base.train.seed
+    assert synthetic_seed(load_config(REPO / PRESETS["cpu"].config, ["train.seed=3"])) == 3  # default: train.seed

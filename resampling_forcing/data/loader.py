@@ -72,11 +72,12 @@ def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> 
 
 def synthetic_manifest(cfg: Config) -> Path:
     """Generate (or reuse) the synthetic set for cfg.data; return its manifest path."""
+    from ..config import synthetic_seed
     from .synthetic import make_dataset
 
     d = cfg.data
     return make_dataset(d.synthetic_dir, num_videos=d.synthetic_videos, frames=d.num_frames,
-                        size=(d.height, d.width), fps=d.fps, seed=cfg.train.seed,
+                        size=(d.height, d.width), fps=d.fps, seed=synthetic_seed(cfg),
                         max_objects=d.synthetic_max_objects, blackout_prob=d.synthetic_blackout_prob,
                         blackout_frames=d.synthetic_blackout_frames)
 
