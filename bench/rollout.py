@@ -11,7 +11,10 @@ diffusers' AutoencoderKLWan, so decode times are representative of the real VAE 
     python bench/rollout.py --presets wan-100m --latent 8x8 --chunks 40 --modes dense,topk5 --vae none
 
 Modes: dense, topkK (top-K history chunks per query token, e.g. topk1, topk5; optional --sink),
-windowW (sliding window of the last W chunks, e.g. window5; plain `window` = --window).
+windowW (sliding window of the last W chunks, e.g. window5; plain `window` = --window), replayK:
+top-K with the selections a trained model made (--replay CHECKPOINT records them from its own rollout
+of --chunks chunks and bench/replay.py maps them onto this shape; random weights otherwise pick at
+random, which is not the pattern trained models make).
 Attention time is measured by wrapping the attention op (host timer; CUDA is synchronised around
 each call, which slows the rollout a little). Chunk n (1-based) includes writing chunk n-1 into
 the cache (the sampler writes lazily). Peak memory: VmHWM of this process reset before each mode
@@ -49,6 +52,8 @@ from resampling_forcing.timing import Stopwatch, peak_rss_mib, reset_peak_memory
 def parse_mode(name: str, args) -> RoutingSpec | None:
     if name == "dense":
         return None
+    if name.startswith("replay"):  # top-k whose selections are replayed (bench/replay.py)
+        return RoutingSpec("topk", top_k=int(name[6:] or args.top_k), sink_chunks=0, window_chunks=0)
     if name.startswith("topk"):
         k = int(name[4:] or args.top_k)
         return RoutingSpec("topk", top_k=k, sink_chunks=args.sink, window_chunks=0)
@@ -91,8 +96,26 @@ class AttnTimer:
         return timed
 
 
-def run_mode(model, ctx, spec, args, device) -> tuple[dict, torch.Tensor]:
+def run_mode(model, ctx, spec, args, device, name: str = "") -> tuple[dict, torch.Tensor]:
     """One rollout without decoding; returns (measurements, latents)."""
+    if name.startswith("replay"):
+        from bench.replay import record_selections, replaying, token_grid
+
+        if not args.replay:
+            raise SystemExit(f"error: mode {name} needs --replay CHECKPOINT (e.g. assets/ablation/ar_0.6)")
+        key = (args.replay, spec.top_k)
+        if key not in args.recorded:
+            args.recorded[key] = record_selections(args.replay, args.chunks, spec.top_k)
+        rec = args.recorded[key]
+        with replaying(rec, token_grid(model, args.latent_hw), model.cfg.num_heads) as layer_wrap:
+            out = _run(model, ctx, spec, args, device, layer_wrap)
+        out[0]["replayed"] = dict(checkpoint=args.replay, coherence=round(rec["coherence"], 3),
+                                  recorded_grid=list(rec["grid"]), recorded_heads=rec["heads"])
+        return out
+    return _run(model, ctx, spec, args, device, None)
+
+
+def _run(model, ctx, spec, args, device, layer_wrap) -> tuple[dict, torch.Tensor]:
     timer = AttnTimer(device)
     per_attn: list[float] = []
 
@@ -105,8 +128,9 @@ def run_mode(model, ctx, spec, args, device) -> tuple[dict, torch.Tensor]:
     neg = torch.zeros_like(ctx) if args.cfg != 1.0 else None
     reset_peak_memory(device)
     rss_ok = reset_peak_rss()
+    wrap = timer.wrap if layer_wrap is None else (lambda op: timer.wrap(layer_wrap(op)))
     res = sample(model, ctx, args.chunks, args.latent_hw, neg_context=neg, options=opts, seed=0,
-                 callback=on_chunk, attn_wrapper=timer.wrap)
+                 callback=on_chunk, attn_wrapper=wrap)
     t = res.timings
     peak = t["peak_memory_mib"] if torch.device(device).type == "cuda" else (peak_rss_mib() if rss_ok else None)
     return dict(per_chunk_s=t["per_chunk_denoise_s"], per_chunk_attn_s=per_attn, total_s=t["total_denoise_s"],
@@ -171,7 +195,8 @@ def latency_rows(preset, modes: dict, points) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="tiny,wan-100m", help="comma list of model presets (config.MODEL_PRESETS)")
-    p.add_argument("--modes", default="dense,topk1,topk5,window5", help="comma list: dense, topkK, windowW, sinkS+windowW")
+    p.add_argument("--modes", default="dense,topk1,topk5,window5",
+                   help="comma list: dense, topkK, windowW, sinkS+windowW, replayK (with --replay)")
     p.add_argument("--chunks", type=int, default=16, help="chunks per rollout (the routing target is stated at 40)")
     p.add_argument("--steps", type=int, default=1, help="Euler steps per chunk (paper: 32)")
     p.add_argument("--shift", type=float, default=5.0)
@@ -196,8 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--late-chunk", type=int, default=40)
     p.add_argument("--train-chunks", type=int, default=None,
                    help="training length in chunks, for the 'N x training length' label (default chunks/4)")
+    p.add_argument("--replay", default=None, help="checkpoint whose recorded top-k selections the replayK modes use")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    args.recorded = {}
     device, dtype = setup_device(args)
     args.backend = resolve_backend(args.attention_backend, device)
     defaults = {"tiny": "16x16", "wan-100m": "8x8"}
@@ -233,7 +260,7 @@ def main(argv=None) -> int:
         modes, decode = {}, None
         for name in mode_names:
             t0 = time.perf_counter()
-            modes[name], latents = run_mode(model, ctx, parse_mode(name, args), args, device)
+            modes[name], latents = run_mode(model, ctx, parse_mode(name, args), args, device, name)
             if decode is None and vae is not None:
                 decode = time_decode(vae, latents, args.chunk_frames, n_decode)
             add_fps(modes[name], vae, decode)

@@ -282,3 +282,32 @@ def test_bench_rollout_smoke(tmp_path):
     assert set(modes) == {"dense", "topk1", "window1"}
     assert len(modes["dense"]["per_chunk_attn_s"]) == 3 and modes["topk1"]["fps_with_decode"] > 0
     assert "| tiny" in res["markdown"]
+
+
+def test_bench_replay_applies_recorded_selections():
+    """bench/replay.py: the large rollout's top-k picks ARE the recorded ones, mapped by relative token
+    position and head (what its rows in docs/benchmarks.md time)."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.replay import _token_map, record_selections, replaying, token_grid
+    from train_helpers import REPO
+
+    assert _token_map((2, 4, 4), (2, 4, 4)).tolist() == list(range(32))
+    assert _token_map((1, 2, 2), (1, 4, 4)).view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    rec = record_selections(str(REPO / "assets" / "ablation" / "ar_0.6"), chunks=5, top_k=1, steps=1)
+    assert rec["grid"] == (2, 4, 4) and rec["heads"] == 4 and 0 < rec["coherence"] <= 1
+    assert set(rec["sel"]) >= {(n, layer) for n in range(2, 5) for layer in range(rec["layers"])}
+    model = tiny_model()  # 2 heads, other width and depth: heads h -> h % 4, layers l -> l % 4
+    hw = (4, 4)
+    with replaying(rec, token_grid(model, hw), model.cfg.num_heads) as wrap:
+        res = sample(model, _ctx(0, 1), 5, hw, options=SamplingOptions(
+            steps=1, cfg_scale=1.0, routing=RoutingSpec("topk", top_k=1), record_selection=True), attn_wrapper=wrap)
+    tok = _token_map(rec["grid"], token_grid(model, hw))
+    for n in range(2, 5):
+        for layer in range(model.cfg.num_layers):
+            want = rec["sel"][(n, layer % rec["layers"])][: model.cfg.num_heads][:, tok].float().mean(dim=1)
+            np.testing.assert_array_equal(res.selection[n, layer, :, :n], want.numpy())
