@@ -3,8 +3,9 @@
     python -m resampling_forcing.ablation --preset cpu [--arms tf,ar_rec] [--steps 300] [--out DIR]
 
 1. Warmup: ONE teacher-forcing checkpoint every arm starts from: the preset's shipped asset
-   (``assets/ablation/warmup``, made by ``python train/train.py --config configs/ablation_cpu.yaml``
-   and exported with ``--export-warmup``), ``--warmup PATH``, or trained here into OUT/warmup.
+   (``assets/ablation/warmup``: ``model.safetensors``, ``model_config.json`` and ``config.yaml`` of the
+   final checkpoint of ``python train/train.py --config configs/ablation_cpu.yaml``), ``--warmup PATH``,
+   or trained here into OUT/warmup.
 2. Calibration: the exposure-gap diagnostic (diagnose.py) of the warmup on held-out clips gives the
    rollout error a history has at inference (target), the resampling shift s whose degradation error
    meets it (``recommend_shift``) and the noise level sigma = sqrt(target) with the same error.
