@@ -250,7 +250,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_seed = synthetic_seed(base)
     seed_sets = seed_overrides(args.seed, base)
-    t_start = time.perf_counter()
+    t_start, t_wall = time.perf_counter(), time.time()
     clips_n = args.eval_clips or preset.eval_clips
     gap_n = args.gap_clips or preset.gap_clips
     seg = base.data.num_frames
@@ -353,7 +353,15 @@ def run(args) -> int:
                          vs_dense={m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS})
                  for k, v in routing.items()},
         wall_seconds_this_run=round(time.perf_counter() - t_start, 1))
+    # every invocation that built this folder (a resumed run is several): command and wall time each
+    this = dict(command=report["command"], started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall)),
+                wall_seconds=report["wall_seconds_this_run"])
+    log = out / "invocations.jsonl"
+    report["invocations"] = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.is_file() else []
+    report["invocations"].append(this)
     atomic_write_json(out / "report.json", report)
+    with open(log, "a") as f:
+        f.write(json.dumps(this) + "\n")
     summaries = {n: results[n]["summary"] for n in ["warmup"] + arms}
     for m in METRICS:
         plot_metric(summaries, m, seg, out / "plots" / f"{m}.png", title=f"{m}: continuing held-out clips")

@@ -67,6 +67,8 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert "arm 1/4" not in capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
     assert again["arms"] == report["arms"] and again["routing"] == report["routing"]
+    assert len(report["invocations"]) == 1 and [i["command"] for i in again["invocations"]] == [report["command"]] * 2
+    assert all(i["wall_seconds"] > 0 for i in again["invocations"])
 
 
 def test_bad_arm_is_one_line_exit_2(capsys):
