@@ -420,21 +420,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def resumable_main(prog: str, build, run_fn, argv: Sequence[str] | None) -> int:
+    """CLI plumbing of the resumable experiment commands (this one and ablation_memory): a user error is
+    one line and exit 2; a stopped training exit 130 with how to resume. `args.argv` keeps the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build().parse_args(argv)
         args.argv = argv
-        for name in ("eval_clips", "gap_clips"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise BadInput(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-        return run(args)
+        return run_fn(args)
     except BadInput as e:
-        print(f"ablation: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as e:
-        print(f"ablation: {e}; run the same command to resume", file=sys.stderr)
+        print(f"{prog}: {e}; run the same command to resume", file=sys.stderr)
         return 130
+
+
+def _run_checked(args) -> int:
+    for name in ("eval_clips", "gap_clips"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    return run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return resumable_main("ablation", build_parser, _run_checked, argv)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .ablation import Interrupted, _finished, _path, _train
-from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser
+from .ablation import _finished, _path, _train, resumable_main
+from .cli import BadInput, OneLineParser
 
 __all__ = ["MODES", "CONDITIONINGS", "probe_clips", "after", "continue_probe", "memory_sanity", "run", "main"]
 
@@ -267,17 +267,7 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv
-        return run(args)
-    except BadInput as e:
-        print(f"ablation_memory: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Interrupted as e:
-        print(f"ablation_memory: {e}; run the same command to resume", file=sys.stderr)
-        return 130
+    return resumable_main("ablation_memory", build_parser, run, argv)
 
 
 if __name__ == "__main__":
