@@ -141,7 +141,7 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
 
 
 def run(args) -> int:
-    from .ablation_eval import interval, paired
+    from .ablation_eval import interval
     from .config import ConfigError, load_config, synthetic_seed
     from .io import atomic_write_json, contact_sheet
 
