@@ -23,7 +23,7 @@ TFLOP/s counts 4*D flops per (query, attended key): the routed work for routed m
 dense work for dense_sdpa. `blk_chunks` = mean number of history chunks a 128-query block of the
 kernel visits (its real cost), `tok_chunks` = chunks attended per query token (= k + nothing else here).
 
-Query/key synthesis (`--pattern`): "coherent" (default) gives each 520-token region of the chunk its
+Query/key synthesis (`--pattern`, a comma list; default both, timed one after the other): "coherent" gives each 520-token region of the chunk its
 own preference over history chunks (real routing is spatially coherent: neighbouring tokens pick the
 same chunks); "random" is i.i.d. noise (per-token picks are uncorrelated: worst case for block skipping).
 """
@@ -51,7 +51,8 @@ def parse_args(argv=None):
     add_attention_shape_args(p, history_flag="--histories", history="5,10,20,40,60", topk_flag="--topk", heads=12)
     p.add_argument("--chunk-tokens", type=int, default=4680, help="tokens per chunk (3 latent frames x 1560)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--pattern", default="coherent", choices=["coherent", "random"])
+    p.add_argument("--pattern", default="coherent,random",
+                   help="comma list of coherent, random: the timings run for each (the checks use the first)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument(
@@ -64,6 +65,9 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
+PATTERNS = [x.strip() for x in ARGS.pattern.split(",") if x.strip()]
+if not PATTERNS or any(x not in ("coherent", "random") for x in PATTERNS):
+    sys.exit(f"error: --pattern {ARGS.pattern!r}: a comma list of coherent, random")
 if ARGS.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
@@ -191,7 +195,7 @@ def run_checks():
     # -- fused routing kernel == reference (exact)
     def check_select():
         Lq, Nn = (40, 5) if smoke else (512, 20)
-        q, kh, _, _, _ = make_inputs(1, Hh, Nn, 16 if smoke else 64, Lq, D, dtypes[0], ARGS.pattern, gen)
+        q, kh, _, _, _ = make_inputs(1, Hh, Nn, 16 if smoke else 64, Lq, D, dtypes[0], PATTERNS[0], gen)
         mk = R.chunk_means(kh, 16 if smoke else 64)
         specs = [R.RoutingSpec("topk", top_k=1), R.RoutingSpec("topk", top_k=5, sink_chunks=1, window_chunks=1),
                  R.RoutingSpec("window", window_chunks=2)]
@@ -208,7 +212,7 @@ def run_checks():
     # -- routed attention kernel / torch fallback vs reference
     for dt in dtypes:
         def check_attn(dt=dt):
-            q, kh, vh, kc, vc = make_inputs(2 if smoke else 1, Hh, N, T, T, D, dt, ARGS.pattern, gen)
+            q, kh, vh, kc, vc = make_inputs(2 if smoke else 1, Hh, N, T, T, D, dt, PATTERNS[0], gen)
             sel = R.select_chunks(q, R.chunk_means(kh, T), R.RoutingSpec("topk", top_k=2), backend="triton")
             sel = sel | (torch.rand(sel.shape, device=DEV, generator=gen) > 0.8)  # per-token variety
             ref_o, ref_l = R.routed_attention_reference(q, kh, vh, kc, vc, sel, T)
@@ -225,7 +229,7 @@ def run_checks():
     # -- top-k >= history equals dense SDPA; flex with routed_block_mask equals reference
     def check_dense_and_flex():
         dt = dtypes[0]
-        q, kh, vh, kc, vc = make_inputs(1, Hh, N, T, T, D, dt, ARGS.pattern, gen)
+        q, kh, vh, kc, vc = make_inputs(1, Hh, N, T, T, D, dt, PATTERNS[0], gen)
         sel = R.select_chunks(q, R.chunk_means(kh, T), R.RoutingSpec("topk", top_k=N + 1), backend="triton")
         out, _ = K.routed_attention_fwd(q, kh, vh, kc, vc, sel, T)
         dense = F.scaled_dot_product_attention(q, torch.cat([kh, kc], 2), torch.cat([vh, vc], 2))
@@ -278,9 +282,9 @@ def run_timings():
     methods = [m.strip() for m in ARGS.methods.split(",") if m.strip()]
     B, Lc = 1, T
     gen = torch.Generator(device=DEV).manual_seed(1)
-    for N in histories:
+    for pattern, N in ((p, n) for p in PATTERNS for n in histories):
         try:
-            q, kh, vh, kc, vc = make_inputs(B, Hh, N, T, Lc, D, dtype, ARGS.pattern, gen)
+            q, kh, vh, kc, vc = make_inputs(B, Hh, N, T, Lc, D, dtype, pattern, gen)
         except torch.OutOfMemoryError as e:  # type: ignore[attr-defined]
             print(f"skip N={N}: {e}")
             continue
@@ -295,7 +299,7 @@ def run_timings():
             sel = K.routing_select(q, mk, R.RoutingSpec("topk", top_k=k))
             useful = attended_flops(sel, T, Lc, D)
             base = dict(history_chunks=N, top_k=k, heads=Hh, head_dim=D, chunk_tokens=T, dtype=str(dtype)[6:],
-                        pattern=ARGS.pattern, tok_chunks=float(sel.sum(-1).double().mean()),
+                        pattern=pattern, tok_chunks=float(sel.sum(-1).double().mean()),
                         blk_chunks=block_union_chunks(sel), routed_tflop=useful / 1e12, dense_tflop=dense_flops / 1e12)
 
             def add(method, fn, flops, reps_=reps, extra=None):
@@ -339,7 +343,7 @@ def run_timings():
             torch.cuda.empty_cache()
     for row in TIMINGS:
         d = next((r for r in TIMINGS if r["method"] == "dense_sdpa" and r["history_chunks"] == row["history_chunks"]
-                  and r["top_k"] == row["top_k"] and r.get("ms")), None)
+                  and r["top_k"] == row["top_k"] and r["pattern"] == row["pattern"] and r.get("ms")), None)
         row["speedup_vs_dense"] = (d["ms"] / row["ms"]) if d and row.get("ms") and row["method"] != "select" else None
 
 
@@ -352,7 +356,7 @@ def run_tune():
     k = max(int(x) for x in ARGS.topk.split(","))
     dtype = torch_dtype(ARGS.dtype)
     gen = torch.Generator(device=DEV).manual_seed(2)
-    q, kh, vh, kc, vc = make_inputs(1, Hh, N, T, T, D, dtype, ARGS.pattern, gen)
+    q, kh, vh, kc, vc = make_inputs(1, Hh, N, T, T, D, dtype, PATTERNS[0], gen)
     sel = K.routing_select(q, R.chunk_means(kh, T), R.RoutingSpec("topk", top_k=k))
     rows = []
     for bm_, bn_, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]:
@@ -368,8 +372,8 @@ def run_tune():
 
 
 def markdown(rows):
-    cols = ["history_chunks", "top_k", "method", "ms", "tflops", "speedup_vs_dense", "tok_chunks", "blk_chunks"]
-    head = "| " + " | ".join(["N hist", "k", "method", "ms", "TFLOP/s", "x dense", "chunks/token", "chunks/block"]) + " |"
+    cols = ["pattern", "history_chunks", "top_k", "method", "ms", "tflops", "speedup_vs_dense", "tok_chunks", "blk_chunks"]
+    head = "| " + " | ".join(["pattern", "N hist", "k", "method", "ms", "TFLOP/s", "x dense", "chunks/token", "chunks/block"]) + " |"
     lines = [head, "|" + "---|" * len(cols)]
     for r in rows:
         vals = []

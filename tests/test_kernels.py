@@ -264,4 +264,5 @@ def test_bench_smoke(tmp_path):
     assert data["checks"] and all(c["ok"] for c in data["checks"]), data["checks"]
     methods = {row["method"] for row in data["timings"]}
     assert {"triton", "dense_sdpa", "flex", "gather_sdpa"} <= methods
+    assert {row["pattern"] for row in data["timings"]} == {"coherent", "random"}  # one GPU run times both
     assert "| method |" in r.stdout
