@@ -108,10 +108,10 @@ class KVCache:
         """Mean keys [B, Hh, n, D] (fp32) of the n finished chunks: always resident."""
         return self.mean_k[layer][:, :, :self.num_chunks]
 
-    def staged_chunks(self, sel: torch.Tensor) -> list[int] | None:
-        """History chunks to bring in for the selection `sel` [B, Hh, Lq, n]: None = all of them (here:
-        every chunk is a view already, no sync)."""
-        return None
+    def staged_chunks(self, sel: torch.Tensor) -> tuple[list[int] | None, torch.Tensor | None]:
+        """History chunks to bring in for the selection `sel` [B, Hh, Lq, n] and their union mask [n] on
+        sel's device: (None, None) = all of them (here: every chunk is a view already; nothing computed)."""
+        return None, None
 
     def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunks: list[int] | None = None):
         """Write the current chunk's K/V into the scratch slot; return K, V of history + current
@@ -219,12 +219,14 @@ class TieredKVCache(KVCache):
         self.stage_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._staged = None
 
-    def staged_chunks(self, sel: torch.Tensor) -> list[int] | None:
-        """The union of `sel` [B, Hh, Lq, n] over batch, heads and queries, as a host list: the ONE host
-        sync of a routed call in bounded mode. None (stage all, no sync) while nothing is offloaded."""
+    def staged_chunks(self, sel: torch.Tensor) -> tuple[list[int] | None, torch.Tensor | None]:
+        """The union of `sel` [B, Hh, Lq, n] over batch, heads and queries: (host list, bool mask [n] on the
+        device); the list is the ONE host sync of a routed call in bounded mode. (None, None): stage all,
+        no sync, while nothing is offloaded."""
         if self.offloaded == 0:
-            return None
-        return [j for j, used in enumerate(sel.flatten(0, 2).any(dim=0).tolist()) if used]
+            return None, None
+        used = sel.flatten(0, 2).any(dim=0)
+        return [j for j, u in enumerate(used.tolist()) if u], used
 
     def _stage(self, layer: int, chunks: list[int] | None) -> int:
         """Pack the history chunks `chunks` (None = all) of `layer` into the staging buffer, ascending;
@@ -345,7 +347,7 @@ class CachedAttention:
             staged = chunks
             if chunks is None:  # top-k: select first, over the resident mean keys
                 sel = select_chunks(q, cache.mean_keys(layer), self.routing, backend=self._path)
-                staged = cache.staged_chunks(sel)  # a bounded cache: the union (its one host sync)
+                staged, used = cache.staged_chunks(sel)  # a bounded cache: the union (its one host sync)
             hist_k, hist_v, _ = cache.history(layer, staged)
             cache.put_current(layer, k, v, staged)
             packed = (staged, n) if cache.packs and staged is not None else None
@@ -356,7 +358,7 @@ class CachedAttention:
                 sel_a = torch.ones((*q.shape[:3], len(staged)), dtype=torch.bool, device=q.device)
                 chunks_a = list(range(len(staged)))
             else:
-                sel_a, chunks_a = _packed_columns(sel, len(staged)), None
+                sel_a, chunks_a = _packed_columns(sel, used, len(staged)), None
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel_a, cache.chunk_tokens, backend=self._path,
                                       chunks=chunks_a, packed=packed)
             if record and sel is None:
@@ -373,12 +375,11 @@ class CachedAttention:
         return out
 
 
-def _packed_columns(sel: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` columns of sel [B, Hh, Lq, n] that some query selects, ascending: [B, Hh, Lq, count].
-    Found on the device by a stable sort of the union mask (an index list from the host would be one
-    more transfer and sync)."""
-    unused = (~sel.flatten(0, 2).any(dim=0)).to(torch.uint8)
-    return sel.index_select(-1, torch.argsort(unused, stable=True)[:count])
+def _packed_columns(sel: torch.Tensor, used: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` columns of sel [B, Hh, Lq, n] whose union mask `used` [n] is set, ascending:
+    [B, Hh, Lq, count]. Found on the device by a stable sort of the mask (an index list from the host would
+    be one more transfer)."""
+    return sel.index_select(-1, torch.argsort((~used).to(torch.uint8), stable=True)[:count])
 
 
 def _static_sel(q: torch.Tensor, n: int, chunks: list[int]) -> torch.Tensor:
