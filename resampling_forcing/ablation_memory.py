@@ -25,6 +25,7 @@ alone; a model that routes to the chunks before the blackout can bring back the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -106,6 +107,15 @@ def memory_sanity(clips, start: int, segment: int) -> dict:
             for name, v in cases.items()}
 
 
+@functools.lru_cache(maxsize=2)
+def _pipeline(checkpoint: str):
+    """One loaded model per checkpoint for all its (mode, conditioning) evaluations (the sampler keeps no
+    state between generate calls)."""
+    from .pipeline import Pipeline
+
+    return Pipeline.from_pretrained(checkpoint, device="cpu")
+
+
 def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, conditioning, out: Path,
               seed: int) -> dict:
     """One (mode, conditioning) -> {"arrays": per-clip metrics of the frames after the blackout,
@@ -113,14 +123,13 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
     (routed modes), "seconds"}; cached in OUT/eval (with the first 4 videos, for the contact sheets)."""
     from .ablation_eval import metric_arrays, score
     from .attention.routing import RoutingSpec
-    from .pipeline import Pipeline
 
     stem = f"{name}_{conditioning}".replace(" ", "_").replace("+", "and")
     path = out / "eval" / f"{stem}.npz"
     start = clips[0][1]["blackout"][0] + clips[0][1]["blackout"][1]
     if not path.is_file():
         t0 = time.perf_counter()
-        pipe = Pipeline.from_pretrained(checkpoint, device="cpu")
+        pipe = _pipeline(str(checkpoint))
         videos, sel = continue_probe(pipe, clips, given_chunks, RoutingSpec(*spec) if spec else "dense",
                                      conditioning, seed=seed)
         arrays = metric_arrays(score(videos[:, start:], after(clips, start), videos.shape[1] - start))
