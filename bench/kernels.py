@@ -19,6 +19,11 @@ top-k 1 and 5, bf16, batch 1. Methods:
   flex         compiled FlexAttention over [history | current] with routed_block_mask (mask build timed apart)
   gather_sdpa  per 512-query block: gather the block's union of selected chunks, SDPA with a bool mask
   torch        the library's torch fallback (routed_attention(backend="torch"))
+  auto         routed_attention(backend="auto"): the per-call choice between the two (one host sync)
+After the timings, the torch path's slowdown per (query, key) pair relative to the kernel's is fitted
+from each (pattern, N, k) with both rows (attention.backends.TORCH_PATH_SLOWDOWN: the kernel runs when
+its visited pairs <= slowdown x the exact pairs) and printed with how often the current value picks the
+faster path.
 TFLOP/s counts 4*D flops per (query, attended key): the routed work for routed methods, the full
 dense work for dense_sdpa. `blk_chunks` = mean number of history chunks a 128-query block of the
 kernel visits (its real cost), `tok_chunks` = chunks attended per query token (= k + nothing else here).
@@ -56,8 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument(
-        "--methods", default="select,triton,dense_sdpa,flex,gather_sdpa,torch",
-        help="comma list of: select,triton,dense_sdpa,flex,gather_sdpa,torch",
+        "--methods", default="select,triton,dense_sdpa,flex,gather_sdpa,torch,auto",
+        help="comma list of: select,triton,dense_sdpa,flex,gather_sdpa,torch,auto",
     )
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--tune", action="store_true", help="also time a few kernel tile configs at the largest shape")
@@ -298,9 +303,11 @@ def run_timings():
             spec = R.RoutingSpec("topk", top_k=k)
             sel = K.routing_select(q, mk, R.RoutingSpec("topk", top_k=k))
             useful = attended_flops(sel, T, Lc, D)
+            kernel_pairs, exact_pairs = R.routed_work(sel, T, Lc, K.block_rows(D)).tolist()
             base = dict(history_chunks=N, top_k=k, heads=Hh, head_dim=D, chunk_tokens=T, dtype=str(dtype)[6:],
                         pattern=pattern, tok_chunks=float(sel.sum(-1).double().mean()),
-                        blk_chunks=block_union_chunks(sel), routed_tflop=useful / 1e12, dense_tflop=dense_flops / 1e12)
+                        blk_chunks=block_union_chunks(sel, K.block_rows(D)), routed_tflop=useful / 1e12,
+                        dense_tflop=dense_flops / 1e12, kernel_pairs=kernel_pairs, exact_pairs=exact_pairs)
 
             def add(method, fn, flops, reps_=reps, extra=None):
                 row = dict(base, method=method)
@@ -338,6 +345,10 @@ def run_timings():
             if "torch" in methods:
                 add("torch", lambda: R.routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch"), useful,
                     reps_=max(1, reps // 5))
+            if "auto" in methods:
+                add("auto", lambda: R.routed_attention(q, kh, vh, kc, vc, sel, T, backend="auto"), useful,
+                    reps_=max(1, reps // 5))
+                TIMINGS[-1]["auto_path"] = R.last_routed_path()
         del q, kh, vh, kc, vc, k_all, v_all
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
@@ -345,6 +356,38 @@ def run_timings():
         d = next((r for r in TIMINGS if r["method"] == "dense_sdpa" and r["history_chunks"] == row["history_chunks"]
                   and r["top_k"] == row["top_k"] and r["pattern"] == row["pattern"] and r.get("ms")), None)
         row["speedup_vs_dense"] = (d["ms"] / row["ms"]) if d and row.get("ms") and row["method"] != "select" else None
+
+
+def fit_choice():
+    """The torch path's slowdown per (query, key) pair relative to the kernel's, per case with both
+    timings: the break-even value of attention.backends.TORCH_PATH_SLOWDOWN for that case (the kernel
+    wins there iff kernel_pairs <= slowdown * exact_pairs). Returns the cases, their median and how many
+    the library's current value decides right."""
+    from resampling_forcing.attention.backends import TORCH_PATH_SLOWDOWN, kernel_is_cheaper
+
+    cases = []
+    for r in TIMINGS:
+        if r["method"] != "triton" or not r.get("ms"):
+            continue
+        t = next((x for x in TIMINGS if x["method"] == "torch" and x.get("ms") and all(
+            x[c] == r[c] for c in ("pattern", "history_chunks", "top_k"))), None)
+        if t is None:
+            continue
+        breakeven = (t["ms"] / r["exact_pairs"]) / (r["ms"] / r["kernel_pairs"])
+        kernel_faster = r["ms"] <= t["ms"]
+        cases.append(dict(pattern=r["pattern"], history_chunks=r["history_chunks"], top_k=r["top_k"],
+                          inflation=r["kernel_pairs"] / r["exact_pairs"], breakeven_slowdown=breakeven,
+                          kernel_faster=kernel_faster,
+                          current_right=kernel_is_cheaper(r["kernel_pairs"], r["exact_pairs"]) == kernel_faster))
+    if not cases:
+        return dict(cases=[])
+    vals = sorted(c["breakeven_slowdown"] for c in cases)
+    fit = dict(cases=cases, median_breakeven=vals[len(vals) // 2], current=TORCH_PATH_SLOWDOWN,
+               current_right=sum(c["current_right"] for c in cases), n=len(cases))
+    print(f"TORCH_PATH_SLOWDOWN: break-even per case {', '.join(f'{v:.2f}' for v in vals)}; median "
+          f"{fit['median_breakeven']:.2f}; the current {TORCH_PATH_SLOWDOWN} picks the faster path in "
+          f"{fit['current_right']}/{fit['n']} cases", flush=True)
+    return fit
 
 
 def run_tune():
@@ -372,8 +415,10 @@ def run_tune():
 
 
 def markdown(rows):
-    cols = ["pattern", "history_chunks", "top_k", "method", "ms", "tflops", "speedup_vs_dense", "tok_chunks", "blk_chunks"]
-    head = "| " + " | ".join(["pattern", "N hist", "k", "method", "ms", "TFLOP/s", "x dense", "chunks/token", "chunks/block"]) + " |"
+    cols = ["pattern", "history_chunks", "top_k", "method", "ms", "tflops", "speedup_vs_dense", "tok_chunks", "blk_chunks",
+            "auto_path"]
+    head = "| " + " | ".join(["pattern", "N hist", "k", "method", "ms", "TFLOP/s", "x dense", "chunks/token", "chunks/block",
+                              "auto ran"]) + " |"
     lines = [head, "|" + "---|" * len(cols)]
     for r in rows:
         vals = []
@@ -426,8 +471,9 @@ def main():
     tune = run_tune() if ARGS.tune else []
     table = markdown(TIMINGS)
     print(table)
+    choice = fit_choice()
     result = dict(env=info, args=vars(ARGS), checks=CHECKS, timings=TIMINGS, tune=tune, table=table,
-                  wall_s=time.time() - t0)
+                  choice_fit=choice, wall_s=time.time() - t0)
     out = Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))

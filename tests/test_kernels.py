@@ -263,6 +263,74 @@ def test_bench_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["checks"] and all(c["ok"] for c in data["checks"]), data["checks"]
     methods = {row["method"] for row in data["timings"]}
-    assert {"triton", "dense_sdpa", "flex", "gather_sdpa"} <= methods
+    assert {"triton", "dense_sdpa", "flex", "gather_sdpa", "torch", "auto"} <= methods
     assert {row["pattern"] for row in data["timings"]} == {"coherent", "random"}  # one GPU run times both
+    fit = data["choice_fit"]  # the per-call choice's constant, fitted from every case timed both ways
+    assert fit["n"] == sum(row["method"] == "triton" for row in data["timings"]) > 0
+    assert all(c["breakeven_slowdown"] > 0 and c["inflation"] >= 1 for c in fit["cases"])
     assert "| method |" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# the "auto" path's per-call choice between the kernel and the torch path
+# ------------------------------------------------------------------------------------------
+def test_routed_work_counts_kernel_blocks_and_exact_pairs():
+    """routed_work == a count by hand: per block of `rows` queries, the chunks any of them selected
+    (the whole block pays for each, padding rows too), against each token's own picks."""
+    from resampling_forcing.attention.routed import routed_work
+
+    g = torch.Generator().manual_seed(3)
+    B, Hh, Lq, N, T, Lc, rows = 2, 3, 11, 6, 7, 9, 4
+    sel = torch.rand(B, Hh, Lq, N, generator=g) < 0.3
+    kernel = exact = 0
+    for b in range(B):
+        for h in range(Hh):
+            for s0 in range(0, Lq, rows):
+                union = {j for t in range(s0, min(s0 + rows, Lq)) for j in range(N) if sel[b, h, t, j]}
+                kernel += len(union) * rows * T
+            exact += int(sel[b, h].sum()) * T
+    cur = B * Hh * Lq * Lc
+    assert routed_work(sel, T, Lc, rows).tolist() == [kernel + cur, exact + cur]
+
+
+def test_auto_path_chooses_per_call_with_one_host_sync(monkeypatch):
+    """Where the kernel runs (CUDA; here the interpreter, patched in), the auto path runs the kernel for
+    coherent picks and the torch path for per-token picks that disagree (a block would visit ~every
+    chunk), reading its statistics in the torch plan's one host sync; both equal the reference."""
+    import resampling_forcing.attention.backends as BK
+    import resampling_forcing.attention.routed as RT
+
+    monkeypatch.setattr(RT, "use_routing_kernels", lambda path, x, what: path in ("auto", "triton"))
+    syncs = []
+    orig_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: syncs.append(1) or orig_tolist(self))
+    B, Hh, N, T, Lq, D = 1, 2, 8, 5, 40, 16
+    q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, torch.float32, Lq=Lq)
+    coherent = torch.zeros(B, Hh, Lq, N, dtype=torch.bool, device=DEVICE)
+    coherent[..., 3] = True
+    random = torch.nn.functional.one_hot(torch.randint(0, N, (B, Hh, Lq), generator=torch.Generator().manual_seed(0)),
+                                         N).bool().to(DEVICE)
+    for sel, path in ((coherent, "triton"), (random, "torch")):
+        syncs.clear()
+        out, lse = routed_attention(q, kh, vh, kc, vc, sel, T, backend="auto")
+        assert RT.last_routed_path() == path and len(syncs) == 1
+        ref_o, ref_l = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
+        torch.testing.assert_close(out, ref_o.float(), **TOL[torch.float32])
+        torch.testing.assert_close(lse, ref_l, **LSE_TOL)
+    monkeypatch.setattr(BK, "TORCH_PATH_SLOWDOWN", 1e9)  # the torch path never pays: the kernel always
+    routed_attention(q, kh, vh, kc, vc, random, T, backend="auto")
+    assert RT.last_routed_path() == "triton"
+    RT._LAST_PATH[0] = "-"
+    syncs.clear()
+    routed_attention(q, kh, vh, kc, vc, random, T, backend="triton")  # forced: no choice, no sync
+    assert RT.last_routed_path() == "triton" and syncs == []
+
+
+def test_auto_backend_routes_on_the_auto_path():
+    """backend auto resolves to flex on CUDA (its routing takes the per-call choice), sdpa on CPU;
+    an explicit triton keeps the kernel for every call."""
+    from resampling_forcing.attention.backends import resolve_backend, routing_path
+
+    assert resolve_backend("auto", "cpu") == "sdpa" and routing_path("sdpa") == "torch"
+    assert resolve_backend("auto", "cuda") == "flex" and routing_path("flex") == "auto"
+    assert routing_path("triton") == "triton"

@@ -1,7 +1,8 @@
 """Triton kernels (import name `resampling_forcing.kernels`; the repo folder is `kernels/routing/`, see kernels/README.md).
 
 * `routed_attention_fwd`: routed attention forward for inference (history chunks read in place,
-  per-token selection, current chunk always attended; returns out and lse).
+  per-token selection, current chunk always attended; returns out and lse); `block_rows(D)`, its
+  query rows per program.
 * `routing_select`: fused routing step (scores q . mean(K_j) + sink/window/top-k selection).
 
 Triton is optional: without it (or without CUDA and without TRITON_INTERPRET=1) the torch paths in
@@ -18,7 +19,7 @@ except Exception:  # ImportError, or a broken install
     HAS_TRITON = False
 
 if HAS_TRITON:
-    from .routed_attention import is_interpreted, routed_attention_fwd
+    from .routed_attention import block_rows, is_interpreted, routed_attention_fwd
     from .routing_select import routing_select
 else:  # pragma: no cover
     def is_interpreted() -> bool:
@@ -27,7 +28,6 @@ else:  # pragma: no cover
     def _missing(*_args, **_kwargs):
         raise RuntimeError("Triton is not installed; use backend='torch' (pip install triton on Linux for the kernels)")
 
-    routed_attention_fwd = _missing
-    routing_select = _missing
+    block_rows = routed_attention_fwd = routing_select = _missing
 
-__all__ = ["HAS_TRITON", "is_interpreted", "routed_attention_fwd", "routing_select"]
+__all__ = ["HAS_TRITON", "block_rows", "is_interpreted", "routed_attention_fwd", "routing_select"]

@@ -46,7 +46,7 @@ import triton.language as tl
 from ..attention.routed import check_attention_inputs
 from .common import check_runnable, interpreted
 
-__all__ = ["routed_attention_fwd", "is_interpreted"]
+__all__ = ["routed_attention_fwd", "is_interpreted", "block_rows"]
 
 _LOG2E = 1.4426950408889634
 
@@ -165,6 +165,12 @@ def _default_config(D: int, interpreted: bool) -> tuple[int, int, int, int]:
     if D <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3
+
+
+def block_rows(D: int) -> int:
+    """Query rows per program (BLOCK_M) of the default configuration for head dim D: a program reads
+    every history chunk that ANY of its rows selected, so this is the unit of the kernel's work."""
+    return _default_config(D, is_interpreted())[0]
 
 
 def routed_attention_fwd(

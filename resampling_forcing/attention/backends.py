@@ -8,13 +8,16 @@ Backends (config `attention.backend`, CLI `--attention-backend`):
             masked training layouts fall back to flex on CUDA, sdpa on CPU.
 - xformers: memory_efficient_attention for unmasked attention (CUDA only, optional extra);
             masked layouts use it with a dense additive bias.
-- auto:     triton on CUDA when Triton imports (flex for masked layouts), else flex; sdpa on CPU.
+- auto:     flex on CUDA, whose history routing runs the Triton kernels when they import, routed
+            attention choosing per call between the kernel and the torch path (`kernel_is_cheaper`);
+            sdpa on CPU.
 
 Every choice of how attention runs is made here, from the resolved backend and the device:
 - dense / masked attention: `attention` (and `flex_fn`, the one compiled FlexAttention);
 - history routing at inference, selection AND routed attention alike: `routing_path(backend)` gives
   the path ("torch" | "triton" | "auto") that `select_chunks` and `routed_attention` take, and
-  `use_routing_kernels` decides what a path means for a tensor;
+  `use_routing_kernels` decides what a path means for a tensor; on the "auto" path routed attention
+  asks `kernel_is_cheaper` per call, from the selection's statistics;
 - routed training attention: `training_routing(backend, device)` (sdpa | flex, and the selection path).
 The rest of the library receives the resolved name and asks these functions; it decides nothing.
 """
@@ -49,10 +52,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {list(BACKENDS)}")
-    if name == "auto":
-        if device.type != "cuda":
-            return "sdpa"
-        return "triton" if triton_usable(device) else "flex"
+    if name == "auto":  # flex: masked layouts via FlexAttention, routing on the "auto" path
+        return "flex" if device.type == "cuda" else "sdpa"
     if name == "triton" and not triton_usable(device):
         raise ValueError(
             f"attention backend 'triton' needs a CUDA device (got {device.type}); "
@@ -111,6 +112,25 @@ def use_routing_kernels(path: str, x: torch.Tensor, what: str) -> bool:
             f"{what}: backend='triton' needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before import; "
             "use backend='torch' or 'auto' on CPU")
     return True
+
+
+# Routed attention on the "auto" path, where the kernel runs (CUDA): the Triton kernel and the torch path
+# compute the same thing at different costs. A kernel program owns `block_rows` queries and reads every
+# history chunk ANY of them selected, so per-token picks that disagree inflate its work (up to
+# block_rows-fold for uncorrelated picks, the "random" pattern); the torch path computes exactly the
+# selected (token, chunk) pairs, each more slowly (planning, gathers, more and smaller calls). Counted in
+# (query, key) pairs per call, the current chunk (Lq x Lc per head) the same on both:
+#   kernel ~ visited (block, chunk) pairs * block_rows * T + Lq * Lc
+#   torch  ~ TORCH_PATH_SLOWDOWN * (selected (token, chunk) pairs * T + Lq * Lc)
+# The slowdown is a prior, not a measurement (no GPU has run bench/kernels.py yet): that benchmark fits
+# it from its triton and torch rows and prints the value to set here.
+TORCH_PATH_SLOWDOWN = 2.0
+
+
+def kernel_is_cheaper(kernel_pairs: int, exact_pairs: int, slowdown: float | None = None) -> bool:
+    """Whether the Triton kernel beats the torch path for a call whose kernel would visit
+    `kernel_pairs` (query, key) pairs where the selection needs `exact_pairs` (see above)."""
+    return kernel_pairs <= (TORCH_PATH_SLOWDOWN if slowdown is None else slowdown) * exact_pairs
 
 
 def training_routing(backend: str, device: torch.device) -> tuple[str, str]:

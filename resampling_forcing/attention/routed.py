@@ -4,8 +4,9 @@ selected history chunks (per head, per token) plus, always and fully, their own 
     out, lse = routed_attention(q, k_hist, v_hist, k_cur, v_cur, sel, T)
 
 Paths (chosen by attention.backends): the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1; history
-read in place, no host sync) or the torch path (attention/routed_torch.py). `routed_block_mask` is the
-FlexAttention form of the same rule.
+read in place, no host sync) or the torch path (attention/routed_torch.py); on the "auto" path, where
+the kernel runs, per call whichever `backends.kernel_is_cheaper` says from `routed_work`.
+`routed_block_mask` is the FlexAttention form of the same rule.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .backends import kernels, use_routing_kernels
+from .backends import kernel_is_cheaper, kernels, use_routing_kernels
 from .masks import block_mask_from_counts
-from .routed_torch import routed_attention_torch
+from .routed_torch import _plan_history, routed_attention_torch
 from .selection import check_4d
 
 
@@ -49,6 +50,27 @@ def check_attention_inputs(what, q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tok
         raise ValueError(f"{what}: sel is on {sel.device} but q is on {q.device}")
 
 
+def routed_work(sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, block_rows: int) -> torch.Tensor:
+    """(query, key) pairs a routed call attends, on sel's device (no host sync): int64 [2] =
+    (the kernel's: every chunk any of a block of `block_rows` queries selected, for the whole block;
+    the exact: each token's selected chunks), both plus the current chunk (Lq x cur_tokens per head).
+    sel: bool [B,Hh,Lq,N]."""
+    B, Hh, Lq, N = sel.shape
+    pad = -Lq % block_rows
+    blocks = torch.cat([sel, sel.new_zeros(B, Hh, pad, N)], dim=2) if pad else sel
+    visited = blocks.view(B, Hh, -1, block_rows, N).any(dim=3).sum()
+    cur = B * Hh * Lq * cur_tokens
+    return torch.stack([visited * (block_rows * chunk_tokens) + cur, sel.sum() * chunk_tokens + cur])
+
+
+_LAST_PATH: list = ["-"]
+
+
+def last_routed_path() -> str:
+    """The path ("triton" | "torch") the most recent `routed_attention` call took (for benchmarks)."""
+    return _LAST_PATH[0]
+
+
 def routed_attention(
     q: torch.Tensor,
     k_hist: torch.Tensor,
@@ -68,7 +90,10 @@ def routed_attention(
     q [B,Hh,Lq,D]; k_hist/v_hist [B,Hh,N*T,D]; k_cur/v_cur [B,Hh,Lc,D]; sel bool [B,Hh,Lq,N].
     Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32).
 
-    backend "triton" (or "auto" on CUDA): one kernel, history read in place, no host sync.
+    backend "triton": one kernel, history read in place, no host sync.
+    backend "auto" where the kernel runs (CUDA, no autograd): the torch path's plan is made (its ONE
+    host sync, which also reads `routed_work`) and the kernel runs instead when
+    `backends.kernel_is_cheaper` (coherent picks; per-token picks that disagree go to the torch path).
     backend "torch" (or "auto" elsewhere): planned from `sel` with ONE host sync. If every query
     selects the same chunks (window mode, k >= history): one plain attention over [those chunks |
     current chunk], no mask. Otherwise the current chunk and the history planned per head (dense
@@ -91,17 +116,25 @@ def routed_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_hist, v_hist, k_cur, v_cur))
     if needs_grad and backend == "auto":
         backend = "torch"  # the Triton kernel is forward only
-    if use_routing_kernels(backend, q, "routed_attention"):
+    if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
+        raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
+    use_kernel = use_routing_kernels(backend, q, "routed_attention")
+    plan = None
+    if use_kernel and backend == "auto" and chunks is None and sel.shape[-1] > 0 and q.numel() > 0:
+        work = routed_work(sel, chunk_tokens, k_cur.shape[2], kernels().block_rows(q.shape[-1]))
+        full = None if packed is None else packed[1]
+        plan = _plan_history(sel, chunk_tokens, q.shape[-1], full_chunks=full, extra=work)
+        use_kernel = kernel_is_cheaper(*plan.extra)
+    _LAST_PATH[0] = "triton" if use_kernel else "torch"
+    if use_kernel:
         if needs_grad:
             raise RuntimeError(
                 "routed_attention: backend='triton' is forward only but inputs require grad; "
                 "run under torch.no_grad() or use backend='torch'"
             )
         return kernels().routed_attention_fwd(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
-    if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
-        raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
     return routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale,
-                                   sorted(chunks) if chunks is not None else None, packed)
+                                   sorted(chunks) if chunks is not None else None, packed, plan)
 
 
 def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:

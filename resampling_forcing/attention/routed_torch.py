@@ -142,6 +142,7 @@ class _HistoryPlan:
     rows: list[int] | None = None  # blocks: padded sparse rows per chunk (G) per (batch, head); 0 = none
     counts: list[list[int]] | None = None  # blocks, heads with rows 0: sparse pairs per chunk (one call each)
     dense_mask: torch.Tensor | None = None  # blocks: bool [B*Hh, N] on sel's device
+    extra: list[int] | None = None  # the caller's `extra` values, read in the same host sync
 
     def summary(self) -> str:
         if self.kind != "blocks":
@@ -158,14 +159,17 @@ class _HistoryPlan:
 
 
 def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = None,
-                  force_layout: str | None = None, full_chunks: int | None = None) -> _HistoryPlan:
+                  force_layout: str | None = None, full_chunks: int | None = None,
+                  extra: torch.Tensor | None = None) -> _HistoryPlan:
     """Host-side plan of the torch path's history branch from `sel` [B,Hh,Lq,N] (ONE host sync).
 
     force_dense / force_layout ("padded" | "per-chunk") are for tests: make the min(force_dense, N) most
     selected chunks of every head dense blocks / use that sparse layout, instead of the cost model's.
     full_chunks: `sel` holds the columns of a packed subset of a history this long (a bounded cache);
     the layouts are costed as over the whole history, so the plan is the unpacked one (columns nobody
-    selects change no other term: their counts are 0)."""
+    selects change no other term: their counts are 0).
+    extra: int64 [E] on sel's device, read to the host in the same sync (plan.extra): for a caller
+    that decides from device statistics whether to use the plan at all (attention.routed)."""
     B, Hh, Lq, N = sel.shape
     BH, dev = B * Hh, sel.device
     counts = sel.sum(dim=2).view(BH, N)  # queries per (batch*head, chunk)
@@ -193,18 +197,20 @@ def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = N
     row0 = sel[0, 0, 0]
     uniform = (sel == row0).all()
     sparse_counts = counts.masked_fill(dense_mask, 0)
-    vals = torch.cat([row0.long(), uniform.long().view(1), rows, dense_mask.long().flatten(),
-                      sparse_counts.flatten()]).tolist()  # the one host sync of this path
+    n_extra = 0 if extra is None else extra.numel()
+    parts = [row0.long(), uniform.long().view(1), rows, dense_mask.long().flatten(), sparse_counts.flatten()]
+    vals = torch.cat(parts + ([extra.long().flatten()] if n_extra else [])).tolist()  # the one host sync
+    extra_l = None if extra is None else vals[len(vals) - n_extra:]
     rows_l = vals[N + 1: N + 1 + BH]
     flat = vals[N + 1 + BH: N + 1 + BH + BH * N]
-    cnt = vals[N + 1 + BH + BH * N:]
+    cnt = vals[N + 1 + BH + BH * N: len(vals) - n_extra]
     if not any(flat) and not any(cnt):
-        return _HistoryPlan("none")
+        return _HistoryPlan("none", extra=extra_l)
     if vals[N]:
-        return _HistoryPlan("uniform", chunks=[j for j in range(N) if vals[j]])
+        return _HistoryPlan("uniform", chunks=[j for j in range(N) if vals[j]], extra=extra_l)
     dense = [[j for j in range(N) if flat[i * N + j]] for i in range(BH)]
     counts_l = [cnt[i * N: (i + 1) * N] for i in range(BH)]
-    return _HistoryPlan("blocks", dense=dense, rows=rows_l, counts=counts_l, dense_mask=dense_mask)
+    return _HistoryPlan("blocks", dense=dense, rows=rows_l, counts=counts_l, dense_mask=dense_mask, extra=extra_l)
 
 
 def _head_groups(plan: _HistoryPlan):
@@ -355,13 +361,16 @@ def _chunk_runs(x: torch.Tensor, chunks: list[int], T: int) -> list[torch.Tensor
     return [x[:, :, a * T: b * T] for a, b in index_runs(chunks)]
 
 
-def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None, packed=None):
+def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None, packed=None, plan=None):
     """packed: (ids, n) when k_hist / sel hold only the history chunks `ids` (ascending) of an n-chunk
     history: planned and merged exactly as over the whole history (bit-identical output; the padded
-    layout's calls then read only the packed chunks: rows of the others would all be padding)."""
+    layout's calls then read only the packed chunks: rows of the others would all be padding).
+    plan: `_plan_history(sel, ...)` already made by the caller (its one host sync), else planned here."""
     N = sel.shape[-1]
     ids = None if packed is None else list(packed[0])
-    if chunks is not None:
+    if plan is not None:
+        pass  # planned by the caller
+    elif chunks is not None:
         plan = _HistoryPlan("uniform", chunks=chunks) if chunks else _HistoryPlan("none")
     elif N == 0 or q.numel() == 0:
         plan = _HistoryPlan("none")

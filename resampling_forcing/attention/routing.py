@@ -3,7 +3,8 @@ names, one import away. Each role lives in its own module beside this one:
 
     spec.py            backend names, routing modes, RoutingSpec, routing_spec(config)  (torch-free)
     selection.py       chunk means, scores q . mean(K_j), select_chunks, static_chunks
-    routed.py          routed_attention at inference (dispatch: Triton kernel or torch path), routed_block_mask
+    routed.py          routed_attention at inference (dispatch: Triton kernel or torch path, per call on
+                       the auto path), routed_block_mask
     routed_torch.py    the torch path: planner (dense blocks + MoBA rows), lse merge
     routed_training.py the training sequence [H | Q]: routed masks and routed_training_attention
     reference.py       the plain twins the tests compare against
@@ -22,7 +23,7 @@ them (sink U window U top-k of the rest; or sink U window for the sliding-window
 dense) plus, always and fully, its own chunk. The selection is parameter free and carries no gradient.
 """
 from .reference import routed_attention_reference, select_chunks_reference
-from .routed import routed_attention, routed_block_mask
+from .routed import last_routed_path, routed_attention, routed_block_mask, routed_work
 from .routed_torch import last_plan_summary, merge_by_lse
 from .routed_training import RoutedTrainingMask, routed_training_attention, routed_training_mask, training_allowed
 from .selection import chunk_means, routing_scores, select_chunks, static_chunks
@@ -41,6 +42,8 @@ __all__ = [
     "static_chunks",
     "merge_by_lse",
     "last_plan_summary",
+    "last_routed_path",
+    "routed_work",
     "routed_block_mask",
     "training_allowed",
     "RoutedTrainingMask",
