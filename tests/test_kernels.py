@@ -303,10 +303,11 @@ def test_auto_path_chooses_per_call_with_one_host_sync(monkeypatch):
     import resampling_forcing.attention.routed as RT
 
     monkeypatch.setattr(RT, "use_routing_kernels", lambda path, x, what: path in ("auto", "triton"))
+    monkeypatch.setattr(BK, "TORCH_PATH_SLOWDOWN", 4.0)  # coherent: kernel ~1.3x the exact pairs; random ~12x
     syncs = []
     orig_tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: syncs.append(1) or orig_tolist(self))
-    B, Hh, N, T, D = 1, 2, 8, 5, 16
+    B, Hh, N, T, D = 1, 2, 40, 5, 16
     Lq = 2 * K.block_rows(D) + 9  # blocks of the kernel's size on this device (a partial one too)
     q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, torch.float32, Lq=Lq)
     coherent = torch.zeros(B, Hh, Lq, N, dtype=torch.bool, device=DEVICE)

@@ -122,9 +122,12 @@ def use_routing_kernels(path: str, x: torch.Tensor, what: str) -> bool:
 # (query, key) pairs per call, the current chunk (Lq x Lc per head) the same on both:
 #   kernel ~ visited (block, chunk) pairs * block_rows * T + Lq * Lc
 #   torch  ~ TORCH_PATH_SLOWDOWN * (selected (token, chunk) pairs * T + Lq * Lc)
-# The slowdown is a prior, not a measurement (no GPU has run bench/kernels.py yet): that benchmark fits
-# it from its triton and torch rows and prints the value to set here.
-TORCH_PATH_SLOWDOWN = 2.0
+# The slowdown is a prior, not a measurement (no GPU has run bench/kernels.py yet): on CUDA the torch path
+# computes in fp32 with explicit products and materialised scores (torch's fused kernels return no lse
+# there), against the kernel's bf16 tensor-core tiles; peak rates put that near 8x per pair. So the
+# torch path takes over only when the kernel's blocks would read ~8x the selected pairs (per-token k = 1
+# or 2 of dozens of chunks). bench/kernels.py fits the value from its triton and torch rows and prints it.
+TORCH_PATH_SLOWDOWN = 8.0
 
 
 def kernel_is_cheaper(kernel_pairs: int, exact_pairs: int, slowdown: float | None = None) -> bool:
