@@ -25,8 +25,8 @@ from each (pattern, N, k) with both rows (attention.backends.TORCH_PATH_SLOWDOWN
 its visited pairs <= slowdown x the exact pairs) and printed with how often the current value picks the
 faster path.
 TFLOP/s counts 4*D flops per (query, attended key): the routed work for routed methods, the full
-dense work for dense_sdpa. `blk_chunks` = mean number of history chunks a 128-query block of the
-kernel visits (its real cost), `tok_chunks` = chunks attended per query token (= k + nothing else here).
+dense work for dense_sdpa. `blk_chunks` = mean number of history chunks a query block of the
+kernel (`block_rows`: 128 queries on GPU) visits (its real cost), `tok_chunks` = chunks attended per query token (= k + nothing else here).
 
 Query/key synthesis (`--pattern`, a comma list; default both, timed one after the other): "coherent" gives each 520-token region of the chunk its
 own preference over history chunks (real routing is spatially coherent: neighbouring tokens pick the
