@@ -158,13 +158,13 @@ def attended_flops(sel, T, Lc, D):
 
 
 def block_union_chunks(sel, block_m=128):
-    """Mean number of history chunks visited by a block of `block_m` queries (kernel's real work)."""
+    """Mean number of history chunks visited by a block of `block_m` queries (kernel's real work), from
+    the library's count (routing.routed_work with 1-token chunks and no current chunk: visited x block_m)."""
     B, Hh, Lq, N = sel.shape
     if N == 0:
         return 0.0
-    nb = -(-Lq // block_m)
-    padded = F.pad(sel, (0, 0, 0, nb * block_m - Lq))
-    return float(padded.view(B, Hh, nb, block_m, N).any(dim=3).sum(dim=-1).double().mean())
+    visited_rows = R.routed_work(sel, 1, 0, block_m)[0].item()
+    return visited_rows / block_m / (B * Hh * -(-Lq // block_m))
 
 
 def gather_sdpa(q, kh, vh, kc, vc, sel, T, block=512):
