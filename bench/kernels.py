@@ -82,6 +82,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from resampling_forcing.attention import routing as R  # noqa: E402
 from resampling_forcing.attention.backends import flex_fn as _flex_fn, kernels  # noqa: E402
+from resampling_forcing.attention.masks import MaskSpec  # noqa: E402
 from resampling_forcing.timing import Stopwatch, time_fn  # noqa: E402
 
 # `resampling_forcing.kernels` is the repo folder kernels/routing/ (pyproject package-dir): `pip install -e .` first.
@@ -252,7 +253,7 @@ def run_checks():
     # -- training: flex vs sdpa, forward (+ gradients on GPU)
     def check_training():
         Nt, Tt, Ht, Dt = (3, 7, 2, 16) if smoke else (5, 67, 4, 64)
-        L = 2 * Nt * Tt
+        L = MaskSpec("dual", Nt, Tt).seq_len  # [H_1..H_{N-1} | Q_1..Q_N]
         dt = torch.float32
         q, k, v = (torch.randn(1, Ht, L, Dt, device=DEV, generator=gen, dtype=dt).requires_grad_(not smoke) for _ in range(3))
         spec = R.RoutingSpec("topk", top_k=1, sink_chunks=1)

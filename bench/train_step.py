@@ -84,7 +84,7 @@ def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, t
             res_times.append(resample.seconds)
     peak = peak_memory(dev)[0] - (0.0 if dev.type == "cuda" else base_rss)
     return {"model": preset, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "batch": batch, "latent": [c, f, h, w], "chunks": n, "tokens_dual": 2 * n * tokens,
+            "batch": batch, "latent": [c, f, h, w], "chunks": n, "tokens_dual": attn.spec.seq_len,
             "objective": objective if objective == "teacher_forcing" else f"resampling ({rsteps} step{'s' * (rsteps > 1)})",
             "step_s": median(times), "resample_s": median(res_times),
             "peak_mem_MB": round(peak), "device": device, "threads": torch.get_num_threads()}

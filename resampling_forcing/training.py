@@ -353,7 +353,7 @@ class Trainer:
         if all_ts is not None and acc.num_processes > 1:
             all_ts = acc.gather(all_ts)
         elapsed = time.perf_counter() - start
-        tokens = 2 * self.num_chunks * self.chunk_tokens * cfg.train.batch_size * k * acc.num_processes
+        tokens = MaskSpec("dual", self.num_chunks, self.chunk_tokens).seq_len * cfg.train.batch_size * k * acc.num_processes
         rec = {"step": self.step, "stage": stage.name, "stage_index": stage_idx, "objective": stage.objective,
                "loss": float(vec[0]), "loss_chunk": [float(x) for x in vec[1:]], "lr": lr,
                "grad_norm": None if grad_norm is None else float(grad_norm), "step_time": elapsed,

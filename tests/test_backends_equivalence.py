@@ -68,7 +68,7 @@ def test_sampler_same_latents_for_all_backends(routing, monkeypatch):
 # 2. training with routing: fast path == independent reference (loss and all gradients)
 # ------------------------------------------------------------------------------------------
 class ReferenceRoutedTop1:
-    """Attention op for the dual layout [H_1..H_N | Q_1..Q_N] with top-1 routing, written from
+    """Attention op for the dual layout [H_1..H_{N-1} | Q_1..Q_N] with top-1 routing, written from
     method.md section 6 / CONTRACTS.md: token of chunk i (either stream) attends its own chunk (same
     stream) and the ONE history chunk H_j, j < i, maximising q . mean(K_j) (lowest j on ties)."""
 
@@ -78,19 +78,20 @@ class ReferenceRoutedTop1:
 
     def mask(self, q, k):
         N, T = self.N, self.T
-        L = 2 * N * T
+        Nh = N - 1  # history chunks: H_N is left out of the layout
+        L = (Nh + N) * T
         with torch.no_grad():
-            mk = k[:, :, : N * T].float().unflatten(2, (N, T)).mean(3).double()  # [B,Hh,N,D]
-            s = q.double() @ mk.transpose(-1, -2)  # [B,Hh,L,N]
+            mk = k[:, :, : Nh * T].float().unflatten(2, (Nh, T)).mean(3).double()  # [B,Hh,Nh,D]
+            s = q.double() @ mk.transpose(-1, -2)  # [B,Hh,L,Nh]
             r = torch.arange(L)
-            own = torch.where(r < N * T, r, r - N * T) // T  # chunk index of each token
-            allowed = torch.arange(N)[None, :] < own[:, None]  # [L, N]: H_j with j < i
+            own = torch.where(r < Nh * T, r, r - Nh * T) // T  # chunk index of each token
+            allowed = torch.arange(Nh)[None, :] < own[:, None]  # [L, Nh]: H_j with j < i
             s = s.masked_fill(~allowed, float("-inf"))
             best = torch.argmax(s, dim=-1)  # first maximum = lowest index on ties
             has = allowed.any(-1)  # chunk 0 has no history
             c = torch.arange(L)
             same = (c[None, :] // T) == (r[:, None] // T)  # same stream and same chunk
-            routed = (c < N * T) & ((c // T) == best[..., None]) & has[:, None]  # [B,Hh,L,L]
+            routed = (c < Nh * T) & ((c // T) == best[..., None]) & has[:, None]  # [B,Hh,L,L]
             return same | routed  # [B,Hh,L,L]
 
     def __call__(self, q, k, v, layer):

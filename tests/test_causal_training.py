@@ -12,13 +12,14 @@ N, T = 5, 7
 
 
 def brute_force(n, t):
-    """The rule of method.md section 3, one entry at a time."""
-    nt = n * t
-    m = torch.zeros(2 * nt, 2 * nt, dtype=torch.bool)
-    for q in range(2 * nt):
-        for k in range(2 * nt):
-            q_stream, qc = divmod(q, nt)
-            k_stream, kc = divmod(k, nt)
+    """The rule of method.md section 3, one entry at a time, over [H_1..H_{n-1} | Q_1..Q_n] (H_n dropped)."""
+    ht = (n - 1) * t  # history tokens
+    L = ht + n * t
+    m = torch.zeros(L, L, dtype=torch.bool)
+    for q in range(L):
+        for k in range(L):
+            q_stream, qc = (0, q) if q < ht else (1, q - ht)
+            k_stream, kc = (0, k) if k < ht else (1, k - ht)
             qc, kc = qc // t, kc // t
             if q_stream == 0:
                 m[q, k] = k_stream == 0 and kc <= qc
@@ -124,3 +125,53 @@ def test_gradients_flow_only_to_allowed_inputs():
     out[:, :, cf:2 * cf].sum().backward()  # loss on Q_1 only
     g = hist.grad.abs().sum(dim=(0, 1, 3, 4))
     assert g[:cf].sum() > 0 and g[cf:].sum() == 0
+
+
+def _full_layout_velocity(model, hist, noisy, t, ctx):
+    """The dual forward as the paper writes it, [H_1..H_N | Q_1..Q_N] with H_N kept, under the mask of
+    `brute_force_full` (an independent reference for the trimmed layout forward_dual runs)."""
+    n, cf = t.shape[1], model.cfg.chunk_frames
+    frames, hh, ww = noisy.shape[2:]
+    T = model.chunk_tokens(hh, ww)
+    cos, sin = model.rope(torch.arange(frames), hh, ww)
+    tokens = torch.cat([model.patchify(hist), model.patchify(noisy)], dim=1)
+    mask = brute_force_full(n, T)
+
+    def attn(q, k, v, layer):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    t_groups = torch.cat([torch.zeros_like(t), t], dim=1).float()
+    raw = model.run_tokens(tokens, t_groups, torch.cat([cos, cos]), torch.cat([sin, sin]), model.text_kv(ctx), attn)
+    raw = model.unpatchify(raw[:, n * T:], frames, hh, ww)
+    return model.to_velocity(raw, noisy, t.float().repeat_interleave(cf, dim=1))
+
+
+def brute_force_full(n, t):
+    """method.md section 3 over [H_1..H_n | Q_1..Q_n], H_n included."""
+    nt = n * t
+    r = torch.arange(2 * nt)
+    hist, chunk = r < nt, (r % nt) // t
+    q_h, k_h, qc, kc = hist[:, None], hist[None, :], chunk[:, None], chunk[None, :]
+    return (q_h & k_h & (kc <= qc)) | (~q_h & ((k_h & (kc < qc)) | (~k_h & (kc == qc))))
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 5])
+@pytest.mark.parametrize("prediction", ["velocity", "x0"])
+def test_dropping_the_last_history_chunk_is_exact(n_chunks, prediction):
+    """forward_dual leaves H_N out (nobody attends it): its velocity and the loss gradients equal the full
+    [H_1..H_N | Q_1..Q_N] forward's, on an odd chunk size (7 tokens per frame, 2 frames per chunk)."""
+    model = tiny_model(prediction=prediction).train().requires_grad_(True)
+    hist, noisy, t, ctx = _data(model, n_chunks=n_chunks, seed=3)
+    spec = MaskSpec("dual", n_chunks, model.chunk_tokens(2, 14))
+    assert spec.history_chunks == n_chunks - 1
+    assert spec.seq_len == (2 * n_chunks - 1) * model.chunk_tokens(2, 14)
+    params = list(model.parameters())
+    v = model.forward_dual(hist, noisy, t, ctx, MaskedAttention(spec, "sdpa"))
+    ref = _full_layout_velocity(model, hist, noisy, t, ctx)
+    torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-6)
+    target = torch.randn_like(v)
+    g = torch.autograd.grad(((v - target) ** 2).mean(), params)
+    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
+    assert any(x.abs().sum() > 0 for x in g)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

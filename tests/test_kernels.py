@@ -228,12 +228,13 @@ def test_routing_select_kernel_exact(N, dtype):
 
 
 def test_routing_select_kernel_training_allowed_and_ties():
-    N, T, D = 5, 3, 8
-    L = 2 * N * T
+    N, T, D = 6, 3, 8  # 5 history + 6 noisy chunks
+    L = (2 * N - 1) * T
     q = torch.randint(-3, 4, (2, 2, L, D), device=DEVICE).float()
     base = torch.randint(-3, 4, (2, 2, 2, D), device=DEVICE).float()
     mk = base[:, :, [0, 1, 0, 1, 0]]  # many exact ties
     allowed = training_allowed(N, T, DEVICE)
+    assert allowed.shape == (L, 5)
     for spec in SPECS:
         got = select_chunks(q, mk, spec, allowed, backend="triton")
         assert torch.equal(got, select_chunks_reference(q, mk, spec, allowed)), spec

@@ -67,14 +67,21 @@ def chunks_of(sel_row):
     return sorted(torch.nonzero(sel_row).flatten().tolist())
 
 
+def own_chunk(r, N, T):
+    """Chunk index of token r of the training sequence [H_1..H_{N-1} | Q_1..Q_N]."""
+    return r // T if r < (N - 1) * T else (r - (N - 1) * T) // T
+
+
 def contract_training_mask(N, T):
-    """The CONTRACTS.md rule, written row by row: Q_i->Q_j iff j==i; Q_i->H_j iff j<i; H_i->H_j iff j<=i."""
-    L = 2 * N * T
+    """The CONTRACTS.md rule, written row by row over [H_1..H_{N-1} | Q_1..Q_N]: Q_i->Q_j iff j==i;
+    Q_i->H_j iff j<i; H_i->H_j iff j<=i."""
+    HT = (N - 1) * T
+    L = HT + N * T
     m = torch.zeros(L, L, dtype=torch.bool)
     for r in range(L):
-        r_hist, ri = r < N * T, (r % (N * T)) // T
+        r_hist, ri = r < HT, own_chunk(r, N, T)
         for c in range(L):
-            c_hist, cj = c < N * T, (c % (N * T)) // T
+            c_hist, cj = c < HT, own_chunk(c, N, T)
             if r_hist:
                 m[r, c] = c_hist and cj <= ri
             else:
@@ -168,14 +175,15 @@ def test_ties_from_equal_mean_keys_random_queries():
 
 def test_allowed_relative_sink_window_topk():
     N, T = 6, 2
-    allowed = training_allowed(N, T)  # [2NT, N], row of chunk i allows j < i
-    L = 2 * N * T
+    allowed = training_allowed(N, T)  # [(2N-1)T, N-1], row of chunk i allows j < i
+    L = (2 * N - 1) * T
+    assert allowed.shape == (L, N - 1)
     q = torch.randn(2, 2, L, 8)
-    mk = torch.randn(2, 2, N, 8)
+    mk = torch.randn(2, 2, N - 1, 8)
     spec = RoutingSpec("topk", top_k=1, sink_chunks=1, window_chunks=1)
     sel = both_select(q, mk, spec, allowed)
     for r in range(L):
-        i = (r % (N * T)) // T
+        i = own_chunk(r, N, T)
         for b in range(2):
             for h in range(2):
                 got = chunks_of(sel[b, h, r])
@@ -189,7 +197,7 @@ def test_allowed_relative_sink_window_topk():
                     assert mid[int(torch.argmax(s))] in got
     win = both_select(q, mk, RoutingSpec("window", window_chunks=2), allowed)
     for r in range(L):
-        i = (r % (N * T)) // T
+        i = own_chunk(r, N, T)
         assert chunks_of(win[0, 1, r]) == list(range(max(0, i - 2), i))
 
 
@@ -430,24 +438,25 @@ def test_merge_by_lse_empty_branches():
 # ------------------------------------------------------------------------------------------
 # training with routing
 # ------------------------------------------------------------------------------------------
-N_TR, T_TR = 5, 7  # odd sizes: L = 70
+N_TR, T_TR = 5, 7  # odd sizes: 4 history + 5 noisy chunks
+L_TR, HT_TR = 63, 28  # training tokens, history tokens
 
 
 def test_training_dense_spec_mask_is_contract_rule():
-    q = torch.randn(1, 2, 2 * N_TR * T_TR, 8)
+    q = torch.randn(1, 2, L_TR, 8)
     rm = routed_training_mask(q, q, N_TR, T_TR, RoutingSpec())
-    assert isinstance(rm, RoutedTrainingMask) and rm.seq_len == 70
+    assert isinstance(rm, RoutedTrainingMask) and rm.seq_len == L_TR
     expect = contract_training_mask(N_TR, T_TR)
-    assert torch.equal(rm.dense(), expect.expand(1, 2, 70, 70))
+    assert torch.equal(rm.dense(), expect.expand(1, 2, L_TR, L_TR))
 
 
 def test_training_routed_mask_semantics():
     B, Hh, D = 2, 2, 8
-    L = 2 * N_TR * T_TR
+    L = L_TR
     q, k = torch.randn(B, Hh, L, D), torch.randn(B, Hh, L, D)
     spec = RoutingSpec("topk", top_k=1, sink_chunks=1)
     rm = routed_training_mask(q, k, N_TR, T_TR, spec)
-    ref = select_chunks_reference(q, chunk_means(k[:, :, : N_TR * T_TR], T_TR), spec, training_allowed(N_TR, T_TR))
+    ref = select_chunks_reference(q, chunk_means(k[:, :, :HT_TR], T_TR), spec, training_allowed(N_TR, T_TR))
     assert torch.equal(rm.sel, ref)
     base = contract_training_mask(N_TR, T_TR)
     dense = rm.dense()
@@ -455,8 +464,8 @@ def test_training_routed_mask_semantics():
     seg = torch.arange(L) // T_TR
     assert dense[..., seg[:, None] == seg[None, :]].all()  # own chunk always attended
     for r in range(L):
-        i = (r % (N_TR * T_TR)) // T_TR
-        n_hist_chunks = dense[:, :, r, : N_TR * T_TR].sum(-1) // T_TR - int(r < N_TR * T_TR)
+        i = own_chunk(r, N_TR, T_TR)
+        n_hist_chunks = dense[:, :, r, :HT_TR].sum(-1) // T_TR - int(r < HT_TR)
         assert (n_hist_chunks == min(i, 2)).all()
     # heads/tokens differ: not every row of the last chunk picked the same scored chunk
     last = rm.sel[:, :, -T_TR:, 1:-1]
@@ -472,21 +481,21 @@ def naive_masked_attention(q, k, v, mask):
 @pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=1, window_chunks=1), RoutingSpec("window", window_chunks=2)])
 def test_training_sdpa_forward_and_grads_match_naive(spec):
     B, Hh, D = 2, 2, 16
-    L = 2 * N_TR * T_TR
+    L = L_TR
     q, k, v = (torch.randn(B, Hh, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = routed_training_attention(q, k, v, N_TR, T_TR, spec, backend="sdpa")
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     # independent mask: contract rule AND routed history chunks from the reference selection
-    sel = select_chunks_reference(q, chunk_means(k[:, :, : N_TR * T_TR], T_TR), spec, training_allowed(N_TR, T_TR))
+    sel = select_chunks_reference(q, chunk_means(k[:, :, :HT_TR], T_TR), spec, training_allowed(N_TR, T_TR))
     base = contract_training_mask(N_TR, T_TR)
-    hist_col_chunk = torch.arange(N_TR * T_TR) // T_TR
-    routed = sel[..., hist_col_chunk]  # [B,Hh,L,NT]
-    own_hist = (torch.arange(L)[:, None] < N_TR * T_TR) & (
+    hist_col_chunk = torch.arange(HT_TR) // T_TR
+    routed = sel[..., hist_col_chunk]  # [B,Hh,L,HT]
+    own_hist = (torch.arange(L)[:, None] < HT_TR) & (
         (torch.arange(L)[:, None] // T_TR) == hist_col_chunk[None, :]
     )
     mask = base.clone().expand(B, Hh, L, L).clone()
-    mask[..., : N_TR * T_TR] &= routed | own_hist
+    mask[..., :HT_TR] &= routed | own_hist
     ref = naive_masked_attention(q, k, v, mask)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
@@ -496,7 +505,7 @@ def test_training_sdpa_forward_and_grads_match_naive(spec):
 
 def test_training_flex_forward_matches_sdpa():
     B, Hh, D = 2, 2, 16
-    L = 2 * N_TR * T_TR
+    L = L_TR
     q, k, v = (torch.randn(B, Hh, L, D) for _ in range(3))
     spec = RoutingSpec("topk", top_k=2)
     with torch.no_grad():
@@ -511,7 +520,7 @@ def test_training_block_mask_structure(block_size):
     from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
     B, Hh, D = 1, 2, 8
-    L = 2 * N_TR * T_TR
+    L = L_TR
     q, k = torch.randn(B, Hh, L, D), torch.randn(B, Hh, L, D)
     rm = routed_training_mask(q, k, N_TR, T_TR, RoutingSpec("topk", top_k=1, sink_chunks=1))
     bm = rm.block_mask(block_size)
@@ -541,7 +550,7 @@ def test_training_block_mask_structure(block_size):
 
 def test_training_input_errors():
     q = torch.randn(1, 2, 60, 8)
-    with pytest.raises(ValueError, match="2\\*num_chunks\\*chunk_tokens"):
+    with pytest.raises(ValueError, match=r"\(2\*num_chunks-1\)\*chunk_tokens = 63 tokens"):
         routed_training_mask(q, q, N_TR, T_TR, RoutingSpec())
     with pytest.raises(ValueError, match="backend"):
         routed_training_attention(q, q, q, 5, 6, RoutingSpec(), backend="flash")

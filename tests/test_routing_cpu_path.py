@@ -381,11 +381,11 @@ def test_one_host_sync_per_call(monkeypatch):
 @pytest.mark.parametrize("top_k", [1, 2, 3, 7])
 def test_select_topk_many_exact_ties(top_k):
     B, Hh, D, N = 2, 2, 3, 7
-    Lq = 2 * N  # = the training sequence of N chunks of 1 token
+    Lq = 2 * N + 1  # = the training sequence of N + 1 chunks of 1 token (N history chunks)
     g = torch.Generator().manual_seed(top_k)
     q = torch.randint(-1, 2, (B, Hh, Lq, D), generator=g).float()  # few distinct scores: ties everywhere
     mk = torch.randint(-1, 2, (B, Hh, N, D), generator=g).float()
-    for allowed in (None, training_allowed(N, 1), torch.rand(Lq, N, generator=g) > 0.3):
+    for allowed in (None, training_allowed(N + 1, 1), torch.rand(Lq, N, generator=g) > 0.3):
         for spec in (RoutingSpec("topk", top_k=top_k),
                      RoutingSpec("topk", top_k=top_k, sink_chunks=1, window_chunks=1)):
             ref = select_chunks_reference(q, mk, spec, allowed)

@@ -1,8 +1,10 @@
 """The attention rules of training, written once as FlexAttention `mask_mod`s.
 
 Two layouts (method.md section 3, docs/CONTRACTS.md):
-- "dual":  [H_1..H_N | Q_1..Q_N], N chunks of T tokens per stream (L = 2 N T).
+- "dual":  [H_1..H_{N-1} | Q_1..Q_N], chunks of T tokens (L = (2N - 1) T).
            Q_i->Q_j iff j == i; Q_i->H_j iff j < i; H_i->H_j iff j <= i; H_i->Q_j never.
+           H_N is left out: no noisy chunk attends it (Q_i sees H_j only for j < i), so the noisy
+           half's output is exactly that of the full [H_1..H_N | Q_1..Q_N] (method.md section 3).
 - "block_causal": [C_1..C_N] (L = N T), C_i->C_j iff j <= i (what the KV cache holds).
 - "full": no mask.
 
@@ -22,18 +24,27 @@ import torch
 FLEX_BLOCK = 128
 
 
+def dual_history_chunks(num_chunks: int) -> int:
+    """History chunks of the dual layout for `num_chunks` noisy chunks: H_1..H_{N-1} (H_N is never attended)."""
+    return max(num_chunks - 1, 0)
+
+
 @dataclass(frozen=True)
 class MaskSpec:
-    """A token layout: `kind` with `num_chunks` chunks of `chunk_tokens` tokens (per stream)."""
+    """A token layout: `kind` with `num_chunks` chunks of `chunk_tokens` tokens (dual: `num_chunks` noisy
+    chunks after `history_chunks` history chunks)."""
 
     kind: Literal["full", "dual", "block_causal"]
     num_chunks: int
     chunk_tokens: int
 
     @property
+    def history_chunks(self) -> int:
+        return dual_history_chunks(self.num_chunks) if self.kind == "dual" else 0
+
+    @property
     def seq_len(self) -> int:
-        streams = 2 if self.kind == "dual" else 1
-        return streams * self.num_chunks * self.chunk_tokens
+        return (self.history_chunks + self.num_chunks) * self.chunk_tokens
 
     def mask_mod(self, seq_len: int | None = None) -> Callable:
         """mask_mod(b, h, q_idx, kv_idx) -> bool; indices >= seq_len (padding) are masked."""
@@ -41,7 +52,7 @@ class MaskSpec:
 
 
 def _mask_mod(kind: str, n: int, t: int, seq_len: int) -> Callable:
-    nt = n * t
+    nt = dual_history_chunks(n) * t  # dual: history tokens before the noisy stream
 
     def full(b, h, q, kv):
         return (q < seq_len) & (kv < seq_len)

@@ -15,7 +15,7 @@ Inference (queries of the current chunk, history in the KV cache):
     sel = select_chunks(q, mean_k, spec)                   # bool [B,Hh,Lq,N]
     out, lse = routed_attention(q, k_hist, v_hist, k_cur, v_cur, sel, T)
 
-Training (sequence [H_1..H_N | Q_1..Q_N], base mask of CONTRACTS.md, routing over H_j, j < i):
+Training (sequence [H_1..H_{N-1} | Q_1..Q_N], base mask of CONTRACTS.md, routing over H_j, j < i):
     out = routed_training_attention(q, k, v, N, T, spec, backend="sdpa" | "flex")
 
 Each query token (per head) scores every history chunk j by q . mean(K_j) and attends to a subset of

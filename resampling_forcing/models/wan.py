@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..attention.masks import dual_history_chunks
 from ..config import ModelConfig
 from ..diffusion import velocity_from_x0
 
@@ -313,10 +314,11 @@ class CausalWanModel(nn.Module):
 
     def forward_dual(self, history: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
                      context: torch.Tensor, attn: AttentionOp, history_t: torch.Tensor | None = None) -> torch.Tensor:
-        """Training forward on [H_1..H_N | Q_1..Q_N] in one pass (method.md section 3).
+        """Training forward on [H_1..H_{N-1} | Q_1..Q_N] in one pass (method.md section 3).
 
         history, noisy: [B, C, F, H, W] with F = N * chunk_frames; t: [B, N] noisy-chunk timesteps;
         history_t: [B, N] history timesteps (default 0: clean). H_j and Q_j share RoPE positions.
+        The last history chunk is not run: no noisy chunk attends it (masks.dual_history_chunks).
         attn must implement the dual-stream mask. Returns the velocity for the noisy half."""
         b, _, frames, height, width = noisy.shape
         if history.shape != noisy.shape:
@@ -326,13 +328,17 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"{frames} latent frames need t of shape [{b}, {frames // self.cfg.chunk_frames}] "
                              f"with chunk_frames={self.cfg.chunk_frames}; got t {list(t.shape)}")
         history_t = torch.zeros_like(t) if history_t is None else history_t
+        nh = dual_history_chunks(n)
         frame_pos = torch.arange(frames, device=noisy.device)
         cos, sin = self.rope(frame_pos, height, width)
-        tokens = torch.cat([self.patchify(history), self.patchify(noisy)], dim=1)
-        t_groups = torch.cat([history_t, t], dim=1).float()
-        raw = self.run_tokens(tokens, t_groups, torch.cat([cos, cos]), torch.cat([sin, sin]),
+        noisy_tokens = self.patchify(noisy)
+        h_len = nh * (noisy_tokens.shape[1] // n)  # history tokens
+        parts = [self.patchify(history[:, :, : nh * self.cfg.chunk_frames])] if nh else []
+        tokens = torch.cat(parts + [noisy_tokens], dim=1)
+        t_groups = torch.cat([history_t[:, :nh], t], dim=1).float()
+        raw = self.run_tokens(tokens, t_groups, torch.cat([cos[:h_len], cos]), torch.cat([sin[:h_len], sin]),
                               self.text_kv(context), attn)
-        raw = self.unpatchify(raw[:, tokens.shape[1] // 2:], frames, height, width)
+        raw = self.unpatchify(raw[:, h_len:], frames, height, width)
         return self.to_velocity(raw, noisy, t.float().repeat_interleave(self.cfg.chunk_frames, dim=1))
 
 
