@@ -8,7 +8,9 @@ Four objectives share one entry point, :func:`degrade_history`:
   online weights, noise the ground-truth chunk to t_s (z = (1 - t_s) x_i + t_s eps), run
   ``steps`` Euler steps from t_s to 0 conditioned on the already degraded chunks < i (read from
   the rollout KV cache of :mod:`resampling_forcing.cache`, exactly as at inference), and write the
-  result into the cache with a pass at ``context_t`` (0) before moving on.
+  result into the cache with a pass at ``context_t`` (0) before moving on (context_t > 0: the result
+  is first re-noised to context_t, as the sampler's cache write does; the history stream H itself
+  stays the clean result at timestep 0).
 - ``parallel_resampling`` (ablation): the same, but every chunk conditions on the GROUND-TRUTH
   history, so errors do not accumulate. Done in one dual forward per Euler step (history = ground
   truth, noisy = all chunks at t_s), which is exactly "each chunk resampled on its own".
@@ -136,11 +138,14 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
                             routing_layers=None, context_t: float = DiffusionConfig.context_t,
                             null_context: torch.Tensor | None = None, cfg_scale: float = StageConfig.resample_cfg,
                             generator: torch.Generator | None = None, include_last: bool = False,
-                            on_chunk: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                            on_chunk: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                            context_eps: torch.Tensor | None = None) -> torch.Tensor:
     """Autoregressive self-resampling of latents x [B, C, F, H, W] (F = N * chunk_frames).
 
     Chunk i: z = (1 - t_s) x_i + t_s eps_i, ``steps`` Euler steps to 0 with history = the degraded
-    chunks < i from the KV cache, then a cache-writing pass of the result at ``context_t``.
+    chunks < i from the KV cache, then a cache-writing pass of the result at ``context_t`` (for
+    context_t > 0 of the result re-noised to context_t with ``context_eps`` [B, C, F, H, W], drawn from
+    ``generator`` after eps when None: what the sampler's cache write does).
     ``on_chunk(i, x~_i) -> x~_i`` may replace a finished chunk before it is cached (tests).
     ``null_context`` + ``cfg_scale != 1``: classifier-free guidance with a separate unconditional
     cache. Returns the degraded latents (no graph; chunk N is x_N unless include_last)."""
@@ -150,6 +155,7 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
     if n * cf != frames:
         raise ValueError(f"{frames} latent frames are not a whole number of chunks of {cf}")
     eps = _noise(x, eps, generator)
+    ctx_eps = _noise(x, context_eps, generator) if context_t > 0 else None
     grid = resample_grid(t_s.to(x.device), steps)
     kv_cond = text_kv if text_kv is not None else model.text_kv(context)
     guided = null_context is not None and cfg_scale != 1.0
@@ -173,8 +179,9 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
             z = on_chunk(i, z)
         out[:, :, sl] = z
         if i + 1 < last:  # the next chunk needs this one in the cache
+            zc = z if ctx_eps is None else add_noise(z, ctx_eps[:, :, sl], ctx_t)
             for c, kv in ((cache, kv_cond), (ucache, kv_null)) if guided else ((cache, kv_cond),):
-                model(z, ctx_t, text_kv=kv, attn=CachedAttention(c, backend, commit=True, **attn_kw),
+                model(zc, ctx_t, text_kv=kv, attn=CachedAttention(c, backend, commit=True, **attn_kw),
                       frame_offset=i * cf)
                 c.commit()
     return out
@@ -183,27 +190,32 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
 @torch.no_grad()
 def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int = StageConfig.resample_steps,
                                       backend: str = "sdpa", context_t: float = DiffusionConfig.context_t,
-                                      include_last: bool = False) -> torch.Tensor:
+                                      include_last: bool = False, context_eps: torch.Tensor | None = None) -> torch.Tensor:
     """The same rollout without a KV cache (dense attention only; slow, for tests): chunk i is denoised
     by a full forward over [x~_1..x~_{i-1}, z_i] under the block-causal mask with per-chunk timesteps
-    [context_t, ..., context_t, t_k]."""
+    [context_t, ..., context_t, t_k]; for context_t > 0 the history chunks are x~_j re-noised to
+    context_t with context_eps (required then)."""
     cf = model.cfg.chunk_frames
     b, _, frames, h, w = x.shape
     n = frames // cf
+    if context_t > 0 and context_eps is None:
+        raise ValueError("autoregressive_resample_reference: context_t > 0 needs context_eps")
     grid = resample_grid(t_s.to(x.device), steps)
     out = x.clone()
+    hist = x.clone()  # what the history positions hold: x~_j, re-noised to context_t when > 0
     tokens = model.chunk_tokens(h, w)
     for i in range(n if include_last else n - 1):
         sl = slice(i * cf, (i + 1) * cf)
         z = add_noise(x[:, :, sl], eps[:, :, sl], grid[:, 0])
         attn = MaskedAttention(MaskSpec("block_causal", i + 1, tokens), backend)
         for k in range(steps):
-            seq = torch.cat([out[:, :, : i * cf], z], dim=2)
+            seq = torch.cat([hist[:, :, : i * cf], z], dim=2)
             t = torch.full((b, i + 1), float(context_t), device=x.device)
             t[:, i] = grid[:, k]
             v = model(seq, t, context, attn=attn)[:, :, i * cf:]
             z = z + _bt(grid[:, k + 1] - grid[:, k], z) * v
         out[:, :, sl] = z
+        hist[:, :, sl] = z if context_t == 0 else add_noise(z, context_eps[:, :, sl], context_t)
     return out
 
 
@@ -266,8 +278,12 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     common = dict(steps=settings.steps, backend=settings.backend, routing=settings.routing,
                   routing_layers=settings.routing_layers, cfg_scale=settings.cfg_scale)
+    ctx_eps = None
     if obj == "resampling":
         common["context_t"] = settings.context_t
+        if settings.context_t > 0:  # drawn only then: the default (0) keeps every stream as before
+            ctx_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            common["context_eps"] = ctx_eps
     fn = autoregressive_resample if obj == "resampling" else parallel_resample
     if settings.ramp != "probability" or r >= 1.0:
         hist = fn(model, x, t_s, context=context, eps=eps, null_context=null_context, **common)
@@ -279,6 +295,8 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     run = idx if idx.numel() or not settings.always_forward else idx.new_zeros(1)
     hist = x.clone()
     if run.numel():
+        if ctx_eps is not None:
+            common["context_eps"] = ctx_eps[run]
         sub = fn(model, x[run], t_s[run], context=context[run], eps=eps[run],
                  null_context=None if null_context is None else null_context[run], **common)
         if idx.numel():

@@ -93,21 +93,87 @@ def test_differs_from_ground_truth_and_depends_on_weights(objective):
     assert torch.equal(h1, h3)
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_cache_rollout_equals_masked_forward(steps):
-    """The KV-cache rollout equals chunk-by-chunk full forwards under the block-causal mask."""
+@pytest.mark.parametrize("steps, context_t", [(1, 0.0), (3, 0.0), (2, 0.3)])
+def test_cache_rollout_equals_masked_forward(steps, context_t):
+    """The KV-cache rollout equals chunk-by-chunk full forwards under the block-causal mask; with
+    context_t > 0 the history positions hold the finished chunks re-noised to context_t (as the
+    sampler's cache write), the returned history the clean ones."""
     model = tiny_model()
     x, ctx, eps = _data(model)
+    ctx_eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
     t_s = torch.tensor([0.7, 0.25])
-    fast = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, steps=steps, include_last=True)
-    ref = autoregressive_resample_reference(model, x, t_s, context=ctx, eps=eps, steps=steps, include_last=True)
+    kw = dict(context=ctx, eps=eps, steps=steps, include_last=True, context_t=context_t, context_eps=ctx_eps)
+    fast = autoregressive_resample(model, x, t_s, **kw)
+    ref = autoregressive_resample_reference(model, x, t_s, **kw)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     one = fast[:, :, :2]  # first chunk, one step: x~ = z - t_s v(z, t_s)
+    tb = t_s.view(-1, 1, 1, 1, 1)
     if steps == 1:
-        z = (1 - t_s.view(-1, 1, 1, 1, 1)) * x[:, :, :2] + t_s.view(-1, 1, 1, 1, 1) * eps[:, :, :2]
+        z = (1 - tb) * x[:, :, :2] + tb * eps[:, :, :2]
         with torch.no_grad():
             v = model(z, t_s, ctx, attn=MaskedAttention(MaskSpec("block_causal", 1, 4 * 2), "sdpa"))
-        torch.testing.assert_close(one, z - t_s.view(-1, 1, 1, 1, 1) * v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(one, z - tb * v, rtol=1e-5, atol=1e-5)
+    if context_t > 0:
+        clean = autoregressive_resample(model, x, t_s, **dict(kw, context_t=0.0))
+        assert (clean[:, :, 2:] - fast[:, :, 2:]).abs().max() > 1e-4  # the re-noised history matters
+        torch.testing.assert_close(clean[:, :, :2], fast[:, :, :2])  # the first chunk reads no history
+
+
+@pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=1), RoutingSpec("topk", top_k=1, sink_chunks=1),
+                                  RoutingSpec("window", window_chunks=1)])
+def test_routed_resampling_equals_the_dual_forward(spec):
+    """With routing that drops history chunks, the KV-cached rollout (1 Euler step) equals the routed
+    dual-stream training forward over the history it produced: chunk i = z_i - t_s v_i with
+    v = forward_dual(history = the degraded chunks, noisy = z, same routing). Odd chunks: 14 tokens."""
+    model = tiny_model()
+    n, cf = 5, model.cfg.chunk_frames
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, n * cf, 2, 14, generator=g)
+    ctx, eps = torch.randn(2, 5, 8, generator=g), torch.randn(x.shape, generator=g)
+    t_s = torch.tensor([0.6, 0.3])
+    tb = t_s.view(-1, 1, 1, 1, 1)
+    out = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, routing=spec)
+    z = (1 - tb) * x + tb * eps
+    attn = MaskedAttention(MaskSpec("dual", n, model.chunk_tokens(2, 14)), "sdpa", routing=spec)
+    with torch.no_grad():
+        v = model.forward_dual(out, z, t_s[:, None].expand(2, n), ctx, attn)
+    last = (n - 1) * cf  # the last chunk stays the ground truth
+    torch.testing.assert_close(out[:, :, :last], (z - tb * v)[:, :, :last], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, :, last:], x[:, :, last:])
+    dense = autoregressive_resample(model, x, t_s, context=ctx, eps=eps)
+    assert (dense - out).abs().max() > 1e-3  # routing dropped history chunks
+
+
+def test_routed_resampling_under_bf16_autocast():
+    """accelerate's bf16 mixed precision: the qk-norm's fp32 weight made q, k fp32 while the KV cache
+    held bf16, and routed attention raised a dtype error. Now attention runs in one dtype and the
+    result stays within bf16 rounding of the fp32 one (the same picks: routing still differs from dense)."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4 * model.cfg.chunk_frames, 2, 14, generator=g)
+    ctx, eps = torch.randn(1, 5, 8, generator=g), torch.randn(x.shape, generator=g)
+    kw = dict(context=ctx, eps=eps, routing=RoutingSpec("topk", top_k=1))
+    t_s = torch.tensor([0.5])
+    ref = autoregressive_resample(model, x, t_s, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = autoregressive_resample(model, x, t_s, **kw)
+        dense = autoregressive_resample(model, x, t_s, context=ctx, eps=eps)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)
+    assert (dense - ref).abs().max() > 2e-2
+
+
+def test_attention_ops_get_one_dtype_under_autocast():
+    model = tiny_model()
+    seen = []
+
+    def op(q, k, v, layer):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 4, 2, 2, 14), torch.rand(1, 1), torch.randn(1, 5, 8), attn=op)
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)
 
 
 def test_autoregressive_causality():

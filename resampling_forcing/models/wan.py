@@ -119,7 +119,10 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.v(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # Under autocast the qk-norm's fp32 weight promotes q, k to fp32 while v stays in the autocast
+        # dtype; attention then runs in v's dtype (what SDPA under autocast does), so every attention op
+        # (KV cache, routed kernels, FlexAttention) gets one dtype. A no-op without autocast.
+        return apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype), v
 
     def forward(self, x, cos, sin, attn: AttentionOp, layer: int):
         q, k, v = self.qkv(x, cos, sin)
