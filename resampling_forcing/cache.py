@@ -385,5 +385,6 @@ def _packed_columns(sel: torch.Tensor, used: torch.Tensor, count: int) -> torch.
 def _static_sel(q: torch.Tensor, n: int, chunks: list[int]) -> torch.Tensor:
     """The bool selection [B, Hh, Lq, n] that keeps `chunks` for every query (for the recorder)."""
     sel = torch.zeros(q.shape[0], q.shape[1], q.shape[2], n, dtype=torch.bool, device=q.device)
-    sel[..., chunks] = True
+    for a, b in index_runs(chunks):  # slices: a list index would be copied to the device (a host sync)
+        sel[..., a:b] = True
     return sel

@@ -402,6 +402,11 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         raise ConfigError(f"model.patch_size={m.patch_size}: expected three positive ints [t, h, w]")
     if m.chunk_frames < 1:
         raise ConfigError(f"model.chunk_frames={m.chunk_frames}: must be >= 1")
+    layers = cfg.attention.routing.layers
+    if layers is not None and (not layers or len(set(layers)) != len(layers)
+                               or not all(0 <= i < m.num_layers for i in layers)):
+        raise ConfigError(f"attention.routing.layers={layers}: must be distinct block indices in [0, {m.num_layers - 1}] "
+                          "(model.num_layers blocks), or null for all")
     d = cfg.diffusion
     check_sampling(d.sample_steps, d.sample_shift, d.cfg_scale, d.context_t,
                    names=("diffusion.sample_steps", "diffusion.sample_shift", "diffusion.cfg_scale", "diffusion.context_t"))

@@ -42,6 +42,7 @@ from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_c
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
 from .diffusion import add_noise, sample_logit_normal, velocity_target
+from .io import atomic_write_text
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
@@ -144,7 +145,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(self.run_dir)
-            config_file(self.run_dir).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            atomic_write_text(config_file(self.run_dir), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         vae = text = None
         if cfg.data.source != "latents":
             vae = build_vae(cfg.encoders, device=self.device)
@@ -230,6 +231,7 @@ class Trainer:
         state = read_trainer_state(ckpt)
         self.acc.load_state(str(ckpt))
         self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))  # the abort counter runs on across a resume
         if self.ema is not None:
             ema_file = ckpt / EMA_WEIGHTS
             if ema_file.is_file():
@@ -466,7 +468,8 @@ class Trainer:
                 "stage": stage.name, "objective": stage.objective, "epoch": self.cursor.epoch,
                 "lr": train_lr(self.cfg, self.step),
                 "world_size": self.acc.num_processes, "batch_size": self.cfg.train.batch_size,
-                "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed, "time": time.time()}
+                "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
+                "bad_in_a_row": self.bad_in_a_row, "time": time.time()}
 
     def _export(self, folder: Path) -> None:
         state = None

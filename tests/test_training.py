@@ -3,6 +3,7 @@ resume after a signal, NaN handling, atomic checkpoints, and one-line config err
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
+from resampling_forcing.checkpoint import STATE_FILE, list_checkpoints, read_trainer_state
 from resampling_forcing.config import Config, ConfigError, StageConfig, config_from_dict, load_config
 from resampling_forcing.models.loading import load_model
 from resampling_forcing.training import Trainer, TrainingAborted, lr_at, ramp_at, stage_at, train, train_lr
@@ -144,6 +145,30 @@ def test_nan_loss_skips_then_aborts(tmp_path, synth, monkeypatch):
         train(cfg_for(run, synth, "train.save_every=2", "train.max_bad_steps=3", steps_tf=2, steps_rf=6))
     assert [s for s, _ in list_checkpoints(run)][-1] == 4
     load_model(run / "checkpoints" / "step_0000004")
+
+
+def test_non_finite_counter_survives_a_resume(tmp_path, synth, monkeypatch):
+    """The count of non-finite losses in a row is part of the checkpoint: a run resumed with 2 already
+    counted aborts at the first further one when max_bad_steps=3 (it restarted from 0 before)."""
+    run = tmp_path / "run"
+    train(cfg_for(run, synth, "train.save_every=2", steps_tf=2, steps_rf=0))
+    ckpt = run / "checkpoints" / "step_0000002"
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    assert state["bad_in_a_row"] == 0
+    state["bad_in_a_row"] = 2
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    original = Trainer.compute_loss
+    calls = []
+
+    def nan_loss(self, batch, stage, gen):
+        loss, per_chunk, t_s, dt = original(self, batch, stage, gen)
+        calls.append(self.step)
+        return loss * float("nan"), per_chunk, t_s, dt
+
+    monkeypatch.setattr(Trainer, "compute_loss", nan_loss)
+    with pytest.raises(TrainingAborted, match="3 non-finite losses in a row at step 2"):
+        train(cfg_for(run, synth, "train.save_every=2", "train.max_bad_steps=3", steps_tf=2, steps_rf=4))
+    assert calls == [2]  # one more non-finite loss, not three
 
 
 def _poison(ckpt, scale=None):

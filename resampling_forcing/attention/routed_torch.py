@@ -236,6 +236,12 @@ def _head_groups(plan: _HistoryPlan):
     return [tuple(x) for x in dense], [(h0, h1, max(gs)) for h0, h1, gs in sparse]
 
 
+def _to_device(values: list, dev: torch.device) -> torch.Tensor:
+    """int64 tensor of host values on `dev` without a host sync (pinned, non-blocking copy on CUDA)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
+
+
 def _runs(chunks: list[int], ids: list[int] | None) -> list[tuple[int, int]]:
     """Runs of consecutive columns among ascending `chunks`, split where the history indices `ids` of
     a packed history are not consecutive: the runs of the unpacked history (`_merge_blocks` sums a
@@ -301,7 +307,7 @@ def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: l
         return dense_parts, []
     R = off
     sp = sel_h.transpose(1, 2) & ~plan.dense_mask[:, :, None]  # [BH, N, Lq] sparse pairs
-    first_t = torch.tensor(first, dtype=torch.int64, device=dev)
+    first_t = _to_device(first, dev)
     slot = (torch.cumsum(sp, dim=2) - 1 + first_t[:, :, None]).masked_fill_(~sp, R)
     qrow = torch.arange(M, device=dev).view(BH, 1, Lq).expand(BH, N, Lq)
     dest = torch.full((R + 1,), M, dtype=torch.int64, device=dev).scatter_(0, slot.flatten(), qrow.flatten())[:R]
