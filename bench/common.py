@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+from resampling_forcing.dtypes import DTYPE_NAMES  # noqa: F401 (re-exported for the benches)
 
 
 def torch_dtype(name: str):

@@ -178,7 +178,7 @@ class TrainConfig:
     # last step of the last stage.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global grad norm; <= 0: no clipping
     ema_decay: Optional[float] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     init_from: Optional[str] = None  # weights to start from (Wan checkpoint or our checkpoint)
@@ -248,8 +248,30 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclass(frozen=True)
+class _OverrideScalar:
+    """A command-line value YAML read as a non-string scalar (`no` -> False, `2024` -> 2024), with its
+    text: a string field takes the text (train.mixed_precision=no, train.run_dir=2024)."""
+
+    value: Any
+    raw: str
+
+
+def _yaml_hint(value: Any) -> str:
+    return (" (YAML reads yes/no/on/off/true/false as booleans: quote the word, e.g. \"no\")"
+            if isinstance(value, bool) else "")
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`; build nested dataclasses. Errors name `path`."""
+    if isinstance(value, _OverrideScalar):
+        try:
+            return _coerce(value.value, tp, path)
+        except ConfigError as first:
+            try:
+                return _coerce(value.raw, tp, path)
+            except ConfigError:
+                raise first from None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -268,8 +290,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        if value not in args or isinstance(value, bool) != any(isinstance(x, bool) for x in args):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_yaml_hint(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -293,7 +315,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}{_yaml_hint(value)}")
         return value
     raise ConfigError(f"{path}: unsupported type {tp}")
 
@@ -325,6 +347,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             value = float(value) if any(c in value for c in "eE.") else value
         except ValueError:
             pass
+    if isinstance(value, (bool, int, float)):
+        value = _OverrideScalar(value, raw.strip())  # a string field takes the text instead
     return key.strip().split("."), value
 
 
@@ -393,6 +417,13 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
     to train (the Trainer), so it needs steps to run and a routing mode for its routing stages (an
     inference config may keep a routing-trained run's stages with attention.routing.mode=dense)."""
     m = cfg.model
+    for key, value in (("model.dim", m.dim), ("model.num_heads", m.num_heads), ("model.num_layers", m.num_layers),
+                       ("model.ffn_dim", m.ffn_dim), ("model.text_dim", m.text_dim), ("model.freq_dim", m.freq_dim),
+                       ("model.in_channels", m.in_channels), ("model.out_channels", m.out_channels)):
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    if not 0.0 < m.x0_min_t < 1.0:
+        raise ConfigError(f"model.x0_min_t={m.x0_min_t}: must be in (0, 1) (the smallest t of v = (x_t - x0) / t)")
     if m.dim % m.num_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.num_heads={m.num_heads}")
     head_dim = m.dim // m.num_heads
@@ -417,6 +448,23 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         raise ConfigError(f"data.text_dropout={cfg.data.text_dropout}: must be in [0, 1]")
     if cfg.encoders.text_ngram < 1:
         raise ConfigError(f"encoders.text_ngram={cfg.encoders.text_ngram}: must be >= 1 (1 = words only)")
+    for key, value in (("train.seed", cfg.train.seed), ("data.synthetic_seed", cfg.data.synthetic_seed)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value}: must be an int >= 0")
+    if not cfg.train.weight_decay >= 0 or not math.isfinite(cfg.train.weight_decay):
+        raise ConfigError(f"train.weight_decay={cfg.train.weight_decay}: must be a finite number >= 0")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps}: must be >= 0 (0 = no warmup)")
+    if cfg.data.synthetic_max_objects < 1:
+        raise ConfigError(f"data.synthetic_max_objects={cfg.data.synthetic_max_objects}: must be >= 1")
+    from .memory import codec_geometry  # one statement of the codec's geometry (lazy: memory imports this)
+
+    spatial = codec_geometry(cfg)["spatial"]
+    for key, value, patch in (("data.height", cfg.data.height, m.patch_size[1]),
+                              ("data.width", cfg.data.width, m.patch_size[2])):
+        if value % (spatial * patch):
+            raise ConfigError(f"{key}={value}: must be a multiple of {spatial * patch} (the VAE's {spatial}x "
+                              f"downsampling times model.patch_size {patch}), e.g. {max(1, round(value / (spatial * patch))) * spatial * patch}")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: must be in [0, 1]")
     dc, t, e = cfg.data, cfg.train, cfg.encoders
@@ -459,7 +507,7 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
                           f"train.gap_sample_steps={g.gap_sample_steps} (null or >= 1)")
     if g.global_batch_size is not None and g.global_batch_size < 1:
         raise ConfigError(f"train.global_batch_size={g.global_batch_size}: must be >= 1 (or null: use train.grad_accum)")
-    if g.lr <= 0 or len(g.betas) != 2 or not all(0 <= b < 1 for b in g.betas):
+    if not g.lr > 0 or not math.isfinite(g.lr) or len(g.betas) != 2 or not all(0 <= b < 1 for b in g.betas):
         raise ConfigError(f"train.lr={g.lr} must be > 0 and train.betas={g.betas} two numbers in [0, 1)")
     if g.ema_decay is not None and not 0 < g.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={g.ema_decay}: must be in (0, 1) or null")

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resampling_forcing.attention.spec import BACKENDS, ROUTING_MODES  # noqa: E402 (torch-free)
 from resampling_forcing.cli import BadInput, OneLineParser, run_cli  # noqa: E402 (torch-free)
+from resampling_forcing.dtypes import DTYPE_BYTES, DTYPE_NAMES  # noqa: E402 (torch-free)
+from resampling_forcing.storyboard import SWITCH_CACHE_MODES  # noqa: E402 (torch-free)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="mp4 frame rate (default: config data.fps)")
     p.add_argument("--batch", type=int, default=1, help="prompts per rollout (batch size)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (VAE decodes in fp32)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="model dtype (VAE decodes in fp32)")
     p.add_argument("--attention-backend", default=None, choices=BACKENDS,
                    help="attention backend (default: config attention.backend)")
     p.add_argument("--init-video", default=None, help="continue this video: its frames (resampled to the model's "
@@ -72,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "index where it starts (0 = first generated chunk); replaces --prompt")
     p.add_argument("--storyboard", default=None, metavar="FILE",
                    help="like --prompts-at, from a JSON/YAML file: a list of {chunk, prompt} or a {chunk: prompt} mapping")
-    p.add_argument("--switch-cache", choices=["keep", "recache"], default="keep",
+    p.add_argument("--switch-cache", choices=SWITCH_CACHE_MODES, default=SWITCH_CACHE_MODES[0],
                    help="at a prompt switch: keep the cached history K/V as written (default) or re-encode the "
                    "history under the new text (LongLive's KV re-cache)")
     p.add_argument("--kv-resident-chunks", type=int, default=None, metavar="N",
                    help="bounded memory: keep at most N finished chunks' K/V on the device, older ones in host "
                    "memory (pinned on CUDA); same output bit for bit (default: all on the device)")
-    p.add_argument("--kv-host-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+    p.add_argument("--kv-host-dtype", choices=DTYPE_NAMES, default=None,
                    help="with --kv-resident-chunks: dtype of the host tier (smaller than --dtype halves its memory "
                    "but is no longer exact; default: the model's)")
     p.add_argument("--max-history-chunks", type=int, default=16,
@@ -318,9 +320,8 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     # a bounded cache stages at least the chunks a routed query may attend (a lower bound: top-k stages
     # the union of its picks); dense attention, or any layer left dense, stages the whole history
     routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
-    need = sample_memory(cfg, args.num_chunks, batch, 4 if args.dtype == "fp32" else 2, history, opts.cfg_scale,
-                         opts.kv_resident_chunks, None if opts.kv_host_dtype is None else
-                         (4 if opts.kv_host_dtype == "fp32" else 2),
+    need = sample_memory(cfg, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history, opts.cfg_scale,
+                         opts.kv_resident_chunks, DTYPE_BYTES.get(opts.kv_host_dtype),
                          kv_staged_chunks=opts.routing.max_selected() if routed else None)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")

@@ -34,6 +34,18 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"attention": {"routing": {"layers": [-1]}}}, r"attention\.routing\.layers=\[-1\]"),
     ({"attention": {"routing": {"layers": [0, 0]}}}, r"attention\.routing\.layers=\[0, 0\]"),
     ({"attention": {"routing": {"layers": []}}}, r"attention\.routing\.layers=\[\]"),
+    ({"model": {"num_heads": 0}}, r"model\.num_heads=0: must be >= 1"),
+    ({"model": {"num_layers": 0}}, r"model\.num_layers=0: must be >= 1"),
+    ({"model": {"x0_min_t": 0.0}}, r"model\.x0_min_t=0\.0: must be in \(0, 1\)"),
+    ({"train": {"seed": -1}}, r"train\.seed=-1: must be an int >= 0"),
+    ({"data": {"synthetic_seed": -2}}, r"data\.synthetic_seed=-2: must be an int >= 0"),
+    ({"train": {"weight_decay": -1.0}}, r"train\.weight_decay=-1\.0: must be a finite number >= 0"),
+    ({"train": {"lr": float("nan")}}, r"train\.lr=nan must be > 0"),
+    ({"train": {"warmup_steps": -5}}, r"train\.warmup_steps=-5: must be >= 0"),
+    ({"data": {"synthetic_max_objects": 0}}, r"data\.synthetic_max_objects=0: must be >= 1"),
+    ({"encoders": {"vae": "pixel_shuffle", "vae_factor": 4}, "data": {"height": 33}},
+     r"data\.height=33: must be a multiple of 8 .*e\.g\. 32"),
+    ({"encoders": {"vae": "wan"}, "data": {"width": 40}}, r"data\.width=40: must be a multiple of 16"),
 ])
 def test_errors_name_the_key(data, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -46,6 +58,22 @@ def test_overrides_parse_types_and_lists():
                             "attention.routing.top_k=5", "model.patch_size=[1,4,4]"])
     assert cfg.train.lr == 1e-4 and cfg.train.stages[1].steps == 7
     assert cfg.attention.routing.top_k == 5 and cfg.model.patch_size == [1, 4, 4]
+
+
+def test_overrides_keep_the_text_of_string_fields():
+    """YAML reads `no` as false and `2024` as an int: a string field takes the text as typed (the default
+    train.mixed_precision=no was refused); other fields keep YAML's types, and a boolean where a word
+    belongs in a YAML file gets a hint to quote it."""
+    cfg = config_from_dict({}, ["train.mixed_precision=no", "train.run_dir=2024", "train.seed=3", "train.ema_decay=null",
+                                "data.synthetic_seed=5"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.run_dir == "2024"
+    assert cfg.train.seed == 3 and cfg.train.ema_decay is None and cfg.data.synthetic_seed == 5
+    with pytest.raises(ConfigError, match=r"train\.seed: expected int, got str 'abc'"):
+        config_from_dict({}, ["train.seed=abc"])
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float, got bool True"):
+        config_from_dict({}, ["train.lr=true"])
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: False is not one of .*quote the word"):
+        config_from_dict({"train": {"mixed_precision": False}})  # `mixed_precision: no` in a YAML file
 
 
 def test_override_errors():

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from resampling_forcing.config import ConfigError, load_config  # noqa: E402
-from resampling_forcing.data.latents import precompute  # noqa: E402
+from resampling_forcing.data.latents import precompute, remove_store_files  # noqa: E402
 from resampling_forcing.data.video import VideoClipDataset  # noqa: E402
 from resampling_forcing.encoders import build_text_encoder, build_vae  # noqa: E402
 from resampling_forcing.io import is_no_space, probe_writable_dir  # noqa: E402
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             if not out_existed:
                 shutil.rmtree(out, ignore_errors=True)
             else:
-                for f in [*Path(out).glob("shard-*.safetensors"), Path(out) / "index.json"]:
-                    f.unlink(missing_ok=True)
+                remove_store_files(out)
             bad = index.get("bad_files") or {}
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
             raise ValueError(f"{manifest}: no usable video: all {index.get('num_rows', len(dataset))} files skipped "

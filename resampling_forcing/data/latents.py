@@ -39,8 +39,18 @@ INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 
 
+SHARD_GLOB = "shard-*.safetensors"
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
+
+
+def remove_store_files(folder: str | os.PathLike) -> None:
+    """Delete a store's index and shards from `folder` (other files are left alone)."""
+    folder = Path(folder)
+    for p in [*folder.glob(SHARD_GLOB), folder / INDEX_NAME]:
+        p.unlink(missing_ok=True)
 
 
 def _fingerprint(dataset, shard_size: int) -> dict:
@@ -130,10 +140,7 @@ def precompute(
     num_shards = -(-n_rows // shard_size)
     index_path = out / INDEX_NAME
     if overwrite:
-        for p in out.glob("shard-*.safetensors"):
-            p.unlink()
-        if index_path.exists():
-            index_path.unlink()
+        remove_store_files(out)
     elif index_path.exists():
         try:
             old = json.loads(index_path.read_text())

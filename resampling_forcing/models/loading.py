@@ -19,12 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..dtypes import DTYPE_NAMES
 from ..io import atomic_path, atomic_write_text
 from .wan import CausalWanModel
 
 OUR_WEIGHTS, OUR_CONFIG = "model.safetensors", "model_config.json"
 # The dtype names of configs and command lines (weights, caches, benches).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 # diffusers name -> original Wan name (regex, replacement), applied in order.
 _DIFFUSERS_TO_WAN = [
