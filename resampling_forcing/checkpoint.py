@@ -256,6 +256,8 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
                 problem = _safetensors_problem(p)
             elif p.suffix in (".bin", ".pt", ".pth", ".pkl") and _is_zip(p):  # torch.save's zip format
                 problem = _zip_problem(p)
+            elif p.suffix in (".bin", ".pt", ".pth") and not _is_legacy_pickle(p):
+                problem = f"{p.relative_to(ckpt)} is not a torch.save file (damaged)"
             elif p.suffix == ".pkl":  # a plain pickle ends with the STOP opcode
                 with open(p, "rb") as f:
                     f.seek(-1, os.SEEK_END)
@@ -272,6 +274,14 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(2) == b"PK"
+
+
+def _is_legacy_pickle(path: Path) -> bool:
+    """torch.save's pre-zip format: a pickle (PROTO opcode first) that ends with STOP."""
+    with open(path, "rb") as f:
+        head = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        return head == b"\x80" and f.read(1) == b"."
 
 
 def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -> Optional[Path]:

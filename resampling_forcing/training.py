@@ -183,7 +183,11 @@ class Trainer:
             src = cfg.train.init_from
             with contextlib.suppress(CheckpointError):
                 src = str(resolve_trainer_checkpoint(src))
-            load_state_into(model, read_state_dict(src), source=src)
+            try:
+                load_state_into(model, read_state_dict(src), source=src)
+            except CheckpointError as e:
+                raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}; pass a run folder, a "
+                                      "checkpoint folder or a Wan2.1 checkpoint folder") from None
             logger.info("initialised the model from %s", src)
         model.train()
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None

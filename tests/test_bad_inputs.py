@@ -180,6 +180,11 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, synth, 
         f.write_bytes(data)
     assert checkpoint_problem(step4) is None
     opt = step4 / "optimizer.bin"
+    data = opt.read_bytes()
+    opt.write_bytes(b"\x00not a checkpoint" * 3)  # not even a zip: was an UnpicklingError traceback on resume
+    assert checkpoint_problem(step4) == "optimizer.bin is not a torch.save file (damaged)"
+    opt.write_bytes(data)
+    opt = step4 / "optimizer.bin"
     opt.write_bytes(opt.read_bytes()[:1000])
     with caplog.at_level("WARNING", logger="resampling_forcing.train"):
         res = train(load_cfg(run, synth, "train.save_every=2", "data.fixed_batch=true", steps_tf=2, steps_rf=2))

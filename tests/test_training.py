@@ -2,6 +2,7 @@
 resume after a signal, NaN handling, atomic checkpoints, and one-line config errors."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -282,6 +283,25 @@ def test_cli_bad_config_or_data_exits_2(tmp_path, synth, capsys, bad):
     assert code == 2 and len(err) >= 1 and err[-1].startswith("error: ")
 
 
+def test_cli_exit_code_of_a_stopped_run_is_not_success(tmp_path, synth, capsys, monkeypatch):
+    """SIGTERM mid-run: the checkpoint is saved and train.py exits 143 (it exited 0, so a job chain
+    waiting for success started the next stage on an unfinished run); the resumed run exits 0."""
+    original = Trainer.train_step
+
+    def step_then_signal(self):
+        rec = original(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    argv = ["--config", str(TINY_YAML)] + small_overrides(tmp_path / "run", synth)
+    assert _cli()(argv) == 128 + signal.SIGTERM
+    assert "interrupted at step 2" in capsys.readouterr().out
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert _cli()(argv) == 0
+
+
 def test_latents_source_trains(tmp_path, synth):
     """data.source=latents: a store from data.latents.precompute; the empty-prompt embedding is
     computed once and kept next to it."""
@@ -293,10 +313,31 @@ def test_latents_source_trains(tmp_path, synth):
     cfg = cfg_for(tmp_path / "run", synth)
     ds = VideoClipDataset(synthetic_manifest(cfg), 8, 16, 16, fps=cfg.data.fps, split="train", random_start=False)
     store = tmp_path / "latents"
-    precompute(ds, build_vae(cfg.encoders), build_text_encoder(cfg.encoders), store, shard_size=8, progress=False)
+    precompute(ds, build_vae(cfg.encoders), build_text_encoder(cfg.encoders), store, shard_size=8, progress=False,
+               encoders=dataclasses.asdict(cfg.encoders))
     result = train(cfg_for(tmp_path / "run", synth, "data.source=latents", f"data.latents_dir={store}"))
     assert result["step"] == 6 and (store / "null_text.safetensors").is_file()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "run"))
+
+    # a store that does not fit the config is refused, naming the key (it trained silently before)
+    from resampling_forcing.data.loader import DataError
+
+    def refuse(*extra, match):
+        with pytest.raises(DataError, match=match):
+            train(cfg_for(tmp_path / "other", synth, "data.source=latents", f"data.latents_dir={store}", *extra))
+
+    refuse("data.fps=5.0", match=r"holds clips with data\.fps=.*the config has 5\.0; .*set data\.fps=")
+    refuse("encoders.text_ngram=1", match=r"encoded with encoders\.text_ngram=2, the config has 1")
+    refuse("data.num_frames=12", "data.height=24", match=r"holds clips with data\.num_frames=8, the config has 12")
+    index = json.loads((store / "index.json").read_text())
+    index["latent_shape"][0] += 1
+    (store / "index.json").write_text(json.dumps(index))
+    refuse(match=r"holds latents \[C, f, h, w\] = \[49, 8, 4, 4\], this config's encoders make \[48, 8, 4, 4\]")
+    index["latent_shape"][0] -= 1
+    (store / "index.json").write_text(json.dumps(index))
+    shard = store / index["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: failed in a loader worker before
+    refuse(match=r"shard-00000\.safetensors: damaged shard .*delete it and rerun train/precompute\.py")
 
 
 def test_loader_order_is_a_function_of_the_position(tmp_path, synth):

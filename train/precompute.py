@@ -12,6 +12,7 @@ then reads the store with `data.source=latents data.latents_dir=OUT`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out_existed = None
+    out = out_existed = None
     try:
         resolve_device(args.device, what="--device", kinds=("cpu", "cuda"))
         if args.shard_size < 1:
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or cfg.data.latents_dir
         if not manifest or not out:
             raise ValueError("give --manifest and --out (or data.manifest / data.latents_dir in the config)")
+        out_existed = Path(out).exists()
         problem = probe_writable_dir(out)
         if problem:
             raise ValueError(f"--out {out}: {problem}; choose a folder you can write")
@@ -63,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = DTYPES[args.dtype]
         vae = build_vae(cfg.encoders, device=args.device, dtype=dtype)
         text = build_text_encoder(cfg.encoders, device=args.device, dtype=dtype)
-        out_existed = Path(out).exists()
         index = precompute(dataset, vae, text, out, shard_size=args.shard_size, device=args.device,
-                           dtype=dtype, overwrite=args.overwrite)
+                           dtype=dtype, overwrite=args.overwrite, encoders=dataclasses.asdict(cfg.encoders))
         if not index.get("num_items"):
             # an empty store is no use and would only be mistaken for a result: leave nothing behind
             if not out_existed:
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{manifest}: no usable video: all {index.get('num_rows', len(dataset))} files skipped "
                              f"({detail}); check the paths (relative to the manifest) and the files")
     except (ConfigError, ValueError, OSError) as e:
+        if out is not None and not out_existed and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a folder this run created and left empty is no result
         if isinstance(e, OSError) and is_no_space(e):
             msg = f"no space left on {args.out or 'the store folder'} ({str(e).splitlines()[0]}); free some space and rerun"
         else:

@@ -6,16 +6,19 @@
 Overrides are `key.path=value` with YAML values, e.g. `train.lr=1e-4 train.batch_size=8`; integers
 index lists (`train.stages.1.steps=500`) and a list can be replaced whole:
 `train.stages=[{name: tf, steps: 50}, {name: rf, objective: resampling, steps: 50}]`.
-Exit codes: 0 done or stopped by SIGTERM/SIGINT after saving; 2 bad config / missing data / an
-unusable run folder (unwritable, locked by another trainer, no space left), with ONE line on stderr
-naming the problem and the fix; 1 training aborted (repeated NaN/Inf losses); 130 interrupted twice
-(no checkpoint).
+Exit codes: 0 done (every stage's steps trained); 143 / 130 stopped by SIGTERM / SIGINT after saving a
+checkpoint (rerun the same command to resume; a job chain waiting for success does not go on with an
+unfinished run); 2 bad config / missing data / an unusable run folder (unwritable, locked by another
+trainer, no space left), with ONE line on stderr naming the problem and the fix; 1 training aborted
+(repeated NaN/Inf losses); 130 also when interrupted twice (no checkpoint). Under `accelerate launch`
+the launcher reports a failed process with its own traceback and exit code 1 after this line.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
         print(f"{result['status']} at step {result['step']}; checkpoint {result['checkpoint']}")
+    if result["status"] == "interrupted":  # saved, not finished: 128 + the signal, as the shell reports it
+        return 128 + int(signal.Signals[result["signal"]])
     return 0
 
 

@@ -118,6 +118,7 @@ def precompute(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    encoders: dict | None = None,
 ) -> dict:
     """Encode every good row of ``dataset`` into shards under ``out_dir``; return the index dict.
 
@@ -126,6 +127,9 @@ def precompute(
     returning ``{"video", "caption"}`` / ``(video, caption)`` (an exception there counts as a bad row).
     ``device``: where the videos are sent (default: the VAE's parameter device, else CPU).
     ``dtype``: cast stored tensors (e.g. ``torch.float16``); default keeps the encoders' dtype.
+    ``encoders``: the encoder settings (config ``encoders`` section), kept in the fingerprint so that a
+    trainer can refuse a store made with other encoders (paths are left out: a moved checkpoint folder
+    encodes the same).
     Prints a summary line at the end: items, shards, how many were encoded now and how many reused
     from the shards of an earlier run, skipped files by reason.
     """
@@ -137,6 +141,8 @@ def precompute(
     if n_rows == 0:
         raise ValueError("precompute: the dataset is empty")
     fp = _fingerprint(dataset, shard_size)
+    if encoders is not None:
+        fp["encoders"] = {k: v for k, v in sorted(encoders.items()) if not k.endswith("_path")}
     num_shards = -(-n_rows // shard_size)
     index_path = out / INDEX_NAME
     if overwrite:
@@ -149,7 +155,7 @@ def precompute(
         if old is not None and old.get("fingerprint") != fp:
             raise ValueError(
                 f"{out}: holds latents of a different data set/config ({old.get('fingerprint')} != {fp}); "
-                "use a new out_dir or overwrite=True"
+                "use a new folder or overwrite it (train/precompute.py: --out NEW_DIR or --overwrite)"
             )
     device = torch.device(device) if device is not None else _infer_device(vae)
 
@@ -167,7 +173,8 @@ def precompute(
             p.unlink()  # unreadable leftover: encode again
             continue
         if entry["start"] != k * shard_size or entry["stop"] != min(n_rows, (k + 1) * shard_size):
-            raise ValueError(f"{p}: covers rows {entry['start']}..{entry['stop']}, not shard {k}; use a new out_dir or overwrite=True")
+            raise ValueError(f"{p}: covers rows {entry['start']}..{entry['stop']}, not shard {k}; use a new folder or "
+                             "overwrite it (train/precompute.py: --out NEW_DIR or --overwrite)")
         shards[k] = entry
         if entry["num_items"] > 0 and state["latent_shape"] is None:
             state["latent_shape"] = hdr["shapes"]["latents"][1:]
@@ -310,7 +317,7 @@ class LatentDataset(Dataset):
         self.root = Path(root)
         ip = self.root / INDEX_NAME
         if not ip.is_file():
-            raise ValueError(f"{ip}: latent index not found; run resampling_forcing.data.latents.precompute(...) into {self.root} first")
+            raise ValueError(f"{ip}: latent index not found; run train/precompute.py --out {self.root} first")
         try:
             self.index = json.loads(ip.read_text())
         except (OSError, ValueError) as e:
@@ -319,8 +326,16 @@ class LatentDataset(Dataset):
         if not self.shards:
             raise ValueError(f"{ip}: latent index lists no items; rerun precompute (were all videos bad? see bad_files: {self.index.get('bad_files')})")
         for s in self.shards:
-            if not (self.root / s["file"]).is_file():
-                raise ValueError(f"{self.root / s['file']}: shard listed in {ip} is missing; rerun precompute into {self.root}")
+            f = self.root / s["file"]
+            if not f.is_file():
+                raise ValueError(f"{f}: shard listed in {ip} is missing; rerun train/precompute.py with --out {self.root} "
+                                 "(it encodes only the missing shards)")
+            try:  # reads the header only: a truncated or foreign file fails here, not in a loader worker
+                _read_shard_header(f)
+            except Exception as e:
+                raise ValueError(f"{f}: damaged shard ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                 f"delete it and rerun train/precompute.py with --out {self.root} (it encodes only "
+                                 "the missing shards)") from None
         self.complete = bool(self.index.get("complete", False))
         self._offsets = [0]
         for s in self.shards:

@@ -28,6 +28,7 @@ again).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import sys
@@ -54,7 +55,7 @@ def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> 
     missing (the local main process; the others wait for it, then read it)."""
     if not cfg.data.latents_dir or not Path(cfg.data.latents_dir).is_dir():
         raise DataError(f"data.latents_dir={cfg.data.latents_dir!r} is not a directory; run "
-                        "resampling_forcing.data.latents.precompute into it first")
+                        "train/precompute.py --out DIR first and pass that DIR")
     path = Path(cfg.data.latents_dir) / NULL_TEXT_FILE
     if write and not path.is_file() and cfg.data.text_dropout > 0:
         from safetensors.torch import save_file
@@ -68,6 +69,36 @@ def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> 
         del enc
         with atomic_path(path) as tmp:
             save_file({"text": emb}, str(tmp))
+
+
+def store_mismatch(index: dict, cfg: Config) -> Optional[str]:
+    """Why the latent store with `index` (its index.json) cannot train `cfg`, or None: the clips it
+    encoded (frames, size, fps), the encoder settings (stores written since they are recorded) and the
+    latent / text shapes this config's encoders and model expect."""
+    from ..memory import codec_geometry, latent_frames
+
+    d, e = cfg.data, cfg.encoders
+    store = f"data.latents_dir={d.latents_dir}"
+    fix = "precompute a store with this config (train/precompute.py --out NEW_DIR) or set"
+    fp = index.get("fingerprint") or {}
+    for key in ("num_frames", "height", "width", "fps"):
+        if key in fp and fp[key] != getattr(d, key):
+            return f"{store} holds clips with data.{key}={fp[key]}, the config has {getattr(d, key)}; {fix} data.{key}={fp[key]}"
+    ours = dataclasses.asdict(e)
+    for key, value in sorted((fp.get("encoders") or {}).items()):
+        if key in ours and ours[key] != value:
+            return f"{store} was encoded with encoders.{key}={value}, the config has {ours[key]}; {fix} encoders.{key}={value}"
+    geo = codec_geometry(cfg)
+    want = [geo["channels"], latent_frames(geo, d.num_frames), d.height // geo["spatial"], d.width // geo["spatial"]]
+    got = index.get("latent_shape")
+    if got is not None and list(got) != want:
+        return (f"{store} holds latents [C, f, h, w] = {list(got)}, this config's encoders make {want}; "
+                f"{fix} the data/encoders settings it was made with")
+    got = index.get("text_shape")
+    if got is not None and list(got) != [e.text_len, cfg.model.text_dim]:
+        return (f"{store} holds text embeddings [Lt, Dt] = {list(got)}, the config expects "
+                f"[encoders.text_len, model.text_dim] = {[e.text_len, cfg.model.text_dim]}; {fix} those keys")
+    return None
 
 
 def synthetic_manifest(cfg: Config) -> Path:
@@ -102,11 +133,14 @@ class TrainData:
             from .latents import LatentDataset
 
             if not cfg.data.latents_dir:
-                raise DataError("data.source=latents needs data.latents_dir (a folder written by data.latents.precompute)")
+                raise DataError("data.source=latents needs data.latents_dir (a folder written by train/precompute.py)")
             try:
                 self.dataset = LatentDataset(cfg.data.latents_dir)
             except ValueError as e:
                 raise DataError(str(e)) from None
+            problem = store_mismatch(self.dataset.index, cfg)
+            if problem:
+                raise DataError(problem)
         else:
             from .video import VideoClipDataset
 

@@ -124,7 +124,7 @@ def read_manifest(manifest: str | os.PathLike, split: str | None = None) -> list
         kept = [r for r in out if r["split"] == split]
         if not kept:
             have = sorted({r["split"] for r in out})
-            raise ValueError(f"{mpath}: no rows with split={split!r} (splits present: {have}); pass one of those or split=None")
+            raise ValueError(f"{mpath}: no rows with split={split!r} (splits present: {have}); training reads split=train rows (or a manifest without a split column), train/precompute.py --split picks another")
         out = kept
     return out
 
