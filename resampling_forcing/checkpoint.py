@@ -150,6 +150,11 @@ def resolve_hub_id(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError, invalid ids, ...
+        parent = Path(repo_id.split("/")[0])
+        if parent.is_dir():  # "runs/tiny", "assets/tiny-pretraind": meant as a local folder
+            near = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
+            raise PipelineError(f"checkpoint {repo_id}: no such folder (in {parent}/: {', '.join(near) or 'nothing'}); "
+                                "pass a run folder, a checkpoint folder or a Hugging Face id") from None
         raise PipelineError(f"checkpoint {repo_id}: not a local path and not in the local Hugging Face cache "
                             f"({constants.HF_HUB_CACHE}); download it first (`hf download {repo_id}`) or pass a "
                             f"folder ({type(e).__name__})") from None

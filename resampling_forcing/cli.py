@@ -10,8 +10,9 @@ import sys
 from typing import Callable, Optional, Sequence
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
-__all__ = ["EXIT_BAD_INPUT", "BadInput", "OneLineParser", "run_cli"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BadInput", "OneLineParser", "run_cli"]
 
 
 class BadInput(Exception):
@@ -27,9 +28,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
             argv: Optional[Sequence[str]], bad_input: type = BadInput, prefix: str = "error") -> int:
-    """Parse `argv` and run; `bad_input` (an exception class) -> "PREFIX: message" on stderr, exit 2."""
+    """Parse `argv` and run; `bad_input` (an exception class) -> "PREFIX: message" on stderr, exit 2;
+    Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing half-written is left)."""
     try:
         return run(build_parser().parse_args(argv))
     except bad_input as e:
         print(f"{prefix}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl+C): stopped; files already reported as written are complete", file=sys.stderr)
+        return EXIT_INTERRUPTED

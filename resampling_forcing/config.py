@@ -540,8 +540,8 @@ def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
         raise ConfigError(f"{n_steps} must be >= 1 (got {steps!r}; an int, the paper uses 32)")
     if not (shift > 0 and math.isfinite(shift)):
         raise ConfigError(f"{n_shift} must be > 0 (got {shift!r}; a finite number, the paper uses 5.0)")
-    if not math.isfinite(cfg_scale):
-        raise ConfigError(f"{n_cfg} must be a finite number (got {cfg_scale!r}); 1.0 switches guidance off")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ConfigError(f"{n_cfg} must be a finite number >= 0 (got {cfg_scale!r}); 1.0 switches guidance off")
     if not 0.0 <= context_t < 1.0:
         raise ConfigError(f"{n_ctx} must be in [0, 1) (got {context_t!r}); 0 writes clean chunks")
 

@@ -94,7 +94,10 @@ def parse_storyboard(spec: Union[str, Path, Sequence, dict]) -> list[tuple[int, 
         for e in spec:
             if isinstance(e, dict):
                 if set(e) != {"chunk", "prompt"}:
-                    raise PipelineError(f"{src} entry {e!r}: need keys chunk and prompt")
+                    extra = sorted(set(e) - {"chunk", "prompt"}, key=str)
+                    why = (f"unknown key {extra[0]!r} (allowed: chunk, prompt)" if extra
+                           else f"missing key {sorted({'chunk', 'prompt'} - set(e))[0]!r}")
+                    raise PipelineError(f"{src} entry {e!r}: {why}")
                 e = (e["chunk"], e["prompt"])
             entries.append(tuple(e) if isinstance(e, (list, tuple)) else e)
     else:

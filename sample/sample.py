@@ -173,29 +173,43 @@ def check_args(args) -> None:
     SamplingOptions.from_config (sampling_options)."""
     if args.num_chunks < 1:
         raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
-    if args.routing == "dense" and (args.top_k is not None):
-        raise BadInput("--routing dense contradicts --top-k")
-    if args.fps is not None and not args.fps > 0:
-        raise BadInput(f"--fps must be > 0 (got {args.fps})")
+    for flag, value in (("--top-k", args.top_k), ("--sink", args.sink), ("--window", args.window)):
+        if args.routing == "dense" and value is not None:
+            raise BadInput(f"--routing dense contradicts {flag} (dense attends every history chunk)")
+    if args.routing == "window" and args.top_k is not None:
+        raise BadInput("--routing window contradicts --top-k (window keeps --sink / --window chunks, no scores)")
+    if args.fps is not None and not 0 < args.fps <= MAX_FPS:
+        raise BadInput(f"--fps must be a number in (0, {MAX_FPS:g}] (got {args.fps})")
+    if not args.output.strip():
+        raise BadInput("--output must not be empty (a .mp4 file or a folder)")
     if args.batch < 1:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
     if args.seed < 0:
         raise BadInput(f"--seed must be >= 0 (got {args.seed})")
     if args.max_history_chunks < 1:
         raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
-    if args.init_video is not None and not Path(args.init_video).is_file():
-        raise BadInput(f"--init-video {args.init_video}: no such file")
     if args.init_video is not None and args.init_image is not None:
         raise BadInput("give --init-video or --init-image, not both")
-    if args.init_image is not None and not Path(args.init_image).is_file():
-        raise BadInput(f"--init-image {args.init_image}: no such file")
+    for flag, value in (("--init-video", args.init_video), ("--init-image", args.init_image),
+                        ("--storyboard", args.storyboard), ("--prompts-file", args.prompts_file)):
+        if value is not None and not Path(value).is_file():
+            raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
+    bad_set = [s for s in args.overrides if s.split("=", 1)[0].strip().startswith("model.")]
+    if bad_set:
+        raise BadInput(f"--set {bad_set[0]}: the model's sizes come from the checkpoint's model_config.json and "
+                       "cannot be changed at sampling")
 
+
+MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
 
 # SamplingOptions.from_config's names -> the flags that set them (its errors are reworded with these).
 _FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks": "--sink",
           "attention.routing.window_chunks": "--window", "steps": "--steps", "shift": "--shift",
           "cfg_scale": "--cfg", "context_t": "--context-t", "kv_resident_chunks": "--kv-resident-chunks",
           "kv_host_dtype": "--kv-host-dtype"}
+_ROUTING_WORDS = (("mode='dense'", "--routing dense"), ("mode='window'", "--routing window"),
+                  ("mode='topk'", "--routing topk"), ("(or sink_chunks)", "(or --sink)"),
+                  ("set window_chunks", "set --window"), ("set top_k", "set --top-k"))
 # a name at the start of the message, or after "needs"
 _FLAG_RE = re.compile(r"(?:^|(?<=needs ))(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True))
                       + r")(?![\w])")
@@ -213,7 +227,10 @@ def sampling_options(cfg, device, args):
             record_selection=True if args.record_selection else None,
             kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype)
     except (ValueError, TypeError) as e:
-        raise BadInput(_FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], str(e).strip().splitlines()[0])) from None
+        msg = _FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], str(e).strip().splitlines()[0])
+        for name, flag in _ROUTING_WORDS:  # the routing rules speak config (RoutingSpec); say the flags
+            msg = msg.replace(name, flag)
+        raise BadInput(msg) from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -246,9 +263,12 @@ def run(args) -> int:
                 raise BadInput(str(e)) from None
         overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
                                             if args.attention_backend is not None else [])
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, what="--device")
         cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
         opts = sampling_options(cfg, device, args)  # the options of every rollout below
+        if opts.record_selection and (opts.routing is None or opts.routing.is_dense):
+            raise BadInput("--record-selection records routing picks, and this rollout attends densely (no routing "
+                           "in the checkpoint's config): add --routing topk --top-k K or --routing window")
         check_memory(cfg, device, args, len(prompts), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=device, dtype=args.dtype, use_ema=not args.no_ema,

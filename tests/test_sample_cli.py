@@ -284,11 +284,33 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
                             "--set", "data.height=32768", "--set", "data.width=32768")
     cases["a billion chunks"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1000000000)
     cases["history cap 0"] = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--max-history-chunks", 0)
+    # the sampling audit's cases: each ran (or crashed with a traceback after the rollout) before
+    base = ("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--steps", 1)
+    board = tmp_path / "board.yaml"
+    board.write_text("- {chunk: 0, prompt: a, colour: red}\n")
+    expect = {
+        "fps inf": (base + ("--fps", "inf"), "--fps must be a number in (0, 1000]"),
+        "empty output": (base + ("--output", ""), "--output must not be empty"),
+        "negative cfg": (base + ("--cfg", -3), "--cfg must be a finite number >= 0"),
+        "model override": (base + ("--set", "model.dim=64"), "--set model.dim=64: the model's sizes come from"),
+        "dense with window": (base + ("--routing", "dense", "--window", 2), "--routing dense contradicts --window"),
+        "window with top-k": (base + ("--routing", "window", "--top-k", 2), "--routing window contradicts --top-k"),
+        "window 0": (base + ("--routing", "window", "--window", 0), "set --window, e.g. 1"),
+        "record without routing": (base + ("--record-selection",), "--record-selection records routing picks"),
+        "init image is a folder": (base + ("--init-image", tmp_path), "is a directory, not a file"),
+        "storyboard unknown key": (("--checkpoint", run_dir, "--num-chunks", 2, "--storyboard", board),
+                                   "unknown key 'colour'"),
+        "no mps here": (base + ("--device", "mps"), "--device mps: MPS (Apple GPU) is not available"),
+    }
+    for name, (args, text) in expect.items():
+        cases[name] = args
     for name, args in cases.items():
         capsys.readouterr()
         _bad(tmp_path, *args)
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, f"{name}: {err!r}"
+        if name in expect:
+            assert expect[name][1] in err, f"{name}: {err!r}"
         if name in ("huge frames", "a billion chunks"):
             assert "needs at least" in err and "GiB" in err, err  # refused up front with the estimate
         if name == "output under /proc":

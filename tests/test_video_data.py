@@ -226,7 +226,7 @@ def _bad_rows_setup(files, tmp_path, workers=0, batch=2):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_rows_are_dropped_from_the_epoch_and_counted_once(files, tmp_path, workers, caplog, one_thread,
-                                                              monkeypatch):
+                                                              monkeypatch, capfd):
     """A bad row is dropped from its micro-batch, never replaced by the next good video (which then
     got several samples per epoch); each bad file is warned about and counted once, also with
     DataLoader workers (the rows a worker found travel back to the main process)."""
@@ -234,7 +234,8 @@ def test_bad_rows_are_dropped_from_the_epoch_and_counted_once(files, tmp_path, w
     assert data.num_items == 11 and data.per_epoch == 5  # empty + missing left out of the permutation
     reported = []
     note = V.VideoClipDataset.note_bad
-    monkeypatch.setattr(V.VideoClipDataset, "note_bad", lambda self, i, reason: (reported.append(i), note(self, i, reason)))
+    monkeypatch.setattr(V.VideoClipDataset, "note_bad",
+                        lambda self, i, reason, detail="": (reported.append(i), note(self, i, reason, detail)))
     with caplog.at_level(logging.WARNING, logger="resampling_forcing.data"):
         for epoch in range(2):
             caps = []
@@ -251,8 +252,11 @@ def test_bad_rows_are_dropped_from_the_epoch_and_counted_once(files, tmp_path, w
     assert sum(bad.values()) == 6 and "13 videos listed, 6 skipped" in data.summary(), data.summary()
     if workers:
         assert sorted(reported) == sorted(set(reported)) and len(reported) == 4, reported  # each once
-    else:
-        assert len([r for r in caplog.records if "skipping video" in r.getMessage()]) == 6
+    # one warning per bad file, in the main process also with workers (they warned from their own
+    # process before, twice when a prefetched batch was discarded)
+    warned = [r.getMessage() for r in caplog.records if "skipping video" in r.getMessage()]
+    assert len(warned) == 6 and len(set(warned)) == 6, warned
+    assert "skipping video" not in capfd.readouterr().err  # no worker process logged on its own
 
 
 def test_a_micro_batch_of_bad_rows_only_is_skipped(files, tmp_path, one_thread):

@@ -15,8 +15,17 @@ try:  # pragma: no cover - depends on the platform
     import triton  # noqa: F401
 
     HAS_TRITON = True
-except Exception:  # ImportError, or a broken install
+    TRITON_IMPORT_ERROR = None
+except ImportError:  # not installed: the torch paths are used
     HAS_TRITON = False
+    TRITON_IMPORT_ERROR = None
+except Exception as e:  # installed but broken: say so once, then use the torch paths
+    HAS_TRITON = False
+    TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    import logging
+
+    logging.getLogger("resampling_forcing.kernels").warning(
+        "triton is installed but failed to import (%s); using the torch attention paths", TRITON_IMPORT_ERROR)
 
 if HAS_TRITON:
     from .routed_attention import block_rows, is_interpreted, routed_attention_fwd
@@ -26,7 +35,8 @@ else:  # pragma: no cover
         return False
 
     def _missing(*_args, **_kwargs):
-        raise RuntimeError("Triton is not installed; use backend='torch' (pip install triton on Linux for the kernels)")
+        why = f"failed to import ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else "is not installed"
+        raise RuntimeError(f"Triton {why}; use backend='torch' (pip install triton on Linux for the kernels)")
 
     block_rows = routed_attention_fwd = routing_select = _missing
 

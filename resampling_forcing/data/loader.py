@@ -22,9 +22,9 @@ checking that one video is usable) are left out of the permutation (n counts the
 bad later is dropped from its micro-batch, which is then smaller, and ``batch`` returns None for a
 micro-batch with no usable row (the trainer skips that position on every rank). Every file is a
 property of the disk, so the order stays a pure function of the position. With DataLoader workers,
-the rows a worker found bad travel back with the batch and are recorded once in the main process's
-data set (its summary counts each file once; the workers of the next epoch know them and do not warn
-again).
+the workers record bad rows without logging; the rows travel back with the batch and are warned about
+and recorded once in the main process's data set (its summary counts each file once; the workers of
+the next epoch know them).
 """
 from __future__ import annotations
 
@@ -247,8 +247,8 @@ class TrainData:
                 self._start_loader(position, epoch)
             batch = next(self._loader_iter)
             self._next_pos = position + 1
-            for i, reason in batch["bad"]:  # found by a worker: counted once, here
-                self.dataset.note_bad(i, reason)
+            for i, reason, detail in batch["bad"]:  # found by a (quiet) worker: warned about and counted once, here
+                self.dataset.note_bad(i, reason, detail)
         if batch["video"] is None:
             return None
         video, caps = batch["video"], list(batch["caption"])
@@ -268,7 +268,7 @@ class TrainData:
             ctx.set_forkserver_preload(["resampling_forcing.data.video"])  # torch imported once, not per worker
         loader = DataLoader(_DropBad(self.dataset), batch_sampler=lists, num_workers=self.cfg.data.num_workers,
                             collate_fn=_collate, pin_memory=self.device.type == "cuda", multiprocessing_context=ctx,
-                            worker_init_fn=die_with_parent)
+                            worker_init_fn=_worker_init)
         self._loader_iter, self._loader_epoch = iter(loader), epoch
 
     def batch(self, position: int) -> Optional[dict]:
@@ -308,6 +308,16 @@ class TrainData:
         return f"{self.source} data: {self.num_items} clips, {self.per_epoch} micro-batches per epoch{extra}"
 
 
+def _worker_init(worker_id: int) -> None:
+    """A DataLoader worker: dies with its parent, and its copy of the data set records bad files without
+    logging (the main process logs each once when the batch reports it; a prefetched batch that is
+    discarded would otherwise have warned twice)."""
+    die_with_parent(worker_id)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "dataset"):
+        info.dataset.dataset.quiet = True
+
+
 def die_with_parent(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: on Linux ask the kernel to SIGKILL this worker when its parent
     dies (prctl PR_SET_PDEATHSIG), so a trainer killed with -9 leaves no workers behind. Under the
@@ -339,7 +349,7 @@ class _DropBad(torch.utils.data.Dataset):
         known = self.dataset.bad_reason(i) is not None  # the main process knew it: nothing to report
         item = self.dataset.try_get(i)
         if item is None and not known:
-            return (i, self.dataset.bad_reason(i) or "corrupt")
+            return (i, self.dataset.bad_reason(i) or "corrupt", self.dataset.bad_detail(i))
         return item
 
 

@@ -34,8 +34,9 @@ Probing: existence and size are checked up front (cheap). Opening/decoding is la
 (first access), because probing a large manifest is slow; ``probe=True`` opens every file up front
 (header only: frame count, fps, size) so unreadable/too-short/too-small files are known before
 training, and raises if none is usable. Decoding errors are caught either way. With DataLoader
-workers each worker keeps its own counts; ``note_bad`` records in the main process what a worker
-found (data/loader.py does this), so its counts cover every file once.
+workers each worker's copy is ``quiet`` (records, does not log) and ``note_bad`` records and logs in
+the main process what a worker found (data/loader.py does this), so every file is warned about and
+counted once, also when a worker's prefetched batch is discarded.
 """
 from __future__ import annotations
 
@@ -373,7 +374,9 @@ class VideoClipDataset(Dataset):
         self.backend = backend
         self._backends = _backends(backend)
         self.epoch = 0
+        self.quiet = False  # a DataLoader worker's copy: record bad files, the main process logs them
         self._bad: dict[int, str] = {}
+        self._bad_detail: dict[int, str] = {}
         self._info: dict[int, VideoInfo] = {}
         for i, r in enumerate(self.rows):  # cheap up-front checks
             if "\x00" in r["path"]:  # os.stat would raise ValueError and stop everything
@@ -426,17 +429,22 @@ class VideoClipDataset(Dataset):
         tail = f" ({self._counts_text()})" if b else ""
         return f"{self.manifest.name}: {n} videos listed, {b} skipped{tail}"
 
-    def note_bad(self, i: int, reason: str) -> None:
-        """Record row ``i`` as bad without a warning (found, and warned about, by a DataLoader worker's
-        copy of this data set), so that it is counted once and later copies skip it silently."""
-        self._bad.setdefault(i, reason)
+    def bad_detail(self, i: int) -> str:
+        return self._bad_detail.get(i, "")
+
+    def note_bad(self, i: int, reason: str, detail: str = "") -> None:
+        """Record (and warn about, once) row ``i`` found bad by a DataLoader worker's quiet copy of this
+        data set, so that it is counted once and later copies skip it silently."""
+        self._mark_bad(i, BadVideo(reason, detail))
 
     def _mark_bad(self, i: int, err: BadVideo) -> None:
         if i in self._bad:
             return
         self._bad[i] = err.reason
-        detail = f" ({err.detail})" if err.detail else ""
-        logger.warning("skipping video %s: %s%s", self.rows[i]["path"].replace("\x00", "\\0"), err.reason, detail)
+        self._bad_detail[i] = err.detail or ""
+        if not self.quiet:
+            detail = f" ({err.detail})" if err.detail else ""
+            logger.warning("skipping video %s: %s%s", self.rows[i]["path"].replace("\x00", "\\0"), err.reason, detail)
 
     # -- decoding ---------------------------------------------------------------------------
     def _probe(self, i: int) -> VideoInfo:

@@ -59,6 +59,9 @@ def resolve_device(device: Union[str, torch.device, None], what: str = "device",
             raise PipelineError(f"{what} {device}: CUDA is not available on this machine; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PipelineError(f"{what} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and "mps" in kinds:
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise PipelineError(f"{what} {device}: MPS (Apple GPU) is not available on this machine; use --device cpu")
     elif dev.type not in kinds:
         raise PipelineError(f"{what} {device}: only {', '.join('cuda[:N]' if k == 'cuda' else k for k in kinds)} "
                             f"are supported")
