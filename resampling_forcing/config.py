@@ -29,6 +29,11 @@ Objective = Literal["teacher_forcing", "resampling", "noise_augmentation", "para
 Ramp = Literal["none", "probability", "strength"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 RAMPS: tuple[str, ...] = typing.get_args(Ramp)
+# The encoder kinds (encoders/builders.py builds them), declared once the same way.
+VaeKind = Literal["wan", "pixel_shuffle"]
+TextKind = Literal["umt5", "hash"]
+VAE_KINDS: tuple[str, ...] = typing.get_args(VaeKind)
+TEXT_KINDS: tuple[str, ...] = typing.get_args(TextKind)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -108,10 +113,10 @@ class DiffusionConfig:
 class EncoderConfig:
     """Latent space and text encoder. kinds: vae in {wan, pixel_shuffle}, text in {umt5, hash}."""
 
-    vae: str = "wan"
+    vae: VaeKind = "wan"
     vae_path: Optional[str] = None
     vae_factor: int = 4  # pixel_shuffle only
-    text: str = "umt5"
+    text: TextKind = "umt5"
     text_path: Optional[str] = None
     text_len: int = 512
     text_dim: int = 4096  # hash encoder only; umT5 reports its own
@@ -490,10 +495,6 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         raise ConfigError(f"data.num_workers={dc.num_workers}: must be >= 0 (0 = decode in the main process)")
     if t.keep_last < 0:
         raise ConfigError(f"train.keep_last={t.keep_last}: must be >= 0 (0 keeps every checkpoint)")
-    if e.vae not in ("wan", "pixel_shuffle"):
-        raise ConfigError(f"encoders.vae={e.vae!r}: choose wan (with encoders.vae_path) or pixel_shuffle")
-    if e.text not in ("umt5", "hash"):
-        raise ConfigError(f"encoders.text={e.text!r}: choose umt5 (with encoders.text_path) or hash")
     if require_encoder_paths:
         if e.vae == "wan" and not e.vae_path:
             raise ConfigError("encoders.vae=wan needs encoders.vae_path (a local Wan2.1 VAE / diffusers folder), "

@@ -5,14 +5,12 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config import TEXT_KINDS, VAE_KINDS  # declared once, with the config schema
 from .codec import VideoCodec
 from .common import DeviceLike
 from .pixel_shuffle import PixelShuffleVAE
 from .text import HashTextEncoder, UMT5TextEncoder
 from .wan_vae import WanVAE
-
-VAE_KINDS = ("wan", "pixel_shuffle")
-TEXT_KINDS = ("umt5", "hash")
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
