@@ -578,3 +578,16 @@ def test_inference_block_mask_structure_and_flex(N, T, Lc, block_size):
         out = flex_attention(q, torch.cat([kh, kc], 2), torch.cat([vh, vc], 2), block_mask=bm)
     ref_o, _ = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
     torch.testing.assert_close(out, ref_o, atol=1e-5, rtol=1e-5)
+
+
+def test_training_routing_of_a_one_chunk_sequence_is_plain_attention():
+    """N = 1: the training sequence is Q_1 alone (its history chunk H_1 is never attended and left out);
+    routing has no history to pick from, with SDPA and FlexAttention alike."""
+    q, k, v = (torch.randn(1, 2, 7, 8) for _ in range(3))
+    spec = RoutingSpec("topk", top_k=1)
+    assert training_allowed(1, 7).shape == (7, 0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(routed_training_attention(q, k, v, 1, 7, spec, backend="sdpa"), ref)
+    with torch.no_grad():
+        out = routed_training_attention(q, k, v, 1, 7, spec, backend="flex", block_size=16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
