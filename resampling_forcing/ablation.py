@@ -201,12 +201,14 @@ def _arm_gap(name: str, run_dir: Path, out: Path, clips: int) -> dict:
 
 def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out: Path, routing=None) -> dict:
     """Continue the eval clips with a checkpoint -> {summary, per-clip arrays} (cached in OUT/eval)."""
-    from .ablation_eval import continue_clips, contact_sheet, metric_arrays, score, summarize
+    from .ablation_eval import cache_key, cached, continue_clips, contact_sheet, metric_arrays, score, summarize
     from .attention.routing import RoutingSpec
     from .pipeline import Pipeline
 
     path = out / "eval" / f"{name.replace(' ', '_').replace('+', 'and')}.npz"
-    if not path.is_file():
+    key = cache_key(checkpoint, clips=len(clips), given=preset.given_chunks, seed=preset.sample_seed, seg=seg,
+                    routing=routing)
+    if not cached(path, key):
         t0 = time.perf_counter()
         pipe = Pipeline.from_pretrained(checkpoint, device="cpu")
         spec = RoutingSpec(*routing) if routing else None
@@ -216,10 +218,10 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
         contact_sheet(videos, np.stack([v for v, _ in clips]), seg, out / "sheets" / f"{path.stem}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, seconds=time.perf_counter() - t0, **arrays)
+        np.savez(tmp, seconds=time.perf_counter() - t0, key=key, **arrays)
         tmp.replace(path)
     with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if k != "seconds"}
+        arrays = {k: z[k] for k in z.files if k not in ("seconds", "key")}
         seconds = float(z["seconds"])
     return dict(arrays=arrays, summary=summarize(arrays), seconds=round(seconds, 1))
 

@@ -25,6 +25,7 @@ truth with pixel noise.
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -98,6 +99,23 @@ def metric_arrays(results: list[dict]) -> dict[str, np.ndarray]:
     out["collapse"] = ((np.nan_to_num(fid, nan=0.0) < COLLAPSE_FIDELITY) |
                        (np.nan_to_num(bg, nan=0.0) < COLLAPSE_BACKGROUND)).astype(float)
     return out
+
+
+def cache_key(checkpoint, **settings) -> str:
+    """What a cached evaluation (OUT/eval/*.npz) depends on: the checkpoint's weight files (path, size,
+    modification time) and the evaluation settings. A cache whose key differs is evaluated again."""
+    ck = Path(checkpoint)
+    files = sorted(ck.rglob("*.safetensors")) if ck.is_dir() else ([ck] if ck.is_file() else [])
+    weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return json.dumps({"weights": weights, **settings}, sort_keys=True, default=str)
+
+
+def cached(path: Path, key: str) -> bool:
+    """True when `path` holds an evaluation made with `key` (an older cache without a key is not)."""
+    if not path.is_file():
+        return False
+    with np.load(path) as z:
+        return "key" in z.files and str(z["key"]) == key
 
 
 def interval(values: np.ndarray) -> dict:

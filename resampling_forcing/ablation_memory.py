@@ -121,13 +121,14 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
     """One (mode, conditioning) -> {"arrays": per-clip metrics of the frames after the blackout,
     "before": share of the first continued chunk's selections that land on chunks before the blackout
     (routed modes), "seconds"}; cached in OUT/eval (with the first 4 videos, for the contact sheets)."""
-    from .ablation_eval import metric_arrays, score
+    from .ablation_eval import cache_key, cached, metric_arrays, score
     from .attention.routing import RoutingSpec
 
     stem = f"{name}_{conditioning}".replace(" ", "_").replace("+", "and")
     path = out / "eval" / f"{stem}.npz"
     start = clips[0][1]["blackout"][0] + clips[0][1]["blackout"][1]
-    if not path.is_file():
+    key = cache_key(checkpoint, clips=len(clips), visible=visible, given=given_chunks, spec=spec, seed=seed)
+    if not cached(path, key):
         t0 = time.perf_counter()
         pipe = _pipeline(str(checkpoint))
         videos, sel = continue_probe(pipe, clips, given_chunks, RoutingSpec(*spec) if spec else "dense",
@@ -140,10 +141,10 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path.with_name(f"{stem}.videos.npy"), videos[:4])
         tmp = path.with_name(f".{stem}.tmp.npz")
-        np.savez(tmp, seconds=time.perf_counter() - t0, before=before, **arrays)
+        np.savez(tmp, seconds=time.perf_counter() - t0, before=before, key=key, **arrays)
         tmp.replace(path)
     with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if k not in ("seconds", "before")}
+        arrays = {k: z[k] for k in z.files if k not in ("seconds", "before", "key")}
         before = None if np.isnan(z["before"]) else round(float(z["before"]), 4)
         seconds = round(float(z["seconds"]), 1)
     return dict(arrays=arrays, before=before, seconds=seconds)

@@ -196,7 +196,7 @@ def _main(argv: list[str] | None = None) -> int:
         labels += [f"{name}: {c}" for c in captions]
 
     print("[demo] 4/5 evaluating real generator clips of the same captions (the ceiling)", flush=True)
-    clips = [generate_clip(10_000 + i, frames=rollout_frames, size=cfg.data.height, caption=caption)
+    clips = [generate_clip(10_000 + i, frames=rollout_frames, size=(cfg.data.height, cfg.data.width), caption=caption)
              for i, caption in enumerate(captions)]
     real = [evaluate_video(frames, caption, segment_frames=clip_frames, name=f"real_{i}")
             for i, ((frames, _), caption) in enumerate(zip(clips, captions))]

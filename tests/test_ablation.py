@@ -213,3 +213,27 @@ def test_seed_replicate_changes_training_randomness_not_the_data_set():
     arm = load_config(REPO / PRESETS["cpu"].config, seed_overrides(5, base))
     assert arm.train.seed == 5 and synthetic_seed(arm) == synthetic_seed(base) == base.train.seed
     assert synthetic_seed(load_config(REPO / PRESETS["cpu"].config, ["train.seed=3"])) == 3  # default: train.seed
+
+
+def test_eval_cache_is_keyed_by_the_weights_and_settings(tmp_path):
+    """OUT/eval/*.npz is reused only for the same checkpoint weights and settings (it was keyed by the arm
+    name alone: a rerun with more steps or another seed reported the old evaluation)."""
+    import os
+
+    from resampling_forcing.ablation_eval import cache_key, cached
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"weights v1")
+    path = tmp_path / "eval" / "arm.npz"
+    path.parent.mkdir()
+    key = cache_key(ck, clips=32, seed=0)
+    assert not cached(path, key)
+    np.savez(path, seconds=1.0, key=key, psnr=np.ones(3))
+    assert cached(path, key)
+    assert not cached(path, cache_key(ck, clips=16, seed=0)) and not cached(path, cache_key(ck, clips=32, seed=1))
+    st = (ck / "model.safetensors").stat()
+    os.utime(ck / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained weights
+    assert not cached(path, cache_key(ck, clips=32, seed=0))
+    np.savez(path, seconds=1.0, psnr=np.ones(3))  # a cache from before keys existed
+    assert not cached(path, key)

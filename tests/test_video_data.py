@@ -197,7 +197,7 @@ def test_csv_manifest_split_and_dataloader(files, tmp_path):
     assert batch["video"].shape == (2, 3, 5, 32, 32) and batch["caption"] == ["eight", "sixteen, sixteen"]
 
 
-def _bad_rows_setup(files, tmp_path, workers=0, batch=2):
+def _bad_rows_setup(files, tmp_path, workers=0, batch=2, *extra):
     """A manifest of 7 good videos and 6 bad ones (2 known at open: empty, missing; 4 found when
     decoded), the first row good; TrainData over it (tiny encoders)."""
     import sys
@@ -218,7 +218,7 @@ def _bad_rows_setup(files, tmp_path, workers=0, batch=2):
              "c8_2.mp4", "small.mp4", "c8_3.mp4", "c16.mp4", "c8_4.mp4"]
     m = _manifest(files, names, name="bad_rows.jsonl")
     cfg = load_config(TINY_YAML, ["data.source=manifest", f"data.manifest={m}", "data.num_frames=5",
-                                  f"data.num_workers={workers}", f"train.run_dir={tmp_path / 'run'}"])
+                                  f"data.num_workers={workers}", f"train.run_dir={tmp_path / 'run'}", *extra])
     data = TrainData(cfg, batch, vae=build_vae(cfg.encoders), text_encoder=build_text_encoder(cfg.encoders))
     good = {f"cap {n}" for n in names if n.startswith("c")}
     return data, good
@@ -267,3 +267,38 @@ def test_a_micro_batch_of_bad_rows_only_is_skipped(files, tmp_path, one_thread):
     p, b = data.first_batch(0)
     assert b is not None and data.batch(p)["caption"] == b["caption"]
     assert [q for q, _ in zip(data.iterate(0), range(7))][-1][0] == data.per_epoch - 1
+
+
+@pytest.mark.parametrize("n, src, fps, want", [
+    (10, 30.0, 16.0, 6),    # 30 -> 16 fps: output frames 0..5 show source frames 0, 1, 3, 5, 7, 9
+    (10, 8.0, 16.0, 20),    # upsampled: every source frame twice
+    (10, 30.0, 29.97, 10),  # NTSC against 30: a clip of exactly 10 frames is not too short
+    (12, 16.0, 8.0, 6),
+    (1, 30.0, 16.0, 1),
+])
+def test_available_frames_counts_every_frame_the_source_shows(n, src, fps, want):
+    """Output frame k shows the source frame on screen at k / fps; it exists while k / fps < n / src (the
+    count was one short whenever the rates differ, and the last source frame was dropped)."""
+    got = V.available_frames(n, src, fps)
+    assert got == want
+    shown = [int(k * src / fps + 1e-6) for k in range(got + 1)]  # source frame at each output time
+    assert max(shown[:got]) <= n - 1 < shown[got]  # the next output frame would be past the source's end
+
+
+def test_manifest_with_a_byte_order_mark(tmp_path, files):
+    """Excel's 'CSV UTF-8' export starts with a BOM: the header was read as '\\ufeffpath' and refused."""
+    for name, text in (("bom.csv", "path,caption\nc8.mp4,hello\n"),
+                       ("bom.jsonl", json.dumps({"path": "c8.mp4", "caption": "hello"}) + "\n")):
+        p = files / name
+        p.write_text("\ufeff" + text, encoding="utf-8")
+        rows = V.read_manifest(p)
+        assert [(os.path.basename(r["path"]), r["caption"]) for r in rows] == [("c8.mp4", "hello")]
+
+
+def test_fixed_batch_with_workers_runs_past_an_epoch(files, tmp_path, one_thread):
+    """data.fixed_batch repeats position 0's batch forever; with DataLoader workers the loader covered one
+    epoch's positions only and raised StopIteration at position per_epoch (and at once on a resume there)."""
+    data, _ = _bad_rows_setup(files, tmp_path, 1, 2, "data.fixed_batch=true")
+    first = data.batch(0)["caption"]
+    for p in list(range(1, data.per_epoch + 3)) + [5 * data.per_epoch]:  # past the epoch; a resumed position
+        assert data.batch(p)["caption"] == first, p

@@ -40,6 +40,8 @@ FORMAT_VERSION = 1
 
 
 SHARD_GLOB = "shard-*.safetensors"
+# safetensors' header names -> torch's (the index records torch's, as a fresh run does)
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def shard_name(k: int) -> str:
@@ -179,7 +181,7 @@ def precompute(
         if entry["num_items"] > 0 and state["latent_shape"] is None:
             state["latent_shape"] = hdr["shapes"]["latents"][1:]
             state["text_shape"] = hdr["shapes"]["text"][1:]
-            state["dtype"] = hdr["dtypes"]["latents"]
+            state["dtype"] = _SAFETENSORS_DTYPES.get(hdr["dtypes"]["latents"], hdr["dtypes"]["latents"])
 
     def write_index(complete: bool) -> dict:
         entries = [shards[k] for k in sorted(shards)]

@@ -245,7 +245,10 @@ class TrainData:
         else:
             if self._loader_epoch != epoch or self._loader_iter is None or self._next_pos != position:
                 self._start_loader(position, epoch)
-            batch = next(self._loader_iter)
+            batch = next(self._loader_iter, None)
+            if batch is None:  # used up (data.fixed_batch: every position is epoch 0's first batch)
+                self._start_loader(position, epoch)
+                batch = next(self._loader_iter)
             self._next_pos = position + 1
             for i, reason, detail in batch["bad"]:  # found by a (quiet) worker: warned about and counted once, here
                 self.dataset.note_bad(i, reason, detail)
@@ -258,7 +261,7 @@ class TrainData:
         from torch.utils.data import DataLoader
 
         self.dataset.set_epoch(epoch)
-        end = (epoch + 1) * self.per_epoch
+        end = position + self.per_epoch if self.cfg.data.fixed_batch else (epoch + 1) * self.per_epoch
         lists = [self.indices(p) for p in range(position, end)]
         # forkserver: workers never inherit the trainer's threads (decord, TensorBoard, OpenMP), which
         # can deadlock forked children

@@ -4,8 +4,10 @@ A scene is 1..``max_objects`` flat-coloured shapes (circle, square, optionally t
 clean background. Each object has its own colour (colours are distinct inside a scene, so a colour
 names an object), a size (half extent ``r`` in pixels), and a constant speed: it moves in a straight
 line, reflects off the walls, and reflects off other objects (each object mirrors its own velocity
-about the contact normal, so every object keeps its speed forever and never stops). Objects never
-overlap, so every object is always fully visible, except during a clip's optional blackout: frames
+about the contact normal, so every object keeps its speed forever and never stops). Collisions are
+resolved after each step, so two objects can overlap by a few pixels for a frame (at most ~3 px at
+32x32 in 300 two-object scenes of 48 frames; the one drawn later covers the other there); otherwise
+every object is fully visible, except during a clip's optional blackout: frames
 ``[start, start + length)`` show the background only while the objects keep moving unseen (an occlusion
 of the whole scene; the frames after it test whether a model remembers what it saw before).
 

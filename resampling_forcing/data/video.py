@@ -76,7 +76,7 @@ def read_manifest(manifest: str | os.PathLike, split: str | None = None) -> list
     suffix = mpath.suffix.lower()
     rows: list[dict] = []
     try:
-        text = mpath.read_text(encoding="utf-8")
+        text = mpath.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's CSV export) is dropped
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{mpath}: cannot read manifest ({e}); {_FIX}") from None
     if suffix == ".jsonl":
@@ -300,10 +300,12 @@ def _backends(backend: str) -> list:
 # time and space transforms
 # ----------------------------------------------------------------------------------------------
 def available_frames(num_src: int, src_fps: float, fps: float | None) -> int:
-    """How many output frames at ``fps`` fit in a source of ``num_src`` frames at ``src_fps``."""
+    """How many output frames at ``fps`` fit in a source of ``num_src`` frames at ``src_fps``: output
+    frame k shows the source frame on screen at k / fps (``frame_indices``), which exists while
+    k / fps < num_src / src_fps (the last source frame is on screen until num_src / src_fps)."""
     if fps is None or src_fps <= 0 or abs(fps - src_fps) < 1e-6:
         return num_src
-    return int(math.floor((num_src - 1) * fps / src_fps + 1e-6)) + 1
+    return int(math.ceil(num_src * fps / src_fps - 1e-6))
 
 
 def frame_indices(start: int, num_frames: int, num_src: int, src_fps: float, fps: float | None) -> list[int]:
