@@ -180,6 +180,9 @@ def check_args(args) -> None:
         raise BadInput("--routing window contradicts --top-k (window keeps --sink / --window chunks, no scores)")
     if args.fps is not None and not 0 < args.fps <= MAX_FPS:
         raise BadInput(f"--fps must be a number in (0, {MAX_FPS:g}] (got {args.fps})")
+    if args.kv_host_dtype is not None and DTYPE_BYTES[args.kv_host_dtype] > DTYPE_BYTES[args.dtype]:
+        raise BadInput(f"--kv-host-dtype {args.kv_host_dtype} is larger than --dtype {args.dtype}: the host tier would "
+                       f"hold the same values in more memory; use {args.dtype} (the default) or smaller")
     if not args.output.strip():
         raise BadInput("--output must not be empty (a .mp4 file or a folder)")
     if args.batch < 1:
