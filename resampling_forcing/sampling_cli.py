@@ -1,0 +1,360 @@
+"""Sample videos from a run, a checkpoint or a raw Wan2.1 checkpoint into mp4 files.
+
+    python sample/sample.py --checkpoint runs/tiny --prompt "a red circle moves left" \\
+        --num-chunks 8 --output outputs/red.mp4
+    python sample/sample.py --checkpoint runs/tiny --prompts-file prompts.txt --batch 4 \\
+        --num-chunks 8 --top-k 5 --sink 1 --output outputs/grid/        # one mp4 per prompt
+    python sample/sample.py --checkpoint runs/tiny --num-chunks 12 --output outputs/switch.mp4 \\
+        --prompts-at "0:a red circle bouncing;6:a blue circle bouncing"    # prompt switch at chunk 6
+    python sample/sample.py --checkpoint runs/tiny --prompt "a red circle bouncing" --init-image first.png \\
+        --num-chunks 8 --kv-resident-chunks 4 --output outputs/i2v.mp4     # image start, bounded cache
+
+Each video gets a JSON next to it (same name, .json) with the prompt, the seed, the settings and
+the timings. Bad input (missing or mismatched checkpoint, --top-k 0, --num-chunks 0, an
+unwritable output, an empty prompts file, an unreadable --init-video or --init-image, a malformed
+--prompts-at / --storyboard, ...) prints ONE line on stderr and exits with code 2, before any long
+work and without leaving a partial mp4.
+The command line of sample/sample.py (that script only calls `main`): its flags, the checks of every
+flag before any file is read, and the run, over resampling_forcing.pipeline.Pipeline (the same API the
+notebook uses).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+# torch-free imports only here: --help and the flag checks run before torch is imported
+from .attention.spec import BACKENDS, ROUTING_MODES
+from .cli import BadInput, OneLineParser, run_cli
+from .dtypes import DTYPE_BYTES, DTYPE_NAMES
+from .storyboard import SWITCH_CACHE_MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan2.1 checkpoint")
+    p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (needed for raw Wan checkpoints)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set data.height=480 (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="text file, one prompt per line (blank lines and # comments skipped)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: config diffusion.negative_prompt)")
+    p.add_argument("--num-chunks", type=int, required=True, help="chunks to generate (after --init-video's history)")
+    p.add_argument("--output", required=True, help="out.mp4 (several prompts: out_000_<prompt>.mp4, ...), or a directory (no suffix / trailing /): DIR/000_<prompt>.mp4")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (config: diffusion.sample_steps, paper 32)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (config: diffusion.sample_shift, paper 5.0)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale; 1 switches the unconditional branch off (paper 5.0)")
+    p.add_argument("--context-t", type=float, default=None, help="timestep of the cache-writing pass (default 0)")
+    p.add_argument("--routing", choices=ROUTING_MODES, default=None,
+                   help="history routing mode (default: --top-k -> topk, --window/--sink -> window, else config)")
+    p.add_argument("--top-k", type=int, default=None, help="attend the top-k history chunks per query token")
+    p.add_argument("--sink", type=int, default=None, help="always keep the first N history chunks")
+    p.add_argument("--window", type=int, default=None, help="always keep the last N history chunks (alone: sliding window)")
+    p.add_argument("--record-selection", action="store_true",
+                   help="save the routing selection frequencies [chunks, layers, heads, history] as .npy next to the video")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed (seed, i) whatever the batch")
+    p.add_argument("--fps", type=float, default=None, help="mp4 frame rate (default: config data.fps)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per rollout (batch size)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="model dtype (VAE decodes in fp32)")
+    p.add_argument("--attention-backend", default=None, choices=BACKENDS,
+                   help="attention backend (default: config attention.backend)")
+    p.add_argument("--init-video", default=None, help="continue this video: its frames (resampled to the model's "
+                   "fps) become the cached history")
+    p.add_argument("--init-image", default=None, help="start from this still image: encoded through the VAE as the "
+                   "first chunk's history (repeated to fill the chunk; resized/cropped like --init-video)")
+    p.add_argument("--prompts-at", default=None, metavar="'0:PROMPT;8:PROMPT'",
+                   help="prompt switching (one video): the prompt of each segment, keyed by the generated chunk "
+                   "index where it starts (0 = first generated chunk); replaces --prompt")
+    p.add_argument("--storyboard", default=None, metavar="FILE",
+                   help="like --prompts-at, from a JSON/YAML file: a list of {chunk, prompt} or a {chunk: prompt} mapping")
+    p.add_argument("--switch-cache", choices=SWITCH_CACHE_MODES, default=SWITCH_CACHE_MODES[0],
+                   help="at a prompt switch: keep the cached history K/V as written (default) or re-encode the "
+                   "history under the new text (LongLive's KV re-cache)")
+    p.add_argument("--kv-resident-chunks", type=int, default=None, metavar="N",
+                   help="bounded memory: keep at most N finished chunks' K/V on the device, older ones in host "
+                   "memory (pinned on CUDA); same output bit for bit (default: all on the device)")
+    p.add_argument("--kv-host-dtype", choices=DTYPE_NAMES, default=None,
+                   help="with --kv-resident-chunks: dtype of the host tier (smaller than --dtype halves its memory "
+                   "but is no longer exact; default: the model's)")
+    p.add_argument("--max-history-chunks", type=int, default=16,
+                   help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
+    p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes (the final 'wrote ...' lines stay)")
+    return p
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def read_storyboard(args):
+    """--prompts-at / --storyboard -> sorted [(chunk, prompt)] (None without them)."""
+    from .storyboard import PipelineError, parse_storyboard
+
+    given = [f for f, v in (("--prompts-at", args.prompts_at), ("--storyboard", args.storyboard)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise BadInput("give --prompts-at or --storyboard, not both")
+    if args.prompt or args.prompts_file is not None:
+        raise BadInput(f"{given[0]} gives the prompts (one video); drop --prompt / --prompts-file")
+    spec = args.prompts_at if args.prompts_at is not None else Path(args.storyboard)
+    try:
+        board = parse_storyboard(spec)
+    except PipelineError as e:
+        raise BadInput(f"{given[0]}: {e}") from None
+    if board[0][0] != 0:
+        raise BadInput(f"{given[0]}: needs an entry at chunk 0 (the first prompt)")
+    if any(not isinstance(p, str) for _, p in board):
+        raise BadInput(f"{given[0]}: one prompt per entry (a string)")
+    if board[-1][0] >= args.num_chunks:
+        raise BadInput(f"{given[0]}: switches at chunk {board[-1][0]} but --num-chunks is {args.num_chunks} "
+                       f"(indices count generated chunks from 0)")
+    return board
+
+
+def read_prompts(args) -> list[str]:
+    prompts = [p for p in args.prompt]
+    if any(not p.strip() for p in prompts):
+        raise BadInput("--prompt must not be empty")
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise BadInput(f"--prompts-file {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--prompts-file {path}: cannot read it ({type(e).__name__})") from None
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not from_file:
+            raise BadInput(f"--prompts-file {path} has no prompts (one per line; blank lines and # comments are skipped)")
+        prompts += from_file
+    if not prompts:
+        raise BadInput("give --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def output_paths(output: str, prompts: list[str]) -> list[Path]:
+    """out.mp4 for one prompt; out_000_<slug>.mp4 ... for several; DIR/000_<slug>.mp4 for a directory
+    (an existing one, or a path ending with / or without a suffix): storyboard.video_paths."""
+    from .storyboard import PipelineError, video_paths
+
+    try:
+        return video_paths(output, prompts)
+    except PipelineError as e:
+        raise BadInput(f"--{e}") from None
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Fail now (not after the rollout) when an output cannot be written: really creates a temporary
+    file (or folder) where the outputs go, and removes it again."""
+    from .io import probe_writable_dir
+
+    for folder in sorted({p.parent for p in paths}):
+        problem = probe_writable_dir(folder)
+        if problem:
+            raise BadInput(f"--output: {problem}")
+    for p in paths:
+        for q in (p, p.with_suffix(".json")):
+            if q.is_dir():
+                raise BadInput(f"--output: {q} is a directory")
+            if q.exists() and not os.access(q, os.W_OK):
+                raise BadInput(f"--output: {q} exists and is not writable")
+
+
+def check_args(args) -> None:
+    """What only the CLI knows (counts, files, flag combinations); the sampling values are checked by
+    SamplingOptions.from_config (sampling_options)."""
+    if args.num_chunks < 1:
+        raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
+    for flag, value in (("--top-k", args.top_k), ("--sink", args.sink), ("--window", args.window)):
+        if args.routing == "dense" and value is not None:
+            raise BadInput(f"--routing dense contradicts {flag} (dense attends every history chunk)")
+    if args.routing == "window" and args.top_k is not None:
+        raise BadInput("--routing window contradicts --top-k (window keeps --sink / --window chunks, no scores)")
+    if args.fps is not None and not 0 < args.fps <= MAX_FPS:
+        raise BadInput(f"--fps must be a number in (0, {MAX_FPS:g}] (got {args.fps})")
+    if args.kv_host_dtype is not None and DTYPE_BYTES[args.kv_host_dtype] > DTYPE_BYTES[args.dtype]:
+        raise BadInput(f"--kv-host-dtype {args.kv_host_dtype} is larger than --dtype {args.dtype}: the host tier would "
+                       f"hold the same values in more memory; use {args.dtype} (the default) or smaller")
+    if not args.output.strip():
+        raise BadInput("--output must not be empty (a .mp4 file or a folder)")
+    if args.batch < 1:
+        raise BadInput(f"--batch must be >= 1 (got {args.batch})")
+    if args.seed < 0:
+        raise BadInput(f"--seed must be >= 0 (got {args.seed})")
+    if args.max_history_chunks < 1:
+        raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
+    if args.init_video is not None and args.init_image is not None:
+        raise BadInput("give --init-video or --init-image, not both")
+    for flag, value in (("--init-video", args.init_video), ("--init-image", args.init_image),
+                        ("--storyboard", args.storyboard), ("--prompts-file", args.prompts_file)):
+        if value is not None and not Path(value).is_file():
+            raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
+    bad_set = [s for s in args.overrides if s.split("=", 1)[0].strip().startswith("model.")]
+    if bad_set:
+        raise BadInput(f"--set {bad_set[0]}: the model's sizes come from the checkpoint's model_config.json and "
+                       "cannot be changed at sampling")
+
+
+MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
+
+# SamplingOptions.from_config's names -> the flags that set them (its errors are reworded with these).
+_FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks": "--sink",
+          "attention.routing.window_chunks": "--window", "steps": "--steps", "shift": "--shift",
+          "cfg_scale": "--cfg", "context_t": "--context-t", "kv_resident_chunks": "--kv-resident-chunks",
+          "kv_host_dtype": "--kv-host-dtype"}
+_ROUTING_WORDS = (("mode='dense'", "--routing dense"), ("mode='window'", "--routing window"),
+                  ("mode='topk'", "--routing topk"), ("(or sink_chunks)", "(or --sink)"),
+                  ("set window_chunks", "set --window"), ("set top_k", "set --top-k"))
+# a name at the start of the message, or after "needs"
+_FLAG_RE = re.compile(r"(?:^|(?<=needs ))(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True))
+                      + r")(?![\w])")
+
+
+def sampling_options(cfg, device, args):
+    """The flags -> SamplingOptions over `cfg` (SamplingOptions.from_config: the one build and
+    validation of the options); a bad value -> BadInput naming the flag."""
+    from .options import SamplingOptions
+
+    try:
+        return SamplingOptions.from_config(
+            cfg, device, routing=args.routing, top_k=args.top_k, sink=args.sink, window=args.window,
+            steps=args.steps, shift=args.shift, cfg_scale=args.cfg, context_t=args.context_t,
+            record_selection=True if args.record_selection else None,
+            kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype)
+    except (ValueError, TypeError) as e:
+        msg = _FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], str(e).strip().splitlines()[0])
+        for name, flag in _ROUTING_WORDS:  # the routing rules speak config (RoutingSpec); say the flags
+            msg = msg.replace(name, flag)
+        raise BadInput(msg) from None
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args) -> int:
+    check_args(args)
+    storyboard = read_storyboard(args)
+    prompts = [storyboard[0][1]] if storyboard is not None else read_prompts(args)
+    paths = output_paths(args.output, prompts)
+    check_writable(paths)
+
+    import torch
+
+    from .config import Config, ConfigError
+    from .encoders import EncoderLoadError
+    from .io import clean_stale_temps, is_no_space
+    from .models.loading import CheckpointError
+    from .pipeline import (Pipeline, PipelineError, PipelineOutput, read_image, resolve_config,
+                                             resolve_device)
+
+    sampling_options(Config(), "cpu", args)  # the flags' own values, before any file is read
+    input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
+    t_load = time.perf_counter()
+    try:
+        if args.init_image is not None:
+            try:
+                read_image(args.init_image, what="--init-image")  # bad files fail before anything is loaded
+            except PipelineError as e:
+                raise BadInput(str(e)) from None
+        overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
+                                            if args.attention_backend is not None else [])
+        device = resolve_device(args.device, what="--device")
+        cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
+        opts = sampling_options(cfg, device, args)  # the options of every rollout below
+        if opts.record_selection and (opts.routing is None or opts.routing.is_dense):
+            raise BadInput("--record-selection records routing picks, and this rollout attends densely (no routing "
+                           "in the checkpoint's config): add --routing topk --top-k K or --routing window")
+        check_memory(cfg, device, args, len(prompts), opts)
+        pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
+                                        device=device, dtype=args.dtype, use_ema=not args.no_ema,
+                                        attention_backend=args.attention_backend)
+        history, init_info = (None, None)
+        if args.init_video is not None:
+            history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
+        elif args.init_image is not None:
+            history, init_info = pipe.load_init_image(args.init_image)
+    except input_errors as e:
+        raise BadInput(str(e).strip().splitlines()[0]) from None
+    load_s = time.perf_counter() - t_load
+    fps = args.fps if args.fps is not None else pipe.config.data.fps
+    neg = args.negative_prompt if args.negative_prompt is not None else pipe.config.diffusion.negative_prompt
+    if init_info is not None and args.init_video is not None and not args.quiet:
+        print(f"init video: {init_info['frames_in']} frames at {init_info['fps'] or 0:g} fps -> kept the last "
+              f"{init_info['frames_used']} ({init_info['chunks']} chunks, at most --max-history-chunks "
+              f"{args.max_history_chunks}), dropped {init_info['frames_dropped_from_start']} from the start",
+              file=sys.stderr)
+    for path in paths:  # temporaries of a run that was killed while writing these outputs
+        for stale in (path, path.with_suffix(".selection.npy")):
+            clean_stale_temps(stale)
+
+    switches = [e for e in storyboard if e[0] > 0] or None if storyboard is not None else None
+    for start in range(0, len(prompts), args.batch):
+        idx = list(range(start, min(start + args.batch, len(prompts))))
+        batch_prompts = [prompts[i] for i in idx]
+        res = pipe.generate(batch_prompts, args.num_chunks, negative_prompt=neg, seed=args.seed, indices=idx,
+                            options=opts, init_latents=history, progress=not args.quiet,
+                            storyboard=switches, switch_cache=args.switch_cache)
+        out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
+                             pipeline=pipe.describe())
+        if storyboard is not None and res.storyboard is None:  # a one-entry storyboard: still recorded
+            res.storyboard, res.switch_cache = [dict(chunk=0, prompt=prompts[0])], args.switch_cache
+        for b, i in enumerate(idx):
+            path = paths[i]
+            init = None
+            if init_info is not None:
+                init = dict(init_info, source=str(args.init_video if args.init_video is not None else args.init_image))
+                if args.init_video is not None:
+                    init["max_history_chunks"] = args.max_history_chunks
+            extra = dict(num_chunks=args.num_chunks, init_video=init if args.init_video is not None else None,
+                         timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
+            if args.init_image is not None:
+                extra["init_image"] = init
+            try:
+                meta = out.save_one(b, path, extra)
+            except OSError as e:
+                if is_no_space(e):
+                    raise BadInput(f"no space left on {path.parent} (writing {path.name}); free some space") from None
+                raise
+            t = res.timings
+            print(f"wrote {path} ({meta['frames']} frames, first chunk {t['first_chunk_latency_s']:.2f}s, "
+                  f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
+        del res
+        if pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
+    """Refuse, before loading anything, a rollout whose memory lower bound exceeds what is free; note
+    the estimate when a CPU rollout will take long. `opts`: the SamplingOptions of the rollouts."""
+    from .memory import check_fits, gib, sample_flops, sample_memory
+
+    d = cfg.data
+    batch = min(args.batch, num_prompts)
+    history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
+    # a bounded cache stages at least the chunks a routed query may attend (a lower bound: top-k stages
+    # the union of its picks); dense attention, or any layer left dense, stages the whole history
+    routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
+    need = sample_memory(cfg, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history, opts.cfg_scale,
+                         opts.kv_resident_chunks, DTYPE_BYTES.get(opts.kv_host_dtype),
+                         kv_staged_chunks=opts.routing.max_selected() if routed else None)
+    what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
+    msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
+    if msg:
+        raise BadInput(msg)
+    flops = sample_flops(cfg, args.num_chunks, batch, opts.steps, opts.cfg_scale, history)
+    if device.type == "cpu" and flops > 2e13 and not args.quiet:
+        print(f"note: {what} is about {flops / 1e12:.0f} TFLOP and needs at least "
+              f"{gib(need['device'] + need['host'])}: on a CPU (~0.1-1 TFLOP/s) this takes "
+              f"{flops / 1e12 / 60:.0f}+ minutes", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, run, argv)
