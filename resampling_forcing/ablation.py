@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser
+from .cli import EXIT_BAD_INPUT, MAX_SEED, BadInput, OneLineParser, check_output_dir
 
 __all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "arm_overrides", "run", "main"]
 
@@ -143,9 +143,16 @@ def _train(config: Path, overrides: list[str]) -> Path:
     from .config import load_config
     from .training import train
 
+    from .config import ConfigError
+    from .data.loader import DataError
+    from .encoders import EncoderLoadError
+    from .models.loading import CheckpointError
+
     cfg = load_config(config, overrides)
     try:
         result = train(cfg)
+    except (ConfigError, DataError, EncoderLoadError, CheckpointError) as e:  # what train.py reports in one line
+        raise BadInput(f"training {cfg.train.run_dir}: {str(e).strip().splitlines()[0]}") from None
     finally:  # the next arm gets a fresh Accelerator
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -240,15 +247,28 @@ def run(args) -> int:
     for a in arms:
         if a not in ARMS:
             raise BadInput(f"--arms: unknown arm {a!r}; choose from {', '.join(ARMS)}")
+    if not arms:
+        raise BadInput(f"--arms {args.arms!r} names no arm; choose from {', '.join(ARMS)}")
     steps = preset.steps if args.steps is None else args.steps
     if steps < 1:
         raise BadInput(f"--steps must be >= 1 (got {steps})")
+    # every flag is checked here, before hours of training (they were read only when first used)
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    if args.routing_arm is not None and args.no_routing:
+        raise BadInput("--routing-arm and --no-routing contradict each other; drop one")
+    if args.routing_arm is not None and args.routing_arm not in arms:
+        raise BadInput(f"--routing-arm {args.routing_arm!r} is not among the arms ({', '.join(arms)})")
+    if args.warmup is not None and not Path(args.warmup).is_dir():
+        raise BadInput(f"--warmup {args.warmup}: not a run or checkpoint folder")
+    out = check_output_dir("--out", f"outputs/ablation/{args.preset}" if args.out is None else args.out)
+    if args.report_dir is not None:
+        check_output_dir("--report-dir", args.report_dir)
     config = _path(args.config or preset.config)
     try:
         base = load_config(config, args.overrides)
     except ConfigError as e:
         raise BadInput(str(e).splitlines()[0]) from None
-    out = Path(args.out or f"outputs/ablation/{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
     data_seed = synthetic_seed(base)
     seed_sets = seed_overrides(args.seed, base)

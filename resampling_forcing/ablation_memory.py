@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ablation import _finished, _path, _train, resumable_main
-from .cli import BadInput, OneLineParser
+from .cli import MAX_SEED, BadInput, OneLineParser, check_output_dir
 
 __all__ = ["MODES", "CONDITIONINGS", "probe_clips", "after", "continue_probe", "memory_sanity", "run", "main"]
 
@@ -163,8 +163,11 @@ def run(args) -> int:
     steps = sum(s.steps for s in base.train.stages) if args.steps is None else args.steps
     if steps < 1 or args.clips < 1:
         raise BadInput(f"--steps and --clips must be >= 1 (got {steps}, {args.clips})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    out = check_output_dir("--out", args.out)
+    if args.report_dir is not None:
+        check_output_dir("--report-dir", args.report_dir)
     t_start = time.perf_counter()
     cf = base.model.chunk_frames  # the ablation worlds' PixelShuffleVAE is 1:1 in time
     if (VISIBLE + BLACKOUT) % cf or AFTER % cf:
@@ -174,8 +177,10 @@ def run(args) -> int:
     # 1. the model: the best arm trained on in the occlusion world
     run_dir = out / "train"
     init = _path(base.train.init_from) if base.train.init_from else None
-    if init is None or not init.exists():
-        raise BadInput(f"train.init_from={base.train.init_from!r} does not exist; pass --set train.init_from=RUN_OR_CHECKPOINT")
+    if init is None or not init.is_dir():
+        raise BadInput(f"train.init_from={base.train.init_from!r} is not a run or checkpoint folder; pass "
+                       "--set train.init_from=RUN_OR_CHECKPOINT")
+    out.mkdir(parents=True, exist_ok=True)
     stage = dict(dataclasses.asdict(base.train.stages[-1]), steps=steps)
     overrides = list(args.overrides) + [f"train.run_dir={run_dir}", f"train.init_from={init}",
                                         f"train.stages={json.dumps([stage])}", "train.tensorboard=false"]
@@ -264,7 +269,7 @@ def table(report: dict) -> str:
 
 
 def build_parser():
-    p = OneLineParser(prog="python -m resampling_forcing.ablation_memory", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m resampling_forcing.ablation_memory", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--out", default="outputs/ablation/memory", help="work folder; a rerun resumes it")
     p.add_argument("--report-dir", default=None, help="also copy memory.json and the sheets here (docs/ablation)")
     p.add_argument("--config", default=CONFIG, help=f"the occlusion world and the training (default {CONFIG})")

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and numpy's SeedSequence take without overflow
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BadInput", "OneLineParser", "run_cli"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file",
+           "run_cli"]
 
 
 class BadInput(Exception):
@@ -24,6 +27,36 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise BadInput(f"{message} (see --help)")
+
+
+def check_output_file(flag: str, path, suffixes: Sequence[str] = ()) -> Path:
+    """An output FILE a tool writes at the end, checked before any work: not empty, not a folder, one of
+    `suffixes` (when given), and its folder creatable and writable (really probed). BadInput otherwise."""
+    from .io import probe_writable_dir  # numpy only; kept out of the torch-free import path of --help
+
+    if path is None or not str(path).strip():
+        raise BadInput(f"{flag} must not be empty (a file path)")
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{flag} {p} is a directory; give a file path")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise BadInput(f"{flag} {p}: expected a {' / '.join(suffixes)} file")
+    problem = probe_writable_dir(p.parent)
+    if problem:
+        raise BadInput(f"{flag} {p}: {problem}")
+    return p
+
+
+def check_output_dir(flag: str, path) -> Path:
+    """An output FOLDER, checked before any work: not empty, not a file, creatable and writable."""
+    from .io import probe_writable_dir
+
+    if path is None or not str(path).strip():
+        raise BadInput(f"{flag} must not be empty (a folder)")
+    problem = probe_writable_dir(path)
+    if problem:
+        raise BadInput(f"{flag} {path}: {problem}")
+    return Path(path)
 
 
 def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],

@@ -399,6 +399,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if not str(path).strip() or path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is {'empty' if not str(path).strip() else 'a directory'}; "
+                              "pass a YAML file, e.g. configs/tiny.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. configs/tiny.yaml")
         try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import EXIT_BAD_INPUT, MAX_SEED, BadInput, OneLineParser, check_output_dir
 from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
 from .encoders import build_vae
@@ -132,8 +133,28 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, old)
 
 
+def _check_args(args) -> None:
+    """Every flag, before anything is removed or trained."""
+    for flag, value, low in (("--tf-steps", args.tf_steps, 0), ("--rf-steps", args.rf_steps, 0),
+                             ("--length-factor", args.length_factor, 1), ("--extra-captions", args.extra_captions, 0),
+                             ("--continue-chunks", args.continue_chunks, 0)):
+        if value < low:
+            raise BadInput(f"{flag} must be >= {low} (got {value})")
+    if args.tf_steps + args.rf_steps < 1:
+        raise BadInput("--tf-steps + --rf-steps must be >= 1 (the demo trains a live model)")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    if args.pretrained and not Path(args.pretrained).is_dir():
+        raise BadInput(f"--pretrained {args.pretrained}: not a checkpoint folder ('' skips the shipped model)")
+    if any(o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):
+        raise BadInput("the demo trains into --out/run (and removes the previous demo run there); "
+                       "move it with --out instead of train.run_dir")
+    check_output_dir("--out", args.out)
+
+
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m resampling_forcing.demo", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--tf-steps", type=int, default=250, help="teacher-forcing warmup steps")
@@ -145,7 +166,12 @@ def _main(argv: list[str] | None = None) -> int:
                    help="chunks of each real clip given to the continuation run (0 to skip it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+        _check_args(args)
+    except BadInput as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     out = Path(args.out)
@@ -184,7 +210,7 @@ def _main(argv: list[str] | None = None) -> int:
           f"({args.length_factor}x the {clip_frames}-frame training clips)", flush=True)
 
     models = {"live": out / "run"}
-    if args.pretrained and Path(args.pretrained).is_dir():
+    if args.pretrained:
         models["pretrained"] = Path(args.pretrained)
     metrics, rows, labels, timings = {}, [], [], {}
     for name, path in models.items():

@@ -264,3 +264,52 @@ def test_loader_workers_die_with_their_parent(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+# ----------------------------------------------------------------------------- the secondary tools
+
+
+def _tool_cases(tmp_path):
+    from resampling_forcing import ablation, ablation_memory, demo, diagnose
+    from resampling_forcing.eval import cli as eval_cli
+
+    ck = str(REPO / "assets" / "tiny-pretrained")
+    vids = tmp_path / "vids"
+    vids.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {
+        "diagnose --out a folder": (diagnose.main, ["--checkpoint", ck, "--out", str(tmp_path)], "is a directory"),
+        "diagnose --out under /proc": (diagnose.main, ["--checkpoint", ck, "--out", "/proc/x/r.json"], "cannot create"),
+        "diagnose huge seed": (diagnose.main, ["--checkpoint", ck, "--seed", str(2**80)], "--seed must be in"),
+        "diagnose empty --checkpoint": (diagnose.main, ["--checkpoint", ""], "--checkpoint must not be empty"),
+        "diagnose --config a folder": (diagnose.main, ["--checkpoint", ck, "--config", str(tmp_path)], "is a directory"),
+        "eval --plot not png": (eval_cli.main, ["--videos", str(vids), "--out", str(tmp_path / "m.json"),
+                                                "--plot", str(tmp_path / "p.txt")], "expected a .png file"),
+        "eval usage error": (eval_cli.main, ["--segment-frames", "1.5"], "(see --help)"),
+        "ablation empty arms": (ablation.main, ["--arms", ","], "names no arm"),
+        "ablation routing arm": (ablation.main, ["--arms", "tf", "--routing-arm", "ar_0.6"], "is not among the arms"),
+        "ablation contradiction": (ablation.main, ["--routing-arm", "tf", "--no-routing"], "contradict"),
+        "ablation --out a file": (ablation.main, ["--out", str(a_file)], "is a file, not a directory"),
+        "ablation --warmup a file": (ablation.main, ["--warmup", str(a_file)], "not a run or checkpoint folder"),
+        "ablation --report-dir /proc": (ablation.main, ["--report-dir", "/proc/x"], "cannot create"),
+        "memory init a file": (ablation_memory.main, ["--out", str(tmp_path / "mem"), "--set",
+                                                      f"train.init_from={a_file}"], "not a run or checkpoint folder"),
+        "memory --seed": (ablation_memory.main, ["--seed", "-1"], "--seed must be in"),
+        "demo negative steps": (demo.main, ["--tf-steps", "-1"], "--tf-steps must be >= 0"),
+        "demo pretrained typo": (demo.main, ["--pretrained", str(tmp_path / "typo")], "not a checkpoint folder"),
+        "demo run_dir override": (demo.main, ["train.run_dir=" + str(a_file)], "move it with --out"),
+    }
+
+
+def test_secondary_tools_refuse_bad_input_in_one_line_before_any_work(tmp_path, capsys):
+    """diagnose, eval, ablation, ablation_memory and the demo: each bad flag is one line and exit 2 before
+    any work (output paths were found bad only after the run, some ablation flags only after training
+    every arm, the demo deleted a run_dir given as an override), and nothing is written."""
+    for name, (main, argv, text) in _tool_cases(tmp_path).items():
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and text in err, f"{name}: {err!r}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "vids"]  # nothing created
+    assert (tmp_path / "a_file").read_text() == "x"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.synthetic import parse_caption
+from ..cli import BadInput, OneLineParser, check_output_file, run_cli
 from ..io import atomic_write_json, read_mp4
 from .config import EvalConfig, EvalInputError, check_segment_frames
 from .metrics import evaluate_video, mean_or_none, mean_over_videos
@@ -163,8 +164,8 @@ def evaluate_paths(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    ap = OneLineParser(
         prog="python -m resampling_forcing.eval",
         description="Measure drift of generated bouncing-shapes videos against their captions, per segment.",
     )
@@ -175,12 +176,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--segment-frames", type=int, default=None, help="segment length in frames (the training clip length); default: whole video")
     ap.add_argument("--out", default=None, help="write the metrics JSON here (default: print the JSON to stdout)")
     ap.add_argument("--plot", default=None, help="write a PNG of the metrics over segments here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args) -> int:
+    # outputs first: a bad --out / --plot is refused before any video is read, and never after the JSON
+    if args.out is not None:
+        check_output_file("--out", args.out, (".json",))
+    if args.plot is not None:
+        check_output_file("--plot", args.plot, (".png",))
     try:
         report = evaluate_paths(args.videos, args.captions, args.caption, args.reference, args.segment_frames)
     except EvalInputError as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        return 2
+        raise BadInput(str(e)) from None
     if args.out:
         atomic_write_json(args.out, report)
     if args.plot:
@@ -191,3 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(json.dumps(report, indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser, run, argv, BadInput, "eval: error")

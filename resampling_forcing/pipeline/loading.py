@@ -100,9 +100,7 @@ def _load_config(info: CheckpointInfo, config, overrides: Sequence[str]) -> Conf
         if isinstance(config, Config):
             base = to_dict(config)
         elif config is not None:
-            if not Path(config).is_file():
-                raise PipelineError(f"config file {config} not found")
-            load_config(config)  # validate the file on its own first (clear errors)
+            load_config(config)  # validate the file on its own first (its one-line errors: missing, a folder, YAML)
             _deep_update(base, _explicit(config))
         if isinstance(base.get("model"), dict) and info.config_path is not None:
             base["model"].pop("preset", None)  # sizes are explicit (and come from the checkpoint anyway)
