@@ -46,33 +46,51 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import add_attention_shape_args, torch_dtype  # noqa: E402  (torch-free: flags come first)
+from bench.common import (BadInput, add_attention_shape_args, bench_parser, check_out, choice_list,  # noqa: E402
+                          given_flags, nonneg_int, positive_int, report_bad_input, torch_dtype)  # torch-free
+
+PROG = "bench/kernels.py"
+METHODS = ("select", "triton", "dense_sdpa", "flex", "gather_sdpa", "torch", "auto")
+# --smoke runs fixed tiny shapes in fp32 on CPU: these flags would be silently ignored, so they are refused
+SMOKE_IGNORES = ("histories", "topk", "heads", "head_dim", "chunk_tokens", "dtype", "warmup", "reps", "tune")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    """The flags, all checked before torch is imported (BadInput: one line naming the flag)."""
+    p = bench_parser(PROG, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny fixed shapes in fp32 on CPU through the Triton interpreter; refuses the shape and timing "
+                        "flags it would ignore (--histories, --topk, --heads, --head-dim, --chunk-tokens, --dtype, "
+                        "--warmup, --reps, --tune)")
     p.add_argument("--out", default="outputs/bench/kernels.json", help="where to write the JSON results")
     add_attention_shape_args(p, history_flag="--histories", history="5,10,20,40,60", topk_flag="--topk", heads=12)
-    p.add_argument("--chunk-tokens", type=int, default=4680, help="tokens per chunk (3 latent frames x 1560)")
+    p.add_argument("--chunk-tokens", type=positive_int, default=4680, help="tokens per chunk (3 latent frames x 1560)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--pattern", default="coherent,random",
+    p.add_argument("--pattern", type=choice_list(("coherent", "random")), default="coherent,random",
                    help="comma list of coherent, random: the timings run for each (the checks use the first)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=nonneg_int, default=3)
+    p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument(
-        "--methods", default="select,triton,dense_sdpa,flex,gather_sdpa,torch,auto",
+        "--methods", type=choice_list(METHODS), default="select,triton,dense_sdpa,flex,gather_sdpa,torch,auto",
         help="comma list of: select,triton,dense_sdpa,flex,gather_sdpa,torch,auto",
     )
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--tune", action="store_true", help="also time a few kernel tile configs at the largest shape")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:
+        ignored = [d for d in SMOKE_IGNORES if d in given_flags(p, argv)]
+        if ignored:
+            flags = ", ".join("--" + d.replace("_", "-") for d in ignored)
+            raise BadInput(f"{flags}: not used with --smoke (fixed tiny shapes, fp32, one rep); drop them or --smoke")
+    check_out("--out", args.out)
+    return args
 
 
-ARGS = parse_args()
+try:
+    ARGS = parse_args()
+except BadInput as _e:
+    sys.exit(report_bad_input(PROG, _e))
 PATTERNS = [x.strip() for x in ARGS.pattern.split(",") if x.strip()]
-if not PATTERNS or any(x not in ("coherent", "random") for x in PATTERNS):
-    sys.exit(f"error: --pattern {ARGS.pattern!r}: a comma list of coherent, random")
 if ARGS.smoke:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
@@ -83,6 +101,7 @@ import torch.nn.functional as F  # noqa: E402
 from resampling_forcing.attention import routing as R  # noqa: E402
 from resampling_forcing.attention.backends import flex_fn as _flex_fn, kernels  # noqa: E402
 from resampling_forcing.attention.masks import MaskSpec  # noqa: E402
+from resampling_forcing.io import atomic_write_text  # noqa: E402
 from resampling_forcing.timing import Stopwatch, time_fn  # noqa: E402
 
 # `resampling_forcing.kernels` is the repo folder kernels/routing/ (pyproject package-dir): `pip install -e .` first.
@@ -453,14 +472,11 @@ def env_info():
 
 def main():
     if DEV.type != "cuda" and not ARGS.smoke:
-        print("no CUDA device: run with --smoke (CPU, Triton interpreter, tiny shapes)", file=sys.stderr)
-        return 2
+        return report_bad_input(PROG, "no CUDA device here: run with --smoke (CPU, Triton interpreter, tiny shapes)")
     if K is None:
-        print("triton (or the kernels/ folder) is not importable", file=sys.stderr)
-        return 2
+        return report_bad_input(PROG, "triton (or the kernels/ folder) is not importable")
     if DEV.type == "cpu" and not K.is_interpreted():
-        print("--smoke needs TRITON_INTERPRET=1 before the kernels are imported", file=sys.stderr)
-        return 2
+        return report_bad_input(PROG, "--smoke needs TRITON_INTERPRET=1 before the kernels are imported")
     t0 = time.time()
     info = env_info()
     print(json.dumps(info))
@@ -476,8 +492,7 @@ def main():
     result = dict(env=info, args=vars(ARGS), checks=CHECKS, timings=TIMINGS, tune=tune, table=table,
                   choice_fit=choice, wall_s=time.time() - t0)
     out = Path(ARGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_text(out, json.dumps(result, indent=1, default=str))
     print(f"wrote {out} ({time.time() - t0:.1f} s)")
     failed = [c["name"] for c in CHECKS if not c["ok"]]
     if failed:

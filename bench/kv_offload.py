@@ -14,8 +14,6 @@ history chunks it staged at once, and whether the latents are bit-identical.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,10 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import (BadInput, bench_parser, check_checkpoint, check_device, check_out, device_name,  # noqa: E402
+                          int_list, nonneg_int, positive_int, run_main)
 from resampling_forcing.cache import KVCache  # noqa: E402
+from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
 from resampling_forcing.timing import Stopwatch  # noqa: E402
 
+PROG = "bench/kv_offload.py"
 _MADE: list = []  # the caches the rollouts build (the pipeline returns timings, not its cache)
 _for_model = KVCache.for_model.__func__
 
@@ -49,19 +51,30 @@ def wan_arithmetic(minutes: float = 1.0, resident: int = 4, fps: float = 16.0, s
                 staged_chunks=staged)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv=None) -> int:
+    p = bench_parser(PROG, __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
-    p.add_argument("--chunks", default="4,8,16,32")
-    p.add_argument("--resident", type=int, default=2)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--chunks", type=int_list(1), default="4,8,16,32")
+    p.add_argument("--resident", type=positive_int, default=2)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--sink", type=nonneg_int, default=None)
+    p.add_argument("--window", type=nonneg_int, default=None)
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device)
+    check_out("--out", args.out)
+    check_checkpoint("--checkpoint", args.checkpoint)
+    check_device("--device", args.device)
+    try:
+        pipe = Pipeline.from_pretrained(args.checkpoint, device=args.device)
+    except ValueError as e:
+        raise BadInput(f"--checkpoint {args.checkpoint}: {e}") from None
+    try:  # the routing flags against the checkpoint's config, before the first rollout
+        spec = pipe.sampling_options(top_k=args.top_k, sink=args.sink, window=args.window, steps=args.steps,
+                                     kv_resident_chunks=args.resident).routing
+    except ValueError as e:
+        raise BadInput(f"--top-k/--sink/--window/--steps/--resident: {e}") from None
     KVCache.for_model = classmethod(_spy)
     rows = []
     for n in [int(x) for x in args.chunks.split(",")]:
@@ -81,7 +94,6 @@ def main(argv=None) -> int:
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     wan = wan_arithmetic(resident=max(args.resident, 1))
     print("wan2.1-1.3b 480p, 1 min, dense:", {k: round(v, 1) if isinstance(v, float) else v for k, v in wan.items()})
-    spec = pipe.sampling_options(top_k=args.top_k, sink=args.sink, window=args.window).routing
     if spec is not None and not spec.is_dense:
         floor = spec.max_selected()
         wan_routed = wan_arithmetic(resident=max(args.resident, 1), staged=floor)
@@ -89,10 +101,13 @@ def main(argv=None) -> int:
         print(f"wan2.1-1.3b 480p, 1 min, {spec.mode} ({floor} staged chunks, its floor):",
               {k: round(v, 1) if isinstance(v, float) else v for k, v in wan_routed.items()})
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(rows=rows, wan=wan, resident=args.resident, top_k=args.top_k,
-                                                  sink=args.sink, window=args.window, device=args.device), indent=2) + "\n")
+        atomic_write_json(args.out, dict(rows=rows, wan=wan, resident=args.resident, top_k=args.top_k,
+                                         sink=args.sink, window=args.window, device=args.device))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ With `--window N` keep/recache are also run with sliding-window routing (the red
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,9 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.common import (BadInput, bench_parser, check_checkpoint, check_out, nonneg_int, positive_int,  # noqa: E402
+                          run_main, seed_range)
 from resampling_forcing.eval import detect  # noqa: E402
+from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
 
+PROG = "bench/prompt_switch.py"
 OLD, NEW = ("red", "a red circle bouncing"), ("blue", "a blue circle bouncing")
 
 
@@ -59,19 +61,31 @@ def measure(video: np.ndarray, f_switch: int, f_last: int, f_chunk: int) -> dict
                 step_px=float(np.mean(steps)) if steps else None)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv=None) -> int:
+    p = bench_parser(PROG, __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
-    p.add_argument("--seeds", default="0-7", help="a-b or a,b,c")
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--switch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--window", type=int, default=0, help="also run keep/recache with a sliding window of N chunks")
+    p.add_argument("--seeds", type=seed_range, default="0-7", help="a-b or a,b,c")
+    p.add_argument("--chunks", type=positive_int, default=8)
+    p.add_argument("--switch", type=positive_int, default=4)
+    p.add_argument("--steps", type=positive_int, default=None)
+    p.add_argument("--window", type=nonneg_int, default=0,
+                   help="also run keep/recache with a sliding window of N chunks")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.chunks < 2:
+        raise BadInput(f"--chunks {args.chunks}: a prompt switch needs at least 2 chunks (one before, one after)")
+    if args.switch >= args.chunks:
+        raise BadInput(f"--switch {args.switch} must be below --chunks {args.chunks} (the chunk where the new "
+                       f"prompt starts: 1..{args.chunks - 1})")
+    check_out("--out", args.out)
+    check_checkpoint("--checkpoint", args.checkpoint)
     seeds = (list(range(int(args.seeds.split("-")[0]), int(args.seeds.split("-")[1]) + 1)) if "-" in args.seeds
              else [int(s) for s in args.seeds.split(",")])
-    pipe = Pipeline.from_pretrained(args.checkpoint, device="auto")
+    try:
+        pipe = Pipeline.from_pretrained(args.checkpoint, device="auto")
+        pipe.sampling_options(steps=args.steps, window=args.window or None)  # the flags against its config
+    except ValueError as e:
+        raise BadInput(f"--checkpoint {args.checkpoint}: {e}") from None
     f_switch, f_last = pipe.frames_for_chunks(args.switch), pipe.frames_for_chunks(args.chunks - 1)
     f_chunk = pipe.frames_for_chunks(1)
     rows = {}
@@ -93,11 +107,13 @@ def main(argv=None) -> int:
         rows[mode] = dict(mean=mean, per_seed=per)
         print(mode.ljust(9), " ".join(f"{k}={v:.3f}" for k, v in mean.items() if v is not None), flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(checkpoint=str(args.checkpoint), seeds=seeds, chunks=args.chunks,
-                                                  switch=args.switch, old=OLD[1], new=NEW[1], results=rows),
-                                             indent=2) + "\n")
+        atomic_write_json(args.out, dict(checkpoint=str(args.checkpoint), seeds=seeds, chunks=args.chunks,
+                                         switch=args.switch, old=OLD[1], new=NEW[1], results=rows))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":

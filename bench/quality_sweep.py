@@ -16,6 +16,7 @@ routing, top_k, sink, window, ...); '{}' is the checkpoint's own config.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -24,12 +25,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.common import (BadInput, bench_parser, check_checkpoint, check_out, int_list, nonneg_int,  # noqa: E402
+                          positive_int, run_main)
+from resampling_forcing.cli import MAX_SEED  # noqa: E402
 from resampling_forcing.data.synthetic import (DEFAULT_COLORS, DEFAULT_SHAPES, all_combos,  # noqa: E402
                                                held_out_combos, make_caption)
 from resampling_forcing.eval import evaluate_video, mean_over_videos  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
+from resampling_forcing.options import SamplingOptions  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
 from resampling_forcing.timing import Stopwatch  # noqa: E402
+
+PROG = "bench/quality_sweep.py"
+# generate() keyword arguments a setting may hold: not the ones the sweep sets, nor objects JSON cannot give
+SETTING_KEYS = [k for k, v in inspect.signature(Pipeline.generate).parameters.items()
+                if v.kind == v.KEYWORD_ONLY and k not in ("seed", "options", "callback", "init_latents")]
+# ... of which the sampling settings (checked against the checkpoint's config before the first rollout)
+SAMPLING_KEYS = {"routing", "top_k", "sink", "window"} | {f.name for f in SamplingOptions.__dataclass_fields__.values()}
+
+
+def parse_setting(text: str) -> dict:
+    """One --settings value: a JSON object of generate() keyword arguments (BadInput naming the flag)."""
+    try:
+        setting = json.loads(text)
+    except ValueError as e:
+        raise BadInput(f"bad --settings {text!r}: not JSON ({e}); "
+                       "expected a JSON object such as '{\"steps\": 2}'") from None
+    if not isinstance(setting, dict):
+        raise BadInput(f"bad --settings {text!r}: a JSON object of generate() keyword arguments is expected, "
+                       f"not a {type(setting).__name__}; e.g. '{{\"cfg_scale\": 4.0}}'")
+    unknown = [k for k in setting if k not in SETTING_KEYS]
+    if unknown:
+        raise BadInput(f"bad --settings {text!r}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                       f"use generate() keyword arguments: {', '.join(SETTING_KEYS)}")
+    return setting
 
 
 def sweep_captions(max_objects: int, seed: int, train_captions: int) -> tuple[list[str], int]:
@@ -40,23 +69,28 @@ def sweep_captions(max_objects: int, seed: int, train_captions: int) -> tuple[li
     return [make_caption(c) for c in held + seen[:train_captions]], len(held)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None = None) -> int:
+    p = bench_parser(PROG, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--settings", nargs="+", default=["{}"], help="JSON objects of generate() kwargs")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--length-factor", type=int, default=4, help="rollout length / training clip length")
-    p.add_argument("--train-captions", type=int, default=2)
+    p.add_argument("--seeds", type=int_list(0, MAX_SEED), default="0,1,2")
+    p.add_argument("--length-factor", type=positive_int, default=4, help="rollout length / training clip length")
+    p.add_argument("--train-captions", type=nonneg_int, default=2)
     p.add_argument("--out", help="write all numbers as JSON here")
     args = p.parse_args(argv)
+    settings = [parse_setting(s) for s in args.settings]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    check_out("--out", args.out)
+    check_checkpoint("--checkpoint", args.checkpoint)
     try:
-        settings = [json.loads(s) for s in args.settings]
-        seeds = [int(s) for s in args.seeds.split(",")]
+        pipe = Pipeline.from_pretrained(args.checkpoint, device="cpu")
     except ValueError as e:
-        print(f"quality_sweep: error: bad --settings/--seeds ({e}); expected JSON objects and e.g. 0,1,2",
-              file=sys.stderr)
-        return 2
-    pipe = Pipeline.from_pretrained(args.checkpoint, device="cpu")
+        raise BadInput(f"--checkpoint {args.checkpoint}: {e}") from None
+    for text, setting in zip(args.settings, settings):  # every setting's values, before the first rollout
+        try:
+            pipe.sampling_options(**{k: v for k, v in setting.items() if k in SAMPLING_KEYS})
+        except ValueError as e:
+            raise BadInput(f"bad --settings {text!r}: {e}") from None
     cfg = pipe.config
     captions, n_held = sweep_captions(cfg.data.synthetic_max_objects, cfg.train.seed, args.train_captions)
     clip = cfg.data.num_frames
@@ -85,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_json(args.out, report)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":

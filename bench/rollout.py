@@ -26,10 +26,7 @@ Prints markdown tables; --out writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import platform
 import sys
 import time
@@ -39,31 +36,100 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import DTYPE_NAMES, setup_device  # noqa: E402
+from bench.common import (DTYPE_NAMES, BadInput, bench_parser, check_checkpoint, check_out, choice_list,  # noqa: E402
+                          device_name, finite_float, nonneg_int, positive_int, run_main, setup_device)
 from resampling_forcing.attention.backends import resolve_backend  # noqa: E402
 from resampling_forcing.attention.routing import RoutingSpec  # noqa: E402
-from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
+from resampling_forcing.attention.spec import BACKENDS  # noqa: E402
+from resampling_forcing.config import MODEL_PRESETS, ModelConfig, resolve_model  # noqa: E402
 from resampling_forcing.encoders import PixelShuffleVAE, WanVAE  # noqa: E402
+from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
 from resampling_forcing.sampler import SamplingOptions, sample  # noqa: E402
 from resampling_forcing.timing import Stopwatch, peak_rss_mib, reset_peak_memory, reset_peak_rss  # noqa: E402
 
 
+PROG = "bench/rollout.py"
+MODES_HELP = "dense, topkK, windowW, sinkS+windowW, replayK (with --replay)"
+
+
+def _count(text: str, mode: str) -> int:
+    if not text.isdigit():
+        raise BadInput(f"--modes {mode}: {text!r} is not a whole number; use {MODES_HELP}, e.g. topk5")
+    return int(text)
+
+
 def parse_mode(name: str, args) -> RoutingSpec | None:
-    if name == "dense":
-        return None
-    if name.startswith("replay"):  # top-k whose selections are replayed (bench/replay.py)
-        return RoutingSpec("topk", top_k=int(name[6:] or args.top_k), sink_chunks=0, window_chunks=0)
-    if name.startswith("topk"):
-        k = int(name[4:] or args.top_k)
-        return RoutingSpec("topk", top_k=k, sink_chunks=args.sink, window_chunks=0)
-    if name.startswith("sink") and "+window" in name:  # e.g. sink1+window4: the sliding window with sink chunks
-        sk, w = name[4:].split("+window")
-        return RoutingSpec("window", sink_chunks=int(sk), window_chunks=int(w))
-    if name.startswith("window"):
-        w = int(name[6:] or args.window)
-        return RoutingSpec("window", sink_chunks=args.sink if args.window_sink else 0, window_chunks=w)
-    raise SystemExit(f"error: unknown mode {name!r}; use dense, topkK, windowW, sinkS+windowW")
+    """A --modes entry -> its routing (None = dense); BadInput naming the flag for anything else."""
+    try:
+        if name == "dense":
+            return None
+        if name.startswith("replay"):  # top-k whose selections are replayed (bench/replay.py)
+            k = _count(name[6:], name) if name[6:] else args.top_k
+            return RoutingSpec("topk", top_k=k, sink_chunks=0, window_chunks=0)
+        if name.startswith("topk"):
+            k = _count(name[4:], name) if name[4:] else args.top_k
+            return RoutingSpec("topk", top_k=k, sink_chunks=args.sink, window_chunks=0)
+        if name.startswith("sink") and "+window" in name:  # e.g. sink1+window4: the sliding window with sink chunks
+            sk, w = name[4:].split("+window", 1)
+            return RoutingSpec("window", sink_chunks=_count(sk, name), window_chunks=_count(w, name))
+        if name.startswith("window"):
+            w = _count(name[6:], name) if name[6:] else args.window
+            return RoutingSpec("window", sink_chunks=args.sink if args.window_sink else 0, window_chunks=w)
+    except ValueError as e:  # RoutingSpec's rules (top_k >= 1, a window of >= 1 chunk)
+        raise BadInput(f"--modes {name}: {e}") from None
+    raise BadInput(f"--modes: unknown mode {name!r}; use {MODES_HELP}")
+
+
+def parse_latent(text: str | None, presets: list[str]) -> dict[str, tuple[int, int]]:
+    """--latent (None, "HxW" for every preset, or "preset=HxW,...") -> {preset: (h, w)} for `presets`,
+    each a whole number of the preset's patches. BadInput naming the flag."""
+    defaults = {"tiny": "16x16", "wan-100m": "8x8"}
+    per_preset: dict[str, str] = {}
+    if text is not None and "=" in text:
+        for kv in text.split(","):
+            name, eq, hw = kv.partition("=")
+            if not eq or name.strip() not in MODEL_PRESETS:
+                raise BadInput(f"--latent {text}: {kv!r} is not PRESET=HxW with a preset of "
+                               f"{', '.join(MODEL_PRESETS)}; e.g. tiny=32x32,wan-100m=8x8 or one HxW for all")
+            per_preset[name.strip()] = hw.strip()
+    out = {}
+    for preset in presets:
+        lat = per_preset.get(preset) or (text if text and "=" not in text else defaults.get(preset, "8x8"))
+        parts = lat.lower().split("x")
+        if len(parts) != 2 or not all(v.strip().isdigit() and int(v) > 0 for v in parts):
+            raise BadInput(f"--latent {text}: {lat!r} is not HxW with two positive whole numbers, e.g. 32x32")
+        h, w = (int(v) for v in parts)
+        _, ph, pw = MODEL_PRESETS[preset]["patch_size"]
+        if h % ph or w % pw:
+            raise BadInput(f"--latent {lat} for {preset}: height and width must be multiples of its patch {ph}x{pw}")
+        out[preset] = (h, w)
+    return out
+
+
+def check_args(args) -> None:
+    """Everything a run needs, before any model is built (BadInput naming the flag)."""
+    presets = args.presets.split(",")
+    args.latents = parse_latent(args.latent, presets)
+    args.specs = {name: parse_mode(name, args) for name in args.modes.split(",")}
+    try:
+        SamplingOptions(steps=args.steps, shift=args.shift, cfg_scale=args.cfg)
+    except ValueError as e:
+        flag = {"steps": "--steps", "shift": "--shift", "cfg_scale": "--cfg"}.get(str(e).split(" ")[0], "--steps")
+        raise BadInput(f"{flag}: {e}") from None
+    if any(name.startswith("replay") for name in args.specs):
+        if not args.replay:
+            raise BadInput("--modes replayK needs --replay CHECKPOINT (e.g. assets/ablation/ar_0.6)")
+    if args.replay is not None:
+        check_checkpoint("--replay", args.replay)
+    if args.vae == "pixel_shuffle":
+        for preset in presets:
+            c = MODEL_PRESETS[preset]["in_channels"]
+            f = int((c // 3) ** 0.5)
+            if c != 3 * f * f:
+                raise BadInput(f"--vae pixel_shuffle: {preset} has {c} latent channels, not 3 x a square; "
+                               "use --vae auto, wan or none")
+    check_out("--out", args.out)
 
 
 def build_vae(preset_cfg: ModelConfig, args, device):
@@ -101,8 +167,6 @@ def run_mode(model, ctx, spec, args, device, name: str = "") -> tuple[dict, torc
     if name.startswith("replay"):
         from bench.replay import record_selections, replaying, token_grid
 
-        if not args.replay:
-            raise SystemExit(f"error: mode {name} needs --replay CHECKPOINT (e.g. assets/ablation/ar_0.6)")
         key = (args.replay, spec.top_k)
         if key not in args.recorded:
             args.recorded[key] = record_selections(args.replay, args.chunks, spec.top_k)
@@ -192,45 +256,48 @@ def latency_rows(preset, modes: dict, points) -> list[str]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="tiny,wan-100m", help="comma list of model presets (config.MODEL_PRESETS)")
-    p.add_argument("--modes", default="dense,topk1,topk5,window5",
-                   help="comma list: dense, topkK, windowW, sinkS+windowW, replayK (with --replay)")
-    p.add_argument("--chunks", type=int, default=16, help="chunks per rollout (the routing target is stated at 40)")
-    p.add_argument("--steps", type=int, default=1, help="Euler steps per chunk (paper: 32)")
-    p.add_argument("--shift", type=float, default=5.0)
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1: one branch; != 1 doubles the batch)")
+def _main(argv=None) -> int:
+    p = bench_parser(PROG, __doc__.split("\n\n")[0])
+    p.add_argument("--presets", type=choice_list(MODEL_PRESETS), default="tiny,wan-100m",
+                   help="comma list of model presets (config.MODEL_PRESETS)")
+    p.add_argument("--modes", default="dense,topk1,topk5,window5", help=f"comma list: {MODES_HELP}")
+    p.add_argument("--chunks", type=positive_int, default=16,
+                   help="chunks per rollout (the routing target is stated at 40)")
+    p.add_argument("--steps", type=positive_int, default=1, help="Euler steps per chunk (paper: 32)")
+    p.add_argument("--shift", type=finite_float, default=5.0)
+    p.add_argument("--cfg", type=finite_float, default=1.0,
+                   help="guidance scale (1: one branch; != 1 doubles the batch)")
     p.add_argument("--latent", default=None, help="latent HxW per preset, e.g. 32x32 or tiny=32x32,wan-100m=8x8")
-    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (paper: 3)")
-    p.add_argument("--top-k", type=int, default=5, help="k for a bare `topk` mode")
-    p.add_argument("--window", type=int, default=5, help="W for a bare `window` mode")
-    p.add_argument("--sink", type=int, default=0, help="sink chunks kept by topk modes")
+    p.add_argument("--chunk-frames", type=positive_int, default=3, help="latent frames per chunk (paper: 3)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="k for a bare `topk` mode")
+    p.add_argument("--window", type=positive_int, default=5, help="W for a bare `window` mode")
+    p.add_argument("--sink", type=nonneg_int, default=0, help="sink chunks kept by topk modes")
     p.add_argument("--window-sink", action="store_true", help="window modes keep --sink chunks too")
     p.add_argument("--vae", default="auto", choices=["auto", "pixel_shuffle", "wan", "none"],
                    help="auto: pixel_shuffle when the channels fit (tiny), else a random Wan VAE")
-    p.add_argument("--vae-base-dim", type=int, default=96, help="random Wan VAE width (real: 96)")
-    p.add_argument("--decode-chunks", type=int, default=None,
+    p.add_argument("--vae-base-dim", type=positive_int, default=96, help="random Wan VAE width (real: 96)")
+    p.add_argument("--decode-chunks", type=nonneg_int, default=None,
                    help="chunks decoded to time the VAE (default: all for pixel_shuffle, 1 for the Wan VAE)")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's depth (e.g. 2 blocks at 1.3B width)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="override the preset's depth (e.g. 2 blocks at 1.3B width)")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--early-chunk", type=int, default=6)
-    p.add_argument("--late-chunk", type=int, default=40)
-    p.add_argument("--train-chunks", type=int, default=None,
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
+    p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--early-chunk", type=positive_int, default=6)
+    p.add_argument("--late-chunk", type=positive_int, default=40)
+    p.add_argument("--train-chunks", type=nonneg_int, default=None,
                    help="training length in chunks, for the 'N x training length' label (default chunks/4)")
     p.add_argument("--replay", default=None, help="checkpoint whose recorded top-k selections the replayK modes use")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    check_args(args)
     args.recorded = {}
     device, dtype = setup_device(args)
-    args.backend = resolve_backend(args.attention_backend, device)
-    defaults = {"tiny": "16x16", "wan-100m": "8x8"}
-    per_preset = {}
-    if args.latent and "=" in args.latent:
-        per_preset = dict(kv.split("=") for kv in args.latent.split(","))
+    try:
+        args.backend = resolve_backend(args.attention_backend, device)
+    except ValueError as e:
+        raise BadInput(f"--attention-backend: {e}") from None
     presets = args.presets.split(",")
     mode_names = args.modes.split(",")
     results = dict(command=" ".join([sys.executable.split("/")[-1], "bench/rollout.py"] + (argv or sys.argv[1:])),
@@ -243,9 +310,7 @@ def main(argv=None) -> int:
     summary, latency = [], []
     points = sorted({1, min(args.early_chunk, args.chunks), args.chunks // 4 or 1, args.chunks // 2 or 1, args.chunks})
     for preset in presets:
-        lat = per_preset.get(preset) or (args.latent if args.latent and "=" not in args.latent else defaults.get(preset, "8x8"))
-        h, w = (int(v) for v in lat.lower().split("x"))
-        args.latent_hw = (h, w)
+        h, w = args.latent_hw = args.latents[preset]
         cfg = resolve_model(ModelConfig(preset=preset, chunk_frames=args.chunk_frames))
         if args.layers is not None:  # real width, reduced depth: attention's share per block is unchanged
             cfg = dataclasses.replace(cfg, num_layers=args.layers)
@@ -260,7 +325,7 @@ def main(argv=None) -> int:
         modes, decode = {}, None
         for name in mode_names:
             t0 = time.perf_counter()
-            modes[name], latents = run_mode(model, ctx, parse_mode(name, args), args, device, name)
+            modes[name], latents = run_mode(model, ctx, args.specs[name], args, device, name)
             if decode is None and vae is not None:
                 decode = time_decode(vae, latents, args.chunk_frames, n_decode)
             add_fps(modes[name], vae, decode)
@@ -295,11 +360,12 @@ def main(argv=None) -> int:
     print(table)
     results["markdown"] = table
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, args.out)
+        atomic_write_json(args.out, results)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":

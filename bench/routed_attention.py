@@ -27,8 +27,6 @@ routed), fraction = speed-up / ideal, and the plan the torch path chose (`routin
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,10 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import DTYPE_NAMES, add_attention_shape_args, setup_device  # noqa: E402
+from bench.common import (DTYPE_NAMES, BadInput, add_attention_shape_args, bench_parser, check_out,  # noqa: E402
+                          choice_list, device_name, finite_float, int_list, nonneg_int, positive_int, run_main,
+                          setup_device)
 from resampling_forcing.attention import routing as R  # noqa: E402
+from resampling_forcing.attention.backends import ROUTING_PATHS, use_routing_kernels  # noqa: E402
 from resampling_forcing.attention.routing import RoutingSpec, chunk_means, routed_attention, select_chunks  # noqa: E402
+from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.timing import Stopwatch  # noqa: E402
+
+PROG = "bench/routed_attention.py"
+PATTERNS = ("random", "coherent", "mixed")
 
 
 def make_inputs(Hh, N, T, D, k, pattern, device, dtype, seed=0, gap=3.5):
@@ -75,21 +80,29 @@ def coherence(sel):
     return sum(fr) / len(fr)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+def _main(argv=None) -> int:
+    p = bench_parser(PROG, __doc__.split("\n\n")[0])
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-    p.add_argument("--pattern", default="random,coherent,mixed", help="comma list of random, coherent, mixed")
-    p.add_argument("--tokens", default="1560", help="tokens per chunk (comma list); 1560 = one 480p latent frame")
+    p.add_argument("--pattern", type=choice_list(PATTERNS), default="random,coherent,mixed",
+                   help="comma list of random, coherent, mixed")
+    p.add_argument("--tokens", type=int_list(1), default="1560",
+                   help="tokens per chunk (comma list); 1560 = one 480p latent frame")
     add_attention_shape_args(p, history_flag="--history", history="6,10,20,40", topk_flag="--k", heads=2)
-    p.add_argument("--gap", type=float, default=3.5,
+    p.add_argument("--gap", type=finite_float, default=3.5,
                    help="coherent heads: score lead of the preferred chunks in units of the per-token noise")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--backend", default="auto", help="routed_attention backend (auto, torch, triton)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads")
+    p.add_argument("--backend", default="auto", choices=ROUTING_PATHS,
+                   help="routed_attention backend (auto, torch, triton)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    check_out("--out", args.out)
     device, dtype = setup_device(args)
+    try:  # triton needs the kernels and CUDA (or the interpreter): say so now, not after the first timings
+        use_routing_kernels(args.backend, torch.empty(0, device=device, dtype=dtype), "--backend")
+    except (ValueError, RuntimeError) as e:
+        raise BadInput(str(e)) from None
     patterns = args.pattern.split(",")
     ks = [int(x) for x in args.k.split(",")]
     Hh, D = args.heads, args.head_dim
@@ -155,12 +168,15 @@ def main(argv=None) -> int:
     table = "\n".join(head + lines)
     print(table)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(command=" ".join(["python", "bench/routed_attention.py"] + (argv or sys.argv[1:])),
                     machine=dict(platform=platform.platform(), torch=torch.__version__,
                                  threads=torch.get_num_threads(), device=str(device), cpus=os.cpu_count()))
-        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, markdown=table), indent=2))
+        atomic_write_json(args.out, dict(meta=meta, rows=rows, markdown=table))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":

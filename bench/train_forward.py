@@ -24,14 +24,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DTYPE_NAMES, torch_dtype  # noqa: E402
+from bench.common import (DTYPE_NAMES, BadInput, bench_parser, check_device, check_out, device_name,  # noqa: E402
+                          nonneg_int, positive_int, run_main, torch_dtype)
+from resampling_forcing.attention.backends import resolve_backend  # noqa: E402
 from resampling_forcing.attention.masks import MaskSpec, block_sparsity  # noqa: E402
 from resampling_forcing.attention.ops import MaskedAttention  # noqa: E402
-from resampling_forcing.config import ModelConfig, resolve_model  # noqa: E402
+from resampling_forcing.attention.spec import BACKENDS  # noqa: E402
+from resampling_forcing.config import MODEL_PRESETS, ModelConfig, resolve_model  # noqa: E402
+from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.models.wan import CausalWanModel, count_parameters  # noqa: E402
 from resampling_forcing.timing import Stopwatch, median, peak_memory, reset_peak_memory, sync  # noqa: E402
 
-
+PROG = "bench/train_forward.py"
+DEFAULTS = {"tiny": ("12x8x8", 2), "wan-100m": ("12x16x16", 3)}  # preset -> (latent FxHxW, chunk frames)
 
 def _measure(args_dict: dict) -> dict:
     a = argparse.Namespace(**args_dict)
@@ -80,29 +85,56 @@ def run_isolated(args_dict: dict) -> dict:
         return pool.apply(_measure, (args_dict,))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "wan-100m"])
-    p.add_argument("--backends", nargs="+", default=["sdpa", "flex"])
-    p.add_argument("--device", default="cpu")
+def latent_of(preset: str, args) -> tuple[list[int], int]:
+    """(latent [F, H, W], chunk frames) of one preset: --latent / --chunk-frames or its defaults, F a whole
+    number of chunks and H, W of patches. BadInput naming the flag."""
+    lat, cf = DEFAULTS.get(preset, ("21x60x104", 3))
+    text = args.latent or lat
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(v.strip().isdigit() and int(v) > 0 for v in parts):
+        raise BadInput(f"--latent {text}: expected FxHxW, three positive whole numbers (frames x height x width), "
+                       "e.g. 12x16x16")
+    lat = [int(v) for v in parts]
+    cf = args.chunk_frames or cf
+    if lat[0] % cf:
+        raise BadInput(f"--latent {text}: {lat[0]} latent frames are not a whole number of {cf}-frame chunks "
+                       f"(--chunk-frames {cf}) for {preset}")
+    _, ph, pw = MODEL_PRESETS[preset]["patch_size"]
+    if lat[1] % ph or lat[2] % pw:
+        raise BadInput(f"--latent {text}: height and width must be multiples of the {preset} patch {ph}x{pw}")
+    return lat, cf
+
+
+def _main(argv=None) -> int:
+    p = bench_parser(PROG, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "wan-100m"], choices=list(MODEL_PRESETS), metavar="PRESET",
+                   help=f"model presets: {', '.join(MODEL_PRESETS)}")
+    p.add_argument("--backends", nargs="+", default=["sdpa", "flex"], choices=BACKENDS, metavar="BACKEND",
+                   help=f"attention backends: {', '.join(BACKENDS)}")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--latent", default=None, help="FxHxW latent size (default per preset)")
-    p.add_argument("--chunk-frames", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text-len", type=int, default=16)
-    p.add_argument("--layers", type=int, default=0, help="override the number of blocks (0 = preset)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-frames", type=positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--text-len", type=positive_int, default=16)
+    p.add_argument("--layers", type=nonneg_int, default=0, help="override the number of blocks (0 = preset)")
+    p.add_argument("--warmup", type=nonneg_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    shapes = {preset: latent_of(preset, args) for preset in args.presets}  # every flag before the first run
+    check_out("--out", args.out)
+    device = check_device("--device", args.device)
+    for backend in args.backends:
+        try:
+            resolve_backend(backend, device)
+        except ValueError as e:
+            raise BadInput(f"--backends: {e}") from None
 
-    defaults = {"tiny": ("12x8x8", 2), "wan-100m": ("12x16x16", 3)}
     rows = []
     for preset in args.presets:
-        lat, cf = defaults.get(preset, ("21x60x104", 3))
-        lat = [int(v) for v in (args.latent or lat).split("x")]
-        cf = args.chunk_frames or cf
+        lat, cf = shapes[preset]
         base = dict(preset=preset, device=args.device, dtype=args.dtype, latent=lat, chunk_frames=cf,
                     batch=args.batch, text_len=args.text_len, layers=args.layers, warmup=args.warmup,
                     repeats=args.repeats, threads=args.threads)
@@ -129,9 +161,13 @@ def main() -> None:
     if baseline:
         print(f"\nCPU peak memory is process RSS; an empty process with torch uses {baseline['peak_mem_mb']} MB.")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(rows=rows, rss_baseline=baseline), indent=2))
+        atomic_write_json(args.out, dict(rows=rows, rss_baseline=baseline))
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.common import (bench_parser, check_device, check_out, choice_list, device_name, nonneg_int,  # noqa: E402
+                          positive_int, run_main)
+
+PROG = "bench/train_step.py"
+
 # model preset -> (batch, latent [C, F, H, W], chunk_frames, prediction)
 SHAPES = {
     "tiny": (16, (48, 12, 8, 8), 2, "x0"),                # configs/tiny.yaml: 32x32x12 -> 6 chunks x 32 tokens
@@ -90,20 +95,24 @@ def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, t
             "peak_mem_MB": round(peak), "device": device, "threads": torch.get_num_threads()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="tiny,wan-100m")
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per case (median reported)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+def _main(argv=None) -> int:
+    ap = bench_parser(PROG, __doc__.splitlines()[0])
+    ap.add_argument("--models", type=choice_list(SHAPES), default="tiny,wan-100m",
+                    help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--steps", type=positive_int, default=5, help="measured steps per case (median reported)")
+    ap.add_argument("--device", type=device_name, default="cpu")
+    ap.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--checkpointing", action="store_true", help="per-block activation checkpointing")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args(argv)
+    if args.device != "cpu":  # torch only for this check: the cases run in subprocesses
+        check_device("--device", args.device)
     if args.one:
         preset, obj, rs = args.one.split(":")
         print(json.dumps(run_one(preset, obj, int(rs), args.steps, args.device, args.threads, args.checkpointing)))
         return 0
+    check_out("--json", args.json)
     rows = []
     for preset in args.models.split(","):
         for obj, rs in OBJECTIVES:
@@ -126,9 +135,14 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['params_M']}M | {r['batch']} x {r['latent']} | {r['tokens_dual']} | {r['objective']} "
               f"| {r['step_s']:.3f} | {ratio:.2f} | {r['resample_s']:.3f} | {r['peak_mem_MB']} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from resampling_forcing.io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, PROG, argv)
 
 
 if __name__ == "__main__":
