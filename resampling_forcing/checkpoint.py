@@ -281,12 +281,24 @@ def _is_zip(path: Path) -> bool:
         return f.read(2) == b"PK"
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first object torch.save's pre-zip format pickles
+
+
 def _is_legacy_pickle(path: Path) -> bool:
-    """torch.save's pre-zip format: a pickle (PROTO opcode first) that ends with STOP."""
-    with open(path, "rb") as f:
-        head = f.read(1)
-        f.seek(-1, os.SEEK_END)
-        return head == b"\x80" and f.read(1) == b"."
+    """torch.save's pre-zip format: a stream of pickles (then raw tensor bytes) whose first one is its magic
+    number. Read with pickletools (opcodes only: nothing is unpickled or run)."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("LONG1", "LONG4", "LONG", "INT") and arg == _LEGACY_MAGIC:
+                    return True
+                if op.name == "STOP":
+                    return False
+    except Exception:  # not a pickle at all
+        return False
+    return False
 
 
 def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -> Optional[Path]:

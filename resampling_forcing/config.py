@@ -357,6 +357,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def override_value(text: str) -> tuple[list[str], Any]:
+    """`key.path=value` -> (keys, the value as YAML reads it): for callers that compare an override with
+    a resolved config."""
+    keys, value = parse_override(text)
+    return keys, value.value if isinstance(value, _OverrideScalar) else value
+
+
 def _set_path(data: dict, keys: list[str], value: Any) -> None:
     """Set data[k0][k1]... = value; integer keys index lists (train.stages.1.steps=500)."""
     node: Any = data

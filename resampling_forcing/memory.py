@@ -69,7 +69,9 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
     f = latent_frames(geo, d.num_frames)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
     chunks = max(f // m.chunk_frames, 1)
-    tokens = 2 * chunks * tokens_per_chunk(cfg, h, w)  # dual sequence: history + noisy
+    from .attention.masks import MaskSpec  # lazy: config validation imports this module (torch-free there)
+
+    tokens = MaskSpec("dual", chunks, tokens_per_chunk(cfg, h, w)).seq_len  # [H_1..H_{N-1} | Q_1..Q_N]
     act_bytes = 2 if t.mixed_precision != "no" else 4
     parts = {
         "weights": model_params(cfg) * 4 // max(world, 1),

@@ -167,6 +167,21 @@ def check_writable(paths: list[Path]) -> None:
                 raise BadInput(f"--output: {q} exists and is not writable")
 
 
+def check_model_overrides(cfg, overrides) -> None:
+    """A `--set model.KEY=VALUE` the checkpoint overrules (our checkpoints fix every model key in
+    model_config.json, a raw Wan2.1 checkpoint its sizes) would be ignored silently: refuse it."""
+    from .config import override_value
+
+    for text in overrides:
+        keys, want = override_value(text)
+        if len(keys) != 2 or keys[0] != "model" or not hasattr(cfg.model, keys[1]):
+            continue
+        got = getattr(cfg.model, keys[1])
+        if got != want and not (isinstance(got, str) and str(want) == got):
+            raise BadInput(f"--set {text}: the checkpoint fixes model.{keys[1]} = {got!r} (its model config); "
+                           "it cannot be changed at sampling")
+
+
 def check_args(args) -> None:
     """What only the CLI knows (counts, files, flag combinations); the sampling values are checked by
     SamplingOptions.from_config (sampling_options)."""
@@ -196,10 +211,6 @@ def check_args(args) -> None:
                         ("--storyboard", args.storyboard), ("--prompts-file", args.prompts_file)):
         if value is not None and not Path(value).is_file():
             raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
-    bad_set = [s for s in args.overrides if s.split("=", 1)[0].strip().startswith("model.")]
-    if bad_set:
-        raise BadInput(f"--set {bad_set[0]}: the model's sizes come from the checkpoint's model_config.json and "
-                       "cannot be changed at sampling")
 
 
 MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
@@ -267,6 +278,7 @@ def run(args) -> int:
                                             if args.attention_backend is not None else [])
         device = resolve_device(args.device, what="--device")
         cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
+        check_model_overrides(cfg, args.overrides)
         opts = sampling_options(cfg, device, args)  # the options of every rollout below
         if opts.record_selection and (opts.routing is None or opts.routing.is_dense):
             raise BadInput("--record-selection records routing picks, and this rollout attends densely (no routing "

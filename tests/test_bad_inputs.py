@@ -183,6 +183,8 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, synth, 
     data = opt.read_bytes()
     opt.write_bytes(b"\x00not a checkpoint" * 3)  # not even a zip: was an UnpicklingError traceback on resume
     assert checkpoint_problem(step4) == "optimizer.bin is not a torch.save file (damaged)"
+    torch.save({"state": torch.ones(3)}, opt, _use_new_zipfile_serialization=False)  # the pre-zip format is whole
+    assert checkpoint_problem(step4) is None
     opt.write_bytes(data)
     opt = step4 / "optimizer.bin"
     opt.write_bytes(opt.read_bytes()[:1000])

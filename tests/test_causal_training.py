@@ -175,3 +175,20 @@ def test_dropping_the_last_history_chunk_is_exact(n_chunks, prediction):
     assert any(x.abs().sum() > 0 for x in g)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_memory_estimate_counts_the_trimmed_layout():
+    """memory.train_memory (the up-front refusal of a run that cannot fit) counts the tokens the forward
+    runs, (2N-1) T, not 2 N T (twice too many at N = 1)."""
+    from resampling_forcing.config import load_config
+    from resampling_forcing.memory import codec_geometry, latent_frames, tokens_per_chunk, train_memory
+    from train_helpers import TINY_YAML
+
+    for frames in (12, 2):  # 6 chunks, 1 chunk
+        cfg = load_config(TINY_YAML, [f"data.num_frames={frames}"])
+        geo = codec_geometry(cfg)
+        n = latent_frames(geo, frames) // cfg.model.chunk_frames
+        T = tokens_per_chunk(cfg, cfg.data.height // geo["spatial"], cfg.data.width // geo["spatial"])
+        m = cfg.model
+        want = cfg.train.batch_size * (2 * n - 1) * T * m.dim * 4 * m.num_layers
+        assert train_memory(cfg)["parts"]["activations"] == want

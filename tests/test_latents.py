@@ -155,3 +155,22 @@ def test_generic_dataset_of_tuples(tmp_path):
     lat = LatentDataset(tmp_path / "t")
     assert [lat[i]["caption"] for i in range(4)] == [f"a red circle {i}" for i in (0, 1, 3, 4)]
     assert np.isclose(lat[2]["latents"][0].mean().item(), 0.3)
+
+
+def test_encoder_settings_in_the_fingerprint(manifest, tmp_path):
+    """precompute records the encoder settings (not their paths) and refuses to resume a store made with
+    other settings; a store begun before they were recorded resumes as it is."""
+    ds = _ds(manifest)
+    out = tmp_path / "lat"
+    enc = {"vae": "pixel_shuffle", "vae_factor": 4, "vae_path": "/a", "text": "hash", "text_ngram": 2}
+    index = precompute(ds, PoolVAE(), HashText(), out, shard_size=3, progress=False, encoders=enc)
+    assert index["fingerprint"]["encoders"] == {k: v for k, v in enc.items() if k != "vae_path"}
+    precompute(ds, PoolVAE(), HashText(), out, shard_size=3, progress=False, encoders=dict(enc, vae_path="/moved"))
+    with pytest.raises(ValueError, match="different data set/config"):
+        precompute(ds, PoolVAE(), HashText(), out, shard_size=3, progress=False, encoders=dict(enc, text_ngram=1))
+    old = json.loads((out / INDEX_NAME).read_text())
+    del old["fingerprint"]["encoders"]  # as written before the settings were recorded
+    (out / INDEX_NAME).write_text(json.dumps(old))
+    vae = PoolVAE()
+    index = precompute(ds, vae, HashText(), out, shard_size=3, progress=False, encoders=enc)
+    assert vae.calls == 0 and "encoders" not in index["fingerprint"]  # reused, and no claim made about them

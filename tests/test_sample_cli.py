@@ -125,6 +125,14 @@ def test_raw_wan_checkpoint_with_config(tmp_path):
     assert cli("--checkpoint", wan, "--config", yml, "--prompt", "x", "--num-chunks", 1, "--output", out,
                "--quiet", "--device", "cpu") == 0
     assert read_mp4(out).shape == (CF, 8, 8, 3)
+    # a raw Wan checkpoint fixes the sizes only: chunk_frames is the config's to set (our own
+    # checkpoints fix every model key, and such a --set is refused there: test_bad_inputs_exit_2_one_line)
+    out1 = tmp_path / "wan1.mp4"
+    assert cli("--checkpoint", wan, "--config", yml, "--set", "model.chunk_frames=1", "--prompt", "x", "--num-chunks",
+               1, "--output", out1, "--quiet", "--device", "cpu") == 0
+    assert read_mp4(out1).shape == (1, 8, 8, 3)
+    assert cli("--checkpoint", wan, "--config", yml, "--set", "model.dim=64", "--prompt", "x", "--num-chunks", 1,
+               "--output", tmp_path / "wan2.mp4", "--quiet", "--device", "cpu") == 2
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -292,7 +300,7 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "fps inf": (base + ("--fps", "inf"), "--fps must be a number in (0, 1000]"),
         "empty output": (base + ("--output", ""), "--output must not be empty"),
         "negative cfg": (base + ("--cfg", -3), "--cfg must be a finite number >= 0"),
-        "model override": (base + ("--set", "model.dim=64"), "--set model.dim=64: the model's sizes come from"),
+        "model override": (base + ("--set", "model.dim=64"), "--set model.dim=64: the checkpoint fixes model.dim = "),
         "dense with window": (base + ("--routing", "dense", "--window", 2), "--routing dense contradicts --window"),
         "window with top-k": (base + ("--routing", "window", "--top-k", 2), "--routing window contradicts --top-k"),
         "window 0": (base + ("--routing", "window", "--window", 0), "set --window, e.g. 1"),

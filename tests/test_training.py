@@ -302,6 +302,15 @@ def test_cli_exit_code_of_a_stopped_run_is_not_success(tmp_path, synth, capsys, 
     assert _cli()(argv) == 0
 
 
+def test_cli_exit_code_on_a_rank_stopped_by_another_ranks_signal(tmp_path, synth, monkeypatch):
+    """A rank that stops because ANOTHER rank got the signal has no signal of its own (result["signal"] is
+    None): it exits 143 too (it raised KeyError before)."""
+    import resampling_forcing.training as T
+
+    monkeypatch.setattr(T, "train", lambda cfg: {"status": "interrupted", "step": 3, "checkpoint": "c", "signal": None})
+    assert _cli()(["--config", str(TINY_YAML)] + small_overrides(tmp_path / "run", synth)) == 128 + signal.SIGTERM
+
+
 def test_latents_source_trains(tmp_path, synth):
     """data.source=latents: a store from data.latents.precompute; the empty-prompt embedding is
     computed once and kept next to it."""

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
         print(f"{result['status']} at step {result['step']}; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":  # saved, not finished: 128 + the signal, as the shell reports it
-        return 128 + int(signal.Signals[result["signal"]])
+        # a rank stopped by another rank's signal has none of its own: report SIGTERM (a preemption)
+        return 128 + int(signal.Signals[result.get("signal") or "SIGTERM"])
     return 0
 
 

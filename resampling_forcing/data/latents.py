@@ -154,6 +154,8 @@ def precompute(
             old = json.loads(index_path.read_text())
         except (OSError, ValueError):
             old = None
+        if old is not None and "encoders" not in (old.get("fingerprint") or {}):
+            fp.pop("encoders", None)  # a store begun before encoder settings were recorded: resumable as it is
         if old is not None and old.get("fingerprint") != fp:
             raise ValueError(
                 f"{out}: holds latents of a different data set/config ({old.get('fingerprint')} != {fp}); "

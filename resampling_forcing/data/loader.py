@@ -85,8 +85,11 @@ def store_mismatch(index: dict, cfg: Config) -> Optional[str]:
         if key in fp and fp[key] != getattr(d, key):
             return f"{store} holds clips with data.{key}={fp[key]}, the config has {getattr(d, key)}; {fix} data.{key}={fp[key]}"
     ours = dataclasses.asdict(e)
+    # the settings the chosen encoders read (text_ngram means nothing to umT5, vae_factor to the Wan VAE)
+    used = {"vae", "text", "text_len"} | ({"vae_factor"} if e.vae == "pixel_shuffle" else set()) \
+        | ({"text_dim", "text_ngram"} if e.text == "hash" else set())
     for key, value in sorted((fp.get("encoders") or {}).items()):
-        if key in ours and ours[key] != value:
+        if key in used and ours[key] != value:
             return f"{store} was encoded with encoders.{key}={value}, the config has {ours[key]}; {fix} encoders.{key}={value}"
     geo = codec_geometry(cfg)
     want = [geo["channels"], latent_frames(geo, d.num_frames), d.height // geo["spatial"], d.width // geo["spatial"]]
