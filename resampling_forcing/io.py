@@ -238,6 +238,9 @@ def to_uint8_video(video) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # mp4
 # ----------------------------------------------------------------------------------------------
+MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
+
+
 def write_mp4(
     path: str | os.PathLike,
     frames,
@@ -260,8 +263,8 @@ def write_mp4(
     num, h, w, _ = video.shape
     if num == 0:
         raise ValueError(f"{path}: cannot write a video with 0 frames")
-    if not (fps > 0):
-        raise ValueError(f"{path}: fps must be > 0, got {fps}")
+    if not 0 < fps <= MAX_FPS:
+        raise ValueError(f"{path}: fps must be a number in (0, {MAX_FPS:g}], got {fps}")
     if pix_fmt is None:
         pix_fmt = "yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p"
     path = Path(path)

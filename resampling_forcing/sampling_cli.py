@@ -192,6 +192,8 @@ def check_args(args) -> None:
             raise BadInput(f"--routing dense contradicts {flag} (dense attends every history chunk)")
     if args.routing == "window" and args.top_k is not None:
         raise BadInput("--routing window contradicts --top-k (window keeps --sink / --window chunks, no scores)")
+    from .io import MAX_FPS  # numpy only (io's one limit of write_mp4)
+
     if args.fps is not None and not 0 < args.fps <= MAX_FPS:
         raise BadInput(f"--fps must be a number in (0, {MAX_FPS:g}] (got {args.fps})")
     if args.kv_host_dtype is not None and DTYPE_BYTES[args.kv_host_dtype] > DTYPE_BYTES[args.dtype]:
@@ -212,8 +214,6 @@ def check_args(args) -> None:
         if value is not None and not Path(value).is_file():
             raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
 
-
-MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
 
 # SamplingOptions.from_config's names -> the flags that set them (its errors are reworded with these).
 _FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks": "--sink",
