@@ -27,6 +27,21 @@ def cfg_for(run_dir, synth, *extra, **kw):
     return load_config(TINY_YAML, small_overrides(run_dir, synth, **kw) + list(extra))
 
 
+def sigterm_after_step(monkeypatch, step: int):
+    """Make the trainer send itself SIGTERM after training step `step` (handled: it finishes the step,
+    saves, returns); returns the original train_step, to put back for the resumed run."""
+    original = Trainer.train_step
+
+    def step_then_signal(self):
+        rec = original(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    return original
+
+
 def test_stage_schedule_and_lr():
     cfg = Config()
     cfg.train.stages = [StageConfig(name="tf", steps=3), StageConfig(name="rf", objective="resampling", steps=2)]
@@ -95,15 +110,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeyp
     train(cfg_for(ref_run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
     ref = read_log(ref_run)
 
-    original = Trainer.train_step
-
-    def step_then_signal(self):
-        rec = original(self)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: finish the step, save, return
-        return rec
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    original = sigterm_after_step(monkeypatch, 3)
     first = train(cfg_for(run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
     assert first["status"] == "interrupted" and first["step"] == 3
     assert [s for s, _ in list_checkpoints(run)] == [3]
@@ -286,15 +293,7 @@ def test_cli_bad_config_or_data_exits_2(tmp_path, synth, capsys, bad):
 def test_cli_exit_code_of_a_stopped_run_is_not_success(tmp_path, synth, capsys, monkeypatch):
     """SIGTERM mid-run: the checkpoint is saved and train.py exits 143 (it exited 0, so a job chain
     waiting for success started the next stage on an unfinished run); the resumed run exits 0."""
-    original = Trainer.train_step
-
-    def step_then_signal(self):
-        rec = original(self)
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return rec
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    original = sigterm_after_step(monkeypatch, 2)
     argv = ["--config", str(TINY_YAML)] + small_overrides(tmp_path / "run", synth)
     assert _cli()(argv) == 128 + signal.SIGTERM
     assert "interrupted at step 2" in capsys.readouterr().out
@@ -501,15 +500,7 @@ def test_resume_in_the_middle_of_a_ramp_is_exact(tmp_path, synth, monkeypatch):
     train(cfg_for(ref_run, synth, *ramp, steps_tf=1, steps_rf=5))
     ref = read_log(ref_run)
     assert [r.get("ramp") for r in ref] == [None, 0.25, 0.5, 0.75, 1.0, 1.0]
-    original = Trainer.train_step
-
-    def step_then_signal(self):
-        rec = original(self)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return rec
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    original = sigterm_after_step(monkeypatch, 3)
     assert train(cfg_for(run, synth, *ramp, steps_tf=1, steps_rf=5))["step"] == 3
     monkeypatch.setattr(Trainer, "train_step", original)
     assert train(cfg_for(run, synth, *ramp, steps_tf=1, steps_rf=5))["step"] == 6
