@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -547,10 +548,13 @@ def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
     diffusion.sample_steps, ...) and options.SamplingOptions (public, user values: steps, shift, ...).
     ConfigError (a ValueError) whose message starts with the name."""
     n_steps, n_shift, n_cfg, n_ctx = names
+    for name, value in ((n_shift, shift), (n_cfg, cfg_scale), (n_ctx, context_t)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a number (got {type(value).__name__} {value!r})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"{n_steps} must be >= 1 (got {steps!r}; an int, the paper uses 32)")
-    if not (shift > 0 and math.isfinite(shift)):
-        raise ConfigError(f"{n_shift} must be > 0 (got {shift!r}; a finite number, the paper uses 5.0)")
+    if not (shift > 0 and math.isfinite(shift)) or shift > 1e6:
+        raise ConfigError(f"{n_shift} must be in (0, 1e6] (got {shift!r}; the paper uses 5.0)")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise ConfigError(f"{n_cfg} must be a finite number >= 0 (got {cfg_scale!r}); 1.0 switches guidance off")
     if not 0.0 <= context_t < 1.0:

@@ -182,6 +182,18 @@ def available_device_bytes(device) -> Optional[int]:
     return None
 
 
+def rollout_need(cfg: Config, opts, num_chunks: int, batch: int, dtype_bytes: int, history_chunks: int = 0) -> dict:
+    """sample_memory for a rollout with SamplingOptions `opts` (the CLI's and the Pipeline's one estimate):
+    a bounded cache stages at least the chunks a routed query may attend (top-k: the union of its picks,
+    at least RoutingSpec.max_selected()); dense attention, or any layer left dense, the whole history."""
+    from .dtypes import DTYPE_BYTES
+
+    routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
+    return sample_memory(cfg, num_chunks, batch, dtype_bytes, history_chunks, opts.cfg_scale, opts.kv_resident_chunks,
+                         DTYPE_BYTES.get(opts.kv_host_dtype),
+                         kv_staged_chunks=opts.routing.max_selected() if routed else None)
+
+
 def check_fits(need: dict, device, what: str, fix: str) -> Optional[str]:
     """One line when the lower bound `need` exceeds the free memory, else None."""
     import torch

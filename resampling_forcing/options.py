@@ -56,6 +56,14 @@ class SamplingOptions:
             raise ValueError("kv_host_dtype needs kv_resident_chunks N (it is the dtype of the host tier)")
         if self.routing is not None and not isinstance(self.routing, RoutingSpec):
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
+        if not isinstance(self.record_selection, bool):
+            raise TypeError(f"record_selection must be True or False, got {self.record_selection!r}")
+        layers = self.routing_layers
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
+                                   or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+                                   or len(set(layers)) != len(layers)):
+            raise ValueError(f"routing_layers must be a list of distinct block indices >= 0 (got {layers!r}); "
+                             "None routes every block")
 
     @property
     def uses_routing(self) -> bool:
@@ -75,6 +83,16 @@ class SamplingOptions:
         config to the sliding-window baseline (a topk config keeps topk and gets sink/window).
         ValueError (one line) for a bad value."""
         d, rc = cfg.diffusion, cfg.attention.routing
+        mode_given = routing.mode if isinstance(routing, RoutingSpec) else routing
+        for name, value in (("top_k", top_k), ("sink", sink), ("window", window)):
+            if value is not None and (isinstance(routing, RoutingSpec) or mode_given == "dense"
+                                      or (mode_given == "window" and name == "top_k")):
+                raise ValueError(f"routing={mode_given!r} contradicts {name}={value!r} "
+                                 f"({'a RoutingSpec is used as given' if isinstance(routing, RoutingSpec) else 'drop one'})")
+        layers = overrides.get("routing_layers")
+        if layers is not None and isinstance(layers, (list, tuple)) and any(
+                isinstance(i, int) and not isinstance(i, bool) and i >= cfg.model.num_layers for i in layers):
+            raise ValueError(f"routing_layers={list(layers)}: block indices must be < model.num_layers={cfg.model.num_layers}")
         if isinstance(routing, RoutingSpec):
             spec = routing
         else:

@@ -51,6 +51,7 @@ each chunk (`cache.SelectionRecorder`), so the last chunk is written too when re
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -429,10 +430,14 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     device = next(model.parameters()).device
     cf = model.cfg.chunk_frames
     hist_chunks = 0 if history is None else history.shape[2] // cf
+    total = hist_chunks + num_chunks
+    if options.kv_resident_chunks is not None and options.kv_resident_chunks > total:
+        # room for more chunks than the rollout has is never used: no device ring beyond it (same output)
+        options = dataclasses.replace(options, kv_resident_chunks=total)
     reset_peak_memory(device)
     t_start = time.perf_counter()
     ro = Rollout(model, context, latent_hw=latent_hw, neg_context=neg_context, options=options, seed=seed,
-                 indices=indices, capacity=hist_chunks + num_chunks, uncond=uncond, attn_wrapper=attn_wrapper)
+                 indices=indices, capacity=total, uncond=uncond, attn_wrapper=attn_wrapper)
     decoding = decode and vae is not None
     state = vae.init_decode_state() if decoding else None
     pieces_lat: list[torch.Tensor] = []

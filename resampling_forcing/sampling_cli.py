@@ -346,17 +346,12 @@ def run(args) -> int:
 def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     """Refuse, before loading anything, a rollout whose memory lower bound exceeds what is free; note
     the estimate when a CPU rollout will take long. `opts`: the SamplingOptions of the rollouts."""
-    from .memory import check_fits, gib, sample_flops, sample_memory
+    from .memory import check_fits, gib, rollout_need, sample_flops
 
     d = cfg.data
     batch = min(args.batch, num_prompts)
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
-    # a bounded cache stages at least the chunks a routed query may attend (a lower bound: top-k stages
-    # the union of its picks); dense attention, or any layer left dense, stages the whole history
-    routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
-    need = sample_memory(cfg, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history, opts.cfg_scale,
-                         opts.kv_resident_chunks, DTYPE_BYTES.get(opts.kv_host_dtype),
-                         kv_staged_chunks=opts.routing.max_selected() if routed else None)
+    need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
     if msg:

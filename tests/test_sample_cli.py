@@ -87,7 +87,9 @@ def test_sampling_options_routing_flags(run_dir):
     assert (o.routing.mode, o.routing.top_k, o.routing.sink_chunks) == ("topk", 2, 1)
     o = pipe.sampling_options(window=1)
     assert (o.routing.mode, o.routing.window_chunks) == ("window", 1)
-    assert pipe.sampling_options(routing="dense", window=1).routing is None
+    assert pipe.sampling_options(routing="dense").routing is None
+    with pytest.raises(PipelineError, match="routing='dense' contradicts window=1"):  # was: window silently dropped
+        pipe.sampling_options(routing="dense", window=1)
     with pytest.raises(PipelineError):
         pipe.sampling_options(top_k=0)
     # options built once and passed down == the same settings as generate() arguments
@@ -411,3 +413,62 @@ def test_init_video_is_resampled_to_the_model_fps_and_capped(run_dir, tmp_path):
     assert info["source_frames"] == 32 and info["source_fps"] == pytest.approx(16) and info["fps"] == 4.0
     assert info["frames_in"] == 8 and info["chunks"] == 2 and info["frames_used"] == 4
     assert info["max_history_chunks"] == 2
+
+
+# ----------------------------------------------------------------------------- the Python API's bad arguments
+
+
+def _api_cases(pipe):
+    g = dict(steps=1)
+    return {
+        "a billion chunks": (lambda: pipe.generate("a", 10**9, **g), "needs at least"),
+        "dense with top_k": (lambda: pipe.generate("a", 1, routing="dense", top_k=2, **g), "contradicts top_k"),
+        "window with top_k": (lambda: pipe.generate("a", 1, routing="window", top_k=2, window=1, **g),
+                              "contradicts top_k"),
+        "routing_layers out of range": (lambda: pipe.sampling_options(top_k=1, routing_layers=[99]), "model.num_layers"),
+        "routing_layers a string": (lambda: pipe.sampling_options(top_k=1, routing_layers="all"), "routing_layers"),
+        "record_selection a string": (lambda: pipe.generate("a", 1, record_selection="no", **g), "record_selection"),
+        "decode a string": (lambda: pipe.generate("a", 1, decode="no", **g), "decode must be True or False"),
+        "prompt an int": (lambda: pipe.generate(5, 1, **g), "prompts: a string or a list of strings"),
+        "prompt blank": (lambda: pipe.generate("  ", 1, **g), "an empty prompt"),
+        "negative prompt an int": (lambda: pipe.generate("a", 1, negative_prompt=5, **g), "negative_prompt"),
+        "shift a string": (lambda: pipe.generate("a", 1, shift="2", **g), "shift must be a number"),
+        "shift huge": (lambda: pipe.generate("a", 1, shift=1e308, **g), "shift must be in (0, 1e6]"),
+        "cfg a bool": (lambda: pipe.generate("a", 1, cfg_scale=True, **g), "cfg_scale must be a number"),
+        "seed None": (lambda: pipe.generate("a", 1, seed=None, **g), "seed=None"),
+        "callback not callable": (lambda: pipe.generate("a", 1, callback="x", **g), "callback must be callable"),
+        "options a string": (lambda: pipe.generate("a", 1, options="x"), "options: a SamplingOptions"),
+        "indices a string": (lambda: pipe.generate("a", 1, indices="0", **g), "indices="),
+        "generator a string": (lambda: pipe("a", num_frames=2, num_inference_steps=1, generator="abc"), "generator"),
+        "generate's steps in pipe()": (lambda: pipe("a", num_frames=2, steps=1), "num_inference_steps="),
+        "generate's callback in pipe()": (lambda: pipe("a", num_frames=2, num_inference_steps=1, callback=print),
+                                          "callback_on_chunk_end="),
+        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps=0"),
+    }
+
+
+def test_api_bad_arguments_raise_one_named_error_before_any_work(run_dir, monkeypatch):
+    """Each bad argument of generate / pipe(...) / sampling_options is one PipelineError naming it, raised
+    before any model forward (they were deep torch errors mid-rollout, allocator failures, or silently
+    accepted: a 'no' string recorded selections, a dense routing dropped top_k)."""
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    forwards = []
+    inner = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: forwards.append(1) or inner(*a, **k))
+    for name, (call, text) in _api_cases(pipe).items():
+        with pytest.raises(PipelineError) as e:
+            call()
+        assert text in str(e.value) and "\n" not in str(e.value), f"{name}: {e.value}"
+        assert not forwards, f"{name}: the model ran before the error"
+
+
+def test_api_save_refuses_a_bad_path(run_dir, tmp_path, monkeypatch):
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    out = pipe("a", num_frames=None, num_inference_steps=1)
+    monkeypatch.chdir(tmp_path)
+    for bad in (None, 5, ""):  # wrote into the working directory before
+        with pytest.raises(PipelineError, match="save: path must be a non-empty str or Path"):
+            out.save(bad)
+    with pytest.raises(PipelineError, match="sample index"):
+        out.save_one(5, tmp_path / "x.mp4")
+    assert not list(tmp_path.iterdir())

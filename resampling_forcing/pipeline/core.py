@@ -33,6 +33,7 @@ import torch
 from ..attention.backends import resolve_backend
 from ..attention.spec import RoutingSpec
 from ..config import Config
+from ..io import MAX_FPS
 from ..models.wan import CausalWanModel
 from ..options import SamplingOptions
 from ..sampler import SampleResult, sample
@@ -44,6 +45,27 @@ from .output import PipelineOutput
 __all__ = ["Pipeline"]
 
 # generate()'s arguments that are SamplingOptions overrides (an `options=` object replaces them).
+def _check_call(*, seed, indices, callback, progress, decode, options, negative_prompt) -> None:
+    """generate()'s arguments of the wrong type or range, before any work: PipelineError naming them."""
+    from ..cli import MAX_SEED
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise PipelineError(f"seed={seed!r}: an int in [0, {MAX_SEED}]")
+    if indices is not None and (isinstance(indices, (str, bytes)) or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in indices)):
+        raise PipelineError(f"indices={indices!r}: a list of ints >= 0 (one per prompt), or None")
+    for name, value in (("progress", progress), ("decode", decode)):
+        if not isinstance(value, bool):
+            raise PipelineError(f"{name} must be True or False, got {value!r}")
+    if callback is not None and not callable(callback):
+        raise PipelineError(f"callback must be callable, got {type(callback).__name__}")
+    if options is not None and not isinstance(options, SamplingOptions):
+        raise PipelineError(f"options: a SamplingOptions (pipe.sampling_options(...)), got {type(options).__name__}")
+    if negative_prompt is not None and not isinstance(negative_prompt, str) and not (
+            isinstance(negative_prompt, (list, tuple)) and all(isinstance(t, str) for t in negative_prompt)):
+        raise PipelineError(f"negative_prompt: a string or a list of strings, got {type(negative_prompt).__name__}")
+
+
 _OPTION_ARGS = ("steps", "shift", "cfg_scale", "context_t", "routing", "top_k", "sink", "window",
                 "record_selection", "kv_resident_chunks", "kv_host_dtype")
 
@@ -218,6 +240,8 @@ class Pipeline:
         """
         if switch_cache not in SWITCH_CACHE_MODES:
             raise PipelineError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
+        _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
+                    negative_prompt=negative_prompt)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
             raise PipelineError(f"num_chunks={num_chunks!r}: need an int >= 1")
         num_chunks = int(num_chunks)
@@ -234,6 +258,7 @@ class Pipeline:
         else:
             opts = options
         hh, ww, latent_hw = self._geometry(height, width)
+        self._check_memory(opts, num_chunks, bsz, init_latents, init_image, hh, ww)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(neg_text, str):
             neg_text = list(neg_text)
@@ -269,6 +294,19 @@ class Pipeline:
                                    negative_prompt=neg_text if opts.cfg_scale != 1.0 else None,
                                    storyboard=story, switch_cache=switch_cache if story is not None else None)
 
+    def _check_memory(self, opts, num_chunks, batch, init_latents, init_image, height, width) -> None:
+        """Refuse, before any work, a rollout whose memory lower bound exceeds what is free (as the CLI)."""
+        from ..memory import check_fits, rollout_need
+
+        history = 1 if init_image is not None else (
+            int(init_latents.shape[2]) // self.chunk_frames if isinstance(init_latents, torch.Tensor) else 0)
+        cfg = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, height=height, width=width))
+        need = rollout_need(cfg, opts, num_chunks, batch, torch.finfo(self.dtype).bits // 8, history)
+        msg = check_fits(need, self.device, f"a rollout of {num_chunks} chunks at {height}x{width} (batch {batch})",
+                         "lower num_chunks / the batch / the resolution, or bound the cache with kv_resident_chunks")
+        if msg:
+            raise PipelineError(msg)
+
     def __call__(self, prompt: Union[str, Sequence[str], None] = None, num_frames: Optional[int] = None, *,
                  height: Optional[int] = None, width: Optional[int] = None,
                  negative_prompt: Union[str, Sequence[str], None] = None,
@@ -290,6 +328,17 @@ class Pipeline:
         """
         if "num_chunks" in kwargs:
             raise PipelineError("pass num_frames (video frames) to pipe(...); num_chunks is generate()'s argument")
+        for name, alias in (("steps", "num_inference_steps"), ("cfg_scale", "guidance_scale"),
+                            ("callback", "callback_on_chunk_end")):
+            if name in kwargs:
+                raise PipelineError(f"pipe(...) takes {alias}= (diffusers' name), not {name}= (generate()'s)")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS):
+            raise PipelineError(f"fps={fps!r}: a number in (0, {MAX_FPS:g}] (None = the config's data.fps)")
+        if callback_on_chunk_end is not None and not callable(callback_on_chunk_end):
+            raise PipelineError(f"callback_on_chunk_end must be callable, got {type(callback_on_chunk_end).__name__}")
+        if not (generator is None or isinstance(generator, torch.Generator)
+                or (isinstance(generator, (int, np.integer)) and not isinstance(generator, bool))):
+            raise PipelineError(f"generator: a torch.Generator or an int seed, got {type(generator).__name__} {generator!r}")
         if isinstance(generator, torch.Generator):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         elif generator is None:

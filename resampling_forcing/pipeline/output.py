@@ -88,6 +88,8 @@ class PipelineOutput:
     def save(self, path: Union[str, Path], extra: Optional[dict] = None) -> list[Path]:
         """Write sample b to path (one prompt) or to path_000_<prompt>.mp4, ... (several; a
         directory: DIR/000_<prompt>.mp4); each with its JSON. Returns the mp4 paths."""
+        if not isinstance(path, (str, Path)) or not str(path).strip():
+            raise PipelineError(f"save: path must be a non-empty str or Path (a .mp4 file or a folder), got {path!r}")
         prompts = self.result.prompts or [f"sample_{i}" for i in range(self.frames.shape[0])]
         paths = video_paths(path, prompts)
         for b, p in enumerate(paths):
@@ -95,6 +97,10 @@ class PipelineOutput:
         return paths
 
     def save_one(self, b: int, path: Union[str, Path], extra: Optional[dict] = None) -> dict:
+        if self.frames is not None and (isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.frames.shape[0]):
+            raise PipelineError(f"save_one: sample index b={b!r} not in [0, {self.frames.shape[0]})")
+        if extra is not None and not isinstance(extra, dict):
+            raise PipelineError(f"save: extra must be a dict (added to the JSON), got {type(extra).__name__}")
         if self.frames is None:
             raise PipelineError("nothing to save: the rollout was not decoded (decode=False)")
         meta = self.metadata(b, path)
