@@ -54,14 +54,15 @@ def resolve_device(device: Union[str, torch.device, None], what: str = "device",
     except (RuntimeError, TypeError) as e:
         raise PipelineError(f"{what} {device}: not a torch device ({str(e).splitlines()[0]}); "
                             f"use {' or '.join(kinds)}") from None
+    cpu = f"{what} cpu" if what.startswith("--") else f"{what}='cpu'"  # a flag, or an argument of the API
     if dev.type == "cuda" and "cuda" in kinds:
         if not torch.cuda.is_available():
-            raise PipelineError(f"{what} {device}: CUDA is not available on this machine; use --device cpu")
+            raise PipelineError(f"{what} {device}: CUDA is not available on this machine; use {cpu}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PipelineError(f"{what} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type == "mps" and "mps" in kinds:
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise PipelineError(f"{what} {device}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+            raise PipelineError(f"{what} {device}: MPS (Apple GPU) is not available on this machine; use {cpu}")
     elif dev.type not in kinds:
         raise PipelineError(f"{what} {device}: only {', '.join('cuda[:N]' if k == 'cuda' else k for k in kinds)} "
                             f"are supported")
