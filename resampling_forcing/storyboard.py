@@ -152,9 +152,7 @@ def resolve_prompts(prompts: Union[str, Sequence[str], None], storyboard,
         if not isinstance(prompts, str) and not (isinstance(prompts, (list, tuple))
                                                  and all(isinstance(p, str) for p in prompts)):
             raise PipelineError(f"prompts: a string or a list of strings, got {type(prompts).__name__} {prompts!r:.60}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if any(not p.strip() for p in prompts):
-            raise PipelineError("prompts: an empty prompt (pass text; '' is the unconditional branch's)")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # '' is allowed: no text
         if board is not None and board[0][0] == 0:
             raise PipelineError("the storyboard has an entry at chunk 0 and prompts were given too; give one of them")
     if not prompts:

@@ -430,7 +430,7 @@ def _api_cases(pipe):
         "record_selection a string": (lambda: pipe.generate("a", 1, record_selection="no", **g), "record_selection"),
         "decode a string": (lambda: pipe.generate("a", 1, decode="no", **g), "decode must be True or False"),
         "prompt an int": (lambda: pipe.generate(5, 1, **g), "prompts: a string or a list of strings"),
-        "prompt blank": (lambda: pipe.generate("  ", 1, **g), "an empty prompt"),
+        "prompt a list of ints": (lambda: pipe.generate([1, 2], 1, **g), "prompts: a string or a list of strings"),
         "negative prompt an int": (lambda: pipe.generate("a", 1, negative_prompt=5, **g), "negative_prompt"),
         "shift a string": (lambda: pipe.generate("a", 1, shift="2", **g), "shift must be a number"),
         "shift huge": (lambda: pipe.generate("a", 1, shift=1e308, **g), "shift must be in (0, 1e6]"),
@@ -472,3 +472,25 @@ def test_api_save_refuses_a_bad_path(run_dir, tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="sample index"):
         out.save_one(5, tmp_path / "x.mp4")
     assert not list(tmp_path.iterdir())
+
+
+def test_api_init_pixels_and_loading_arguments_are_checked(run_dir):
+    """Init frames: uint8 or float in [-1, 1] only (a float image in 0..255 gave a white history, NaN or an
+    int64 array went through); from_pretrained's arguments of the wrong type are named (pathlib TypeErrors,
+    a str of overrides split into characters, fp64 or int8 weights)."""
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    bad_frames = {"float 0..255": np.full((8, 8, 3), 200.0, np.float32), "NaN": np.full((8, 8, 3), np.nan, np.float32),
+                  "int64": np.zeros((8, 8, 3), np.int64), "empty": np.zeros((0, 0, 3), np.uint8)}
+    for name, frames in bad_frames.items():
+        with pytest.raises(PipelineError, match="init image: "):
+            pipe.load_init_image(frames)
+        with pytest.raises(PipelineError, match="init video: "):
+            pipe.load_init_video(np.stack([frames] * 4))
+    pipe.load_init_image(np.zeros((8, 8, 3), np.uint8))
+    pipe.load_init_image(np.zeros((3, 8, 8), np.float32))
+    for kw, text in ((dict(path=None), "path: "), (dict(path=5), "path: "), (dict(config=5), "config: "),
+                     (dict(overrides="diffusion.sample_steps=2"), "overrides: "),
+                     (dict(dtype=torch.float64), "not supported"), (dict(use_ema="no"), "use_ema")):
+        path = kw.pop("path", run_dir)
+        with pytest.raises(PipelineError, match=text):
+            Pipeline.from_pretrained(path, device="cpu", **kw)

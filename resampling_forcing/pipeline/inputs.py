@@ -13,6 +13,7 @@ Init images (`image_clip`): the image repeated to the pixel frames of one chunk,
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,9 +26,29 @@ from ..storyboard import PipelineError
 __all__ = ["prepare_init_video", "read_image", "image_clip", "video_clip"]
 
 
+def _as_pixels(frames, what: str) -> torch.Tensor:
+    """Given pixels (array or tensor) -> a CPU tensor, checked: uint8 (0..255) or a float dtype with finite
+    values in [-1, 1], no empty axis. PipelineError naming `what` otherwise (a float image in 0..255, a
+    bool or int64 array, NaN: were accepted and gave a white or NaN history)."""
+    try:
+        x = frames.detach().cpu() if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise PipelineError(f"{what}: not an array of pixels ({type(frames).__name__}: {str(e).splitlines()[0]})") from None
+    if x.numel() == 0:
+        raise PipelineError(f"{what}: empty (shape {list(x.shape)})")
+    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
+        raise PipelineError(f"{what}: dtype {str(x.dtype).replace('torch.', '')}; pass uint8 (0..255) or float in [-1, 1]")
+    if x.dtype.is_floating_point:
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.01 or hi > 1.01:
+            raise PipelineError(f"{what}: float values must be finite and in [-1, 1] (got {lo:g}..{hi:g}); "
+                                "0..255 pixels go as uint8")
+    return x
+
+
 def _frames_to_float(frames) -> torch.Tensor:
     """uint8 [F, H, W, 3] (or float [3, F, H, W] / [F, H, W, 3] in [-1, 1]) -> float [3, F, H, W]."""
-    x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames.detach().cpu()
+    x = _as_pixels(frames, "init video")
     if x.dim() == 5 and x.shape[0] == 1:
         x = x[0]
     if x.dim() != 4:
@@ -97,8 +118,9 @@ def image_clip(image, vae, height: int, width: int, chunk_frames: int) -> tuple[
         arr, src = read_image(image), str(image)
         frame = torch.from_numpy(arr.copy())
     else:
-        frame, src = (image.detach().cpu() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))), "<array>"
-        if frame.dim() != 3 or 3 not in (frame.shape[0], frame.shape[-1]):
+        frame, src = _as_pixels(image, "init image"), "<array>"
+        if frame.dim() != 3 or 3 not in (frame.shape[0], frame.shape[-1]) or (
+                frame.dtype == torch.uint8 and frame.shape[-1] != 3):
             raise PipelineError(f"init image must be [H, W, 3] uint8 or [3, H, W] float; got {list(frame.shape)}")
     n = vae.frames_for_latents(chunk_frames)
     if frame.dtype == torch.uint8:

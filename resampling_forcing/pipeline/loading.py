@@ -37,8 +37,10 @@ _DTYPES = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "floa
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise PipelineError(f"dtype {dtype} is not supported; choose one of fp32, bf16, fp16")
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise PipelineError(f"dtype {dtype!r} is unknown; choose one of fp32, bf16, fp16")
     return _DTYPES[dtype]
 
@@ -146,6 +148,14 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
                                                                         torch.device, torch.dtype, dict]:
     """(model, vae, text_encoder, config, device, dtype, source): what `Pipeline.from_pretrained`
     holds (see the module doc); `source` describes what was loaded. PipelineError (one line)."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise PipelineError(f"path: a run folder, a checkpoint folder or a Hugging Face id (str or Path), got {path!r}")
+    if config is not None and not isinstance(config, (str, Path, Config)):
+        raise PipelineError(f"config: a YAML path or a Config, got {type(config).__name__}")
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise PipelineError(f"overrides: a list of 'key.path=value' strings, got {overrides!r:.80}")
+    if not isinstance(use_ema, bool):
+        raise PipelineError(f"use_ema must be True or False, got {use_ema!r}")
     dev, dt = resolve_device(device), parse_dtype(dtype)
     info = resolve_checkpoint(path, use_ema=use_ema)
     overrides = list(overrides)
