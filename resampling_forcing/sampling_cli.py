@@ -187,11 +187,6 @@ def check_args(args) -> None:
     SamplingOptions.from_config (sampling_options)."""
     if args.num_chunks < 1:
         raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
-    for flag, value in (("--top-k", args.top_k), ("--sink", args.sink), ("--window", args.window)):
-        if args.routing == "dense" and value is not None:
-            raise BadInput(f"--routing dense contradicts {flag} (dense attends every history chunk)")
-    if args.routing == "window" and args.top_k is not None:
-        raise BadInput("--routing window contradicts --top-k (window keeps --sink / --window chunks, no scores)")
     from .io import MAX_FPS  # numpy only (io's one limit of write_mp4)
 
     if args.fps is not None and not 0 < args.fps <= MAX_FPS:
@@ -220,7 +215,11 @@ _FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks":
           "attention.routing.window_chunks": "--window", "steps": "--steps", "shift": "--shift",
           "cfg_scale": "--cfg", "context_t": "--context-t", "kv_resident_chunks": "--kv-resident-chunks",
           "kv_host_dtype": "--kv-host-dtype"}
-_ROUTING_WORDS = (("mode='dense'", "--routing dense"), ("mode='window'", "--routing window"),
+_ROUTING_WORDS = (("routing='dense' contradicts", "--routing dense contradicts"),
+                  ("routing='window' contradicts", "--routing window contradicts"),
+                  ("contradicts top_k=", "contradicts --top-k "), ("contradicts sink=", "contradicts --sink "),
+                  ("contradicts window=", "contradicts --window "),
+                  ("mode='dense'", "--routing dense"), ("mode='window'", "--routing window"),
                   ("mode='topk'", "--routing topk"), ("(or sink_chunks)", "(or --sink)"),
                   ("set window_chunks", "set --window"), ("set top_k", "set --top-k"))
 # a name at the start of the message, or after "needs"
