@@ -167,21 +167,6 @@ def check_writable(paths: list[Path]) -> None:
                 raise BadInput(f"--output: {q} exists and is not writable")
 
 
-def check_model_overrides(cfg, overrides) -> None:
-    """A `--set model.KEY=VALUE` the checkpoint overrules (our checkpoints fix every model key in
-    model_config.json, a raw Wan2.1 checkpoint its sizes) would be ignored silently: refuse it."""
-    from .config import override_value
-
-    for text in overrides:
-        keys, want = override_value(text)
-        if len(keys) != 2 or keys[0] != "model" or not hasattr(cfg.model, keys[1]):
-            continue
-        got = getattr(cfg.model, keys[1])
-        if got != want and not (isinstance(got, str) and str(want) == got):
-            raise BadInput(f"--set {text}: the checkpoint fixes model.{keys[1]} = {got!r} (its model config); "
-                           "it cannot be changed at sampling")
-
-
 def check_args(args) -> None:
     """What only the CLI knows (counts, files, flag combinations); the sampling values are checked by
     SamplingOptions.from_config (sampling_options)."""
@@ -263,6 +248,7 @@ def run(args) -> int:
     from .models.loading import CheckpointError
     from .pipeline import (Pipeline, PipelineError, PipelineOutput, read_image, resolve_config,
                                              resolve_device)
+    from .pipeline.loading import check_model_overrides
 
     sampling_options(Config(), "cpu", args)  # the flags' own values, before any file is read
     input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
@@ -277,7 +263,10 @@ def run(args) -> int:
                                             if args.attention_backend is not None else [])
         device = resolve_device(args.device, what="--device")
         cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
-        check_model_overrides(cfg, args.overrides)
+        try:
+            check_model_overrides(cfg, args.overrides)
+        except PipelineError as e:
+            raise BadInput(f"--set {e}") from None
         opts = sampling_options(cfg, device, args)  # the options of every rollout below
         if opts.record_selection and (opts.routing is None or opts.routing.is_dense):
             raise BadInput("--record-selection records routing picks, and this rollout attends densely (no routing "

@@ -494,3 +494,23 @@ def test_api_init_pixels_and_loading_arguments_are_checked(run_dir):
         path = kw.pop("path", run_dir)
         with pytest.raises(PipelineError, match=text):
             Pipeline.from_pretrained(path, device="cpu", **kw)
+
+
+def test_api_parity_with_the_cli(run_dir, monkeypatch):
+    """What the CLI refuses the API refuses too: an override of a model key the checkpoint fixes, a host
+    tier larger than the model dtype, switch_cache='recache' without a storyboard; and pipe(...) checks the
+    prompts before it encodes an init video."""
+    with pytest.raises(PipelineError, match="model.dim=64: the checkpoint fixes model.dim"):
+        Pipeline.from_pretrained(run_dir, device="cpu", overrides=["model.dim=64"])
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu", dtype="bf16")
+    with pytest.raises(PipelineError, match="kv_host_dtype='fp32' is larger than the model's"):
+        pipe.generate("a", 2, steps=1, kv_resident_chunks=1, kv_host_dtype="fp32")
+    with pytest.raises(PipelineError, match="switch_cache='recache' acts at a prompt switch"):
+        pipe.generate("a", 2, steps=1, switch_cache="recache")
+    encoded = []
+    monkeypatch.setattr(pipe, "_encode", lambda clip: encoded.append(1))
+    with pytest.raises(PipelineError, match="prompts: a string or a list of strings"):
+        pipe(5, num_frames=4, init_video=np.zeros((8, 8, 8, 3), np.uint8))
+    with pytest.raises(PipelineError, match="max_history_chunks=0"):
+        pipe("a", num_frames=4, init_video=np.zeros((8, 8, 8, 3), np.uint8), max_history_chunks=0)
+    assert not encoded

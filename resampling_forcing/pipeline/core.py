@@ -33,6 +33,7 @@ import torch
 from ..attention.backends import resolve_backend
 from ..attention.spec import RoutingSpec
 from ..config import Config
+from ..dtypes import DTYPE_BYTES
 from ..io import MAX_FPS
 from ..models.wan import CausalWanModel
 from ..options import SamplingOptions
@@ -240,6 +241,8 @@ class Pipeline:
         """
         if switch_cache not in SWITCH_CACHE_MODES:
             raise PipelineError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
+        if switch_cache != "keep" and storyboard is None:
+            raise PipelineError(f"switch_cache={switch_cache!r} acts at a prompt switch: pass a storyboard (or leave it 'keep')")
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
                     negative_prompt=negative_prompt)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
@@ -258,6 +261,9 @@ class Pipeline:
         else:
             opts = options
         hh, ww, latent_hw = self._geometry(height, width)
+        if opts.kv_host_dtype is not None and DTYPE_BYTES[opts.kv_host_dtype] > torch.finfo(self.dtype).bits // 8:
+            raise PipelineError(f"kv_host_dtype={opts.kv_host_dtype!r} is larger than the model's {self.dtype}: the "
+                                "host tier would hold the same values in more memory; leave it None or smaller")
         self._check_memory(opts, num_chunks, bsz, init_latents, init_image, hh, ww)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(neg_text, str):
@@ -352,7 +358,11 @@ class Pipeline:
         elif num_inference_steps is not None or guidance_scale is not None or top_k is not None:
             raise PipelineError("pass options= or num_inference_steps / guidance_scale / top_k, not both")
         hist_chunks, video_info = 0, None
-        if kwargs.get("init_video") is not None:  # encoded first: its length sets the history's frames
+        if kwargs.get("init_video") is not None:  # encoded first (its length sets the history's frames),
+            # so what generate() would refuse is checked before that work
+            resolve_prompts(prompt, kwargs.get("storyboard"), 1 << 30)
+            _check_call(seed=seed, indices=kwargs.get("indices"), callback=None, progress=kwargs.get("progress", False),
+                        decode=kwargs.get("decode", True), options=kwargs.get("options"), negative_prompt=negative_prompt)
             if kwargs.get("init_latents") is not None or kwargs.get("init_image") is not None:
                 raise PipelineError("pass one of init_video, init_image, init_latents")
             kwargs["init_latents"], video_info = self.load_init_video(

@@ -145,6 +145,10 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
     training; `resample_fps=False` keeps its own rate). `max_chunks` keeps at most that many
     history chunks (the END of the video); only those frames are converted, so a long clip costs
     no more memory than `max_chunks` chunks."""
+    if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, (int, np.integer))
+                                   or max_chunks < 1):
+        raise PipelineError(f"max_history_chunks={max_chunks!r}: an int >= 1 (the most chunks of the video "
+                            "kept as history), or None for all")
     if not isinstance(video, (str, Path)):
         clip, info = prepare_init_video(video, vae, height, width, chunk_frames, max_chunks)
         info["source"] = "<array>"

@@ -141,6 +141,21 @@ def _wan_encoder_defaults(cfg: Config, model_dir: Path) -> Config:
 # ----------------------------------------------------------------------------- weights and encoders
 
 
+def check_model_overrides(cfg: Config, overrides: Sequence[str]) -> None:
+    """An override `model.KEY=VALUE` that the checkpoint overrules (our checkpoints fix every model key
+    in model_config.json, a raw Wan2.1 checkpoint its sizes) would be ignored silently: PipelineError."""
+    from ..config import override_value
+
+    for text in overrides:
+        keys, want = override_value(text)
+        if len(keys) != 2 or keys[0] != "model" or not hasattr(cfg.model, keys[1]):
+            continue
+        got = getattr(cfg.model, keys[1])
+        if got != want and not (isinstance(got, str) and str(want) == got):
+            raise PipelineError(f"{text}: the checkpoint fixes model.{keys[1]} = {got!r} (its model config); "
+                                "it cannot be changed at sampling")
+
+
 def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
                     overrides: Sequence[str] = (), device: Union[str, torch.device, None] = "cpu",
                     dtype: Union[str, torch.dtype] = "fp32", use_ema: bool = True,
@@ -162,6 +177,7 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
     if attention_backend is not None:
         overrides.append(f"attention.backend={attention_backend}")
     cfg = _config_for(info, config, overrides)
+    check_model_overrides(cfg, overrides)
     try:
         backend = resolve_backend(cfg.attention.backend, dev)
     except ValueError as e:
