@@ -423,7 +423,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     """
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r}: need an int >= 1")
-    if switch_cache not in SWITCH_CACHE_MODES:
+    if switch_cache not in SWITCH_CACHE_MODES:  # (generate() / the CLI also refuse 'recache' without a storyboard)
         raise ValueError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
     context, switches = split_storyboard(storyboard, context, num_chunks)
     options = options or SamplingOptions()

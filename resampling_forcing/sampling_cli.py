@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_storyboard(args):
     """--prompts-at / --storyboard -> sorted [(chunk, prompt)] (None without them)."""
-    from .storyboard import PipelineError, parse_storyboard
+    from .storyboard import PipelineError, check_switch_cache, parse_storyboard
+
+    try:
+        check_switch_cache(args.switch_cache, args.prompts_at is not None or args.storyboard is not None,
+                           "--switch-cache")
+    except PipelineError as e:
+        raise BadInput(f"{e}".replace("pass a storyboard", "give --prompts-at or --storyboard")) from None
 
     given = [f for f, v in (("--prompts-at", args.prompts_at), ("--storyboard", args.storyboard)) if v is not None]
     if not given:

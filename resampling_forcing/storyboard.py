@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["PipelineError", "SWITCH_CACHE_MODES", "check_storyboard", "parse_storyboard", "split_storyboard",
+__all__ = ["PipelineError", "SWITCH_CACHE_MODES", "check_storyboard", "check_switch_cache", "parse_storyboard", "split_storyboard",
            "resolve_prompts", "storyboard_record", "video_paths"]
 
 # What happens to the cached history at a prompt switch (sampler.Rollout.set_context).
@@ -129,6 +129,15 @@ def split_storyboard(storyboard, context, num_chunks: int) -> tuple[Any, dict[in
     if context is None:
         raise ValueError("no context: pass `context` or a storyboard entry at chunk 0")
     return context, switches
+
+
+def check_switch_cache(switch_cache: str, has_storyboard: bool, name: str = "switch_cache") -> None:
+    """The one rule of `switch_cache`: a known mode, and 'recache' only with a storyboard (it acts at a
+    prompt switch). PipelineError naming `name` (the API argument or the CLI flag)."""
+    if switch_cache not in SWITCH_CACHE_MODES:
+        raise PipelineError(f"{name}={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
+    if switch_cache != "keep" and not has_storyboard:
+        raise PipelineError(f"{name}={switch_cache!r} acts at a prompt switch: pass a storyboard (or leave it 'keep')")
 
 
 def resolve_prompts(prompts: Union[str, Sequence[str], None], storyboard,

@@ -311,6 +311,7 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "storyboard unknown key": (("--checkpoint", run_dir, "--num-chunks", 2, "--storyboard", board),
                                    "unknown key 'colour'"),
         "no mps here": (base + ("--device", "mps"), "--device mps: MPS (Apple GPU) is not available"),
+        "recache without a storyboard": (base + ("--switch-cache", "recache"), "give --prompts-at or --storyboard"),
         "host tier larger": (base + ("--dtype", "bf16", "--kv-resident-chunks", 1, "--kv-host-dtype", "fp32"),
                              "--kv-host-dtype fp32 is larger than --dtype bf16"),
     }

@@ -38,7 +38,7 @@ from ..io import MAX_FPS
 from ..models.wan import CausalWanModel
 from ..options import SamplingOptions
 from ..sampler import SampleResult, sample
-from ..storyboard import SWITCH_CACHE_MODES, PipelineError, resolve_prompts, storyboard_record
+from ..storyboard import PipelineError, check_switch_cache, resolve_prompts, storyboard_record
 from .inputs import image_clip, video_clip
 from .loading import load_pretrained
 from .output import PipelineOutput
@@ -239,10 +239,7 @@ class Pipeline:
         rest in host memory (cache.TieredKVCache; the same output bit for bit). None = all resident.
         kv_host_dtype: "bf16" | "fp16" | "fp32" for the host tier (smaller than the model's: lossy).
         """
-        if switch_cache not in SWITCH_CACHE_MODES:
-            raise PipelineError(f"switch_cache={switch_cache!r}: choose one of {', '.join(SWITCH_CACHE_MODES)}")
-        if switch_cache != "keep" and storyboard is None:
-            raise PipelineError(f"switch_cache={switch_cache!r} acts at a prompt switch: pass a storyboard (or leave it 'keep')")
+        check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
                     negative_prompt=negative_prompt)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
