@@ -4,7 +4,7 @@ every bench follows for bad input (resampling_forcing.cli): ONE line on stderr, 
 <what is wrong and the fix>``, exit code 2, before any expensive work; outputs written atomically.
 
     def _main(argv):
-        p = bench_parser("bench/x.py", "what it does")
+        p = OneLineParser(prog="bench/x.py", description="what it does")
         p.add_argument("--chunks", type=positive_int, default=8)
         args = p.parse_args(argv)            # argparse errors -> BadInput (one line, names the flag)
         check_out("--out", args.out)          # before any work
@@ -29,17 +29,12 @@ from resampling_forcing.cli import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, MAX_SEED, 
                                     check_output_file)
 from resampling_forcing.dtypes import DTYPE_NAMES  # noqa: F401 (re-exported for the benches)
 
-__all__ = ["DTYPE_NAMES", "BadInput", "add_attention_shape_args", "bench_parser", "check_checkpoint", "check_device",
+__all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "add_attention_shape_args", "check_checkpoint", "check_device",
            "check_out", "choice_list", "device_name", "finite_float", "given_flags", "int_list", "nonneg_int",
            "positive_int", "report_bad_input", "run_main", "seed_range", "setup_device", "torch_dtype"]
 
 
 # ----------------------------------------------------------------------------- parser and entry point
-
-def bench_parser(prog: str, description: Optional[str] = None, **kw) -> OneLineParser:
-    """An argparse parser whose errors raise BadInput (one line naming the flag) instead of printing the usage."""
-    return OneLineParser(prog=prog, description=description, **kw)
-
 
 def report_bad_input(prog: str, err: object) -> int:
     """Print ``<prog>: error: <err>`` (an exception or a message) as ONE line on stderr; the exit code of

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (BadInput, add_attention_shape_args, bench_parser, check_out, choice_list,  # noqa: E402
+from bench.common import (OneLineParser, BadInput, add_attention_shape_args, check_out, choice_list,  # noqa: E402
                           given_flags, nonneg_int, positive_int, report_bad_input, torch_dtype)  # torch-free
 
 PROG = "bench/kernels.py"
@@ -57,7 +57,7 @@ SMOKE_IGNORES = ("histories", "topk", "heads", "head_dim", "chunk_tokens", "dtyp
 
 def parse_args(argv=None):
     """The flags, all checked before torch is imported (BadInput: one line naming the flag)."""
-    p = bench_parser(PROG, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="tiny fixed shapes in fp32 on CPU through the Triton interpreter; refuses the shape and timing "
                         "flags it would ignore (--histories, --topk, --heads, --head-dim, --chunk-tokens, --dtype, "

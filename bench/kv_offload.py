@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (BadInput, bench_parser, check_checkpoint, check_device, check_out, device_name,  # noqa: E402
+from bench.common import (OneLineParser, BadInput, check_checkpoint, check_device, check_out, device_name,  # noqa: E402
                           int_list, nonneg_int, positive_int, run_main)
 from resampling_forcing.cache import KVCache  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
@@ -52,7 +52,7 @@ def wan_arithmetic(minutes: float = 1.0, resident: int = 4, fps: float = 16.0, s
 
 
 def _main(argv=None) -> int:
-    p = bench_parser(PROG, __doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--chunks", type=int_list(1), default="4,8,16,32")
     p.add_argument("--resident", type=positive_int, default=2)

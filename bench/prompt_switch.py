@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import (BadInput, bench_parser, check_checkpoint, check_out, nonneg_int, positive_int,  # noqa: E402
+from bench.common import (OneLineParser, BadInput, check_checkpoint, check_out, nonneg_int, positive_int,  # noqa: E402
                           run_main, seed_range)
 from resampling_forcing.eval import detect  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
@@ -62,7 +62,7 @@ def measure(video: np.ndarray, f_switch: int, f_last: int, f_chunk: int) -> dict
 
 
 def _main(argv=None) -> int:
-    p = bench_parser(PROG, __doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--seeds", type=seed_range, default="0-7", help="a-b or a,b,c")
     p.add_argument("--chunks", type=positive_int, default=8)

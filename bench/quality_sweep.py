@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import (BadInput, bench_parser, check_checkpoint, check_out, int_list, nonneg_int,  # noqa: E402
+from bench.common import (OneLineParser, BadInput, check_checkpoint, check_out, int_list, nonneg_int,  # noqa: E402
                           positive_int, run_main)
 from resampling_forcing.cli import MAX_SEED  # noqa: E402
 from resampling_forcing.data.synthetic import (DEFAULT_COLORS, DEFAULT_SHAPES, all_combos,  # noqa: E402
@@ -70,7 +70,7 @@ def sweep_captions(max_objects: int, seed: int, train_captions: int) -> tuple[li
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = bench_parser(PROG, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--settings", nargs="+", default=["{}"], help="JSON objects of generate() kwargs")
     p.add_argument("--seeds", type=int_list(0, MAX_SEED), default="0,1,2")

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (DTYPE_NAMES, BadInput, bench_parser, check_device, check_out, device_name,  # noqa: E402
+from bench.common import (OneLineParser, DTYPE_NAMES, BadInput, check_device, check_out, device_name,  # noqa: E402
                           nonneg_int, positive_int, run_main, torch_dtype)
 from resampling_forcing.attention.backends import resolve_backend  # noqa: E402
 from resampling_forcing.attention.masks import MaskSpec, block_sparsity  # noqa: E402
@@ -106,7 +106,7 @@ def latent_of(preset: str, args) -> tuple[list[int], int]:
 
 
 def _main(argv=None) -> int:
-    p = bench_parser(PROG, __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "wan-100m"], choices=list(MODEL_PRESETS), metavar="PRESET",
                    help=f"model presets: {', '.join(MODEL_PRESETS)}")
     p.add_argument("--backends", nargs="+", default=["sdpa", "flex"], choices=BACKENDS, metavar="BACKEND",

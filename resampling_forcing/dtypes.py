@@ -4,3 +4,20 @@ from __future__ import annotations
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_NAMES = tuple(DTYPE_BYTES)
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype (or its name) -> "fp32" | "bf16" | "fp16" (ValueError for any other)."""
+    name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).replace("torch.", ""), str(dtype))
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype}: not one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+def host_tier_problem(host: str | None, model: str) -> str | None:
+    """Why a bounded cache's host tier in dtype `host` makes no sense for a model in `model` (names), or
+    None: a larger host dtype holds the same values in more memory."""
+    if host is not None and DTYPE_BYTES[host] > DTYPE_BYTES[model]:
+        return (f"{host} is larger than the model's {model}: the host tier would hold the same values in more "
+                f"memory; use {model} (the default) or smaller")
+    return None

@@ -241,6 +241,14 @@ def to_uint8_video(video) -> np.ndarray:
 MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
 
 
+def fps_problem(fps) -> str | None:
+    """Why `fps` cannot be an mp4 frame rate ("must be a number in (0, 1000]"), or None: the one rule of
+    write_mp4, which the sampling CLI and the Pipeline check before a rollout."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) or not 0 < fps <= MAX_FPS:
+        return f"must be a number in (0, {MAX_FPS:g}] (got {fps!r})"
+    return None
+
+
 def write_mp4(
     path: str | os.PathLike,
     frames,
@@ -263,8 +271,9 @@ def write_mp4(
     num, h, w, _ = video.shape
     if num == 0:
         raise ValueError(f"{path}: cannot write a video with 0 frames")
-    if not 0 < fps <= MAX_FPS:
-        raise ValueError(f"{path}: fps must be a number in (0, {MAX_FPS:g}], got {fps}")
+    problem = fps_problem(fps)
+    if problem:
+        raise ValueError(f"{path}: fps {problem}")
     if pix_fmt is None:
         pix_fmt = "yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p"
     path = Path(path)

@@ -30,7 +30,7 @@ from pathlib import Path
 # torch-free imports only here: --help and the flag checks run before torch is imported
 from .attention.spec import BACKENDS, ROUTING_MODES
 from .cli import BadInput, OneLineParser, run_cli
-from .dtypes import DTYPE_BYTES, DTYPE_NAMES
+from .dtypes import DTYPE_BYTES, DTYPE_NAMES, host_tier_problem
 from .storyboard import SWITCH_CACHE_MODES
 
 
@@ -178,13 +178,13 @@ def check_args(args) -> None:
     SamplingOptions.from_config (sampling_options)."""
     if args.num_chunks < 1:
         raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
-    from .io import MAX_FPS  # numpy only (io's one limit of write_mp4)
+    from .io import fps_problem  # numpy only (write_mp4's rule)
 
-    if args.fps is not None and not 0 < args.fps <= MAX_FPS:
-        raise BadInput(f"--fps must be a number in (0, {MAX_FPS:g}] (got {args.fps})")
-    if args.kv_host_dtype is not None and DTYPE_BYTES[args.kv_host_dtype] > DTYPE_BYTES[args.dtype]:
-        raise BadInput(f"--kv-host-dtype {args.kv_host_dtype} is larger than --dtype {args.dtype}: the host tier would "
-                       f"hold the same values in more memory; use {args.dtype} (the default) or smaller")
+    if args.fps is not None and fps_problem(args.fps):
+        raise BadInput(f"--fps {fps_problem(args.fps)}")
+    problem = host_tier_problem(args.kv_host_dtype, args.dtype)
+    if problem:
+        raise BadInput(f"--kv-host-dtype {problem}")
     if not args.output.strip():
         raise BadInput("--output must not be empty (a .mp4 file or a folder)")
     if args.batch < 1:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["PipelineError", "SWITCH_CACHE_MODES", "check_storyboard", "check_switch_cache", "parse_storyboard", "split_storyboard",
+__all__ = ["PipelineError", "SWITCH_CACHE_MODES", "check_prompts", "check_storyboard", "check_switch_cache", "parse_storyboard", "split_storyboard",
            "resolve_prompts", "storyboard_record", "video_paths"]
 
 # What happens to the cached history at a prompt switch (sampler.Rollout.set_context).
@@ -131,6 +131,13 @@ def split_storyboard(storyboard, context, num_chunks: int) -> tuple[Any, dict[in
     return context, switches
 
 
+def check_prompts(prompts) -> None:
+    """Given prompts: a string or a list of strings (None is resolve_prompts' to judge). PipelineError."""
+    if prompts is not None and not isinstance(prompts, str) and not (
+            isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)):
+        raise PipelineError(f"prompts: a string or a list of strings, got {type(prompts).__name__} {prompts!r:.60}")
+
+
 def check_switch_cache(switch_cache: str, has_storyboard: bool, name: str = "switch_cache") -> None:
     """The one rule of `switch_cache`: a known mode, and 'recache' only with a storyboard (it acts at a
     prompt switch). PipelineError naming `name` (the API argument or the CLI flag)."""
@@ -158,9 +165,7 @@ def resolve_prompts(prompts: Union[str, Sequence[str], None], storyboard,
         first = board[0][1]
         prompts = [first] if isinstance(first, str) else list(first)
     else:
-        if not isinstance(prompts, str) and not (isinstance(prompts, (list, tuple))
-                                                 and all(isinstance(p, str) for p in prompts)):
-            raise PipelineError(f"prompts: a string or a list of strings, got {type(prompts).__name__} {prompts!r:.60}")
+        check_prompts(prompts)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # '' is allowed: no text
         if board is not None and board[0][0] == 0:
             raise PipelineError("the storyboard has an entry at chunk 0 and prompts were given too; give one of them")

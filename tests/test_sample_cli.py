@@ -313,7 +313,7 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "no mps here": (base + ("--device", "mps"), "--device mps: MPS (Apple GPU) is not available"),
         "recache without a storyboard": (base + ("--switch-cache", "recache"), "give --prompts-at or --storyboard"),
         "host tier larger": (base + ("--dtype", "bf16", "--kv-resident-chunks", 1, "--kv-host-dtype", "fp32"),
-                             "--kv-host-dtype fp32 is larger than --dtype bf16"),
+                             "--kv-host-dtype fp32 is larger than the model's bf16"),
     }
     for name, (args, text) in expect.items():
         cases[name] = args
@@ -444,7 +444,7 @@ def _api_cases(pipe):
         "generate's steps in pipe()": (lambda: pipe("a", num_frames=2, steps=1), "num_inference_steps="),
         "generate's callback in pipe()": (lambda: pipe("a", num_frames=2, num_inference_steps=1, callback=print),
                                           "callback_on_chunk_end="),
-        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps=0"),
+        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps must be a number in (0, 1000] (got 0)"),
     }
 
 
@@ -504,7 +504,7 @@ def test_api_parity_with_the_cli(run_dir, monkeypatch):
     with pytest.raises(PipelineError, match="model.dim=64: the checkpoint fixes model.dim"):
         Pipeline.from_pretrained(run_dir, device="cpu", overrides=["model.dim=64"])
     pipe = Pipeline.from_pretrained(run_dir, device="cpu", dtype="bf16")
-    with pytest.raises(PipelineError, match="kv_host_dtype='fp32' is larger than the model's"):
+    with pytest.raises(PipelineError, match="kv_host_dtype fp32 is larger than the model's bf16"):
         pipe.generate("a", 2, steps=1, kv_resident_chunks=1, kv_host_dtype="fp32")
     with pytest.raises(PipelineError, match="switch_cache='recache' acts at a prompt switch"):
         pipe.generate("a", 2, steps=1, switch_cache="recache")

@@ -33,12 +33,12 @@ import torch
 from ..attention.backends import resolve_backend
 from ..attention.spec import RoutingSpec
 from ..config import Config
-from ..dtypes import DTYPE_BYTES
-from ..io import MAX_FPS
+from ..dtypes import dtype_name, host_tier_problem
+from ..io import fps_problem
 from ..models.wan import CausalWanModel
 from ..options import SamplingOptions
 from ..sampler import SampleResult, sample
-from ..storyboard import PipelineError, check_switch_cache, resolve_prompts, storyboard_record
+from ..storyboard import PipelineError, check_prompts, check_switch_cache, resolve_prompts, storyboard_record
 from .inputs import image_clip, video_clip
 from .loading import load_pretrained
 from .output import PipelineOutput
@@ -258,9 +258,9 @@ class Pipeline:
         else:
             opts = options
         hh, ww, latent_hw = self._geometry(height, width)
-        if opts.kv_host_dtype is not None and DTYPE_BYTES[opts.kv_host_dtype] > torch.finfo(self.dtype).bits // 8:
-            raise PipelineError(f"kv_host_dtype={opts.kv_host_dtype!r} is larger than the model's {self.dtype}: the "
-                                "host tier would hold the same values in more memory; leave it None or smaller")
+        problem = host_tier_problem(opts.kv_host_dtype, dtype_name(self.dtype))
+        if problem:
+            raise PipelineError(f"kv_host_dtype {problem}")
         self._check_memory(opts, num_chunks, bsz, init_latents, init_image, hh, ww)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(neg_text, str):
@@ -335,8 +335,8 @@ class Pipeline:
                             ("callback", "callback_on_chunk_end")):
             if name in kwargs:
                 raise PipelineError(f"pipe(...) takes {alias}= (diffusers' name), not {name}= (generate()'s)")
-        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS):
-            raise PipelineError(f"fps={fps!r}: a number in (0, {MAX_FPS:g}] (None = the config's data.fps)")
+        if fps is not None and fps_problem(fps):
+            raise PipelineError(f"fps {fps_problem(fps)}; None = the config's data.fps")
         if callback_on_chunk_end is not None and not callable(callback_on_chunk_end):
             raise PipelineError(f"callback_on_chunk_end must be callable, got {type(callback_on_chunk_end).__name__}")
         if not (generator is None or isinstance(generator, torch.Generator)
@@ -357,7 +357,7 @@ class Pipeline:
         hist_chunks, video_info = 0, None
         if kwargs.get("init_video") is not None:  # encoded first (its length sets the history's frames),
             # so what generate() would refuse is checked before that work
-            resolve_prompts(prompt, kwargs.get("storyboard"), 1 << 30)
+            check_prompts(prompt)
             _check_call(seed=seed, indices=kwargs.get("indices"), callback=None, progress=kwargs.get("progress", False),
                         decode=kwargs.get("decode", True), options=kwargs.get("options"), negative_prompt=negative_prompt)
             if kwargs.get("init_latents") is not None or kwargs.get("init_image") is not None:
