@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cli import EXIT_BAD_INPUT, MAX_SEED, BadInput, OneLineParser, check_output_dir
+from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_output_dir, check_seed
 
 __all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "arm_overrides", "run", "main"]
 
@@ -253,8 +253,7 @@ def run(args) -> int:
     if steps < 1:
         raise BadInput(f"--steps must be >= 1 (got {steps})")
     # every flag is checked here, before hours of training (they were read only when first used)
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    check_seed("--seed", args.seed)
     if args.routing_arm is not None and args.no_routing:
         raise BadInput("--routing-arm and --no-routing contradict each other; drop one")
     if args.routing_arm is not None and args.routing_arm not in arms:

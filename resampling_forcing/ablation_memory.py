@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ablation import _finished, _path, _train, resumable_main
-from .cli import MAX_SEED, BadInput, OneLineParser, check_output_dir
+from .cli import BadInput, OneLineParser, check_output_dir, check_seed
 
 __all__ = ["MODES", "CONDITIONINGS", "probe_clips", "after", "continue_probe", "memory_sanity", "run", "main"]
 
@@ -163,8 +163,7 @@ def run(args) -> int:
     steps = sum(s.steps for s in base.train.stages) if args.steps is None else args.steps
     if steps < 1 or args.clips < 1:
         raise BadInput(f"--steps and --clips must be >= 1 (got {steps}, {args.clips})")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    check_seed("--seed", args.seed)
     out = check_output_dir("--out", args.out)
     if args.report_dir is not None:
         check_output_dir("--report-dir", args.report_dir)

@@ -14,7 +14,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and numpy's SeedSequence take without overflow
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file",
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file", "check_seed",
            "run_cli"]
 
 
@@ -27,6 +27,12 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise BadInput(f"{message} (see --help)")
+
+
+def check_seed(flag: str, seed) -> None:
+    """A seed flag (None = not given): an int in [0, MAX_SEED]. BadInput otherwise."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise BadInput(f"{flag} must be in [0, {MAX_SEED}] (got {seed})")
 
 
 def check_output_file(flag: str, path, suffixes: Sequence[str] = ()) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import EXIT_BAD_INPUT, MAX_SEED, BadInput, OneLineParser, check_output_dir
+from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_output_dir, check_seed
 from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
 from .encoders import build_vae
@@ -142,8 +142,7 @@ def _check_args(args) -> None:
             raise BadInput(f"{flag} must be >= {low} (got {value})")
     if args.tf_steps + args.rf_steps < 1:
         raise BadInput("--tf-steps + --rf-steps must be >= 1 (the demo trains a live model)")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    check_seed("--seed", args.seed)
     if args.pretrained and not Path(args.pretrained).is_dir():
         raise BadInput(f"--pretrained {args.pretrained}: not a checkpoint folder ('' skips the shipped model)")
     if any(o.split("=", 1)[0].strip() == "train.run_dir" for o in args.overrides):

@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cli import MAX_SEED, BadInput, OneLineParser, check_output_file, run_cli
+from .cli import BadInput, OneLineParser, check_output_file, check_seed, run_cli
 from .diffusion import shift_t
 from .resampling import OBJECTIVES, RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .sampler import Rollout, SamplingOptions, sample
@@ -366,8 +366,7 @@ def _check_args(args) -> None:
         raise BadInput(f"--resample-steps must be >= 1 (got {args.resample_steps})")
     if args.noise_scale is not None and not (math.isfinite(args.noise_scale) and args.noise_scale >= 0):
         raise BadInput(f"--noise-scale must be a finite number >= 0 (got {args.noise_scale})")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise BadInput(f"--seed must be in [0, {MAX_SEED}] (got {args.seed})")
+    check_seed("--seed", args.seed)
     for flag, value in (("--checkpoint", args.checkpoint), ("--config", args.config), ("--data", args.data)):
         if value is not None and not str(value).strip():
             raise BadInput(f"{flag} must not be empty")
