@@ -5,8 +5,8 @@ chunks for every query: one plain attention over [those cache slices | current c
 (per head: the m most selected chunks as dense blocks attended by all the head's queries, the other
 (query, chunk) pairs as MoBA rows, "padded" (one call over all chunks) or "per-chunk" (one call per
 chunk, exact row counts); merged with the current chunk by lse), or "none". Each layout runs on torch's
-fused CPU flash kernel (inference) or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and
-both kernels must equal `routed_attention_reference` (outputs and lse, fp32 tolerance). Also: the
+fused CPU flash kernel (inference), explicit in-place products (inference, 33-191 query rows per problem)
+or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and all three must equal `routed_attention_reference` (outputs and lse, fp32 tolerance). Also: the
 sort-free top-k selection keeps the exact tie rule.
 """
 from __future__ import annotations
@@ -44,12 +44,21 @@ def inputs(B, Hh, N, T, D, Lq=None, Lc=None, dtype=torch.float32, spare=2, seed=
     return r(B, Hh, Lq, D), cache_k[:, :, : N * T], cache_v[:, :, : N * T], r(B, Hh, Lc, D), r(B, Hh, Lc, D)
 
 
-@pytest.fixture(params=["flash", "explicit"])
+@pytest.fixture(params=["flash", "explicit", "inplace"])
 def kernel(request, monkeypatch):
-    """Run the torch path on torch's fused CPU kernel, or on the explicit ops (autograd's path)."""
+    """Run the torch path on torch's fused CPU kernel, on the explicit ops (autograd's path), or on the
+    in-place products CPU inference uses for 33-191 query rows (here forced for every call)."""
     if request.param == "explicit":
         monkeypatch.setattr(R, "_FLASH_CPU", None)
         yield request.param
+        return
+    if request.param == "inplace":
+        monkeypatch.setattr(R, "_INPLACE_ROWS", (1, 1 << 30))
+        monkeypatch.setattr(R, "_INPLACE_MIN_KV_BYTES", 0)
+        calls, inplace = [], R._attend_inplace
+        monkeypatch.setattr(R, "_attend_inplace", lambda *a: calls.append(1) or inplace(*a))
+        yield request.param
+        assert calls, "the in-place path was never used"
         return
     if R._FLASH_CPU is None:
         pytest.skip("this torch has no fused CPU flash kernel")
@@ -390,6 +399,24 @@ def test_select_topk_many_exact_ties(top_k):
                      RoutingSpec("topk", top_k=top_k, sink_chunks=1, window_chunks=1)):
             ref = select_chunks_reference(q, mk, spec, allowed)
             assert torch.equal(select_chunks(q, mk, spec, allowed, backend="torch"), ref)
+
+
+def test_inplace_products_at_real_shape(monkeypatch):
+    """CPU inference takes the in-place products exactly for the per-chunk groups the fused kernel
+    would read in several 32-row passes (33-191 rows, K/V >= 1 MiB), and they equal the reference."""
+    use = lambda Lq, Lk, D=128: R._use_inplace(torch.empty(1, 1, Lq, D), torch.empty(1, 1, Lk, D))  # noqa: E731
+    assert not use(32, 1560) and use(33, 1560) and use(191, 1560) and not use(192, 1560)
+    assert use(117, 4680) and use(40, 1100) and not use(40, 1000)  # K/V 1.13 MB vs 1.02 MB
+    assert not use(191, 20000)  # a score block over 8 MB: the fused kernel's bounded tiles
+    B, Hh, N, T, D = 1, 2, 12, 1040, 128  # random top-1: ~87 queries per (head, chunk), K/V 1.06 MB
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, spare=0)
+    sel = _topk_sel(torch.rand(B, Hh, T, N, generator=torch.Generator().manual_seed(3)), 1)
+    rows, inplace = [], R._attend_inplace
+    monkeypatch.setattr(R, "_attend_inplace", lambda *a: rows.append(a[0].shape[-2]) or inplace(*a))
+    with torch.no_grad():
+        check(q, kh, vh, kc, vc, sel, T)
+    counts = sel.sum(2).flatten().tolist()
+    assert sorted(rows) == sorted(c for c in counts if 33 <= c < 192) and len(rows) >= 20
 
 
 def test_explicit_ops_in_small_query_blocks(monkeypatch):

@@ -117,7 +117,10 @@ def _select_torch(q, mean_k, spec, allowed):
     # Exactly "stable descending sort, first k" without a sort: kth = the k-th largest score (topk
     # values do not depend on how ties are ordered); keep every candidate above it, and of those equal
     # to it the first (lowest index) k - #above.
-    kth = s.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    if k == 1:  # the common case, several times cheaper than topk
+        kth = s.amax(dim=-1, keepdim=True)
+    else:
+        kth = s.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     above = s > kth
     tie = (s == kth) & cand
     top = above | (tie & (tie.cumsum(dim=-1) <= k - above.sum(dim=-1, keepdim=True)))
