@@ -24,6 +24,10 @@ Selection patterns (`--pattern`, comma list), made by the queries and keys, not 
   mixed     half the heads coherent, half random.
 The table: dense s, routed s, speed-up = dense / routed, ideal = (N+1)/(k+1) (attended keys, dense /
 routed), fraction = speed-up / ideal, and the plan the torch path chose (`routing.last_plan_summary`).
+
+`--cpu-kernels auto,fused` times every routed case twice in the same rounds (an A/B in one process):
+"auto" is the library's rule (per-chunk groups of 33-191 query rows as in-place matrix products), "fused"
+sends every problem to torch's fused CPU kernel (what the torch path did before that rule).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import (OneLineParser, DTYPE_NAMES, BadInput, add_attention_shape_args, check_out,  # noqa: E402
                           choice_list, device_name, finite_float, int_list, nonneg_int, positive_int, run_main,
                           setup_device)
+from resampling_forcing.attention import routed_torch  # noqa: E402
 from resampling_forcing.attention import routing as R  # noqa: E402
 from resampling_forcing.attention.backends import ROUTING_PATHS, use_routing_kernels  # noqa: E402
 from resampling_forcing.attention.routing import RoutingSpec, chunk_means, routed_attention, select_chunks  # noqa: E402
@@ -49,6 +54,7 @@ from resampling_forcing.timing import Stopwatch  # noqa: E402
 
 PROG = "bench/routed_attention.py"
 PATTERNS = ("random", "coherent", "mixed")
+CPU_KERNELS = ("auto", "fused")
 
 
 def make_inputs(Hh, N, T, D, k, pattern, device, dtype, seed=0, gap=3.5):
@@ -95,6 +101,9 @@ def _main(argv=None) -> int:
     p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads")
     p.add_argument("--backend", default="auto", choices=ROUTING_PATHS,
                    help="routed_attention backend (auto, torch, triton)")
+    p.add_argument("--cpu-kernels", type=choice_list(CPU_KERNELS), default="auto",
+                   help="torch path on CPU: auto (the library's rule), fused (torch's fused kernel only); "
+                        "a comma list times each, interleaved")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     check_out("--out", args.out)
@@ -104,6 +113,8 @@ def _main(argv=None) -> int:
     except (ValueError, RuntimeError) as e:
         raise BadInput(str(e)) from None
     patterns = args.pattern.split(",")
+    cpu_kernels = args.cpu_kernels.split(",")
+    auto_rows = routed_torch._INPLACE_ROWS
     ks = [int(x) for x in args.k.split(",")]
     Hh, D = args.heads, args.head_dim
     rows, lines = [], []
@@ -115,7 +126,8 @@ def _main(argv=None) -> int:
                     ins = make_inputs(Hh, N, T, D, k, pat, device, dtype, gap=args.gap)
                     mean_k = chunk_means(ins[1], T)  # the KV cache keeps these per chunk
                     spec = RoutingSpec("topk", top_k=k)
-                    cases.append(dict(pattern=pat, k=k, ins=ins, mean_k=mean_k, spec=spec, times=[]))
+                    for ck in cpu_kernels:
+                        cases.append(dict(pattern=pat, k=k, ins=ins, mean_k=mean_k, spec=spec, times=[], cpu=ck))
             dense_ins = cases[0]["ins"]
             kd = torch.cat([dense_ins[1], dense_ins[3]], 2)
             vd = torch.cat([dense_ins[2], dense_ins[4]], 2)
@@ -125,6 +137,7 @@ def _main(argv=None) -> int:
 
             def routed(c):
                 q, kh, vh, kc, vc = c["ins"]
+                routed_torch._INPLACE_ROWS = auto_rows if c["cpu"] == "auto" else (0, 0)  # (0, 0): never
                 sel = select_chunks(q, c["mean_k"], c["spec"])
                 out = routed_attention(q, kh, vh, kc, vc, sel, T, backend=args.backend)
                 c["sel"] = sel
@@ -148,12 +161,13 @@ def _main(argv=None) -> int:
             for c in cases:
                 tr = statistics.median(c["times"])
                 ideal = (N + 1) / (min(c["k"], N) + 1)
-                row = dict(tokens=T, history=N, pattern=c["pattern"], k=c["k"], dense_s=td, routed_s=tr,
+                row = dict(tokens=T, history=N, pattern=c["pattern"], k=c["k"], cpu_kernels=c["cpu"],
+                           dense_s=td, routed_s=tr,
                            speedup=td / tr, ideal=ideal, fraction=td / tr / ideal,
                            coherence=coherence(c["sel"].cpu()), plan=c["plan"],
                            dense_all=dense_times, routed_all=c["times"])
                 rows.append(row)
-                line = (f"| {T} | {N} | {c['pattern']} | {c['k']} | {row['coherence']:.3f} | {td:.3f} | {tr:.3f} | "
+                line = (f"| {T} | {N} | {c['pattern']} | {c['k']} | {c['cpu']} | {row['coherence']:.3f} | {td:.3f} | {tr:.3f} | "
                         f"{row['speedup']:.2f} | {ideal:.2f} | {row['fraction']:.2f} | {row['plan']} |")
                 lines.append(line)
                 print(line, file=sys.stderr, flush=True)
@@ -161,9 +175,9 @@ def _main(argv=None) -> int:
         f"One attention call: batch 1, {Hh} heads x {D}, queries = one chunk, {args.dtype}, {device} "
         f"({torch.get_num_threads()} threads), backend {args.backend}, median of {args.repeats} interleaved rounds.",
         "",
-        "| tokens/chunk | history N | pattern | k | coh | dense (s) | routed (s) | speed-up | ideal (N+1)/(k+1) "
-        "| fraction of ideal | plan |",
-        "|" + "---|" * 11,
+        "| tokens/chunk | history N | pattern | k | cpu kernels | coh | dense (s) | routed (s) | speed-up "
+        "| ideal (N+1)/(k+1) | fraction of ideal | plan |",
+        "|" + "---|" * 12,
     ]
     table = "\n".join(head + lines)
     print(table)

@@ -53,6 +53,7 @@ CASES = [
     ("routed_attention", ["--pattern", "bogus"], "--pattern"),  # was: silently timed as "random"
     ("routed_attention", ["--gap", "nan"], "--gap"),  # was: reported as a result
     ("routed_attention", ["--backend", "bogus"], "--backend"),
+    ("routed_attention", ["--cpu-kernels", "auto,bogus"], "--cpu-kernels"),
     ("kv_offload", ["--checkpoint", "/nonexistent"], "--checkpoint"),
     ("kv_offload", ["--chunks", "0"], "--chunks"),
     ("kv_offload", ["--resident", "0"], "--resident"),
