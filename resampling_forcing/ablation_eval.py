@@ -35,13 +35,12 @@ import numpy as np
 import torch
 
 from . import io as rio
-from .data.synthetic import combo_key, generate_clip, held_out_combos, parse_caption
+from .data.synthetic import HELD_OUT_SEED_BASE, combo_key, generate_clip, held_out_combos, parse_caption
 from .eval import evaluate_video
 
 __all__ = ["HELD_OUT_SEED_BASE", "METRICS", "eval_clips", "continue_clips", "score", "metric_arrays", "summarize",
            "interval", "paired", "extrapolation_mean", "sanity_check", "plot_metric", "contact_sheet"]
 
-HELD_OUT_SEED_BASE = 10_000_000  # as diagnose.py: disjoint from every training set's seeds
 METRICS = ("psnr", "center_error", "object_fidelity", "count_acc", "color_acc", "shape_acc", "motion_score",
            "background_clean", "collapse")
 HIGHER_IS_BETTER = {m: m not in ("center_error", "collapse") for m in METRICS}

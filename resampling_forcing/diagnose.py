@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 NAN = float("nan")
-HELD_OUT_SEED_BASE = 10_000_000  # in-memory synthetic clips use seeds disjoint from any training set
 DEFAULT_SHIFTS = "0.6,1,2,3,5,8,16,32,100"  # s = 100: median t_s 0.99
 
 
@@ -379,7 +378,7 @@ def _check_args(args) -> None:
 def load_clips(pipe, data: Optional[str], clips: int) -> tuple[torch.Tensor, list[str]]:
     """The first ``clips`` clips -> (latents [B, C, F, h, w] fp32 on pipe.device, captions), encoded
     like the sampler's init videos (Pipeline.load_init_video)."""
-    from .data.synthetic import generate_clip
+    from .data.synthetic import HELD_OUT_SEED_BASE, generate_clip
 
     d = pipe.config.data
     if data is None:

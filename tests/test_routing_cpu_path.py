@@ -6,8 +6,9 @@ chunks for every query: one plain attention over [those cache slices | current c
 (query, chunk) pairs as MoBA rows, "padded" (one call over all chunks) or "per-chunk" (one call per
 chunk, exact row counts); merged with the current chunk by lse), or "none". Each layout runs on torch's
 fused CPU flash kernel (inference), explicit in-place products (inference, 33-191 query rows per problem)
-or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and all three must equal `routed_attention_reference` (outputs and lse, fp32 tolerance). Also: the
-sort-free top-k selection keeps the exact tie rule.
+or explicit ops (autograd, or `_FLASH_CPU = None`). Every layout and all three must equal
+`routed_attention_reference` (outputs and lse, fp32 tolerance). Also: the sort-free top-k selection
+keeps the exact tie rule.
 """
 from __future__ import annotations
 

@@ -61,6 +61,10 @@ SPEED_RANGE: tuple[float, float] = (0.025, 0.05)
 MANIFEST_NAME = "manifest.jsonl"
 BLACKOUT_MARGIN = 2  # visible frames a data set's blackout leaves before and after it
 FORMAT_VERSION = 2  # bump when rendering changes: make_dataset then re-renders old files
+# First seed of the held-out clips that evaluation makes in memory (diagnose, ablation_eval):
+# generate_clip(seed) draws from default_rng(seed), a data set's videos from default_rng([seed, index]),
+# so these clips are never a training video
+HELD_OUT_SEED_BASE = 10_000_000
 
 
 def bounding_radius(shape: str, r: float) -> float:
