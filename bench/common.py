@@ -25,8 +25,7 @@ import re
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
-from resampling_forcing.cli import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, MAX_SEED, BadInput, OneLineParser,
-                                    check_output_file)
+from resampling_forcing.cli import EXIT_BAD_INPUT, MAX_SEED, BadInput, OneLineParser, check_output_file, guarded
 from resampling_forcing.dtypes import DTYPE_NAMES  # noqa: F401 (re-exported for the benches)
 
 __all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "add_attention_shape_args", "check_checkpoint", "check_device",
@@ -46,15 +45,9 @@ def report_bad_input(prog: str, err: object) -> int:
 
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: str,
              argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``: BadInput -> one line on stderr and exit code 2; Ctrl+C -> one line, 130."""
-    try:
-        return main(argv) or 0
-    except BadInput as e:
-        return report_bad_input(prog, e)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (Ctrl+C); outputs are written atomically at the end: nothing half-written",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    """Run ``main(argv)`` under the tools' entry guard (resampling_forcing.cli.guarded): BadInput -> one
+    line ``<prog>: error: ...`` on stderr and exit code 2; Ctrl+C -> one line, 130."""
+    return guarded(lambda: main(argv), f"{prog}: error")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set[str]:

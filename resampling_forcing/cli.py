@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and numpy's SeedSequence take without overflow
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file", "check_seed",
-           "run_cli"]
+           "guarded", "run_cli"]
 
 
 class BadInput(Exception):
@@ -65,15 +65,21 @@ def check_output_dir(flag: str, path) -> Path:
     return Path(path)
 
 
-def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
-            argv: Optional[Sequence[str]], bad_input: type = BadInput, prefix: str = "error") -> int:
-    """Parse `argv` and run; `bad_input` (an exception class) -> "PREFIX: message" on stderr, exit 2;
-    Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing half-written is left)."""
+def guarded(call: Callable[[], Optional[int]], prefix: str, bad_input: type = BadInput) -> int:
+    """Run `call()` (its exit code; None = 0): `bad_input` (an exception class) -> "PREFIX: message" as
+    ONE line on stderr, exit 2; Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing
+    half-written is left). The one entry guard of every command-line tool and bench script."""
     try:
-        return run(build_parser().parse_args(argv))
+        return call() or 0
     except bad_input as e:
-        print(f"{prefix}: {e}", file=sys.stderr)
+        print(f"{prefix}: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted (Ctrl+C): stopped; files already reported as written are complete", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
+            argv: Optional[Sequence[str]], bad_input: type = BadInput, prefix: str = "error") -> int:
+    """Parse `argv` and run, under `guarded`."""
+    return guarded(lambda: run(build_parser().parse_args(argv)), prefix, bad_input)
