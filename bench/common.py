@@ -47,7 +47,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: str
              argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)`` under the tools' entry guard (resampling_forcing.cli.guarded): BadInput -> one
     line ``<prog>: error: ...`` on stderr and exit code 2; Ctrl+C -> one line, 130."""
-    return guarded(lambda: main(argv), f"{prog}: error")
+    return guarded(lambda: main(argv), prog)
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set[str]:

@@ -11,9 +11,10 @@ One layer's attention of the current chunk (queries = one chunk of `--tokens` to
   routed  select_chunks(q, mean_k, RoutingSpec("topk", top_k=k)) + routed_attention (the library's
           inference path: backend "auto" = torch on CPU, the Triton kernel on CUDA; chunk means are
           cached by the KV cache, so they are computed outside the timed region).
-Dense and routed calls are INTERLEAVED (one dense, then every routed case of that history, repeated
-`--repeats` times after one warm-up round of the routed cases; the median is reported), so that load
-from other processes hits both alike.
+Dense and routed calls are INTERLEAVED: each round times, for every history length, one dense call
+then every routed case of that length (`--repeats` rounds after one warm-up round of the routed cases;
+the median is reported), so that load from other processes hits dense and routed, and short and long
+histories, alike. All inputs of one `--tokens` value are held at once.
 
 Selection patterns (`--pattern`, comma list), made by the queries and keys, not by editing `sel`:
   random    i.i.d. q and k: every token picks its own k chunks (what random weights do);
@@ -118,24 +119,23 @@ def _main(argv=None) -> int:
     ks = [int(x) for x in args.k.split(",")]
     Hh, D = args.heads, args.head_dim
     rows, lines = [], []
-    for T in (int(x) for x in args.tokens.split(",")):
-        for N in (int(x) for x in args.history.split(",")):
-            cases = []
-            for pat in patterns:
-                for k in ks:
-                    ins = make_inputs(Hh, N, T, D, k, pat, device, dtype, gap=args.gap)
-                    mean_k = chunk_means(ins[1], T)  # the KV cache keeps these per chunk
-                    spec = RoutingSpec("topk", top_k=k)
-                    for ck in cpu_kernels:
-                        cases.append(dict(pattern=pat, k=k, ins=ins, mean_k=mean_k, spec=spec, times=[], cpu=ck))
-            dense_ins = cases[0]["ins"]
-            kd = torch.cat([dense_ins[1], dense_ins[3]], 2)
-            vd = torch.cat([dense_ins[2], dense_ins[4]], 2)
+    try:
+        for T in (int(x) for x in args.tokens.split(",")):
+            groups = []  # per history length: its cases and its dense baseline, all timed in the same rounds
+            for N in (int(x) for x in args.history.split(",")):
+                cases = []
+                for pat in patterns:
+                    for k in ks:
+                        ins = make_inputs(Hh, N, T, D, k, pat, device, dtype, gap=args.gap)
+                        mean_k = chunk_means(ins[1], T)  # the KV cache keeps these per chunk
+                        spec = RoutingSpec("topk", top_k=k)
+                        for ck in cpu_kernels:
+                            cases.append(dict(pattern=pat, k=k, ins=ins, mean_k=mean_k, spec=spec, times=[], cpu=ck))
+                q0, kh0, vh0, kc0, vc0 = cases[0]["ins"]
+                groups.append(dict(N=N, cases=cases, q=q0, k=torch.cat([kh0, kc0], 2), v=torch.cat([vh0, vc0], 2),
+                                   dense_times=[]))
 
-            def dense():
-                return F.scaled_dot_product_attention(dense_ins[0], kd, vd)
-
-            def routed(c):
+            def routed(c, T=T):
                 q, kh, vh, kc, vc = c["ins"]
                 routed_torch._INPLACE_ROWS = auto_rows if c["cpu"] == "auto" else (0, 0)  # (0, 0): never
                 sel = select_chunks(q, c["mean_k"], c["spec"])
@@ -143,34 +143,42 @@ def _main(argv=None) -> int:
                 c["sel"] = sel
                 return out
 
-            dense_times = []
+            # every round times every history length (dense, then its routed cases), so that the host's
+            # slow and fast phases hit all lengths alike: the chunk-40 / chunk-6 ratios compare like with like
             with torch.no_grad():
                 for rep in range(args.repeats + 1):  # round 0 = warm-up of the routed calls (plans, allocator)
-                    if rep:
-                        with Stopwatch(device) as sw:
-                            dense()
-                        dense_times.append(sw.seconds)
-                    for c in cases:
-                        with Stopwatch(device) as sw:
-                            routed(c)
+                    for g in groups:
                         if rep:
-                            c["times"].append(sw.seconds)
-                        if rep == 0:
-                            c["plan"] = getattr(R, "last_plan_summary", lambda: "-")()
-            td = statistics.median(dense_times)
-            for c in cases:
-                tr = statistics.median(c["times"])
-                ideal = (N + 1) / (min(c["k"], N) + 1)
-                row = dict(tokens=T, history=N, pattern=c["pattern"], k=c["k"], cpu_kernels=c["cpu"],
-                           dense_s=td, routed_s=tr,
-                           speedup=td / tr, ideal=ideal, fraction=td / tr / ideal,
-                           coherence=coherence(c["sel"].cpu()), plan=c["plan"],
-                           dense_all=dense_times, routed_all=c["times"])
-                rows.append(row)
-                line = (f"| {T} | {N} | {c['pattern']} | {c['k']} | {c['cpu']} | {row['coherence']:.3f} | {td:.3f} | {tr:.3f} | "
-                        f"{row['speedup']:.2f} | {ideal:.2f} | {row['fraction']:.2f} | {row['plan']} |")
-                lines.append(line)
-                print(line, file=sys.stderr, flush=True)
+                            with Stopwatch(device) as sw:
+                                F.scaled_dot_product_attention(g["q"], g["k"], g["v"])
+                            g["dense_times"].append(sw.seconds)
+                        for c in g["cases"]:
+                            with Stopwatch(device) as sw:
+                                routed(c)
+                            if rep:
+                                c["times"].append(sw.seconds)
+                            if rep == 0:
+                                c["plan"] = getattr(R, "last_plan_summary", lambda: "-")()
+            for g in groups:
+                N, dense_times = g["N"], g["dense_times"]
+                td = statistics.median(dense_times)
+                for c in g["cases"]:
+                    tr = statistics.median(c["times"])
+                    ideal = (N + 1) / (min(c["k"], N) + 1)
+                    row = dict(tokens=T, history=N, pattern=c["pattern"], k=c["k"], cpu_kernels=c["cpu"],
+                               dense_s=td, routed_s=tr,
+                               speedup=td / tr, ideal=ideal, fraction=td / tr / ideal,
+                               coherence=coherence(c["sel"].cpu()), plan=c["plan"],
+                               dense_all=dense_times, routed_all=c["times"])
+                    rows.append(row)
+                    line = (f"| {T} | {N} | {c['pattern']} | {c['k']} | {c['cpu']} | {row['coherence']:.3f} | {td:.3f} "
+                            f"| {tr:.3f} | {row['speedup']:.2f} | {ideal:.2f} | {row['fraction']:.2f} | {row['plan']} |")
+                    lines.append(line)
+                    print(line, file=sys.stderr, flush=True)
+            del groups
+    finally:  # the library's own rule again, whatever ran last
+        routed_torch._INPLACE_ROWS = auto_rows
+
     head = [
         f"One attention call: batch 1, {Hh} heads x {D}, queries = one chunk, {args.dtype}, {device} "
         f"({torch.get_num_threads()} threads), backend {args.backend}, median of {args.repeats} interleaved rounds.",

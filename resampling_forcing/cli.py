@@ -1,7 +1,7 @@
 """What the command-line tools share (torch-free): a user error is ONE line on stderr and exit code 2.
 
     def main(argv=None) -> int:
-        return run_cli(build_parser, run, argv, BadInput, "error")
+        return run_cli(build_parser, run, argv, BadInput, "tool")  # "tool: error: ..."
 """
 from __future__ import annotations
 
@@ -65,21 +65,22 @@ def check_output_dir(flag: str, path) -> Path:
     return Path(path)
 
 
-def guarded(call: Callable[[], Optional[int]], prefix: str, bad_input: type = BadInput) -> int:
-    """Run `call()` (its exit code; None = 0): `bad_input` (an exception class) -> "PREFIX: message" as
-    ONE line on stderr, exit 2; Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing
+def guarded(call: Callable[[], Optional[int]], prog: Optional[str] = None, bad_input: type = BadInput) -> int:
+    """Run `call()` (its exit code; None = 0): `bad_input` (an exception class) -> "[PROG: ]error: message"
+    as ONE line on stderr, exit 2; Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing
     half-written is left). The one entry guard of every command-line tool and bench script."""
+    lead = f"{prog}: " if prog else ""
     try:
         return call() or 0
     except bad_input as e:
-        print(f"{prefix}: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{lead}error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted (Ctrl+C): stopped; files already reported as written are complete", file=sys.stderr)
+        print(f"{lead}interrupted (Ctrl+C): stopped; files already reported as written are complete", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
-            argv: Optional[Sequence[str]], bad_input: type = BadInput, prefix: str = "error") -> int:
+            argv: Optional[Sequence[str]], bad_input: type = BadInput, prog: Optional[str] = None) -> int:
     """Parse `argv` and run, under `guarded`."""
-    return guarded(lambda: run(build_parser().parse_args(argv)), prefix, bad_input)
+    return guarded(lambda: run(build_parser().parse_args(argv)), prog, bad_input)

@@ -524,7 +524,7 @@ def run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser, run, argv, BadInput, "diagnose: error")
+    return run_cli(build_parser, run, argv, BadInput, "diagnose")
 
 
 if __name__ == "__main__":

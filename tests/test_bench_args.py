@@ -130,7 +130,7 @@ def test_unwritable_output_is_refused_up_front(script, where, tmp_path, capsys):
 
 def test_entry_guard_one_line_exit_codes(capsys):
     """cli.guarded, the entry guard of every tool (run_cli) and bench script (run_main): a BadInput with a
-    multi-line message is ONE line naming the program, exit 2; Ctrl+C one line, 130; None is exit 0."""
+    multi-line message is ONE line naming the program, exit 2; Ctrl+C one line naming it, 130; None is 0."""
     from resampling_forcing.cli import BadInput, guarded
 
     _bench("routed_attention")  # puts the repository on sys.path, as every bench script does
@@ -144,8 +144,10 @@ def test_entry_guard_one_line_exit_codes(capsys):
 
     assert run_main(bad, "bench/x.py", []) == 2
     assert capsys.readouterr().err.splitlines() == ["bench/x.py: error: --x is wrong use --y"]
-    assert guarded(lambda: stop(None), "tool: error") == 130
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    assert guarded(lambda: None, "tool: error") == 0
+    assert run_main(stop, "bench/x.py", []) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("bench/x.py: interrupted (Ctrl+C)"), err
+    assert guarded(lambda: bad(None)) == 2 and capsys.readouterr().err.startswith("error: --x is wrong")
+    assert guarded(lambda: None, "tool") == 0
     with pytest.raises(ValueError):  # anything else is a bug: a traceback, not a one-line error
-        guarded(lambda: int("x"), "tool: error")
+        guarded(lambda: int("x"), "tool")

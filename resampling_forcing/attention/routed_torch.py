@@ -8,7 +8,8 @@ attention over [those chunks | current] (no mask); otherwise, per head, chunks m
 as dense blocks (all the head's queries, K/V in place; "sink + recent" heads) and the other (query,
 chunk) pairs grouped by chunk (MoBA style), chosen by a cost model (cost ~ the selected pairs * T * D:
 proportional to k, not to the history length; never more than dense attention), merged with the current
-chunk by log-sum-exp. On CPU inference all use torch's fused flash kernel; with autograd, explicit
+chunk by log-sum-exp. On CPU inference all use torch's fused flash kernel, except problems of 33-191
+queries over large chunks (explicit in-place products: `_attend_inplace`); with autograd, explicit
 differentiable ops.
 """
 from __future__ import annotations
@@ -87,35 +88,40 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 # The fused kernel cuts a problem's queries into blocks of 32 rows when it has fewer than 192 (aten's
 # FlashAttentionKernel.cpp) and streams all of K/V once per block, so a per-chunk group of 33-191 rows
-# reads its chunk 2-6 times. Where K/V outgrow the core's cache, two explicit in-place products read it
-# once: 5-18% faster per call at 1560 keys, 15-27% at 4680 (D = 128, one core; docs/benchmarks.md 3b).
-_INPLACE_ROWS = (33, 192)  # [first, end) query rows per problem that take the in-place path
-_INPLACE_MIN_KV_BYTES = 1 << 20  # ... when one problem's K and V together are at least this large
+# reads its chunk 2-6 times. Two explicit in-place products read it once but cost ~20 us more per call
+# in eager ops: measured per problem (D = 128, one core, paired with the fused kernel), 15-27% faster at
+# 4680 keys, a wash at 1560 (0.86-1.16x), so only problems whose K and V (in the working dtype) reach
+# 2 MiB, i.e. more than 2048 keys of D = 128 in fp32, take them (docs/benchmarks.md 3b).
+_INPLACE_ROWS = (33, 192)  # [first, end) query rows per problem that take the in-place path ...
+_INPLACE_MIN_KV_BYTES = 1 << 21  # ... when one problem's K and V together are at least this large ...
 _INPLACE_MAX_SCORE_BYTES = 1 << 23  # ... and its score block at most this large
 
 
-def _use_inplace(q, k) -> bool:
-    Lq, Lk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+def _use_inplace(q, k, v) -> bool:
+    Lq, Lk = q.shape[-2], k.shape[-2]
     el = torch.finfo(work_dtype(q)).bits // 8
-    return (_INPLACE_ROWS[0] <= Lq < _INPLACE_ROWS[1] and 2 * Lk * D * el >= _INPLACE_MIN_KV_BYTES
-            and Lq * Lk * el <= _INPLACE_MAX_SCORE_BYTES and q.shape[:-2] == k.shape[:-2])
+    return (_INPLACE_ROWS[0] <= Lq < _INPLACE_ROWS[1]
+            and Lk * (k.shape[-1] + v.shape[-1]) * el >= _INPLACE_MIN_KV_BYTES
+            and Lq * Lk * el <= _INPLACE_MAX_SCORE_BYTES and q.shape[:-2] == k.shape[:-2] == v.shape[:-2])
 
 
 def _attend_inplace(q, k, v, scale):
     """Inference-only explicit attention with lse: per problem (leading index), two matrix products on
-    views of q/k/v (no copies) and the softmax in place on one score block. Same (out, lse) as
-    `_attend_with_lse`, in the working dtype."""
+    views of q/k/v (no copies of K/V in the working dtype) and the softmax in place on one score block.
+    Same (out, lse) as `_attend_with_lse`, in the working dtype."""
     wd = work_dtype(q)
-    lead, Lq = q.shape[:-2], q.shape[-2]
-    out = torch.empty((*lead, Lq, v.shape[-1]), dtype=wd, device=q.device)
-    lse = torch.empty((*lead, Lq), dtype=wd, device=q.device)
+    lead = q.shape[:-2]
+    q, k, v = q.to(wd), k.to(wd), v.to(wd)
+    outs, lses = [], []
     for idx in itertools.product(*(range(n) for n in lead)):
-        s = torch.matmul(q[idx].to(wd), k[idx].to(wd).transpose(0, 1)).mul_(scale)  # [Lq, Lk]
+        s = torch.mm(q[idx] * scale, k[idx].t())  # [Lq, Lk]
         m = s.amax(dim=1, keepdim=True)
         tot = s.sub_(m).exp_().sum(dim=1, keepdim=True)
-        torch.matmul(s, v[idx].to(wd), out=out[idx]).div_(tot)
-        lse[idx] = (m + tot.log()).squeeze(1)
-    return out, lse
+        outs.append(torch.mm(s, v[idx]).div_(tot))
+        lses.append(m.add_(tot.log_()).squeeze(1))
+    if len(outs) == 1:  # the per-chunk calls: no copy into a stacked result
+        return outs[0].view(*lead, *outs[0].shape), lses[0].view(*lead, -1)
+    return torch.stack(outs).view(*lead, *outs[0].shape), torch.stack(lses).view(*lead, -1)
 
 
 def _attn_lse(q, k, v, scale):
@@ -125,7 +131,7 @@ def _attn_lse(q, k, v, scale):
         _FLASH_CPU is not None and q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     ):
-        if _use_inplace(q, k):
+        if _use_inplace(q, k, v):
             return _attend_inplace(q, k, v, scale)
         wd = work_dtype(q)
         out, lse = _FLASH_CPU(q.to(wd), k.to(wd), v.to(wd), scale=scale)
@@ -148,7 +154,9 @@ def _attn_lse(q, k, v, scale):
 # m and the layout are chosen per head from a cost model in "query rows at the kernel's full speed": a
 # problem of G query rows over one chunk's T keys costs like _problem_rows(G) = G + 32 + 0.8 * min(G, 128)
 # rows (fitted to the fused CPU kernel at T = 1560, D = 128, 1 thread: reading a chunk's K/V costs ~32
-# rows, problems of < ~128 rows run at ~55% speed), plus `call` rows per kernel call (host overhead):
+# rows, problems of < ~128 rows run at ~55% speed; where the in-place products take over, for larger
+# chunks, they cost somewhat less, which the model does not distinguish), plus `call` rows per kernel
+# call (host overhead):
 #   cost(m) = m * _problem_rows(Lq) + call + min(N * _problem_rows(G_m) + call,             [padded]
 #                                                sum_{i>=m, c_(i)>0} (_problem_rows(c_(i)) + call))  [per-chunk]
 # with c_(i) the counts in descending order and G_m = c_(m). m = all selected chunks is an exact "dense

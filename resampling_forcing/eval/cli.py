@@ -202,4 +202,4 @@ def run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser, run, argv, BadInput, "eval: error")
+    return run_cli(build_parser, run, argv, BadInput, "eval")
