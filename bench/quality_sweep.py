@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from bench.common import (OneLineParser, BadInput, check_checkpoint, check_out, int_list, nonneg_int,  # noqa: E402
                           positive_int, run_main)
 from resampling_forcing.cli import MAX_SEED  # noqa: E402
-from resampling_forcing.data.synthetic import (DEFAULT_COLORS, DEFAULT_SHAPES, all_combos,  # noqa: E402
-                                               held_out_combos, make_caption)
+from resampling_forcing.data.synthetic import DEFAULT_COLORS, DEFAULT_SHAPES, make_caption  # noqa: E402
+from resampling_forcing.data.synthetic_dataset import all_combos, held_out_combos  # noqa: E402
 from resampling_forcing.eval import evaluate_video, mean_over_videos  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
 from resampling_forcing.options import SamplingOptions  # noqa: E402

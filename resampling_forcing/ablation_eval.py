@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from . import io as rio
-from .data.synthetic import HELD_OUT_SEED_BASE, combo_key, generate_clip, held_out_combos, parse_caption
+from .data.synthetic import HELD_OUT_SEED_BASE, combo_key, generate_clip, parse_caption
+from .data.synthetic_dataset import held_out_combos
 from .eval import evaluate_video
 
 __all__ = ["HELD_OUT_SEED_BASE", "METRICS", "eval_clips", "continue_clips", "score", "metric_arrays", "summarize",

@@ -495,7 +495,7 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
     if len(dc.synthetic_blackout_frames) != 2:
         raise ConfigError(f"data.synthetic_blackout_frames={dc.synthetic_blackout_frames}: need [lo, hi] frames")
     try:
-        from .data.synthetic import check_blackout_law
+        from .data.synthetic_dataset import check_blackout_law
 
         check_blackout_law(dc.num_frames, dc.synthetic_blackout_prob, dc.synthetic_blackout_frames)
     except ValueError as e:

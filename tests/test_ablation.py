@@ -12,7 +12,8 @@ from resampling_forcing.ablation import PRESETS, main
 from resampling_forcing.ablation_eval import (eval_clips, extrapolation_mean, metric_arrays, paired, sanity_check,
                                               score)
 from resampling_forcing.config import load_config
-from resampling_forcing.data.synthetic import combo_key, held_out_combos, parse_caption
+from resampling_forcing.data.synthetic import combo_key, parse_caption
+from resampling_forcing.data.synthetic_dataset import held_out_combos
 from train_helpers import REPO
 
 SMALL = {  # configs/ablation_cpu.yaml shrunk: 16x16, 4 chunks per clip, ~50K parameters

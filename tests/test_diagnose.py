@@ -215,7 +215,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
 
 
 def test_cli_reads_a_synthetic_dir(tmp_path, capsys):
-    from resampling_forcing.data.synthetic import make_dataset
+    from resampling_forcing.data.synthetic_dataset import make_dataset
 
     run = save_checkpoint_for_tests(tmp_path / "run")
     make_dataset(tmp_path / "syn", num_videos=2, frames=12, size=8, fps=4.0)

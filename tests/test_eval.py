@@ -8,6 +8,7 @@ import torch
 
 from resampling_forcing import eval as E
 from resampling_forcing.data import synthetic as S
+from resampling_forcing.data import synthetic_dataset as SD
 from resampling_forcing.io import read_mp4, write_mp4
 
 SEEDS = (0, 2, 5, 9)  # one- and two-object scenes, circles, squares and triangles
@@ -109,7 +110,7 @@ def test_segments_reference_and_drift():
 
 def test_cli_sidecars_and_bad_input(tmp_path, capsys):
     ds = tmp_path / "ds"
-    S.make_dataset(ds, num_videos=3, frames=20, size=32, fps=8, seed=3, held_out_fraction=0.0)
+    SD.make_dataset(ds, num_videos=3, frames=20, size=32, fps=8, seed=3, held_out_fraction=0.0)
     vids = ds / "videos"
     out, plot = tmp_path / "metrics.json", tmp_path / "drift.png"
     rc = E.main(["--videos", str(vids), "--segment-frames", "8", "--out", str(out), "--plot", str(plot)])

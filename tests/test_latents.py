@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from resampling_forcing.data import synthetic as S
+from resampling_forcing.data import synthetic_dataset as SD
 from resampling_forcing.data.latents import INDEX_NAME, LatentDataset, precompute, shard_name
 from resampling_forcing.data.video import VideoClipDataset
 
@@ -47,7 +48,7 @@ class HashText:
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     d = tmp_path_factory.mktemp("lat_src")
-    m = S.make_dataset(d, num_videos=7, frames=9, size=32, fps=8, seed=1, held_out_fraction=0.0)
+    m = SD.make_dataset(d, num_videos=7, frames=9, size=32, fps=8, seed=1, held_out_fraction=0.0)
     rows = [json.loads(x) for x in m.read_text().splitlines()]
     (d / "broken.mp4").write_bytes(os.urandom(1000))
     rows.insert(3, {"path": "broken.mp4", "caption": "a red circle bouncing"})

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from resampling_forcing.data.latents import LatentDataset
-from resampling_forcing.data.synthetic import make_dataset
+from resampling_forcing.data.synthetic_dataset import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "precompute.py"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from resampling_forcing.data import synthetic as S
+from resampling_forcing.data import synthetic_dataset as SD
 from resampling_forcing.io import read_mp4
 
 
@@ -85,16 +86,16 @@ def test_captions_round_trip():
 
 
 def test_held_out_combos_keep_every_single_pair_in_training():
-    held = S.held_out_combos(fraction=0.2, seed=0)
+    held = SD.held_out_combos(fraction=0.2, seed=0)
     assert held and all(len(c) == 2 for c in held)
-    train_pairs = {p for c in S.all_combos(S.DEFAULT_COLORS, S.DEFAULT_SHAPES, 2) if c not in held for p in c}
+    train_pairs = {p for c in SD.all_combos(S.DEFAULT_COLORS, S.DEFAULT_SHAPES, 2) if c not in held for p in c}
     assert train_pairs == {(c, s) for c in S.DEFAULT_COLORS for s in S.DEFAULT_SHAPES}
-    assert S.held_out_combos(fraction=0.0) == []
+    assert SD.held_out_combos(fraction=0.0) == []
 
 
 def test_make_dataset_split_manifest_and_resume(tmp_path):
     out = tmp_path / "ds"
-    manifest = S.make_dataset(out, num_videos=10, frames=9, size=32, fps=8, seed=0, held_out_fraction=0.2)
+    manifest = SD.make_dataset(out, num_videos=10, frames=9, size=32, fps=8, seed=0, held_out_fraction=0.2)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     assert len(rows) == 10
     info = json.loads((out / "dataset.json").read_text())
@@ -116,14 +117,14 @@ def test_make_dataset_split_manifest_and_resume(tmp_path):
     gone = out / "videos" / "000003.mp4"
     data = gone.read_bytes()
     gone.unlink()
-    S.make_dataset(out, num_videos=10, frames=9, size=32, fps=8, seed=0, held_out_fraction=0.2)
+    SD.make_dataset(out, num_videos=10, frames=9, size=32, fps=8, seed=0, held_out_fraction=0.2)
     now = {p.name: p.stat().st_mtime_ns for p in (out / "videos").iterdir()}
     changed = {k for k in now if now[k] != mtimes.get(k)}
     assert changed == {"000003.mp4", "000003.json"}
     assert gone.read_bytes() == data
     assert not [p for p in out.rglob(".*")]  # no temp files
     # other arguments -> the recipe differs -> the file is rendered again
-    S.make_dataset(out, num_videos=2, frames=12, size=32, fps=8, seed=0, held_out_fraction=0.2)
+    SD.make_dataset(out, num_videos=2, frames=12, size=32, fps=8, seed=0, held_out_fraction=0.2)
     assert read_mp4(out / "videos" / "000000.mp4").shape[0] == 12
 
 
@@ -142,8 +143,8 @@ def test_blackout_hides_objects_and_keeps_the_motion():
 
 def test_dataset_blackouts_follow_the_law_and_leave_scenes_unchanged(tmp_path):
     kw = dict(num_videos=8, frames=12, size=16, fps=8, seed=3)
-    plain = S.make_dataset(tmp_path / "plain", **kw)
-    dark = S.make_dataset(tmp_path / "dark", blackout_prob=1.0, blackout_frames=(4, 6), **kw)
+    plain = SD.make_dataset(tmp_path / "plain", **kw)
+    dark = SD.make_dataset(tmp_path / "dark", blackout_prob=1.0, blackout_frames=(4, 6), **kw)
     for a, b in zip(plain.read_text().splitlines(), dark.read_text().splitlines()):
         assert a == b  # same captions, paths and splits
     for i in range(8):
@@ -151,8 +152,8 @@ def test_dataset_blackouts_follow_the_law_and_leave_scenes_unchanged(tmp_path):
         dm = json.loads((tmp_path / "dark" / "videos" / f"{i:06d}.json").read_text())
         assert "blackout" not in pm["spec"] and pm["spec"]["scene"] == dm["spec"]["scene"]
         start, length = dm["spec"]["blackout"]
-        assert 4 <= length <= 6 and S.BLACKOUT_MARGIN <= start and start + length <= 12 - S.BLACKOUT_MARGIN
+        assert 4 <= length <= 6 and SD.BLACKOUT_MARGIN <= start and start + length <= 12 - SD.BLACKOUT_MARGIN
         v = read_mp4(tmp_path / "dark" / "videos" / f"{i:06d}.mp4")
         assert np.abs(v[start:start + length].astype(int) - np.asarray(S.BACKGROUND)).max() <= 3  # H.264 rounding
     with pytest.raises(ValueError, match="do not fit 8-frame clips"):
-        S.make_dataset(tmp_path / "bad", num_videos=1, frames=8, blackout_prob=0.5, blackout_frames=(4, 6))
+        SD.make_dataset(tmp_path / "bad", num_videos=1, frames=8, blackout_prob=0.5, blackout_frames=(4, 6))

@@ -2,7 +2,7 @@
 
 Sources (config ``data.source``):
 - ``synthetic``: the bouncing-shapes set is generated into ``data.synthetic_dir`` when missing
-  (``data.synthetic.make_dataset``, clips of exactly ``num_frames`` frames), read with
+  (``data.synthetic_dataset.make_dataset``, clips of exactly ``num_frames`` frames), read with
   ``VideoClipDataset`` and encoded with the configured VAE / text encoder. Encoded clips are
   cached in memory on first use (the set is small), so the loader never limits a tiny run.
 - ``manifest``: real videos (``data.manifest``), random clip starts per epoch, decoded by a
@@ -107,7 +107,7 @@ def store_mismatch(index: dict, cfg: Config) -> Optional[str]:
 def synthetic_manifest(cfg: Config) -> Path:
     """Generate (or reuse) the synthetic set for cfg.data; return its manifest path."""
     from ..config import synthetic_seed
-    from .synthetic import make_dataset
+    from .synthetic_dataset import make_dataset
 
     d = cfg.data
     return make_dataset(d.synthetic_dir, num_videos=d.synthetic_videos, frames=d.num_frames,
