@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 from typing import Callable, Iterable, Optional, Sequence
 
-from resampling_forcing.cli import EXIT_BAD_INPUT, MAX_SEED, BadInput, OneLineParser, check_output_file, guarded
+from resampling_forcing.cli import MAX_SEED, BadInput, OneLineParser, check_output_file, guarded, report_bad_input  # noqa: F401
 from resampling_forcing.dtypes import DTYPE_NAMES  # noqa: F401 (re-exported for the benches)
 
 __all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "add_attention_shape_args", "check_checkpoint", "check_device",
@@ -34,14 +33,6 @@ __all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "add_attention_shape_args
 
 
 # ----------------------------------------------------------------------------- parser and entry point
-
-def report_bad_input(prog: str, err: object) -> int:
-    """Print ``<prog>: error: <err>`` (an exception or a message) as ONE line on stderr; the exit code of
-    bad input (2)."""
-    msg = " ".join(str(err).split())  # one line, whatever the message held
-    print(f"{prog}: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
 
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: str,
              argv: Optional[Sequence[str]] = None) -> int:

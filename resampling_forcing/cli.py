@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and numpy's SeedSequence take without overflow
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file", "check_seed",
-           "guarded", "run_cli"]
+           "guarded", "report_bad_input", "run_cli"]
 
 
 class BadInput(Exception):
@@ -69,15 +69,22 @@ def guarded(call: Callable[[], Optional[int]], prog: Optional[str] = None, bad_i
     """Run `call()` (its exit code; None = 0): `bad_input` (an exception class) -> "[PROG: ]error: message"
     as ONE line on stderr, exit 2; Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing
     half-written is left). The one entry guard of every command-line tool and bench script."""
-    lead = f"{prog}: " if prog else ""
     try:
         return call() or 0
     except bad_input as e:
-        print(f"{lead}error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_bad_input(prog, e)
     except KeyboardInterrupt:
+        lead = f"{prog}: " if prog else ""
         print(f"{lead}interrupted (Ctrl+C): stopped; files already reported as written are complete", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def report_bad_input(prog: Optional[str], err: object) -> int:
+    """Print ``[PROG: ]error: <err>`` (an exception or a message) as ONE line on stderr; returns the exit
+    code of bad input (2)."""
+    lead = f"{prog}: " if prog else ""
+    print(f"{lead}error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def run_cli(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],

@@ -89,9 +89,9 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 # The fused kernel cuts a problem's queries into blocks of 32 rows when it has fewer than 192 (aten's
 # FlashAttentionKernel.cpp) and streams all of K/V once per block, so a per-chunk group of 33-191 rows
 # reads its chunk 2-6 times. Two explicit in-place products read it once but cost ~20 us more per call
-# in eager ops: measured per problem (D = 128, one core, paired with the fused kernel), 15-27% faster at
-# 4680 keys, a wash at 1560 (0.86-1.16x), so only problems whose K and V (in the working dtype) reach
-# 2 MiB, i.e. more than 2048 keys of D = 128 in fp32, take them (docs/benchmarks.md 3b).
+# in eager ops: measured per problem (D = 128, one core, paired with the fused kernel), 0.79-0.82x its
+# time at 4680 keys, a wash at 1560 (0.92-1.07x), so only problems whose K and V (in the working dtype)
+# reach 2 MiB, i.e. 2048 keys or more at D = 128 in fp32, take them (docs/benchmarks.md 3b).
 _INPLACE_ROWS = (33, 192)  # [first, end) query rows per problem that take the in-place path ...
 _INPLACE_MIN_KV_BYTES = 1 << 21  # ... when one problem's K and V together are at least this large ...
 _INPLACE_MAX_SCORE_BYTES = 1 << 23  # ... and its score block at most this large
