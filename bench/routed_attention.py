@@ -27,8 +27,9 @@ The table: dense s, routed s, speed-up = dense / routed, ideal = (N+1)/(k+1) (at
 routed), fraction = speed-up / ideal, and the plan the torch path chose (`routing.last_plan_summary`).
 
 `--cpu-kernels auto,fused` times every routed case twice in the same rounds (an A/B in one process):
-"auto" is the library's rule (per-chunk groups of 33-191 query rows as in-place matrix products), "fused"
-sends every problem to torch's fused CPU kernel (what the torch path did before that rule).
+"auto" is the library's rule (per-chunk groups of 33-191 query rows over chunks whose K and V reach 2 MiB
+as in-place matrix products), "fused" sends every problem to torch's fused CPU kernel (what the torch path
+did before that rule).
 """
 from __future__ import annotations
 
