@@ -144,7 +144,7 @@ def _wan_encoder_defaults(cfg: Config, model_dir: Path) -> Config:
 def check_model_overrides(cfg: Config, overrides: Sequence[str]) -> None:
     """An override `model.KEY=VALUE` that the checkpoint overrules (our checkpoints fix every model key
     in model_config.json, a raw Wan2.1 checkpoint its sizes) would be ignored silently: PipelineError."""
-    from ..config import override_value
+    from ..typed_yaml import override_value
 
     for text in overrides:
         keys, want = override_value(text)
