@@ -188,7 +188,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     log_every: int = 10
-    max_bad_steps: int = 20  # consecutive NaN/Inf losses before aborting
+    max_bad_steps: int = 20  # consecutive NaN/Inf losses or gradient norms before aborting
     seed: int = 0
     tensorboard: bool = True
     wandb: bool = False

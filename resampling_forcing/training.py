@@ -11,9 +11,11 @@ One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_siz
 Every `train.gap_every` steps (main process) the exposure-gap diagnostic on a fixed held batch
 (training_gap.GapMonitor, diagnose.py) adds gap_* keys to that step's record.
 A micro-batch whose loss is NaN/Inf on any process is skipped on all of them (no backward, a
-warning); `train.max_bad_steps` in a row abort with a message naming the last good checkpoint,
+warning), an update whose gradient norm is NaN/Inf too (training_step.py: under an fp16 loss scaler
+the scaler's skip); `train.max_bad_steps` such events in a row abort with a message naming the last good checkpoint,
 verified first (finite weights, finite loss on its last batch; else the one before it, or none).
-Then clipping, AdamW, LR (linear warmup, then constant or cosine), EMA, logs, checkpoints.
+Then clipping, AdamW, LR (linear warmup, then constant or cosine), EMA, logs (one fixed-size gather over
+processes), checkpoints.
 
 Entry point: `train(cfg)` (used by train/train.py under `accelerate launch`). Run directory and
 checkpoint layout: docs/CONTRACTS.md and checkpoint.py.
@@ -48,6 +50,7 @@ from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_data import DataCursor
 from .training_gap import GapMonitor
+from .training_step import optimizer_step, step_metrics
 from .training_utils import (EMA, MetricsLogger, build_accelerator, launch_world_size, lr_at,  # noqa: F401 (lr_at)
                              ramp_at, resolve_grad_accum, resume_config_changes, stage_at, start_trackers,
                              total_steps, train_lr)
@@ -233,6 +236,13 @@ class Trainer:
 
     def _resume(self, ckpt: Path) -> None:
         state = read_trainer_state(ckpt)
+        written_by = int(state.get("world_size", self.acc.num_processes))
+        if self.is_deepspeed and written_by != self.acc.num_processes:  # its optimizer state is partitioned
+            raise CheckpointError(
+                f"{ckpt} was written by {written_by} DeepSpeed processes and this launch has "
+                f"{self.acc.num_processes}: DeepSpeed's partitioned optimizer state cannot be re-split; relaunch with "
+                f"--num_processes {written_by}, or start a new run from its weights (train.run_dir=NEW "
+                f"train.init_from={ckpt}: step, optimizer state and data order restart)")
         self.acc.load_state(str(ckpt))
         self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))  # the abort counter runs on across a resume
@@ -245,7 +255,7 @@ class Trainer:
             else:
                 logger.warning("%s has no ema.safetensors: EMA restarts from the current weights", ckpt)
                 self.ema = EMA(self.inner, self.cfg.train.ema_decay)
-        if int(state.get("world_size", self.acc.num_processes)) != self.acc.num_processes:
+        if written_by != self.acc.num_processes:  # DDP: the state is whole on every process
             logger.warning("resuming with %d processes, the checkpoint was written by %s: the data order differs",
                            self.acc.num_processes, state.get("world_size"))
         self.last_checkpoint = ckpt
@@ -331,11 +341,7 @@ class Trainer:
                     self.bad_in_a_row += 1
                     logger.warning("step %d: non-finite loss at data position %d; skipping this micro-batch "
                                    "(%d in a row)", self.step, pos, self.bad_in_a_row)
-                    if self.bad_in_a_row >= cfg.train.max_bad_steps:
-                        good_ckpt, note = self.last_good_checkpoint()
-                        raise TrainingAborted(
-                            f"{self.bad_in_a_row} non-finite losses in a row at step {self.step}; aborting. Last good "
-                            f"checkpoint: {good_ckpt or 'none'}{note} (lower train.lr or check the data)")
+                    self._abort_if_too_many("non-finite losses")
                     continue
                 acc.backward(loss)
             good += 1
@@ -347,32 +353,35 @@ class Trainer:
         if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
             self.bad_in_a_row += 1
             logger.warning("step %d: non-finite gradient norm; update skipped", self.step)
+            self._abort_if_too_many("non-finite losses or gradient norms")
         else:
             self.bad_in_a_row = 0
             if self.ema is not None:
                 self.ema.update(self.inner)
         self.step += 1
-        # metrics, averaged over processes (one small gather)
-        vec = torch.cat([torch.stack(losses).mean()[None], torch.stack(chunks).mean(0)])
-        vec = acc.gather(vec[None]).mean(0) if acc.num_processes > 1 else vec
-        all_ts = torch.cat(ts) if ts else None
-        if all_ts is not None and acc.num_processes > 1:
-            all_ts = acc.gather(all_ts)
         elapsed = time.perf_counter() - start
         tokens = MaskSpec("dual", self.num_chunks, self.chunk_tokens).seq_len * cfg.train.batch_size * k * acc.num_processes
+        metrics = step_metrics(acc, losses, chunks, ts)  # a collective: one fixed-size gather
         rec = {"step": self.step, "stage": stage.name, "stage_index": stage_idx, "objective": stage.objective,
-               "loss": float(vec[0]), "loss_chunk": [float(x) for x in vec[1:]], "lr": lr,
+               "loss": metrics.pop("loss"), "loss_chunk": metrics.pop("loss_chunk"), "lr": lr,
                "grad_norm": None if grad_norm is None else float(grad_norm), "step_time": elapsed,
                "resample_time": t_res, "tokens_per_s": tokens / max(elapsed, 1e-9), "skipped": skipped,
                "data_position": self.data_position, "epoch": self.cursor.epoch}
         if ramp is not None:
             rec["ramp"] = ramp
-        if all_ts is not None:
-            rec.update(t_s_mean=float(all_ts.mean()), t_s_std=float(all_ts.std()) if all_ts.numel() > 1 else 0.0,
-                       t_s_min=float(all_ts.min()), t_s_max=float(all_ts.max()))
+        rec.update(metrics)  # t_s_mean/std/min/max in resampling stages
         if self.gap is not None and self.gap.due(self.step):
             rec.update(self.gap.metrics(self.inner, self.settings, stage_idx, ramp))
         return rec
+
+    def _abort_if_too_many(self, what: str) -> None:
+        """TrainingAborted after `train.max_bad_steps` bad micro-batches or updates in a row (the counter
+        is the same on every process: both checks follow collectives)."""
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            good_ckpt, note = self.last_good_checkpoint()
+            raise TrainingAborted(
+                f"{self.bad_in_a_row} {what} in a row at step {self.step}; aborting. Last good "
+                f"checkpoint: {good_ckpt or 'none'}{note} (lower train.lr or check the data)")
 
     # -- after an abort: which checkpoint is really good ----------------------------------------
 
@@ -448,21 +457,10 @@ class Trainer:
         return velocity_loss(v, velocity_target(x, eps), self.cfg.model.chunk_frames)[0].float()
 
     def _optimizer_step(self) -> Optional[float]:
-        acc, clip = self.acc, self.cfg.train.grad_clip
         if self.is_deepspeed:  # accelerate.backward already ran engine.step (clipping from the DS config)
-            norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
+            norm = self.acc.deepspeed_engine_wrapped.get_global_grad_norm()
             return None if norm is None else float(norm)
-        params = list(self.inner.parameters())
-        if clip > 0:
-            norm = float(acc.clip_grad_norm_(params, clip))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
-        if not torch.isfinite(torch.tensor(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return optimizer_step(self.acc, self.optimizer, self.inner.parameters(), self.cfg.train.grad_clip)
 
     # -- checkpoints ------------------------------------------------------------------------
 

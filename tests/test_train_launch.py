@@ -62,12 +62,53 @@ def test_ddp_cpu_two_processes(tmp_path, synth):
     assert proc.stdout.count("completed at step") == 1, proc.stdout  # the main process's line, once
 
 
+def test_ddp_two_processes_resampling_with_bad_videos(tmp_path, synth):
+    """Corrupt videos between the good ones, found bad during training: a process's micro-batch then holds
+    fewer videos, hence fewer resampling times t_s, than the other's. The step's metrics still combine over
+    processes (the raw t_s were gathered before, which needs equal sizes: gloo aborted, NCCL hangs)."""
+    import os
+
+    from resampling_forcing.config import load_config
+    from resampling_forcing.data.loader import synthetic_manifest
+
+    run_dir = tmp_path / "run"
+    manifest = synthetic_manifest(load_config(TINY_YAML, small_overrides(run_dir, synth)))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    out = []
+    for k, r in enumerate(r for r in rows if r.get("split", "train") == "train"):
+        out.append(dict(r, path=str(manifest.parent / r["path"])))
+        if k % 2 == 0:
+            junk = tmp_path / f"junk{k}.mp4"
+            junk.write_bytes(os.urandom(2000))
+            out.append({"path": str(junk), "caption": f"junk {k}"})
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in out))
+    proc = run(launch_cmd("ddp_cpu.yaml", "--main_process_port", str(free_port()))
+               + small_overrides(run_dir, synth, steps_tf=1, steps_rf=5, **{"data.source": "manifest",
+                                                                            "data.manifest": str(man)}))
+    assert "skipping video" in proc.stderr + proc.stdout
+    log = read_log(run_dir)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert all(0.0 <= r["t_s_min"] <= r["t_s_mean"] <= r["t_s_max"] <= 1.0 for r in log[1:])
+
+
 def test_deepspeed_zero2_two_processes(tmp_path, synth):
     run_dir = tmp_path / "run"
     run(launch_cmd("deepspeed_zero2.yaml", "--main_process_port", str(free_port()))
         + small_overrides(run_dir, synth, **{"data.fixed_batch": True, "train.grad_accum": 2}), timeout=600)
     assert_learns_in_step(run_dir, 2)
-    assert (list_checkpoints(run_dir)[-1][1] / "pytorch_model").is_dir()  # DeepSpeed's own sharded state
+    ckpt = list_checkpoints(run_dir)[-1][1]
+    assert (ckpt / "pytorch_model").is_dir()  # DeepSpeed's own sharded state
+    # rerunning the command on another number of processes: refused in one line before DeepSpeed's loader
+    # raises (its ZeRO state is partitioned per process), naming both ways on
+    proc = subprocess.run(launch_cmd("deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port",
+                                     str(free_port())) + small_overrides(run_dir, synth, steps_rf=6),
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"written by 2 DeepSpeed processes and this launch has 1" in lines[0], lines
+    assert "--num_processes 2" in lines[0] and f"train.init_from={ckpt}" in lines[0], lines
+    assert list_checkpoints(run_dir)[-1][1] == ckpt  # nothing written
 
 
 def test_multinode_two_machines_on_loopback(tmp_path, synth):
