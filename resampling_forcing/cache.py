@@ -24,7 +24,8 @@ largest need so far):
     price of the host tier (only while chunks are offloaded; the all-resident KVCache has none).
 The attention paths see the packed history with the selection packed alike (`routed_attention(...,
 packed=(chunks, n))`) and compute the same arithmetic as over the whole history: outputs are
-bit-identical (tests/test_kv_offload.py).
+bit-identical (tests/test_kv_offload.py; on CUDA the torch routed path's row sums use atomic adds,
+repeatable only under torch.use_deterministic_algorithms(True)).
 Optionally the host tier stores K/V in a smaller dtype (`host_dtype`, e.g. bf16 under an fp32 model:
 half the host memory, no longer exact). Device memory: R + 1 chunks of every layer + the mean keys
 (one key per chunk and layer: the part that still grows, 1/T of the history) + the staging buffer,
@@ -90,7 +91,8 @@ class KVCache:
         self.capacity = capacity
 
     def reserve(self, extra_chunks: int = 1) -> None:
-        """Make room for `extra_chunks` more finished chunks (doubling, amortised O(1))."""
+        """Make room for `extra_chunks` more finished chunks and the scratch slot after them (doubling,
+        amortised O(1))."""
         need = self.num_chunks + extra_chunks
         if need > self.capacity:
             self._grow(max(need, 2 * self.capacity))
@@ -130,7 +132,7 @@ class KVCache:
     def commit(self) -> None:
         """The scratch slot becomes a finished chunk (after every layer wrote it)."""
         self.num_chunks += 1
-        self.reserve(1)
+        self.reserve(0)  # the next scratch slot only: a grow here at the last chunk would copy the whole cache
 
     def memory_bytes(self) -> int:
         """Bytes held on the compute device (all of the cache here)."""
@@ -290,7 +292,7 @@ class TieredKVCache(KVCache):
                         tier.append(torch.empty((self.batch, self.heads, self.chunk_tokens, self.head_dim),
                                                 dtype=self.host_dtype, device=self.host_device, pin_memory=self.pin))
                     tier[j].copy_(ring[:, :, sl], non_blocking=True)
-        self.reserve(1)
+        self.reserve(0)
 
     def memory_bytes(self) -> int:
         """Bytes of the first tier (the compute device): ring, mean keys, staging."""

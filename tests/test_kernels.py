@@ -303,7 +303,7 @@ def test_auto_path_chooses_per_call_with_one_host_sync(monkeypatch):
     import resampling_forcing.attention.backends as BK
     import resampling_forcing.attention.routed as RT
 
-    monkeypatch.setattr(RT, "use_routing_kernels", lambda path, x, what: path in ("auto", "triton"))
+    monkeypatch.setattr(RT, "use_routing_kernels", lambda path, x, what, **kw: path in ("auto", "triton"))
     monkeypatch.setattr(BK, "TORCH_PATH_SLOWDOWN", 4.0)  # coherent: kernel ~1.3x the exact pairs; random ~12x
     syncs = []
     orig_tolist = torch.Tensor.tolist
@@ -329,6 +329,70 @@ def test_auto_path_chooses_per_call_with_one_host_sync(monkeypatch):
     syncs.clear()
     routed_attention(q, kh, vh, kc, vc, random, T, backend="triton")  # forced: no choice, no sync
     assert RT.last_routed_path() == "triton" and syncs == []
+
+
+def test_auto_path_leaves_fp32_routed_attention_to_torch(monkeypatch):
+    """On CUDA the auto path runs the routed-attention kernel for bf16/fp16 only (its fp32 variant has no
+    tensor cores and spills registers at head dim 128); selection runs the kernel in every dtype; an
+    explicit triton backend keeps the kernel for fp32 too."""
+    from types import SimpleNamespace
+
+    import resampling_forcing.attention.backends as BK
+
+    monkeypatch.setattr(BK, "kernels", lambda: SimpleNamespace(is_interpreted=lambda: False))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = SimpleNamespace(is_cuda=True, dtype=dtype)
+        assert BK.use_routing_kernels("auto", x, "select_chunks")
+        assert BK.use_routing_kernels("auto", x, "routed_attention", fp32=False) == (dtype != torch.float32)
+        assert BK.use_routing_kernels("triton", x, "routed_attention", fp32=False)
+        assert not BK.use_routing_kernels("auto", SimpleNamespace(is_cuda=False, dtype=dtype), "routed_attention")
+
+
+# Triton compiles a kernel variant per specialization of its integer arguments ("== 1", "divisible by
+# 16"); the history length N and the strides of sel change with every chunk of a rollout. Computed with
+# Triton's own binder (compiled kernels, no GPU needed: meta tensors, the launch is intercepted).
+_SPECIALIZATIONS = r"""
+import inspect, json, sys, torch
+from triton.backends.compiler import BaseBackend
+from triton.runtime import jit
+from resampling_forcing import kernels as K
+from resampling_forcing.attention.spec import RoutingSpec
+import importlib
+RA = importlib.import_module("resampling_forcing.kernels.routed_attention")
+RS = importlib.import_module("resampling_forcing.kernels.routing_select")
+seen = {}
+def intercept(name, kern):
+    binder = jit.create_function_from_signature(inspect.signature(kern.fn), kern.params, BaseBackend)
+    def run(*args, grid, warmup, **kwargs):
+        _, spec, options = binder(*args, **kwargs)
+        seen.setdefault(name, set()).add(repr((spec, sorted(options.items()))))
+    kern.run = run
+intercept("routed", RA._routed_attn_fwd_kernel)
+intercept("select", RS._routing_select_kernel)
+RA.check_runnable = RS.check_runnable = lambda *a, **k: None  # CPU/meta tensors: nothing is launched
+B, H, L, T, D = 1, 12, 4680, 4680, 128  # Wan2.1-1.3B at 480p, 3-frame chunks: 4680 = 8 * 585
+blocks = set()
+for n in range(2, 41):
+    q = torch.empty(B, H, L, D, device="meta", dtype=torch.bfloat16)
+    kh = torch.empty(B, H, n * T, D, device="meta", dtype=torch.bfloat16)
+    sel = torch.empty(B, H, L, n, device="meta", dtype=torch.bool)
+    K.routed_attention_fwd(q, kh, kh, q, q, sel, T)
+    K.routing_select(q, torch.empty(B, H, n, D, device="meta", dtype=torch.bfloat16), RoutingSpec(mode="topk", top_k=5))
+    blocks.add(max(2, 1 << (n - 1).bit_length()))
+print(json.dumps({"routed": len(seen["routed"]), "select": len(seen["select"]), "block_nc": len(blocks)}))
+"""
+
+
+def test_kernels_compile_one_variant_per_history_length_range(tmp_path):
+    """Over history lengths 2..40 at the 1.3B shape the routed kernel binds ONE specialization and the
+    selection kernel one per power-of-two block of chunks (it was 4 and 13 more: a compile of 1-3 s each in
+    the middle of a rollout on a fresh machine)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", _SPECIALIZATIONS], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counts["routed"] == 1 and counts["select"] == counts["block_nc"], counts
 
 
 def test_auto_backend_routes_on_the_auto_path():

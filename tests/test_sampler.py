@@ -249,6 +249,22 @@ def test_selection_recording_shape_and_values():
         np.testing.assert_allclose(row[:, :c].sum(-1), min(c, 2), rtol=1e-6)
 
 
+@pytest.mark.parametrize("record", [False, True])
+def test_cache_is_allocated_once_for_the_rollout(monkeypatch, record):
+    """The rollout sizes its cache for every chunk once; recording selections also writes the last chunk
+    into the cache (its cache-writing pass), which must not regrow it (a second copy of the whole cache at
+    the end: ~2.5x its size at peak)."""
+    from resampling_forcing.cache import KVCache
+
+    grows = []
+    original = KVCache._grow
+    monkeypatch.setattr(KVCache, "_grow", lambda self, cap: grows.append(cap) or original(self, cap))
+    model = tiny_model(num_layers=2)
+    opts = SamplingOptions(steps=1, cfg_scale=1.0, routing=RoutingSpec("topk", top_k=1), record_selection=record)
+    sample(model, _ctx(6, 1), 6, (H, W), options=opts, seed=0)
+    assert grows == [6], grows
+
+
 def test_sampling_option_errors():
     with pytest.raises(ValueError, match="steps"):
         SamplingOptions(steps=0)

@@ -63,7 +63,10 @@ def _online_softmax_step(qk, m_i, l_i, acc, v, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# Triton specializes integer arguments on "== 1" and "divisible by 16" and compiles a variant per
+# combination; the history length and the strides of `sel` [B, Hh, Lq, N] change with every chunk, which
+# would compile new variants (1-3 s each) at ever more history lengths in the middle of a rollout.
+@triton.jit(do_not_specialize=["stride_sb", "stride_sh", "stride_sm", "N_HIST"])
 def _routed_attn_fwd_kernel(
     Q, KH, VH, KC, VC, SEL, OUT, LSE,
     qk_scale,
@@ -157,11 +160,16 @@ def is_interpreted() -> bool:
     return interpreted(_routed_attn_fwd_kernel)
 
 
-def _default_config(D: int, interpreted: bool) -> tuple[int, int, int, int]:
+def _default_config(D: int, interpreted: bool, fp32: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if interpreted:
         # the interpreter runs each program in numpy: fewer, larger tiles are faster
         return 32, 32, 4, 1
+    if fp32 and D > 64:
+        # IEEE fp32 dots are FMA loops, not tensor-core tiles: (128, 64) at D = 128 uses ~225 KB of shared
+        # memory and spills ~68 KB per thread on sm_90 (ptxas, a review); smaller tiles spill far less.
+        # The "auto" path leaves fp32 to the torch path anyway (attention.backends.use_routing_kernels).
+        return 64, 32, 4, 2
     if D <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3
@@ -207,7 +215,7 @@ def routed_attention_fwd(
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     interpreted = is_interpreted()
-    bm, bn, nw, ns = _default_config(D, interpreted)
+    bm, bn, nw, ns = _default_config(D, interpreted, fp32=q.dtype == torch.float32)
     bm = block_m or bm
     bn = block_n or bn
     nw = num_warps or nw

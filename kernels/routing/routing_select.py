@@ -40,7 +40,9 @@ __all__ = ["routing_select", "MODES"]
 MODES = {"dense": 0, "window": 1, "topk": 2}  # the kernel's codes of attention.spec.ROUTING_MODES
 
 
-@triton.jit
+# No specialization on what changes with the history length N (see routed_attention.py): N and the
+# strides of mean_k [B, Hh, N, D], allowed [Lq, N] and sel [B, Hh, Lq, N]; BLOCK_NC still steps at powers of 2.
+@triton.jit(do_not_specialize=["stride_kb", "stride_kh", "stride_am", "stride_sb", "stride_sh", "stride_sm", "N"])
 def _routing_select_kernel(
     Q, MK, ALLOWED, SEL,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -17,7 +17,7 @@ Every choice of how attention runs is made here, from the resolved backend and t
 - history routing at inference, selection AND routed attention alike: `routing_path(backend)` gives
   the path ("torch" | "triton" | "auto") that `select_chunks` and `routed_attention` take, and
   `use_routing_kernels` decides what a path means for a tensor; on the "auto" path routed attention
-  asks `kernel_is_cheaper` per call, from the selection's statistics;
+  runs the kernel for bf16/fp16 only and asks `kernel_is_cheaper` per call, from the selection's statistics;
 - routed training attention: `training_routing(backend, device)` (sdpa | flex, and the selection path).
 The rest of the library receives the resolved name and asks these functions; it decides nothing.
 """
@@ -94,16 +94,18 @@ def routing_path(backend: str) -> str:
     return _ROUTING_PATH_OF.get(backend, "auto")
 
 
-def use_routing_kernels(path: str, x: torch.Tensor, what: str) -> bool:
-    """Whether routing `path` runs the Triton kernels for tensors like `x` (False: the torch path)."""
+def use_routing_kernels(path: str, x: torch.Tensor, what: str, fp32: bool = True) -> bool:
+    """Whether routing `path` runs the Triton kernels for tensors like `x` (False: the torch path).
+    `fp32=False`: the "auto" path leaves fp32 tensors to the torch path (routed attention: its kernel's
+    fp32 variant computes IEEE fp32 dots without tensor cores and, at head dim 128, spills registers)."""
     if path not in ROUTING_PATHS:
         raise ValueError(f"{what}: backend must be one of {list(ROUTING_PATHS)}, got {path!r}")
     if path == "torch":
         return False
     kern = kernels()
     if path == "auto":
-        return (kern is not None and x.is_cuda and not kern.is_interpreted()
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+        dtypes = (torch.float16, torch.bfloat16, torch.float32) if fp32 else (torch.float16, torch.bfloat16)
+        return kern is not None and x.is_cuda and not kern.is_interpreted() and x.dtype in dtypes
     if kern is None:
         raise RuntimeError(f"{what}: backend='triton' needs the Triton kernels (the triton package and an installed "
                            "checkout, pip install -e ., which maps kernels/routing/ to resampling_forcing.kernels); use backend='torch'")

@@ -91,7 +91,7 @@ def routed_attention(
     Returns (out [B,Hh,Lq,D] in q.dtype, lse [B,Hh,Lq] fp32).
 
     backend "triton": one kernel, history read in place, no host sync.
-    backend "auto" where the kernel runs (CUDA, no autograd): the torch path's plan is made (its ONE
+    backend "auto" where the kernel runs (CUDA, bf16/fp16, no autograd): the torch path's plan is made (its ONE
     host sync, which also reads `routed_work`) and the kernel runs instead when
     `backends.kernel_is_cheaper` (coherent picks; per-token picks that disagree go to the torch path).
     backend "torch" (or "auto" elsewhere): planned from `sel` with ONE host sync. If every query
@@ -118,7 +118,7 @@ def routed_attention(
         backend = "torch"  # the Triton kernel is forward only
     if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
         raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
-    use_kernel = use_routing_kernels(backend, q, "routed_attention")
+    use_kernel = use_routing_kernels(backend, q, "routed_attention", fp32=False)
     plan = None
     if use_kernel and backend == "auto" and chunks is None and sel.shape[-1] > 0 and q.numel() > 0:
         work = routed_work(sel, chunk_tokens, k_cur.shape[2], kernels().block_rows(q.shape[-1]))
