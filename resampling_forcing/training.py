@@ -473,11 +473,27 @@ class Trainer:
                 "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
                 "bad_in_a_row": self.bad_in_a_row, "time": time.time()}
 
-    def _export(self, folder: Path) -> None:
-        state = None
-        if self.zero_stage == 3:  # gather the partitioned weights (collective: all processes)
+    def _export_state(self) -> Optional[dict]:
+        """The weights to export, or None for the module's own state (DDP, one process). Under DeepSpeed
+        the fp32 master copy (the module holds bf16 working weights under bf16), gathered from the
+        partitions: collectives, so every process calls this."""
+        if not self.is_deepspeed:
+            return None
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if self.zero_stage == 3:  # the module's tensors are empty placeholders: gather them (16-bit)
             full = self.acc.get_state_dict(self.model)
-            state = {k[len("model."):]: v for k, v in full.items()} if full else None
+            state = {k[len("model."):]: v for k, v in full.items()} if full else {}
+        else:
+            state = dict(self.inner.state_dict())
+        for name, p in self.inner.named_parameters():
+            master = safe_get_full_fp32_param(p)  # None for a parameter the optimizer does not hold
+            if master is not None and name in state:
+                state[name] = master
+        return state if self.acc.is_main_process else None
+
+    def _export(self, folder: Path) -> None:
+        state = self._export_state()
         if not self.acc.is_main_process:
             return
         save_model(self.inner, folder, state=state)

@@ -83,6 +83,9 @@ def test_override_errors():
         config_from_dict({}, ["train.lrr=1"])
     with pytest.raises(ConfigError, match=r"not an index of a list of 1"):
         config_from_dict({}, ["train.stages.3.steps=1"])
+    # a shell-split flow value (train.stages=[{name: tf, ...}] unquoted) is one line, not a YAML traceback
+    with pytest.raises(ConfigError, match=r"override 'train.stages=\[\{name:': the value is not valid YAML"):
+        config_from_dict({}, ["train.stages=[{name:"])
 
 
 def test_missing_file(tmp_path):

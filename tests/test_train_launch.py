@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from resampling_forcing.checkpoint import list_checkpoints, read_trainer_state
 from resampling_forcing.models.loading import load_model
@@ -99,6 +100,16 @@ def test_deepspeed_zero2_two_processes(tmp_path, synth):
     assert_learns_in_step(run_dir, 2)
     ckpt = list_checkpoints(run_dir)[-1][1]
     assert (ckpt / "pytorch_model").is_dir()  # DeepSpeed's own sharded state
+    # the export is DeepSpeed's fp32 master, gathered from both partitions (under bf16 the module's own
+    # weights are a bf16 copy; fp32 here, so this checks the gathering, not the rounding)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    master = {k[len("model."):]: v for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt)).items()}
+    exported = load_file(str(ckpt / "model.safetensors"))
+    assert set(exported) == set(master)
+    for name, w in exported.items():
+        assert w.dtype == torch.float32 and torch.equal(w, master[name]), name
     # rerunning the command on another number of processes: refused in one line before DeepSpeed's loader
     # raises (its ZeRO state is partitioned per process), naming both ways on
     proc = subprocess.run(launch_cmd("deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port",
