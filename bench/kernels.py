@@ -28,6 +28,9 @@ TFLOP/s counts 4*D flops per (query, attended key): the routed work for routed m
 dense work for dense_sdpa. `blk_chunks` = mean number of history chunks a query block of the
 kernel (`block_rows`: 128 queries on GPU) visits (its real cost), `tok_chunks` = chunks attended per query token (= k + nothing else here).
 
+The JSON (--out) is rewritten atomically after the checks and after each history length, so a run killed
+at a time limit keeps what it measured (`complete`: false until the end).
+
 Query/key synthesis (`--pattern`, a comma list; default both, timed one after the other): "coherent" gives each 520-token region of the chunk its
 own preference over history chunks (real routing is spatially coherent: neighbouring tokens pick the
 same chunks); "random" is i.i.d. noise (per-token picks are uncorrelated: worst case for block skipping).
@@ -297,7 +300,8 @@ def run_checks():
 # ------------------------------------------------------------------------------------------------
 # stage 2: timing
 # ------------------------------------------------------------------------------------------------
-def run_timings():
+def run_timings(on_progress=lambda: None):
+    """Time every (pattern, history length) case; `on_progress()` after each (saves the JSON so far)."""
     smoke = ARGS.smoke
     dtype = torch.float32 if smoke else torch_dtype(ARGS.dtype)
     Hh, D, T = (2, 16, 13) if smoke else (ARGS.heads, ARGS.head_dim, ARGS.chunk_tokens)
@@ -372,13 +376,18 @@ def run_timings():
         del q, kh, vh, kc, vc, k_all, v_all
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
+        on_progress()
+
+
+def add_speedups():
+    """Each row's speed-up over the dense_sdpa row of its (pattern, N, k), where there is one."""
     for row in TIMINGS:
         d = next((r for r in TIMINGS if r["method"] == "dense_sdpa" and r["history_chunks"] == row["history_chunks"]
                   and r["top_k"] == row["top_k"] and r["pattern"] == row["pattern"] and r.get("ms")), None)
         row["speedup_vs_dense"] = (d["ms"] / row["ms"]) if d and row.get("ms") and row["method"] != "select" else None
 
 
-def fit_choice():
+def fit_choice(verbose=True):
     """The torch path's slowdown per (query, key) pair relative to the kernel's, per case with both
     timings: the break-even value of attention.backends.TORCH_PATH_SLOWDOWN for that case (the kernel
     wins there iff kernel_pairs <= slowdown * exact_pairs). Returns the cases, their median and how many
@@ -404,9 +413,10 @@ def fit_choice():
     vals = sorted(c["breakeven_slowdown"] for c in cases)
     fit = dict(cases=cases, median_breakeven=vals[len(vals) // 2], current=TORCH_PATH_SLOWDOWN,
                current_right=sum(c["current_right"] for c in cases), n=len(cases))
-    print(f"TORCH_PATH_SLOWDOWN: break-even per case {', '.join(f'{v:.2f}' for v in vals)}; median "
-          f"{fit['median_breakeven']:.2f}; the current {TORCH_PATH_SLOWDOWN} picks the faster path in "
-          f"{fit['current_right']}/{fit['n']} cases", flush=True)
+    if verbose:
+        print(f"TORCH_PATH_SLOWDOWN: break-even per case {', '.join(f'{v:.2f}' for v in vals)}; median "
+              f"{fit['median_breakeven']:.2f}; the current {TORCH_PATH_SLOWDOWN} picks the faster path in "
+              f"{fit['current_right']}/{fit['n']} cases", flush=True)
     return fit
 
 
@@ -479,20 +489,30 @@ def main():
         return report_bad_input(PROG, "--smoke needs TRITON_INTERPRET=1 before the kernels are imported")
     t0 = time.time()
     info = env_info()
+    out = Path(ARGS.out)
+    tune: list = []
+
+    def save(complete=False):
+        """The JSON of everything measured so far, written atomically (temp file + rename): rewritten after
+        the checks and after each history length, so a run killed at its time limit keeps its numbers
+        (`complete` false: cut short; the table and the fit cover the rows so far)."""
+        add_speedups()
+        result = dict(env=info, args=vars(ARGS), complete=complete, checks=CHECKS, timings=TIMINGS, tune=tune,
+                      table=markdown(TIMINGS), choice_fit=fit_choice(verbose=complete), wall_s=time.time() - t0)
+        atomic_write_text(out, json.dumps(result, indent=1, default=str))
+
     print(json.dumps(info))
     if not ARGS.skip_checks:
         print("== correctness ==", flush=True)
         run_checks()
+        save()
     print("== timing ==", flush=True)
-    run_timings()
-    tune = run_tune() if ARGS.tune else []
-    table = markdown(TIMINGS)
-    print(table)
-    choice = fit_choice()
-    result = dict(env=info, args=vars(ARGS), checks=CHECKS, timings=TIMINGS, tune=tune, table=table,
-                  choice_fit=choice, wall_s=time.time() - t0)
-    out = Path(ARGS.out)
-    atomic_write_text(out, json.dumps(result, indent=1, default=str))
+    run_timings(on_progress=save)
+    if ARGS.tune:
+        tune = run_tune()
+    add_speedups()
+    print(markdown(TIMINGS))
+    save(complete=True)  # prints the fit's line
     print(f"wrote {out} ({time.time() - t0:.1f} s)")
     failed = [c["name"] for c in CHECKS if not c["ok"]]
     if failed:

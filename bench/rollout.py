@@ -22,7 +22,8 @@ the cache (the sampler writes lazily). Peak memory: VmHWM of this process reset 
 mode: it is timed once per model by streaming-decoding the first --decode-chunks chunks of a
 rollout (all of them for pixel-shuffle; 1 for the Wan VAE, which takes seconds per chunk on a
 CPU), and "fps with decode" = frames / (rollout time + decode seconds per frame * frames).
-Prints markdown tables; --out writes JSON.
+Warm-up, untimed: on CUDA one full rollout per distinct mode (the Triton kernels' JIT compiles stay out
+of the timed runs), elsewhere one 2-chunk dense rollout. Prints markdown tables; --out writes JSON.
 """
 from __future__ import annotations
 
@@ -204,6 +205,24 @@ def _run(model, ctx, spec, args, device, layer_wrap) -> tuple[dict, torch.Tensor
                 else "process VmHWM (reset per mode)", kv_cache_mib=t["kv_cache_mib"]), res.latents
 
 
+def warmup_modes(mode_names: list[str], specs: dict, device) -> list[str]:
+    """The modes rolled out untimed, at full length, before any timed run: on CUDA each distinct one.
+    The Triton kernels JIT-compile per routing mode and per specialisation of their integer arguments
+    (== 1, divisible by 16), which changes as the history grows, so a short warm-up would leave compiles
+    inside the first timed run of each mode. replayK counts apart from topkK (same spec): its coherent
+    picks can run the kernel where random picks run the torch path. Elsewhere: none (nothing compiles;
+    the 2-chunk dense warm-up only, so CPU runs do not take twice as long)."""
+    if torch.device(device).type != "cuda":
+        return []
+    seen, names = [], []
+    for name in mode_names:
+        key = (name.startswith("replay"), specs[name])
+        if key not in seen:  # RoutingSpec is a plain (unhashable) dataclass: compare with ==
+            seen.append(key)
+            names.append(name)
+    return names
+
+
 def time_decode(vae, latents: torch.Tensor, chunk_frames: int, max_chunks: int) -> dict:
     """Streaming decode of the first `max_chunks` chunks: seconds per pixel frame (decode cost does
     not depend on the attention mode, so it is measured once per model)."""
@@ -305,7 +324,8 @@ def _main(argv=None) -> int:
                                 torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
                                 dtype=args.dtype, backend=args.backend),
                    settings=dict(chunks=args.chunks, steps=args.steps, cfg=args.cfg, chunk_frames=args.chunk_frames,
-                                 sink=args.sink),
+                                 sink=args.sink, warmup=warmup_modes(mode_names, args.specs, device)
+                                 or "dense, 2 chunks"),
                    presets={})
     summary, latency = [], []
     points = sorted({1, min(args.early_chunk, args.chunks), args.chunks // 4 or 1, args.chunks // 2 or 1, args.chunks})
@@ -320,8 +340,15 @@ def _main(argv=None) -> int:
         n_decode = args.decode_chunks or (args.chunks if isinstance(vae, PixelShuffleVAE) else 1)
         ctx = torch.randn(1, 16, cfg.text_dim, generator=torch.Generator().manual_seed(0)).to(device)
         tokens = model.chunk_tokens(h, w)
-        # warm-up (allocator, kernels), not recorded
-        sample(model, ctx, 2, (h, w), options=SamplingOptions(steps=1, cfg_scale=1.0, backend=args.backend))
+        # warm-up (allocator, kernels), not recorded: on CUDA a full rollout per distinct mode (warmup_modes)
+        t0 = time.perf_counter()
+        warm = warmup_modes(mode_names, args.specs, device)
+        for name in warm:
+            run_mode(model, ctx, args.specs[name], args, device, name)
+        if not warm:
+            sample(model, ctx, 2, (h, w), options=SamplingOptions(steps=1, cfg_scale=1.0, backend=args.backend))
+        print(f"[{preset}] warm-up ({', '.join(warm) or 'dense, 2 chunks'}): {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
         modes, decode = {}, None
         for name in mode_names:
             t0 = time.perf_counter()

@@ -24,7 +24,10 @@ Selection patterns (`--pattern`, comma list), made by the queries and keys, not 
             (`--gap 3.5`: 99.3-99.8%; the issue's measurement had 99.7%; a lower gap makes more outliers);
   mixed     half the heads coherent, half random.
 The table: dense s, routed s, speed-up = dense / routed, ideal = (N+1)/(k+1) (attended keys, dense /
-routed), fraction = speed-up / ideal, and the plan the torch path chose (`routing.last_plan_summary`).
+routed), fraction = speed-up / ideal, and the plan the torch path chose (`routing.last_plan_summary`), or
+"triton" where the Triton kernel ran instead (`routing.last_routed_path`: CUDA, backend auto or triton).
+Inputs: one set of i.i.d. normal draws per history length, made on the target device (seeded there);
+every pattern and k of that length starts from it (the coherent heads' q and keys are shifted copies).
 
 `--cpu-kernels auto,fused` times every routed case twice in the same rounds (an A/B in one process):
 "auto" is the library's rule (per-chunk groups of 33-191 query rows over chunks whose K and V reach 2 MiB
@@ -59,24 +62,39 @@ PATTERNS = ("random", "coherent", "mixed")
 CPU_KERNELS = ("auto", "fused")
 
 
-def make_inputs(Hh, N, T, D, k, pattern, device, dtype, seed=0, gap=3.5):
-    """q [1,Hh,T,D], history k/v [1,Hh,N*T,D], current k/v [1,Hh,T,D] for one selection pattern."""
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q, kh, vh, kc, vc = rn(1, Hh, T, D), rn(1, Hh, N * T, D), rn(1, Hh, N * T, D), rn(1, Hh, T, D), rn(1, Hh, T, D)
-    if pattern in ("coherent", "mixed") and N > k:
-        heads = range(Hh) if pattern == "coherent" else range(0, Hh, 2)
-        pref = [0] + list(range(N - (k - 1), N)) if k > 1 else [0]  # sink + the k-1 most recent
-        u = torch.zeros(D)
-        u[0] = 1.0
-        # mean key of a preferred chunk is +a*u, of the others ~0 (noise of norm sqrt(D/T)); queries carry
-        # +c*u, so a token's preferred scores lead by a*c = 3 against a per-token noise of std ~1 (its own
-        # component along u): with c = 3.5, 99.3-99.8% of the tokens pick exactly the preferred chunks
-        a, c = 1.0, gap
-        for h in heads:
-            kh[0, h].view(N, T, D)[pref] += a * u
-            q[0, h] += c * u
-    return [t.to(device=device, dtype=dtype).contiguous() for t in (q, kh, vh, kc, vc)]
+def draw_base(Hh, N, T, D, device, seed=0):
+    """The i.i.d. N(0, 1) draws (fp32) that every pattern and k of one history length starts from:
+    q [1,Hh,T,D], history k/v [1,Hh,N*T,D], current k/v [1,Hh,T,D]. Drawn ONCE per history length, on
+    `device` with a generator seeded there (on CPU the same values as one CPU generator; for the GPU
+    shapes, up to ~6e8 normals per length, the GPU draws in milliseconds what took the CPU 20-60 s a run)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    return rn(1, Hh, T, D), rn(1, Hh, N * T, D), rn(1, Hh, N * T, D), rn(1, Hh, T, D), rn(1, Hh, T, D)
+
+
+def make_inputs(base, k, pattern, dtype, gap=3.5, cast=None):
+    """One case's (q, kh, vh, kc, vc) in `dtype` from `base` (draw_base, fp32) for one selection pattern.
+    Only the coherent heads' q and history keys change, so only q and kh are cloned; the rest (and
+    everything for "random") are the shared `cast` tensors: base in `dtype`, made here when not given."""
+    cast = cast or [t.to(dtype).contiguous() for t in base]
+    q, kh = base[0], base[1]
+    Hh, T, D = q.shape[1], q.shape[2], q.shape[3]
+    N = kh.shape[2] // T
+    if not (pattern in ("coherent", "mixed") and N > k):
+        return list(cast)
+    q, kh = q.clone(), kh.clone()
+    heads = range(Hh) if pattern == "coherent" else range(0, Hh, 2)
+    pref = [0] + list(range(N - (k - 1), N)) if k > 1 else [0]  # sink + the k-1 most recent
+    u = torch.zeros(D, device=q.device)
+    u[0] = 1.0
+    # mean key of a preferred chunk is +a*u, of the others ~0 (noise of norm sqrt(D/T)); queries carry
+    # +c*u, so a token's preferred scores lead by a*c = 3 against a per-token noise of std ~1 (its own
+    # component along u): with c = 3.5, 99.3-99.8% of the tokens pick exactly the preferred chunks
+    a, c = 1.0, gap
+    for h in heads:
+        kh[0, h].view(N, T, D)[pref] += a * u
+        q[0, h] += c * u
+    return [q.to(dtype).contiguous(), kh.to(dtype).contiguous(), *cast[2:]]
 
 
 def coherence(sel):
@@ -125,13 +143,16 @@ def _main(argv=None) -> int:
             groups = []  # per history length: its cases and its dense baseline, all timed in the same rounds
             for N in (int(x) for x in args.history.split(",")):
                 cases = []
+                base = draw_base(Hh, N, T, D, device)
+                cast = [t.to(dtype).contiguous() for t in base]
                 for pat in patterns:
                     for k in ks:
-                        ins = make_inputs(Hh, N, T, D, k, pat, device, dtype, gap=args.gap)
+                        ins = make_inputs(base, k, pat, dtype, gap=args.gap, cast=cast)
                         mean_k = chunk_means(ins[1], T)  # the KV cache keeps these per chunk
                         spec = RoutingSpec("topk", top_k=k)
                         for ck in cpu_kernels:
                             cases.append(dict(pattern=pat, k=k, ins=ins, mean_k=mean_k, spec=spec, times=[], cpu=ck))
+                del base, cast  # the cases hold what they use
                 q0, kh0, vh0, kc0, vc0 = cases[0]["ins"]
                 groups.append(dict(N=N, cases=cases, q=q0, k=torch.cat([kh0, kc0], 2), v=torch.cat([vh0, vc0], 2),
                                    dense_times=[]))
@@ -158,8 +179,10 @@ def _main(argv=None) -> int:
                                 routed(c)
                             if rep:
                                 c["times"].append(sw.seconds)
-                            if rep == 0:
-                                c["plan"] = getattr(R, "last_plan_summary", lambda: "-")()
+                            if rep == 0:  # the torch path's plan, or "triton" when the kernel ran (the plan
+                                # summary is the torch path's alone: after a kernel call it would be stale)
+                                c["path"] = R.last_routed_path()
+                                c["plan"] = "triton" if c["path"] == "triton" else R.last_plan_summary()
             for g in groups:
                 N, dense_times = g["N"], g["dense_times"]
                 td = statistics.median(dense_times)
@@ -169,7 +192,7 @@ def _main(argv=None) -> int:
                     row = dict(tokens=T, history=N, pattern=c["pattern"], k=c["k"], cpu_kernels=c["cpu"],
                                dense_s=td, routed_s=tr,
                                speedup=td / tr, ideal=ideal, fraction=td / tr / ideal,
-                               coherence=coherence(c["sel"].cpu()), plan=c["plan"],
+                               coherence=coherence(c["sel"].cpu()), path=c["path"], plan=c["plan"],
                                dense_all=dense_times, routed_all=c["times"])
                     rows.append(row)
                     line = (f"| {T} | {N} | {c['pattern']} | {c['k']} | {c['cpu']} | {row['coherence']:.3f} | {td:.3f} "
