@@ -85,28 +85,43 @@ def padded_len(seq_len: int, block: int = FLEX_BLOCK) -> int:
 
 @lru_cache(maxsize=32)
 def block_mask(spec: MaskSpec, device: torch.device | str = "cpu"):
-    """FlexAttention BlockMask over the sequence padded to a multiple of FLEX_BLOCK."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """FlexAttention BlockMask over the sequence padded to Lpad = padded_len(L), a multiple of FLEX_BLOCK.
 
+    Built from per-tile counts (`block_counts`, [nb, nb] with nb = Lpad / FLEX_BLOCK), never from an
+    [Lpad, Lpad] mask: `create_block_mask` evaluates the mask_mod on every token pair (~12 L^2 bytes,
+    tens of GB at the 1.3B training lengths). Same tiles, full/partial split and mask_mod (padding
+    tokens masked) as `create_block_mask(spec.mask_mod(L), None, None, Lpad, Lpad, BLOCK_SIZE=FLEX_BLOCK)`.
+    """
     length = padded_len(spec.seq_len)
-    return create_block_mask(spec.mask_mod(spec.seq_len), None, None, length, length,
-                             device=device, BLOCK_SIZE=FLEX_BLOCK)
+    cnt = block_counts(spec, FLEX_BLOCK, device)
+    return block_mask_from_counts(cnt[None, None], FLEX_BLOCK, spec.mask_mod(spec.seq_len), (length, length))
+
+
+def block_counts(spec: MaskSpec, block: int = FLEX_BLOCK, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [nb, nb], nb = padded_len(L, block) / block: allowed (query, key) pairs of each block x block tile.
+
+    Every layout is S = history_chunks + num_chunks segments of chunk_tokens tokens, and its mask_mod is
+    constant on each (query segment, key segment) pair, so one evaluation per segment pair gives the rule
+    `allowed` [S, S], and cnt = overlap @ allowed @ overlap^T with overlap[b, s] = tokens of tile b in
+    segment s. Padding tokens (>= L) lie in no segment and count for nothing, as the mask_mod masks them.
+    float32 because integer matmul is CPU-only; still exact: the factors are integers <= block (exact even
+    in TF32's 11-bit significand) and every sum an integer <= block^2 < 2^24.
+    """
+    t = spec.chunk_tokens
+    segments = spec.history_chunks + spec.num_chunks
+    starts = torch.arange(segments, device=device) * t
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    allowed = spec.mask_mod(spec.seq_len)(zero, zero, starts[:, None], starts[None, :])  # [S, S]
+    lo = torch.arange(padded_len(spec.seq_len, block) // block, device=device)[:, None] * block  # [nb, 1] tile starts
+    overlap = (torch.minimum(lo + block, starts + t) - torch.maximum(lo, starts)).clamp(min=0)  # [nb, S]
+    overlap = overlap.to(torch.float32)
+    return overlap @ allowed.to(torch.float32) @ overlap.T
 
 
 def block_sparsity(spec: MaskSpec) -> float:
-    """Fraction of FLEX_BLOCK x FLEX_BLOCK tiles that FlexAttention can skip entirely.
-
-    Evaluated one row of tiles at a time, so the 1.3B shapes never build an [L, L] mask."""
-    length = padded_len(spec.seq_len)
-    mod = spec.mask_mod(spec.seq_len)
-    kv = torch.arange(length)
-    zero = torch.zeros((), dtype=torch.long)
-    live = 0
-    for start in range(0, length, FLEX_BLOCK):
-        q = torch.arange(start, start + FLEX_BLOCK)
-        rows = mod(zero, zero, q[:, None], kv[None, :])
-        live += int(rows.view(FLEX_BLOCK, length // FLEX_BLOCK, FLEX_BLOCK).any(dim=(0, 2)).sum())
-    return 1.0 - live / (length // FLEX_BLOCK) ** 2
+    """Fraction of FLEX_BLOCK x FLEX_BLOCK tiles that FlexAttention can skip entirely (those of block_mask)."""
+    live = block_counts(spec) > 0
+    return 1.0 - int(live.sum()) / live.numel()
 
 
 def block_mask_from_counts(cnt: torch.Tensor, block_size: int, mask_mod: Callable, seq_lengths: tuple[int, int]):
