@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import config_file
 from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_output_dir, check_seed
 from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
@@ -193,7 +194,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     print(f"[demo] 1-2/5 data + training ({args.tf_steps} teacher-forcing + {args.rf_steps} resampling steps) "
           f"-> {out / 'run'}", flush=True)
-    result = train(cfg)
+    # the trainer's usual advice ("run the same command") would delete this run: a demo trains afresh
+    result = train(cfg, resume_hint=f"resume this run with: python train/train.py --config {config_file(run)} "
+                                    "(a new demo run starts over)")
     if result["status"] != "completed":  # SIGTERM/SIGINT: the trainer saved; do not sample a half-trained model
         return _stopped(result.get("signal") or "SIGINT",
                         f"during training at step {result['step']} (checkpoint {result['checkpoint']}); not sampling")

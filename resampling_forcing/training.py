@@ -51,8 +51,8 @@ from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_data import DataCursor
 from .training_gap import GapMonitor
 from .training_step import optimizer_step, step_metrics
-from .training_utils import (EMA, MetricsLogger, build_accelerator, launch_world_size, lr_at,  # noqa: F401 (lr_at)
-                             ramp_at, resolve_grad_accum, resume_config_changes, stage_at, start_trackers,
+from .training_utils import (EMA, MetricsLogger, build_accelerator, init_source, launch_world_size,  # noqa: F401
+                             lr_at, ramp_at, resolve_grad_accum, resume_config_changes, stage_at, start_trackers,
                              total_steps, train_lr)
 
 logger = logging.getLogger("resampling_forcing.train")
@@ -103,7 +103,7 @@ class Trainer:
     """One training run: setup (data, model, optimizer, resume), `train_step` (the staged objective over
     `train.grad_accum` micro-batches), `fit` (the loop: logs, checkpoints, signals, non-finite aborts)."""
 
-    def __init__(self, cfg: Config, accelerator=None):
+    def __init__(self, cfg: Config, accelerator=None, resume_hint: str = "run the same command to resume"):
         resolve_grad_accum(cfg, accelerator.num_processes if accelerator is not None else launch_world_size())
         validate(cfg, training=True)  # load_config checked what inference needs too; this adds the training rules
         self.cfg = cfg
@@ -112,6 +112,7 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.last_checkpoint: Optional[Path] = None
+        self.resume_hint = resume_hint  # the stop line's advice (the demo's own command starts over)
         self._setup()
 
     # -- setup ------------------------------------------------------------------------------
@@ -183,9 +184,7 @@ class Trainer:
         model = CausalWanModel(cfg.model)
         n_params = param_count(model)  # before acc.prepare: ZeRO-3 then leaves empty placeholders
         if resume is None and cfg.train.init_from:
-            src = cfg.train.init_from
-            with contextlib.suppress(CheckpointError):
-                src = str(resolve_trainer_checkpoint(src))
+            src = init_source(cfg)
             try:
                 load_state_into(model, read_state_dict(src), source=src)
             except CheckpointError as e:
@@ -543,8 +542,8 @@ class Trainer:
                     if not saved:
                         self.save()
                     status = "interrupted"
-                    logger.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume",
-                                   self.step, stop.requested or "a signal on another process", self.last_checkpoint)
+                    logger.warning("stopped at step %d by %s; checkpoint %s; %s", self.step,
+                                   stop.requested or "a signal on another process", self.last_checkpoint, self.resume_hint)
                     break
             if self.step >= total and (self.last_checkpoint is None or read_trainer_state(self.last_checkpoint)["step"] != self.step):
                 self.save()
@@ -581,7 +580,7 @@ class Trainer:
                            "step": self.step, "weights_sha256": h.hexdigest()})
 
 
-def train(cfg: Config, accelerator=None) -> dict:
+def train(cfg: Config, accelerator=None, resume_hint: str = "run the same command to resume") -> dict:
     """Train `cfg` to the end of its last stage (or until SIGTERM/SIGINT). Resumes automatically.
 
     Before anything is loaded: `preflight` (backend on this device, writable folders, a memory
@@ -596,7 +595,7 @@ def train(cfg: Config, accelerator=None) -> dict:
     lock = RunLock(cfg.train.run_dir).acquire() if main else None
     started = False
     try:
-        trainer = Trainer(cfg, accelerator)
+        trainer = Trainer(cfg, accelerator, resume_hint)
         started = True
         return trainer.fit()
     finally:

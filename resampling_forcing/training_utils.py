@@ -289,10 +289,30 @@ def read_log(run_dir: str | os.PathLike) -> list[dict]:
 # ----------------------------------------------------------------------------- before any work
 
 
+def init_source(cfg: Config) -> str:
+    """The weights `train.init_from` names: a run folder (its latest checkpoint), a checkpoint folder or a
+    Wan2.1 checkpoint folder. CheckpointError (one line) when it is none of them."""
+    from .checkpoint import resolve_trainer_checkpoint
+    from .models.loading import CheckpointError, detect_layout
+
+    src = cfg.train.init_from
+    try:
+        src = str(resolve_trainer_checkpoint(src))
+    except CheckpointError:
+        pass  # a Wan2.1 folder, or nothing: detect_layout says which
+    try:
+        detect_layout(src)
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}; pass a run folder, a checkpoint "
+                              "folder or a Wan2.1 checkpoint folder") from None
+    return src
+
+
 def preflight(cfg: Config, world: int | None = None) -> None:
     """Checks that need this machine, run before anything is loaded or written: the attention backend
-    on this device, a run folder (and synthetic data folder) that can really be created/written,
-    and a memory estimate of one training step. ConfigError (one line) on failure."""
+    on this device, a run folder (and synthetic data folder) that can really be created/written, the
+    weights of `train.init_from` (for a run that does not resume) and a memory estimate of one training
+    step. ConfigError (one line) on failure."""
     from .attention.backends import resolve_backend
     from .io import probe_writable_dir
     from .memory import check_fits, train_memory
@@ -309,6 +329,14 @@ def preflight(cfg: Config, world: int | None = None) -> None:
         problem = probe_writable_dir(folder)
         if problem:
             raise ConfigError(f"{key}={folder}: {problem}; choose a folder you can write")
+    from .checkpoint import latest_checkpoint
+    from .models.loading import CheckpointError
+
+    if cfg.train.init_from and not cfg.train.resume_from and latest_checkpoint(cfg.train.run_dir) is None:
+        try:  # before the data set is built or the encoders load (minutes), not after
+            init_source(cfg)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
     d, t = cfg.data, cfg.train
     msg = check_fits(train_memory(cfg, world or launch_world_size()), device,
                      f"training on {d.num_frames}x{d.height}x{d.width} clips in batches of {t.batch_size}",

@@ -63,7 +63,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return coerce(value, arg, path)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is Literal:

@@ -65,6 +65,10 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
         "run_dir under a file": ([f"train.run_dir={afile}/run"], "is a file"),
         "run_dir under /proc": (["train.run_dir=/proc/nope/run"], "cannot create"),
         "8192x8192": (["data.height=8192", "data.width=8192"], "needs at least"),
+        "optional field, wrong type": (["train.ema_decay=high"], "train.ema_decay: "),
+        # before the data set is rendered (a fresh synthetic folder stays absent) or encoders load
+        "init_from typo": ([f"train.init_from={tmp_path / 'no_such_run'}",
+                            f"data.synthetic_dir={tmp_path / 'fresh_synth'}"], "train.init_from="),
         "no usable video": (["data.source=manifest", f"data.manifest={manifest}"],
                             "all 4 files skipped (bad_path: 1, missing: 1, too_short: 1, unreadable: 1)"),
     }
@@ -82,6 +86,7 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
         assert needle in line, f"{name}: {line}"
         assert not run.exists(), f"{name}: left {run} behind"
         assert time.time() - t0 < 60, f"{name}: refused only after {time.time() - t0:.0f}s"
+    assert not (tmp_path / "fresh_synth").exists()
 
 
 def _precompute(*args):

@@ -83,6 +83,11 @@ def test_override_errors():
         config_from_dict({}, ["train.lrr=1"])
     with pytest.raises(ConfigError, match=r"not an index of a list of 1"):
         config_from_dict({}, ["train.stages.3.steps=1"])
+    # a wrong type for an Optional field: the inner type's one line (it raised a str: TypeError)
+    with pytest.raises(ConfigError, match=r"attention\.routing\.top_k: expected int, got str 'three'"):
+        config_from_dict({}, ["attention.routing.top_k=three"])
+    with pytest.raises(ConfigError, match=r"train\.ema_decay: .*'high'"):
+        config_from_dict({}, ["train.ema_decay=high"])
     # a shell-split flow value (train.stages=[{name: tf, ...}] unquoted) is one line, not a YAML traceback
     with pytest.raises(ConfigError, match=r"override 'train.stages=\[\{name:': the value is not valid YAML"):
         config_from_dict({}, ["train.stages=[{name:"])

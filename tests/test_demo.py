@@ -125,6 +125,9 @@ def test_demo_sigterm_during_training_stops_without_sampling(tmp_path):
     assert "3/5 sampling" not in out
     assert not (tmp_path / "demo" / "live").exists() and not (tmp_path / "demo" / "metrics.json").exists()
     assert list((tmp_path / "demo" / "run" / "checkpoints").glob("step_*")), "the trainer saved on SIGTERM"
+    # its advice resumes this run (rerunning the demo would delete it: "run the same command" was wrong)
+    hint = f"resume this run with: python train/train.py --config {tmp_path / 'demo' / 'run' / 'config.yaml'}"
+    assert hint in err and "run the same command" not in err, err
 
 
 def test_demo_ctrl_c_during_training_one_line_no_traceback(tmp_path):
