@@ -155,9 +155,10 @@ def resolve_hub_id(repo_id: str) -> Path:
             near = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
             raise PipelineError(f"checkpoint {repo_id}: no such folder (in {parent}/: {', '.join(near) or 'nothing'}); "
                                 "pass a run folder, a checkpoint folder or a Hugging Face id") from None
-        raise PipelineError(f"checkpoint {repo_id}: not a local path and not in the local Hugging Face cache "
-                            f"({constants.HF_HUB_CACHE}); download it first (`hf download {repo_id}`) or pass a "
-                            f"folder ({type(e).__name__})") from None
+        raise PipelineError(f"checkpoint {repo_id}: no such folder, and not in the local Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}); pass a run or checkpoint folder (training writes them "
+                            f"to train.run_dir, e.g. runs/tiny for configs/tiny.yaml), or download the model first "
+                            f"(`hf download {repo_id}`) ({type(e).__name__})") from None
 
 
 def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> CheckpointInfo:

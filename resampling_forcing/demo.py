@@ -86,7 +86,7 @@ def sample_and_eval(name: str, path: Path, captions: list[str], num_chunks: int,
     paths = output.save(out / name, extra=dict(demo_model=name, checkpoint=str(path), **extra))
     results = []
     for i, (caption, mp4) in enumerate(zip(captions, paths)):
-        video = res.video[i].numpy()
+        video = res.video[i].numpy()  # the frames before H.264 encoding (README: the eval CLI reads the mp4)
         ref, meta = real[i] if history is not None else (None, None)
         results.append(evaluate_video(video, caption, segment_frames=segment_frames, reference=ref,
                                       reference_meta=meta, name=mp4.name))

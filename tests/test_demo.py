@@ -145,7 +145,7 @@ def test_demo_signals_outside_training_one_line(tmp_path, monkeypatch, capsys):
     import os
     import signal
 
-    def ctrl_c(cfg):
+    def ctrl_c(cfg, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "train", ctrl_c)
@@ -153,7 +153,7 @@ def test_demo_signals_outside_training_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["demo: stopped by SIGINT before the end; outputs may be incomplete (exit 130)"]
 
-    def sigterm(cfg):
+    def sigterm(cfg, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the demo")
 
@@ -170,7 +170,7 @@ def test_demo_out_holds_the_data_set_and_the_run(tmp_path, monkeypatch, capsys):
     data.synthetic_dir= still wins."""
     seen = []
 
-    def fake_train(cfg):
+    def fake_train(cfg, **kw):
         seen.append((cfg.data.synthetic_dir, cfg.train.run_dir))
         return {"status": "interrupted", "signal": "SIGINT", "step": 0, "checkpoint": None}
 

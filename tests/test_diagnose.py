@@ -192,6 +192,11 @@ def test_recommend_shift_rule():
     assert high == 4.0 and not high.reached and "NOT reached" in high.rule
     low = recommend_shift(sweep, 0.001)
     assert low == 1.0 and not low.reached
+    # the rule (report.json's text) names the error it matched: the one-step target said "rollout error"
+    assert "= rollout error 0.02" in mid.rule
+    one = recommend_shift(sweep, 0.02, "one-step error")
+    assert one == mid and "= one-step error 0.02" in one.rule and "rollout" not in one.rule
+    assert "above the one-step error" in recommend_shift(sweep, 0.001, "one-step error").rule
     with pytest.raises(ValueError):
         recommend_shift(sweep, 0.0)
     with pytest.raises(ValueError):
