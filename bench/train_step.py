@@ -49,7 +49,7 @@ def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, t
     from resampling_forcing.models.wan import CausalWanModel
     from resampling_forcing.resampling import DegradeSettings, degrade_history
     from resampling_forcing.timing import Stopwatch, median, peak_memory, reset_peak_memory, rss_mib
-    from resampling_forcing.training import velocity_loss
+    from resampling_forcing.diffusion import velocity_loss
 
     dev = torch.device(device)
     batch, (c, f, h, w), cf, pred = SHAPES[preset]

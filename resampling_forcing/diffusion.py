@@ -26,6 +26,13 @@ def velocity_target(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x
 
 
+def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE of velocity [B, C, F, H, W] -> (scalar loss, per-chunk loss [B, N]) in fp32."""
+    err = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    per_chunk = err.unflatten(1, (-1, chunk_frames)).mean(-1)
+    return per_chunk.mean(), per_chunk
+
+
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return x_t - _bcast(t.to(x_t.dtype), x_t) * v
 

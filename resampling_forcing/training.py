@@ -43,7 +43,7 @@ from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_c
                          EMA_WEIGHTS, MODEL_WEIGHTS, RANKS_DIR, config_file)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
-from .diffusion import add_noise, sample_logit_normal, velocity_target
+from .diffusion import add_noise, sample_logit_normal, velocity_loss, velocity_target
 from .io import atomic_write_text
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .models.wan import CausalWanModel
@@ -51,9 +51,9 @@ from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_data import DataCursor
 from .training_gap import GapMonitor
 from .training_step import optimizer_step, step_metrics
-from .training_utils import (EMA, MetricsLogger, build_accelerator, init_source, launch_world_size,  # noqa: F401
-                             lr_at, ramp_at, resolve_grad_accum, resume_config_changes, stage_at, start_trackers,
-                             total_steps, train_lr)
+from .training_utils import (EMA, MetricsLogger, build_accelerator, format_count, init_source,  # noqa: F401
+                             launch_world_size, lr_at, param_count, ramp_at, resolve_grad_accum,
+                             resume_config_changes, stage_at, start_trackers, total_steps, train_lr)
 
 logger = logging.getLogger("resampling_forcing.train")
 
@@ -72,28 +72,6 @@ class DualForward(nn.Module):
     def forward(self, history, noisy, t, context, attn):
         dtype = self.model.patch_embedding.weight.dtype  # DeepSpeed bf16 keeps bf16 weights
         return self.model.forward_dual(history.to(dtype), noisy.to(dtype), t, context.to(dtype), attn)
-
-
-def param_count(module: nn.Module) -> int:
-    """Parameters of `module`, also when DeepSpeed ZeRO-3 has partitioned it (a partitioned parameter
-    is an empty placeholder whose full size is `ds_numel`)."""
-    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in module.parameters())
-
-
-def format_count(n: int) -> str:
-    """1234 -> '1.2K', 1_300_000 -> '1.3M', 1.4e9 -> '1.40B' (never '0.0M' for a small model)."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f}M"
-    return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
-
-
-def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MSE of velocity [B, C, F, H, W] -> (scalar loss, per-chunk loss [B, N]) in fp32."""
-    err = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    per_chunk = err.unflatten(1, (-1, chunk_frames)).mean(-1)
-    return per_chunk.mean(), per_chunk
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -89,6 +89,21 @@ def build_accelerator(cfg: Config):
                        step_scheduler_with_optimizer=False)
 
 
+def param_count(module: torch.nn.Module) -> int:
+    """Parameters of `module`, also when DeepSpeed ZeRO-3 has partitioned it (a partitioned parameter
+    is an empty placeholder whose full size is `ds_numel`)."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in module.parameters())
+
+
+def format_count(n: int) -> str:
+    """1234 -> '1.2K', 1_300_000 -> '1.3M', 1.4e9 -> '1.40B' (never '0.0M' for a small model)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
 # ----------------------------------------------------------------------------- LR
 
 

@@ -420,7 +420,7 @@ def test_warnings_print_above_the_progress_bar(tmp_path, synth, monkeypatch, cap
 
 def test_param_count_of_a_zero3_partitioned_model():
     """ZeRO-3 leaves empty parameters with the full size in ds_numel: the log said "0.0M params"."""
-    from resampling_forcing.training import param_count
+    from resampling_forcing.training_utils import param_count
 
     layer = torch.nn.Linear(10, 20)
     assert param_count(layer) == 220
@@ -428,7 +428,7 @@ def test_param_count_of_a_zero3_partitioned_model():
         prm.ds_numel = prm.numel()
         prm.data = torch.empty(0)
     assert sum(prm.numel() for prm in layer.parameters()) == 0 and param_count(layer) == 220
-    from resampling_forcing.training import format_count
+    from resampling_forcing.training_utils import format_count
 
     assert [format_count(n) for n in (220, 52_100, 1_300_000, 1_420_000_000)] == ["220", "52.1K", "1.3M", "1.42B"]
 
