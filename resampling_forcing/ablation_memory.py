@@ -88,7 +88,7 @@ def continue_probe(pipe, clips, given_chunks: int, routing, conditioning: str, s
                             cfg_scale=None if conditioning == "caption" else 1.0)
         videos.extend(res.video[i].numpy()[:total] for i in range(len(part)))
         if routed:
-            sels.append(res.selection * len(part))
+            sels.append(res.selection.sum(0))  # [chunks, layers, heads, history], summed over the clips
     sel = np.sum(sels, axis=0) / len(clips) if routed else None
     return np.stack(videos), sel
 

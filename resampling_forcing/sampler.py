@@ -43,9 +43,9 @@ switches: `storyboard.split_storyboard`. This module is the rollout itself.
 
 Routing: `SamplingOptions.routing` (a `RoutingSpec`: dense | topk | window with sink/window),
 applied in `routing_layers` (None = all). Selections can be recorded for plots:
-`SampleResult.selection` is a float array [chunks, layers, heads, history] with, for chunk c,
-layer l, head h, history chunk j < c, the fraction of chunk c's query tokens (conditional half,
-averaged over the batch) that selected j. NaN where nothing was recorded (j >= c, chunk 0,
+`SampleResult.selection` is a float array [batch, chunks, layers, heads, history] with, for sample b,
+chunk c, layer l, head h, history chunk j < c, the fraction of chunk c's query tokens of sample b
+(conditional half) that selected j. NaN where nothing was recorded (j >= c, chunk 0,
 layers that do not route, or dense routing). Selections are taken in the cache-writing pass of
 each chunk (`cache.SelectionRecorder`), so the last chunk is written too when recording.
 """
@@ -343,19 +343,19 @@ class Rollout:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # recorder copies are non_blocking
         for chunk, layer, sel in rec.entries:
-            freq = sel[: self.batch].float().mean(dim=(0, 2))  # conditional half -> [Hh, N]
+            freq = sel[: self.batch].float().mean(dim=2)  # conditional half -> [B, Hh, N]
             self._sel_rows.setdefault(int(chunk), {})[int(layer)] = freq.numpy()
         rec.entries.clear()
 
     def selection_frequencies(self) -> np.ndarray:
-        """float32 [chunks, layers, heads, max(chunks - 1, 0)]; see the module docstring (NaN = none)."""
+        """float32 [batch, chunks, layers, heads, max(chunks - 1, 0)]; see the module docstring (NaN = none)."""
         n = self.num_chunks
         cfg = self.model.cfg
-        out = np.full((n, cfg.num_layers, cfg.num_heads, max(n - 1, 0)), np.nan, dtype=np.float32)
+        out = np.full((self.batch, n, cfg.num_layers, cfg.num_heads, max(n - 1, 0)), np.nan, dtype=np.float32)
         for c, layers in self._sel_rows.items():
             for l, f in layers.items():
                 if c < n:
-                    out[c, l, :, : f.shape[1]] = f
+                    out[:, c, l, :, : f.shape[2]] = f
         return out
 
 

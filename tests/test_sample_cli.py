@@ -189,6 +189,18 @@ def test_cli_routing_and_selection(run_dir, tmp_path):
     sel = np.load(tmp_path / meta["selection"])
     assert sel.shape == (4, 2, 2, 3)
     np.testing.assert_allclose(sel[3, :, :, 0], 1.0)  # sink
+    # a batch: each video's file holds its own picks, as with --batch 1 (they were the batch's mean)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle bouncing\na blue square and a green circle bouncing\n")
+    files = {}
+    for batch in (1, 2):
+        assert cli("--checkpoint", run_dir, "--prompts-file", prompts, "--batch", batch, "--num-chunks", 4,
+                   "--output", tmp_path / f"b{batch}", "--top-k", 1, "--record-selection", "--quiet",
+                   "--device", "cpu") == 0
+        files[batch] = [np.load(f) for f in sorted((tmp_path / f"b{batch}").glob("*.selection.npy"))]
+    assert len(files[2]) == 2 and not np.array_equal(files[2][0], files[2][1], equal_nan=True)
+    for one, two in zip(files[1], files[2]):
+        np.testing.assert_array_equal(one, two)
     out = tmp_path / "w.mp4"
     assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", out, "--window", 1,
                "--quiet", "--device", "cpu") == 0

@@ -237,16 +237,16 @@ def test_selection_recording_shape_and_values():
     spec = RoutingSpec("topk", top_k=1, sink_chunks=1)
     opts = SamplingOptions(steps=1, cfg_scale=2.0, routing=spec, record_selection=True, routing_layers=[1])
     res = sample(model, _ctx(5, 2), 5, (H, W), neg_context=torch.zeros(1, 5, 8), options=opts, seed=0)
-    sel = res.selection
-    assert sel.shape == (5, 2, 2, 4)
-    assert np.isnan(sel[0]).all() and np.isnan(sel[:, 0]).all()  # chunk 0: no history; layer 0 dense
-    for c in range(1, 5):
-        row = sel[c, 1]  # [heads, history]
-        assert np.isnan(row[:, c:]).all()
-        assert np.all((row[:, :c] >= 0) & (row[:, :c] <= 1))
-        np.testing.assert_allclose(row[:, 0], 1.0)  # the sink chunk is always kept
-        # sink + top-1: each token keeps min(c, 2) chunks
-        np.testing.assert_allclose(row[:, :c].sum(-1), min(c, 2), rtol=1e-6)
+    assert res.selection.shape == (2, 5, 2, 2, 4)  # [batch, chunks, layers, heads, history]
+    for sel in res.selection:
+        assert np.isnan(sel[0]).all() and np.isnan(sel[:, 0]).all()  # chunk 0: no history; layer 0 dense
+        for c in range(1, 5):
+            row = sel[c, 1]  # [heads, history]
+            assert np.isnan(row[:, c:]).all()
+            assert np.all((row[:, :c] >= 0) & (row[:, :c] <= 1))
+            np.testing.assert_allclose(row[:, 0], 1.0)  # the sink chunk is always kept
+            # sink + top-1: each token keeps min(c, 2) chunks
+            np.testing.assert_allclose(row[:, :c].sum(-1), min(c, 2), rtol=1e-6)
 
 
 @pytest.mark.parametrize("record", [False, True])
@@ -263,6 +263,20 @@ def test_cache_is_allocated_once_for_the_rollout(monkeypatch, record):
     opts = SamplingOptions(steps=1, cfg_scale=1.0, routing=RoutingSpec("topk", top_k=1), record_selection=record)
     sample(model, _ctx(6, 1), 6, (H, W), options=opts, seed=0)
     assert grows == [6], grows
+
+
+def test_selection_is_recorded_per_sample():
+    """record_selection with a batch: each sample's own picks (they were averaged over the batch, so every
+    video of a batch got the same .selection.npy), the same as the sample rolled out alone."""
+    model = tiny_model(num_layers=2)
+    ctx = torch.cat([torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    opts = SamplingOptions(steps=1, cfg_scale=1.0, routing=RoutingSpec("topk", top_k=1), record_selection=True)
+    both = sample(model, ctx, 5, (H, W), options=opts, seed=0)
+    assert both.selection.shape == (2, 5, 2, 2, 4)
+    assert np.nanmax(np.abs(both.selection[0] - both.selection[1])) > 0.1  # different prompts, different picks
+    for b in range(2):
+        alone = sample(model, ctx[b:b + 1], 5, (H, W), options=opts, seed=0, indices=[b])
+        np.testing.assert_array_equal(both.selection[b], alone.selection[0])
 
 
 def test_sampling_option_errors():
@@ -326,4 +340,4 @@ def test_bench_replay_applies_recorded_selections():
     for n in range(2, 5):
         for layer in range(model.cfg.num_layers):
             want = rec["sel"][(n, layer % rec["layers"])][: model.cfg.num_heads][:, tok].float().mean(dim=1)
-            np.testing.assert_array_equal(res.selection[n, layer, :, :n], want.numpy())
+            np.testing.assert_array_equal(res.selection[0, n, layer, :, :n], want.numpy())

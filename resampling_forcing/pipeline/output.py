@@ -105,5 +105,6 @@ class PipelineOutput:
             raise PipelineError("nothing to save: the rollout was not decoded (decode=False)")
         meta = self.metadata(b, path)
         meta.update(extra or {})
-        save_video(path, self.frames[b], meta, self.fps, self.result.selection)
+        sel = self.result.selection
+        save_video(path, self.frames[b], meta, self.fps, None if sel is None else sel[b])  # this sample's picks
         return meta
