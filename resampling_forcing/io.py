@@ -238,14 +238,14 @@ def to_uint8_video(video) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # mp4
 # ----------------------------------------------------------------------------------------------
-MAX_FPS = 1000.0  # an mp4 stream rate beyond this is a typo (and inf cannot be written)
+MAX_FPS = 1000.0  # exclusive: ffmpeg tags 1000 fps as "1k", which reads back as 0; beyond is a typo
 
 
 def fps_problem(fps) -> str | None:
-    """Why `fps` cannot be an mp4 frame rate ("must be a number in (0, 1000]"), or None: the one rule of
+    """Why `fps` cannot be an mp4 frame rate ("must be a number in (0, 1000)"), or None: the one rule of
     write_mp4, which the sampling CLI and the Pipeline check before a rollout."""
-    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) or not 0 < fps <= MAX_FPS:
-        return f"must be a number in (0, {MAX_FPS:g}] (got {fps!r})"
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) or not 0 < fps < MAX_FPS:
+        return f"must be a number in (0, {MAX_FPS:g}) (got {fps!r})"
     return None
 
 

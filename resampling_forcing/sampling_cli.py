@@ -29,7 +29,7 @@ from pathlib import Path
 
 # torch-free imports only here: --help and the flag checks run before torch is imported
 from .attention.spec import BACKENDS, ROUTING_MODES
-from .cli import BadInput, OneLineParser, run_cli
+from .cli import BadInput, OneLineParser, check_seed, run_cli
 from .dtypes import DTYPE_BYTES, DTYPE_NAMES, host_tier_problem
 from .storyboard import SWITCH_CACHE_MODES
 
@@ -189,8 +189,7 @@ def check_args(args) -> None:
         raise BadInput("--output must not be empty (a .mp4 file or a folder)")
     if args.batch < 1:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
-    if args.seed < 0:
-        raise BadInput(f"--seed must be >= 0 (got {args.seed})")
+    check_seed("--seed", args.seed)
     if args.max_history_chunks < 1:
         raise BadInput(f"--max-history-chunks must be >= 1 (got {args.max_history_chunks})")
     if args.init_video is not None and args.init_image is not None:

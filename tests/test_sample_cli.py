@@ -311,7 +311,9 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
     board = tmp_path / "board.yaml"
     board.write_text("- {chunk: 0, prompt: a, colour: red}\n")
     expect = {
-        "fps inf": (base + ("--fps", "inf"), "--fps must be a number in (0, 1000]"),
+        "fps inf": (base + ("--fps", "inf"), "--fps must be a number in (0, 1000)"),
+        "fps 1000 (reads back as 0)": (base + ("--fps", 1000), "--fps must be a number in (0, 1000)"),
+        "seed past int64": (base + ("--seed", 2**63), "--seed must be in [0, "),
         "empty output": (base + ("--output", ""), "--output must not be empty"),
         "negative cfg": (base + ("--cfg", -3), "--cfg must be a finite number >= 0"),
         "model override": (base + ("--set", "model.dim=64"), "--set model.dim=64: the checkpoint fixes model.dim = "),
@@ -456,7 +458,11 @@ def _api_cases(pipe):
         "generate's steps in pipe()": (lambda: pipe("a", num_frames=2, steps=1), "num_inference_steps="),
         "generate's callback in pipe()": (lambda: pipe("a", num_frames=2, num_inference_steps=1, callback=print),
                                           "callback_on_chunk_end="),
-        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps must be a number in (0, 1000] (got 0)"),
+        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps must be a number in (0, 1000) (got 0)"),
+        "generator and seed": (lambda: pipe("a", num_frames=2, num_inference_steps=1, generator=3, seed=5),
+                               "generator= (diffusers' name) or seed=, not both"),
+        "indices of another length": (lambda: pipe.generate(["a", "b"], 1, indices=[0], **g),
+                                      "indices: 1 sample indices for 2 prompts"),
     }
 
 
@@ -473,6 +479,31 @@ def test_api_bad_arguments_raise_one_named_error_before_any_work(run_dir, monkey
             call()
         assert text in str(e.value) and "\n" not in str(e.value), f"{name}: {e.value}"
         assert not forwards, f"{name}: the model ran before the error"
+
+
+def test_api_sidecar_records_the_generated_size(run_dir, tmp_path):
+    """height= / width= of one call: the JSON names that size (it named the config's)."""
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    out = pipe("a red circle bouncing", num_frames=None, height=16, width=48, num_inference_steps=1)
+    meta = out.save(tmp_path / "hw.mp4")[0].with_suffix(".json")
+    info = json.loads(meta.read_text())["pipeline"]
+    assert out.frames.shape[2:4] == (16, 48)
+    assert info["resolution"] == [16, 48] and info["latent_hw"] == list(out.result.latents.shape[-2:])
+
+
+def test_api_memory_check_counts_an_init_video(run_dir, monkeypatch):
+    """generate(init_video=...): the memory check counts the video's history chunks (it counted none, so
+    a long init video could fail during prefill instead of with the one-line refusal)."""
+    import resampling_forcing.memory as M
+
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    seen = []
+    real = M.rollout_need
+    monkeypatch.setattr(M, "rollout_need", lambda *a, **k: seen.append(a[-1] if len(a) > 5 else k.get("history_chunks"))
+                        or real(*a, **k))
+    video = np.zeros((pipe.vae.frames_for_latents(4 * pipe.chunk_frames), 32, 32, 3), np.uint8)
+    res = pipe.generate("a", 1, steps=1, init_video=video, decode=False)
+    assert seen == [res.init_video["chunks"]] and seen[0] >= 2, seen
 
 
 def test_api_save_refuses_a_bad_path(run_dir, tmp_path, monkeypatch):

@@ -247,6 +247,8 @@ class Pipeline:
         num_chunks = int(num_chunks)
         prompts, board = resolve_prompts(prompts, storyboard, num_chunks)
         bsz = len(prompts)
+        if indices is not None and len(indices) != bsz:
+            raise PipelineError(f"indices: {len(indices)} sample indices for {bsz} prompts; pass one per prompt")
         overrides = dict(steps=steps, shift=shift, cfg_scale=cfg_scale, context_t=context_t, routing=routing,
                          top_k=top_k, sink=sink, window=window, record_selection=record_selection,
                          kv_resident_chunks=kv_resident_chunks, kv_host_dtype=kv_host_dtype)
@@ -261,7 +263,14 @@ class Pipeline:
         problem = host_tier_problem(opts.kv_host_dtype, dtype_name(self.dtype))
         if problem:
             raise PipelineError(f"kv_host_dtype {problem}")
-        self._check_memory(opts, num_chunks, bsz, init_latents, init_image, hh, ww)
+        given = [n for n, v in (("init_video", init_video), ("init_latents", init_latents),
+                                ("init_image", init_image)) if v is not None]
+        if len(given) > 1:
+            raise PipelineError(f"pass one of init_video, init_image, init_latents (got {', '.join(given)})")
+        history, init_info = init_latents, None
+        if init_video is not None:  # encoded first: its length is the history the memory check must count
+            history, init_info = self.load_init_video(init_video, max_chunks=max_history_chunks, height=hh, width=ww)
+        self._check_memory(opts, num_chunks, bsz, history, init_image, hh, ww)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(neg_text, str):
             neg_text = list(neg_text)
@@ -277,15 +286,7 @@ class Pipeline:
             switches = [(c, self.encode_prompts([p] * bsz if isinstance(p, str) else p))
                         for c, p in board if c > 0]
         text_s = time.perf_counter() - t0
-        init_info = None
-        history = init_latents
-        given = [n for n, v in (("init_video", init_video), ("init_latents", init_latents),
-                                ("init_image", init_image)) if v is not None]
-        if len(given) > 1:
-            raise PipelineError(f"pass one of init_video, init_image, init_latents (got {', '.join(given)})")
-        if init_video is not None:
-            history, init_info = self.load_init_video(init_video, max_chunks=max_history_chunks, height=hh, width=ww)
-        elif init_image is not None:
+        if init_image is not None:
             history, init_info = self.load_init_image(init_image, height=hh, width=ww)
         result = sample(self.model, ctx, num_chunks, latent_hw, neg_context=neg, options=opts, seed=seed,
                         indices=indices, history=None if history is None else history.to(self.device),
@@ -342,6 +343,8 @@ class Pipeline:
         if not (generator is None or isinstance(generator, torch.Generator)
                 or (isinstance(generator, (int, np.integer)) and not isinstance(generator, bool))):
             raise PipelineError(f"generator: a torch.Generator or an int seed, got {type(generator).__name__} {generator!r}")
+        if generator is not None and "seed" in kwargs:
+            raise PipelineError("pass generator= (diffusers' name) or seed=, not both")
         if isinstance(generator, torch.Generator):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         elif generator is None:
@@ -378,11 +381,11 @@ class Pipeline:
             res = dataclasses.replace(res, init_video=video_info)
         return PipelineOutput(frames=res.video, result=res, fps=self.config.data.fps if fps is None else fps,
                               seed=seed, indices=list(kwargs.get("indices") or range(len(res.prompts))),
-                              pipeline=self.describe())
+                              pipeline=self.describe(height, width))
 
-    def describe(self) -> dict:
-        """Settings worth saving next to a video."""
+    def describe(self, height: Optional[int] = None, width: Optional[int] = None) -> dict:
+        """Settings worth saving next to a video generated at `height` x `width` (None: the config's)."""
+        hh, ww, latent_hw = self._geometry(height, width)
         return dict(source=self.source, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                     model=dataclasses.asdict(self.model.cfg), encoders=dataclasses.asdict(self.config.encoders),
-                    resolution=[self.config.data.height, self.config.data.width], latent_hw=list(self.latent_hw),
-                    chunk_frames=self.chunk_frames)
+                    resolution=[hh, ww], latent_hw=list(latent_hw), chunk_frames=self.chunk_frames)
