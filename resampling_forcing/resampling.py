@@ -9,8 +9,8 @@ Four objectives share one entry point, :func:`degrade_history`:
   ``steps`` Euler steps from t_s to 0 conditioned on the already degraded chunks < i (read from
   the rollout KV cache of :mod:`resampling_forcing.cache`, exactly as at inference), and write the
   result into the cache with a pass at ``context_t`` (0) before moving on (context_t > 0: the result
-  is first re-noised to context_t, as the sampler's cache write does; the history stream H itself
-  stays the clean result at timestep 0).
+  is first re-noised to context_t, as the sampler's cache write does; the history returned here is the
+  clean result, which the trainer re-noises to context_t for its history stream, training.py).
 - ``parallel_resampling`` (ablation): the same, but every chunk conditions on the GROUND-TRUTH
   history, so errors do not accumulate. Done in one dual forward per Euler step (history = ground
   truth, noisy = all chunks at t_s), which is exactly "each chunk resampled on its own".

@@ -69,9 +69,9 @@ class DualForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, history, noisy, t, context, attn):
+    def forward(self, history, noisy, t, context, attn, history_t=None):
         dtype = self.model.patch_embedding.weight.dtype  # DeepSpeed bf16 keeps bf16 weights
-        return self.model.forward_dual(history.to(dtype), noisy.to(dtype), t, context.to(dtype), attn)
+        return self.model.forward_dual(history.to(dtype), noisy.to(dtype), t, context.to(dtype), attn, history_t)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -279,9 +279,10 @@ class Trainer:
                                            null_context=null)
         t_res = time.perf_counter() - t0 if stage.objective in RESAMPLING_OBJECTIVES else 0.0
         t, eps, noisy = self._noised(x, gen)
+        history, history_t = self._history_at_context_t(history, gen)
         attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend,
                                routing=settings.routing, routing_layers=settings.routing_layers)
-        v = self.model(history, noisy, t, text, attn)
+        v = self.model(history, noisy, t, text, attn, history_t)
         loss, per_chunk = velocity_loss(v, velocity_target(x, eps), cfg.model.chunk_frames)
         return loss, per_chunk, t_s, t_res
 
@@ -293,6 +294,17 @@ class Trainer:
                                 generator=gen, device=self.device)
         eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
         return t, eps, add_noise(x, eps, t.repeat_interleave(cf, dim=1)[:, None, :, None, None])
+
+    def _history_at_context_t(self, history: torch.Tensor, gen: torch.Generator):
+        """The history stream as the KV cache holds it at inference: clean at t = 0, or with
+        `diffusion.context_t` > 0 re-noised to that timestep (fresh noise from `gen`, drawn after the
+        training noise) -> (history [B, C, F, H, W], history_t [B, N] or None for 0)."""
+        ctx = self.cfg.diffusion.context_t
+        if ctx <= 0:
+            return history, None
+        eps = torch.randn(history.shape, generator=gen, device=history.device, dtype=history.dtype)
+        return add_noise(history, eps, ctx), torch.full((history.shape[0], self.num_chunks), float(ctx),
+                                                        device=history.device)
 
     def train_step(self) -> dict:
         acc, cfg = self.acc, self.cfg

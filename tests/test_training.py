@@ -262,11 +262,34 @@ def test_text_dropout_uses_the_empty_prompt(tmp_path, synth):
     trainer = Trainer(cfg_for(tmp_path / "run", synth, "data.text_dropout=1.0"))
     seen = []
     inner_forward = trainer.inner.forward_dual
-    trainer.inner.forward_dual = lambda h, n, t, ctx, attn: seen.append(ctx) or inner_forward(h, n, t, ctx, attn)
+    trainer.inner.forward_dual = lambda h, n, t, ctx, attn, ht=None: seen.append(ctx) or inner_forward(h, n, t, ctx, attn, ht)
     batch = trainer.data.batch(0)
     trainer.compute_loss(batch, trainer.cfg.train.stages[0], torch.Generator().manual_seed(0))
     empty = trainer.data.text_encoder.encode([""])[0]
     assert torch.equal(seen[0], empty.expand_as(seen[0])) and not torch.equal(batch["text"], seen[0])
+    trainer.acc.end_training()
+
+
+@pytest.mark.parametrize("context_t", [0.0, 0.3])
+def test_history_stream_is_what_the_cache_holds_at_context_t(tmp_path, synth, context_t):
+    """diffusion.context_t > 0: the sampler and the resampling rollout write each finished chunk re-noised
+    to context_t; the training forward's history stream must be the same (it stayed clean at t = 0, so a
+    model trained with context_t > 0 learned on histories it never sees)."""
+    trainer = Trainer(cfg_for(tmp_path / "run", synth, f"diffusion.context_t={context_t}"))
+    seen = []
+    inner_forward = trainer.inner.forward_dual
+    trainer.inner.forward_dual = lambda h, n, t, ctx, attn, ht=None: seen.append((h, ht)) or inner_forward(
+        h, n, t, ctx, attn, ht)
+    batch = trainer.data.batch(0)
+    trainer.compute_loss(batch, trainer.cfg.train.stages[0], torch.Generator().manual_seed(0))  # teacher forcing
+    history, history_t = seen[0]
+    x = batch["latents"]
+    if context_t == 0:
+        assert history_t is None and torch.equal(history, x)
+    else:
+        assert torch.equal(history_t, torch.full((x.shape[0], trainer.num_chunks), context_t))
+        noise = (history - (1 - context_t) * x) / context_t  # x_t = (1 - t) x + t eps
+        assert 0.9 < float(noise.std()) < 1.1 and abs(float(noise.mean())) < 0.1
     trainer.acc.end_training()
 
 
