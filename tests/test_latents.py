@@ -175,3 +175,44 @@ def test_encoder_settings_in_the_fingerprint(manifest, tmp_path):
     vae = PoolVAE()
     index = precompute(ds, vae, HashText(), out, shard_size=3, progress=False, encoders=enc)
     assert vae.calls == 0 and "encoders" not in index["fingerprint"]  # reused, and no claim made about them
+
+
+def test_an_edited_manifest_is_another_data_set(manifest, tmp_path):
+    """The rows' paths and captions are in the fingerprint: resuming after the manifest was edited (same
+    row count) is refused (it reused the old shards, whose captions no longer matched); a store begun
+    before the digest was recorded resumes as it is."""
+    out = tmp_path / "lat"
+    precompute(_ds(manifest), PoolVAE(), HashText(), out, shard_size=3, progress=False)
+    ds = _ds(manifest)
+    ds.rows[0] = dict(ds.rows[0], caption="a green square bouncing")  # the same folder, one caption edited
+    with pytest.raises(ValueError, match="different data set/config"):
+        precompute(ds, PoolVAE(), HashText(), out, shard_size=3, progress=False)
+    old = json.loads((out / INDEX_NAME).read_text())
+    del old["fingerprint"]["rows_sha256"]  # as written before the digest was recorded
+    (out / INDEX_NAME).write_text(json.dumps(old))
+    vae = PoolVAE()
+    precompute(_ds(manifest), vae, HashText(), out, shard_size=3, progress=False)
+    assert vae.calls == 0
+
+
+class ShortText(HashText):
+    """Another text encoder: 3 tokens instead of 6."""
+
+    def encode(self, captions):
+        return super().encode(captions)[:, :3] + 1.0
+
+
+def test_store_holds_its_encoders_empty_prompt(manifest, tmp_path):
+    """The empty prompt's embedding is written with the store by the encoder that made it, and replaced by
+    --overwrite (a stale one of another text length crashed text dropout; one from another encoder of the
+    same length was used silently)."""
+    from safetensors.torch import load_file
+
+    from resampling_forcing.data.latents import NULL_TEXT_FILE
+
+    out = tmp_path / "lat"
+    precompute(_ds(manifest), PoolVAE(), HashText(), out, shard_size=4, progress=False)
+    assert torch.equal(load_file(str(out / NULL_TEXT_FILE))["text"], HashText().encode([""])[0])
+    precompute(_ds(manifest), PoolVAE(), ShortText(), out, shard_size=4, overwrite=True, progress=False)
+    null = load_file(str(out / NULL_TEXT_FILE))["text"]
+    assert torch.equal(null, ShortText().encode([""])[0]) and list(null.shape) == LatentDataset(out).index["text_shape"]

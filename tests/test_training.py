@@ -349,6 +349,22 @@ def test_latents_source_trains(tmp_path, synth):
     result = train(cfg_for(tmp_path / "run", synth, "data.source=latents", f"data.latents_dir={store}"))
     assert result["step"] == 6 and (store / "null_text.safetensors").is_file()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "run"))
+    # a store without it (made before precompute wrote it), or with a stale one of another text length: the
+    # trainer computes it with the configured encoder, also with text dropout off (it used zeros then,
+    # the unconditional context of resampling CFG and of the gap monitor)
+    from safetensors.torch import load_file, save_file
+
+    from resampling_forcing.data.loader import TrainData, prepare_null_text
+
+    want = build_text_encoder(cfg.encoders).encode([""])[0].float()
+    for stale in (None, torch.zeros(2, 3)):
+        (store / "null_text.safetensors").unlink()
+        if stale is not None:
+            save_file({"text": stale}, str(store / "null_text.safetensors"))
+        c = cfg_for(tmp_path / "run2", synth, "data.source=latents", f"data.latents_dir={store}", "data.text_dropout=0")
+        prepare_null_text(c, torch.device("cpu"))
+        assert torch.equal(load_file(str(store / "null_text.safetensors"))["text"], want)
+        assert torch.equal(TrainData(c, 2, 0, 1, torch.device("cpu"), None, None).null_text, want)
 
     # a store that does not fit the config is refused, naming the key (it trained silently before)
     from resampling_forcing.data.loader import DataError

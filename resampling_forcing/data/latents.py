@@ -7,8 +7,11 @@ Layout of ``out_dir``
   metadata (strings): ``captions``, ``indices`` (dataset rows), ``paths``, ``bad`` (reason -> count
   for the rows skipped in this shard), ``start``, ``stop``, ``num_items``. A shard whose rows are
   all bad holds one empty tensor ``empty`` and ``num_items = 0``.
+- ``null_text.safetensors``: ``text [Lt, Dt]`` (fp32), the text encoder's embedding of the empty prompt
+  (text dropout, unconditional contexts), written by every run with the encoder that made the shards.
 - ``index.json``: ``format``, ``complete``, ``num_items``, ``num_rows``, ``shard_size``,
-  ``fingerprint`` (what was encoded: dataset class, manifest, clip size, fps, split, row count),
+  ``fingerprint`` (what was encoded: dataset class, manifest, clip size, fps, split, row count, a
+  digest of the rows' paths and captions),
   ``latent_shape``, ``text_shape``, ``dtype``, ``bad_files`` and ``shards`` (``file``, ``start``,
   ``stop``, ``num_items``, ``bad``).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import os
 from collections import Counter
@@ -36,6 +40,7 @@ from torch.utils.data import Dataset
 from ..io import atomic_path, atomic_write_json
 
 INDEX_NAME = "index.json"
+NULL_TEXT_FILE = "null_text.safetensors"  # the empty prompt's embedding
 FORMAT_VERSION = 1
 
 
@@ -49,10 +54,20 @@ def shard_name(k: int) -> str:
 
 
 def remove_store_files(folder: str | os.PathLike) -> None:
-    """Delete a store's index and shards from `folder` (other files are left alone)."""
+    """Delete a store's index, shards and empty-prompt embedding from `folder` (other files are left alone)."""
     folder = Path(folder)
-    for p in [*folder.glob(SHARD_GLOB), folder / INDEX_NAME]:
+    for p in [*folder.glob(SHARD_GLOB), folder / INDEX_NAME, folder / NULL_TEXT_FILE]:
         p.unlink(missing_ok=True)
+
+
+def write_null_text(folder: str | os.PathLike, text_encoder) -> None:
+    """The empty prompt's embedding [Lt, Dt] (fp32) next to the shards, from the encoder that encodes
+    them (a stale one from another encoder or text length broke text dropout)."""
+    from safetensors.torch import save_file
+
+    emb = text_encoder.encode([""])[0].float().cpu().contiguous()
+    with atomic_path(Path(folder) / NULL_TEXT_FILE) as tmp:
+        save_file({"text": emb}, str(tmp))
 
 
 def _fingerprint(dataset, shard_size: int) -> dict:
@@ -61,6 +76,9 @@ def _fingerprint(dataset, shard_size: int) -> dict:
         if hasattr(dataset, attr):
             v = getattr(dataset, attr)
             fp[attr] = str(Path(v).resolve()) if isinstance(v, Path) else v
+    if hasattr(dataset, "rows"):  # an edited manifest (captions, paths) is another data set
+        rows = json.dumps(dataset.rows, default=str, sort_keys=True).encode()
+        fp["rows_sha256"] = hashlib.sha256(rows).hexdigest()
     return json.loads(json.dumps(fp, default=str))
 
 
@@ -154,14 +172,16 @@ def precompute(
             old = json.loads(index_path.read_text())
         except (OSError, ValueError):
             old = None
-        if old is not None and "encoders" not in (old.get("fingerprint") or {}):
-            fp.pop("encoders", None)  # a store begun before encoder settings were recorded: resumable as it is
+        for key in ("encoders", "rows_sha256"):  # a store begun before these were recorded: resumable as it is
+            if old is not None and key not in (old.get("fingerprint") or {}):
+                fp.pop(key, None)
         if old is not None and old.get("fingerprint") != fp:
             raise ValueError(
                 f"{out}: holds latents of a different data set/config ({old.get('fingerprint')} != {fp}); "
                 "use a new folder or overwrite it (train/precompute.py: --out NEW_DIR or --overwrite)"
             )
     device = torch.device(device) if device is not None else _infer_device(vae)
+    write_null_text(out, text_encoder)
 
     state = {"latent_shape": None, "text_shape": None, "dtype": None}
     shards: dict[int, dict] = {}

@@ -29,6 +29,7 @@ the next epoch know them).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
 import sys
@@ -38,11 +39,10 @@ from typing import Iterator, Optional
 import torch
 
 from ..config import Config
+from .latents import INDEX_NAME, NULL_TEXT_FILE  # the store layout (data.latents_dir)
 
 logger = logging.getLogger("resampling_forcing.data")
 
-
-NULL_TEXT_FILE = "null_text.safetensors"  # in data.latents_dir: the empty prompt's embedding
 
 
 class DataError(ValueError):
@@ -50,14 +50,16 @@ class DataError(ValueError):
 
 
 def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> None:
-    """The empty-prompt embedding of a latent store (text dropout), computed once and kept next to the
-    latents as null_text.safetensors (what TrainData reads). `write`: this process computes it when it is
-    missing (the local main process; the others wait for it, then read it)."""
+    """The empty-prompt embedding of a latent store (text dropout, the unconditional context of resampling
+    CFG and of the gap monitor), kept next to the latents as null_text.safetensors (what TrainData reads).
+    Precompute writes it with the store; a store made before that gets it here, computed once with the
+    configured text encoder. `write`: this process computes it when it is missing or does not match the
+    store's text shape (the local main process; the others wait for it, then read it)."""
     if not cfg.data.latents_dir or not Path(cfg.data.latents_dir).is_dir():
         raise DataError(f"data.latents_dir={cfg.data.latents_dir!r} is not a directory; run "
                         "train/precompute.py --out DIR first and pass that DIR")
     path = Path(cfg.data.latents_dir) / NULL_TEXT_FILE
-    if write and not path.is_file() and cfg.data.text_dropout > 0:
+    if write and _null_text_problem(path) is not None:
         from safetensors.torch import save_file
 
         from ..encoders import build_text_encoder
@@ -69,6 +71,24 @@ def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> 
         del enc
         with atomic_path(path) as tmp:
             save_file({"text": emb}, str(tmp))
+
+
+def _null_text_problem(path: Path) -> Optional[str]:
+    """Why the store's null_text.safetensors at `path` is unusable (missing, unreadable, not the
+    [Lt, Dt] of its index.json's text_shape), or None."""
+    if not path.is_file():
+        return f"{path} is missing"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shape = list(f.get_slice("text").get_shape())
+        text_shape = json.loads((path.parent / INDEX_NAME).read_text()).get("text_shape")
+    except Exception as e:  # noqa: BLE001 - a damaged file is computed again
+        return f"{path} is unreadable ({type(e).__name__})"
+    if text_shape is not None and shape != list(text_shape):
+        return f"{path} holds a {shape} embedding, the store's texts are {text_shape}"
+    return None
 
 
 def store_mismatch(index: dict, cfg: Config) -> Optional[str]:
@@ -201,15 +221,16 @@ class TrainData:
 
     def _null_text(self) -> torch.Tensor:
         """Embedding of the empty prompt; for a latent store read from its null_text.safetensors
-        (written once by `prepare_null_text`), else zeros when text dropout is off."""
+        (written by precompute, or by `prepare_null_text` for an older store)."""
         if self.source == "latents":
             path = Path(self.cfg.data.latents_dir) / NULL_TEXT_FILE
-            if path.is_file():
-                from safetensors.torch import load_file
+            problem = _null_text_problem(path)
+            if problem is not None:
+                raise DataError(f"{problem}; rerun train/precompute.py for this store (it writes the empty "
+                                "prompt's embedding), or train once with the text encoder configured")
+            from safetensors.torch import load_file
 
-                return load_file(str(path))["text"].float().to(self.device)
-            if self.text_encoder is None:
-                return torch.zeros_like(self.dataset[0]["text"]).float().to(self.device)
+            return load_file(str(path))["text"].float().to(self.device)
         return self.text_encoder.encode([""])[0].float().to(self.device)
 
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
