@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="manifest split to encode ('' for all rows)")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="encoder dtype and stored dtype")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="stored dtype and the text encoder's; the VAE encodes in fp32 (Wan's recommendation)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store in --out")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = VideoClipDataset(manifest, d.num_frames, d.height, d.width, fps=d.fps,
                                    split=args.split or None, random_start=False)
         dtype = DTYPES[args.dtype]
-        vae = build_vae(cfg.encoders, device=args.device, dtype=dtype)
+        vae = build_vae(cfg.encoders, device=args.device, dtype=torch.float32)  # latents cast to dtype when stored
         text = build_text_encoder(cfg.encoders, device=args.device, dtype=dtype)
         index = precompute(dataset, vae, text, out, shard_size=args.shard_size, device=args.device,
                            dtype=dtype, overwrite=args.overwrite, encoders=dataclasses.asdict(cfg.encoders))
