@@ -2,10 +2,11 @@
 
 One optimizer step = `train.grad_accum` finite micro-batches of `train.batch_size` per process:
 1. batch at data position p (data/loader.py), randomness seeded by (seed, p, rank) (training_data.py);
-2. text dropout (caption -> "" embedding with prob `data.text_dropout`);
-3. history = degrade_history(...) with the stage's objective (no gradient, current online weights,
+2. per-chunk training t ~ logit-normal(diffusion.train_t_*), x_t = (1 - t) x + t eps (drawn first, so
+   runs that differ only in the degradation share them);
+3. text dropout (caption -> "" embedding with prob `data.text_dropout`);
+4. history = degrade_history(...) with the stage's objective (no gradient, current online weights,
    the stage's routing when on; during a stage's `ramp`, at level r = training_utils.ramp_at(step));
-4. per-chunk training t ~ logit-normal(diffusion.train_t_*), x_t = (1 - t) x + t eps;
 5. v = model.forward_dual(history, x_t, t, text) and the velocity MSE on the noisy half
    (overall and per chunk position).
 Every `train.gap_every` steps (main process) the exposure-gap diagnostic on a fixed held batch
@@ -267,6 +268,9 @@ class Trainer:
         cfg = self.cfg
         x, text = batch["latents"], batch["text"]
         b = x.shape[0]
+        # the loss's draws first, then text dropout, then the degradation's (objective-dependent): runs that
+        # differ only in the degradation (an ablation's arms) share the loss's timesteps, noise and dropout
+        t, eps, noisy = self._noised(x, gen)
         if cfg.data.text_dropout > 0:
             drop = torch.rand(b, generator=gen, device=self.device) < cfg.data.text_dropout
             text = torch.where(drop[:, None, None], self.data.null_text.to(text.dtype), text)
@@ -278,7 +282,6 @@ class Trainer:
             history, t_s = degrade_history(self.inner, x.to(dtype), text.to(dtype), settings, generator=gen,
                                            null_context=null)
         t_res = time.perf_counter() - t0 if stage.objective in RESAMPLING_OBJECTIVES else 0.0
-        t, eps, noisy = self._noised(x, gen)
         history, history_t = self._history_at_context_t(history, gen)
         attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend,
                                routing=settings.routing, routing_layers=settings.routing_layers)

@@ -270,6 +270,23 @@ def test_text_dropout_uses_the_empty_prompt(tmp_path, synth):
     trainer.acc.end_training()
 
 
+def test_objectives_share_the_losss_random_numbers(tmp_path, synth):
+    """Common random numbers across an ablation's arms: at the same data position, teacher forcing and
+    resampling train on the same timesteps and noise (the degradation drew first, so they differed)."""
+    trainer = Trainer(cfg_for(tmp_path / "run", synth, "data.text_dropout=0.5"))
+    seen = []
+    inner_forward = trainer.inner.forward_dual
+    trainer.inner.forward_dual = lambda h, n, t, ctx, attn, ht=None: seen.append((h, n, t, ctx)) or inner_forward(
+        h, n, t, ctx, attn, ht)
+    batch = trainer.data.batch(0)
+    for stage in trainer.cfg.train.stages:  # teacher forcing, resampling
+        trainer.compute_loss(batch, stage, torch.Generator().manual_seed(7))
+    (h_tf, n_tf, t_tf, c_tf), (h_rf, n_rf, t_rf, c_rf) = seen
+    assert torch.equal(n_tf, n_rf) and torch.equal(t_tf, t_rf) and torch.equal(c_tf, c_rf)
+    assert not torch.equal(h_tf, h_rf)  # only the history differs
+    trainer.acc.end_training()
+
+
 @pytest.mark.parametrize("context_t", [0.0, 0.3])
 def test_history_stream_is_what_the_cache_holds_at_context_t(tmp_path, synth, context_t):
     """diffusion.context_t > 0: the sampler and the resampling rollout write each finished chunk re-noised
