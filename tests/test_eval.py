@@ -126,6 +126,17 @@ def test_cli_sidecars_and_bad_input(tmp_path, capsys):
     rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids), "--segment-frames", "10", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rc == 0 and rep["mean"][0]["psnr"] > 25 and rep["mean"][0]["center_error"] < 0.5
+    # one reference FILE: taken whatever its name for one video, refused (one line) for several whose
+    # names differ (every video was compared with it)
+    rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids / "000000.mp4"), "--out", str(out)])
+    assert rc == 0
+    write_mp4(gen / "000002.mp4", read_mp4(vids / "000002.mp4"), fps=8)
+    (gen / "000002.json").write_text(json.dumps({"prompt": json.loads((vids / "000002.json").read_text())["prompt"]}))
+    capsys.readouterr()
+    assert E.main(["--videos", str(gen), "--reference", str(vids / "000001.mp4"), "--out", str(out)]) == 2
+    assert "no reference video named 000002.mp4" in capsys.readouterr().err
+    (gen / "000002.mp4").unlink()
+    (gen / "000002.json").unlink()
     # captions from a map file
     cmap = tmp_path / "caps.json"
     cmap.write_text(json.dumps({"000001.mp4": "a blue square bouncing"}))

@@ -84,13 +84,15 @@ def _caption_for(video: Path, mapping: dict | None, fixed: str | None, sidecar: 
     raise EvalInputError(f"{video.with_suffix('.json')}: sidecar has no 'prompt' string")
 
 
-def _reference_for(video: Path, refs: list[Path] | None, sidecar: dict | None) -> Path | None:
+def _reference_for(video: Path, refs: list[Path] | None, sidecar: dict | None, videos: int = 1) -> Path | None:
+    """The reference of `video`: the file of the same name in --reference, or, for ONE evaluated video and
+    one reference file, that file whatever its name; else the sidecar's 'reference'."""
     if refs:
         for r in refs:
             cand = r / video.name if r.is_dir() else r
             if cand.is_file() and cand.name == video.name:
                 return cand
-        if len(refs) == 1 and refs[0].is_file():
+        if len(refs) == 1 and refs[0].is_file() and videos == 1:
             return refs[0]
         raise EvalInputError(f"{video}: no reference video named {video.name} in --reference")
     if sidecar is not None and isinstance(sidecar.get("reference"), str):
@@ -139,7 +141,7 @@ def evaluate_paths(
         if not parse_caption(cap):
             raise EvalInputError(f"{v}: caption names no known colour+shape pair: {cap!r}")
         frames = _read_video(v)
-        ref_path = _reference_for(v, refs, side)
+        ref_path = _reference_for(v, refs, side, len(paths))
         ref_frames = ref_meta = None
         if ref_path is not None:
             ref_frames = _read_video(ref_path)
