@@ -162,11 +162,30 @@ def _train(config: Path, overrides: list[str]) -> Path:
     return Path(cfg.train.run_dir)
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
+# settings that may differ between a reused run and this invocation (logging, not what is trained)
+_REUSE_IGNORES = ("train.progress", "train.tensorboard", "train.log_every")
+
+
+def _finished(run_dir: Path, steps: int, config: Path, overrides: list[str]) -> bool:
+    """Whether `run_dir` holds a run trained to `steps` or more with the settings `config` + `overrides` give.
+    A finished run trained with other settings (another --seed, --steps, --warmup or --set in the same
+    --out) is refused (BadInput): reusing it would report numbers of another experiment."""
     from .checkpoint import checkpoint_root, latest_checkpoint, step_of
+    from .config import ConfigError, load_config
+    from .training_utils import resume_config_changes
 
     ck = latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
-    return ck is not None and step_of(ck) >= steps
+    if ck is None or step_of(ck) < steps:
+        return False
+    try:
+        changes = resume_config_changes(ck, load_config(config, overrides))
+    except ConfigError as e:
+        changes = [str(e).splitlines()[0]]
+    changes = [c for c in changes if not c.startswith(_REUSE_IGNORES)]
+    if changes:
+        raise BadInput(f"{run_dir} was trained with other settings ({'; '.join(changes[:3])}); pass another --out "
+                       "(or delete that run to retrain it)")
+    return True
 
 
 def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Sequence[str] = ()) -> dict:
@@ -260,7 +279,8 @@ def run(args) -> int:
         raise BadInput(f"--routing-arm {args.routing_arm!r} is not among the arms ({', '.join(arms)})")
     if args.warmup is not None and not Path(args.warmup).is_dir():
         raise BadInput(f"--warmup {args.warmup}: not a run or checkpoint folder")
-    out = check_output_dir("--out", f"outputs/ablation/{args.preset}" if args.out is None else args.out)
+    default_out = f"outputs/ablation/{args.preset}" + ("" if args.seed is None else f"_seed{args.seed}")
+    out = check_output_dir("--out", default_out if args.out is None else args.out)
     if args.report_dir is not None:
         check_output_dir("--report-dir", args.report_dir)
     config = _path(args.config or preset.config)
@@ -286,9 +306,10 @@ def run(args) -> int:
     else:
         warm_steps = sum(s.steps for s in base.train.stages)
         warmup = out / "warmup"
-        if not _finished(warmup, warm_steps):
+        warm_sets = list(args.overrides) + [f"train.run_dir={warmup}", "train.tensorboard=false"]
+        if not _finished(warmup, warm_steps, config, warm_sets):
             print(f"[ablation] training the teacher-forcing warmup ({warm_steps} steps) into {warmup}", flush=True)
-            _train(config, list(args.overrides) + [f"train.run_dir={warmup}", "train.tensorboard=false"])
+            _train(config, warm_sets)
     if not warmup.exists():
         raise BadInput(f"warmup {warmup} does not exist; pass --warmup RUN_OR_CHECKPOINT or --train-warmup")
     print(f"[ablation] warmup: {warmup}", flush=True)
@@ -302,7 +323,7 @@ def run(args) -> int:
     # its time tells how long each arm's evaluation takes)
     clips = eval_clips(base.data, clips_n, seg * preset.eval_segments, data_seed)
     print(f"[ablation] sanity check of the metrics on {len(clips)} true clips", flush=True)
-    sanity_path = out / "sanity.json"
+    sanity_path = out / f"sanity_{len(clips)}x{seg * preset.eval_segments}.json"  # keyed by the clips it checks
     if not sanity_path.is_file():  # given frames = latent frames: the ablation worlds use PixelShuffleVAE (1:1 in time)
         atomic_write_json(sanity_path, sanity_check(clips, preset.given_chunks * base.model.chunk_frames, seg))
     sanity = json.loads(sanity_path.read_text())
@@ -315,10 +336,11 @@ def run(args) -> int:
     for i, name in enumerate(arms):
         run_dir = out / "arms" / name
         arm_dirs[name] = run_dir
-        if _finished(run_dir, steps):
+        arm_sets = list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir) + seed_sets
+        if _finished(run_dir, steps, config, arm_sets):
             continue
         print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {ARMS[name]}", flush=True)
-        _train(config, list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir) + seed_sets)
+        _train(config, arm_sets)
 
     # 5. evaluation of the arms
     for name in arms:

@@ -183,7 +183,7 @@ def run(args) -> int:
     stage = dict(dataclasses.asdict(base.train.stages[-1]), steps=steps)
     overrides = list(args.overrides) + [f"train.run_dir={run_dir}", f"train.init_from={init}",
                                         f"train.stages={json.dumps([stage])}", "train.tensorboard=false"]
-    if not _finished(run_dir, steps):
+    if not _finished(run_dir, steps, config, overrides):
         print(f"[memory] training {init} on for {steps} steps in the occlusion world ({config})", flush=True)
         _train(config, overrides)
     models = {"trained": run_dir, "before": init}
@@ -192,7 +192,7 @@ def run(args) -> int:
     clips = probe_clips(base.data, args.clips, synthetic_seed(base), VISIBLE, BLACKOUT, AFTER)
     print(f"[memory] {len(clips)} probe clips: {VISIBLE} visible + {BLACKOUT} dark frames given, {AFTER} continued",
           flush=True)
-    sanity_path = out / "sanity.json"
+    sanity_path = out / f"sanity_{len(clips)}.json"  # keyed by the clips it checks
     if not sanity_path.is_file():
         atomic_write_json(sanity_path, memory_sanity(clips, start, AFTER))
     sanity = json.loads(sanity_path.read_text())

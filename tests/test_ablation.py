@@ -70,6 +70,14 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert again["arms"] == report["arms"] and again["routing"] == report["routing"]
     assert len(report["invocations"]) == 1 and [i["command"] for i in again["invocations"]] == [report["command"]] * 2
     assert all(i["wall_seconds"] > 0 for i in again["invocations"])
+    # a finished arm trained with other settings is not reused: another seed (or --steps) in the same --out
+    # is refused in one line before any training (it reused the seed-0 arms and reported train_seed 1)
+    for extra in (("--seed", "1"), ("--steps", "5")):
+        capsys.readouterr()
+        assert main(_cli(tmp_path, *extra)) == 2
+        cap = capsys.readouterr()
+        assert "arm 1/4" not in cap.out and "was trained with other settings" in cap.err, cap.err
+        assert len(cap.err.strip().splitlines()) == 1
 
 
 def test_bad_arm_is_one_line_exit_2(capsys):
