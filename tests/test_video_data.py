@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from resampling_forcing.data import decode as D
 from resampling_forcing.data import synthetic as S
 from resampling_forcing.data import video as V
 from resampling_forcing.io import write_mp4
@@ -138,8 +139,8 @@ def test_decord_failure_falls_back_to_pyav(files, monkeypatch):
     assert ds.num_bad == 0
     assert (out - ref).abs().max() < 0.05
     # decord not installed at all: auto uses PyAV
-    monkeypatch.setattr(V, "_decord", None)
-    monkeypatch.setattr(V, "_decord_checked", True)
+    monkeypatch.setattr(D, "_decord", None)
+    monkeypatch.setattr(D, "_decord_checked", True)
     ds = V.VideoClipDataset(m, 5, 32, 32, fps=8, random_start=False)
     assert [type(b).__name__ for b in ds._backends] == ["_PyAVBackend"]
     assert (ds[0]["video"] - ref).abs().max() < 0.05
@@ -302,3 +303,29 @@ def test_fixed_batch_with_workers_runs_past_an_epoch(files, tmp_path, one_thread
     first = data.batch(0)["caption"]
     for p in list(range(1, data.per_epoch + 3)) + [5 * data.per_epoch]:  # past the epoch; a resumed position
         assert data.batch(p)["caption"] == first, p
+
+
+def test_jsonl_caption_with_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside a string (valid JSONL);
+    str.splitlines() split the line there and the whole manifest was refused as invalid JSON."""
+    caps = [f"line one{ch}line two" for ch in ("\u2028", "\u2029", "\x85")] + ["plain"]
+    p = tmp_path / "m.jsonl"
+    p.write_bytes("".join(json.dumps({"path": f"{k}.mp4", "caption": c}, ensure_ascii=False) + "\r\n"
+                          for k, c in enumerate(caps)).encode())
+    rows = V.read_manifest(p)
+    assert [r["caption"] for r in rows] == caps and [r["row"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_csv_quoted_captions_keep_newlines(tmp_path):
+    """A quoted CSV caption may hold newlines (csv.writer, Excel): they were dropped ("first linesecond
+    line"), and U+2028 cut the caption and added a row whose path was the rest of it."""
+    import csv
+
+    caps = ["first line\nsecond line", "x\r\ny", "un chat\u2028sur un toit", "last"]
+    p = tmp_path / "m.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        w.writerows([f"{k}.mp4", c] for k, c in enumerate(caps))
+    rows = V.read_manifest(p)
+    assert [(os.path.basename(r["path"]), r["caption"]) for r in rows] == [(f"{k}.mp4", c) for k, c in enumerate(caps)]

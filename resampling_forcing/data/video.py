@@ -8,10 +8,15 @@ Manifest
   one-line ``ValueError`` naming the file and the fix.
 
 Clips (``VideoClipDataset``)
-- Decoded with decord; PyAV is the fallback when decord is not installed or fails on a file.
-- Time: the clip is resampled to ``fps`` by timestamp: output frame k (time ``(start + k) / fps``)
-  shows the source frame on screen at that time (``floor(t * src_fps)``); ``fps=None`` keeps the
-  source rate. The clip length ``num_frames`` is a parameter (Wan's VAE wants ``1 + 4k``).
+- Decoded with decord; PyAV is the fallback when decord is not installed or fails on a file, and
+  reads the files decord gets wrong (MP4 edit lists, rotated videos). Backends: data/decode.py.
+  A file is read as a player shows it: an edit list's hidden frames are left out, the display
+  rotation (portrait phone videos) is applied and non-square pixels are resized to their shape.
+- Time: the clip is resampled to ``fps`` by timestamp: output frame k (time ``(start + k) / fps``
+  after the first shown frame) shows the source frame on screen at that time, the last one whose
+  presentation timestamp is <= t (``floor(t * src_fps)`` at a constant frame rate; variable-rate
+  phone / screen recordings by their timestamps); ``fps=None`` keeps the source frames. The clip
+  length ``num_frames`` is a parameter (Wan's VAE wants ``1 + 4k``).
 - Start: random (``random_start=True``: drawn from ``numpy.random.default_rng([seed, epoch, index])``,
   so it is reproducible and independent of worker assignment; call ``set_epoch`` each epoch) or
   fixed (``start_frame``, counted in output frames, clamped to the last possible start).
@@ -40,21 +45,21 @@ counted once, also when a worker's prefetched batch is discarded.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 import logging
 import math
 import os
-import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .decode import BadVideo, UsePyAV, VideoInfo, _backends, _DecordBackend, _first_line, _PyAVBackend  # noqa: F401
 
 logger = logging.getLogger("resampling_forcing.data")
 
@@ -75,12 +80,14 @@ def read_manifest(manifest: str | os.PathLike, split: str | None = None) -> list
         raise ValueError(f"{mpath}: manifest not found; {_FIX}")
     suffix = mpath.suffix.lower()
     rows: list[dict] = []
-    try:
-        text = mpath.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's CSV export) is dropped
+    try:  # bytes: a CSV's quoted "\r\n" stays; -sig: a byte-order mark (Excel's CSV export) is dropped
+        text = mpath.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{mpath}: cannot read manifest ({e}); {_FIX}") from None
-    if suffix == ".jsonl":
-        for ln, line in enumerate(text.splitlines(), 1):
+    if suffix in (".jsonl", ".json"):  # JSON has no raw CR inside strings: CR / CRLF ends a line
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if suffix == ".jsonl":  # "\n" only: str.splitlines also splits at U+2028, U+0085, ... inside captions
+        for ln, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -99,7 +106,7 @@ def read_manifest(manifest: str | os.PathLike, split: str | None = None) -> list
             raise ValueError(f"{mpath}: a .json manifest must be a list of objects; {_FIX}")
         rows = data
     elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted newlines kept, U+2028 is no row end
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [k for k in REQUIRED_KEYS if k not in header]
         if missing:
@@ -131,203 +138,54 @@ def read_manifest(manifest: str | os.PathLike, split: str | None = None) -> list
 
 
 # ----------------------------------------------------------------------------------------------
-# decoding backends
-# ----------------------------------------------------------------------------------------------
-class BadVideo(Exception):
-    """A file that cannot give a clip; ``reason`` is one of the summary keys."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class VideoInfo:
-    num_frames: int
-    fps: float
-    height: int
-    width: int
-
-
-_decord = None
-_decord_checked = False
-
-
-def _get_decord():
-    global _decord, _decord_checked
-    if not _decord_checked:
-        _decord_checked = True
-        try:
-            import decord
-
-            with contextlib.suppress(Exception):
-                decord.logging.set_level(decord.logging.QUIET)
-            _decord = decord
-        except Exception:  # not installed (e.g. aarch64) or broken
-            _decord = None
-    return _decord
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Silence native stderr (decord prints 'ERROR opening' itself) for the duration."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
-
-
-_NATIVE_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    msg = _NATIVE_PREFIX.sub("", lines[0]) if lines else ""
-    return f"{type(e).__name__}: {msg}"[:200]
-
-
-class _DecordBackend:
-    name = "decord"
-
-    def __init__(self, threads: int = 1):
-        self.threads = threads
-
-    def open(self, path: str):
-        d = _get_decord()
-        try:
-            with _quiet_fd2():
-                vr = d.VideoReader(path, ctx=d.cpu(0), num_threads=self.threads)
-        except Exception as e:
-            raise BadVideo("unreadable", _first_line(e)) from None
-        return vr
-
-    def info(self, path: str, handle=None) -> VideoInfo:
-        vr = handle if handle is not None else self.open(path)
-        n = len(vr)
-        if n <= 0:
-            raise BadVideo("no_frames", "0 frames")
-        try:
-            fps = float(vr.get_avg_fps())
-            h, w = vr[0].shape[:2]  # decord exposes no size without decoding a frame
-        except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
-        return VideoInfo(n, fps, int(h), int(w))
-
-    def frames(self, path: str, indices: list[int], handle=None) -> np.ndarray:
-        vr = handle if handle is not None else self.open(path)
-        try:
-            uniq = sorted(set(indices))
-            batch = vr.get_batch(uniq).asnumpy()
-        except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
-        pos = {j: k for k, j in enumerate(uniq)}
-        return batch[[pos[i] for i in indices]]
-
-
-class _PyAVBackend:
-    name = "pyav"
-
-    def open(self, path: str):
-        return None
-
-    def info(self, path: str, handle=None) -> VideoInfo:
-        import av
-
-        try:
-            with av.open(path) as c:
-                if not c.streams.video:
-                    raise BadVideo("unreadable", "no video stream")
-                s = c.streams.video[0]
-                fps = float(s.average_rate or s.guessed_rate or s.base_rate or 0)
-                n = int(s.frames or 0)
-                h, w = int(s.codec_context.height), int(s.codec_context.width)
-                if n <= 0:  # container does not say: count by demuxing
-                    n = sum(1 for p in c.demux(s) if p.size)
-        except BadVideo:
-            raise
-        except Exception as e:
-            raise BadVideo("unreadable", _first_line(e)) from None
-        if n <= 0:
-            raise BadVideo("no_frames", "0 frames")
-        if fps <= 0:
-            raise BadVideo("unreadable", "unknown frame rate")
-        return VideoInfo(n, fps, h, w)
-
-    def frames(self, path: str, indices: list[int], handle=None) -> np.ndarray:
-        import av
-
-        need = set(indices)
-        last = max(indices)
-        got: dict[int, np.ndarray] = {}
-        try:
-            with av.open(path) as c:
-                for k, fr in enumerate(c.decode(video=0)):
-                    if k in need:
-                        got[k] = fr.to_ndarray(format="rgb24")
-                    if k >= last:
-                        break
-        except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
-        if len(got) < len(need):
-            raise BadVideo("corrupt", f"decoded only up to frame {max(got) if got else -1} of {last}")
-        return np.stack([got[i] for i in indices])
-
-
-def _backends(backend: str) -> list:
-    if backend == "decord":
-        if _get_decord() is None:
-            raise ValueError("backend='decord' but decord is not importable; use backend='auto' or 'pyav'")
-        return [_DecordBackend()]
-    if backend == "pyav":
-        return [_PyAVBackend()]
-    if backend == "auto":
-        return ([_DecordBackend()] if _get_decord() is not None else []) + [_PyAVBackend()]
-    raise ValueError(f"unknown video backend {backend!r}; use auto, decord or pyav")
-
-
-# ----------------------------------------------------------------------------------------------
 # time and space transforms
 # ----------------------------------------------------------------------------------------------
-def available_frames(num_src: int, src_fps: float, fps: float | None) -> int:
+_TS_TOL = 5e-4  # s: a timestamp this close after an output time counts as on screen (a 1 ms time base rounds by 0.5 ms)
+
+
+def available_frames(num_src: int, src_fps: float, fps: float | None, times=None) -> int:
     """How many output frames at ``fps`` fit in a source of ``num_src`` frames at ``src_fps``: output
     frame k shows the source frame on screen at k / fps (``frame_indices``), which exists while
-    k / fps < num_src / src_fps (the last source frame is on screen until num_src / src_fps)."""
+    k / fps < num_src / src_fps (the last source frame is on screen until num_src / src_fps).
+    ``times`` (``VideoInfo.times``, a variable frame rate): the source lasts until its last timestamp
+    plus the interval before it (the last frame is shown as long as the one before)."""
+    if times is not None and fps is not None and len(times) > 1:
+        end = times[-1] + max(times[-1] - times[-2], 0.0)
+        return max(1, int(math.ceil(end * fps - 1e-6)))
     if fps is None or src_fps <= 0 or abs(fps - src_fps) < 1e-6:
         return num_src
     return int(math.ceil(num_src * fps / src_fps - 1e-6))
 
 
-def frame_indices(start: int, num_frames: int, num_src: int, src_fps: float, fps: float | None) -> list[int]:
-    """Source frame index shown at each output timestamp ``(start + k) / fps``."""
+def frame_indices(start: int, num_frames: int, num_src: int, src_fps: float, fps: float | None,
+                  times=None) -> list[int]:
+    """Source frame index shown at each output timestamp ``(start + k) / fps``: ``floor(t * src_fps)``
+    at a constant rate, or with ``times`` (a variable rate) the last frame whose timestamp is <= t."""
+    if times is not None and fps is not None:
+        t = (start + np.arange(num_frames)) / fps + _TS_TOL
+        idx = np.searchsorted(np.asarray(times), t, side="right") - 1
+        return np.clip(idx, 0, num_src - 1).tolist()
     if fps is None or src_fps <= 0 or abs(fps - src_fps) < 1e-6:
         return [min(start + k, num_src - 1) for k in range(num_frames)]
     return [min(int(math.floor((start + k) * src_fps / fps + 1e-6)), num_src - 1) for k in range(num_frames)]
 
 
-def resize_center_crop(frames, height: int, width: int) -> torch.Tensor:
+def resize_center_crop(frames, height: int, width: int, sar: float = 1.0) -> torch.Tensor:
     """Frames -> float32 ``[3, F, height, width]`` in [-1, 1]: scale to cover (aspect kept; bilinear,
     antialiased when shrinking), then centre crop. ``frames``: uint8 ``[F, H, W, 3]`` (array or
-    tensor; normalised after resizing) or float ``[3, F, H, W]`` in [-1, 1]. The one resize of the
-    training clips and of the sampler's init videos / images (pipeline.inputs)."""
+    tensor; normalised after resizing) or float ``[3, F, H, W]`` in [-1, 1]. ``sar``: the pixels'
+    aspect ratio (width / height; a video with non-square pixels is shown ``sar`` times wider than
+    stored), so the aspect kept is the displayed one. The one resize of the training clips and of the
+    sampler's init videos / images (pipeline.inputs)."""
     x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
     is_uint8 = x.dtype == torch.uint8
     x = x.permute(0, 3, 1, 2).float() if is_uint8 else x.permute(1, 0, 2, 3)  # [F, 3, H, W]
     _, _, h, w = x.shape
-    scale = max(height / h, width / w)
-    nh, nw = max(height, int(round(h * scale))), max(width, int(round(w * scale)))
+    scale = max(height / h, width / (w * sar))  # of the height; the width scales by scale * sar
+    nh, nw = max(height, int(round(h * scale))), max(width, int(round(w * sar * scale)))
     if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        shrink = min(scale, scale * sar) < 1
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=shrink)
     top, left = (nh - height) // 2, (nw - width) // 2
     x = x[:, :, top : top + height, left : left + width]
     if is_uint8:
@@ -449,31 +307,40 @@ class VideoClipDataset(Dataset):
             logger.warning("skipping video %s: %s%s", self.rows[i]["path"].replace("\x00", "\\0"), err.reason, detail)
 
     # -- decoding ---------------------------------------------------------------------------
-    def _probe(self, i: int) -> VideoInfo:
-        if i in self._info:
-            return self._info[i]
+    def _with_backend(self, i: int, read):
+        """``read(backend, path)`` with the first backend that reads row ``i``'s file: a decoder's failure
+        tries the next one, a file decord declines (edit list, rotation) goes to PyAV (also with
+        backend='decord'); too_small / too_short are properties of the file and raised at once."""
         path = self.rows[i]["path"]
-        err = None
-        for be in self._backends:
+        queue, err = list(self._backends), None
+        for be in queue:  # grows while iterating when decord declines
             try:
-                info = be.info(path)
-                break
+                return read(be, path)
+            except UsePyAV:
+                if not any(isinstance(b, _PyAVBackend) for b in queue):
+                    queue.append(_PyAVBackend())
             except BadVideo as e:
+                if e.reason in ("too_small", "too_short"):
+                    raise
                 err = err or e
-        else:
-            raise err
-        self._check(info)
-        self._info[i] = info
-        return info
+        raise err or BadVideo("unreadable", "no backend read it")
+
+    def _probe(self, i: int) -> VideoInfo:
+        if i not in self._info:
+            info = self._with_backend(i, lambda be, path: be.info(path))
+            self._check(info)
+            self._info[i] = info
+        return self._info[i]
 
     def _check(self, info: VideoInfo) -> None:
-        scale = max(self.height / info.height, self.width / info.width)
+        shown_w = info.width * info.sar  # the displayed width (non-square pixels)
+        scale = max(self.height / info.height, self.width / shown_w)
         if scale > self.max_upscale + 1e-9:
             raise BadVideo(
                 "too_small",
-                f"{info.width}x{info.height} needs {scale:.2f}x upscaling for {self.width}x{self.height} (max_upscale={self.max_upscale})",
+                f"{round(shown_w)}x{info.height} needs {scale:.2f}x upscaling for {self.width}x{self.height} (max_upscale={self.max_upscale})",
             )
-        avail = available_frames(info.num_frames, info.fps, self.fps)
+        avail = available_frames(info.num_frames, info.fps, self.fps, info.times)
         if avail < self.num_frames:
             raise BadVideo("too_short", f"{avail} frames at {self.fps or info.fps:g} fps < {self.num_frames}")
 
@@ -485,26 +352,23 @@ class VideoClipDataset(Dataset):
         return max(0, min(self.start_frame, last))
 
     def _load(self, i: int) -> dict:
-        path = self.rows[i]["path"]
-        err: BadVideo | None = None
-        for be in self._backends:
-            try:
-                handle = be.open(path)
+        def read(be, path):
+            handle = be.open(path)
+            info = self._info.get(i)
+            if info is None or info.backend != be.name:  # indices are per backend
                 info = be.info(path, handle)
-                self._check(info)
-                avail = available_frames(info.num_frames, info.fps, self.fps)
-                idx = frame_indices(self._start(i, avail), self.num_frames, info.num_frames, info.fps, self.fps)
-                frames = be.frames(path, idx, handle)
-                break
-            except BadVideo as e:
-                if e.reason in ("too_small", "too_short"):
-                    raise  # a property of the file, not of the decoder
-                err = err or e
-        else:
-            raise err
+            self._check(info)
+            avail = available_frames(info.num_frames, info.fps, self.fps, info.times)
+            start = self._start(i, avail)
+            idx = frame_indices(start, self.num_frames, info.num_frames, info.fps, self.fps, info.times)
+            return info, be.frames(path, idx, handle)
+
+        info, frames = self._with_backend(i, read)
+        self._info[i] = info  # the next epoch reads no header again
         if frames.ndim != 4 or frames.shape[0] != self.num_frames or frames.shape[-1] != 3:
             raise BadVideo("corrupt", f"decoded frames have shape {tuple(frames.shape)}")
-        video = resize_center_crop(frames, self.height, self.width)
+        video = resize_center_crop(frames, self.height, self.width, info.sar)
+        path = self.rows[i]["path"]
         return {"video": video, "caption": self.rows[i]["caption"], "path": path, "index": i}
 
     def try_get(self, i: int) -> dict | None:
