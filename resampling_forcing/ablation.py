@@ -387,7 +387,7 @@ def run(args) -> int:
                   given_chunks=preset.given_chunks, sampler=dict(steps=base.diffusion.sample_steps,
                   shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale), seed=preset.sample_seed,
                   collapse="object_fidelity < 0.5 or background_clean < 0.5 in a segment",
-                  interval="mean +- 1.96 sd / sqrt(n) over clips; vs_tf: paired over the same clips",
+                  interval="mean +- t975(n-1) sd / sqrt(n) over clips; vs_tf: paired over the same clips",
                   extrapolation="per clip mean over segments 1.. (beyond the training length)"),
         calibration=calib, sanity=sanity, arms={n: arm_entry(n) for n in ["warmup"] + arms}, best_arm=best,
         best_by="extrapolation object_fidelity (then psnr)", routing_arm=routed,

@@ -15,7 +15,7 @@ scored against the true continuation with eval.evaluate_video:
   merged, or most of the background dissolved), else 0. (Pixel noise of std 0.1 on the truth gives
   background_clean 0.75: the threshold is below what a noisy but intact frame scores.)
 
-Statistics over clips: per segment the mean with a 95% interval mean +- 1.96 sd / sqrt(n); arms are
+Statistics over clips: per segment the mean with a 95% t interval mean +- t(n-1) sd / sqrt(n); arms are
 also compared PAIRED (same clips, same sampler seeds) on the mean over the extrapolation segments
 (every segment after the first, i.e. beyond the training length).
 
@@ -103,11 +103,14 @@ def metric_arrays(results: list[dict]) -> dict[str, np.ndarray]:
 
 def cache_key(checkpoint, **settings) -> str:
     """What a cached evaluation (OUT/eval/*.npz) depends on: the checkpoint's weight files (path, size,
-    modification time) and the evaluation settings. A cache whose key differs is evaluated again."""
+    modification time), the metrics' version and the evaluation settings. A cache whose key differs is
+    evaluated again."""
     ck = Path(checkpoint)
     files = sorted(ck.rglob("*.safetensors")) if ck.is_dir() else ([ck] if ck.is_file() else [])
     weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return json.dumps({"weights": weights, **settings}, sort_keys=True, default=str)
+    from .eval.metrics import METRICS_VERSION
+
+    return json.dumps({"weights": weights, "metrics": METRICS_VERSION, **settings}, sort_keys=True, default=str)
 
 
 def cached(path: Path, key: str) -> bool:
@@ -118,12 +121,32 @@ def cached(path: Path, key: str) -> bool:
         return "key" in z.files and str(z["key"]) == key
 
 
+_Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def t975(df: int) -> float:
+    """97.5% quantile of Student's t with `df` degrees of freedom (the 95% interval's multiplier): exact
+    for df 1 and 2, else the Cornish-Fisher expansion of Abramowitz-Stegun 26.7.5 (error 0.12% at df 3,
+    0.01% at df 5, 2.0395 at df 31 as tabulated)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1 (got {df})")
+    if df == 1:
+        return math.tan(math.pi * 0.475)
+    if df == 2:
+        return 0.95 * math.sqrt(2.0 / (4 * 0.975 * 0.025))
+    z, v = _Z975, float(df)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
 def interval(values: np.ndarray) -> dict:
+    """Mean and the half-width of its 95% t interval over the finite values (clips)."""
     v = values[np.isfinite(values)]
     if v.size == 0:
         return {"mean": None, "ci95": None, "n": 0}
-    sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
-    return {"mean": round(float(v.mean()), 5), "ci95": round(1.96 * sd / math.sqrt(v.size), 5), "n": int(v.size)}
+    half = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else 0.0
+    return {"mean": round(float(v.mean()), 5), "ci95": round(half, 5), "n": int(v.size)}
 
 
 def summarize(arrays: dict[str, np.ndarray]) -> dict[str, list[dict]]:

@@ -221,7 +221,7 @@ def run(args) -> int:
                    shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale),
                    conditionings={"caption": "the clip's caption, CFG as configured",
                                   "none": "empty prompt, CFG 1 (the objects can come only from the history)"},
-                   interval="mean +- 1.96 sd / sqrt(n) over clips; vs_dense paired over the same clips and noise",
+                   interval="mean +- t975(n-1) sd / sqrt(n) over clips; vs_dense paired over the same clips and noise",
                    picks_before_blackout="share of the first continued chunk's (query, head, layer) picks on "
                                          "history chunks before the blackout"),
         sanity=sanity, modes={cond: {mode: entry(f"{mode} {cond}", cond) for mode in MODES} for cond in CONDITIONINGS},

@@ -12,8 +12,8 @@ Metrics (each in [0, 1] unless a unit is given; higher is better)
 - ``motion_score``: per transition and object, the object MOVES (at least half the generator's
   minimum speed) AND its new position agrees (within ``physics_tol``) with the generator's physics
   predicted from the two previous positions: constant velocity, reflection at walls (near a wall
-  either velocity sign is accepted, as the bounce may fall between frames), speed kept in
-  object-object contacts. A frozen clip fails "moves"; shuffled frames fail the physics.
+  either velocity sign is accepted, as the bounce may fall between frames), the velocity mirrored
+  about the contact normal in object-object contacts. A frozen clip fails "moves"; shuffled frames fail the physics.
   ``moving_fraction`` and ``physics_consistency`` are its two parts; ``mean_speed`` (px/frame) and
   ``mean_accel`` (|c[t+1] - 2c[t] + c[t-1]|, px/frame^2) are reported raw.
 - ``background_clean``: fraction of pixels outside the (1-pixel dilated) objects that lie within
@@ -37,6 +37,10 @@ from ..data.synthetic import SPEED_RANGE, bounding_radius, parse_caption
 from ..io import to_uint8_video
 from .config import SCORE_KEYS, EvalConfig, EvalInputError, check_segment_frames
 from .detect import Blob, area_to_r, detect, dilate
+
+# bumped when a metric's definition changes, so cached evaluations (ablation_eval.cache_key) are redone;
+# 2: an object-object contact must mirror the velocity about the contact normal
+METRICS_VERSION = 2
 
 
 def mean_or_none(values) -> float | None:
@@ -103,21 +107,31 @@ def _physics_ok(
 ) -> bool:
     """Is the walk b0 -> b1 -> b2 what the generator's physics does?
 
-    Constant velocity with reflections at the walls (the walls for this object's size), or, next
-    to another object, a change of direction at constant speed (the generator's object contacts).
+    Constant velocity with reflections at the walls (the walls for this object's size), or, in contact
+    with another object (centres within the sum of their bounding radii plus `reach`), the generator's
+    collision: the velocity mirrored about the contact normal (within `tol`). A looser rule (any turn at
+    constant speed near any object, both taken as squares) passed random walks at 0.79-0.87 with two or
+    three objects.
     """
     r = area_to_r(shape, b1.area)
     ax = _axis_accel((b0.cx, b1.cx, b2.cx), r, w - 1 - r, reach)
     ay = _axis_accel((b0.cy, b1.cy, b2.cy), r, h - 1 - r, reach)
     if math.hypot(ax, ay) <= tol:
         return True
-    s1 = math.hypot(b1.cx - b0.cx, b1.cy - b0.cy)
-    s2 = math.hypot(b2.cx - b1.cx, b2.cy - b1.cy)
+    v1 = (b1.cx - b0.cx, b1.cy - b0.cy)
+    v2 = (b2.cx - b1.cx, b2.cy - b1.cy)
     for o in others:
         if o is None:
             continue
-        contact = bounding_radius("square", b1.radius) + bounding_radius("square", o.radius) + reach
-        if math.hypot(o.cx - b1.cx, o.cy - b1.cy) <= contact and abs(s2 - s1) <= tol:
+        dx, dy = o.cx - b1.cx, o.cy - b1.cy
+        dist = math.hypot(dx, dy)
+        contact = bounding_radius(shape, r) + bounding_radius(o.shape or "circle", o.radius) + reach
+        if dist < 1e-6 or dist > contact:
+            continue
+        nx, ny = dx / dist, dy / dist
+        dot = v1[0] * nx + v1[1] * ny
+        mirrored = (v1[0] - 2 * dot * nx, v1[1] - 2 * dot * ny)
+        if math.hypot(v2[0] - mirrored[0], v2[1] - mirrored[1]) <= tol:
             return True
     return False
 
