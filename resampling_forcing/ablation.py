@@ -166,26 +166,37 @@ def _train(config: Path, overrides: list[str]) -> Path:
 _REUSE_IGNORES = ("train.progress", "train.tensorboard", "train.log_every")
 
 
+def _same(a, b) -> bool:
+    """Two config values are the same setting (paths compared resolved: a relative and an absolute --out)."""
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and ("/" in a or "/" in b) and Path(a).resolve() == Path(b).resolve()
+
+
 def _finished(run_dir: Path, steps: int, config: Path, overrides: list[str]) -> bool:
     """Whether `run_dir` holds a run trained to `steps` or more with the settings `config` + `overrides` give.
-    A finished run trained with other settings (another --seed, --steps, --warmup or --set in the same
-    --out) is refused (BadInput): reusing it would report numbers of another experiment."""
-    from .checkpoint import checkpoint_root, latest_checkpoint, step_of
-    from .config import ConfigError, load_config
-    from .training_utils import resume_config_changes
+    A run there (finished or stopped early) with other settings (another --seed, --steps, --warmup or --set
+    in the same --out) is refused (BadInput): reusing or resuming it would mix two experiments."""
+    import yaml
+
+    from .checkpoint import checkpoint_root, config_file, latest_checkpoint, step_of
+    from .config import config_from_dict, load_config, to_dict
+    from .training_utils import flatten, resolve_grad_accum
 
     ck = latest_checkpoint(run_dir) if checkpoint_root(run_dir).is_dir() else None
-    if ck is None or step_of(ck) < steps:
+    if ck is None:
         return False
-    try:
-        changes = resume_config_changes(ck, load_config(config, overrides))
-    except ConfigError as e:
-        changes = [str(e).splitlines()[0]]
-    changes = [c for c in changes if not c.startswith(_REUSE_IGNORES)]
-    if changes:
-        raise BadInput(f"{run_dir} was trained with other settings ({'; '.join(changes[:3])}); pass another --out "
-                       "(or delete that run to retrain it)")
-    return True
+    want = load_config(config, overrides)
+    resolve_grad_accum(want, 1)  # as the trainer saved it (the runner trains in one process)
+    if config_file(ck).is_file():
+        old = flatten(to_dict(config_from_dict(yaml.safe_load(config_file(ck).read_text()))))
+        new = flatten(to_dict(want))
+        changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if not k.startswith(_REUSE_IGNORES) and not _same(old.get(k), new.get(k))]
+        if changes:
+            raise BadInput(f"{run_dir} was trained with other settings ({'; '.join(changes[:3])}); pass another "
+                           "--out (or delete that run to retrain it)")
+    return step_of(ck) >= steps
 
 
 def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Sequence[str] = ()) -> dict:
@@ -447,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None, help=f"comma list (default {','.join(DEFAULT_ARMS)}; also: "
                    f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)})")
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
-    p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>); a rerun resumes it")
+    p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>, with --seed N "
+                   "outputs/ablation/<preset>_seedN); a rerun with the same settings resumes it")
     p.add_argument("--report-dir", default=None, help="also copy the report JSON, plots and sheets here (docs/ablation)")
     p.add_argument("--config", default=None, help="train config of the world/model/warmup (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -161,7 +161,7 @@ def autoregressive_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, contex
     guided = null_context is not None and cfg_scale != 1.0
     last = n if include_last else n - 1
     kv_dtype = _compute_dtype(model, x)
-    cap = max(1, last)  # committed chunks (last - 1) + the room commit() reserves; never grows
+    cap = max(1, last - 1)  # the committed chunks (the scratch slot is extra); never grows
     cache = KVCache.for_model(model, b, (h, w), x.device, kv_dtype, capacity=cap)
     ucache = KVCache.for_model(model, b, (h, w), x.device, kv_dtype, capacity=cap) if guided else None
     kv_null = model.text_kv(null_context) if guided else None

@@ -381,7 +381,7 @@ class SampleResult:
     history_chunks: int
     history_frames: int  # pixel frames of `video` that reconstruct the given history
     timings: dict
-    selection: Optional[np.ndarray] = None  # [chunks, layers, heads, history] (record_selection)
+    selection: Optional[np.ndarray] = None  # [batch, chunks, layers, heads, history] (record_selection)
     options: dict = field(default_factory=dict)  # SamplingOptions used, as a dict
     init_video: Optional[dict] = None  # Pipeline.generate: how a given video was trimmed/encoded
     prompts: Optional[list] = None  # Pipeline.generate

@@ -122,6 +122,7 @@ class Trainer:
         self.routing = routing_spec(cfg.attention.routing)  # for the stages with `routing: true`
         resume = self._find_resume()
         if resume is not None:  # before RUN/config.yaml is rewritten: a refused resume changes nothing
+            self._check_world_size(resume)
             changed = resume_config_changes(resume, cfg)
             if changed:
                 logger.warning("resuming %s with changed settings: %s", resume, "; ".join(changed))
@@ -212,15 +213,20 @@ class Trainer:
             models.clear()
             load_state_into(self.inner, read_state_dict(input_dir), source=str(input_dir))
 
-    def _resume(self, ckpt: Path) -> None:
-        state = read_trainer_state(ckpt)
-        written_by = int(state.get("world_size", self.acc.num_processes))
-        if self.is_deepspeed and written_by != self.acc.num_processes:  # its optimizer state is partitioned
+    def _check_world_size(self, ckpt: Path) -> None:
+        """A DeepSpeed checkpoint resumes only on the process count that wrote it (its optimizer state is
+        partitioned per process); refused in one line before anything is loaded or written."""
+        written_by = int(read_trainer_state(ckpt).get("world_size", self.acc.num_processes))
+        if self.is_deepspeed and written_by != self.acc.num_processes:
             raise CheckpointError(
                 f"{ckpt} was written by {written_by} DeepSpeed processes and this launch has "
                 f"{self.acc.num_processes}: DeepSpeed's partitioned optimizer state cannot be re-split; relaunch with "
                 f"--num_processes {written_by}, or start a new run from its weights (train.run_dir=NEW "
                 f"train.init_from={ckpt}: step, optimizer state and data order restart)")
+
+    def _resume(self, ckpt: Path) -> None:
+        state = read_trainer_state(ckpt)
+        written_by = int(state.get("world_size", self.acc.num_processes))
         self.acc.load_state(str(ckpt))
         self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))  # the abort counter runs on across a resume
@@ -271,6 +277,8 @@ class Trainer:
         # the loss's draws first, then text dropout, then the degradation's (objective-dependent): runs that
         # differ only in the degradation (an ablation's arms) share the loss's timesteps, noise and dropout
         t, eps, noisy = self._noised(x, gen)
+        ctx_eps = (torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
+                   if cfg.diffusion.context_t > 0 else None)  # the history's context noise (context_t > 0)
         if cfg.data.text_dropout > 0:
             drop = torch.rand(b, generator=gen, device=self.device) < cfg.data.text_dropout
             text = torch.where(drop[:, None, None], self.data.null_text.to(text.dtype), text)
@@ -282,7 +290,7 @@ class Trainer:
             history, t_s = degrade_history(self.inner, x.to(dtype), text.to(dtype), settings, generator=gen,
                                            null_context=null)
         t_res = time.perf_counter() - t0 if stage.objective in RESAMPLING_OBJECTIVES else 0.0
-        history, history_t = self._history_at_context_t(history, gen)
+        history, history_t = self._history_at_context_t(history, ctx_eps)
         attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend,
                                routing=settings.routing, routing_layers=settings.routing_layers)
         v = self.model(history, noisy, t, text, attn, history_t)
@@ -298,16 +306,15 @@ class Trainer:
         eps = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
         return t, eps, add_noise(x, eps, t.repeat_interleave(cf, dim=1)[:, None, :, None, None])
 
-    def _history_at_context_t(self, history: torch.Tensor, gen: torch.Generator):
+    def _history_at_context_t(self, history: torch.Tensor, ctx_eps: Optional[torch.Tensor]):
         """The history stream as the KV cache holds it at inference: clean at t = 0, or with
-        `diffusion.context_t` > 0 re-noised to that timestep (fresh noise from `gen`, drawn after the
-        training noise) -> (history [B, C, F, H, W], history_t [B, N] or None for 0)."""
+        `diffusion.context_t` > 0 re-noised to that timestep with `ctx_eps` [B, C, F, H, W] (drawn with
+        the loss's noise, before the degradation) -> (history, history_t [B, N] or None for 0)."""
         ctx = self.cfg.diffusion.context_t
         if ctx <= 0:
             return history, None
-        eps = torch.randn(history.shape, generator=gen, device=history.device, dtype=history.dtype)
-        return add_noise(history, eps, ctx), torch.full((history.shape[0], self.num_chunks), float(ctx),
-                                                        device=history.device)
+        return add_noise(history, ctx_eps.to(history.dtype), ctx), torch.full(
+            (history.shape[0], self.num_chunks), float(ctx), device=history.device)
 
     def train_step(self) -> dict:
         acc, cfg = self.acc, self.cfg
@@ -478,11 +485,12 @@ class Trainer:
             state = {k[len("model."):]: v for k, v in full.items()} if full else {}
         else:
             state = dict(self.inner.state_dict())
+        main = self.acc.is_main_process
         for name, p in self.inner.named_parameters():
-            master = safe_get_full_fp32_param(p)  # None for a parameter the optimizer does not hold
-            if master is not None and name in state:
-                state[name] = master
-        return state if self.acc.is_main_process else None
+            master = safe_get_full_fp32_param(p)  # a collective; None for a parameter the optimizer does not hold
+            if master is not None and name in state and main:
+                state[name] = master.cpu()  # one parameter at a time on the device, not a second model
+        return state if main else None
 
     def _export(self, folder: Path) -> None:
         state = self._export_state()

@@ -463,6 +463,9 @@ def _api_cases(pipe):
                                "generator= (diffusers' name) or seed=, not both"),
         "indices of another length": (lambda: pipe.generate(["a", "b"], 1, indices=[0], **g),
                                       "indices: 1 sample indices for 2 prompts"),
+        "indices of another length, init video": (  # refused before the video is encoded
+            lambda: pipe(["a", "b"], num_frames=None, init_video=np.zeros((9, 32, 32, 3), np.uint8), indices=[0]),
+            "indices: 1 sample indices for 2 prompts"),
     }
 
 

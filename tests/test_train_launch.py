@@ -111,7 +111,9 @@ def test_deepspeed_zero2_two_processes(tmp_path, synth):
     for name, w in exported.items():
         assert w.dtype == torch.float32 and torch.equal(w, master[name]), name
     # rerunning the command on another number of processes: refused in one line before DeepSpeed's loader
-    # raises (its ZeRO state is partitioned per process), naming both ways on
+    # raises (its ZeRO state is partitioned per process), naming both ways on, and before RUN/config.yaml
+    # is rewritten (a refused resume changes nothing)
+    run_config = (run_dir / "config.yaml").read_text()
     proc = subprocess.run(launch_cmd("deepspeed_zero2.yaml", "--num_processes", "1", "--main_process_port",
                                      str(free_port())) + small_overrides(run_dir, synth, steps_rf=6),
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
@@ -120,6 +122,7 @@ def test_deepspeed_zero2_two_processes(tmp_path, synth):
     assert f"written by 2 DeepSpeed processes and this launch has 1" in lines[0], lines
     assert "--num_processes 2" in lines[0] and f"train.init_from={ckpt}" in lines[0], lines
     assert list_checkpoints(run_dir)[-1][1] == ckpt  # nothing written
+    assert (run_dir / "config.yaml").read_text() == run_config
 
 
 def test_multinode_two_machines_on_loopback(tmp_path, synth):

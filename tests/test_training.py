@@ -287,6 +287,29 @@ def test_objectives_share_the_losss_random_numbers(tmp_path, synth):
     trainer.acc.end_training()
 
 
+def test_deepspeed_export_takes_the_fp32_master(monkeypatch):
+    """Under DeepSpeed the exported weights are its fp32 master copy, not the module's bf16 working copy
+    (every init_from chain restarted from rounded weights), gathered parameter by parameter to the CPU on
+    the main process only."""
+    from types import SimpleNamespace
+
+    import deepspeed.utils
+
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    master = {n: p.detach().float() + 1e-3 for n, p in params.items()}  # finer than bf16 can hold
+    monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param",
+                        lambda p: next(master[n] for n, q in params.items() if q is p))
+    fake = SimpleNamespace(is_deepspeed=True, zero_stage=2, inner=model, acc=SimpleNamespace(is_main_process=True))
+    state = Trainer._export_state(fake)
+    assert set(state) == set(master) and all(torch.equal(state[n], master[n]) for n in master)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    fake.acc.is_main_process = False
+    assert Trainer._export_state(fake) is None  # the other processes take part in the gathers, keep nothing
+    fake.is_deepspeed = False
+    assert Trainer._export_state(fake) is None  # DDP / one process: the module's own state
+
+
 @pytest.mark.parametrize("context_t", [0.0, 0.3])
 def test_history_stream_is_what_the_cache_holds_at_context_t(tmp_path, synth, context_t):
     """diffusion.context_t > 0: the sampler and the resampling rollout write each finished chunk re-noised

@@ -59,18 +59,17 @@ def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> 
         raise DataError(f"data.latents_dir={cfg.data.latents_dir!r} is not a directory; run "
                         "train/precompute.py --out DIR first and pass that DIR")
     path = Path(cfg.data.latents_dir) / NULL_TEXT_FILE
-    if write and _null_text_problem(path) is not None:
-        from safetensors.torch import save_file
-
+    problem = _null_text_problem(path)
+    if write and problem is not None:
         from ..encoders import build_text_encoder
-        from ..io import atomic_path
+        from ..io import probe_writable_dir
+        from .latents import write_null_text
 
+        if probe_writable_dir(path.parent):
+            raise DataError(f"{problem} and {path.parent} is not writable; rerun train/precompute.py for this "
+                            "store (it writes the empty prompt's embedding) or make the folder writable")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        enc = build_text_encoder(cfg.encoders, device=device, dtype=dtype)
-        emb = enc.encode([""])[0].float().cpu().contiguous()
-        del enc
-        with atomic_path(path) as tmp:
-            save_file({"text": emb}, str(tmp))
+        write_null_text(path.parent, build_text_encoder(cfg.encoders, device=device, dtype=dtype))
 
 
 def _null_text_problem(path: Path) -> Optional[str]:

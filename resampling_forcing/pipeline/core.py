@@ -46,6 +46,12 @@ from .output import PipelineOutput
 __all__ = ["Pipeline"]
 
 # generate()'s arguments that are SamplingOptions overrides (an `options=` object replaces them).
+def _check_indices(indices, prompts: int) -> None:
+    """One sample index per prompt (PipelineError naming indices= otherwise)."""
+    if indices is not None and len(indices) != prompts:
+        raise PipelineError(f"indices: {len(indices)} sample indices for {prompts} prompts; pass one per prompt")
+
+
 def _check_call(*, seed, indices, callback, progress, decode, options, negative_prompt) -> None:
     """generate()'s arguments of the wrong type or range, before any work: PipelineError naming them."""
     from ..cli import MAX_SEED
@@ -247,8 +253,7 @@ class Pipeline:
         num_chunks = int(num_chunks)
         prompts, board = resolve_prompts(prompts, storyboard, num_chunks)
         bsz = len(prompts)
-        if indices is not None and len(indices) != bsz:
-            raise PipelineError(f"indices: {len(indices)} sample indices for {bsz} prompts; pass one per prompt")
+        _check_indices(indices, bsz)
         overrides = dict(steps=steps, shift=shift, cfg_scale=cfg_scale, context_t=context_t, routing=routing,
                          top_k=top_k, sink=sink, window=window, record_selection=record_selection,
                          kv_resident_chunks=kv_resident_chunks, kv_host_dtype=kv_host_dtype)
@@ -361,6 +366,8 @@ class Pipeline:
         if kwargs.get("init_video") is not None:  # encoded first (its length sets the history's frames),
             # so what generate() would refuse is checked before that work
             check_prompts(prompt)
+            if prompt is not None:  # (a storyboard's prompt count is known only once it is resolved)
+                _check_indices(kwargs.get("indices"), 1 if isinstance(prompt, str) else len(prompt))
             _check_call(seed=seed, indices=kwargs.get("indices"), callback=None, progress=kwargs.get("progress", False),
                         decode=kwargs.get("decode", True), options=kwargs.get("options"), negative_prompt=negative_prompt)
             if kwargs.get("init_latents") is not None or kwargs.get("init_image") is not None:
