@@ -106,6 +106,18 @@ def resolve_trainer_checkpoint(path: str | os.PathLike) -> Path:
                           f"with checkpoints under {CHECKPOINTS}/")
 
 
+def check_resume_world(ckpt: str | os.PathLike, world: int, deepspeed: bool) -> None:
+    """A DeepSpeed checkpoint resumes only on the process count that wrote it (its optimizer state is
+    partitioned per process): CheckpointError (one line, both ways on) otherwise. DDP state resumes on any."""
+    written_by = int(read_trainer_state(ckpt).get("world_size", world))
+    if deepspeed and written_by != world:
+        raise CheckpointError(
+            f"{ckpt} was written by {written_by} DeepSpeed processes and this launch has {world}: DeepSpeed's "
+            f"partitioned optimizer state cannot be re-split; relaunch with --num_processes {written_by}, or start "
+            f"a new run from its weights (train.run_dir=NEW train.init_from={ckpt}: step, optimizer state and "
+            "data order restart)")
+
+
 def read_trainer_state(ckpt: str | os.PathLike) -> dict:
     path = Path(ckpt) / STATE_FILE
     try:

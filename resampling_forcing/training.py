@@ -39,9 +39,9 @@ from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .attention.spec import routing_spec
-from .checkpoint import (GracefulStop, checkpoint_problem, clean_stale, latest_checkpoint,  # noqa: F401
-                         latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint, save_checkpoint,
-                         EMA_WEIGHTS, MODEL_WEIGHTS, RANKS_DIR, config_file)
+from .checkpoint import (GracefulStop, check_resume_world, checkpoint_problem, clean_stale,  # noqa: F401
+                         latest_checkpoint, latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint,
+                         save_checkpoint, EMA_WEIGHTS, MODEL_WEIGHTS, RANKS_DIR, config_file)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
 from .diffusion import add_noise, sample_logit_normal, velocity_loss, velocity_target
@@ -122,7 +122,7 @@ class Trainer:
         self.routing = routing_spec(cfg.attention.routing)  # for the stages with `routing: true`
         resume = self._find_resume()
         if resume is not None:  # before RUN/config.yaml is rewritten: a refused resume changes nothing
-            self._check_world_size(resume)
+            check_resume_world(resume, acc.num_processes, self.is_deepspeed)  # before anything is written
             changed = resume_config_changes(resume, cfg)
             if changed:
                 logger.warning("resuming %s with changed settings: %s", resume, "; ".join(changed))
@@ -212,17 +212,6 @@ class Trainer:
         if models:
             models.clear()
             load_state_into(self.inner, read_state_dict(input_dir), source=str(input_dir))
-
-    def _check_world_size(self, ckpt: Path) -> None:
-        """A DeepSpeed checkpoint resumes only on the process count that wrote it (its optimizer state is
-        partitioned per process); refused in one line before anything is loaded or written."""
-        written_by = int(read_trainer_state(ckpt).get("world_size", self.acc.num_processes))
-        if self.is_deepspeed and written_by != self.acc.num_processes:
-            raise CheckpointError(
-                f"{ckpt} was written by {written_by} DeepSpeed processes and this launch has "
-                f"{self.acc.num_processes}: DeepSpeed's partitioned optimizer state cannot be re-split; relaunch with "
-                f"--num_processes {written_by}, or start a new run from its weights (train.run_dir=NEW "
-                f"train.init_from={ckpt}: step, optimizer state and data order restart)")
 
     def _resume(self, ckpt: Path) -> None:
         state = read_trainer_state(ckpt)
