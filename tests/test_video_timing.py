@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from resampling_forcing.data import decode as D
 from resampling_forcing.data import video as V
@@ -165,3 +166,17 @@ def test_non_square_pixels_keep_the_displayed_aspect(vids, backend):
     assert abs(cols.min() - 32) <= 1 and abs(cols.max() - 63) <= 1, cols
     square = _dataset(vids, "square.mp4", 1, 48, 96, max_upscale=1.0, backend=backend)  # square pixels: too small
     assert square.try_get(0) is None and square.bad_reason(0) == "too_small"
+
+
+def test_a_file_decord_declined_goes_straight_to_pyav_next_time(vids, monkeypatch):
+    """Once a file was read with PyAV (decord declined a rotation), later loads start there: decord is not
+    opened again per epoch (it and a PyAV look at the first frame cost ~0.1-0.2 s per 480p file)."""
+    if not V._backends("auto") or not isinstance(V._backends("auto")[0], V._DecordBackend):
+        pytest.skip("decord is not installed: every file is read with PyAV anyway")
+    opens = []
+    real = V._DecordBackend.open
+    monkeypatch.setattr(V._DecordBackend, "open", lambda self, path: opens.append(path) or real(self, path))
+    ds = _dataset(vids, "rot90.mp4", 1, 64, 48, max_upscale=1.0, backend="auto")
+    first = ds[0]["video"]
+    n = len(opens)
+    assert n >= 1 and torch.equal(ds[0]["video"], first) and len(opens) == n

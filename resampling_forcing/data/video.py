@@ -313,6 +313,9 @@ class VideoClipDataset(Dataset):
         backend='decord'); too_small / too_short are properties of the file and raised at once."""
         path = self.rows[i]["path"]
         queue, err = list(self._backends), None
+        known = self._info.get(i)
+        if known is not None and known.backend == _PyAVBackend.name and not isinstance(queue[0], _PyAVBackend):
+            queue.insert(0, _PyAVBackend())  # decord declined or failed on this file before: not again per load
         for be in queue:  # grows while iterating when decord declines
             try:
                 return read(be, path)
