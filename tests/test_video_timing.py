@@ -180,3 +180,25 @@ def test_a_file_decord_declined_goes_straight_to_pyav_next_time(vids, monkeypatc
     first = ds[0]["video"]
     n = len(opens)
     assert n >= 1 and torch.equal(ds[0]["video"], first) and len(opens) == n
+
+
+@pytest.mark.parametrize("name", ["rot90.mp4", "sar2.mp4", "vfr.mp4"])
+def test_init_videos_are_read_as_the_training_clips(vids, name):
+    """The sampler's --init-video / init_video= reads a file as the training clips do (it went through
+    imageio: non-square pixels came in squashed and a variable frame rate was resampled by index; the
+    rotation case guards what ffmpeg's autorotation already gave)."""
+    from resampling_forcing.encoders import PixelShuffleVAE
+    from resampling_forcing.pipeline.inputs import video_clip
+
+    h, w = {"rot90.mp4": (64, 48), "sar2.mp4": (48, 64), "vfr.mp4": (32, 32)}[name]
+    clip, info = video_clip(vids / name, PixelShuffleVAE(1), h, w, chunk_frames=1, fps=8.0)
+    frame = clip[0, :, 0].permute(1, 2, 0)
+    if name == "rot90.mp4":
+        assert float((frame - torch.from_numpy(_shown(vids / name, h, w))).abs().max()) < 0.05
+    elif name == "sar2.mp4":  # shown 128x48: the stored 16-column band is 32 columns wide (16 when squashed)
+        band = (frame[:, :, 1].mean(0) > 0).nonzero().flatten()
+        assert 30 <= len(band) <= 34 and abs(float(band.float().mean()) - 31.5) < 1.5, band
+    else:  # 0.1 s per frame for 2 s, then 0.025 s: the frame on screen at k / 8 s
+        times = [0.1 * j for j in range(20)] + [2 + 0.025 * j for j in range(40)]
+        want = [max(j for j, t in enumerate(times) if t <= k / 8 + 5e-4) for k in range(info["frames_in"])]
+        assert _levels(clip[0]) == want[-clip.shape[2]:]

@@ -139,7 +139,8 @@ def image_clip(image, vae, height: int, width: int, chunk_frames: int) -> tuple[
 
 def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: float,
                max_chunks: Optional[int] = None, resample_fps: bool = True) -> tuple[torch.Tensor, dict]:
-    """A path (mp4 etc., read with io.read_mp4) or frames -> (clip [1, 3, F', height, width], info).
+    """A path (mp4 etc., read as a player shows it: data/decode.py) or frames -> (clip [1, 3, F', height,
+    width], info).
 
     A file is first resampled in time to `fps` (the model's, config data.fps; by timestamp as in
     training; `resample_fps=False` keeps its own rate). `max_chunks` keeps at most that many
@@ -153,23 +154,32 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
         clip, info = prepare_init_video(video, vae, height, width, chunk_frames, max_chunks)
         info["source"] = "<array>"
         return clip, info
+    from ..data.decode import BadVideo, _PyAVBackend
     from ..data.video import available_frames, frame_indices
-    from ..io import read_mp4
 
+    path = Path(video)
+    if not path.is_file():
+        raise PipelineError(f"{video}: no such video file")
+    # read as a player shows it, as the training clips are (data/decode.py): display rotation, non-square
+    # pixels, variable frame rates by timestamp, an edit list's hidden frames left out
+    backend = _PyAVBackend()
     try:
-        frames, src_fps = read_mp4(video, with_fps=True)  # uint8 [F, H, W, 3]
-    except ValueError as e:
-        raise PipelineError(str(e)) from None
-    n_file = len(frames)
-    if src_fps and resample_fps and abs(src_fps - fps) > 1e-3:
-        n_out = available_frames(n_file, src_fps, fps)
-        frames = frames[frame_indices(0, n_out, n_file, src_fps, fps)]
-    clip_frames = frames
-    if max_chunks is not None:
-        keep = vae.frames_for_latents(int(max_chunks) * chunk_frames)
-        clip_frames = frames[max(len(frames) - keep, 0):]
+        src = backend.info(str(path))
+        n_file, src_fps = src.num_frames, src.fps
+        if resample_fps and (abs(src_fps - fps) > 1e-3 or src.times is not None):
+            idx = frame_indices(0, available_frames(n_file, src_fps, fps, src.times), n_file, src_fps, fps, src.times)
+        else:
+            idx = list(range(n_file))
+        n_in = len(idx)
+        if max_chunks is not None:  # only the frames the history can use are decoded
+            idx = idx[max(n_in - vae.frames_for_latents(int(max_chunks) * chunk_frames), 0):]
+        clip_frames = backend.frames(str(path), idx)  # uint8 [F, H, W, 3], upright
+    except BadVideo as e:
+        raise PipelineError(f"{video}: cannot decode video ({e})") from None
+    if src.sar != 1.0:  # non-square pixels: to the displayed shape before the usual resize
+        w_shown = max(1, round(clip_frames.shape[2] * src.sar))
+        clip_frames = resize_center_crop(clip_frames, clip_frames.shape[1], w_shown)
     clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks)
-    n_in = len(frames)
     info.update(frames_in=n_in, frames_dropped_from_start=n_in - info["frames_used"], max_chunks=max_chunks,
                 source_frames=n_file, source_fps=src_fps, fps=fps if (src_fps and resample_fps) else src_fps)
     info["source"] = str(video)
