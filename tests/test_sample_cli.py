@@ -463,9 +463,6 @@ def _api_cases(pipe):
                                "generator= (diffusers' name) or seed=, not both"),
         "indices of another length": (lambda: pipe.generate(["a", "b"], 1, indices=[0], **g),
                                       "indices: 1 sample indices for 2 prompts"),
-        "indices of another length, init video": (  # refused before the video is encoded
-            lambda: pipe(["a", "b"], num_frames=None, init_video=np.zeros((9, 32, 32, 3), np.uint8), indices=[0]),
-            "indices: 1 sample indices for 2 prompts"),
     }
 
 
@@ -482,6 +479,15 @@ def test_api_bad_arguments_raise_one_named_error_before_any_work(run_dir, monkey
             call()
         assert text in str(e.value) and "\n" not in str(e.value), f"{name}: {e.value}"
         assert not forwards, f"{name}: the model ran before the error"
+
+
+def test_api_indices_refused_before_an_init_video_is_encoded(run_dir, monkeypatch):
+    """pipe(..., init_video=, indices=) with one index per prompt missing: refused before the video is
+    encoded (the same error came only after encoding it)."""
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    monkeypatch.setattr(pipe, "load_init_video", lambda *a, **k: pytest.fail("the video was encoded first"))
+    with pytest.raises(PipelineError, match="indices: 1 sample indices for 2 prompts"):
+        pipe(["a", "b"], num_frames=None, init_video=np.zeros((9, 32, 32, 3), np.uint8), indices=[0])
 
 
 def test_api_sidecar_records_the_generated_size(run_dir, tmp_path):

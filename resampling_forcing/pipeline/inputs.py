@@ -66,10 +66,11 @@ def _frames_to_float(frames) -> torch.Tensor:
 
 
 def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
-                       max_chunks: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+                       max_chunks: Optional[int] = None, sar: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Frames of a given video -> (video [1, 3, F', height, width] in [-1, 1], info), F' the
     largest frame count that encodes to a whole number of chunks (at most `max_chunks`),
-    keeping the LAST F' frames. Raises PipelineError when the video is shorter than one chunk."""
+    keeping the LAST F' frames. `sar`: the frames' pixel aspect ratio (resize_center_crop keeps the
+    displayed aspect). Raises PipelineError when the video is shorter than one chunk."""
     video = _frames_to_float(frames)
     n_in = video.shape[1]
     tf = vae.temporal_factor
@@ -81,7 +82,7 @@ def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
         raise PipelineError(f"init video has {n_in} frames; one chunk of {chunk_frames} latent frames needs at "
                             f"least {vae.frames_for_latents(chunk_frames)} frames")
     used = vae.frames_for_latents(chunks * chunk_frames)
-    video = resize_center_crop(video[:, n_in - used:], height, width)
+    video = resize_center_crop(video[:, n_in - used:], height, width, sar)
     info = dict(frames_in=n_in, frames_used=used, frames_dropped_from_start=n_in - used, chunks=chunks,
                 latent_frames=chunks * chunk_frames, resized_to=[height, width])
     return video.unsqueeze(0), info
@@ -176,10 +177,7 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
         clip_frames = backend.frames(str(path), idx)  # uint8 [F, H, W, 3], upright
     except BadVideo as e:
         raise PipelineError(f"{video}: cannot decode video ({e})") from None
-    if src.sar != 1.0:  # non-square pixels: to the displayed shape before the usual resize
-        w_shown = max(1, round(clip_frames.shape[2] * src.sar))
-        clip_frames = resize_center_crop(clip_frames, clip_frames.shape[1], w_shown)
-    clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks)
+    clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks, src.sar)
     info.update(frames_in=n_in, frames_dropped_from_start=n_in - info["frames_used"], max_chunks=max_chunks,
                 source_frames=n_file, source_fps=src_fps, fps=fps if (src_fps and resample_fps) else src_fps)
     info["source"] = str(video)
