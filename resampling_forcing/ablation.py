@@ -6,17 +6,21 @@
    (``assets/ablation/warmup``: ``model.safetensors``, ``model_config.json`` and ``config.yaml`` of the
    final checkpoint of ``python train/train.py --config configs/ablation_cpu.yaml``), ``--warmup PATH``,
    or trained here into OUT/warmup.
-2. Calibration: the exposure-gap diagnostic (diagnose.py) of the warmup on held-out clips gives the
-   rollout error a history has at inference (target), the resampling shift s whose degradation error
-   meets it (``recommend_shift``) and the noise level sigma = sqrt(target) with the same error.
+2. Calibration: the exposure-gap diagnostic (diagnose.py) of the warmup on the held-out CALIBRATION
+   clips gives the rollout error a history has at inference (target), the resampling shift s whose
+   degradation error meets it (``recommend_shift``) and the noise level sigma = sqrt(target) with the same
+   error.
 3. Arms: each trains ``steps`` more steps from the warmup with the SAME learning-rate schedule
    (linear warm-up, cosine to lr * min_lr_ratio), batch, data order and seed; only the history
    degradation differs (ARMS below). Training runs in this process through training.train (its own
    checkpoints: a rerun resumes an arm where it stopped).
-4. Evaluation (ablation_eval.py): held-out clips continued from their first chunk to 8x the training
-   clip, scored per segment against the truth; each arm's exposure gap; then the best resampling arm
-   (highest extrapolation object fidelity) under inference routing: dense, top-1, top-5, window 1,
-   sink 1 + window 4.
+4. Evaluation (ablation_eval.py): the held-out EVAL clips continued from their first chunk to 8x the
+   training clip, scored per segment against the truth (paired differences against tf with t intervals,
+   p-values and Holm's adjustment over the arms); each arm's exposure gap (calibration clips); then the
+   best resampling arm, chosen on the held-out VALIDATION clips (highest extrapolation object fidelity),
+   under inference routing: dense, top-1, top-5, window 1, sink 1 + window 4. The three clip sets are
+   disjoint (data.synthetic.HELD_OUT_SEED_BASES): nothing that tunes the experiment sees the clips that
+   report it.
 5. Report: OUT/report.json (+ ``--report-dir``: ``<preset>.json``, one PNG per metric over segments,
    one contact sheet per arm). Every stage's result is a file in OUT; a rerun skips what exists.
 """
@@ -53,7 +57,8 @@ class Preset:
     eval_clips: int = 32
     eval_segments: int = 8  # continuation length in training clips
     given_chunks: int = 1
-    gap_clips: int = 16
+    gap_clips: int = 16  # calibration and exposure gaps (the calibration clips)
+    val_clips: int = 16  # the choice of the best arm (the validation clips)
     shifts: Optional[str] = None  # the calibration's shift sweep (None: diagnose.DEFAULT_SHIFTS)
     sample_seed: int = 0
 
@@ -62,7 +67,7 @@ PRESETS = {
     "cpu": Preset("configs/ablation_cpu.yaml", "assets/ablation/warmup"),
     # prepared for a lent accelerator: a larger world (64x64, up to 4 objects) and model (configs/ablation_gpu.yaml)
     "gpu": Preset("configs/ablation_gpu.yaml", None, steps=3000, lr=2e-4, lr_warmup=100, eval_clips=128,
-                  gap_clips=64),
+                  gap_clips=64, val_clips=64),
 }
 
 # name -> what the arm's history degradation is (filled with the calibration in arm_overrides)
@@ -204,15 +209,16 @@ def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Seque
 
     if not out.is_file():
         code = diagnose(["--checkpoint", str(checkpoint), "--clips", str(clips), "--shifts", shifts,
-                         "--device", "cpu", "--out", str(out), *extra])
+                         "--held-out", "calibration", "--device", "cpu", "--out", str(out), *extra])
         if code != 0:
             raise RuntimeError(f"diagnose of {checkpoint} failed (exit {code})")
     return json.loads(out.read_text())
 
 
 def calibrate(warmup: Path, out: Path, preset: Preset, clips: int) -> dict:
-    """The warmup's exposure gap -> target error, recommended s, noise sigma (OUT/calibration.json)."""
-    diag = _diagnose(warmup, out / "diagnose_warmup.json", clips, preset.shifts, ["--objective", "resampling"])
+    """The warmup's exposure gap on the calibration clips -> target error, recommended s, noise sigma."""
+    diag = _diagnose(warmup, out / "calibration" / "diagnose_warmup.json", clips, preset.shifts,
+                     ["--objective", "resampling"])
     from .diagnose import recommend_shift
 
     target, one_step = diag["report"]["rollout_mean"], diag["report"]["one_step_mean"]
@@ -236,15 +242,18 @@ def _arm_gap(name: str, run_dir: Path, out: Path, clips: int) -> dict:
     return {k: d["report"][k] for k in ("degradation_mean", "one_step_mean", "rollout_mean", "ratio")}
 
 
-def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out: Path, routing=None) -> dict:
-    """Continue the eval clips with a checkpoint -> {summary, per-clip arrays} (cached in OUT/eval)."""
+def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out: Path, routing=None,
+              split: str = "eval") -> dict:
+    """Continue `clips` (held-out set `split`) with a checkpoint -> {summary, per-clip arrays} (cached in
+    OUT/eval; a contact sheet in OUT/sheets for the eval set)."""
     from .ablation_eval import cache_key, cached, continue_clips, contact_sheet, metric_arrays, score, summarize
     from .attention.routing import RoutingSpec
     from .pipeline import Pipeline
 
-    path = out / "eval" / f"{name.replace(' ', '_').replace('+', 'and')}.npz"
+    stem = ("" if split == "eval" else f"{split}_") + name.replace(' ', '_').replace('+', 'and')
+    path = out / "eval" / f"{stem}.npz"
     key = cache_key(checkpoint, clips=len(clips), given=preset.given_chunks, seed=preset.sample_seed, seg=seg,
-                    routing=routing)
+                    routing=routing, split=split)
     if not cached(path, key):
         t0 = time.perf_counter()
         pipe = Pipeline.from_pretrained(checkpoint, device="cpu")
@@ -252,7 +261,8 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
         videos = continue_clips(pipe, clips, preset.given_chunks, routing=spec if routing else "dense",
                                 seed=preset.sample_seed)
         arrays = metric_arrays(score(videos, clips, seg))
-        contact_sheet(videos, np.stack([v for v, _ in clips]), seg, out / "sheets" / f"{path.stem}.png")
+        if split == "eval":
+            contact_sheet(videos, np.stack([v for v, _ in clips]), seg, out / "sheets" / f"{path.stem}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez(tmp, seconds=time.perf_counter() - t0, key=key, **arrays)
@@ -265,6 +275,7 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
 
 def run(args) -> int:
     from .ablation_eval import METRICS, eval_clips, extrapolation_mean, paired, plot_metric, sanity_check, interval
+    from .data.synthetic import HELD_OUT_SEED_BASES
     from .config import ConfigError, load_config, synthetic_seed
     from .diagnose import DEFAULT_SHIFTS
     from .io import atomic_write_json
@@ -357,18 +368,20 @@ def run(args) -> int:
     for name in arms:
         print(f"[ablation] evaluating {name}", flush=True)
         results[name] = _evaluate(name, arm_dirs[name], clips, preset, seg, out)
-        results[name]["gap"] = _arm_gap(name, arm_dirs[name], out / "gaps", gap_n)
+        results[name]["gap"] = _arm_gap(name, arm_dirs[name], out / "calibration", gap_n)
 
-    def primary(name):  # extrapolation object fidelity, then PSNR
-        r = results[name]["arrays"]
-        return (float(np.nanmean(extrapolation_mean(r["object_fidelity"]))),
-                float(np.nanmean(extrapolation_mean(r["psnr"]))))
-
+    # the best arm, chosen on the validation clips (the eval clips only report it); only when it is used
+    val_n = args.val_clips or preset.val_clips
     candidates = [a for a in arms if a != "tf"] or arms
-    best = max(candidates, key=primary)
+    best, validation = None, {}
+    if not args.no_routing and args.routing_arm is None:
+        val = eval_clips(base.data, val_n, seg * preset.eval_segments, data_seed, split="validation")
+        for name in candidates:
+            print(f"[ablation] validating {name} ({len(val)} validation clips)", flush=True)
+            r = _evaluate(name, arm_dirs[name], val, preset, seg, out, split="validation")["arrays"]
+            validation[name] = {m: interval(extrapolation_mean(r[m])) for m in ("object_fidelity", "psnr")}
+        best = max(candidates, key=lambda a: (validation[a]["object_fidelity"]["mean"], validation[a]["psnr"]["mean"]))
     routed = args.routing_arm or best
-    if routed not in arms:
-        raise BadInput(f"--routing-arm {routed!r} is not among the arms run ({', '.join(arms)})")
     routing = {}
     if not args.no_routing:
         for rname, spec in ROUTINGS.items():
@@ -385,6 +398,8 @@ def run(args) -> int:
                  extrapolation={m: interval(extrapolation_mean(r["arrays"][m])) for m in METRICS})
         if "tf" in results and name != "tf":
             d["vs_tf"] = {m: paired(r["arrays"][m], results["tf"]["arrays"][m]) for m in METRICS}
+            if name in validation:
+                d["validation"] = validation[name]
         if name != "warmup":
             d["description"] = ARMS[name]
             d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name])[2:4]
@@ -399,9 +414,14 @@ def run(args) -> int:
                   shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale), seed=preset.sample_seed,
                   collapse="object_fidelity < 0.5 or background_clean < 0.5 in a segment",
                   interval="mean +- t975(n-1) sd / sqrt(n) over clips; vs_tf: paired over the same clips",
+                  p="vs_tf p: two-sided paired t test over clips; p_holm: Holm's adjustment over the arms "
+                    "compared with tf, per metric",
+                  clip_sets=dict(eval=clips_n, calibration=gap_n, validation=val_n if validation else 0,
+                                 seed_bases=HELD_OUT_SEED_BASES),
                   extrapolation="per clip mean over segments 1.. (beyond the training length)"),
-        calibration=calib, sanity=sanity, arms={n: arm_entry(n) for n in ["warmup"] + arms}, best_arm=best,
-        best_by="extrapolation object_fidelity (then psnr)", routing_arm=routed,
+        calibration=calib, sanity=sanity, arms=with_holm({n: arm_entry(n) for n in ["warmup"] + arms}),
+        best_arm=best, best_by=("extrapolation object_fidelity (then psnr) on the validation clips" if best else
+                                "not chosen (--no-routing or --routing-arm)"), routing_arm=routed,
         routing={k: dict(summary=v["summary"], eval_seconds=v["seconds"],
                          extrapolation={m: interval(extrapolation_mean(v["arrays"][m])) for m in METRICS},
                          vs_dense={m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS})
@@ -436,6 +456,19 @@ def run(args) -> int:
     return 0
 
 
+def with_holm(entries: dict) -> dict:
+    """Adds p_holm to every arm's vs_tf[metric]: Holm's adjustment of the p-values of one metric over the
+    arms compared with tf (the family a reader scans)."""
+    from .ablation_eval import METRICS, holm
+
+    compared = {n: e["vs_tf"] for n, e in entries.items() if "vs_tf" in e}
+    for m in METRICS:
+        adjusted = holm({n: v[m]["p"] for n, v in compared.items()})
+        for n, v in compared.items():
+            v[m]["p_holm"] = None if adjusted[n] is None else round(adjusted[n], 6)
+    return entries
+
+
 def table(report: dict) -> str:
     """Markdown: extrapolation means (95% interval) per arm, then the routing rows."""
     cols = ("psnr", "center_error", "object_fidelity", "color_acc", "motion_score", "collapse")
@@ -449,6 +482,14 @@ def table(report: dict) -> str:
         gap = a.get("gap")
         g = "" if not gap or gap.get("ratio") is None else f"{gap['ratio']:.3g}"
         rows.append(f"| {name} | {g} | " + " | ".join(cell(a["extrapolation"][c]) for c in cols) + " |")
+    diffs = [(n, a["vs_tf"]) for n, a in report["arms"].items() if "vs_tf" in a]
+    if diffs:  # paired against tf, with Holm-adjusted p (over the arms, per metric)
+        def diff(v):
+            p = "" if v.get("p_holm") is None else f" (p_Holm {v['p_holm']:.2g})"
+            return "n/a" if v["mean"] is None else f"{v['mean']:+.3f} ± {v['ci95']:.3f}{p}"
+
+        rows += ["", "| arm - tf (paired) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        rows += [f"| {n} | " + " | ".join(diff(v[c]) for c in cols) + " |" for n, v in diffs]
     return "\n".join(rows)
 
 
@@ -467,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", default=None, help="warmup checkpoint/run to start the arms from (default: the preset's asset)")
     p.add_argument("--train-warmup", action="store_true", help="train the warmup into OUT/warmup even if an asset exists")
     p.add_argument("--eval-clips", type=int, default=None, help="evaluation clips (default: the preset's)")
-    p.add_argument("--gap-clips", type=int, default=None, help="clips of the exposure-gap diagnostics")
+    p.add_argument("--gap-clips", type=int, default=None, help="calibration clips (the exposure-gap diagnostics)")
+    p.add_argument("--val-clips", type=int, default=None, help="validation clips that choose the best arm")
     p.add_argument("--no-routing", action="store_true", help="skip the routing evaluation of the best arm")
     p.add_argument("--seed", type=int, default=None, help="training seed of the arms (data order, noise draws; default "
                    "the config's train.seed): a replicate; the data set, warmup and evaluation clips stay the same")
@@ -492,7 +534,7 @@ def resumable_main(prog: str, build, run_fn, argv: Sequence[str] | None) -> int:
 
 
 def _run_checked(args) -> int:
-    for name in ("eval_clips", "gap_clips"):
+    for name in ("eval_clips", "gap_clips", "val_clips"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     return run(args)

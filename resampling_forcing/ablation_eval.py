@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from . import io as rio
-from .data.synthetic import HELD_OUT_SEED_BASE, combo_key, generate_clip, parse_caption
+from .data.synthetic import HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASES, combo_key, generate_clip, parse_caption
 from .data.synthetic_dataset import held_out_combos
 from .eval import evaluate_video
 
 __all__ = ["HELD_OUT_SEED_BASE", "METRICS", "eval_clips", "continue_clips", "score", "metric_arrays", "summarize",
-           "interval", "paired", "extrapolation_mean", "sanity_check", "plot_metric", "contact_sheet"]
+           "interval", "paired", "t_two_sided_p", "holm", "extrapolation_mean", "sanity_check", "plot_metric", "contact_sheet"]
 
 METRICS = ("psnr", "center_error", "object_fidelity", "count_acc", "color_acc", "shape_acc", "motion_score",
            "background_clean", "collapse")
@@ -49,12 +49,15 @@ COLLAPSE_FIDELITY, COLLAPSE_BACKGROUND = 0.5, 0.5
 
 
 def eval_clips(data_cfg, num: int, frames: int, dataset_seed: int = 0,
-               blackout: Optional[tuple[int, int]] = None) -> list[tuple[np.ndarray, dict]]:
+               blackout: Optional[tuple[int, int]] = None, split: str = "eval") -> list[tuple[np.ndarray, dict]]:
     """``num`` held-out clips of the world ``data_cfg`` describes (size, max objects), ``frames`` long:
     [(uint8 [frames, H, W, 3], generator metadata with "caption")]. Deterministic. ``blackout``:
-    (start, length) frames of every clip that show the background only (ablation_memory.py)."""
+    (start, length) frames of every clip that show the background only (ablation_memory.py). ``split``:
+    which disjoint held-out set (HELD_OUT_SEED_BASES: eval, calibration, validation)."""
+    if split not in HELD_OUT_SEED_BASES:
+        raise ValueError(f"split {split!r}: choose one of {', '.join(HELD_OUT_SEED_BASES)}")
     held = set(held_out_combos(max_objects=data_cfg.synthetic_max_objects, seed=dataset_seed))
-    out, seed = [], HELD_OUT_SEED_BASE
+    out, seed = [], HELD_OUT_SEED_BASES[split]
     while len(out) < num:
         video, meta = generate_clip(seed, frames=frames, size=(data_cfg.height, data_cfg.width),
                                     max_objects=data_cfg.synthetic_max_objects, blackout=blackout)
@@ -162,9 +165,59 @@ def extrapolation_mean(a: np.ndarray) -> np.ndarray:
         return np.nanmean(tail, axis=1)
 
 
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b), by its continued fraction (modified Lentz; converges
+    fast for x < (a + 1) / (a + b + 2), else evaluated through the symmetry I_x(a, b) = 1 - I_{1-x}(b, a))."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even step, then odd step
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1 (got {df})")
+    return _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm's step-down adjustment of a family of p-values {name: p} (None passes through): the
+    adjusted p of the i-th smallest is max over j <= i of min(1, (m - j) p_(j)), m the family's size.
+    An adjusted p < 0.05 keeps the family-wise error rate at 5% however many comparisons were made."""
+    known = sorted((p, k) for k, p in pvalues.items() if p is not None)
+    out, running = {k: None for k, p in pvalues.items() if p is None}, 0.0
+    for i, (p, k) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - i) * p))
+        out[k] = running
+    return out
+
+
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """Paired difference a - b of per-clip extrapolation means (same clips): {mean, ci95, n}."""
-    return interval(extrapolation_mean(a) - extrapolation_mean(b))
+    """Paired difference a - b of per-clip extrapolation means (same clips): {mean, ci95, n, p} with p the
+    two-sided paired t test's (None when it is undefined: fewer than 2 clips or no spread)."""
+    d = extrapolation_mean(a) - extrapolation_mean(b)
+    out = interval(d)
+    d = d[np.isfinite(d)]
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    out["p"] = None if sd == 0.0 else round(t_two_sided_p(float(d.mean()) / (sd / math.sqrt(d.size)), d.size - 1), 6)
+    return out
 
 
 def sanity_check(clips: Sequence[tuple[np.ndarray, dict]], given_frames: int, segment_frames: int,

@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cli import BadInput, OneLineParser, check_output_file, check_seed, run_cli
+from .data.synthetic import HELD_OUT_SEED_BASES
 from .diffusion import shift_t
 from .resampling import OBJECTIVES, RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .sampler import Rollout, SamplingOptions, sample
@@ -326,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set diffusion.sample_steps=8 (repeatable)")
     p.add_argument("--data", default=None, help="a synthetic_dir (with manifest.jsonl) or a manifest file; default: "
-                   "bouncing-shapes clips generated in memory from the config's data.* (seeds 10_000_000 + i)")
+                   "bouncing-shapes clips generated in memory from the config's data.* (see --held-out)")
+    p.add_argument("--held-out", choices=list(HELD_OUT_SEED_BASES), default="eval",
+                   help="without --data: which disjoint set of in-memory held-out clips (default eval: seeds "
+                   f"{HELD_OUT_SEED_BASES['eval']} + i; the ablation calibrates on 'calibration')")
     p.add_argument("--clips", type=int, default=16, help="clips to measure (the first ones of --data)")
     p.add_argument("--batch", type=int, default=None, help="clips per forward batch (default: all at once); "
                    "batch k uses seed + k")
@@ -376,14 +380,15 @@ def _check_args(args) -> None:
         raise BadInput(f"--data {args.data}: no such file or directory")
 
 
-def load_clips(pipe, data: Optional[str], clips: int) -> tuple[torch.Tensor, list[str]]:
+def load_clips(pipe, data: Optional[str], clips: int, held_out: str = "eval") -> tuple[torch.Tensor, list[str]]:
     """The first ``clips`` clips -> (latents [B, C, F, h, w] fp32 on pipe.device, captions), encoded
-    like the sampler's init videos (Pipeline.load_init_video)."""
-    from .data.synthetic import HELD_OUT_SEED_BASE, generate_clip
+    like the sampler's init videos (Pipeline.load_init_video). Without ``data``: the in-memory
+    held-out set ``held_out`` (HELD_OUT_SEED_BASES)."""
+    from .data.synthetic import generate_clip
 
     d = pipe.config.data
     if data is None:
-        made = [generate_clip(HELD_OUT_SEED_BASE + i, frames=d.num_frames, size=(d.height, d.width),
+        made = [generate_clip(HELD_OUT_SEED_BASES[held_out] + i, frames=d.num_frames, size=(d.height, d.width),
                               max_objects=d.synthetic_max_objects) for i in range(clips)]
         videos, captions = [v for v, _ in made], [m["caption"] for _, m in made]
     else:
@@ -456,7 +461,7 @@ def run(args) -> int:
                                         device=args.device)
         settings = _degrade_settings(pipe, args)
         options = pipe.sampling_options(record_selection=False)
-        x, captions = load_clips(pipe, args.data, args.clips)
+        x, captions = load_clips(pipe, args.data, args.clips, args.held_out)
     except (PipelineError, CheckpointError, ConfigError, EncoderLoadError, ValueError) as e:
         raise BadInput(str(e).strip().splitlines()[0]) from None
     cf = pipe.chunk_frames
@@ -511,7 +516,7 @@ def run(args) -> int:
           "(ratio ~0.05) trained best, the one-step match was no better than teacher forcing and the rollout "
           "match was worse (the model learns to ignore its history)")
     out = dict(checkpoint=str(args.checkpoint), step=step, clips=len(captions), chunks=n, seed=args.seed,
-               data=args.data or "synthetic (in memory)", degradation=dataclasses.asdict(settings),
+               data=args.data or f"synthetic (in memory, held-out set {args.held_out})", degradation=dataclasses.asdict(settings),
                sampling=options.to_dict(), report=report.to_dict(),
                sweep={"objective": sweep_obj, "chunks": report.chunks,
                       "shifts": [{"shift": s, "degradation": None if math.isnan(e) else e} for s, e in sweep.items()]},

@@ -27,7 +27,7 @@ SMALL = {  # configs/ablation_cpu.yaml shrunk: 16x16, 4 chunks per clip, ~50K pa
 def _cli(tmp_path, *extra):
     sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     return ["--preset", "cpu", "--out", str(tmp_path / "out"), "--report-dir", str(tmp_path / "docs"),
-            "--train-warmup", "--arms", "tf,ar_rec,ar_1step,ramp", "--steps", "6", "--eval-clips", "3", "--gap-clips", "2",
+            "--train-warmup", "--arms", "tf,ar_rec,ar_1step,ramp", "--steps", "6", "--eval-clips", "3", "--gap-clips", "2", "--val-clips", "2",
             "--set", f"data.synthetic_dir={tmp_path / 'syn'}", *sets, *extra]
 
 
@@ -51,7 +51,18 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert report["arms"]["tf"]["gap"]["degradation_mean"] == 0.0  # teacher forcing degrades nothing
     assert report["arms"]["ar_rec"]["gap"]["degradation_mean"] > 0
     assert set(report["arms"]["ar_rec"]["vs_tf"]) >= {"psnr", "object_fidelity", "collapse"}
-    assert report["best_arm"] in ("ar_rec", "ar_1step", "ramp")
+    # tuning never sees the reporting clips: calibration and gaps on the calibration set, the best arm
+    # chosen on the validation set (and by its numbers there), the tables on the eval set
+    assert "held-out set calibration" in json.loads((out / "calibration" / "diagnose_warmup.json").read_text())["data"]
+    assert "held-out set calibration" in json.loads((out / "calibration" / "gap_ramp.json").read_text())["data"]
+    val = {n: report["arms"][n]["validation"] for n in ("ar_rec", "ar_1step", "ramp")}
+    assert all(v["object_fidelity"]["n"] == 2 for v in val.values()) and "validation" not in report["arms"]["tf"]
+    assert report["best_arm"] == max(val, key=lambda n: (val[n]["object_fidelity"]["mean"], val[n]["psnr"]["mean"]))
+    assert (out / "eval" / "validation_ramp.npz").is_file() and not (out / "sheets" / "validation_ramp.png").exists()
+    fid = {n: report["arms"][n]["vs_tf"]["object_fidelity"] for n in val}
+    ps = sorted((v["p"], n) for n, v in fid.items() if v["p"] is not None)
+    if ps:  # Holm: the smallest p times the family's size
+        assert fid[ps[0][1]]["p_holm"] == pytest.approx(min(1.0, len(ps) * ps[0][0]), abs=1e-6)
     assert list(report["routing"]) == ["dense", "top-1", "top-5", "window 1", "sink 1 + window 4"]
     # equal budgets: same steps and the same learning rate at every step in every arm
     logs = {n: [json.loads(l) for l in (out / "arms" / n / "log.jsonl").read_text().splitlines()]
@@ -95,6 +106,40 @@ def test_eval_clips_are_held_out_and_trained_combinations():
     assert all(m["seed"] >= 10_000_000 for _, m in clips)
 
 
+def test_held_out_sets_are_disjoint_and_diagnose_reads_the_one_asked():
+    """Calibration, validation and eval clips never share a generator seed (what tunes the ablation must
+    not see what reports it), and diagnose --held-out draws the set it names."""
+    from resampling_forcing.data.synthetic import HELD_OUT_SEED_BASES
+    from resampling_forcing.diagnose import build_parser, load_clips
+
+    data = load_config(REPO / PRESETS["cpu"].config).data
+    sets = {s: eval_clips(data, 40, 12, split=s) for s in HELD_OUT_SEED_BASES}
+    seeds = {s: {m["seed"] for _, m in c} for s, c in sets.items()}
+    assert all(len(v) == 40 for v in seeds.values())
+    assert not (seeds["eval"] & seeds["calibration"]) and not (seeds["eval"] & seeds["validation"])
+    assert not (seeds["calibration"] & seeds["validation"])
+    assert min(seeds["calibration"]) == HELD_OUT_SEED_BASES["calibration"]
+    with pytest.raises(ValueError, match="choose one of"):
+        eval_clips(data, 1, 12, split="test")
+
+    class Pipe:  # what load_clips reads of a pipeline: the data config and the VAE encoding
+        config = load_config(REPO / PRESETS["cpu"].config)
+        device = "cpu"
+
+        @staticmethod
+        def load_init_video(video):
+            return torch.as_tensor(np.ascontiguousarray(video)).float()[None], None
+
+    _, cal = load_clips(Pipe, None, 3, "calibration")
+    _, ev = load_clips(Pipe, None, 3)
+    from resampling_forcing.data.synthetic import generate_clip
+
+    want = [generate_clip(HELD_OUT_SEED_BASES["calibration"] + i, frames=12, size=(32, 32), max_objects=3)[1]["caption"]
+            for i in range(3)]
+    assert cal == want and cal != ev
+    assert build_parser().parse_args(["--checkpoint", "x"]).held_out == "eval"
+
+
 def test_metrics_separate_good_from_bad_continuations():
     data = load_config(REPO / PRESETS["cpu"].config).data
     clips = eval_clips(data, 6, 36)
@@ -117,6 +162,30 @@ def test_paired_difference_and_collapse_rule():
     d = paired(a["collapse"], b["collapse"])
     assert d["mean"] == -1.0 and d["ci95"] == 0.0 and d["n"] == 3
     assert extrapolation_mean(np.array([[5.0, 1.0, np.nan, 3.0]])).tolist() == [2.0]
+
+
+def test_paired_p_values_and_holm_on_known_answers():
+    """Two-sided t p-values against the closed forms for 1 and 2 degrees of freedom and the tabulated
+    97.5% point; Holm's step-down on a hand-worked family; paired() gives the t test of the differences."""
+    import math
+
+    from resampling_forcing.ablation_eval import holm, t975, t_two_sided_p
+
+    for t in (0.0, 0.3, 1.0, 2.5, 10.0, -4.0):
+        assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)), abs=1e-12)
+        assert t_two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), abs=1e-12)
+    for df in (3, 10, 31, 200):
+        assert t_two_sided_p(t975(df), df) == pytest.approx(0.05, abs=2e-4)
+    assert t_two_sided_p(3.0, 31) == pytest.approx(0.0052887, abs=1e-6)  # the density integrated numerically
+    # sorted 0.01, 0.03, 0.04 of m = 3: 0.03, then max(0.03, 0.06), then max(0.06, 0.04); None stays None
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06, "d": None})
+    assert holm({"a": 0.6, "b": 0.2}) == {"b": 0.4, "a": 0.6}
+    a = np.array([[0.0, 0.5, 0.7], [0.0, 0.2, 0.4], [0.0, 0.9, 0.5], [0.0, 0.3, 0.3]])
+    b = np.zeros_like(a)
+    d = extrapolation_mean(a)  # 0.6, 0.3, 0.7, 0.3
+    t = d.mean() / (d.std(ddof=1) / 2.0)
+    assert paired(a, b)["p"] == pytest.approx(t_two_sided_p(t, 3), abs=1e-6) and paired(a, b)["p"] < 0.05
+    assert paired(b, b)["p"] is None
 
 
 def test_intervals_use_students_t():

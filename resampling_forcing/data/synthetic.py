@@ -55,10 +55,14 @@ DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square")
 SIZE_RANGE: tuple[float, float] = (0.11, 0.17)
 SPEED_RANGE: tuple[float, float] = (0.025, 0.05)
 FORMAT_VERSION = 2  # bump when rendering changes: make_dataset then re-renders old files
-# First seed of the held-out clips that evaluation makes in memory (diagnose, ablation_eval):
+# First seed of each set of held-out clips that evaluation makes in memory (diagnose, ablation_eval):
 # generate_clip(seed) draws from default_rng(seed), a data set's videos from default_rng([seed, index]),
-# so these clips are never a training video
-HELD_OUT_SEED_BASE = 10_000_000
+# so these clips are never a training video. Three disjoint sets (each < 1M clips), so that what tunes an
+# experiment never sees what reports it: "eval" reports (the ablation's tables, diagnose's default),
+# "calibration" sets the ablation's degradation strengths (its exposure-gap diagnostics), "validation"
+# chooses its best arm.
+HELD_OUT_SEED_BASES = {"eval": 10_000_000, "calibration": 11_000_000, "validation": 12_000_000}
+HELD_OUT_SEED_BASE = HELD_OUT_SEED_BASES["eval"]
 
 
 def bounding_radius(shape: str, r: float) -> float:
