@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -41,7 +42,7 @@ import numpy as np
 
 from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_output_dir, check_seed
 
-__all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "arm_overrides", "run", "main"]
+__all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "describe_arm", "arm_overrides", "run", "main"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,21 @@ ARMS = {
     "ramp_0.6": "ar_0.6 with the same ramp (probability 0 -> 1 over the first third)",
     "parallel_0.6": "parallel resampling at the paper's s = 0.6",
 }
+# any other strength: ar_S, parallel_S, ramp_S with S a number (a dose-response sweep, e.g. ar_0.2,ar_1.2)
+_AT_SHIFT = re.compile(r"^(ar|parallel|ramp)_(\d+(?:\.\d+)?)$")
+_FORMS = {"ar": "autoregressive self-resampling", "parallel": "parallel resampling",
+          "ramp": "autoregressive self-resampling with the ramp (probability 0 -> 1 over the first third)"}
+
+
+def describe_arm(name: str) -> str:
+    """What arm `name`'s history degradation is; BadInput for a name that is no arm."""
+    if name in ARMS:
+        return ARMS[name]
+    m = _AT_SHIFT.match(name)
+    if m and float(m.group(2)) > 0:
+        return f"{_FORMS[m.group(1)]} at s = {m.group(2)}"
+    raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}, or ar_S / parallel_S / ramp_S "
+                   "with S > 0 a resampling shift (e.g. ar_1.2)")
 DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 ROUTINGS = {  # inference routing of the best arm (RoutingSpec arguments)
     "dense": None,
@@ -112,7 +128,14 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
     paper = DiffusionConfig.resample_shift  # the paper's s (0.6), the *_0.6 arms
     stage: dict = {"name": name.replace(".", "_"), "steps": steps}
     shift = s_rec
-    if name == "tf":
+    describe_arm(name)
+    at = _AT_SHIFT.match(name) if name not in ARMS else None
+    if at:  # a form at a given strength
+        shift = float(at.group(2))
+        stage["objective"] = "parallel_resampling" if at.group(1) == "parallel" else "resampling"
+        if at.group(1) == "ramp":
+            stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
+    elif name == "tf":
         stage["objective"] = "teacher_forcing"
     elif name == "noise_aug":
         stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
@@ -124,8 +147,6 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
         shift = {"ar_0.6": paper, "ramp_0.6": paper, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
         if name in ("ramp", "ramp_0.6"):
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
-    else:
-        raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}")
     return [f"train.run_dir={run_dir}", f"train.init_from={warmup}", f"train.stages={json.dumps([stage])}",
             f"diffusion.resample_shift={round(shift, 4)}", f"train.lr={preset.lr}",
             f"train.warmup_steps={preset.lr_warmup}", "train.lr_schedule=cosine",
@@ -286,8 +307,9 @@ def run(args) -> int:
     preset = dataclasses.replace(preset, shifts=preset.shifts or DEFAULT_SHIFTS)  # as the report records it
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(DEFAULT_ARMS)
     for a in arms:
-        if a not in ARMS:
-            raise BadInput(f"--arms: unknown arm {a!r}; choose from {', '.join(ARMS)}")
+        describe_arm(a)
+    if len(set(arms)) < len(arms):
+        raise BadInput(f"--arms {args.arms!r} names an arm twice")
     if not arms:
         raise BadInput(f"--arms {args.arms!r} names no arm; choose from {', '.join(ARMS)}")
     steps = preset.steps if args.steps is None else args.steps
@@ -361,7 +383,7 @@ def run(args) -> int:
         arm_sets = list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir) + seed_sets
         if _finished(run_dir, steps, config, arm_sets):
             continue
-        print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {ARMS[name]}", flush=True)
+        print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {describe_arm(name)}", flush=True)
         _train(config, arm_sets)
 
     # 5. evaluation of the arms
@@ -401,7 +423,7 @@ def run(args) -> int:
             if name in validation:
                 d["validation"] = validation[name]
         if name != "warmup":
-            d["description"] = ARMS[name]
+            d["description"] = describe_arm(name)
             d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name])[2:4]
         return d
 
@@ -497,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m resampling_forcing.ablation", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
     p.add_argument("--arms", default=None, help=f"comma list (default {','.join(DEFAULT_ARMS)}; also: "
-                   f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)})")
+                   f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)}; any strength: ar_S, parallel_S, "
+                   "ramp_S, e.g. ar_1.2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
     p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>, with --seed N "
                    "outputs/ablation/<preset>_seedN); a rerun with the same settings resumes it")

@@ -91,6 +91,37 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
         assert len(cap.err.strip().splitlines()) == 1
 
 
+def test_arms_at_any_strength():
+    """ar_S / parallel_S / ramp_S train that form at s = S (a dose-response sweep); the named arms keep theirs."""
+    import json as _json
+    from pathlib import Path
+
+    from resampling_forcing.ablation import arm_overrides, describe_arm
+
+    calib = {"recommended_shift": 12.4, "noise_sigma": 0.37, "one_step_shift": 2.1}
+
+    def stage_and_shift(name):
+        o = arm_overrides(name, calib, PRESETS["cpu"], 30, Path("w"), Path("r"))
+        return _json.loads(o[2].split("=", 1)[1])[0], o[3]
+
+    st, sh = stage_and_shift("ar_1.2")
+    assert (st["objective"], st["name"], sh) == ("resampling", "ar_1_2", "diffusion.resample_shift=1.2") and "ramp" not in st
+    st, sh = stage_and_shift("parallel_0.25")
+    assert (st["objective"], sh) == ("parallel_resampling", "diffusion.resample_shift=0.25")
+    st, sh = stage_and_shift("ramp_3")
+    assert (st["objective"], st["ramp"], st["ramp_steps"], sh) == ("resampling", "probability", 10, "diffusion.resample_shift=3.0")
+    assert stage_and_shift("ar_0.6")[1] == stage_and_shift("ar_0.60")[1] == "diffusion.resample_shift=0.6"
+    assert stage_and_shift("ar_rec")[1] == "diffusion.resample_shift=12.4" and "s = 1.2" in describe_arm("ar_1.2")
+
+
+@pytest.mark.parametrize("arms,msg", [("tf,ar_0", "unknown arm 'ar_0'"), ("ar_x", "unknown arm 'ar_x'"),
+                                      ("tf,ar_1.2,ar_1.2", "names an arm twice")])
+def test_bad_arm_names_are_one_line_exit_2(capsys, arms, msg):
+    assert main(["--arms", arms]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
 def test_bad_arm_is_one_line_exit_2(capsys):
     assert main(["--arms", "tf,bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
