@@ -16,13 +16,14 @@
    checkpoints: a rerun resumes an arm where it stopped).
 4. Evaluation (ablation_eval.py): the held-out EVAL clips continued from their first chunk to 8x the
    training clip, scored per segment against the truth (paired differences against tf with t intervals,
-   p-values and Holm's adjustment over the arms); each arm's exposure gap (calibration clips); then the
-   best resampling arm, chosen on the held-out VALIDATION clips (highest extrapolation object fidelity),
-   under inference routing: dense, top-1, top-5, window 1, sink 1 + window 4. The three clip sets are
-   disjoint (data.synthetic.HELD_OUT_SEED_BASES): nothing that tunes the experiment sees the clips that
-   report it.
+   p-values and Holm's adjustment over the arms, per metric); each arm's exposure gap (calibration
+   clips); then the best arm but tf, chosen on the held-out VALIDATION clips (highest extrapolation
+   object fidelity), under inference routing: dense, top-1, top-5, window 1, sink 1 + window 4. The three
+   clip sets are disjoint (data.synthetic.HELD_OUT_SEED_BASES): nothing that tunes the experiment sees
+   the clips that report it.
 5. Report: OUT/report.json (+ ``--report-dir``: ``<preset>.json``, one PNG per metric over segments,
-   one contact sheet per arm). Every stage's result is a file in OUT; a rerun skips what exists.
+   one contact sheet per arm). Every stage's result is a file in OUT, stored with what it was made from
+   (weights, settings); a rerun reuses what still matches and redoes the rest.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ ARMS = {
     "parallel_0.6": "parallel resampling at the paper's s = 0.6",
 }
 # any other strength: ar_S, parallel_S, ramp_S with S a number (a dose-response sweep, e.g. ar_0.2,ar_1.2)
-_AT_SHIFT = re.compile(r"^(ar|parallel|ramp)_(\d+(?:\.\d+)?)$")
+_AT_SHIFT = re.compile(r"^(ar|parallel|ramp)_([0-9]+(?:\.[0-9]+)?)$")
+_MAX_SHIFT = 1000.0  # t_s ~ s t / (1 + (s - 1) t): beyond this every history is re-drawn from ~pure noise
 _FORMS = {"ar": "autoregressive self-resampling", "parallel": "parallel resampling",
           "ramp": "autoregressive self-resampling with the ramp (probability 0 -> 1 over the first third)"}
 
@@ -96,7 +98,13 @@ def describe_arm(name: str) -> str:
     if name in ARMS:
         return ARMS[name]
     m = _AT_SHIFT.match(name)
-    if m and float(m.group(2)) > 0:
+    if m:
+        s = float(m.group(2))
+        canonical = f"{m.group(1)}_{s:g}"  # one spelling per arm: ar_1.0, ar_0.60 would train ar_1, ar_0.6 twice
+        if not 0 < s <= _MAX_SHIFT or round(s, 4) != s:
+            raise BadInput(f"--arms {name}: the strength must be in (0, {_MAX_SHIFT:g}] with at most 4 decimals")
+        if canonical != name:
+            raise BadInput(f"--arms {name}: write this arm as {canonical}")
         return f"{_FORMS[m.group(1)]} at s = {m.group(2)}"
     raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}, or ar_S / parallel_S / ramp_S "
                    "with S > 0 a resampling shift (e.g. ar_1.2)")
@@ -226,13 +234,18 @@ def _finished(run_dir: Path, steps: int, config: Path, overrides: list[str]) -> 
 
 
 def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Sequence[str] = ()) -> dict:
+    """diagnose.py on the calibration clips -> its report, cached in `out` with a key file beside it (the
+    checkpoint's weight files and the arguments): a retrained arm or another --gap-clips is measured again."""
+    from .ablation_eval import cache_key
     from .diagnose import main as diagnose
 
-    if not out.is_file():
-        code = diagnose(["--checkpoint", str(checkpoint), "--clips", str(clips), "--shifts", shifts,
-                         "--held-out", "calibration", "--device", "cpu", "--out", str(out), *extra])
+    args = ["--clips", str(clips), "--shifts", shifts, "--held-out", "calibration", "--device", "cpu", *extra]
+    key, key_file = cache_key(checkpoint, diagnose=args), out.with_suffix(".key")
+    if not (out.is_file() and key_file.is_file() and key_file.read_text() == key):
+        code = diagnose(["--checkpoint", str(checkpoint), "--out", str(out), *args])
         if code != 0:
             raise RuntimeError(f"diagnose of {checkpoint} failed (exit {code})")
+        key_file.write_text(key)
     return json.loads(out.read_text())
 
 
@@ -325,6 +338,9 @@ def run(args) -> int:
         raise BadInput(f"--warmup {args.warmup}: not a run or checkpoint folder")
     default_out = f"outputs/ablation/{args.preset}" + ("" if args.seed is None else f"_seed{args.seed}")
     out = check_output_dir("--out", default_out if args.out is None else args.out)
+    if (out / "diagnose_warmup.json").is_file() or (out / "gaps").is_dir():
+        raise BadInput(f"--out {out} was made by an earlier version that calibrated on the evaluation clips; "
+                       "pass a new --out (its arms would be refused or mixed with recalibrated ones)")
     if args.report_dir is not None:
         check_output_dir("--report-dir", args.report_dir)
     config = _path(args.config or preset.config)
@@ -395,9 +411,10 @@ def run(args) -> int:
     # the best arm, chosen on the validation clips (the eval clips only report it); only when it is used
     val_n = args.val_clips or preset.val_clips
     candidates = [a for a in arms if a != "tf"] or arms
-    best, validation = None, {}
+    best, validation, val_seeds = None, {}, []
     if not args.no_routing and args.routing_arm is None:
         val = eval_clips(base.data, val_n, seg * preset.eval_segments, data_seed, split="validation")
+        val_seeds = [int(m["seed"]) for _, m in val]
         for name in candidates:
             print(f"[ablation] validating {name} ({len(val)} validation clips)", flush=True)
             r = _evaluate(name, arm_dirs[name], val, preset, seg, out, split="validation")["arrays"]
@@ -418,10 +435,10 @@ def run(args) -> int:
         r = results[name]
         d = dict(summary=r["summary"], eval_seconds=r["seconds"], gap=r["gap"],
                  extrapolation={m: interval(extrapolation_mean(r["arrays"][m])) for m in METRICS})
-        if "tf" in results and name != "tf":
+        if "tf" in results and name not in ("tf", "warmup"):  # the warmup is no arm of the Holm family
             d["vs_tf"] = {m: paired(r["arrays"][m], results["tf"]["arrays"][m]) for m in METRICS}
-            if name in validation:
-                d["validation"] = validation[name]
+        if name in validation:
+            d["validation"] = validation[name]
         if name != "warmup":
             d["description"] = describe_arm(name)
             d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name])[2:4]
@@ -436,18 +453,20 @@ def run(args) -> int:
                   shift=base.diffusion.sample_shift, cfg=base.diffusion.cfg_scale), seed=preset.sample_seed,
                   collapse="object_fidelity < 0.5 or background_clean < 0.5 in a segment",
                   interval="mean +- t975(n-1) sd / sqrt(n) over clips; vs_tf: paired over the same clips",
-                  p="vs_tf p: two-sided paired t test over clips; p_holm: Holm's adjustment over the arms "
-                    "compared with tf, per metric",
-                  clip_sets=dict(eval=clips_n, calibration=gap_n, validation=val_n if validation else 0,
-                                 seed_bases=HELD_OUT_SEED_BASES),
+                  p="vs_tf / vs_dense p: two-sided paired t test over clips; p_holm: Holm's adjustment over "
+                    "the arms compared with tf (the routings compared with dense), per metric",
+                  clip_sets=dict(seeds=dict(eval=[int(m["seed"]) for _, m in clips],
+                                            calibration=[HELD_OUT_SEED_BASES["calibration"] + i for i in range(gap_n)],
+                                            validation=val_seeds)),
                   extrapolation="per clip mean over segments 1.. (beyond the training length)"),
-        calibration=calib, sanity=sanity, arms=with_holm({n: arm_entry(n) for n in ["warmup"] + arms}),
+        calibration=calib, sanity=sanity, arms=with_holm({n: arm_entry(n) for n in ["warmup"] + arms}, "vs_tf"),
         best_arm=best, best_by=("extrapolation object_fidelity (then psnr) on the validation clips" if best else
                                 "not chosen (--no-routing or --routing-arm)"), routing_arm=routed,
-        routing={k: dict(summary=v["summary"], eval_seconds=v["seconds"],
-                         extrapolation={m: interval(extrapolation_mean(v["arrays"][m])) for m in METRICS},
-                         vs_dense={m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS})
-                 for k, v in routing.items()},
+        routing=with_holm({k: dict(summary=v["summary"], eval_seconds=v["seconds"],
+                                   extrapolation={m: interval(extrapolation_mean(v["arrays"][m])) for m in METRICS},
+                                   **({} if k == "dense" else {"vs_dense": {
+                                       m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS}}))
+                           for k, v in routing.items()}, "vs_dense"),
         wall_seconds_this_run=round(time.perf_counter() - t_start, 1))
     # every invocation that built this folder (a resumed run is several): command and wall time each
     this = dict(command=report["command"], started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall)),
@@ -478,16 +497,17 @@ def run(args) -> int:
     return 0
 
 
-def with_holm(entries: dict) -> dict:
-    """Adds p_holm to every arm's vs_tf[metric]: Holm's adjustment of the p-values of one metric over the
-    arms compared with tf (the family a reader scans)."""
-    from .ablation_eval import METRICS, holm
+def with_holm(entries: dict, key: str) -> dict:
+    """Adds p_holm to every entry's `key` (vs_tf, vs_dense) [metric]: Holm's adjustment of one metric's
+    p-values over the entries that have one (the family a reader scans); both p's then rounded to 3
+    significant figures."""
+    from .ablation_eval import METRICS, holm, sig
 
-    compared = {n: e["vs_tf"] for n, e in entries.items() if "vs_tf" in e}
+    compared = {n: e[key] for n, e in entries.items() if key in e}
     for m in METRICS:
         adjusted = holm({n: v[m]["p"] for n, v in compared.items()})
         for n, v in compared.items():
-            v[m]["p_holm"] = None if adjusted[n] is None else round(adjusted[n], 6)
+            v[m]["p"], v[m]["p_holm"] = sig(v[m]["p"]), sig(adjusted[n])
     return entries
 
 

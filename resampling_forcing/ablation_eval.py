@@ -1,6 +1,7 @@
 """Long-continuation evaluation for the ablation (ablation.py): what exposure bias touches.
 
-Held-out clips of the synthetic world (seeds from ``HELD_OUT_SEED_BASE``, never in a training set;
+Held-out clips of the synthetic world (generator seeds from ``HELD_OUT_SEED_BASES[split]``: the eval,
+calibration and validation sets are disjoint, and none is ever in a training set;
 scenes whose object combination the data set holds out for composition tests are skipped, so every
 clip shows a combination the model trained on) are rendered ``total_frames`` long (8x the training
 clip). A model is given the first ``given_chunks`` chunks (VAE-encoded, as ``--init-video``) and
@@ -35,12 +36,12 @@ import numpy as np
 import torch
 
 from . import io as rio
-from .data.synthetic import HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASES, combo_key, generate_clip, parse_caption
+from .data.synthetic import HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASES, HELD_OUT_SET_SIZE, combo_key, generate_clip, parse_caption
 from .data.synthetic_dataset import held_out_combos
 from .eval import evaluate_video
 
 __all__ = ["HELD_OUT_SEED_BASE", "METRICS", "eval_clips", "continue_clips", "score", "metric_arrays", "summarize",
-           "interval", "paired", "t_two_sided_p", "holm", "extrapolation_mean", "sanity_check", "plot_metric", "contact_sheet"]
+           "interval", "paired", "t_test", "t_two_sided_p", "holm", "sig", "extrapolation_mean", "sanity_check", "plot_metric", "contact_sheet"]
 
 METRICS = ("psnr", "center_error", "object_fidelity", "count_acc", "color_acc", "shape_acc", "motion_score",
            "background_clean", "collapse")
@@ -59,6 +60,8 @@ def eval_clips(data_cfg, num: int, frames: int, dataset_seed: int = 0,
     held = set(held_out_combos(max_objects=data_cfg.synthetic_max_objects, seed=dataset_seed))
     out, seed = [], HELD_OUT_SEED_BASES[split]
     while len(out) < num:
+        if seed >= HELD_OUT_SEED_BASES[split] + HELD_OUT_SET_SIZE:  # the next set starts there
+            raise ValueError(f"{num} clips do not fit in the held-out {split} set ({HELD_OUT_SET_SIZE} seeds)")
         video, meta = generate_clip(seed, frames=frames, size=(data_cfg.height, data_cfg.width),
                                     max_objects=data_cfg.synthetic_max_objects, blackout=blackout)
         seed += 1
@@ -198,9 +201,10 @@ def t_two_sided_p(t: float, df: int) -> float:
 
 
 def holm(pvalues: dict) -> dict:
-    """Holm's step-down adjustment of a family of p-values {name: p} (None passes through): the
-    adjusted p of the i-th smallest is max over j <= i of min(1, (m - j) p_(j)), m the family's size.
-    An adjusted p < 0.05 keeps the family-wise error rate at 5% however many comparisons were made."""
+    """Holm's step-down adjustment of a family of p-values {name: p} (None passes through): with p_(1) <=
+    ... <= p_(m), the adjusted p_(i) is max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the
+    adjusted p < 0.05 keeps the family-wise error rate at 5% within this family (one metric's
+    comparisons; several metrics are several families)."""
     known = sorted((p, k) for k, p in pvalues.items() if p is not None)
     out, running = {k: None for k, p in pvalues.items() if p is None}, 0.0
     for i, (p, k) in enumerate(known):
@@ -209,15 +213,29 @@ def holm(pvalues: dict) -> dict:
     return out
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """Paired difference a - b of per-clip extrapolation means (same clips): {mean, ci95, n, p} with p the
-    two-sided paired t test's (None when it is undefined: fewer than 2 clips or no spread)."""
-    d = extrapolation_mean(a) - extrapolation_mean(b)
-    out = interval(d)
+def t_test(d: np.ndarray) -> Optional[float]:
+    """Two-sided one-sample t test of mean(d) = 0 over the finite values (unrounded p). Without spread
+    (every value equal up to float rounding) the test is decided: p = 0 for a nonzero mean, 1 for zero;
+    None for fewer than 2 values."""
     d = d[np.isfinite(d)]
-    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
-    out["p"] = None if sd == 0.0 else round(t_two_sided_p(float(d.mean()) / (sd / math.sqrt(d.size)), d.size - 1), 6)
-    return out
+    if d.size < 2:
+        return None
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):
+        return 0.0 if abs(mean) > 1e-12 else 1.0
+    return t_two_sided_p(mean / (sd / math.sqrt(d.size)), d.size - 1)
+
+
+def sig(p: Optional[float], digits: int = 3) -> Optional[float]:
+    """A p-value for a report: `digits` significant figures (a tiny p stays visible, not 0.0)."""
+    return None if p is None else float(f"{p:.{digits}g}")
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired difference a - b of per-clip extrapolation means (same clips): {mean, ci95, n, p}, p the
+    two-sided paired t test's (`t_test`, unrounded: adjust it before rounding with `sig`)."""
+    d = extrapolation_mean(a) - extrapolation_mean(b)
+    return {**interval(d), "p": t_test(d)}
 
 
 def sanity_check(clips: Sequence[tuple[np.ndarray, dict]], given_frames: int, segment_frames: int,

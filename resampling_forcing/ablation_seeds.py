@@ -3,43 +3,120 @@
     python -m resampling_forcing.ablation_seeds outputs/ablation/cpu outputs/ablation/cpu_seed1 \\
         outputs/ablation/cpu_seed2 [--metrics object_fidelity,motion_score,collapse] [--out pooled.json]
 
-Every folder is one ablation run (report.json and its cached per-clip evaluations in eval/*.npz) on the
-SAME evaluation clips with another training seed. For each arm that every folder holds, the per-clip
-difference arm - tf of the extrapolation means is taken in each seed, then averaged over the seeds per
-clip: the pooled difference is the mean over clips with a 95% t interval and a paired t test over clips
-(clips are the independent units; the seeds are averaged within a clip, since the clips and the sampler
-noise are shared by all seeds). Holm's adjustment runs over the arms, per metric. Per-seed rows are
-printed next to it, so a pooled effect carried by one seed shows.
+Every folder is one ablation run (report.json and its cached per-clip evaluations in eval/*.npz) of the
+same preset, warmup, arms and evaluation clips with another training seed; anything else is refused.
+For each arm that every folder holds, d[c, k] = the arm's minus tf's extrapolation mean on clip c in
+seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way random-effects
+model d = mu + clip_c + seed_k + e: the clip effects are shared by the seeds (same clips, same sampler
+noise), the seed effects by all clips, so
+
+    Var(mean) = (MS_clip + max(MS_seed - MS_resid, 0)) / (n K)
+
+with the mean squares of the two-way layout (a negative seed variance estimate is set to 0), a t
+interval and a two-sided t test with Satterthwaite's degrees of freedom. So an arm whose gain varies
+between seeds is not called significant on the strength of many clips. One seed: the paired t test over
+clips. Holm's adjustment runs over the arms, per metric. Per-seed rows are printed next to it.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .ablation_eval import METRICS, extrapolation_mean, holm, paired
+from .ablation_eval import METRICS, extrapolation_mean, holm, interval, paired, sig, t_two_sided_p
 from .cli import BadInput, OneLineParser, check_output_file, run_cli
 
-__all__ = ["pool", "main"]
+__all__ = ["pool", "two_way_mean", "main"]
 
 DEFAULT_METRICS = ("object_fidelity", "motion_score", "collapse")
-_SAME = ("clips", "frames", "segment_frames", "given_chunks", "sampler", "seed")  # report["eval"] keys
+_SAME = ("steps_per_arm", "warmup", "config", "data_seed")  # report keys every replicate shares
+_SAME_EVAL = ("clips", "frames", "segment_frames", "given_chunks", "sampler", "seed")  # report["eval"] keys
 
 
-def _arrays(folder: Path, arm: str) -> dict[str, np.ndarray]:
+def two_way_mean(d: np.ndarray) -> dict:
+    """d [clips, seeds] (clips with a NaN in any seed are left out) -> {mean, ci95, n, seeds, df, p,
+    sd_seed}: the grand mean with the two-way random-effects standard error of the module docstring."""
+    d = d[np.isfinite(d).all(axis=1)]
+    n, k = d.shape
+    if k == 1 or n < 2:
+        out = interval(d[:, 0]) if k == 1 else {"mean": None, "ci95": None, "n": n}
+        p = paired(d, np.zeros_like(d))["p"] if k == 1 and n >= 2 else None
+        return {**out, "seeds": k, "df": n - 1 if k == 1 else None, "p": p, "sd_seed": None}
+    grand, clip_m, seed_m = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_clip = k * float(((clip_m - grand) ** 2).sum()) / (n - 1)
+    ms_seed = n * float(((seed_m - grand) ** 2).sum()) / (k - 1)
+    ms_res = float(((d - clip_m[:, None] - seed_m[None, :] + grand) ** 2).sum()) / ((n - 1) * (k - 1))
+    seed_part = max(ms_seed - ms_res, 0.0)
+    var = (ms_clip + seed_part) / (n * k)
+    # Satterthwaite: the degrees of freedom of the linear combination of mean squares actually used
+    if seed_part > 0:
+        df = (ms_clip + ms_seed - ms_res) ** 2 / (ms_clip ** 2 / (n - 1) + ms_seed ** 2 / (k - 1)
+                                                  + ms_res ** 2 / ((n - 1) * (k - 1)))
+    else:
+        df = float(n - 1)
+    df = max(df, 1.0)
+    se = math.sqrt(var)
+    if se <= 1e-12 * max(1.0, abs(float(grand))):
+        p = 0.0 if abs(float(grand)) > 1e-12 else 1.0
+    else:
+        p = t_two_sided_p(float(grand) / se, df)
+    return {"mean": round(float(grand), 5), "ci95": round(_t975(df) * se, 5), "n": n, "seeds": k,
+            "df": round(df, 2), "p": p, "sd_seed": round(math.sqrt(seed_part / n), 5)}
+
+
+def _t975(df: float) -> float:
+    """97.5% quantile of t at a real df (Satterthwaite's), by bisection on t_two_sided_p."""
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 0.05:
+        hi *= 2.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 0.05 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def _arrays(folder: Path, arm: str, clips: int) -> tuple[dict[str, np.ndarray], dict]:
+    """An arm's per-clip arrays and its evaluation key (weights left out) from folder/eval/<arm>.npz."""
     path = folder / "eval" / f"{arm}.npz"
     if not path.is_file():
         raise BadInput(f"{folder}: no evaluation of arm {arm!r} ({path} is missing); rerun its ablation command")
     with np.load(path) as z:
-        return {m: z[m] for m in METRICS if m in z.files}
+        arrays = {m: z[m] for m in METRICS if m in z.files}
+        key = json.loads(str(z["key"])) if "key" in z.files else None
+    if key is None or key.get("routing") is not None or key.get("split", "eval") != "eval":
+        raise BadInput(f"{path} is not a dense evaluation of the eval clips with a cache key; rerun its ablation command")
+    key.pop("weights", None)
+    if any(a.shape[0] != clips for a in arrays.values()):
+        raise BadInput(f"{path} holds {next(iter(arrays.values())).shape[0]} clips, its report {clips}; "
+                       "rerun its ablation command")
+    return arrays, key
+
+
+def _check_replicates(folders: Sequence[Path], reports: list[dict]) -> None:
+    """BadInput unless the folders are replicates of one ablation (another training seed each)."""
+    first = reports[0]
+    for f, r in zip(folders[1:], reports[1:]):
+        diff = [k for k in _SAME if r.get(k) != first.get(k)]
+        diff += [f"eval.{k}" for k in _SAME_EVAL if r["eval"].get(k) != first["eval"].get(k)]
+        seeds_a = first["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
+        seeds_b = r["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
+        if seeds_a is not None and seeds_b is not None and seeds_a != seeds_b:
+            diff.append("the evaluation clips")
+        if diff:
+            raise BadInput(f"{f} differs from {folders[0]} in {', '.join(diff)}; pool only replicates of one "
+                           "ablation (same preset, warmup and evaluation, another --seed)")
+    seeds = [r["train_seed"] for r in reports]
+    if len(set(seeds)) < len(seeds):
+        raise BadInput(f"the folders repeat a training seed ({seeds}); pool different --seed runs")
 
 
 def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS) -> dict:
-    """{arms: {arm: {metric: {pooled: {mean, ci95, n, p, p_holm}, seeds: [{mean, ci95, n, p}, ...]}}},
-    seeds, folders}. Arms: those every folder evaluated, but tf (the reference) and the warmup."""
+    """{arms: {arm: {metric: {pooled: two_way_mean + p_holm, seeds: [paired per seed]}}}, seeds, folders}.
+    Arms: those every folder evaluated, but tf (the reference) and the warmup."""
     if len(folders) < 1:
         raise BadInput("name at least one ablation folder")
     reports = []
@@ -48,33 +125,41 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS) -> d
         if not rp.is_file():
             raise BadInput(f"{f}: no report.json; is it an ablation --out folder of a finished run?")
         reports.append(json.loads(rp.read_text()))
-    ref = {k: reports[0]["eval"].get(k) for k in _SAME}
-    for f, r in zip(folders[1:], reports[1:]):
-        diff = [k for k in _SAME if r["eval"].get(k) != ref[k]]
-        if diff:
-            raise BadInput(f"{f} was evaluated differently from {folders[0]} ({', '.join(diff)}); pool only "
-                           "replicates of one ablation (same preset and evaluation, another --seed)")
-    seeds = [r["train_seed"] for r in reports]
-    if len(set(seeds)) < len(seeds):
-        raise BadInput(f"the folders repeat a training seed ({seeds}); pool different --seed runs")
-    common = set.intersection(*(set(r["arms"]) for r in reports)) - {"warmup", "tf"}
-    if "tf" not in set.intersection(*(set(r["arms"]) for r in reports)):
+    _check_replicates(folders, reports)
+    held = [set(r["arms"]) for r in reports]
+    if not all("tf" in h for h in held):
         raise BadInput("every folder needs the tf arm (the reference of the paired differences)")
+    common = set.intersection(*held) - {"warmup", "tf"}
     arms = [a for a in reports[0]["arms"] if a in common]  # the first report's order
+    clips = reports[0]["eval"]["clips"]
+    loaded = {}
+    for arm in ["tf", *arms]:
+        per = [_arrays(Path(f), arm, clips) for f in folders]
+        for f, r, (_, key) in zip(folders[1:], reports[1:], per[1:]):
+            if key != per[0][1]:
+                raise BadInput(f"{f}: arm {arm!r} was evaluated differently from {folders[0]} ({key} vs {per[0][1]})")
+            if r["arms"][arm].get("overrides") != reports[0]["arms"][arm].get("overrides"):
+                raise BadInput(f"{f}: arm {arm!r} was trained with {r['arms'][arm].get('overrides')}, in "
+                               f"{folders[0]} with {reports[0]['arms'][arm].get('overrides')}; not replicates")
+        loaded[arm] = [a for a, _ in per]
     out: dict = {a: {} for a in arms}
-    tf = [_arrays(Path(f), "tf") for f in folders]
     for arm in arms:
-        per = [_arrays(Path(f), arm) for f in folders]
         for m in metrics:
-            diffs = np.stack([extrapolation_mean(p[m]) - extrapolation_mean(t[m]) for p, t in zip(per, tf)])
-            mean_diff = diffs.mean(axis=0)  # [clips]: a clip missing a value in any seed stays NaN
-            out[arm][m] = dict(pooled=paired(mean_diff[:, None], np.zeros_like(mean_diff)[:, None]),
-                               seeds=[paired(p[m], t[m]) for p, t in zip(per, tf)])
+            d = np.stack([extrapolation_mean(p[m]) - extrapolation_mean(t[m])
+                          for p, t in zip(loaded[arm], loaded["tf"])], axis=1)  # [clips, seeds]
+            out[arm][m] = dict(pooled=two_way_mean(d),
+                               seeds=[paired(p[m], t[m]) for p, t in zip(loaded[arm], loaded["tf"])])
     for m in metrics:
         adjusted = holm({a: out[a][m]["pooled"]["p"] for a in arms})
         for a in arms:
-            out[a][m]["pooled"]["p_holm"] = None if adjusted[a] is None else round(adjusted[a], 6)
-    return dict(folders=[str(f) for f in folders], seeds=seeds, clips=ref["clips"], metrics=list(metrics), arms=out)
+            pooled = out[a][m]["pooled"]
+            pooled["p"], pooled["p_holm"] = sig(pooled["p"]), sig(adjusted[a])
+            for s in out[a][m]["seeds"]:
+                s["p"] = sig(s["p"])
+    return dict(folders=[str(f) for f in folders], seeds=[r["train_seed"] for r in reports], clips=clips,
+                metrics=list(metrics), arms=out,
+                pooled="mean over clips and seeds; ci95 and p from a two-way (clip x seed) random-effects model, "
+                       "Satterthwaite df; p_holm over the arms, per metric")
 
 
 def table(result: dict) -> str:

@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cli import BadInput, OneLineParser, check_output_file, check_seed, run_cli
-from .data.synthetic import HELD_OUT_SEED_BASES
+from .data.synthetic import HELD_OUT_SEED_BASES, HELD_OUT_SET_SIZE
 from .diffusion import shift_t
 from .resampling import OBJECTIVES, RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .sampler import Rollout, SamplingOptions, sample
@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override, e.g. --set diffusion.sample_steps=8 (repeatable)")
     p.add_argument("--data", default=None, help="a synthetic_dir (with manifest.jsonl) or a manifest file; default: "
                    "bouncing-shapes clips generated in memory from the config's data.* (see --held-out)")
-    p.add_argument("--held-out", choices=list(HELD_OUT_SEED_BASES), default="eval",
-                   help="without --data: which disjoint set of in-memory held-out clips (default eval: seeds "
+    p.add_argument("--held-out", choices=list(HELD_OUT_SEED_BASES), default=None,
+                   help="instead of --data: which disjoint set of in-memory held-out clips (default eval: seeds "
                    f"{HELD_OUT_SEED_BASES['eval']} + i; the ablation calibrates on 'calibration')")
     p.add_argument("--clips", type=int, default=16, help="clips to measure (the first ones of --data)")
     p.add_argument("--batch", type=int, default=None, help="clips per forward batch (default: all at once); "
@@ -378,6 +378,10 @@ def _check_args(args) -> None:
         check_output_file("--out", args.out, (".json",))
     if args.data is not None and not Path(args.data).exists():
         raise BadInput(f"--data {args.data}: no such file or directory")
+    if args.data is not None and args.held_out is not None:
+        raise BadInput("--held-out picks in-memory clips, --data a data set; pass one of them")
+    if args.data is None and args.clips > HELD_OUT_SET_SIZE:
+        raise BadInput(f"--clips {args.clips}: a held-out set has {HELD_OUT_SET_SIZE} clips")
 
 
 def load_clips(pipe, data: Optional[str], clips: int, held_out: str = "eval") -> tuple[torch.Tensor, list[str]]:
@@ -461,7 +465,7 @@ def run(args) -> int:
                                         device=args.device)
         settings = _degrade_settings(pipe, args)
         options = pipe.sampling_options(record_selection=False)
-        x, captions = load_clips(pipe, args.data, args.clips, args.held_out)
+        x, captions = load_clips(pipe, args.data, args.clips, args.held_out or "eval")
     except (PipelineError, CheckpointError, ConfigError, EncoderLoadError, ValueError) as e:
         raise BadInput(str(e).strip().splitlines()[0]) from None
     cf = pipe.chunk_frames
@@ -516,7 +520,7 @@ def run(args) -> int:
           "(ratio ~0.05) trained best, the one-step match was no better than teacher forcing and the rollout "
           "match was worse (the model learns to ignore its history)")
     out = dict(checkpoint=str(args.checkpoint), step=step, clips=len(captions), chunks=n, seed=args.seed,
-               data=args.data or f"synthetic (in memory, held-out set {args.held_out})", degradation=dataclasses.asdict(settings),
+               data=args.data or f"synthetic (in memory, held-out set {args.held_out or 'eval'})", degradation=dataclasses.asdict(settings),
                sampling=options.to_dict(), report=report.to_dict(),
                sweep={"objective": sweep_obj, "chunks": report.chunks,
                       "shifts": [{"shift": s, "degradation": None if math.isnan(e) else e} for s, e in sweep.items()]},

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import pytest
 
-from resampling_forcing.ablation import PRESETS, main
+from resampling_forcing.ablation import PRESETS, main, table, with_holm
 from resampling_forcing.ablation_eval import (eval_clips, extrapolation_mean, metric_arrays, paired, sanity_check,
                                               score)
 from resampling_forcing.config import load_config
@@ -59,10 +59,12 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert all(v["object_fidelity"]["n"] == 2 for v in val.values()) and "validation" not in report["arms"]["tf"]
     assert report["best_arm"] == max(val, key=lambda n: (val[n]["object_fidelity"]["mean"], val[n]["psnr"]["mean"]))
     assert (out / "eval" / "validation_ramp.npz").is_file() and not (out / "sheets" / "validation_ramp.png").exists()
-    fid = {n: report["arms"][n]["vs_tf"]["object_fidelity"] for n in val}
-    ps = sorted((v["p"], n) for n, v in fid.items() if v["p"] is not None)
-    if ps:  # Holm: the smallest p times the family's size
-        assert fid[ps[0][1]]["p_holm"] == pytest.approx(min(1.0, len(ps) * ps[0][0]), abs=1e-6)
+    seeds = report["eval"]["clip_sets"]["seeds"]
+    assert all(10_000_000 <= x < 11_000_000 for x in seeds["eval"]) and len(seeds["eval"]) == 3
+    assert seeds["calibration"] == [11_000_000, 11_000_001]
+    assert len(seeds["validation"]) == 2 and all(12_000_000 <= x < 13_000_000 for x in seeds["validation"])
+    assert "vs_tf" not in report["arms"]["warmup"]  # the Holm family is the arms
+    assert all(set(e["vs_tf"]["psnr"]) >= {"p", "p_holm"} for n, e in report["arms"].items() if n not in ("tf", "warmup"))
     assert list(report["routing"]) == ["dense", "top-1", "top-5", "window 1", "sink 1 + window 4"]
     # equal budgets: same steps and the same learning rate at every step in every arm
     logs = {n: [json.loads(l) for l in (out / "arms" / n / "log.jsonl").read_text().splitlines()]
@@ -81,6 +83,15 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert again["arms"] == report["arms"] and again["routing"] == report["routing"]
     assert len(report["invocations"]) == 1 and [i["command"] for i in again["invocations"]] == [report["command"]] * 2
     assert all(i["wall_seconds"] > 0 for i in again["invocations"])
+    # without tf: every arm is a candidate, and the validation numbers that chose the best arm are reported
+    capsys.readouterr()
+    no_tf = _cli(tmp_path)
+    no_tf[no_tf.index("--arms") + 1] = "ar_rec,ar_1step"
+    assert main(no_tf) == 0 and "arm 1/2" not in capsys.readouterr().out
+    r2 = json.loads((out / "report.json").read_text())
+    val = {n: r2["arms"][n]["validation"] for n in ("ar_rec", "ar_1step")}
+    assert r2["best_arm"] == max(val, key=lambda n: (val[n]["object_fidelity"]["mean"], val[n]["psnr"]["mean"]))
+    assert all("vs_tf" not in a for a in r2["arms"].values()) and "arm - tf" not in table(r2)
     # a finished arm trained with other settings is not reused: another seed (or --steps) in the same --out
     # is refused in one line before any training (it reused the seed-0 arms and reported train_seed 1)
     for extra in (("--seed", "1"), ("--steps", "5")):
@@ -97,6 +108,7 @@ def test_arms_at_any_strength():
     from pathlib import Path
 
     from resampling_forcing.ablation import arm_overrides, describe_arm
+    from resampling_forcing.cli import BadInput
 
     calib = {"recommended_shift": 12.4, "noise_sigma": 0.37, "one_step_shift": 2.1}
 
@@ -110,16 +122,33 @@ def test_arms_at_any_strength():
     assert (st["objective"], sh) == ("parallel_resampling", "diffusion.resample_shift=0.25")
     st, sh = stage_and_shift("ramp_3")
     assert (st["objective"], st["ramp"], st["ramp_steps"], sh) == ("resampling", "probability", 10, "diffusion.resample_shift=3.0")
-    assert stage_and_shift("ar_0.6")[1] == stage_and_shift("ar_0.60")[1] == "diffusion.resample_shift=0.6"
+    assert stage_and_shift("ar_0.6")[1] == "diffusion.resample_shift=0.6"
+    for alias, canonical in (("ar_0.60", "ar_0.6"), ("ramp_3.0", "ramp_3"), ("parallel_01", "parallel_1")):
+        with pytest.raises(BadInput, match=f"write this arm as {canonical}"):  # one spelling per arm
+            describe_arm(alias)
     assert stage_and_shift("ar_rec")[1] == "diffusion.resample_shift=12.4" and "s = 1.2" in describe_arm("ar_1.2")
 
 
-@pytest.mark.parametrize("arms,msg", [("tf,ar_0", "unknown arm 'ar_0'"), ("ar_x", "unknown arm 'ar_x'"),
+@pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),
                                       ("tf,ar_1.2,ar_1.2", "names an arm twice")])
 def test_bad_arm_names_are_one_line_exit_2(capsys, arms, msg):
     assert main(["--arms", arms]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
+
+
+def test_holm_family_is_the_entries_compared():
+    """with_holm adjusts one metric's p over the entries that carry the comparison (the warmup has none),
+    on the unrounded p, then rounds both to 3 significant figures."""
+    from resampling_forcing.ablation_eval import METRICS
+
+    def entry(p):
+        return {"vs_tf": {m: {"mean": 0.1, "ci95": 0.05, "n": 32, "p": p} for m in METRICS}}
+
+    got = with_holm({"warmup": {"summary": {}}, "a": entry(0.0071234), "b": entry(0.04), "c": entry(None)}, "vs_tf")
+    assert "vs_tf" not in got["warmup"] and got["c"]["vs_tf"]["psnr"]["p_holm"] is None
+    assert got["a"]["vs_tf"]["psnr"]["p_holm"] == 0.0142 and got["a"]["vs_tf"]["psnr"]["p"] == 0.00712
+    assert got["b"]["vs_tf"]["object_fidelity"]["p_holm"] == 0.04
 
 
 def test_bad_arm_is_one_line_exit_2(capsys):
@@ -168,7 +197,7 @@ def test_held_out_sets_are_disjoint_and_diagnose_reads_the_one_asked():
     want = [generate_clip(HELD_OUT_SEED_BASES["calibration"] + i, frames=12, size=(32, 32), max_objects=3)[1]["caption"]
             for i in range(3)]
     assert cal == want and cal != ev
-    assert build_parser().parse_args(["--checkpoint", "x"]).held_out == "eval"
+    assert build_parser().parse_args(["--checkpoint", "x"]).held_out is None  # = eval, and refused with --data
 
 
 def test_metrics_separate_good_from_bad_continuations():
@@ -216,7 +245,9 @@ def test_paired_p_values_and_holm_on_known_answers():
     d = extrapolation_mean(a)  # 0.6, 0.3, 0.7, 0.3
     t = d.mean() / (d.std(ddof=1) / 2.0)
     assert paired(a, b)["p"] == pytest.approx(t_two_sided_p(t, 3), abs=1e-6) and paired(a, b)["p"] < 0.05
-    assert paired(b, b)["p"] is None
+    # no spread: decided (0 for a constant nonzero difference, 1 for none), whatever the float rounding
+    assert paired(b, b)["p"] == 1.0 and paired(np.full((4, 8), 1 / 7), b)["p"] == 0.0
+    assert paired(np.full((4, 8), 0.1), b)["p"] == 0.0 and paired(a[:1], b[:1])["p"] is None
 
 
 def test_intervals_use_students_t():

@@ -285,12 +285,20 @@ def _tool_cases(tmp_path):
     vids.mkdir()
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    old_out = tmp_path / "old_ablation"  # a work folder of the version that calibrated on the eval clips
+    (old_out / "gaps").mkdir(parents=True)
     return {
         "diagnose --out a folder": (diagnose.main, ["--checkpoint", ck, "--out", str(tmp_path)], "is a directory"),
         "diagnose --out under /proc": (diagnose.main, ["--checkpoint", ck, "--out", "/proc/x/r.json"], "cannot create"),
         "diagnose huge seed": (diagnose.main, ["--checkpoint", ck, "--seed", str(2**80)], "--seed must be in"),
         "diagnose empty --checkpoint": (diagnose.main, ["--checkpoint", ""], "--checkpoint must not be empty"),
         "diagnose --config a folder": (diagnose.main, ["--checkpoint", ck, "--config", str(tmp_path)], "is a directory"),
+        "diagnose --held-out with --data": (diagnose.main, ["--checkpoint", ck, "--data", str(vids), "--held-out",
+                                                            "calibration"], "pass one of them"),
+        "diagnose too many held-out clips": (diagnose.main, ["--checkpoint", ck, "--clips", "1000001"], "a held-out set has"),
+        "ablation arm spelled twice": (ablation.main, ["--arms", "tf,ar_1.0"], "write this arm as ar_1"),
+        "ablation arm too weak": (ablation.main, ["--arms", "tf,ar_0.00001"], "at most 4 decimals"),
+        "ablation old work folder": (ablation.main, ["--out", str(old_out)], "made by an earlier version"),
         "eval --plot not png": (eval_cli.main, ["--videos", str(vids), "--out", str(tmp_path / "m.json"),
                                                 "--plot", str(tmp_path / "p.txt")], "expected a .png file"),
         "eval usage error": (eval_cli.main, ["--segment-frames", "1.5"], "(see --help)"),
@@ -318,5 +326,6 @@ def test_secondary_tools_refuse_bad_input_in_one_line_before_any_work(tmp_path, 
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and text in err, f"{name}: {err!r}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "vids"]  # nothing created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "old_ablation", "vids"]  # nothing created
+    assert [p.name for p in (tmp_path / "old_ablation").iterdir()] == ["gaps"]
     assert (tmp_path / "a_file").read_text() == "x"

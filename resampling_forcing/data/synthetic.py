@@ -57,11 +57,12 @@ SPEED_RANGE: tuple[float, float] = (0.025, 0.05)
 FORMAT_VERSION = 2  # bump when rendering changes: make_dataset then re-renders old files
 # First seed of each set of held-out clips that evaluation makes in memory (diagnose, ablation_eval):
 # generate_clip(seed) draws from default_rng(seed), a data set's videos from default_rng([seed, index]),
-# so these clips are never a training video. Three disjoint sets (each < 1M clips), so that what tunes an
+# so these clips are never a training video. Three disjoint sets, so that what tunes an
 # experiment never sees what reports it: "eval" reports (the ablation's tables, diagnose's default),
 # "calibration" sets the ablation's degradation strengths (its exposure-gap diagnostics), "validation"
 # chooses its best arm.
 HELD_OUT_SEED_BASES = {"eval": 10_000_000, "calibration": 11_000_000, "validation": 12_000_000}
+HELD_OUT_SET_SIZE = 1_000_000  # seeds per set (eval_clips refuses to run into the next set)
 HELD_OUT_SEED_BASE = HELD_OUT_SEED_BASES["eval"]
 
 
