@@ -92,6 +92,11 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     val = {n: r2["arms"][n]["validation"] for n in ("ar_rec", "ar_1step")}
     assert r2["best_arm"] == max(val, key=lambda n: (val[n]["object_fidelity"]["mean"], val[n]["psnr"]["mean"]))
     assert all("vs_tf" not in a for a in r2["arms"].values()) and "arm - tf" not in table(r2)
+    # --no-routing: no arm is chosen, nothing routed, and the report and its table still stand
+    assert main(_cli(tmp_path, "--no-routing")) == 0
+    r3 = json.loads((out / "report.json").read_text())
+    assert r3["best_arm"] is None and r3["routing_arm"] is None and r3["routing"] == {}
+    assert r3["eval"]["clip_sets"]["seeds"]["validation"] == [] and "| ar_rec |" in table(r3)
     # a finished arm trained with other settings is not reused: another seed (or --steps) in the same --out
     # is refused in one line before any training (it reused the seed-0 arms and reported train_seed 1)
     for extra in (("--seed", "1"), ("--steps", "5")):
