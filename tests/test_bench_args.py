@@ -75,6 +75,9 @@ CASES = [
     ("quality_sweep", ["--settings", '{"bogus": 1}'], "--settings"),
     ("quality_sweep", ["--length-factor", "0"], "--length-factor"),
     ("quality_sweep", ["--seeds", "0,x"], "--seeds"),
+    ("rope_period", ["--routing", "bogus"], "--routing"),
+    ("rope_period", ["--frames", "0"], "--frames"),
+    ("rope_period", ["--checkpoint", "/nonexistent"], "--checkpoint"),
     ("kernels", ["--pattern", "bogus"], "--pattern"),  # was: exit 1
     ("kernels", ["--methods", "bogus"], "--methods"),  # was: silently timed nothing for it
     ("kernels", ["--histories", "0"], "--histories"),
@@ -111,7 +114,7 @@ def test_bad_argument_is_one_line_exit_2(script, args, flag, tmp_path, capsys):
 
 
 SCRIPTS = ["rollout", "routed_attention", "kv_offload", "train_step", "train_forward", "prompt_switch",
-           "quality_sweep", "kernels"]
+           "quality_sweep", "kernels", "rope_period"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
