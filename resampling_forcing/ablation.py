@@ -86,6 +86,7 @@ ARMS = {
     "ramp_0.6": "ar_0.6 with the same ramp (probability 0 -> 1 over the first third)",
     "parallel_0.6": "parallel resampling at the paper's s = 0.6",
 }
+DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 # any other strength: ar_S, parallel_S, ramp_S with S a number (a dose-response sweep, e.g. ar_0.2,ar_1.2)
 _AT_SHIFT = re.compile(r"^(ar|parallel|ramp)_([0-9]+(?:\.[0-9]+)?)$")
 _MAX_SHIFT = 1000.0  # t_s ~ s t / (1 + (s - 1) t): beyond this every history is re-drawn from ~pure noise
@@ -100,7 +101,7 @@ def describe_arm(name: str) -> str:
     m = _AT_SHIFT.match(name)
     if m:
         s = float(m.group(2))
-        canonical = f"{m.group(1)}_{s:g}"  # one spelling per arm: ar_1.0, ar_0.60 would train ar_1, ar_0.6 twice
+        canonical = f"{m.group(1)}_" + f"{s:.4f}".rstrip("0").rstrip(".")  # one spelling: ar_1.0 / ar_0.60 = ar_1 / ar_0.6
         if not 0 < s <= _MAX_SHIFT or round(s, 4) != s:
             raise BadInput(f"--arms {name}: the strength must be in (0, {_MAX_SHIFT:g}] with at most 4 decimals")
         if canonical != name:
@@ -108,7 +109,6 @@ def describe_arm(name: str) -> str:
         return f"{_FORMS[m.group(1)]} at s = {m.group(2)}"
     raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}, or ar_S / parallel_S / ramp_S "
                    "with S > 0 a resampling shift (e.g. ar_1.2)")
-DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 ROUTINGS = {  # inference routing of the best arm (RoutingSpec arguments)
     "dense": None,
     "top-1": ("topk", 1, 0, 0),

@@ -128,7 +128,9 @@ def test_arms_at_any_strength():
     st, sh = stage_and_shift("ramp_3")
     assert (st["objective"], st["ramp"], st["ramp_steps"], sh) == ("resampling", "probability", 10, "diffusion.resample_shift=3.0")
     assert stage_and_shift("ar_0.6")[1] == "diffusion.resample_shift=0.6"
-    for alias, canonical in (("ar_0.60", "ar_0.6"), ("ramp_3.0", "ramp_3"), ("parallel_01", "parallel_1")):
+    assert "s = 123.4567" in describe_arm("ar_123.4567") and "s = 1000" in describe_arm("ramp_1000")
+    for alias, canonical in (("ar_0.60", "ar_0.6"), ("ramp_3.0", "ramp_3"), ("parallel_01", "parallel_1"),
+                             ("ar_123.45670", "ar_123.4567"), ("ar_1000.0", "ar_1000")):
         with pytest.raises(BadInput, match=f"write this arm as {canonical}"):  # one spelling per arm
             describe_arm(alias)
     assert stage_and_shift("ar_rec")[1] == "diffusion.resample_shift=12.4" and "s = 1.2" in describe_arm("ar_1.2")
