@@ -127,23 +127,18 @@ def cached(path: Path, key: str) -> bool:
         return "key" in z.files and str(z["key"]) == key
 
 
-_Z975 = 1.959963984540054  # the standard normal's 97.5% quantile
-
-
-def t975(df: int) -> float:
-    """97.5% quantile of Student's t with `df` degrees of freedom (the 95% interval's multiplier): exact
-    for df 1 and 2, else the Cornish-Fisher expansion of Abramowitz-Stegun 26.7.5 (error 0.12% at df 3,
-    0.01% at df 5, 2.0395 at df 31 as tabulated)."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1 (got {df})")
-    if df == 1:
-        return math.tan(math.pi * 0.475)
-    if df == 2:
-        return 0.95 * math.sqrt(2.0 / (4 * 0.975 * 0.025))
-    z, v = _Z975, float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+def t975(df: float) -> float:
+    """97.5% quantile of Student's t with `df` > 0 degrees of freedom (the 95% interval's multiplier; a
+    real df for Satterthwaite's), by bisection on `t_two_sided_p` (to float precision)."""
+    if not df > 0:
+        raise ValueError(f"df must be > 0 (got {df})")
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 0.05:
+        hi *= 2.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 0.05 else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def interval(values: np.ndarray) -> dict:
@@ -193,10 +188,10 @@ def _betainc(a: float, b: float, x: float) -> float:
     return front * f
 
 
-def t_two_sided_p(t: float, df: int) -> float:
-    """P(|T| >= |t|) for Student's t with `df` degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1 (got {df})")
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` > 0 degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
+    if not df > 0:
+        raise ValueError(f"df must be > 0 (got {df})")
     return _betainc(df / 2.0, 0.5, df / (df + t * t))
 
 

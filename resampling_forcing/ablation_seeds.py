@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .ablation_eval import METRICS, extrapolation_mean, holm, interval, paired, sig, t_two_sided_p
+from .ablation_eval import METRICS, extrapolation_mean, holm, interval, paired, sig, t975, t_test, t_two_sided_p
 from .cli import BadInput, OneLineParser, check_output_file, run_cli
 
 __all__ = ["pool", "two_way_mean", "main"]
@@ -44,7 +44,7 @@ def two_way_mean(d: np.ndarray) -> dict:
     n, k = d.shape
     if k == 1 or n < 2:
         out = interval(d[:, 0]) if k == 1 else {"mean": None, "ci95": None, "n": n}
-        p = paired(d, np.zeros_like(d))["p"] if k == 1 and n >= 2 else None
+        p = t_test(d[:, 0]) if k == 1 else None
         return {**out, "seeds": k, "df": n - 1 if k == 1 else None, "p": p, "sd_seed": None}
     grand, clip_m, seed_m = d.mean(), d.mean(axis=1), d.mean(axis=0)
     ms_clip = k * float(((clip_m - grand) ** 2).sum()) / (n - 1)
@@ -64,19 +64,8 @@ def two_way_mean(d: np.ndarray) -> dict:
         p = 0.0 if abs(float(grand)) > 1e-12 else 1.0
     else:
         p = t_two_sided_p(float(grand) / se, df)
-    return {"mean": round(float(grand), 5), "ci95": round(_t975(df) * se, 5), "n": n, "seeds": k,
+    return {"mean": round(float(grand), 5), "ci95": round(t975(df) * se, 5), "n": n, "seeds": k,
             "df": round(df, 2), "p": p, "sd_seed": round(math.sqrt(seed_part / n), 5)}
-
-
-def _t975(df: float) -> float:
-    """97.5% quantile of t at a real df (Satterthwaite's), by bisection on t_two_sided_p."""
-    lo, hi = 0.0, 1.0
-    while t_two_sided_p(hi, df) > 0.05:
-        hi *= 2.0
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 0.05 else (lo, mid)
-    return 0.5 * (lo + hi)
 
 
 def _arrays(folder: Path, arm: str, clips: int) -> tuple[dict[str, np.ndarray], dict]:
