@@ -42,6 +42,7 @@ import torch
 
 from .attention.backends import attention, routing_path
 from .attention.ops import routes_layer
+from .attention.positions import FarPositions
 from .attention.routed import routed_attention
 from .attention.selection import index_runs, select_chunks, static_chunks
 from .attention.spec import RoutingSpec
@@ -329,6 +330,7 @@ class CachedAttention:
     routing: RoutingSpec | None = None
     routing_layers: list[int] | None = None
     recorder: SelectionRecorder | None = None
+    positions: FarPositions | None = None  # far history read at the horizon (None: absolute positions)
 
     def __post_init__(self) -> None:
         self._path = routing_path(self.backend)  # selection and routed attention take the same path
@@ -344,15 +346,23 @@ class CachedAttention:
             # host without scores (no sync); keeping them all is plain dense attention.
             chunks = static_chunks(self.routing, n)
         record = self.recorder is not None and self.commit
+        pos, far = self.positions, self.positions is not None and self.positions.far_chunks(n) > 0
         sel = None
         if routes and chunks != list(range(n)):
             staged = chunks
             if chunks is None:  # top-k: select first, over the resident mean keys
-                sel = select_chunks(q, cache.mean_keys(layer), self.routing, backend=self._path)
+                mean_k = cache.mean_keys(layer)
+                sel = select_chunks(q, pos.mean_keys(mean_k, n) if far else mean_k, self.routing, backend=self._path)
                 staged, used = cache.staged_chunks(sel)  # a bounded cache: the union (its one host sync)
             hist_k, hist_v, _ = cache.history(layer, staged)
             cache.put_current(layer, k, v, staged)
             packed = (staged, n) if cache.packs and staged is not None else None
+            if far and packed is None and chunks is not None:
+                # window: read its few chunks packed, so only they are rotated (flat in the history)
+                hist_k, hist_v = (_gather(x, chunks, cache.chunk_tokens) for x in (hist_k, hist_v))
+                packed = (chunks, n)
+            if far:
+                hist_k = pos.keys(hist_k, cache.chunk_tokens, n, packed[0] if packed else None)
             if packed is None:
                 sel = _static_sel(q, n, chunks) if sel is None else sel
                 sel_a, chunks_a = sel, chunks
@@ -367,6 +377,8 @@ class CachedAttention:
                 sel = _static_sel(q, n, chunks)
         else:
             keys, values = cache.put_current(layer, k, v, chunks)
+            if far:
+                keys = pos.keys(keys, cache.chunk_tokens, n, chunks if cache.packs else None)
             if routes and record:
                 sel = _static_sel(q, n, chunks)
             out = attention(q, keys, values, None, self.backend)
@@ -375,6 +387,11 @@ class CachedAttention:
         if self.commit:
             cache.put_mean(layer, k)
         return out
+
+
+def _gather(x: torch.Tensor, chunks: list[int], chunk_tokens: int) -> torch.Tensor:
+    """The chunks `chunks` (ascending) of x [B, Hh, n*T, D], packed: [B, Hh, len(chunks)*T, D]."""
+    return torch.cat([x[:, :, a * chunk_tokens:b * chunk_tokens] for a, b in index_runs(chunks)], dim=2)
 
 
 def _packed_columns(sel: torch.Tensor, used: torch.Tensor, count: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
-from .attention.spec import AttentionBackend, RoutingSpec
+from .attention.spec import AttentionBackend, RoutingSpec, check_rope_horizon
 from .typed_yaml import ConfigError, apply_overrides, build
 
 
@@ -85,6 +85,10 @@ class AttentionConfig:
     # auto picks the fastest available on the device; see attention/backends.py.
     backend: AttentionBackend = "auto"
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # Far-history positions at sampling (attention/positions.py): history chunks more than this many
+    # chunks back are read as if this many back, so no RoPE distance exceeds what training showed
+    # (a training clip's chunks - 1). null = absolute positions (Wan, the paper).
+    rope_horizon: Optional[int] = None
 
 
 @dataclass
@@ -316,6 +320,10 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
                                or not all(0 <= i < m.num_layers for i in layers)):
         raise ConfigError(f"attention.routing.layers={layers}: must be distinct block indices in [0, {m.num_layers - 1}] "
                           "(model.num_layers blocks), or null for all")
+    try:
+        check_rope_horizon(cfg.attention.rope_horizon, "attention.rope_horizon")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     d = cfg.diffusion
     check_sampling(d.sample_steps, d.sample_shift, d.cfg_scale, d.context_t,
                    names=("diffusion.sample_steps", "diffusion.sample_shift", "diffusion.cfg_scale", "diffusion.context_t"))

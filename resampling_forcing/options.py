@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .attention.spec import RoutingSpec, routing_spec
+from .attention.spec import RoutingSpec, check_rope_horizon, routing_spec
 from .config import DiffusionConfig, check_sampling
 from .models.loading import DTYPES
 
@@ -41,6 +41,8 @@ class SamplingOptions:
     kv_resident_chunks: Optional[int] = None
     # dtype of the host tier ("bf16" | "fp16" | "fp32"; None = the model's): smaller is lossy.
     kv_host_dtype: Optional[str] = None
+    # Far history read at this many chunks back (attention/positions.py); None = absolute positions.
+    rope_horizon: Optional[int] = None
 
     def __post_init__(self) -> None:
         # The runtime check of every field: options are also built directly (tests, bench), not
@@ -54,6 +56,7 @@ class SamplingOptions:
             raise ValueError(f"kv_host_dtype must be one of {', '.join(KV_HOST_DTYPES)} (got {self.kv_host_dtype!r})")
         if self.kv_host_dtype is not None and self.kv_resident_chunks is None:
             raise ValueError("kv_host_dtype needs kv_resident_chunks N (it is the dtype of the host tier)")
+        check_rope_horizon(self.rope_horizon)
         if self.routing is not None and not isinstance(self.routing, RoutingSpec):
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
         if not isinstance(self.record_selection, bool):
@@ -75,8 +78,8 @@ class SamplingOptions:
                     backend: Optional[str] = None, **overrides) -> "SamplingOptions":
         """Options from a resolved `Config` (diffusion.* sampling keys, attention.*), then the
         overrides that are not None (steps, shift, cfg_scale, context_t, record_selection,
-        kv_resident_chunks, kv_host_dtype; `backend` a resolved name, default the config's
-        attention.backend resolved for `device`).
+        kv_resident_chunks, kv_host_dtype, rope_horizon: an int or "train" = a training clip's chunks
+        - 1; `backend` a resolved name, default the config's attention.backend resolved for `device`).
 
         Routing: `routing` a RoutingSpec (used as given) or a mode name (attention.spec.ROUTING_MODES);
         without a mode, `top_k` alone switches to topk and `window`/`sink` alone switch a dense
@@ -111,8 +114,11 @@ class SamplingOptions:
 
             backend = resolve_backend(cfg.attention.backend, device)
         values = dict(steps=d.sample_steps, shift=d.sample_shift, cfg_scale=d.cfg_scale, context_t=d.context_t,
-                      routing=spec, routing_layers=rc.layers, backend=backend, record_selection=rc.record)
+                      routing=spec, routing_layers=rc.layers, backend=backend, record_selection=rc.record,
+                      rope_horizon=cfg.attention.rope_horizon)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["rope_horizon"] == "train":  # the longest distance training showed, in chunks
+            values["rope_horizon"] = max(1, cfg.data.num_frames // cfg.model.chunk_frames - 1)
         return cls(**values)
 
     def to_dict(self) -> dict:

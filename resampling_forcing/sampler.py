@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .attention.positions import FarPositions
 from .cache import CachedAttention, KVCache, SelectionRecorder
 from .diffusion import add_noise, euler_schedule
 from .options import KV_HOST_DTYPES, SamplingOptions
@@ -169,12 +170,11 @@ class Rollout:
         self.recorder = SelectionRecorder() if self.options.record_selection else None
         self._sel_rows: dict[int, dict[int, np.ndarray]] = {}
         opt, wrap = self.options, (attn_wrapper or (lambda op: op))
-        self._denoise_op = wrap(CachedAttention(self.cache, opt.backend, routing=opt.routing,
-                                                routing_layers=opt.routing_layers))
-        self._commit_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, routing=opt.routing,
-                                               routing_layers=opt.routing_layers, recorder=self.recorder))
-        self._recache_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, routing=opt.routing,
-                                                routing_layers=opt.routing_layers))
+        attn_kw = dict(routing=opt.routing, routing_layers=opt.routing_layers,
+                       positions=FarPositions.for_model(model, opt.rope_horizon))
+        self._denoise_op = wrap(CachedAttention(self.cache, opt.backend, **attn_kw))
+        self._commit_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, recorder=self.recorder, **attn_kw))
+        self._recache_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, **attn_kw))
         self.pending: Optional[torch.Tensor] = None  # finished chunk not yet written into the cache
         # The model input of every cache-writing pass so far ([B, C, cf, h, w] fp32, after the
         # context_t re-noising): what `recache` runs again under a new text. Latent-sized, i.e.

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-host-dtype", choices=DTYPE_NAMES, default=None,
                    help="with --kv-resident-chunks: dtype of the host tier (smaller than --dtype halves its memory "
                    "but is no longer exact; default: the model's)")
+    p.add_argument("--rope-horizon", default=None, metavar="N|train",
+                   help="read history more than N chunks back as if N back (RoPE distances stay within training's; "
+                   "'train' = the checkpoint's training clip in chunks - 1); default: the config's "
+                   "attention.rope_horizon (null = absolute positions)")
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
@@ -204,7 +208,7 @@ def check_args(args) -> None:
 _FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks": "--sink",
           "attention.routing.window_chunks": "--window", "steps": "--steps", "shift": "--shift",
           "cfg_scale": "--cfg", "context_t": "--context-t", "kv_resident_chunks": "--kv-resident-chunks",
-          "kv_host_dtype": "--kv-host-dtype"}
+          "kv_host_dtype": "--kv-host-dtype", "rope_horizon": "--rope-horizon"}
 _ROUTING_WORDS = (("routing='dense' contradicts", "--routing dense contradicts"),
                   ("routing='window' contradicts", "--routing window contradicts"),
                   ("contradicts top_k=", "contradicts --top-k "), ("contradicts sink=", "contradicts --sink "),
@@ -217,6 +221,17 @@ _FLAG_RE = re.compile(r"(?:^|(?<=needs ))(" + "|".join(re.escape(k) for k in sor
                       + r")(?![\w])")
 
 
+def _horizon_arg(value: str | None):
+    """--rope-horizon: 'train' as is (SamplingOptions resolves it), a number as an int; anything else
+    passes through for the options' own one-line error."""
+    if value is None or value == "train":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def sampling_options(cfg, device, args):
     """The flags -> SamplingOptions over `cfg` (SamplingOptions.from_config: the one build and
     validation of the options); a bad value -> BadInput naming the flag."""
@@ -227,7 +242,8 @@ def sampling_options(cfg, device, args):
             cfg, device, routing=args.routing, top_k=args.top_k, sink=args.sink, window=args.window,
             steps=args.steps, shift=args.shift, cfg_scale=args.cfg, context_t=args.context_t,
             record_selection=True if args.record_selection else None,
-            kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype)
+            kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype,
+            rope_horizon=_horizon_arg(args.rope_horizon))
     except (ValueError, TypeError) as e:
         msg = _FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], str(e).strip().splitlines()[0])
         for name, flag in _ROUTING_WORDS:  # the routing rules speak config (RoutingSpec); say the flags

@@ -80,3 +80,11 @@ def routing_spec(cfg: RoutingSpec | None) -> RoutingSpec | None:
     if cfg is None or cfg.mode == "dense":
         return None
     return RoutingSpec(cfg.mode, cfg.top_k, cfg.sink_chunks, cfg.window_chunks)
+
+
+def check_rope_horizon(value, name: str = "rope_horizon") -> None:
+    """The rule of the far-history horizon (attention/positions.py), for its every spelling (config key
+    attention.rope_horizon, SamplingOptions.rope_horizon, the sample CLI): None or an int >= 1 (chunks)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an int >= 1 (history chunks; e.g. a training clip's chunks - 1), "
+                         f"got {value!r}; omit it (null) for absolute positions")

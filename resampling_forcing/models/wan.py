@@ -74,6 +74,19 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
+def _axis_freqs(d: int, theta: float, device=None) -> torch.Tensor:
+    """Angle per unit position [d/2] (float64) of the d rotary dims of one axis."""
+    return 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+
+
+def rope_frame_freqs(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """Angle per (patched) frame of every rotary pair [D/2] (float64): the frame axis's frequencies,
+    0 on the row and column pairs. Rotating a key by `s * rope_frame_freqs` moves it s frames later."""
+    fd, hw, _ = rope_axis_dims(head_dim)
+    zeros = torch.zeros(hw, dtype=torch.float64, device=device)  # hw // 2 pairs per spatial axis
+    return torch.cat([_axis_freqs(fd, theta, device), zeros])
+
+
 def rope_cos_sin(frame_pos: torch.Tensor, rows: int, cols: int, head_dim: int, theta: float):
     """cos/sin [L, D/2] for tokens on a (frame, row, column) grid.
 
@@ -88,8 +101,7 @@ def rope_cos_sin(frame_pos: torch.Tensor, rows: int, cols: int, head_dim: int, t
         torch.arange(cols, dtype=torch.float64, device=device),
     ]
     for pos, d in zip(grids, rope_axis_dims(head_dim)):
-        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
-        parts.append(torch.outer(pos, inv))
+        parts.append(torch.outer(pos, _axis_freqs(d, theta, device)))
     fa, ra, ca = parts
     n_f, n_r, n_c = fa.shape[0], ra.shape[0], ca.shape[0]
     angles = torch.cat([

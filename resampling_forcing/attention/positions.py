@@ -1,0 +1,91 @@
+"""Far-history positions: read history chunks beyond a horizon as if they were at the horizon.
+
+A rollout's keys are cached with their absolute RoPE positions, so a chunk t chunks back is read at a
+relative frame distance that grows without bound, while training only ever showed distances within
+one clip. bench/rope_period.py measured what that costs: with a sink far behind a window, object
+fidelity swings with the period of a frame-axis RoPE frequency, i.e. with the rotary phase of a
+distance the model never saw. `FarPositions(horizon=H)` is the fix StreamingLLM and Rolling Forcing
+apply to their sinks, generalised to any routing: a history chunk more than H chunks back is read as
+if it were exactly H chunks back (its keys rotated forward on the frame axis; rows and columns keep
+their angles). With H = the training clip's chunks - 1 every distance the model reads was seen in
+training. Order among far chunks is lost (they share one position); near chunks are untouched.
+
+Rotations compose: the cached key of chunk c (rotated to its absolute position) times
+exp(i * s_c * omega), s_c = (n - H - c) chunks in frames, is the key at the remapped position; the
+cache keeps absolute keys (nothing accumulates over a rollout) and every call rotates what it reads.
+Mean keys (top-k's descriptors) rotate the same way, so selection scores what attention reads.
+Host integers only: the shifts come from the rollout's cursor, no device reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .selection import index_runs
+from .spec import check_rope_horizon
+
+
+@dataclass(frozen=True)
+class FarPositions:
+    """horizon: chunks (>= 1); freqs: angle per patched frame of each rotary pair [D/2] (float64, 0 on
+    the row/column pairs: models.wan.rope_frame_freqs); chunk_frames: patched frames per chunk."""
+
+    horizon: int
+    freqs: torch.Tensor
+    chunk_frames: int
+
+    def __post_init__(self) -> None:
+        if self.horizon is None:
+            raise ValueError("FarPositions needs a horizon (FarPositions.for_model(model, None) is None)")
+        check_rope_horizon(self.horizon)
+
+    @classmethod
+    def for_model(cls, model, horizon: int | None) -> "FarPositions | None":
+        """The positions of `model`'s rollouts (None when `horizon` is None: absolute positions)."""
+        if horizon is None:
+            return None
+        from ..models.wan import rope_frame_freqs
+
+        cfg = model.cfg
+        pt = cfg.patch_size[0]
+        return cls(horizon, rope_frame_freqs(cfg.dim // cfg.num_heads, cfg.rope_theta), cfg.chunk_frames // pt)
+
+    def far_chunks(self, n: int) -> int:
+        """How many history chunks (0 .. n-1, the current chunk is n) lie beyond the horizon."""
+        return max(0, n - self.horizon)
+
+    def _rotate(self, x: torch.Tensor, first_shift: int) -> torch.Tensor:
+        """x [B, Hh, m, ..., D] (m consecutive chunks, the first shifted by `first_shift` chunks, the
+        next by one less, ...) rotated on the frame axis; same dtype as x."""
+        m = x.shape[2]
+        shifts = torch.arange(first_shift, first_shift - m, -1, dtype=torch.float64, device=x.device)
+        angles = (shifts * self.chunk_frames)[:, None] * self.freqs.to(x.device)  # [m, D/2]
+        rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        rot = rot.reshape(m, *([1] * (x.dim() - 4)), -1)
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+    def keys(self, k: torch.Tensor, chunk_tokens: int, n: int, chunks: list[int] | None = None) -> torch.Tensor:
+        """k [B, Hh, L, D]: the keys of history chunks `chunks` (ascending; None = 0 .. m-1) packed in
+        that order, maybe followed by the current chunk's; returns k with the far ones rotated (k itself
+        when there are none: no copy)."""
+        cut = self.far_chunks(n)
+        listed = list(range(k.shape[2] // chunk_tokens)) if chunks is None else chunks
+        far = [c for c in listed if c < cut]  # a prefix: `listed` is ascending
+        if not far:
+            return k
+        parts, p = [], 0
+        for a, b in index_runs(far):
+            blk = k[:, :, p * chunk_tokens:(p + b - a) * chunk_tokens].unflatten(2, (b - a, chunk_tokens))
+            parts.append(self._rotate(blk, cut - a).flatten(2, 3))
+            p += b - a
+        return torch.cat(parts + [k[:, :, p * chunk_tokens:]], dim=2)
+
+    def mean_keys(self, mean_k: torch.Tensor, n: int) -> torch.Tensor:
+        """Mean keys [B, Hh, n, D] of chunks 0 .. n-1 with the far ones rotated (rotation is linear: the
+        mean of the rotated keys)."""
+        cut = self.far_chunks(n)
+        if cut == 0:
+            return mean_k
+        return torch.cat([self._rotate(mean_k[:, :, :cut], cut), mean_k[:, :, cut:]], dim=2)

@@ -1,0 +1,172 @@
+"""Far-history positions (attention/positions.py): a history chunk more than H chunks back is read as if
+H chunks back. Checked against plain twins that rotate pre-RoPE keys at the remapped positions with the
+model's own RoPE (models.wan.rope_cos_sin) and attend with the reference selection and attention."""
+import dataclasses
+
+import pytest
+import torch
+
+from resampling_forcing.attention.positions import FarPositions
+from resampling_forcing.attention.reference import routed_attention_reference, select_chunks_reference
+from resampling_forcing.attention.spec import RoutingSpec
+from resampling_forcing.cache import CachedAttention, KVCache, SelectionRecorder, TieredKVCache
+from resampling_forcing.models.wan import apply_rope, rope_cos_sin, rope_frame_freqs
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import sample
+from helpers import load_sample_cli, tiny_model, tiny_run_config
+from train_helpers import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+THETA = 10000.0
+
+
+def _positions(n, horizon, cf):
+    """Frame positions [n*cf] of history chunks 0..n-1 as read from chunk n: the plain rule."""
+    return torch.tensor([(c if n - c <= horizon else n - horizon) * cf + f for c in range(n) for f in range(cf)])
+
+
+def _rope(x, frames, rows, cols):
+    """Pre-RoPE x [B, Hh, len(frames)*rows*cols, D] rotated at frame positions `frames`."""
+    cos, sin = rope_cos_sin(frames, rows, cols, x.shape[-1], THETA)
+    return apply_rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("n, horizon, cf, rows, cols, d, chunks", [
+    (7, 2, 3, 1, 5, 12, None),          # 5 tokens per chunk, 2 frame pairs
+    (9, 3, 1, 3, 3, 18, [0, 2, 3, 6, 7]),  # packed, two far runs and near chunks
+    (5, 1, 2, 2, 1, 24, [1, 4]),
+    (4, 6, 2, 1, 3, 12, None),          # horizon beyond the history: nothing moves
+])
+def test_keys_are_the_keys_at_the_remapped_positions(n, horizon, cf, rows, cols, d, chunks):
+    g = torch.Generator().manual_seed(n)
+    T = cf * rows * cols
+    listed = list(range(n)) if chunks is None else chunks
+    x = torch.randn(2, 3, n * T, d, generator=g)
+    absolute = _rope(x, torch.arange(n * cf), rows, cols)
+    want = _rope(x, _positions(n, horizon, cf), rows, cols)
+    pick = lambda t: torch.cat([t[:, :, c * T:(c + 1) * T] for c in listed], dim=2)  # noqa: E731
+    cur = torch.randn(2, 3, T, d, generator=g)  # the current chunk's keys ride along untouched
+    pos = FarPositions(horizon, rope_frame_freqs(d, THETA), cf)
+    got = pos.keys(torch.cat([pick(absolute), cur], dim=2), T, n, chunks)
+    torch.testing.assert_close(got, torch.cat([pick(want), cur], dim=2), rtol=1e-5, atol=1e-5)
+    if n <= horizon:
+        assert torch.equal(got, torch.cat([pick(absolute), cur], dim=2))
+    else:  # not vacuous: the far keys did move
+        assert not torch.allclose(pick(want), pick(absolute), atol=1e-3)
+    means = pos.mean_keys(absolute.unflatten(2, (n, T)).mean(dim=3), n)
+    torch.testing.assert_close(means, want.unflatten(2, (n, T)).mean(dim=3), rtol=1e-5, atol=1e-5)
+
+
+def test_for_model_uses_the_models_rope_with_temporal_patching():
+    """FarPositions.for_model moves a key exactly as the model's own RoPE would place it (pt = 2)."""
+    model = tiny_model(patch_size=[2, 1, 1], chunk_frames=4, dim=36, num_heads=2)  # 2 patched frames/chunk
+    n, h = 6, 2
+    x = torch.randn(1, 2, n * 2 * 3 * 5, 18, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.rope(torch.arange(n * 4), 3, 5)
+    absolute = apply_rope(x, cos, sin)
+    remapped = torch.cat([torch.arange(c * 4, c * 4 + 4) if n - c <= h else torch.arange((n - h) * 4, (n - h) * 4 + 4)
+                          for c in range(n)])
+    cos2, sin2 = model.rope(remapped, 3, 5)
+    got = FarPositions.for_model(model, h).keys(absolute, 2 * 3 * 5, n)
+    torch.testing.assert_close(got, apply_rope(x, cos2, sin2), rtol=1e-5, atol=1e-5)
+    assert FarPositions.for_model(model, None) is None
+
+
+SPECS = {"dense": None, "window": RoutingSpec("window", sink_chunks=1, window_chunks=2),
+         "topk": RoutingSpec("topk", top_k=2, sink_chunks=1, window_chunks=1)}
+
+
+@pytest.mark.parametrize("mode", list(SPECS))
+@pytest.mark.parametrize("resident", [None, 2])
+@pytest.mark.parametrize("b, hh, cf, rows, cols, d, n, horizon", [(2, 2, 1, 1, 5, 12, 9, 3), (1, 3, 2, 1, 3, 18, 7, 1)])
+def test_cached_attention_equals_the_plain_twin(mode, resident, b, hh, cf, rows, cols, d, n, horizon):
+    spec, T = SPECS[mode], cf * rows * cols
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(b, hh, n * T, d, generator=g)  # history keys before RoPE
+    v = torch.randn(b, hh, n * T, d, generator=g)
+    absolute = _rope(x, torch.arange(n * cf), rows, cols)
+    cache = (KVCache(1, b, hh, d, T, "cpu", torch.float32, capacity=2) if resident is None else
+             TieredKVCache(1, b, hh, d, T, "cpu", torch.float32, capacity=2, resident_chunks=resident))
+    for c in range(n):
+        kc = absolute[:, :, c * T:(c + 1) * T]
+        cache.put_current(0, kc, v[:, :, c * T:(c + 1) * T], [])
+        cache.put_mean(0, kc)
+        cache.commit()
+    frames_now = torch.arange(n * cf, (n + 1) * cf)
+    q = _rope(torch.randn(b, hh, T, d, generator=g), frames_now, rows, cols)
+    k_cur = _rope(torch.randn(b, hh, T, d, generator=g), frames_now, rows, cols)
+    v_cur = torch.randn(b, hh, T, d, generator=g)
+    rec = SelectionRecorder()
+    op = CachedAttention(cache, "sdpa", commit=True, routing=spec, recorder=rec,
+                         positions=FarPositions(horizon, rope_frame_freqs(d, THETA), cf))
+    got = op(q, k_cur, v_cur, 0)
+    # the twin: keys at the remapped positions, reference selection over their means, one dense softmax
+    k_ref = _rope(x, _positions(n, horizon, cf), rows, cols)
+    if spec is None:
+        sel = torch.ones(b, hh, T, n, dtype=torch.bool)
+    else:
+        sel = select_chunks_reference(q, k_ref.unflatten(2, (n, T)).mean(dim=3), spec)
+        assert torch.equal(rec.entries[-1][2], sel)
+    want, _ = routed_attention_reference(q, k_ref, v, k_cur, v_cur, sel, T)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # not vacuous: absolute positions give another answer
+    plain = CachedAttention(cache, "sdpa", routing=spec)(q, k_cur, v_cur, 0)
+    assert not torch.allclose(plain, got, atol=1e-4)
+
+
+H, W = 2, 14
+
+
+def _ctx(seed, b=1):
+    return torch.randn(b, 5, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("routing", [None, RoutingSpec("window", sink_chunks=1, window_chunks=2),
+                                     RoutingSpec("topk", top_k=1, sink_chunks=1)], ids=["dense", "window", "topk"])
+def test_rollouts_with_a_horizon(routing):
+    model = tiny_model()
+    opts = SamplingOptions(steps=2, cfg_scale=2.0, routing=routing)
+    kw = dict(neg_context=_ctx(2), seed=5, decode=False)
+    absolute = sample(model, _ctx(1), 6, (H, W), options=opts, **kw).latents
+    # a horizon no rollout reaches changes nothing, bit for bit
+    wide = sample(model, _ctx(1), 6, (H, W), options=dataclasses.replace(opts, rope_horizon=6), **kw).latents
+    assert torch.equal(wide, absolute)
+    near = dataclasses.replace(opts, rope_horizon=2)
+    got = sample(model, _ctx(1), 6, (H, W), options=near, **kw).latents
+    # the first 3 chunks see no chunk beyond 2 back: the same; later ones differ
+    cf = model.cfg.chunk_frames
+    assert torch.equal(got[:, :, :3 * cf], absolute[:, :, :3 * cf])
+    assert not torch.allclose(got[:, :, 3 * cf:], absolute[:, :, 3 * cf:], atol=1e-4)
+    # the bounded cache reads the same repositioned keys: bit for bit
+    bounded = sample(model, _ctx(1), 6, (H, W), options=dataclasses.replace(near, kv_resident_chunks=1), **kw)
+    assert torch.equal(bounded.latents, got)
+
+
+def test_horizon_settings_and_errors():
+    cfg = tiny_run_config(data=dict(num_frames=12))  # 6 chunks of 2 frames: distances up to 5 chunks
+    assert SamplingOptions.from_config(cfg, rope_horizon="train").rope_horizon == 5
+    assert SamplingOptions.from_config(cfg).rope_horizon is None
+    assert SamplingOptions.from_config(tiny_run_config(attention=dict(rope_horizon=3))).rope_horizon == 3
+    for bad in (0, -1, True, 2.5, "far"):
+        with pytest.raises(ValueError, match=r"^rope_horizon must be an int >= 1"):
+            SamplingOptions(rope_horizon=bad)
+    from resampling_forcing.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^attention.rope_horizon must be an int >= 1"):
+        tiny_run_config(attention=dict(rope_horizon=0))
+
+
+def test_cli_rope_horizon(tmp_path, capsys):
+    import json
+
+    mod = load_sample_cli()
+    base = ["--checkpoint", str(REPO / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
+            "--num-chunks", "3", "--steps", "1", "--device", "cpu", "--quiet"]
+    assert mod.main(base + ["--rope-horizon", "train", "--output", str(tmp_path / "a.mp4")]) == 0
+    assert isinstance(json.loads((tmp_path / "a.json").read_text())["sampling"]["rope_horizon"], int)
+    capsys.readouterr()
+    for bad in ("0", "far"):
+        assert mod.main(base + ["--rope-horizon", bad, "--output", str(tmp_path / "x.mp4")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--rope-horizon must be an int >= 1" in err[0], err
+        assert not (tmp_path / "x.mp4").exists()
