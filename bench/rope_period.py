@@ -57,15 +57,22 @@ def _main(argv=None):
     p.add_argument("--routing", default="dense,sink1_window4,window5", help=f"comma list of {', '.join(ROUTINGS)}")
     p.add_argument("--frames", type=positive_int, default=192, help="frames per continuation (given chunk included)")
     p.add_argument("--clips", type=positive_int, default=32)
+    p.add_argument("--rope-horizon", default="none",
+                   help="comma list of far-history horizons to run each routing under: none (absolute positions), "
+                   "train (the training clip's chunks - 1) or a number of chunks; each is compared per clip "
+                   "with 'none' when that ran too")
     p.add_argument("--out", default=None, help="write the per-frame curves and periods as JSON here")
     args = p.parse_args(argv)
     routings = [r.strip() for r in args.routing.split(",") if r.strip()]
     bad = [r for r in routings if r not in ROUTINGS]
     if bad or not routings:
         raise BadInput(f"--routing {args.routing!r}: choose from {', '.join(ROUTINGS)}")
+    horizons = [h.strip() for h in args.rope_horizon.split(",") if h.strip()]
+    if not horizons or any(h not in ("none", "train") and not (h.isdigit() and int(h) >= 1) for h in horizons):
+        raise BadInput(f"--rope-horizon {args.rope_horizon!r}: a comma list of none, train or chunk counts >= 1")
     check_checkpoint("--checkpoint", args.checkpoint)
     check_out("--out", args.out, (".json",))
-    from resampling_forcing.ablation_eval import continue_clips, eval_clips
+    from resampling_forcing.ablation_eval import continue_clips, eval_clips, interval, sig, t_test
     from resampling_forcing.attention.routing import RoutingSpec
     from resampling_forcing.eval import evaluate_video
     from resampling_forcing.io import atomic_write_json
@@ -82,19 +89,32 @@ def _main(argv=None):
               "training_clip_frames": seg, "routing": {}}
     for name in routings:
         spec = ROUTINGS[name]
-        with torch.no_grad():
-            videos = continue_clips(pipe, clips, 1, routing=RoutingSpec(*spec) if spec else "dense", seed=0)
-        fid = np.array([[np.nan if s["object_fidelity"] is None else s["object_fidelity"]
-                         for s in evaluate_video(v, m["caption"], segment_frames=1)["segments"]]
-                        for v, (_, m) in zip(videos, clips)])
-        curve = np.nanmean(fid, axis=0)
-        period, power = peak_period(curve[seg:])
-        per_seg = curve[: args.frames // seg * seg].reshape(-1, seg).mean(axis=1)
-        result["routing"][name] = {"peak_period": period, "peak_power": round(power, 4),
-                                   "fidelity_per_segment": [round(float(x), 3) for x in per_seg],
-                                   "fidelity_per_frame": [round(float(x), 4) for x in curve]}
-        print(f"{name}: strongest period {period:g} frames (power {power:.3f}); fidelity per {seg}-frame segment "
-              f"{[round(float(x), 2) for x in per_seg]}", flush=True)
+        for h in horizons:
+            horizon = None if h == "none" else h if h == "train" else int(h)
+            with torch.no_grad():
+                videos = continue_clips(pipe, clips, 1, routing=RoutingSpec(*spec) if spec else "dense", seed=0,
+                                        rope_horizon=horizon)
+            fid = np.array([[np.nan if s["object_fidelity"] is None else s["object_fidelity"]
+                             for s in evaluate_video(v, m["caption"], segment_frames=1)["segments"]]
+                            for v, (_, m) in zip(videos, clips)])
+            curve = np.nanmean(fid, axis=0)
+            period, power = peak_period(curve[seg:])
+            per_seg = curve[: args.frames // seg * seg].reshape(-1, seg).mean(axis=1)
+            per_clip = np.nanmean(fid[:, seg:], axis=1)  # each clip beyond its first training clip
+            key = name if h == "none" else f"{name}@horizon_{h}"
+            row = {"rope_horizon": h, "peak_period": period, "peak_power": round(power, 4),
+                   "fidelity_beyond_training": interval(per_clip),
+                   "fidelity_per_segment": [round(float(x), 3) for x in per_seg],
+                   "fidelity_per_frame": [round(float(x), 4) for x in curve],
+                   "fidelity_per_clip": [round(float(x), 4) for x in per_clip]}
+            base = result["routing"].get(name)
+            if h != "none" and base is not None:
+                d = per_clip - np.array(base["fidelity_per_clip"])
+                row["vs_absolute"] = {**interval(d), "p": sig(t_test(d))}
+            result["routing"][key] = row
+            print(f"{key}: strongest period {period:g} frames (power {power:.3f}); fidelity beyond the training clip "
+                  f"{row['fidelity_beyond_training']}{'; vs absolute ' + str(row['vs_absolute']) if 'vs_absolute' in row else ''}; "
+                  f"per {seg}-frame segment {[round(float(x), 2) for x in per_seg]}", flush=True)
     if args.out:
         atomic_write_json(Path(args.out), result)
     return 0

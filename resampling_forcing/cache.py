@@ -33,6 +33,9 @@ i.e. one layer's history for dense attention but only the staged chunks for rout
 the rollout length for window routing, and for top-k while its selections stay coherent (the union
 can reach every chunk for incoherent per-token picks). Copies are enqueued on the current stream
 (non_blocking from/to pinned memory).
+
+Keys are cached at their absolute RoPE positions; `CachedAttention(positions=FarPositions(...))` reads
+history beyond a horizon as if at the horizon (attention/positions.py), rotating the keys a call reads.
 """
 from __future__ import annotations
 

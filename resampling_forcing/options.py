@@ -23,6 +23,13 @@ __all__ = ["SamplingOptions", "KV_HOST_DTYPES"]
 KV_HOST_DTYPES = DTYPES
 
 
+def training_horizon(cfg) -> int:
+    """The longest query-to-key distance (chunks) a training clip of `cfg` shows: its latent chunks - 1."""
+    from .memory import codec_geometry, latent_frames
+
+    return max(1, latent_frames(codec_geometry(cfg), cfg.data.num_frames) // cfg.model.chunk_frames - 1)
+
+
 @dataclass
 class SamplingOptions:
     """How a rollout samples: the resolved runtime form of the sampling keys of config.DiffusionConfig
@@ -117,8 +124,8 @@ class SamplingOptions:
                       routing=spec, routing_layers=rc.layers, backend=backend, record_selection=rc.record,
                       rope_horizon=cfg.attention.rope_horizon)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if values["rope_horizon"] == "train":  # the longest distance training showed, in chunks
-            values["rope_horizon"] = max(1, cfg.data.num_frames // cfg.model.chunk_frames - 1)
+        if values["rope_horizon"] == "train":
+            values["rope_horizon"] = training_horizon(cfg)
         return cls(**values)
 
     def to_dict(self) -> dict:

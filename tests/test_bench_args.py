@@ -77,6 +77,10 @@ CASES = [
     ("quality_sweep", ["--seeds", "0,x"], "--seeds"),
     ("rope_period", ["--routing", "bogus"], "--routing"),
     ("rope_period", ["--frames", "0"], "--frames"),
+    ("rope_period", ["--rope-horizon", "0"], "--rope-horizon"),
+    ("far_positions", ["--histories", "3"], "--histories"),  # not beyond the horizon: nothing to time
+    ("far_positions", ["--horizon", "0"], "--horizon"),
+    ("rope_period", ["--rope-horizon", "none,far"], "--rope-horizon"),
     ("rope_period", ["--checkpoint", "/nonexistent"], "--checkpoint"),
     ("kernels", ["--pattern", "bogus"], "--pattern"),  # was: exit 1
     ("kernels", ["--methods", "bogus"], "--methods"),  # was: silently timed nothing for it
@@ -114,7 +118,7 @@ def test_bad_argument_is_one_line_exit_2(script, args, flag, tmp_path, capsys):
 
 
 SCRIPTS = ["rollout", "routed_attention", "kv_offload", "train_step", "train_forward", "prompt_switch",
-           "quality_sweep", "kernels", "rope_period"]
+           "quality_sweep", "kernels", "rope_period", "far_positions"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

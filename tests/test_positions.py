@@ -11,7 +11,7 @@ from resampling_forcing.attention.reference import routed_attention_reference, s
 from resampling_forcing.attention.spec import RoutingSpec
 from resampling_forcing.cache import CachedAttention, KVCache, SelectionRecorder, TieredKVCache
 from resampling_forcing.models.wan import apply_rope, rope_cos_sin, rope_frame_freqs
-from resampling_forcing.options import SamplingOptions
+from resampling_forcing.options import SamplingOptions, training_horizon
 from resampling_forcing.sampler import sample
 from helpers import load_sample_cli, tiny_model, tiny_run_config
 from train_helpers import REPO
@@ -146,6 +146,9 @@ def test_horizon_settings_and_errors():
     cfg = tiny_run_config(data=dict(num_frames=12))  # 6 chunks of 2 frames: distances up to 5 chunks
     assert SamplingOptions.from_config(cfg, rope_horizon="train").rope_horizon == 5
     assert SamplingOptions.from_config(cfg).rope_horizon is None
+    wan = tiny_run_config(data=dict(num_frames=81, height=16, width=16), encoders=dict(vae="wan"),
+                          model=dict(in_channels=16, out_channels=16, chunk_frames=3))
+    assert training_horizon(wan) == 6  # 81 frames = 21 latent frames (Wan VAE) = 7 chunks of 3
     assert SamplingOptions.from_config(tiny_run_config(attention=dict(rope_horizon=3))).rope_horizon == 3
     for bad in (0, -1, True, 2.5, "far"):
         with pytest.raises(ValueError, match=r"^rope_horizon must be an int >= 1"):
@@ -170,3 +173,19 @@ def test_cli_rope_horizon(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--rope-horizon must be an int >= 1" in err[0], err
         assert not (tmp_path / "x.mp4").exists()
+
+
+def test_bench_far_positions_runs(tmp_path):
+    """bench/far_positions.py at a tiny shape: every (history, routing) row, both timings."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("far_positions", REPO / "bench" / "far_positions.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fp.json"
+    assert mod.main(["--tokens", "10", "--heads", "2", "--head-dim", "12", "--histories", "4,7", "--horizon", "2",
+                     "--top-k", "1", "--reps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["history"], r["mode"]) for r in rows] == [(n, m) for n in (4, 7) for m in ("dense", "window", "top1")]
+    assert all(r["absolute_s"] > 0 and r["horizon_s"] > 0 for r in rows)

@@ -48,8 +48,9 @@ class FarPositions:
         from ..models.wan import rope_frame_freqs
 
         cfg = model.cfg
-        pt = cfg.patch_size[0]
-        return cls(horizon, rope_frame_freqs(cfg.dim // cfg.num_heads, cfg.rope_theta), cfg.chunk_frames // pt)
+        device = next(model.parameters()).device  # made once where the keys live: no copy per call
+        return cls(horizon, rope_frame_freqs(cfg.dim // cfg.num_heads, cfg.rope_theta, device),
+                   cfg.chunk_frames // cfg.patch_size[0])
 
     def far_chunks(self, n: int) -> int:
         """How many history chunks (0 .. n-1, the current chunk is n) lie beyond the horizon."""
