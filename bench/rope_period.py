@@ -58,9 +58,11 @@ def _main(argv=None):
     p.add_argument("--frames", type=positive_int, default=192, help="frames per continuation (given chunk included)")
     p.add_argument("--clips", type=positive_int, default=32)
     p.add_argument("--rope-horizon", default="none",
-                   help="comma list of far-history horizons to run each routing under: none (absolute positions), "
-                   "train (the training clip's chunks - 1) or a number of chunks; each is compared per clip "
-                   "with 'none' when that ran too")
+                   help="comma list of far-history positions to run each routing under: none (absolute positions), "
+                   "train (horizon = the training clip's chunks - 1), H (horizon H chunks) or H:D (history beyond H "
+                   "chunks read at D chunks back); each is compared per clip with 'none' when that ran first")
+    p.add_argument("--split", default="eval", choices=["eval", "validation"],
+                   help="which held-out clip set (choose a setting on validation, report it on eval)")
     p.add_argument("--out", default=None, help="write the per-frame curves and periods as JSON here")
     args = p.parse_args(argv)
     routings = [r.strip() for r in args.routing.split(",") if r.strip()]
@@ -68,8 +70,9 @@ def _main(argv=None):
     if bad or not routings:
         raise BadInput(f"--routing {args.routing!r}: choose from {', '.join(ROUTINGS)}")
     horizons = [h.strip() for h in args.rope_horizon.split(",") if h.strip()]
-    if not horizons or any(h not in ("none", "train") and not (h.isdigit() and int(h) >= 1) for h in horizons):
-        raise BadInput(f"--rope-horizon {args.rope_horizon!r}: a comma list of none, train or chunk counts >= 1")
+    if not horizons or any(h not in ("none", "train") and not all(x.isdigit() and int(x) >= 1 for x in h.split(":", 1))
+                           for h in horizons):
+        raise BadInput(f"--rope-horizon {args.rope_horizon!r}: a comma list of none, train, H or H:D (chunks >= 1)")
     check_checkpoint("--checkpoint", args.checkpoint)
     check_out("--out", args.out, (".json",))
     from resampling_forcing.ablation_eval import continue_clips, eval_clips, interval, sig, t_test
@@ -82,18 +85,20 @@ def _main(argv=None):
     seg = pipe.config.data.num_frames
     if args.frames < 3 * seg:
         raise BadInput(f"--frames {args.frames}: at least 3 training clips ({3 * seg}) to see a period")
-    clips = eval_clips(pipe.config.data, args.clips, args.frames)
+    clips = eval_clips(pipe.config.data, args.clips, args.frames, split=args.split)
     periods = rope_periods(pipe)
     print(f"RoPE frame-axis periods of {args.checkpoint}: {periods} frames; training clip {seg} frames")
-    result = {"checkpoint": args.checkpoint, "frames": args.frames, "clips": args.clips, "rope_periods": periods,
+    result = {"checkpoint": args.checkpoint, "frames": args.frames, "clips": args.clips, "split": args.split,
+              "rope_periods": periods,
               "training_clip_frames": seg, "routing": {}}
     for name in routings:
         spec = ROUTINGS[name]
         for h in horizons:
-            horizon = None if h == "none" else h if h == "train" else int(h)
+            horizon, _, at = h.partition(":")
+            horizon = None if h == "none" else horizon if horizon == "train" else int(horizon)
             with torch.no_grad():
                 videos = continue_clips(pipe, clips, 1, routing=RoutingSpec(*spec) if spec else "dense", seed=0,
-                                        rope_horizon=horizon)
+                                        rope_horizon=horizon, rope_far_at=int(at) if at else None)
             fid = np.array([[np.nan if s["object_fidelity"] is None else s["object_fidelity"]
                              for s in evaluate_video(v, m["caption"], segment_frames=1)["segments"]]
                             for v, (_, m) in zip(videos, clips)])
@@ -101,7 +106,7 @@ def _main(argv=None):
             period, power = peak_period(curve[seg:])
             per_seg = curve[: args.frames // seg * seg].reshape(-1, seg).mean(axis=1)
             per_clip = np.nanmean(fid[:, seg:], axis=1)  # each clip beyond its first training clip
-            key = name if h == "none" else f"{name}@horizon_{h}"
+            key = name if h == "none" else f"{name}@horizon_{h.replace(':', '_at_')}"
             row = {"rope_horizon": h, "peak_period": period, "peak_power": round(power, 4),
                    "fidelity_beyond_training": interval(per_clip),
                    "fidelity_per_segment": [round(float(x), 3) for x in per_seg],

@@ -72,11 +72,11 @@ def eval_clips(data_cfg, num: int, frames: int, dataset_seed: int = 0,
 
 @torch.no_grad()
 def continue_clips(pipe, clips: Sequence[tuple[np.ndarray, dict]], given_chunks: int, routing=None,
-                   seed: int = 0, batch: int = 32, rope_horizon=None) -> np.ndarray:
+                   seed: int = 0, batch: int = 32, rope_horizon=None, rope_far_at=None) -> np.ndarray:
     """Continue each clip from its first ``given_chunks`` chunks to its full length with ``pipe``'s
-    sampler (config settings; ``routing`` a RoutingSpec or None = the config's; ``rope_horizon`` None =
-    the config's). Sample i uses the noise of (seed, i) whatever the batching, so arms see the same
-    noise. -> uint8 [B, F, H, W, 3]."""
+    sampler (config settings; ``routing`` a RoutingSpec or None = the config's; ``rope_horizon`` and
+    ``rope_far_at`` None = the config's). Sample i uses the noise of (seed, i) whatever the batching, so
+    arms see the same noise. -> uint8 [B, F, H, W, 3]."""
     total = clips[0][0].shape[0]
     given = pipe.vae.frames_for_latents(given_chunks * pipe.chunk_frames)
     new_chunks = pipe.vae.latents_for_frames(total) // pipe.chunk_frames - given_chunks
@@ -86,7 +86,7 @@ def continue_clips(pipe, clips: Sequence[tuple[np.ndarray, dict]], given_chunks:
         history = torch.cat([pipe.load_init_video(v[:given])[0] for v, _ in part])
         res = pipe.generate([m["caption"] for _, m in part], new_chunks, seed=seed,
                             indices=list(range(lo, lo + len(part))), init_latents=history, routing=routing,
-                            rope_horizon=rope_horizon, progress=True)
+                            rope_horizon=rope_horizon, rope_far_at=rope_far_at, progress=True)
         out.extend(res.video[i].numpy()[:total] for i in range(len(part)))
     return np.stack(out)
 

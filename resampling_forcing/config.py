@@ -89,6 +89,8 @@ class AttentionConfig:
     # chunks back are read as if this many back, so no RoPE distance exceeds what training showed
     # (a training clip's chunks - 1). null = absolute positions (Wan, the paper).
     rope_horizon: Optional[int] = None
+    # ... and read at this many chunks back instead of at the horizon (null = the horizon).
+    rope_far_at: Optional[int] = None
 
 
 @dataclass
@@ -321,7 +323,8 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         raise ConfigError(f"attention.routing.layers={layers}: must be distinct block indices in [0, {m.num_layers - 1}] "
                           "(model.num_layers blocks), or null for all")
     try:
-        check_rope_horizon(cfg.attention.rope_horizon, "attention.rope_horizon")
+        a = cfg.attention
+        check_rope_horizon(a.rope_horizon, a.rope_far_at, ("attention.rope_horizon", "attention.rope_far_at"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     d = cfg.diffusion

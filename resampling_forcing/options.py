@@ -50,6 +50,7 @@ class SamplingOptions:
     kv_host_dtype: Optional[str] = None
     # Far history read at this many chunks back (attention/positions.py); None = absolute positions.
     rope_horizon: Optional[int] = None
+    rope_far_at: Optional[int] = None  # ... and read at this many chunks back (None = at the horizon)
 
     def __post_init__(self) -> None:
         # The runtime check of every field: options are also built directly (tests, bench), not
@@ -63,7 +64,7 @@ class SamplingOptions:
             raise ValueError(f"kv_host_dtype must be one of {', '.join(KV_HOST_DTYPES)} (got {self.kv_host_dtype!r})")
         if self.kv_host_dtype is not None and self.kv_resident_chunks is None:
             raise ValueError("kv_host_dtype needs kv_resident_chunks N (it is the dtype of the host tier)")
-        check_rope_horizon(self.rope_horizon)
+        check_rope_horizon(self.rope_horizon, self.rope_far_at)
         if self.routing is not None and not isinstance(self.routing, RoutingSpec):
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
         if not isinstance(self.record_selection, bool):
@@ -85,8 +86,8 @@ class SamplingOptions:
                     backend: Optional[str] = None, **overrides) -> "SamplingOptions":
         """Options from a resolved `Config` (diffusion.* sampling keys, attention.*), then the
         overrides that are not None (steps, shift, cfg_scale, context_t, record_selection,
-        kv_resident_chunks, kv_host_dtype, rope_horizon: an int or "train" = a training clip's chunks
-        - 1; `backend` a resolved name, default the config's attention.backend resolved for `device`).
+        kv_resident_chunks, kv_host_dtype, rope_horizon (an int or "train" = a training clip's chunks
+        - 1), rope_far_at; `backend` a resolved name, default the config's attention.backend resolved for `device`).
 
         Routing: `routing` a RoutingSpec (used as given) or a mode name (attention.spec.ROUTING_MODES);
         without a mode, `top_k` alone switches to topk and `window`/`sink` alone switch a dense
@@ -122,7 +123,7 @@ class SamplingOptions:
             backend = resolve_backend(cfg.attention.backend, device)
         values = dict(steps=d.sample_steps, shift=d.sample_shift, cfg_scale=d.cfg_scale, context_t=d.context_t,
                       routing=spec, routing_layers=rc.layers, backend=backend, record_selection=rc.record,
-                      rope_horizon=cfg.attention.rope_horizon)
+                      rope_horizon=cfg.attention.rope_horizon, rope_far_at=cfg.attention.rope_far_at)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["rope_horizon"] == "train":
             values["rope_horizon"] = training_horizon(cfg)

@@ -171,7 +171,7 @@ class Rollout:
         self._sel_rows: dict[int, dict[int, np.ndarray]] = {}
         opt, wrap = self.options, (attn_wrapper or (lambda op: op))
         attn_kw = dict(routing=opt.routing, routing_layers=opt.routing_layers,
-                       positions=FarPositions.for_model(model, opt.rope_horizon))
+                       positions=FarPositions.for_model(model, opt.rope_horizon, opt.rope_far_at))
         self._denoise_op = wrap(CachedAttention(self.cache, opt.backend, **attn_kw))
         self._commit_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, recorder=self.recorder, **attn_kw))
         self._recache_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, **attn_kw))

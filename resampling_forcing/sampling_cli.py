@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read history more than N chunks back as if N back (RoPE distances stay within training's; "
                    "'train' = the checkpoint's training clip in chunks - 1); default: the config's "
                    "attention.rope_horizon (null = absolute positions)")
+    p.add_argument("--rope-far-at", type=int, default=None, metavar="D",
+                   help="with --rope-horizon: read the far chunks D chunks back instead of at the horizon")
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
@@ -208,7 +210,8 @@ def check_args(args) -> None:
 _FLAGS = {"attention.routing.top_k": "--top-k", "attention.routing.sink_chunks": "--sink",
           "attention.routing.window_chunks": "--window", "steps": "--steps", "shift": "--shift",
           "cfg_scale": "--cfg", "context_t": "--context-t", "kv_resident_chunks": "--kv-resident-chunks",
-          "kv_host_dtype": "--kv-host-dtype", "rope_horizon": "--rope-horizon"}
+          "kv_host_dtype": "--kv-host-dtype", "rope_horizon": "--rope-horizon",
+          "rope_far_at": "--rope-far-at"}
 _ROUTING_WORDS = (("routing='dense' contradicts", "--routing dense contradicts"),
                   ("routing='window' contradicts", "--routing window contradicts"),
                   ("contradicts top_k=", "contradicts --top-k "), ("contradicts sink=", "contradicts --sink "),
@@ -243,7 +246,7 @@ def sampling_options(cfg, device, args):
             steps=args.steps, shift=args.shift, cfg_scale=args.cfg, context_t=args.context_t,
             record_selection=True if args.record_selection else None,
             kv_resident_chunks=args.kv_resident_chunks, kv_host_dtype=args.kv_host_dtype,
-            rope_horizon=_horizon_arg(args.rope_horizon))
+            rope_horizon=_horizon_arg(args.rope_horizon), rope_far_at=args.rope_far_at)
     except (ValueError, TypeError) as e:
         msg = _FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], str(e).strip().splitlines()[0])
         for name, flag in _ROUTING_WORDS:  # the routing rules speak config (RoutingSpec); say the flags

@@ -81,6 +81,7 @@ CASES = [
     ("far_positions", ["--histories", "3"], "--histories"),  # not beyond the horizon: nothing to time
     ("far_positions", ["--horizon", "0"], "--horizon"),
     ("rope_period", ["--rope-horizon", "none,far"], "--rope-horizon"),
+    ("rope_period", ["--rope-horizon", "4:0"], "--rope-horizon"),
     ("rope_period", ["--checkpoint", "/nonexistent"], "--checkpoint"),
     ("kernels", ["--pattern", "bogus"], "--pattern"),  # was: exit 1
     ("kernels", ["--methods", "bogus"], "--methods"),  # was: silently timed nothing for it

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 THETA = 10000.0
 
 
-def _positions(n, horizon, cf):
+def _positions(n, horizon, cf, at=None):
     """Frame positions [n*cf] of history chunks 0..n-1 as read from chunk n: the plain rule."""
-    return torch.tensor([(c if n - c <= horizon else n - horizon) * cf + f for c in range(n) for f in range(cf)])
+    at = horizon if at is None else at
+    return torch.tensor([(c if n - c <= horizon else n - at) * cf + f for c in range(n) for f in range(cf)])
 
 
 def _rope(x, frames, rows, cols):
@@ -31,22 +32,24 @@ def _rope(x, frames, rows, cols):
     return apply_rope(x, cos, sin)
 
 
-@pytest.mark.parametrize("n, horizon, cf, rows, cols, d, chunks", [
-    (7, 2, 3, 1, 5, 12, None),          # 5 tokens per chunk, 2 frame pairs
-    (9, 3, 1, 3, 3, 18, [0, 2, 3, 6, 7]),  # packed, two far runs and near chunks
-    (5, 1, 2, 2, 1, 24, [1, 4]),
-    (4, 6, 2, 1, 3, 12, None),          # horizon beyond the history: nothing moves
+@pytest.mark.parametrize("n, horizon, at, cf, rows, cols, d, chunks", [
+    (7, 2, None, 3, 1, 5, 12, None),          # 5 tokens per chunk, 2 frame pairs
+    (9, 3, None, 1, 3, 3, 18, [0, 2, 3, 6, 7]),  # packed, two far runs and near chunks
+    (5, 1, None, 2, 2, 1, 24, [1, 4]),
+    (4, 6, None, 2, 1, 3, 12, None),          # horizon beyond the history: nothing moves
+    (9, 3, 1, 1, 3, 3, 18, [0, 2, 3, 6, 7]),  # far read nearer than the horizon
+    (8, 2, 5, 3, 1, 5, 12, None),             # ... and farther (some far chunks move back)
 ])
-def test_keys_are_the_keys_at_the_remapped_positions(n, horizon, cf, rows, cols, d, chunks):
+def test_keys_are_the_keys_at_the_remapped_positions(n, horizon, at, cf, rows, cols, d, chunks):
     g = torch.Generator().manual_seed(n)
     T = cf * rows * cols
     listed = list(range(n)) if chunks is None else chunks
     x = torch.randn(2, 3, n * T, d, generator=g)
     absolute = _rope(x, torch.arange(n * cf), rows, cols)
-    want = _rope(x, _positions(n, horizon, cf), rows, cols)
+    want = _rope(x, _positions(n, horizon, cf, at), rows, cols)
     pick = lambda t: torch.cat([t[:, :, c * T:(c + 1) * T] for c in listed], dim=2)  # noqa: E731
     cur = torch.randn(2, 3, T, d, generator=g)  # the current chunk's keys ride along untouched
-    pos = FarPositions(horizon, rope_frame_freqs(d, THETA), cf)
+    pos = FarPositions(horizon, rope_frame_freqs(d, THETA), cf, at)
     got = pos.keys(torch.cat([pick(absolute), cur], dim=2), T, n, chunks)
     torch.testing.assert_close(got, torch.cat([pick(want), cur], dim=2), rtol=1e-5, atol=1e-5)
     if n <= horizon:
@@ -78,8 +81,10 @@ SPECS = {"dense": None, "window": RoutingSpec("window", sink_chunks=1, window_ch
 
 @pytest.mark.parametrize("mode", list(SPECS))
 @pytest.mark.parametrize("resident", [None, 2])
-@pytest.mark.parametrize("b, hh, cf, rows, cols, d, n, horizon", [(2, 2, 1, 1, 5, 12, 9, 3), (1, 3, 2, 1, 3, 18, 7, 1)])
-def test_cached_attention_equals_the_plain_twin(mode, resident, b, hh, cf, rows, cols, d, n, horizon):
+@pytest.mark.parametrize("b, hh, cf, rows, cols, d, n, horizon, at", [(2, 2, 1, 1, 5, 12, 9, 3, None),
+                                                                     (1, 3, 2, 1, 3, 18, 7, 1, None),
+                                                                     (1, 2, 1, 1, 5, 12, 9, 3, 7)])
+def test_cached_attention_equals_the_plain_twin(mode, resident, b, hh, cf, rows, cols, d, n, horizon, at):
     spec, T = SPECS[mode], cf * rows * cols
     g = torch.Generator().manual_seed(7)
     x = torch.randn(b, hh, n * T, d, generator=g)  # history keys before RoPE
@@ -98,10 +103,10 @@ def test_cached_attention_equals_the_plain_twin(mode, resident, b, hh, cf, rows,
     v_cur = torch.randn(b, hh, T, d, generator=g)
     rec = SelectionRecorder()
     op = CachedAttention(cache, "sdpa", commit=True, routing=spec, recorder=rec,
-                         positions=FarPositions(horizon, rope_frame_freqs(d, THETA), cf))
+                         positions=FarPositions(horizon, rope_frame_freqs(d, THETA), cf, at))
     got = op(q, k_cur, v_cur, 0)
     # the twin: keys at the remapped positions, reference selection over their means, one dense softmax
-    k_ref = _rope(x, _positions(n, horizon, cf), rows, cols)
+    k_ref = _rope(x, _positions(n, horizon, cf, at), rows, cols)
     if spec is None:
         sel = torch.ones(b, hh, T, n, dtype=torch.bool)
     else:
@@ -153,10 +158,17 @@ def test_horizon_settings_and_errors():
     for bad in (0, -1, True, 2.5, "far"):
         with pytest.raises(ValueError, match=r"^rope_horizon must be an int >= 1"):
             SamplingOptions(rope_horizon=bad)
+        with pytest.raises(ValueError, match=r"^rope_far_at must be an int >= 1"):
+            SamplingOptions(rope_horizon=2, rope_far_at=bad)
+    with pytest.raises(ValueError, match=r"^rope_far_at needs rope_horizon"):
+        SamplingOptions(rope_far_at=3)
+    assert SamplingOptions.from_config(cfg, rope_horizon=4, rope_far_at=1).rope_far_at == 1
     from resampling_forcing.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"^attention.rope_horizon must be an int >= 1"):
         tiny_run_config(attention=dict(rope_horizon=0))
+    with pytest.raises(ConfigError, match=r"^attention.rope_far_at needs attention.rope_horizon"):
+        tiny_run_config(attention=dict(rope_far_at=2))
 
 
 def test_cli_rope_horizon(tmp_path, capsys):
@@ -168,10 +180,12 @@ def test_cli_rope_horizon(tmp_path, capsys):
     assert mod.main(base + ["--rope-horizon", "train", "--output", str(tmp_path / "a.mp4")]) == 0
     assert isinstance(json.loads((tmp_path / "a.json").read_text())["sampling"]["rope_horizon"], int)
     capsys.readouterr()
-    for bad in ("0", "far"):
-        assert mod.main(base + ["--rope-horizon", bad, "--output", str(tmp_path / "x.mp4")]) == 2
+    for bad, says in ((["--rope-horizon", "0"], "--rope-horizon must be an int >= 1"),
+                      (["--rope-horizon", "far"], "--rope-horizon must be an int >= 1"),
+                      (["--rope-far-at", "2"], "--rope-far-at needs --rope-horizon")):
+        assert mod.main(base + bad + ["--output", str(tmp_path / "x.mp4")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "--rope-horizon must be an int >= 1" in err[0], err
+        assert len(err) == 1 and says in err[0], err
         assert not (tmp_path / "x.mp4").exists()
 
 

@@ -9,9 +9,10 @@ apply to their sinks, generalised to any routing: a history chunk more than H ch
 if it were exactly H chunks back (its keys rotated forward on the frame axis; rows and columns keep
 their angles). With H = the training clip's chunks - 1 every distance the model reads was seen in
 training. Order among far chunks is lost (they share one position); near chunks are untouched.
+`far_at=D` reads the far chunks at D chunks back instead (the horizon still says which are far).
 
 Rotations compose: the cached key of chunk c (rotated to its absolute position) times
-exp(i * s_c * omega), s_c = (n - H - c) chunks in frames, is the key at the remapped position; the
+exp(i * s_c * omega), s_c = (n - D - c) chunks in frames (D = far_at or H), is the key at the remapped position; the
 cache keeps absolute keys (nothing accumulates over a rollout) and every call rotates what it reads.
 Mean keys (top-k's descriptors) rotate the same way, so selection scores what attention reads.
 Host integers only: the shifts come from the rollout's cursor, no device reads.
@@ -28,29 +29,36 @@ from .spec import check_rope_horizon
 
 @dataclass(frozen=True)
 class FarPositions:
-    """horizon: chunks (>= 1); freqs: angle per patched frame of each rotary pair [D/2] (float64, 0 on
-    the row/column pairs: models.wan.rope_frame_freqs); chunk_frames: patched frames per chunk."""
+    """horizon: chunks (>= 1) beyond which history is far; freqs: angle per patched frame of each rotary
+    pair [D/2] (float64, 0 on the row/column pairs: models.wan.rope_frame_freqs); chunk_frames: patched
+    frames per chunk; far_at: the distance (chunks) far history is read at, None = the horizon."""
 
     horizon: int
     freqs: torch.Tensor
     chunk_frames: int
+    far_at: int | None = None
 
     def __post_init__(self) -> None:
         if self.horizon is None:
             raise ValueError("FarPositions needs a horizon (FarPositions.for_model(model, None) is None)")
-        check_rope_horizon(self.horizon)
+        check_rope_horizon(self.horizon, self.far_at)
+
+    @property
+    def at(self) -> int:
+        return self.horizon if self.far_at is None else self.far_at
 
     @classmethod
-    def for_model(cls, model, horizon: int | None) -> "FarPositions | None":
+    def for_model(cls, model, horizon: int | None, far_at: int | None = None) -> "FarPositions | None":
         """The positions of `model`'s rollouts (None when `horizon` is None: absolute positions)."""
         if horizon is None:
+            check_rope_horizon(horizon, far_at)
             return None
         from ..models.wan import rope_frame_freqs
 
         cfg = model.cfg
         device = next(model.parameters()).device  # made once where the keys live: no copy per call
         return cls(horizon, rope_frame_freqs(cfg.dim // cfg.num_heads, cfg.rope_theta, device),
-                   cfg.chunk_frames // cfg.patch_size[0])
+                   cfg.chunk_frames // cfg.patch_size[0], far_at)
 
     def far_chunks(self, n: int) -> int:
         """How many history chunks (0 .. n-1, the current chunk is n) lie beyond the horizon."""
@@ -79,7 +87,7 @@ class FarPositions:
         parts, p = [], 0
         for a, b in index_runs(far):
             blk = k[:, :, p * chunk_tokens:(p + b - a) * chunk_tokens].unflatten(2, (b - a, chunk_tokens))
-            parts.append(self._rotate(blk, cut - a).flatten(2, 3))
+            parts.append(self._rotate(blk, n - self.at - a).flatten(2, 3))
             p += b - a
         return torch.cat(parts + [k[:, :, p * chunk_tokens:]], dim=2)
 
@@ -89,4 +97,4 @@ class FarPositions:
         cut = self.far_chunks(n)
         if cut == 0:
             return mean_k
-        return torch.cat([self._rotate(mean_k[:, :, :cut], cut), mean_k[:, :, cut:]], dim=2)
+        return torch.cat([self._rotate(mean_k[:, :, :cut], n - self.at), mean_k[:, :, cut:]], dim=2)

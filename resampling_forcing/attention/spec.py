@@ -82,9 +82,12 @@ def routing_spec(cfg: RoutingSpec | None) -> RoutingSpec | None:
     return RoutingSpec(cfg.mode, cfg.top_k, cfg.sink_chunks, cfg.window_chunks)
 
 
-def check_rope_horizon(value, name: str = "rope_horizon") -> None:
-    """The rule of the far-history horizon (attention/positions.py), for its every spelling (config key
-    attention.rope_horizon, SamplingOptions.rope_horizon, the sample CLI): None or an int >= 1 (chunks)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be an int >= 1 (history chunks; e.g. a training clip's chunks - 1), "
-                         f"got {value!r}; omit it (null) for absolute positions")
+def check_rope_horizon(horizon, far_at=None, names: tuple[str, str] = ("rope_horizon", "rope_far_at")) -> None:
+    """The rules of the far-history positions (attention/positions.py), for their every spelling (config
+    keys attention.rope_horizon / rope_far_at, SamplingOptions, the sample CLI): each None or an int >= 1
+    (chunks); far_at only with a horizon."""
+    for name, value, unset in ((names[0], horizon, "for absolute positions"), (names[1], far_at, "to read at the horizon")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 (history chunks), got {value!r}; omit it (null) {unset}")
+    if far_at is not None and horizon is None:
+        raise ValueError(f"{names[1]} needs {names[0]} (which chunks are far); set both or neither")

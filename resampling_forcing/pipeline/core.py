@@ -74,7 +74,8 @@ def _check_call(*, seed, indices, callback, progress, decode, options, negative_
 
 
 _OPTION_ARGS = ("steps", "shift", "cfg_scale", "context_t", "routing", "top_k", "sink", "window",
-                "record_selection", "kv_resident_chunks", "kv_host_dtype", "rope_horizon")
+                "record_selection", "kv_resident_chunks", "kv_host_dtype", "rope_horizon",
+                "rope_far_at")
 
 
 @dataclass
@@ -177,7 +178,7 @@ class Pipeline:
                          sink: Optional[int] = None, window: Optional[int] = None, **overrides) -> SamplingOptions:
         """The config's sampling settings with this call's overrides (SamplingOptions.from_config;
         None = the config's): steps, shift, cfg_scale, context_t, record_selection,
-        kv_resident_chunks, kv_host_dtype, rope_horizon, and routing: `routing` (a RoutingSpec, or a mode name
+        kv_resident_chunks, kv_host_dtype, rope_horizon, rope_far_at, and routing: `routing` (a RoutingSpec, or a mode name
         'dense' | 'topk' | 'window'); `top_k` alone switches to topk; `window`/`sink` alone switch a
         dense config to the sliding-window baseline (topk configs keep topk and get sink/window)."""
         try:
@@ -222,7 +223,8 @@ class Pipeline:
                  storyboard=None, switch_cache: str = "keep", height: Optional[int] = None,
                  width: Optional[int] = None, max_history_chunks: Optional[int] = None,
                  kv_resident_chunks: Optional[int] = None, kv_host_dtype: Optional[str] = None,
-                 rope_horizon: Optional[int] = None, options: Optional[SamplingOptions] = None,
+                 rope_horizon: Union[int, str, None] = None, rope_far_at: Optional[int] = None,
+                 options: Optional[SamplingOptions] = None,
                  callback: Optional[Callable] = None, progress: bool = False, decode: bool = True) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
@@ -246,7 +248,9 @@ class Pipeline:
         kv_host_dtype: "bf16" | "fp16" | "fp32" for the host tier (smaller than the model's: lossy).
         rope_horizon: history chunks more than this many back are read as if this many back (RoPE
         positions never beyond training's; attention/positions.py). None = the config's
-        attention.rope_horizon (null: absolute positions).
+        attention.rope_horizon (null: absolute positions); "train" = a training clip's chunks - 1.
+        rope_far_at: read those chunks at this many chunks back instead (None = the config's, null = at
+        the horizon).
         """
         check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
@@ -260,7 +264,7 @@ class Pipeline:
         overrides = dict(steps=steps, shift=shift, cfg_scale=cfg_scale, context_t=context_t, routing=routing,
                          top_k=top_k, sink=sink, window=window, record_selection=record_selection,
                          kv_resident_chunks=kv_resident_chunks, kv_host_dtype=kv_host_dtype,
-                         rope_horizon=rope_horizon)
+                         rope_horizon=rope_horizon, rope_far_at=rope_far_at)
         if options is None:
             opts = self.sampling_options(**overrides)
         elif any(v is not None for v in overrides.values()):
