@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from bench.common import BadInput, OneLineParser, check_checkpoint, check_out, positive_int, run_main  # noqa: E402
 
+SCORED = ("psnr", "motion_score", "color_acc", "collapse")  # scored against the truth, per training clip
 ROUTINGS = {"dense": None, "sink1_window4": ("window", None, 1, 4), "window5": ("window", None, 0, 5),
             "top1": ("topk", 1, 0, 0), "top5": ("topk", 5, 0, 0)}
 
@@ -75,7 +76,8 @@ def _main(argv=None):
         raise BadInput(f"--rope-horizon {args.rope_horizon!r}: a comma list of none, train, H or H:D (chunks >= 1)")
     check_checkpoint("--checkpoint", args.checkpoint)
     check_out("--out", args.out, (".json",))
-    from resampling_forcing.ablation_eval import continue_clips, eval_clips, interval, sig, t_test
+    from resampling_forcing.ablation_eval import (continue_clips, eval_clips, extrapolation_mean, interval, metric_arrays,
+                                                  score, sig, t_test)
     from resampling_forcing.attention.routing import RoutingSpec
     from resampling_forcing.eval import evaluate_video
     from resampling_forcing.io import atomic_write_json
@@ -106,20 +108,32 @@ def _main(argv=None):
             period, power = peak_period(curve[seg:])
             per_seg = curve[: args.frames // seg * seg].reshape(-1, seg).mean(axis=1)
             per_clip = np.nanmean(fid[:, seg:], axis=1)  # each clip beyond its first training clip
+            # the ablation's metrics against the true continuation, per training-clip segment, beyond the first
+            per_clip_metrics = {m: extrapolation_mean(a) for m, a in metric_arrays(score(videos, clips, seg)).items()
+                                if m in SCORED}
             key = name if h == "none" else f"{name}@horizon_{h.replace(':', '_at_')}"
             row = {"rope_horizon": h, "peak_period": period, "peak_power": round(power, 4),
                    "fidelity_beyond_training": interval(per_clip),
                    "fidelity_per_segment": [round(float(x), 3) for x in per_seg],
                    "fidelity_per_frame": [round(float(x), 4) for x in curve],
-                   "fidelity_per_clip": [round(float(x), 4) for x in per_clip]}
+                   "fidelity_per_clip": [round(float(x), 4) for x in per_clip],
+                   "metrics": {m: interval(v) for m, v in per_clip_metrics.items()},
+                   "metrics_per_clip": {m: [round(float(x), 4) for x in v] for m, v in per_clip_metrics.items()}}
             base = result["routing"].get(name)
             if h != "none" and base is not None:
                 d = per_clip - np.array(base["fidelity_per_clip"])
                 row["vs_absolute"] = {**interval(d), "p": sig(t_test(d))}
+                row["metrics_vs_absolute"] = {}
+                for m, v in per_clip_metrics.items():
+                    dm = v - np.array(base["metrics_per_clip"][m], dtype=float)
+                    row["metrics_vs_absolute"][m] = {**interval(dm), "p": sig(t_test(dm))}
             result["routing"][key] = row
             print(f"{key}: strongest period {period:g} frames (power {power:.3f}); fidelity beyond the training clip "
                   f"{row['fidelity_beyond_training']}{'; vs absolute ' + str(row['vs_absolute']) if 'vs_absolute' in row else ''}; "
                   f"per {seg}-frame segment {[round(float(x), 2) for x in per_seg]}", flush=True)
+            print(f"  {key} vs the true continuation: {row['metrics']}"
+                  f"{'; vs absolute ' + str(row['metrics_vs_absolute']) if 'metrics_vs_absolute' in row else ''}",
+                  flush=True)
     if args.out:
         atomic_write_json(Path(args.out), result)
     return 0
