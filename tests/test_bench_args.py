@@ -80,6 +80,8 @@ CASES = [
     ("rope_period", ["--rope-horizon", "0"], "--rope-horizon"),
     ("far_positions", ["--histories", "3"], "--histories"),  # not beyond the horizon: nothing to time
     ("far_positions", ["--horizon", "0"], "--horizon"),
+    ("sink_attention", ["--distances", "0-3"], "--distances"),
+    ("sink_attention", ["--chunk", "5"], "--chunk"),  # not beyond sink + window: the sink is not far
     ("rope_period", ["--rope-horizon", "none,far"], "--rope-horizon"),
     ("rope_period", ["--rope-horizon", "4:0"], "--rope-horizon"),
     ("rope_period", ["--checkpoint", "/nonexistent"], "--checkpoint"),
@@ -119,7 +121,8 @@ def test_bad_argument_is_one_line_exit_2(script, args, flag, tmp_path, capsys):
 
 
 SCRIPTS = ["rollout", "routed_attention", "kv_offload", "train_step", "train_forward", "prompt_switch",
-           "quality_sweep", "kernels", "rope_period", "far_positions"]
+           "quality_sweep", "kernels", "rope_period", "far_positions",
+           "sink_attention"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

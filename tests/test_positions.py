@@ -203,3 +203,19 @@ def test_bench_far_positions_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["history"], r["mode"]) for r in rows] == [(n, m) for n in (4, 7) for m in ("dense", "window", "top1")]
     assert all(r["absolute_s"] > 0 and r["horizon_s"] > 0 for r in rows)
+
+
+def test_bench_sink_attention_counterfactual_at_the_true_distance(tmp_path):
+    """bench/sink_attention.py: reading the sink at its own distance reproduces the rollout's share."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("sink_attention", REPO / "bench" / "sink_attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "s.json"
+    assert mod.main(["--clips", "1", "--chunk", "6", "--distances", "2,6", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["absolute_distance"] == 6
+    assert res["share"]["6"] == pytest.approx(res["absolute_share"], abs=1e-5)
+    assert res["share"]["2"] != pytest.approx(res["absolute_share"], abs=1e-3)
