@@ -53,7 +53,7 @@ def _main(argv=None):
     from resampling_forcing.timing import sync
 
     T, Hh, D = args.tokens, args.heads, args.head_dim
-    pos = FarPositions(args.horizon, rope_frame_freqs(D, 10000.0).to(device), 1)
+    pos = FarPositions(args.horizon, rope_frame_freqs(D, 10000.0, device), 1)
     modes = {"dense": None, "window": RoutingSpec("window", sink_chunks=args.sink, window_chunks=args.window)}
     modes.update({f"top{k}": RoutingSpec("topk", top_k=int(k)) for k in args.top_k.split(",")})
     g = torch.Generator(device=device).manual_seed(0)

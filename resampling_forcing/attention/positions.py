@@ -29,9 +29,10 @@ from .spec import check_rope_horizon
 
 @dataclass(frozen=True)
 class FarPositions:
-    """horizon: chunks (>= 1) beyond which history is far; freqs: angle per patched frame of each rotary
-    pair [D/2] (float64, 0 on the row/column pairs: models.wan.rope_frame_freqs); chunk_frames: patched
-    frames per chunk; far_at: the distance (chunks) far history is read at, None = the horizon."""
+    """horizon: chunks (>= 1) beyond which history is far; freqs: angle per patched frame of the frame
+    axis's rotary pairs [F/2], the first pairs of a head (float64: models.wan.rope_frame_freqs);
+    chunk_frames: patched frames per chunk; far_at: the distance (chunks) far history is read at, None =
+    the horizon."""
 
     horizon: int
     freqs: torch.Tensor
@@ -64,16 +65,17 @@ class FarPositions:
         """How many history chunks (0 .. n-1, the current chunk is n) lie beyond the horizon."""
         return max(0, n - self.horizon)
 
-    def _rotate(self, x: torch.Tensor, first_shift: int) -> torch.Tensor:
-        """x [B, Hh, m, ..., D] (m consecutive chunks, the first shifted by `first_shift` chunks, the
-        next by one less, ...) rotated on the frame axis; same dtype as x."""
-        m = x.shape[2]
+    def _rotate_(self, x: torch.Tensor, first_shift: int) -> None:
+        """Rotate x [B, Hh, m, ..., D] in place on the frame axis (its first F dims): m consecutive
+        chunks, the first shifted by `first_shift` chunks, the next by one less, ... Only the F frame dims
+        are touched (about a third of a Wan head), in fp32."""
+        m, f = x.shape[2], 2 * self.freqs.shape[0]
         shifts = torch.arange(first_shift, first_shift - m, -1, dtype=torch.float64, device=x.device)
-        angles = (shifts * self.chunk_frames)[:, None] * self.freqs.to(x.device)  # [m, D/2]
+        angles = (shifts * self.chunk_frames)[:, None] * self.freqs.to(x.device)  # [m, F/2]
         rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
         rot = rot.reshape(m, *([1] * (x.dim() - 4)), -1)
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+        xc = torch.view_as_complex(x[..., :f].float().unflatten(-1, (-1, 2)).contiguous())
+        x[..., :f] = torch.view_as_real(xc * rot).flatten(-2)
 
     def keys(self, k: torch.Tensor, chunk_tokens: int, n: int, chunks: list[int] | None = None) -> torch.Tensor:
         """k [B, Hh, L, D]: the keys of history chunks `chunks` (ascending; None = 0 .. m-1) packed in
@@ -84,12 +86,12 @@ class FarPositions:
         far = [c for c in listed if c < cut]  # a prefix: `listed` is ascending
         if not far:
             return k
-        parts, p = [], 0
+        out, p = k.clone(), 0
         for a, b in index_runs(far):
-            blk = k[:, :, p * chunk_tokens:(p + b - a) * chunk_tokens].unflatten(2, (b - a, chunk_tokens))
-            parts.append(self._rotate(blk, n - self.at - a).flatten(2, 3))
+            self._rotate_(out[:, :, p * chunk_tokens:(p + b - a) * chunk_tokens].unflatten(2, (b - a, chunk_tokens)),
+                          n - self.at - a)
             p += b - a
-        return torch.cat(parts + [k[:, :, p * chunk_tokens:]], dim=2)
+        return out
 
     def mean_keys(self, mean_k: torch.Tensor, n: int) -> torch.Tensor:
         """Mean keys [B, Hh, n, D] of chunks 0 .. n-1 with the far ones rotated (rotation is linear: the
@@ -97,4 +99,6 @@ class FarPositions:
         cut = self.far_chunks(n)
         if cut == 0:
             return mean_k
-        return torch.cat([self._rotate(mean_k[:, :, :cut], n - self.at), mean_k[:, :, cut:]], dim=2)
+        out = mean_k.clone()
+        self._rotate_(out[:, :, :cut], n - self.at)
+        return out

@@ -80,11 +80,10 @@ def _axis_freqs(d: int, theta: float, device=None) -> torch.Tensor:
 
 
 def rope_frame_freqs(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """Angle per (patched) frame of every rotary pair [D/2] (float64): the frame axis's frequencies,
-    0 on the row and column pairs. Rotating a key by `s * rope_frame_freqs` moves it s frames later."""
-    fd, hw, _ = rope_axis_dims(head_dim)
-    zeros = torch.zeros(hw, dtype=torch.float64, device=device)  # hw // 2 pairs per spatial axis
-    return torch.cat([_axis_freqs(fd, theta, device), zeros])
+    """Angle per (patched) frame of the frame axis's rotary pairs [F/2] (float64): the first F/2 pairs of
+    a head (rope_cos_sin's order). Rotating those pairs of a key by `s * rope_frame_freqs` moves it s
+    frames later; its row and column pairs stay."""
+    return _axis_freqs(rope_axis_dims(head_dim)[0], theta, device)
 
 
 def rope_cos_sin(frame_pos: torch.Tensor, rows: int, cols: int, head_dim: int, theta: float):
