@@ -1,19 +1,18 @@
-"""Far-history positions: read history chunks beyond a horizon as if they were at the horizon.
+"""Far-history positions: read history chunks beyond a horizon as if they were D chunks back.
 
-A rollout's keys are cached with their absolute RoPE positions, so a chunk t chunks back is read at a
-relative frame distance that grows without bound, while training only ever showed distances within
-one clip. bench/rope_period.py measured what that costs: with a sink far behind a window, object
-fidelity swings with the period of a frame-axis RoPE frequency, i.e. with the rotary phase of a
-distance the model never saw. `FarPositions(horizon=H)` is the fix StreamingLLM and Rolling Forcing
-apply to their sinks, generalised to any routing: a history chunk more than H chunks back is read as
-if it were exactly H chunks back (its keys rotated forward on the frame axis; rows and columns keep
-their angles). With H = the training clip's chunks - 1 every distance the model reads was seen in
-training. Order among far chunks is lost (they share one position); near chunks are untouched.
-`far_at=D` reads the far chunks at D chunks back instead (the horizon still says which are far).
+A rollout's keys are cached at their absolute RoPE positions, so a chunk t chunks back is read at a
+relative frame distance that grows without bound, while training only showed distances within one
+clip. bench/rope_period.py measured the consequence: with a sink far behind a window, object fidelity
+swings with the rotary phase of the sink's distance. `FarPositions(horizon=H, far_at=D)` makes that
+distance a setting, for any routing: a history chunk more than H chunks back is read as if it were D
+chunks back (default D = H, StreamingLLM's placement of its sinks): its keys are rotated on the frame
+axis; rows and columns keep their angles; near chunks are untouched; far chunks share one position.
+What it does to quality is measured, not assumed (docs/results.md#far-history-positions): on the
+ablation's model D = H = a trained distance makes the model ignore the sink, D = 12 keeps it in use.
 
 Rotations compose: the cached key of chunk c (rotated to its absolute position) times
-exp(i * s_c * omega), s_c = (n - D - c) chunks in frames (D = far_at or H), is the key at the remapped position; the
-cache keeps absolute keys (nothing accumulates over a rollout) and every call rotates what it reads.
+exp(i * s_c * omega), s_c = (n - D - c) chunks in frames, is the key at the remapped position. The cache
+keeps absolute keys (nothing accumulates over a rollout); every call rotates a copy of what it reads.
 Mean keys (top-k's descriptors) rotate the same way, so selection scores what attention reads.
 Host integers only: the shifts come from the rollout's cursor, no device reads.
 """
