@@ -85,11 +85,10 @@ class AttentionConfig:
     # auto picks the fastest available on the device; see attention/backends.py.
     backend: AttentionBackend = "auto"
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    # Far-history positions at sampling (attention/positions.py): history chunks more than this many
-    # chunks back are read as if this many back, so no RoPE distance exceeds what training showed
-    # (a training clip's chunks - 1). null = absolute positions (Wan, the paper).
+    # Far-history positions at sampling (attention/positions.py): history chunks more than rope_horizon
+    # chunks back are read as if rope_far_at (null: rope_horizon) chunks back. null = absolute positions
+    # (Wan, the paper). The good distance is model-specific: README "Far-history positions".
     rope_horizon: Optional[int] = None
-    # ... and read at this many chunks back instead of at the horizon (null = the horizon).
     rope_far_at: Optional[int] = None
 
 

@@ -87,7 +87,8 @@ class SamplingOptions:
         """Options from a resolved `Config` (diffusion.* sampling keys, attention.*), then the
         overrides that are not None (steps, shift, cfg_scale, context_t, record_selection,
         kv_resident_chunks, kv_host_dtype, rope_horizon (an int or "train" = a training clip's chunks
-        - 1), rope_far_at; `backend` a resolved name, default the config's attention.backend resolved for `device`).
+        - 1), rope_far_at; `backend` a resolved name, default the config's attention.backend resolved
+        for `device`).
 
         Routing: `routing` a RoutingSpec (used as given) or a mode name (attention.spec.ROUTING_MODES);
         without a mode, `top_k` alone switches to topk and `window`/`sink` alone switch a dense

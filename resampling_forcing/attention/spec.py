@@ -86,7 +86,8 @@ def check_rope_horizon(horizon, far_at=None, names: tuple[str, str] = ("rope_hor
     """The rules of the far-history positions (attention/positions.py), for their every spelling (config
     keys attention.rope_horizon / rope_far_at, SamplingOptions, the sample CLI): each None or an int >= 1
     (chunks); far_at only with a horizon."""
-    for name, value, unset in ((names[0], horizon, "for absolute positions"), (names[1], far_at, "to read at the horizon")):
+    for name, value, unset in ((names[0], horizon, "for absolute positions"),
+                               (names[1], far_at, "to read at the horizon")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1 (history chunks), got {value!r}; omit it (null) {unset}")
     if far_at is not None and horizon is None:

@@ -178,9 +178,10 @@ class Pipeline:
                          sink: Optional[int] = None, window: Optional[int] = None, **overrides) -> SamplingOptions:
         """The config's sampling settings with this call's overrides (SamplingOptions.from_config;
         None = the config's): steps, shift, cfg_scale, context_t, record_selection,
-        kv_resident_chunks, kv_host_dtype, rope_horizon, rope_far_at, and routing: `routing` (a RoutingSpec, or a mode name
-        'dense' | 'topk' | 'window'); `top_k` alone switches to topk; `window`/`sink` alone switch a
-        dense config to the sliding-window baseline (topk configs keep topk and get sink/window)."""
+        kv_resident_chunks, kv_host_dtype, rope_horizon, rope_far_at, and routing: `routing` (a
+        RoutingSpec, or a mode name 'dense' | 'topk' | 'window'); `top_k` alone switches to topk;
+        `window`/`sink` alone switch a dense config to the sliding-window baseline (topk configs keep
+        topk and get sink/window)."""
         try:
             return SamplingOptions.from_config(self.config, self.device, routing=routing, top_k=top_k, sink=sink,
                                                window=window, backend=self.backend, **overrides)
@@ -246,11 +247,10 @@ class Pipeline:
         kv_resident_chunks: bounded memory, at most that many finished chunks' K/V on the device, the
         rest in host memory (cache.TieredKVCache; the same output bit for bit). None = all resident.
         kv_host_dtype: "bf16" | "fp16" | "fp32" for the host tier (smaller than the model's: lossy).
-        rope_horizon: history chunks more than this many back are read as if this many back (RoPE
-        positions never beyond training's; attention/positions.py). None = the config's
+        rope_horizon: history chunks more than this many back are read as if `rope_far_at` (default this
+        many) chunks back (attention/positions.py; README "Far-history positions"). None = the config's
         attention.rope_horizon (null: absolute positions); "train" = a training clip's chunks - 1.
-        rope_far_at: read those chunks at this many chunks back instead (None = the config's, null = at
-        the horizon).
+        rope_far_at: the distance those chunks are read at (None = the config's; null = the horizon).
         """
         check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
