@@ -12,6 +12,7 @@ from resampling_forcing.attention.spec import RoutingSpec
 from resampling_forcing.cache import CachedAttention, KVCache, SelectionRecorder, TieredKVCache
 from resampling_forcing.models.wan import apply_rope, rope_cos_sin, rope_frame_freqs
 from resampling_forcing.options import SamplingOptions, training_horizon
+from resampling_forcing.pipeline import Pipeline
 from resampling_forcing.sampler import sample
 from helpers import load_sample_cli, tiny_model, tiny_run_config
 from train_helpers import REPO
@@ -178,7 +179,11 @@ def test_cli_rope_horizon(tmp_path, capsys):
     base = ["--checkpoint", str(REPO / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
             "--num-chunks", "3", "--steps", "1", "--device", "cpu", "--quiet"]
     assert mod.main(base + ["--rope-horizon", "train", "--output", str(tmp_path / "a.mp4")]) == 0
-    assert isinstance(json.loads((tmp_path / "a.json").read_text())["sampling"]["rope_horizon"], int)
+    assert json.loads((tmp_path / "a.json").read_text())["sampling"]["rope_horizon"] == training_horizon(
+        Pipeline.from_pretrained(REPO / "assets" / "tiny-pretrained").config)
+    assert mod.main(base + ["--rope-horizon", "1", "--rope-far-at", "3", "--output", str(tmp_path / "b.mp4")]) == 0
+    rec = json.loads((tmp_path / "b.json").read_text())["sampling"]
+    assert (rec["rope_horizon"], rec["rope_far_at"]) == (1, 3)
     capsys.readouterr()
     for bad, says in ((["--rope-horizon", "0"], "--rope-horizon must be an int >= 1"),
                       (["--rope-horizon", "far"], "--rope-horizon must be an int >= 1"),
