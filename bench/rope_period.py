@@ -43,6 +43,38 @@ def peak_period(curve: np.ndarray, lo: float = 8.0, hi: float = 60.0, step: floa
     return best
 
 
+def _scores(videos, clips, seg: int, frames: int) -> tuple[dict, dict]:
+    """Object fidelity of every frame (averaged over clips: the curve, its period, its per-segment means;
+    per clip: the mean beyond the first training clip) and the ablation's metrics against the true
+    continuation (per clip, the mean over the segments beyond the first) -> (the JSON row, the unrounded
+    per-clip arrays {"fidelity", *SCORED})."""
+    from resampling_forcing.ablation_eval import extrapolation_mean, interval, metric_arrays, score
+    from resampling_forcing.eval import evaluate_video
+
+    fid = np.array([[np.nan if s["object_fidelity"] is None else s["object_fidelity"]
+                     for s in evaluate_video(v, m["caption"], segment_frames=1)["segments"]]
+                    for v, (_, m) in zip(videos, clips)])
+    curve = np.nanmean(fid, axis=0)
+    period, power = peak_period(curve[seg:])
+    per_seg = curve[: frames // seg * seg].reshape(-1, seg).mean(axis=1)
+    per_clip = np.nanmean(fid[:, seg:], axis=1)
+    metrics = {m: extrapolation_mean(a) for m, a in metric_arrays(score(videos, clips, seg)).items() if m in SCORED}
+    row = {"peak_period": period, "peak_power": round(power, 4), "fidelity_beyond_training": interval(per_clip),
+           "fidelity_per_segment": [round(float(x), 3) for x in per_seg],
+           "fidelity_per_frame": [round(float(x), 4) for x in curve],
+           "fidelity_per_clip": [round(float(x), 4) for x in per_clip],
+           "metrics": {m: interval(v) for m, v in metrics.items()},
+           "metrics_per_clip": {m: [round(float(x), 4) for x in v] for m, v in metrics.items()}}
+    return row, {"fidelity": per_clip, **metrics}
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-clip difference a - b: mean, 95% t interval and the paired t test's p."""
+    from resampling_forcing.ablation_eval import interval, sig, t_test
+
+    return {**interval(a - b), "p": sig(t_test(a - b))}
+
+
 def rope_periods(pipe) -> list[float]:
     """2 pi / f for the frame-axis RoPE frequencies f of the model's heads (in latent frames)."""
     from resampling_forcing.models.wan import rope_axis_dims
@@ -76,10 +108,8 @@ def _main(argv=None):
         raise BadInput(f"--rope-horizon {args.rope_horizon!r}: a comma list of none, train, H or H:D (chunks >= 1)")
     check_checkpoint("--checkpoint", args.checkpoint)
     check_out("--out", args.out, (".json",))
-    from resampling_forcing.ablation_eval import (continue_clips, eval_clips, extrapolation_mean, interval, metric_arrays,
-                                                  score, sig, t_test)
+    from resampling_forcing.ablation_eval import continue_clips, eval_clips
     from resampling_forcing.attention.routing import RoutingSpec
-    from resampling_forcing.eval import evaluate_video
     from resampling_forcing.io import atomic_write_json
     from resampling_forcing.pipeline import Pipeline
 
@@ -93,6 +123,7 @@ def _main(argv=None):
     result = {"checkpoint": args.checkpoint, "frames": args.frames, "clips": args.clips, "split": args.split,
               "rope_periods": periods,
               "training_clip_frames": seg, "routing": {}}
+    absolute = {}  # routing -> its unrounded per-clip values at absolute positions
     for name in routings:
         spec = ROUTINGS[name]
         for h in horizons:
@@ -101,36 +132,19 @@ def _main(argv=None):
             with torch.no_grad():
                 videos = continue_clips(pipe, clips, 1, routing=RoutingSpec(*spec) if spec else "dense", seed=0,
                                         rope_horizon=horizon, rope_far_at=int(at) if at else None)
-            fid = np.array([[np.nan if s["object_fidelity"] is None else s["object_fidelity"]
-                             for s in evaluate_video(v, m["caption"], segment_frames=1)["segments"]]
-                            for v, (_, m) in zip(videos, clips)])
-            curve = np.nanmean(fid, axis=0)
-            period, power = peak_period(curve[seg:])
-            per_seg = curve[: args.frames // seg * seg].reshape(-1, seg).mean(axis=1)
-            per_clip = np.nanmean(fid[:, seg:], axis=1)  # each clip beyond its first training clip
-            # the ablation's metrics against the true continuation, per training-clip segment, beyond the first
-            per_clip_metrics = {m: extrapolation_mean(a) for m, a in metric_arrays(score(videos, clips, seg)).items()
-                                if m in SCORED}
+            row, per_clip = _scores(videos, clips, seg, args.frames)
+            row = {"rope_horizon": h, **row}
             key = name if h == "none" else f"{name}@horizon_{h.replace(':', '_at_')}"
-            row = {"rope_horizon": h, "peak_period": period, "peak_power": round(power, 4),
-                   "fidelity_beyond_training": interval(per_clip),
-                   "fidelity_per_segment": [round(float(x), 3) for x in per_seg],
-                   "fidelity_per_frame": [round(float(x), 4) for x in curve],
-                   "fidelity_per_clip": [round(float(x), 4) for x in per_clip],
-                   "metrics": {m: interval(v) for m, v in per_clip_metrics.items()},
-                   "metrics_per_clip": {m: [round(float(x), 4) for x in v] for m, v in per_clip_metrics.items()}}
-            base = result["routing"].get(name)
-            if h != "none" and base is not None:
-                d = per_clip - np.array(base["fidelity_per_clip"])
-                row["vs_absolute"] = {**interval(d), "p": sig(t_test(d))}
-                row["metrics_vs_absolute"] = {}
-                for m, v in per_clip_metrics.items():
-                    dm = v - np.array(base["metrics_per_clip"][m], dtype=float)
-                    row["metrics_vs_absolute"][m] = {**interval(dm), "p": sig(t_test(dm))}
+            if h == "none":
+                absolute[name] = per_clip
+            elif name in absolute:  # paired per clip with the absolute run of this routing
+                row["vs_absolute"] = _paired(per_clip["fidelity"], absolute[name]["fidelity"])
+                row["metrics_vs_absolute"] = {m: _paired(per_clip[m], absolute[name][m]) for m in SCORED}
             result["routing"][key] = row
-            print(f"{key}: strongest period {period:g} frames (power {power:.3f}); fidelity beyond the training clip "
-                  f"{row['fidelity_beyond_training']}{'; vs absolute ' + str(row['vs_absolute']) if 'vs_absolute' in row else ''}; "
-                  f"per {seg}-frame segment {[round(float(x), 2) for x in per_seg]}", flush=True)
+            print(f"{key}: strongest period {row['peak_period']:g} frames (power {row['peak_power']:.3f}); fidelity "
+                  f"beyond the training clip {row['fidelity_beyond_training']}"
+                  f"{'; vs absolute ' + str(row['vs_absolute']) if 'vs_absolute' in row else ''}; "
+                  f"per {seg}-frame segment {[round(x, 2) for x in row['fidelity_per_segment']]}", flush=True)
             print(f"  {key} vs the true continuation: {row['metrics']}"
                   f"{'; vs absolute ' + str(row['metrics_vs_absolute']) if 'metrics_vs_absolute' in row else ''}",
                   flush=True)

@@ -224,3 +224,23 @@ def test_bench_sink_attention_counterfactual_at_the_true_distance(tmp_path):
     assert res["absolute_distance"] == 6
     assert res["share"]["6"] == pytest.approx(res["absolute_share"], abs=1e-5)
     assert res["share"]["2"] != pytest.approx(res["absolute_share"], abs=1e-3)
+
+
+def test_bench_rope_period_pairs_runs_per_clip(tmp_path):
+    """bench/rope_period.py: a horizon beyond the rollout reproduces the absolute run, so every paired
+    difference is exactly 0 (p 1); a near one differs."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("rope_period", REPO / "bench" / "rope_period.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    assert mod.main(["--routing", "sink1_window4", "--rope-horizon", "none,40,4:12", "--frames", "36", "--clips", "2",
+                     "--split", "validation", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["split"] == "validation"
+    same, moved = res["routing"]["sink1_window4@horizon_40"], res["routing"]["sink1_window4@horizon_4_at_12"]
+    assert same["vs_absolute"]["mean"] == 0 and same["vs_absolute"]["p"] == 1
+    assert all(d["mean"] == 0 for d in same["metrics_vs_absolute"].values())
+    assert moved["fidelity_per_clip"] != res["routing"]["sink1_window4"]["fidelity_per_clip"]
