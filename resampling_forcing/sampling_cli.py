@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --kv-resident-chunks: dtype of the host tier (smaller than --dtype halves its memory "
                    "but is no longer exact; default: the model's)")
     p.add_argument("--rope-horizon", default=None, metavar="N|train",
-                   help="read history more than N chunks back as if N back (RoPE distances stay within training's; "
-                   "'train' = the checkpoint's training clip in chunks - 1); default: the config's "
-                   "attention.rope_horizon (null = absolute positions)")
+                   help="read history more than N chunks back as if N (or --rope-far-at D) chunks back; 'train' = "
+                   "the checkpoint's training clip in chunks - 1. Which distance helps is model-specific (README "
+                   "'Far-history positions'); default: the config's attention.rope_horizon (null = absolute)")
     p.add_argument("--rope-far-at", type=int, default=None, metavar="D",
                    help="with --rope-horizon: read the far chunks D chunks back instead of at the horizon")
     p.add_argument("--max-history-chunks", type=int, default=16,
