@@ -114,6 +114,8 @@ def _main(argv=None):
     from resampling_forcing.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.checkpoint, device="cpu")
+    pipe.config.attention.rope_horizon = pipe.config.attention.rope_far_at = None  # "none" = absolute, whatever
+    # the checkpoint's config says
     seg = pipe.config.data.num_frames
     if args.frames < 3 * seg:
         raise BadInput(f"--frames {args.frames}: at least 3 training clips ({3 * seg}) to see a period")

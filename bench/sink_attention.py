@@ -57,6 +57,7 @@ def _main(argv=None):
     from resampling_forcing.sampler import sample
 
     pipe = Pipeline.from_pretrained(args.checkpoint, device="cpu")
+    pipe.config.attention.rope_horizon = pipe.config.attention.rope_far_at = None  # the rollout at absolute positions
     cf = pipe.chunk_frames
     spec = RoutingSpec("window", sink_chunks=1, window_chunks=args.window)
     opts = pipe.sampling_options(routing=spec)

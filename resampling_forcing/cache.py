@@ -360,12 +360,15 @@ class CachedAttention:
             hist_k, hist_v, _ = cache.history(layer, staged)
             cache.put_current(layer, k, v, staged)
             packed = (staged, n) if cache.packs and staged is not None else None
+            if far and chunks is not None and chunks[0] >= pos.far_chunks(n):
+                far = False  # window: none of the chunks it reads is far
+            private = False
             if far and packed is None and chunks is not None:
-                # window: read its few chunks packed, so only they are rotated (flat in the history)
+                # window: read its few chunks packed (a private copy), so only they are rotated
                 hist_k, hist_v = (_gather(x, chunks, cache.chunk_tokens) for x in (hist_k, hist_v))
-                packed = (chunks, n)
+                packed, private = (chunks, n), True
             if far:
-                hist_k = pos.keys(hist_k, cache.chunk_tokens, n, packed[0] if packed else None)
+                hist_k = pos.keys(hist_k, cache.chunk_tokens, n, packed[0] if packed else None, in_place=private)
             if packed is None:
                 sel = _static_sel(q, n, chunks) if sel is None else sel
                 sel_a, chunks_a = sel, chunks

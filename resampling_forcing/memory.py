@@ -86,7 +86,8 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
 
 def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
                   history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None,
-                  kv_host_bytes: int | None = None, kv_staged_chunks: int | None = None) -> dict:
+                  kv_host_bytes: int | None = None, kv_staged_chunks: int | None = None,
+                  far_positions: bool = False) -> dict:
     """Lower bound of one rollout of `batch` videos: KV cache of every chunk, latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
     the decoded video. With `kv_resident_chunks` = R (cache.TieredKVCache) the device holds R + 1
@@ -94,7 +95,8 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     cache is host memory (`kv_host_bytes` per element there; None = dtype_bytes).
     `kv_staged_chunks`: the history chunks staged at once: None = all (dense attention); routed modes
     stage fewer: window sink + window, top-k the union of the selections, at least
-    `RoutingSpec.max_selected()` (flat in the rollout length while selections are coherent)."""
+    `RoutingSpec.max_selected()` (flat in the rollout length while selections are coherent).
+    `far_positions` (a rope_horizon): each call reads a rotated copy of one layer's read keys."""
     d, m = cfg.data, cfg.model
     geo = codec_geometry(cfg)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
@@ -110,6 +112,8 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
         "latents": 2 * batch * geo["channels"] * n * m.chunk_frames * h * w * 4,
         "block work": (2 if cfg_scale != 1.0 else 1) * batch * t * (5 * m.dim + m.ffn_dim) * dtype_bytes,
     }
+    if far_positions:  # attention/positions.py rotates a copy of the keys a call reads (one layer)
+        parts["far-position keys"] = staged * t * m.dim * dtype_bytes * batch
     host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
     if kv_resident_chunks is not None:
         host["kv cache (host tier)"] = (m.num_layers * 2 * max(0, n - kv_resident_chunks) * t * m.dim * batch
@@ -191,7 +195,8 @@ def rollout_need(cfg: Config, opts, num_chunks: int, batch: int, dtype_bytes: in
     routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
     return sample_memory(cfg, num_chunks, batch, dtype_bytes, history_chunks, opts.cfg_scale, opts.kv_resident_chunks,
                          DTYPE_BYTES.get(opts.kv_host_dtype),
-                         kv_staged_chunks=opts.routing.max_selected() if routed else None)
+                         kv_staged_chunks=opts.routing.max_selected() if routed else None,
+                         far_positions=opts.rope_horizon is not None)
 
 
 def check_fits(need: dict, device, what: str, fix: str) -> Optional[str]:

@@ -274,7 +274,10 @@ def run(args) -> int:
                                              resolve_device)
     from .pipeline.loading import check_model_overrides
 
-    sampling_options(Config(), "cpu", args)  # the flags' own values, before any file is read
+    early = Config()
+    if args.rope_far_at is not None and args.rope_horizon is None:
+        early.attention.rope_horizon = 1  # the checkpoint's config may set the horizon: checked once it is read
+    sampling_options(early, "cpu", args)  # the flags' own values, before any file is read
     input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
     t_load = time.perf_counter()
     try:

@@ -61,6 +61,21 @@ def test_keys_are_the_keys_at_the_remapped_positions(n, horizon, at, cf, rows, c
     torch.testing.assert_close(means, want.unflatten(2, (n, T)).mean(dim=3), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_keys_are_as_accurate_as_rope_applied_directly():
+    """In bf16 the keys are rounded twice (cached at their absolute position, then rotated) instead of
+    once: the error stays within 2x that of RoPE applied at the remapped positions directly in bf16 (both
+    against fp32; a wrong shift is off by ~7)."""
+    n, h, cf, rows, cols, d = 9, 2, 2, 3, 5, 24
+    x = torch.randn(2, 3, n * cf * rows * cols, d, generator=torch.Generator().manual_seed(1))
+    truth = _rope(x, _positions(n, h, cf, 12), rows, cols)
+    direct = _rope(x.bfloat16(), _positions(n, h, cf, 12), rows, cols)
+    got = FarPositions(h, rope_frame_freqs(d, THETA), cf, 12).keys(
+        _rope(x.bfloat16(), torch.arange(n * cf), rows, cols), cf * rows * cols, n)
+    assert got.dtype == torch.bfloat16
+    err_got, err_direct = (got.float() - truth).abs().max(), (direct.float() - truth).abs().max()
+    assert err_got <= 2 * err_direct, (err_got, err_direct)
+
+
 def test_for_model_uses_the_models_rope_with_temporal_patching():
     """FarPositions.for_model moves a key exactly as the model's own RoPE would place it (pt = 2)."""
     model = tiny_model(patch_size=[2, 1, 1], chunk_frames=4, dim=36, num_heads=2)  # 2 patched frames/chunk
@@ -127,11 +142,13 @@ def _ctx(seed, b=1):
     return torch.randn(b, 5, 8, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("routing", [None, RoutingSpec("window", sink_chunks=1, window_chunks=2),
-                                     RoutingSpec("topk", top_k=1, sink_chunks=1)], ids=["dense", "window", "topk"])
-def test_rollouts_with_a_horizon(routing):
+@pytest.mark.parametrize("routing, layers", [(None, None), (RoutingSpec("window", sink_chunks=1, window_chunks=2), None),
+                                             (RoutingSpec("topk", top_k=1, sink_chunks=1), None),
+                                             (RoutingSpec("topk", top_k=1), [1])],
+                         ids=["dense", "window", "topk", "topk-layer1"])
+def test_rollouts_with_a_horizon(routing, layers):
     model = tiny_model()
-    opts = SamplingOptions(steps=2, cfg_scale=2.0, routing=routing)
+    opts = SamplingOptions(steps=2, cfg_scale=2.0, routing=routing, routing_layers=layers)
     kw = dict(neg_context=_ctx(2), seed=5, decode=False)
     absolute = sample(model, _ctx(1), 6, (H, W), options=opts, **kw).latents
     # a horizon no rollout reaches changes nothing, bit for bit

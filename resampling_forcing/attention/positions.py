@@ -5,8 +5,9 @@ relative frame distance that grows without bound, while training only showed dis
 clip. bench/rope_period.py measured the consequence: with a sink far behind a window, object fidelity
 swings with the rotary phase of the sink's distance. `FarPositions(horizon=H, far_at=D)` makes that
 distance a setting, for any routing: a history chunk more than H chunks back is read as if it were D
-chunks back (default D = H, StreamingLLM's placement of its sinks): its keys are rotated on the frame
-axis; rows and columns keep their angles; near chunks are untouched; far chunks share one position.
+chunks back (default D = H, the oldest near chunk's position; StreamingLLM would put its sinks just
+before the window, D = H + 1): its keys are rotated on the frame axis; rows and columns keep their
+angles; near chunks are untouched; far chunks share one position.
 What it does to quality is measured, not assumed (docs/results.md#far-history-positions): on the
 ablation's model D = H = a trained distance makes the model ignore the sink, D = 12 keeps it in use.
 
@@ -76,16 +77,17 @@ class FarPositions:
         xc = torch.view_as_complex(x[..., :f].float().unflatten(-1, (-1, 2)).contiguous())
         x[..., :f] = torch.view_as_real(xc * rot).flatten(-2)
 
-    def keys(self, k: torch.Tensor, chunk_tokens: int, n: int, chunks: list[int] | None = None) -> torch.Tensor:
+    def keys(self, k: torch.Tensor, chunk_tokens: int, n: int, chunks: list[int] | None = None,
+             in_place: bool = False) -> torch.Tensor:
         """k [B, Hh, L, D]: the keys of history chunks `chunks` (ascending; None = 0 .. m-1) packed in
         that order, maybe followed by the current chunk's; returns k with the far ones rotated (k itself
-        when there are none: no copy)."""
+        when there are none: no copy). `in_place`: k is the caller's private copy, rotate it there."""
         cut = self.far_chunks(n)
         listed = list(range(k.shape[2] // chunk_tokens)) if chunks is None else chunks
         far = [c for c in listed if c < cut]  # a prefix: `listed` is ascending
         if not far:
             return k
-        out, p = k.clone(), 0
+        out, p = (k if in_place else k.clone()), 0
         for a, b in index_runs(far):
             self._rotate_(out[:, :, p * chunk_tokens:(p + b - a) * chunk_tokens].unflatten(2, (b - a, chunk_tokens)),
                           n - self.at - a)
