@@ -88,7 +88,8 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
                   history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None,
                   kv_host_bytes: int | None = None, kv_staged_chunks: int | None = None,
                   far_positions: bool = False) -> dict:
-    """Lower bound of one rollout of `batch` videos: KV cache of every chunk, latents, the live
+    """Lower bound of one rollout of `batch` videos: KV cache of every chunk (twice with CFG: the
+    conditional and unconditional caches are the two halves of the cache's batch), latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
     the decoded video. With `kv_resident_chunks` = R (cache.TieredKVCache) the device holds R + 1
     chunks of every layer plus ONE layer's staged history and the current chunk; the rest of the
@@ -104,20 +105,21 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     t = tokens_per_chunk(cfg, h, w)
     frames = pixel_frames(geo, n * m.chunk_frames)
     staged = n if kv_staged_chunks is None else min(n, kv_staged_chunks)
+    branches = 2 if cfg_scale != 1.0 else 1  # CFG: the cache (and what is read from it) holds both
     kv_chunks = (m.num_layers * n if kv_resident_chunks is None  # chunks of K and V on the device
                  else m.num_layers * min(n, kv_resident_chunks + 1) + staged + 1)  # ring + one layer's staging
     parts = {
         "weights": model_params(cfg) * dtype_bytes,
-        "kv cache": 2 * kv_chunks * t * m.dim * dtype_bytes * batch,
+        "kv cache": 2 * kv_chunks * t * m.dim * dtype_bytes * batch * branches,
         "latents": 2 * batch * geo["channels"] * n * m.chunk_frames * h * w * 4,
-        "block work": (2 if cfg_scale != 1.0 else 1) * batch * t * (5 * m.dim + m.ffn_dim) * dtype_bytes,
+        "block work": branches * batch * t * (5 * m.dim + m.ffn_dim) * dtype_bytes,
     }
     if far_positions:  # attention/positions.py rotates a copy of the keys a call reads (one layer)
-        parts["far-position keys"] = staged * t * m.dim * dtype_bytes * batch
+        parts["far-position keys"] = staged * t * m.dim * dtype_bytes * batch * branches
     host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
     if kv_resident_chunks is not None:
         host["kv cache (host tier)"] = (m.num_layers * 2 * max(0, n - kv_resident_chunks) * t * m.dim * batch
-                                        * (dtype_bytes if kv_host_bytes is None else kv_host_bytes))
+                                        * branches * (dtype_bytes if kv_host_bytes is None else kv_host_bytes))
     return _total(parts, host)
 
 

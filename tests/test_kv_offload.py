@@ -322,6 +322,8 @@ def test_sample_memory_bounded_estimate():
     assert kv(64, kv_resident_chunks=2, kv_staged_chunks=3) == kv(16, kv_resident_chunks=2, kv_staged_chunks=3) \
         == kv(3) + 4 * layer_chunk  # routed: flat
     assert kv(2, kv_resident_chunks=2, kv_staged_chunks=3) == kv(2) + 3 * layer_chunk
+    # CFG keeps a conditional and an unconditional cache (the two halves of the cache's batch)
+    assert kv(16, cfg_scale=5.0) == 2 * kv(16) and kv(16, cfg_scale=1.0) == kv(16)
 
 
 @pytest.mark.parametrize("case", ["window", "topk"])
