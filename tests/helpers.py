@@ -63,12 +63,17 @@ def save_checkpoint_for_tests(root, *, step=10, seed=0, ema=False, cfg=None, mod
     return root
 
 
-def load_sample_cli():
-    """sample/sample.py as a module (a script, not a package member), for calling its main(argv)."""
+def load_script(relpath: str, name: str):
+    """A script of the repository (e.g. "bench/rope_period.py": not a package member) as a module named
+    `name`, for calling its main(argv)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "sample" / "sample.py"
-    spec = importlib.util.spec_from_file_location("sample_cli", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relpath)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_sample_cli():
+    """sample/sample.py as a module, for calling its main(argv)."""
+    return load_script("sample/sample.py", "sample_cli")

@@ -2,6 +2,7 @@
 H chunks back. Checked against plain twins that rotate pre-RoPE keys at the remapped positions with the
 model's own RoPE (models.wan.rope_cos_sin) and attend with the reference selection and attention."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from resampling_forcing.models.wan import apply_rope, rope_cos_sin, rope_frame_f
 from resampling_forcing.options import SamplingOptions, training_horizon
 from resampling_forcing.pipeline import Pipeline
 from resampling_forcing.sampler import sample
-from helpers import load_sample_cli, tiny_model, tiny_run_config
+from helpers import load_sample_cli, load_script, tiny_model, tiny_run_config
 from train_helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,8 +191,6 @@ def test_horizon_settings_and_errors():
 
 
 def test_cli_rope_horizon(tmp_path, capsys):
-    import json
-
     mod = load_sample_cli()
     base = ["--checkpoint", str(REPO / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
             "--num-chunks", "3", "--steps", "1", "--device", "cpu", "--quiet"]
@@ -213,12 +212,7 @@ def test_cli_rope_horizon(tmp_path, capsys):
 
 def test_bench_far_positions_runs(tmp_path):
     """bench/far_positions.py at a tiny shape: every (history, routing) row, both timings."""
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("far_positions", REPO / "bench" / "far_positions.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench/far_positions.py", "far_positions")
     out = tmp_path / "fp.json"
     assert mod.main(["--tokens", "10", "--heads", "2", "--head-dim", "12", "--histories", "4,7", "--horizon", "2",
                      "--top-k", "1", "--reps", "1", "--out", str(out)]) == 0
@@ -229,12 +223,7 @@ def test_bench_far_positions_runs(tmp_path):
 
 def test_bench_sink_attention_counterfactual_at_the_true_distance(tmp_path):
     """bench/sink_attention.py: reading the sink at its own distance reproduces the rollout's share."""
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("sink_attention", REPO / "bench" / "sink_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench/sink_attention.py", "sink_attention")
     out = tmp_path / "s.json"
     assert mod.main(["--clips", "1", "--chunk", "6", "--distances", "2,6", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -246,12 +235,7 @@ def test_bench_sink_attention_counterfactual_at_the_true_distance(tmp_path):
 def test_bench_rope_period_pairs_runs_per_clip(tmp_path):
     """bench/rope_period.py: a horizon beyond the rollout reproduces the absolute run, so every paired
     difference is exactly 0 (p 1); a near one differs."""
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("rope_period", REPO / "bench" / "rope_period.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench/rope_period.py", "rope_period")
     out = tmp_path / "r.json"
     assert mod.main(["--routing", "sink1_window4", "--rope-horizon", "none,40,4:12", "--frames", "36", "--clips", "2",
                      "--split", "validation", "--out", str(out)]) == 0
