@@ -48,12 +48,14 @@ def _main(argv=None):
     from resampling_forcing.attention.positions import FarPositions
     from resampling_forcing.attention.spec import RoutingSpec
     from resampling_forcing.cache import CachedAttention, KVCache
+    from resampling_forcing.config import ModelConfig
     from resampling_forcing.io import atomic_write_json
     from resampling_forcing.models.wan import rope_frame_freqs
     from resampling_forcing.timing import sync
 
     T, Hh, D = args.tokens, args.heads, args.head_dim
-    pos = FarPositions(args.horizon, rope_frame_freqs(D, 10000.0, device), 1)
+    # Wan's RoPE theta; one latent frame per chunk (temporal patch 1), as the --tokens default assumes
+    pos = FarPositions(args.horizon, rope_frame_freqs(D, ModelConfig.rope_theta, device), 1)
     modes = {"dense": None, "window": RoutingSpec("window", sink_chunks=args.sink, window_chunks=args.window)}
     modes.update({f"top{k}": RoutingSpec("topk", top_k=int(k)) for k in args.top_k.split(",")})
     g = torch.Generator(device=device).manual_seed(0)
