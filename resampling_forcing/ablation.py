@@ -16,7 +16,9 @@
    checkpoints: a rerun resumes an arm where it stopped).
 4. Evaluation (ablation_eval.py): the held-out EVAL clips continued from their first chunk to 8x the
    training clip, scored per segment against the truth (paired differences against tf with t intervals,
-   p-values and Holm's adjustment over the arms, per metric); each arm's exposure gap (calibration
+   p-values and Holm's adjustment over the arms, per metric), under each protocol of ``--protocols``
+   (ablation_report.py: dense attention, and a sliding window of the training clip's history that
+   measures error accumulation without the given chunk as an anchor); each arm's exposure gap (calibration
    clips); then the best arm but tf, chosen on the held-out VALIDATION clips (highest extrapolation
    object fidelity), under inference routing: dense, top-1, top-5, window 1, sink 1 + window 4. The three
    clip sets are disjoint (data.synthetic.HELD_OUT_SEED_BASES): nothing that tunes the experiment sees
@@ -308,7 +310,8 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
 
 
 def run(args) -> int:
-    from .ablation_eval import METRICS, eval_clips, extrapolation_mean, paired, plot_metric, sanity_check, interval
+    from .ablation_eval import METRICS, eval_clips, extrapolation_mean, plot_metric, sanity_check, interval
+    from .ablation_report import PROTOCOLS, eval_entry, parse_protocols, protocol_routing, table, with_holm
     from .data.synthetic import HELD_OUT_SEED_BASES
     from .config import ConfigError, load_config, synthetic_seed
     from .diagnose import DEFAULT_SHIFTS
@@ -330,6 +333,10 @@ def run(args) -> int:
         raise BadInput(f"--steps must be >= 1 (got {steps})")
     # every flag is checked here, before hours of training (they were read only when first used)
     check_seed("--seed", args.seed)
+    try:
+        protocols = parse_protocols(args.protocols)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     if args.routing_arm is not None and args.no_routing:
         raise BadInput("--routing-arm and --no-routing contradict each other; drop one")
     if args.routing_arm is not None and args.routing_arm not in arms:
@@ -407,6 +414,15 @@ def run(args) -> int:
         print(f"[ablation] evaluating {name}", flush=True)
         results[name] = _evaluate(name, arm_dirs[name], clips, preset, seg, out)
         results[name]["gap"] = _arm_gap(name, arm_dirs[name], out / "calibration", gap_n)
+    # ... and under the further protocols (ablation_report.PROTOCOLS), the warmup included
+    by_protocol = {}
+    for proto in protocols[1:]:
+        spec = protocol_routing(proto, base)
+        by_protocol[proto] = (spec, {})
+        for name in ["warmup"] + arms:
+            print(f"[ablation] evaluating {name} under {proto} attention", flush=True)
+            by_protocol[proto][1][name] = _evaluate(f"{name} {proto}", warmup if name == "warmup" else arm_dirs[name],
+                                                    clips, preset, seg, out, routing=spec)
 
     # the best arm, chosen on the validation clips (the eval clips only report it); only when it is used
     val_n = args.val_clips or preset.val_clips
@@ -433,16 +449,19 @@ def run(args) -> int:
     # 6. report
     def arm_entry(name):
         r = results[name]
-        d = dict(summary=r["summary"], eval_seconds=r["seconds"], gap=r["gap"],
-                 extrapolation={m: interval(extrapolation_mean(r["arrays"][m])) for m in METRICS})
-        if "tf" in results and name not in ("tf", "warmup"):  # the warmup is no arm of the Holm family
-            d["vs_tf"] = {m: paired(r["arrays"][m], results["tf"]["arrays"][m]) for m in METRICS}
+        d = eval_entry(r, results.get("tf") if name not in ("tf", "warmup") else None)  # warmup: no arm of the Holm family
+        d["gap"] = r["gap"]
         if name in validation:
             d["validation"] = validation[name]
         if name != "warmup":
             d["description"] = describe_arm(name)
             d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name])[2:4]
         return d
+
+    def protocol_entry(proto):
+        spec, res = by_protocol[proto]
+        return dict(description=PROTOCOLS[proto], routing=list(spec), arms=with_holm(
+            {n: eval_entry(r, res.get("tf") if n not in ("tf", "warmup") else None) for n, r in res.items()}, "vs_tf"))
 
     report = dict(
         command=" ".join(["python -m resampling_forcing.ablation"] + (args.argv or [])),
@@ -462,11 +481,9 @@ def run(args) -> int:
         calibration=calib, sanity=sanity, arms=with_holm({n: arm_entry(n) for n in ["warmup"] + arms}, "vs_tf"),
         best_arm=best, best_by=("extrapolation object_fidelity (then psnr) on the validation clips" if best else
                                 "not chosen (--no-routing or --routing-arm)"), routing_arm=routed,
-        routing=with_holm({k: dict(summary=v["summary"], eval_seconds=v["seconds"],
-                                   extrapolation={m: interval(extrapolation_mean(v["arrays"][m])) for m in METRICS},
-                                   **({} if k == "dense" else {"vs_dense": {
-                                       m: paired(v["arrays"][m], routing["dense"]["arrays"][m]) for m in METRICS}}))
+        routing=with_holm({k: eval_entry(v, None if k == "dense" else routing["dense"], "vs_dense")
                            for k, v in routing.items()}, "vs_dense"),
+        protocols={p: protocol_entry(p) for p in protocols[1:]},
         wall_seconds_this_run=round(time.perf_counter() - t_start, 1))
     # every invocation that built this folder (a resumed run is several): command and wall time each
     this = dict(command=report["command"], started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall)),
@@ -483,6 +500,9 @@ def run(args) -> int:
         if routing:
             plot_metric({k: v["summary"] for k, v in routing.items()}, m, seg, out / "plots" / f"routing_{m}.png",
                         title=f"{m}: {routed} under inference routing")
+        for proto, (_, res) in by_protocol.items():
+            plot_metric({n: r["summary"] for n, r in res.items()}, m, seg, out / "plots" / f"{proto}_{m}.png",
+                        title=f"{m}: continuing held-out clips, {proto} attention")
     print(table(report), flush=True)
     if args.report_dir:
         rd = Path(args.report_dir)
@@ -495,44 +515,6 @@ def run(args) -> int:
         print(f"[ablation] wrote {rd / (args.preset + '.json')} and its plots/sheets", flush=True)
     print(f"[ablation] done in {time.perf_counter() - t_start:.0f} s (this run; finished stages were reused)")
     return 0
-
-
-def with_holm(entries: dict, key: str) -> dict:
-    """Adds p_holm to every entry's `key` (vs_tf, vs_dense) [metric]: Holm's adjustment of one metric's
-    p-values over the entries that have one (the family a reader scans); both p's then rounded to 3
-    significant figures."""
-    from .ablation_eval import METRICS, holm, sig
-
-    compared = {n: e[key] for n, e in entries.items() if key in e}
-    for m in METRICS:
-        adjusted = holm({n: v[m]["p"] for n, v in compared.items()})
-        for n, v in compared.items():
-            v[m]["p"], v[m]["p_holm"] = sig(v[m]["p"]), sig(adjusted[n])
-    return entries
-
-
-def table(report: dict) -> str:
-    """Markdown: extrapolation means (95% interval) per arm, then the routing rows."""
-    cols = ("psnr", "center_error", "object_fidelity", "color_acc", "motion_score", "collapse")
-    rows = ["| arm | gap ratio | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-
-    def cell(s):
-        return "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
-
-    for name, a in list(report["arms"].items()) + [(f"{report['routing_arm']} {k}", v)
-                                                   for k, v in report["routing"].items()]:
-        gap = a.get("gap")
-        g = "" if not gap or gap.get("ratio") is None else f"{gap['ratio']:.3g}"
-        rows.append(f"| {name} | {g} | " + " | ".join(cell(a["extrapolation"][c]) for c in cols) + " |")
-    diffs = [(n, a["vs_tf"]) for n, a in report["arms"].items() if "vs_tf" in a]
-    if diffs:  # paired against tf, with Holm-adjusted p (over the arms, per metric)
-        def diff(v):
-            p = "" if v.get("p_holm") is None else f" (p_Holm {v['p_holm']:.2g})"
-            return "n/a" if v["mean"] is None else f"{v['mean']:+.3f} ± {v['ci95']:.3f}{p}"
-
-        rows += ["", "| arm - tf (paired) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        rows += [f"| {n} | " + " | ".join(diff(v[c]) for c in cols) + " |" for n, v in diffs]
-    return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="training seed of the arms (data order, noise draws; default "
                    "the config's train.seed): a replicate; the data set, warmup and evaluation clips stay the same")
     p.add_argument("--routing-arm", default=None, help="arm whose inference routing is evaluated (default: the best)")
+    p.add_argument("--protocols", default="dense,sliding", help="inference attention every arm is evaluated under "
+                   "(comma list, dense required): dense = the whole history; sliding = a window of the training "
+                   "clip's history, no sink (error accumulation without the given chunk as an anchor)")
     return p
 
 

@@ -68,16 +68,17 @@ def two_way_mean(d: np.ndarray) -> dict:
             "df": round(df, 2), "p": p, "sd_seed": round(math.sqrt(seed_part / n), 5)}
 
 
-def _arrays(folder: Path, arm: str, clips: int) -> tuple[dict[str, np.ndarray], dict]:
-    """An arm's per-clip arrays and its evaluation key (weights left out) from folder/eval/<arm>.npz."""
-    path = folder / "eval" / f"{arm}.npz"
+def _arrays(folder: Path, arm: str, clips: int, protocol: str = "dense", routing=None) -> tuple[dict[str, np.ndarray], dict]:
+    """An arm's per-clip arrays under `protocol` (its evaluation with inference `routing`, None = dense)
+    and its evaluation key (weights left out) from folder/eval/<arm>[_<protocol>].npz."""
+    path = folder / "eval" / (f"{arm}.npz" if protocol == "dense" else f"{arm}_{protocol}.npz")
     if not path.is_file():
-        raise BadInput(f"{folder}: no evaluation of arm {arm!r} ({path} is missing); rerun its ablation command")
+        raise BadInput(f"{folder}: no {protocol} evaluation of arm {arm!r} ({path} is missing); rerun its ablation command")
     with np.load(path) as z:
         arrays = {m: z[m] for m in METRICS if m in z.files}
         key = json.loads(str(z["key"])) if "key" in z.files else None
-    if key is None or key.get("routing") is not None or key.get("split", "eval") != "eval":
-        raise BadInput(f"{path} is not a dense evaluation of the eval clips with a cache key; rerun its ablation command")
+    if key is None or key.get("routing") != routing or key.get("split", "eval") != "eval":
+        raise BadInput(f"{path} is not a {protocol} evaluation of the eval clips with a cache key; rerun its ablation command")
     key.pop("weights", None)
     if any(a.shape[0] != clips for a in arrays.values()):
         raise BadInput(f"{path} holds {next(iter(arrays.values())).shape[0]} clips, its report {clips}; "
@@ -103,9 +104,21 @@ def _check_replicates(folders: Sequence[Path], reports: list[dict]) -> None:
         raise BadInput(f"the folders repeat a training seed ({seeds}); pool different --seed runs")
 
 
-def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS) -> dict:
-    """{arms: {arm: {metric: {pooled: two_way_mean + p_holm, seeds: [paired per seed]}}}, seeds, folders}.
-    Arms: those every folder evaluated, but tf (the reference) and the warmup."""
+def _protocol_arms(folder, report: dict, protocol: str) -> tuple[dict, list | None]:
+    """(the report's arm entries under `protocol`, its routing: None for dense)."""
+    if protocol == "dense":
+        return report["arms"], None
+    entry = report.get("protocols", {}).get(protocol)
+    if entry is None:
+        raise BadInput(f"{folder}: its report has no {protocol} evaluation; rerun its ablation command with "
+                       f"--protocols dense,{protocol}")
+    return entry["arms"], entry["routing"]
+
+
+def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, protocol: str = "dense") -> dict:
+    """{arms: {arm: {metric: {pooled: two_way_mean + p_holm, seeds: [paired per seed]}}}, seeds, folders},
+    of the evaluations under `protocol` (ablation_report.PROTOCOLS). Arms: those every folder evaluated,
+    but tf (the reference) and the warmup."""
     if len(folders) < 1:
         raise BadInput("name at least one ablation folder")
     reports = []
@@ -115,15 +128,19 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS) -> d
             raise BadInput(f"{f}: no report.json; is it an ablation --out folder of a finished run?")
         reports.append(json.loads(rp.read_text()))
     _check_replicates(folders, reports)
-    held = [set(r["arms"]) for r in reports]
+    entries = [_protocol_arms(f, r, protocol) for f, r in zip(folders, reports)]
+    routings = [rt for _, rt in entries]
+    if any(rt != routings[0] for rt in routings):
+        raise BadInput(f"the folders' {protocol} evaluations used different routings ({routings}); not replicates")
+    held = [set(a) for a, _ in entries]
     if not all("tf" in h for h in held):
         raise BadInput("every folder needs the tf arm (the reference of the paired differences)")
     common = set.intersection(*held) - {"warmup", "tf"}
-    arms = [a for a in reports[0]["arms"] if a in common]  # the first report's order
+    arms = [a for a in entries[0][0] if a in common]  # the first report's order
     clips = reports[0]["eval"]["clips"]
     loaded = {}
     for arm in ["tf", *arms]:
-        per = [_arrays(Path(f), arm, clips) for f in folders]
+        per = [_arrays(Path(f), arm, clips, protocol, routings[0]) for f in folders]
         for f, r, (_, key) in zip(folders[1:], reports[1:], per[1:]):
             if key != per[0][1]:
                 raise BadInput(f"{f}: arm {arm!r} was evaluated differently from {folders[0]} ({key} vs {per[0][1]})")
@@ -146,7 +163,7 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS) -> d
             for s in out[a][m]["seeds"]:
                 s["p"] = sig(s["p"])
     return dict(folders=[str(f) for f in folders], seeds=[r["train_seed"] for r in reports], clips=clips,
-                metrics=list(metrics), arms=out,
+                protocol=protocol, routing=routings[0], metrics=list(metrics), arms=out,
                 pooled="mean over clips and seeds; ci95 and p from a two-way (clip x seed) random-effects model, "
                        "Satterthwaite df; p_holm over the arms, per metric")
 
@@ -162,7 +179,8 @@ def table(result: dict) -> str:
     seeds = result["seeds"]
     rows = []
     for m in result["metrics"]:
-        rows += [f"**{m}**, arm - tf (extrapolation means, {result['clips']} clips, paired)", "",
+        where = "" if result.get("protocol", "dense") == "dense" else f", {result['protocol']} attention"
+        rows += [f"**{m}**, arm - tf (extrapolation means, {result['clips']} clips, paired{where})", "",
                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled over seeds |",
                  "|---" * (len(seeds) + 2) + "|"]
         for arm, per in result["arms"].items():
@@ -175,6 +193,7 @@ def build_parser():
     p = OneLineParser(prog="python -m resampling_forcing.ablation_seeds", description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", help="ablation --out folders of the same preset, one per training seed")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list of {', '.join(METRICS)}")
+    p.add_argument("--protocol", default="dense", help="the evaluations to pool: dense or sliding (ablation --protocols)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     return p
 
@@ -188,7 +207,11 @@ def _run(args) -> int:
     for f in args.folders:
         if not Path(f).is_dir():
             raise BadInput(f"{f}: not a folder")
-    result = pool([Path(f) for f in args.folders], metrics)
+    from .ablation_report import PROTOCOLS
+
+    if args.protocol not in PROTOCOLS:
+        raise BadInput(f"--protocol {args.protocol!r}: choose from {', '.join(PROTOCOLS)}")
+    result = pool([Path(f) for f in args.folders], metrics, args.protocol)
     print(table(result))
     if out is not None:
         from .io import atomic_write_json

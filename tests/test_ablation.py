@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import pytest
 
-from resampling_forcing.ablation import PRESETS, main, table, with_holm
+from resampling_forcing.ablation import PRESETS, main
+from resampling_forcing.ablation_report import table, with_holm
 from resampling_forcing.ablation_eval import (eval_clips, extrapolation_mean, metric_arrays, paired, sanity_check,
                                               score)
 from resampling_forcing.config import load_config
@@ -66,6 +67,17 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert "vs_tf" not in report["arms"]["warmup"]  # the Holm family is the arms
     assert all(set(e["vs_tf"]["psnr"]) >= {"p", "p_holm"} for n, e in report["arms"].items() if n not in ("tf", "warmup"))
     assert list(report["routing"]) == ["dense", "top-1", "top-5", "window 1", "sink 1 + window 4"]
+    # the sliding protocol (default --protocols dense,sliding): every arm and the warmup again, through a
+    # window of the training clip's history (4 chunks per SMALL clip -> 3), compared with tf under it
+    sl = report["protocols"]["sliding"]
+    assert sl["routing"] == ["window", None, 0, 3] and set(sl["arms"]) == set(report["arms"])
+    assert "vs_tf" not in sl["arms"]["warmup"] and "vs_tf" not in sl["arms"]["tf"]
+    assert all(set(sl["arms"][n]["vs_tf"]["object_fidelity"]) >= {"p", "p_holm"} for n in ("ar_rec", "ar_1step", "ramp"))
+    assert sl["arms"]["tf"]["summary"] != report["arms"]["tf"]["summary"]  # the window was applied
+    with np.load(out / "eval" / "tf_sliding.npz") as z:
+        assert json.loads(str(z["key"]))["routing"] == ["window", None, 0, 3]
+    assert (out / "plots" / "sliding_object_fidelity.png").is_file() and (out / "sheets" / "ramp_sliding.png").is_file()
+    assert "| arm, sliding - tf (paired) |" in table(report)
     # equal budgets: same steps and the same learning rate at every step in every arm
     logs = {n: [json.loads(l) for l in (out / "arms" / n / "log.jsonl").read_text().splitlines()]
             for n in ("tf", "ar_rec", "ramp")}
@@ -81,6 +93,7 @@ def test_runner_smoke_resumes_and_reports(tmp_path, one_thread, capsys):
     assert "arm 1/4" not in capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
     assert again["arms"] == report["arms"] and again["routing"] == report["routing"]
+    assert again["protocols"] == report["protocols"]
     assert len(report["invocations"]) == 1 and [i["command"] for i in again["invocations"]] == [report["command"]] * 2
     assert all(i["wall_seconds"] > 0 for i in again["invocations"])
     # without tf: every arm is a candidate, and the validation numbers that chose the best arm are reported
@@ -156,6 +169,23 @@ def test_holm_family_is_the_entries_compared():
     assert "vs_tf" not in got["warmup"] and got["c"]["vs_tf"]["psnr"]["p_holm"] is None
     assert got["a"]["vs_tf"]["psnr"]["p_holm"] == 0.0142 and got["a"]["vs_tf"]["psnr"]["p"] == 0.00712
     assert got["b"]["vs_tf"]["object_fidelity"]["p_holm"] == 0.04
+
+
+@pytest.mark.parametrize("protocols,msg", [("dense,window5", "choose from dense, sliding"),
+                                           ("sliding", "dense is required"), ("dense,sliding,dense", "twice")])
+def test_bad_protocols_are_one_line_exit_2(capsys, protocols, msg):
+    assert main(["--arms", "tf", "--protocols", protocols]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_sliding_protocol_reads_the_training_clip_history():
+    """The sliding window of the CPU preset is its training clip's history: 12 frames = 6 chunks -> 5."""
+    from resampling_forcing.ablation_report import parse_protocols, protocol_routing
+
+    cfg = load_config(REPO / PRESETS["cpu"].config)
+    assert protocol_routing("sliding", cfg) == ("window", None, 0, 5) and protocol_routing("dense", cfg) is None
+    assert parse_protocols("sliding, dense") == ["dense", "sliding"]
 
 
 def test_bad_arm_is_one_line_exit_2(capsys):

@@ -13,17 +13,26 @@ EVAL = {"clips": 4, "frames": 36, "segment_frames": 12, "given_chunks": 1, "samp
 KEY = {"metrics": 2, "clips": 4, "given": 1, "seed": 0, "seg": 12, "routing": None, "split": "eval"}
 
 
-def _folder(root, seed, arms: dict, eval_settings=EVAL, key=KEY, overrides=None, steps=300):
-    """An ablation --out folder: report.json and eval/<arm>.npz ([clips, 3 segments] arrays, a cache key)."""
+SLIDING = ["window", None, 0, 2]
+
+
+def _folder(root, seed, arms: dict, eval_settings=EVAL, key=KEY, overrides=None, steps=300, sliding=None,
+            sliding_routing=SLIDING):
+    """An ablation --out folder: report.json and eval/<arm>.npz ([clips, 3 segments] arrays, a cache key);
+    `sliding` {arm: fidelity}: also a sliding protocol (eval/<arm>_sliding.npz, routed by `sliding_routing`)."""
     d = root / f"seed{seed}"
     (d / "eval").mkdir(parents=True)
     entries = {a: {"overrides": (overrides or {}).get(a, [f"stage of {a}", "shift"])} for a in ["warmup", *arms]}
-    (d / "report.json").write_text(json.dumps({"train_seed": seed, "eval": eval_settings, "arms": entries,
-                                               "steps_per_arm": steps, "warmup": "w", "config": "c", "data_seed": 0}))
-    for arm, fid in arms.items():
+    report = {"train_seed": seed, "eval": eval_settings, "arms": entries, "steps_per_arm": steps, "warmup": "w",
+              "config": "c", "data_seed": 0}
+    if sliding is not None:
+        report["protocols"] = {"sliding": {"routing": sliding_routing, "arms": {a: {} for a in ["warmup", *sliding]}}}
+    (d / "report.json").write_text(json.dumps(report))
+    for arm, fid in [*arms.items(), *((f"{a}_sliding", f) for a, f in (sliding or {}).items())]:
         arrays = {m: np.zeros((len(fid), 3)) for m in METRICS}
         arrays["object_fidelity"] = np.asarray(fid, dtype=float)
-        np.savez(d / "eval" / f"{arm}.npz", seconds=1.0, key=json.dumps({"weights": [str(d), arm], **key}), **arrays)
+        k = {**key, "routing": sliding_routing} if arm.endswith("_sliding") else key
+        np.savez(d / "eval" / f"{arm}.npz", seconds=1.0, key=json.dumps({"weights": [str(d), arm], **k}), **arrays)
     return d
 
 
@@ -50,6 +59,23 @@ def test_pooled_difference_is_the_per_clip_mean_over_seeds(tmp_path, capsys):
     assert "| loss |" in capsys.readouterr().out and json.loads((tmp_path / "p.json").read_text())["seeds"] == [0, 1, 2]
 
 
+def test_a_protocol_pools_its_own_evaluations(tmp_path, capsys):
+    """--protocol sliding pools the sliding-window evaluations (eval/<arm>_sliding.npz), not the dense ones."""
+    rng = np.random.default_rng(2)
+    dense = [{a: rng.uniform(0.4, 0.6, (4, 3)) for a in ("tf", "x")} for _ in range(2)]
+    slide = [{a: rng.uniform(0.1, 0.5, (4, 3)) for a in ("tf", "x")} for _ in range(2)]
+    folders = [_folder(tmp_path, s, dense[s], sliding=slide[s]) for s in range(2)]
+    d = {name: np.stack([extrapolation_mean(v[s]["x"]) - extrapolation_mean(v[s]["tf"]) for s in range(2)], axis=1).mean()
+         for name, v in (("dense", dense), ("sliding", slide))}
+    r = pool(folders, ["object_fidelity"], "sliding")
+    assert r["protocol"] == "sliding" and r["routing"] == SLIDING
+    assert r["arms"]["x"]["object_fidelity"]["pooled"]["mean"] == pytest.approx(d["sliding"], abs=1e-5)
+    assert pool(folders, ["object_fidelity"])["arms"]["x"]["object_fidelity"]["pooled"]["mean"] == pytest.approx(
+        d["dense"], abs=1e-5)
+    assert main([str(f) for f in folders] + ["--metrics", "object_fidelity", "--protocol", "sliding"]) == 0
+    assert "sliding attention" in capsys.readouterr().out
+
+
 def test_two_way_interval_counts_the_seed_variance():
     """Under no effect, with gains that vary between training seeds, the two-way test rejects at about its
     5% level; averaging the seeds per clip and testing over clips (treating the trained models as fixed)
@@ -69,7 +95,8 @@ def test_two_way_interval_counts_the_seed_variance():
 
 @pytest.mark.parametrize("case", ["other evaluation", "same seed", "no tf", "missing npz", "bad metric", "not a folder",
                                   "other steps", "other overrides", "other metrics version", "other clip count",
-                                  "routed evaluation"])
+                                  "routed evaluation", "no sliding evaluation", "other sliding window",
+                                  "unknown protocol"])
 def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
     ones = np.ones((4, 3))
     a = _folder(tmp_path, 0, {"tf": ones, "x": ones})
@@ -83,6 +110,14 @@ def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
     }
     if case in other:
         args.append(str(_folder(tmp_path, 1, {"tf": ones, "x": ones}, **other[case])))
+    elif case == "no sliding evaluation":
+        args += [str(_folder(tmp_path, 1, {"tf": ones, "x": ones}, sliding={"tf": ones, "x": ones})), "--protocol", "sliding"]
+    elif case == "other sliding window":
+        b = _folder(tmp_path / "d", 0, {"tf": ones, "x": ones}, sliding={"tf": ones, "x": ones})
+        args = [str(b), str(_folder(tmp_path / "d", 1, {"tf": ones, "x": ones}, sliding={"tf": ones, "x": ones},
+                                    sliding_routing=["window", None, 0, 3])), "--protocol", "sliding"]
+    elif case == "unknown protocol":
+        args += ["--protocol", "window5"]
     elif case == "other clip count":
         args.append(str(_folder(tmp_path, 1, {"tf": ones, "x": np.ones((6, 3))})))
     elif case == "same seed":
