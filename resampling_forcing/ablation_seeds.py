@@ -1,10 +1,13 @@
 """Pool an ablation's training-seed replicates (ablation.py ``--seed N``): each arm against teacher forcing.
 
     python -m resampling_forcing.ablation_seeds outputs/ablation/cpu outputs/ablation/cpu_seed1 \\
-        outputs/ablation/cpu_seed2 [--metrics object_fidelity,motion_score,collapse] [--out pooled.json]
+        outputs/ablation/cpu_seed2 [--metrics object_fidelity,motion_score,collapse] [--protocol sliding] \
+        [--out pooled.json]
 
 Every folder is one ablation run (report.json and its cached per-clip evaluations in eval/*.npz) of the
 same preset, warmup, arms and evaluation clips with another training seed; anything else is refused.
+``--protocol`` picks the evaluations pooled (ablation_report.PROTOCOLS: dense, or sliding: a window of the
+training clip's history), the same in every folder.
 For each arm that every folder holds, d[c, k] = the arm's minus tf's extrapolation mean on clip c in
 seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way random-effects
 model d = mu + clip_c + seed_k + e: the clip effects are shared by the seeds (same clips, same sampler
