@@ -24,8 +24,10 @@ largest need so far):
     price of the host tier (only while chunks are offloaded; the all-resident KVCache has none).
 The attention paths see the packed history with the selection packed alike (`routed_attention(...,
 packed=(chunks, n))`) and compute the same arithmetic as over the whole history: outputs are
-bit-identical (tests/test_kv_offload.py; on CUDA the torch routed path's row sums use atomic adds,
-repeatable only under torch.use_deterministic_algorithms(True)).
+bit-identical (tests/test_kv_offload.py) when a chunk's K/V bytes are a multiple of 64, as at every real
+shape (torch's fused CPU kernel rounds by the data's 64-byte alignment: packed odd-sized chunks agree to
+fp32 rounding only); on CUDA the torch routed path's row sums use atomic adds, repeatable only under
+torch.use_deterministic_algorithms(True).
 Optionally the host tier stores K/V in a smaller dtype (`host_dtype`, e.g. bf16 under an fp32 model:
 half the host memory, no longer exact). Device memory: R + 1 chunks of every layer + the mean keys
 (one key per chunk and layer: the part that still grows, 1/T of the history) + the staging buffer,
