@@ -518,7 +518,7 @@ def run(args) -> int:
               f"({rec_one.rule})")
     print("in the CPU ablation (docs/results.md#ablation), rolling out through a sliding window, object fidelity "
           "grew with s from 0.6 (ratio ~0.07) to the one-step match (the best arm); the rollout match kept objects "
-          "but lost motion (the model learns to ignore its history): read it as an upper bound")
+          "but not motion (the model learns to ignore its history): read it as an upper bound")
     out = dict(checkpoint=str(args.checkpoint), step=step, clips=len(captions), chunks=n, seed=args.seed,
                data=args.data or f"synthetic (in memory, held-out set {args.held_out or 'eval'})", degradation=dataclasses.asdict(settings),
                sampling=options.to_dict(), report=report.to_dict(),
