@@ -279,15 +279,15 @@ def _arm_gap(name: str, run_dir: Path, out: Path, clips: int) -> dict:
 
 
 def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out: Path, routing=None,
-              split: str = "eval") -> dict:
+              split: str = "eval", protocol: str = "dense") -> dict:
     """Continue `clips` (held-out set `split`) with a checkpoint -> {summary, per-clip arrays} (cached in
     OUT/eval; a contact sheet in OUT/sheets for the eval set)."""
     from .ablation_eval import cache_key, cached, continue_clips, contact_sheet, metric_arrays, score, summarize
+    from .ablation_report import eval_path
     from .attention.routing import RoutingSpec
     from .pipeline import Pipeline
 
-    stem = ("" if split == "eval" else f"{split}_") + name.replace(' ', '_').replace('+', 'and')
-    path = out / "eval" / f"{stem}.npz"
+    path = eval_path(out, name, split, protocol)
     key = cache_key(checkpoint, clips=len(clips), given=preset.given_chunks, seed=preset.sample_seed, seg=seg,
                     routing=routing, split=split)
     if not cached(path, key):
@@ -421,8 +421,8 @@ def run(args) -> int:
         by_protocol[proto] = (spec, {})
         for name in ["warmup"] + arms:
             print(f"[ablation] evaluating {name} under {proto} attention", flush=True)
-            by_protocol[proto][1][name] = _evaluate(f"{name} {proto}", warmup if name == "warmup" else arm_dirs[name],
-                                                    clips, preset, seg, out, routing=spec)
+            by_protocol[proto][1][name] = _evaluate(name, warmup if name == "warmup" else arm_dirs[name], clips,
+                                                    preset, seg, out, routing=spec, protocol=proto)
 
     # the best arm, chosen on the validation clips (the eval clips only report it); only when it is used
     val_n = args.val_clips or preset.val_clips

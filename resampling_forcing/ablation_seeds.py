@@ -74,7 +74,9 @@ def two_way_mean(d: np.ndarray) -> dict:
 def _arrays(folder: Path, arm: str, clips: int, protocol: str = "dense", routing=None) -> tuple[dict[str, np.ndarray], dict]:
     """An arm's per-clip arrays under `protocol` (its evaluation with inference `routing`, None = dense)
     and its evaluation key (weights left out) from folder/eval/<arm>[_<protocol>].npz."""
-    path = folder / "eval" / (f"{arm}.npz" if protocol == "dense" else f"{arm}_{protocol}.npz")
+    from .ablation_report import eval_path
+
+    path = eval_path(folder, arm, protocol=protocol)
     if not path.is_file():
         raise BadInput(f"{folder}: no {protocol} evaluation of arm {arm!r} ({path} is missing); rerun its ablation command")
     with np.load(path) as z:
