@@ -280,8 +280,9 @@ def _arm_gap(name: str, run_dir: Path, out: Path, clips: int) -> dict:
 
 def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out: Path, routing=None,
               split: str = "eval", protocol: str = "dense") -> dict:
-    """Continue `clips` (held-out set `split`) with a checkpoint -> {summary, per-clip arrays} (cached in
-    OUT/eval; a contact sheet in OUT/sheets for the eval set)."""
+    """Continue `clips` (held-out set `split`) with a checkpoint under inference `routing` (the protocol
+    `protocol`'s, or a routing of the best arm) -> {summary, per-clip arrays} (cached at
+    ablation_report.eval_path; a contact sheet in OUT/sheets for the eval set)."""
     from .ablation_eval import cache_key, cached, continue_clips, contact_sheet, metric_arrays, score, summarize
     from .ablation_report import eval_path
     from .attention.routing import RoutingSpec

@@ -10,6 +10,8 @@ Protocols: the inference attention every arm is evaluated under (ablation.py ``-
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from .ablation_eval import METRICS, extrapolation_mean, holm, interval, paired, sig
 
 __all__ = ["PROTOCOLS", "protocol_routing", "eval_path", "parse_protocols", "eval_entry", "with_holm", "table"]
@@ -36,8 +38,6 @@ def eval_path(out, name: str, split: str = "eval", protocol: str = "dense"):
     """Where ablation.py caches the evaluation of `name` (an arm, 'warmup' or '<arm> <routing>') on the
     held-out set `split` under `protocol`: OUT/eval/[<split>_]<name>[_<protocol>].npz (ablation_seeds
     reads it back)."""
-    from pathlib import Path
-
     full = name if protocol == "dense" else f"{name} {protocol}"
     stem = ("" if split == "eval" else f"{split}_") + full.replace(" ", "_").replace("+", "and")
     return Path(out) / "eval" / f"{stem}.npz"
