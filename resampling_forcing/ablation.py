@@ -87,6 +87,7 @@ ARMS = {
     # optional (not in the default list): the switch and parallel resampling at the paper's s
     "ramp_0.6": "ar_0.6 with the same ramp (probability 0 -> 1 over the first third)",
     "parallel_0.6": "parallel resampling at the paper's s = 0.6",
+    "parallel_1step": "parallel resampling at ar_1step's s (the paper's AR-vs-parallel comparison at matched strength)",
 }
 DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 # any other strength: ar_S, parallel_S, ramp_S with S a number (a dose-response sweep, e.g. ar_0.2,ar_1.2)
@@ -149,9 +150,9 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
         stage["objective"] = "teacher_forcing"
     elif name == "noise_aug":
         stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
-    elif name in ("parallel", "parallel_0.6"):
+    elif name in ("parallel", "parallel_0.6", "parallel_1step"):
         stage.update(objective="parallel_resampling")
-        shift = paper if name == "parallel_0.6" else s_rec
+        shift = {"parallel_0.6": paper, "parallel_1step": calib["one_step_shift"]}.get(name, s_rec)
     elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp", "ramp_0.6"):
         stage["objective"] = "resampling"
         shift = {"ar_0.6": paper, "ramp_0.6": paper, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)

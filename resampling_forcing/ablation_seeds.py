@@ -1,15 +1,18 @@
-"""Pool an ablation's training-seed replicates (ablation.py ``--seed N``): each arm against teacher forcing.
+"""Pool an ablation's training-seed replicates (ablation.py ``--seed N``): each arm against teacher forcing
+(or another reference arm).
 
     python -m resampling_forcing.ablation_seeds outputs/ablation/cpu outputs/ablation/cpu_seed1 \\
         outputs/ablation/cpu_seed2 [--metrics object_fidelity,motion_score,collapse] [--protocol sliding] \
-        [--out pooled.json]
+        [--reference parallel_1step] [--arms ar_1step] [--out pooled.json]
 
 Every folder is one ablation run (report.json and its cached per-clip evaluations in eval/*.npz) of the
 same preset, warmup, arms and evaluation clips with another training seed; anything else is refused.
 ``--protocol`` picks the evaluations pooled (ablation_report.PROTOCOLS: dense, or sliding: a window of the
-training clip's history), the same in every folder.
-For each arm that every folder holds, d[c, k] = the arm's minus tf's extrapolation mean on clip c in
-seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way random-effects
+training clip's history), the same in every folder. ``--reference`` (default tf) is the arm every other
+is compared with, e.g. ``parallel_1step`` for autoregressive vs parallel resampling at one strength;
+``--arms`` restricts the compared arms (and so the Holm family) to a list.
+For each arm that every folder holds, d[c, k] = the arm's minus the reference's extrapolation mean on
+clip c in seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way random-effects
 model d = mu + clip_c + seed_k + e: the clip effects are shared by the seeds (same clips, same sampler
 noise), the seed effects by all clips, so
 
@@ -120,10 +123,12 @@ def _protocol_arms(folder, report: dict, protocol: str) -> tuple[dict, list | No
     return entry["arms"], entry["routing"]
 
 
-def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, protocol: str = "dense") -> dict:
+def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, protocol: str = "dense",
+         reference: str = "tf", arms: Sequence[str] | None = None) -> dict:
     """{arms: {arm: {metric: {pooled: two_way_mean + p_holm, seeds: [paired per seed]}}}, seeds, folders},
-    of the evaluations under `protocol` (ablation_report.PROTOCOLS). Arms: those every folder evaluated,
-    but tf (the reference) and the warmup."""
+    each arm minus `reference`, of the evaluations under `protocol` (ablation_report.PROTOCOLS). Arms:
+    `arms` (every folder must hold them), or else those every folder evaluated but the reference and the
+    warmup."""
     if len(folders) < 1:
         raise BadInput("name at least one ablation folder")
     reports = []
@@ -138,13 +143,23 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
     if any(rt != routings[0] for rt in routings):
         raise BadInput(f"the folders' {protocol} evaluations used different routings ({routings}); not replicates")
     held = [set(a) for a, _ in entries]
-    if not all("tf" in h for h in held):
-        raise BadInput("every folder needs the tf arm (the reference of the paired differences)")
-    common = set.intersection(*held) - {"warmup", "tf"}
-    arms = [a for a in entries[0][0] if a in common]  # the first report's order
+    lacking = [str(f) for f, h in zip(folders, held) if reference not in h]
+    if lacking:
+        raise BadInput(f"{', '.join(lacking)}: no {reference} arm (the reference of the paired differences); "
+                       "pass --reference with an arm every folder holds")
+    common = set.intersection(*held) - {"warmup", reference}
+    if arms is None:
+        arms = [a for a in entries[0][0] if a in common]  # the first report's order
+    elif reference in arms:
+        raise BadInput(f"--arms names the reference {reference}; list the arms compared with it")
+    else:
+        missing = [a for a in arms if a not in common]
+        if missing or not arms:
+            raise BadInput(f"--arms: {', '.join(missing) or 'none given'} not in every folder (other than the "
+                           f"reference {reference}); choose from {', '.join(sorted(common))}")
     clips = reports[0]["eval"]["clips"]
     loaded = {}
-    for arm in ["tf", *arms]:
+    for arm in [reference, *arms]:
         per = [_arrays(Path(f), arm, clips, protocol, routings[0]) for f in folders]
         for f, r, (_, key) in zip(folders[1:], reports[1:], per[1:]):
             if key != per[0][1]:
@@ -157,9 +172,9 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
     for arm in arms:
         for m in metrics:
             d = np.stack([extrapolation_mean(p[m]) - extrapolation_mean(t[m])
-                          for p, t in zip(loaded[arm], loaded["tf"])], axis=1)  # [clips, seeds]
+                          for p, t in zip(loaded[arm], loaded[reference])], axis=1)  # [clips, seeds]
             out[arm][m] = dict(pooled=two_way_mean(d),
-                               seeds=[paired(p[m], t[m]) for p, t in zip(loaded[arm], loaded["tf"])])
+                               seeds=[paired(p[m], t[m]) for p, t in zip(loaded[arm], loaded[reference])])
     for m in metrics:
         adjusted = holm({a: out[a][m]["pooled"]["p"] for a in arms})
         for a in arms:
@@ -168,24 +183,24 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
             for s in out[a][m]["seeds"]:
                 s["p"] = sig(s["p"])
     return dict(folders=[str(f) for f in folders], seeds=[r["train_seed"] for r in reports], clips=clips,
-                protocol=protocol, routing=routings[0], metrics=list(metrics), arms=out,
+                protocol=protocol, routing=routings[0], reference=reference, metrics=list(metrics), arms=out,
                 pooled="mean over clips and seeds; ci95 and p from a two-way (clip x seed) random-effects model, "
                        "Satterthwaite df; p_holm over the arms, per metric")
 
 
 def table(result: dict) -> str:
-    """Markdown: per metric, each arm - tf per seed and pooled (Holm-adjusted p)."""
+    """Markdown: per metric, each arm - the reference per seed and pooled (Holm-adjusted p)."""
     def cell(s, holm_p=False):
         if s["mean"] is None:
             return "n/a"
         p = s.get("p_holm") if holm_p else None
         return f"{s['mean']:+.3f} ± {s['ci95']:.3f}" + ("" if p is None else f" (p_Holm {p:.2g})")
 
-    seeds = result["seeds"]
+    seeds, ref = result["seeds"], result.get("reference", "tf")
     rows = []
     for m in result["metrics"]:
         where = "" if result.get("protocol", "dense") == "dense" else f", {result['protocol']} attention"
-        rows += [f"**{m}**, arm - tf (extrapolation means, {result['clips']} clips, paired{where})", "",
+        rows += [f"**{m}**, arm - {ref} (extrapolation means, {result['clips']} clips, paired{where})", "",
                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled over seeds |",
                  "|---" * (len(seeds) + 2) + "|"]
         for arm, per in result["arms"].items():
@@ -199,6 +214,9 @@ def build_parser():
     p.add_argument("folders", nargs="+", help="ablation --out folders of the same preset, one per training seed")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list of {', '.join(METRICS)}")
     p.add_argument("--protocol", default="dense", help="the evaluations to pool: dense or sliding (ablation --protocols)")
+    p.add_argument("--reference", default="tf", help="the arm the others are compared with (default tf)")
+    p.add_argument("--arms", default=None, help="comma list of the arms compared with it (default: every arm "
+                   "all folders hold); the Holm adjustment runs over these")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     return p
 
@@ -216,7 +234,8 @@ def _run(args) -> int:
 
     if args.protocol not in PROTOCOLS:
         raise BadInput(f"--protocol {args.protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    result = pool([Path(f) for f in args.folders], metrics, args.protocol)
+    arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    result = pool([Path(f) for f in args.folders], metrics, args.protocol, args.reference.strip(), arms)
     print(table(result))
     if out is not None:
         from .io import atomic_write_json

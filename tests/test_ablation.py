@@ -147,6 +147,9 @@ def test_arms_at_any_strength():
         with pytest.raises(BadInput, match=f"write this arm as {canonical}"):  # one spelling per arm
             describe_arm(alias)
     assert stage_and_shift("ar_rec")[1] == "diffusion.resample_shift=12.4" and "s = 1.2" in describe_arm("ar_1.2")
+    st, sh = stage_and_shift("parallel_1step")  # the AR-vs-parallel pair at ar_1step's strength
+    assert (st["objective"], sh) == ("parallel_resampling", "diffusion.resample_shift=2.1") == (
+        "parallel_resampling", stage_and_shift("ar_1step")[1])
 
 
 @pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),

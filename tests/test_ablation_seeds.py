@@ -76,6 +76,25 @@ def test_a_protocol_pools_its_own_evaluations(tmp_path, capsys):
     assert "sliding attention" in capsys.readouterr().out
 
 
+def test_another_reference_arm_and_a_chosen_family(tmp_path, capsys):
+    """--reference pairs every arm with that arm instead of tf (autoregressive vs parallel resampling);
+    --arms restricts the compared arms, and so Holm's family."""
+    rng = np.random.default_rng(3)
+    runs = [{a: rng.uniform(0.2, 0.8, (4, 3)) for a in ("tf", "ar", "par")} for _ in range(2)]
+    folders = [_folder(tmp_path, s, runs[s]) for s in range(2)]
+    r = pool(folders, ["object_fidelity"], reference="par")
+    assert r["reference"] == "par" and list(r["arms"]) == ["tf", "ar"]
+    d = np.stack([extrapolation_mean(runs[s]["ar"]) - extrapolation_mean(runs[s]["par"]) for s in range(2)], axis=1)
+    got = r["arms"]["ar"]["object_fidelity"]["pooled"]
+    assert got["mean"] == pytest.approx(d.mean(), abs=1e-5) and got["p"] == pytest.approx(two_way_mean(d)["p"], rel=1e-2)
+    one = pool(folders, ["object_fidelity"], reference="par", arms=["ar"])["arms"]
+    alone = one["ar"]["object_fidelity"]["pooled"]
+    assert list(one) == ["ar"] and alone["p_holm"] == alone["p"]  # a family of one: nothing to adjust
+    assert main([str(f) for f in folders] + ["--metrics", "object_fidelity", "--reference", "par", "--arms", "ar"]) == 0
+    out = capsys.readouterr().out
+    assert "arm - par" in out and "| ar |" in out and "| tf |" not in out
+
+
 def test_two_way_interval_counts_the_seed_variance():
     """Under no effect, with gains that vary between training seeds, the two-way test rejects at about its
     5% level; averaging the seeds per clip and testing over clips (treating the trained models as fixed)
@@ -96,7 +115,7 @@ def test_two_way_interval_counts_the_seed_variance():
 @pytest.mark.parametrize("case", ["other evaluation", "same seed", "no tf", "missing npz", "bad metric", "not a folder",
                                   "other steps", "other overrides", "other metrics version", "other clip count",
                                   "routed evaluation", "no sliding evaluation", "other sliding window",
-                                  "unknown protocol"])
+                                  "unknown protocol", "no such reference", "unknown arm", "reference in arms"])
 def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
     ones = np.ones((4, 3))
     a = _folder(tmp_path, 0, {"tf": ones, "x": ones})
@@ -116,6 +135,12 @@ def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
         b = _folder(tmp_path / "d", 0, {"tf": ones, "x": ones}, sliding={"tf": ones, "x": ones})
         args = [str(b), str(_folder(tmp_path / "d", 1, {"tf": ones, "x": ones}, sliding={"tf": ones, "x": ones},
                                     sliding_routing=["window", None, 0, 3])), "--protocol", "sliding"]
+    elif case == "no such reference":
+        args += ["--reference", "parallel_1step"]
+    elif case == "unknown arm":
+        args += ["--arms", "x,ar_9"]
+    elif case == "reference in arms":
+        args += ["--arms", "x,tf"]
     elif case == "unknown protocol":
         args += ["--protocol", "window5"]
     elif case == "other clip count":
