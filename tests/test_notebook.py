@@ -17,6 +17,8 @@ def test_preview_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("RF_NUM_CHUNKS", "4")
     monkeypatch.setenv("RF_STEPS", "2")
     monkeypatch.setenv("RF_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("RF_ABLATION_CLIPS", "2")
+    monkeypatch.setenv("RF_ABLATION_SEGMENTS", "3")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
@@ -32,5 +34,10 @@ def test_preview_notebook_executes(tmp_path, monkeypatch):
     # the prompt-switching cell: a storyboard rollout per cache mode, the sheet written
     assert "storyboard: [{'chunk': 0" in text and "recache" in text and " | " in text
     assert (tmp_path / "out" / "switch.png").stat().st_size > 0
+    # the shipped ablation arms under the sliding window: a fidelity row of 3 segments per arm, the sheet
+    rows = [line for line in text.splitlines() if "object fidelity per segment:" in line]
+    assert [r.split()[0] for r in rows] == ["tf", "ar_0.6"] and all(len(eval(r.split(":", 1)[1])) == 3 for r in rows)
+    assert "sliding window: RoutingSpec(mode='window'" in text
+    assert (tmp_path / "out" / "tf_vs_resampling.png").stat().st_size > 0
     # no numpy warnings printed into the notebook (the heatmap printed "Mean of empty slice")
     assert "Mean of empty slice" not in text and "RuntimeWarning" not in text, text
