@@ -84,10 +84,11 @@ ARMS = {
     "ar_large": "autoregressive self-resampling at 4x the recommended s",
     "ar_1step": "autoregressive self-resampling at the s whose degradation error matches the warmup's ONE-STEP error",
     "ramp": "ar_rec with a ramp: a video's history is resampled with probability rising 0 -> 1 over the first third",
-    # optional (not in the default list): the switch and parallel resampling at the paper's s
+    # optional (not in the default list): the ramp and parallel resampling at the paper's s and at ar_1step's
     "ramp_0.6": "ar_0.6 with the same ramp (probability 0 -> 1 over the first third)",
     "parallel_0.6": "parallel resampling at the paper's s = 0.6",
     "parallel_1step": "parallel resampling at ar_1step's s (the paper's AR-vs-parallel comparison at matched strength)",
+    "ramp_1step": "ar_1step with the ramp (probability 0 -> 1 over the first third): gradual vs hard switch",
 }
 DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 # any other strength: ar_S, parallel_S, ramp_S with S a number (a dose-response sweep, e.g. ar_0.2,ar_1.2)
@@ -153,10 +154,11 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
     elif name in ("parallel", "parallel_0.6", "parallel_1step"):
         stage.update(objective="parallel_resampling")
         shift = {"parallel_0.6": paper, "parallel_1step": calib["one_step_shift"]}.get(name, s_rec)
-    elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp", "ramp_0.6"):
+    elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp", "ramp_0.6", "ramp_1step"):
         stage["objective"] = "resampling"
-        shift = {"ar_0.6": paper, "ramp_0.6": paper, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"]}.get(name, s_rec)
-        if name in ("ramp", "ramp_0.6"):
+        shift = {"ar_0.6": paper, "ramp_0.6": paper, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"],
+                 "ramp_1step": calib["one_step_shift"]}.get(name, s_rec)
+        if name.startswith("ramp"):
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
     return [f"train.run_dir={run_dir}", f"train.init_from={warmup}", f"train.stages={json.dumps([stage])}",
             f"diffusion.resample_shift={round(shift, 4)}", f"train.lr={preset.lr}",

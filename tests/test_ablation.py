@@ -150,6 +150,8 @@ def test_arms_at_any_strength():
     st, sh = stage_and_shift("parallel_1step")  # the AR-vs-parallel pair at ar_1step's strength
     assert (st["objective"], sh) == ("parallel_resampling", "diffusion.resample_shift=2.1") == (
         "parallel_resampling", stage_and_shift("ar_1step")[1])
+    st, sh = stage_and_shift("ramp_1step")  # the gradual switch at the same strength
+    assert (st["ramp"], st["ramp_steps"], sh) == ("probability", 10, stage_and_shift("ar_1step")[1])
 
 
 @pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),
