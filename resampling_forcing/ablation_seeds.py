@@ -12,9 +12,9 @@ training clip's history), the same in every folder. ``--reference`` (default tf)
 is compared with, e.g. ``parallel_1step`` for autoregressive vs parallel resampling at one strength;
 ``--arms`` restricts the compared arms (and so the Holm family) to a list.
 For each arm that every folder holds, d[c, k] = the arm's minus the reference's extrapolation mean on
-clip c in seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way random-effects
-model d = mu + clip_c + seed_k + e: the clip effects are shared by the seeds (same clips, same sampler
-noise), the seed effects by all clips, so
+clip c in seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way
+random-effects model d = mu + clip_c + seed_k + e: the clip effects are shared by the seeds (same
+clips, same sampler noise), the seed effects by all clips, so
 
     Var(mean) = (MS_clip + max(MS_seed - MS_resid, 0)) / (n K)
 
@@ -152,6 +152,8 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
         arms = [a for a in entries[0][0] if a in common]  # the first report's order
     elif reference in arms:
         raise BadInput(f"--arms names the reference {reference}; list the arms compared with it")
+    elif len(set(arms)) < len(arms):
+        raise BadInput(f"--arms {','.join(arms)} names an arm twice")
     else:
         missing = [a for a in arms if a not in common]
         if missing or not arms:

@@ -115,7 +115,8 @@ def test_two_way_interval_counts_the_seed_variance():
 @pytest.mark.parametrize("case", ["other evaluation", "same seed", "no tf", "missing npz", "bad metric", "not a folder",
                                   "other steps", "other overrides", "other metrics version", "other clip count",
                                   "routed evaluation", "no sliding evaluation", "other sliding window",
-                                  "unknown protocol", "no such reference", "unknown arm", "reference in arms"])
+                                  "unknown protocol", "no such reference", "unknown arm", "reference in arms",
+                                  "arm twice"])
 def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
     ones = np.ones((4, 3))
     a = _folder(tmp_path, 0, {"tf": ones, "x": ones})
@@ -139,6 +140,8 @@ def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
         args += ["--reference", "parallel_1step"]
     elif case == "unknown arm":
         args += ["--arms", "x,ar_9"]
+    elif case == "arm twice":
+        args += ["--arms", "x,x"]
     elif case == "reference in arms":
         args += ["--arms", "x,tf"]
     elif case == "unknown protocol":
