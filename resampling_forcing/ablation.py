@@ -92,6 +92,12 @@ ARMS = {
 }
 DEFAULT_ARMS = ("tf", "noise_aug", "parallel", "ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp")
 # any other strength: ar_S, parallel_S, ramp_S with S a number (a dose-response sweep, e.g. ar_0.2,ar_1.2)
+# the named arms of a form -> (form, strength): the calibration's recommended s ("rec"), 4x it ("large"),
+# its one-step-matched s ("one_step"), or the paper's s ("paper", DiffusionConfig.resample_shift = 0.6)
+_NAMED_FORMS = {"parallel": ("parallel", "rec"), "parallel_0.6": ("parallel", "paper"),
+                "parallel_1step": ("parallel", "one_step"), "ar_0.6": ("ar", "paper"), "ar_rec": ("ar", "rec"),
+                "ar_large": ("ar", "large"), "ar_1step": ("ar", "one_step"), "ramp": ("ramp", "rec"),
+                "ramp_0.6": ("ramp", "paper"), "ramp_1step": ("ramp", "one_step")}
 _AT_SHIFT = re.compile(r"^(ar|parallel|ramp)_([0-9]+(?:\.[0-9]+)?)$")
 _MAX_SHIFT = 1000.0  # t_s ~ s t / (1 + (s - 1) t): beyond this every history is re-drawn from ~pure noise
 _FORMS = {"ar": "autoregressive self-resampling", "parallel": "parallel resampling",
@@ -137,28 +143,20 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
     from .config import DiffusionConfig
 
     s_rec, sigma = calib["recommended_shift"], calib["noise_sigma"]
-    paper = DiffusionConfig.resample_shift  # the paper's s (0.6), the *_0.6 arms
     stage: dict = {"name": name.replace(".", "_"), "steps": steps}
     shift = s_rec
     describe_arm(name)
-    at = _AT_SHIFT.match(name) if name not in ARMS else None
-    if at:  # a form at a given strength
-        shift = float(at.group(2))
-        stage["objective"] = "parallel_resampling" if at.group(1) == "parallel" else "resampling"
-        if at.group(1) == "ramp":
-            stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
-    elif name == "tf":
+    if name == "tf":
         stage["objective"] = "teacher_forcing"
     elif name == "noise_aug":
         stage.update(objective="noise_augmentation", noise_aug_scale=round(sigma, 5))
-    elif name in ("parallel", "parallel_0.6", "parallel_1step"):
-        stage.update(objective="parallel_resampling")
-        shift = {"parallel_0.6": paper, "parallel_1step": calib["one_step_shift"]}.get(name, s_rec)
-    elif name in ("ar_0.6", "ar_rec", "ar_large", "ar_1step", "ramp", "ramp_0.6", "ramp_1step"):
-        stage["objective"] = "resampling"
-        shift = {"ar_0.6": paper, "ramp_0.6": paper, "ar_large": 4 * s_rec, "ar_1step": calib["one_step_shift"],
-                 "ramp_1step": calib["one_step_shift"]}.get(name, s_rec)
-        if name.startswith("ramp"):
+    else:  # a form (ar, parallel, ramp) at a strength: a number (ar_S) or a named one (_NAMED_FORMS)
+        at = _AT_SHIFT.match(name) if name not in ARMS else None
+        form, strength = (at.group(1), float(at.group(2))) if at else _NAMED_FORMS[name]
+        shift = strength if at else {"rec": s_rec, "large": 4 * s_rec, "one_step": calib["one_step_shift"],
+                                     "paper": DiffusionConfig.resample_shift}[strength]
+        stage["objective"] = "parallel_resampling" if form == "parallel" else "resampling"
+        if form == "ramp":
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
     return [f"train.run_dir={run_dir}", f"train.init_from={warmup}", f"train.stages={json.dumps([stage])}",
             f"diffusion.resample_shift={round(shift, 4)}", f"train.lr={preset.lr}",

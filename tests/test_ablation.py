@@ -152,6 +152,9 @@ def test_arms_at_any_strength():
         "parallel_resampling", stage_and_shift("ar_1step")[1])
     st, sh = stage_and_shift("ramp_1step")  # the gradual switch at the same strength
     assert (st["ramp"], st["ramp_steps"], sh) == ("probability", 10, stage_and_shift("ar_1step")[1])
+    from resampling_forcing.ablation import ARMS, _NAMED_FORMS
+
+    assert set(ARMS) - {"tf", "noise_aug"} == set(_NAMED_FORMS)  # every named form arm has its strength
 
 
 @pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),

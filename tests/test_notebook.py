@@ -1,4 +1,5 @@
 """notebooks/preview.ipynb runs headlessly end to end on a tiny random checkpoint."""
+import ast
 import os
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_preview_notebook_executes(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "switch.png").stat().st_size > 0
     # the shipped ablation arms under the sliding window: a fidelity row of 3 segments per arm, the sheet
     rows = [line for line in text.splitlines() if "object fidelity per segment:" in line]
-    assert [r.split()[0] for r in rows] == ["tf", "ar_0.6"] and all(len(eval(r.split(":", 1)[1])) == 3 for r in rows)
+    assert [r.split()[0] for r in rows] == ["tf", "ar_0.6"] and all(len(ast.literal_eval(r.split(":", 1)[1])) == 3 for r in rows)
     assert "sliding window: RoutingSpec(mode='window'" in text
     assert (tmp_path / "out" / "tf_vs_resampling.png").stat().st_size > 0
     # no numpy warnings printed into the notebook (the heatmap printed "Mean of empty slice")
