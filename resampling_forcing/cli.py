@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .seeds import MAX_SEED
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
-MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and numpy's SeedSequence take without overflow
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file", "check_seed",
            "guarded", "report_bad_input", "run_cli"]

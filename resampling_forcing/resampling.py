@@ -13,7 +13,8 @@ Four objectives share one entry point, :func:`degrade_history`:
   clean result, which the trainer re-noises to context_t for its history stream, training.py).
 - ``parallel_resampling`` (ablation): the same, but every chunk conditions on the GROUND-TRUTH
   history, so errors do not accumulate. Done in one dual forward per Euler step (history = ground
-  truth, noisy = all chunks at t_s), which is exactly "each chunk resampled on its own".
+  truth, noised to context_t when that is > 0, noisy = all chunks at t_s), which is exactly "each
+  chunk resampled on its own".
 - ``noise_augmentation`` (ablation): H = x + scale * N(0, I) (history timestep stays 0).
 
 Euler grid from t_s to 0: ``t_k = t_s (1 - k / steps)`` per video (uniform; with one step,
@@ -223,10 +224,13 @@ def autoregressive_resample_reference(model, x, t_s, *, context, eps, steps: int
 def parallel_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: torch.Tensor,
                       eps: torch.Tensor | None = None, steps: int = StageConfig.resample_steps, backend: str = "sdpa",
                       routing=None, routing_layers=None, null_context: torch.Tensor | None = None,
-                      cfg_scale: float = StageConfig.resample_cfg,
+                      cfg_scale: float = StageConfig.resample_cfg, context_t: float = 0.0,
+                      context_eps: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Parallel resampling (ablation): every chunk is resampled from t_s conditioned on the
-    ground-truth history (no accumulation); one dual forward per Euler step."""
+    ground-truth history (no accumulation); one dual forward per Euler step. With context_t > 0 that
+    history is the ground truth noised to context_t with `context_eps` [as x], as the sampler's cache
+    holds it."""
     cf = model.cfg.chunk_frames
     b, _, frames, h, w = x.shape
     n = frames // cf
@@ -235,12 +239,17 @@ def parallel_resample(model, x: torch.Tensor, t_s: torch.Tensor, *, context: tor
     attn = MaskedAttention(MaskSpec("dual", n, model.chunk_tokens(h, w)), backend, routing=routing,
                            routing_layers=routing_layers)
     z = add_noise(x, eps, grid[:, 0])
+    history, history_t = x, None
+    if context_t > 0:
+        if context_eps is None:
+            raise ValueError("context_t > 0 needs context_eps (the noise of the history at context_t)")
+        history, history_t = add_noise(x, context_eps, context_t), x.new_full((b, n), context_t)
     guided = null_context is not None and cfg_scale != 1.0
     for k in range(steps):
         t = grid[:, k, None].expand(b, n)
-        v = model.forward_dual(x, z, t, context, attn)
+        v = model.forward_dual(history, z, t, context, attn, history_t)
         if guided:
-            v_null = model.forward_dual(x, z, t, null_context, attn)
+            v_null = model.forward_dual(history, z, t, null_context, attn, history_t)
             v = v_null + cfg_scale * (v - v_null)
         z = z + _bt(grid[:, k + 1] - grid[:, k], z) * v.to(z.dtype)
     return z
@@ -279,11 +288,10 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     common = dict(steps=settings.steps, backend=settings.backend, routing=settings.routing,
                   routing_layers=settings.routing_layers, cfg_scale=settings.cfg_scale)
     ctx_eps = None
-    if obj == "resampling":
-        common["context_t"] = settings.context_t
-        if settings.context_t > 0:  # drawn only then: the default (0) keeps every stream as before
-            ctx_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            common["context_eps"] = ctx_eps
+    common["context_t"] = settings.context_t
+    if settings.context_t > 0:  # drawn only then: the default (0) keeps every stream as before
+        ctx_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        common["context_eps"] = ctx_eps
     fn = autoregressive_resample if obj == "resampling" else parallel_resample
     if settings.ramp != "probability" or r >= 1.0:
         hist = fn(model, x, t_s, context=context, eps=eps, null_context=null_context, **common)

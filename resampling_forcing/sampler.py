@@ -63,6 +63,7 @@ from .attention.positions import FarPositions
 from .cache import CachedAttention, KVCache, SelectionRecorder
 from .diffusion import add_noise, euler_schedule
 from .options import KV_HOST_DTYPES, SamplingOptions
+from .seeds import mix_seed
 from .storyboard import SWITCH_CACHE_MODES, split_storyboard
 from .timing import peak_memory, reset_peak_memory, sync
 
@@ -82,13 +83,12 @@ __all__ = [
 
 def sample_seed(seed: int, index: int) -> int:
     """RNG seed of sample `index` in a rollout seeded with `seed` (stable across runs, batch
-    compositions and devices). Mixed with numpy's SeedSequence; result < 2**63."""
+    compositions and devices): seeds.mix_seed(seed, index), < 2**63."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: must be an int >= 0")
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"sample index {index!r}: must be an int >= 0")
-    s = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    return (int(s[0]) << 31) ^ int(s[1])
+    return mix_seed(seed, index)
 
 
 class SampleNoise:
@@ -141,6 +141,10 @@ class Rollout:
         self.latent_hw = (h, w)
         self.chunk_frames = cfg.chunk_frames
         self.chunk_shape = (cfg.in_channels, cfg.chunk_frames, h, w)
+        layers = self.options.routing_layers
+        if layers is not None and any(i >= cfg.num_layers for i in layers):  # else silently not routed
+            raise ValueError(f"routing_layers={list(layers)}: block indices must be < the model's "
+                             f"{cfg.num_layers} blocks")
         self.use_uncond = (self.options.cfg_scale != 1.0) if uncond is None else bool(uncond)
         if self.use_uncond:
             if neg_context is None:

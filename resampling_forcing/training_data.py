@@ -11,10 +11,13 @@ from typing import Callable
 
 import torch
 
+from .seeds import mix_seed
+
 
 def step_seed(seed: int, position: int, rank: int) -> int:
-    """Seed of the randomness of one micro-batch: a pure function of (run seed, data position, rank)."""
-    return (int(seed) % (1 << 20)) * (1 << 42) + int(position) * (1 << 10) + int(rank) % (1 << 10)
+    """Seed of the randomness of one micro-batch: a pure function of (run seed, data position, rank),
+    all ints >= 0 (seeds.mix_seed: distinct triples, independent streams)."""
+    return mix_seed(seed, position, rank)
 
 
 class DataCursor:

@@ -198,24 +198,30 @@ def test_autoregressive_causality():
                 assert d > 1e-4, (j, i)
 
 
-def test_parallel_resampling_conditions_on_ground_truth():
-    """Parallel resampling of chunk i == one denoising pass over [x_<i (ground truth), z_i]."""
+@pytest.mark.parametrize("context_t", [0.0, 0.3])
+def test_parallel_resampling_conditions_on_ground_truth(context_t):
+    """Parallel resampling of chunk i == one denoising pass over [x_<i (ground truth; noised to
+    context_t with context_eps when > 0, as the sampler's cache holds it), z_i]."""
     model = tiny_model()
     x, ctx, eps = _data(model)
+    ctx_eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     t_s = torch.tensor([0.6, 0.4])
     cf, tok = model.cfg.chunk_frames, model.chunk_tokens(4, 4)
-    par = parallel_resample(model, x, t_s, context=ctx, eps=eps)
+    par = parallel_resample(model, x, t_s, context=ctx, eps=eps, context_t=context_t,
+                            context_eps=ctx_eps if context_t else None)
     tb = t_s.view(-1, 1, 1, 1, 1)
+    hist = (1 - context_t) * x + context_t * ctx_eps
     for i in range(N):
         z = (1 - tb) * x[:, :, i * cf:(i + 1) * cf] + tb * eps[:, :, i * cf:(i + 1) * cf]
-        seq = torch.cat([x[:, :, :i * cf], z], 2)
-        t = torch.zeros(2, i + 1)
+        seq = torch.cat([hist[:, :, :i * cf], z], 2)
+        t = torch.full((2, i + 1), context_t)
         t[:, i] = t_s
         with torch.no_grad():
             v = model(seq, t, ctx, attn=MaskedAttention(MaskSpec("block_causal", i + 1, tok), "sdpa"))[:, :, i * cf:]
         torch.testing.assert_close(par[:, :, i * cf:(i + 1) * cf], z - tb * v, rtol=1e-5, atol=1e-5)
     # no accumulation: the AR variant differs from the parallel one beyond the first chunk
-    ar = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, include_last=True)
+    ar = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, include_last=True, context_t=context_t,
+                                 context_eps=ctx_eps if context_t else None)
     torch.testing.assert_close(ar[:, :, :cf], par[:, :, :cf], rtol=1e-5, atol=1e-5)
     assert (ar[:, :, cf:] - par[:, :, cf:]).abs().max() > 1e-4
 

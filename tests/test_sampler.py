@@ -291,6 +291,11 @@ def test_sampling_option_errors():
         Rollout(model, _ctx(0, 1), latent_hw=(3, W), options=SamplingOptions(cfg_scale=1.0))
     with pytest.raises(ValueError, match="num_chunks"):
         sample(model, _ctx(0, 1), 0, (H, W), options=SamplingOptions(cfg_scale=1.0))
+    topk = RoutingSpec(mode="topk", top_k=1)
+    past = model.cfg.num_layers  # options built without a config: the model is what knows its depth
+    with pytest.raises(ValueError, match=f"routing_layers=\\[0, {past}\\].*< the model's {past} blocks"):
+        Rollout(model, _ctx(0, 1), latent_hw=(H, W), options=SamplingOptions(cfg_scale=1.0, routing=topk,
+                                                                             routing_layers=[0, past]))
     assert math.isfinite(SamplingOptions().shift)
 
 

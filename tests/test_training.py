@@ -445,6 +445,12 @@ def test_loader_order_is_a_function_of_the_position(tmp_path, synth):
     r0 = TrainData(cfg, 2, rank=0, world=2, **enc).indices(5)
     r1 = TrainData(cfg, 2, rank=1, world=2, **enc).indices(5)
     assert len(set(r0) | set(r1)) == 4
+    # a training-seed replicate gets its own epoch orders, not another seed's shifted by an epoch
+    # (the permutation was seeded with seed + epoch: seed 1's epoch 0 was seed 0's epoch 1)
+    cfg.train.seed = 1
+    seed1 = TrainData(cfg, 2, **enc)
+    epoch = range(plain.per_epoch)
+    assert [seed1.indices(p) for p in epoch] != [plain.indices(p + plain.per_epoch) for p in epoch]
 
 
 def test_progress_bar_shows_the_current_steps_loss(tmp_path, synth, monkeypatch):

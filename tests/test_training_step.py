@@ -119,3 +119,4 @@ def test_update_without_a_scaler_skips_a_non_finite_norm():
         assert not torch.isfinite(torch.tensor(optimizer_step(NoScaler(), opt, model.parameters(), clip)))
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
         assert all(p.grad is None for p in model.parameters())
+

@@ -15,7 +15,6 @@ the launcher reports a failed process with its own traceback and exit code 1 aft
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -27,10 +26,16 @@ if _ROOT not in sys.path:  # run from a checkout without installing
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train/train.py", description=__doc__.splitlines()[0])
+    from resampling_forcing.cli import EXIT_BAD_INPUT, BadInput, OneLineParser
+
+    parser = OneLineParser(prog="train/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BadInput as e:  # one line, as every other tool
+        print(f"train/train.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 

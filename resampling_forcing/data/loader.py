@@ -11,7 +11,7 @@ Sources (config ``data.source``):
 
 Order: micro-batch ``p`` (the data position, one counter shared by all ranks) of epoch
 ``e = p // per_epoch`` takes, on rank r, positions ``[(i * world + r) * B, ... + B)`` of
-``randperm(n, seed + e)`` where ``i = p % per_epoch`` (the last partial batch is dropped). The
+``randperm(n, mix_seed(seed, e))`` (seeds.py) where ``i = p % per_epoch`` (the last partial batch is dropped). The
 batch at a position is a pure function of (seed, position, rank, world), so a resumed run sees
 exactly the batches an uninterrupted run would. ``data.fixed_batch`` repeats position 0 forever
 (an overfitting smoke test).
@@ -39,6 +39,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..config import Config
+from ..seeds import mix_seed
 from .latents import INDEX_NAME, NULL_TEXT_FILE  # the store layout (data.latents_dir)
 
 logger = logging.getLogger("resampling_forcing.data")
@@ -209,7 +210,7 @@ class TrainData:
         if self.cfg.data.fixed_batch:
             position = 0
         epoch, i = divmod(position, self.per_epoch)
-        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch))
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, epoch)))
         start = (i * self.world + self.rank) * self.batch_size
         return [self.rows[j] for j in perm[start:start + self.batch_size].tolist()]
 
