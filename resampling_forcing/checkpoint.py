@@ -48,6 +48,7 @@ LOG_FILE = "log.jsonl"  # RUN/log.jsonl: one JSON record per logged step
 TB_DIR = "tb"  # RUN/tb/: TensorBoard events
 LOCK_FILE = ".lock"  # RUN/.lock: held by the running trainer (training_utils.RunLock)
 RANKS_DIR = "ranks"  # RUN/ranks/rank_<i>.json: per-rank weight hashes (multi-process consistency check)
+DEEPSPEED_STATE = "pytorch_model"  # step_*/pytorch_model/: DeepSpeed's own model + optimizer shards
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -106,16 +107,54 @@ def resolve_trainer_checkpoint(path: str | os.PathLike) -> Path:
                           f"with checkpoints under {CHECKPOINTS}/")
 
 
-def check_resume_world(ckpt: str | os.PathLike, world: int, deepspeed: bool) -> None:
-    """A DeepSpeed checkpoint resumes only on the process count that wrote it (its optimizer state is
-    partitioned per process): CheckpointError (one line, both ways on) otherwise. DDP state resumes on any."""
-    written_by = int(read_trainer_state(ckpt).get("world_size", world))
-    if deepspeed and written_by != world:
+def training_engine(deepspeed: bool, zero_stage: int) -> str:
+    """What writes the optimizer state of a launch (recorded in trainer_state.json as "engine")."""
+    return f"DeepSpeed ZeRO-{zero_stage}" if deepspeed else "DDP / one process"
+
+
+def check_resume_world(ckpt: str | os.PathLike, world: int, engine: str) -> None:
+    """A checkpoint resumes under the engine that wrote it (DeepSpeed's optimizer state and accelerate's
+    optimizer.bin are different formats, ZeRO stages partition differently), and a DeepSpeed one only on
+    the process count that wrote it (its optimizer state is partitioned per process): CheckpointError
+    (one line, both ways on) otherwise. DDP state resumes on any process count."""
+    state = read_trainer_state(ckpt)
+    written = state.get("engine")
+    if written is None:  # written before the engine was recorded: DeepSpeed leaves its own folder
+        deepspeed_written = (Path(ckpt) / DEEPSPEED_STATE).is_dir()
+        if deepspeed_written != engine.startswith("DeepSpeed"):
+            written = "DeepSpeed" if deepspeed_written else training_engine(False, 0)
+    if written is not None and written != engine:
+        raise CheckpointError(
+            f"{ckpt} was written under {written} and this launch uses {engine}: their optimizer states do not "
+            f"load into each other; relaunch with the accelerate config that wrote it, or start a new run from "
+            f"its weights (train.run_dir=NEW train.init_from={ckpt}: step, optimizer state and data order restart)")
+    written_by = int(state.get("world_size", world))
+    if engine.startswith("DeepSpeed") and written_by != world:
         raise CheckpointError(
             f"{ckpt} was written by {written_by} DeepSpeed processes and this launch has {world}: DeepSpeed's "
             f"partitioned optimizer state cannot be re-split; relaunch with --num_processes {written_by}, or start "
             f"a new run from its weights (train.run_dir=NEW train.init_from={ckpt}: step, optimizer state and "
             "data order restart)")
+
+
+def weights_nonfinite(ckpt: str | os.PathLike) -> Optional[str]:
+    """Why the weight files of a checkpoint (model, EMA) are not a good restart point (a non-finite
+    value, an unreadable file), or None."""
+    import torch
+    from safetensors import safe_open
+
+    for name in (MODEL_WEIGHTS, EMA_WEIGHTS):
+        f = Path(ckpt) / name
+        if not f.is_file():
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if not torch.isfinite(st.get_tensor(key)).all():
+                        return f"{name} has non-finite values ({key})"
+        except Exception as e:  # noqa: BLE001 - a damaged file is not a good checkpoint either
+            return f"cannot read {name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
 
 
 def read_trainer_state(ckpt: str | os.PathLike) -> dict:
@@ -430,8 +469,9 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, train
 
 
 class GracefulStop:
-    """SIGTERM / SIGINT set `requested` (the loop saves and exits after the current step); a second
-    signal raises KeyboardInterrupt at once. Restores the previous handlers on `close()`."""
+    """SIGTERM / SIGINT set `requested` (the trainer drops the step in progress at its next micro-batch,
+    saves and exits); a second signal raises KeyboardInterrupt at once. Restores the previous handlers
+    on `close()`."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -452,7 +492,8 @@ class GracefulStop:
         if self.requested is not None:
             raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
         self.requested = name
-        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting", name)
+        logger.warning("%s received: stopping at the next micro-batch (the step in progress is dropped and "
+                       "redone on resume), saving a checkpoint, then exiting", name)
 
     def close(self) -> None:
         for s, h in self._old.items():

@@ -143,7 +143,7 @@ class DataConfig:
     height: int = 32
     width: int = 32
     fps: float = 8.0
-    num_workers: int = 0
+    num_workers: int = 0  # decoding workers of data.source=manifest (latents, synthetic: read in the trainer)
     text_dropout: float = 0.1  # caption -> "" with this probability, for classifier-free guidance
     fixed_batch: bool = False  # train on the first batch forever (an overfitting smoke test)
 

@@ -39,9 +39,9 @@ from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .attention.spec import routing_spec
-from .checkpoint import (GracefulStop, check_resume_world, checkpoint_problem, clean_stale,  # noqa: F401
+from .checkpoint import (GracefulStop, check_resume_world, checkpoint_problem, clean_stale, training_engine,  # noqa: F401
                          latest_checkpoint, latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint,
-                         save_checkpoint, EMA_WEIGHTS, MODEL_WEIGHTS, RANKS_DIR, config_file)
+                         save_checkpoint, weights_nonfinite, EMA_WEIGHTS, RANKS_DIR, config_file)
 from .checkpoint import step_of as step_of_path
 from .config import Config, ConfigError, StageConfig, validate
 from .diffusion import add_noise, sample_logit_normal, velocity_loss, velocity_target
@@ -51,7 +51,7 @@ from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .training_data import DataCursor
 from .training_gap import GapMonitor
-from .training_step import optimizer_step, step_metrics
+from .training_step import optimizer_step, over_processes, step_metrics
 from .training_utils import (EMA, MetricsLogger, build_accelerator, format_count, init_source,  # noqa: F401
                              launch_world_size, lr_at, param_count, ramp_at, resolve_grad_accum,
                              resume_config_changes, stage_at, start_trackers, total_steps, train_lr)
@@ -105,6 +105,10 @@ class Trainer:
         return self.acc.state.deepspeed_plugin.zero_stage if self.is_deepspeed else 0
 
     @property
+    def engine(self) -> str:
+        return training_engine(self.is_deepspeed, self.zero_stage)
+
+    @property
     def data_position(self) -> int:
         """Data position of the next micro-batch (training_data.DataCursor)."""
         return self.cursor.position
@@ -122,7 +126,7 @@ class Trainer:
         self.routing = routing_spec(cfg.attention.routing)  # for the stages with `routing: true`
         resume = self._find_resume()
         if resume is not None:  # before RUN/config.yaml is rewritten: a refused resume changes nothing
-            check_resume_world(resume, acc.num_processes, self.is_deepspeed)  # before anything is written
+            check_resume_world(resume, acc.num_processes, self.engine)  # before anything is written
             changed = resume_config_changes(resume, cfg)
             if changed:
                 logger.warning("resuming %s with changed settings: %s", resume, "; ".join(changed))
@@ -172,7 +176,6 @@ class Trainer:
                                       "checkpoint folder or a Wan2.1 checkpoint folder") from None
             logger.info("initialised the model from %s", src)
         model.train()
-        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         t = cfg.train
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         if self.is_deepspeed:
@@ -183,6 +186,8 @@ class Trainer:
             ds["gradient_clipping"] = t.grad_clip if t.grad_clip > 0 else 0.0
         self.model, self.optimizer = acc.prepare(DualForward(model), opt)
         self.inner: CausalWanModel = acc.unwrap_model(self.model).model
+        # after prepare: the shadow lives where the prepared weights do (prepare moves them to the GPU)
+        self.ema = EMA(self.inner, cfg.train.ema_decay) if cfg.train.ema_decay else None
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
         if resume is not None:
@@ -238,13 +243,7 @@ class Trainer:
 
     def _all(self, flag: float, op: str) -> float:
         """min/max of a flag over processes (no collective when single-process)."""
-        if self.acc.num_processes == 1:
-            return flag
-        import torch.distributed as dist
-
-        x = torch.tensor([flag], device=self.device, dtype=torch.float32)
-        dist.all_reduce(x, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-        return float(x.item())
+        return over_processes(self.acc, self.device, [flag], op)[0]
 
     def settings(self, stage: StageConfig, ramp: Optional[float] = None) -> DegradeSettings:
         """The degradation of `stage`; `ramp` = the level r of its ramp now (None: no ramp, hard switch)."""
@@ -305,7 +304,10 @@ class Trainer:
         return add_noise(history, ctx_eps.to(history.dtype), ctx), torch.full(
             (history.shape[0], self.num_chunks), float(ctx), device=history.device)
 
-    def train_step(self) -> dict:
+    def train_step(self, stop: Optional[GracefulStop] = None) -> Optional[dict]:
+        """One optimizer step -> its log record; None when `stop` was requested on any process before
+        its last micro-batch's backward: the step is dropped (no update, data position and counters as
+        before it), so a checkpoint saved now resumes exactly where an uninterrupted run would go on."""
         acc, cfg = self.acc, self.cfg
         k = cfg.train.grad_accum
         stage_idx, stage = stage_at(cfg, self.step)
@@ -316,6 +318,7 @@ class Trainer:
         start = time.perf_counter()
         good, skipped, t_res = 0, 0, 0.0
         losses, chunks, ts = [], [], []
+        begin = (self.cursor.position, self.bad_in_a_row)
         while good < k:
             pos, batch, gen = self.cursor.next()
             last = good == k - 1
@@ -324,7 +327,13 @@ class Trainer:
             with ctx:
                 loss, per_chunk, t_s, dt = self.compute_loss(batch, stage, gen)
                 t_res += dt
-                if self._all(float(torch.isfinite(loss).item()), "min") < 1:
+                flags = (not torch.isfinite(loss).item(), stop is not None and stop.requested is not None)
+                bad, stopping = (v > 0 for v in over_processes(acc, self.device, flags, "max"))
+                if stopping:  # within one micro-batch, not after the step (launchers kill 30 s after a signal)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.cursor.position, self.bad_in_a_row = begin
+                    return None
+                if bad:
                     skipped += 1
                     self.bad_in_a_row += 1
                     logger.warning("step %d: non-finite loss at data position %d; skipping this micro-batch "
@@ -401,21 +410,9 @@ class Trainer:
     @torch.no_grad()
     def _checkpoint_nonfinite(self, ckpt: Path) -> Optional[str]:
         """Why `ckpt` is not a good restart point (non-finite weights or loss), or None."""
-        from safetensors import safe_open
-
-        for name in (MODEL_WEIGHTS, EMA_WEIGHTS):
-            f = ckpt / name
-            if not f.is_file():
-                continue
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    for key in st.keys():
-                        if not torch.isfinite(st.get_tensor(key)).all():
-                            return f"{name} has non-finite values ({key})"
-            except Exception as e:  # noqa: BLE001 - a damaged file is not a good checkpoint either
-                return f"cannot read {name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        if self.zero_stage == 3:  # partitioned weights: the file check only
-            return None
+        problem = weights_nonfinite(ckpt)
+        if problem or self.zero_stage == 3:  # ZeRO-3, partitioned weights: the file check only
+            return problem
         try:
             state = read_trainer_state(ckpt)
             load_state_into(self.inner, read_state_dict(ckpt), source=str(ckpt))
@@ -457,7 +454,7 @@ class Trainer:
         return {"step": self.step, "data_position": self.data_position, "stage_index": stage_idx,
                 "stage": stage.name, "objective": stage.objective, "epoch": self.cursor.epoch,
                 "lr": train_lr(self.cfg, self.step),
-                "world_size": self.acc.num_processes, "batch_size": self.cfg.train.batch_size,
+                "world_size": self.acc.num_processes, "engine": self.engine, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
                 "bad_in_a_row": self.bad_in_a_row, "time": time.time()}
 
@@ -500,6 +497,10 @@ class Trainer:
             logger.info("saved %s", path)
         return path
 
+    def _saved_now(self) -> bool:
+        """Is the last checkpoint the current state (written at this step)?"""
+        return self.last_checkpoint is not None and read_trainer_state(self.last_checkpoint)["step"] == self.step
+
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict:
@@ -518,24 +519,23 @@ class Trainer:
             redirect.enter_context(logging_redirect_tqdm())
         try:
             while self.step < total:
-                rec = self.train_step()
-                self.metrics.log(rec)
-                saved = False
-                if self.step % cfg.train.save_every == 0 or self.step == total:
-                    self.save()
-                    saved = True
-                if bar is not None:  # the postfix first: update() draws the bar with this step's loss
-                    if self.step % cfg.train.log_every == 0 or self.step == total:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", stage=rec["stage"], refresh=False)
-                    bar.update(1)
-                if self._all(1.0 if stop.requested else 0.0, "max") > 0:
-                    if not saved:
+                rec = self.train_step(stop)  # None: stopped within the step, which was dropped
+                if rec is not None:
+                    self.metrics.log(rec)
+                    if self.step % cfg.train.save_every == 0 or self.step == total:
+                        self.save()
+                    if bar is not None:  # the postfix first: update() draws the bar with this step's loss
+                        if self.step % cfg.train.log_every == 0 or self.step == total:
+                            bar.set_postfix(loss=f"{rec['loss']:.4f}", stage=rec["stage"], refresh=False)
+                        bar.update(1)
+                if rec is None or self._all(1.0 if stop.requested else 0.0, "max") > 0:
+                    if not self._saved_now():
                         self.save()
                     status = "interrupted"
                     logger.warning("stopped at step %d by %s; checkpoint %s; %s", self.step,
                                    stop.requested or "a signal on another process", self.last_checkpoint, self.resume_hint)
                     break
-            if self.step >= total and (self.last_checkpoint is None or read_trainer_state(self.last_checkpoint)["step"] != self.step):
+            if self.step >= total and not self._saved_now():
                 self.save()
         except BaseException:
             for tracker in acc.trackers:  # flush TensorBoard/wandb; the JSONL log is already on disk

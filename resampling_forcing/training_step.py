@@ -4,6 +4,7 @@
   finite. Under fp16 with a loss scaler (accelerate's GradScaler, DDP or one GPU) the scaler's own
   `step`/`update` must still run on such a step: they skip the update and lower the scale; skipping
   them leaves the scaler "unscaled" and the next step raises.
+- `over_processes`: flags agreed over processes (skip a micro-batch, stop, reject a checkpoint).
 - `step_metrics`: the step's logged numbers over all processes in one fixed-size gather. A process whose
   micro-batch lost a video found bad during training has fewer resampling times t_s than the others, so
   raw values cannot be gathered (NCCL needs equal sizes); each process sends [count, sum, sum of squares,
@@ -17,6 +18,19 @@ import torch
 
 # per-process t_s statistics sent in the gather: count, sum, sum of squares, min, max
 _TS_STATS = 5
+
+
+def over_processes(acc, device, flags: Iterable[float], op: str) -> list[float]:
+    """The min (`op` "min") or max of each flag over all processes, in one collective (none with one
+    process): how the processes agree to skip a micro-batch, stop, or reject a checkpoint."""
+    values = [float(f) for f in flags]
+    if acc.num_processes == 1:
+        return values
+    import torch.distributed as dist
+
+    x = torch.tensor(values, device=device, dtype=torch.float32)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return x.tolist()
 
 
 def optimizer_step(acc, optimizer, params: Iterable[torch.nn.Parameter], clip: float) -> float:

@@ -63,6 +63,29 @@ def test_ddp_cpu_two_processes(tmp_path, synth):
     assert proc.stdout.count("completed at step") == 1, proc.stdout  # the main process's line, once
 
 
+def test_ddp_signal_on_one_rank_within_a_step_stops_both_then_resumes(tmp_path, synth):
+    """SIGTERM on rank 1 only, in the 2nd of 3 micro-batches of step 3: both ranks drop that step at the
+    same micro-batch (they agree through the per-micro-batch collective), save step 2, exit; the same
+    command resumes from there and ends with equal weights on both ranks."""
+    run_dir = tmp_path / "run"
+    args = small_overrides(run_dir, synth, steps_tf=2, steps_rf=2, **{"train.grad_accum": 3, "train.save_every": 100})
+
+    def launch(script):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACC / "ddp_cpu.yaml"),
+               "--main_process_port", str(free_port()), str(script), "--config", str(TINY_YAML)] + args
+        env = dict(child_env(), RF_SIGNAL_RANK="1", RF_SIGNAL_AFTER_STEP="2")
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    first = launch(REPO / "tests" / "signal_in_step.py")
+    assert first.returncode != 0 and "interrupted at step 2" in first.stdout, first.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2]
+    assert read_trainer_state(list_checkpoints(run_dir)[-1][1])["data_position"] == 6
+    assert len(read_log(run_dir)) == 2
+    run(launch_cmd("ddp_cpu.yaml", "--main_process_port", str(free_port())) + args)
+    assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3, 4]
+    assert_learns_in_step(run_dir, 2)
+
+
 def test_ddp_two_processes_resampling_with_bad_videos(tmp_path, synth):
     """Corrupt videos between the good ones, found bad during training: a process's micro-batch then holds
     fewer videos, hence fewer resampling times t_s, than the other's. The step's metrics still combine over

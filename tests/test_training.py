@@ -32,8 +32,8 @@ def sigterm_after_step(monkeypatch, step: int):
     saves, returns); returns the original train_step, to put back for the resumed run."""
     original = Trainer.train_step
 
-    def step_then_signal(self):
-        rec = original(self)
+    def step_then_signal(self, stop=None):
+        rec = original(self, stop)
         if self.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return rec
@@ -128,6 +128,65 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeyp
                           steps_tf=2, steps_rf=4))
     assert third["step"] == 6
     assert [r["loss"] for r in read_log(tmp_path / "branch")] == [r["loss"] for r in ref[3:]]
+
+
+def test_sigterm_within_a_step_drops_it_and_resumes_exactly(tmp_path, synth, monkeypatch):
+    """A signal during a micro-batch of an accumulating step stops at once (a launcher kills its workers
+    30 s after a signal: a whole step and then a checkpoint may not fit): the step is dropped, the
+    checkpoint is the state before it, and the resumed run equals an uninterrupted one."""
+    args = ("train.save_every=100", "train.grad_accum=3")
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    train(cfg_for(ref_run, synth, *args, steps_tf=2, steps_rf=3))
+    ref = read_log(ref_run)
+    original = Trainer.compute_loss
+    calls = []
+
+    def signal_in_step_4(self, batch, stage, gen):  # the 2nd micro-batch of step 4 (3 steps done)
+        calls.append(self.step)
+        if self.step == 3 and calls.count(3) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, stage, gen)
+
+    monkeypatch.setattr(Trainer, "compute_loss", signal_in_step_4)
+    first = train(cfg_for(run, synth, *args, steps_tf=2, steps_rf=3))
+    assert first["status"] == "interrupted" and first["step"] == 3
+    assert calls.count(3) == 2  # stopped within the step, not after its 3 micro-batches
+    assert [s for s, _ in list_checkpoints(run)] == [3] and len(read_log(run)) == 3
+    assert read_trainer_state(list_checkpoints(run)[-1][1])["data_position"] == 9
+    monkeypatch.setattr(Trainer, "compute_loss", original)
+    second = train(cfg_for(run, synth, *args, steps_tf=2, steps_rf=3))
+    assert second["status"] == "completed" and second["step"] == 5
+    assert [r["loss"] for r in read_log(run)] == [r["loss"] for r in ref]  # exact, step for step
+    a = load_model(list_checkpoints(ref_run)[-1][1]).state_dict()
+    b = load_model(list_checkpoints(run)[-1][1]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("written, deepspeed_dir, launch, refused", [
+    ("DDP / one process", False, "DeepSpeed ZeRO-2", True),   # DeepSpeed's loader asserted inside
+    ("DeepSpeed ZeRO-2", True, "DDP / one process", True),    # FileNotFoundError: optimizer.bin
+    ("DeepSpeed ZeRO-2", True, "DeepSpeed ZeRO-3", True),
+    ("DeepSpeed ZeRO-2", True, "DeepSpeed ZeRO-2", False),
+    (None, True, "DDP / one process", True),                  # before the engine was recorded
+    (None, False, "DeepSpeed ZeRO-2", True),
+    (None, True, "DeepSpeed ZeRO-3", False),                  # unknown stage: DeepSpeed itself decides
+    (None, False, "DDP / one process", False),
+])
+def test_resume_under_another_engine_is_refused_in_one_line(tmp_path, written, deepspeed_dir, launch, refused):
+    from resampling_forcing.checkpoint import DEEPSPEED_STATE, check_resume_world
+    from resampling_forcing.models.loading import CheckpointError
+
+    ckpt = tmp_path / "step_0000004"
+    (ckpt / DEEPSPEED_STATE).mkdir(parents=True) if deepspeed_dir else ckpt.mkdir()
+    state = {"step": 4, "world_size": 2} | ({} if written is None else {"engine": written})
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    if not refused:
+        check_resume_world(ckpt, 2, launch)
+        return
+    with pytest.raises(CheckpointError) as e:
+        check_resume_world(ckpt, 2, launch)
+    msg = str(e.value)
+    assert "\n" not in msg and f"this launch uses {launch}" in msg and f"train.init_from={ckpt}" in msg
 
 
 def test_nan_loss_skips_then_aborts(tmp_path, synth, monkeypatch):
@@ -425,6 +484,25 @@ def test_latents_source_trains(tmp_path, synth):
     shard = store / index["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated: failed in a loader worker before
     refuse(match=r"shard-00000\.safetensors: damaged shard .*delete it and rerun train/precompute\.py")
+
+
+def test_ema_lives_where_the_prepared_weights_do(tmp_path, synth, monkeypatch):
+    """accelerate's prepare moves the model to the GPU; an EMA built before it stayed on the CPU and the
+    first update mixed devices. Here prepare moves it to the meta device, which CPU tests can see."""
+    import accelerate
+
+    from resampling_forcing.training import Trainer
+
+    prepare = accelerate.Accelerator.prepare
+
+    def prepare_then_move(self, *args):
+        out = prepare(self, *args)
+        out[0].to("meta")
+        return out
+
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", prepare_then_move)
+    trainer = Trainer(cfg_for(tmp_path / "run", synth, "train.ema_decay=0.9"))
+    assert {v.device.type for v in trainer.ema.state_dict().values()} == {"meta"}
 
 
 def test_loader_order_is_a_function_of_the_position(tmp_path, synth):

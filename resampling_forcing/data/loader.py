@@ -192,6 +192,9 @@ class TrainData:
                             f"processes; add data or lower train.batch_size")
         self.per_epoch = self.num_items // (batch_size * world)
         self.null_text = self._null_text()
+        if cfg.data.num_workers > 0 and self.source != "manifest" and rank == 0:
+            logger.warning("data.num_workers=%d is not used: only data.source=manifest decodes in workers (%s data "
+                           "is read in the training process)", cfg.data.num_workers, self.source)
 
     def _check_usable(self) -> None:
         """Refuse a manifest whose files are all unusable (corrupt, audio only, too short, ...) now, in the

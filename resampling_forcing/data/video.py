@@ -17,7 +17,7 @@ Clips (``VideoClipDataset``)
   presentation timestamp is <= t (``floor(t * src_fps)`` at a constant frame rate; variable-rate
   phone / screen recordings by their timestamps); ``fps=None`` keeps the source frames. The clip
   length ``num_frames`` is a parameter (Wan's VAE wants ``1 + 4k``).
-- Start: random (``random_start=True``: drawn from ``numpy.random.default_rng([seed, epoch, index])``,
+- Start: random (``random_start=True``: drawn from ``numpy.random.default_rng(mix_seed(seed, epoch, index))``,
   so it is reproducible and independent of worker assignment; call ``set_epoch`` each epoch) or
   fixed (``start_frame``, counted in output frames, clamped to the last possible start).
 - Space: resize so the short side fits (bilinear, antialiased), then center-crop to
@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..seeds import mix_seed
 from .decode import BadVideo, UsePyAV, VideoInfo, _backends, _DecordBackend, _first_line, _PyAVBackend  # noqa: F401
 
 logger = logging.getLogger("resampling_forcing.data")
@@ -350,7 +351,7 @@ class VideoClipDataset(Dataset):
     def _start(self, i: int, avail: int) -> int:
         last = avail - self.num_frames
         if self.random_start:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng(mix_seed(self.seed, self.epoch, i))
             return int(rng.integers(0, last + 1))
         return max(0, min(self.start_frame, last))
 
