@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # fp16: probabilities are cast to fp16 for P@V and the output is rounded to fp16, both 2^-11 relative
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
-LSE_TOL = dict(atol=1e-4, rtol=1e-5)  # lse: fp32 accumulation of exact products in both dtypes
+# lse: fp32 accumulation of exact products in both dtypes; measured max error 9.5e-7 (2 fp32 ulps at
+# |lse| ~ 5), at most ~11% of this allowance
+LSE_TOL = dict(atol=3e-6, rtol=1e-6)
 
 
 def rand_inputs(B, Hh, N, T, Lc, D, dtype, Lq=None):
@@ -64,8 +66,14 @@ def check_kernel(q, kh, vh, kc, vc, sel, T, **kw):
 # routed attention kernel
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T, N, D", [(7, 3, 16), (13, 2, 32), (100, 2, 16)])
+@pytest.mark.parametrize("T, N, D", [(7, 3, 16), (13, 2, 32), (100, 2, 16),
+                                     # head dims below 16 or not a power of two: the kernel pads D up to
+                                     # BLOCK_D = max(16, next_pow2(D)) and only its head-dim masks keep the
+                                     # padding out of the scores (hence lse) and the output
+                                     (7, 3, 5), (7, 2, 24), (5, 2, 40), (7, 2, 80)])
 def test_kernel_matches_reference_random_per_token_selection(T, N, D, dtype):
+    """Output and lse (check_kernel) equal the reference for random per-token selections, with the
+    special rows below."""
     B, Hh = 2, 2
     q, kh, vh, kc, vc = rand_inputs(B, Hh, N, T, T, D, dtype)
     sel = torch.rand(B, Hh, T, N, device=DEVICE) > 0.5

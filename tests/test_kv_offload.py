@@ -240,8 +240,7 @@ def test_packed_history_on_the_triton_path(spec):
     from resampling_forcing.attention.backends import kernels
 
     kern = kernels()
-    if kern is None or not kern.is_interpreted():
-        pytest.skip("needs triton with TRITON_INTERPRET=1 (tests/conftest.py)")
+    assert kern is not None and kern.is_interpreted(), "needs triton with TRITON_INTERPRET=1 (tests/conftest.py)"
     b, hh, t, d, n = 2, 2, 7, 5, 9
     full = _filled(KVCache(1, b, hh, d, t, "cpu", torch.float32), n, 1, b, hh, t, d, {2, 4, 5}, 3)
     tier = _filled(TieredKVCache(1, b, hh, d, t, "cpu", torch.float32, resident_chunks=2), n, 1, b, hh, t, d, {2, 4, 5}, 3)

@@ -1,5 +1,6 @@
 """History degradation (resampling.py): no gradient, t_s = 0 is teacher forcing, dependence on the
-weights, the KV-cache rollout equals a masked forward, and autoregressive causality."""
+weights, the KV-cache rollout equals a masked forward (also routed, and guided by CFG, for both the
+autoregressive and the parallel form), and autoregressive causality."""
 import copy
 
 import pytest
@@ -241,8 +242,86 @@ def test_routing_with_room_for_all_equals_dense():
     torch.testing.assert_close(wide, dense, rtol=1e-5, atol=1e-5)
     top1 = autoregressive_resample(model, x, t_s, context=ctx, eps=eps, routing=RoutingSpec("topk", top_k=1))
     assert top1.shape == dense.shape and torch.isfinite(top1).all()
-    par = parallel_resample(model, x, t_s, context=ctx, eps=eps, routing=RoutingSpec("topk", top_k=1))
-    assert torch.isfinite(par).all()
+
+
+@pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=1), RoutingSpec("topk", top_k=1, sink_chunks=1),
+                                  RoutingSpec("window", window_chunks=1)])
+def test_routed_parallel_resampling_equals_the_dual_forward(spec):
+    """Parallel resampling with routing (1 Euler step) equals the routed dual-stream training forward over
+    the ground truth: every chunk i = z_i - t_s v_i with v = forward_dual(history = x, noisy = z, same
+    routing); and differs from dense parallel resampling (routing is not ignored). Odd chunks: 14 tokens."""
+    model = tiny_model()
+    n = 5
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, n * model.cfg.chunk_frames, 2, 14, generator=g)
+    ctx, eps = torch.randn(2, 5, 8, generator=g), torch.randn(x.shape, generator=g)
+    t_s = torch.tensor([0.6, 0.3])
+    tb = t_s.view(-1, 1, 1, 1, 1)
+    par = parallel_resample(model, x, t_s, context=ctx, eps=eps, steps=1, routing=spec)
+    z = (1 - tb) * x + tb * eps
+    attn = MaskedAttention(MaskSpec("dual", n, model.chunk_tokens(2, 14)), "sdpa", routing=spec)
+    with torch.no_grad():
+        v = model.forward_dual(x, z, t_s[:, None].expand(2, n), ctx, attn)
+    torch.testing.assert_close(par, z - tb * v, rtol=1e-5, atol=1e-5)
+    dense = parallel_resample(model, x, t_s, context=ctx, eps=eps, steps=1)
+    assert (dense - par).abs().max() > 1e-3  # routing dropped history chunks
+
+
+def _chunkwise_resample_reference(model, x, t_s, *, context, eps, steps, null_context=None, cfg_scale=1.0,
+                                  parallel=False):
+    """Self-resampling of every chunk of x [B, C, N * cf, H, W] written out plainly (no KV cache, no dual
+    layout), for the CFG twins: chunk i takes `steps` Euler steps on resample_grid from
+    z_i = (1 - t_s) x_i + t_s eps_i, each velocity the noisy part of one full forward over
+    [history chunks < i (timestep 0) | z] under the block-causal mask. The history is the degraded
+    chunks < i (autoregressive) or the ground truth (parallel). With null_context the velocity is
+    guided, v_null + cfg_scale (v_cond - v_null), both branches full forwards: the null branch's history
+    K/V come from the null text as well (a separate unconditional cache in the fast path)."""
+    cf, tok = model.cfg.chunk_frames, model.chunk_tokens(x.shape[3], x.shape[4])
+    b, n = x.shape[0], x.shape[2] // cf
+    grid = resample_grid(t_s, steps)  # [B, steps + 1], from t_s to 0
+    out = x.clone()
+    with torch.no_grad():
+        for i in range(n):
+            sl = slice(i * cf, (i + 1) * cf)
+            hist = (x if parallel else out)[:, :, : i * cf]
+            t0 = grid[:, 0].view(-1, 1, 1, 1, 1)
+            z = (1 - t0) * x[:, :, sl] + t0 * eps[:, :, sl]
+            attn = MaskedAttention(MaskSpec("block_causal", i + 1, tok), "sdpa")
+            for k in range(steps):
+                seq = torch.cat([hist, z], dim=2)
+                t = torch.zeros(b, i + 1)
+                t[:, i] = grid[:, k]
+                v = model(seq, t, context, attn=attn)[:, :, i * cf:]
+                if null_context is not None:
+                    v_null = model(seq, t, null_context, attn=attn)[:, :, i * cf:]
+                    v = v_null + cfg_scale * (v - v_null)
+                z = z + (grid[:, k + 1] - grid[:, k]).view(-1, 1, 1, 1, 1) * v
+            out[:, :, sl] = z
+    return out
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["autoregressive", "parallel"])
+def test_resampling_cfg_equals_guided_chunkwise_forwards(parallel):
+    """Self-resampling with CFG (the stage's resample_cfg; here 3, 2 Euler steps) equals the plain guided
+    reference, chunk by chunk: autoregressive (its conditional and unconditional KV caches, each written
+    under its own text) and parallel (one guided dual forward per step). The guidance matters: the
+    unguided reference is far from it. Odd chunks: 14 tokens."""
+    model = tiny_model()
+    n = 4
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 4, n * model.cfg.chunk_frames, 2, 14, generator=g)
+    ctx, null = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    t_s = torch.tensor([0.6, 0.35])
+    kw = dict(context=ctx, eps=eps, steps=2)
+    if parallel:
+        got = parallel_resample(model, x, t_s, null_context=null, cfg_scale=3.0, **kw)
+    else:
+        got = autoregressive_resample(model, x, t_s, include_last=True, null_context=null, cfg_scale=3.0, **kw)
+    want = _chunkwise_resample_reference(model, x, t_s, null_context=null, cfg_scale=3.0, parallel=parallel, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unguided = _chunkwise_resample_reference(model, x, t_s, parallel=parallel, **kw)
+    assert (want - unguided).abs().max() > 1e-2
 
 
 def test_resampling_cfg():

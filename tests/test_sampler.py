@@ -1,7 +1,8 @@
 """The sampler (resampling_forcing/sampler.py) through its own code path:
 
 1. cached rollout velocity == training forward on [history | noisy], every chunk (fp32), also with
-   CFG (two halves of one batch), with routing, and for a rollout 10x the training length (RoPE);
+   CFG (two halves of one batch), with routing (in all or some layers), with the cache written at
+   context_t > 0, and for a rollout 10x the training length (RoPE);
 2. a full rollout is deterministic for a seed and independent of batch composition;
 3. CFG scale 1 equals the conditional branch alone (and skips the unconditional one).
 """
@@ -16,7 +17,7 @@ from resampling_forcing.attention.ops import MaskedAttention
 from resampling_forcing.attention.routing import RoutingSpec
 from resampling_forcing.encoders import PixelShuffleVAE
 from resampling_forcing.options import SamplingOptions
-from resampling_forcing.sampler import Rollout, sample, sample_seed
+from resampling_forcing.sampler import Rollout, SampleNoise, sample, sample_seed
 from helpers import tiny_model
 
 H, W = 2, 14  # latent size: 1 x 7 tokens per frame with patch 2
@@ -33,20 +34,36 @@ def _data(model, n, b=2, seed=3):
     return hist, noisy, t, ctx, neg
 
 
-def _dual(model, hist, noisy, t, ctx, routing=None):
+def _dual(model, hist, noisy, t, ctx, routing=None, history_t=None, routing_layers=None):
     spec = MaskSpec("dual", t.shape[1], model.chunk_tokens(H, W))
-    return model.forward_dual(hist, noisy, t, ctx, MaskedAttention(spec, "sdpa", routing=routing))
+    attn = MaskedAttention(spec, "sdpa", routing=routing, routing_layers=routing_layers)
+    return model.forward_dual(hist, noisy, t, ctx, attn, history_t)
+
+
+def _renoised_history(model, hist, context_t, seed=0):
+    """What the rollout's cache-writing passes see at context_t > 0, written out by hand: chunk i of
+    `hist` [B, C, n * cf, H, W] re-noised, (1 - ct) x + ct eps, with the i-th draw of each sample's own
+    generator (SampleNoise(seed, 0..B-1); in `_check_parity` only the write passes draw noise)."""
+    cf, b = model.cfg.chunk_frames, hist.shape[0]
+    noise = SampleNoise(seed, range(b))
+    eps = torch.cat([noise((hist.shape[1], cf, H, W), "cpu") for _ in range(hist.shape[2] // cf)], dim=2)
+    return (1 - context_t) * hist + context_t * eps
 
 
 def _check_parity(model, n, opts, b=2, capacity=1):
     """Rollout.velocity on chunk i given history chunks < i (written by Rollout.write_chunk)
-    equals the training forward, guided exactly as the sampler guides."""
+    equals the training forward, guided exactly as the sampler guides. With context_t > 0 the
+    training forward's history stream holds the chunks re-noised to context_t, at timestep context_t
+    (forward_dual's history_t): what the cache-writing pass computes the cached K/V from."""
     hist, noisy, t, ctx, neg = _data(model, n, b)
-    cf = model.cfg.chunk_frames
+    cf, ct = model.cfg.chunk_frames, opts.context_t
+    hist_in, hist_t = hist, None
+    if ct > 0:
+        hist_in, hist_t = _renoised_history(model, hist, ct), torch.full((b, n), ct)
     with torch.no_grad():
-        want = _dual(model, hist, noisy, t, ctx, opts.routing)
+        want = _dual(model, hist_in, noisy, t, ctx, opts.routing, hist_t, opts.routing_layers)
         if opts.cfg_scale != 1.0:
-            unc = _dual(model, hist, noisy, t, neg.expand(b, -1, -1), opts.routing)
+            unc = _dual(model, hist_in, noisy, t, neg.expand(b, -1, -1), opts.routing, hist_t, opts.routing_layers)
             want = unc + opts.cfg_scale * (want - unc)
     ro = Rollout(model, ctx, latent_hw=(H, W), neg_context=neg, options=opts, capacity=capacity)
     offsets = []
@@ -61,6 +78,8 @@ def _check_parity(model, n, opts, b=2, capacity=1):
         ro.write_chunk(hist[:, :, sl])
     assert offsets == [i * cf for i in range(n)]  # absolute RoPE positions, never wrapped
     assert ro.cached_chunks == n
+    # the inputs of the write passes (what `recache` replays) are the history the twin used
+    torch.testing.assert_close(torch.cat(ro.written, dim=2), hist_in)
 
 
 def test_cached_rollout_equals_training_forward_dense():
@@ -75,6 +94,24 @@ def test_cached_rollout_equals_training_forward_cfg_two_halves():
                                   RoutingSpec("window", window_chunks=2)])
 def test_cached_rollout_equals_training_forward_routed(spec):
     _check_parity(tiny_model(), 5, SamplingOptions(cfg_scale=1.0, routing=spec), b=1)
+
+
+def test_cached_rollout_equals_training_forward_routing_layers():
+    """routing_layers=[1]: the rollout routes in block 1 only (block 0 attends its whole history), as the
+    training forward with the same routing_layers does."""
+    spec = RoutingSpec("topk", top_k=1, sink_chunks=1)
+    _check_parity(tiny_model(), 5, SamplingOptions(cfg_scale=1.0, routing=spec, routing_layers=[1]), b=1)
+
+
+@pytest.mark.parametrize("opts", [SamplingOptions(cfg_scale=1.0, context_t=0.3),
+                                  SamplingOptions(cfg_scale=3.0, context_t=0.3,
+                                                  routing=RoutingSpec("topk", top_k=1, sink_chunks=1))],
+                         ids=["dense", "cfg3-topk1"])
+def test_cached_rollout_equals_training_forward_context_t(opts):
+    """The cache-writing pass at context_t > 0 (`--context-t`): every chunk's velocity equals the training
+    forward whose history stream is the chunks re-noised to context_t with the samples' own noise, run at
+    timestep context_t (the write pass run at t = 0 on the re-noised input differs by ~1e-2)."""
+    _check_parity(tiny_model(), 4, opts)
 
 
 def test_rollout_10x_training_length_positions():
