@@ -225,16 +225,33 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
     if not p.is_dir():
         raise PipelineError(f"checkpoint {p} is a file; pass its directory (run dir, {CHECKPOINTS}/step_* or a Wan2.1 folder)")
     kind = "checkpoint"
+
+    def weights_of(d: Path) -> Path:
+        return d / EMA_WEIGHTS if use_ema and (d / EMA_WEIGHTS).is_file() else d / MODEL_WEIGHTS
+
     if not _complete(p) and checkpoint_root(p).is_dir():
-        ck = latest_checkpoint(p)
-        if ck is None:
+        ckpts = [c for _, c in reversed(list_checkpoints(p)) if _complete(c)]
+        if not ckpts:
             raise PipelineError(f"run {p} has no complete checkpoint under {CHECKPOINTS}/ (step_XXXXXXX written "
                                 f"by the trainer); train longer or pass a checkpoint dir")
+        # the newest whose weights are whole (a run killed while a disk filled keeps a truncated one)
+        ck = next((c for c in ckpts if _safetensors_problem(weights_of(c)) is None), None)
+        if ck is None:
+            raise PipelineError(f"run {p}: the weights of every checkpoint are damaged (newest: {ckpts[0].name}, "
+                                f"{_safetensors_problem(weights_of(ckpts[0]))}); restore one")
+        for bad in ckpts[:ckpts.index(ck)]:
+            logger.warning("checkpoint %s is damaged (%s); using the previous whole one, %s", bad,
+                           _safetensors_problem(weights_of(bad)), ck.name)
         run_dir, p, kind = p, ck, "run"
     else:
         run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else None
     if _complete(p):
-        weights = p / EMA_WEIGHTS if use_ema and (p / EMA_WEIGHTS).is_file() else p / MODEL_WEIGHTS
+        weights = weights_of(p)
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise PipelineError(f"checkpoint {p}: {problem}; pass another checkpoint"
+                                + (f" of its run ({run_dir}/{CHECKPOINTS}/step_*, or the run dir: its newest "
+                                   "whole one)" if run_dir is not None else ""))
         cfg_path = next((c for c in (config_file(p), config_file(run_dir) if run_dir else None)
                          if c is not None and c.is_file()), None)
         return CheckpointInfo(kind, Path(path), p, cfg_path, weights, step_of(p))
@@ -271,7 +288,10 @@ def _safetensors_problem(path: Path) -> Optional[str]:
             header = json.loads(f.read(n))
         except ValueError:
             return f"{path.name} has a corrupt header"
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return f"{path.name} has a corrupt header"
     if 8 + n + end > size:
         return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
     return None

@@ -193,6 +193,8 @@ def check_args(args) -> None:
         raise BadInput(f"--kv-host-dtype {problem}")
     if not args.output.strip():
         raise BadInput("--output must not be empty (a .mp4 file or a folder)")
+    if not args.checkpoint.strip():
+        raise BadInput("--checkpoint must not be empty (a run dir, a checkpoints/step_* dir or a Wan2.1 checkpoint)")
     if args.batch < 1:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
     check_seed("--seed", args.seed)
@@ -368,7 +370,8 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
     need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
-    msg = check_fits(need, device, what, "lower --num-chunks / --batch or the resolution (--set data.height=...)")
+    fix = "lower --num-chunks / --batch" + (" / --max-history-chunks (counted in full here)" if args.init_video else "")
+    msg = check_fits(need, device, what, f"{fix} or the resolution (--set data.height=...)")
     if msg:
         raise BadInput(msg)
     flops = sample_flops(cfg, args.num_chunks, batch, opts.steps, opts.cfg_scale, history)

@@ -380,6 +380,38 @@ def test_mismatched_checkpoints_exit_2(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.mp4"))
 
 
+def test_damaged_or_configless_checkpoints(tmp_path, capsys, caplog):
+    """A run whose newest checkpoint has truncated weights samples the previous whole one (named in a
+    warning), as training resumes from it; that step dir given itself, a checkpoint without any
+    config.yaml and an empty --checkpoint are refused in one line that names the fix."""
+    run = save_checkpoint_for_tests(tmp_path / "run", step=10)
+    save_checkpoint_for_tests(run, step=20, seed=1)
+    newest = run / "checkpoints" / "step_0000020"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with caplog.at_level("WARNING"):
+        info = resolve_checkpoint(run)
+    assert info.step == 10 and "step_0000020" in caplog.text and "truncated" in caplog.text
+    assert cli("--checkpoint", run, "--prompt", "x", "--num-chunks", 1, "--steps", 1, "--output",
+               tmp_path / "ok.mp4") == 0
+    capsys.readouterr()
+    lone = save_checkpoint_for_tests(tmp_path / "lone") / "checkpoints" / "step_0000010"
+    (lone / "config.yaml").unlink()
+    (lone.parent.parent / "config.yaml").unlink()
+    for ckpt, text in ((newest, "model.safetensors is truncated"), (lone, "has no config.yaml"),
+                       ("", "--checkpoint must not be empty")):
+        assert cli("--checkpoint", ckpt, "--prompt", "x", "--num-chunks", 1, "--output", tmp_path / "o.mp4") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and text in err, err
+    assert "pass another checkpoint of its run" in cli_err_of(newest, tmp_path, capsys)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def cli_err_of(ckpt, tmp_path, capsys) -> str:
+    cli("--checkpoint", ckpt, "--prompt", "x", "--num-chunks", 1, "--output", tmp_path / "o.mp4")
+    return capsys.readouterr().err
+
+
 def test_cli_subprocess_exit_code_and_stderr(tmp_path):
     """The script as a user runs it: a bad flag gives one line on stderr and exit code 2."""
     env = dict(os.environ, PYTHONPATH=str(REPO))

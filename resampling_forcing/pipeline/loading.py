@@ -98,6 +98,9 @@ def _config_for(info: CheckpointInfo, config, overrides: Sequence[str]) -> Confi
 def _load_config(info: CheckpointInfo, config, overrides: Sequence[str]) -> Config:
     """The checkpoint's (or run's) config.yaml, then `config` (a Config replaces it; a YAML path is
     merged on top, key by key), then `overrides`."""
+    if info.config_path is None and info.kind != "wan" and config is None:  # defaults would misname the cause
+        raise PipelineError(f"checkpoint {info.model_dir} has no config.yaml (nor has its run): the encoders and "
+                            "sampling settings are unknown; copy the run's config.yaml next to it or pass --config")
     try:
         base: dict = to_dict(load_config(info.config_path)) if info.config_path is not None else {}
         if isinstance(config, Config):
