@@ -90,7 +90,7 @@ class DegradeSettings:
     always_forward: bool = False  # probability ramp: run the model even when no video is selected
 
     def __post_init__(self):
-        check_degradation(self.objective, self.steps, self.ramp)
+        check_degradation(self.objective, self.steps, self.ramp, cfg_scale=self.cfg_scale)
         if not 0.0 <= self.ramp_level <= 1.0:  # not a config value: the trainer derives it (ramp_at)
             raise ValueError(f"ramp_level={self.ramp_level}: must be in [0, 1]")
 

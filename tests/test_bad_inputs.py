@@ -8,6 +8,7 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,20 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
                             f"data.synthetic_dir={tmp_path / 'fresh_synth'}"], "train.init_from="),
         "no usable video": (["data.source=manifest", f"data.manifest={manifest}"],
                             "all 4 files skipped (bad_path: 1, missing: 1, too_short: 1, unreadable: 1)"),
+        # were a ZeroDivisionError in validate / a ValueError in the data loader
+        "vae_factor 0": (["encoders.vae_factor=0"], "encoders.vae_factor=0: must be >= 1"),
+        "seed 2**64": (["train.seed=18446744073709551616"], "train.seed=18446744073709551616: must be an int in [0, "),
+        # made the loss NaN (20 bad steps, then the wrong advice and a run folder) or meant nothing
+        "train_t_std nan": (["diffusion.train_t_std=.nan"], "diffusion.train_t_std=nan: must be a finite number >= 0"),
+        "eps -1": (["model.eps=-1"], "model.eps=-1.0: must be a finite number > 0"),
+        "rope_theta 0": (["model.rope_theta=0"], "model.rope_theta=0.0: must be a finite number > 0"),
+        "resample_cfg nan": (["train.stages.1.resample_cfg=.nan"], "train.stages[1].resample_cfg must be a finite number >= 0"),
+        "resample_cfg -1": (["train.stages.1.resample_cfg=-1"], "train.stages[1].resample_cfg must be a finite number >= 0"),
+        "grad_clip nan": (["train.grad_clip=.nan"], "train.grad_clip=nan: must be a finite number >= 0 (0 = no clipping)"),
+        # refused only after the synthetic set was rendered (fresh_synth stays absent)
+        "num_frames not whole chunks": (["data.num_frames=9", f"data.synthetic_dir={tmp_path / 'fresh_synth'}"],
+                                        "data.num_frames=9: gives 9 latent frames, not a multiple of "
+                                        "model.chunk_frames=2; use data.num_frames=8 or 10"),
     }
     if not torch.cuda.is_available():
         cases["xformers on CPU"] = (["attention.backend=xformers"], "CUDA-only")
@@ -89,6 +104,15 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
     assert not (tmp_path / "fresh_synth").exists()
 
 
+def test_train_cli_config_not_utf8(tmp_path, capsys):
+    """A config file that is not UTF-8 was a UnicodeDecodeError traceback."""
+    bad = tmp_path / "utf16.yaml"
+    bad.write_bytes(b"\xff\xfe")
+    assert _train_cli()(["--config", str(bad)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"error: config file {bad} is not UTF-8 text; save it as UTF-8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["utf16.yaml"]
+
+
 def _precompute(*args):
     return subprocess.run([sys.executable, str(REPO / "train" / "precompute.py"), "--config", str(TINY_YAML), *args],
                           capture_output=True, text=True, timeout=300, env=child_env(), cwd=REPO)
@@ -102,6 +126,9 @@ def test_precompute_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path):
         (["--out", "/proc/nope/latents"], "cannot create"),
         # every file unusable: refused with the counts by cause, and no empty store left
         ([], "no usable video: all 4 files skipped (bad_path: 1, missing: 1, too_short: 1, unreadable: 1)"),
+        # refused at config load, before any encoding (it wrote a store no config of this model can train on)
+        (["data.num_frames=7"], "data.num_frames=7: gives 7 latent frames, not a multiple of model.chunk_frames=2; "
+                                "use data.num_frames=6 or 8"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
@@ -329,3 +356,81 @@ def test_secondary_tools_refuse_bad_input_in_one_line_before_any_work(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "old_ablation", "vids"]  # nothing created
     assert [p.name for p in (tmp_path / "old_ablation").iterdir()] == ["gaps"]
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- a checkpoint's model_config.json
+
+
+TINY_CK = REPO / "assets" / "tiny-pretrained"
+
+
+def _damaged_checkpoint(tmp_path, model_config) -> "os.PathLike":
+    """assets/tiny-pretrained copied with its model_config.json replaced (a dict: keys changed; else the
+    whole file's JSON, or raw text)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(TINY_CK, ck)
+    if isinstance(model_config, dict):
+        text = json.dumps({**json.loads((TINY_CK / "model_config.json").read_text()), **model_config})
+    else:
+        text = model_config if isinstance(model_config, str) else json.dumps(model_config)
+    (ck / "model_config.json").write_text(text)
+    return ck
+
+
+@pytest.mark.parametrize("model_config,problem", [
+    ({"num_heads": 3}, "dim=128 is not divisible by num_heads=3"),
+    ({"dim": "big"}, "dim: expected int, got str 'big'"),
+    ({"dim": None}, "dim: expected int, got NoneType None"),
+    ({"dim": 128.0}, "dim: expected int, got float 128.0"),
+    ({"num_layers": 0}, "num_layers=0: must be >= 1"),
+    ({"eps": float("nan")}, "eps=nan: must be a finite number > 0"),
+    ({"rope_theta": -1}, "rope_theta=-1.0: must be a finite number > 0"),
+    ({"prediction": "eps"}, "prediction: 'eps' is not one of ['velocity', 'x0']"),
+    ({"patch_size": [1, 2]}, "patch_size=[1, 2]: expected three positive ints"),
+    ([1, 2], "expected a JSON object of model settings, got list"),
+    ("{", "is not readable JSON"),
+], ids=lambda v: str(v)[:20])
+def test_bad_model_config_json_is_one_checkpoint_error(tmp_path, model_config, problem):
+    """Bad values in model_config.json crashed the first forward pass (an unflatten RuntimeError, a
+    TypeError in the memory estimate, an AttributeError for a list): now the typed construction and the
+    model rules of the config (config.check_model) refuse them at load, naming the file and the key."""
+    from resampling_forcing.models.loading import CheckpointError, load_model
+
+    ck = _damaged_checkpoint(tmp_path, model_config)
+    with pytest.raises(CheckpointError) as e:
+        load_model(ck)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(ck / "model_config.json")) and problem in msg, msg
+
+
+@pytest.mark.parametrize("change", [{"num_heads": 3}, {"chunk_frames": 0}, {"head_dim": None},
+                                    {"patch_size": [2, 2, 2], "chunk_frames": 3}, {"x0_min_t": 1.5}])
+def test_config_and_checkpoint_share_the_model_rules(tmp_path, change):
+    """The same model value is refused by the YAML (key model.X) and by a checkpoint's model_config.json
+    (key X), with the same rule."""
+    from resampling_forcing.config import ConfigError, config_from_dict
+    from resampling_forcing.models.loading import CheckpointError, config_from_checkpoint
+
+    change = {k: v for k, v in change.items() if k != "head_dim"} or {"dim": 130, "num_heads": 10}  # head dim 13
+    with pytest.raises(ConfigError) as from_yaml:
+        config_from_dict({"model": {"preset": "tiny", "chunk_frames": 2, **change},
+                          "encoders": {"vae": "pixel_shuffle", "text": "hash"}})
+    with pytest.raises(CheckpointError) as from_ck:
+        config_from_checkpoint(_damaged_checkpoint(tmp_path, change))
+    rule = str(from_yaml.value).replace("model.", "")
+    assert rule in str(from_ck.value), (str(from_yaml.value), str(from_ck.value))
+
+
+def test_sample_cli_bad_model_config_json_one_line_exit_2(tmp_path):
+    """The user's view: sample/sample.py with a checkpoint whose model_config.json has num_heads=3
+    printed a 44-line traceback from the first forward; now one line, exit 2, no output."""
+    ck = _damaged_checkpoint(tmp_path, {"num_heads": 3})
+    out = tmp_path / "o.mp4"
+    r = subprocess.run([sys.executable, str(REPO / "sample" / "sample.py"), "--checkpoint", str(ck), "--prompt", "x",
+                        "--num-chunks", "2", "--steps", "1", "--output", str(out), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, env=child_env(), cwd=REPO)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0] == (f"error: {ck / 'model_config.json'}: dim=128 is not divisible by num_heads=3; the file is "
+                        "damaged or edited: restore it from the run that saved the weights"), lines[0]
+    assert not out.exists() and not out.with_suffix(".json").exists()

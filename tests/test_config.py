@@ -1,6 +1,14 @@
+import dataclasses
+import re
+import typing
+
 import pytest
 
-from resampling_forcing.config import ConfigError, config_from_dict, load_config
+from resampling_forcing.config import FLOAT_RANGES, Config, ConfigError, config_from_dict, load_config
+from resampling_forcing.seeds import MAX_SEED
+
+NAN, INF = float("nan"), float("inf")
+TINY = {"model": {"preset": "tiny", "chunk_frames": 2}, "encoders": {"vae": "pixel_shuffle", "text": "hash"}}
 
 
 def test_defaults_validate():
@@ -37,15 +45,33 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"model": {"num_heads": 0}}, r"model\.num_heads=0: must be >= 1"),
     ({"model": {"num_layers": 0}}, r"model\.num_layers=0: must be >= 1"),
     ({"model": {"x0_min_t": 0.0}}, r"model\.x0_min_t=0\.0: must be in \(0, 1\)"),
-    ({"train": {"seed": -1}}, r"train\.seed=-1: must be an int >= 0"),
-    ({"data": {"synthetic_seed": -2}}, r"data\.synthetic_seed=-2: must be an int >= 0"),
+    ({"train": {"seed": -1}}, rf"train\.seed=-1: must be an int in \[0, {MAX_SEED}\]"),
+    ({"data": {"synthetic_seed": -2}}, r"data\.synthetic_seed=-2: must be an int in \[0, "),
     ({"train": {"weight_decay": -1.0}}, r"train\.weight_decay=-1\.0: must be a finite number >= 0"),
-    ({"train": {"lr": float("nan")}}, r"train\.lr=nan must be > 0"),
+    ({"train": {"lr": float("nan")}}, r"train\.lr=nan: must be a finite number > 0"),
     ({"train": {"warmup_steps": -5}}, r"train\.warmup_steps=-5: must be >= 0"),
     ({"data": {"synthetic_max_objects": 0}}, r"data\.synthetic_max_objects=0: must be >= 1"),
     ({"encoders": {"vae": "pixel_shuffle", "vae_factor": 4}, "data": {"height": 33}},
      r"data\.height=33: must be a multiple of 8 .*e\.g\. 32"),
     ({"encoders": {"vae": "wan"}, "data": {"width": 40}}, r"data\.width=40: must be a multiple of 16"),
+    # values that crashed later (ZeroDivisionError in validate, a ValueError in the data loader)
+    ({"encoders": {"vae": "pixel_shuffle", "vae_factor": 0}}, r"encoders\.vae_factor=0: must be >= 1"),
+    ({"train": {"seed": 2**64}}, rf"train\.seed=18446744073709551616: must be an int in \[0, {MAX_SEED}\]"),
+    ({"data": {"synthetic_seed": MAX_SEED + 1}}, r"data\.synthetic_seed=9223372036854775808: must be an int in"),
+    # values that made the loss NaN or meant nothing
+    ({"diffusion": {"train_t_std": -1.0}}, r"diffusion\.train_t_std=-1\.0: must be a finite number >= 0"),
+    ({"model": {"eps": 0.0}}, r"model\.eps=0\.0: must be a finite number > 0"),
+    ({"model": {"rope_theta": -5.0}}, r"model\.rope_theta=-5\.0: must be a finite number > 0"),
+    ({"train": {"grad_clip": -1.0}}, r"train\.grad_clip=-1\.0: must be a finite number >= 0 \(0 = no clipping\)"),
+    ({"train": {"stages": [{}, {"objective": "resampling", "resample_cfg": -1.0}]}},
+     r"train\.stages\[1\]\.resample_cfg must be a finite number >= 0 \(got -1\.0\); 1\.0 switches guidance off"),
+    ({"train": {"stages": [{"noise_aug_scale": -0.1}]}}, r"train\.stages\[0\]\.noise_aug_scale=-0\.1: must be a finite"),
+    ({"train": {"betas": [0.9, 1.0]}}, r"train\.betas\[1\]=1\.0: must be in \[0, 1\)"),
+    ({"train": {"betas": [0.9]}}, r"train\.betas=\[0\.9\]: need two numbers"),
+    ({"train": {"ema_decay": 1.0}}, r"train\.ema_decay=1\.0: must be in \(0, 1\) \(or null"),
+    # a chunk is whole temporal patches
+    ({"model": {"patch_size": [2, 2, 2], "chunk_frames": 3}},
+     r"model\.chunk_frames=3: must be a multiple of model\.patch_size\[0\]=2"),
 ])
 def test_errors_name_the_key(data, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -99,4 +125,117 @@ def test_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+# ----------------------------------------------------------------------------- every float field
+
+
+def _schema_floats(cls=Config, key=""):
+    """The FLOAT_RANGES key of every float field of the schema (from the annotations, so a field whose
+    default is null, e.g. train.ema_decay, counts too)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            yield from _schema_floats(tp, f"{key}{f.name}.")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(inner[0]):
+            yield from _schema_floats(inner[0], f"{key}{f.name}[].")
+        elif typing.get_origin(tp) is list and inner[0] is float:
+            yield f"{key}{f.name}[]"
+        elif float in (tp, *inner):
+            yield key + f.name
+
+
+SCHEMA_FLOATS = sorted(_schema_floats())
+
+
+def test_every_float_field_has_a_range():
+    assert len(SCHEMA_FLOATS) >= 20 and sorted(FLOAT_RANGES) == SCHEMA_FLOATS
+
+
+def _setting(key: str, value: float) -> tuple[dict, str]:
+    """The config mapping that sets the float field `key` (stages: the first stage; lists: the first
+    item) to `value`, and the key path the error must name."""
+    section, name = key.split(".", 1)
+    if name.startswith("stages[]."):
+        return {section: {"stages": [{name.split(".")[1]: value}]}}, f"{section}.stages[0].{name.split('.')[1]}"
+    if name.endswith("[]"):
+        return {section: {name[:-2]: [value, 0.5]}}, f"{section}.{name[:-2]}[0]"
+    return {section: {name: value}}, key
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", SCHEMA_FLOATS)
+def test_every_float_field_refuses_nan_and_inf(key, value):
+    """NaN made the loss NaN (diffusion.train_t_std, model.eps, a stage's resample_cfg) or was taken as
+    "off" (train.grad_clip): every float field is refused with its key path and allowed range."""
+    data, path = _setting(key, value)
+    with pytest.raises(ConfigError, match="^" + re.escape(path)) as e:
+        config_from_dict(data)
+    assert ("finite" in str(e.value) or " in [" in str(e.value) or " in (" in str(e.value)), str(e.value)
+
+
+def test_range_bounds_are_accepted():
+    """The closed ends of the new ranges are valid settings: std 0 (a fixed t), no clipping, no guidance,
+    the largest seed."""
+    cfg = config_from_dict({"diffusion": {"train_t_std": 0.0, "train_t_mean": -3.0},
+                            "train": {"grad_clip": 0.0, "seed": MAX_SEED,
+                                      "stages": [{"objective": "resampling", "resample_cfg": 0.0}]}})
+    assert cfg.train.grad_clip == 0.0 and cfg.train.seed == MAX_SEED and cfg.diffusion.train_t_std == 0.0
+
+
+# ----------------------------------------------------------------------------- clip length
+
+
+@pytest.mark.parametrize("data,msg", [
+    # pixel_shuffle (1 frame per latent frame), chunks of 2
+    ({**TINY, "data": {"num_frames": 7}},
+     r"^data\.num_frames=7: gives 7 latent frames, not a multiple of model\.chunk_frames=2; use data\.num_frames=6 or 8$"),
+    ({**TINY, "data": {"num_frames": 1}}, r"data\.num_frames=1: gives 1 latent frames, .*use data\.num_frames=2$"),
+    # the Wan VAE: 1 + 4k frames -> 1 + k latent frames, chunks of 3
+    ({"data": {"num_frames": 13}},
+     r"^data\.num_frames=13: gives 4 latent frames, not a multiple of model\.chunk_frames=3; use data\.num_frames=9 or 21$"),
+    ({"data": {"num_frames": 5}, "model": {"chunk_frames": 3}},
+     r"^data\.num_frames=5: gives 2 latent frames, not a multiple of model\.chunk_frames=3; use data\.num_frames=9$"),
+])
+def test_clip_length_must_give_whole_chunks(data, msg):
+    """Refused when the config is loaded (it was refused only after the data set was rendered or a whole
+    latent store was precomputed)."""
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("frames,near", [(12, "9 or 21"), (80, "69 or 81"), (10, "9 or 21")])
+def test_clips_to_encode_fit_the_wan_vae_exactly(frames, near):
+    """A config about to encode clips (train.py, precompute: require_encoder_paths; the Trainer: training)
+    needs 1 + 4k frames for the Wan VAE (it refuses others at the first encode, after loading); for
+    sampling the default 12 frames (3 latent frames, 1 chunk) still load."""
+    data = {"data": {"num_frames": frames}, "encoders": {"vae_path": "wan", "text": "hash"}}
+    with pytest.raises(ConfigError, match=rf"^data\.num_frames={frames}: the wan VAE encodes 1 \+ 4k frames; "
+                                          rf"use data\.num_frames={near} \(whole chunks of model\.chunk_frames=3"):
+        config_from_dict(data, require_encoder_paths=True)
+    if frames == 12:
+        assert config_from_dict(data).data.num_frames == 12
+
+
+def test_valid_clip_lengths():
+    for data in ({**TINY, "data": {"num_frames": 8}}, {"data": {"num_frames": 81}}, {"data": {"num_frames": 249}},
+                 {"data": {"num_frames": 21}}, {"data": {"num_frames": 12}}):
+        config_from_dict(data)
+    config_from_dict({"data": {"num_frames": 81}, "encoders": {"vae_path": "wan", "text": "hash"}},
+                     require_encoder_paths=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_config_file_not_utf8(tmp_path):
+    bad = tmp_path / "utf16.yaml"
+    bad.write_bytes(b"\xff\xfe")  # the start of a UTF-16 file: was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match=rf"^config file {bad} is not UTF-8 text; save it as UTF-8$"):
+        load_config(bad)
+    bad.write_bytes("train:\n  run_dir: r\u00e9sum\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(bad)

@@ -218,7 +218,7 @@ def _bad_rows_setup(files, tmp_path, workers=0, batch=2, *extra):
     names = ["c8.mp4", "trunc.mp4", "c8_0.mp4", "junk.mp4", "empty.mp4", "c8_1.mp4", "short.mp4", "gone.mp4",
              "c8_2.mp4", "small.mp4", "c8_3.mp4", "c16.mp4", "c8_4.mp4"]
     m = _manifest(files, names, name="bad_rows.jsonl")
-    cfg = load_config(TINY_YAML, ["data.source=manifest", f"data.manifest={m}", "data.num_frames=5",
+    cfg = load_config(TINY_YAML, ["data.source=manifest", f"data.manifest={m}", "data.num_frames=5", "model.chunk_frames=1",
                                   f"data.num_workers={workers}", f"train.run_dir={tmp_path / 'run'}", *extra])
     data = TrainData(cfg, batch, vae=build_vae(cfg.encoders), text_encoder=build_text_encoder(cfg.encoders))
     good = {f"cap {n}" for n in names if n.startswith("c")}

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_model
 from ..dtypes import DTYPE_NAMES
 from ..io import atomic_path, atomic_write_text
+from ..typed_yaml import ConfigError, build
 from .wan import CausalWanModel
 
 OUR_WEIGHTS, OUR_CONFIG = "model.safetensors", "model_config.json"
@@ -92,7 +93,7 @@ def detect_layout(path: str | Path) -> tuple[str, Path]:
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder} has neither {OUR_CONFIG} nor config.json; point to a Wan2.1 checkpoint, "
                               "its diffusers `transformer/` folder, or a resampling-forcing run/checkpoint")
-    raw = json.loads(cfg_file.read_text())
+    raw = _read_json(cfg_file)
     if "num_attention_heads" in raw:
         return "diffusers", folder
     if "num_heads" in raw and "dim" in raw:
@@ -100,33 +101,63 @@ def detect_layout(path: str | Path) -> tuple[str, Path]:
     raise CheckpointError(f"{cfg_file} is not a Wan2.1 transformer config (no num_heads/num_attention_heads)")
 
 
+def _read_json(file: Path) -> dict:
+    """A checkpoint's JSON config: an object, else CheckpointError naming the file."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{file} is not readable JSON ({str(e).splitlines()[0]}); "
+                              "the checkpoint is damaged: copy it again") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object of model settings, got {type(raw).__name__}; "
+                              "the checkpoint is damaged: copy it again")
+    return raw
+
+
 def config_from_checkpoint(path: str | Path, base: ModelConfig | None = None) -> ModelConfig:
-    """ModelConfig from a checkpoint's config; fields not stored there come from `base`."""
+    """ModelConfig from a checkpoint's config; fields not stored there come from `base`. The values go
+    through the config's typed construction and model rules (config.check_model), so a bad size is one
+    CheckpointError naming the file and key here, not a traceback in the first forward."""
     layout, folder = detect_layout(path)
     base = base or ModelConfig()
-    raw = json.loads((folder / (OUR_CONFIG if layout == "ours" else "config.json")).read_text())
+    file = folder / (OUR_CONFIG if layout == "ours" else "config.json")
+    raw = _read_json(file)
     if layout == "ours":
         names = {f.name for f in dataclasses.fields(ModelConfig)}
-        return dataclasses.replace(base, **{k: v for k, v in raw.items() if k in names and k != "preset"},
-                                   preset=None)
+        values = {k: v for k, v in raw.items() if k in names and k != "preset"}  # unknown keys: other versions
+    else:
+        try:
+            values = _wan_values(raw, layout)
+        except (KeyError, TypeError) as e:
+            what = f"has no key {e}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
+            raise CheckpointError(f"{file} {what}; it is not a complete Wan2.1 transformer config") from None
+        if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("model_type") in ("i2v", "flf2v"):
+            raise CheckpointError(f"{folder}: image-to-video Wan checkpoints are not supported; use a T2V checkpoint")
+    try:
+        cfg = build(ModelConfig, {**dataclasses.asdict(base), **values, "preset": None}, "")
+        check_model(cfg, prefix="")
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}; the file is damaged or edited: restore it from the run that "
+                              "saved the weights") from None
+    return cfg
+
+
+def _wan_values(raw: dict, layout: str) -> dict:
+    """The ModelConfig sizes of a diffusers or original Wan2.1 config.json."""
     if layout == "diffusers":
         heads = raw["num_attention_heads"]
-        values = dict(dim=heads * raw["attention_head_dim"], num_heads=heads, ffn_dim=raw["ffn_dim"],
-                      num_layers=raw["num_layers"], in_channels=raw["in_channels"],
-                      out_channels=raw.get("out_channels") or raw["in_channels"], text_dim=raw["text_dim"],
-                      freq_dim=raw["freq_dim"], patch_size=list(raw.get("patch_size", [1, 2, 2])),
-                      eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
-                      qk_norm=raw.get("qk_norm") is not None)
-    else:
-        values = dict(dim=raw["dim"], num_heads=raw["num_heads"], ffn_dim=raw["ffn_dim"],
-                      num_layers=raw["num_layers"], in_channels=raw.get("in_dim", 16),
-                      out_channels=raw.get("out_dim", 16), text_dim=raw.get("text_dim", 4096),
-                      freq_dim=raw.get("freq_dim", 256), patch_size=list(raw.get("patch_size", [1, 2, 2])),
-                      eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
-                      qk_norm=raw.get("qk_norm", True))
-    if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("model_type") in ("i2v", "flf2v"):
-        raise CheckpointError(f"{folder}: image-to-video Wan checkpoints are not supported; use a T2V checkpoint")
-    return dataclasses.replace(base, preset=None, **values)
+        return dict(dim=heads * raw["attention_head_dim"], num_heads=heads, ffn_dim=raw["ffn_dim"],
+                    num_layers=raw["num_layers"], in_channels=raw["in_channels"],
+                    out_channels=raw.get("out_channels") or raw["in_channels"], text_dim=raw["text_dim"],
+                    freq_dim=raw["freq_dim"], patch_size=list(raw.get("patch_size", [1, 2, 2])),
+                    eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
+                    qk_norm=raw.get("qk_norm") is not None)
+    return dict(dim=raw["dim"], num_heads=raw["num_heads"], ffn_dim=raw["ffn_dim"],
+                num_layers=raw["num_layers"], in_channels=raw.get("in_dim", 16),
+                out_channels=raw.get("out_dim", 16), text_dim=raw.get("text_dim", 4096),
+                freq_dim=raw.get("freq_dim", 256), patch_size=list(raw.get("patch_size", [1, 2, 2])),
+                eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
+                qk_norm=raw.get("qk_norm", True))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
