@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_output_dir, check_seed
+from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed
 
 __all__ = ["Preset", "PRESETS", "ARMS", "DEFAULT_ARMS", "describe_arm", "arm_overrides", "run", "main"]
 
@@ -345,6 +345,8 @@ def run(args) -> int:
         raise BadInput(f"--routing-arm {args.routing_arm!r} is not among the arms ({', '.join(arms)})")
     if args.warmup is not None and not Path(args.warmup).is_dir():
         raise BadInput(f"--warmup {args.warmup}: not a run or checkpoint folder")
+    if args.warmup:  # read first by the calibration, after the work folder is made: checked now
+        check_checkpoint("--warmup", args.warmup)
     default_out = f"outputs/ablation/{args.preset}" + ("" if args.seed is None else f"_seed{args.seed}")
     out = check_output_dir("--out", default_out if args.out is None else args.out)
     if (out / "diagnose_warmup.json").is_file() or (out / "gaps").is_dir():

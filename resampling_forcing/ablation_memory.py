@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ablation import _finished, _path, _train, resumable_main
-from .cli import BadInput, OneLineParser, check_output_dir, check_seed
+from .cli import BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed
 
 __all__ = ["MODES", "CONDITIONINGS", "probe_clips", "after", "continue_probe", "memory_sanity", "run", "main"]
 
@@ -179,6 +179,8 @@ def run(args) -> int:
     if init is None or not init.is_dir():
         raise BadInput(f"train.init_from={base.train.init_from!r} is not a run or checkpoint folder; pass "
                        "--set train.init_from=RUN_OR_CHECKPOINT")
+    # its weights are read after the occlusion data set is rendered (minutes): checked now, as sample.py would
+    check_checkpoint("train.init_from", init, "--set train.init_from=RUN_OR_CHECKPOINT")
     out.mkdir(parents=True, exist_ok=True)
     stage = dict(dataclasses.asdict(base.train.stages[-1]), steps=steps)
     overrides = list(args.overrides) + [f"train.run_dir={run_dir}", f"train.init_from={init}",

@@ -82,9 +82,15 @@ def _arrays(folder: Path, arm: str, clips: int, protocol: str = "dense", routing
     path = eval_path(folder, arm, protocol=protocol)
     if not path.is_file():
         raise BadInput(f"{folder}: no {protocol} evaluation of arm {arm!r} ({path} is missing); rerun its ablation command")
-    with np.load(path) as z:
-        arrays = {m: z[m] for m in METRICS if m in z.files}
-        key = json.loads(str(z["key"])) if "key" in z.files else None
+    try:
+        with np.load(path) as z:
+            arrays = {m: z[m] for m in METRICS if m in z.files}
+            key = json.loads(str(z["key"])) if "key" in z.files else None
+    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, bad key JSON: a damaged cache file
+        raise BadInput(f"{path}: unreadable evaluation ({type(e).__name__}); delete it and rerun its ablation "
+                       "command") from None
+    if not isinstance(key, dict) or not arrays:
+        key = None
     if key is None or key.get("routing") != routing or key.get("split", "eval") != "eval":
         raise BadInput(f"{path} is not a {protocol} evaluation of the eval clips with a cache key; rerun its ablation command")
     key.pop("weights", None)
@@ -92,6 +98,44 @@ def _arrays(folder: Path, arm: str, clips: int, protocol: str = "dense", routing
         raise BadInput(f"{path} holds {next(iter(arrays.values())).shape[0]} clips, its report {clips}; "
                        "rerun its ablation command")
     return arrays, key
+
+
+def _read_report(folder: Path) -> dict:
+    """folder/report.json with the shape pool() reads (a damaged or foreign file: BadInput, one line)."""
+    rp = folder / "report.json"
+    if not rp.is_file():
+        raise BadInput(f"{folder}: no report.json; is it an ablation --out folder of a finished run?")
+    try:
+        report = json.loads(rp.read_text(encoding="utf-8"))
+        problem = _report_problem(report)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise BadInput(f"{rp}: not a readable ablation report ({problem}); rerun its ablation command")
+    return report
+
+
+def _report_problem(r) -> str | None:
+    """What a report lacks of the shape pool() reads, or None."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not an object"
+    missing = [k for k in ("train_seed", "eval", "arms") if k not in r]
+    if missing:
+        return f"no {', '.join(missing)}"
+    ev = r["eval"]
+    if isinstance(r["train_seed"], bool) or not isinstance(r["train_seed"], int):
+        return f"train_seed {r['train_seed']!r} is not an int"
+    if not isinstance(ev, dict) or isinstance(ev.get("clips"), bool) or not isinstance(ev.get("clips"), int):
+        return "eval.clips is not a count"
+    if not isinstance(ev.get("clip_sets", {}), dict) or not isinstance(ev.get("clip_sets", {}).get("seeds", {}), dict):
+        return "eval.clip_sets is not an object"
+    protocols = r.get("protocols", {})
+    if not isinstance(protocols, dict) or not all(isinstance(e, dict) and "routing" in e for e in protocols.values()):
+        return "protocols is not an object of {routing, arms} entries"
+    for name, arms in [("arms", r["arms"]), *((f"protocols.{p}.arms", e.get("arms")) for p, e in protocols.items())]:
+        if not isinstance(arms, dict) or not all(isinstance(a, dict) for a in arms.values()):
+            return f"{name} is not an object of arm entries"
+    return None
 
 
 def _check_replicates(folders: Sequence[Path], reports: list[dict]) -> None:
@@ -131,12 +175,7 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
     warmup."""
     if len(folders) < 1:
         raise BadInput("name at least one ablation folder")
-    reports = []
-    for f in folders:
-        rp = Path(f) / "report.json"
-        if not rp.is_file():
-            raise BadInput(f"{f}: no report.json; is it an ablation --out folder of a finished run?")
-        reports.append(json.loads(rp.read_text()))
+    reports = [_read_report(Path(f)) for f in folders]
     _check_replicates(folders, reports)
     entries = [_protocol_arms(f, r, protocol) for f, r in zip(folders, reports)]
     routings = [rt for _, rt in entries]

@@ -15,8 +15,8 @@ from .seeds import MAX_SEED
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_output_dir", "check_output_file", "check_seed",
-           "guarded", "report_bad_input", "run_cli"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_checkpoint", "check_output_dir",
+           "check_output_file", "check_seed", "guarded", "report_bad_input", "run_cli"]
 
 
 class BadInput(Exception):
@@ -64,6 +64,20 @@ def check_output_dir(flag: str, path) -> Path:
     if problem:
         raise BadInput(f"{flag} {path}: {problem}")
     return Path(path)
+
+
+def check_checkpoint(flag: str, path, fix: str = ""):
+    """A checkpoint a tool loads only later (after training, rendering, ...), checked before any work the
+    way sample.py checks --checkpoint (pipeline.resolve_config: the folder, its config.yaml, model config
+    and weight file headers; no weights are loaded) -> its Config. BadInput naming `flag` (and `fix`)."""
+    from .pipeline.loading import resolve_config  # torch: kept out of the import path of --help
+
+    try:
+        return resolve_config(path)
+    except ValueError as e:  # PipelineError, CheckpointError, ConfigError: one-line messages
+        lines = str(e).strip().splitlines()
+        name = f"{flag} {path}" if flag.startswith("-") else f"{flag}={path}"  # a flag, or a config key
+        raise BadInput(f"{name}: {lines[0] if lines else type(e).__name__}" + (f" ({fix})" if fix else "")) from None
 
 
 def guarded(call: Callable[[], Optional[int]], prog: Optional[str] = None, bad_input: type = BadInput) -> int:

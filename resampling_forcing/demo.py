@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import config_file
-from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_output_dir, check_seed
+from .cli import BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed, report_bad_input
 from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
-from .encoders import build_vae
 from .eval import evaluate_video, mean_over_videos, plot_drift
 from .io import atomic_write_json, contact_sheet
 from .pipeline import Pipeline, PipelineOutput
@@ -152,6 +151,44 @@ def _check_args(args) -> None:
     check_output_dir("--out", args.out)
 
 
+def _preflight(args, cfg) -> tuple[int, int]:
+    """What needs the config, before anything is removed, rendered or trained: --pretrained as sample.py
+    checks a checkpoint, --continue-chunks against the rollout, and the rollout's memory lower bound for
+    every model sampled (memory.py; Pipeline.generate would refuse it only after training) ->
+    (chunks, frames) of a rollout."""
+    from .config import synthetic_seed
+    from .data.synthetic_dataset import held_out_combos
+    from .memory import check_fits, codec_geometry, latent_frames, pixel_frames, rollout_need
+    from .options import SamplingOptions
+
+    geo = codec_geometry(cfg)  # the encoders' geometry without building them (a Wan VAE loads for minutes)
+    num_chunks = args.length_factor * latent_frames(geo, cfg.data.num_frames) // cfg.model.chunk_frames
+    if num_chunks < 1:
+        raise BadInput(f"--length-factor {args.length_factor}: a rollout of {num_chunks} chunks; raise it or "
+                       "data.num_frames")
+    if args.continue_chunks >= num_chunks:
+        raise BadInput(f"--continue-chunks {args.continue_chunks} must be < the rollout's {num_chunks} chunks "
+                       f"(--length-factor {args.length_factor}); lower it, or 0 to skip the continuation")
+    models = {"live": cfg}
+    if args.pretrained:
+        models["pretrained"] = check_checkpoint("--pretrained", args.pretrained,
+                                                "or --pretrained '' to skip the shipped model")
+    # the captions sampled at once: the held-out ones (as the data set draws them) and --extra-captions
+    batch = len(held_out_combos(max_objects=cfg.data.synthetic_max_objects, seed=synthetic_seed(cfg))) \
+        + args.extra_captions
+    for name, model_cfg in models.items():
+        try:
+            opts = SamplingOptions.from_config(model_cfg, "cpu")
+        except (ValueError, TypeError) as e:
+            raise BadInput(f"{name} model's sampling settings: {e}") from None
+        need = rollout_need(model_cfg, opts, num_chunks, max(batch, 1), 4)  # fp32 on the CPU (Pipeline's default)
+        msg = check_fits(need, "cpu", f"sampling the {name} model ({max(batch, 1)} captions x {num_chunks} chunks)",
+                         "lower --length-factor (or --extra-captions)")
+        if msg:
+            raise BadInput(msg)
+    return num_chunks, pixel_frames(geo, num_chunks * cfg.model.chunk_frames)
+
+
 def _main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m resampling_forcing.demo", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,24 +206,22 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         args = p.parse_args(argv)
         _check_args(args)
+        out = Path(args.out)
+        # everything the demo writes goes under --out: the run and (unless overridden) the data set
+        try:
+            cfg = load_config(args.config, [f"train.run_dir={out / 'run'}", f"data.synthetic_dir={out / 'synthetic'}",
+                                            *args.overrides])
+        except ConfigError as e:
+            raise BadInput(str(e)) from None
+        if len(cfg.train.stages) != 2:
+            raise BadInput("the demo config needs two stages (teacher forcing, resampling)")
+        cfg.train.stages[0].steps, cfg.train.stages[1].steps = args.tf_steps, args.rf_steps
+        num_chunks, rollout_frames = _preflight(args, cfg)
     except BadInput as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_bad_input("demo", e)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    out = Path(args.out)
     start = time.time()
-    # everything the demo writes goes under --out: the run and (unless overridden) the data set
-    try:
-        cfg = load_config(args.config, [f"train.run_dir={out / 'run'}", f"data.synthetic_dir={out / 'synthetic'}",
-                                        *args.overrides])
-    except ConfigError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
-    if len(cfg.train.stages) != 2:
-        print("demo: error: the demo config needs two stages (teacher forcing, resampling)", file=sys.stderr)
-        return 2
-    cfg.train.stages[0].steps, cfg.train.stages[1].steps = args.tf_steps, args.rf_steps
     run = Path(cfg.train.run_dir)
     if run.exists():  # a previous demo's run may come from other code or settings: train afresh
         print(f"[demo] removing the previous demo run {run}", flush=True)
@@ -205,9 +240,6 @@ def _main(argv: list[str] | None = None) -> int:
     data_dir = Path(cfg.data.synthetic_dir)
     captions = demo_captions(data_dir, args.extra_captions)
     clip_frames = cfg.data.num_frames
-    vae = build_vae(cfg.encoders)
-    num_chunks = args.length_factor * vae.latents_for_frames(clip_frames) // cfg.model.chunk_frames
-    rollout_frames = vae.frames_for_latents(num_chunks * cfg.model.chunk_frames)
     print(f"[demo] 3/5 sampling {len(captions)} captions x {rollout_frames} frames "
           f"({args.length_factor}x the {clip_frames}-frame training clips)", flush=True)
 

@@ -433,3 +433,55 @@ def test_eval_cache_is_keyed_by_the_weights_and_settings(tmp_path):
     assert not cached(path, cache_key(ck, clips=32, seed=0))
     np.savez(path, seconds=1.0, psnr=np.ones(3))  # a cache from before keys existed
     assert not cached(path, key)
+
+
+def _damaged_warmup(tmp_path, how: str):
+    """assets/ablation/warmup with its weights truncated, or an empty folder."""
+    import shutil
+
+    ck = tmp_path / how
+    if how == "empty":
+        ck.mkdir()
+    else:
+        shutil.copytree(REPO / "assets" / "ablation" / "warmup", ck)
+        (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:2_000_000])
+    return ck
+
+
+def _no_training(monkeypatch):
+    import resampling_forcing.training as training
+
+    def fail(cfg, **kw):
+        raise AssertionError(f"trained {cfg.train.run_dir} (rendering its data set) before refusing the input")
+
+    monkeypatch.setattr(training, "train", fail)
+
+
+@pytest.mark.parametrize("how, msg", [("trunc", "model.safetensors is truncated"),
+                                      ("empty", "neither model_config.json nor config.json")])
+def test_damaged_warmup_is_refused_before_the_work_folder(tmp_path, monkeypatch, capsys, how, msg):
+    """A damaged --warmup failed in the calibration (a traceback: "diagnose ... failed") and left its
+    empty work folder; now one line, exit 2, nothing created."""
+    _no_training(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--warmup", str(_damaged_warmup(tmp_path, how))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ablation: error: --warmup ") and msg in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how, msg", [("trunc", "model.safetensors is truncated"),
+                                      ("empty", "neither model_config.json nor config.json")])
+def test_memory_probe_damaged_init_is_refused_before_rendering(tmp_path, monkeypatch, capsys, how, msg):
+    """A damaged train.init_from was refused by the trainer only after the occlusion data set was rendered
+    (minutes), leaving the work folder; now one line, exit 2, before anything is created."""
+    from resampling_forcing.ablation_memory import main as memory_main
+
+    _no_training(monkeypatch)
+    out, syn = tmp_path / "out", tmp_path / "syn"
+    assert memory_main(["--out", str(out), "--set", f"train.init_from={_damaged_warmup(tmp_path, how)}",
+                        "--set", f"data.synthetic_dir={syn}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ablation_memory: error: train.init_from=") and msg in err[0], err
+    assert "--set train.init_from=" in err[0]
+    assert not out.exists() and not syn.exists()

@@ -161,3 +161,31 @@ def test_bad_folders_are_one_line_exit_2(tmp_path, capsys, case):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ablation_seeds: error:"), err
+
+
+@pytest.mark.parametrize("text, why", [("{", "JSONDecodeError"), ('{"a": 1}', "no train_seed, eval, arms"),
+                                       ("[1]", "a JSON list, not an object"),
+                                       ('{"train_seed": 1, "eval": {"clips": 4}, "arms": [1]}', "arms is not an object"),
+                                       (b"\xff\xfe", "UnicodeDecodeError")])
+def test_damaged_or_foreign_report_is_one_line_exit_2(tmp_path, capsys, text, why):
+    """A report.json that is no ablation report (broken JSON, another shape) crashed with a traceback."""
+    ones = np.ones((4, 3))
+    a = _folder(tmp_path, 0, {"tf": ones, "x": ones})
+    b = _folder(tmp_path, 1, {"tf": ones, "x": ones})
+    (b / "report.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "pooled.json"
+    assert main([str(a), str(b), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"ablation_seeds: error: {b / 'report.json'}: not a readable ablation report ("), err
+    assert why in err[0] and err[0].endswith("; rerun its ablation command"), err
+    assert not out.exists()
+
+
+def test_damaged_evaluation_cache_is_one_line_exit_2(tmp_path, capsys):
+    ones = np.ones((4, 3))
+    a = _folder(tmp_path, 0, {"tf": ones, "x": ones})
+    (a / "eval" / "x.npz").write_bytes((a / "eval" / "x.npz").read_bytes()[:100])
+    assert main([str(a)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x.npz: unreadable evaluation" in err[0] and "rerun its ablation command" in err[0], err

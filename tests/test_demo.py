@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from resampling_forcing import demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,3 +182,42 @@ def test_demo_out_holds_the_data_set_and_the_run(tmp_path, monkeypatch, capsys):
     assert seen[-1] == (str(out / "synthetic"), str(out / "run"))
     assert demo.main(["--out", str(out), f"data.synthetic_dir={tmp_path / 'mine'}"]) == 130
     assert seen[-1][0] == str(tmp_path / "mine")
+
+
+def _damaged_copy(tmp_path, how: str) -> Path:
+    """assets/tiny-pretrained with one thing broken (the audit's ck/trunc and ck/emptydir)."""
+    import shutil
+
+    ck = tmp_path / how
+    if how == "empty":
+        ck.mkdir()
+        return ck
+    shutil.copytree(demo.PRETRAINED, ck)
+    weights = ck / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2_000_000])
+    return ck
+
+
+@pytest.mark.parametrize("case", ["truncated weights", "not a checkpoint", "huge length factor",
+                                  "continue past the rollout"])
+def test_demo_refuses_before_any_work(tmp_path, monkeypatch, capsys, case):
+    """A bad --pretrained, a rollout that cannot fit in memory and a --continue-chunks that would silently
+    skip the continuation are refused in one line, exit 2, before the data set, the training or --out."""
+    def no_training(cfg, **kw):
+        raise AssertionError("the demo trained before refusing its input")
+
+    monkeypatch.setattr(demo, "train", no_training)
+    out = tmp_path / "demo"
+    args = {"truncated weights": ["--pretrained", str(_damaged_copy(tmp_path, "trunc"))],
+            "not a checkpoint": ["--pretrained", str(_damaged_copy(tmp_path, "empty"))],
+            "huge length factor": ["--length-factor", "1000000"],
+            "continue past the rollout": ["--continue-chunks", "24"]}[case]
+    assert demo.main(["--out", str(out), *args, f"data.synthetic_dir={tmp_path / 'data'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("demo: error: "), err
+    want = {"truncated weights": ["--pretrained", "model.safetensors is truncated", "--pretrained ''"],
+            "not a checkpoint": ["--pretrained", "neither model_config.json nor config.json"],
+            "huge length factor": ["6000000 chunks", "needs at least", "lower --length-factor"],
+            "continue past the rollout": ["--continue-chunks 24 must be < the rollout's 24 chunks", "0 to skip"]}[case]
+    assert all(w in err[0] for w in want), err
+    assert not out.exists() and not (tmp_path / "data").exists()

@@ -197,3 +197,25 @@ def test_cli_sidecars_and_bad_input(tmp_path, capsys):
     # the module runs as a program
     r = subprocess.run([sys.executable, "-m", "resampling_forcing.eval", "--videos", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nothing" in r.stderr
+
+
+def test_reference_with_a_sample_sidecar_is_refused_before_scoring(tmp_path, monkeypatch, capsys):
+    """--reference at sample.py outputs: its sidecar's "frames" is a count, not per-frame objects; it
+    crashed in metrics.py (TypeError). Now one line, exit 2, before any video is scored."""
+    import resampling_forcing.eval.cli as eval_cli
+
+    v, m = _clip(0, frames=8)
+    vids = tmp_path / "vids"
+    write_mp4(vids / "a.mp4", v, fps=8)
+    (vids / "a.json").write_text(json.dumps({"prompt": m["caption"], "frames": 8, "fps": 8}))  # PipelineOutput.save
+    scored = []
+    monkeypatch.setattr(eval_cli, "evaluate_video", lambda *a, **k: scored.append(a) or {})
+    out = tmp_path / "m.json"
+    assert E.main(["--videos", str(vids), "--reference", str(vids), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"eval: error: --reference {vids / 'a.json'}: not generator metadata (no per-frame objects"), err
+    assert "move it aside" in err[0] and not scored and not out.exists()
+    # the API refuses it too (it was the TypeError)
+    with pytest.raises(E.EvalInputError, match="not generator metadata"):
+        E.evaluate_video(v, m["caption"], reference=v, reference_meta={"frames": 8})

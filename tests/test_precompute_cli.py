@@ -1,8 +1,11 @@
 """train/precompute.py: manifest -> latent store, resumable, bad files skipped, bad input exit 2."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from resampling_forcing.data.latents import LatentDataset
 from resampling_forcing.data.synthetic_dataset import make_dataset
@@ -46,3 +49,96 @@ def test_precompute_bad_input(tmp_path):
     assert len(lines) == 1 and "precompute: error:" in lines[0] and "missing.jsonl" in lines[0]
     r = run("--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "give --manifest" in r.stderr
+
+
+SMALL = ["data.height=16", "data.width=16", "data.num_frames=8", "--split", "", "--device", "cpu"]
+
+
+def _one_line(r):
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    """argparse printed its usage block (6 lines) as no other tool does."""
+    for flag, value, msg in (("--shard-size", "abc", "invalid int value: 'abc'"), ("--dtype", "fp64", "invalid choice")):
+        r = run("--manifest", "M", "--out", str(tmp_path / "o"), flag, value)
+        line = _one_line(r)
+        assert r.returncode == 2 and line.startswith("precompute: error: argument " + flag) and msg in line, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_may_follow_a_later_flag(tmp_path):
+    """`... data.height=16 --out O data.fps=0`: the last override was refused as an unrecognized argument;
+    now it is read (and refused by the config's own check)."""
+    r = run("--manifest", str(tmp_path / "m.jsonl"), "data.height=16", "--out", str(tmp_path / "o"), "data.fps=0")
+    line = _one_line(r)
+    assert r.returncode == 2 and "data.fps" in line and "unrecognized" not in line, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_store_mismatch_names_only_the_differences(tmp_path):
+    manifest = make_dataset(tmp_path / "data", num_videos=2, frames=8, size=16, fps=8, held_out_fraction=0.0)
+    out = tmp_path / "latents"
+    assert run("--manifest", str(manifest), "--out", str(out), *SMALL).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run("--manifest", str(manifest), "--out", str(out), *SMALL, "data.fps=4")
+    line = _one_line(r)
+    assert r.returncode == 2 and "data.fps=8.0 (now 4.0)" in line and "--out NEW_DIR or --overwrite" in line, line
+    assert "num_frames" not in line and len(line) < 300, line  # was two ~900-character dicts
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the store is untouched
+
+
+def _interrupting(mod, monkeypatch, after_rows: int):
+    """precompute.py's `precompute` with Ctrl+C arriving when row `after_rows` is read (shards of 2 rows)."""
+    real = mod.precompute
+
+    def interrupted(dataset, *a, **kw):
+        get = dataset.try_get
+
+        def try_get(i):
+            if i == after_rows:
+                raise KeyboardInterrupt
+            return get(i)
+
+        dataset.try_get = try_get
+        return real(dataset, *a, **kw)
+
+    monkeypatch.setattr(mod, "precompute", interrupted)
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_shards(tmp_path, monkeypatch, capsys):
+    """Ctrl+C printed a KeyboardInterrupt traceback; now one line, exit 130, the finished shards kept (a
+    rerun encodes only the rest) and nothing left by a run that wrote no shard."""
+    from helpers import load_script
+
+    mod = load_script("train/precompute.py", "precompute_cli")
+    manifest = make_dataset(tmp_path / "data", num_videos=5, frames=8, size=16, fps=8, held_out_fraction=0.0)
+    out = tmp_path / "latents"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--manifest", str(manifest), "--out", str(out),
+            "--shard-size", "2", *SMALL]
+    def main():  # an escaping Ctrl+C would end the whole pytest session: a failure of this test instead
+        try:
+            return mod.main(argv)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl+C escaped train/precompute.py (a KeyboardInterrupt traceback)")
+
+    def messages():  # stderr without the progress bar's lines (tqdm: "precompute:  40%|####  | 2/5 ...")
+        lines = [ln.split("\r")[-1] for ln in capsys.readouterr().err.splitlines()]
+        return [ln for ln in lines if ln.strip() and not re.match(r"precompute:\s+\d+%\|", ln)]
+
+    _interrupting(mod, monkeypatch, 0)
+    assert main() == 130
+    assert messages() == ["precompute: interrupted (Ctrl+C) before any shard was written; rerun the same command"]
+    assert not out.exists()
+    monkeypatch.undo()
+    _interrupting(mod, monkeypatch, 4)
+    assert main() == 130
+    assert messages() == [f"precompute: interrupted (Ctrl+C); 2 shard(s) kept in {out}, rerun the same command to "
+                          "continue"]
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    monkeypatch.undo()
+    assert main() == 0
+    assert "1 shard(s)" in capsys.readouterr().out  # only the missing shard was encoded
+    assert len(LatentDataset(out)) == 5

@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from resampling_forcing.cli import EXIT_INTERRUPTED, BadInput, OneLineParser, report_bad_input  # noqa: E402
 from resampling_forcing.config import ConfigError, load_config  # noqa: E402
-from resampling_forcing.data.latents import precompute, remove_store_files  # noqa: E402
+from resampling_forcing.data.latents import SHARD_GLOB, precompute, remove_store_files  # noqa: E402
 from resampling_forcing.data.video import VideoClipDataset  # noqa: E402
 from resampling_forcing.encoders import build_text_encoder, build_vae  # noqa: E402
 from resampling_forcing.io import is_no_space, probe_writable_dir  # noqa: E402
@@ -31,9 +32,15 @@ from resampling_forcing.models.loading import DTYPES  # noqa: E402
 from resampling_forcing.pipeline import resolve_device  # noqa: E402
 
 
+def _remove_if_new_and_empty(out, existed) -> None:
+    """A folder this run created and left empty is no result."""
+    if out is not None and not existed and Path(out).is_dir() and not any(Path(out).iterdir()):
+        Path(out).rmdir()
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="train/precompute.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--manifest", default=None, help="CSV/JSONL manifest (default: config data.manifest)")
     p.add_argument("--out", default=None, help="store directory (default: config data.latents_dir)")
@@ -44,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="stored dtype and the text encoder's; the VAE encodes in fp32 (Wan's recommendation)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store in --out")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
-    args = p.parse_args(argv)
+    try:  # intermixed: key=value overrides may follow a later flag (`... data.fps=4 --out O data.height=16`)
+        args = p.parse_intermixed_args(argv)
+    except BadInput as e:
+        return report_bad_input("precompute", e)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = out_existed = None
     try:
@@ -78,9 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
             raise ValueError(f"{manifest}: no usable video: all {index.get('num_rows', len(dataset))} files skipped "
                              f"({detail}); check the paths (relative to the manifest) and the files")
+    except KeyboardInterrupt:  # every shard on disk is complete (atomic writes): a rerun encodes only the rest
+        kept = len(list(Path(out).glob(SHARD_GLOB))) if out is not None and Path(out).is_dir() else 0
+        if kept:
+            print(f"precompute: interrupted (Ctrl+C); {kept} shard(s) kept in {out}, rerun the same command to "
+                  "continue", file=sys.stderr)
+        else:  # no shard yet: a folder this run made holds only what it wrote (index, empty-prompt embedding)
+            if out is not None and out_existed is False:
+                shutil.rmtree(out, ignore_errors=True)
+            print("precompute: interrupted (Ctrl+C) before any shard was written; rerun the same command",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, ValueError, OSError) as e:
-        if out is not None and not out_existed and Path(out).is_dir() and not any(Path(out).iterdir()):
-            Path(out).rmdir()  # a folder this run created and left empty is no result
+        _remove_if_new_and_empty(out, out_existed)
         if isinstance(e, OSError) and is_no_space(e):
             msg = f"no space left on {args.out or 'the store folder'} ({str(e).splitlines()[0]}); free some space and rerun"
         else:

@@ -10,8 +10,9 @@ Exit codes: 0 done (every stage's steps trained); 143 / 130 stopped by SIGTERM /
 checkpoint (rerun the same command to resume; a job chain waiting for success does not go on with an
 unfinished run); 2 bad config / missing data / an unusable run folder (unwritable, locked by another
 trainer, no space left), with ONE line on stderr naming the problem and the fix; 1 training aborted
-(repeated NaN/Inf losses); 130 also when interrupted twice (no checkpoint). Under `accelerate launch`
-the launcher reports a failed process with its own traceback and exit code 1 after this line.
+(repeated NaN/Inf losses); 130 also when interrupted twice, or by Ctrl+C before training started (no new
+checkpoint). Under `accelerate launch` the launcher reports a failed process with its own traceback and
+exit code 1 after this line.
 """
 from __future__ import annotations
 
@@ -38,7 +39,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:
+        # the trainer's handler (checkpoint.GracefulStop) raises it with a message on a SECOND signal; Python's
+        # own Ctrl+C handler, in place until training starts (imports, data rendering, model loading), without one
+        if e.args:
+            print("interrupted twice: stopped without a checkpoint", file=sys.stderr)
+        else:
+            print("interrupted (Ctrl+C) before training started: no new checkpoint; rerun the same command",
+                  file=sys.stderr)
+        return 130
 
+
+def _run(args) -> int:
     from resampling_forcing.config import ConfigError, load_config
     from resampling_forcing.data.loader import DataError
     from resampling_forcing.encoders import EncoderLoadError
@@ -72,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted twice: stopped without a checkpoint", file=sys.stderr)
-        return 130
     if int(os.environ.get("RANK", "0")) == 0:  # once per run, not once per process
         print(f"{result['status']} at step {result['step']}; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":  # saved, not finished: 128 + the signal, as the shell reports it

@@ -82,6 +82,40 @@ def _fingerprint(dataset, shard_size: int) -> dict:
     return json.loads(json.dumps(fp, default=str))
 
 
+# fingerprint keys -> the setting a user changes (precompute.py's flag or config key)
+_FP_NAMES = {"manifest": "manifest", "num_frames": "data.num_frames", "height": "data.height", "width": "data.width",
+             "fps": "data.fps", "split": "split", "shard_size": "shard size", "num_rows": "rows",
+             "rows_sha256": "manifest rows (paths, captions)", "random_start": "random start",
+             "start_frame": "start frame", "dataset": "data set class"}
+
+
+def _fingerprint_diff(old, new: dict) -> str:
+    """The settings two store fingerprints differ in, each with both values: "data.fps=8.0 (now 4.0), ..."
+    (not two whole dicts: ~900 characters to diff by eye)."""
+    if not isinstance(old, dict):
+        return "an index without a fingerprint"
+
+    def flat(fp: dict) -> dict:
+        out = {}
+        for k, v in fp.items():
+            if isinstance(v, dict):  # encoders: one entry per key
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[_FP_NAMES.get(k, k)] = v
+        return out
+
+    a, b, missing = flat(old), flat(new), object()
+
+    def show(d: dict, k: str) -> str:
+        v = d.get(k, missing)
+        text = "unrecorded" if v is missing else "all rows" if v is None and k == "split" else repr(v)
+        return text if len(text) <= 48 else text[:16] + "..." + text[-28:]  # digests, long paths
+
+    diffs = [f"{k}={show(a, k)} (now {show(b, k)})" for k in sorted(set(a) | set(b))
+             if a.get(k, missing) != b.get(k, missing)]
+    return ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
 def _get_item(dataset, i: int):
     """(video, caption) of row i, or (None, reason) when the row is bad."""
     if hasattr(dataset, "try_get"):
@@ -172,14 +206,14 @@ def precompute(
             old = json.loads(index_path.read_text())
         except (OSError, ValueError):
             old = None
+        old = old if isinstance(old, dict) else None  # a foreign index: as an unreadable one
         for key in ("encoders", "rows_sha256"):  # a store begun before these were recorded: resumable as it is
             if old is not None and key not in (old.get("fingerprint") or {}):
                 fp.pop(key, None)
         if old is not None and old.get("fingerprint") != fp:
-            raise ValueError(
-                f"{out}: holds latents of a different data set/config ({old.get('fingerprint')} != {fp}); "
-                "use a new folder or overwrite it (train/precompute.py: --out NEW_DIR or --overwrite)"
-            )
+            raise ValueError(f"{out}: holds latents of a different data set/config "
+                             f"({_fingerprint_diff(old.get('fingerprint'), fp)}); use a new folder or overwrite it "
+                             "(train/precompute.py: --out NEW_DIR or --overwrite)")
     device = torch.device(device) if device is not None else _infer_device(vae)
     write_null_text(out, text_encoder)
 
@@ -234,6 +268,7 @@ def precompute(
         from tqdm import tqdm
 
         bar = tqdm(total=sum(min(n_rows, (k + 1) * shard_size) - k * shard_size for k in todo), desc="precompute", unit="video")
+        redirect.callback(bar.close)  # also on Ctrl+C / an error: the caller's message starts on its own line
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         redirect.enter_context(logging_redirect_tqdm())
@@ -307,8 +342,6 @@ def precompute(
                 save_file(tensors, str(tmp), metadata=meta)
             shards[k] = _shard_entry(shard_name(k), meta)
             write_index(complete=False)
-    if bar is not None:
-        bar.close()
     index = write_index(complete=True)
     bad_total = sum(index["bad_files"].values())
     detail = ", ".join(f"{r}: {c}" for r, c in index["bad_files"].items())

@@ -21,7 +21,7 @@ from ..data.synthetic import parse_caption
 from ..cli import BadInput, OneLineParser, check_output_file, run_cli
 from ..io import atomic_write_json, read_mp4
 from .config import EvalConfig, EvalInputError, check_segment_frames
-from .metrics import evaluate_video, mean_or_none, mean_over_videos
+from .metrics import evaluate_video, mean_or_none, mean_over_videos, reference_meta_problem
 from .report import plot_drift, summary_table
 
 
@@ -104,6 +104,23 @@ def _reference_for(video: Path, refs: list[Path] | None, sidecar: dict | None, v
     return None
 
 
+def _reference_meta(ref: Path | None, what: str) -> dict | None:
+    """The generator metadata next to a reference video (X.json with per-frame objects: true centres), or
+    None (no JSON, or one without frames: the centres come from the reference's pixels). A JSON whose
+    frames are something else (a sample.py sidecar: a frame count) is refused, not misread."""
+    mp = None if ref is None else ref.with_suffix(".json")
+    if mp is None or not mp.is_file():
+        return None
+    meta = _load_json(mp, "reference metadata")
+    if not isinstance(meta, dict) or not meta.get("frames"):
+        return None
+    problem = reference_meta_problem(meta)
+    if problem:
+        raise EvalInputError(f"{what} {mp}: not generator metadata (no per-frame objects: {problem}); move it "
+                             f"aside to score against the pixels of {ref.name}")
+    return meta
+
+
 def evaluate_paths(
     videos: Sequence[str],
     captions: str = "sidecar",
@@ -128,7 +145,7 @@ def evaluate_paths(
         for r in refs:
             if not r.exists():
                 raise EvalInputError(f"{r}: reference not found")
-    results = []
+    jobs = []  # every caption, reference and its metadata resolved before any video is decoded or scored
     for v in paths:
         side = None
         if (caption is None and mapping is None) or refs is None:
@@ -140,15 +157,12 @@ def evaluate_paths(
         cap = _caption_for(v, mapping, caption, side)
         if not parse_caption(cap):
             raise EvalInputError(f"{v}: caption names no known colour+shape pair: {cap!r}")
-        frames = _read_video(v)
         ref_path = _reference_for(v, refs, side, len(paths))
-        ref_frames = ref_meta = None
-        if ref_path is not None:
-            ref_frames = _read_video(ref_path)
-            mp = ref_path.with_suffix(".json")
-            if mp.is_file():
-                meta = _load_json(mp, "reference metadata")
-                ref_meta = meta if isinstance(meta, dict) and meta.get("frames") else None
+        jobs.append((v, cap, ref_path, _reference_meta(ref_path, "--reference" if refs else "reference")))
+    results = []
+    for v, cap, ref_path, ref_meta in jobs:
+        frames = _read_video(v)
+        ref_frames = _read_video(ref_path) if ref_path is not None else None
         results.append(
             evaluate_video(frames, cap, segment_frames, reference=ref_frames, reference_meta=ref_meta, config=config, name=str(v))
         )

@@ -212,6 +212,20 @@ def _measure(frames_u8: np.ndarray, expected: list[tuple[str, str]], cfg: EvalCo
     }
 
 
+def reference_meta_problem(meta) -> str | None:
+    """Why `meta` is not generator metadata (data.synthetic.render: "frames", a list of per-frame lists of
+    objects with a "center" [x, y]), or None. A sample.py sidecar has "frames": an int (a count)."""
+    fr = meta.get("frames") if isinstance(meta, dict) else None
+    if not isinstance(fr, list):
+        return f"'frames' is {type(fr).__name__ if fr is not None else 'missing'}, not a list of per-frame objects"
+    for t, objs in enumerate(fr):
+        if not isinstance(objs, list) or not all(
+                isinstance(o, dict) and isinstance(o.get("center"), (list, tuple)) and len(o["center"]) == 2
+                and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in o["center"]) for o in objs):
+            return f"frame {t} is not a list of objects with a 'center' [x, y]"
+    return None
+
+
 def _reference_centres(reference_meta: dict | None, ref_frames: np.ndarray | None, colors: list[str], cfg: EvalConfig):
     """True centres per colour and frame ([T, 2] arrays with NaN where unknown)."""
     if reference_meta is not None and reference_meta.get("frames"):
@@ -283,6 +297,11 @@ def evaluate_video(
     ref = to_uint8_video(reference) if reference is not None else None
     if ref is not None and ref.shape[1:] != video.shape[1:]:
         raise EvalInputError(f"{name or 'video'}: reference frames are {ref.shape[1:3]}, video frames {video.shape[1:3]}")
+    if reference_meta is not None and (not isinstance(reference_meta, dict) or reference_meta.get("frames")):
+        problem = reference_meta_problem(reference_meta)
+        if problem:
+            raise EvalInputError(f"{name or 'video'}: reference_meta is not generator metadata (no per-frame objects: "
+                                 f"{problem})")
     ref_centres = _reference_centres(reference_meta, ref, colors, cfg) if (ref is not None or reference_meta) else None
     sq_err = None
     if ref is not None:

@@ -1,0 +1,39 @@
+"""train/train.py under Ctrl+C: one true line on stderr and exit 130, whether the signal is the first one,
+before the trainer installed its handler (imports, data rendering, model loading), or the second one during
+training (checkpoint.GracefulStop). In process, raising what each handler raises: a real SIGINT while the
+synthetic set renders may land in the fork of an ffmpeg writer, where CPython swallows it ("Exception
+ignored in _releaseLock"), so a subprocess test would be flaky."""
+from __future__ import annotations
+
+from helpers import load_script
+from train_helpers import TINY_YAML
+
+
+def _train_cli_raising(monkeypatch, exc):
+    import resampling_forcing.training as training
+
+    def train(cfg, **kw):
+        raise exc
+
+    monkeypatch.setattr(training, "train", train)
+    return load_script("train/train.py", "train_cli")
+
+
+def test_one_ctrl_c_before_training_is_not_called_twice(tmp_path, monkeypatch, capsys):
+    """Python's own SIGINT handler (in place until training.fit installs GracefulStop) raises a bare
+    KeyboardInterrupt: ONE Ctrl+C, which was reported as "interrupted twice"."""
+    train_cli = _train_cli_raising(monkeypatch, KeyboardInterrupt())
+    assert train_cli.main(["--config", str(TINY_YAML), f"train.run_dir={tmp_path / 'run'}",
+                           f"data.synthetic_dir={tmp_path / 'synth'}"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted (Ctrl+C) before training started: no new checkpoint; rerun the same command"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_signal_during_training_keeps_its_message(tmp_path, monkeypatch, capsys):
+    # what checkpoint.GracefulStop raises on a second signal
+    train_cli = _train_cli_raising(monkeypatch, KeyboardInterrupt("second SIGINT: stopping without a checkpoint"))
+    assert train_cli.main(["--config", str(TINY_YAML), f"train.run_dir={tmp_path / 'run'}",
+                           f"data.synthetic_dir={tmp_path / 'synth'}"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted twice: stopped without a checkpoint"]
+    assert not (tmp_path / "run").exists()
