@@ -141,8 +141,13 @@ def _report_problem(r) -> str | None:
 def _check_replicates(folders: Sequence[Path], reports: list[dict]) -> None:
     """BadInput unless the folders are replicates of one ablation (another training seed each)."""
     first = reports[0]
+
+    def same(k: str, a, b) -> bool:  # the warmup as a file: a relative and an absolute path to it agree
+        return a == b or (k == "warmup" and isinstance(a, str) and isinstance(b, str)
+                          and Path(a).resolve() == Path(b).resolve())
+
     for f, r in zip(folders[1:], reports[1:]):
-        diff = [k for k in _SAME if r.get(k) != first.get(k)]
+        diff = [k for k in _SAME if not same(k, r.get(k), first.get(k))]
         diff += [f"eval.{k}" for k in _SAME_EVAL if r["eval"].get(k) != first["eval"].get(k)]
         seeds_a = first["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
         seeds_b = r["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")

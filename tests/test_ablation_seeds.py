@@ -189,3 +189,20 @@ def test_damaged_evaluation_cache_is_one_line_exit_2(tmp_path, capsys):
     assert main([str(a)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x.npz: unreadable evaluation" in err[0] and "rerun its ablation command" in err[0], err
+
+
+def test_the_warmup_is_compared_as_a_file(tmp_path, monkeypatch):
+    """A replicate run with --warmup given as an absolute path records that path; the one run without the
+    flag recorded the preset's relative one: the same file pools, another warmup is refused."""
+    monkeypatch.chdir(tmp_path)
+    fid = np.full((4, 3), 0.5)
+    a = _folder(tmp_path, 0, {"tf": fid, "x": fid})
+    b = _folder(tmp_path, 1, {"tf": fid, "x": fid})
+    for folder, warmup in ((a, "assets/w"), (b, str(tmp_path / "assets" / "w"))):
+        report = json.loads((folder / "report.json").read_text())
+        (folder / "report.json").write_text(json.dumps({**report, "warmup": warmup}))
+    assert list(pool([a, b], ["object_fidelity"])["arms"]) == ["x"]
+    report = json.loads((b / "report.json").read_text())
+    (b / "report.json").write_text(json.dumps({**report, "warmup": str(tmp_path / "other")}))
+    with pytest.raises(Exception, match="differs from .* in warmup"):
+        pool([a, b], ["object_fidelity"])
