@@ -297,6 +297,16 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+def safetensors_problem(folder: str | os.PathLike) -> Optional[str]:
+    """The first truncated or corrupt .safetensors file under `folder` (headers against file sizes; nothing
+    is loaded), or None: a cheap look before minutes of other work."""
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            return f"{f.relative_to(folder).parent / problem}" if f.parent != Path(folder) else problem
+    return None
+
+
 def _zip_problem(path: Path) -> Optional[str]:
     import zipfile
 

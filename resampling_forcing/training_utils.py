@@ -348,10 +348,14 @@ def preflight(cfg: Config, world: int | None = None) -> None:
     from .models.loading import CheckpointError
 
     if cfg.train.init_from and not cfg.train.resume_from and latest_checkpoint(cfg.train.run_dir) is None:
+        from .checkpoint import safetensors_problem
+
         try:  # before the data set is built or the encoders load (minutes), not after
-            init_source(cfg)
+            problem = safetensors_problem(init_source(cfg))
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
+        if problem:
+            raise ConfigError(f"train.init_from={cfg.train.init_from}: {problem}; pass a whole checkpoint")
     d, t = cfg.data, cfg.train
     msg = check_fits(train_memory(cfg, world or launch_world_size()), device,
                      f"training on {d.num_frames}x{d.height}x{d.width} clips in batches of {t.batch_size}",

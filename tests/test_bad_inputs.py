@@ -57,6 +57,10 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
     afile = tmp_path / "afile"
     afile.write_text("x")
     manifest = _bad_manifest(tmp_path / "videos")
+    truncated = tmp_path / "truncated_ckpt"  # the shipped checkpoint with its weights cut short
+    shutil.copytree(REPO / "assets" / "tiny-pretrained", truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
     cases = {  # overrides -> a word the one line must contain
         "log_every 0": (["train.log_every=0"], "train.log_every=0"),
         "num_frames 0": (["data.num_frames=0"], "data.num_frames=0"),
@@ -70,6 +74,8 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
         # before the data set is rendered (a fresh synthetic folder stays absent) or encoders load
         "init_from typo": ([f"train.init_from={tmp_path / 'no_such_run'}",
                             f"data.synthetic_dir={tmp_path / 'fresh_synth'}"], "train.init_from="),
+        "init_from truncated": ([f"train.init_from={truncated}", f"data.synthetic_dir={tmp_path / 'fresh_synth'}"],
+                                "model.safetensors is truncated"),
         "no usable video": (["data.source=manifest", f"data.manifest={manifest}"],
                             "all 4 files skipped (bad_path: 1, missing: 1, too_short: 1, unreadable: 1)"),
         # were a ZeroDivisionError in validate / a ValueError in the data loader
