@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -194,6 +195,15 @@ def test_cli_sidecars_and_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("eval: error:") and "\n" not in err
     assert E.main(["--videos", str(tmp_path / "junk.mp4"), "--caption", "a red circle"]) == 2
+    assert "no video could be decoded (1 skipped" in capsys.readouterr().err
+    # one undecodable file among good ones is skipped with a warning, not the end of the evaluation
+    mixed = tmp_path / "mixed"
+    shutil.copytree(vids, mixed)
+    (mixed / "000001.mp4").write_bytes(b"\x00" * 100)
+    assert E.main(["--videos", str(mixed), "--segment-frames", "8", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert len(rep["videos"]) == 2 and [s["video"] for s in rep["skipped"]] == [str(mixed / "000001.mp4")]
+    assert f"warning: skipping {mixed / '000001.mp4'}" in capsys.readouterr().err
     # the module runs as a program
     r = subprocess.run([sys.executable, "-m", "resampling_forcing.eval", "--videos", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nothing" in r.stderr

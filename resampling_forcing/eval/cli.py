@@ -129,7 +129,8 @@ def evaluate_paths(
     segment_frames: int | None = None,
     config: EvalConfig | None = None,
 ) -> dict:
-    """Evaluate mp4 files/folders; return ``{"segment_frames", "config", "videos", "mean", "overall"}``."""
+    """Evaluate mp4 files/folders; return ``{"segment_frames", "config", "videos", "mean", "overall",
+    "skipped"}`` (videos that could not be decoded: named in a warning and left out of the means)."""
     check_segment_frames(segment_frames)
     paths = _collect_videos(videos)
     mapping = None
@@ -159,13 +160,20 @@ def evaluate_paths(
             raise EvalInputError(f"{v}: caption names no known colour+shape pair: {cap!r}")
         ref_path = _reference_for(v, refs, side, len(paths))
         jobs.append((v, cap, ref_path, _reference_meta(ref_path, "--reference" if refs else "reference")))
-    results = []
+    results, skipped = [], []
     for v, cap, ref_path, ref_meta in jobs:
-        frames = _read_video(v)
-        ref_frames = _read_video(ref_path) if ref_path is not None else None
+        try:  # one undecodable file (or reference) is skipped and named, as training skips a bad video
+            frames = _read_video(v)
+            ref_frames = _read_video(ref_path) if ref_path is not None else None
+        except EvalInputError as e:
+            skipped.append({"video": str(v), "reason": str(e)})
+            print(f"warning: skipping {v}: {e}", file=sys.stderr)
+            continue
         results.append(
             evaluate_video(frames, cap, segment_frames, reference=ref_frames, reference_meta=ref_meta, config=config, name=str(v))
         )
+    if not results:
+        raise EvalInputError(f"no video could be decoded ({len(skipped)} skipped; first: {skipped[0]['reason']})")
     overall = {}
     for key in results[0]["overall"]:
         if key in ("start", "stop"):
@@ -177,6 +185,7 @@ def evaluate_paths(
         "videos": results,
         "mean": mean_over_videos(results),
         "overall": overall,
+        "skipped": skipped,
     }
 
 
