@@ -94,13 +94,14 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 
 
 def resolve_trainer_checkpoint(path: str | os.PathLike) -> Path:
-    """A training checkpoint dir (with trainer state), or a run dir (-> its latest checkpoint), to
-    resume or initialise from. CheckpointError otherwise."""
+    """A training checkpoint dir (with trainer state), or a run dir (-> its newest whole checkpoint, as
+    auto-resume picks; damaged newer ones are named in a warning, not set aside), to resume or initialise
+    from. CheckpointError otherwise."""
     p = Path(path)
     if is_checkpoint_dir(p):
         return p
     if p.is_dir():
-        latest = latest_checkpoint(p)
+        latest = latest_good_checkpoint(p, set_aside=False)
         if latest is not None:
             return latest
     raise CheckpointError(f"{p} is neither a training checkpoint (no {STATE_FILE}) nor a run directory "
@@ -114,7 +115,8 @@ def training_engine(deepspeed: bool, zero_stage: int) -> str:
 
 def check_resume_world(ckpt: str | os.PathLike, world: int, engine: str) -> None:
     """A checkpoint resumes under the engine that wrote it (DeepSpeed's optimizer state and accelerate's
-    optimizer.bin are different formats, ZeRO stages partition differently), and a DeepSpeed one only on
+    optimizer.bin are different formats; across ZeRO stages no resume was tested, so none is offered), and a
+    DeepSpeed one only on
     the process count that wrote it (its optimizer state is partitioned per process): CheckpointError
     (one line, both ways on) otherwise. DDP state resumes on any process count."""
     state = read_trainer_state(ckpt)
@@ -235,13 +237,17 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
             raise PipelineError(f"run {p} has no complete checkpoint under {CHECKPOINTS}/ (step_XXXXXXX written "
                                 f"by the trainer); train longer or pass a checkpoint dir")
         # the newest whose weights are whole (a run killed while a disk filled keeps a truncated one)
-        ck = next((c for c in ckpts if _safetensors_problem(weights_of(c)) is None), None)
-        if ck is None:
+        damaged = []
+        for ck in ckpts:
+            problem = _safetensors_problem(weights_of(ck))
+            if problem is None:
+                break
+            damaged.append((ck, problem))
+        else:
             raise PipelineError(f"run {p}: the weights of every checkpoint are damaged (newest: {ckpts[0].name}, "
-                                f"{_safetensors_problem(weights_of(ckpts[0]))}); restore one")
-        for bad in ckpts[:ckpts.index(ck)]:
-            logger.warning("checkpoint %s is damaged (%s); using the previous whole one, %s", bad,
-                           _safetensors_problem(weights_of(bad)), ck.name)
+                                f"{damaged[0][1]}); restore one")
+        for bad, why in damaged:
+            logger.warning("checkpoint %s is damaged (%s); using the previous whole one, %s", bad, why, ck.name)
         run_dir, p, kind = p, ck, "run"
     else:
         run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else None

@@ -186,7 +186,7 @@ class TrainConfig:
     # last step of the last stage.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max global grad norm; 0: no clipping
+    grad_clip: float = 1.0  # max global grad norm; <= 0: no clipping
     ema_decay: Optional[float] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     init_from: Optional[str] = None  # weights to start from (Wan checkpoint or our checkpoint)
@@ -462,7 +462,7 @@ FLOAT_RANGES: dict[str, Optional[str]] = {
     "train.betas[]": "[0, 1)",
     "train.weight_decay": "[0, inf)",
     "train.min_lr_ratio": "[0, 1]",
-    "train.grad_clip": "[0, inf); 0 = no clipping",
+    "train.grad_clip": "(-inf, inf); <= 0 = no clipping",
     "train.ema_decay": "(0, 1); or null for no EMA",
 }
 

@@ -286,9 +286,8 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
         t_s = t_s * r
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     common = dict(steps=settings.steps, backend=settings.backend, routing=settings.routing,
-                  routing_layers=settings.routing_layers, cfg_scale=settings.cfg_scale)
+                  routing_layers=settings.routing_layers, cfg_scale=settings.cfg_scale, context_t=settings.context_t)
     ctx_eps = None
-    common["context_t"] = settings.context_t
     if settings.context_t > 0:  # drawn only then: the default (0) keeps every stream as before
         ctx_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         common["context_eps"] = ctx_eps

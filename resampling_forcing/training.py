@@ -224,6 +224,9 @@ class Trainer:
         self.acc.load_state(str(ckpt))
         self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))  # the abort counter runs on across a resume
+        if state.get("seed_rule") != "mix_seed":
+            logger.warning("%s was written before the derived seeds changed (seeds.py): from here the data order "
+                           "and the random draws differ from what an uninterrupted run of that version drew", ckpt)
         if self.ema is not None:
             ema_file = ckpt / EMA_WEIGHTS
             if ema_file.is_file():
@@ -307,7 +310,9 @@ class Trainer:
     def train_step(self, stop: Optional[GracefulStop] = None) -> Optional[dict]:
         """One optimizer step -> its log record; None when `stop` was requested on any process before
         its last micro-batch's backward: the step is dropped (no update, data position and counters as
-        before it), so a checkpoint saved now resumes exactly where an uninterrupted run would go on."""
+        before it), so a checkpoint saved now resumes exactly where an uninterrupted run would go on. The
+        Trainer must save and stop after a None: DeepSpeed keeps the dropped micro-batches' gradients in its
+        engine (accelerate's zero_grad is a no-op there), which a further step would add in."""
         acc, cfg = self.acc, self.cfg
         k = cfg.train.grad_accum
         stage_idx, stage = stage_at(cfg, self.step)
@@ -456,7 +461,7 @@ class Trainer:
                 "lr": train_lr(self.cfg, self.step),
                 "world_size": self.acc.num_processes, "engine": self.engine, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
-                "bad_in_a_row": self.bad_in_a_row, "time": time.time()}
+                "bad_in_a_row": self.bad_in_a_row, "seed_rule": "mix_seed", "time": time.time()}
 
     def _export_state(self) -> Optional[dict]:
         """The weights to export, or None for the module's own state (DDP, one process). Under DeepSpeed

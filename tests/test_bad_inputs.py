@@ -87,7 +87,7 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
         "rope_theta 0": (["model.rope_theta=0"], "model.rope_theta=0.0: must be a finite number > 0"),
         "resample_cfg nan": (["train.stages.1.resample_cfg=.nan"], "train.stages[1].resample_cfg must be a finite number >= 0"),
         "resample_cfg -1": (["train.stages.1.resample_cfg=-1"], "train.stages[1].resample_cfg must be a finite number >= 0"),
-        "grad_clip nan": (["train.grad_clip=.nan"], "train.grad_clip=nan: must be a finite number >= 0 (0 = no clipping)"),
+        "grad_clip nan": (["train.grad_clip=.nan"], "train.grad_clip=nan: must be a finite number (<= 0 = no clipping)"),
         # refused only after the synthetic set was rendered (fresh_synth stays absent)
         "num_frames not whole chunks": (["data.num_frames=9", f"data.synthetic_dir={tmp_path / 'fresh_synth'}"],
                                         "data.num_frames=9: gives 9 latent frames, not a multiple of "

@@ -62,7 +62,7 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"diffusion": {"train_t_std": -1.0}}, r"diffusion\.train_t_std=-1\.0: must be a finite number >= 0"),
     ({"model": {"eps": 0.0}}, r"model\.eps=0\.0: must be a finite number > 0"),
     ({"model": {"rope_theta": -5.0}}, r"model\.rope_theta=-5\.0: must be a finite number > 0"),
-    ({"train": {"grad_clip": -1.0}}, r"train\.grad_clip=-1\.0: must be a finite number >= 0 \(0 = no clipping\)"),
+    ({"train": {"grad_clip": float("inf")}}, r"train\.grad_clip=inf: must be a finite number \(<= 0 = no clipping\)"),
     ({"train": {"stages": [{}, {"objective": "resampling", "resample_cfg": -1.0}]}},
      r"train\.stages\[1\]\.resample_cfg must be a finite number >= 0 \(got -1\.0\); 1\.0 switches guidance off"),
     ({"train": {"stages": [{"noise_aug_scale": -0.1}]}}, r"train\.stages\[0\]\.noise_aug_scale=-0\.1: must be a finite"),
@@ -178,12 +178,13 @@ def test_every_float_field_refuses_nan_and_inf(key, value):
 
 
 def test_range_bounds_are_accepted():
-    """The closed ends of the new ranges are valid settings: std 0 (a fixed t), no clipping, no guidance,
-    the largest seed."""
-    cfg = config_from_dict({"diffusion": {"train_t_std": 0.0, "train_t_mean": -3.0},
-                            "train": {"grad_clip": 0.0, "seed": MAX_SEED,
-                                      "stages": [{"objective": "resampling", "resample_cfg": 0.0}]}})
-    assert cfg.train.grad_clip == 0.0 and cfg.train.seed == MAX_SEED and cfg.diffusion.train_t_std == 0.0
+    """The closed ends of the new ranges are valid settings: std 0 (a fixed t), no clipping (0, or a
+    negative value as saved run configs have it), no guidance, the largest seed."""
+    for clip in (0.0, -1.0):
+        cfg = config_from_dict({"diffusion": {"train_t_std": 0.0, "train_t_mean": -3.0},
+                                "train": {"grad_clip": clip, "seed": MAX_SEED,
+                                          "stages": [{"objective": "resampling", "resample_cfg": 0.0}]}})
+        assert cfg.train.grad_clip == clip and cfg.train.seed == MAX_SEED and cfg.diffusion.train_t_std == 0.0
 
 
 # ----------------------------------------------------------------------------- clip length

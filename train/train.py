@@ -27,7 +27,7 @@ if _ROOT not in sys.path:  # run from a checkout without installing
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resampling_forcing.cli import EXIT_BAD_INPUT, BadInput, OneLineParser
+    from resampling_forcing.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, OneLineParser
 
     parser = OneLineParser(prog="train/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except BadInput as e:  # one line, as every other tool
-        print(f"train/train.py: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("interrupted (Ctrl+C) before training started: no new checkpoint; rerun the same command",
                   file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run(args) -> int:
