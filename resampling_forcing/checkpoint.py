@@ -239,7 +239,7 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
         # the newest whose weights are whole (a run killed while a disk filled keeps a truncated one)
         damaged = []
         for ck in ckpts:
-            problem = _safetensors_problem(weights_of(ck))
+            problem = safetensors_problem(weights_of(ck))
             if problem is None:
                 break
             damaged.append((ck, problem))
@@ -253,7 +253,7 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
         run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else None
     if _complete(p):
         weights = weights_of(p)
-        problem = _safetensors_problem(weights)
+        problem = safetensors_problem(weights)
         if problem:
             raise PipelineError(f"checkpoint {p}: {problem}; pass another checkpoint"
                                 + (f" of its run ({run_dir}/{CHECKPOINTS}/step_*, or the run dir: its newest "
@@ -281,7 +281,10 @@ class DiskFullError(CheckpointError):
     """A save ran out of space; the message is "no space left on <dir>: ..." (one line)."""
 
 
-def _safetensors_problem(path: Path) -> Optional[str]:
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why a .safetensors file is not whole (header against the file size; nothing loaded), or None."""
+    if not Path(path).is_file():
+        return f"{Path(path).name} is missing"
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -300,16 +303,6 @@ def _safetensors_problem(path: Path) -> Optional[str]:
         return f"{path.name} has a corrupt header"
     if 8 + n + end > size:
         return f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
-    return None
-
-
-def safetensors_problem(folder: str | os.PathLike) -> Optional[str]:
-    """The first truncated or corrupt .safetensors file under `folder` (headers against file sizes; nothing
-    is loaded), or None: a cheap look before minutes of other work."""
-    for f in sorted(Path(folder).rglob("*.safetensors")):
-        problem = _safetensors_problem(f)
-        if problem:
-            return f"{f.relative_to(folder).parent / problem}" if f.parent != Path(folder) else problem
     return None
 
 
@@ -346,7 +339,7 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
             if p.stat().st_size == 0:
                 return f"{p.relative_to(ckpt)} is empty"
             if p.suffix == ".safetensors":
-                problem = _safetensors_problem(p)
+                problem = safetensors_problem(p)
             elif p.suffix in (".bin", ".pt", ".pth", ".pkl") and _is_zip(p):  # torch.save's zip format
                 problem = _zip_problem(p)
             elif p.suffix in (".bin", ".pt", ".pth") and not _is_legacy_pickle(p):

@@ -349,11 +349,13 @@ def preflight(cfg: Config, world: int | None = None) -> None:
 
     if cfg.train.init_from and not cfg.train.resume_from and latest_checkpoint(cfg.train.run_dir) is None:
         from .checkpoint import safetensors_problem
+        from .models.loading import detect_layout, weight_files
 
-        try:  # before the data set is built or the encoders load (minutes), not after
-            problem = safetensors_problem(init_source(cfg))
+        try:  # before the data set is built or the encoders load (minutes), not after: the files init loads
+            files = weight_files(*detect_layout(init_source(cfg)))
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
+        problem = next((p for p in map(safetensors_problem, files) if p), None)
         if problem:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: {problem}; pass a whole checkpoint")
     d, t = cfg.data, cfg.train

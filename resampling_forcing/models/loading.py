@@ -160,10 +160,15 @@ def _wan_values(raw: dict, layout: str) -> dict:
                 qk_norm=raw.get("qk_norm", True))
 
 
+def weight_files(layout: str, folder: Path) -> list[Path]:
+    """The files read_state_dict loads from a checkpoint of `layout` in `folder` (detect_layout)."""
+    return [folder / OUR_WEIGHTS] if layout == "ours" else _weight_files(folder)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, renamed to our (original Wan) names."""
     layout, folder = detect_layout(path)
-    files = [folder / OUR_WEIGHTS] if layout == "ours" else _weight_files(folder)
+    files = weight_files(layout, folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
