@@ -529,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ramp_S, e.g. ar_1.2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
     p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>, with --seed N "
-                   "outputs/ablation/<preset>_seedN); a rerun with the same settings resumes it")
+                   "outputs/ablation/<preset>_seedN); a rerun with the same settings resumes it (the data set is "
+                   "rendered once into the preset's data.synthetic_dir, shared by every seed: --set "
+                   "data.synthetic_dir=DIR to move it)")
     p.add_argument("--report-dir", default=None, help="also copy the report JSON, plots and sheets here (docs/ablation)")
     p.add_argument("--config", default=None, help="train config of the world/model/warmup (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

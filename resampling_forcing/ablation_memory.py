@@ -271,7 +271,9 @@ def table(report: dict) -> str:
 
 def build_parser():
     p = OneLineParser(prog="python -m resampling_forcing.ablation_memory", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    p.add_argument("--out", default="outputs/ablation/memory", help="work folder; a rerun resumes it")
+    p.add_argument("--out", default="outputs/ablation/memory",
+                   help="work folder; a rerun resumes it (the data set is rendered once into the config's "
+                   "data.synthetic_dir, shared between runs: --set data.synthetic_dir=DIR to move it)")
     p.add_argument("--report-dir", default=None, help="also copy memory.json and the sheets here (docs/ablation)")
     p.add_argument("--config", default=CONFIG, help=f"the occlusion world and the training (default {CONFIG})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -31,6 +31,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_group",
     "clean_stale_temps",
+    "clean_folder_temps",
+    "folder_lock",
     "file_mode",
     "current_umask",
     "probe_writable_dir",
@@ -144,6 +146,41 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
                 t.unlink()
                 removed.append(t)
     return removed
+
+
+def clean_folder_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove every temporary of :func:`atomic_path` in ``folder`` (not below it). Only for a caller that
+    knows no other writer is at work there, e.g. under :func:`folder_lock`."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for t in folder.glob(f".*.{'?' * 8}.tmp*"):
+            with contextlib.suppress(OSError):
+                t.unlink()
+                removed.append(t)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, waiting: str) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``folder/.lock`` (created with the folder), waiting for it if
+    another process holds it (``waiting`` is logged once then). The kernel drops it when the holder
+    exits in any way, so a killed holder never leaves a stale lock; the file itself stays."""
+    import fcntl
+    import logging
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).warning("%s; waiting for it to finish", waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def glob_escape(text: str) -> str:

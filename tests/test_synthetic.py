@@ -122,10 +122,56 @@ def test_make_dataset_split_manifest_and_resume(tmp_path):
     changed = {k for k in now if now[k] != mtimes.get(k)}
     assert changed == {"000003.mp4", "000003.json"}
     assert gone.read_bytes() == data
-    assert not [p for p in out.rglob(".*")]  # no temp files
+    assert [p.name for p in out.rglob(".*")] == [".lock"]  # no temp files; the renderers' lock file
     # other arguments -> the recipe differs -> the file is rendered again
     SD.make_dataset(out, num_videos=2, frames=12, size=32, fps=8, seed=0, held_out_fraction=0.2)
     assert read_mp4(out / "videos" / "000000.mp4").shape[0] == 12
+
+
+def test_make_dataset_removes_a_killed_renderers_temporaries(tmp_path):
+    out = tmp_path / "ds"
+    SD.make_dataset(out, num_videos=2, frames=4, size=16, seed=0)
+    # what SIGTERM / kill -9 during write_mp4 and the manifest write leave (atomic_path's names)
+    stale = [out / "videos" / ".000001.ab12cd34.tmp.mp4", out / ".manifest.x1y2z3w4.tmp.jsonl"]
+    for p in stale:
+        p.write_bytes(b"half")
+    keep = out / "videos" / ".notes"  # not a temporary's name: left alone
+    keep.write_text("mine")
+    SD.make_dataset(out, num_videos=2, frames=4, size=16, seed=0)
+    assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+
+
+def test_make_dataset_waits_for_another_renderer(tmp_path, caplog):
+    import logging
+    import threading
+    import time
+
+    from resampling_forcing.io import folder_lock
+
+    out = tmp_path / "ds"
+    done = threading.Event()
+    errors = []
+
+    def render():
+        try:
+            SD.make_dataset(out, num_videos=2, frames=4, size=16, seed=0)
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+        done.set()
+
+    with caplog.at_level(logging.WARNING, logger="resampling_forcing.io"):
+        with folder_lock(out, "test holds it"):
+            worker = threading.Thread(target=render)
+            worker.start()
+            deadline = time.monotonic() + 60
+            while "another process is rendering" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "another process is rendering" in caplog.text  # it saw the lock and waits
+            assert not done.is_set() and not (out / "manifest.jsonl").exists()
+            assert not list((out / "videos").glob("*.mp4"))  # and wrote nothing meanwhile
+        worker.join(120)
+    assert done.is_set() and not errors
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
 
 
 def test_blackout_hides_objects_and_keeps_the_motion():

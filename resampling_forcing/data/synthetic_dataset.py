@@ -164,7 +164,7 @@ def make_dataset(
     levels); decord, PyAV and imageio read it, but some browsers do not play it: pass ``"yuv420p"``
     for files meant for viewing.
     """
-    from ..io import atomic_write_json, atomic_write_text, write_mp4
+    from ..io import atomic_write_json, atomic_write_text, clean_folder_temps, folder_lock, write_mp4
 
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
@@ -177,58 +177,63 @@ def make_dataset(
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
-    held_out = held_out_combos(colors, shapes, max_objects, held_out_fraction, seed)
-    it = range(num_videos)
-    if progress:
-        from tqdm import tqdm
+    # one renderer at a time (two runs sharing data.synthetic_dir wait for each other); under the lock a
+    # temporary is a killed renderer's (SIGTERM, kill -9 skip atomic_path's cleanup) and can go
+    with folder_lock(out, f"another process is rendering {out}"):
+        for folder in (out, vdir):
+            clean_folder_temps(folder)
+        held_out = held_out_combos(colors, shapes, max_objects, held_out_fraction, seed)
+        it = range(num_videos)
+        if progress:
+            from tqdm import tqdm
 
-        it = tqdm(it, desc="synthetic videos")
-    rows = []
-    made = 0
-    for i in it:
-        split = "test" if (held_out and _is_test_index(i, held_out_fraction)) else "train"
-        blackout = _draw_blackout(i, seed, frames, blackout_prob, blackout_frames)
-        spec = _video_spec(i, seed, frames, size, fps, split, held_out, colors, shapes, max_objects, aa, blackout)
-        spec["pix_fmt"] = pix_fmt
-        mp4 = vdir / f"{i:06d}.mp4"
-        meta_path = vdir / f"{i:06d}.json"
-        scene = SceneSpec.from_dict(spec["scene"])
-        done = False
-        if mp4.is_file() and meta_path.is_file():
-            try:
-                with open(meta_path) as f:
-                    done = json.load(f).get("spec") == json.loads(json.dumps(spec))
-            except (OSError, ValueError):
-                done = False
-        if not done:
-            video, meta = render(scene, frames, aa=aa, blackout=blackout)
-            meta.update(seed=seed, index=i, split=split, fps=float(fps), spec=spec)
-            write_mp4(mp4, video, fps=fps, pix_fmt=pix_fmt)
-            atomic_write_json(meta_path, meta, indent=None)
-            made += 1
-        rows.append({"path": f"videos/{mp4.name}", "caption": scene.caption, "split": split})
-    manifest = out / MANIFEST_NAME
-    atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_json(
-        out / "dataset.json",
-        {
-            "format": FORMAT_VERSION,
-            "num_videos": num_videos,
-            "frames": frames,
-            "size": list(_hw(size)),
-            "fps": float(fps),
-            "seed": seed,
-            "held_out_fraction": held_out_fraction,
-            "max_objects": max_objects,
-            "colors": list(colors),
-            "shapes": list(shapes),
-            "aa": int(aa),
-            "pix_fmt": pix_fmt,
-            "blackout_prob": blackout_prob,
-            "blackout_frames": list(blackout_frames),
-            "held_out_combos": [list(map(list, c)) for c in held_out],
-            "held_out_captions": [make_caption(c) for c in held_out],
-        },
-    )
+            it = tqdm(it, desc="synthetic videos")
+        rows = []
+        made = 0
+        for i in it:
+            split = "test" if (held_out and _is_test_index(i, held_out_fraction)) else "train"
+            blackout = _draw_blackout(i, seed, frames, blackout_prob, blackout_frames)
+            spec = _video_spec(i, seed, frames, size, fps, split, held_out, colors, shapes, max_objects, aa, blackout)
+            spec["pix_fmt"] = pix_fmt
+            mp4 = vdir / f"{i:06d}.mp4"
+            meta_path = vdir / f"{i:06d}.json"
+            scene = SceneSpec.from_dict(spec["scene"])
+            done = False
+            if mp4.is_file() and meta_path.is_file():
+                try:
+                    with open(meta_path) as f:
+                        done = json.load(f).get("spec") == json.loads(json.dumps(spec))
+                except (OSError, ValueError):
+                    done = False
+            if not done:
+                video, meta = render(scene, frames, aa=aa, blackout=blackout)
+                meta.update(seed=seed, index=i, split=split, fps=float(fps), spec=spec)
+                write_mp4(mp4, video, fps=fps, pix_fmt=pix_fmt)
+                atomic_write_json(meta_path, meta, indent=None)
+                made += 1
+            rows.append({"path": f"videos/{mp4.name}", "caption": scene.caption, "split": split})
+        manifest = out / MANIFEST_NAME
+        atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_json(
+            out / "dataset.json",
+            {
+                "format": FORMAT_VERSION,
+                "num_videos": num_videos,
+                "frames": frames,
+                "size": list(_hw(size)),
+                "fps": float(fps),
+                "seed": seed,
+                "held_out_fraction": held_out_fraction,
+                "max_objects": max_objects,
+                "colors": list(colors),
+                "shapes": list(shapes),
+                "aa": int(aa),
+                "pix_fmt": pix_fmt,
+                "blackout_prob": blackout_prob,
+                "blackout_frames": list(blackout_frames),
+                "held_out_combos": [list(map(list, c)) for c in held_out],
+                "held_out_captions": [make_caption(c) for c in held_out],
+            },
+        )
     logger.info("synthetic data set %s: %d videos (%d rendered, %d reused)", out, num_videos, made, num_videos - made)
     return manifest
