@@ -502,11 +502,15 @@ def check_floats(section: Any, key: str, path: Optional[str] = None) -> None:
             raise ConfigError(f"{p}={value}: must be {words}" + (f" ({hint})" if hint else ""))
 
 
+MAX_CFG_SCALE = 100.0  # far above any useful guidance (1-20); larger values only saturate the video
+
+
 def check_cfg_scale(value: float, name: str) -> None:
     """The classifier-free guidance rule, shared by sampling (check_sampling) and the resampling of a
     training stage (check_degradation)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0 (got {value!r}); 1.0 switches guidance off")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= MAX_CFG_SCALE:
+        raise ConfigError(f"{name} must be in [0, {MAX_CFG_SCALE:g}] (got {value!r}); the paper uses 5.0, "
+                          "1.0 switches guidance off")
 
 
 def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,

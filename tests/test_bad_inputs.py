@@ -85,8 +85,8 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
         "train_t_std nan": (["diffusion.train_t_std=.nan"], "diffusion.train_t_std=nan: must be a finite number >= 0"),
         "eps -1": (["model.eps=-1"], "model.eps=-1.0: must be a finite number > 0"),
         "rope_theta 0": (["model.rope_theta=0"], "model.rope_theta=0.0: must be a finite number > 0"),
-        "resample_cfg nan": (["train.stages.1.resample_cfg=.nan"], "train.stages[1].resample_cfg must be a finite number >= 0"),
-        "resample_cfg -1": (["train.stages.1.resample_cfg=-1"], "train.stages[1].resample_cfg must be a finite number >= 0"),
+        "resample_cfg nan": (["train.stages.1.resample_cfg=.nan"], "train.stages[1].resample_cfg must be in [0, 100]"),
+        "resample_cfg -1": (["train.stages.1.resample_cfg=-1"], "train.stages[1].resample_cfg must be in [0, 100]"),
         "grad_clip nan": (["train.grad_clip=.nan"], "train.grad_clip=nan: must be a finite number (<= 0 = no clipping)"),
         # refused only after the synthetic set was rendered (fresh_synth stays absent)
         "num_frames not whole chunks": (["data.num_frames=9", f"data.synthetic_dir={tmp_path / 'fresh_synth'}"],
