@@ -90,8 +90,9 @@ def test_store_mismatch_names_only_the_differences(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the store is untouched
 
 
-def _interrupting(mod, monkeypatch, after_rows: int):
-    """precompute.py's `precompute` with Ctrl+C arriving when row `after_rows` is read (shards of 2 rows)."""
+def _interrupting(mod, monkeypatch, after_rows: int, exc: BaseException = KeyboardInterrupt()):
+    """precompute.py's `precompute` with Ctrl+C (or `exc`) arriving when row `after_rows` is read (shards of
+    2 rows)."""
     real = mod.precompute
 
     def interrupted(dataset, *a, **kw):
@@ -99,7 +100,7 @@ def _interrupting(mod, monkeypatch, after_rows: int):
 
         def try_get(i):
             if i == after_rows:
-                raise KeyboardInterrupt
+                raise exc
             return get(i)
 
         dataset.try_get = try_get
@@ -142,3 +143,28 @@ def test_ctrl_c_is_one_line_and_keeps_the_shards(tmp_path, monkeypatch, capsys):
     assert main() == 0
     assert "1 shard(s)" in capsys.readouterr().out  # only the missing shard was encoded
     assert len(LatentDataset(out)) == 5
+
+
+def test_an_error_follows_the_ctrl_c_rule_for_what_is_kept(tmp_path, monkeypatch, capsys):
+    """A failure (disk full) before the first shard left a new store folder with its index and empty-prompt
+    embedding (only an empty folder was removed); now it goes as after Ctrl+C, and finished shards stay."""
+    import errno
+
+    from helpers import load_script
+
+    mod = load_script("train/precompute.py", "precompute_cli_err")
+    manifest = make_dataset(tmp_path / "data", num_videos=5, frames=8, size=16, fps=8, held_out_fraction=0.0)
+    out = tmp_path / "latents"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--manifest", str(manifest), "--out", str(out),
+            "--shard-size", "2", *SMALL]
+    full = OSError(errno.ENOSPC, "No space left on device")
+    _interrupting(mod, monkeypatch, 0, full)
+    assert mod.main(argv) == 2
+    assert "precompute: error: no space left on" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.undo()
+    _interrupting(mod, monkeypatch, 4, full)
+    assert mod.main(argv) == 2
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    monkeypatch.undo()
+    assert mod.main(argv) == 0 and len(LatentDataset(out)) == 5

@@ -32,10 +32,16 @@ from resampling_forcing.models.loading import DTYPES  # noqa: E402
 from resampling_forcing.pipeline import resolve_device  # noqa: E402
 
 
-def _remove_if_new_and_empty(out, existed) -> None:
-    """A folder this run created and left empty is no result."""
-    if out is not None and not existed and Path(out).is_dir() and not any(Path(out).iterdir()):
-        Path(out).rmdir()
+def _shards_kept(out, existed) -> int:
+    """The complete shards in --out after a stop (every shard is written atomically: a rerun encodes only
+    the rest). A folder this run created without a shard holds only what it wrote (index, empty-prompt
+    embedding), which is no result: it is removed."""
+    if out is None or not Path(out).is_dir():
+        return 0
+    kept = len(list(Path(out).glob(SHARD_GLOB)))
+    if not kept and existed is False:
+        shutil.rmtree(out, ignore_errors=True)
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,19 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
             raise ValueError(f"{manifest}: no usable video: all {index.get('num_rows', len(dataset))} files skipped "
                              f"({detail}); check the paths (relative to the manifest) and the files")
-    except KeyboardInterrupt:  # every shard on disk is complete (atomic writes): a rerun encodes only the rest
-        kept = len(list(Path(out).glob(SHARD_GLOB))) if out is not None and Path(out).is_dir() else 0
+    except KeyboardInterrupt:
+        kept = _shards_kept(out, out_existed)
         if kept:
             print(f"precompute: interrupted (Ctrl+C); {kept} shard(s) kept in {out}, rerun the same command to "
                   "continue", file=sys.stderr)
-        else:  # no shard yet: a folder this run made holds only what it wrote (index, empty-prompt embedding)
-            if out is not None and out_existed is False:
-                shutil.rmtree(out, ignore_errors=True)
+        else:
             print("precompute: interrupted (Ctrl+C) before any shard was written; rerun the same command",
                   file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ConfigError, ValueError, OSError) as e:
-        _remove_if_new_and_empty(out, out_existed)
+        _shards_kept(out, out_existed)
         if isinstance(e, OSError) and is_no_space(e):
             msg = f"no space left on {args.out or 'the store folder'} ({str(e).splitlines()[0]}); free some space and rerun"
         else:
