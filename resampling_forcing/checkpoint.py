@@ -1,4 +1,4 @@
-"""Full training checkpoints: atomic writes, rotation, auto-resume, and graceful stop on signals.
+"""Full training checkpoints: atomic writes, rotation, auto-resume.
 
 Layout (docs/CONTRACTS.md): ``RUN/checkpoints/step_XXXXXXX/`` holds
 - ``model.safetensors`` + ``model_config.json`` (our model format, ``models.loading.save_model``),
@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -495,39 +494,3 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, train
         rotate(run_dir, keep_last, protect=final)
     accelerator.wait_for_everyone()
     return final
-
-
-class GracefulStop:
-    """SIGTERM / SIGINT set `requested` (the trainer drops the step in progress at its next micro-batch,
-    saves and exits); a second signal raises KeyboardInterrupt at once. Restores the previous handlers
-    on `close()`."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self._old = {}
-
-    def install(self) -> "GracefulStop":
-        for s in self.SIGNALS:
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. some notebook runners): no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.requested is not None:
-            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
-        self.requested = name
-        logger.warning("%s received: stopping at the next micro-batch (the step in progress is dropped and "
-                       "redone on resume), saving a checkpoint, then exiting", name)
-
-    def close(self) -> None:
-        for s, h in self._old.items():
-            try:
-                signal.signal(s, h)
-            except ValueError:
-                pass
-        self._old.clear()

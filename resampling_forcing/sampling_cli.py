@@ -31,6 +31,7 @@ from pathlib import Path
 from .attention.spec import BACKENDS, ROUTING_MODES
 from .cli import BadInput, OneLineParser, check_seed, run_cli
 from .dtypes import DTYPE_BYTES, DTYPE_NAMES, host_tier_problem
+from .signals import GracefulStop
 from .storyboard import SWITCH_CACHE_MODES
 
 
@@ -266,14 +267,11 @@ def run(args) -> int:
     paths = output_paths(args.output, prompts)
     check_writable(paths)
 
-    import torch
-
     from .config import Config, ConfigError
     from .encoders import EncoderLoadError
-    from .io import clean_stale_temps, is_no_space
+    from .io import clean_stale_temps
     from .models.loading import CheckpointError
-    from .pipeline import (Pipeline, PipelineError, PipelineOutput, read_image, resolve_config,
-                                             resolve_device)
+    from .pipeline import Pipeline, PipelineError, read_image, resolve_config, resolve_device
     from .pipeline.loading import check_model_overrides
 
     early = Config()
@@ -324,12 +322,33 @@ def run(args) -> int:
             clean_stale_temps(stale)
 
     switches = [e for e in storyboard if e[0] > 0] or None if storyboard is not None else None
+    with GracefulStop("finishing the chunk in progress, then writing the video so far",
+                      "stopped without writing the video in progress") as stop:
+        return _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, init_info, storyboard,
+                                   switches, load_s, stop)
+
+
+def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, init_info, storyboard, switches,
+                        load_s, stop) -> int:
+    """Generate the prompts in batches and write each video; after a stop signal the batch in progress ends
+    with its current chunk and is written (marked "stopped_early"), later batches are not started."""
+    import torch
+
+    from .io import is_no_space
+    from .pipeline import PipelineOutput
+
     for start in range(0, len(prompts), args.batch):
         idx = list(range(start, min(start + args.batch, len(prompts))))
+        if stop.requested:
+            print(f"not generated ({stop.requested}): {', '.join(str(paths[i]) for i in range(start, len(prompts)))}",
+                  file=sys.stderr)
+            break
         batch_prompts = [prompts[i] for i in idx]
         res = pipe.generate(batch_prompts, args.num_chunks, negative_prompt=neg, seed=args.seed, indices=idx,
                             options=opts, init_latents=history, progress=not args.quiet,
-                            storyboard=switches, switch_cache=args.switch_cache)
+                            storyboard=switches, switch_cache=args.switch_cache,
+                            callback=lambda _chunk: stop.requested is None)
+        done = res.timings["generated_chunks"]
         out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
                              pipeline=pipe.describe())
         if storyboard is not None and res.storyboard is None:  # a one-entry storyboard: still recorded
@@ -341,8 +360,10 @@ def run(args) -> int:
                 init = dict(init_info, source=str(args.init_video if args.init_video is not None else args.init_image))
                 if args.init_video is not None:
                     init["max_history_chunks"] = args.max_history_chunks
-            extra = dict(num_chunks=args.num_chunks, init_video=init if args.init_video is not None else None,
+            extra = dict(num_chunks=done, init_video=init if args.init_video is not None else None,
                          timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
+            if done < args.num_chunks:
+                extra["stopped_early"] = dict(signal=stop.requested, requested_chunks=args.num_chunks)
             if args.init_image is not None:
                 extra["init_image"] = init
             try:
@@ -352,12 +373,13 @@ def run(args) -> int:
                     raise BadInput(f"no space left on {path.parent} (writing {path.name}); free some space") from None
                 raise
             t = res.timings
-            print(f"wrote {path} ({meta['frames']} frames, first chunk {t['first_chunk_latency_s']:.2f}s, "
+            part = f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks" if done < args.num_chunks else ""
+            print(f"wrote {path} ({meta['frames']} frames{part}, first chunk {t['first_chunk_latency_s']:.2f}s, "
                   f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
         del res
         if pipe.device.type == "cuda":
             torch.cuda.empty_cache()
-    return 0
+    return stop.exit_code() if stop.requested else 0
 
 
 def check_memory(cfg, device, args, num_prompts: int, opts) -> None:

@@ -39,7 +39,7 @@ from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .attention.spec import routing_spec
-from .checkpoint import (GracefulStop, check_resume_world, checkpoint_problem, clean_stale, training_engine,  # noqa: F401
+from .checkpoint import (check_resume_world, checkpoint_problem, clean_stale, training_engine,  # noqa: F401
                          latest_checkpoint, latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint,
                          save_checkpoint, weights_nonfinite, EMA_WEIGHTS, RANKS_DIR, config_file)
 from .checkpoint import step_of as step_of_path
@@ -49,6 +49,7 @@ from .io import atomic_write_text
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .models.wan import CausalWanModel
 from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
+from .signals import GracefulStop
 from .training_data import DataCursor
 from .training_gap import GapMonitor
 from .training_step import optimizer_step, over_processes, step_metrics
@@ -511,7 +512,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.acc
         total = total_steps(cfg)
-        stop = GracefulStop().install()
+        stop = GracefulStop("stopping at the next micro-batch (the step in progress is dropped and redone on "
+                            "resume), saving a checkpoint, then exiting", "stopping without a checkpoint").install()
         status = "completed"
         bar = None
         redirect = contextlib.ExitStack()

@@ -1,6 +1,6 @@
 """train/train.py under Ctrl+C: one true line on stderr and exit 130, whether the signal is the first one,
 before the trainer installed its handler (imports, data rendering, model loading), or the second one during
-training (checkpoint.GracefulStop). In process, raising what each handler raises: a real SIGINT while the
+training (signals.GracefulStop). In process, raising what each handler raises: a real SIGINT while the
 synthetic set renders may land in the fork of an ffmpeg writer, where CPython swallows it ("Exception
 ignored in _releaseLock"), so a subprocess test would be flaky."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_one_ctrl_c_before_training_is_not_called_twice(tmp_path, monkeypatch, c
 
 
 def test_second_signal_during_training_keeps_its_message(tmp_path, monkeypatch, capsys):
-    # what checkpoint.GracefulStop raises on a second signal
+    # what signals.GracefulStop raises on a second signal
     train_cli = _train_cli_raising(monkeypatch, KeyboardInterrupt("second SIGINT: stopping without a checkpoint"))
     assert train_cli.main(["--config", str(TINY_YAML), f"train.run_dir={tmp_path / 'run'}",
                            f"data.synthetic_dir={tmp_path / 'synth'}"]) == 130

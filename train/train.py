@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as e:
-        # the trainer's handler (checkpoint.GracefulStop) raises it with a message on a SECOND signal; Python's
+        # the trainer's handler (signals.GracefulStop) raises it with a message on a SECOND signal; Python's
         # own Ctrl+C handler, in place until training starts (imports, data rendering, model loading), without one
         if e.args:
             print("interrupted twice: stopped without a checkpoint", file=sys.stderr)

@@ -1,0 +1,58 @@
+"""Stop at the next safe point on SIGTERM / SIGINT: the trainer (drops the step in progress, saves, exits)
+and sample.py (finishes the chunk in progress, writes the video so far). A second signal raises
+KeyboardInterrupt at once."""
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GracefulStop"]
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT set `requested` (the signal's name) and log `what_happens`; the holder polls
+    `requested` at its safe points. A second signal raises KeyboardInterrupt. `install()` is a no-op off
+    the main thread (some notebook runners); `close()` restores the previous handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, what_happens: str, second: str):
+        self.what_happens, self.second = what_happens, second
+        self.requested: Optional[str] = None
+        self._old = {}
+
+    def install(self) -> "GracefulStop":
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {name}: {self.second}")
+        self.requested = name
+        logger.warning("%s received: %s (a second one stops at once)", name, self.what_happens)
+
+    def exit_code(self) -> int:
+        """What a shell reports for the signal received: 128 + its number (130 SIGINT, 143 SIGTERM)."""
+        return 128 + int(signal.Signals[self.requested or "SIGINT"])
+
+    def close(self) -> None:
+        for s, h in self._old.items():
+            try:
+                signal.signal(s, h)
+            except ValueError:
+                pass
+        self._old.clear()
+
+    def __enter__(self) -> "GracefulStop":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

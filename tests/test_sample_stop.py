@@ -1,0 +1,86 @@
+"""sample.py on SIGINT / SIGTERM: the chunk in progress is finished and the video so far is written
+(marked "stopped_early", exit 130 / 143); later prompts are not started; a second signal stops at once and
+writes nothing. The signal is sent to this process from inside the rollout, after a given chunk."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resampling_forcing import sampler
+from resampling_forcing.io import read_mp4
+
+from helpers import load_sample_cli, save_checkpoint_for_tests
+
+CF = 2  # latent frames per chunk of helpers.tiny_run_config (the pixel-shuffle VAE is 1:1 in time)
+CLI = load_sample_cli()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return save_checkpoint_for_tests(tmp_path_factory.mktemp("run"), step=10)
+
+
+def cli(*args):
+    return CLI.main([str(a) for a in args])
+
+
+def _signal_after(monkeypatch, chunk: int, sig=signal.SIGINT, times: int = 1):
+    """Rollout.next_chunk sends `sig` to this process `times` times right after generating chunk `chunk`
+    (0-based, counted over the whole test)."""
+    real, count = sampler.Rollout.next_chunk, [0]
+
+    def next_chunk(self, *a, **k):
+        out = real(self, *a, **k)
+        if count[0] == chunk:
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
+        count[0] += 1
+        return out
+
+    monkeypatch.setattr(sampler.Rollout, "next_chunk", next_chunk)
+
+
+def test_a_signal_writes_the_chunks_so_far(run_dir, tmp_path, capsys, monkeypatch):
+    base = ("--checkpoint", run_dir, "--prompt", "a red circle", "--num-chunks", 4, "--seed", 5, "--steps", 2,
+            "--device", "cpu", "--quiet")
+    full = tmp_path / "full.mp4"
+    assert cli(*base, "--output", full) == 0
+    _signal_after(monkeypatch, 1)
+    part = tmp_path / "part.mp4"
+    capsys.readouterr()
+    assert cli(*base, "--output", part) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    err = capsys.readouterr().err
+    assert f"wrote {part} ({2 * CF} frames, stopped by SIGINT after 2 of 4 chunks" in err, err
+    a, b = read_mp4(part), read_mp4(full)
+    assert a.shape[0] == 2 * CF and b.shape[0] == 4 * CF
+    assert np.abs(a.astype(int) - b[: 2 * CF].astype(int)).max() <= 2  # the same first chunks (mp4 rounding)
+    meta = json.loads(part.with_suffix(".json").read_text())
+    assert meta["num_chunks"] == 2 and meta["frames"] == 2 * CF
+    assert meta["stopped_early"] == {"signal": "SIGINT", "requested_chunks": 4}
+    assert "stopped_early" not in json.loads(full.with_suffix(".json").read_text())
+
+
+def test_sigterm_skips_the_prompts_not_started(run_dir, tmp_path, capsys, monkeypatch):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red circle\na blue square\n")
+    _signal_after(monkeypatch, 0, signal.SIGTERM)
+    out = tmp_path / "o"
+    assert cli("--checkpoint", run_dir, "--prompts-file", pf, "--num-chunks", 3, "--output", f"{out}/", "--batch", 1,
+               "--steps", 1, "--device", "cpu", "--quiet") == 143  # 128 + SIGTERM, as a shell reports it
+    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.json", "000_a_red_circle.mp4"]
+    assert read_mp4(out / "000_a_red_circle.mp4").shape[0] == CF
+    assert f"not generated (SIGTERM): {out / '001_a_blue_square.mp4'}" in capsys.readouterr().err
+
+
+def test_a_second_signal_stops_at_once_and_writes_nothing(run_dir, tmp_path, capsys, monkeypatch):
+    _signal_after(monkeypatch, 0, times=2)
+    out = tmp_path / "o" / "v.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 3, "--output", out, "--steps", 1,
+               "--device", "cpu", "--quiet") == 130
+    assert not Path(out).exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+    assert "interrupted (Ctrl+C)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
