@@ -162,23 +162,44 @@ def clean_folder_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, waiting: str) -> Iterator[None]:
-    """Hold an exclusive ``fcntl.flock`` on ``folder/.lock`` (created with the folder), waiting for it if
-    another process holds it (``waiting`` is logged once then). The kernel drops it when the holder
-    exits in any way, so a killed holder never leaves a stale lock; the file itself stays."""
+def folder_lock(folder: str | os.PathLike, name: str, waiting: str) -> Iterator[bool]:
+    """Hold an exclusive ``fcntl.flock`` on ``folder/name`` (the folder is created), waiting for it if another process holds it
+    (``waiting`` is logged once then); yields True. The kernel drops it when the holder exits in any
+    way, so a killed holder never leaves a stale lock; the file itself stays. Yields False (unlocked, with
+    a warning where it matters) when no lock can be had: a read-only folder without the file, a file of
+    another user that cannot be opened, a file system without locks (NFS without its lock service)."""
+    import errno
     import fcntl
     import logging
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    log = logging.getLogger(__name__)
+    path = Path(folder) / name
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # read-only: another user's lock file (flock needs no write)
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o666)
+            break
+        except OSError:
+            continue
+    if fd is None:  # nothing can be written here (read-only data): nothing to guard
+        yield False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
-            logging.getLogger(__name__).warning("%s; waiting for it to finish", waiting)
+            log.warning("%s; waiting for it to finish", waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            locked = True
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("%s: no file locks here (%s); going on without one", path, e.strerror)
+            locked = False
+        yield locked
     finally:
         os.close(fd)  # closing the descriptor drops the lock
 

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -122,7 +123,7 @@ def test_make_dataset_split_manifest_and_resume(tmp_path):
     changed = {k for k in now if now[k] != mtimes.get(k)}
     assert changed == {"000003.mp4", "000003.json"}
     assert gone.read_bytes() == data
-    assert [p.name for p in out.rglob(".*")] == [".lock"]  # no temp files; the renderers' lock file
+    assert [p.name for p in out.rglob(".*")] == [SD.RENDER_LOCK]  # no temp files; the renderers' lock file
     # other arguments -> the recipe differs -> the file is rendered again
     SD.make_dataset(out, num_videos=2, frames=12, size=32, fps=8, seed=0, held_out_fraction=0.2)
     assert read_mp4(out / "videos" / "000000.mp4").shape[0] == 12
@@ -160,7 +161,7 @@ def test_make_dataset_waits_for_another_renderer(tmp_path, caplog):
         done.set()
 
     with caplog.at_level(logging.WARNING, logger="resampling_forcing.io"):
-        with folder_lock(out, "test holds it"):
+        with folder_lock(out, SD.RENDER_LOCK, "test holds it"):
             worker = threading.Thread(target=render)
             worker.start()
             deadline = time.monotonic() + 60
@@ -172,6 +173,54 @@ def test_make_dataset_waits_for_another_renderer(tmp_path, caplog):
         worker.join(120)
     assert done.is_set() and not errors
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def test_make_dataset_in_a_run_folder_and_a_complete_set_untouched(tmp_path):
+    """The data folder may be the run folder, whose RUN/.lock the trainer holds (a shared lock name
+    deadlocked); a complete data set is not rewritten (read-only data, a trainer reading it)."""
+    import threading
+
+    from resampling_forcing.training_utils import RunLock
+
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()
+    worker = threading.Thread(target=SD.make_dataset, args=(run,), kwargs=dict(num_videos=2, frames=4, size=16))
+    worker.start()
+    worker.join(120)
+    alive = worker.is_alive()
+    lock.release()
+    assert not alive and (run / "manifest.jsonl").is_file()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    SD.make_dataset(run, num_videos=2, frames=4, size=16)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_folder_lock_goes_on_unlocked_where_no_lock_can_be_had(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from resampling_forcing import io as rio
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "no")))
+    with rio.folder_lock(tmp_path, ".x.lock", "busy") as locked:  # read-only folder, or another user's file
+        assert locked is False
+    monkeypatch.setattr(os, "open", real_open)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # NFS without its lock service
+    with rio.folder_lock(tmp_path, ".x.lock", "busy") as locked:
+        assert locked is False
+    assert "no file locks here" in caplog.text
+    monkeypatch.undo()
+    stale = tmp_path / "videos" / ".000000.ab12cd34.tmp.mp4"
+    stale.parent.mkdir()
+    stale.write_bytes(b"x")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    SD.make_dataset(tmp_path, num_videos=1, frames=4, size=16)  # renders, but removes no temporary unlocked
+    assert stale.exists() and (tmp_path / "manifest.jsonl").is_file()
 
 
 def test_blackout_hides_objects_and_keeps_the_motion():

@@ -24,6 +24,19 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
 BLACKOUT_MARGIN = 2  # visible frames a data set's blackout leaves before and after it
+RENDER_LOCK = ".render.lock"  # held by make_dataset (its own name: the folder may also be a run folder)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """A complete data set is not rewritten (it may be read-only, or read by a running trainer)."""
+    from ..io import atomic_write_text
+
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
 
 
 def all_combos(colors: Sequence[str], shapes: Sequence[str], max_objects: int) -> list[tuple]:
@@ -164,7 +177,7 @@ def make_dataset(
     levels); decord, PyAV and imageio read it, but some browsers do not play it: pass ``"yuv420p"``
     for files meant for viewing.
     """
-    from ..io import atomic_write_json, atomic_write_text, clean_folder_temps, folder_lock, write_mp4
+    from ..io import atomic_write_json, clean_folder_temps, folder_lock, write_mp4
 
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
@@ -177,11 +190,12 @@ def make_dataset(
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
-    # one renderer at a time (two runs sharing data.synthetic_dir wait for each other); under the lock a
+    # one renderer at a time (runs sharing data.synthetic_dir wait for each other); under the lock a
     # temporary is a killed renderer's (SIGTERM, kill -9 skip atomic_path's cleanup) and can go
-    with folder_lock(out, f"another process is rendering {out}"):
-        for folder in (out, vdir):
-            clean_folder_temps(folder)
+    with folder_lock(out, RENDER_LOCK, f"another process is rendering {out}") as locked:
+        if locked:
+            for folder in (out, vdir):
+                clean_folder_temps(folder)
         held_out = held_out_combos(colors, shapes, max_objects, held_out_fraction, seed)
         it = range(num_videos)
         if progress:
@@ -213,10 +227,10 @@ def make_dataset(
                 made += 1
             rows.append({"path": f"videos/{mp4.name}", "caption": scene.caption, "split": split})
         manifest = out / MANIFEST_NAME
-        atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_json(
+        _write_if_changed(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+        _write_if_changed(
             out / "dataset.json",
-            {
+            json.dumps({
                 "format": FORMAT_VERSION,
                 "num_videos": num_videos,
                 "frames": frames,
@@ -233,7 +247,7 @@ def make_dataset(
                 "blackout_frames": list(blackout_frames),
                 "held_out_combos": [list(map(list, c)) for c in held_out],
                 "held_out_captions": [make_caption(c) for c in held_out],
-            },
+            }, indent=2) + "\n",
         )
     logger.info("synthetic data set %s: %d videos (%d rendered, %d reused)", out, num_videos, made, num_videos - made)
     return manifest
