@@ -505,12 +505,11 @@ def check_floats(section: Any, key: str, path: Optional[str] = None) -> None:
 MAX_CFG_SCALE = 100.0  # far above any useful guidance (1-20); larger values only saturate the video
 
 
-def check_cfg_scale(value: float, name: str) -> None:
+def check_cfg_scale(value: float, name: str, usual: str) -> None:
     """The classifier-free guidance rule, shared by sampling (check_sampling) and the resampling of a
-    training stage (check_degradation)."""
+    training stage (check_degradation); `usual`: the hint after the rule (the value to try)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= MAX_CFG_SCALE:
-        raise ConfigError(f"{name} must be in [0, {MAX_CFG_SCALE:g}] (got {value!r}); the paper uses 5.0, "
-                          "1.0 switches guidance off")
+        raise ConfigError(f"{name} must be in [0, {MAX_CFG_SCALE:g}] (got {value!r}); {usual}")
 
 
 def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
@@ -526,7 +525,7 @@ def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
         raise ConfigError(f"{n_steps} must be >= 1 (got {steps!r}; an int, the paper uses 32)")
     if not (shift > 0 and math.isfinite(shift)) or shift > 1e6:
         raise ConfigError(f"{n_shift} must be in (0, 1e6] (got {shift!r}; the paper uses 5.0)")
-    check_cfg_scale(cfg_scale, n_cfg)
+    check_cfg_scale(cfg_scale, n_cfg, "the paper samples with 5.0; 1.0 switches guidance off")
     if not 0.0 <= context_t < 1.0:
         raise ConfigError(f"{n_ctx} must be in [0, 1) (got {context_t!r}); 0 writes clean chunks")
 
@@ -542,7 +541,8 @@ def check_degradation(objective: str, resample_steps: int, ramp: str, where: str
         raise ConfigError(f"{where}resample_steps={resample_steps}: must be >= 1")
     if ramp not in RAMPS:
         raise ConfigError(f"{where}ramp {ramp!r} is unknown; choose one of {list(RAMPS)}")
-    check_cfg_scale(cfg_scale, f"{where}resample_cfg" if where else "cfg_scale")
+    check_cfg_scale(cfg_scale, f"{where}resample_cfg" if where else "cfg_scale",
+                    "the default 1.0 resamples without guidance")
 
 
 def to_dict(cfg: Any) -> dict:

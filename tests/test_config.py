@@ -64,7 +64,8 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"model": {"rope_theta": -5.0}}, r"model\.rope_theta=-5\.0: must be a finite number > 0"),
     ({"train": {"grad_clip": float("inf")}}, r"train\.grad_clip=inf: must be a finite number \(<= 0 = no clipping\)"),
     ({"train": {"stages": [{}, {"objective": "resampling", "resample_cfg": -1.0}]}},
-     r"train\.stages\[1\]\.resample_cfg must be in \[0, 100\] \(got -1\.0\); the paper uses 5\.0, 1\.0 switches guidance off"),
+     r"train\.stages\[1\]\.resample_cfg must be in \[0, 100\] \(got -1\.0\); the default 1\.0 resamples without "
+     r"guidance$"),
     ({"train": {"stages": [{"noise_aug_scale": -0.1}]}}, r"train\.stages\[0\]\.noise_aug_scale=-0\.1: must be a finite"),
     ({"train": {"betas": [0.9, 1.0]}}, r"train\.betas\[1\]=1\.0: must be in \[0, 1\)"),
     ({"train": {"betas": [0.9]}}, r"train\.betas=\[0\.9\]: need two numbers"),

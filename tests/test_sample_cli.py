@@ -316,7 +316,7 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "seed past int64": (base + ("--seed", 2**63), "--seed must be in [0, "),
         "empty output": (base + ("--output", ""), "--output must not be empty"),
         "negative cfg": (base + ("--cfg", -3), "--cfg must be in [0, 100]"),
-        "huge cfg": (base + ("--cfg", "1e300"), "--cfg must be in [0, 100] (got 1e+300); the paper uses 5.0"),
+        "huge cfg": (base + ("--cfg", "1e300"), "--cfg must be in [0, 100] (got 1e+300); the paper samples with 5.0"),
         "model override": (base + ("--set", "model.dim=64"), "--set model.dim=64: the checkpoint fixes model.dim = "),
         "dense with window": (base + ("--routing", "dense", "--window", 2), "--routing dense contradicts --window"),
         "window with top-k": (base + ("--routing", "window", "--top-k", 2), "--routing window contradicts --top-k"),
