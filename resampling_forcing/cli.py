@@ -83,15 +83,16 @@ def check_checkpoint(flag: str, path, fix: str = ""):
 def guarded(call: Callable[[], Optional[int]], prog: Optional[str] = None, bad_input: type = BadInput) -> int:
     """Run `call()` (its exit code; None = 0): `bad_input` (an exception class) -> "[PROG: ]error: message"
     as ONE line on stderr, exit 2; Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing
-    half-written is left). The one entry guard of every command-line tool and bench script."""
+    half-written is left; a signals.SecondSignal gives its own message and code). The one entry guard of every command-line tool and bench script."""
     try:
         return call() or 0
     except bad_input as e:
         return report_bad_input(prog, e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Python's Ctrl+C, or a tool's signals.SecondSignal (message, exit code)
         lead = f"{prog}: " if prog else ""
-        print(f"{lead}interrupted (Ctrl+C): stopped; files already reported as written are complete", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = str(e) or "interrupted (Ctrl+C): stopped"
+        print(f"{lead}{what}; files already reported as written are complete", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
 
 
 def report_bad_input(prog: Optional[str], err: object) -> int:

@@ -353,6 +353,12 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
                              pipeline=pipe.describe())
         if storyboard is not None and res.storyboard is None:  # a one-entry storyboard: still recorded
             res.storyboard, res.switch_cache = [dict(chunk=0, prompt=prompts[0])], args.switch_cache
+        stopped = None
+        if done < args.num_chunks:
+            stopped = dict(signal=stop.requested, requested_chunks=args.num_chunks)
+            if res.storyboard:  # the JSON lists the switches the video shows; the others, here
+                stopped["switches_not_reached"] = [e["chunk"] for e in res.storyboard if e["chunk"] >= done]
+                res.storyboard = [e for e in res.storyboard if e["chunk"] < done]
         for b, i in enumerate(idx):
             path = paths[i]
             init = None
@@ -362,8 +368,8 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
                     init["max_history_chunks"] = args.max_history_chunks
             extra = dict(num_chunks=done, init_video=init if args.init_video is not None else None,
                          timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
-            if done < args.num_chunks:
-                extra["stopped_early"] = dict(signal=stop.requested, requested_chunks=args.num_chunks)
+            if stopped is not None:
+                extra["stopped_early"] = stopped
             if args.init_image is not None:
                 extra["init_image"] = init
             try:

@@ -9,12 +9,21 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GracefulStop"]
+__all__ = ["GracefulStop", "SecondSignal"]
+
+
+class SecondSignal(KeyboardInterrupt):
+    """What GracefulStop raises on a second signal: str() is the message for the user, `exit_code` what a
+    shell reports for the signal (128 + its number: 130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + int(signal.Signals[name])
 
 
 class GracefulStop:
     """SIGTERM / SIGINT set `requested` (the signal's name) and log `what_happens`; the holder polls
-    `requested` at its safe points. A second signal raises KeyboardInterrupt. `install()` is a no-op off
+    `requested` at its safe points. A second signal raises SecondSignal (a KeyboardInterrupt) saying `second`. `install()` is a no-op off
     the main thread (some notebook runners); `close()` restores the previous handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -35,7 +44,7 @@ class GracefulStop:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.requested is not None:
-            raise KeyboardInterrupt(f"second {name}: {self.second}")
+            raise SecondSignal(name, f"second {name}: {self.second}")
         self.requested = name
         logger.warning("%s received: %s (a second one stops at once)", name, self.what_happens)
 

@@ -1,4 +1,4 @@
-"""train/train.py under Ctrl+C: one true line on stderr and exit 130, whether the signal is the first one,
+"""train/train.py under Ctrl+C: one true line on stderr and exit 130 (143 for a SIGTERM), whether the signal is the first one,
 before the trainer installed its handler (imports, data rendering, model loading), or the second one during
 training (signals.GracefulStop). In process, raising what each handler raises: a real SIGINT while the
 synthetic set renders may land in the fork of an ffmpeg writer, where CPython swallows it ("Exception
@@ -30,10 +30,13 @@ def test_one_ctrl_c_before_training_is_not_called_twice(tmp_path, monkeypatch, c
     assert not (tmp_path / "run").exists()
 
 
-def test_second_signal_during_training_keeps_its_message(tmp_path, monkeypatch, capsys):
-    # what signals.GracefulStop raises on a second signal
-    train_cli = _train_cli_raising(monkeypatch, KeyboardInterrupt("second SIGINT: stopping without a checkpoint"))
+def test_second_signal_during_training_keeps_its_message_and_code(tmp_path, monkeypatch, capsys):
+    from resampling_forcing.signals import SecondSignal
+
+    # what signals.GracefulStop raises on a second signal (a SIGTERM: 143, as the shell reports it)
+    train_cli = _train_cli_raising(monkeypatch, SecondSignal("SIGTERM", "second SIGTERM: stopping without a checkpoint"))
     assert train_cli.main(["--config", str(TINY_YAML), f"train.run_dir={tmp_path / 'run'}",
-                           f"data.synthetic_dir={tmp_path / 'synth'}"]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["interrupted twice: stopped without a checkpoint"]
+                           f"data.synthetic_dir={tmp_path / 'synth'}"]) == 143
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "second SIGTERM: stopping without a checkpoint (the last checkpoint stays; rerun the same command to resume)"]
     assert not (tmp_path / "run").exists()

@@ -82,5 +82,43 @@ def test_a_second_signal_stops_at_once_and_writes_nothing(run_dir, tmp_path, cap
     assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 3, "--output", out, "--steps", 1,
                "--device", "cpu", "--quiet") == 130
     assert not Path(out).exists() and not (out.parent.exists() and list(out.parent.iterdir()))
-    assert "interrupted (Ctrl+C)" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["second SIGINT: stopped without writing the video in progress; files already reported "
+                   "as written are complete"], err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stopped_storyboard_lists_only_the_switches_it_shows(run_dir, tmp_path, monkeypatch):
+    _signal_after(monkeypatch, 0, signal.SIGTERM)
+    out = tmp_path / "s.mp4"
+    assert cli("--checkpoint", run_dir, "--prompts-at", "0:a red circle;2:a blue square", "--num-chunks", 4,
+               "--output", out, "--steps", 1, "--device", "cpu", "--quiet") == 143
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert [e["chunk"] for e in meta["storyboard"]] == [0]
+    assert meta["stopped_early"] == {"signal": "SIGTERM", "requested_chunks": 4, "switches_not_reached": [2]}
+    t = meta["timings"]
+    assert meta["num_chunks"] == 1 and t["generated_chunks"] == 1 and len(t["per_chunk_s"]) == 1
+    assert meta["frames"] == CF == read_mp4(out).shape[0]
+
+
+def test_a_batch_stops_together_and_a_stop_after_the_last_chunk_keeps_whole_videos(run_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red circle\na blue square\na green circle\n")
+    _signal_after(monkeypatch, 0)
+    out = tmp_path / "b"
+    assert cli("--checkpoint", run_dir, "--prompts-file", pf, "--num-chunks", 3, "--output", f"{out}/", "--batch", 2,
+               "--steps", 1, "--device", "cpu", "--quiet") == 130
+    for name in ("000_a_red_circle", "001_a_blue_square"):  # one rollout: both samples stop after chunk 1
+        assert read_mp4(out / f"{name}.mp4").shape[0] == CF
+        assert json.loads((out / f"{name}.json").read_text())["stopped_early"]["requested_chunks"] == 3
+    assert not (out / "002_a_green_circle.mp4").exists()
+    monkeypatch.undo()
+    _signal_after(monkeypatch, 1)  # after the last chunk of the only rollout: the video is whole
+    whole = tmp_path / "w.mp4"
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", whole, "--steps", 1,
+               "--device", "cpu", "--quiet") == 130
+    assert "stopped_early" not in json.loads(whole.with_suffix(".json").read_text())
+    assert read_mp4(whole).shape[0] == 2 * CF and "stopped by" not in capsys.readouterr().err

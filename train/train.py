@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         # the trainer's handler (signals.GracefulStop) raises it with a message on a SECOND signal; Python's
         # own Ctrl+C handler, in place until training starts (imports, data rendering, model loading), without one
         if e.args:
-            print("interrupted twice: stopped without a checkpoint", file=sys.stderr)
+            print(f"{e} (the last checkpoint stays; rerun the same command to resume)", file=sys.stderr)
         else:
             print("interrupted (Ctrl+C) before training started: no new checkpoint; rerun the same command",
                   file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(e, "exit_code", EXIT_INTERRUPTED)
 
 
 def _run(args) -> int:
