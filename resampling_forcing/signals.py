@@ -1,6 +1,6 @@
-"""Stop at the next safe point on SIGTERM / SIGINT: the trainer (drops the step in progress, saves, exits)
-and sample.py (finishes the chunk in progress, writes the video so far). A second signal raises
-KeyboardInterrupt at once."""
+"""Stop at the next safe point on SIGTERM / SIGINT: the trainer (drops the step in progress, saves, exits),
+sample.py (finishes the chunk in progress, writes the video so far) and the synthetic data set's renderer
+(Ctrl+C after the video in progress). A second signal raises KeyboardInterrupt at once."""
 from __future__ import annotations
 
 import logging
@@ -23,18 +23,19 @@ class SecondSignal(KeyboardInterrupt):
 
 class GracefulStop:
     """SIGTERM / SIGINT set `requested` (the signal's name) and log `what_happens`; the holder polls
-    `requested` at its safe points. A second signal raises SecondSignal (a KeyboardInterrupt) saying `second`. `install()` is a no-op off
+    `requested` at its safe points. A second signal raises SecondSignal (a KeyboardInterrupt) saying `second`.
+    `signals`: the ones handled (default both). `install()` is a no-op off
     the main thread (some notebook runners); `close()` restores the previous handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, what_happens: str, second: str):
-        self.what_happens, self.second = what_happens, second
+    def __init__(self, what_happens: str, second: str, signals: tuple = SIGNALS):
+        self.what_happens, self.second, self.signals = what_happens, second, tuple(signals)
         self.requested: Optional[str] = None
         self._old = {}
 
     def install(self) -> "GracefulStop":
-        for s in self.SIGNALS:
+        for s in self.signals:
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread: no handlers

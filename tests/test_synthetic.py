@@ -223,6 +223,33 @@ def test_folder_lock_goes_on_unlocked_where_no_lock_can_be_had(tmp_path, monkeyp
     assert stale.exists() and (tmp_path / "manifest.jsonl").is_file()
 
 
+def test_ctrl_c_while_rendering_stops_after_the_video_in_progress(tmp_path, monkeypatch):
+    """A SIGINT is a flag while rendering (a KeyboardInterrupt raised in the parent's after-fork hooks of an
+    ffmpeg writer was dropped by CPython): the video in progress is finished, then KeyboardInterrupt."""
+    import signal
+
+    from resampling_forcing import io as rio
+
+    real, calls = rio.write_mp4, []
+
+    def write_mp4(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while video 1 is being written
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(rio, "write_mp4", write_mp4)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        SD.make_dataset(out, num_videos=5, frames=4, size=16)
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["000000.json", "000000.mp4", "000001.json",
+                                                                  "000001.mp4"]  # whole, no temporaries
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.undo()
+    SD.make_dataset(out, num_videos=5, frames=4, size=16)  # a rerun renders the rest
+    assert len(list((out / "videos").glob("*.mp4"))) == 5
+
+
 def test_blackout_hides_objects_and_keeps_the_motion():
     plain, pm = S.generate_clip(5, frames=14)
     dark, dm = S.generate_clip(5, frames=14, blackout=(4, 5))

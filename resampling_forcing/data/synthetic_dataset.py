@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Sequence
 
@@ -178,6 +179,7 @@ def make_dataset(
     for files meant for viewing.
     """
     from ..io import atomic_write_json, clean_folder_temps, folder_lock, write_mp4
+    from ..signals import GracefulStop
 
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")
@@ -192,7 +194,11 @@ def make_dataset(
     vdir.mkdir(parents=True, exist_ok=True)
     # one renderer at a time (runs sharing data.synthetic_dir wait for each other); under the lock a
     # temporary is a killed renderer's (SIGTERM, kill -9 skip atomic_path's cleanup) and can go
-    with folder_lock(out, RENDER_LOCK, f"another process is rendering {out}") as locked:
+    # Ctrl+C sets a flag checked after each video: a SIGINT raised as KeyboardInterrupt could land in the
+    # parent's after-fork hooks of an ffmpeg writer, where CPython prints and drops it (a lost Ctrl+C)
+    ctrl_c = GracefulStop("stopping after the video in progress (the rendered ones are kept)",
+                          "stopped rendering", signals=(signal.SIGINT,))
+    with folder_lock(out, RENDER_LOCK, f"another process is rendering {out}") as locked, ctrl_c:
         if locked:
             for folder in (out, vdir):
                 clean_folder_temps(folder)
@@ -205,6 +211,8 @@ def make_dataset(
         rows = []
         made = 0
         for i in it:
+            if ctrl_c.requested:
+                raise KeyboardInterrupt  # as Python's own handler would: the callers' Ctrl+C path
             split = "test" if (held_out and _is_test_index(i, held_out_fraction)) else "train"
             blackout = _draw_blackout(i, seed, frames, blackout_prob, blackout_frames)
             spec = _video_spec(i, seed, frames, size, fps, split, held_out, colors, shapes, max_objects, aa, blackout)
