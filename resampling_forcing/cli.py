@@ -83,7 +83,8 @@ def check_checkpoint(flag: str, path, fix: str = ""):
 def guarded(call: Callable[[], Optional[int]], prog: Optional[str] = None, bad_input: type = BadInput) -> int:
     """Run `call()` (its exit code; None = 0): `bad_input` (an exception class) -> "[PROG: ]error: message"
     as ONE line on stderr, exit 2; Ctrl+C -> one line, exit 130 (outputs are written atomically: nothing
-    half-written is left; a signals.SecondSignal gives its own message and code). The one entry guard of every command-line tool and bench script."""
+    half-written is left; a signals.SecondSignal gives its own message and code). The one entry guard of
+    every command-line tool and bench script."""
     try:
         return call() or 0
     except bad_input as e:

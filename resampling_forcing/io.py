@@ -139,22 +139,20 @@ def atomic_group(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
 def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove temporaries that a killed writer of ``path`` (any suffix) left next to it."""
     path = Path(path)
-    removed = []
-    if path.parent.is_dir():
-        for t in path.parent.glob(f".{glob_escape(path.stem)}.{'?' * 8}.tmp*"):
-            with contextlib.suppress(OSError):
-                t.unlink()
-                removed.append(t)
-    return removed
+    return _remove_temps(path.parent, glob_escape(path.stem))
 
 
 def clean_folder_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove every temporary of :func:`atomic_path` in ``folder`` (not below it). Only for a caller that
     knows no other writer is at work there, e.g. under :func:`folder_lock`."""
-    folder = Path(folder)
+    return _remove_temps(Path(folder), "*")
+
+
+def _remove_temps(folder: Path, stem_glob: str) -> list[Path]:
+    """Remove ``folder/.STEM.XXXXXXXX.tmp*`` (atomic_path's names) for the stems ``stem_glob`` matches."""
     removed = []
     if folder.is_dir():
-        for t in folder.glob(f".*.{'?' * 8}.tmp*"):
+        for t in folder.glob(f".{stem_glob}.{'?' * 8}.tmp*"):
             with contextlib.suppress(OSError):
                 t.unlink()
                 removed.append(t)
@@ -163,8 +161,8 @@ def clean_folder_temps(folder: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, name: str, waiting: str) -> Iterator[bool]:
-    """Hold an exclusive ``fcntl.flock`` on ``folder/name`` (the folder is created), waiting for it if another process holds it
-    (``waiting`` is logged once then); yields True. The kernel drops it when the holder exits in any
+    """Hold an exclusive ``fcntl.flock`` on ``folder/name`` (the folder is created), waiting for it if
+    another process holds it (``waiting`` is logged once then); yields True. The kernel drops it when the holder exits in any
     way, so a killed holder never leaves a stale lock; the file itself stays. Yields False (unlocked, with
     a warning where it matters) when no lock can be had: a read-only folder without the file, a file of
     another user that cannot be opened, a file system without locks (NFS without its lock service)."""

@@ -379,8 +379,7 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
                     raise BadInput(f"no space left on {path.parent} (writing {path.name}); free some space") from None
                 raise
             t = res.timings
-            part = f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks"
-            part = part if done < args.num_chunks else ""
+            part = "" if stopped is None else f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks"
             print(f"wrote {path} ({meta['frames']} frames{part}, first chunk {t['first_chunk_latency_s']:.2f}s, "
                   f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
         del res

@@ -9,7 +9,12 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GracefulStop", "SecondSignal"]
+__all__ = ["GracefulStop", "SecondSignal", "exit_code"]
+
+
+def exit_code(name: str) -> int:
+    """What a shell reports for a process ended by signal `name`: 128 + its number (130 SIGINT, 143 SIGTERM)."""
+    return 128 + int(signal.Signals[name])
 
 
 class SecondSignal(KeyboardInterrupt):
@@ -18,14 +23,14 @@ class SecondSignal(KeyboardInterrupt):
 
     def __init__(self, name: str, message: str):
         super().__init__(message)
-        self.exit_code = 128 + int(signal.Signals[name])
+        self.exit_code = exit_code(name)
 
 
 class GracefulStop:
     """SIGTERM / SIGINT set `requested` (the signal's name) and log `what_happens`; the holder polls
-    `requested` at its safe points. A second signal raises SecondSignal (a KeyboardInterrupt) saying `second`.
-    `signals`: the ones handled (default both). `install()` is a no-op off
-    the main thread (some notebook runners); `close()` restores the previous handlers."""
+    `requested` at its safe points. A second signal raises SecondSignal (a KeyboardInterrupt) saying
+    `second`. `signals`: the ones handled (default both). `install()` is a no-op off the main thread (some
+    notebook runners); `close()` restores the previous handlers. Also a context manager."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -50,8 +55,8 @@ class GracefulStop:
         logger.warning("%s received: %s (a second one stops at once)", name, self.what_happens)
 
     def exit_code(self) -> int:
-        """What a shell reports for the signal received: 128 + its number (130 SIGINT, 143 SIGTERM)."""
-        return 128 + int(signal.Signals[self.requested or "SIGINT"])
+        """The exit code for the signal received (signals.exit_code)."""
+        return exit_code(self.requested or "SIGINT")
 
     def close(self) -> None:
         for s, h in self._old.items():

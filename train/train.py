@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +69,7 @@ def _run(args) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
+    from resampling_forcing.signals import exit_code
     from resampling_forcing.training import TrainingAborted, train
 
     try:
@@ -90,7 +90,7 @@ def _run(args) -> int:
         print(f"{result['status']} at step {result['step']}; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":  # saved, not finished: 128 + the signal, as the shell reports it
         # a rank stopped by another rank's signal has none of its own: report SIGTERM (a preemption)
-        return 128 + int(signal.Signals[result.get("signal") or "SIGTERM"])
+        return exit_code(result.get("signal") or "SIGTERM")
     return 0
 
 

@@ -192,10 +192,10 @@ def make_dataset(
     out = Path(out_dir)
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
-    # one renderer at a time (runs sharing data.synthetic_dir wait for each other); under the lock a
-    # temporary is a killed renderer's (SIGTERM, kill -9 skip atomic_path's cleanup) and can go
-    # Ctrl+C sets a flag checked after each video: a SIGINT raised as KeyboardInterrupt could land in the
-    # parent's after-fork hooks of an ffmpeg writer, where CPython prints and drops it (a lost Ctrl+C)
+    # One renderer at a time (runs sharing data.synthetic_dir wait for each other); under the lock a
+    # temporary is a killed renderer's (SIGTERM, kill -9 skip atomic_path's cleanup) and can go.
+    # Ctrl+C sets a flag checked before each video: a KeyboardInterrupt raised by Python's own handler
+    # could land in the parent's after-fork hooks of an ffmpeg writer, where CPython prints and drops it.
     ctrl_c = GracefulStop("stopping after the video in progress (the rendered ones are kept)",
                           "stopped rendering", signals=(signal.SIGINT,))
     with folder_lock(out, RENDER_LOCK, f"another process is rendering {out}") as locked, ctrl_c:
