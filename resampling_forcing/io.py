@@ -162,10 +162,11 @@ def _remove_temps(folder: Path, stem_glob: str) -> list[Path]:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, name: str, waiting: str) -> Iterator[bool]:
     """Hold an exclusive ``fcntl.flock`` on ``folder/name`` (the folder is created), waiting for it if
-    another process holds it (``waiting`` is logged once then); yields True. The kernel drops it when the holder exits in any
-    way, so a killed holder never leaves a stale lock; the file itself stays. Yields False (unlocked, with
-    a warning where it matters) when no lock can be had: a read-only folder without the file, a file of
-    another user that cannot be opened, a file system without locks (NFS without its lock service)."""
+    another process holds it (``waiting`` is logged once then); yields True. The kernel drops it when the
+    holder exits in any way, so a killed holder never leaves a stale lock; the file itself stays. Yields
+    False (unlocked, with a warning where it matters) when no lock can be had: a read-only folder without
+    the file, a file of another user that cannot be opened, a file system without locks (NFS without its
+    lock service). training_utils.RunLock is the other lock: non-blocking, a held run folder is an error."""
     import errno
     import fcntl
     import logging

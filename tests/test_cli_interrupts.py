@@ -41,7 +41,8 @@ def test_second_signal_during_training_keeps_its_message_and_code(tmp_path, monk
     from resampling_forcing.signals import SecondSignal
 
     # what signals.GracefulStop raises on a second signal (a SIGTERM: 143, as the shell reports it)
-    train_cli = _train_cli_raising(monkeypatch, SecondSignal("SIGTERM", "second SIGTERM: stopping without a checkpoint"))
+    second = SecondSignal("SIGTERM", "second SIGTERM: stopping without a checkpoint")
+    train_cli = _train_cli_raising(monkeypatch, second)
     assert train_cli.main(["--config", str(TINY_YAML), f"train.run_dir={tmp_path / 'run'}",
                            f"data.synthetic_dir={tmp_path / 'synth'}"]) == 143
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -64,6 +65,7 @@ def test_a_real_ctrl_c_while_the_data_set_renders(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
-    assert lines == ["interrupted (Ctrl+C) before training started: no new checkpoint; rerun the same command"], err[-2000:]
+    want = "interrupted (Ctrl+C) before training started: no new checkpoint; rerun the same command"
+    assert lines == [want], err[-2000:]
     assert "Traceback" not in err and not (tmp_path / "run").exists()
     assert not list((synth / "videos").glob(".*.tmp*"))  # the video in progress was finished, not cut
