@@ -42,6 +42,7 @@ STATE_FILE = "trainer_state.json"  # written last: a step_* dir with it is compl
 CONFIG_FILE = "config.yaml"  # the resolved Config, in RUN/ and in every step_* dir
 MODEL_WEIGHTS, MODEL_CONFIG = OUR_WEIGHTS, OUR_CONFIG  # our model format (models.loading.save_model)
 EMA_WEIGHTS = "ema.safetensors"
+LORA_WEIGHTS = "lora.safetensors"  # a LoRA run's adapters (+ their EMA); the two above hold merged weights
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"  # a step_* dir being written / being replaced or deleted
 LOG_FILE = "log.jsonl"  # RUN/log.jsonl: one JSON record per logged step
 TB_DIR = "tb"  # RUN/tb/: TensorBoard events

@@ -170,6 +170,24 @@ class StageConfig:
     ramp_steps: int = 0
 
 
+# The linear layers LoRA adapts by default (module-name suffixes, as peft's target_modules): every
+# attention projection and both feed-forward layers of each block.
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (lora.py). rank 0: every weight trains (the paper). rank > 0: the weights of
+    train.init_from stay frozen and each `targets` linear layer learns W + (alpha / rank) B A; a
+    checkpoint holds the merged weights (what sampling and init_from read) and the adapters."""
+
+    rank: int = 0
+    alpha: Optional[float] = None  # null: = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    dropout: float = 0.0
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -190,6 +208,7 @@ class TrainConfig:
     ema_decay: Optional[float] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     init_from: Optional[str] = None  # weights to start from (Wan checkpoint or our checkpoint)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train adapters on frozen init_from
     resume_from: Optional[str] = None  # a checkpoint dir; else auto-resume from run_dir
     save_every: int = 100
     keep_last: int = 3
@@ -378,6 +397,13 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         raise ConfigError(f"train.global_batch_size={g.global_batch_size}: must be >= 1 (or null: use train.grad_accum)")
     if len(g.betas) != 2:
         raise ConfigError(f"train.betas={g.betas}: need two numbers [beta1, beta2] in [0, 1)")
+    lo = g.lora
+    if lo.rank < 0 or not lo.targets or len(set(lo.targets)) != len(lo.targets):
+        raise ConfigError(f"train.lora: rank={lo.rank} (>= 0, 0 = train every weight) and targets={lo.targets} "
+                          "(distinct linear-layer names, e.g. self_attn.q or ffn.0) are wrong")
+    if training and lo.rank and not g.init_from:
+        raise ConfigError(f"train.lora.rank={lo.rank} adapts the weights of train.init_from, which is not set; "
+                          "set it to a Wan2.1 folder or a run, or train.lora.rank=0 to train every weight")
     if training and (not g.stages or sum(st.steps for st in g.stages) < 1):
         raise ConfigError("train.stages: need at least one stage with steps >= 1")
     for i, st in enumerate(g.stages):
@@ -464,6 +490,8 @@ FLOAT_RANGES: dict[str, Optional[str]] = {
     "train.min_lr_ratio": "[0, 1]",
     "train.grad_clip": "(-inf, inf); <= 0 = no clipping",
     "train.ema_decay": "(0, 1); or null for no EMA",
+    "train.lora.alpha": "(0, inf); or null for alpha = rank",
+    "train.lora.dropout": "[0, 1)",
 }
 
 

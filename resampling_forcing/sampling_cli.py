@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --rope-horizon: read the far chunks D chunks back instead of at the horizon")
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
-    p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists")
+    p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists "
+                   "(and a --lora file's adapters, not their EMA)")
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="merge a LoRA run's adapters into the --checkpoint weights: its lora.safetensors, or the run / "
+                   "checkpoint folder holding it (a LoRA run's own checkpoint needs no --lora: its weights are merged)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes (the final 'wrote ...' lines stay)")
     return p
 
@@ -207,6 +211,14 @@ def check_args(args) -> None:
                         ("--storyboard", args.storyboard), ("--prompts-file", args.prompts_file)):
         if value is not None and not Path(value).is_file():
             raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
+    if args.lora is not None:
+        from .lora import adapter_file
+        from .models.loading import CheckpointError
+
+        try:
+            adapter_file(args.lora)
+        except CheckpointError as e:
+            raise BadInput(f"--lora {e}") from None
 
 
 # SamplingOptions.from_config's names -> the flags that set them (its errors are reworded with these).
@@ -301,7 +313,7 @@ def run(args) -> int:
         check_memory(cfg, device, args, len(prompts), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=device, dtype=args.dtype, use_ema=not args.no_ema,
-                                        attention_backend=args.attention_backend)
+                                        attention_backend=args.attention_backend, lora=args.lora)
         history, init_info = (None, None)
         if args.init_video is not None:
             history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from . import lora
 from .attention.backends import resolve_backend
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
@@ -52,7 +52,7 @@ from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
 from .signals import GracefulStop
 from .training_data import DataCursor
 from .training_gap import GapMonitor
-from .training_step import optimizer_step, over_processes, step_metrics
+from .training_step import optimizer_step, over_processes, step_metrics, write_rank_report
 from .training_utils import (EMA, MetricsLogger, build_accelerator, format_count, init_source,  # noqa: F401
                              launch_world_size, lr_at, param_count, ramp_at, resolve_grad_accum,
                              resume_config_changes, stage_at, start_trackers, total_steps, train_lr)
@@ -168,7 +168,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = CausalWanModel(cfg.model)
         n_params = param_count(model)  # before acc.prepare: ZeRO-3 then leaves empty placeholders
-        if resume is None and cfg.train.init_from:
+        if (resume is None or lora.enabled(cfg.train.lora)) and cfg.train.init_from:  # LoRA: the frozen base
             src = init_source(cfg)
             try:
                 load_state_into(model, read_state_dict(src), source=src)
@@ -176,9 +176,10 @@ class Trainer:
                 raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}; pass a run folder, a "
                                       "checkpoint folder or a Wan2.1 checkpoint folder") from None
             logger.info("initialised the model from %s", src)
+        self.lora = lora.LoraRun(cfg.train.lora, model, src) if lora.enabled(cfg.train.lora) else None
         model.train()
         t = cfg.train
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         if self.is_deepspeed:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = t.batch_size
@@ -196,8 +197,9 @@ class Trainer:
         self.metrics = MetricsLogger(acc, self.run_dir, self.step)
         start_trackers(acc, cfg, self.run_dir, self.step)
         if acc.is_main_process:
-            logger.info("%s; model %s params; %d chunks x %d tokens; %d processes; step %d/%d",
-                        self.data.summary(), format_count(n_params), self.num_chunks,
+            trained = f" ({format_count(self.lora.trained)} trained: LoRA rank {t.lora.rank})" if self.lora else ""
+            logger.info("%s; model %s params%s; %d chunks x %d tokens; %d processes; step %d/%d",
+                        self.data.summary(), format_count(n_params), trained, self.num_chunks,
                         self.chunk_tokens, acc.num_processes, self.step, total_steps(cfg))
 
     def _find_resume(self) -> Optional[Path]:
@@ -217,7 +219,8 @@ class Trainer:
     def _load_hook(self, models, input_dir):
         if models:
             models.clear()
-            load_state_into(self.inner, read_state_dict(input_dir), source=str(input_dir))
+            if self.lora is None:  # a LoRA run's adapters: _resume
+                load_state_into(self.inner, read_state_dict(input_dir), source=str(input_dir))
 
     def _resume(self, ckpt: Path) -> None:
         state = read_trainer_state(ckpt)
@@ -228,14 +231,17 @@ class Trainer:
         if state.get("seed_rule") != "mix_seed":
             logger.warning("%s was written before the derived seeds changed (seeds.py): from here the data order "
                            "and the random draws differ from what an uninterrupted run of that version drew", ckpt)
+        shadow = self.lora.resume(ckpt, self.inner, load_weights=not self.is_deepspeed) if self.lora else None
         if self.ema is not None:
             ema_file = ckpt / EMA_WEIGHTS
-            if ema_file.is_file():
+            if self.lora is None and ema_file.is_file():
                 from safetensors.torch import load_file
 
-                self.ema.load_state_dict(load_file(str(ema_file)))
+                shadow = load_file(str(ema_file))
+            if shadow:
+                self.ema.load_state_dict(shadow)
             else:
-                logger.warning("%s has no ema.safetensors: EMA restarts from the current weights", ckpt)
+                logger.warning("%s has no EMA weights: EMA restarts from the current weights", ckpt)
                 self.ema = EMA(self.inner, self.cfg.train.ema_decay)
         if written_by != self.acc.num_processes:  # DDP: the state is whole on every process
             logger.warning("resuming with %d processes, the checkpoint was written by %s: the data order differs",
@@ -421,7 +427,8 @@ class Trainer:
             return problem
         try:
             state = read_trainer_state(ckpt)
-            load_state_into(self.inner, read_state_dict(ckpt), source=str(ckpt))
+            load = self.lora.load_merged if self.lora else load_state_into
+            load(self.inner, read_state_dict(ckpt), source=str(ckpt))
         except CheckpointError as e:
             return str(e).splitlines()[0]
         loss = self._plain_loss(max(int(state.get("data_position", 1)) - 1, 0))
@@ -488,11 +495,14 @@ class Trainer:
         state = self._export_state()
         if not self.acc.is_main_process:
             return
+        ema = self.ema.state_dict() if self.ema is not None else None
+        if self.lora is not None:  # the merged weights, the adapters beside them
+            state, ema = self.lora.export(folder, state if state is not None else self.inner.state_dict(), self.ema)
         save_model(self.inner, folder, state=state)
-        if self.ema is not None:
+        if ema is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous().cpu() for k, v in self.ema.state_dict().items()}, str(folder / EMA_WEIGHTS))
+            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(folder / EMA_WEIGHTS))
         config_file(folder).write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
 
     def save(self) -> Path:
@@ -556,25 +566,11 @@ class Trainer:
                 bar.close()
         if acc.is_main_process and getattr(self.data.dataset, "num_bad", 0):  # each bad file once (data/loader.py)
             logger.warning("data: %s", self.data.summary())
-        self._write_rank_report()
+        if self.zero_stage != 3:  # ZeRO-3: each process holds a partition, nothing to compare
+            write_rank_report(self.run_dir / RANKS_DIR, self.inner, self.acc, self.step)
         acc.end_training()
         return {"status": status, "step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "signal": stop.requested if status == "interrupted" else None}
-
-    def _write_rank_report(self) -> None:
-        """RUN/ranks/rank_R.json: step and a hash of this process's weights (multi-node checks)."""
-        if self.zero_stage == 3 or param_count(self.inner) > 50_000_000:
-            return
-        h = hashlib.sha256()
-        for p in self.inner.parameters():
-            h.update(p.detach().float().cpu().numpy().tobytes())
-        out = self.run_dir / RANKS_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        from .io import atomic_write_json
-
-        atomic_write_json(out / f"rank_{self.acc.process_index}.json",
-                          {"rank": self.acc.process_index, "world_size": self.acc.num_processes,
-                           "step": self.step, "weights_sha256": h.hexdigest()})
 
 
 def train(cfg: Config, accelerator=None, resume_hint: str = "run the same command to resume") -> dict:

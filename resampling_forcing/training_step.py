@@ -9,6 +9,7 @@
   micro-batch lost a video found bad during training has fewer resampling times t_s than the others, so
   raw values cannot be gathered (NCCL needs equal sizes); each process sends [count, sum, sum of squares,
   min, max] instead.
+- `write_rank_report`: a hash of each process's weights at the end, to check that the ranks agree.
 """
 from __future__ import annotations
 
@@ -97,3 +98,22 @@ def step_metrics(acc, losses: list[torch.Tensor], chunks: list[torch.Tensor], ts
     every process calls it."""
     vec = metrics_vector(losses, chunks, ts)
     return reduce_metrics(acc.gather(vec) if acc.num_processes > 1 else vec)
+
+
+def write_rank_report(folder, model: torch.nn.Module, acc, step: int, max_params: int = 50_000_000) -> None:
+    """`folder`/rank_R.json: the step and a hash of this process's weights (multi-node checks); skipped
+    for models above `max_params` (hashing them costs more than the check is worth)."""
+    import hashlib
+    from pathlib import Path
+
+    from .io import atomic_write_json
+
+    if sum(p.numel() for p in model.parameters()) > max_params:
+        return
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(folder) / f"rank_{acc.process_index}.json",
+                      {"rank": acc.process_index, "world_size": acc.num_processes, "step": step,
+                       "weights_sha256": h.hexdigest()})

@@ -133,18 +133,21 @@ def train_lr(cfg: Config, step: int) -> float:
 
 
 class EMA:
-    """fp32 exponential moving average of a model's parameters (buffers are copied)."""
+    """fp32 exponential moving average of a model's trainable parameters (buffers are copied)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         """`decay` in (0, 1): train.ema_decay, checked by config.validate."""
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # LoRA's base: never moves
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k not in frozen}
         self._param_names = {n for n, _ in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         d = self.decay
         for k, v in model.state_dict().items():
+            if k not in self.shadow:
+                continue
             if k in self._param_names and v.dtype.is_floating_point:
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
@@ -179,6 +182,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 # Sections whose values decide what the saved weights mean: a resumed run may not change them,
 # except for these keys (memory choice; encoder files moved to another directory).
 WEIGHT_SECTIONS = ("model", "encoders")
+WEIGHT_KEYS = ("train.lora.",)  # which weights train (LoRA adapters of which shape) is fixed too
 RESUMABLE_KEYS = ("model.gradient_checkpointing", "encoders.vae_path", "encoders.text_path")
 
 
@@ -207,7 +211,7 @@ def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
-        if key.split(".")[0] in WEIGHT_SECTIONS and key not in RESUMABLE_KEYS:
+        if (key.split(".")[0] in WEIGHT_SECTIONS or key.startswith(WEIGHT_KEYS)) and key not in RESUMABLE_KEYS:
             raise ConfigError(
                 f"{key} is {new.get(key)!r} but the checkpoint {ckpt} was trained with {old.get(key)!r}; set it "
                 f"back, or start a new train.run_dir (train.init_from={ckpt} to start from its weights)")
@@ -358,6 +362,10 @@ def preflight(cfg: Config, world: int | None = None) -> None:
         problem = next((p for p in map(safetensors_problem, files) if p), None)
         if problem:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: {problem}; pass a whole checkpoint")
+    if cfg.train.lora.rank:
+        from .lora import check_model_targets
+
+        check_model_targets(cfg.model, cfg.train.lora.targets)
     d, t = cfg.data, cfg.train
     msg = check_fits(train_memory(cfg, world or launch_world_size()), device,
                      f"training on {d.num_frames}x{d.height}x{d.width} clips in batches of {t.batch_size}",

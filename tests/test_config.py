@@ -164,7 +164,11 @@ def _setting(key: str, value: float) -> tuple[dict, str]:
         return {section: {"stages": [{name.split(".")[1]: value}]}}, f"{section}.stages[0].{name.split('.')[1]}"
     if name.endswith("[]"):
         return {section: {name[:-2]: [value, 0.5]}}, f"{section}.{name[:-2]}[0]"
-    return {section: {name: value}}, key
+    *parents, leaf = name.split(".")  # a nested section, e.g. train.lora.alpha
+    setting = {leaf: value}
+    for parent in reversed(parents):
+        setting = {parent: setting}
+    return {section: setting}, key
 
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])

@@ -329,6 +329,9 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "recache without a storyboard": (base + ("--switch-cache", "recache"), "give --prompts-at or --storyboard"),
         "host tier larger": (base + ("--dtype", "bf16", "--kv-resident-chunks", 1, "--kv-host-dtype", "fp32"),
                              "--kv-host-dtype fp32 is larger than the model's bf16"),
+        "lora missing": (base + ("--lora", tmp_path / "nope"), "does not exist; pass a lora.safetensors file"),
+        "lora of a full run": (base + ("--lora", run_dir), "holds no lora.safetensors: it is not a LoRA run"),
+        "lora not an adapter file": (base + ("--lora", board), "cannot read"),
     }
     for name, (args, text) in expect.items():
         cases[name] = args

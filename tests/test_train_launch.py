@@ -1,5 +1,6 @@
 """`accelerate launch train/train.py` end to end on CPU: single process, 2-process DDP (gloo),
-DeepSpeed ZeRO-2 (gloo), a 2-machine launch on the loopback address, and kill -9 + resume.
+DeepSpeed ZeRO-2 (gloo), LoRA under ZeRO-2 and ZeRO-3, a 2-machine launch on the loopback address, and
+kill -9 + resume.
 
 Each launch trains the small config of train_helpers on a fixed batch; the loss must go down and
 every process must end with the same weights. Marked slow (they still run in `make test`).
@@ -146,6 +147,70 @@ def test_deepspeed_zero2_two_processes(tmp_path, synth):
     assert "--num_processes 2" in lines[0] and f"train.init_from={ckpt}" in lines[0], lines
     assert list_checkpoints(run_dir)[-1][1] == ckpt  # nothing written
     assert (run_dir / "config.yaml").read_text() == run_config
+
+
+def test_deepspeed_zero2_lora_exports_merged_weights_and_resumes_exactly(tmp_path, synth):
+    """train.lora under DeepSpeed ZeRO-2 (2 processes): only the adapters are in DeepSpeed's optimizer,
+    the export merges them into the frozen base, and a resume from the middle checkpoint (DeepSpeed
+    restores the module, lora.safetensors the EMA) ends bit-identical to the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = _random_base(tmp_path / "base", synth)
+    args = [f"train.init_from={base}", "train.lora.rank=4", "train.ema_decay=0.9", "train.save_every=2"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    proc = run(launch_cmd("deepspeed_zero2.yaml", "--main_process_port", str(free_port()))
+               + small_overrides(ref, synth, steps_tf=2, steps_rf=2) + args, timeout=600)
+    assert "trained: LoRA rank 4" in proc.stdout + proc.stderr
+    shutil.copytree(ref, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_0000004")
+    run(launch_cmd("deepspeed_zero2.yaml", "--main_process_port", str(free_port()))
+        + small_overrides(cut, synth, steps_tf=2, steps_rf=2) + args, timeout=600)
+    assert [r["loss"] for r in read_log(cut)] == [r["loss"] for r in read_log(ref)]
+    a_dir, b_dir = (r / "checkpoints" / "step_0000004" for r in (ref, cut))
+    for name in ("lora.safetensors", "ema.safetensors", "model.safetensors"):
+        a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    exported, start = load_file(str(a_dir / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert _changed_layers(exported, start) == _LORA_DEFAULT_CHANGES
+
+
+def _random_base(folder, synth):
+    """A randomly initialised model of small_overrides' sizes, saved as a checkpoint folder."""
+    from resampling_forcing.config import load_config
+    from resampling_forcing.models.loading import save_model
+    from resampling_forcing.models.wan import CausalWanModel
+
+    torch.manual_seed(0)
+    save_model(CausalWanModel(load_config(TINY_YAML, small_overrides(folder, synth)).model), folder)
+    return folder
+
+
+_LORA_DEFAULT_CHANGES = {f"blocks.{i}.{t}.weight" for i in range(2) for t in (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v",
+    "cross_attn.o", "ffn.0", "ffn.2")}  # train.lora.targets' default on small_overrides' 2 blocks
+
+
+def _changed_layers(exported, start) -> set:
+    return {k for k in start if not torch.equal(exported[k], start[k])}
+
+
+def test_deepspeed_zero3_lora_gathers_and_merges(tmp_path, synth):
+    """Under ZeRO-3 the module's weights are partitioned placeholders: the export gathers the base and
+    merges the adapters' fp32 master into exactly the targeted weights."""
+    from safetensors.torch import load_file
+
+    base = _random_base(tmp_path / "base", synth)
+    run_dir = tmp_path / "run"
+    run(launch_cmd("deepspeed_zero3.yaml", "--main_process_port", str(free_port()))
+        + small_overrides(run_dir, synth, steps_tf=1, steps_rf=1)
+        + [f"train.init_from={base}", "train.lora.rank=4", "train.save_every=2"], timeout=600)
+    ckpt = list_checkpoints(run_dir)[-1][1]
+    exported, start = load_file(str(ckpt / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert exported.keys() == start.keys() and _changed_layers(exported, start) == _LORA_DEFAULT_CHANGES
+    adapters = load_file(str(ckpt / "lora.safetensors"))
+    assert len(adapters) == 2 * len(_LORA_DEFAULT_CHANGES) and all(v.dtype == torch.float32 for v in adapters.values())
 
 
 def test_multinode_two_machines_on_loopback(tmp_path, synth):

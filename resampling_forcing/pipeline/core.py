@@ -94,12 +94,13 @@ class Pipeline:
     def from_pretrained(cls, path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
                         overrides: Sequence[str] = (), device: Union[str, torch.device, None] = "cpu",
                         dtype: Union[str, torch.dtype] = "fp32", use_ema: bool = True,
-                        attention_backend: Optional[str] = None) -> "Pipeline":
-        """Load a run dir / checkpoint dir / raw Wan checkpoint and its encoders (pipeline.loading).
+                        attention_backend: Optional[str] = None, lora: Union[str, Path, None] = None) -> "Pipeline":
+        """Load a run dir / checkpoint dir / raw Wan checkpoint and its encoders (pipeline.loading);
+        `lora`: a LoRA run's adapters (lora.safetensors or its run / checkpoint folder) merged into them.
         Errors about the input raise PipelineError (or ConfigError / CheckpointError /
         EncoderLoadError, all ValueErrors) with one-line messages."""
         pipe = cls(*load_pretrained(path, config=config, overrides=overrides, device=device, dtype=dtype,
-                                    use_ema=use_ema, attention_backend=attention_backend))
+                                    use_ema=use_ema, attention_backend=attention_backend, lora=lora))
         pipe._check_consistency()
         return pipe
 

@@ -162,10 +162,12 @@ def check_model_overrides(cfg: Config, overrides: Sequence[str]) -> None:
 def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
                     overrides: Sequence[str] = (), device: Union[str, torch.device, None] = "cpu",
                     dtype: Union[str, torch.dtype] = "fp32", use_ema: bool = True,
-                    attention_backend: Optional[str] = None) -> tuple[CausalWanModel, Any, Any, Config,
-                                                                        torch.device, torch.dtype, dict]:
+                    attention_backend: Optional[str] = None, lora: Union[str, Path, None] = None
+                    ) -> tuple[CausalWanModel, Any, Any, Config, torch.device, torch.dtype, dict]:
     """(model, vae, text_encoder, config, device, dtype, source): what `Pipeline.from_pretrained`
-    holds (see the module doc); `source` describes what was loaded. PipelineError (one line)."""
+    holds (see the module doc); `source` describes what was loaded. `lora`: adapters to merge into the
+    weights (a LoRA run's lora.safetensors, or its run / checkpoint folder; their EMA when `use_ema` and
+    the file has one). PipelineError (one line)."""
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise PipelineError(f"path: a run folder, a checkpoint folder or a Hugging Face id (str or Path), got {path!r}")
     if config is not None and not isinstance(config, (str, Path, Config)):
@@ -185,7 +187,7 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
         backend = resolve_backend(cfg.attention.backend, dev)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    model = _load_model(info, cfg, dev, dt)
+    model, applied = _load_model(info, cfg, dev, dt, lora, use_ema)
     try:
         vae = build_vae(cfg.encoders, device=dev, dtype=torch.float32)
         text = build_text_encoder(cfg.encoders, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
@@ -195,10 +197,13 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
                   weights=str(info.weights) if info.weights else str(info.model_dir), ema=info.ema,
                   step=info.step, config=str(info.config_path) if info.config_path else None,
                   attention_backend=backend)
+    if applied is not None:
+        source["lora"] = applied
     return model, vae, text, cfg, dev, dt, source
 
 
-def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: torch.dtype) -> CausalWanModel:
+def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: torch.dtype,
+                lora: Union[str, Path, None] = None, use_ema: bool = True) -> tuple[CausalWanModel, Optional[dict]]:
     # Built without initialising (meta device, then uninitialised memory in the final dtype):
     # every parameter is overwritten by the strict load below.
     with torch.device("meta"):
@@ -213,6 +218,33 @@ def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: 
             raise PipelineError(f"cannot read {info.weights}: {str(e).splitlines()[0]}") from None
     else:
         state = read_state_dict(info.model_dir)
+    applied = None
+    if lora is not None:
+        state, applied = _merge_lora(state, lora, info, use_ema)
     load_state_into(model, state, source=str(info.weights or info.model_dir))
     del state
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), applied
+
+
+def _merge_lora(state: dict, lora: Union[str, Path], info: CheckpointInfo, use_ema: bool) -> tuple[dict, dict]:
+    """The adapters of `lora` merged into `state` (lora.merge_file), with the checks a user needs: the
+    LoRA run's own checkpoint already holds them (PipelineError), another base is only warned about."""
+    import logging
+
+    from ..checkpoint import LORA_WEIGHTS
+    from ..lora import adapter_file, merge_file
+
+    if not isinstance(lora, (str, Path)) or not str(lora).strip():
+        raise PipelineError(f"lora: a lora.safetensors file or a LoRA run / checkpoint folder, got {lora!r}")
+    try:
+        file = adapter_file(lora)
+        if (info.model_dir / LORA_WEIGHTS).is_file() and (info.model_dir / LORA_WEIGHTS).samefile(file):
+            raise PipelineError(f"lora: {lora} is the LoRA of the checkpoint being loaded, whose weights already "
+                                "include it; leave it out (or load its base checkpoint with it)")
+        state, applied = merge_file(state, file, use_ema=use_ema)
+    except CheckpointError as e:
+        raise PipelineError(f"lora: {str(e).splitlines()[0]}") from None
+    if not applied["base_matches"]:
+        logging.getLogger(__name__).warning(
+            "the adapters of %s were trained on other weights than %s: applying them anyway", file, info.model_dir)
+    return state, applied

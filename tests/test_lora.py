@@ -1,0 +1,301 @@
+"""LoRA fine-tuning (train.lora, resampling_forcing/lora.py): the merged weights equal the adapted model,
+only the adapters train, a checkpoint is usable as any other, a resume is exact and refuses another base."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from resampling_forcing import lora
+from resampling_forcing.checkpoint import EMA_WEIGHTS, LORA_WEIGHTS, list_checkpoints
+from resampling_forcing.config import ConfigError, LoraConfig, ModelConfig, load_config, resolve_model, validate
+from resampling_forcing.models.loading import CheckpointError, load_model, read_state_dict
+from resampling_forcing.models.wan import CausalWanModel
+from resampling_forcing.training import Trainer, train
+from test_training import sigterm_after_step
+from train_helpers import TINY_YAML, read_log, small_overrides
+from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def _model(seed=0, **sizes) -> CausalWanModel:
+    torch.manual_seed(seed)
+    cfg = resolve_model(ModelConfig(preset="tiny", chunk_frames=1, **sizes))
+    return CausalWanModel(cfg).eval()
+
+
+def _randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if lora.is_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _inputs(model, frames=3, h=6, w=10, batch=2, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    x = torch.randn(batch, c.in_channels, frames, h, w, generator=g)
+    t = torch.rand(batch, frames, generator=g)
+    ctx = torch.randn(batch, 5, c.text_dim, generator=g)
+    return x, t, ctx
+
+
+@pytest.mark.parametrize("rank,alpha,targets", [(4, None, None), (3, 7.0, ["q", "ffn.2"]), (1, 0.5, ["self_attn.o"])])
+def test_merged_weights_compute_what_the_adapted_model_computes(rank, alpha, targets):
+    """The reference twin: peft's adapted forward (base + scale B A x in every targeted layer) against the
+    plain model loaded with merged_state; odd token grid (6x10 latents, 3 frames), two samples."""
+    cfg = LoraConfig(rank=rank, alpha=alpha, targets=targets or list(LoraConfig().targets))
+    base = _model()
+    plain_before = {k: v.clone() for k, v in base.state_dict().items()}
+    wrapped = _model()
+    lora.add_adapters(wrapped, cfg)
+    x, t, ctx = _inputs(base)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x, t, ctx), base(x, t, ctx))  # B = 0 at the start: the base model exactly
+    _randomize_adapters(wrapped)
+    merged = lora.merged_state(wrapped.state_dict(), cfg)
+    assert set(merged) == set(plain_before)
+    changed = {k for k in merged if not torch.equal(merged[k], plain_before[k])}
+    assert changed and all(any(lora._matches(k[: -len(".weight")], t) for t in cfg.targets) for k in changed)
+    plain = _model()
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        ref, got = wrapped(x, t, ctx), plain(x, t, ctx)
+    assert not torch.allclose(ref, base(x, t, ctx), atol=1e-3)  # the adapters do something
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_merge_agrees_with_peft_own_merge():
+    """merged_state's W + (alpha / r) B A against peft's in-place merge of each layer."""
+    cfg = LoraConfig(rank=2, alpha=5.0)
+    wrapped = _model()
+    lora.add_adapters(wrapped, cfg)
+    _randomize_adapters(wrapped)
+    ours = lora.merged_state(wrapped.state_dict(), cfg)
+    from peft.tuners.lora import LoraLayer
+
+    for module in wrapped.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    theirs = {k.replace(".base_layer.", "."): v for k, v in wrapped.state_dict().items() if not lora.is_adapter(k)}
+    assert set(ours) == set(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=1e-6)
+
+
+def test_only_the_adapters_get_gradients():
+    wrapped = _model()
+    lora.add_adapters(wrapped, LoraConfig(rank=2, targets=["q", "v"]))
+    _randomize_adapters(wrapped)
+    x, t, ctx = _inputs(wrapped)
+    wrapped(x, t, ctx).square().mean().backward()
+    for name, p in wrapped.named_parameters():
+        assert (p.grad is not None) == lora.is_adapter(name), name
+        assert p.requires_grad == lora.is_adapter(name)
+    n = sum(p.numel() for n_, p in wrapped.named_parameters() if lora.is_adapter(n_))
+    c = wrapped.cfg
+    assert n == c.num_layers * 2 * 2 * (2 * c.dim * 2)  # blocks x {self, cross} x {q, v} x (A + B)
+
+
+def test_load_merged_into_the_adapted_model_gives_the_plain_function():
+    cfg = LoraConfig(rank=3)
+    wrapped = _model()
+    lora.add_adapters(wrapped, cfg)
+    _randomize_adapters(wrapped)
+    other = _model(seed=5)
+    lora.load_merged_into(wrapped, other.state_dict())
+    x, t, ctx = _inputs(other)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x, t, ctx), other(x, t, ctx), atol=1e-6, rtol=1e-6)
+
+
+def test_bad_target_is_one_line():
+    with pytest.raises(ConfigError, match=r"train.lora.targets: 'qq' names no linear layer.*self_attn.q"):
+        lora.check_model_targets(resolve_model(ModelConfig(preset="tiny")), ["q", "qq"])
+
+
+def test_config_rules(tmp_path):
+    cfg = load_config(TINY_YAML, ["train.lora.rank=4"])
+    validate(cfg)  # sampling a LoRA run's config needs no base
+    with pytest.raises(ConfigError, match="train.lora.rank=4 adapts the weights of train.init_from"):
+        validate(cfg, training=True)
+    for bad, match in (("train.lora.rank=-1", "rank=-1"), ("train.lora.targets=[]", "targets"),
+                       ("train.lora.targets=[q, q]", "targets"), ("train.lora.dropout=1.0", "train.lora.dropout"),
+                       ("train.lora.alpha=0", "train.lora.alpha"), ("train.lora.rnk=2", "rnk")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(TINY_YAML, [bad])
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, synth):
+    """A short teacher-forcing run: the base the LoRA runs adapt."""
+    run = tmp_path_factory.mktemp("base")
+    train(load_config(TINY_YAML, small_overrides(run, synth, steps_tf=2, steps_rf=0)))
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return run
+
+
+def _lora_cfg(run, synth, base, *extra, rank=4):
+    return load_config(TINY_YAML, small_overrides(run, synth, steps_tf=1, steps_rf=3) + [
+        f"train.init_from={base}", f"train.lora.rank={rank}", "train.lora.alpha=8", "train.ema_decay=0.5",
+        "train.save_every=100", *extra])
+
+
+def test_lora_run_writes_merged_weights_and_resumes_exactly(tmp_path, synth, base_run, monkeypatch):
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    out = train(_lora_cfg(ref_run, synth, base_run))
+    assert out["status"] == "completed"
+    ckpt = list_checkpoints(ref_run)[-1][1]
+    base_ckpt = list_checkpoints(base_run)[-1][1]
+    base = read_state_dict(base_ckpt)
+    merged = read_state_dict(ckpt)
+    adapters, ema, meta = lora.read_adapters(ckpt / LORA_WEIGHTS)
+    assert set(merged) == set(base) and adapters and set(ema) == set(adapters)
+    assert meta["base"]["fingerprint"] == lora.fingerprint(base) and meta["lora"]["rank"] == 4
+    # the checkpoint is a plain model (sampling, init_from): base + scale B A, untargeted weights untouched
+    cfg = LoraConfig(rank=4, alpha=8.0)
+    rebuilt = load_model(base_ckpt)
+    lora.add_adapters(rebuilt, cfg)
+    lora.load_adapters(rebuilt, adapters, "the adapters")
+    expect = lora.merged_state(rebuilt.state_dict(), cfg)
+    assert all(torch.equal(merged[k], expect[k]) for k in merged)
+    assert torch.equal(merged["head.head.weight"], base["head.head.weight"])
+    assert any(not torch.equal(merged[k], base[k]) for k in merged)
+    ema_merged = load_file(str(ckpt / EMA_WEIGHTS))
+    assert set(ema_merged) == set(base) and any(not torch.equal(ema_merged[k], merged[k]) for k in merged)
+    model = load_model(ckpt)  # what the sampler does
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in base.values())
+
+    original = sigterm_after_step(monkeypatch, 2)
+    assert train(_lora_cfg(run, synth, base_run))["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert train(_lora_cfg(run, synth, base_run))["status"] == "completed"
+    assert [r["loss"] for r in read_log(run)] == [r["loss"] for r in read_log(ref_run)]
+    got = list_checkpoints(run)[-1][1]
+    for name in (LORA_WEIGHTS, EMA_WEIGHTS, "model.safetensors"):
+        a, b = load_file(str(ckpt / name)), load_file(str(got / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_refuses_another_base_or_rank(tmp_path, synth, base_run, monkeypatch):
+    run = tmp_path / "run"
+    sigterm_after_step(monkeypatch, 1)
+    train(_lora_cfg(run, synth, base_run))
+    monkeypatch.undo()
+    other = tmp_path / "other_base"
+    train(load_config(TINY_YAML, small_overrides(other, synth, steps_tf=1, steps_rf=0, **{"train.seed": 7})))
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    with pytest.raises(CheckpointError, match="is not the base these adapters were trained on"):
+        Trainer(_lora_cfg(run, synth, other))
+    with pytest.raises(ConfigError, match="train.lora.rank is 2 but the checkpoint"):
+        Trainer(_lora_cfg(run, synth, base_run, rank=2))
+
+
+def test_lora_needs_its_adapter_file_to_resume(tmp_path, synth, base_run, monkeypatch):
+    run = tmp_path / "run"
+    sigterm_after_step(monkeypatch, 1)
+    train(_lora_cfg(run, synth, base_run))
+    monkeypatch.undo()
+    (list_checkpoints(run)[-1][1] / LORA_WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="lora.safetensors is missing"):
+        Trainer(_lora_cfg(run, synth, base_run))
+
+
+def test_lora_config_roundtrips_through_the_run_config(tmp_path, synth, base_run):
+    trainer = Trainer(_lora_cfg(tmp_path / "run", synth, base_run))
+    assert dataclasses.asdict(trainer.cfg.train.lora)["rank"] == 4
+    assert trainer.ema is not None and all(lora.is_adapter(k) for k in trainer.ema.state_dict())
+    groups = trainer.optimizer.optimizer.param_groups if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.param_groups
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainer.lora.trained
+
+
+def test_gradient_checkpointing_keeps_the_adapter_gradients():
+    """With a frozen base no block input requires grad; a reentrant checkpoint would then drop every
+    adapter gradient. Checkpointed and plain backward passes must agree."""
+    grads = []
+    for ckpt in (False, True):
+        m = _model(gradient_checkpointing=ckpt).train()
+        lora.add_adapters(m, LoraConfig(rank=2))
+        _randomize_adapters(m)
+        x, t, ctx = _inputs(m)
+        m(x, t, ctx).square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert grads[1][n] is not None and grads[0][n].abs().sum() > 0, n
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampling with --lora
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, synth, base_run):
+    run = tmp_path_factory.mktemp("lora_run")
+    train(_lora_cfg(run, synth, base_run))
+    _reset_accelerate()
+    return run
+
+
+@pytest.mark.parametrize("use_ema,weights", [(True, EMA_WEIGHTS), (False, "model.safetensors")])
+def test_merge_file_rebuilds_the_runs_merged_weights(base_run, lora_run, use_ema, weights):
+    """Base + the adapter file (sampling's --lora) is bit for bit what the LoRA run exported itself."""
+    base = read_state_dict(list_checkpoints(base_run)[-1][1])
+    merged, applied = lora.merge_file(base, lora_run, use_ema=use_ema)
+    exported = load_file(str(list_checkpoints(lora_run)[-1][1] / weights))
+    assert merged.keys() == exported.keys() and all(torch.equal(merged[k], exported[k]) for k in merged)
+    assert applied["base_matches"] and applied["ema"] == use_ema
+
+
+def test_pipeline_with_lora_loads_the_merged_model(base_run, lora_run, caplog):
+    from resampling_forcing.pipeline import Pipeline, PipelineError
+
+    ref = Pipeline.from_pretrained(lora_run)
+    pipe = Pipeline.from_pretrained(base_run, lora=lora_run)
+    a, b = ref.model.state_dict(), pipe.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pipe.source["lora"]["file"].endswith(LORA_WEIGHTS) and pipe.source["lora"]["base_matches"]
+    with pytest.raises(PipelineError, match="whose weights already include it"):
+        Pipeline.from_pretrained(lora_run, lora=lora_run)
+    shared = _copy_of_adapters(lora_run)
+    with caplog.at_level("WARNING"):  # onto other weights (here the merged ones): allowed, and said
+        other = Pipeline.from_pretrained(lora_run, lora=shared)
+    assert not other.source["lora"]["base_matches"] and "trained on other weights" in caplog.text
+
+
+def _copy_of_adapters(lora_run):
+    """The run's adapter file copied out of its checkpoint (so it is not 'the checkpoint's own')."""
+    import shutil
+
+    src = list_checkpoints(lora_run)[-1][1] / LORA_WEIGHTS
+    dst = src.parent.parent.parent / "shared_adapters.safetensors"
+    shutil.copy(src, dst)
+    return dst
+
+
+def test_adapters_of_another_model_are_refused_in_one_line(lora_run, base_run):
+    other = _model(dim=64, num_heads=2).state_dict()
+    with pytest.raises(CheckpointError, match="trained for (other model sizes|another model)"):
+        lora.merge_file(other, lora_run)
+    with pytest.raises(CheckpointError, match="holds no lora.safetensors"):
+        lora.adapter_file(base_run)  # a run that trained every weight
