@@ -451,11 +451,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, trainer_state: dict,
-                    export: Callable[[Path], None], keep_last: int = 3) -> Path:
+                    export: Callable[[Path], None], keep_last: int = 3, save_kwargs: Optional[dict] = None) -> Path:
     """Write a full checkpoint for `step` (call on ALL processes). Returns the final path.
 
     `export(tmp_dir)` runs on every process (ZeRO-3 gathers weights collectively) and must write
-    the model files on the main process only."""
+    the model files on the main process only. `save_kwargs` go to DeepSpeed's save_checkpoint."""
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
@@ -465,7 +465,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, *, train
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **(save_kwargs or {}))
         export(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

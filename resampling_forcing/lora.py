@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,10 @@ from .config import ConfigError, LoraConfig, ModelConfig
 from .models.loading import CheckpointError
 
 ADAPTER = "default"  # peft's adapter name: one adapter per model
+# Under DeepSpeed a LoRA run's checkpoints leave out the frozen base (a resume reloads it from
+# train.init_from; the 14B in bf16: 28 GB a checkpoint), so its loads are not strict about it.
+DEEPSPEED_SAVE = {"exclude_frozen_parameters": True}
+DEEPSPEED_LOAD = {"load_module_strict": False}
 _BASE, _A, _B = ".base_layer.", f".lora_A.{ADAPTER}.", f".lora_B.{ADAPTER}."
 EMA_PREFIX = "ema."  # the EMA shadows of the adapters, in the same file
 
@@ -35,9 +40,20 @@ def enabled(cfg: LoraConfig) -> bool:
     return cfg.rank > 0
 
 
+def alpha(cfg: LoraConfig) -> float:
+    """train.lora.alpha, whose null means = rank."""
+    return cfg.alpha if cfg.alpha is not None else cfg.rank
+
+
 def scale(cfg: LoraConfig) -> float:
-    """alpha / rank: what B A is multiplied by."""
-    return (cfg.alpha if cfg.alpha is not None else cfg.rank) / cfg.rank
+    """alpha / rank: what B A is multiplied by (peft's rule without rsLoRA)."""
+    return alpha(cfg) / cfg.rank
+
+
+def merge_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """W [out, in] + s B [out, rank] A [rank, in], in fp32 on the CPU: the one merge rule (the export and
+    `merge_file` give the same bits; a GPU-held base never meets CPU-held master adapters)."""
+    return w.detach().float().cpu() + s * (b.detach().float().cpu() @ a.detach().float().cpu())
 
 
 def _matches(name: str, target: str) -> bool:  # peft's rule for a target_modules entry
@@ -45,12 +61,17 @@ def _matches(name: str, target: str) -> bool:  # peft's rule for a target_module
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
-    """ConfigError (one line) for a target naming no linear layer of `model`."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """ConfigError (one line) for a target naming no linear layer of `model`, or also another module
+    (peft would refuse it later, in several lines)."""
+    modules = dict(model.named_modules())
+    linears = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n
+                      for n, m in modules.items() if isinstance(m, nn.Linear)})
     for t in targets:
-        if not any(_matches(n, t) for n in linears):
-            short = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in linears})
-            raise ConfigError(f"train.lora.targets: {t!r} names no linear layer of the model; choose from {short}")
+        hits = [n for n in modules if n and _matches(n, t)]
+        other = next((n for n in hits if not isinstance(modules[n], nn.Linear)), None)
+        if not hits or other is not None:
+            what = f"also names {other} ({type(modules[other]).__name__})" if other else "names no linear layer of the model"
+            raise ConfigError(f"train.lora.targets: {t!r} {what}; name linear layers only: {linears}")
 
 
 def check_model_targets(model_cfg: ModelConfig, targets: list[str]) -> None:
@@ -67,7 +88,7 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
     from peft import inject_adapter_in_model
 
     check_targets(model, cfg.targets)
-    inject_adapter_in_model(PeftLora(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+    inject_adapter_in_model(PeftLora(r=cfg.rank, lora_alpha=alpha(cfg),
                                      lora_dropout=cfg.dropout, target_modules=list(cfg.targets)),
                             model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
@@ -84,7 +105,9 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def merged_state(state: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, torch.Tensor]:
-    """A wrapped model's state -> the plain model's state: W + scale B A (fp32) under W's plain name."""
+    """A wrapped model's state -> the plain model's state: W + scale B A (fp32, CPU) under W's plain name;
+    the other tensors as they are. With EMA shadows for A and B this is W + scale EMA(B) EMA(A), not the
+    EMA of the merged weight."""
     s = scale(cfg)
     out = {}
     for k, v in state.items():
@@ -93,8 +116,7 @@ def merged_state(state: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, t
         if _BASE in k:
             layer, _, leaf = k.partition(_BASE)
             if leaf == "weight":
-                a, b = state[layer + _A + "weight"], state[layer + _B + "weight"]
-                v = v.float() + s * (b.float() @ a.float())
+                v = merge_weight(v, state[layer + _A + "weight"], state[layer + _B + "weight"], s)
             k = f"{layer}.{leaf}"
         out[k] = v
     return out
@@ -120,15 +142,19 @@ def load_merged_into(model: nn.Module, plain: dict[str, torch.Tensor], source: s
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """A cheap identity of a set of weights: names, shapes and a strided sample (<= 4096 numbers, as
-    fp32) of each tensor, hashed. Tells two different checkpoints apart; equal weights give equal prints,
-    also when one copy is stored in another dtype that holds them exactly (a bf16 file read into fp32)."""
+    """A cheap identity of a set of weights: names, shapes and a strided sample (4096 to 8191 numbers
+    of a large tensor, as fp32) of each tensor, hashed. The stride is coprime with the last dimension, so
+    the sample visits every column of a matrix. Tells two different checkpoints apart; equal weights give
+    equal prints, also when one copy is stored in another dtype that holds them exactly (bf16 in fp32)."""
     h = hashlib.sha256()
     for k in sorted(state):
         v = state[k].detach()
         h.update(f"{k}{list(v.shape)}".encode())
         flat = v.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        step = max(1, flat.numel() // 4096)
+        while v.dim() > 1 and math.gcd(step, v.shape[-1]) != 1:
+            step += 1
+        sample = flat[::step].float().cpu().contiguous()
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -149,9 +175,10 @@ def save_adapters(path: Path, adapters: dict[str, torch.Tensor], ema: Optional[d
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def read_adapters(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def read_adapters(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(adapters, EMA adapters, metadata {"lora": settings, "base": {"source", "fingerprint"}}) from
-    lora.safetensors; CheckpointError (one line) when missing or unreadable."""
+    lora.safetensors (`tensors=False`: the header only, two empty dicts); CheckpointError (one line)
+    when missing, unreadable or no adapter file."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -159,23 +186,34 @@ def read_adapters(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
                               "resume from another checkpoint or start a new train.run_dir")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(f.keys())
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k in ("lora", "base")}
+            found = {k: f.get_tensor(k) for k in names} if tensors else {}
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}; the file is damaged") from None
-    if set(meta) != {"lora", "base"} or not tensors:
+    if set(meta) != {"lora", "base"} or not names:
         raise CheckpointError(f"{path} is not an adapter file of this toolkit (no LoRA settings in its metadata)")
-    ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
-    return {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}, ema, meta
+    ema = {k[len(EMA_PREFIX):]: v for k, v in found.items() if k.startswith(EMA_PREFIX)}
+    return {k: v for k, v in found.items() if not k.startswith(EMA_PREFIX)}, ema, meta
 
 
-def check_base(base: dict, print_now: str, init_from: str) -> None:
-    """The base weights loaded now are those the adapters were trained on, else CheckpointError."""
+def base_source(ckpt: Path, configured) -> str:
+    """Where a LoRA resume reads its base: the checkpoint the adapters were trained on, as `ckpt`'s
+    adapter file recorded it (train.init_from may name a run that has written newer checkpoints since),
+    else `configured()` (what train.init_from names now: the recorded one was moved or deleted)."""
+    from .checkpoint import LORA_WEIGHTS
+
+    recorded = read_adapters(Path(ckpt) / LORA_WEIGHTS, tensors=False)[2]["base"].get("source")
+    return recorded if recorded and Path(recorded).exists() else configured()
+
+
+def check_base(base: dict, print_now: str, source: str) -> None:
+    """The base weights loaded now (from `source`) are those the adapters were trained on, else
+    CheckpointError."""
     if base.get("fingerprint") != print_now:
         raise CheckpointError(
-            f"train.init_from={init_from} is not the base these adapters were trained on (it was "
-            f"{base.get('source')}, fingerprint {base.get('fingerprint')}, now {print_now}); point "
-            "train.init_from at the original base weights")
+            f"the base weights in {source} are not those these adapters were trained on ({base.get('source')}, "
+            f"fingerprint {base.get('fingerprint')}; now {print_now}); point train.init_from at those weights")
 
 
 @torch.no_grad()
@@ -234,17 +272,19 @@ class LoraRun:
 
 def adapter_file(path: str | Path) -> Path:
     """`path` as an adapter file: lora.safetensors itself, a checkpoint folder holding one, or a LoRA run
-    (its latest checkpoint's). CheckpointError (one line) otherwise."""
+    (its latest checkpoint's); its header is read. CheckpointError (one line) otherwise."""
     from .checkpoint import LORA_WEIGHTS, resolve_trainer_checkpoint
 
     p = Path(path)
     if p.is_file():
+        read_adapters(p, tensors=False)
         return p
     if not p.is_dir():
         raise CheckpointError(f"{path} does not exist; pass a lora.safetensors file or a LoRA run / checkpoint folder")
     file = (p if (p / LORA_WEIGHTS).is_file() else resolve_trainer_checkpoint(p)) / LORA_WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{path} holds no {LORA_WEIGHTS}: it is not a LoRA run (train.lora.rank > 0)")
+    read_adapters(file, tensors=False)
     return file
 
 
@@ -256,7 +296,7 @@ def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool =
     file = adapter_file(path)
     adapters, ema, meta = read_adapters(file)
     use = ema if use_ema and ema else adapters
-    s = (meta["lora"]["alpha"] or meta["lora"]["rank"]) / meta["lora"]["rank"]
+    s = scale(LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"]))
     matches = fingerprint(state) == meta["base"].get("fingerprint")
     out = dict(state)
     for key in use:
@@ -267,9 +307,9 @@ def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool =
         if weight not in out or b is None:
             raise CheckpointError(f"{file} adapts {layer}, which this model has not; the adapters were trained for "
                                   "another model")
-        delta = b.float() @ use[key].float()
-        if delta.shape != out[weight].shape:
-            raise CheckpointError(f"{file}: the adapters of {layer} make a {list(delta.shape)} update for a "
+        shape = [b.shape[0], use[key].shape[-1]]
+        if shape != list(out[weight].shape):
+            raise CheckpointError(f"{file}: the adapters of {layer} make a {shape} update for a "
                                   f"{list(out[weight].shape)} weight; they were trained for other model sizes")
-        out[weight] = out[weight].float() + s * delta
+        out[weight] = merge_weight(out[weight], use[key], b, s)
     return out, {"file": str(file), "ema": use is ema and bool(ema), "base_matches": matches}

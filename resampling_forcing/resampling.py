@@ -291,7 +291,7 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     if settings.context_t > 0:  # drawn only then: the default (0) keeps every stream as before
         ctx_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         common["context_eps"] = ctx_eps
-    fn = autoregressive_resample if obj == "resampling" else parallel_resample
+    fn = _at_inference(autoregressive_resample if obj == "resampling" else parallel_resample)
     if settings.ramp != "probability" or r >= 1.0:
         hist = fn(model, x, t_s, context=context, eps=eps, null_context=null_context, **common)
         return hist.detach(), t_s
@@ -309,6 +309,20 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
         if idx.numel():
             hist[idx] = sub
     return hist.detach(), torch.where(sel, t_s, torch.zeros_like(t_s))
+
+
+def _at_inference(fn):
+    """`fn(model, ...)` with the model in eval mode, as inference runs it: a history is what the model
+    would generate (no LoRA dropout, which would also draw from the global RNG), whatever mode training
+    left it in."""
+    def run(model, *args, **kwargs):
+        was = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was)
+    return run
 
 
 def _ramp_mask(batch: int, r: float, generator, device) -> torch.Tensor:

@@ -18,6 +18,7 @@ verified first (finite weights, finite loss on its last batch; else the one befo
 Then clipping, AdamW, LR (linear warmup, then constant or cosine), EMA, logs (one fixed-size gather over
 processes), checkpoints.
 
+With `train.lora.rank > 0` only low-rank adapters on the frozen `train.init_from` weights train (lora.py).
 Entry point: `train(cfg)` (used by train/train.py under `accelerate launch`). Run directory and
 checkpoint layout: docs/CONTRACTS.md and checkpoint.py.
 """
@@ -169,7 +170,7 @@ class Trainer:
         model = CausalWanModel(cfg.model)
         n_params = param_count(model)  # before acc.prepare: ZeRO-3 then leaves empty placeholders
         if (resume is None or lora.enabled(cfg.train.lora)) and cfg.train.init_from:  # LoRA: the frozen base
-            src = init_source(cfg)
+            src = lora.base_source(resume, lambda: init_source(cfg)) if resume else init_source(cfg)
             try:
                 load_state_into(model, read_state_dict(src), source=src)
             except CheckpointError as e:
@@ -179,7 +180,8 @@ class Trainer:
         self.lora = lora.LoraRun(cfg.train.lora, model, src) if lora.enabled(cfg.train.lora) else None
         model.train()
         t = cfg.train
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
+                                weight_decay=t.weight_decay)
         if self.is_deepspeed:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = t.batch_size
@@ -225,7 +227,7 @@ class Trainer:
     def _resume(self, ckpt: Path) -> None:
         state = read_trainer_state(ckpt)
         written_by = int(state.get("world_size", self.acc.num_processes))
-        self.acc.load_state(str(ckpt))
+        self.acc.load_state(str(ckpt), **(lora.DEEPSPEED_LOAD if self.lora and self.is_deepspeed else {}))
         self.step, self.cursor.position = int(state["step"]), int(state["data_position"])
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))  # the abort counter runs on across a resume
         if state.get("seed_rule") != "mix_seed":
@@ -507,6 +509,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(self.acc, self.run_dir, self.step, trainer_state=self.trainer_state(),
+                               save_kwargs=lora.DEEPSPEED_SAVE if self.lora and self.is_deepspeed else None,
                                export=self._export, keep_last=self.cfg.train.keep_last)
         self.last_checkpoint = path
         if self.acc.is_main_process:

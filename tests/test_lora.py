@@ -21,6 +21,15 @@ from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
+def _reset_accelerate():
+    """Forget accelerate's process-wide state between two trainings within one test."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def _model(seed=0, **sizes) -> CausalWanModel:
     torch.manual_seed(seed)
     cfg = resolve_model(ModelConfig(preset="tiny", chunk_frames=1, **sizes))
@@ -113,9 +122,15 @@ def test_load_merged_into_the_adapted_model_gives_the_plain_function():
         torch.testing.assert_close(wrapped(x, t, ctx), other(x, t, ctx), atol=1e-6, rtol=1e-6)
 
 
-def test_bad_target_is_one_line():
-    with pytest.raises(ConfigError, match=r"train.lora.targets: 'qq' names no linear layer.*self_attn.q"):
-        lora.check_model_targets(resolve_model(ModelConfig(preset="tiny")), ["q", "qq"])
+@pytest.mark.parametrize("target,what", [("qq", "names no linear layer"), ("head", "also names head (Head)"),
+                                         ("0", "also names ")])
+def test_bad_target_is_one_line(target, what):
+    """Also a name that matches a linear layer AND another module (peft refused those after the data and
+    encoders had loaded, in four lines)."""
+    with pytest.raises(ConfigError) as e:
+        lora.check_model_targets(resolve_model(ModelConfig(preset="tiny")), ["q", target])
+    msg = str(e.value)
+    assert msg.startswith(f"train.lora.targets: {target!r} {what}") and "self_attn.q" in msg and "\n" not in msg
 
 
 def test_config_rules(tmp_path):
@@ -132,14 +147,10 @@ def test_config_rules(tmp_path):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, synth):
-    """A short teacher-forcing run: the base the LoRA runs adapt."""
+    """A short teacher-forcing run with an EMA: the base the LoRA runs adapt (from its model weights)."""
     run = tmp_path_factory.mktemp("base")
-    train(load_config(TINY_YAML, small_overrides(run, synth, steps_tf=2, steps_rf=0)))
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    train(load_config(TINY_YAML, small_overrides(run, synth, steps_tf=2, steps_rf=0) + ["train.ema_decay=0.5"]))
+    _reset_accelerate()
     return run
 
 
@@ -185,22 +196,32 @@ def test_lora_run_writes_merged_weights_and_resumes_exactly(tmp_path, synth, bas
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_resume_refuses_another_base_or_rank(tmp_path, synth, base_run, monkeypatch):
+def test_resume_refuses_another_base_or_rank(tmp_path, synth, monkeypatch):
+    base = tmp_path / "base"
+    train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=1, steps_rf=0)))
+    _reset_accelerate()
     run = tmp_path / "run"
     sigterm_after_step(monkeypatch, 1)
-    train(_lora_cfg(run, synth, base_run))
+    train(_lora_cfg(run, synth, base))
     monkeypatch.undo()
+    _reset_accelerate()
+    with pytest.raises(ConfigError, match="train.lora.rank is 2 but the checkpoint"):
+        Trainer(_lora_cfg(run, synth, base, rank=2))
     other = tmp_path / "other_base"
     train(load_config(TINY_YAML, small_overrides(other, synth, steps_tf=1, steps_rf=0, **{"train.seed": 7})))
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    _reset_accelerate()
+    recorded = list_checkpoints(base)[-1][1] / "model.safetensors"
+    original = recorded.read_bytes()
+    recorded.write_bytes((list_checkpoints(other)[-1][1] / "model.safetensors").read_bytes())  # changed in place
+    with pytest.raises(CheckpointError, match="are not those these adapters were trained on"):
+        Trainer(_lora_cfg(run, synth, base))
+    _reset_accelerate()
+    recorded.write_bytes(original)
+    import shutil
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    with pytest.raises(CheckpointError, match="is not the base these adapters were trained on"):
+    shutil.rmtree(base)  # gone: train.init_from is read instead, and must be the same weights
+    with pytest.raises(CheckpointError, match="are not those these adapters were trained on"):
         Trainer(_lora_cfg(run, synth, other))
-    with pytest.raises(ConfigError, match="train.lora.rank is 2 but the checkpoint"):
-        Trainer(_lora_cfg(run, synth, base_run, rank=2))
 
 
 def test_lora_needs_its_adapter_file_to_resume(tmp_path, synth, base_run, monkeypatch):
@@ -239,14 +260,6 @@ def test_gradient_checkpointing_keeps_the_adapter_gradients():
 
 
 # ----------------------------------------------------------------------------- sampling with --lora
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +312,52 @@ def test_adapters_of_another_model_are_refused_in_one_line(lora_run, base_run):
         lora.merge_file(other, lora_run)
     with pytest.raises(CheckpointError, match="holds no lora.safetensors"):
         lora.adapter_file(base_run)  # a run that trained every weight
+
+
+def test_the_resampling_rollout_runs_without_adapter_dropout():
+    """train.lora.dropout must not thin the model that builds the histories (nor draw from the global RNG):
+    the history is the same whether training left the model in train or eval mode."""
+    from resampling_forcing.resampling import DegradeSettings, degrade_history
+
+    m = _model()
+    lora.add_adapters(m, LoraConfig(rank=2, dropout=0.5))
+    _randomize_adapters(m)
+    x, _, ctx = _inputs(m, frames=4)
+    settings = DegradeSettings(objective="resampling", shift=1.0, steps=2)
+    out = []
+    for mode in (True, True, False):
+        m.train(mode)
+        hist, _ = degrade_history(m, x, ctx, settings, generator=torch.Generator().manual_seed(3))
+        out.append(hist)
+        assert m.training == mode  # the mode training set is given back
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+def test_resume_reads_the_base_it_was_trained_on_after_the_base_run_moved_on(tmp_path, synth, monkeypatch):
+    """train.init_from naming a run: the base run writes a newer checkpoint while the LoRA run is stopped;
+    the resume reads the recorded checkpoint, not the run's newest."""
+    base = tmp_path / "base"
+    train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=1, steps_rf=0, **{"train.save_every": 1})))
+    _reset_accelerate()
+    run = tmp_path / "run"
+    sigterm_after_step(monkeypatch, 1)
+    train(_lora_cfg(run, synth, base))
+    monkeypatch.undo()
+    _reset_accelerate()
+    train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=2, steps_rf=0, **{"train.save_every": 1})))
+    _reset_accelerate()
+    assert len(list_checkpoints(base)) == 2
+    assert train(_lora_cfg(run, synth, base))["status"] == "completed"
+
+
+def test_sample_cli_with_lora_records_it(tmp_path, base_run, lora_run):
+    import json
+
+    from resampling_forcing import sampling_cli
+
+    out = tmp_path / "v.mp4"
+    assert sampling_cli.main(["--checkpoint", str(base_run), "--lora", str(lora_run), "--prompt", "a red circle",
+                              "--num-chunks", "2", "--steps", "1", "--output", str(out), "--quiet"]) == 0
+    source = json.loads(out.with_suffix(".json").read_text())["pipeline"]["source"]
+    assert source["lora"]["base_matches"] and source["lora"]["ema"] and source["lora"]["file"].endswith(LORA_WEIGHTS)
+    assert source["weights"].endswith("model.safetensors")  # the base's model weights, not its EMA

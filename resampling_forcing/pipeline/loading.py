@@ -166,8 +166,8 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
                     ) -> tuple[CausalWanModel, Any, Any, Config, torch.device, torch.dtype, dict]:
     """(model, vae, text_encoder, config, device, dtype, source): what `Pipeline.from_pretrained`
     holds (see the module doc); `source` describes what was loaded. `lora`: adapters to merge into the
-    weights (a LoRA run's lora.safetensors, or its run / checkpoint folder; their EMA when `use_ema` and
-    the file has one). PipelineError (one line)."""
+    checkpoint's model weights (not its EMA: the base a LoRA run trains on); a LoRA run's lora.safetensors,
+    or its run / checkpoint folder; their EMA when `use_ema` and the file has one. PipelineError (one line)."""
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise PipelineError(f"path: a run folder, a checkpoint folder or a Hugging Face id (str or Path), got {path!r}")
     if config is not None and not isinstance(config, (str, Path, Config)):
@@ -177,7 +177,8 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
     if not isinstance(use_ema, bool):
         raise PipelineError(f"use_ema must be True or False, got {use_ema!r}")
     dev, dt = resolve_device(device), parse_dtype(dtype)
-    info = resolve_checkpoint(path, use_ema=use_ema)
+    # with adapters: the checkpoint's model weights, the base a LoRA run reads (use_ema picks their EMA)
+    info = resolve_checkpoint(path, use_ema=use_ema and lora is None)
     overrides = list(overrides)
     if attention_backend is not None:
         overrides.append(f"attention.backend={attention_backend}")
