@@ -32,6 +32,9 @@ ADAPTER = "default"  # peft's adapter name: one adapter per model
 # train.init_from; the 14B in bf16: 28 GB a checkpoint), so its loads are not strict about it.
 DEEPSPEED_SAVE = {"exclude_frozen_parameters": True}
 DEEPSPEED_LOAD = {"load_module_strict": False}
+# Under mixed precision the frozen base is held in the compute dtype (as DeepSpeed holds its module):
+# half the memory of the largest tensors, and the autocast matmuls read the same bf16 values.
+HOLD_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BASE, _A, _B = ".base_layer.", f".lora_A.{ADAPTER}.", f".lora_B.{ADAPTER}."
 EMA_PREFIX = "ema."  # the EMA shadows of the adapters, in the same file
 
@@ -235,11 +238,16 @@ class LoraRun:
     """The trainer's side of LoRA: wraps the model once its base weights are loaded (remembering what
     they were), writes a checkpoint's files and reads them back on a resume."""
 
-    def __init__(self, cfg: LoraConfig, model: nn.Module, source: str):
-        """`model`: the plain model holding the base weights read from `source` (train.init_from)."""
+    def __init__(self, cfg: LoraConfig, model: nn.Module, source: str, mixed_precision: str = "no"):
+        """`model`: the plain model holding the base weights read from `source` (train.init_from);
+        `mixed_precision`: the accelerator's ("no", "bf16", "fp16"), the dtype the frozen base is held in."""
         self.cfg, self.source = cfg, source
         self.base = {"source": source, "fingerprint": fingerprint(model.state_dict())}
         add_adapters(model, cfg)
+        hold = HOLD_DTYPES.get(mixed_precision)
+        for p in model.parameters():
+            if hold is not None and not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(hold)
         self.trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     load_merged = staticmethod(load_merged_into)

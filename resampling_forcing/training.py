@@ -177,7 +177,8 @@ class Trainer:
                 raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}; pass a run folder, a "
                                       "checkpoint folder or a Wan2.1 checkpoint folder") from None
             logger.info("initialised the model from %s", src)
-        self.lora = lora.LoraRun(cfg.train.lora, model, src) if lora.enabled(cfg.train.lora) else None
+        lo = cfg.train.lora
+        self.lora = lora.LoraRun(lo, model, src, acc.mixed_precision) if lora.enabled(lo) else None
         model.train()
         t = cfg.train
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),

@@ -361,3 +361,25 @@ def test_sample_cli_with_lora_records_it(tmp_path, base_run, lora_run):
     source = json.loads(out.with_suffix(".json").read_text())["pipeline"]["source"]
     assert source["lora"]["base_matches"] and source["lora"]["ema"] and source["lora"]["file"].endswith(LORA_WEIGHTS)
     assert source["weights"].endswith("model.safetensors")  # the base's model weights, not its EMA
+
+
+def test_mixed_precision_holds_the_frozen_base_in_bf16(tmp_path, synth, base_run):
+    """Under bf16 mixed precision (CPU autocast here) the frozen base is held in bf16, the adapters (and
+    the optimizer) in fp32; the export merges onto the bf16-rounded base, in fp32."""
+    from accelerate import Accelerator
+
+    cfg = _lora_cfg(tmp_path / "run", synth, base_run, "train.mixed_precision=bf16")
+    acc = Accelerator(cpu=True, mixed_precision="bf16", project_dir=cfg.train.run_dir,
+                      gradient_accumulation_steps=cfg.train.grad_accum, step_scheduler_with_optimizer=False)
+    trainer = Trainer(cfg, accelerator=acc)
+    dtypes = {n: p.dtype for n, p in trainer.inner.named_parameters()}
+    assert {d for n, d in dtypes.items() if lora.is_adapter(n)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not lora.is_adapter(n)} == {torch.bfloat16}
+    assert trainer.fit()["status"] == "completed"
+    assert all(r["loss"] == r["loss"] for r in read_log(tmp_path / "run"))  # finite
+    ckpt = list_checkpoints(tmp_path / "run")[-1][1]
+    merged = read_state_dict(ckpt)
+    base = read_state_dict(list_checkpoints(base_run)[-1][1])
+    untouched = "head.head.weight"
+    assert torch.equal(merged[untouched].float(), base[untouched].to(torch.bfloat16).float())
+    assert merged["blocks.0.self_attn.q.weight"].dtype == torch.float32
