@@ -74,7 +74,8 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
     tokens = MaskSpec("dual", chunks, tokens_per_chunk(cfg, h, w)).seq_len  # [H_1..H_{N-1} | Q_1..Q_N]
     act_bytes = 2 if t.mixed_precision != "no" else 4
     parts = {
-        "weights": model_params(cfg) * 4 // max(world, 1),
+        # fp32, or a LoRA run's frozen base held in the mixed-precision dtype (lora.HOLD_DTYPES)
+        "weights": model_params(cfg) * (2 if t.lora.rank and t.mixed_precision != "no" else 4) // max(world, 1),
         "latents": 4 * b * geo["channels"] * f * h * w * 4,  # clean, noisy, noise, history
         "activations": b * tokens * m.dim * act_bytes * m.num_layers,  # one block input per layer
     }
