@@ -8,8 +8,10 @@ What a checkpoint holds (file names: checkpoint.py):
 - model.safetensors (and ema.safetensors): the MERGED weights under the plain model's names, so sampling,
   evaluation and a next stage's `train.init_from` read a LoRA run exactly as any other run;
 - lora.safetensors: the adapters (and their EMA under "ema."), the training state a resume reads, with
-  the base weights' fingerprint in its metadata: a resume reloads the base from `train.init_from` and
-  refuses another one.
+  the base's source and fingerprint in its metadata: a resume reloads the base from that source (from
+  `train.init_from` when it is gone) and refuses other weights;
+- under DeepSpeed, DeepSpeed's own folder without the frozen base.
+Under bf16/fp16 mixed precision the frozen base is held in that dtype (HOLD_DTYPES).
 
 Shapes: a targeted layer's base weight W [out, in], A [rank, in], B [out, rank].
 """
@@ -73,7 +75,8 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
         hits = [n for n in modules if n and _matches(n, t)]
         other = next((n for n in hits if not isinstance(modules[n], nn.Linear)), None)
         if not hits or other is not None:
-            what = f"also names {other} ({type(modules[other]).__name__})" if other else "names no linear layer of the model"
+            what = (f"also names {other} ({type(modules[other]).__name__})" if other
+                    else "names no linear layer of the model")
             raise ConfigError(f"train.lora.targets: {t!r} {what}; name linear layers only: {linears}")
 
 

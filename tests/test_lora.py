@@ -238,7 +238,7 @@ def test_lora_config_roundtrips_through_the_run_config(tmp_path, synth, base_run
     trainer = Trainer(_lora_cfg(tmp_path / "run", synth, base_run))
     assert dataclasses.asdict(trainer.cfg.train.lora)["rank"] == 4
     assert trainer.ema is not None and all(lora.is_adapter(k) for k in trainer.ema.state_dict())
-    groups = trainer.optimizer.optimizer.param_groups if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.param_groups
+    groups = trainer.optimizer.optimizer.param_groups  # accelerate's wrapper around AdamW
     assert sum(p.numel() for g in groups for p in g["params"]) == trainer.lora.trained
 
 
