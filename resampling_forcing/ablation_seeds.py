@@ -10,7 +10,10 @@ same preset, warmup, arms and evaluation clips with another training seed; anyth
 ``--protocol`` picks the evaluations pooled (ablation_report.PROTOCOLS: dense, or sliding: a window of the
 training clip's history), the same in every folder. ``--reference`` (default tf) is the arm every other
 is compared with, e.g. ``parallel_1step`` for autoregressive vs parallel resampling at one strength;
-``--arms`` restricts the compared arms (and so the Holm family) to a list.
+``--arms`` restricts the compared arms (and so the Holm family) to a list. ``--reference-folders`` reads
+the reference arm from another set of folders, one per seed in the same order (the same seeds, warmup and
+evaluation; the training differs in one setting, e.g. ``--set train.lora.rank=4``): e.g. the LoRA arm
+``ar_1step`` against the full fine-tuning ``ar_1step``.
 For each arm that every folder holds, d[c, k] = the arm's minus the reference's extrapolation mean on
 clip c in seed k. The pooled estimate is the mean of d, and its uncertainty is that of a two-way
 random-effects model d = mu + clip_c + seed_k + e: the clip effects are shared by the seeds (same
@@ -138,21 +141,38 @@ def _report_problem(r) -> str | None:
     return None
 
 
-def _check_replicates(folders: Sequence[Path], reports: list[dict]) -> None:
-    """BadInput unless the folders are replicates of one ablation (another training seed each)."""
-    first = reports[0]
-
+def _differences(first: dict, r: dict, keys: Sequence[str]) -> list[str]:
+    """The report keys (and evaluation settings) in which report `r` differs from `first`."""
     def same(k: str, a, b) -> bool:  # the warmup as a file: a relative and an absolute path to it agree
         return a == b or (k == "warmup" and isinstance(a, str) and isinstance(b, str)
                           and Path(a).resolve() == Path(b).resolve())
 
+    diff = [k for k in keys if not same(k, r.get(k), first.get(k))]
+    diff += [f"eval.{k}" for k in _SAME_EVAL if r["eval"].get(k) != first["eval"].get(k)]
+    seeds_a = first["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
+    seeds_b = r["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
+    if seeds_a is not None and seeds_b is not None and seeds_a != seeds_b:
+        diff.append("the evaluation clips")
+    return diff
+
+
+def _check_reference_folders(folders: Sequence[Path], reports: list[dict], refs: Sequence[Path],
+                             ref_reports: list[dict]) -> None:
+    """BadInput unless `refs` pair with `folders` seed by seed: the same training seed, warmup and
+    evaluation (their training may differ: that is the comparison)."""
+    if len(refs) != len(folders):
+        raise BadInput(f"--reference-folders names {len(refs)} folders for {len(folders)}; one per folder, same order")
+    for f, r, g, q in zip(folders, reports, refs, ref_reports):
+        diff = _differences(r, q, ("train_seed", "warmup", "data_seed", "steps_per_arm"))
+        if diff:
+            raise BadInput(f"{g} differs from {f} in {', '.join(diff)}; pair each folder with one of the same seed, "
+                           "warmup and evaluation")
+
+
+def _check_replicates(folders: Sequence[Path], reports: list[dict]) -> None:
+    """BadInput unless the folders are replicates of one ablation (another training seed each)."""
     for f, r in zip(folders[1:], reports[1:]):
-        diff = [k for k in _SAME if not same(k, r.get(k), first.get(k))]
-        diff += [f"eval.{k}" for k in _SAME_EVAL if r["eval"].get(k) != first["eval"].get(k)]
-        seeds_a = first["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
-        seeds_b = r["eval"].get("clip_sets", {}).get("seeds", {}).get("eval")
-        if seeds_a is not None and seeds_b is not None and seeds_a != seeds_b:
-            diff.append("the evaluation clips")
+        diff = _differences(reports[0], r, _SAME)
         if diff:
             raise BadInput(f"{f} differs from {folders[0]} in {', '.join(diff)}; pool only replicates of one "
                            "ablation (same preset, warmup and evaluation, another --seed)")
@@ -173,28 +193,33 @@ def _protocol_arms(folder, report: dict, protocol: str) -> tuple[dict, list | No
 
 
 def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, protocol: str = "dense",
-         reference: str = "tf", arms: Sequence[str] | None = None) -> dict:
+         reference: str = "tf", arms: Sequence[str] | None = None,
+         reference_folders: Sequence[Path] | None = None) -> dict:
     """{arms: {arm: {metric: {pooled: two_way_mean + p_holm, seeds: [paired per seed]}}}, seeds, folders},
     each arm minus `reference`, of the evaluations under `protocol` (ablation_report.PROTOCOLS). Arms:
     `arms` (every folder must hold them), or else those every folder evaluated but the reference and the
-    warmup."""
+    warmup. `reference_folders`: read the reference from these instead (one per folder, same seeds)."""
     if len(folders) < 1:
         raise BadInput("name at least one ablation folder")
     reports = [_read_report(Path(f)) for f in folders]
     _check_replicates(folders, reports)
+    refs = [Path(f) for f in reference_folders] if reference_folders else None
+    if refs is not None:
+        _check_reference_folders(folders, reports, refs, [_read_report(g) for g in refs])
     entries = [_protocol_arms(f, r, protocol) for f, r in zip(folders, reports)]
     routings = [rt for _, rt in entries]
     if any(rt != routings[0] for rt in routings):
         raise BadInput(f"the folders' {protocol} evaluations used different routings ({routings}); not replicates")
     held = [set(a) for a, _ in entries]
-    lacking = [str(f) for f, h in zip(folders, held) if reference not in h]
+    ref_held = held if refs is None else [set(_protocol_arms(g, _read_report(g), protocol)[0]) for g in refs]
+    lacking = [str(f) for f, h in zip(refs or folders, ref_held) if reference not in h]
     if lacking:
         raise BadInput(f"{', '.join(lacking)}: no {reference} arm (the reference of the paired differences); "
                        "pass --reference with an arm every folder holds")
-    common = set.intersection(*held) - {"warmup", reference}
+    common = set.intersection(*held) - {"warmup"} - ({reference} if refs is None else set())
     if arms is None:
         arms = [a for a in entries[0][0] if a in common]  # the first report's order
-    elif reference in arms:
+    elif reference in arms and refs is None:
         raise BadInput(f"--arms names the reference {reference}; list the arms compared with it")
     elif len(set(arms)) < len(arms):
         raise BadInput(f"--arms {','.join(arms)} names an arm twice")
@@ -204,23 +229,29 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
             raise BadInput(f"--arms: {', '.join(missing) or 'none given'} not in every folder (other than the "
                            f"reference {reference}); choose from {', '.join(sorted(common))}")
     clips = reports[0]["eval"]["clips"]
-    loaded = {}
-    for arm in [reference, *arms]:
-        per = [_arrays(Path(f), arm, clips, protocol, routings[0]) for f in folders]
-        for f, r, (_, key) in zip(folders[1:], reports[1:], per[1:]):
+    def load(arm: str, where: Sequence[Path], where_reports: list[dict]) -> tuple[list[dict], dict]:
+        per = [_arrays(Path(f), arm, clips, protocol, routings[0]) for f in where]
+        for f, r, (_, key) in zip(where[1:], where_reports[1:], per[1:]):
             if key != per[0][1]:
-                raise BadInput(f"{f}: arm {arm!r} was evaluated differently from {folders[0]} ({key} vs {per[0][1]})")
-            if r["arms"][arm].get("overrides") != reports[0]["arms"][arm].get("overrides"):
+                raise BadInput(f"{f}: arm {arm!r} was evaluated differently from {where[0]} ({key} vs {per[0][1]})")
+            if r["arms"][arm].get("overrides") != where_reports[0]["arms"][arm].get("overrides"):
                 raise BadInput(f"{f}: arm {arm!r} was trained with {r['arms'][arm].get('overrides')}, in "
-                               f"{folders[0]} with {reports[0]['arms'][arm].get('overrides')}; not replicates")
-        loaded[arm] = [a for a, _ in per]
+                               f"{where[0]} with {where_reports[0]['arms'][arm].get('overrides')}; not replicates")
+        return [a for a, _ in per], per[0][1]
+
+    ref_arrays, ref_key = load(reference, refs or folders, reports if refs is None else
+                               [_read_report(g) for g in refs])
+    loaded = {}
+    for arm in arms:
+        loaded[arm], key = load(arm, folders, reports)
+        if key != ref_key:
+            raise BadInput(f"arm {arm!r} was evaluated differently from the reference ({key} vs {ref_key})")
     out: dict = {a: {} for a in arms}
     for arm in arms:
         for m in metrics:
             d = np.stack([extrapolation_mean(p[m]) - extrapolation_mean(t[m])
-                          for p, t in zip(loaded[arm], loaded[reference])], axis=1)  # [clips, seeds]
-            out[arm][m] = dict(pooled=two_way_mean(d),
-                               seeds=[paired(p[m], t[m]) for p, t in zip(loaded[arm], loaded[reference])])
+                          for p, t in zip(loaded[arm], ref_arrays)], axis=1)  # [clips, seeds]
+            out[arm][m] = dict(pooled=two_way_mean(d), seeds=[paired(p[m], t[m]) for p, t in zip(loaded[arm], ref_arrays)])
     for m in metrics:
         adjusted = holm({a: out[a][m]["pooled"]["p"] for a in arms})
         for a in arms:
@@ -230,6 +261,7 @@ def pool(folders: Sequence[Path], metrics: Sequence[str] = DEFAULT_METRICS, prot
                 s["p"] = sig(s["p"])
     return dict(folders=[str(f) for f in folders], seeds=[r["train_seed"] for r in reports], clips=clips,
                 protocol=protocol, routing=routings[0], reference=reference, metrics=list(metrics), arms=out,
+                reference_folders=[str(g) for g in refs] if refs is not None else None,
                 pooled="mean over clips and seeds; ci95 and p from a two-way (clip x seed) random-effects model, "
                        "Satterthwaite df; p_holm over the arms, per metric")
 
@@ -243,6 +275,8 @@ def table(result: dict) -> str:
         return f"{s['mean']:+.3f} ± {s['ci95']:.3f}" + ("" if p is None else f" (p_Holm {p:.2g})")
 
     seeds, ref = result["seeds"], result.get("reference", "tf")
+    if result.get("reference_folders"):
+        ref += " of the reference folders"
     rows = []
     for m in result["metrics"]:
         where = "" if result.get("protocol", "dense") == "dense" else f", {result['protocol']} attention"
@@ -263,6 +297,8 @@ def build_parser():
     p.add_argument("--reference", default="tf", help="the arm the others are compared with (default tf)")
     p.add_argument("--arms", default=None, help="comma list of the arms compared with it (default: every arm "
                    "all folders hold); the Holm adjustment runs over these")
+    p.add_argument("--reference-folders", default=None, help="comma list: read the reference arm from these "
+                   "folders, one per folder in the same order (same seeds; another training setting)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     return p
 
@@ -281,7 +317,11 @@ def _run(args) -> int:
     if args.protocol not in PROTOCOLS:
         raise BadInput(f"--protocol {args.protocol!r}: choose from {', '.join(PROTOCOLS)}")
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
-    result = pool([Path(f) for f in args.folders], metrics, args.protocol, args.reference.strip(), arms)
+    refs = None if args.reference_folders is None else [f.strip() for f in args.reference_folders.split(",") if f.strip()]
+    for f in refs or []:
+        if not Path(f).is_dir():
+            raise BadInput(f"--reference-folders: {f} is not a folder")
+    result = pool([Path(f) for f in args.folders], metrics, args.protocol, args.reference.strip(), arms, refs)
     print(table(result))
     if out is not None:
         from .io import atomic_write_json

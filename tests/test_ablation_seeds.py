@@ -206,3 +206,24 @@ def test_the_warmup_is_compared_as_a_file(tmp_path, monkeypatch):
     (b / "report.json").write_text(json.dumps({**report, "warmup": str(tmp_path / "other")}))
     with pytest.raises(Exception, match="differs from .* in warmup"):
         pool([a, b], ["object_fidelity"])
+
+
+def test_reference_from_other_folders_pairs_seed_by_seed(tmp_path, capsys):
+    """--reference-folders: the same arm of another training variant (e.g. LoRA vs full fine-tuning), one
+    folder per seed in the same order; a folder of another seed is refused in one line."""
+    rng = np.random.default_rng(4)
+    full = [{a: rng.uniform(0.3, 0.6, (4, 3)) for a in ("tf", "ar")} for _ in range(2)]
+    lora = [{a: rng.uniform(0.3, 0.6, (4, 3)) for a in ("tf", "ar")} for _ in range(2)]
+    fa = [_folder(tmp_path / "full", s, full[s]) for s in range(2)]
+    la = [_folder(tmp_path / "lora", s, lora[s]) for s in range(2)]
+    r = pool(la, ["object_fidelity"], reference="ar", arms=["ar", "tf"], reference_folders=fa)
+    for arm in ("ar", "tf"):
+        d = np.stack([extrapolation_mean(lora[s][arm]) - extrapolation_mean(full[s]["ar"]) for s in range(2)], 1)
+        assert r["arms"][arm]["object_fidelity"]["pooled"]["mean"] == pytest.approx(d.mean(), abs=1e-5)
+    assert r["reference_folders"] == [str(f) for f in fa]
+    assert main([str(f) for f in la] + ["--metrics", "object_fidelity", "--reference", "ar", "--arms", "ar",
+                                        "--reference-folders", ",".join(map(str, fa))]) == 0
+    assert "ar of the reference folders" in capsys.readouterr().out
+    assert main([str(f) for f in la] + ["--reference", "ar", "--reference-folders", ",".join(map(str, fa[::-1]))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ablation_seeds: error: ") and "differs from" in err and "train_seed" in err and "\n" not in err
