@@ -469,7 +469,8 @@ def run(args) -> int:
 
     report = dict(
         command=" ".join(["python -m resampling_forcing.ablation"] + (args.argv or [])),
-        preset=dataclasses.asdict(preset), config=str(config), warmup=str(warmup), steps_per_arm=steps,
+        preset=dataclasses.asdict(preset), config=str(config), overrides=list(args.overrides), warmup=str(warmup),
+        steps_per_arm=steps,
         train_seed=base.train.seed if args.seed is None else args.seed, data_seed=data_seed,
         eval=dict(clips=len(clips), frames=seg * preset.eval_segments, segment_frames=seg,
                   given_chunks=preset.given_chunks, sampler=dict(steps=base.diffusion.sample_steps,

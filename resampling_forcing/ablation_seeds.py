@@ -42,7 +42,8 @@ from .cli import BadInput, OneLineParser, check_output_file, run_cli
 __all__ = ["pool", "two_way_mean", "main"]
 
 DEFAULT_METRICS = ("object_fidelity", "motion_score", "collapse")
-_SAME = ("steps_per_arm", "warmup", "config", "data_seed")  # report keys every replicate shares
+# report keys every replicate shares ("overrides": the --set list, absent before it was recorded = none)
+_SAME = ("steps_per_arm", "warmup", "config", "data_seed", "overrides")
 _SAME_EVAL = ("clips", "frames", "segment_frames", "given_chunks", "sampler", "seed")  # report["eval"] keys
 
 
@@ -144,6 +145,8 @@ def _report_problem(r) -> str | None:
 def _differences(first: dict, r: dict, keys: Sequence[str]) -> list[str]:
     """The report keys (and evaluation settings) in which report `r` differs from `first`."""
     def same(k: str, a, b) -> bool:  # the warmup as a file: a relative and an absolute path to it agree
+        if k == "overrides":
+            a, b = a or [], b or []
         return a == b or (k == "warmup" and isinstance(a, str) and isinstance(b, str)
                           and Path(a).resolve() == Path(b).resolve())
 

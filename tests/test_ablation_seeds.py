@@ -227,3 +227,17 @@ def test_reference_from_other_folders_pairs_seed_by_seed(tmp_path, capsys):
     assert main([str(f) for f in la] + ["--reference", "ar", "--reference-folders", ",".join(map(str, fa[::-1]))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ablation_seeds: error: ") and "differs from" in err and "train_seed" in err and "\n" not in err
+
+
+def test_folders_trained_with_other_overrides_are_not_replicates(tmp_path, capsys):
+    """An ablation run with --set train.lora.rank=4 is another experiment, not a seed replicate of one
+    without it (a report written before the list was recorded counts as none)."""
+    rng = np.random.default_rng(5)
+    a, b = (_folder(tmp_path, s, {a: rng.uniform(0.3, 0.6, (4, 3)) for a in ("tf", "ar")}) for s in range(2))
+    report = json.loads((b / "report.json").read_text())
+    (b / "report.json").write_text(json.dumps({**report, "overrides": []}))
+    assert pool([a, b], ["object_fidelity"])["seeds"] == [0, 1]  # none recorded == an empty list
+    (b / "report.json").write_text(json.dumps({**report, "overrides": ["train.lora.rank=4"]}))
+    assert main([str(a), str(b), "--metrics", "object_fidelity"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from" in err and "overrides" in err
