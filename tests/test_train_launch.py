@@ -1,6 +1,6 @@
 """`accelerate launch train/train.py` end to end on CPU: single process, 2-process DDP (gloo),
-DeepSpeed ZeRO-2 (gloo), LoRA under ZeRO-2 and ZeRO-3, a 2-machine launch on the loopback address, and
-kill -9 + resume.
+DeepSpeed ZeRO-2 (gloo), LoRA under ZeRO-2 and ZeRO-3 (export, exact resume), a 2-machine launch on the
+loopback address, and kill -9 + resume.
 
 Each launch trains the small config of train_helpers on a fixed batch; the loss must go down and
 every process must end with the same weights. Marked slow (they still run in `make test`).
@@ -199,21 +199,32 @@ def _changed_layers(exported, start) -> set:
     return {k for k in start if not torch.equal(exported[k], start[k])}
 
 
-def test_deepspeed_zero3_lora_gathers_and_merges(tmp_path, synth):
+def test_deepspeed_zero3_lora_gathers_merges_and_resumes_exactly(tmp_path, synth):
     """Under ZeRO-3 the module's weights are partitioned placeholders: the export gathers the base and
-    merges the adapters' fp32 master into exactly the targeted weights."""
+    merges the adapters' fp32 master into exactly the targeted weights; a resume from the middle
+    checkpoint (its DeepSpeed folder without the frozen base) ends bit-identical."""
+    import shutil
+
     from safetensors.torch import load_file
 
     base = _random_base(tmp_path / "base", synth)
-    run_dir = tmp_path / "run"
+    args = [f"train.init_from={base}", "train.lora.rank=4", "train.save_every=1"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
     run(launch_cmd("deepspeed_zero3.yaml", "--main_process_port", str(free_port()))
-        + small_overrides(run_dir, synth, steps_tf=1, steps_rf=1)
-        + [f"train.init_from={base}", "train.lora.rank=4", "train.save_every=2"], timeout=600)
-    ckpt = list_checkpoints(run_dir)[-1][1]
+        + small_overrides(ref, synth, steps_tf=1, steps_rf=1) + args, timeout=600)
+    ckpt = list_checkpoints(ref)[-1][1]
     exported, start = load_file(str(ckpt / "model.safetensors")), load_file(str(base / "model.safetensors"))
     assert exported.keys() == start.keys() and _changed_layers(exported, start) == _LORA_DEFAULT_CHANGES
     adapters = load_file(str(ckpt / "lora.safetensors"))
     assert len(adapters) == 2 * len(_LORA_DEFAULT_CHANGES) and all(v.dtype == torch.float32 for v in adapters.values())
+    shutil.copytree(ref, cut)
+    shutil.rmtree(cut / "checkpoints" / ckpt.name)
+    run(launch_cmd("deepspeed_zero3.yaml", "--main_process_port", str(free_port()))
+        + small_overrides(cut, synth, steps_tf=1, steps_rf=1) + args, timeout=600)
+    assert [r["loss"] for r in read_log(cut)] == [r["loss"] for r in read_log(ref)]
+    for name in ("lora.safetensors", "model.safetensors"):
+        a, b = load_file(str(ckpt / name)), load_file(str(cut / "checkpoints" / ckpt.name / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_multinode_two_machines_on_loopback(tmp_path, synth):
