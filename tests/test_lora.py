@@ -196,15 +196,20 @@ def test_lora_run_writes_merged_weights_and_resumes_exactly(tmp_path, synth, bas
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_resume_refuses_another_base_or_rank(tmp_path, synth, monkeypatch):
-    base = tmp_path / "base"
-    train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=1, steps_rf=0)))
+def _stopped_lora_run(tmp_path, synth, monkeypatch, **base_overrides):
+    """A one-step base run of its own (tmp_path/base) and a LoRA run on it stopped after step 1."""
+    base, run = tmp_path / "base", tmp_path / "run"
+    train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=1, steps_rf=0, **base_overrides)))
     _reset_accelerate()
-    run = tmp_path / "run"
     sigterm_after_step(monkeypatch, 1)
     train(_lora_cfg(run, synth, base))
     monkeypatch.undo()
     _reset_accelerate()
+    return base, run
+
+
+def test_resume_refuses_another_base_or_rank(tmp_path, synth, monkeypatch):
+    base, run = _stopped_lora_run(tmp_path, synth, monkeypatch)
     with pytest.raises(ConfigError, match="train.lora.rank is 2 but the checkpoint"):
         Trainer(_lora_cfg(run, synth, base, rank=2))
     other = tmp_path / "other_base"
@@ -336,14 +341,7 @@ def test_the_resampling_rollout_runs_without_adapter_dropout():
 def test_resume_reads_the_base_it_was_trained_on_after_the_base_run_moved_on(tmp_path, synth, monkeypatch):
     """train.init_from naming a run: the base run writes a newer checkpoint while the LoRA run is stopped;
     the resume reads the recorded checkpoint, not the run's newest."""
-    base = tmp_path / "base"
-    train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=1, steps_rf=0, **{"train.save_every": 1})))
-    _reset_accelerate()
-    run = tmp_path / "run"
-    sigterm_after_step(monkeypatch, 1)
-    train(_lora_cfg(run, synth, base))
-    monkeypatch.undo()
-    _reset_accelerate()
+    base, run = _stopped_lora_run(tmp_path, synth, monkeypatch, **{"train.save_every": 1})
     train(load_config(TINY_YAML, small_overrides(base, synth, steps_tf=2, steps_rf=0, **{"train.save_every": 1})))
     _reset_accelerate()
     assert len(list_checkpoints(base)) == 2
