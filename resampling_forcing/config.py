@@ -398,9 +398,11 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
     if len(g.betas) != 2:
         raise ConfigError(f"train.betas={g.betas}: need two numbers [beta1, beta2] in [0, 1)")
     lo = g.lora
-    if lo.rank < 0 or not lo.targets or len(set(lo.targets)) != len(lo.targets):
-        raise ConfigError(f"train.lora: rank={lo.rank} (>= 0, 0 = train every weight) and targets={lo.targets} "
-                          "(distinct linear-layer names, e.g. self_attn.q or ffn.0) are wrong")
+    if lo.rank < 0:
+        raise ConfigError(f"train.lora.rank={lo.rank}: must be >= 0 (0 = train every weight)")
+    if not lo.targets or len(set(lo.targets)) != len(lo.targets):
+        raise ConfigError(f"train.lora.targets={lo.targets}: need distinct linear-layer names, "
+                          "e.g. [self_attn.q, ffn.0]")
     if training and lo.rank and not g.init_from:
         raise ConfigError(f"train.lora.rank={lo.rank} adapts the weights of train.init_from, which is not set; "
                           "set it to a Wan2.1 folder or a run, or train.lora.rank=0 to train every weight")

@@ -138,8 +138,9 @@ def test_config_rules(tmp_path):
     validate(cfg)  # sampling a LoRA run's config needs no base
     with pytest.raises(ConfigError, match="train.lora.rank=4 adapts the weights of train.init_from"):
         validate(cfg, training=True)
-    for bad, match in (("train.lora.rank=-1", "rank=-1"), ("train.lora.targets=[]", "targets"),
-                       ("train.lora.targets=[q, q]", "targets"), ("train.lora.dropout=1.0", "train.lora.dropout"),
+    for bad, match in (("train.lora.rank=-1", "train.lora.rank=-1: must be >= 0"),
+                       ("train.lora.targets=[]", "need distinct"), ("train.lora.targets=[q, q]", "need distinct"),
+                       ("train.lora.dropout=1.0", "train.lora.dropout"),
                        ("train.lora.alpha=0", "train.lora.alpha"), ("train.lora.rnk=2", "rnk")):
         with pytest.raises(ConfigError, match=match):
             load_config(TINY_YAML, [bad])
