@@ -248,9 +248,10 @@ class LoraRun:
         self.base = {"source": source, "fingerprint": fingerprint(model.state_dict())}
         add_adapters(model, cfg)
         hold = HOLD_DTYPES.get(mixed_precision)
-        for p in model.parameters():
-            if hold is not None and not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(hold)
+        if hold is not None:
+            for p in model.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(hold)
         self.trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     load_merged = staticmethod(load_merged_into)
@@ -323,4 +324,4 @@ def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool =
             raise CheckpointError(f"{file}: the adapters of {layer} make a {shape} update for a "
                                   f"{list(out[weight].shape)} weight; they were trained for other model sizes")
         out[weight] = merge_weight(out[weight], use[key], b, s)
-    return out, {"file": str(file), "ema": use is ema and bool(ema), "base_matches": matches}
+    return out, {"file": str(file), "ema": use_ema and bool(ema), "base_matches": matches}

@@ -42,8 +42,9 @@ sets r = min(1, (steps into the stage + 1) / ramp_steps), see ``training_utils.r
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -291,9 +292,10 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     if settings.context_t > 0:  # drawn only then: the default (0) keeps every stream as before
         ctx_eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         common["context_eps"] = ctx_eps
-    fn = _at_inference(autoregressive_resample if obj == "resampling" else parallel_resample)
+    fn = autoregressive_resample if obj == "resampling" else parallel_resample
     if settings.ramp != "probability" or r >= 1.0:
-        hist = fn(model, x, t_s, context=context, eps=eps, null_context=null_context, **common)
+        with eval_mode(model):
+            hist = fn(model, x, t_s, context=context, eps=eps, null_context=null_context, **common)
         return hist.detach(), t_s
     # probability ramp: degrade only the selected videos (a sub-batch), the others keep the ground truth
     t_s = t_s.to(x.device)
@@ -304,25 +306,25 @@ def degrade_history(model, x: torch.Tensor, context: torch.Tensor, settings: Deg
     if run.numel():
         if ctx_eps is not None:
             common["context_eps"] = ctx_eps[run]
-        sub = fn(model, x[run], t_s[run], context=context[run], eps=eps[run],
-                 null_context=None if null_context is None else null_context[run], **common)
+        with eval_mode(model):
+            sub = fn(model, x[run], t_s[run], context=context[run], eps=eps[run],
+                     null_context=None if null_context is None else null_context[run], **common)
         if idx.numel():
             hist[idx] = sub
     return hist.detach(), torch.where(sel, t_s, torch.zeros_like(t_s))
 
 
-def _at_inference(fn):
-    """`fn(model, ...)` with the model in eval mode, as inference runs it: a history is what the model
-    would generate (no LoRA dropout, which would also draw from the global RNG), whatever mode training
-    left it in."""
-    def run(model, *args, **kwargs):
-        was = model.training
-        model.eval()
-        try:
-            return fn(model, *args, **kwargs)
-        finally:
-            model.train(was)
-    return run
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode, as inference runs it, then back in the mode it was in: a resampled history
+    is what the model would generate (no LoRA dropout, which would also draw from the global RNG); the
+    trainer's probes (training.py, training_gap.py) run under it too."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def _ramp_mask(batch: int, r: float, generator, device) -> torch.Tensor:

@@ -49,7 +49,7 @@ from .diffusion import add_noise, sample_logit_normal, velocity_loss, velocity_t
 from .io import atomic_write_text
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .models.wan import CausalWanModel
-from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
+from .resampling import RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history, eval_mode
 from .signals import GracefulStop
 from .training_data import DataCursor
 from .training_gap import GapMonitor
@@ -448,13 +448,8 @@ class Trainer:
         dtype = next(self.inner.parameters()).dtype
         t, eps, noisy = self._noised(x, gen)
         attn = MaskedAttention(MaskSpec("dual", self.num_chunks, self.chunk_tokens), self.backend)
-        was_training = self.inner.training
-        self.inner.eval()
-        try:
-            with self.acc.autocast():
-                v = self.inner.forward_dual(x.to(dtype), noisy.to(dtype), t, text.to(dtype), attn)
-        finally:
-            self.inner.train(was_training)
+        with eval_mode(self.inner), self.acc.autocast():
+            v = self.inner.forward_dual(x.to(dtype), noisy.to(dtype), t, text.to(dtype), attn)
         return velocity_loss(v, velocity_target(x, eps), self.cfg.model.chunk_frames)[0].float()
 
     def _optimizer_step(self) -> Optional[float]:

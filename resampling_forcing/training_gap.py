@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import Config, ConfigError, StageConfig
-from .resampling import DegradeSettings
+from .resampling import DegradeSettings, eval_mode
 
 logger = logging.getLogger("resampling_forcing.train")
 
@@ -78,9 +78,7 @@ class GapMonitor:
         opts = SamplingOptions.from_config(cfg, self.device, steps=cfg.train.gap_sample_steps, backend=self.backend,
                                            record_selection=False)
         t0 = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             nulls = null.expand_as(text)
             rep = exposure_gap(model, x, text, settings(stage, ramp), opts, seed=cfg.train.seed,
                                null_context=nulls, neg_context=neg)
@@ -92,8 +90,6 @@ class GapMonitor:
                 d = sum(float(err[i]) for i in rep.chunks) / len(rep.chunks)
                 out.update(gap_next_stage=nxt.name, gap_next_degradation=d,
                            gap_next_ratio=d / rep.rollout_mean if rep.rollout_mean > 0 else float("nan"))
-        finally:
-            model.train(was_training)
         out = {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}  # NaN -> null
         out["gap_time"] = time.perf_counter() - t0
         return out
