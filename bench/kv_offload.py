@@ -5,15 +5,17 @@ vs `kv_resident_chunks=R` (cache.TieredKVCache), with a bit-for-bit check of the
     python bench/kv_offload.py --checkpoint assets/tiny-pretrained --chunks 4,8,16,32 --resident 2 \\
         [--top-k 2 | --window 2 --sink 1] [--device cuda] --out outputs/bench/kv_offload.json
 
-Also prints the arithmetic for the Wan2.1-1.3B shape at 480p (30 layers, 1536 dim, 4680 tokens per
-3-latent-frame chunk, bf16, CFG): K/V bytes on the device per chunk of history, all-resident vs bounded
-(dense: the staging buffer holds one layer's whole history; with routing also the routed case at its
-floor: sink + window (+ k) staged chunks, exact for window routing, coherent selections for top-k).
+Also prints the library's estimate for the Wan2.1-1.3B shape at 480p (30 layers, 1536 dim, 4680 tokens per
+3-latent-frame chunk, bf16, CFG): K/V bytes on the device and on the host for one minute, all-resident vs
+bounded (dense: the staging buffer holds one layer's whole history; with routing also the routed case at
+its floor: sink + window (+ k) staged chunks, exact for window routing, which also drops the chunks it
+never reads; coherent selections for top-k).
 Per length: device / total MiB, seconds, the bounded run's chunk copies from the host tier and the most
 history chunks it staged at once, and whether the latents are bit-identical.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,8 +25,11 @@ import torch  # noqa: E402
 
 from bench.common import (OneLineParser, BadInput, check_checkpoint, check_device, check_out, device_name,  # noqa: E402
                           int_list, nonneg_int, positive_int, run_main)
+from resampling_forcing.attention.spec import window_reads  # noqa: E402
 from resampling_forcing.cache import KVCache  # noqa: E402
+from resampling_forcing.config import Config  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
+from resampling_forcing.memory import sample_memory  # noqa: E402
 from resampling_forcing.pipeline import Pipeline  # noqa: E402
 from resampling_forcing.timing import Stopwatch  # noqa: E402
 
@@ -38,17 +43,22 @@ def _spy(cls, *a, **kw):
     return _MADE[-1]
 
 
-def wan_arithmetic(minutes: float = 1.0, resident: int = 4, fps: float = 16.0, staged: int | None = None) -> dict:
-    """`staged`: history chunks the staging buffer holds (one layer): None = all (dense attention)."""
-    layers, dim, tokens, bytes_, branches = 30, 1536, 4680, 2, 2
-    chunk = layers * 2 * tokens * dim * bytes_ * branches  # K and V of every layer, both CFG halves
-    latent_frames = 1 + int(minutes * 60 * fps - 1) // 4
-    n = latent_frames // 3
-    staged = n if staged is None else min(n, staged)
-    return dict(chunks=n, chunk_gib=chunk / 2**30, all_resident_gib=n * chunk / 2**30,
-                bounded_device_gib=((resident + 1) * chunk + (staged + 1) * chunk / layers) / 2**30,
-                bounded_host_gib=max(0, n - resident) * chunk / 2**30, resident_chunks=resident,
-                staged_chunks=staged)
+def wan_arithmetic(minutes: float = 1.0, resident: int = 4, staged: int | None = None,
+                   keep: tuple[int, int] | None = None) -> dict:
+    """The library's estimate (memory.sample_memory) of the K/V bytes of a Wan2.1-1.3B rollout at 480x832,
+    16 fps, bf16, CFG: all resident vs `resident` chunks on the device. `staged`: history chunks the staging
+    buffer holds (one layer): None = all (dense attention). `keep`: (sink, window) of window routing."""
+    cfg = Config()  # the 1.3B sizes (30 layers, dim 1536, 3-latent-frame chunks)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, height=480, width=832, fps=16.0))
+    latent_frames = 1 + int(minutes * 60 * cfg.data.fps - 1) // 4
+    n = latent_frames // cfg.model.chunk_frames
+    est = lambda **kw: sample_memory(cfg, n, 1, 2, cfg_scale=5.0, **kw)["parts"]  # noqa: E731
+    full, bounded = est(), est(kv_resident_chunks=resident, kv_staged_chunks=staged, kv_keep=keep)
+    chunk = full["kv cache"] / n
+    return dict(chunks=n, chunk_gib=chunk / 2**30, all_resident_gib=full["kv cache"] / 2**30,
+                bounded_device_gib=bounded["kv cache"] / 2**30,
+                bounded_host_gib=bounded["kv cache (host tier)"] / 2**30, resident_chunks=resident,
+                staged_chunks=n if staged is None else min(n, staged), keep=keep)
 
 
 def _main(argv=None) -> int:
@@ -103,7 +113,8 @@ def _main(argv=None) -> int:
     print("wan2.1-1.3b 480p, 1 min, dense:", {k: round(v, 1) if isinstance(v, float) else v for k, v in wan.items()})
     if spec is not None and not spec.is_dense:
         floor = spec.max_selected()
-        wan_routed = wan_arithmetic(resident=max(args.resident, 1), staged=floor)
+        wan_routed = wan_arithmetic(resident=max(args.resident, 1), staged=floor,
+                                    keep=window_reads(spec, None, Config().model.num_layers))
         wan = dict(dense=wan, routed=wan_routed, routing=str(spec))
         print(f"wan2.1-1.3b 480p, 1 min, {spec.mode} ({floor} staged chunks, its floor):",
               {k: round(v, 1) if isinstance(v, float) else v for k, v in wan_routed.items()})

@@ -28,6 +28,12 @@ bit-identical (tests/test_kv_offload.py) when a chunk's K/V bytes are a multiple
 shape (torch's fused CPU kernel rounds by the data's 64-byte alignment: packed odd-sized chunks agree to
 fp32 rounding only); on CUDA the torch routed path's row sums use atomic adds, repeatable only under
 torch.use_deterministic_algorithms(True).
+Window routing on every layer reads only the first `sink` and the last `window` finished chunks, ever
+(`window_reads`): its tiered cache (`keep=(sink, window)`) drops a chunk that leaves the ring outside both
+instead of offloading it, and keeps the sink chunks on the compute device (no host transfer per call);
+only window chunks beyond a ring shorter than the window go to the host. Both tiers are then flat in the
+rollout length: an unbounded rollout at fixed memory. A dropped chunk's slot is rewritten by a recache
+(which rewrites every chunk in order, reading what the window read the first time).
 Optionally the host tier stores K/V in a smaller dtype (`host_dtype`, e.g. bf16 under an fp32 model:
 half the host memory, no longer exact). Device memory: R + 1 chunks of every layer + the mean keys
 (one key per chunk and layer: the part that still grows, 1/T of the history) + the staging buffer,
@@ -71,16 +77,18 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch: int, latent_hw: tuple[int, int], device, dtype, capacity: int = 8,
-                  resident_chunks: int | None = None, host_device="cpu", host_dtype=None):
+                  resident_chunks: int | None = None, host_device="cpu", host_dtype=None,
+                  keep: tuple[int, int] | None = None):
         """The cache of `model` for chunks of `latent_hw`; `resident_chunks` = R bounds what stays on
-        `device` (TieredKVCache, the rest on `host_device`, in `host_dtype`: None = `dtype`); None
-        keeps everything resident."""
+        `device` (TieredKVCache, the rest on `host_device`, in `host_dtype`: None = `dtype`; `keep`:
+        see TieredKVCache); None keeps everything resident."""
         cfg = model.cfg
         args = (cfg.num_layers, batch, cfg.num_heads, cfg.dim // cfg.num_heads, model.chunk_tokens(*latent_hw),
                 device, dtype, capacity)
         if resident_chunks is None:
             return cls(*args)
-        return TieredKVCache(*args, resident_chunks=resident_chunks, host_device=host_device, host_dtype=host_dtype)
+        return TieredKVCache(*args, resident_chunks=resident_chunks, host_device=host_device, host_dtype=host_dtype,
+                             keep=keep)
 
     def _grow(self, capacity: int) -> None:
         """Reallocate to hold `capacity` chunks plus the scratch slot (host-side decision)."""
@@ -156,14 +164,22 @@ class TieredKVCache(KVCache):
     chunk n at slot j % (R+1)); `hk/hv[layer][j]` [B, Hh, T, D] on `host_device` for j < n - R;
     `mean_k[layer]` as in KVCache; one staging pair [B, Hh, S*T, D] on the device, S >= the staged
     chunks + 1 (grown on demand). `history(layer, chunks)` packs `chunks`: [B, Hh, len(chunks)*T, D].
-    `last_staged`: the chunks the latest staging held; `host_reads`: chunk copies from the host tier."""
+    `keep` = (sink, window): only the first `sink` and the last `window` finished chunks are ever read
+    (`window_reads`): the second tier holds the sink chunks on the DEVICE and window chunks that left
+    the ring on the host; other chunks are dropped (their `hk/hv` entries None).
+    `last_staged`: the chunks the latest staging held; `host_reads`: chunk copies from the second tier."""
 
     packs = True
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, chunk_tokens: int,
-                 device, dtype, capacity: int = 8, *, resident_chunks: int, host_device="cpu", host_dtype=None):
+                 device, dtype, capacity: int = 8, *, resident_chunks: int, host_device="cpu", host_dtype=None,
+                 keep: tuple[int, int] | None = None):
         if isinstance(resident_chunks, bool) or not isinstance(resident_chunks, int) or resident_chunks < 1:
             raise ValueError(f"resident_chunks={resident_chunks!r}: need an int >= 1 (None = all resident)")
+        if keep is not None and (len(keep) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
+                                                       for x in keep)):
+            raise ValueError(f"keep={keep!r}: need (sink, window), two ints >= 0 (None = keep every chunk)")
+        self.keep = None if keep is None else (int(keep[0]), int(keep[1]))
         self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
         self.chunk_tokens = chunk_tokens
         self.device, self.dtype = torch.device(device), dtype
@@ -181,8 +197,8 @@ class TieredKVCache(KVCache):
         ring = (batch, heads, (resident_chunks + 1) * chunk_tokens, head_dim)
         self.rk = [torch.zeros(ring, device=self.device, dtype=dtype) for _ in range(num_layers)]
         self.rv = [torch.zeros(ring, device=self.device, dtype=dtype) for _ in range(num_layers)]
-        self.hk: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.hv: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.hk: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
+        self.hv: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.capacity = 0
         self.mean_k: list[torch.Tensor] = []
         self.stage_k = self.stage_v = None
@@ -250,8 +266,11 @@ class TieredKVCache(KVCache):
         for a, b in index_runs(list(need)):
             j = a
             while j < b:
-                if j < off:  # host tier, one chunk each
+                if j < off:  # second tier, one chunk each
                     e = j + 1
+                    if self.hk[layer][j] is None:  # a host-side guard of the keep rule (no sync)
+                        raise RuntimeError(f"history chunk {j} was dropped (keep={self.keep}) but is read at "
+                                           f"{n} chunks: the routing reads beyond its sink + window")
                     self.stage_k[:, :, p * T:(p + 1) * T].copy_(self.hk[layer][j], non_blocking=True)
                     self.stage_v[:, :, p * T:(p + 1) * T].copy_(self.hv[layer][j], non_blocking=True)
                     self.host_reads += 1
@@ -286,28 +305,53 @@ class TieredKVCache(KVCache):
         self.stage_v[:, :, start:end] = v
         return self.stage_k[:, :, :end], self.stage_v[:, :, :end]
 
+    def _sink(self) -> int:
+        """Chunks 0 .. _sink()-1 of the second tier are kept sink chunks, held on the compute device."""
+        return 0 if self.keep is None else self.keep[0]
+
+    def _kept(self, j: int) -> bool:
+        """Whether chunk j, leaving the ring at `_n` chunks, is read again (else it is dropped)."""
+        return self.keep is None or j < self.keep[0] or j >= self._n - self.keep[1]
+
     def commit(self) -> None:
         self._n += 1
         self._staged = None
         j = self._n - self.resident - 1  # the chunk that just left the resident window
         if j >= 0:
-            sl = self._slot(j)
+            sl, kept, on_host = self._slot(j), self._kept(j), j >= self._sink()
             for layer in range(self.num_layers):
                 for ring, tier in ((self.rk[layer], self.hk[layer]), (self.rv[layer], self.hv[layer])):
-                    if j == len(tier):
-                        tier.append(torch.empty((self.batch, self.heads, self.chunk_tokens, self.head_dim),
-                                                dtype=self.host_dtype, device=self.host_device, pin_memory=self.pin))
+                    while len(tier) <= j:
+                        tier.append(None)
+                    if not kept:
+                        tier[j] = None
+                        continue
+                    if tier[j] is None:
+                        tier[j] = torch.empty((self.batch, self.heads, self.chunk_tokens, self.head_dim),
+                                              dtype=self.host_dtype if on_host else self.dtype,
+                                              device=self.host_device if on_host else self.device,
+                                              pin_memory=self.pin and on_host)
                     tier[j].copy_(ring[:, :, sl], non_blocking=True)
+        if self.keep is not None:  # a window chunk that left the ring earlier has now left the window too
+            d = self._n - self.keep[1] - 1
+            if self.keep[0] <= d < j:
+                for tier in self.hk + self.hv:
+                    tier[d] = None
         self.reserve(0)
 
+    def _tier_bytes(self, sink: bool) -> int:
+        s = self._sink()
+        return sum(t.numel() * t.element_size() for tier in self.hk + self.hv for j, t in enumerate(tier)
+                   if t is not None and (j < s) == sink)
+
     def memory_bytes(self) -> int:
-        """Bytes of the first tier (the compute device): ring, mean keys, staging."""
+        """Bytes on the compute device: ring, mean keys, staging, kept sink chunks."""
         ts = self.rk + self.rv + self.mean_k + [t for t in (self.stage_k, self.stage_v) if t is not None]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in ts) + self._tier_bytes(True)
 
     def host_bytes(self) -> int:
-        """Bytes of the second tier (host memory)."""
-        return sum(t.numel() * t.element_size() for tier in self.hk + self.hv for t in tier)
+        """Bytes of the second tier in host memory."""
+        return self._tier_bytes(False)
 
     def total_bytes(self) -> int:
         return self.memory_bytes() + self.host_bytes()

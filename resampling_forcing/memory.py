@@ -88,7 +88,7 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
 def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
                   history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None,
                   kv_host_bytes: int | None = None, kv_staged_chunks: int | None = None,
-                  far_positions: bool = False) -> dict:
+                  far_positions: bool = False, kv_keep: tuple[int, int] | None = None) -> dict:
     """Lower bound of one rollout of `batch` videos: KV cache of every chunk (twice with CFG: the
     conditional and unconditional caches are the two halves of the cache's batch), latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
@@ -98,7 +98,10 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     `kv_staged_chunks`: the history chunks staged at once: None = all (dense attention); routed modes
     stage fewer: window sink + window, top-k the union of the selections, at least
     `RoutingSpec.max_selected()` (flat in the rollout length while selections are coherent).
-    `far_positions` (a rope_horizon): each call reads a rotated copy of one layer's read keys."""
+    `far_positions` (a rope_horizon): each call reads a rotated copy of one layer's read keys.
+    `kv_keep` = (sink, window) with R (window routing on every block, attention.spec.window_reads): the
+    sink chunks stay on the device, only window chunks beyond the ring go to the host, the rest is
+    dropped: the cache is flat in the rollout length."""
     d, m = cfg.data, cfg.model
     geo = codec_geometry(cfg)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
@@ -107,8 +110,11 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     frames = pixel_frames(geo, n * m.chunk_frames)
     staged = n if kv_staged_chunks is None else min(n, kv_staged_chunks)
     branches = 2 if cfg_scale != 1.0 else 1  # CFG: the cache (and what is read from it) holds both
+    off = 0 if kv_resident_chunks is None else max(0, n - kv_resident_chunks)  # chunks past the ring
+    sink_kept = 0 if kv_keep is None else min(off, kv_keep[0])
+    host_chunks = off if kv_keep is None else max(0, off - max(kv_keep[0], n - kv_keep[1]))
     kv_chunks = (m.num_layers * n if kv_resident_chunks is None  # chunks of K and V on the device
-                 else m.num_layers * min(n, kv_resident_chunks + 1) + staged + 1)  # ring + one layer's staging
+                 else m.num_layers * (min(n, kv_resident_chunks + 1) + sink_kept) + staged + 1)  # ring + one layer's staging
     parts = {
         "weights": model_params(cfg) * dtype_bytes,
         "kv cache": 2 * kv_chunks * t * m.dim * dtype_bytes * batch * branches,
@@ -119,7 +125,7 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
         parts["far-position keys"] = staged * t * m.dim * dtype_bytes * batch * branches
     host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
     if kv_resident_chunks is not None:
-        host["kv cache (host tier)"] = (m.num_layers * 2 * max(0, n - kv_resident_chunks) * t * m.dim * batch
+        host["kv cache (host tier)"] = (m.num_layers * 2 * host_chunks * t * m.dim * batch
                                         * branches * (dtype_bytes if kv_host_bytes is None else kv_host_bytes))
     return _total(parts, host)
 
@@ -193,13 +199,15 @@ def rollout_need(cfg: Config, opts, num_chunks: int, batch: int, dtype_bytes: in
     """sample_memory for a rollout with SamplingOptions `opts` (the CLI's and the Pipeline's one estimate):
     a bounded cache stages at least the chunks a routed query may attend (top-k: the union of its picks,
     at least RoutingSpec.max_selected()); dense attention, or any layer left dense, the whole history."""
+    from .attention.spec import window_reads
     from .dtypes import DTYPE_BYTES
 
     routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
     return sample_memory(cfg, num_chunks, batch, dtype_bytes, history_chunks, opts.cfg_scale, opts.kv_resident_chunks,
                          DTYPE_BYTES.get(opts.kv_host_dtype),
                          kv_staged_chunks=opts.routing.max_selected() if routed else None,
-                         far_positions=opts.rope_horizon is not None)
+                         far_positions=opts.rope_horizon is not None,
+                         kv_keep=window_reads(opts.routing, opts.routing_layers, cfg.model.num_layers))
 
 
 def check_fits(need: dict, device, what: str, fix: str) -> Optional[str]:

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from .attention.positions import FarPositions
+from .attention.spec import window_reads
 from .cache import CachedAttention, KVCache, SelectionRecorder
 from .diffusion import add_noise, euler_schedule
 from .options import KV_HOST_DTYPES, SamplingOptions
@@ -166,7 +167,8 @@ class Rollout:
         self.cache = KVCache.for_model(model, ctx.shape[0], self.latent_hw, self.device, self.dtype,
                                        capacity=max(1, int(capacity)),
                                        resident_chunks=self.options.kv_resident_chunks,
-                                       host_dtype=KV_HOST_DTYPES.get(self.options.kv_host_dtype))
+                                       host_dtype=KV_HOST_DTYPES.get(self.options.kv_host_dtype),
+                                       keep=window_reads(self.options.routing, layers, cfg.num_layers))
         with torch.no_grad():
             self.cache.text_kv = model.text_kv(ctx.to(self.device))
         # t grid as host floats: no device reads while sampling.

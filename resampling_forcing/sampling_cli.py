@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "history under the new text (LongLive's KV re-cache)")
     p.add_argument("--kv-resident-chunks", type=int, default=None, metavar="N",
                    help="bounded memory: keep at most N finished chunks' K/V on the device, older ones in host "
-                   "memory (pinned on CUDA); same output bit for bit (default: all on the device)")
+                   "memory (pinned on CUDA); with --window, chunks outside sink + window are dropped (flat "
+                   "memory however long); same output bit for bit (default: all on the device)")
     p.add_argument("--kv-host-dtype", choices=DTYPE_NAMES, default=None,
                    help="with --kv-resident-chunks: dtype of the host tier (smaller than --dtype halves its memory "
                    "but is no longer exact; default: the model's)")
@@ -411,6 +412,8 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     fix = "lower --num-chunks / --batch" + (" / --max-history-chunks (counted in full here)" if args.init_video else "")
+    if opts.kv_resident_chunks is None:
+        fix += ", bound the KV cache (--kv-resident-chunks N)"
     msg = check_fits(need, device, what, f"{fix} or the resolution (--set data.height=...)")
     if msg:
         raise BadInput(msg)

@@ -44,7 +44,10 @@ def test_tiered_cache_is_bit_identical(case, resident):
                  history=hist, **kw)
     assert torch.equal(want.latents, got.latents)
     t = got.timings
-    assert t["kv_resident_chunks"] == resident and t["kv_cache_total_mib"] > t["kv_cache_mib"]
+    assert t["kv_resident_chunks"] == resident
+    # window routing keeps only its window chunks beyond the ring on the host (none when R >= window)
+    window = opts.routing.window_chunks if case == "window" else None
+    assert (t["kv_cache_total_mib"] > t["kv_cache_mib"]) == (window is None or resident < window)
     # a prompt switch with recache rewrites both tiers
     board = [(3, _ctx(4, 2))]
     a = sample(model, ctx, 6, (H, W), options=opts, storyboard=board, switch_cache="recache", **kw).latents
@@ -102,6 +105,21 @@ def test_cli_kv_resident_chunks_same_video(tmp_path, capsys):
     assert mod.main(base + ["--kv-resident-chunks", "0", "--output", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--kv-resident-chunks must be >= 1" in err
+
+
+def test_cli_window_bounded_cache_keeps_nothing_on_the_host(tmp_path):
+    """--window with --kv-resident-chunks >= the window: the same mp4 bytes, and no K/V in host memory."""
+    import json
+
+    mod = load_sample_cli()
+    base = ["--checkpoint", str(REPO / "assets" / "tiny-pretrained"), "--prompt", "a red circle bouncing",
+            "--num-chunks", "7", "--steps", "2", "--device", "cpu", "--quiet", "--sink", "1", "--window", "2"]
+    assert mod.main(base + ["--output", str(tmp_path / "all.mp4")]) == 0
+    assert mod.main(base + ["--kv-resident-chunks", "2", "--output", str(tmp_path / "bounded.mp4")]) == 0
+    assert (tmp_path / "all.mp4").read_bytes() == (tmp_path / "bounded.mp4").read_bytes()
+    t = json.loads((tmp_path / "bounded.json").read_text())["timings"]
+    full = json.loads((tmp_path / "all.json").read_text())["timings"]
+    assert t["kv_cache_total_mib"] == t["kv_cache_mib"] < full["kv_cache_mib"]
 
 
 def test_cli_memory_check_counts_what_a_bounded_routed_run_stages(monkeypatch):
@@ -317,6 +335,66 @@ def test_bounded_topk_device_bytes_flat_with_length(monkeypatch):
     assert torch.equal(a, b)
 
 
+WINDOWS = [(1, 2), (0, 2), (2, 1), (1, 3)]  # (sink, window)
+
+
+@pytest.mark.parametrize("sink,window", WINDOWS)
+@pytest.mark.parametrize("resident", [1, 2, 5])
+def test_window_cache_drops_unread_chunks_bit_identical(sink, window, resident):
+    """Window routing on every block keeps only the sink (on the device) and the window chunks: the same
+    latents as the all-resident cache, also through a recache and a given history, with both tiers flat."""
+    model = tiny_model()
+    spec = RoutingSpec("window", sink_chunks=sink, window_chunks=window)
+    opts = SamplingOptions(steps=2, cfg_scale=2.0, context_t=0.2, routing=spec)
+    kw = dict(neg_context=_ctx(2), seed=7, decode=False, storyboard=[(0, _ctx(1)), (5, _ctx(4))],
+              switch_cache="recache")
+    hist = torch.randn(1, 4, 2 * model.cfg.chunk_frames, H, W, generator=torch.Generator().manual_seed(3))
+    want = sample(model, None, 9, (H, W), options=opts, history=hist, **kw)
+    got = sample(model, None, 9, (H, W), options=dataclasses.replace(opts, kv_resident_chunks=resident),
+                 history=hist, **kw)
+    assert torch.equal(want.latents, got.latents)
+    # bytes per chunk and layer-set: K and V of every block, both CFG branches, fp32
+    per_chunk = 2 * model.cfg.num_layers * 2 * _chunk_tokens(model) * model.cfg.dim * 4
+    host = (got.timings["kv_cache_total_mib"] - got.timings["kv_cache_mib"]) * 2**20
+    assert host == per_chunk * max(0, window - resident)
+
+
+def _chunk_tokens(model):
+    return model.chunk_tokens(H, W)
+
+
+def test_window_cache_is_flat_in_length():
+    """Per chunk: the device bytes and the host bytes of a window-routed bounded rollout stop growing
+    once the history is longer than sink + window + the ring (mean keys aside: 1/T of a chunk)."""
+    model = tiny_model()
+    opts = SamplingOptions(steps=1, cfg_scale=1.0, routing=RoutingSpec("window", sink_chunks=2, window_chunks=3),
+                           kv_resident_chunks=1)
+    ro = Rollout(model, _ctx(1), latent_hw=(H, W), options=opts)
+    device, host = [], []
+    for _ in range(16):
+        ro.next_chunk()
+        ro.flush()
+        c = ro.cache
+        device.append(c.memory_bytes() - sum(m.numel() * m.element_size() for m in c.mean_k))
+        host.append(c.host_bytes())
+    per_chunk = 2 * model.cfg.num_layers * ro.cache.chunk_tokens * model.cfg.dim * 4
+    assert len(set(device[6:])) == 1 and host[6:] == [2 * per_chunk] * 10  # window 3 - ring 1 on the host
+    kept = [j for j, t in enumerate(ro.cache.hk[0]) if t is not None]
+    assert kept == [0, 1, 13, 14]  # the sink and the window chunks that left the ring (15 is resident)
+    # reading a dropped chunk is a bug of the keep rule: refused on the host, not read stale
+    with pytest.raises(RuntimeError, match="chunk 5 was dropped"):
+        ro.cache.history(0, [5])
+
+
+def test_window_reads_rule():
+    from resampling_forcing.attention.spec import window_reads
+
+    spec = RoutingSpec("window", sink_chunks=1, window_chunks=4)
+    assert window_reads(spec, None, 3) == (1, 4) and window_reads(spec, [2, 0, 1], 3) == (1, 4)
+    assert window_reads(spec, [0, 2], 3) is None  # block 1 attends densely: it reads every chunk
+    assert window_reads(RoutingSpec("topk", top_k=2), None, 3) is None and window_reads(None, None, 3) is None
+
+
 def test_sample_memory_bounded_estimate():
     """The estimate's device KV: R + 1 chunks of every layer + one layer's staged chunks + the current
     one; the staging is the whole history for dense attention, `kv_staged_chunks` for routed modes."""
@@ -332,6 +410,13 @@ def test_sample_memory_bounded_estimate():
     assert kv(2, kv_resident_chunks=2, kv_staged_chunks=3) == kv(2) + 3 * layer_chunk
     # CFG keeps a conditional and an unconditional cache (the two halves of the cache's batch)
     assert kv(16, cfg_scale=5.0) == 2 * kv(16) and kv(16, cfg_scale=1.0) == kv(16)
+    # window routing (sink 2, window 3) with R = 1: the ring, the two sink chunks and the staged five, flat;
+    # on the host only the two window chunks beyond the ring
+    host = lambda n, **kw: sample_memory(cfg, n, **kw)["parts"]["kv cache (host tier)"]  # noqa: E731
+    win = dict(kv_resident_chunks=1, kv_staged_chunks=5, kv_keep=(2, 3))
+    assert kv(500, **win) == kv(20, **win) == kv(2) + 2 * cfg.model.num_layers * layer_chunk + 6 * layer_chunk
+    assert host(500, **win) == host(20, **win) == 2 * layer_chunk * cfg.model.num_layers
+    assert host(500, kv_resident_chunks=1) == 499 * layer_chunk * cfg.model.num_layers
 
 
 @pytest.mark.parametrize("case", ["window", "topk"])
