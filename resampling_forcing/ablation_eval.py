@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import io as rio
+from . import figures
 from .data.synthetic import HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASES, HELD_OUT_SET_SIZE, combo_key, generate_clip, parse_caption
 from .data.synthetic_dataset import held_out_combos
 from .eval import evaluate_video
@@ -281,12 +281,12 @@ def plot_metric(summaries: dict[str, dict], metric: str, segment_frames: int, pa
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return rio.save_figure(fig, path, dpi=110)
+    return figures.save_figure(fig, path, dpi=110)
 
 
 def contact_sheet(videos: np.ndarray, truth: np.ndarray, every: int, path: Path, rows: int = 4, scale: int = 2) -> Path:
     """PNG: for the first ``rows`` clips, the truth (upper) and the continuation (lower), one frame
     every ``every`` frames plus the last; white gaps between frames and clip pairs."""
     n = min(rows, len(videos))
-    return rio.contact_sheet([x for r in range(n) for x in (truth[r], videos[r])], path, every=every, scale=scale,
+    return figures.contact_sheet([x for r in range(n) for x in (truth[r], videos[r])], path, every=every, scale=scale,
                              last=True, margin=0, pairs=True)

@@ -153,7 +153,8 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
 def run(args) -> int:
     from .ablation_eval import interval
     from .config import ConfigError, load_config, synthetic_seed
-    from .io import atomic_write_json, contact_sheet
+    from .figures import contact_sheet
+    from .io import atomic_write_json
 
     config = _path(args.config)
     try:

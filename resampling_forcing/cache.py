@@ -213,6 +213,9 @@ class TieredKVCache(KVCache):
     def num_chunks(self, n: int) -> None:  # Rollout.recache rewinds to 0 and rewrites in order
         self._n = int(n)
         self._staged = None
+        if self.keep is not None:  # the rewrite keeps what it needs anew: no second copy of the window meanwhile
+            for tier in self.hk + self.hv:
+                tier[self.keep[0]:] = [None] * max(0, len(tier) - self.keep[0])
 
     @property
     def offloaded(self) -> int:

@@ -36,7 +36,8 @@ from .cli import BadInput, OneLineParser, check_checkpoint, check_output_dir, ch
 from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
 from .eval import evaluate_video, mean_over_videos, plot_drift
-from .io import atomic_write_json, contact_sheet
+from .figures import contact_sheet
+from .io import atomic_write_json
 from .pipeline import Pipeline, PipelineOutput
 from .training import train
 

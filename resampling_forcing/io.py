@@ -1,8 +1,9 @@
-"""Small, dependable file IO: mp4 in/out, PNG contact sheets, atomic writes.
+"""Small, dependable file IO: atomic writes, mp4 in/out (PNG contact sheets and figures: figures.py).
 
 Every writer here is atomic: it writes to a hidden temporary name in the destination folder and
 then ``os.replace``-s it onto the final name, so a crash or an exception never leaves a half file
-under the final name (and never leaves the temporary behind either).
+under the final name (and never leaves the temporary behind either). The one exception, ``Mp4Writer``,
+writes the path it is given: callers give it a temporary of :func:`atomic_path` / :class:`AtomicGroup`.
 
 Video frames
 - ``uint8`` arrays/tensors shaped ``[F, H, W, 3]`` are taken as they are.
@@ -41,8 +42,11 @@ __all__ = [
     "to_uint8_video",
     "write_mp4",
     "read_mp4",
-    "contact_sheet",
-    "save_figure",
+    "Mp4Writer",
+    "mp4_complete",
+    "mp4_frames",
+    "AtomicGroup",
+    "OutputError",
 ]
 
 
@@ -107,33 +111,73 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_group(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
-    """Temporary paths for files that belong together (a video and its JSON); on success they are
-    renamed in order, the LAST one being the marker. The old marker is removed before the first
-    rename, so after a crash at any moment a marker on disk always has the rest of its group
-    (``sample.py``: every mp4 has its JSON). On an exception every temporary file is removed.
-    Leftover temporaries of a killed process: :func:`clean_stale_temps`."""
-    finals = [Path(p) for p in paths]
-    tmps: list[Path] = []
-    try:
-        for p in finals:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent)
-            os.close(fd)
-            tmps.append(Path(tmp))
-        yield tmps
-        mode = file_mode()
-        for t in tmps:
-            os.chmod(t, mode)
-        finals[-1].unlink(missing_ok=True)
-        for t, p in zip(tmps, finals):
-            os.replace(t, p)
-    except BaseException:
-        for t in tmps:
+class OutputError(RuntimeError):
+    """An output that could not be written for a reason outside this process's input (a temporary removed by
+    another process, an encoder that died); the message names the output and says nothing was written."""
+
+
+class AtomicGroup:
+    """Temporary paths (`tmps`) for files that belong together (a video and its JSON); `commit()` renames
+    them in order, the LAST one being the marker. The old marker is removed before the first rename, so
+    after a crash at any moment a marker on disk always has the rest of its group (``sample.py``: every
+    mp4 has its JSON). `abort()` removes every temporary (a no-op after the commit). For a group whose
+    files are written over a long time (sample.py streams its mp4s while the rollout runs); otherwise
+    :func:`atomic_group`. Leftover temporaries of a killed process: :func:`clean_stale_temps`."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.finals = [Path(p) for p in paths]
+        self.tmps: list[Path] = []
+        self.done = False
+        try:
+            for p in self.finals:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent)
+                os.close(fd)
+                self.tmps.append(Path(tmp))
+        except BaseException:
+            self.abort()
+            raise
+
+    def check(self) -> None:
+        """OutputError when a temporary is gone (another process writing the same outputs cleaned it up)."""
+        for t, p in zip(self.tmps, self.finals):
+            if not t.exists():
+                raise OutputError(f"{p}: its temporary file {t.name} was removed while being written "
+                                  "(another process writing the same outputs?); nothing was written")
+
+    def commit(self) -> None:
+        try:
+            self.check()
+            mode = file_mode()
+            for t in self.tmps:
+                os.chmod(t, mode)
+            self.finals[-1].unlink(missing_ok=True)
+            for t, p in zip(self.tmps, self.finals):
+                os.replace(t, p)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        for t in self.tmps:
             with contextlib.suppress(FileNotFoundError):
                 t.unlink()
+
+
+@contextlib.contextmanager
+def atomic_group(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """:class:`AtomicGroup` as a context: yields the temporary paths, commits on success, removes every
+    temporary on an exception."""
+    group = AtomicGroup(paths)
+    try:
+        yield group.tmps
+    except BaseException:
+        group.abort()
         raise
+    group.commit()
 
 
 def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -306,6 +350,152 @@ def fps_problem(fps) -> str | None:
     return None
 
 
+class Mp4Writer:
+    """An H.264 mp4 written piece by piece: ``write(frames)`` any number of times (pieces of one frame size,
+    as :func:`to_uint8_video` takes them), then ``close()``; as a context manager it closes on success and
+    kills ffmpeg on an error. Writes ``path`` itself: wrap it in :func:`atomic_path` / :func:`atomic_group`
+    for an all-or-nothing file. ffmpeg starts at the first piece (its frame size). ``close()`` checks that
+    the file is a complete mp4 (an encoder killed or out of disk space leaves none); a failing encoder
+    raises ``OSError(ENOSPC)`` naming ``path`` when its folder has no space left, else ``RuntimeError``.
+    ``quality``: imageio-ffmpeg scale 0..10 (maps to libx264 ``crf = 51*(1-q/10)``; 9 -> crf 5,
+    visually lossless; 10 would be crf 0, the lossless profile many players refuse).
+    ``pix_fmt``: output pixel format; default yuv420p for even sizes, yuv444p for odd ones."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 16, quality: int = 9, pix_fmt: str | None = None):
+        problem = fps_problem(fps)
+        if problem:
+            raise ValueError(f"{path}: fps {problem}")
+        self.path, self.fps, self.quality, self.pix_fmt = Path(path), fps, quality, pix_fmt
+        self.frames = 0
+        self._size: tuple[int, int] | None = None
+        self._ffmpeg = None
+
+    def write(self, frames) -> None:
+        import imageio_ffmpeg
+
+        video = to_uint8_video(frames)
+        num, h, w, _ = video.shape
+        if self._size is None:
+            if num == 0:
+                return
+            pix_fmt = self.pix_fmt or ("yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p")
+            self._ffmpeg = imageio_ffmpeg.write_frames(
+                str(self.path), (w, h), fps=self.fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out=pix_fmt,
+                quality=self.quality, macro_block_size=1, ffmpeg_log_level="error",
+                output_params=["-movflags", "+faststart"])
+            self._size = (h, w)
+            with self._encoding():
+                self._ffmpeg.send(None)  # start the ffmpeg process
+        elif (h, w) != self._size:
+            raise ValueError(f"{self.path}: frames of {h}x{w} after frames of {self._size[0]}x{self._size[1]}")
+        with self._encoding():
+            for frame in video:
+                self._ffmpeg.send(frame)
+        self.frames += num
+
+    def close(self) -> Path:
+        """Finish the file; refuses a video without frames and a file that is not a complete mp4."""
+        ffmpeg, self._ffmpeg = self._ffmpeg, None
+        if ffmpeg is None:
+            raise ValueError(f"{self.path}: cannot write a video with 0 frames")
+        with self._encoding():
+            ffmpeg.close()
+            frames = mp4_frames(self.path)
+            if frames != self.frames:
+                got = "no complete file" if frames is None else f"{frames} of the {self.frames} frames"
+                raise RuntimeError(f"{self.path}: ffmpeg wrote {got} (stopped or killed?)")
+        return self.path
+
+    def abort(self) -> None:
+        """Kill ffmpeg now (the file is then to be discarded): no wait for its backlog."""
+        ffmpeg, self._ffmpeg = self._ffmpeg, None
+        if ffmpeg is not None:
+            with contextlib.suppress(BaseException):  # imageio kills ffmpeg on a KeyboardInterrupt, re-raised
+                ffmpeg.throw(KeyboardInterrupt)
+
+    @contextlib.contextmanager
+    def _encoding(self) -> Iterator[None]:
+        """An ffmpeg step: its failure on a full disk as OSError(ENOSPC) naming the file (ffmpeg reports it
+        as a broken pipe or an unfinished file), other failures as they are."""
+        import errno
+        import shutil
+
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            full = is_no_space(e)
+            if not full:
+                with contextlib.suppress(OSError):
+                    full = shutil.disk_usage(self.path.parent).free < 2**20
+            if full:
+                self.abort()
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path)) from None
+            raise
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _boxes(f, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the mp4 boxes in [start, end) of file `f`; ValueError when a box
+    runs past `end` or is malformed."""
+    pos = start
+    while pos < end:
+        f.seek(pos)
+        head = f.read(16)
+        if len(head) < 8:
+            raise ValueError("truncated box header")
+        n, kind, body = int.from_bytes(head[:4], "big"), head[4:8], pos + 8
+        if n == 1:  # 64-bit size
+            if len(head) < 16:
+                raise ValueError("truncated box header")
+            n, body = int.from_bytes(head[8:16], "big"), pos + 16
+        elif n == 0:  # to the end
+            n = end - pos
+        if n < body - pos or pos + n > end:
+            raise ValueError("box past its end")
+        yield kind, body, pos + n
+        pos += n
+
+
+def mp4_frames(path: str | os.PathLike) -> int | None:
+    """Frames of the video track of an mp4 (its sample table's count), or None when the file is not a
+    complete mp4: its top-level boxes do not run exactly to its end, or the index ("moov") is missing, as a
+    killed or starved encoder leaves it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            top = {k: (b, e) for k, b, e in _boxes(f, 0, size)}
+            if b"moov" not in top:
+                return None
+            for kind, b, e in _boxes(f, *top[b"moov"]):
+                if kind != b"trak":
+                    continue
+                inner = {k: (b2, e2) for k, b2, e2 in _boxes(f, b, e)}
+                for step in (b"mdia", b"minf"):
+                    inner = {k: (b2, e2) for k, b2, e2 in _boxes(f, *inner[step])} if step in inner else {}
+                if b"vmhd" in inner and b"stbl" in inner:  # the video track's sample table
+                    table = {k: b2 for k, b2, _ in _boxes(f, *inner[b"stbl"])}
+                    if b"stsz" in table:
+                        f.seek(table[b"stsz"] + 8)  # version/flags, sample size, then the count
+                        return int.from_bytes(f.read(4), "big")
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def mp4_complete(path: str | os.PathLike) -> bool:
+    """Whether `path` is a complete mp4 (mp4_frames finds its frame count)."""
+    return mp4_frames(path) is not None
+
+
 def write_mp4(
     path: str | os.PathLike,
     frames,
@@ -317,44 +507,19 @@ def write_mp4(
     """Write ``frames`` to an H.264 mp4 at ``path`` atomically and return the path.
 
     ``frames``: uint8 ``[F,H,W,3]`` or float ``[3,F,H,W]`` / ``[F,H,W,3]`` in ``[-1,1]``.
-    ``quality``: imageio-ffmpeg scale 0..10 (maps to libx264 ``crf = 51*(1-q/10)``; 9 -> crf 5,
-    visually lossless; 10 would be crf 0, the lossless profile many players refuse).
-    ``pix_fmt``: output pixel format; default yuv420p for even sizes, yuv444p for odd ones.
+    ``quality``, ``pix_fmt``: as :class:`Mp4Writer`, the one encoder.
     ``atomic=False``: write ``path`` directly (it is already a temporary name, e.g. of :func:`atomic_group`).
     """
-    import imageio_ffmpeg
-
     video = to_uint8_video(frames)
-    num, h, w, _ = video.shape
-    if num == 0:
+    if video.shape[0] == 0:
         raise ValueError(f"{path}: cannot write a video with 0 frames")
     problem = fps_problem(fps)
     if problem:
         raise ValueError(f"{path}: fps {problem}")
-    if pix_fmt is None:
-        pix_fmt = "yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p"
     path = Path(path)
     with (atomic_path(path) if atomic else contextlib.nullcontext(path)) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp),
-            (w, h),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out=pix_fmt,
-            quality=quality,
-            macro_block_size=1,
-            ffmpeg_log_level="error",
-            output_params=["-movflags", "+faststart"],
-        )
-        writer.send(None)  # start the ffmpeg process
-        try:
-            for frame in video:
-                writer.send(frame)
-        finally:
-            writer.close()
-        if tmp.stat().st_size == 0:
-            raise RuntimeError(f"{path}: ffmpeg produced an empty file")
+        with Mp4Writer(tmp, fps, quality, pix_fmt) as writer:
+            writer.write(video)
     return path
 
 
@@ -384,102 +549,3 @@ def read_mp4(path: str | os.PathLike, with_fps: bool = False):
         raise ValueError(f"{path}: video has no decodable frames")
     video = np.stack(frames)
     return (video, fps) if with_fps else video
-
-
-# ----------------------------------------------------------------------------------------------
-# images / figures
-# ----------------------------------------------------------------------------------------------
-def _write_png(path: Path, image: np.ndarray) -> Path:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return path
-
-
-def contact_sheet(
-    videos: Sequence,
-    path: str | os.PathLike,
-    every: int = 1,
-    labels: Sequence[str] | None = None,
-    max_columns: int | None = None,
-    scale: int | None = None,
-    gap: int = 2,
-    last: bool = False,
-    margin: int | None = None,
-    pairs: bool = False,
-) -> Path:
-    """Save a PNG grid: one row per video, columns = frames ``0, every, 2*every, ...``.
-
-    ``videos``: list of uint8 ``[F,H,W,3]`` (or float videos, see :func:`to_uint8_video`); they may
-    differ in length (missing cells are grey) and in size (cells are padded to the largest).
-    ``labels``: optional text per row, drawn in a left margin. ``scale``: integer nearest-neighbour
-    upscale (default: enough to make cells at least 64 px tall). ``max_columns`` caps the columns.
-    ``gap``: white pixels between cells. ``last``: the last frame (of the longest video) is a column
-    too. ``margin``: white border around the grid (default ``gap``). ``pairs``: rows come in pairs
-    (e.g. truth over continuation): a pair's rows are joined by a 1-px grey line, pairs ``3 * gap`` apart.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    if len(videos) == 0:
-        raise ValueError("contact_sheet: no videos given")
-    if every < 1:
-        raise ValueError(f"contact_sheet: every must be >= 1, got {every}")
-    if max_columns is not None and max_columns < 1:
-        raise ValueError(f"contact_sheet: max_columns must be >= 1 (or None for all), got {max_columns}")
-    if labels is not None and len(labels) != len(videos):
-        raise ValueError(f"contact_sheet: {len(labels)} labels for {len(videos)} videos")
-    vids = [to_uint8_video(v) for v in videos]
-    ch = max(v.shape[1] for v in vids)
-    cw = max(v.shape[2] for v in vids)
-    if scale is None:
-        scale = max(1, -(-64 // ch))
-    margin = gap if margin is None else margin
-    num = max(v.shape[0] for v in vids)
-    frames = sorted(set(range(0, num, every)) | ({num - 1} if last else set()))[:max_columns]
-    ncols = len(frames)
-    cell_h, cell_w = ch * scale, cw * scale
-    # space below each row but the last: a pair's 1-px grey joint (True) or a white gap (False)
-    seps = [(1, True) if pairs and r % 2 == 0 else (3 * gap if pairs else gap, False) for r in range(len(vids) - 1)]
-    row_y = [margin + r * cell_h + sum(n for n, _ in seps[:r]) for r in range(len(vids))]
-    label_w = 0
-    font = None
-    if labels is not None:
-        font = ImageFont.load_default()
-        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        label_w = max(int(probe.textlength(str(s), font=font)) for s in labels) + 2 * gap + 4
-    sheet_h = row_y[-1] + cell_h + margin
-    sheet_w = label_w + 2 * margin + ncols * cell_w + (ncols - 1) * gap
-    sheet = np.full((sheet_h, sheet_w, 3), 255, dtype=np.uint8)
-    for r, v in enumerate(vids):
-        y0 = row_y[r]
-        for c, t in enumerate(frames):
-            x0 = label_w + margin + c * (cell_w + gap)
-            cell = np.full((cell_h, cell_w, 3), 128, dtype=np.uint8)
-            if t < v.shape[0]:
-                img = v[t].repeat(scale, axis=0).repeat(scale, axis=1)
-                cell[: img.shape[0], : img.shape[1]] = img
-            sheet[y0 : y0 + cell_h, x0 : x0 + cell_w] = cell
-        if r < len(seps) and seps[r][1]:
-            sheet[y0 + cell_h, label_w + margin : sheet_w - margin] = 128
-    image = Image.fromarray(sheet)
-    if labels is not None:
-        draw = ImageDraw.Draw(image)
-        for r, text in enumerate(labels):
-            draw.text((gap + 2, row_y[r] + cell_h // 2 - 5), str(text), fill=(0, 0, 0), font=font)
-    return _write_png(Path(path), np.asarray(image))
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120, close: bool = True, **kwargs) -> Path:
-    """``fig.savefig`` atomically (format from the suffix of ``path``); closes the figure by default."""
-    path = Path(path)
-    fmt = kwargs.pop("format", path.suffix.lstrip(".") or "png")
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs)
-    finally:
-        if close:
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-    return path

@@ -300,15 +300,16 @@ def adapter_file(path: str | Path) -> Path:
     return file
 
 
-def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool = True) -> tuple[dict, dict]:
-    """Merge the adapters of `path` (adapter_file) into a plain model `state`: W + (alpha / rank) B A for
-    each adapted layer (their EMA when the file has one and `use_ema`). Returns (the merged state, what
-    was applied: {"file", "ema", "base_matches"}); `base_matches` is False when `state` is not the base
-    the adapters were trained on (the caller warns: applying them elsewhere is allowed)."""
+def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool = True,
+               strength: float = 1.0) -> tuple[dict, dict]:
+    """Merge the adapters of `path` (adapter_file) into a plain model `state`: W + strength (alpha / rank) B A
+    for each adapted layer (their EMA when the file has one and `use_ema`). Returns (the merged state, what
+    was applied: {"file", "ema", "base_matches", "strength"}); `base_matches` is False when `state` is not the
+    base the adapters were trained on (the caller warns: applying them elsewhere is allowed)."""
     file = adapter_file(path)
     adapters, ema, meta = read_adapters(file)
     use = ema if use_ema and ema else adapters
-    s = scale(LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"]))
+    s = strength * scale(LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"]))
     matches = fingerprint(state) == meta["base"].get("fingerprint")
     out = dict(state)
     for key in use:
@@ -324,4 +325,4 @@ def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool =
             raise CheckpointError(f"{file}: the adapters of {layer} make a {shape} update for a "
                                   f"{list(out[weight].shape)} weight; they were trained for other model sizes")
         out[weight] = merge_weight(out[weight], use[key], b, s)
-    return out, {"file": str(file), "ema": use_ema and bool(ema), "base_matches": matches}
+    return out, {"file": str(file), "ema": use_ema and bool(ema), "base_matches": matches, "strength": strength}

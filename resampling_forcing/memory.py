@@ -88,7 +88,8 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
 def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int = 4,
                   history_chunks: int = 0, cfg_scale: float = 1.0, kv_resident_chunks: int | None = None,
                   kv_host_bytes: int | None = None, kv_staged_chunks: int | None = None,
-                  far_positions: bool = False, kv_keep: tuple[int, int] | None = None) -> dict:
+                  far_positions: bool = False, kv_keep: tuple[int, int] | None = None,
+                  streamed: bool = False) -> dict:
     """Lower bound of one rollout of `batch` videos: KV cache of every chunk (twice with CFG: the
     conditional and unconditional caches are the two halves of the cache's batch), latents, the live
     tensors of one block over one chunk (x, q, k, v, attention output, FFN hidden; twice with CFG),
@@ -101,7 +102,8 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     `far_positions` (a rope_horizon): each call reads a rotated copy of one layer's read keys.
     `kv_keep` = (sink, window) with R (window routing on every block, attention.spec.window_reads): the
     sink chunks stay on the device, only window chunks beyond the ring go to the host, the rest is
-    dropped: the cache is flat in the rollout length."""
+    dropped: the cache is flat in the rollout length.
+    `streamed`: the decoded video goes to files as it comes (sample/sample.py): one chunk's frames held."""
     d, m = cfg.data, cfg.model
     geo = codec_geometry(cfg)
     h, w = d.height // geo["spatial"], d.width // geo["spatial"]
@@ -123,7 +125,10 @@ def sample_memory(cfg: Config, num_chunks: int, batch: int = 1, dtype_bytes: int
     }
     if far_positions:  # attention/positions.py rotates a copy of the keys a call reads (one layer)
         parts["far-position keys"] = staged * t * m.dim * dtype_bytes * batch * branches
-    host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames of the whole rollout
+    if streamed:  # the largest piece: the history's reconstruction, or a chunk's frames
+        frames = max(pixel_frames(geo, history_chunks * m.chunk_frames) if history_chunks else 0,
+                     geo["temporal"] * m.chunk_frames)
+    host = {"video": batch * frames * d.height * d.width * 3}  # uint8 frames held
     if kv_resident_chunks is not None:
         host["kv cache (host tier)"] = (m.num_layers * 2 * host_chunks * t * m.dim * batch
                                         * branches * (dtype_bytes if kv_host_bytes is None else kv_host_bytes))
@@ -195,19 +200,22 @@ def available_device_bytes(device) -> Optional[int]:
     return None
 
 
-def rollout_need(cfg: Config, opts, num_chunks: int, batch: int, dtype_bytes: int, history_chunks: int = 0) -> dict:
-    """sample_memory for a rollout with SamplingOptions `opts` (the CLI's and the Pipeline's one estimate):
+def rollout_need(cfg: Config, opts, num_chunks: int, batch: int, dtype_bytes: int, history_chunks: int = 0,
+                 streamed: bool = False) -> dict:
+    """sample_memory for a rollout with SamplingOptions `opts` (the CLI's, `streamed`, and the Pipeline's one estimate):
     a bounded cache stages at least the chunks a routed query may attend (top-k: the union of its picks,
     at least RoutingSpec.max_selected()); dense attention, or any layer left dense, the whole history."""
     from .attention.spec import window_reads
     from .dtypes import DTYPE_BYTES
 
-    routed = opts.routing is not None and not opts.routing.is_dense and opts.routing_layers is None
+    every = opts.routing_layers is None or set(range(cfg.model.num_layers)) <= set(opts.routing_layers)
+    routed = opts.routing is not None and not opts.routing.is_dense and every
     return sample_memory(cfg, num_chunks, batch, dtype_bytes, history_chunks, opts.cfg_scale, opts.kv_resident_chunks,
                          DTYPE_BYTES.get(opts.kv_host_dtype),
                          kv_staged_chunks=opts.routing.max_selected() if routed else None,
                          far_positions=opts.rope_horizon is not None,
-                         kv_keep=window_reads(opts.routing, opts.routing_layers, cfg.model.num_layers))
+                         kv_keep=window_reads(opts.routing, opts.routing_layers, cfg.model.num_layers),
+                         streamed=streamed)
 
 
 def check_fits(need: dict, device, what: str, fix: str) -> Optional[str]:

@@ -394,6 +394,14 @@ class SampleResult:
     negative_prompt: Optional[Any] = None  # Pipeline.generate (None when CFG is off; a list: one per prompt)
     storyboard: Optional[list] = None  # [{"chunk": g, "prompt": ...}] when the text switched (Pipeline.generate)
     switch_cache: Optional[str] = None  # "keep" | "recache" with a storyboard
+    streamed: bool = False  # the decoded video went to sample()'s video_sink, piece by piece (video is None)
+
+    @property
+    def num_frames(self) -> int:
+        """Pixel frames of the decoded video (history + generated), held or streamed; 0 without decode."""
+        if self.video is not None:
+            return int(self.video.shape[1])
+        return self.history_frames + int(self.timings.get("generated_frames", 0)) if self.streamed else 0
 
 
 def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -409,7 +417,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
            vae=None, decode: bool = True, callback: Optional[Callable[[ChunkOutput], Any]] = None,
            progress: bool = False, uncond: Optional[bool] = None,
            attn_wrapper: Optional[Callable] = None, storyboard: Optional[Sequence] = None,
-           switch_cache: str = "keep") -> SampleResult:
+           switch_cache: str = "keep", video_sink: Optional[Callable[[torch.Tensor], Any]] = None) -> SampleResult:
     """Roll out `num_chunks` chunks after an optional `history` (latents [B or 1, C, n*cf, h, w]).
 
     Prompt switching: `storyboard` is a list of (chunk index, context [B, Lt, text_dim]); chunk
@@ -422,6 +430,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     With `vae` and `decode`, every chunk is decoded as soon as it is finished with the VAE's
     streaming decode (history first, so the causal decoder state is right), and `callback`
     receives a ChunkOutput per generated chunk (return False from it to stop early).
+    `video_sink` (with decoding): receives every decoded piece, uint8 [B, F, H, W, 3] on the CPU (the
+    history's reconstruction first, then each generated chunk's frames), instead of the result holding
+    the whole video (`result.video` None, `result.streamed`): host memory flat in the rollout length
+    (sample/sample.py streams into its mp4 files this way).
     Timings (seconds): first_chunk_latency_s (from this call to the first generated chunk's
     frames, incl. cache setup, prefill and decode; `_no_decode_s` without decode), per_chunk_s,
     per_chunk_denoise_s (denoising + writing the previous chunk into the cache), per_chunk_decode_s,
@@ -448,6 +460,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     state = vae.init_decode_state() if decoding else None
     pieces_lat: list[torch.Tensor] = []
     pieces_vid: list[torch.Tensor] = []
+    emit = video_sink if video_sink is not None else pieces_vid.append
     history_frames = 0
     timings: dict[str, Any] = {}
     if history is not None:
@@ -463,9 +476,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
             frames = vae.decode_chunk(hist.to(vae.device), state).cpu()
             timings["history_decode_s"] = time.perf_counter() - t0
             history_frames = frames.shape[2]
-            pieces_vid.append(_to_uint8(frames))
     timings["setup_s"] = time.perf_counter() - t_start - timings.get("prefill_s", 0.0) \
         - timings.get("history_decode_s", 0.0)
+    if history_frames:  # after the timings: a video_sink's writing is neither setup nor decoding
+        emit(_to_uint8(frames))
 
     per_denoise, per_decode, gen_frames = [], [], 0
     first_no_decode = first_full = None
@@ -484,9 +498,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
             frames = None
             if decoding:
                 frames = vae.decode_chunk(lat.to(vae.device), state).cpu()
-                pieces_vid.append(_to_uint8(frames))
                 gen_frames += frames.shape[2]
             t2 = time.perf_counter()
+            if decoding:  # after the timing: a video_sink's writing is not decoding
+                emit(_to_uint8(frames))
             if not decoding:  # frames the chunk would decode to (latent frames without a VAE)
                 gen_frames += _chunk_frames(vae, ro.num_chunks, cf)
             pieces_lat.append(lat.cpu())
@@ -523,10 +538,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     )
     return SampleResult(
         latents=torch.cat(pieces_lat, dim=2),
-        video=torch.cat(pieces_vid, dim=1) if decoding else None,
+        video=torch.cat(pieces_vid, dim=1) if decoding and video_sink is None else None,
         history_chunks=hist_chunks, history_frames=history_frames, timings=timings,
         selection=ro.selection_frequencies() if options.record_selection else None,
-        options=options.to_dict(),
+        options=options.to_dict(), streamed=decoding and video_sink is not None,
     )
 
 

@@ -94,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists "
                    "(and a --lora file's adapters, not their EMA)")
-    p.add_argument("--lora", default=None, metavar="PATH",
-                   help="merge a LoRA run's adapters into the --checkpoint weights: its lora.safetensors, or the run / "
-                   "checkpoint folder holding it (a LoRA run's own checkpoint needs no --lora: its weights are merged)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH",
+                   help="merge a LoRA into the --checkpoint weights (repeatable, in order): a LoRA run's lora.safetensors "
+                   "or the run / checkpoint folder holding it (a LoRA run's own checkpoint needs no --lora: its weights "
+                   "are merged), or another tool's Wan2.1 LoRA .safetensors (Wan, diffusers or kohya/musubi names)")
+    p.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
+                   help="strength of the --lora files: one for all or one per --lora (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes (the final 'wrote ...' lines stay)")
     return p
 
@@ -212,12 +215,16 @@ def check_args(args) -> None:
                         ("--storyboard", args.storyboard), ("--prompts-file", args.prompts_file)):
         if value is not None and not Path(value).is_file():
             raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
-    if args.lora is not None:
-        from .lora import adapter_file
-        from .models.loading import CheckpointError
+    from .lora_formats import check_file, lora_list
+    from .models.loading import CheckpointError
 
+    try:
+        loras = lora_list(args.lora, args.lora_scale)
+    except ValueError as e:
+        raise BadInput(f"--lora / --lora-scale: {e}") from None
+    for path, _ in loras:  # the headers, before anything loads
         try:
-            adapter_file(args.lora)
+            check_file(path)
         except CheckpointError as e:
             raise BadInput(f"--lora {e}") from None
 
@@ -314,7 +321,8 @@ def run(args) -> int:
         check_memory(cfg, device, args, len(prompts), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=device, dtype=args.dtype, use_ema=not args.no_ema,
-                                        attention_backend=args.attention_backend, lora=args.lora)
+                                        attention_backend=args.attention_backend, lora=args.lora,
+                                        lora_scale=args.lora_scale)
         history, init_info = (None, None)
         if args.init_video is not None:
             history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
@@ -347,8 +355,8 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
     with its current chunk and is written (marked "stopped_early"), later batches are not started."""
     import torch
 
-    from .io import is_no_space
-    from .pipeline import PipelineOutput
+    from .io import OutputError, is_no_space
+    from .pipeline import VideoFiles
 
     for start in range(0, len(prompts), args.batch):
         idx = list(range(start, min(start + args.batch, len(prompts))))
@@ -356,49 +364,90 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
             print(f"not generated ({stop.requested}): {', '.join(str(paths[i]) for i in range(start, len(prompts)))}",
                   file=sys.stderr)
             break
-        batch_prompts = [prompts[i] for i in idx]
-        res = pipe.generate(batch_prompts, args.num_chunks, negative_prompt=neg, seed=args.seed, indices=idx,
-                            options=opts, init_latents=history, progress=not args.quiet,
-                            storyboard=switches, switch_cache=args.switch_cache,
-                            callback=lambda _chunk: stop.requested is None)
-        done = res.timings["generated_chunks"]
-        out = PipelineOutput(frames=res.video, result=res, fps=fps, seed=args.seed, indices=idx,
-                             pipeline=pipe.describe())
-        if storyboard is not None and res.storyboard is None:  # a one-entry storyboard: still recorded
-            res.storyboard, res.switch_cache = [dict(chunk=0, prompt=prompts[0])], args.switch_cache
-        stopped = None
-        if done < args.num_chunks:
-            stopped = dict(signal=stop.requested, requested_chunks=args.num_chunks)
-            if res.storyboard:  # the JSON lists the switches the video shows; the others, here
-                stopped["switches_not_reached"] = [e["chunk"] for e in res.storyboard if e["chunk"] >= done]
-                res.storyboard = [e for e in res.storyboard if e["chunk"] < done]
-        for b, i in enumerate(idx):
-            path = paths[i]
-            init = None
-            if init_info is not None:
-                init = dict(init_info, source=str(args.init_video if args.init_video is not None else args.init_image))
-                if args.init_video is not None:
-                    init["max_history_chunks"] = args.max_history_chunks
-            extra = dict(num_chunks=done, init_video=init if args.init_video is not None else None,
-                         timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
-            if stopped is not None:
-                extra["stopped_early"] = stopped
-            if args.init_image is not None:
-                extra["init_image"] = init
-            try:
-                meta = out.save_one(b, path, extra)
-            except OSError as e:
-                if is_no_space(e):
-                    raise BadInput(f"no space left on {path.parent} (writing {path.name}); free some space") from None
+        # every video streams into its mp4 while the rollout runs (host memory flat in its length); each is
+        # committed with its JSON after the rollout, or removed on an error
+        files = []
+        try:
+            for i in idx:
+                files.append(VideoFiles(paths[i], fps, with_selection=opts.record_selection))
+
+            def sink(piece):
+                for b, f in enumerate(files):
+                    f.write(piece[b])
+
+            res = pipe.generate([prompts[i] for i in idx], args.num_chunks, negative_prompt=neg, seed=args.seed,
+                                indices=idx, options=opts, init_latents=history, progress=not args.quiet,
+                                storyboard=switches, switch_cache=args.switch_cache,
+                                callback=lambda _chunk: stop.requested is None, video_sink=sink)
+            _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop)
+        except (OutputError, BrokenPipeError) as e:
+            if stop.requested is not None:
+                # a signal to the whole job (Slurm, systemd) reaches the encoders too: they end their files early
+                print(f"stopped by {stop.requested}, which also stopped the video encoder (a signal to the whole "
+                      f"job): the videos in progress are not written; signal sample.py alone to keep them",
+                      file=sys.stderr)
+                return stop.exit_code()
+            if isinstance(e, BrokenPipeError):
                 raise
-            t = res.timings
-            part = "" if stopped is None else f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks"
-            print(f"wrote {path} ({meta['frames']} frames{part}, first chunk {t['first_chunk_latency_s']:.2f}s, "
-                  f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
-        del res
+            print(f"error: {e}", file=sys.stderr)  # not the input's fault: one line, exit 1
+            return 1
+        except OSError as e:
+            if is_no_space(e):
+                where = Path(e.filename) if e.filename else paths[idx[0]]
+                raise BadInput(f"no space left on {where.parent} (writing {where.name}); free some space") from None
+            raise
+        finally:
+            _abort_all(files)  # a no-op for the committed ones
         if pipe.device.type == "cuda":
             torch.cuda.empty_cache()
     return stop.exit_code() if stop.requested else 0
+
+
+def _abort_all(files) -> None:
+    """Abort every file (kill its encoder, remove its temporaries), also when one abort is interrupted."""
+    pending = None
+    for f in files:
+        try:
+            f.abort()
+        except BaseException as e:  # noqa: BLE001 - a second signal: the other files still go
+            pending = pending or e
+    if pending is not None:
+        raise pending
+
+
+def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop) -> None:
+    """Write the JSON (and selections) of each streamed video of a batch and commit its files, in order."""
+    from .pipeline import PipelineOutput
+
+    done = res.timings["generated_chunks"]
+    out = PipelineOutput(frames=None, result=res, fps=fps, seed=args.seed, indices=idx, pipeline=pipe.describe())
+    if storyboard is not None and res.storyboard is None:  # a one-entry storyboard: still recorded
+        res.storyboard, res.switch_cache = [dict(chunk=0, prompt=prompts[0])], args.switch_cache
+    stopped = None
+    if done < args.num_chunks:
+        stopped = dict(signal=stop.requested, requested_chunks=args.num_chunks)
+        if res.storyboard:  # the JSON lists the switches the video shows; the others, here
+            stopped["switches_not_reached"] = [e["chunk"] for e in res.storyboard if e["chunk"] >= done]
+            res.storyboard = [e for e in res.storyboard if e["chunk"] < done]
+    for b, i in enumerate(idx):
+        path = paths[i]
+        init = None
+        if init_info is not None:
+            init = dict(init_info, source=str(args.init_video if args.init_video is not None else args.init_image))
+            if args.init_video is not None:
+                init["max_history_chunks"] = args.max_history_chunks
+        meta = out.metadata(b, path)
+        meta.update(num_chunks=done, init_video=init if args.init_video is not None else None,
+                    timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
+        if stopped is not None:
+            meta["stopped_early"] = stopped
+        if args.init_image is not None:
+            meta["init_image"] = init
+        files[b].commit(meta, None if res.selection is None else res.selection[b])  # this sample's picks
+        t = res.timings
+        part = "" if stopped is None else f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks"
+        print(f"wrote {path} ({meta['frames']} frames{part}, first chunk {t['first_chunk_latency_s']:.2f}s, "
+              f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
 
 
 def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
@@ -409,7 +458,7 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     d = cfg.data
     batch = min(args.batch, num_prompts)
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
-    need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history)
+    need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history, streamed=True)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
     fix = "lower --num-chunks / --batch" + (" / --max-history-chunks (counted in full here)" if args.init_video else "")
     if opts.kv_resident_chunks is None:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from resampling_forcing import figures
 from resampling_forcing import io as rio
 
 
@@ -102,18 +103,18 @@ def test_contact_sheet(tmp_path):
     from PIL import Image
 
     a, b = _clip(10), _clip(6, seed=3)
-    p = rio.contact_sheet([a, b], tmp_path / "sheet.png", every=3, scale=2, gap=2)
+    p = figures.contact_sheet([a, b], tmp_path / "sheet.png", every=3, scale=2, gap=2)
     img = np.asarray(Image.open(p))
     cols = 4  # frames 0,3,6,9 of the longest video
     assert img.shape == (2 * 64 + 3 * 2, cols * 64 + (cols + 1) * 2, 3)
     # the first cell is the first frame upscaled x2
     np.testing.assert_array_equal(img[2 : 2 + 64 : 2, 2 : 2 + 64 : 2], a[0])
     # labels add a left margin; unequal lengths/sizes are fine
-    p2 = rio.contact_sheet([a, _clip(4, 16, 24)], tmp_path / "lab.png", every=2, labels=["one", "two"])
+    p2 = figures.contact_sheet([a, _clip(4, 16, 24)], tmp_path / "lab.png", every=2, labels=["one", "two"])
     assert Image.open(p2).size[0] > 5 * 64
     _only_final(tmp_path, ["sheet.png", "lab.png"])
     with pytest.raises(ValueError):
-        rio.contact_sheet([a], tmp_path / "x.png", labels=["a", "b"])
+        figures.contact_sheet([a], tmp_path / "x.png", labels=["a", "b"])
 
 
 def test_contact_sheet_pairs_last_frame_and_margin(tmp_path):
@@ -121,7 +122,7 @@ def test_contact_sheet_pairs_last_frame_and_margin(tmp_path):
     from PIL import Image
 
     a, b = _clip(10, 8, 8), _clip(10, 8, 8, seed=1)
-    p = rio.contact_sheet([a, b, b, a], tmp_path / "pairs.png", every=4, scale=1, gap=2, last=True, margin=0, pairs=True)
+    p = figures.contact_sheet([a, b, b, a], tmp_path / "pairs.png", every=4, scale=1, gap=2, last=True, margin=0, pairs=True)
     img = np.asarray(Image.open(p))
     assert img.shape == (4 * 8 + 1 + 6 + 1, 4 * 8 + 3 * 2, 3)  # frames 0, 4, 8 and the last, 9
     np.testing.assert_array_equal(img[:8, -8:], a[9])
@@ -129,7 +130,7 @@ def test_contact_sheet_pairs_last_frame_and_margin(tmp_path):
     np.testing.assert_array_equal(img[9:17, :8], b[0])
     np.testing.assert_array_equal(img[23:31, 10:18], b[4])
     with pytest.raises(ValueError, match="max_columns"):
-        rio.contact_sheet([a], tmp_path / "x.png", max_columns=0)
+        figures.contact_sheet([a], tmp_path / "x.png", max_columns=0)
 
 
 def test_save_figure_and_json_are_atomic(tmp_path):
@@ -140,11 +141,11 @@ def test_save_figure_and_json_are_atomic(tmp_path):
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
-    rio.save_figure(fig, tmp_path / "f.png")
+    figures.save_figure(fig, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
     fig, _ = plt.subplots()
     with pytest.raises(Exception):
-        rio.save_figure(fig, tmp_path / "g.png", format="no-such-format")
+        figures.save_figure(fig, tmp_path / "g.png", format="no-such-format")
     rio.atomic_write_json(tmp_path / "d.json", {"a": 1})
     assert json.loads((tmp_path / "d.json").read_text()) == {"a": 1}
     _only_final(tmp_path, ["f.png", "d.json"])
@@ -193,3 +194,97 @@ def test_write_mp4_refuses_an_unwritable_frame_rate(tmp_path, fps):
     with pytest.raises(ValueError, match=r"fps must be a number in \(0, 1000\)"):
         rio.write_mp4(tmp_path / "v.mp4", np.zeros((2, 8, 8, 3), np.uint8), fps=fps)
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- streamed mp4 (Mp4Writer)
+
+
+def test_mp4_writer_pieces_equal_one_write(tmp_path):
+    """Pieces of a video written one by one give the file that writing it at once gives."""
+    g = np.random.default_rng(0)
+    video = g.integers(0, 255, (9, 16, 24, 3), dtype=np.uint8)
+    once = rio.write_mp4(tmp_path / "once.mp4", video, fps=8)
+    with rio.Mp4Writer(tmp_path / "pieces.mp4", fps=8) as w:
+        for piece in (video[:1], video[1:5], video[5:5], video[5:]):
+            w.write(piece)
+    assert w.frames == 9 and (tmp_path / "pieces.mp4").read_bytes() == once.read_bytes()
+    other = rio.Mp4Writer(tmp_path / "x.mp4")
+    other.write(video[:2])
+    with pytest.raises(ValueError, match="frames of 8x24 after frames of 16x24"):
+        other.write(video[:, :8])
+    other.abort()
+    with pytest.raises(ValueError, match="0 frames"):
+        rio.Mp4Writer(tmp_path / "y.mp4").close()
+
+
+def test_mp4_complete_sees_a_truncated_file(tmp_path):
+    f = rio.write_mp4(tmp_path / "a.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=8)
+    assert rio.mp4_complete(f)
+    data = f.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 40, 5):  # what a killed or starved encoder leaves
+        (tmp_path / "t.mp4").write_bytes(data[:cut])
+        assert not rio.mp4_complete(tmp_path / "t.mp4")
+
+
+@pytest.mark.parametrize("found,message", [(None, "no complete file"), (2, "2 of the 3 frames")])
+def test_mp4_writer_refuses_an_unfinished_file(tmp_path, monkeypatch, found, message):
+    """close() checks the file: an encoder that died before finishing it (a kill -9, the OOM killer) or that
+    ended it early (a SIGTERM to the whole job) is an error, so no caller commits it as the video."""
+    real = rio.mp4_frames
+    assert real(rio.write_mp4(tmp_path / "ok.mp4", np.zeros((3, 16, 16, 3), np.uint8))) == 3
+    monkeypatch.setattr(rio, "mp4_frames", lambda path: found)
+    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    w.write(np.zeros((3, 16, 16, 3), np.uint8))
+    with pytest.raises(RuntimeError, match=message):
+        w.close()
+
+
+def test_mp4_writer_full_disk_is_enospc_naming_the_file(tmp_path, monkeypatch):
+    """ffmpeg dying on a full disk reaches Python as a broken pipe: reported as ENOSPC with the file's name."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import imageio_ffmpeg
+
+    def broken(*a, **k):  # the generator ffmpeg's pipe gives once ffmpeg has died
+        yield
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    with pytest.raises(OSError) as e:
+        w.write(np.zeros((3, 16, 16, 3), np.uint8))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "v.mp4") and rio.is_no_space(e.value)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))  # space left: the error as it is
+    with pytest.raises(BrokenPipeError):
+        rio.Mp4Writer(tmp_path / "w.mp4", fps=8).write(np.zeros((3, 16, 16, 3), np.uint8))
+
+
+def _ffmpeg_children() -> list[str]:
+    """States (R, S, Z, ...) of this process's ffmpeg children."""
+    out = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                text = open(f"/proc/{stat}/stat").read()
+            except OSError:
+                continue
+            name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            if "ffmpeg" in name and int(rest[1]) == os.getpid():
+                out.append(rest[0])
+    return out
+
+
+def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
+    """abort() does not wait for ffmpeg to encode its backlog (a second Ctrl-C stops at once): right after it
+    no ffmpeg child of this process is alive (a killed one is at most a zombie)."""
+    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    w.write(np.random.default_rng(0).integers(0, 255, (24, 480, 832, 3), dtype=np.uint8))  # seconds of work
+    assert any(s in "RSD" for s in _ffmpeg_children())
+    w.abort()
+    assert all(s == "Z" for s in _ffmpeg_children()), _ffmpeg_children()
+    f = tmp_path / "v.mp4"  # killed, not finished: no complete file (a graceful close would have written one)
+    assert not f.exists() or not rio.mp4_complete(f)

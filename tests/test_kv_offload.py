@@ -138,10 +138,11 @@ def test_cli_memory_check_counts_what_a_bounded_routed_run_stages(monkeypatch):
     args = types.SimpleNamespace(batch=1, max_history_chunks=None, init_video=None, init_image=None, num_chunks=8,
                                  dtype="fp32", quiet=True)
     for routing, layers in ((RoutingSpec("window", sink_chunks=1, window_chunks=2), None),
-                            (RoutingSpec("topk", top_k=3), None), (None, None), (RoutingSpec("topk", top_k=3), [0])):
+                            (RoutingSpec("topk", top_k=3), None), (None, None), (RoutingSpec("topk", top_k=3), [0]),
+                            (RoutingSpec("window", sink_chunks=1, window_chunks=2), list(range(cfg.model.num_layers)))):
         opts = SamplingOptions(steps=1, kv_resident_chunks=2, routing=routing, routing_layers=layers)
         mod.check_memory(cfg, torch.device("cpu"), args, 1, opts)
-    assert seen == [3, 3, None, None]
+    assert seen == [3, 3, None, None, 3]  # every block listed = every block routed
 
 
 def test_host_tier_in_a_smaller_dtype():
@@ -384,6 +385,9 @@ def test_window_cache_is_flat_in_length():
     # reading a dropped chunk is a bug of the keep rule: refused on the host, not read stale
     with pytest.raises(RuntimeError, match="chunk 5 was dropped"):
         ro.cache.history(0, [5])
+    # a rewind (a recache) frees the window copies at once: the rewrite keeps what it needs anew
+    ro.cache.num_chunks = 0
+    assert ro.cache.host_bytes() == 0 and [j for j, t in enumerate(ro.cache.hk[0]) if t is not None] == [0, 1]
 
 
 def test_window_reads_rule():
@@ -417,6 +421,19 @@ def test_sample_memory_bounded_estimate():
     assert kv(500, **win) == kv(20, **win) == kv(2) + 2 * cfg.model.num_layers * layer_chunk + 6 * layer_chunk
     assert host(500, **win) == host(20, **win) == 2 * layer_chunk * cfg.model.num_layers
     assert host(500, kv_resident_chunks=1) == 499 * layer_chunk * cfg.model.num_layers
+
+
+def test_streamed_video_estimate_holds_one_chunk():
+    """A streamed rollout (sample/sample.py) holds one chunk's frames, or the history's, not the video."""
+    from resampling_forcing.config import Config
+    from resampling_forcing.memory import sample_memory
+
+    cfg = Config()  # Wan VAE: 4 pixel frames per latent frame, 3 latent frames per chunk
+    video = lambda n, **kw: sample_memory(cfg, n, **kw)["parts"]["video"]  # noqa: E731
+    frame = cfg.data.height * cfg.data.width * 3
+    assert video(500, streamed=True) == video(2, streamed=True) == 12 * frame
+    assert video(500, streamed=True, history_chunks=4) == (1 + 4 * 11) * frame  # the history decoded at once
+    assert video(500) == (1 + 4 * (3 * 500 - 1)) * frame
 
 
 @pytest.mark.parametrize("case", ["window", "topk"])

@@ -290,13 +290,13 @@ def test_pipeline_with_lora_loads_the_merged_model(base_run, lora_run, caplog):
     pipe = Pipeline.from_pretrained(base_run, lora=lora_run)
     a, b = ref.model.state_dict(), pipe.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert pipe.source["lora"]["file"].endswith(LORA_WEIGHTS) and pipe.source["lora"]["base_matches"]
+    assert pipe.source["lora"][0]["file"].endswith(LORA_WEIGHTS) and pipe.source["lora"][0]["base_matches"]
     with pytest.raises(PipelineError, match="whose weights already include it"):
         Pipeline.from_pretrained(lora_run, lora=lora_run)
     shared = _copy_of_adapters(lora_run)
     with caplog.at_level("WARNING"):  # onto other weights (here the merged ones): allowed, and said
         other = Pipeline.from_pretrained(lora_run, lora=shared)
-    assert not other.source["lora"]["base_matches"] and "trained on other weights" in caplog.text
+    assert not other.source["lora"][0]["base_matches"] and "trained on other weights" in caplog.text
 
 
 def _copy_of_adapters(lora_run):
@@ -355,7 +355,8 @@ def test_sample_cli_with_lora_records_it(tmp_path, base_run, lora_run):
     assert sampling_cli.main(["--checkpoint", str(base_run), "--lora", str(lora_run), "--prompt", "a red circle",
                               "--num-chunks", "2", "--steps", "1", "--output", str(out), "--quiet"]) == 0
     source = json.loads(out.with_suffix(".json").read_text())["pipeline"]["source"]
-    assert source["lora"]["base_matches"] and source["lora"]["ema"] and source["lora"]["file"].endswith(LORA_WEIGHTS)
+    (rec,) = source["lora"]  # one record per --lora
+    assert rec["base_matches"] and rec["ema"] and rec["file"].endswith(LORA_WEIGHTS) and rec["strength"] == 1.0
     assert source["weights"].endswith("model.safetensors")  # the base's model weights, not its EMA
 
 

@@ -329,7 +329,7 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "recache without a storyboard": (base + ("--switch-cache", "recache"), "give --prompts-at or --storyboard"),
         "host tier larger": (base + ("--dtype", "bf16", "--kv-resident-chunks", 1, "--kv-host-dtype", "fp32"),
                              "--kv-host-dtype fp32 is larger than the model's bf16"),
-        "lora missing": (base + ("--lora", tmp_path / "nope"), "does not exist; pass a lora.safetensors file"),
+        "lora missing": (base + ("--lora", tmp_path / "nope"), "does not exist; pass a LoRA .safetensors file"),
         "lora of a full run": (base + ("--lora", run_dir), "holds no lora.safetensors: it is not a LoRA run"),
         "lora not an adapter file": (base + ("--lora", board), "cannot read"),
     }
@@ -431,17 +431,20 @@ def test_mp4_and_json_appear_together_and_quiet_keeps_wrote_line(run_dir, tmp_pa
     out = tmp_path / "p" / "v.mp4"
     import resampling_forcing.io as rio
 
-    real = rio.write_mp4
+    real = rio.Mp4Writer.close
 
-    def killed(path, *a, **k):  # the encoder dies half way (as under kill -9 or a full disk)
-        real(path, *a, **k)
+    def killed(self):  # the encoder dies at the end (as under kill -9 or a full disk)
+        real(self)
         raise RuntimeError("killed while encoding")
 
-    monkeypatch.setattr(rio, "write_mp4", killed)
-    with pytest.raises(RuntimeError):
-        cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--output", out, "--quiet", "--device", "cpu")
+    monkeypatch.setattr(rio.Mp4Writer, "close", killed)
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--output", out, "--quiet",
+               "--device", "cpu") == 1  # not the input's fault: one line, exit 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out}: killed while encoding; nothing was written"), err
     assert sorted(os.listdir(out.parent)) == []  # neither file, no temporaries
-    monkeypatch.setattr(rio, "write_mp4", real)
+    monkeypatch.setattr(rio.Mp4Writer, "close", real)
     stale = out.parent / ".v.abcd1234.tmp.json"  # what a kill -9 would have left
     stale.write_text("{}")
     capsys.readouterr()
@@ -450,6 +453,77 @@ def test_mp4_and_json_appear_together_and_quiet_keeps_wrote_line(run_dir, tmp_pa
     assert sorted(os.listdir(out.parent)) == ["v.json", "v.mp4"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"wrote {out}")
+
+
+def test_cli_streams_each_chunk_into_its_mp4(run_dir, tmp_path, monkeypatch):
+    """The CLI writes every decoded piece into the mp4s as the rollout makes it (the video is never held
+    whole: the rollout's result has none), and the files are those of saving the held video."""
+    import json
+
+    import resampling_forcing.pipeline.core as core
+    from resampling_forcing.pipeline import output
+
+    writes, results = [], []
+    real_write, real_sample = output.VideoFiles.write, core.sample
+    monkeypatch.setattr(output.VideoFiles, "write", lambda self, f: writes.append(len(f)) or real_write(self, f))
+    monkeypatch.setattr(core, "sample", lambda *a, **k: results.append(real_sample(*a, **k)) or results[-1])
+    out = tmp_path / "s"
+    assert cli("--checkpoint", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--batch", 2,
+               "--num-chunks", 3, "--seed", 5, "--output", f"{out}/", "--quiet", "--device", "cpu") == 0
+    assert writes == [CF] * 6 and len(results) == 1 and results[0].video is None and results[0].streamed
+    held = Pipeline.from_pretrained(run_dir).generate(["a red circle", "a blue square"], 3, seed=5)
+    assert held.video is not None and held.num_frames == 3 * CF
+    for b, name in enumerate(["000_a_red_circle", "001_a_blue_square"]):
+        ref = tmp_path / "ref" / f"{name}.mp4"
+        output.save_video(ref, held.video[b], {}, fps=json.loads((out / f"{name}.json").read_text())["fps"])
+        assert (out / f"{name}.mp4").read_bytes() == ref.read_bytes()
+        assert json.loads((out / f"{name}.json").read_text())["frames"] == 3 * CF
+
+
+def test_cli_full_disk_names_the_video_and_keeps_the_finished_ones(run_dir, tmp_path, capsys, monkeypatch):
+    """A full disk while finishing the second video of a batch: one line naming that video (not a temporary,
+    not the first), exit 2; the first video stays whole with its JSON, nothing of the second is left."""
+    import errno
+
+    import resampling_forcing.io as rio
+
+    real = rio.Mp4Writer.close
+
+    def close(self):
+        if ".001_" in self.path.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self)
+
+    monkeypatch.setattr(rio.Mp4Writer, "close", close)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "a", "--prompt", "b", "--batch", 2, "--num-chunks", 1,
+               "--output", f"{out}/", "--quiet", "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"no space left on {out} (writing 001_b.mp4); free some space"), err
+    assert sorted(os.listdir(out)) == ["000_a.json", "000_a.mp4"]
+
+
+def test_cli_output_cleaned_by_another_run(run_dir, tmp_path, capsys, monkeypatch):
+    """A second sample.py writing the same outputs removes the first one's temporaries at its start (stale
+    ones, it takes them for): the first run then says so in one line, exit 1, and leaves nothing."""
+    from resampling_forcing.io import clean_stale_temps
+    from resampling_forcing.pipeline import output
+
+    real = output.VideoFiles.write
+
+    def write(self, frames):
+        real(self, frames)
+        clean_stale_temps(self.path)  # what the other run's start does
+
+    monkeypatch.setattr(output.VideoFiles, "write", write)
+    out = tmp_path / "v.mp4"
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "a", "--num-chunks", 2, "--output", out, "--quiet",
+               "--device", "cpu") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was removed while being written (another process writing the same outputs?)" in err[0]
+    assert os.listdir(tmp_path) == []
 
 
 def test_init_video_is_resampled_to_the_model_fps_and_capped(run_dir, tmp_path):
@@ -488,6 +562,9 @@ def _api_cases(pipe):
         "cfg a bool": (lambda: pipe.generate("a", 1, cfg_scale=True, **g), "cfg_scale must be a number"),
         "seed None": (lambda: pipe.generate("a", 1, seed=None, **g), "seed=None"),
         "callback not callable": (lambda: pipe.generate("a", 1, callback="x", **g), "callback must be callable"),
+        "video_sink not callable": (lambda: pipe.generate("a", 1, video_sink=[], **g), "video_sink must be callable"),
+        "video_sink without decode": (lambda: pipe.generate("a", 1, video_sink=print, decode=False, **g),
+                                      "needs decode=True"),
         "options a string": (lambda: pipe.generate("a", 1, options="x"), "options: a SamplingOptions"),
         "indices a string": (lambda: pipe.generate("a", 1, indices="0", **g), "indices="),
         "generator a string": (lambda: pipe("a", num_frames=2, num_inference_steps=1, generator="abc"), "generator"),

@@ -122,3 +122,49 @@ def test_a_batch_stops_together_and_a_stop_after_the_last_chunk_keeps_whole_vide
                "--device", "cpu", "--quiet") == 130
     assert "stopped_early" not in json.loads(whole.with_suffix(".json").read_text())
     assert read_mp4(whole).shape[0] == 2 * CF and "stopped by" not in capsys.readouterr().err
+
+
+def test_a_signal_to_the_whole_job_stops_the_encoder_too(run_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM to every process of the job (Slurm's scancel, systemd) also ends the ffmpeg encoders, which
+    stream the videos. A race decides whether ffmpeg read the last frames before it ended its file: then the
+    video is written whole (its frame count checked against the JSON's); else one line says so and no file of
+    the video is left. Never a video shorter than its JSON says. Exit code: the stop's, either way."""
+    real, count = sampler.Rollout.next_chunk, [0]
+
+    def next_chunk(self, *a, **k):
+        out = real(self, *a, **k)
+        if count[0] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for pid in _ffmpeg_children():
+                os.kill(pid, signal.SIGTERM)
+        count[0] += 1
+        return out
+
+    monkeypatch.setattr(sampler.Rollout, "next_chunk", next_chunk)
+    out = tmp_path / "v.mp4"
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "a", "--num-chunks", 4, "--steps", 1, "--device", "cpu",
+               "--quiet", "--output", out) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    if err[0].startswith("wrote"):  # ffmpeg had read every frame sent before it ended the file
+        meta = json.loads(out.with_suffix(".json").read_text())
+        assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"] and meta["stopped_early"]
+        assert read_mp4(out).shape[0] == meta["frames"] == 2 * CF
+    else:
+        assert "also stopped the video encoder" in err[0], err
+        assert os.listdir(tmp_path) == []
+
+
+def _ffmpeg_children() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            rest = text[text.rindex(")") + 2:].split()
+            if "ffmpeg" in text[text.index("(") + 1:text.rindex(")")] and int(rest[1]) == os.getpid() and rest[0] != "Z":
+                pids.append(int(entry))
+    return pids

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import save_figure
+from ..figures import save_figure
 from .config import SCORE_KEYS
 from .metrics import mean_over_videos
 

@@ -6,7 +6,7 @@
 
 Modules: `core` (Pipeline: from_pretrained, generate, the diffusers-style __call__), `loading`
 (path -> config, model and encoders; device and dtype parsing), `inputs` (init video / image ->
-a clip of whole chunks), `output` (PipelineOutput, save_video: mp4 + JSON sidecar). The names
+a clip of whole chunks), `output` (PipelineOutput, VideoFiles / save_video: mp4 + JSON sidecar). The names
 below are re-exported here, the public import path.
 """
 from ..checkpoint import CheckpointInfo, latest_checkpoint, resolve_checkpoint, resolve_hub_id
@@ -14,7 +14,7 @@ from ..storyboard import PipelineError, parse_storyboard, video_paths
 from .core import Pipeline
 from .inputs import prepare_init_video, read_image
 from .loading import parse_dtype, resolve_config, resolve_device
-from .output import PipelineOutput, save_video
+from .output import PipelineOutput, VideoFiles, save_video
 
 __all__ = [
     "PipelineError",
@@ -30,6 +30,7 @@ __all__ = [
     "parse_storyboard",
     "video_paths",
     "save_video",
+    "VideoFiles",
     "PipelineOutput",
     "Pipeline",
 ]

@@ -52,7 +52,7 @@ def _check_indices(indices, prompts: int) -> None:
         raise PipelineError(f"indices: {len(indices)} sample indices for {prompts} prompts; pass one per prompt")
 
 
-def _check_call(*, seed, indices, callback, progress, decode, options, negative_prompt) -> None:
+def _check_call(*, seed, indices, callback, progress, decode, options, negative_prompt, video_sink=None) -> None:
     """generate()'s arguments of the wrong type or range, before any work: PipelineError naming them."""
     from ..cli import MAX_SEED
 
@@ -64,8 +64,11 @@ def _check_call(*, seed, indices, callback, progress, decode, options, negative_
     for name, value in (("progress", progress), ("decode", decode)):
         if not isinstance(value, bool):
             raise PipelineError(f"{name} must be True or False, got {value!r}")
-    if callback is not None and not callable(callback):
-        raise PipelineError(f"callback must be callable, got {type(callback).__name__}")
+    for name, fn in (("callback", callback), ("video_sink", video_sink)):
+        if fn is not None and not callable(fn):
+            raise PipelineError(f"{name} must be callable, got {type(fn).__name__}")
+    if video_sink is not None and not decode:
+        raise PipelineError("video_sink receives decoded frames: it needs decode=True")
     if options is not None and not isinstance(options, SamplingOptions):
         raise PipelineError(f"options: a SamplingOptions (pipe.sampling_options(...)), got {type(options).__name__}")
     if negative_prompt is not None and not isinstance(negative_prompt, str) and not (
@@ -94,13 +97,15 @@ class Pipeline:
     def from_pretrained(cls, path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
                         overrides: Sequence[str] = (), device: Union[str, torch.device, None] = "cpu",
                         dtype: Union[str, torch.dtype] = "fp32", use_ema: bool = True,
-                        attention_backend: Optional[str] = None, lora: Union[str, Path, None] = None) -> "Pipeline":
+                        attention_backend: Optional[str] = None, lora=None, lora_scale=None) -> "Pipeline":
         """Load a run dir / checkpoint dir / raw Wan checkpoint and its encoders (pipeline.loading);
-        `lora`: a LoRA run's adapters (lora.safetensors or its run / checkpoint folder) merged into them.
+        `lora`: LoRAs merged into them, one or a list (a LoRA run of this toolkit: its lora.safetensors or run /
+        checkpoint folder; or another tool's Wan2.1 LoRA .safetensors), `lora_scale` their strength (default 1).
         Errors about the input raise PipelineError (or ConfigError / CheckpointError /
         EncoderLoadError, all ValueErrors) with one-line messages."""
         pipe = cls(*load_pretrained(path, config=config, overrides=overrides, device=device, dtype=dtype,
-                                    use_ema=use_ema, attention_backend=attention_backend, lora=lora))
+                                    use_ema=use_ema, attention_backend=attention_backend, lora=lora,
+                                    lora_scale=lora_scale))
         pipe._check_consistency()
         return pipe
 
@@ -227,7 +232,8 @@ class Pipeline:
                  kv_resident_chunks: Optional[int] = None, kv_host_dtype: Optional[str] = None,
                  rope_horizon: Union[int, str, None] = None, rope_far_at: Optional[int] = None,
                  options: Optional[SamplingOptions] = None,
-                 callback: Optional[Callable] = None, progress: bool = False, decode: bool = True) -> SampleResult:
+                 callback: Optional[Callable] = None, progress: bool = False, decode: bool = True,
+                 video_sink: Optional[Callable] = None) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
         Sampling settings default to the config's `diffusion` / `attention.routing` sections, with
@@ -252,10 +258,12 @@ class Pipeline:
         many) chunks back (attention/positions.py; README "Far-history positions"). None = the config's
         attention.rope_horizon (null: absolute positions); "train" = a training clip's chunks - 1.
         rope_far_at: the distance those chunks are read at (None = the config's; null = the horizon).
+        video_sink: receives the decoded video piece by piece (uint8 [B, F, H, W, 3], history first) instead
+        of the result holding it (sampler.sample; the sampling CLI streams its mp4 files this way).
         """
         check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
-                    negative_prompt=negative_prompt)
+                    negative_prompt=negative_prompt, video_sink=video_sink)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
             raise PipelineError(f"num_chunks={num_chunks!r}: need an int >= 1")
         num_chunks = int(num_chunks)
@@ -284,7 +292,7 @@ class Pipeline:
         history, init_info = init_latents, None
         if init_video is not None:  # encoded first: its length is the history the memory check must count
             history, init_info = self.load_init_video(init_video, max_chunks=max_history_chunks, height=hh, width=ww)
-        self._check_memory(opts, num_chunks, bsz, history, init_image, hh, ww)
+        self._check_memory(opts, num_chunks, bsz, history, init_image, hh, ww, streamed=video_sink is not None)
         neg_text = self.config.diffusion.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(neg_text, str):
             neg_text = list(neg_text)
@@ -305,21 +313,22 @@ class Pipeline:
         result = sample(self.model, ctx, num_chunks, latent_hw, neg_context=neg, options=opts, seed=seed,
                         indices=indices, history=None if history is None else history.to(self.device),
                         vae=self.vae, decode=decode, callback=callback, progress=progress,
-                        storyboard=switches or None, switch_cache=switch_cache)
+                        storyboard=switches or None, switch_cache=switch_cache, video_sink=video_sink)
         result.timings["text_encode_s"] = text_s
         story = storyboard_record(prompts, board)
         return dataclasses.replace(result, init_video=init_info, prompts=prompts,
                                    negative_prompt=neg_text if opts.cfg_scale != 1.0 else None,
                                    storyboard=story, switch_cache=switch_cache if story is not None else None)
 
-    def _check_memory(self, opts, num_chunks, batch, init_latents, init_image, height, width) -> None:
+    def _check_memory(self, opts, num_chunks, batch, init_latents, init_image, height, width,
+                      streamed: bool = False) -> None:
         """Refuse, before any work, a rollout whose memory lower bound exceeds what is free (as the CLI)."""
         from ..memory import check_fits, rollout_need
 
         history = 1 if init_image is not None else (
             int(init_latents.shape[2]) // self.chunk_frames if isinstance(init_latents, torch.Tensor) else 0)
         cfg = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, height=height, width=width))
-        need = rollout_need(cfg, opts, num_chunks, batch, torch.finfo(self.dtype).bits // 8, history)
+        need = rollout_need(cfg, opts, num_chunks, batch, torch.finfo(self.dtype).bits // 8, history, streamed=streamed)
         msg = check_fits(need, self.device, f"a rollout of {num_chunks} chunks at {height}x{width} (batch {batch})",
                          "lower num_chunks / the batch / the resolution, or bound the cache with kv_resident_chunks")
         if msg:

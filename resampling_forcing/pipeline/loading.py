@@ -162,12 +162,14 @@ def check_model_overrides(cfg: Config, overrides: Sequence[str]) -> None:
 def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, None] = None,
                     overrides: Sequence[str] = (), device: Union[str, torch.device, None] = "cpu",
                     dtype: Union[str, torch.dtype] = "fp32", use_ema: bool = True,
-                    attention_backend: Optional[str] = None, lora: Union[str, Path, None] = None
+                    attention_backend: Optional[str] = None, lora=None, lora_scale=None,
                     ) -> tuple[CausalWanModel, Any, Any, Config, torch.device, torch.dtype, dict]:
     """(model, vae, text_encoder, config, device, dtype, source): what `Pipeline.from_pretrained`
-    holds (see the module doc); `source` describes what was loaded. `lora`: adapters to merge into the
-    checkpoint's model weights (not its EMA: the base a LoRA run trains on); a LoRA run's lora.safetensors,
-    or its run / checkpoint folder; their EMA when `use_ema` and the file has one. PipelineError (one line)."""
+    holds (see the module doc); `source` describes what was loaded. `lora`: one or a list of LoRAs to merge,
+    in order, into the checkpoint's model weights (not its EMA: the base a LoRA run trains on): a LoRA run's
+    lora.safetensors, or its run / checkpoint folder (their EMA when `use_ema` and the file has one), or
+    another tool's Wan2.1 LoRA file (lora_formats); `lora_scale`: their strength (one for all or one each;
+    default 1). `source["lora"]`: a list, one record per LoRA. PipelineError (one line)."""
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise PipelineError(f"path: a run folder, a checkpoint folder or a Hugging Face id (str or Path), got {path!r}")
     if config is not None and not isinstance(config, (str, Path, Config)):
@@ -176,9 +178,17 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
         raise PipelineError(f"overrides: a list of 'key.path=value' strings, got {overrides!r:.80}")
     if not isinstance(use_ema, bool):
         raise PipelineError(f"use_ema must be True or False, got {use_ema!r}")
+    from ..lora_formats import is_toolkit_file, lora_list
+
+    try:
+        loras = lora_list(lora, lora_scale)
+        runs = any(is_toolkit_file(p) for p, _ in loras)
+    except (ValueError, CheckpointError) as e:
+        raise PipelineError(f"lora: {str(e).splitlines()[0]}") from None
     dev, dt = resolve_device(device), parse_dtype(dtype)
-    # with adapters: the checkpoint's model weights, the base a LoRA run reads (use_ema picks their EMA)
-    info = resolve_checkpoint(path, use_ema=use_ema and lora is None)
+    # with a LoRA run's adapters: the checkpoint's model weights, the base such a run reads (use_ema picks the
+    # adapters' EMA); other tools' LoRAs go onto the weights sampling would load anyway (EMA when there)
+    info = resolve_checkpoint(path, use_ema=use_ema and not runs)
     overrides = list(overrides)
     if attention_backend is not None:
         overrides.append(f"attention.backend={attention_backend}")
@@ -188,7 +198,7 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
         backend = resolve_backend(cfg.attention.backend, dev)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    model, applied = _load_model(info, cfg, dev, dt, lora, use_ema)
+    model, applied = _load_model(info, cfg, dev, dt, loras, use_ema)
     try:
         vae = build_vae(cfg.encoders, device=dev, dtype=torch.float32)
         text = build_text_encoder(cfg.encoders, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
@@ -204,7 +214,7 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
 
 
 def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: torch.dtype,
-                lora: Union[str, Path, None] = None, use_ema: bool = True) -> tuple[CausalWanModel, Optional[dict]]:
+                loras: Sequence[tuple[str, float]] = (), use_ema: bool = True) -> tuple[CausalWanModel, Optional[list]]:
     # Built without initialising (meta device, then uninitialised memory in the final dtype):
     # every parameter is overwritten by the strict load below.
     with torch.device("meta"):
@@ -220,29 +230,34 @@ def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: 
     else:
         state = read_state_dict(info.model_dir)
     applied = None
-    if lora is not None:
-        state, applied = _merge_lora(state, lora, info, use_ema)
+    if loras:
+        applied = []
+        for lora, strength in loras:
+            state, done = _merge_lora(state, lora, strength, info, use_ema)
+            applied.append(done)
     load_state_into(model, state, source=str(info.weights or info.model_dir))
     del state
     return model.eval().requires_grad_(False), applied
 
 
-def _merge_lora(state: dict, lora: Union[str, Path], info: CheckpointInfo, use_ema: bool) -> tuple[dict, dict]:
-    """The adapters of `lora` merged into `state` (lora.merge_file), with the checks a user needs: the
-    LoRA run's own checkpoint already holds them (PipelineError), another base is only warned about."""
+def _merge_lora(state: dict, lora: str, strength: float, info: CheckpointInfo, use_ema: bool) -> tuple[dict, dict]:
+    """One LoRA merged into `state`: this toolkit's adapters (lora.merge_file), with the checks a user needs
+    (the LoRA run's own checkpoint already holds them: PipelineError; another base is only warned about), or
+    another tool's file (lora_formats.merge_updates)."""
     import logging
 
     from ..checkpoint import LORA_WEIGHTS
     from ..lora import adapter_file, merge_file
+    from ..lora_formats import is_toolkit_file, merge_updates
 
-    if not isinstance(lora, (str, Path)) or not str(lora).strip():
-        raise PipelineError(f"lora: a lora.safetensors file or a LoRA run / checkpoint folder, got {lora!r}")
     try:
+        if not is_toolkit_file(lora):
+            return merge_updates(state, lora, strength)
         file = adapter_file(lora)
         if (info.model_dir / LORA_WEIGHTS).is_file() and (info.model_dir / LORA_WEIGHTS).samefile(file):
             raise PipelineError(f"lora: {lora} is the LoRA of the checkpoint being loaded, whose weights already "
                                 "include it; leave it out (or load its base checkpoint with it)")
-        state, applied = merge_file(state, file, use_ema=use_ema)
+        state, applied = merge_file(state, file, use_ema=use_ema, strength=strength)
     except CheckpointError as e:
         raise PipelineError(f"lora: {str(e).splitlines()[0]}") from None
     if not applied["base_matches"]:
