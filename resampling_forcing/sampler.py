@@ -121,12 +121,16 @@ class Rollout:
     capacity: cache capacity hint in chunks (history + generated); the cache grows by doubling past it.
     uncond: force (True) or forbid (False) the unconditional branch; None = cfg_scale != 1.
     attn_wrapper: optional f(op) -> op wrapping the attention ops (instrumentation, e.g. the benchmark).
+    keep_written: keep every cache-writing pass's input for `recache` (latent-sized, on the model device);
+        False for a rollout that never re-caches, so that nothing of it grows with its length but the
+        cache (sample() keeps them only for a storyboard with switch_cache="recache").
     """
 
     def __init__(self, model, context: torch.Tensor, *, latent_hw: tuple[int, int],
                  neg_context: Optional[torch.Tensor] = None, options: Optional[SamplingOptions] = None,
                  seed: int = 0, indices: Optional[Sequence[int]] = None, capacity: int = 8,
-                 uncond: Optional[bool] = None, attn_wrapper: Optional[Callable] = None):
+                 uncond: Optional[bool] = None, attn_wrapper: Optional[Callable] = None,
+                 keep_written: bool = True):
         self.model = model
         self.options = options or SamplingOptions()
         cfg = model.cfg
@@ -183,8 +187,9 @@ class Rollout:
         self._recache_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, **attn_kw))
         self.pending: Optional[torch.Tensor] = None  # finished chunk not yet written into the cache
         # The model input of every cache-writing pass so far ([B, C, cf, h, w] fp32, after the
-        # context_t re-noising): what `recache` runs again under a new text. Latent-sized, i.e.
-        # negligible next to the K/V they produce.
+        # context_t re-noising): what `recache` runs again under a new text. Latent-sized, 1/1440 of
+        # the K/V they produce at the 1.3B shape: only kept when a recache may come (keep_written).
+        self.keep_written = bool(keep_written)
         self.written: list[torch.Tensor] = []
 
     # -- cursors (host ints) ----------------------------------------------------------------
@@ -242,12 +247,13 @@ class Rollout:
         x = latents.float()
         if ct > 0:
             x = add_noise(x, self.noise(self.chunk_shape, x.device), ct)
-        else:
+        elif self.keep_written:
             x = x.clone()  # kept for recache: must not alias the caller's tensor
         self.model(self._batched(x), self._t(ct), text_kv=self.cache.text_kv, attn=self._commit_op,
                    frame_offset=self.frame_offset)
         self.cache.commit()
-        self.written.append(x)
+        if self.keep_written:
+            self.written.append(x)
         if self.recorder is not None:
             self._absorb_selection()
 
@@ -283,6 +289,8 @@ class Rollout:
     @torch.no_grad()
     def recache(self) -> None:
         """Re-write every cached chunk under the current text (see `set_context`)."""
+        if not self.keep_written:
+            raise RuntimeError("this rollout keeps no cache-writing inputs to re-cache: build it with keep_written=True")
         self.flush()
         ct = self.options.context_t
         written, self.written = self.written, []
@@ -455,7 +463,8 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     reset_peak_memory(device)
     t_start = time.perf_counter()
     ro = Rollout(model, context, latent_hw=latent_hw, neg_context=neg_context, options=options, seed=seed,
-                 indices=indices, capacity=total, uncond=uncond, attn_wrapper=attn_wrapper)
+                 indices=indices, capacity=total, uncond=uncond, attn_wrapper=attn_wrapper,
+                 keep_written=bool(switches) and switch_cache == "recache")
     decoding = decode and vae is not None
     state = vae.init_decode_state() if decoding else None
     pieces_lat: list[torch.Tensor] = []

@@ -383,3 +383,28 @@ def test_bench_replay_applies_recorded_selections():
         for layer in range(model.cfg.num_layers):
             want = rec["sel"][(n, layer % rec["layers"])][: model.cfg.num_heads][:, tok].float().mean(dim=1)
             np.testing.assert_array_equal(res.selection[0, n, layer, :, :n], want.numpy())
+
+
+@pytest.mark.parametrize("ct", [0.0, 0.3])
+def test_a_rollout_without_recache_keeps_no_inputs(ct, monkeypatch):
+    """Only a rollout that may re-cache keeps its cache-writing inputs (they grow with its length): the same
+    latents without them; sample() keeps them for a storyboard with switch_cache='recache' only."""
+    model = tiny_model()
+    opts = SamplingOptions(steps=2, cfg_scale=1.0, context_t=ct)
+    runs = {}
+    for keep in (True, False):
+        ro = Rollout(model, _ctx(1, 1), latent_hw=(H, W), options=opts, keep_written=keep)
+        runs[keep] = torch.cat([ro.next_chunk() for _ in range(4)], dim=2)
+        ro.flush()
+        assert len(ro.written) == (4 if keep else 0)
+    assert torch.equal(runs[True], runs[False])
+    with pytest.raises(RuntimeError, match="keeps no cache-writing inputs"):
+        ro.recache()
+    kept = []
+    real = Rollout.__init__
+    monkeypatch.setattr(Rollout, "__init__", lambda self, *a, **k: kept.append(k["keep_written"]) or real(self, *a, **k))
+    board = [(0, _ctx(1, 1)), (2, _ctx(2, 1))]
+    for board_, mode in ((None, "keep"), (board, "keep"), (board, "recache")):
+        sample(model, None if board_ else _ctx(1, 1), 3, (H, W), options=opts, decode=False, storyboard=board_,
+               switch_cache=mode)
+    assert kept == [False, False, True]
