@@ -390,7 +390,7 @@ class ChunkOutput:
 
 @dataclass
 class SampleResult:
-    latents: torch.Tensor  # [B, C, F, h, w] fp32 CPU: history + generated
+    latents: Optional[torch.Tensor]  # [B, C, F, h, w] fp32 CPU: history + generated; None with keep_latents=False
     video: Optional[torch.Tensor]  # uint8 [B, frames, H, W, 3] CPU: decoded history + generated; None w/o decode
     history_chunks: int
     history_frames: int  # pixel frames of `video` that reconstruct the given history
@@ -425,7 +425,8 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
            vae=None, decode: bool = True, callback: Optional[Callable[[ChunkOutput], Any]] = None,
            progress: bool = False, uncond: Optional[bool] = None,
            attn_wrapper: Optional[Callable] = None, storyboard: Optional[Sequence] = None,
-           switch_cache: str = "keep", video_sink: Optional[Callable[[torch.Tensor], Any]] = None) -> SampleResult:
+           switch_cache: str = "keep", video_sink: Optional[Callable[[torch.Tensor], Any]] = None,
+           keep_latents: bool = True) -> SampleResult:
     """Roll out `num_chunks` chunks after an optional `history` (latents [B or 1, C, n*cf, h, w]).
 
     Prompt switching: `storyboard` is a list of (chunk index, context [B, Lt, text_dim]); chunk
@@ -441,7 +442,8 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     `video_sink` (with decoding): receives every decoded piece, uint8 [B, F, H, W, 3] on the CPU (the
     history's reconstruction first, then each generated chunk's frames), instead of the result holding
     the whole video (`result.video` None, `result.streamed`): host memory flat in the rollout length
-    (sample/sample.py streams into its mp4 files this way).
+    (sample/sample.py streams into its mp4 files this way). `keep_latents=False`: the result holds no
+    latents either (`result.latents` None): then nothing on the host grows with the rollout's length.
     Timings (seconds): first_chunk_latency_s (from this call to the first generated chunk's
     frames, incl. cache setup, prefill and decode; `_no_decode_s` without decode), per_chunk_s,
     per_chunk_denoise_s (denoising + writing the previous chunk into the cache), per_chunk_decode_s,
@@ -479,7 +481,8 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
         sync(device)
         timings["prefill_s"] = time.perf_counter() - t0
         hist = history.expand(ro.batch, -1, -1, -1, -1).float()
-        pieces_lat.append(hist.cpu())
+        if keep_latents:
+            pieces_lat.append(hist.cpu())
         if decoding:
             t0 = time.perf_counter()
             frames = vae.decode_chunk(hist.to(vae.device), state).cpu()
@@ -513,7 +516,8 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
                 emit(_to_uint8(frames))
             if not decoding:  # frames the chunk would decode to (latent frames without a VAE)
                 gen_frames += _chunk_frames(vae, ro.num_chunks, cf)
-            pieces_lat.append(lat.cpu())
+            if keep_latents:
+                pieces_lat.append(lat.cpu())
             per_denoise.append(t1 - t0)
             per_decode.append(t2 - t1)
             if g == 0:
@@ -546,7 +550,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
         batch=ro.batch, cfg_branches=2 if ro.use_uncond else 1,
     )
     return SampleResult(
-        latents=torch.cat(pieces_lat, dim=2),
+        latents=torch.cat(pieces_lat, dim=2) if keep_latents else None,
         video=torch.cat(pieces_vid, dim=1) if decoding and video_sink is None else None,
         history_chunks=hist_chunks, history_frames=history_frames, timings=timings,
         selection=ro.selection_frequencies() if options.record_selection else None,

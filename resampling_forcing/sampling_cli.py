@@ -378,7 +378,7 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
             res = pipe.generate([prompts[i] for i in idx], args.num_chunks, negative_prompt=neg, seed=args.seed,
                                 indices=idx, options=opts, init_latents=history, progress=not args.quiet,
                                 storyboard=switches, switch_cache=args.switch_cache,
-                                callback=lambda _chunk: stop.requested is None, video_sink=sink)
+                                callback=lambda _chunk: stop.requested is None, video_sink=sink, keep_latents=False)
             _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop)
         except (OutputError, BrokenPipeError) as e:
             if stop.requested is not None:

@@ -58,6 +58,12 @@ CASES = [
     ("kv_offload", ["--chunks", "0"], "--chunks"),
     ("kv_offload", ["--resident", "0"], "--resident"),
     ("kv_offload", ["--steps", "0"], "--steps"),
+    ("long_rollout", ["--checkpoint", "/nonexistent"], "--checkpoint"),
+    ("long_rollout", ["--chunks", "0"], "--chunks"),
+    ("long_rollout", ["--steps", "0"], "--steps"),
+    ("long_rollout", ["--modes", "dense,bogus"], "--modes"),
+    ("long_rollout", ["--set", "data.heigth=64"], "--set"),
+    ("long_rollout", ["--set", "model.dim=64"], "--set"),
     ("train_step", ["--models", "bogus"], "--models"),
     ("train_step", ["--steps", "0"], "--steps"),
     ("train_step", ["--threads", "-1"], "--threads"),
@@ -120,7 +126,7 @@ def test_bad_argument_is_one_line_exit_2(script, args, flag, tmp_path, capsys):
     assert not out.exists()
 
 
-SCRIPTS = ["rollout", "routed_attention", "kv_offload", "train_step", "train_forward", "prompt_switch",
+SCRIPTS = ["rollout", "routed_attention", "kv_offload", "long_rollout", "train_step", "train_forward", "prompt_switch",
            "quality_sweep", "kernels", "rope_period", "far_positions",
            "sink_attention"]
 

@@ -471,6 +471,7 @@ def test_cli_streams_each_chunk_into_its_mp4(run_dir, tmp_path, monkeypatch):
     assert cli("--checkpoint", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--batch", 2,
                "--num-chunks", 3, "--seed", 5, "--output", f"{out}/", "--quiet", "--device", "cpu") == 0
     assert writes == [CF] * 6 and len(results) == 1 and results[0].video is None and results[0].streamed
+    assert results[0].latents is None  # nor the latents: nothing on the host grows with --num-chunks
     held = Pipeline.from_pretrained(run_dir).generate(["a red circle", "a blue square"], 3, seed=5)
     assert held.video is not None and held.num_frames == 3 * CF
     for b, name in enumerate(["000_a_red_circle", "001_a_blue_square"]):

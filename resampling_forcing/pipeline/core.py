@@ -52,7 +52,8 @@ def _check_indices(indices, prompts: int) -> None:
         raise PipelineError(f"indices: {len(indices)} sample indices for {prompts} prompts; pass one per prompt")
 
 
-def _check_call(*, seed, indices, callback, progress, decode, options, negative_prompt, video_sink=None) -> None:
+def _check_call(*, seed, indices, callback, progress, decode, options, negative_prompt, video_sink=None,
+                keep_latents=True) -> None:
     """generate()'s arguments of the wrong type or range, before any work: PipelineError naming them."""
     from ..cli import MAX_SEED
 
@@ -61,7 +62,7 @@ def _check_call(*, seed, indices, callback, progress, decode, options, negative_
     if indices is not None and (isinstance(indices, (str, bytes)) or not all(
             isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in indices)):
         raise PipelineError(f"indices={indices!r}: a list of ints >= 0 (one per prompt), or None")
-    for name, value in (("progress", progress), ("decode", decode)):
+    for name, value in (("progress", progress), ("decode", decode), ("keep_latents", keep_latents)):
         if not isinstance(value, bool):
             raise PipelineError(f"{name} must be True or False, got {value!r}")
     for name, fn in (("callback", callback), ("video_sink", video_sink)):
@@ -233,7 +234,7 @@ class Pipeline:
                  rope_horizon: Union[int, str, None] = None, rope_far_at: Optional[int] = None,
                  options: Optional[SamplingOptions] = None,
                  callback: Optional[Callable] = None, progress: bool = False, decode: bool = True,
-                 video_sink: Optional[Callable] = None) -> SampleResult:
+                 video_sink: Optional[Callable] = None, keep_latents: bool = True) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
         Sampling settings default to the config's `diffusion` / `attention.routing` sections, with
@@ -259,11 +260,12 @@ class Pipeline:
         attention.rope_horizon (null: absolute positions); "train" = a training clip's chunks - 1.
         rope_far_at: the distance those chunks are read at (None = the config's; null = the horizon).
         video_sink: receives the decoded video piece by piece (uint8 [B, F, H, W, 3], history first) instead
-        of the result holding it (sampler.sample; the sampling CLI streams its mp4 files this way).
+        of the result holding it (sampler.sample; the sampling CLI streams its mp4 files this way);
+        keep_latents=False: the result holds no latents either (result.latents None).
         """
         check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
-                    negative_prompt=negative_prompt, video_sink=video_sink)
+                    negative_prompt=negative_prompt, video_sink=video_sink, keep_latents=keep_latents)
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
             raise PipelineError(f"num_chunks={num_chunks!r}: need an int >= 1")
         num_chunks = int(num_chunks)
@@ -313,7 +315,8 @@ class Pipeline:
         result = sample(self.model, ctx, num_chunks, latent_hw, neg_context=neg, options=opts, seed=seed,
                         indices=indices, history=None if history is None else history.to(self.device),
                         vae=self.vae, decode=decode, callback=callback, progress=progress,
-                        storyboard=switches or None, switch_cache=switch_cache, video_sink=video_sink)
+                        storyboard=switches or None, switch_cache=switch_cache, video_sink=video_sink,
+                        keep_latents=keep_latents)
         result.timings["text_encode_s"] = text_s
         story = storyboard_record(prompts, board)
         return dataclasses.replace(result, init_video=init_info, prompts=prompts,
