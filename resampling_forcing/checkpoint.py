@@ -2,7 +2,8 @@
 
 Layout (docs/CONTRACTS.md): ``RUN/checkpoints/step_XXXXXXX/`` holds
 - ``model.safetensors`` + ``model_config.json`` (our model format, ``models.loading.save_model``),
-  ``ema.safetensors`` when EMA is on, ``config.yaml`` (the resolved Config);
+  ``ema.safetensors`` when EMA is on, ``config.yaml`` (the resolved Config); a LoRA run's
+  ``lora.safetensors`` (with ``train.lora.merged_checkpoints: false`` instead of model and EMA weights);
 - the trainer state written by ``accelerate.save_state``: optimizer (``optimizer.bin``), RNG
   (``random_states_R.pkl`` per rank); under DeepSpeed its own ``pytorch_model/`` folder (model +
   optimizer shards);
@@ -145,7 +146,7 @@ def weights_nonfinite(ckpt: str | os.PathLike) -> Optional[str]:
     import torch
     from safetensors import safe_open
 
-    for name in (MODEL_WEIGHTS, EMA_WEIGHTS):
+    for name in (MODEL_WEIGHTS, EMA_WEIGHTS, LORA_WEIGHTS):
         f = Path(ckpt) / name
         if not f.is_file():
             continue
@@ -176,16 +177,19 @@ class CheckpointInfo:
     path: Path  # what the user gave
     model_dir: Path  # folder holding the weights
     config_path: Optional[Path]  # config.yaml to use (None for a raw Wan checkpoint without one)
-    weights: Optional[Path]  # our format: the safetensors file to load; None = read_state_dict(model_dir)
+    weights: Optional[Path]  # our format: the safetensors file to load (lora.safetensors: a LoRA checkpoint
+    #                          without merged weights, lora.merged_weights); None = read_state_dict(model_dir)
     step: Optional[int] = None
+    ema_adapters: bool = False  # such a checkpoint read with its adapters' EMA
 
     @property
     def ema(self) -> bool:
-        return self.weights is not None and self.weights.name == EMA_WEIGHTS
+        return self.weights is not None and (self.weights.name == EMA_WEIGHTS or self.ema_adapters)
 
 
 def _complete(d: Path) -> bool:
-    return (d / MODEL_WEIGHTS).is_file() and (d / MODEL_CONFIG).is_file()
+    """Our checkpoint with weights: merged (model.safetensors) or a LoRA run's adapters only."""
+    return ((d / MODEL_WEIGHTS).is_file() or (d / LORA_WEIGHTS).is_file()) and (d / MODEL_CONFIG).is_file()
 
 
 def _looks_like_hub_id(path: Union[str, Path]) -> bool:
@@ -229,6 +233,8 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
     kind = "checkpoint"
 
     def weights_of(d: Path) -> Path:
+        if not (d / MODEL_WEIGHTS).is_file() and (d / LORA_WEIGHTS).is_file():
+            return d / LORA_WEIGHTS  # adapters only (train.lora.merged_checkpoints: false)
         return d / EMA_WEIGHTS if use_ema and (d / EMA_WEIGHTS).is_file() else d / MODEL_WEIGHTS
 
     if not _complete(p) and checkpoint_root(p).is_dir():
@@ -260,7 +266,10 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
                                    "whole one)" if run_dir is not None else ""))
         cfg_path = next((c for c in (config_file(p), config_file(run_dir) if run_dir else None)
                          if c is not None and c.is_file()), None)
-        return CheckpointInfo(kind, Path(path), p, cfg_path, weights, step_of(p))
+        from .lora import has_ema
+
+        return CheckpointInfo(kind, Path(path), p, cfg_path, weights, step_of(p),
+                              ema_adapters=weights.name == LORA_WEIGHTS and use_ema and has_ema(weights))
     if (p / MODEL_CONFIG).is_file() or (p / MODEL_WEIGHTS).is_file():
         missing = MODEL_WEIGHTS if not (p / MODEL_WEIGHTS).is_file() else MODEL_CONFIG
         raise PipelineError(f"checkpoint {p} is incomplete: {missing} is missing")
@@ -330,8 +339,8 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
         json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, ValueError):
         return f"{STATE_FILE} is missing or unreadable"
-    if not (ckpt / MODEL_WEIGHTS).is_file():
-        return f"{MODEL_WEIGHTS} is missing"
+    if not (ckpt / MODEL_WEIGHTS).is_file() and not (ckpt / LORA_WEIGHTS).is_file():
+        return f"{MODEL_WEIGHTS} (or a LoRA run's {LORA_WEIGHTS}) is missing"
     try:
         for p in sorted(ckpt.rglob("*")):
             if not p.is_file():

@@ -180,12 +180,14 @@ LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
 class LoraConfig:
     """Low-rank adapters (lora.py). rank 0: every weight trains (the paper). rank > 0: the weights of
     train.init_from stay frozen and each `targets` linear layer learns W + (alpha / rank) B A; a
-    checkpoint holds the merged weights (what sampling and init_from read) and the adapters."""
+    checkpoint holds the merged weights (what sampling and init_from read) and the adapters;
+    merged_checkpoints false: only the adapters, merged whenever the checkpoint is read (lora.py)."""
 
     rank: int = 0
     alpha: Optional[float] = None  # null: = rank (scale 1)
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     dropout: float = 0.0
+    merged_checkpoints: bool = True  # false: adapters only (14B, rank 64: 2.5 GB, not 2 merged x 56 GB)
 
 
 @dataclass

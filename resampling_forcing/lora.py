@@ -11,6 +11,12 @@ What a checkpoint holds (file names: checkpoint.py):
   the base's source and fingerprint in its metadata: a resume reloads the base from that source (from
   `train.init_from` when it is gone) and refuses other weights;
 - under DeepSpeed, DeepSpeed's own folder without the frozen base.
+With `train.lora.merged_checkpoints: false` a checkpoint keeps no merged weights (model_config.json and
+lora.safetensors only: 2.5 GB for the 14B at rank 64 with the EMA, where its two merged copies are 112 GB
+in fp32); whatever reads it (sampling, evaluation, init_from, a resume's checks) gets its base merged with
+its adapters (`merged_weights`): the base found at its recorded absolute path, else among the checkpoints its
+config's train.init_from names, by identity (`weights_identity`: for a base that keeps only adapters too,
+from its files, since merging again on another machine may round otherwise).
 Under bf16/fp16 mixed precision the frozen base is held in that dtype (HOLD_DTYPES).
 
 Shapes: a targeted layer's base weight W [out, in], A [rank, in], B [out, rank].
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -204,13 +211,13 @@ def read_adapters(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Ten
 
 
 def base_source(ckpt: Path, configured) -> str:
-    """Where a LoRA resume reads its base: the checkpoint the adapters were trained on, as `ckpt`'s
-    adapter file recorded it (train.init_from may name a run that has written newer checkpoints since),
-    else `configured()` (what train.init_from names now: the recorded one was moved or deleted)."""
-    from .checkpoint import LORA_WEIGHTS
-
-    recorded = read_adapters(Path(ckpt) / LORA_WEIGHTS, tensors=False)[2]["base"].get("source")
-    return recorded if recorded and Path(recorded).exists() else configured()
+    """Where a LoRA resume reads its base: the checkpoint the adapters were trained on (train.init_from may
+    name a run that has written newer checkpoints since), found as `find_base` finds it, else `configured()`
+    (what train.init_from names now; check_base then says whether it is the one)."""
+    try:
+        return str(find_base(ckpt, read=False)[0])
+    except CheckpointError:
+        return configured()
 
 
 def check_base(base: dict, print_now: str, source: str) -> None:
@@ -237,6 +244,139 @@ def load_adapters(model: nn.Module, adapters: dict[str, torch.Tensor], source: s
         v.copy_(adapters[k].to(v.dtype))
 
 
+def adapters_only(folder: str | Path) -> bool:
+    """Whether a checkpoint folder keeps only LoRA adapters (train.lora.merged_checkpoints: false):
+    lora.safetensors and model_config.json, no model.safetensors."""
+    from .checkpoint import LORA_WEIGHTS, MODEL_CONFIG, MODEL_WEIGHTS
+
+    f = Path(folder)
+    return (f / LORA_WEIGHTS).is_file() and (f / MODEL_CONFIG).is_file() and not (f / MODEL_WEIGHTS).is_file()
+
+
+def has_ema(file: str | Path) -> bool:
+    """Whether an adapter file holds the adapters' EMA (header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return any(k.startswith(EMA_PREFIX) for k in f.keys())
+
+
+def _recorded_base(file: Path) -> dict:
+    base = read_adapters(file, tensors=False)[2].get("base")
+    if not isinstance(base, dict) or not base.get("fingerprint"):
+        raise CheckpointError(f"{file} records no base (source and fingerprint); it was not written by this toolkit")
+    return base
+
+
+def weights_identity(source: str | Path, state: Optional[dict[str, torch.Tensor]] = None) -> str:
+    """What a LoRA run records as its base's fingerprint: `fingerprint(state)` of the weights read from
+    `source`, or, for a checkpoint keeping only adapters, an identity from its files alone (its base's
+    recorded fingerprint and its adapters' own): merging them again on another machine's BLAS may round
+    differently, the files do not."""
+    folder = Path(source)
+    if folder.is_dir() and adapters_only(folder):
+        from .checkpoint import LORA_WEIGHTS
+
+        adapters, ema, _ = read_adapters(folder / LORA_WEIGHTS)
+        h = hashlib.sha256(_recorded_base(folder / LORA_WEIGHTS)["fingerprint"].encode())
+        h.update(fingerprint({**adapters, **{EMA_PREFIX + k: v for k, v in ema.items()}}).encode())
+        return "adapters:" + h.hexdigest()[:16]
+    if state is None:
+        from .models.loading import read_state_dict
+
+        state = read_state_dict(source)
+    return fingerprint(state)
+
+
+def _base_candidates(folder: Path, base: dict) -> list[Path]:
+    """Where the base of `folder`'s adapters may be: the recorded path (absolute, then as it was given), then
+    what the checkpoint's config.yaml train.init_from names now (relative to the current folder; a run
+    folder: each of its checkpoints, newest first)."""
+    import yaml
+
+    from .checkpoint import config_file, list_checkpoints
+
+    out = [Path(p) for p in (base.get("source"), base.get("given")) if isinstance(p, str) and p]
+    try:
+        init = (yaml.safe_load(config_file(folder).read_text()) or {}).get("train", {}).get("init_from")
+        if isinstance(init, str) and init:  # a run folder: its checkpoints; a checkpoint or Wan2.1 folder: itself
+            out += [c for _, c in reversed(list_checkpoints(init))] or [Path(init)]
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return [c for c in dict.fromkeys(out) if c.is_dir()]
+
+
+def find_base(folder: str | Path, read: bool = True) -> tuple[Path, Optional[dict[str, torch.Tensor]]]:
+    """(the base of `folder`'s adapters, its weights when they were read to check it, else None): the first
+    candidate (_base_candidates) whose identity is the recorded fingerprint. `read=False` (preflight):
+    an existing recorded path is taken without reading it. Each candidate is read at most once, and its
+    weights are handed on. CheckpointError (one line) when none is the base, naming why the recorded one
+    is not (gone, unreadable, other weights)."""
+    from .checkpoint import LORA_WEIGHTS
+    from .models.loading import read_state_dict
+
+    folder = Path(folder)
+    base = _recorded_base(folder / LORA_WEIGHTS)
+    recorded = Path(base["source"]) if isinstance(base.get("source"), str) else None
+    if not read and recorded is not None and recorded.is_dir():
+        return recorded, None
+    why = "gone"
+    for cand in _base_candidates(folder, base):
+        try:
+            if adapters_only(cand):
+                if weights_identity(cand) == base["fingerprint"]:
+                    return cand, None
+            else:
+                state = read_state_dict(cand)
+                if fingerprint(state) == base["fingerprint"]:
+                    return cand, state
+                del state
+            bad = "other weights now"
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign candidate: say so, try the next
+            bad = f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        if cand == recorded:
+            why = bad
+    raise CheckpointError(f"{folder} keeps only LoRA adapters (train.lora.merged_checkpoints: false) and the base they "
+                          f"were trained on is not found: {base.get('source')} is {why}, and none of the checkpoints "
+                          "its config's train.init_from names is it; restore that base (and keep it: a base run's "
+                          "keep_last may rotate it away)")
+
+
+def _not_a_loop(folder: str | Path, seen: frozenset) -> Path:
+    here = Path(os.path.abspath(folder))
+    if here in seen:
+        raise CheckpointError(f"{here}: the LoRA bases recorded from it lead back to it; point train.init_from of "
+                              "the run at the weights it was trained on")
+    return here
+
+
+def chain_files(folder: str | Path, _seen: frozenset = frozenset()) -> list[Path]:
+    """The weight files reading a checkpoint that keeps only adapters needs: its adapter file and its
+    base's (models.loading.weight_files, in turn). CheckpointError (one line) as merged_weights."""
+    from .checkpoint import LORA_WEIGHTS
+    from .models.loading import detect_layout, weight_files
+
+    here = _not_a_loop(folder, _seen)
+    base = find_base(here, read=False)[0]
+    below = chain_files(base, _seen | {here}) if adapters_only(base) else weight_files(*detect_layout(base))
+    return [here / LORA_WEIGHTS, *below]
+
+
+def merged_weights(folder: str | Path, use_ema: bool = False, _seen: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint that keeps only adapters: its base (find_base; a base keeping only adapters
+    merges in turn) merged with its adapters (their EMA with `use_ema`) by merge_file's rule, in place (the
+    base's tensors are replaced one by one: one model in memory, not two). CheckpointError (one line) when the
+    base is gone or a chain of bases leads back to itself."""
+    from .checkpoint import LORA_WEIGHTS
+    from .models.loading import read_state_dict
+
+    here = _not_a_loop(folder, _seen)
+    base, state = find_base(here)
+    if state is None:
+        state = merged_weights(base, False, _seen | {here}) if adapters_only(base) else read_state_dict(base)
+    return merge_file(state, here / LORA_WEIGHTS, use_ema=use_ema, in_place=True)[0]
+
+
 class LoraRun:
     """The trainer's side of LoRA: wraps the model once its base weights are loaded (remembering what
     they were), writes a checkpoint's files and reads them back on a resume."""
@@ -245,7 +385,9 @@ class LoraRun:
         """`model`: the plain model holding the base weights read from `source` (train.init_from);
         `mixed_precision`: the accelerator's ("no", "bf16", "fp16"), the dtype the frozen base is held in."""
         self.cfg, self.source = cfg, source
-        self.base = {"source": source, "fingerprint": fingerprint(model.state_dict())}
+        # absolute: a checkpoint that keeps only adapters is read from anywhere (sampling, a next stage)
+        where = os.path.abspath(source) if Path(source).exists() else source
+        self.base = {"source": where, "given": str(source), "fingerprint": weights_identity(source, model.state_dict())}
         add_adapters(model, cfg)
         hold = HOLD_DTYPES.get(mixed_precision)
         if hold is not None:
@@ -256,13 +398,16 @@ class LoraRun:
 
     load_merged = staticmethod(load_merged_into)
 
-    def export(self, folder: Path, state: dict[str, torch.Tensor], ema) -> tuple[dict, Optional[dict]]:
+    def export(self, folder: Path, state: dict[str, torch.Tensor], ema) -> tuple[Optional[dict], Optional[dict]]:
         """Write `folder`/lora.safetensors from the wrapped model's `state` (and the EMA's adapter
-        shadows); return the merged (plain) weights and merged EMA weights the caller saves."""
+        shadows); return the merged (plain) weights and merged EMA weights the caller saves (None, None
+        with train.lora.merged_checkpoints false: the folder keeps only the adapters)."""
         from .checkpoint import LORA_WEIGHTS
 
         shadow = ema.state_dict() if ema is not None else None
         save_adapters(folder / LORA_WEIGHTS, adapter_state(state), shadow, self.cfg, self.base)
+        if not self.cfg.merged_checkpoints:
+            return None, None
         merged_ema = merged_state({**state, **shadow}, self.cfg) if shadow is not None else None
         return merged_state(state, self.cfg), merged_ema
 
@@ -301,17 +446,18 @@ def adapter_file(path: str | Path) -> Path:
 
 
 def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool = True,
-               strength: float = 1.0) -> tuple[dict, dict]:
+               strength: float = 1.0, in_place: bool = False) -> tuple[dict, dict]:
     """Merge the adapters of `path` (adapter_file) into a plain model `state`: W + strength (alpha / rank) B A
     for each adapted layer (their EMA when the file has one and `use_ema`). Returns (the merged state, what
     was applied: {"file", "ema", "base_matches", "strength"}); `base_matches` is False when `state` is not the
-    base the adapters were trained on (the caller warns: applying them elsewhere is allowed)."""
+    base the adapters were trained on (the caller warns: applying them elsewhere is allowed). `in_place`:
+    replace the tensors of `state` itself (a caller that owns it: one model in memory, not two)."""
     file = adapter_file(path)
     adapters, ema, meta = read_adapters(file)
     use = ema if use_ema and ema else adapters
     s = strength * scale(LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"]))
     matches = fingerprint(state) == meta["base"].get("fingerprint")
-    out = dict(state)
+    out = state if in_place else dict(state)
     for key in use:
         if _A not in key:
             continue

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-history-chunks", type=int, default=16,
                    help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists "
-                   "(and a --lora file's adapters, not their EMA)")
+                   "(and a --lora file's adapters, not their EMA; of a LoRA checkpoint keeping only adapters, the adapters)")
     p.add_argument("--lora", action="append", default=None, metavar="PATH",
                    help="merge a LoRA into the --checkpoint weights (repeatable, in order): a LoRA run's lora.safetensors "
                    "or the run / checkpoint folder holding it (a LoRA run's own checkpoint needs no --lora: its weights "

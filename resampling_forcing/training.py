@@ -494,9 +494,9 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         ema = self.ema.state_dict() if self.ema is not None else None
-        if self.lora is not None:  # the merged weights, the adapters beside them
+        if self.lora is not None:  # the merged weights (unless merged_checkpoints: false), the adapters beside them
             state, ema = self.lora.export(folder, state if state is not None else self.inner.state_dict(), self.ema)
-        save_model(self.inner, folder, state=state)
+        save_model(self.inner, folder, state=state, weights=self.lora is None or self.cfg.train.lora.merged_checkpoints)
         if ema is not None:
             from safetensors.torch import save_file
 

@@ -183,7 +183,8 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 # except for these keys (memory choice; encoder files moved to another directory).
 WEIGHT_SECTIONS = ("model", "encoders")
 WEIGHT_KEYS = ("train.lora.",)  # which weights train (LoRA adapters of which shape) is fixed too
-RESUMABLE_KEYS = ("model.gradient_checkpointing", "encoders.vae_path", "encoders.text_path", "train.lora.dropout")
+RESUMABLE_KEYS = ("model.gradient_checkpointing", "encoders.vae_path", "encoders.text_path", "train.lora.dropout",
+                  "train.lora.merged_checkpoints")
 
 
 def resume_config_changes(ckpt: Path, cfg: Config) -> list[str]:

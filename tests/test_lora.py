@@ -380,3 +380,78 @@ def test_mixed_precision_holds_the_frozen_base_in_bf16(tmp_path, synth, base_run
     untouched = "head.head.weight"
     assert torch.equal(merged[untouched].float(), base[untouched].to(torch.bfloat16).float())
     assert merged["blocks.0.self_attn.q.weight"].dtype == torch.float32
+
+
+def test_adapters_only_checkpoints_read_as_the_merged_ones(tmp_path, synth, base_run, lora_run, monkeypatch):
+    """train.lora.merged_checkpoints false: a checkpoint keeps its adapters only (no model / EMA copies),
+    and everything that reads it (read_state_dict: init_from, a resume's checks; the Pipeline: sampling)
+    gets what the merged checkpoint of the same run holds, bit for bit; a resume is exact; a base that is
+    gone is one line."""
+    from resampling_forcing.checkpoint import resolve_checkpoint
+    from resampling_forcing.models.loading import detect_layout, weight_files
+    from resampling_forcing.pipeline import Pipeline, PipelineError
+
+    run = tmp_path / "run"
+    original = sigterm_after_step(monkeypatch, 2)
+    assert train(_lora_cfg(run, synth, base_run, "train.lora.merged_checkpoints=false"))["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", original)
+    _reset_accelerate()
+    assert train(_lora_cfg(run, synth, base_run, "train.lora.merged_checkpoints=false"))["status"] == "completed"
+    _reset_accelerate()
+    assert [r["loss"] for r in read_log(run)] == [r["loss"] for r in read_log(lora_run)]  # the exact resume
+    ckpt, ref = list_checkpoints(run)[-1][1], list_checkpoints(lora_run)[-1][1]
+    assert not (ckpt / "model.safetensors").exists() and not (ckpt / EMA_WEIGHTS).exists()
+    base_ckpt = list_checkpoints(base_run)[-1][1]
+    assert weight_files(*detect_layout(ckpt)) == [ckpt / LORA_WEIGHTS, base_ckpt / "model.safetensors"]  # preflight
+    size = sum(f.stat().st_size for f in ckpt.rglob("*.safetensors"))
+    assert size < (ref / "model.safetensors").stat().st_size  # adapters (+ EMA) only
+    a, b = read_state_dict(ckpt), read_state_dict(ref)  # the model weights: init_from, the nonfinite check
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = resolve_checkpoint(run)
+    assert info.weights == ckpt / LORA_WEIGHTS and info.ema and not resolve_checkpoint(run, use_ema=False).ema
+    for use_ema in (True, False):  # sampling: the adapters' EMA merged, as the merged EMA copy
+        got = Pipeline.from_pretrained(run, use_ema=use_ema)
+        want = Pipeline.from_pretrained(lora_run, use_ema=use_ema)
+        assert got.source["ema"] == use_ema == want.source["ema"]
+        x, y = got.model.state_dict(), want.model.state_dict()
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    from resampling_forcing.training_utils import resume_config_changes
+
+    changes = resume_config_changes(ckpt, _lora_cfg(run, synth, base_run, "train.lora.merged_checkpoints=true"))
+    assert any("merged_checkpoints" in c for c in changes)  # a resume may switch it (only what is written)
+    # a next LoRA stage on it, adapters only too: its base is read by merging in turn
+    stage2 = tmp_path / "stage2"
+    assert train(_lora_cfg(stage2, synth, run, "train.lora.merged_checkpoints=false", rank=2))["status"] == "completed"
+    _reset_accelerate()
+    top = list_checkpoints(stage2)[-1][1]
+    recorded = lora.read_adapters(top / LORA_WEIGHTS, tensors=False)[2]["base"]
+    # the base's identity comes from its files (its adapters and its own base's print), not from merged bits,
+    # which another machine's BLAS may round otherwise
+    assert recorded["source"] == str(ckpt.absolute()) and recorded["fingerprint"] == lora.weights_identity(ckpt)
+    on_top, _ = lora.merge_file(a, top, use_ema=False)
+    assert all(torch.equal(on_top[k], v) for k, v in read_state_dict(top).items())
+    assert weight_files(*detect_layout(top)) == [top / LORA_WEIGHTS, ckpt / LORA_WEIGHTS, base_ckpt / "model.safetensors"]
+    # a recorded path that is gone: the checkpoints of the config's train.init_from are searched by identity
+    real = lora._recorded_base
+    monkeypatch.setattr(lora, "_recorded_base", lambda f: dict(real(f), source="/nonexistent/base"))
+    assert lora.find_base(ckpt)[0] == base_ckpt and lora.base_source(ckpt, lambda: "unused") == str(base_ckpt)
+    monkeypatch.setattr(lora, "_recorded_base", real)
+    monkeypatch.setattr(lora, "find_base", lambda folder, read=True: (folder, None))  # bases that loop: one line
+    with pytest.raises(CheckpointError, match="lead back to it"):
+        lora.merged_weights(ckpt)
+    monkeypatch.undo()
+    moved = tmp_path / "moved_base"
+    base_ckpt.rename(moved)
+    try:
+        with pytest.raises(PipelineError, match="keeps only LoRA adapters .* is not found: .*step_0000002 is gone"):
+            Pipeline.from_pretrained(run)
+    finally:
+        moved.rename(base_ckpt)
+    weights = base_ckpt / "model.safetensors"
+    saved = weights.read_bytes()
+    try:  # a damaged base is named as such, not as gone
+        weights.write_bytes(saved[: len(saved) // 2])
+        with pytest.raises(PipelineError, match=r"step_0000002 is unreadable \(cannot read"):
+            Pipeline.from_pretrained(run)
+    finally:
+        weights.write_bytes(saved)

@@ -161,13 +161,24 @@ def _wan_values(raw: dict, layout: str) -> dict:
 
 
 def weight_files(layout: str, folder: Path) -> list[Path]:
-    """The files read_state_dict loads from a checkpoint of `layout` in `folder` (detect_layout)."""
-    return [folder / OUR_WEIGHTS] if layout == "ours" else _weight_files(folder)
+    """The files read_state_dict loads from a checkpoint of `layout` in `folder` (detect_layout); of a LoRA
+    checkpoint without merged weights, its adapter file and its base's (lora.chain_files)."""
+    if layout == "ours":
+        from ..lora import adapters_only, chain_files
+
+        return chain_files(folder) if adapters_only(folder) else [folder / OUR_WEIGHTS]
+    return _weight_files(folder)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, renamed to our (original Wan) names."""
+    """All tensors of a checkpoint, renamed to our (original Wan) names; a LoRA checkpoint without merged
+    weights: its base merged with its adapters (lora.merged_weights)."""
     layout, folder = detect_layout(path)
+    if layout == "ours":
+        from ..lora import adapters_only, merged_weights
+
+        if adapters_only(folder):
+            return merged_weights(folder)
     files = weight_files(layout, folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
@@ -213,10 +224,13 @@ def load_model(path: str | Path, base: ModelConfig | None = None, device="cpu",
     return model.to(device=device, dtype=dtype)
 
 
-def save_model(model: CausalWanModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Our format: model.safetensors + model_config.json, each written atomically."""
+def save_model(model: CausalWanModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None,
+               weights: bool = True) -> None:
+    """Our format: model.safetensors + model_config.json, each written atomically (`weights=False`: the config
+    only, for a LoRA checkpoint that keeps only its adapters)."""
     folder = Path(folder)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
-    with atomic_path(folder / OUR_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
+    if weights:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+        with atomic_path(folder / OUR_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp))
     atomic_write_text(folder / OUR_CONFIG, json.dumps(dataclasses.asdict(model.cfg), indent=2))

@@ -5,7 +5,9 @@ checkpoint.resolve_checkpoint):
 - RUN dir (has checkpoints/): the newest complete `checkpoints/step_XXXXXXX/` (highest step whose
   name is final; temporary names are ignored).
 - checkpoint dir (has model_config.json + model.safetensors): `ema.safetensors` when present
-  (unless use_ema=False), else `model.safetensors`; the model sizes come from model_config.json.
+  (unless use_ema=False), else `model.safetensors`; the model sizes come from model_config.json. A LoRA
+  checkpoint that keeps only its adapters (lora.safetensors): its base merged with them (their EMA when
+  present, unless use_ema=False), lora.merged_weights.
   The Config comes from the checkpoint's `config.yaml`, else the run's `config.yaml`, else the
   `config` argument; `config` (a path or Config) and `overrides` ("key.path=value") are applied
   on top. The encoders are rebuilt from the config's `encoders` section.
@@ -23,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..attention.backends import resolve_backend
-from ..checkpoint import CheckpointInfo, resolve_checkpoint
+from ..checkpoint import LORA_WEIGHTS, CheckpointInfo, resolve_checkpoint
 from ..config import Config, ConfigError, config_from_dict, load_config, to_dict
 from ..encoders import build_text_encoder, build_vae
 from ..models.loading import DTYPES, CheckpointError, config_from_checkpoint, load_state_into, read_state_dict
@@ -220,7 +222,14 @@ def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: 
     with torch.device("meta"):
         model = CausalWanModel(cfg.model).to(dtype=dtype)
     model = model.to_empty(device=device)
-    if info.weights is not None:
+    if info.weights is not None and info.weights.name == LORA_WEIGHTS:  # a LoRA checkpoint keeping only adapters
+        from ..lora import merged_weights
+
+        try:
+            state = merged_weights(info.model_dir, use_ema=info.ema)
+        except CheckpointError as e:
+            raise PipelineError(str(e).splitlines()[0]) from None
+    elif info.weights is not None:
         from safetensors.torch import load_file
 
         try:
@@ -232,21 +241,21 @@ def _load_model(info: CheckpointInfo, cfg: Config, device: torch.device, dtype: 
     applied = None
     if loras:
         applied = []
-        for lora, strength in loras:
-            state, done = _merge_lora(state, lora, strength, info, use_ema)
+        for i, (lora, strength) in enumerate(loras):
+            state, done = _merge_lora(state, lora, strength, info, use_ema, first=i == 0)
             applied.append(done)
     load_state_into(model, state, source=str(info.weights or info.model_dir))
     del state
     return model.eval().requires_grad_(False), applied
 
 
-def _merge_lora(state: dict, lora: str, strength: float, info: CheckpointInfo, use_ema: bool) -> tuple[dict, dict]:
+def _merge_lora(state: dict, lora: str, strength: float, info: CheckpointInfo, use_ema: bool,
+                first: bool = True) -> tuple[dict, dict]:
     """One LoRA merged into `state`: this toolkit's adapters (lora.merge_file), with the checks a user needs
     (the LoRA run's own checkpoint already holds them: PipelineError; another base is only warned about), or
     another tool's file (lora_formats.merge_updates)."""
     import logging
 
-    from ..checkpoint import LORA_WEIGHTS
     from ..lora import adapter_file, merge_file
     from ..lora_formats import is_toolkit_file, merge_updates
 
@@ -258,6 +267,11 @@ def _merge_lora(state: dict, lora: str, strength: float, info: CheckpointInfo, u
             raise PipelineError(f"lora: {lora} is the LoRA of the checkpoint being loaded, whose weights already "
                                 "include it; leave it out (or load its base checkpoint with it)")
         state, applied = merge_file(state, file, use_ema=use_ema, strength=strength)
+        if first and info.weights is not None and info.weights.name == LORA_WEIGHTS:  # a base keeping only adapters
+            from ..lora import read_adapters, weights_identity
+
+            recorded = read_adapters(Path(file), tensors=False)[2]["base"].get("fingerprint")
+            applied["base_matches"] = weights_identity(info.model_dir) == recorded  # the merge's bits vary by BLAS
     except CheckpointError as e:
         raise PipelineError(f"lora: {str(e).splitlines()[0]}") from None
     if not applied["base_matches"]:
