@@ -77,3 +77,20 @@ def load_script(relpath: str, name: str):
 def load_sample_cli():
     """sample/sample.py as a module, for calling its main(argv)."""
     return load_script("sample/sample.py", "sample_cli")
+
+
+def ffmpeg_children() -> dict[int, str]:
+    """This process's ffmpeg children: pid -> state (R, S, D, Z, ...), from /proc (Linux)."""
+    import os
+
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            if "ffmpeg" in name and int(rest[1]) == os.getpid():
+                out[int(entry)] = rest[0]
+    return out

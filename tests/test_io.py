@@ -263,28 +263,15 @@ def test_mp4_writer_full_disk_is_enospc_naming_the_file(tmp_path, monkeypatch):
         rio.Mp4Writer(tmp_path / "w.mp4", fps=8).write(np.zeros((3, 16, 16, 3), np.uint8))
 
 
-def _ffmpeg_children() -> list[str]:
-    """States (R, S, Z, ...) of this process's ffmpeg children."""
-    out = []
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                text = open(f"/proc/{stat}/stat").read()
-            except OSError:
-                continue
-            name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-            if "ffmpeg" in name and int(rest[1]) == os.getpid():
-                out.append(rest[0])
-    return out
-
-
 def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
     """abort() does not wait for ffmpeg to encode its backlog (a second Ctrl-C stops at once): right after it
     no ffmpeg child of this process is alive (a killed one is at most a zombie)."""
     w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
     w.write(np.random.default_rng(0).integers(0, 255, (24, 480, 832, 3), dtype=np.uint8))  # seconds of work
-    assert any(s in "RSD" for s in _ffmpeg_children())
+    from helpers import ffmpeg_children
+
+    assert any(s in "RSD" for s in ffmpeg_children().values())
     w.abort()
-    assert all(s == "Z" for s in _ffmpeg_children()), _ffmpeg_children()
+    assert all(s == "Z" for s in ffmpeg_children().values()), ffmpeg_children()
     f = tmp_path / "v.mp4"  # killed, not finished: no complete file (a graceful close would have written one)
     assert not f.exists() or not rio.mp4_complete(f)

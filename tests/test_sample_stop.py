@@ -12,7 +12,7 @@ import pytest
 from resampling_forcing import sampler
 from resampling_forcing.io import read_mp4
 
-from helpers import load_sample_cli, save_checkpoint_for_tests
+from helpers import ffmpeg_children, load_sample_cli, save_checkpoint_for_tests
 
 CF = 2  # latent frames per chunk of helpers.tiny_run_config (the pixel-shuffle VAE is 1:1 in time)
 CLI = load_sample_cli()
@@ -135,8 +135,9 @@ def test_a_signal_to_the_whole_job_stops_the_encoder_too(run_dir, tmp_path, caps
         out = real(self, *a, **k)
         if count[0] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-            for pid in _ffmpeg_children():
-                os.kill(pid, signal.SIGTERM)
+            for pid, state in ffmpeg_children().items():
+                if state != "Z":
+                    os.kill(pid, signal.SIGTERM)
         count[0] += 1
         return out
 
@@ -155,16 +156,3 @@ def test_a_signal_to_the_whole_job_stops_the_encoder_too(run_dir, tmp_path, caps
         assert "also stopped the video encoder" in err[0], err
         assert os.listdir(tmp_path) == []
 
-
-def _ffmpeg_children() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                text = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            rest = text[text.rindex(")") + 2:].split()
-            if "ffmpeg" in text[text.index("(") + 1:text.rindex(")")] and int(rest[1]) == os.getpid() and rest[0] != "Z":
-                pids.append(int(entry))
-    return pids
