@@ -165,6 +165,32 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
             "train.gap_every=0", "train.tensorboard=false"]
 
 
+# Of the keys arm_overrides sets, --set may give the schedule (the same for every arm: it replaces the
+# preset's, e.g. a LoRA's own lr) and train.stages (the warmup's; each arm has its own); not the ones that
+# make an arm what it is (they were silently replaced).
+SCHEDULE_KEYS = ("train.lr", "train.warmup_steps", "train.lr_schedule", "train.min_lr_ratio")
+ARM_KEYS = ("train.run_dir", "train.init_from", "diffusion.resample_shift")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def check_arm_sets(overrides: list[str]) -> None:
+    """BadInput (one line) for a --set of a key that makes an arm (ARM_KEYS)."""
+    for o in overrides:
+        if _key(o) in ARM_KEYS:
+            raise BadInput(f"--set {_key(o)}: the ablation sets it for each arm; use --out / --warmup, or choose "
+                           "the arms (--arms)")
+
+
+def arm_settings(arm: list[str], overrides: list[str], seed_sets: list[str]) -> list[str]:
+    """An arm's train overrides: the user's --set, the arm's own (arm_overrides) without the schedule keys the
+    user gave, the seed's."""
+    given = {_key(o) for o in overrides} & set(SCHEDULE_KEYS)
+    return list(overrides) + [o for o in arm if _key(o) not in given] + list(seed_sets)
+
+
 def seed_overrides(seed: Optional[int], base) -> list[str]:
     """Overrides of a training-seed replicate (``--seed``): the arms' own randomness (data order, noise
     and t_s draws) changes; the data set (so the warmup's data and the evaluation clips) stays `base`'s."""
@@ -335,6 +361,7 @@ def run(args) -> int:
         raise BadInput(f"--steps must be >= 1 (got {steps})")
     # every flag is checked here, before hours of training (they were read only when first used)
     check_seed("--seed", args.seed)
+    check_arm_sets(args.overrides)
     try:
         protocols = parse_protocols(args.protocols)
     except ValueError as e:
@@ -407,7 +434,7 @@ def run(args) -> int:
     for i, name in enumerate(arms):
         run_dir = out / "arms" / name
         arm_dirs[name] = run_dir
-        arm_sets = list(args.overrides) + arm_overrides(name, calib, preset, steps, warmup, run_dir) + seed_sets
+        arm_sets = arm_settings(arm_overrides(name, calib, preset, steps, warmup, run_dir), args.overrides, seed_sets)
         if _finished(run_dir, steps, config, arm_sets):
             continue
         print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {describe_arm(name)}", flush=True)

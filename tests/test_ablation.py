@@ -485,3 +485,25 @@ def test_memory_probe_damaged_init_is_refused_before_rendering(tmp_path, monkeyp
     assert len(err) == 1 and err[0].startswith("ablation_memory: error: train.init_from=") and msg in err[0], err
     assert "--set train.init_from=" in err[0]
     assert not out.exists() and not syn.exists()
+
+
+def test_set_of_a_schedule_key_reaches_every_arm_and_arm_keys_are_refused(capsys):
+    """--set train.lr=... (e.g. a LoRA's own lr) replaces the preset's for every arm (it was silently
+    replaced by the preset's); a --set of what makes an arm (its run folder, its init, its strength) is one
+    line, exit 2, before any work."""
+    from pathlib import Path
+
+    from resampling_forcing.ablation import _path, arm_overrides, arm_settings
+
+    calib = {"recommended_shift": 2.0, "noise_sigma": 0.3, "one_step_shift": 1.0}
+    arm = arm_overrides("ar_1step", calib, PRESETS["cpu"], 30, Path("w"), Path("r"))
+    sets = arm_settings(arm, ["train.lr=9e-4", "train.lora.rank=4"], ["train.seed=3"])
+    cfg = load_config(_path(PRESETS["cpu"].config), sets)
+    assert cfg.train.lr == 9e-4 and cfg.train.lora.rank == 4 and cfg.train.seed == 3
+    assert load_config(_path(PRESETS["cpu"].config), arm_settings(arm, [], [])).train.lr == PRESETS["cpu"].lr
+    assert cfg.diffusion.resample_shift == 1.0 and cfg.train.run_dir == "r"  # the arm's own keys stay
+    for key in ("train.init_from=x", "diffusion.resample_shift=3", "train.run_dir=y"):
+        capsys.readouterr()
+        assert main(["--arms", "tf", "--set", key]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the ablation sets it for each arm" in err[0], err
