@@ -125,7 +125,7 @@ def test_arms_at_any_strength():
     import json as _json
     from pathlib import Path
 
-    from resampling_forcing.ablation import arm_overrides, describe_arm
+    from resampling_forcing.ablation_arms import arm_overrides, describe_arm
     from resampling_forcing.cli import BadInput
 
     calib = {"recommended_shift": 12.4, "noise_sigma": 0.37, "one_step_shift": 2.1}
@@ -152,7 +152,7 @@ def test_arms_at_any_strength():
         "parallel_resampling", stage_and_shift("ar_1step")[1])
     st, sh = stage_and_shift("ramp_1step")  # the gradual switch at the same strength
     assert (st["ramp"], st["ramp_steps"], sh) == ("probability", 10, stage_and_shift("ar_1step")[1])
-    from resampling_forcing.ablation import ARMS, _NAMED_FORMS
+    from resampling_forcing.ablation_arms import ARMS, _NAMED_FORMS
 
     assert set(ARMS) - {"tf", "noise_aug"} == set(_NAMED_FORMS)  # every named form arm has its strength
 
@@ -401,7 +401,7 @@ def test_memory_probe_bad_init_is_one_line_exit_2(capsys):
 
 
 def test_seed_replicate_changes_training_randomness_not_the_data_set():
-    from resampling_forcing.ablation import seed_overrides
+    from resampling_forcing.ablation_arms import seed_overrides
     from resampling_forcing.config import synthetic_seed
 
     base = load_config(REPO / PRESETS["cpu"].config)
@@ -493,7 +493,8 @@ def test_set_of_a_schedule_key_reaches_every_arm_and_arm_keys_are_refused(capsys
     line, exit 2, before any work."""
     from pathlib import Path
 
-    from resampling_forcing.ablation import _path, arm_overrides, arm_settings
+    from resampling_forcing.ablation import _path
+    from resampling_forcing.ablation_arms import arm_overrides, arm_settings
 
     calib = {"recommended_shift": 2.0, "noise_sigma": 0.3, "one_step_shift": 1.0}
     arm = arm_overrides("ar_1step", calib, PRESETS["cpu"], 30, Path("w"), Path("r"))
