@@ -257,8 +257,11 @@ def has_ema(file: str | Path) -> bool:
     """Whether an adapter file holds the adapters' EMA (header only)."""
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as f:
-        return any(k.startswith(EMA_PREFIX) for k in f.keys())
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return any(k.startswith(EMA_PREFIX) for k in f.keys())
+    except Exception as e:  # noqa: BLE001 - a damaged header
+        raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}; the file is damaged") from None
 
 
 def _recorded_base(file: Path) -> dict:

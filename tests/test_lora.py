@@ -455,3 +455,11 @@ def test_adapters_only_checkpoints_read_as_the_merged_ones(tmp_path, synth, base
             Pipeline.from_pretrained(run)
     finally:
         weights.write_bytes(saved)
+
+
+def test_has_ema_of_a_damaged_adapter_file_is_one_line(tmp_path):
+    f = tmp_path / LORA_WEIGHTS
+    f.write_bytes((16).to_bytes(8, "little") + b"{not json at all")
+    with pytest.raises(CheckpointError, match="the file is damaged") as e:
+        lora.has_ema(f)
+    assert len(str(e.value).splitlines()) == 1
