@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -272,6 +273,9 @@ def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
 
     assert any(s in "RSD" for s in ffmpeg_children().values())
     w.abort()
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously: a moment, not the backlog's seconds
+    while any(s != "Z" for s in ffmpeg_children().values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert all(s == "Z" for s in ffmpeg_children().values()), ffmpeg_children()
     f = tmp_path / "v.mp4"  # killed, not finished: no complete file (a graceful close would have written one)
     assert not f.exists() or not rio.mp4_complete(f)
