@@ -43,7 +43,6 @@ __all__ = [
     "write_mp4",
     "read_mp4",
     "Mp4Writer",
-    "mp4_complete",
     "mp4_frames",
     "AtomicGroup",
     "OutputError",
@@ -489,11 +488,6 @@ def mp4_frames(path: str | os.PathLike) -> int | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def mp4_complete(path: str | os.PathLike) -> bool:
-    """Whether `path` is a complete mp4 (mp4_frames finds its frame count)."""
-    return mp4_frames(path) is not None
 
 
 def write_mp4(

@@ -449,17 +449,19 @@ def adapter_file(path: str | Path) -> Path:
 
 
 def merge_file(state: dict[str, torch.Tensor], path: str | Path, use_ema: bool = True,
-               strength: float = 1.0, in_place: bool = False) -> tuple[dict, dict]:
+               strength: float = 1.0, in_place: bool = False, identity: Optional[str] = None) -> tuple[dict, dict]:
     """Merge the adapters of `path` (adapter_file) into a plain model `state`: W + strength (alpha / rank) B A
     for each adapted layer (their EMA when the file has one and `use_ema`). Returns (the merged state, what
     was applied: {"file", "ema", "base_matches", "strength"}); `base_matches` is False when `state` is not the
     base the adapters were trained on (the caller warns: applying them elsewhere is allowed). `in_place`:
-    replace the tensors of `state` itself (a caller that owns it: one model in memory, not two)."""
+    replace the tensors of `state` itself (a caller that owns it: one model in memory, not two). `identity`:
+    what `state` is (weights_identity of where it was read; None = fingerprint(state)), which a base that
+    keeps only adapters needs (its merged bits vary with the machine's BLAS)."""
     file = adapter_file(path)
     adapters, ema, meta = read_adapters(file)
     use = ema if use_ema and ema else adapters
     s = strength * scale(LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"]))
-    matches = fingerprint(state) == meta["base"].get("fingerprint")
+    matches = (fingerprint(state) if identity is None else identity) == meta["base"].get("fingerprint")
     out = state if in_place else dict(state)
     for key in use:
         if _A not in key:

@@ -205,11 +205,11 @@ def rollout_need(cfg: Config, opts, num_chunks: int, batch: int, dtype_bytes: in
     """sample_memory for a rollout with SamplingOptions `opts` (the CLI's, `streamed`, and the Pipeline's one estimate):
     a bounded cache stages at least the chunks a routed query may attend (top-k: the union of its picks,
     at least RoutingSpec.max_selected()); dense attention, or any layer left dense, the whole history."""
-    from .attention.spec import window_reads
+    from .attention.spec import every_block_routes, window_reads
     from .dtypes import DTYPE_BYTES
 
-    every = opts.routing_layers is None or set(range(cfg.model.num_layers)) <= set(opts.routing_layers)
-    routed = opts.routing is not None and not opts.routing.is_dense and every
+    routed = (opts.routing is not None and not opts.routing.is_dense
+              and every_block_routes(opts.routing_layers, cfg.model.num_layers))
     return sample_memory(cfg, num_chunks, batch, dtype_bytes, history_chunks, opts.cfg_scale, opts.kv_resident_chunks,
                          DTYPE_BYTES.get(opts.kv_host_dtype),
                          kv_staged_chunks=opts.routing.max_selected() if routed else None,

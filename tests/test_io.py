@@ -218,13 +218,13 @@ def test_mp4_writer_pieces_equal_one_write(tmp_path):
         rio.Mp4Writer(tmp_path / "y.mp4").close()
 
 
-def test_mp4_complete_sees_a_truncated_file(tmp_path):
+def test_mp4_frames_sees_a_truncated_file(tmp_path):
     f = rio.write_mp4(tmp_path / "a.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=8)
-    assert rio.mp4_complete(f)
+    assert rio.mp4_frames(f) == 6
     data = f.read_bytes()
     for cut in (len(data) - 1, len(data) // 2, 40, 5):  # what a killed or starved encoder leaves
         (tmp_path / "t.mp4").write_bytes(data[:cut])
-        assert not rio.mp4_complete(tmp_path / "t.mp4")
+        assert rio.mp4_frames(tmp_path / "t.mp4") is None
 
 
 @pytest.mark.parametrize("found,message", [(None, "no complete file"), (2, "2 of the 3 frames")])
@@ -278,4 +278,4 @@ def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
         time.sleep(0.01)
     assert all(s == "Z" for s in ffmpeg_children().values()), ffmpeg_children()
     f = tmp_path / "v.mp4"  # killed, not finished: no complete file (a graceful close would have written one)
-    assert not f.exists() or not rio.mp4_complete(f)
+    assert not f.exists() or rio.mp4_frames(f) is None

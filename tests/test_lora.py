@@ -431,6 +431,8 @@ def test_adapters_only_checkpoints_read_as_the_merged_ones(tmp_path, synth, base
     on_top, _ = lora.merge_file(a, top, use_ema=False)
     assert all(torch.equal(on_top[k], v) for k, v in read_state_dict(top).items())
     assert weight_files(*detect_layout(top)) == [top / LORA_WEIGHTS, ckpt / LORA_WEIGHTS, base_ckpt / "model.safetensors"]
+    # --lora of stage 2 onto stage 1 (adapters only): recognised as its base by identity, not merged bits
+    assert Pipeline.from_pretrained(ckpt, lora=top).source["lora"][0]["base_matches"]
     # a recorded path that is gone: the checkpoints of the config's train.init_from are searched by identity
     real = lora._recorded_base
     monkeypatch.setattr(lora, "_recorded_base", lambda f: dict(real(f), source="/nonexistent/base"))

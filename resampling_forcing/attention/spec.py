@@ -82,13 +82,17 @@ def routing_spec(cfg: RoutingSpec | None) -> RoutingSpec | None:
     return RoutingSpec(cfg.mode, cfg.top_k, cfg.sink_chunks, cfg.window_chunks)
 
 
+def every_block_routes(routing_layers, num_layers: int) -> bool:
+    """Whether routing applies to every one of `num_layers` blocks (`routing_layers` None = all; a list
+    naming them all counts too)."""
+    return routing_layers is None or set(range(num_layers)) <= set(routing_layers)
+
+
 def window_reads(spec: RoutingSpec | None, routing_layers, num_layers: int) -> tuple[int, int] | None:
     """(sink, window) when every block reads only the first `sink` and the last `window` history chunks
     (window routing on all `num_layers` blocks; `routing_layers` None = all): the only chunks a bounded
     KV cache must keep (cache.TieredKVCache `keep`). None when some block reads more."""
-    if spec is None or spec.mode != "window":
-        return None
-    if routing_layers is not None and not set(range(num_layers)) <= set(routing_layers):
+    if spec is None or spec.mode != "window" or not every_block_routes(routing_layers, num_layers):
         return None
     return spec.sink_chunks, spec.window_chunks
 

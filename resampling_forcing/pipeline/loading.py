@@ -266,12 +266,12 @@ def _merge_lora(state: dict, lora: str, strength: float, info: CheckpointInfo, u
         if (info.model_dir / LORA_WEIGHTS).is_file() and (info.model_dir / LORA_WEIGHTS).samefile(file):
             raise PipelineError(f"lora: {lora} is the LoRA of the checkpoint being loaded, whose weights already "
                                 "include it; leave it out (or load its base checkpoint with it)")
-        state, applied = merge_file(state, file, use_ema=use_ema, strength=strength)
-        if first and info.weights is not None and info.weights.name == LORA_WEIGHTS:  # a base keeping only adapters
-            from ..lora import read_adapters, weights_identity
+        identity = None  # state is still the checkpoint's own weights (first) and those keep only adapters
+        if first and info.weights is not None and info.weights.name == LORA_WEIGHTS:
+            from ..lora import weights_identity
 
-            recorded = read_adapters(Path(file), tensors=False)[2]["base"].get("fingerprint")
-            applied["base_matches"] = weights_identity(info.model_dir) == recorded  # the merge's bits vary by BLAS
+            identity = weights_identity(info.model_dir)
+        state, applied = merge_file(state, file, use_ema=use_ema, strength=strength, identity=identity)
     except CheckpointError as e:
         raise PipelineError(f"lora: {str(e).splitlines()[0]}") from None
     if not applied["base_matches"]:

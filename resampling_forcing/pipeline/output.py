@@ -51,10 +51,6 @@ class VideoFiles:
             self._group.abort()
             raise
 
-    @property
-    def frames(self) -> int:
-        return self._mp4.frames
-
     def write(self, frames) -> None:
         with self._named():
             self._mp4.write(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
