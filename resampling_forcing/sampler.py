@@ -334,6 +334,19 @@ class Rollout:
         self.cache.reserve(int(chunks) + (self.pending is not None))
 
     @torch.no_grad()
+    def replay_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """Take `latents` [B, C, cf, h, w] as the next chunk instead of denoising one: the chunk a stopped
+        rollout of the same call generated here (sample(replay=...)). Draws that chunk's noise and drops it,
+        so the generators stand where generating it leaves them; written into the cache lazily, as
+        next_chunk's. Returns the chunk (fp32, model device)."""
+        self.flush()
+        if tuple(latents.shape) != (self.batch, *self.chunk_shape):
+            raise ValueError(f"chunk latents must be {[self.batch, *self.chunk_shape]}; got {list(latents.shape)}")
+        self.noise(self.chunk_shape, "cpu")
+        self.pending = latents.to(device=self.device, dtype=torch.float32)
+        return self.pending
+
+    @torch.no_grad()
     def next_chunk(self, on_step: Optional[Callable[[int], None]] = None) -> torch.Tensor:
         """Denoise the next chunk from noise: returns its clean latents [B, C, cf, h, w] (fp32,
         model device). It is written into the cache lazily, when the next chunk starts."""
@@ -386,6 +399,7 @@ class ChunkOutput:
     frames: Optional[torch.Tensor]  # [B, 3, m, H, W] float in [-1, 1] on CPU; None without decode
     denoise_s: float
     decode_s: float
+    replayed: bool = False  # taken from sample(replay=...), not denoised
 
 
 @dataclass
@@ -426,7 +440,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
            progress: bool = False, uncond: Optional[bool] = None,
            attn_wrapper: Optional[Callable] = None, storyboard: Optional[Sequence] = None,
            switch_cache: str = "keep", video_sink: Optional[Callable[[torch.Tensor], Any]] = None,
-           keep_latents: bool = True) -> SampleResult:
+           keep_latents: bool = True, replay: Optional[torch.Tensor] = None) -> SampleResult:
     """Roll out `num_chunks` chunks after an optional `history` (latents [B or 1, C, n*cf, h, w]).
 
     Prompt switching: `storyboard` is a list of (chunk index, context [B, Lt, text_dim]); chunk
@@ -444,6 +458,11 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     the whole video (`result.video` None, `result.streamed`): host memory flat in the rollout length
     (sample/sample.py streams into its mp4 files this way). `keep_latents=False`: the result holds no
     latents either (`result.latents` None): then nothing on the host grows with the rollout's length.
+    `replay`: latents [B, C, n*cf, h, w] of the first n generated chunks of a stopped call with the same
+    arguments (sampling_resume.py keeps them): they are not denoised again but taken as they are, with
+    everything else a chunk does (its noise drawn, its cache write, its decode, the switches, the
+    selections), so the rollout goes on exactly as the stopped one would have (bit for bit on the same
+    device and batch). Their timings are `replayed_chunks` / `replay_s`, not in the per-chunk lists.
     Timings (seconds): first_chunk_latency_s (from this call to the first generated chunk's
     frames, incl. cache setup, prefill and decode; `_no_decode_s` without decode), per_chunk_s,
     per_chunk_denoise_s (denoising + writing the previous chunk into the cache), per_chunk_decode_s,
@@ -458,6 +477,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     device = next(model.parameters()).device
     cf = model.cfg.chunk_frames
     hist_chunks = 0 if history is None else history.shape[2] // cf
+    n_replay = _replay_chunks(replay, num_chunks, cf)
     total = hist_chunks + num_chunks
     if options.kv_resident_chunks is not None and options.kv_resident_chunks > total:
         # room for more chunks than the rollout has is never used: no device ring beyond it (same output)
@@ -493,7 +513,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     if history_frames:  # after the timings: a video_sink's writing is neither setup nor decoding
         emit(_to_uint8(frames))
 
-    per_denoise, per_decode, gen_frames = [], [], 0
+    per_denoise, per_decode, gen_frames, new_frames, replay_s = [], [], 0, 0, 0.0
     first_no_decode = first_full = None
     bar = _progress(num_chunks, "chunks", progress)
     try:
@@ -502,7 +522,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
             t0 = time.perf_counter()
             if g in switches:
                 ro.set_context(switches[g], recache=switch_cache == "recache")
-            lat = ro.next_chunk(on_step=(lambda _i: step_bar.update(1)) if step_bar is not None else None)
+            if g < n_replay:
+                lat = ro.replay_chunk(replay[:, :, g * cf:(g + 1) * cf])
+            else:
+                lat = ro.next_chunk(on_step=(lambda _i: step_bar.update(1)) if step_bar is not None else None)
             sync(device)
             t1 = time.perf_counter()
             if step_bar is not None:
@@ -518,15 +541,19 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
                 gen_frames += _chunk_frames(vae, ro.num_chunks, cf)
             if keep_latents:
                 pieces_lat.append(lat.cpu())
-            per_denoise.append(t1 - t0)
-            per_decode.append(t2 - t1)
-            if g == 0:
+            if g < n_replay:
+                replay_s += t2 - t0
+            else:
+                per_denoise.append(t1 - t0)
+                per_decode.append(t2 - t1)
+                new_frames += frames.shape[2] if decoding else _chunk_frames(vae, ro.num_chunks, cf)
+            if g == n_replay:
                 first_no_decode, first_full = t1 - t_start, t2 - t_start
             if bar is not None:
                 bar.update(1)
             if callback is not None:
                 ret = callback(ChunkOutput(index=ro.num_chunks - 1, generated=g, latents=lat, frames=frames,
-                                           denoise_s=t1 - t0, decode_s=t2 - t1))
+                                           denoise_s=t1 - t0, decode_s=t2 - t1, replayed=g < n_replay))
                 if ret is False:
                     break
     finally:
@@ -542,9 +569,10 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
         per_chunk_s=[a + b for a, b in zip(per_denoise, per_decode)], per_chunk_denoise_s=per_denoise,
         per_chunk_decode_s=per_decode, total_s=time.perf_counter() - t_start,
         total_denoise_s=denoise_total, total_decode_s=decode_total,
-        generated_chunks=len(per_denoise), generated_frames=gen_frames,
-        fps_without_decode=gen_frames / denoise_total if denoise_total > 0 else None,
-        fps_with_decode=(gen_frames / (denoise_total + decode_total)) if decoding and denoise_total > 0 else None,
+        generated_chunks=len(per_denoise) + min(n_replay, g + 1), generated_frames=gen_frames,
+        replayed_chunks=min(n_replay, g + 1), replay_s=replay_s,
+        fps_without_decode=new_frames / denoise_total if denoise_total > 0 else None,
+        fps_with_decode=(new_frames / (denoise_total + decode_total)) if decoding and denoise_total > 0 else None,
         peak_memory_mib=mem, peak_memory_kind=kind, kv_cache_mib=ro.cache.memory_bytes() / 2**20,
         kv_cache_total_mib=ro.cache.total_bytes() / 2**20, kv_resident_chunks=options.kv_resident_chunks,
         batch=ro.batch, cfg_branches=2 if ro.use_uncond else 1,
@@ -556,6 +584,17 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
         selection=ro.selection_frequencies() if options.record_selection else None,
         options=options.to_dict(), streamed=decoding and video_sink is not None,
     )
+
+
+def _replay_chunks(replay: Optional[torch.Tensor], num_chunks: int, cf: int) -> int:
+    """How many of sample()'s chunks `replay` gives (at most num_chunks); its shape's checks beyond the
+    frames are Rollout.replay_chunk's."""
+    if replay is None:
+        return 0
+    if not isinstance(replay, torch.Tensor) or replay.dim() != 5 or replay.shape[2] % cf:
+        shape = list(replay.shape) if isinstance(replay, torch.Tensor) else type(replay).__name__
+        raise ValueError(f"replay must be latents [B, C, n*{cf}, h, w] of whole chunks; got {shape}")
+    return min(replay.shape[2] // cf, num_chunks)
 
 
 def _chunk_frames(vae, chunk_count: int, cf: int) -> int:

@@ -8,12 +8,14 @@
         --prompts-at "0:a red circle bouncing;6:a blue circle bouncing"    # prompt switch at chunk 6
     python sample/sample.py --checkpoint runs/tiny --prompt "a red circle bouncing" --init-image first.png \\
         --num-chunks 8 --kv-resident-chunks 4 --output outputs/i2v.mp4     # image start, bounded cache
+    python sample/sample.py ... --resume      # after any stop: the same command continues it exactly
 
 Each video gets a JSON next to it (same name, .json) with the prompt, the seed, the settings and
 the timings. Bad input (missing or mismatched checkpoint, --top-k 0, --num-chunks 0, an
 unwritable output, an empty prompts file, an unreadable --init-video or --init-image, a malformed
 --prompts-at / --storyboard, ...) prints ONE line on stderr and exits with code 2, before any long
-work and without leaving a partial mp4.
+work and without leaving a partial mp4. The chunks of a video in progress are kept in OUT.resume
+(sampling_resume.py) until it is written: --resume continues a stopped run from them.
 The command line of sample/sample.py (that script only calls `main`): its flags, the checks of every
 flag before any file is read, and the run, over resampling_forcing.pipeline.Pipeline (the same API the
 notebook uses).
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "are merged), or another tool's Wan2.1 LoRA .safetensors (Wan, diffusers or kohya/musubi names)")
     p.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
                    help="strength of the --lora files: one for all or one per --lora (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the videos a stopped run of this command left (their OUT.resume folders: the chunks "
+                   "made so far are kept, bit for bit) and skip those it finished; a larger --num-chunks extends them")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes (the final 'wrote ...' lines stay)")
     return p
 
@@ -186,6 +191,19 @@ def check_writable(paths: list[Path]) -> None:
                 raise BadInput(f"--output: {q} is a directory")
             if q.exists() and not os.access(q, os.W_OK):
                 raise BadInput(f"--output: {q} exists and is not writable")
+
+
+def check_leftovers(paths: list[Path], resume: bool) -> None:
+    """A stopped run's resume folder is continued with --resume, never overwritten without it."""
+    from .sampling_resume import ResumeState
+
+    for p in paths:
+        st = ResumeState(p)
+        if st.dir.exists() and not st.dir.is_dir():
+            raise BadInput(f"--output: {st.dir} is a file, and sample.py keeps the chunks of {p.name} in progress there")
+        if st.exists() and not resume:
+            raise BadInput(f"{st.dir}: a stopped run left {st.chunks()} chunk(s) of {p.name} there; add --resume to "
+                           "continue it, or remove the folder to start that video over")
 
 
 def check_args(args) -> None:
@@ -286,6 +304,7 @@ def run(args) -> int:
     prompts = [storyboard[0][1]] if storyboard is not None else read_prompts(args)
     paths = output_paths(args.output, prompts)
     check_writable(paths)
+    check_leftovers(paths, args.resume)
 
     from .config import Config, ConfigError
     from .encoders import EncoderLoadError
@@ -344,7 +363,7 @@ def run(args) -> int:
 
     switches = [e for e in storyboard if e[0] > 0] or None if storyboard is not None else None
     with GracefulStop("finishing the chunk in progress, then writing the video so far",
-                      "stopped without writing the video in progress") as stop:
+                      "stopped without writing the video in progress (--resume continues it)") as stop:
         return _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, init_info, storyboard,
                                    switches, load_s, stop)
 
@@ -356,45 +375,80 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
     import torch
 
     from .io import OutputError, is_no_space
+    from .lora import fingerprint
     from .pipeline import VideoFiles
+    from .sampling_resume import ResumeError, ResumeState, batch_replay, finished, init_source, run_key
 
+    weights = fingerprint(pipe.model.state_dict())
+    init = init_source(args.init_video, args.init_image, args.max_history_chunks, pipe.config.data.fps)
     for start in range(0, len(prompts), args.batch):
         idx = list(range(start, min(start + args.batch, len(prompts))))
         if stop.requested:
             print(f"not generated ({stop.requested}): {', '.join(str(paths[i]) for i in range(start, len(prompts)))}",
                   file=sys.stderr)
             break
+        keys = [run_key(weights=weights, pipeline=pipe.describe(), options=opts.to_dict(), prompt=prompts[i],
+                        negative_prompt=neg if opts.cfg_scale != 1.0 else None, seed=args.seed, index=i,
+                        batch_indices=idx, storyboard=[list(e) for e in storyboard] if storyboard else None,
+                        switch_cache=args.switch_cache if storyboard else None, init=init) for i in idx]
+        states = [ResumeState(paths[i]) for i in idx]
+        if args.resume and all(finished(paths[i], k, args.num_chunks) for i, k in zip(idx, keys)):
+            for i in idx:
+                print(f"kept {paths[i]} (finished by an earlier run of this command)", file=sys.stderr)
+            continue
+        replay = None
+        if args.resume:
+            cfg = pipe.model.cfg
+            try:
+                replay = batch_replay(states, keys, args.num_chunks, (cfg.in_channels, cfg.chunk_frames, *pipe.latent_hw),
+                                      note=lambda msg: print(f"note: {msg}", file=sys.stderr))
+            except ResumeError as e:
+                raise BadInput(str(e)) from None
+            if replay is not None and not args.quiet:
+                print(f"resuming {', '.join(str(paths[i]) for i in idx)}: {replay.shape[2] // cfg.chunk_frames} of "
+                      f"{args.num_chunks} chunks kept", file=sys.stderr)
         # every video streams into its mp4 while the rollout runs (host memory flat in its length); each is
         # committed with its JSON after the rollout, or removed on an error
         files = []
         try:
             for i in idx:
                 files.append(VideoFiles(paths[i], fps, with_selection=opts.record_selection))
+            for st, key in zip(states, keys):
+                st.begin(key)
 
             def sink(piece):
                 for b, f in enumerate(files):
                     f.write(piece[b])
 
+            def on_chunk(chunk):  # each new chunk is kept at once: a kill loses at most the chunk in progress
+                if not chunk.replayed:
+                    for b, st in enumerate(states):
+                        st.save(chunk.generated, chunk.latents[b])
+                return stop.requested is None
+
             res = pipe.generate([prompts[i] for i in idx], args.num_chunks, negative_prompt=neg, seed=args.seed,
                                 indices=idx, options=opts, init_latents=history, progress=not args.quiet,
                                 storyboard=switches, switch_cache=args.switch_cache,
-                                callback=lambda _chunk: stop.requested is None, video_sink=sink, keep_latents=False)
-            _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop)
+                                callback=on_chunk, video_sink=sink, keep_latents=False, replay=replay)
+            _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop,
+                          states, keys)
         except (OutputError, BrokenPipeError) as e:
             if stop.requested is not None:
                 # a signal to the whole job (Slurm, systemd) reaches the encoders too: they end their files early
                 print(f"stopped by {stop.requested}, which also stopped the video encoder (a signal to the whole "
-                      f"job): the videos in progress are not written; signal sample.py alone to keep them",
+                      f"job): the videos in progress are not written (--resume continues them); signal sample.py alone to "
+                      "keep them",
                       file=sys.stderr)
                 return stop.exit_code()
             if isinstance(e, BrokenPipeError):
                 raise
-            print(f"error: {e}", file=sys.stderr)  # not the input's fault: one line, exit 1
+            print(f"error: {e} (--resume continues the videos in progress)", file=sys.stderr)  # one line, exit 1
             return 1
         except OSError as e:
             if is_no_space(e):
                 where = Path(e.filename) if e.filename else paths[idx[0]]
-                raise BadInput(f"no space left on {where.parent} (writing {where.name}); free some space") from None
+                raise BadInput(f"no space left on {where.parent} (writing {where.name}); free some space, then "
+                               "--resume continues the videos in progress") from None
             raise
         finally:
             _abort_all(files)  # a no-op for the committed ones
@@ -415,8 +469,10 @@ def _abort_all(files) -> None:
         raise pending
 
 
-def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop) -> None:
-    """Write the JSON (and selections) of each streamed video of a batch and commit its files, in order."""
+def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop,
+                  states, keys) -> None:
+    """Write the JSON (and selections) of each streamed video of a batch and commit its files, in order; a
+    whole video's resume folder goes, a stopped one's stays for --resume."""
     from .pipeline import PipelineOutput
 
     done = res.timings["generated_chunks"]
@@ -438,7 +494,8 @@ def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, s
                 init["max_history_chunks"] = args.max_history_chunks
         meta = out.metadata(b, path)
         meta.update(num_chunks=done, init_video=init if args.init_video is not None else None,
-                    timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:])
+                    timings=dict(res.timings, load_s=load_s, batch_prompts=len(idx)), argv=sys.argv[1:],
+                    resume_key=keys[b])
         if stopped is not None:
             meta["stopped_early"] = stopped
         if args.init_image is not None:
@@ -446,8 +503,16 @@ def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, s
         files[b].commit(meta, None if res.selection is None else res.selection[b])  # this sample's picks
         t = res.timings
         part = "" if stopped is None else f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks"
-        print(f"wrote {path} ({meta['frames']} frames{part}, first chunk {t['first_chunk_latency_s']:.2f}s, "
-              f"{t['fps_with_decode'] or 0:.2f} fps with decode)", file=sys.stderr)
+        if t["replayed_chunks"]:
+            part += f", {t['replayed_chunks']} kept from the stopped run"
+        if t["first_chunk_latency_s"] is not None:
+            part += f", first chunk {t['first_chunk_latency_s']:.2f}s, {t['fps_with_decode'] or 0:.2f} fps with decode"
+        print(f"wrote {path} ({meta['frames']} frames{part})" + ("; --resume continues it" if stopped else ""),
+              file=sys.stderr)
+    if stopped is None:  # the batch is replayed whole: its folders go when every video of it is committed
+        for st in states:
+            if st.chunks() <= done:  # (one asked for fewer chunks than a stopped run had made keeps them)
+                st.remove()
 
 
 def check_memory(cfg, device, args, num_prompts: int, opts) -> None:

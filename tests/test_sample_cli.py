@@ -2,6 +2,7 @@
 run-directory layout of docs/CONTRACTS.md (pixel_shuffle VAE + hash text encoder)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from resampling_forcing import sampler
 from resampling_forcing.config import to_dict
 from resampling_forcing.encoders import PixelShuffleVAE, VideoCodec
 from resampling_forcing.io import read_mp4, write_mp4
@@ -443,7 +445,9 @@ def test_mp4_and_json_appear_together_and_quiet_keeps_wrote_line(run_dir, tmp_pa
                "--device", "cpu") == 1  # not the input's fault: one line, exit 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {out}: killed while encoding; nothing was written"), err
-    assert sorted(os.listdir(out.parent)) == []  # neither file, no temporaries
+    assert sorted(os.listdir(out.parent)) == ["v.resume"]  # neither file, no temporaries; the chunks made
+    assert err[0].endswith("(--resume continues the videos in progress)"), err
+    shutil.rmtree(out.parent / "v.resume")  # start over (a leftover folder needs --resume)
     monkeypatch.setattr(rio.Mp4Writer, "close", real)
     stale = out.parent / ".v.abcd1234.tmp.json"  # what a kill -9 would have left
     stale.write_text("{}")
@@ -501,8 +505,16 @@ def test_cli_full_disk_names_the_video_and_keeps_the_finished_ones(run_dir, tmp_
     assert cli("--checkpoint", run_dir, "--prompt", "a", "--prompt", "b", "--batch", 2, "--num-chunks", 1,
                "--output", f"{out}/", "--quiet", "--device", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(f"no space left on {out} (writing 001_b.mp4); free some space"), err
-    assert sorted(os.listdir(out)) == ["000_a.json", "000_a.mp4"]
+    assert err[-1].endswith(f"no space left on {out} (writing 001_b.mp4); free some space, then --resume continues "
+                            "the videos in progress"), err
+    # the batch's chunks stay until every video of it is written: --resume then denoises nothing again
+    assert sorted(os.listdir(out)) == ["000_a.json", "000_a.mp4", "000_a.resume", "001_b.resume"]
+    monkeypatch.setattr(rio.Mp4Writer, "close", real)  # space freed
+    monkeypatch.setattr(sampler.Rollout, "next_chunk", lambda *a, **k: pytest.fail("a kept chunk denoised again"))
+    assert cli("--checkpoint", run_dir, "--prompt", "a", "--prompt", "b", "--batch", 2, "--num-chunks", 1,
+               "--output", f"{out}/", "--quiet", "--device", "cpu", "--resume") == 0
+    assert sorted(os.listdir(out)) == ["000_a.json", "000_a.mp4", "001_b.json", "001_b.mp4"]
+    assert read_mp4(out / "001_b.mp4").shape[0] == json.loads((out / "001_b.json").read_text())["frames"]
 
 
 def test_cli_output_cleaned_by_another_run(run_dir, tmp_path, capsys, monkeypatch):
@@ -524,7 +536,7 @@ def test_cli_output_cleaned_by_another_run(run_dir, tmp_path, capsys, monkeypatc
                "--device", "cpu") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was removed while being written (another process writing the same outputs?)" in err[0]
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["v.resume"]  # the chunks made, for --resume
 
 
 def test_init_video_is_resampled_to_the_model_fps_and_capped(run_dir, tmp_path):

@@ -71,7 +71,9 @@ def test_sigterm_skips_the_prompts_not_started(run_dir, tmp_path, capsys, monkey
     out = tmp_path / "o"
     assert cli("--checkpoint", run_dir, "--prompts-file", pf, "--num-chunks", 3, "--output", f"{out}/", "--batch", 1,
                "--steps", 1, "--device", "cpu", "--quiet") == 143  # 128 + SIGTERM, as a shell reports it
-    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.json", "000_a_red_circle.mp4"]
+    # the stopped video and its chunks (for --resume); nothing of the prompt not started
+    assert sorted(p.name for p in out.iterdir()) == ["000_a_red_circle.json", "000_a_red_circle.mp4",
+                                                     "000_a_red_circle.resume"]
     assert read_mp4(out / "000_a_red_circle.mp4").shape[0] == CF
     assert f"not generated (SIGTERM): {out / '001_a_blue_square.mp4'}" in capsys.readouterr().err
 
@@ -81,10 +83,12 @@ def test_a_second_signal_stops_at_once_and_writes_nothing(run_dir, tmp_path, cap
     out = tmp_path / "o" / "v.mp4"
     assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 3, "--output", out, "--steps", 1,
                "--device", "cpu", "--quiet") == 130
-    assert not Path(out).exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+    # no video, no temporary: only the resume folder (the run key; chunk 0 was stopped before it was kept)
+    assert not Path(out).exists() and [p.name for p in out.parent.iterdir()] == ["v.resume"]
+    assert sorted(p.name for p in (out.parent / "v.resume").iterdir()) == ["run.json"]
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["second SIGINT: stopped without writing the video in progress; files already reported "
-                   "as written are complete"], err
+    assert err == ["second SIGINT: stopped without writing the video in progress (--resume continues it); files "
+                   "already reported as written are complete"], err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
@@ -150,9 +154,9 @@ def test_a_signal_to_the_whole_job_stops_the_encoder_too(run_dir, tmp_path, caps
     assert len(err) == 1, err
     if err[0].startswith("wrote"):  # ffmpeg had read every frame sent before it ended the file
         meta = json.loads(out.with_suffix(".json").read_text())
-        assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"] and meta["stopped_early"]
+        assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4", "v.resume"] and meta["stopped_early"]
         assert read_mp4(out).shape[0] == meta["frames"] == 2 * CF
     else:
-        assert "also stopped the video encoder" in err[0], err
-        assert os.listdir(tmp_path) == []
+        assert "also stopped the video encoder" in err[0] and "--resume continues them" in err[0], err
+        assert os.listdir(tmp_path) == ["v.resume"]  # the chunks made, for --resume
 

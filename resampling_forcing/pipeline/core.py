@@ -82,6 +82,17 @@ _OPTION_ARGS = ("steps", "shift", "cfg_scale", "context_t", "routing", "top_k", 
                 "rope_far_at")
 
 
+def _check_replay(replay, batch: int, cfg, latent_hw) -> None:
+    if replay is None:
+        return
+    cf = cfg.chunk_frames
+    want = [batch, cfg.in_channels, f"n*{cf}", *latent_hw]
+    if not isinstance(replay, torch.Tensor) or replay.dim() != 5 or replay.shape[2] % cf or \
+            [replay.shape[0], replay.shape[1], *replay.shape[3:]] != [batch, cfg.in_channels, *latent_hw]:
+        got = list(replay.shape) if isinstance(replay, torch.Tensor) else type(replay).__name__
+        raise PipelineError(f"replay must be latents {want} (whole chunks of this call); got {got}")
+
+
 @dataclass
 class Pipeline:
     model: CausalWanModel
@@ -234,7 +245,8 @@ class Pipeline:
                  rope_horizon: Union[int, str, None] = None, rope_far_at: Optional[int] = None,
                  options: Optional[SamplingOptions] = None,
                  callback: Optional[Callable] = None, progress: bool = False, decode: bool = True,
-                 video_sink: Optional[Callable] = None, keep_latents: bool = True) -> SampleResult:
+                 video_sink: Optional[Callable] = None, keep_latents: bool = True,
+                 replay: Optional[torch.Tensor] = None) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
         Sampling settings default to the config's `diffusion` / `attention.routing` sections, with
@@ -262,6 +274,9 @@ class Pipeline:
         video_sink: receives the decoded video piece by piece (uint8 [B, F, H, W, 3], history first) instead
         of the result holding it (sampler.sample; the sampling CLI streams its mp4 files this way);
         keep_latents=False: the result holds no latents either (result.latents None).
+        replay: latents [B, C, n*cf, h, w] of the first n chunks a stopped call with the same arguments
+        generated (sampling_resume.py keeps them for sample/sample.py --resume): taken, not denoised again, so
+        the rollout continues exactly (sampler.sample).
         """
         check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
@@ -284,6 +299,7 @@ class Pipeline:
         else:
             opts = options
         hh, ww, latent_hw = self._geometry(height, width)
+        _check_replay(replay, bsz, self.model.cfg, latent_hw)
         problem = host_tier_problem(opts.kv_host_dtype, dtype_name(self.dtype))
         if problem:
             raise PipelineError(f"kv_host_dtype {problem}")
@@ -316,7 +332,7 @@ class Pipeline:
                         indices=indices, history=None if history is None else history.to(self.device),
                         vae=self.vae, decode=decode, callback=callback, progress=progress,
                         storyboard=switches or None, switch_cache=switch_cache, video_sink=video_sink,
-                        keep_latents=keep_latents)
+                        keep_latents=keep_latents, replay=replay)
         result.timings["text_encode_s"] = text_s
         story = storyboard_record(prompts, board)
         return dataclasses.replace(result, init_video=init_info, prompts=prompts,

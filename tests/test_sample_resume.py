@@ -1,0 +1,232 @@
+"""Resumable sampling (sampling_resume.py, sample(replay=...), sample.py --resume).
+
+1. The rollout: replaying the first n chunks of a call continues it bit for bit (latents, decoded video,
+   routing selections), with CFG, a re-noised cache write (context_t > 0: its noise draws), a given history,
+   prompt switches (keep / recache) and top-k routing; the reference is the uninterrupted call.
+2. The CLI: a run stopped by a signal or killed by an error keeps its chunks in OUT.resume; --resume writes
+   the video the uninterrupted run writes (frame for frame) and removes the folder; a larger --num-chunks
+   extends; a leftover folder without --resume, or a folder of another run, is one line (exit 2) before any
+   work; a finished video is kept, not generated again; a damaged chunk file is generated again.
+"""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from resampling_forcing import sampler
+from resampling_forcing.attention.routing import RoutingSpec
+from resampling_forcing.encoders import PixelShuffleVAE
+from resampling_forcing.io import read_mp4
+from resampling_forcing.options import SamplingOptions
+from resampling_forcing.sampler import sample
+from resampling_forcing.sampling_resume import ResumeState, key_difference, state_dir
+
+from helpers import load_sample_cli, save_checkpoint_for_tests, tiny_model
+
+H, W = 2, 14
+CLI = load_sample_cli()
+
+
+def _ctx(seed, b=2):
+    return torch.randn(b, 5, 8, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    "cfg": dict(opts=dict(cfg_scale=3.0)),
+    "context_t": dict(opts=dict(cfg_scale=1.0, context_t=0.3)),
+    "history+topk": dict(opts=dict(cfg_scale=2.0, routing=RoutingSpec("topk", top_k=1), record_selection=True),
+                         history=2),
+    "switch keep": dict(opts=dict(cfg_scale=1.0, context_t=0.2), board="keep"),
+    "switch recache": dict(opts=dict(cfg_scale=2.0), board="recache", history=1),
+}
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_replay_continues_the_rollout_bit_for_bit(case, n):
+    c = CASES[case]
+    model = tiny_model(in_channels=12, out_channels=12)  # PixelShuffleVAE(2): 12 channels
+    vae = PixelShuffleVAE(factor=2)
+    cf = model.cfg.chunk_frames
+    kw = dict(neg_context=_ctx(9, 1), options=SamplingOptions(steps=2, **c["opts"]), seed=5, vae=vae)
+    if c.get("history"):
+        kw["history"] = torch.randn(1, 12, c["history"] * cf, H, W, generator=torch.Generator().manual_seed(1))
+    if c.get("board"):
+        kw.update(storyboard=[(0, _ctx(1)), (2, _ctx(2))], switch_cache=c["board"])
+        ctx = None
+    else:
+        ctx = _ctx(1)
+    full = sample(model, ctx, 5, (H, W), **kw)
+    h = full.history_chunks * cf
+    seen = []
+    res = sample(model, ctx, 5, (H, W), replay=full.latents[:, :, h:h + n * cf].clone(),
+                 callback=lambda ch: seen.append(ch.replayed), **kw)
+    assert seen == [g < n for g in range(5)]
+    assert torch.equal(res.latents, full.latents) and torch.equal(res.video, full.video)
+    if full.selection is not None:
+        np.testing.assert_array_equal(res.selection, full.selection)
+    t = res.timings
+    assert t["replayed_chunks"] == n and t["generated_chunks"] == 5 and len(t["per_chunk_s"]) == 5 - n
+    # the replay is taken as given: other latents there change what follows
+    if n < 5:
+        other = sample(model, ctx, 5, (H, W), replay=full.latents[:, :, h:h + n * cf] + 0.5, **kw)
+        assert not torch.equal(other.latents[:, :, h + n * cf:], full.latents[:, :, h + n * cf:])
+
+
+def test_replay_of_the_wrong_shape_is_refused():
+    model = tiny_model()
+    cf = model.cfg.chunk_frames
+    with pytest.raises(ValueError, match="whole chunks"):
+        sample(model, _ctx(1), 2, (H, W), replay=torch.zeros(2, 4, cf + 1, H, W), decode=False)
+    with pytest.raises(ValueError, match="chunk latents must be"):
+        sample(model, _ctx(1), 2, (H, W), replay=torch.zeros(1, 4, cf, H, W), decode=False,
+               options=SamplingOptions(steps=1, cfg_scale=1.0))
+
+
+def test_key_difference_names_the_first_setting():
+    a = dict(seed=1, sampling=dict(steps=4, routing=dict(top_k=2)), prompt="x")
+    assert key_difference(a, json.loads(json.dumps(a))) is None
+    assert key_difference(a, dict(a, seed=2)) == "seed: 1 then, 2 now"
+    b = dict(a, sampling=dict(steps=4, routing=dict(top_k=3)))
+    assert key_difference(a, b) == "sampling.routing.top_k: 2 then, 3 now"
+    assert key_difference(a, dict(a, init=None)) == "init: \"<unset>\" then, null now"
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return save_checkpoint_for_tests(tmp_path_factory.mktemp("run"), step=10)
+
+
+def cli(*args):
+    return CLI.main([str(a) for a in args])
+
+
+def _base(run_dir, *extra):
+    return ("--checkpoint", run_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--batch", 2,
+            "--seed", 5, "--steps", 2, "--cfg", 2, "--device", "cpu", "--quiet", *extra)
+
+
+def _count_chunks(monkeypatch):
+    real, made = sampler.Rollout.next_chunk, []
+
+    def next_chunk(self, *a, **k):
+        made.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(sampler.Rollout, "next_chunk", next_chunk)
+    return made
+
+
+def _fail_after(monkeypatch, chunk: int, exc):
+    """Rollout.next_chunk raises `exc` when asked for chunk `chunk` (0-based, counted over the test): a crash."""
+    real, count = sampler.Rollout.next_chunk, [0]
+
+    def next_chunk(self, *a, **k):
+        if count[0] == chunk:
+            raise exc
+        count[0] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(sampler.Rollout, "next_chunk", next_chunk)
+
+
+def _videos(out):
+    return [out.parent / f"{out.stem}_000_a_red_circle.mp4", out.parent / f"{out.stem}_001_a_blue_square.mp4"]
+
+
+def test_a_crashed_run_resumes_to_the_uninterrupted_video(run_dir, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full" / "v.mp4"
+    assert cli(*_base(run_dir, "--num-chunks", 4, "--output", full)) == 0
+    assert not any(state_dir(v).exists() for v in _videos(full))  # a whole video leaves no folder
+    out = tmp_path / "crash" / "v.mp4"
+    with monkeypatch.context() as m:
+        _fail_after(m, 3, MemoryError("out of memory"))  # dies while making chunk 3: chunks 0-2 are kept
+        with pytest.raises(MemoryError):
+            cli(*_base(run_dir, "--num-chunks", 4, "--output", out))
+    assert not any(v.exists() for v in _videos(out))  # no video, but its chunks
+    assert [ResumeState(v).chunks() for v in _videos(out)] == [3, 3]
+    capsys.readouterr()
+    # without --resume: one line, exit 2, the folder untouched
+    assert cli(*_base(run_dir, "--num-chunks", 4, "--output", out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a stopped run left 3 chunk(s)" in err and "add --resume" in err, err
+    made = _count_chunks(monkeypatch)
+    assert cli(*_base(run_dir, "--num-chunks", 4, "--output", out, "--resume")) == 0
+    assert len(made) == 1  # only the last chunk is denoised
+    for a, b in zip(_videos(out), _videos(full)):
+        np.testing.assert_array_equal(read_mp4(a), read_mp4(b))
+        meta = json.loads(a.with_suffix(".json").read_text())
+        assert meta["timings"]["replayed_chunks"] == 3 and meta["num_chunks"] == 4
+        assert not state_dir(a).exists()
+    # --resume again: both videos are whole and of this run: kept, nothing generated
+    made.clear()
+    before = [v.stat().st_mtime_ns for v in _videos(out)]
+    assert cli(*_base(run_dir, "--num-chunks", 4, "--output", out, "--resume")) == 0
+    assert not made and [v.stat().st_mtime_ns for v in _videos(out)] == before
+    assert "kept" in capsys.readouterr().err
+
+
+def test_a_stopped_video_resumes_and_extends(run_dir, tmp_path, monkeypatch, capsys):
+    base = ("--checkpoint", run_dir, "--prompt", "a red circle", "--seed", 3, "--steps", 2, "--device", "cpu",
+            "--quiet", "--context-t", "0.2")
+    full = tmp_path / "full.mp4"
+    assert cli(*base, "--num-chunks", 5, "--output", full) == 0
+    part = tmp_path / "part.mp4"
+    real, count = sampler.Rollout.next_chunk, [0]
+
+    def next_chunk(self, *a, **k):  # SIGTERM after chunk 1: the video so far is written, its chunks kept
+        out = real(self, *a, **k)
+        if count[0] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        count[0] += 1
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(sampler.Rollout, "next_chunk", next_chunk)
+        assert cli(*base, "--num-chunks", 3, "--output", part) == 143
+    assert "--resume continues it" in capsys.readouterr().err
+    assert json.loads(part.with_suffix(".json").read_text())["stopped_early"]["requested_chunks"] == 3
+    assert ResumeState(part).chunks() == 2
+    # resumed with a larger --num-chunks: the same video as a run that asked for 5 from the start
+    assert cli(*base, "--num-chunks", 5, "--output", part, "--resume") == 0
+    np.testing.assert_array_equal(read_mp4(part), read_mp4(full))
+    meta = json.loads(part.with_suffix(".json").read_text())
+    assert "stopped_early" not in meta and meta["num_chunks"] == 5 and not state_dir(part).exists()
+
+
+def test_resume_refuses_another_runs_folder_and_regenerates_a_damaged_chunk(run_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "v.mp4"
+    base = ("--checkpoint", run_dir, "--prompt", "a red circle", "--steps", 2, "--device", "cpu", "--quiet",
+            "--num-chunks", 3, "--output", out)
+    full = tmp_path / "full.mp4"
+    assert cli(*base[:-1], full, "--seed", 4) == 0
+    with monkeypatch.context() as m:
+        _fail_after(m, 2, KeyboardInterrupt())  # as a second Ctrl+C: stopped at once, no video
+        assert cli(*base, "--seed", 4) == 130
+    st = ResumeState(out)
+    assert st.chunks() == 2
+    capsys.readouterr()
+    assert cli(*base, "--seed", 6, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "written by another run (seed: 4 then, 6 now)" in err, err
+    assert st.chunks() == 2  # untouched
+    (st.dir / "chunk_000001.npy").write_bytes(b"not an array")
+    made = _count_chunks(monkeypatch)
+    assert cli(*base, "--seed", 4, "--resume") == 0
+    assert len(made) == 2  # chunk 1 (damaged) and chunk 2 are generated again
+    assert "chunk_000001.npy is unreadable" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_mp4(out), read_mp4(full))
+
+
+def test_a_resume_folder_that_is_a_file_is_one_line(run_dir, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    state_dir(out).write_text("x")
+    assert cli("--checkpoint", run_dir, "--prompt", "p", "--num-chunks", 1, "--output", out, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is a file" in err, err
