@@ -230,3 +230,54 @@ def test_a_resume_folder_that_is_a_file_is_one_line(run_dir, tmp_path, capsys):
     assert cli("--checkpoint", run_dir, "--prompt", "p", "--num-chunks", 1, "--output", out, "--quiet") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a file" in err, err
+
+
+def test_kill_9_then_resume_writes_the_uninterrupted_video(run_dir, tmp_path):
+    """sample.py as a user runs it, killed with SIGKILL once two chunks are kept: nothing can be tidied, and
+    --resume still writes the uninterrupted run's video and leaves no temporary or folder behind."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    base = ["--checkpoint", str(run_dir), "--prompt", "a red circle", "--seed", 2, "--steps", 40, "--device", "cpu",
+            "--quiet", "--num-chunks", 5]
+    full = tmp_path / "full.mp4"
+    assert cli(*base, "--output", full) == 0
+    out = tmp_path / "k" / "v.mp4"
+    proc = subprocess.Popen([sys.executable, str(repo / "sample" / "sample.py"), *map(str, base), "--output", str(out)],
+                            env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while ResumeState(out).chunks() < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    kept = ResumeState(out).chunks()
+    assert proc.returncode == -signal.SIGKILL and 2 <= kept < 5, (proc.returncode, kept)
+    assert not out.exists()
+    _wait_for_orphan_encoders(out.parent)  # the killed run's ffmpeg ends its temporary when its input closes
+    assert cli(*base, "--output", out, "--resume") == 0
+    np.testing.assert_array_equal(read_mp4(out), read_mp4(full))
+    assert json.loads(out.with_suffix(".json").read_text())["timings"]["replayed_chunks"] == kept
+    assert sorted(p.name for p in out.parent.iterdir()) == ["v.json", "v.mp4"]  # its temporary removed too
+
+
+def _wait_for_orphan_encoders(folder, timeout=30.0):
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                busy = busy or (b"ffmpeg" in cmd.read_bytes() and str(folder).encode() in cmd.read_bytes())
+            except OSError:
+                pass
+        if not busy:
+            return
+        time.sleep(0.05)
