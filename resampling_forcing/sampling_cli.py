@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the videos a stopped run of this command left (their OUT.resume folders: the chunks "
                    "made so far are kept, bit for bit) and skip those it finished; a larger --num-chunks extends them")
+    p.add_argument("--keep-chunks", action="store_true",
+                   help="keep each video's OUT.resume folder after it is written, so that a later --resume with a "
+                   "larger --num-chunks extends it exactly")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes (the final 'wrote ...' lines stay)")
     return p
 
@@ -202,8 +205,8 @@ def check_leftovers(paths: list[Path], resume: bool) -> None:
         if st.dir.exists() and not st.dir.is_dir():
             raise BadInput(f"--output: {st.dir} is a file, and sample.py keeps the chunks of {p.name} in progress there")
         if st.exists() and not resume:
-            raise BadInput(f"{st.dir}: a stopped run left {st.chunks()} chunk(s) of {p.name} there; add --resume to "
-                           "continue it, or remove the folder to start that video over")
+            raise BadInput(f"{st.dir}: a run left {st.chunks()} chunk(s) of {p.name} there (stopped, or --keep-chunks); "
+                           "add --resume to continue or extend it, or remove the folder to start that video over")
 
 
 def check_args(args) -> None:
@@ -509,7 +512,8 @@ def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, s
             part += f", first chunk {t['first_chunk_latency_s']:.2f}s, {t['fps_with_decode'] or 0:.2f} fps with decode"
         print(f"wrote {path} ({meta['frames']} frames{part})" + ("; --resume continues it" if stopped else ""),
               file=sys.stderr)
-    if stopped is None:  # the batch is replayed whole: its folders go when every video of it is committed
+    if stopped is None and not args.keep_chunks:  # the batch is replayed whole: its folders go when every video
+        # of it is committed
         for st in states:
             if st.chunks() <= done:  # (one asked for fewer chunks than a stopped run had made keeps them)
                 st.remove()

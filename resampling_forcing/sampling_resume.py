@@ -185,13 +185,13 @@ def _joined(pieces: list, shape: tuple):
 
 def finished(video: str | Path, key: dict, num_chunks: int) -> bool:
     """`video` is a whole video of `num_chunks` chunks committed by a run with `key` (its JSON sidecar's
-    resume_key), and no resume folder is left for it."""
+    resume_key; a video is committed before its folder goes, so a folder left beside it changes nothing)."""
     video = Path(video)
     try:
         meta = json.loads(video.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return False
-    return (video.is_file() and not state_dir(video).exists() and isinstance(meta, dict)
+    return (video.is_file() and isinstance(meta, dict)
             and isinstance(meta.get("resume_key"), dict) and key_difference(meta["resume_key"], key) is None
             and meta.get("num_chunks") == num_chunks and "stopped_early" not in meta)
 

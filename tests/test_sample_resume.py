@@ -155,7 +155,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_video(run_dir, tmp_path, mon
     # without --resume: one line, exit 2, the folder untouched
     assert cli(*_base(run_dir, "--num-chunks", 4, "--output", out)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "a stopped run left 3 chunk(s)" in err and "add --resume" in err, err
+    assert err.count("\n") == 0 and "a run left 3 chunk(s)" in err and "add --resume" in err, err
     made = _count_chunks(monkeypatch)
     assert cli(*_base(run_dir, "--num-chunks", 4, "--output", out, "--resume")) == 0
     assert len(made) == 1  # only the last chunk is denoised
@@ -198,6 +198,23 @@ def test_a_stopped_video_resumes_and_extends(run_dir, tmp_path, monkeypatch, cap
     np.testing.assert_array_equal(read_mp4(part), read_mp4(full))
     meta = json.loads(part.with_suffix(".json").read_text())
     assert "stopped_early" not in meta and meta["num_chunks"] == 5 and not state_dir(part).exists()
+
+
+def test_keep_chunks_lets_a_finished_video_be_extended_exactly(run_dir, tmp_path, monkeypatch):
+    base = ("--checkpoint", run_dir, "--prompt", "a red circle", "--seed", 8, "--steps", 2, "--cfg", 2,
+            "--device", "cpu", "--quiet")
+    full = tmp_path / "full.mp4"
+    assert cli(*base, "--num-chunks", 4, "--output", full) == 0
+    out = tmp_path / "v.mp4"
+    assert cli(*base, "--num-chunks", 2, "--output", out, "--keep-chunks") == 0
+    assert ResumeState(out).chunks() == 2 and read_mp4(out).shape[0] < read_mp4(full).shape[0]
+    made = _count_chunks(monkeypatch)
+    assert cli(*base, "--num-chunks", 2, "--output", out, "--resume", "--keep-chunks") == 0
+    assert not made  # finished with these settings: kept
+    assert cli(*base, "--num-chunks", 4, "--output", out, "--resume") == 0
+    assert len(made) == 2
+    np.testing.assert_array_equal(read_mp4(out), read_mp4(full))
+    assert not state_dir(out).exists()
 
 
 def test_resume_refuses_another_runs_folder_and_regenerates_a_damaged_chunk(run_dir, tmp_path, monkeypatch, capsys):
