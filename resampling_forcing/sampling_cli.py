@@ -196,6 +196,25 @@ def check_writable(paths: list[Path]) -> None:
                 raise BadInput(f"--output: {q} exists and is not writable")
 
 
+def process_share(args, num_prompts: int) -> tuple[list[int], int, int]:
+    """Under a launcher (torchrun, accelerate launch: RANK and WORLD_SIZE set) process r samples prompts r,
+    r + W, r + 2W, ... on cuda:LOCAL_RANK: the files, seeds and videos are those of one process sampling
+    them all. -> (this process's prompt indices, rank, world size)."""
+    env = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        value = os.environ.get(name, default)
+        if not value.isdigit():
+            raise BadInput(f"environment variable {name}={value!r}: a launcher sets it to an int >= 0")
+        env[name] = int(value)
+    rank, world = env["RANK"], env["WORLD_SIZE"]
+    if world < 1 or rank >= world:
+        raise BadInput(f"environment: RANK={rank} with WORLD_SIZE={world}; a launcher sets 0 <= RANK < WORLD_SIZE")
+    if world > 1 and args.device not in ("auto", "cuda", "cpu"):
+        raise BadInput(f"--device {args.device} with {world} processes would put every one on the same device; "
+                       "give --device cuda (process r takes cuda:LOCAL_RANK) or cpu")
+    return list(range(rank, num_prompts, world)), rank, world
+
+
 def check_leftovers(paths: list[Path], resume: bool) -> None:
     """A stopped run's resume folder is continued with --resume, never overwritten without it."""
     from .sampling_resume import ResumeState
@@ -306,8 +325,13 @@ def run(args) -> int:
     storyboard = read_storyboard(args)
     prompts = [storyboard[0][1]] if storyboard is not None else read_prompts(args)
     paths = output_paths(args.output, prompts)
-    check_writable(paths)
-    check_leftovers(paths, args.resume)
+    mine, rank, world = process_share(args, len(prompts))
+    if not mine:
+        if not args.quiet:
+            print(f"process {rank} of {world}: no prompt falls to it ({len(prompts)} in all)", file=sys.stderr)
+        return 0
+    check_writable([paths[i] for i in mine])
+    check_leftovers([paths[i] for i in mine], args.resume)
 
     from .config import Config, ConfigError
     from .encoders import EncoderLoadError
@@ -330,7 +354,7 @@ def run(args) -> int:
                 raise BadInput(str(e)) from None
         overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
                                             if args.attention_backend is not None else [])
-        device = resolve_device(args.device, what="--device")
+        device = resolve_device(_process_device(args.device), what="--device")
         cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
         try:
             check_model_overrides(cfg, args.overrides)
@@ -340,7 +364,7 @@ def run(args) -> int:
         if opts.record_selection and (opts.routing is None or opts.routing.is_dense):
             raise BadInput("--record-selection records routing picks, and this rollout attends densely (no routing "
                            "in the checkpoint's config): add --routing topk --top-k K or --routing window")
-        check_memory(cfg, device, args, len(prompts), opts)
+        check_memory(cfg, device, args, len(mine), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=device, dtype=args.dtype, use_ema=not args.no_ema,
                                         attention_backend=args.attention_backend, lora=args.lora,
@@ -360,18 +384,18 @@ def run(args) -> int:
               f"{init_info['frames_used']} ({init_info['chunks']} chunks, at most --max-history-chunks "
               f"{args.max_history_chunks}), dropped {init_info['frames_dropped_from_start']} from the start",
               file=sys.stderr)
-    for path in paths:  # temporaries of a run that was killed while writing these outputs
-        for stale in (path, path.with_suffix(".selection.npy")):
+    for path in (paths[i] for i in mine):  # temporaries of a killed run's writing of these outputs (only this
+        for stale in (path, path.with_suffix(".selection.npy")):  # process's: the others' are being written)
             clean_stale_temps(stale)
 
     switches = [e for e in storyboard if e[0] > 0] or None if storyboard is not None else None
     with GracefulStop("finishing the chunk in progress, then writing the video so far",
                       "stopped without writing the video in progress (--resume continues it)") as stop:
-        return _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, init_info, storyboard,
+        return _generate_and_write(args, pipe, prompts, paths, mine, neg, fps, opts, history, init_info, storyboard,
                                    switches, load_s, stop)
 
 
-def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, init_info, storyboard, switches,
+def _generate_and_write(args, pipe, prompts, paths, mine, neg, fps, opts, history, init_info, storyboard, switches,
                         load_s, stop) -> int:
     """Generate the prompts in batches and write each video; after a stop signal the batch in progress ends
     with its current chunk and is written (marked "stopped_early"), later batches are not started."""
@@ -384,11 +408,10 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
 
     weights = fingerprint(pipe.model.state_dict())
     init = init_source(args.init_video, args.init_image, args.max_history_chunks, pipe.config.data.fps)
-    for start in range(0, len(prompts), args.batch):
-        idx = list(range(start, min(start + args.batch, len(prompts))))
+    for start in range(0, len(mine), args.batch):
+        idx = mine[start:start + args.batch]
         if stop.requested:
-            print(f"not generated ({stop.requested}): {', '.join(str(paths[i]) for i in range(start, len(prompts)))}",
-                  file=sys.stderr)
+            print(f"not generated ({stop.requested}): {', '.join(str(paths[i]) for i in mine[start:])}", file=sys.stderr)
             break
         keys = [run_key(weights=weights, pipeline=pipe.describe(), options=opts.to_dict(), prompt=prompts[i],
                         negative_prompt=neg if opts.cfg_scale != 1.0 else None, seed=args.seed, index=i,
@@ -458,6 +481,16 @@ def _generate_and_write(args, pipe, prompts, paths, neg, fps, opts, history, ini
         if pipe.device.type == "cuda":
             torch.cuda.empty_cache()
     return stop.exit_code() if stop.requested else 0
+
+
+def _process_device(device: str) -> str:
+    """Under a launcher with several processes, --device auto / cuda is this process's GPU (cuda:LOCAL_RANK)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if device == "cuda" or torch.cuda.is_available():
+            return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
 
 
 def _abort_all(files) -> None:
