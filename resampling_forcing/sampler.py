@@ -440,7 +440,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
            progress: bool = False, uncond: Optional[bool] = None,
            attn_wrapper: Optional[Callable] = None, storyboard: Optional[Sequence] = None,
            switch_cache: str = "keep", video_sink: Optional[Callable[[torch.Tensor], Any]] = None,
-           keep_latents: bool = True, replay: Optional[torch.Tensor] = None) -> SampleResult:
+           keep_latents: bool = True, replay=None) -> SampleResult:
     """Roll out `num_chunks` chunks after an optional `history` (latents [B or 1, C, n*cf, h, w]).
 
     Prompt switching: `storyboard` is a list of (chunk index, context [B, Lt, text_dim]); chunk
@@ -458,11 +458,13 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     the whole video (`result.video` None, `result.streamed`): host memory flat in the rollout length
     (sample/sample.py streams into its mp4 files this way). `keep_latents=False`: the result holds no
     latents either (`result.latents` None): then nothing on the host grows with the rollout's length.
-    `replay`: latents [B, C, n*cf, h, w] of the first n generated chunks of a stopped call with the same
-    arguments (sampling_resume.py keeps them): they are not denoised again but taken as they are, with
+    `replay`: the first n generated chunks of a stopped call with the same arguments, as latents
+    [B, C, n*cf, h, w] or a sequence of n chunks [B, C, cf, h, w] (sampling_resume.ReplayChunks reads each
+    from disk when the rollout reaches it): they are not denoised again but taken as they are, with
     everything else a chunk does (its noise drawn, its cache write, its decode, the switches, the
-    selections), so the rollout goes on exactly as the stopped one would have (bit for bit on the same
-    device and batch). Their timings are `replayed_chunks` / `replay_s`, not in the per-chunk lists.
+    selections), so the rollout goes on exactly as the stopped one would have (bit for bit where the
+    arithmetic is the same). `generated_chunks` counts them; their time is `replay_s` (`replayed_chunks`
+    of them), not in the per-chunk lists; first_chunk_latency_s is that of the first chunk denoised.
     Timings (seconds): first_chunk_latency_s (from this call to the first generated chunk's
     frames, incl. cache setup, prefill and decode; `_no_decode_s` without decode), per_chunk_s,
     per_chunk_denoise_s (denoising + writing the previous chunk into the cache), per_chunk_decode_s,
@@ -518,12 +520,13 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     bar = _progress(num_chunks, "chunks", progress)
     try:
         for g in range(num_chunks):
-            step_bar = _progress(options.steps, f"chunk {g + 1}/{num_chunks} steps", progress, leave=False)
+            step_bar = _progress(options.steps, f"chunk {g + 1}/{num_chunks} steps", progress and g >= n_replay,
+                                 leave=False)
             t0 = time.perf_counter()
             if g in switches:
                 ro.set_context(switches[g], recache=switch_cache == "recache")
             if g < n_replay:
-                lat = ro.replay_chunk(replay[:, :, g * cf:(g + 1) * cf])
+                lat = ro.replay_chunk(replay[:, :, g * cf:(g + 1) * cf] if torch.is_tensor(replay) else replay[g])
             else:
                 lat = ro.next_chunk(on_step=(lambda _i: step_bar.update(1)) if step_bar is not None else None)
             sync(device)
@@ -548,7 +551,7 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
                 per_decode.append(t2 - t1)
                 new_frames += frames.shape[2] if decoding else _chunk_frames(vae, ro.num_chunks, cf)
             if g == n_replay:
-                first_no_decode, first_full = t1 - t_start, t2 - t_start
+                first_no_decode, first_full = t1 - t_start - replay_s, t2 - t_start - replay_s
             if bar is not None:
                 bar.update(1)
             if callback is not None:
@@ -586,15 +589,19 @@ def sample(model, context: Optional[torch.Tensor], num_chunks: int, latent_hw: t
     )
 
 
-def _replay_chunks(replay: Optional[torch.Tensor], num_chunks: int, cf: int) -> int:
-    """How many of sample()'s chunks `replay` gives (at most num_chunks); its shape's checks beyond the
-    frames are Rollout.replay_chunk's."""
+def _replay_chunks(replay, num_chunks: int, cf: int) -> int:
+    """How many of sample()'s chunks `replay` gives (at most num_chunks); the shape of each chunk is checked
+    by Rollout.replay_chunk."""
     if replay is None:
         return 0
-    if not isinstance(replay, torch.Tensor) or replay.dim() != 5 or replay.shape[2] % cf:
-        shape = list(replay.shape) if isinstance(replay, torch.Tensor) else type(replay).__name__
-        raise ValueError(f"replay must be latents [B, C, n*{cf}, h, w] of whole chunks; got {shape}")
-    return min(replay.shape[2] // cf, num_chunks)
+    if torch.is_tensor(replay):
+        if replay.dim() != 5 or replay.shape[2] % cf:
+            raise ValueError(f"replay must be latents [B, C, n*{cf}, h, w] of whole chunks; got {list(replay.shape)}")
+        return min(replay.shape[2] // cf, num_chunks)
+    if not (hasattr(replay, "__len__") and hasattr(replay, "__getitem__")):
+        raise ValueError(f"replay must be latents [B, C, n*{cf}, h, w] or a sequence of chunks; got "
+                         f"{type(replay).__name__}")
+    return min(len(replay), num_chunks)
 
 
 def _chunk_frames(vae, chunk_count: int, cf: int) -> int:

@@ -7,17 +7,21 @@ Next to each video `out.mp4` its folder `out.resume/` (`state_dir`) holds
     chunk_000000.npy    the latents [C, cf, h, w] (fp32) of each generated chunk, each written atomically
                         as soon as its chunk is finished
 
-and is removed once the video is committed whole. `--resume` checks the folder's key against the new
-run's (a changed prompt, seed, checkpoint, setting is one line naming it), reads its chunks and hands
-them to the rollout as `replay` (sampler.sample): they are not denoised again, while everything else a
-chunk does (its noise, its cache write, its decode) runs as before, so the video is the one the
-uninterrupted run writes, bit for bit on the same kind of device and batch. What a replay costs: one
-cache-writing pass and one decode per kept chunk, instead of `steps` (x2 with CFG) denoising passes.
+and is removed once every video of its batch is committed whole (kept with --keep-chunks, or when it
+holds more chunks than were asked for). `--resume` checks the folder's key against the new run's (a
+changed prompt, seed, checkpoint, setting is one line naming it) and hands its chunks to the rollout as
+`replay` (sampler.sample), read one chunk at a time as the rollout reaches it: they are not denoised
+again, while everything else a chunk does (its noise, its cache write, its decode) runs as before, so the
+video is the one the uninterrupted run writes, bit for bit wherever that run is itself reproducible (the
+same device model and batch; deterministic kernels). A replayed chunk costs one cache-writing pass and one
+decode instead of `steps` (x2 with CFG) denoising passes. A folder without chunks holds nothing to resume
+and counts as absent.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,7 +31,7 @@ import numpy as np
 from .io import atomic_path, atomic_write_json, clean_folder_temps
 
 __all__ = ["ResumeError", "ResumeState", "state_dir", "run_key", "key_difference", "file_digest", "init_source",
-           "finished", "batch_replay"]
+           "finished", "batch_replay", "ReplayChunks"]
 
 KEY_FILE = "run.json"
 KEY_VERSION = 1
@@ -68,40 +72,46 @@ def init_source(init_video, init_image, max_history_chunks: int, fps: float) -> 
 def run_key(*, weights: str, pipeline: dict, options: dict, prompt, negative_prompt, seed: int, index: int,
             batch_indices: list, storyboard: Optional[list], switch_cache: Optional[str], init: Optional[dict]) -> dict:
     """What a video's latents depend on, as JSON: the weights' fingerprint (lora.fingerprint of the merged
-    model: checkpoint, EMA, LoRAs), the model and geometry (`pipeline`, a Pipeline.describe()), the sampling
-    options (`options`, SamplingOptions.to_dict()), the texts, the noise (seed, index) and the batch it is
-    rolled out in (other batches round differently), and the history's source (`init`). Not in it: what
-    changes no bit of the latents (the fps, the device's index, --kv-resident-chunks with an exact host tier,
-    --record-selection) and the number of chunks (a resumed run may ask for more)."""
+    model: checkpoint, EMA, LoRAs), the model, text encoder and geometry (`pipeline`, a Pipeline.describe()),
+    the sampling options (`options`, SamplingOptions.to_dict()), the texts, the noise (seed, index), the batch
+    it is rolled out in (other batches round differently) and the history's source (`init`). Not in it: what
+    changes no bit of the latents (the fps, the device's index, the VAE without an init file: every chunk is
+    decoded again anyway, --kv-resident-chunks with an exact host tier, --record-selection, the cache mode of
+    a storyboard without switches) and the number of chunks (a resumed run may ask for more)."""
     opts = dict(options)
     opts.pop("record_selection", None)
-    if opts.get("kv_host_dtype") is None:  # the bounded cache is bit-identical to the all-resident one
+    if opts.get("kv_host_dtype") in (None, pipeline.get("dtype")):  # bit-identical to the all-resident cache
         opts.pop("kv_resident_chunks", None)
+        opts.pop("kv_host_dtype", None)
     pipe = {k: v for k, v in pipeline.items() if k not in ("source", "device")}
     pipe["device_type"] = str(pipeline.get("device", "cpu")).split(":")[0]
+    if init is None and isinstance(pipe.get("encoders"), dict):
+        pipe["encoders"] = {k: v for k, v in pipe["encoders"].items() if not k.startswith("vae")}
+    switches = storyboard is not None and len(storyboard) > 1
     return dict(version=KEY_VERSION, weights=weights, pipeline=pipe, sampling=opts, prompt=prompt,
                 negative_prompt=negative_prompt, seed=int(seed), sample_index=int(index),
-                batch_indices=[int(i) for i in batch_indices], storyboard=storyboard, switch_cache=switch_cache,
-                init=init)
+                batch_indices=[int(i) for i in batch_indices], storyboard=storyboard,
+                switch_cache=switch_cache if switches else None, init=init)
 
 
-def _flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+_UNSET = "<unset>"
+
+
+def _difference(a, b, name: str) -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            diff = _difference(a.get(k, _UNSET), b.get(k, _UNSET), f"{name}.{k}" if name else str(k))
+            if diff is not None:
+                return diff
+        return None
+    if a == b:
+        return None
+    return f"{name}: {json.dumps(a)[:60]} then, {json.dumps(b)[:60]} now"
 
 
 def key_difference(then: dict, now: dict) -> Optional[str]:
     """The first setting two run keys differ in, as 'name: A then, B now'; None when equal."""
-    a, b = _flat(json.loads(json.dumps(then))), _flat(json.loads(json.dumps(now)))
-    for k in list(a) + [k for k in b if k not in a]:
-        if a.get(k, "<unset>") != b.get(k, "<unset>"):
-            show = [json.dumps(x.get(k, "<unset>"))[:60] for x in (a, b)]
-            return f"{k}: {show[0]} then, {show[1]} now"
-    return None
+    return _difference(json.loads(json.dumps(then)), json.loads(json.dumps(now)), "")
 
 
 class ResumeState:
@@ -132,60 +142,88 @@ class ResumeState:
         return key
 
     def check(self, key: dict) -> None:
-        """ResumeError unless the folder was written by a run with this key."""
+        """ResumeError unless the folder, when it keeps chunks, was written by a run with this key."""
+        if not self.chunks():
+            return
         diff = key_difference(self.key(), key)
         if diff is not None:
             raise ResumeError(f"--resume: {self.dir} was written by another run ({diff}); rerun with its settings, "
                               "or remove the folder to start that video over")
 
-    def begin(self, key: dict) -> None:
-        """Make the folder for a run with `key` (keeping the chunks of an equal key's run)."""
+    def begin(self, key: dict, keep: int) -> None:
+        """Make the folder for a run with `key` that replays `keep` chunks: the chunks from `keep` on are
+        dropped (generated again, they may not mix with the old ones), all of them for another key's run."""
         self.dir.mkdir(parents=True, exist_ok=True)
         clean_folder_temps(self.dir)  # a chunk being written when the run was killed
-        if not (self.dir / KEY_FILE).is_file() or key_difference(self.key(), key) is not None:
-            for f in self.dir.glob("chunk_*.npy"):
+        try:
+            ours = key_difference(self.key(), key) is None
+        except ResumeError:  # none yet, or killed while the folder was made
+            ours = False
+        for f in self.dir.glob("chunk_*.npy"):
+            if not ours or int(f.stem.split("_")[1]) >= keep:
                 f.unlink()
+        if not ours:
             atomic_write_json(self.dir / KEY_FILE, key)
 
     def save(self, g: int, latents) -> None:
-        """Keep generated chunk g's latents [C, cf, h, w] (atomically: a kill leaves it whole or absent)."""
+        """Keep generated chunk g's latents [C, cf, h, w]: atomically and on disk before it is named (a kill
+        or a power loss leaves it whole or absent). An OSError names the chunk file."""
         path = _chunk_file(self.dir, g)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, latents.detach().float().cpu().numpy(), allow_pickle=False)
+        try:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, latents.detach().float().cpu().numpy(), allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is None:  # a failed write names no file: say which (a full disk names it, not the video)
+                e.filename = str(path)
+            raise
 
-    def load(self, n: int, shape: tuple):
-        """The first n kept chunks as latents [1, C, m*cf, h, w] (m <= n), and a note when a chunk file was
-        damaged (then the chunks from it on are generated again). `shape`: one chunk's [C, cf, h, w]."""
-        pieces = []
+    def usable(self, n: int, shape: tuple) -> tuple[int, Optional[str]]:
+        """How many of the first n chunk files hold a [C, cf, h, w] float32 array (`shape`), read from their
+        headers (np.load with mmap: a short file fails too), and a note naming the first that does not."""
         for g in range(n):
             path = _chunk_file(self.dir, g)
             try:
-                a = np.load(path, allow_pickle=False)
+                a = np.load(path, mmap_mode="r", allow_pickle=False)
                 problem = None if a.shape == tuple(shape) and a.dtype == np.float32 \
                     else f"holds {a.dtype} {list(a.shape)}, not float32 {list(shape)}"
             except (OSError, ValueError, EOFError) as e:
                 problem = f"is unreadable ({type(e).__name__})"
             if problem is not None:
-                return _joined(pieces, shape), f"{path} {problem}: chunks {g}-{n - 1} are generated again"
-            pieces.append(a)
-        return _joined(pieces, shape), None
+                return g, f"{path} {problem}: chunks {g}-{n - 1} are generated again"
+        return n, None
+
+    def read(self, g: int) -> np.ndarray:
+        return np.load(_chunk_file(self.dir, g), allow_pickle=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _joined(pieces: list, shape: tuple):
-    import torch
+class ReplayChunks:
+    """sample()'s `replay` from resume folders, one chunk at a time: item g is [B, C, cf, h, w] (float32,
+    CPU), sample b's from states[b]; only the chunk being replayed is in memory."""
 
-    if not pieces:
-        return torch.empty(1, shape[0], 0, *shape[2:])
-    return torch.from_numpy(np.concatenate(pieces, axis=1)[None])
+    def __init__(self, states: list, n: int):
+        self.states, self.n = states, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, g: int):
+        import torch
+
+        if not 0 <= g < self.n:
+            raise IndexError(g)
+        return torch.from_numpy(np.stack([st.read(g) for st in self.states]))
 
 
-def finished(video: str | Path, key: dict, num_chunks: int) -> bool:
-    """`video` is a whole video of `num_chunks` chunks committed by a run with `key` (its JSON sidecar's
-    resume_key; a video is committed before its folder goes, so a folder left beside it changes nothing)."""
+def finished(video: str | Path, key: dict, num_chunks: int, fps: float, selection: bool) -> bool:
+    """`video` is a whole video of `num_chunks` chunks at `fps` committed by a run with `key` (its JSON
+    sidecar's resume_key), with its selection file when `selection` is asked for. A video is committed
+    before its folder goes, so a folder left beside it changes nothing."""
     video = Path(video)
     try:
         meta = json.loads(video.with_suffix(".json").read_text())
@@ -193,26 +231,22 @@ def finished(video: str | Path, key: dict, num_chunks: int) -> bool:
         return False
     return (video.is_file() and isinstance(meta, dict)
             and isinstance(meta.get("resume_key"), dict) and key_difference(meta["resume_key"], key) is None
-            and meta.get("num_chunks") == num_chunks and "stopped_early" not in meta)
+            and meta.get("num_chunks") == num_chunks and "stopped_early" not in meta and meta.get("fps") == fps
+            and (not selection or video.with_suffix(".selection.npy").is_file()))
 
 
-def batch_replay(states: list, keys: list, num_chunks: int, chunk_shape: tuple, note=print):
-    """The chunks a batch's resume folders keep, as sample()'s `replay` [B, C, n*cf, h, w] (None when there
-    are none): as many as every folder of the batch has (at most num_chunks). ResumeError for a folder
-    that another run wrote; `note(msg)` hears of a damaged chunk file (generated again)."""
-    import torch
-
+def batch_replay(states: list, keys: list, num_chunks: int, chunk_shape: tuple, note=print) -> Optional[ReplayChunks]:
+    """The chunks a batch's resume folders keep, as sample()'s `replay` (None when there are none): as many
+    as every folder of the batch has (at most num_chunks). ResumeError for a folder that another run wrote;
+    `note(msg)` hears of a damaged chunk file (it and the chunks after it are generated again)."""
     for st, key in zip(states, keys):
-        if st.exists():
-            st.check(key)
+        st.check(key)
     n = min(min(st.chunks() if st.exists() else 0 for st in states), num_chunks)
-    if n == 0:
-        return None
-    pieces = []
     for st in states:
-        lat, problem = st.load(n, chunk_shape)
+        if n == 0:
+            break
+        m, problem = st.usable(n, chunk_shape)
         if problem is not None:
             note(problem)
-        pieces.append(lat)
-    m = min(p.shape[2] for p in pieces)
-    return torch.cat([p[:, :, :m] for p in pieces]) if m else None
+        n = min(n, m)
+    return ReplayChunks(states, n) if n else None

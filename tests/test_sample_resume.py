@@ -41,6 +41,7 @@ CASES = {
                          history=2),
     "switch keep": dict(opts=dict(cfg_scale=1.0, context_t=0.2), board="keep"),
     "switch recache": dict(opts=dict(cfg_scale=2.0), board="recache", history=1),
+    "switch recache context_t": dict(opts=dict(cfg_scale=2.0, context_t=0.3), board="recache"),
 }
 
 
@@ -76,6 +77,27 @@ def test_replay_continues_the_rollout_bit_for_bit(case, n):
         assert not torch.equal(other.latents[:, :, h + n * cf:], full.latents[:, :, h + n * cf:])
 
 
+def test_replay_through_a_stateful_vae_decoder():
+    """The Wan VAE's streaming decoder carries a cache from chunk to chunk: the replayed chunks are decoded
+    again in order, so the frames after them are the uninterrupted run's too (the pixel-shuffle VAE above
+    keeps no state). The replay is given as a sequence of chunks, as sampling_resume.ReplayChunks gives it."""
+    from diffusers import AutoencoderKLWan
+
+    from resampling_forcing.encoders import WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE.from_model(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                             latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval())
+    model = tiny_model()
+    cf = model.cfg.chunk_frames
+    kw = dict(options=SamplingOptions(steps=2, cfg_scale=1.0), seed=3, vae=vae)
+    full = sample(model, _ctx(1), 4, (H, W), **kw)
+    chunks = [full.latents[:, :, g * cf:(g + 1) * cf].clone() for g in range(2)]
+    res = sample(model, _ctx(1), 4, (H, W), replay=chunks, **kw)
+    assert torch.equal(res.latents, full.latents) and torch.equal(res.video, full.video)
+    assert vae.frames_for_latents(4 * cf) == res.video.shape[1]
+
+
 def test_replay_of_the_wrong_shape_is_refused():
     model = tiny_model()
     cf = model.cfg.chunk_frames
@@ -93,6 +115,10 @@ def test_key_difference_names_the_first_setting():
     b = dict(a, sampling=dict(steps=4, routing=dict(top_k=3)))
     assert key_difference(a, b) == "sampling.routing.top_k: 2 then, 3 now"
     assert key_difference(a, dict(a, init=None)) == "init: \"<unset>\" then, null now"
+    # a field that is a mapping on one side only is named whole, not by a part of it
+    assert key_difference(dict(a, init=None), dict(a, init=dict(kind="image", sha256="ab"))) == \
+        'init: null then, {"kind": "image", "sha256": "ab"} now'
+    assert key_difference(dict(a, init={}), dict(a, init=None)) == "init: {} then, null now"
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -298,3 +324,48 @@ def _wait_for_orphan_encoders(folder, timeout=30.0):
         if not busy:
             return
         time.sleep(0.05)
+
+
+def test_resume_is_refused_before_any_video_and_what_changes_no_bit_may_change(run_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red circle\na blue square\n")
+    out = tmp_path / "o"
+    base = ("--checkpoint", run_dir, "--prompts-file", pf, "--batch", 1, "--num-chunks", 3, "--steps", 2,
+            "--top-k", 1, "--device", "cpu", "--quiet", "--output", f"{out}/")
+    with monkeypatch.context() as m:
+        _fail_after(m, 4, MemoryError())  # video 0 written, video 1 stopped after 1 chunk
+        with pytest.raises(MemoryError):
+            cli(*base, "--seed", 1, "--fps", 8)
+    v0, v1 = out / "000_a_red_circle.mp4", out / "001_a_blue_square.mp4"
+    assert v0.exists() and not v1.exists() and ResumeState(v1).chunks() == 1
+    made = _count_chunks(monkeypatch)
+    capsys.readouterr()
+    # another seed: refused before video 0 (which it would make again first) is started
+    assert cli(*base, "--seed", 2, "--resume") == 2 and not made
+    assert "(seed: 1 then, 2 now)" in capsys.readouterr().err
+    # another fps, a bounded cache and selections change no bit of the latents: video 0 is made again (its fps
+    # differs), video 1 continues from its kept chunk
+    assert cli(*base, "--seed", 1, "--resume", "--fps", 10, "--kv-resident-chunks", 1, "--record-selection") == 0
+    assert len(made) == 3 + 2
+    meta = json.loads(v1.with_suffix(".json").read_text())
+    assert meta["timings"]["replayed_chunks"] == 1 and meta["fps"] == 10 and v1.with_suffix(".selection.npy").exists()
+
+
+def test_a_changed_init_image_is_refused(run_dir, tmp_path, monkeypatch, capsys):
+    import imageio.v3 as iio
+
+    img = tmp_path / "first.png"
+    iio.imwrite(img, np.full((8, 8, 3), 100, np.uint8))
+    out = tmp_path / "v.mp4"
+    base = ("--checkpoint", run_dir, "--prompt", "a red circle", "--init-image", img, "--num-chunks", 3,
+            "--steps", 2, "--device", "cpu", "--quiet", "--output", out)
+    with monkeypatch.context() as m:
+        _fail_after(m, 2, MemoryError())
+        with pytest.raises(MemoryError):
+            cli(*base)
+    iio.imwrite(img, np.full((8, 8, 3), 200, np.uint8))
+    capsys.readouterr()
+    assert cli(*base, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "init.sha256" in err, err

@@ -83,14 +83,16 @@ _OPTION_ARGS = ("steps", "shift", "cfg_scale", "context_t", "routing", "top_k", 
 
 
 def _check_replay(replay, batch: int, cfg, latent_hw) -> None:
-    if replay is None:
+    """A replay tensor of this call's shape, or a sequence of chunks (each checked by the rollout)."""
+    if replay is None or (not torch.is_tensor(replay) and hasattr(replay, "__len__") and hasattr(replay, "__getitem__")):
         return
     cf = cfg.chunk_frames
     want = [batch, cfg.in_channels, f"n*{cf}", *latent_hw]
-    if not isinstance(replay, torch.Tensor) or replay.dim() != 5 or replay.shape[2] % cf or \
+    if not torch.is_tensor(replay) or replay.dim() != 5 or replay.shape[2] % cf or \
             [replay.shape[0], replay.shape[1], *replay.shape[3:]] != [batch, cfg.in_channels, *latent_hw]:
-        got = list(replay.shape) if isinstance(replay, torch.Tensor) else type(replay).__name__
-        raise PipelineError(f"replay must be latents {want} (whole chunks of this call); got {got}")
+        got = list(replay.shape) if torch.is_tensor(replay) else type(replay).__name__
+        raise PipelineError(f"replay must be latents {want} (whole chunks of this call) or a sequence of chunks; "
+                            f"got {got}")
 
 
 @dataclass
@@ -246,7 +248,7 @@ class Pipeline:
                  options: Optional[SamplingOptions] = None,
                  callback: Optional[Callable] = None, progress: bool = False, decode: bool = True,
                  video_sink: Optional[Callable] = None, keep_latents: bool = True,
-                 replay: Optional[torch.Tensor] = None) -> SampleResult:
+                 replay=None) -> SampleResult:
         """Generate `num_chunks` chunks per prompt (one rollout, batch = len(prompts)).
 
         Sampling settings default to the config's `diffusion` / `attention.routing` sections, with
@@ -274,9 +276,9 @@ class Pipeline:
         video_sink: receives the decoded video piece by piece (uint8 [B, F, H, W, 3], history first) instead
         of the result holding it (sampler.sample; the sampling CLI streams its mp4 files this way);
         keep_latents=False: the result holds no latents either (result.latents None).
-        replay: latents [B, C, n*cf, h, w] of the first n chunks a stopped call with the same arguments
-        generated (sampling_resume.py keeps them for sample/sample.py --resume): taken, not denoised again, so
-        the rollout continues exactly (sampler.sample).
+        replay: the first n chunks a stopped call with the same arguments generated, latents [B, C, n*cf, h, w]
+        or a sequence of chunks [B, C, cf, h, w] (sampling_resume.py keeps them for sample/sample.py --resume):
+        taken, not denoised again, so the rollout continues exactly (sampler.sample).
         """
         check_switch_cache(switch_cache, storyboard is not None)
         _check_call(seed=seed, indices=indices, callback=callback, progress=progress, decode=decode, options=options,
