@@ -28,9 +28,10 @@ Ramp = Literal["none", "probability", "strength"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 RAMPS: tuple[str, ...] = typing.get_args(Ramp)
 # The encoder kinds (encoders/builders.py builds them), declared once the same way.
-VaeKind = Literal["wan", "pixel_shuffle"]
+VaeKind = Literal["wan", "wan2.2", "pixel_shuffle"]
 TextKind = Literal["umt5", "hash"]
 VAE_KINDS: tuple[str, ...] = typing.get_args(VaeKind)
+WAN_VAES = {"wan": "Wan2.1-T2V-1.3B", "wan2.2": "Wan2.2-TI2V-5B"}  # the Wan VAE kinds, and a checkpoint holding each
 TEXT_KINDS: tuple[str, ...] = typing.get_args(TextKind)
 
 
@@ -114,7 +115,8 @@ class DiffusionConfig:
 
 @dataclass
 class EncoderConfig:
-    """Latent space and text encoder. kinds: vae in {wan, pixel_shuffle}, text in {umt5, hash}."""
+    """Latent space and text encoder. kinds: vae in {wan (Wan2.1's VAE, 16 channels, 4x8x8), wan2.2 (Wan2.2's,
+    48 channels, 4x16x16), pixel_shuffle}, text in {umt5, hash}."""
 
     vae: VaeKind = "wan"
     vae_path: Optional[str] = None
@@ -248,6 +250,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Wan2.1-T2V-14B: 40 blocks, dim 5120, 40 heads, FFN 13824.
     "wan2.1-t2v-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16,
                            out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
+    # Wan2.2-TI2V-5B: 30 blocks, dim 3072, 24 heads, FFN 14336, 48 latent channels (the Wan2.2 VAE: 4x16x16,
+    # 704x1280 -> 44x80 latents -> 880 tokens per latent frame).
+    "wan2.2-ti2v-5b": dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48,
+                           out_channels=48, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
     # ~100M parameters at Wan's shapes, for CPU benchmarks.
     "wan-100m": dict(dim=768, ffn_dim=3072, num_heads=12, num_layers=12, in_channels=16,
                      out_channels=16, text_dim=4096, freq_dim=256, patch_size=[1, 2, 2]),
@@ -364,9 +370,10 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         if value < 1:  # before the codec geometry below divides by vae_factor
             raise ConfigError(f"{key}={value}: must be >= 1")
     if require_encoder_paths:  # first: the encoder to build decides the frame and size rules below
-        if e.vae == "wan" and not e.vae_path:
-            raise ConfigError("encoders.vae=wan needs encoders.vae_path (a local Wan2.1 VAE / diffusers folder), "
-                              "e.g. encoders.vae_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.vae=pixel_shuffle")
+        if e.vae in WAN_VAES and not e.vae_path:
+            raise ConfigError(f"encoders.vae={e.vae} needs encoders.vae_path (a local {WAN_VAES[e.vae]} VAE / diffusers "
+                              f"folder), e.g. encoders.vae_path=checkpoints/{WAN_VAES[e.vae]}-Diffusers; or "
+                              "encoders.vae=pixel_shuffle")
         if e.text == "umt5" and not e.text_path:
             raise ConfigError("encoders.text=umt5 needs encoders.text_path (a local umT5 / diffusers folder), "
                               "e.g. encoders.text_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.text=hash")

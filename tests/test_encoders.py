@@ -321,7 +321,7 @@ def test_factories(wan_repo, umt5_repo):
     v = build_vae(EncoderConfig(vae="wan", vae_path=str(wan_repo)))
     assert isinstance(v, WanVAE) and v.latent_channels == Z
     assert isinstance(build_vae({"kind": "wan", "path": str(wan_repo / "vae")}), WanVAE)
-    with pytest.raises(ValueError, match="'wan', 'pixel_shuffle'"):
+    with pytest.raises(ValueError, match="'wan', 'wan2.2', 'pixel_shuffle'"):
         build_vae({"kind": "sd"})
     with pytest.raises(ValueError, match="needs a path"):
         build_vae("wan")

@@ -5,9 +5,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import TEXT_KINDS, VAE_KINDS  # declared once, with the config schema
+from ..config import TEXT_KINDS, VAE_KINDS, WAN_VAES  # declared once, with the config schema
+from ..memory import WAN_VAE_GEOMETRY
 from .codec import VideoCodec
-from .common import DeviceLike
+from .common import DeviceLike, EncoderLoadError
 from .pixel_shuffle import PixelShuffleVAE
 from .text import HashTextEncoder, UMT5TextEncoder
 from .wan_vae import WanVAE
@@ -44,7 +45,8 @@ def build_vae(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype
     ``cfg`` may be: a kind string; a mapping / object with ``kind`` (+ ``path`` for wan, ``factor``,
     ``temporal_factor``, ``scale``, ``shift`` for pixel_shuffle); or the project's
     ``EncoderConfig`` (``vae``, ``vae_path``, ``vae_factor``). Keyword ``overrides`` win.
-    kinds: "wan" (:class:`WanVAE`, needs a path), "pixel_shuffle" (:class:`PixelShuffleVAE`).
+    kinds: "wan" / "wan2.2" (:class:`WanVAE`, needs a path; the VAE found there must have the kind's
+    downsampling, memory.WAN_VAE_GEOMETRY), "pixel_shuffle" (:class:`PixelShuffleVAE`).
     Unknown kind -> ValueError naming the accepted values.
     """
     cfg, enc_style, spec = _spec_head(cfg, "vae")
@@ -56,15 +58,29 @@ def build_vae(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype
     })
     spec.update(overrides)
     kind = spec["kind"]
-    if kind == "wan":
+    if kind in WAN_VAES:
         if not spec["path"]:
-            raise ValueError("build_vae: kind 'wan' needs a path (encoders.vae_path) to a local Wan "
+            raise ValueError(f"build_vae: kind {kind!r} needs a path (encoders.vae_path) to a local {WAN_VAES[kind]} "
                              "diffusers repo or its vae/ folder")
-        return WanVAE(spec["path"], device=device, dtype=dtype)
+        vae = WanVAE(spec["path"], device=device, dtype=dtype)
+        _check_wan_kind(vae, kind, spec["path"])
+        return vae
     if kind == "pixel_shuffle":
         return PixelShuffleVAE(factor=int(spec["factor"] or 4), temporal_factor=int(spec["temporal_factor"] or 1),
                                scale=spec["scale"], shift=spec["shift"], device=device, dtype=dtype)
     raise ValueError(f"build_vae: unknown vae kind {kind!r}; accepted: {', '.join(map(repr, VAE_KINDS))}")
+
+
+def _check_wan_kind(vae: WanVAE, kind: str, path) -> None:
+    """The config's geometry rules (resolution multiples, memory) follow the kind: the VAE must match it."""
+    want = WAN_VAE_GEOMETRY[kind]
+    got = dict(spatial=vae.spatial_factor, temporal=vae.temporal_factor)
+    if got != {k: want[k] for k in got}:
+        other = [k for k, g in WAN_VAE_GEOMETRY.items() if g["spatial"] == got["spatial"] and g["temporal"] == got["temporal"]]
+        fix = f"set encoders.vae={other[0]}" if other else f"give a {WAN_VAES[kind]} VAE"
+        raise EncoderLoadError(f"encoders.vae={kind} expects {WAN_VAES[kind]}'s VAE ({want['temporal']}x{want['spatial']}x"
+                               f"{want['spatial']} downsampling), {path} holds one with {got['temporal']}x{got['spatial']}x"
+                               f"{got['spatial']}: {fix}")
 
 
 def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32,

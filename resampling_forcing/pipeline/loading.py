@@ -26,7 +26,7 @@ import torch
 
 from ..attention.backends import resolve_backend
 from ..checkpoint import LORA_WEIGHTS, CheckpointInfo, resolve_checkpoint
-from ..config import Config, ConfigError, config_from_dict, load_config, to_dict
+from ..config import WAN_VAES, Config, ConfigError, config_from_dict, load_config, to_dict
 from ..encoders import build_text_encoder, build_vae
 from ..models.loading import DTYPES, CheckpointError, config_from_checkpoint, load_state_into, read_state_dict
 from ..models.wan import CausalWanModel
@@ -136,7 +136,7 @@ def _wan_encoder_defaults(cfg: Config, model_dir: Path) -> Config:
     root = model_dir.parent if model_dir.name == "transformer" else model_dir
     enc = cfg.encoders
     changes = {}
-    if enc.vae == "wan" and not enc.vae_path and (root / "vae" / "config.json").is_file():
+    if enc.vae in WAN_VAES and not enc.vae_path and (root / "vae" / "config.json").is_file():
         changes["vae_path"] = str(root)
     if enc.text == "umt5" and not enc.text_path and (root / "text_encoder" / "config.json").is_file():
         changes["text_path"] = str(root)
