@@ -254,6 +254,8 @@ def run(args) -> int:
     steps = preset.steps if args.steps is None else args.steps
     if steps < 1:
         raise BadInput(f"--steps must be >= 1 (got {steps})")
+    if args.resample_steps < 1:
+        raise BadInput(f"--resample-steps must be >= 1 (got {args.resample_steps})")
     # every flag is checked here, before hours of training (they were read only when first used)
     check_seed("--seed", args.seed)
     check_arm_sets(args.overrides)
@@ -329,7 +331,8 @@ def run(args) -> int:
     for i, name in enumerate(arms):
         run_dir = out / "arms" / name
         arm_dirs[name] = run_dir
-        arm_sets = arm_settings(arm_overrides(name, calib, preset, steps, warmup, run_dir), args.overrides, seed_sets)
+        arm_sets = arm_settings(arm_overrides(name, calib, preset, steps, warmup, run_dir, args.resample_steps),
+                                args.overrides, seed_sets)
         if _finished(run_dir, steps, config, arm_sets):
             continue
         print(f"[ablation] arm {i + 1}/{len(arms)} {name}: {describe_arm(name)}", flush=True)
@@ -381,7 +384,7 @@ def run(args) -> int:
             d["validation"] = validation[name]
         if name != "warmup":
             d["description"] = describe_arm(name)
-            d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name])[2:4]
+            d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name], args.resample_steps)[2:4]
         return d
 
     def protocol_entry(proto):
@@ -451,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)}; any strength: ar_S, parallel_S, "
                    "ramp_S, e.g. ar_1.2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
+    p.add_argument("--resample-steps", type=int, default=1, help="Euler steps from t_s of the resampling arms' "
+                   "history degradation (default 1, the paper's)")
     p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>, with --seed N "
                    "outputs/ablation/<preset>_seedN); a rerun with the same settings resumes it (the data set is "
                    "rendered once into the preset's data.synthetic_dir, shared by every seed: --set "

@@ -155,12 +155,18 @@ def test_arms_at_any_strength():
     from resampling_forcing.ablation_arms import ARMS, _NAMED_FORMS
 
     assert set(ARMS) - {"tf", "noise_aug"} == set(_NAMED_FORMS)  # every named form arm has its strength
+    # --resample-steps: the resampling forms' stage only; 1 (the paper's) is left unsaid, as before
+    for name, want in (("ar_1step", 4), ("parallel_1step", 4), ("ramp_3", 4), ("tf", None), ("noise_aug", None)):
+        o = arm_overrides(name, calib, PRESETS["cpu"], 30, Path("w"), Path("r"), resample_steps=4)
+        assert _json.loads(o[2].split("=", 1)[1])[0].get("resample_steps") == want, name
+        assert "resample_steps" not in stage_and_shift(name)[0]
 
 
 @pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),
-                                      ("tf,ar_1.2,ar_1.2", "names an arm twice")])
+                                      ("tf,ar_1.2,ar_1.2", "names an arm twice"),
+                                      ("tf --resample-steps 0", "--resample-steps must be >= 1")])
 def test_bad_arm_names_are_one_line_exit_2(capsys, arms, msg):
-    assert main(["--arms", arms]) == 2
+    assert main(["--arms", *arms.split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
 
