@@ -134,15 +134,23 @@ def check_args(args) -> None:
 
 
 def build_vae(preset_cfg: ModelConfig, args, device):
-    if args.vae == "none":
-        return None
+    """The bench's VAE: --vae, or for auto the preset's own kind (Wan2.2's for a wan2.2 preset; the pixel
+    shuffle where the channels are 3 x a square, the tiny presets'; else Wan2.1's), random weights."""
     c = preset_cfg.in_channels
-    if args.vae == "pixel_shuffle" or (args.vae == "auto" and c % 3 == 0 and int((c // 3) ** 0.5) ** 2 == c // 3):
+    kind = args.vae
+    if kind == "auto":
+        kind = ("wan2.2" if (preset_cfg.preset or "").startswith("wan2.2") else
+                "pixel_shuffle" if c % 3 == 0 and int((c // 3) ** 0.5) ** 2 == c // 3 else "wan")
+    if kind == "none":
+        return None
+    if kind == "pixel_shuffle":
         return PixelShuffleVAE(factor=int((c // 3) ** 0.5), device=device)
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    model = AutoencoderKLWan(base_dim=args.vae_base_dim, z_dim=c).eval()
+    kw = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, latents_mean=[0.0] * c,
+              latents_std=[1.0] * c) if kind == "wan2.2" else {}  # Wan2.2's: residual, 2x2 patchify
+    model = AutoencoderKLWan(base_dim=args.vae_base_dim, z_dim=c, **kw).eval()
     return WanVAE.from_model(model, device=device, dtype=torch.float32)
 
 
@@ -292,8 +300,9 @@ def _main(argv=None) -> int:
     p.add_argument("--window", type=positive_int, default=5, help="W for a bare `window` mode")
     p.add_argument("--sink", type=nonneg_int, default=0, help="sink chunks kept by topk modes")
     p.add_argument("--window-sink", action="store_true", help="window modes keep --sink chunks too")
-    p.add_argument("--vae", default="auto", choices=["auto", "pixel_shuffle", "wan", "none"],
-                   help="auto: pixel_shuffle when the channels fit (tiny), else a random Wan VAE")
+    p.add_argument("--vae", default="auto", choices=["auto", "pixel_shuffle", "wan", "wan2.2", "none"],
+                   help="auto: pixel_shuffle when the channels fit (tiny), Wan2.2's for 48 channels, else Wan2.1's "
+                   "(random weights)")
     p.add_argument("--vae-base-dim", type=positive_int, default=96, help="random Wan VAE width (real: 96)")
     p.add_argument("--decode-chunks", type=nonneg_int, default=None,
                    help="chunks decoded to time the VAE (default: all for pixel_shuffle, 1 for the Wan VAE)")

@@ -377,8 +377,13 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         if e.text == "umt5" and not e.text_path:
             raise ConfigError("encoders.text=umt5 needs encoders.text_path (a local umT5 / diffusers folder), "
                               "e.g. encoders.text_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.text=hash")
-    from .memory import codec_geometry  # one statement of the codec's geometry (lazy: memory imports this)
+    from .memory import WAN_VAE_GEOMETRY, codec_geometry  # the codecs' geometry (lazy: memory imports this)
 
+    fit = [k for k, g in WAN_VAE_GEOMETRY.items() if g["channels"] == m.in_channels]
+    # sizes from a preset (a raw checkpoint's come from its file later: Pipeline checks the VAE against them)
+    if m.preset is not None and e.vae in WAN_VAES and fit and e.vae not in fit:
+        raise ConfigError(f"encoders.vae={e.vae} gives {WAN_VAE_GEOMETRY[e.vae]['channels']} latent channels, "
+                          f"model.in_channels={m.in_channels} is {WAN_VAES[fit[0]]}'s: set encoders.vae={fit[0]}")
     spatial = codec_geometry(cfg)["spatial"]
     for key, value, patch in (("data.height", cfg.data.height, m.patch_size[1]),
                               ("data.width", cfg.data.width, m.patch_size[2])):

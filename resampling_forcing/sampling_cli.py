@@ -38,7 +38,7 @@ from .storyboard import SWITCH_CACHE_MODES
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan2.1 checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan checkpoint (Wan2.1 T2V, Wan2.2-TI2V-5B)")
     p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (needed for raw Wan checkpoints)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set data.height=480 (repeatable)")
@@ -194,27 +194,35 @@ def check_writable(paths: list[Path]) -> None:
                 raise BadInput(f"--output: {q} exists and is not writable")
 
 
-def process_share(args, num_prompts: int) -> tuple[list[int], int, int]:
-    """Under a launcher (torchrun, accelerate launch: RANK and WORLD_SIZE set) process r samples prompts r,
-    r + W, r + 2W, ... on cuda:LOCAL_RANK: the files, seeds and videos are those of one process sampling
-    them all. -> (this process's prompt indices, rank, world size)."""
-    env = {}
-    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+def process_share(args, num_prompts: int) -> tuple[list[list[int]], int, int]:
+    """Under a launcher (torchrun, accelerate launch: WORLD_SIZE, RANK, LOCAL_RANK set) the batches of one
+    process sampling every prompt ([0 .. B-1], [B .. 2B-1], ...) are dealt round-robin: process r takes
+    batches r, r + W, ..., on cuda:LOCAL_RANK. So the files, seeds, batches and videos (and the --resume
+    keys) do not depend on the number of processes. -> (this process's batches, rank, world size)."""
+    def read(name: str, default: str | None) -> int:
         value = os.environ.get(name, default)
-        if not value.isdigit():
+        if value is None:
+            raise BadInput(f"environment: WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set; start "
+                           "sample.py with torchrun or accelerate launch, which set WORLD_SIZE, RANK and LOCAL_RANK")
+        if not re.fullmatch(r"[0-9]+", value):
             raise BadInput(f"environment variable {name}={value!r}: a launcher sets it to an int >= 0")
-        env[name] = int(value)
-    rank, world = env["RANK"], env["WORLD_SIZE"]
+        return int(value)
+
+    world = read("WORLD_SIZE", "1")
+    several = world > 1
+    rank, _ = read("RANK", None if several else "0"), read("LOCAL_RANK", None if several else "0")
     if world < 1 or rank >= world:
         raise BadInput(f"environment: RANK={rank} with WORLD_SIZE={world}; a launcher sets 0 <= RANK < WORLD_SIZE")
-    if world > 1 and args.device not in ("auto", "cuda", "cpu"):
+    if several and args.device not in ("auto", "cuda", "cpu"):
         raise BadInput(f"--device {args.device} with {world} processes would put every one on the same device; "
                        "give --device cuda (process r takes cuda:LOCAL_RANK) or cpu")
-    return list(range(rank, num_prompts, world)), rank, world
+    batches = [list(range(s, min(s + args.batch, num_prompts))) for s in range(0, num_prompts, args.batch)]
+    return batches[rank::world], rank, world
 
 
-def check_leftovers(paths: list[Path], resume: bool) -> None:
-    """A stopped run's resume folder is continued with --resume, never overwritten without it."""
+def check_leftovers(paths: list[Path], resume: bool, own: set[Path]) -> None:
+    """A stopped run's resume folder is continued with --resume, never overwritten without it. Every process
+    of a launcher checks every output (they agree, before any loads); each tidies only its `own`."""
     from .sampling_resume import ResumeState
 
     for p in paths:
@@ -222,7 +230,8 @@ def check_leftovers(paths: list[Path], resume: bool) -> None:
         if st.dir.exists() and not st.dir.is_dir():
             raise BadInput(f"--output: {st.dir} is a file, and sample.py keeps the chunks of {p.name} in progress there")
         if st.exists() and not st.chunks():
-            st.remove()  # made by a run stopped before its first chunk: nothing to resume
+            if p in own:
+                st.remove()  # made by a run stopped before its first chunk: nothing to resume
         elif st.exists() and not resume:
             raise BadInput(f"{st.dir}: a run left {st.chunks()} chunk(s) of {p.name} there (stopped, or --keep-chunks); "
                            "add --resume to continue or extend it, or remove the folder to start that video over")

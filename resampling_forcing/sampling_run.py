@@ -22,13 +22,14 @@ def run(args) -> int:
     storyboard = read_storyboard(args)
     prompts = [storyboard[0][1]] if storyboard is not None else read_prompts(args)
     paths = output_paths(args.output, prompts)
-    mine, rank, world = process_share(args, len(prompts))
+    batches, rank, world = process_share(args, len(prompts))
+    mine = [i for idx in batches for i in idx]
+    check_writable(paths)  # every process checks every output: they refuse together, before any loads
+    check_leftovers(paths, args.resume, own={paths[i] for i in mine})
     if not mine:
         if not args.quiet:
-            print(f"process {rank} of {world}: no prompt falls to it ({len(prompts)} in all)", file=sys.stderr)
+            print(f"process {rank} of {world}: no batch falls to it ({len(prompts)} prompts in all)", file=sys.stderr)
         return 0
-    check_writable([paths[i] for i in mine])
-    check_leftovers([paths[i] for i in mine], args.resume)
 
     from .config import Config, ConfigError
     from .encoders import EncoderLoadError
@@ -52,6 +53,10 @@ def run(args) -> int:
         overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
                                             if args.attention_backend is not None else [])
         device = resolve_device(_process_device(args.device), what="--device")
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)  # what launches on the current device (Triton) runs on this process's GPU
         cfg = resolve_config(args.checkpoint, config=args.config, overrides=overrides, use_ema=not args.no_ema)
         try:
             check_model_overrides(cfg, args.overrides)
@@ -88,11 +93,11 @@ def run(args) -> int:
     switches = [e for e in storyboard if e[0] > 0] or None if storyboard is not None else None
     with GracefulStop("finishing the chunk in progress, then writing the video so far",
                       "stopped without writing the video in progress (--resume continues it)") as stop:
-        return _generate_and_write(args, pipe, prompts, paths, mine, neg, fps, opts, history, init_info, storyboard,
+        return _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, history, init_info, storyboard,
                                    switches, load_s, stop)
 
 
-def _generate_and_write(args, pipe, prompts, paths, mine, neg, fps, opts, history, init_info, storyboard, switches,
+def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, history, init_info, storyboard, switches,
                         load_s, stop) -> int:
     """Generate the prompts in batches and write each video; after a stop signal the batch in progress ends
     with its current chunk and is written (marked "stopped_early"), later batches are not started."""
@@ -105,7 +110,7 @@ def _generate_and_write(args, pipe, prompts, paths, mine, neg, fps, opts, histor
 
     weights = fingerprint(pipe.model.state_dict())
     init = init_source(args.init_video, args.init_image, args.max_history_chunks, pipe.config.data.fps)
-    batches = [mine[s:s + args.batch] for s in range(0, len(mine), args.batch)]
+    mine = [i for idx in batches for i in idx]
     keys = {i: run_key(weights=weights, pipeline=pipe.describe(), options=opts.to_dict(), prompt=prompts[i],
                        negative_prompt=neg if opts.cfg_scale != 1.0 else None, seed=args.seed, index=i,
                        batch_indices=idx, storyboard=[list(e) for e in storyboard] if storyboard else None,
@@ -189,12 +194,13 @@ def _generate_and_write(args, pipe, prompts, paths, mine, neg, fps, opts, histor
 
 
 def _process_device(device: str) -> str:
-    """Under a launcher with several processes, --device auto / cuda is this process's GPU (cuda:LOCAL_RANK)."""
+    """Under a launcher with several processes, --device auto / cuda is this process's GPU: cuda:LOCAL_RANK, or
+    cuda:0 where the process sees one GPU only (CUDA_VISIBLE_DEVICES set per process, as Slurm does)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in ("auto", "cuda"):
         import torch
 
         if device == "cuda" or torch.cuda.is_available():
-            return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            return "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{os.environ['LOCAL_RANK']}"
     return device
 
 

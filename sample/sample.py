@@ -5,7 +5,7 @@
         --num-chunks 8 --output outputs/red.mp4
     python sample/sample.py --help
 
-Thin script: the flags, their checks and the run are resampling_forcing.sampling_cli.
+Thin script: the flags and their checks are resampling_forcing.sampling_cli, the run sampling_run.
 """
 from __future__ import annotations
 

@@ -168,3 +168,20 @@ def test_entry_guard_one_line_exit_codes(capsys):
     assert guarded(lambda: None, "tool") == 0
     with pytest.raises(ValueError):  # anything else is a bug: a traceback, not a one-line error
         guarded(lambda: int("x"), "tool")
+
+
+@pytest.mark.parametrize("preset, vae, want", [("tiny", "auto", "PixelShuffleVAE"), ("wan-100m", "auto", (8, 16)),
+                                               ("wan2.2-ti2v-5b", "auto", (16, 48)), ("wan-100m", "none", None)])
+def test_rollout_bench_vae_follows_the_preset(preset, vae, want):
+    """bench/rollout.py --vae auto: the preset's own kind (48 channels are the tiny preset's pixel shuffle and
+    Wan2.2's VAE: the preset decides), random weights."""
+    from argparse import Namespace
+
+    from resampling_forcing.config import ModelConfig, resolve_model
+
+    mod = _bench("rollout")
+    vae = mod.build_vae(resolve_model(ModelConfig(preset=preset)), Namespace(vae=vae, vae_base_dim=8), "cpu")
+    if want is None or isinstance(want, str):
+        assert type(vae).__name__ == str(want) if want else vae is None
+    else:
+        assert (vae.spatial_factor, vae.latent_channels) == want

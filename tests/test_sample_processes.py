@@ -1,5 +1,6 @@
 """sample.py under a launcher (torchrun, accelerate launch): process r of W samples prompts r, r + W, ...;
 together the processes write the files of one process sampling them all, frame for frame."""
+import json
 import os
 import subprocess
 import sys
@@ -25,18 +26,20 @@ def cli(*args):
     return CLI.main([str(a) for a in args])
 
 
-def test_launcher_processes_share_the_prompts(run_dir, tmp_path, monkeypatch, capsys):
-    """Under torchrun / accelerate launch (RANK, WORLD_SIZE) process r samples prompts r, r + W, ...: together
-    the files of one process sampling them all, frame for frame; a process with none says so and exits 0."""
+@pytest.mark.parametrize("batch, shares", [(1, {0: [0, 2], 1: [1]}), (2, {0: [0, 1], 1: [2]})])
+def test_launcher_processes_share_the_batches(run_dir, tmp_path, monkeypatch, capsys, batch, shares):
+    """Under torchrun / accelerate launch (RANK, WORLD_SIZE) the batches of one process are dealt round-robin:
+    together the processes write the files of one process sampling them all, frame for frame (also with
+    --batch 2: the same batches, so the same arithmetic); a process with none says so and exits 0."""
     pf = tmp_path / "prompts.txt"
     pf.write_text("a red circle\na blue square\na green disc\n")
     base = ("--checkpoint", run_dir, "--prompts-file", pf, "--num-chunks", 2, "--steps", 2, "--seed", 1,
-            "--device", "cpu", "--quiet")
+            "--batch", batch, "--device", "cpu", "--quiet")
     one = tmp_path / "one"
     assert cli(*base, "--output", f"{one}/") == 0
     shared = tmp_path / "shared"
     names = sorted(p.name for p in one.iterdir())
-    for rank, want in ((0, [0, 2]), (1, [1])):
+    for rank, want in shares.items():
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", str(rank))
@@ -45,6 +48,11 @@ def test_launcher_processes_share_the_prompts(run_dir, tmp_path, monkeypatch, ca
         new = sorted(set(p.name for p in shared.iterdir()) - set(made))
         assert [n for n in new if n.endswith(".mp4")] == [n for n in names if n.endswith(".mp4")
                                                           and int(n[:3]) in want], (rank, new)
+        for n in new:
+            if n.endswith(".json"):  # the batch one process would have made it in
+                i = int(n[:3])
+                assert json.loads((shared / n).read_text())["resume_key"]["batch_indices"] == \
+                    list(range(i // batch * batch, min(3, i // batch * batch + batch)))
     assert sorted(p.name for p in shared.iterdir()) == names
     for n in names:
         if n.endswith(".mp4"):
@@ -52,16 +60,40 @@ def test_launcher_processes_share_the_prompts(run_dir, tmp_path, monkeypatch, ca
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     capsys.readouterr()
-    assert cli(*base, "--output", f"{tmp_path / 'none'}/", "--quiet") == 0
+    assert cli(*[a for a in base if a != "--quiet"], "--output", f"{tmp_path / 'none'}/") == 0
+    assert "process 3 of 4: no batch falls to it (3 prompts in all)" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
 
+def test_process_device(monkeypatch):
+    import torch
+
+    from resampling_forcing.sampling_run import _process_device
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [_process_device(d) for d in ("auto", "cuda", "cpu")] == ["cuda:2", "cuda:2", "cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible per process (Slurm)
+    assert _process_device("cuda") == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _process_device("auto") == "auto"  # resolve_device makes it the CPU
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _process_device("cuda") == "cuda"
+
+
 @pytest.mark.parametrize("env, device, words", [
-    (dict(RANK="2", WORLD_SIZE="2"), "cpu", "RANK=2 with WORLD_SIZE=2"),
-    (dict(RANK="x", WORLD_SIZE="2"), "cpu", "RANK='x'"),
-    (dict(RANK="0", WORLD_SIZE="2"), "cuda:1", "would put every one on the same device"),
+    (dict(RANK="2", WORLD_SIZE="2", LOCAL_RANK="0"), "cpu", "RANK=2 with WORLD_SIZE=2"),
+    (dict(RANK="x", WORLD_SIZE="2", LOCAL_RANK="0"), "cpu", "RANK='x'"),
+    (dict(RANK="\u00b2", WORLD_SIZE="2", LOCAL_RANK="0"), "cpu", "a launcher sets it to an int"),
+    (dict(WORLD_SIZE="2", LOCAL_RANK="0"), "cpu", "WORLD_SIZE=2 but RANK is not set"),
+    (dict(WORLD_SIZE="2", RANK="1"), "cpu", "WORLD_SIZE=2 but LOCAL_RANK is not set"),
+    (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"), "cuda:1", "would put every one on the same device"),
 ])
 def test_launcher_environment_mistakes_are_one_line(run_dir, tmp_path, monkeypatch, capsys, env, device, words):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     capsys.readouterr()
@@ -85,6 +117,7 @@ def test_torchrun_two_processes(run_dir, tmp_path):
                         str(REPO / "sample" / "sample.py"), *args, "--output", f"{out}/"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("wrote ") == 3, r.stderr[-2000:]  # each video once, by one process
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
     for p in one.glob("*.mp4"):
         np.testing.assert_array_equal(read_mp4(out / p.name), read_mp4(p))

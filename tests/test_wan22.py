@@ -38,6 +38,12 @@ def test_preset_and_geometry():
         _cfg(height=720)
     with pytest.raises(ConfigError, match="gives 31 latent frames.*use data.num_frames=117 or 129"):
         _cfg(num_frames=121)
+    # the 5B's 48 channels with the Wan2.1 VAE kind: refused before its geometry rules anything
+    with pytest.raises(ConfigError, match="encoders.vae=wan gives 16 latent channels, model.in_channels=48 is "
+                                          "Wan2.2-TI2V-5B's: set encoders.vae=wan2.2"):
+        config_from_dict(dict(model=dict(preset="wan2.2-ti2v-5b"), encoders=dict(vae="wan", vae_path="x")))
+    with pytest.raises(ConfigError, match="set encoders.vae=wan$"):
+        config_from_dict(dict(model=dict(preset="wan2.1-t2v-1.3b"), encoders=dict(vae="wan2.2", vae_path="x")))
 
 
 def _wan_vae(root, wan22: bool):

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..attention.routed import check_attention_inputs
-from .common import check_runnable, interpreted
+from .common import check_runnable, interpreted, on_device
 
 __all__ = ["routed_attention_fwd", "is_interpreted", "block_rows"]
 
@@ -232,13 +232,14 @@ def routed_attention_fwd(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
     grid = (triton.cdiv(Lq, bm), B * Hh)
-    _routed_attn_fwd_kernel[grid](
-        q, k_hist, v_hist, k_cur, v_cur, sel_u8, out, lse,
-        float(scale) * _LOG2E,
-        *q.stride(), *k_hist.stride(), *v_hist.stride(), *k_cur.stride(), *v_cur.stride(),
-        *sel_u8.stride(), *out.stride(), *lse.stride(),
-        Hh, Lq, N, chunk_tokens, Lc, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, DOT_PRECISION=precision,
-        num_warps=nw, num_stages=ns,
-    )
+    with on_device(q):
+        _routed_attn_fwd_kernel[grid](
+            q, k_hist, v_hist, k_cur, v_cur, sel_u8, out, lse,
+            float(scale) * _LOG2E,
+            *q.stride(), *k_hist.stride(), *v_hist.stride(), *k_cur.stride(), *v_cur.stride(),
+            *sel_u8.stride(), *out.stride(), *lse.stride(),
+            Hh, Lq, N, chunk_tokens, Lc, D,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, DOT_PRECISION=precision,
+            num_warps=nw, num_stages=ns,
+        )
     return out, lse

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..attention.selection import check_select_inputs
 from ..attention.spec import RoutingSpec
-from .common import check_runnable, interpreted
+from .common import check_runnable, interpreted, on_device
 
 __all__ = ["routing_select", "MODES"]
 
@@ -141,13 +141,14 @@ def routing_select(
     al = allowed.view(torch.uint8) if allowed is not None else sel  # dummy pointer when absent
     a_strides = al.stride()[-2:] if allowed is not None else (0, 0)
     grid = (triton.cdiv(Lq, block_m), B * Hh)
-    _routing_select_kernel[grid](
-        q, mean_k, al, sel,
-        *q.stride(), *mean_k.stride(), *a_strides, *sel.stride(),
-        Hh, Lq, N, D,
-        int(spec.top_k or 0), spec.sink_chunks, spec.window_chunks,
-        MODE=MODES[spec.mode], HAS_ALLOWED=allowed is not None,
-        BLOCK_M=block_m, BLOCK_NC=BLOCK_NC, BLOCK_D=BLOCK_D,
-        num_warps=num_warps,
-    )
+    with on_device(q):
+        _routing_select_kernel[grid](
+            q, mean_k, al, sel,
+            *q.stride(), *mean_k.stride(), *a_strides, *sel.stride(),
+            Hh, Lq, N, D,
+            int(spec.top_k or 0), spec.sink_chunks, spec.window_chunks,
+            MODE=MODES[spec.mode], HAS_ALLOWED=allowed is not None,
+            BLOCK_M=block_m, BLOCK_NC=BLOCK_NC, BLOCK_D=BLOCK_D,
+            num_warps=num_warps,
+        )
     return sel.view(torch.bool)

@@ -2,8 +2,9 @@
 
 Two latent spaces share one interface (:class:`VideoCodec`, with exact streaming decode):
 
-* :class:`WanVAE` -- the Wan2.1 causal 3D VAE (``diffusers.AutoencoderKLWan``) loaded from a LOCAL
-  directory, 4x temporal / 8x spatial compression, 16 latent channels, Wan latent normalization.
+* :class:`WanVAE` -- the Wan causal 3D VAEs (``diffusers.AutoencoderKLWan``) loaded from a LOCAL
+  directory: Wan2.1's (4x temporal / 8x spatial, 16 latent channels) and Wan2.2's (4x / 16x with its
+  2x2 patchify, 48 channels); Wan latent normalization.
 * :class:`PixelShuffleVAE` -- a parameter-free, exactly invertible space-to-depth "latent space" for
   the tiny CPU default (32x32 synthetic video -> 48 x 8 x 8 latents with ``factor=4``).
 

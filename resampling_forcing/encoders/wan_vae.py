@@ -1,6 +1,7 @@
-"""Wan2.1 causal 3D VAE (``diffusers.AutoencoderKLWan``) as a :class:`VideoCodec`.
+"""The Wan causal 3D VAEs (``diffusers.AutoencoderKLWan``) as a :class:`VideoCodec`.
 
-Loaded from a LOCAL directory; 4x temporal / 8x spatial compression, 16 latent channels, latents
+Loaded from a LOCAL directory; Wan2.1's: 4x temporal / 8x spatial compression, 16 latent channels; Wan2.2's
+(residual, 2x2 patchify): 4x / 16x, 48 channels (config `encoders.vae: wan2.2`). Latents
 normalized with the VAE config's ``latents_mean`` / ``latents_std`` exactly as diffusers'
 ``WanPipeline`` does. Streaming decode (``decode_chunk``) drives the decoder with a feature cache
 we own (see :mod:`.codec`), exactly the operations of ``AutoencoderKLWan.decode``.
@@ -54,8 +55,8 @@ class WanVAE(VideoCodec):
     Latents: ``(posterior_mean - latents_mean) / latents_std`` (config values, per channel), the
     normalization of diffusers' Wan pipelines; :meth:`decode` inverts it before decoding.
 
-    Properties: ``latent_channels`` (z_dim, 16 for Wan2.1), ``temporal_factor`` (4),
-    ``spatial_factor`` (8); F = 1 + 4 (f - 1) pixel frames for f latent frames.
+    Properties: ``latent_channels`` (z_dim: 16 for Wan2.1, 48 for Wan2.2), ``temporal_factor`` (4),
+    ``spatial_factor`` (8; 16 for Wan2.2); F = 1 + 4 (f - 1) pixel frames for f latent frames.
     The diffusers model is ``self.model`` (eval mode, no grad). Spatial tiling of the diffusers
     model is not used by the streaming decode path.
     """
