@@ -11,6 +11,7 @@ it does not promise success (attention work buffers, allocator slack and encoder
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -48,6 +49,16 @@ def latent_frames(geo: dict, num_frames: int) -> int:
 
 def pixel_frames(geo: dict, latent: int) -> int:
     return 1 + geo["temporal"] * (latent - 1) if geo["causal"] else geo["temporal"] * latent
+
+
+def chunks_for_seconds(cfg: Config, seconds: float, history: bool) -> int:
+    """Generated chunks that make at least `seconds` of video at data.fps (after a given history when
+    `history`): the video's first chunk brings pixel_frames(cf) frames, every later one cf x temporal."""
+    geo, cf = codec_geometry(cfg), cfg.model.chunk_frames
+    want = math.ceil(seconds * cfg.data.fps - 1e-9)
+    first = 0 if history else pixel_frames(geo, cf)
+    per = pixel_frames(geo, 2 * cf) - pixel_frames(geo, cf)
+    return 1 + max(0, math.ceil((want - (first or per)) / per))
 
 
 def model_params(cfg: Config) -> int:

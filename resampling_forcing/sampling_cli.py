@@ -23,6 +23,7 @@ notebook uses), is sampling_run.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="text file, one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: config diffusion.negative_prompt)")
-    p.add_argument("--num-chunks", type=int, required=True, help="chunks to generate (after --init-video's history)")
+    p.add_argument("--num-chunks", type=int, default=None, help="chunks to generate (after --init-video's history)")
+    p.add_argument("--seconds", type=float, default=None, help="instead of --num-chunks: generate at least this "
+                   "long a video (after the history) at the config's data.fps, rounded up to whole chunks")
     p.add_argument("--output", required=True, help="out.mp4 (several prompts: out_000_<prompt>.mp4, ...), or a directory (no suffix / trailing /): DIR/000_<prompt>.mp4")
     p.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (config: diffusion.sample_steps, paper 32)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (config: diffusion.sample_shift, paper 5.0)")
@@ -139,10 +142,17 @@ def read_storyboard(args):
         raise BadInput(f"{given[0]}: needs an entry at chunk 0 (the first prompt)")
     if any(not isinstance(p, str) for _, p in board):
         raise BadInput(f"{given[0]}: one prompt per entry (a string)")
-    if board[-1][0] >= args.num_chunks:
-        raise BadInput(f"{given[0]}: switches at chunk {board[-1][0]} but --num-chunks is {args.num_chunks} "
-                       f"(indices count generated chunks from 0)")
+    check_storyboard_fits(board, args)
     return board
+
+
+def check_storyboard_fits(board, args) -> None:
+    """Every switch of a storyboard falls inside the rollout (rechecked once --seconds is made chunks)."""
+    if board is not None and args.num_chunks is not None and board[-1][0] >= args.num_chunks:
+        flag = "--prompts-at" if args.prompts_at is not None else "--storyboard"
+        given = f"--num-chunks is {args.num_chunks}" if args.seconds is None else \
+            f"--seconds {args.seconds:g} makes {args.num_chunks} chunks"
+        raise BadInput(f"{flag}: switches at chunk {board[-1][0]} but {given} (indices count generated chunks from 0)")
 
 
 def read_prompts(args) -> list[str]:
@@ -240,8 +250,12 @@ def check_leftovers(paths: list[Path], resume: bool, own: set[Path]) -> None:
 def check_args(args) -> None:
     """What only the CLI knows (counts, files, flag combinations); the sampling values are checked by
     SamplingOptions.from_config (sampling_options)."""
-    if args.num_chunks < 1:
+    if (args.num_chunks is None) == (args.seconds is None):
+        raise BadInput("give the length: --num-chunks N or --seconds S (one of them)")
+    if args.num_chunks is not None and args.num_chunks < 1:
         raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
+    if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise BadInput(f"--seconds must be a number > 0 (got {args.seconds:g})")
     from .io import fps_problem  # numpy only (write_mp4's rule)
 
     if args.fps is not None and fps_problem(args.fps):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from .cli import BadInput
 from .signals import GracefulStop
-from .sampling_cli import (check_args, check_leftovers, check_memory, check_writable, output_paths, process_share,
-                           read_prompts, read_storyboard, sampling_options)
+from .memory import chunks_for_seconds, codec_geometry, pixel_frames
+from .sampling_cli import (check_args, check_leftovers, check_memory, check_storyboard_fits, check_writable,
+                           output_paths, process_share, read_prompts, read_storyboard, sampling_options)
 
 __all__ = ["run"]
 
@@ -66,6 +67,15 @@ def run(args) -> int:
         if opts.record_selection and (opts.routing is None or opts.routing.is_dense):
             raise BadInput("--record-selection records routing picks, and this rollout attends densely (no routing "
                            "in the checkpoint's config): add --routing topk --top-k K or --routing window")
+        if args.seconds is not None:  # the length in chunks, from the config's fps and the codec's geometry
+            given = args.init_video is not None or args.init_image is not None
+            args.num_chunks = chunks_for_seconds(cfg, args.seconds, history=given)
+            check_storyboard_fits(storyboard, args)
+            if not args.quiet:
+                geo, cf = codec_geometry(cfg), cfg.model.chunk_frames
+                frames = pixel_frames(geo, (args.num_chunks + given) * cf) - (pixel_frames(geo, cf) if given else 0)
+                print(f"--seconds {args.seconds:g}: {args.num_chunks} chunks, {frames} frames ({frames / cfg.data.fps:.2f} s "
+                      f"at {cfg.data.fps:g} fps)", file=sys.stderr)
         check_memory(cfg, device, args, len(mine), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=device, dtype=args.dtype, use_ema=not args.no_ema,

@@ -693,3 +693,30 @@ def test_api_parity_with_the_cli(run_dir, monkeypatch):
     with pytest.raises(PipelineError, match="max_history_chunks=0"):
         pipe("a", num_frames=4, init_video=np.zeros((8, 8, 8, 3), np.uint8), max_history_chunks=0)
     assert not encoded
+
+
+def test_seconds_gives_the_length(run_dir, tmp_path, capsys):
+    """--seconds S: at least S seconds after the history at data.fps (4 here), rounded up to whole chunks."""
+    from resampling_forcing.config import load_config
+    from resampling_forcing.memory import chunks_for_seconds
+
+    cfg = load_config(REPO / "configs" / "wan1.3b_stage1_tf.yaml")  # Wan VAE, 3-frame chunks, 16 fps
+    assert chunks_for_seconds(cfg, 5.0, history=False) == 7  # 81 frames: the paper's 5 s clip
+    assert chunks_for_seconds(cfg, 60.0, history=False) == 81  # 969 frames >= 960
+    assert chunks_for_seconds(cfg, 5.0, history=True) == 7  # 84 frames >= 80 after a history
+    assert chunks_for_seconds(cfg, 0.01, history=False) == 1
+    out = tmp_path / "s.mp4"
+    capsys.readouterr()
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--seconds", 2.2, "--output", out, "--device", "cpu") == 0
+    assert read_mp4(out).shape[0] == 5 * CF  # 8.8 frames at 4 fps -> 9 -> 5 chunks of 2 frames
+    assert json.loads(out.with_suffix(".json").read_text())["num_chunks"] == 5
+    assert "--seconds 2.2: 5 chunks, 10 frames (2.50 s at 4 fps)" in capsys.readouterr().err
+    for args, words in ((("--num-chunks", 2, "--seconds", 1), "one of them"), ((), "--num-chunks N or --seconds S"),
+                        (("--seconds", 0), "--seconds must be a number > 0"),
+                        (("--seconds", "nan"), "--seconds must be a number > 0"),
+                        (("--seconds", 1, "--prompts-at", "0:a;3:b"), "--seconds 1 makes 2 chunks")):
+        prompt = () if "--prompts-at" in args else ("--prompt", "x")
+        assert cli("--checkpoint", run_dir, *prompt, *args, "--output", tmp_path / "bad.mp4", "--device", "cpu") == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, (args, err)
+    assert not (tmp_path / "bad.mp4").exists()
