@@ -111,10 +111,15 @@ def metric_arrays(results: list[dict]) -> dict[str, np.ndarray]:
 
 def cache_key(checkpoint, **settings) -> str:
     """What a cached evaluation (OUT/eval/*.npz) depends on: the checkpoint's weight files (path, size,
-    modification time), the metrics' version and the evaluation settings. A cache whose key differs is
-    evaluated again."""
+    modification time; of a checkpoint keeping only LoRA adapters, its base's too: lora.chain_files), the
+    metrics' version and the evaluation settings. A cache whose key differs is evaluated again."""
+    from .lora import adapters_only, chain_files
+
     ck = Path(checkpoint)
     files = sorted(ck.rglob("*.safetensors")) if ck.is_dir() else ([ck] if ck.is_file() else [])
+    for folder in sorted({p.parent for p in files}):
+        if adapters_only(folder):  # what reading it merges: a base rewritten in place changes the key
+            files += [p for p in chain_files(folder) if p not in files]
     weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     from .eval.metrics import METRICS_VERSION
 

@@ -2,6 +2,8 @@
 only the adapters train, a checkpoint is usable as any other, a resume is exact and refuses another base."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -403,6 +405,16 @@ def test_adapters_only_checkpoints_read_as_the_merged_ones(tmp_path, synth, base
     assert not (ckpt / "model.safetensors").exists() and not (ckpt / EMA_WEIGHTS).exists()
     base_ckpt = list_checkpoints(base_run)[-1][1]
     assert weight_files(*detect_layout(ckpt)) == [ckpt / LORA_WEIGHTS, base_ckpt / "model.safetensors"]  # preflight
+    from resampling_forcing.ablation_eval import cache_key  # an ablation's eval cache keys on the base too
+
+    key, base_file = cache_key(run), base_ckpt / "model.safetensors"
+    st = base_file.stat()
+    os.utime(base_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the base rewritten in place
+    try:
+        assert cache_key(run) != key
+    finally:
+        os.utime(base_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache_key(run) == key
     size = sum(f.stat().st_size for f in ckpt.rglob("*.safetensors"))
     assert size < (ref / "model.safetensors").stat().st_size  # adapters (+ EMA) only
     a, b = read_state_dict(ckpt), read_state_dict(ref)  # the model weights: init_from, the nonfinite check
