@@ -48,7 +48,8 @@ def _scores(videos, clips, seg: int, frames: int) -> tuple[dict, dict]:
     per clip: the mean beyond the first training clip) and the ablation's metrics against the true
     continuation (per clip, the mean over the segments beyond the first) -> (the JSON row, the unrounded
     per-clip arrays {"fidelity", *SCORED})."""
-    from resampling_forcing.ablation_eval import extrapolation_mean, interval, metric_arrays, score
+    from resampling_forcing.ablation_eval import extrapolation_mean, metric_arrays, score
+    from resampling_forcing.stats import interval
     from resampling_forcing.eval import evaluate_video
 
     fid = np.array([[np.nan if s["object_fidelity"] is None else s["object_fidelity"]
@@ -70,7 +71,7 @@ def _scores(videos, clips, seg: int, frames: int) -> tuple[dict, dict]:
 
 def _paired(a: np.ndarray, b: np.ndarray) -> dict:
     """Per-clip difference a - b: mean, 95% t interval and the paired t test's p."""
-    from resampling_forcing.ablation_eval import interval, sig, t_test
+    from resampling_forcing.stats import interval, sig, t_test
 
     return {**interval(a - b), "p": sig(t_test(a - b))}
 

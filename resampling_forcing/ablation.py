@@ -233,7 +233,8 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
 
 
 def run(args) -> int:
-    from .ablation_eval import METRICS, eval_clips, extrapolation_mean, plot_metric, sanity_check, interval
+    from .ablation_eval import METRICS, eval_clips, extrapolation_mean, plot_metric, sanity_check
+    from .stats import interval
     from .ablation_report import PROTOCOLS, eval_entry, parse_protocols, protocol_routing, table, with_holm
     from .data.synthetic import HELD_OUT_SEED_BASES
     from .config import ConfigError, load_config, synthetic_seed

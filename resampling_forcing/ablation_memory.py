@@ -96,7 +96,8 @@ def continue_probe(pipe, clips, given_chunks: int, routing, conditioning: str, s
 def memory_sanity(clips, start: int, segment: int) -> dict:
     """Metrics of the A frames for known continuations: the truth, objects that never return
     (background only), another clip's frames (wrong objects)."""
-    from .ablation_eval import interval, metric_arrays, score
+    from .ablation_eval import metric_arrays, score
+    from .stats import interval
 
     truth = np.stack([v for v, _ in clips])
     gone = truth.copy()
@@ -151,7 +152,7 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
 
 
 def run(args) -> int:
-    from .ablation_eval import interval
+    from .stats import interval
     from .config import ConfigError, load_config, synthetic_seed
     from .figures import contact_sheet
     from .io import atomic_write_json

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .ablation_eval import METRICS, extrapolation_mean, holm, interval, paired, sig
+from .ablation_eval import METRICS, extrapolation_mean, paired
+from .stats import holm, interval, sig
 
 __all__ = ["PROTOCOLS", "protocol_routing", "eval_path", "parse_protocols", "eval_entry", "with_holm", "table"]
 

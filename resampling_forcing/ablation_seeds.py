@@ -36,7 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .ablation_eval import METRICS, extrapolation_mean, holm, interval, paired, sig, t975, t_test, t_two_sided_p
+from .ablation_eval import METRICS, extrapolation_mean, paired
+from .stats import holm, interval, sig, t975, t_test, t_two_sided_p
 from .cli import BadInput, OneLineParser, check_output_file, run_cli
 
 __all__ = ["pool", "two_way_mean", "main"]

@@ -280,7 +280,7 @@ def test_paired_p_values_and_holm_on_known_answers():
     97.5% point; Holm's step-down on a hand-worked family; paired() gives the t test of the differences."""
     import math
 
-    from resampling_forcing.ablation_eval import holm, t975, t_two_sided_p
+    from resampling_forcing.stats import holm, t975, t_two_sided_p
 
     for t in (0.0, 0.3, 1.0, 2.5, 10.0, -4.0):
         assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(abs(t)), abs=1e-12)
@@ -303,7 +303,7 @@ def test_paired_p_values_and_holm_on_known_answers():
 
 def test_intervals_use_students_t():
     """95% intervals over n clips use t(n - 1), not 1.96 (4% too narrow at the ablation's 32 clips)."""
-    from resampling_forcing.ablation_eval import interval, t975
+    from resampling_forcing.stats import interval, t975
 
     for df, want in ((1, 12.7062), (2, 4.30265), (3, 3.18245), (5, 2.57058), (10, 2.22814), (31, 2.03951)):
         assert t975(df) == pytest.approx(want, abs=1e-5), df  # tabulated to 6 figures

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from resampling_forcing.ablation_eval import METRICS, extrapolation_mean, interval, paired
+from resampling_forcing.ablation_eval import METRICS, extrapolation_mean, paired
+from resampling_forcing.stats import interval
 from resampling_forcing.ablation_seeds import main, pool, two_way_mean
 
 EVAL = {"clips": 4, "frames": 36, "segment_frames": 12, "given_chunks": 1, "sampler": {"steps": 2}, "seed": 0}
