@@ -1,0 +1,262 @@
+"""Model-free drift measures of ANY video (real or generated): how what long autoregressive rollouts are
+known to do (blur, over-saturate, shift colour, flicker, freeze) shows in the pixels, segment by segment.
+
+    python -m resampling_forcing.eval.pixel outputs/rf/ --segment-seconds 5 --out drift.json
+    python -m resampling_forcing.eval.pixel outputs/rf/ --compare outputs/tf/ --segment-seconds 5 --out rf_vs_tf.json
+
+Per frame (uint8 RGB, values in [0, 1]; luma Y = 0.299 R + 0.587 G + 0.114 B):
+    sharpness     variance of the 4-neighbour Laplacian of Y (blur lowers it)
+    saturation    mean HSV saturation (max - min) / max over pixels with max > 0 (over-saturation raises it)
+    brightness    mean Y;  contrast: standard deviation of Y
+    colorfulness  Hasler & Suesstrunk's M on rg = R - G, yb = (R + G) / 2 - B
+    motion        mean |Y_t - Y_{t-1}| (0 for a frozen video; NaN for the first frame)
+    flicker       |mean Y_t - mean Y_{t-1}| (global brightness jumps)
+Per segment: the means of those, and `color_drift`: the Hellinger distance of the segment's RGB histogram
+(8 bins per channel) to the first segment's (0 = the same colours, 1 = disjoint). `drift` compares the last
+segment with the first (ratio for sharpness, saturation, colorfulness, contrast, motion; difference for the rest).
+
+These are proxies with no model and no reference: they say that and how a video changes over time, not
+whether it is good (a scene may rightly get darker). For prompt adherence and per-segment quality use a
+learned metric (VBench); on the synthetic world, the object metrics of `python -m resampling_forcing.eval`.
+With --compare, each video is paired with the one of the same file name in the other folder and the
+per-segment differences get a 95% interval over the pairs (stats.interval) and a paired t test's p.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..cli import BadInput, OneLineParser, check_output_file, run_cli
+from ..io import atomic_write_json, read_mp4, to_uint8_video
+from ..stats import interval, sig, t_test
+
+__all__ = ["FRAME_MEASURES", "SEGMENT_MEASURES", "frame_measures", "color_histogram", "hellinger", "measure_video",
+           "compare", "main"]
+
+FRAME_MEASURES = ("sharpness", "saturation", "brightness", "contrast", "colorfulness", "motion", "flicker")
+SEGMENT_MEASURES = FRAME_MEASURES + ("color_drift",)
+RATIO_MEASURES = ("sharpness", "saturation", "colorfulness", "contrast", "motion")  # drift: last / first
+HIST_BINS = 8
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def frame_measures(frames) -> dict[str, np.ndarray]:
+    """Per-frame measures of a video (uint8 [F, H, W, 3], or what io.to_uint8_video takes): {name: [F]}."""
+    video = to_uint8_video(frames)
+    if video.shape[0] == 0:
+        raise ValueError("the video has no frames")
+    rgb = video.astype(np.float32) / 255.0
+    y = _luma(rgb)
+    f = y.shape[0]
+    out = {}
+    if y.shape[1] >= 3 and y.shape[2] >= 3:
+        lap = (y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * y[:, 1:-1, 1:-1])
+        out["sharpness"] = lap.reshape(f, -1).var(axis=1)
+    else:
+        out["sharpness"] = np.full(f, np.nan)
+    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(mx > 0, (mx - mn) / np.where(mx > 0, mx, 1.0), np.nan)
+    with warnings.catch_warnings():  # an all-black frame has no saturation
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["saturation"] = np.nanmean(s.reshape(f, -1), axis=1)
+    flat = y.reshape(f, -1)
+    out["brightness"], out["contrast"] = flat.mean(axis=1), flat.std(axis=1)
+    rg = (rgb[..., 0] - rgb[..., 1]).reshape(f, -1)
+    yb = (0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]).reshape(f, -1)
+    out["colorfulness"] = np.sqrt(rg.std(axis=1) ** 2 + yb.std(axis=1) ** 2) + \
+        0.3 * np.sqrt(rg.mean(axis=1) ** 2 + yb.mean(axis=1) ** 2)
+    motion, flicker = np.full(f, np.nan), np.full(f, np.nan)
+    if f > 1:
+        motion[1:] = np.abs(np.diff(y, axis=0)).reshape(f - 1, -1).mean(axis=1)
+        flicker[1:] = np.abs(np.diff(out["brightness"]))
+    out["motion"], out["flicker"] = motion, flicker
+    return {k: out[k].astype(np.float64) for k in FRAME_MEASURES}
+
+
+def color_histogram(frames) -> np.ndarray:
+    """Normalized RGB histogram [HIST_BINS ** 3] of all pixels of uint8 frames [F, H, W, 3]."""
+    v = np.asarray(frames, dtype=np.uint8).reshape(-1, 3).astype(np.int64) * HIST_BINS // 256
+    counts = np.bincount((v[:, 0] * HIST_BINS + v[:, 1]) * HIST_BINS + v[:, 2], minlength=HIST_BINS ** 3)
+    return counts / max(1, counts.sum())
+
+
+def hellinger(p: np.ndarray, q: np.ndarray) -> float:
+    """Hellinger distance of two normalized histograms, in [0, 1]."""
+    return float(math.sqrt(max(0.0, 1.0 - float(np.sqrt(p * q).sum()))))
+
+
+def _mean(a: np.ndarray) -> Optional[float]:
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else None
+
+
+def measure_video(frames, segment_frames: int, name: Optional[str] = None) -> dict:
+    """{"video", "num_frames", "segment_frames", "segments": [{segment, start, stop, <SEGMENT_MEASURES>}],
+    "drift": {measure: last vs first}} of one video (what io.to_uint8_video takes)."""
+    if isinstance(segment_frames, bool) or not isinstance(segment_frames, (int, np.integer)) or segment_frames < 1:
+        raise ValueError(f"segment_frames={segment_frames!r}: need an int >= 1")
+    video = to_uint8_video(frames)
+    per = frame_measures(video)
+    f = video.shape[0]
+    first_hist = color_histogram(video[:segment_frames])
+    segments = []
+    for k, a in enumerate(range(0, f, segment_frames)):
+        b = min(f, a + segment_frames)
+        seg = {"segment": k, "start": a, "stop": b}
+        seg.update({m: _mean(per[m][a:b]) for m in FRAME_MEASURES})
+        seg["color_drift"] = hellinger(first_hist, color_histogram(video[a:b]))
+        segments.append({key: round(v, 6) if isinstance(v, float) else v for key, v in seg.items()})
+    first, last = segments[0], segments[-1]
+    drift = {}
+    for m in SEGMENT_MEASURES:
+        x, y = first[m], last[m]
+        if x is None or y is None:
+            drift[m] = None
+        elif m in RATIO_MEASURES:
+            drift[m] = round(y / x, 6) if x > 0 else None
+        else:
+            drift[m] = round(y - x, 6)
+    return {"video": name, "num_frames": f, "segment_frames": int(segment_frames), "segments": segments, "drift": drift}
+
+
+def _per_segment(results: list[dict], measure: str, nseg: int) -> np.ndarray:
+    """[videos, segments] of one measure (NaN where a video is shorter or the value is undefined)."""
+    out = np.full((len(results), nseg), np.nan)
+    for i, r in enumerate(results):
+        for k, s in enumerate(r["segments"][:nseg]):
+            if s[measure] is not None:
+                out[i, k] = s[measure]
+    return out
+
+
+def summary(results: list[dict]) -> dict:
+    """Per measure, per segment: the mean over videos with its 95% interval (stats.interval)."""
+    nseg = max(len(r["segments"]) for r in results)
+    return {m: [interval(col) for col in _per_segment(results, m, nseg).T] for m in SEGMENT_MEASURES}
+
+
+def compare(results: list[dict], others: list[dict]) -> dict:
+    """Per measure, per segment: the paired difference results - others (the same videos, in order) with
+    its 95% interval and the paired t test's p."""
+    nseg = min(max(len(r["segments"]) for r in results), max(len(r["segments"]) for r in others))
+    out = {}
+    for m in SEGMENT_MEASURES:
+        d = _per_segment(results, m, nseg) - _per_segment(others, m, nseg)
+        out[m] = [{**interval(col), "p": sig(t_test(col))} for col in d.T]
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _videos(items: Sequence[str], flag: str) -> list[Path]:
+    out = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() == ".mp4" and not q.name.startswith("."))
+            if not found:
+                raise BadInput(f"{flag} {p}: the folder holds no .mp4 files")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise BadInput(f"{flag} {p}: no such file or folder")
+    return out
+
+
+def _measure_files(paths: list[Path], args) -> tuple[dict[Path, dict], list[dict]]:
+    """measure_video of each file -> ({path: report}, skipped): a file that cannot be decoded is skipped with a
+    warning (listed in the report), as the synthetic evaluation does."""
+    results, skipped = {}, []
+    for p in paths:
+        try:
+            frames, fps = read_mp4(p, with_fps=True)
+        except ValueError as e:  # names the file and why (missing, empty, undecodable)
+            reason = str(e).strip().splitlines()[0]
+            print(f"warning: skipped {reason}", file=sys.stderr)
+            skipped.append({"video": str(p), "reason": reason})
+            continue
+        seg = args.segment_frames
+        if seg is None:
+            if not fps or not math.isfinite(fps) or fps <= 0:
+                raise BadInput(f"{p}: the file gives no frame rate; give --segment-frames N")
+            seg = max(1, round(args.segment_seconds * fps))
+        results[p] = measure_video(frames, seg, name=str(p))
+    return results, skipped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m resampling_forcing.eval.pixel", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("videos", nargs="+", help="mp4 files or folders of them")
+    p.add_argument("--compare", nargs="+", default=None, metavar="VIDEO",
+                   help="a second set (files or folders): each video paired with the one of the same file name")
+    p.add_argument("--segment-seconds", type=float, default=5.0, help="segment length in seconds (default 5)")
+    p.add_argument("--segment-frames", type=int, default=None, help="segment length in frames (instead of seconds)")
+    p.add_argument("--out", required=True, help="the report (JSON)")
+    return p
+
+
+def run(args) -> int:
+    if args.segment_frames is not None and args.segment_frames < 1:
+        raise BadInput(f"--segment-frames must be >= 1 (got {args.segment_frames})")
+    if not (math.isfinite(args.segment_seconds) and args.segment_seconds > 0):
+        raise BadInput(f"--segment-seconds must be a number > 0 (got {args.segment_seconds:g})")
+    check_output_file("--out", args.out, suffixes=(".json",))
+    paths = _videos(args.videos, "videos")
+    report = {"segment_seconds": None if args.segment_frames else args.segment_seconds,
+              "segment_frames": args.segment_frames}
+    if args.compare is not None:
+        other = {p.name: p for p in _videos(args.compare, "--compare")}
+        missing = [p.name for p in paths if p.name not in other]
+        if missing:
+            raise BadInput(f"--compare: no video named {missing[0]} there (videos are paired by file name)")
+        paths_b = [other[p.name] for p in paths]
+    results, skipped = _measure_files(paths, args)
+    if args.compare is not None:
+        results_b, skipped_b = _measure_files(paths_b, args)
+        skipped += skipped_b
+        pairs = [(p, q) for p, q in zip(paths, paths_b) if p in results and q in results_b]  # whole pairs only
+        if not pairs:
+            raise BadInput("no pair of readable videos to compare (see the warnings)")
+        a, b = [results[p] for p, _ in pairs], [results_b[q] for _, q in pairs]
+        report.update(videos=a, summary=summary(a), compare_videos=b, compare_summary=summary(b),
+                      difference=compare(a, b))
+    else:
+        if not results:
+            raise BadInput("no readable video (see the warnings)")
+        report.update(videos=list(results.values()), summary=summary(list(results.values())))
+    report["skipped"] = skipped
+    atomic_write_json(args.out, report)
+    _print_table(report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    key = "difference" if "difference" in report else "summary"
+    rows = report[key]
+    nseg = len(rows["sharpness"])
+    head = "videos - compare (mean +- 95%)" if key == "difference" else "mean +- 95% over videos"
+    print(f"per segment, {head}:", file=sys.stderr)
+    for m in SEGMENT_MEASURES:
+        cells = ["-" if c["mean"] is None else f"{c['mean']:+.4g} +- {c['ci95']:.2g}" for c in rows[m][:nseg]]
+        print(f"  {m:13s} " + " | ".join(cells), file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
