@@ -25,7 +25,7 @@ t_s = shift(sigmoid(u)) grows with s); ``recommend_shift`` picks the s where it 
 error (rule in its docstring).
 
 Randomness: the degradation draws from ``torch.Generator(x.device).manual_seed(seed)``, the sampler
-from ``sampler.SampleNoise(seed, 0..B-1)``; the global RNG is never touched, so running this in the
+from ``rollout.SampleNoise(seed, 0..B-1)``; the global RNG is never touched, so running this in the
 middle of training changes nothing there. Everything runs under ``torch.no_grad()``; pass the plain
 CausalWanModel (eval mode).
 
@@ -48,7 +48,9 @@ from .cli import BadInput, OneLineParser, check_output_file, check_seed, run_cli
 from .data.synthetic import HELD_OUT_SEED_BASES, HELD_OUT_SET_SIZE
 from .diffusion import shift_t
 from .resampling import OBJECTIVES, RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
-from .sampler import Rollout, SamplingOptions, sample
+from .options import SamplingOptions
+from .rollout import Rollout
+from .sampler import sample
 
 __all__ = [
     "chunk_mse",

@@ -17,7 +17,7 @@ import numpy as np
 __all__ = ["PipelineError", "SWITCH_CACHE_MODES", "check_prompts", "check_storyboard", "check_switch_cache", "parse_storyboard", "split_storyboard",
            "resolve_prompts", "storyboard_record", "video_paths"]
 
-# What happens to the cached history at a prompt switch (sampler.Rollout.set_context).
+# What happens to the cached history at a prompt switch (rollout.Rollout.set_context).
 SWITCH_CACHE_MODES = ("keep", "recache")
 
 

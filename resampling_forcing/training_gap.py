@@ -69,7 +69,7 @@ class GapMonitor:
         gap_next_ratio. Model in eval mode, then back. Runs in the weights' dtype (no autocast); sampler:
         the config's, with train.gap_sample_steps."""
         from .diagnose import degradation_error, exposure_gap
-        from .sampler import SamplingOptions
+        from .options import SamplingOptions
 
         cfg = self.cfg
         stage = cfg.train.stages[stage_idx]
