@@ -517,6 +517,47 @@ def write_mp4(
     return path
 
 
+def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[np.ndarray]]:
+    """(fps, blocks of uint8 [<= block, H, W, 3] RGB frames): a video read block by block, in the memory of
+    one block whatever its length. ``ValueError`` naming the file (as read_mp4) for a file that cannot be
+    opened, now; for one that fails later, when the failing block is read."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such video file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty video file (0 bytes)")
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = next(reader)
+    except Exception as e:  # imageio-ffmpeg raises IOError/RuntimeError/StopIteration variants
+        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") \
+            from e
+    w, h = meta["size"]
+
+    def blocks() -> Iterator[np.ndarray]:
+        frames, any_frame = [], False
+        try:
+            for buf in reader:
+                frames.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
+                if len(frames) == block:
+                    any_frame = True
+                    yield np.stack(frames)
+                    frames = []
+        except Exception as e:  # noqa: BLE001 - a decoder failure mid-file
+            raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0]})") from e
+        finally:
+            reader.close()
+        if frames:
+            yield np.stack(frames)
+        elif not any_frame:
+            raise ValueError(f"{path}: video has no decodable frames")
+
+    return float(meta.get("fps") or 0.0), blocks()
+
+
 def read_mp4(path: str | os.PathLike, with_fps: bool = False):
     """Read every frame of a video file as ``uint8 [F, H, W, 3]`` (RGB).
 

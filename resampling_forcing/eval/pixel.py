@@ -4,49 +4,88 @@ known to do (blur, over-saturate, shift colour, flicker, freeze) shows in the pi
     python -m resampling_forcing.eval.pixel outputs/rf/ --segment-seconds 5 --out drift.json
     python -m resampling_forcing.eval.pixel outputs/rf/ --compare outputs/tf/ --segment-seconds 5 --out rf_vs_tf.json
 
-Per frame (uint8 RGB, values in [0, 1]; luma Y = 0.299 R + 0.587 G + 0.114 B):
+Per frame (RGB in 0..255; luma Y = 0.299 R + 0.587 G + 0.114 B):
     sharpness     variance of the 4-neighbour Laplacian of Y (blur lowers it)
-    saturation    mean HSV saturation (max - min) / max over pixels with max > 0 (over-saturation raises it)
+    saturation    mean HSV saturation (max - min) / max, in [0, 1], over pixels with max > 0 (over-saturation
+                  raises it)
     brightness    mean Y;  contrast: standard deviation of Y
-    colorfulness  Hasler & Suesstrunk's M on rg = R - G, yb = (R + G) / 2 - B
-    motion        mean |Y_t - Y_{t-1}| (0 for a frozen video; NaN for the first frame)
+    colorfulness  Hasler & Suesstrunk's M: sigma_rgyb + 0.3 mu_rgyb of rg = R - G, yb = (R + G) / 2 - B
+    motion        mean |Y_t - Y_{t-1}| (0 for a frozen video; none for the first frame)
     flicker       |mean Y_t - mean Y_{t-1}| (global brightness jumps)
 Per segment: the means of those, and `color_drift`: the Hellinger distance of the segment's RGB histogram
-(8 bins per channel) to the first segment's (0 = the same colours, 1 = disjoint). `drift` compares the last
-segment with the first (ratio for sharpness, saturation, colorfulness, contrast, motion; difference for the rest).
+(8 bins per channel) to the first segment's, in [0, 1] (0 = the same colours). A last piece shorter than
+half a segment joins the segment before it. `drift` compares the last segment with the first (a ratio for
+sharpness, saturation, colorfulness, contrast, motion; a difference for the rest; none for one segment).
+Videos are read block by block (io.iter_mp4): memory does not grow with their length.
 
 These are proxies with no model and no reference: they say that and how a video changes over time, not
 whether it is good (a scene may rightly get darker). For prompt adherence and per-segment quality use a
 learned metric (VBench); on the synthetic world, the object metrics of `python -m resampling_forcing.eval`.
-With --compare, each video is paired with the one of the same file name in the other folder and the
+With --compare, each video is paired with the one of the same file name in the other set and the
 per-segment differences get a 95% interval over the pairs (stats.interval) and a paired t test's p.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from ..cli import BadInput, OneLineParser, check_output_file, run_cli
-from ..io import atomic_write_json, read_mp4, to_uint8_video
+from ..io import atomic_write_text, iter_mp4, to_uint8_video
 from ..stats import interval, sig, t_test
 
 __all__ = ["FRAME_MEASURES", "SEGMENT_MEASURES", "frame_measures", "color_histogram", "hellinger", "measure_video",
-           "compare", "main"]
+           "measure_blocks", "summary", "compare", "main"]
 
 FRAME_MEASURES = ("sharpness", "saturation", "brightness", "contrast", "colorfulness", "motion", "flicker")
 SEGMENT_MEASURES = FRAME_MEASURES + ("color_drift",)
 RATIO_MEASURES = ("sharpness", "saturation", "colorfulness", "contrast", "motion")  # drift: last / first
-HIST_BINS = 8
+HIST_BINS = 8  # per channel: bin = value >> 5
+BLOCK = 8  # frames measured at once (a 720p block: ~0.4 GiB of float32 work)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _block_measures(block: np.ndarray, prev_y: Optional[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Measures of the uint8 frames `block` [n, H, W, 3] after the frame whose luma is `prev_y` (None: the
+    video's first) -> ({measure: [n]}, the last frame's luma)."""
+    rgb = block.astype(np.float32)
+    y = _luma(rgb)
+    n = y.shape[0]
+    out = {}
+    if y.shape[1] >= 3 and y.shape[2] >= 3:
+        lap = (y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * y[:, 1:-1, 1:-1])
+        out["sharpness"] = lap.reshape(n, -1).var(axis=1, dtype=np.float64)
+    else:
+        out["sharpness"] = np.full(n, np.nan)
+    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(mx > 0, (mx - mn) / np.where(mx > 0, mx, 1.0), np.nan)
+    with warnings.catch_warnings():  # an all-black frame has no saturation
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["saturation"] = np.nanmean(s.reshape(n, -1), axis=1, dtype=np.float64)
+    flat = y.reshape(n, -1)
+    out["brightness"], out["contrast"] = flat.mean(axis=1, dtype=np.float64), flat.std(axis=1, dtype=np.float64)
+    rg = (rgb[..., 0] - rgb[..., 1]).reshape(n, -1)
+    yb = (0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]).reshape(n, -1)
+    out["colorfulness"] = np.hypot(rg.std(axis=1, dtype=np.float64), yb.std(axis=1, dtype=np.float64)) + \
+        0.3 * np.hypot(rg.mean(axis=1, dtype=np.float64), yb.mean(axis=1, dtype=np.float64))
+    prev = y[:1] if prev_y is None else prev_y[None]
+    ys = np.concatenate([prev, y])
+    out["motion"] = np.abs(np.diff(ys, axis=0)).reshape(n, -1).mean(axis=1, dtype=np.float64)
+    means = ys.reshape(n + 1, -1).mean(axis=1, dtype=np.float64)
+    out["flicker"] = np.abs(np.diff(means))
+    if prev_y is None:
+        out["motion"][0] = out["flicker"][0] = np.nan
+    return out, y[-1]
 
 
 def frame_measures(frames) -> dict[str, np.ndarray]:
@@ -54,39 +93,21 @@ def frame_measures(frames) -> dict[str, np.ndarray]:
     video = to_uint8_video(frames)
     if video.shape[0] == 0:
         raise ValueError("the video has no frames")
-    rgb = video.astype(np.float32) / 255.0
-    y = _luma(rgb)
-    f = y.shape[0]
-    out = {}
-    if y.shape[1] >= 3 and y.shape[2] >= 3:
-        lap = (y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * y[:, 1:-1, 1:-1])
-        out["sharpness"] = lap.reshape(f, -1).var(axis=1)
-    else:
-        out["sharpness"] = np.full(f, np.nan)
-    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s = np.where(mx > 0, (mx - mn) / np.where(mx > 0, mx, 1.0), np.nan)
-    with warnings.catch_warnings():  # an all-black frame has no saturation
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out["saturation"] = np.nanmean(s.reshape(f, -1), axis=1)
-    flat = y.reshape(f, -1)
-    out["brightness"], out["contrast"] = flat.mean(axis=1), flat.std(axis=1)
-    rg = (rgb[..., 0] - rgb[..., 1]).reshape(f, -1)
-    yb = (0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]).reshape(f, -1)
-    out["colorfulness"] = np.sqrt(rg.std(axis=1) ** 2 + yb.std(axis=1) ** 2) + \
-        0.3 * np.sqrt(rg.mean(axis=1) ** 2 + yb.mean(axis=1) ** 2)
-    motion, flicker = np.full(f, np.nan), np.full(f, np.nan)
-    if f > 1:
-        motion[1:] = np.abs(np.diff(y, axis=0)).reshape(f - 1, -1).mean(axis=1)
-        flicker[1:] = np.abs(np.diff(out["brightness"]))
-    out["motion"], out["flicker"] = motion, flicker
-    return {k: out[k].astype(np.float64) for k in FRAME_MEASURES}
+    m, _ = _block_measures(video, None)
+    return m
 
 
 def color_histogram(frames) -> np.ndarray:
-    """Normalized RGB histogram [HIST_BINS ** 3] of all pixels of uint8 frames [F, H, W, 3]."""
-    v = np.asarray(frames, dtype=np.uint8).reshape(-1, 3).astype(np.int64) * HIST_BINS // 256
-    counts = np.bincount((v[:, 0] * HIST_BINS + v[:, 1]) * HIST_BINS + v[:, 2], minlength=HIST_BINS ** 3)
+    """Normalized RGB histogram [HIST_BINS ** 3] of all pixels of uint8 frames [..., 3]."""
+    return _normalized(_hist_counts(np.asarray(frames, dtype=np.uint8)))
+
+
+def _hist_counts(frames: np.ndarray) -> np.ndarray:
+    v = (frames.reshape(-1, 3) >> 5).astype(np.int64)  # 256 / HIST_BINS = 32 values per bin
+    return np.bincount((v[:, 0] * HIST_BINS + v[:, 1]) * HIST_BINS + v[:, 2], minlength=HIST_BINS ** 3)
+
+
+def _normalized(counts: np.ndarray) -> np.ndarray:
     return counts / max(1, counts.sum())
 
 
@@ -97,36 +118,69 @@ def hellinger(p: np.ndarray, q: np.ndarray) -> float:
 
 def _mean(a: np.ndarray) -> Optional[float]:
     a = a[np.isfinite(a)]
-    return float(a.mean()) if a.size else None
+    return float(f"{a.mean():.6g}") if a.size else None
+
+
+def _bounds(f: int, seg: int) -> list[tuple[int, int]]:
+    """Segments [start, stop) of f frames: whole segments, a last piece shorter than half a segment joined
+    to the one before it."""
+    bounds = [(a, min(f, a + seg)) for a in range(0, f, seg)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < seg / 2:
+        bounds[-2:] = [(bounds[-2][0], f)]
+    return bounds
+
+
+def measure_blocks(blocks: Iterable[np.ndarray], segment_frames: int, name: Optional[str] = None) -> dict:
+    """The report of a video given as uint8 blocks [n, H, W, 3] (in order): {"video", "num_frames",
+    "segment_frames", "segments": [{segment, start, stop, <SEGMENT_MEASURES>}], "drift": {measure: last vs
+    first, None with one segment}}."""
+    if isinstance(segment_frames, bool) or not isinstance(segment_frames, (int, np.integer)) or segment_frames < 1:
+        raise ValueError(f"segment_frames={segment_frames!r}: need an int >= 1")
+    seg = int(segment_frames)
+    per: dict[str, list] = {m: [] for m in FRAME_MEASURES}
+    counts: list[np.ndarray] = []  # per whole-segment index: histogram counts
+    prev_y, f = None, 0
+    for block in blocks:
+        m, prev_y = _block_measures(block, prev_y)
+        for k in FRAME_MEASURES:
+            per[k].append(m[k])
+        for t in range(block.shape[0]):  # each frame's counts into its segment
+            k = (f + t) // seg
+            if k == len(counts):
+                counts.append(np.zeros(HIST_BINS ** 3, np.int64))
+            counts[k] += _hist_counts(block[t])
+        f += block.shape[0]
+    if f == 0:
+        raise ValueError(f"{name or 'the video'}: no frames")
+    arrays = {k: np.concatenate(v) for k, v in per.items()}
+    bounds = _bounds(f, seg)
+    if len(bounds) < len(counts):  # the short last piece joined the segment before it
+        counts[-2:] = [counts[-2] + counts[-1]]
+    first_hist = _normalized(counts[0])
+    segments = []
+    for k, (a, b) in enumerate(bounds):
+        s = {"segment": k, "start": a, "stop": b, **{m: _mean(arrays[m][a:b]) for m in FRAME_MEASURES}}
+        s["color_drift"] = float(f"{hellinger(first_hist, _normalized(counts[k])):.6g}")
+        segments.append(s)
+    drift = {m: None for m in SEGMENT_MEASURES}
+    if len(segments) > 1:
+        for m in SEGMENT_MEASURES:
+            x, y = segments[0][m], segments[-1][m]
+            if x is not None and y is not None:
+                drift[m] = (float(f"{y / x:.6g}") if x > 0 else None) if m in RATIO_MEASURES else float(f"{y - x:.6g}")
+    return {"video": name, "num_frames": f, "segment_frames": seg, "segments": segments, "drift": drift}
 
 
 def measure_video(frames, segment_frames: int, name: Optional[str] = None) -> dict:
-    """{"video", "num_frames", "segment_frames", "segments": [{segment, start, stop, <SEGMENT_MEASURES>}],
-    "drift": {measure: last vs first}} of one video (what io.to_uint8_video takes)."""
-    if isinstance(segment_frames, bool) or not isinstance(segment_frames, (int, np.integer)) or segment_frames < 1:
-        raise ValueError(f"segment_frames={segment_frames!r}: need an int >= 1")
+    """measure_blocks of a video held in memory (what io.to_uint8_video takes)."""
     video = to_uint8_video(frames)
-    per = frame_measures(video)
-    f = video.shape[0]
-    first_hist = color_histogram(video[:segment_frames])
-    segments = []
-    for k, a in enumerate(range(0, f, segment_frames)):
-        b = min(f, a + segment_frames)
-        seg = {"segment": k, "start": a, "stop": b}
-        seg.update({m: _mean(per[m][a:b]) for m in FRAME_MEASURES})
-        seg["color_drift"] = hellinger(first_hist, color_histogram(video[a:b]))
-        segments.append({key: round(v, 6) if isinstance(v, float) else v for key, v in seg.items()})
-    first, last = segments[0], segments[-1]
-    drift = {}
-    for m in SEGMENT_MEASURES:
-        x, y = first[m], last[m]
-        if x is None or y is None:
-            drift[m] = None
-        elif m in RATIO_MEASURES:
-            drift[m] = round(y / x, 6) if x > 0 else None
-        else:
-            drift[m] = round(y - x, 6)
-    return {"video": name, "num_frames": f, "segment_frames": int(segment_frames), "segments": segments, "drift": drift}
+    return measure_blocks((video[a:a + BLOCK] for a in range(0, video.shape[0], BLOCK)), segment_frames, name)
+
+
+def _interval(values: np.ndarray) -> dict:
+    """stats.interval, with no half-width for fewer than 2 values (one value is no certainty)."""
+    out = interval(values)
+    return out if out["n"] > 1 else {**out, "ci95": None}
 
 
 def _per_segment(results: list[dict], measure: str, nseg: int) -> np.ndarray:
@@ -140,9 +194,9 @@ def _per_segment(results: list[dict], measure: str, nseg: int) -> np.ndarray:
 
 
 def summary(results: list[dict]) -> dict:
-    """Per measure, per segment: the mean over videos with its 95% interval (stats.interval)."""
+    """Per measure, per segment: the mean over videos with its 95% interval."""
     nseg = max(len(r["segments"]) for r in results)
-    return {m: [interval(col) for col in _per_segment(results, m, nseg).T] for m in SEGMENT_MEASURES}
+    return {m: [_interval(col) for col in _per_segment(results, m, nseg).T] for m in SEGMENT_MEASURES}
 
 
 def compare(results: list[dict], others: list[dict]) -> dict:
@@ -152,7 +206,7 @@ def compare(results: list[dict], others: list[dict]) -> dict:
     out = {}
     for m in SEGMENT_MEASURES:
         d = _per_segment(results, m, nseg) - _per_segment(others, m, nseg)
-        out[m] = [{**interval(col), "p": sig(t_test(col))} for col in d.T]
+        out[m] = [{**_interval(col), "p": sig(t_test(col))} for col in d.T]
     return out
 
 
@@ -176,23 +230,22 @@ def _videos(items: Sequence[str], flag: str) -> list[Path]:
 
 
 def _measure_files(paths: list[Path], args) -> tuple[dict[Path, dict], list[dict]]:
-    """measure_video of each file -> ({path: report}, skipped): a file that cannot be decoded is skipped with a
-    warning (listed in the report), as the synthetic evaluation does."""
+    """The report of each file -> ({path: report}, skipped): a file that cannot be decoded is skipped with
+    a warning (listed in the report), as the synthetic evaluation does."""
     results, skipped = {}, []
     for p in paths:
         try:
-            frames, fps = read_mp4(p, with_fps=True)
+            fps, blocks = iter_mp4(p, BLOCK)
+            seg = args.segment_frames
+            if seg is None:
+                if not fps or not math.isfinite(fps) or fps <= 0:
+                    raise BadInput(f"{p}: the file gives no frame rate; give --segment-frames N")
+                seg = max(1, round(args.segment_seconds * fps))
+            results[p] = measure_blocks(blocks, seg, name=str(p))
         except ValueError as e:  # names the file and why (missing, empty, undecodable)
             reason = str(e).strip().splitlines()[0]
             print(f"warning: skipped {reason}", file=sys.stderr)
             skipped.append({"video": str(p), "reason": reason})
-            continue
-        seg = args.segment_frames
-        if seg is None:
-            if not fps or not math.isfinite(fps) or fps <= 0:
-                raise BadInput(f"{p}: the file gives no frame rate; give --segment-frames N")
-            seg = max(1, round(args.segment_seconds * fps))
-        results[p] = measure_video(frames, seg, name=str(p))
     return results, skipped
 
 
@@ -208,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unique(paths: list[Path], flag: str) -> None:
+    seen = {}
+    for p in paths:
+        if p.name in seen:
+            raise BadInput(f"{flag}: two videos named {p.name} ({seen[p.name]} and {p}); --compare pairs videos by "
+                           "file name")
+        seen[p.name] = p
+
+
 def run(args) -> int:
     if args.segment_frames is not None and args.segment_frames < 1:
         raise BadInput(f"--segment-frames must be >= 1 (got {args.segment_frames})")
@@ -218,10 +280,16 @@ def run(args) -> int:
     report = {"segment_seconds": None if args.segment_frames else args.segment_seconds,
               "segment_frames": args.segment_frames}
     if args.compare is not None:
-        other = {p.name: p for p in _videos(args.compare, "--compare")}
+        others = _videos(args.compare, "--compare")
+        _unique(paths, "videos")
+        _unique(others, "--compare")
+        other = {p.name: p for p in others}
         missing = [p.name for p in paths if p.name not in other]
         if missing:
             raise BadInput(f"--compare: no video named {missing[0]} there (videos are paired by file name)")
+        unmatched = sorted(set(other) - {p.name for p in paths})
+        if unmatched:
+            print(f"warning: --compare videos without a partner, not used: {', '.join(unmatched)}", file=sys.stderr)
         paths_b = [other[p.name] for p in paths]
     results, skipped = _measure_files(paths, args)
     if args.compare is not None:
@@ -238,7 +306,7 @@ def run(args) -> int:
             raise BadInput("no readable video (see the warnings)")
         report.update(videos=list(results.values()), summary=summary(list(results.values())))
     report["skipped"] = skipped
-    atomic_write_json(args.out, report)
+    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")  # never a NaN in the file
     _print_table(report)
     return 0
 
@@ -246,11 +314,11 @@ def run(args) -> int:
 def _print_table(report: dict) -> None:
     key = "difference" if "difference" in report else "summary"
     rows = report[key]
-    nseg = len(rows["sharpness"])
-    head = "videos - compare (mean +- 95%)" if key == "difference" else "mean +- 95% over videos"
-    print(f"per segment, {head}:", file=sys.stderr)
+    head = "videos - compare" if key == "difference" else "mean over videos"
+    print(f"per segment, {head} (+- the 95% interval):", file=sys.stderr)
     for m in SEGMENT_MEASURES:
-        cells = ["-" if c["mean"] is None else f"{c['mean']:+.4g} +- {c['ci95']:.2g}" for c in rows[m][:nseg]]
+        cells = ["-" if c["mean"] is None else f"{c['mean']:+.4g}" + ("" if c["ci95"] is None else f" +- {c['ci95']:.2g}")
+                 for c in rows[m]]
         print(f"  {m:13s} " + " | ".join(cells), file=sys.stderr)
 
 
