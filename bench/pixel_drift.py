@@ -5,15 +5,21 @@
         --arms tf,ar_1step --protocol sliding --clips 32 --out outputs/bench/pixel_drift.json
 
 On the synthetic world the object metrics (eval/metrics.py) know the truth; on real video only pixel
-statistics are left. This continues the ablation's held-out eval clips (its preset: given chunks, sampler
-noise, segments of one training clip) with two arms of each ablation folder in `--runs` (RUN/arms/NAME),
-under the `--protocol`'s attention, and reports per segment, for both arms and the true clips: every pixel
-measure and the object fidelity / collapse; the paired difference (second arm - first) over clips, pooled over
-the runs (a clip-level interval: the runs' own spread is not separated); and, over every continuation, the
-correlation of each pixel measure's extrapolation mean (segments after the first) with object fidelity's.
+statistics are left. This continues the ablation's held-out eval clips with two arms of each ablation
+folder in `--runs` (RUN/arms/NAME) exactly as the ablation evaluates them (its report's preset: given
+chunks, sampler noise, segments of one training clip; the `--protocol`'s attention), and checks the object
+fidelity it gets against the ablation's own cached evaluation when there is one. It reports per segment,
+for both arms and the true clips, every pixel measure and the object fidelity / collapse; per clip, the
+paired difference (second arm - first) averaged over the runs (every run continues the same clips with the
+same sampler noise, so the clip is the unit: a 95% interval over clips); and over the clips, the
+correlation of each pixel measure's difference with the object fidelity's difference (extrapolation means:
+the segments after the first), i.e. whether a clip that the method helps more also moves that measure more.
+The continuations are kept in OUT.videos.npz (keyed) so a rerun measures without rolling out again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -22,12 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.common import BadInput, OneLineParser, check_out, positive_int, run_main  # noqa: E402
-
-
-def _extrapolation(per_clip_segments: np.ndarray) -> np.ndarray:
-    from resampling_forcing.ablation_eval import extrapolation_mean
-
-    return extrapolation_mean(per_clip_segments)
 
 
 def _pixel_arrays(videos, seg: int) -> dict[str, np.ndarray]:
@@ -39,82 +39,128 @@ def _pixel_arrays(videos, seg: int) -> dict[str, np.ndarray]:
             for m in SEGMENT_MEASURES}
 
 
+def _fmt(r: dict) -> str:
+    if r["mean"] is None:
+        return "-"
+    return f"{r['mean']:+.4g}" + ("" if r.get("ci95") is None else f" +- {r['ci95']:.2g}") + \
+        ("" if r.get("p") is None else f" (p {r['p']})")
+
+
+def _continuations(run: Path, arms: list[str], protocol: str, clips_n: int, cache: dict) -> tuple:
+    """(world config, preset dict, clips, {arm: uint8 videos}) of one ablation folder; videos from `cache`
+    when their key is there."""
+    from resampling_forcing.ablation_eval import continue_clips, eval_clips
+    from resampling_forcing.ablation_report import protocol_routing
+    from resampling_forcing.attention.routing import RoutingSpec
+    from resampling_forcing.config import synthetic_seed
+    from resampling_forcing.pipeline import Pipeline
+
+    report = json.loads((run / "report.json").read_text())
+    preset = report["preset"]
+    videos, world = {}, None
+    for a in arms:
+        key = hashlib.sha1(f"{run.resolve()}|{a}|{protocol}|{clips_n}|{preset['given_chunks']}|{preset['sample_seed']}|"
+                           f"{preset['eval_segments']}".encode()).hexdigest()
+        pipe = Pipeline.from_pretrained(run / "arms" / a, device="cpu")
+        world = world or pipe.config
+        seg = world.data.num_frames
+        clips = eval_clips(world.data, clips_n, seg * preset["eval_segments"], synthetic_seed(world))
+        if key not in cache:
+            spec = protocol_routing(protocol, world)
+            cache[key] = continue_clips(pipe, clips, preset["given_chunks"],
+                                        routing=RoutingSpec(*spec) if spec is not None else "dense",
+                                        seed=preset["sample_seed"])
+        videos[a] = cache[key]
+    return world, preset, clips, videos
+
+
 def _main(argv=None):
     p = OneLineParser(prog="bench/pixel_drift.py", description=__doc__.splitlines()[0])
-    p.add_argument("--runs", required=True, help="comma list of ablation folders (each with arms/NAME)")
+    p.add_argument("--runs", required=True, help="comma list of ablation folders (each with report.json, arms/NAME)")
     p.add_argument("--arms", default="tf,ar_1step", help="two arm names: the difference is second - first")
     p.add_argument("--protocol", default="sliding", help="the inference attention (ablation_report.PROTOCOLS)")
     p.add_argument("--clips", type=positive_int, default=32)
-    p.add_argument("--out", default=None, help="the report (JSON)")
+    p.add_argument("--out", required=True, help="the report (JSON); the continuations go to OUT.videos.npz")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if len(arms) != 2:
         raise BadInput(f"--arms {args.arms!r}: two arm names (the difference is second - first)")
     runs = [Path(r.strip()) for r in args.runs.split(",") if r.strip()]
     for r in runs:
+        if not (r / "report.json").is_file():
+            raise BadInput(f"--runs: {r} holds no report.json (an ablation folder)")
         for a in arms:
             if not (r / "arms" / a).is_dir():
                 raise BadInput(f"--runs: {r / 'arms' / a} is not there (an ablation folder with that arm trained)")
     check_out("--out", args.out, (".json",))
-    from resampling_forcing.ablation import PRESETS
-    from resampling_forcing.ablation_eval import continue_clips, eval_clips, metric_arrays, score
-    from resampling_forcing.ablation_report import PROTOCOLS, protocol_routing
-    from resampling_forcing.attention.routing import RoutingSpec
-    from resampling_forcing.config import synthetic_seed
+    from resampling_forcing.ablation_eval import extrapolation_mean, metric_arrays, score
+    from resampling_forcing.ablation_report import PROTOCOLS, eval_path
     from resampling_forcing.eval.pixel import SEGMENT_MEASURES
-    from resampling_forcing.io import atomic_write_json
-    from resampling_forcing.pipeline import Pipeline
+    from resampling_forcing.io import atomic_write_text
     from resampling_forcing.stats import interval, sig, t_test
 
     if args.protocol not in PROTOCOLS:
         raise BadInput(f"--protocol {args.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    preset = PRESETS["cpu"]
-    per_arm = {a: {} for a in arms}  # arm -> measure -> [clips over runs, segments]
-    truth_pixels = None
+    cache_file = Path(args.out).with_suffix(".videos.npz")
+    cache = dict(np.load(cache_file)) if cache_file.is_file() else {}
+    n_cached = len(cache)
+    per_run = {a: {} for a in arms}  # arm -> measure -> [clips, segments, runs]
+    truth, worlds, checks = None, set(), []
     for run in runs:
-        pipes = {a: Pipeline.from_pretrained(run / "arms" / a, device="cpu") for a in arms}
-        world = pipes[arms[0]].config
+        world, preset, clips, videos = _continuations(run, arms, args.protocol, args.clips, cache)
         seg = world.data.num_frames
-        clips = eval_clips(world.data, args.clips, seg * preset.eval_segments, synthetic_seed(world))
-        spec = protocol_routing(args.protocol, world)
-        routing = RoutingSpec(*spec) if spec is not None else "dense"
-        if truth_pixels is None:
-            truth_pixels = _pixel_arrays([v for v, _ in clips], seg)
+        worlds.add(json.dumps({"data": vars(world.data), "seg": seg, "preset": preset}, default=str, sort_keys=True))
+        if len(worlds) > 1:
+            raise BadInput(f"--runs: {run} has another world, preset or clips than {runs[0]}; compare like with like")
+        if truth is None:
+            truth = _pixel_arrays([v for v, _ in clips], seg)
         for a in arms:
-            videos = continue_clips(pipes[a], clips, preset.given_chunks, routing=routing, seed=preset.sample_seed)
-            objects = metric_arrays(score(videos, clips, seg))
-            arrays = {**_pixel_arrays(videos, seg), "object_fidelity": objects["object_fidelity"],
+            objects = metric_arrays(score(videos[a], clips, seg))
+            cached_eval = eval_path(run, a, protocol=args.protocol)
+            if cached_eval.is_file():  # the ablation's own evaluation of the same continuations
+                with np.load(cached_eval) as z:
+                    same = z["object_fidelity"].shape[0] >= args.clips and np.allclose(
+                        z["object_fidelity"][:args.clips], objects["object_fidelity"], equal_nan=True)
+                checks.append({"run": str(run), "arm": a, "matches_ablation_eval": bool(same)})
+                if not same:
+                    print(f"warning: {run} {a}: object fidelity differs from {cached_eval}", file=sys.stderr)
+            arrays = {**_pixel_arrays(videos[a], seg), "object_fidelity": objects["object_fidelity"],
                       "collapse": objects["collapse"]}
             for m, v in arrays.items():
-                per_arm[a][m] = v if m not in per_arm[a] else np.concatenate([per_arm[a][m], v])
+                per_run[a].setdefault(m, []).append(v)
             print(f"{run.name} {a}: fidelity per segment {np.round(np.nanmean(objects['object_fidelity'], 0), 3).tolist()}",
                   flush=True)
+    if len(cache) > n_cached:
+        np.savez(cache_file, **cache)
     measures = (*SEGMENT_MEASURES, "object_fidelity", "collapse")
     first, second = arms
-    report = {"runs": [str(r) for r in runs], "arms": arms, "protocol": args.protocol, "clips_per_run": args.clips,
-              "segment_frames": seg, "per_segment": {}, "difference": {}, "extrapolation_difference": {},
-              "correlation_with_fidelity": {}}
+    with np.errstate(all="ignore"):
+        clip_mean = {a: {m: np.nanmean(np.stack(v, axis=2), axis=2) for m, v in per_run[a].items()} for a in arms}
+    report = {"runs": [str(r) for r in runs], "arms": arms, "protocol": args.protocol, "clips": args.clips,
+              "segment_frames": seg, "checked_against_ablation_eval": checks, "per_segment": {}, "difference": {},
+              "extrapolation_difference": {}, "correlation_with_fidelity_difference": {}}
+    fid_d = extrapolation_mean(clip_mean[second]["object_fidelity"]) - extrapolation_mean(clip_mean[first]["object_fidelity"])
     for m in measures:
-        report["per_segment"][m] = {a: [interval(c) for c in per_arm[a][m].T] for a in arms}
-        if m in truth_pixels:
-            report["per_segment"][m]["truth"] = [interval(c) for c in truth_pixels[m].T]
-        d = per_arm[second][m] - per_arm[first][m]
+        report["per_segment"][m] = {a: [interval(c) for c in clip_mean[a][m].T] for a in arms}
+        if m in truth:
+            report["per_segment"][m]["truth"] = [interval(c) for c in truth[m].T]
+        d = clip_mean[second][m] - clip_mean[first][m]
         report["difference"][m] = [{**interval(c), "p": sig(t_test(c))} for c in d.T]
-        e = _extrapolation(per_arm[second][m]) - _extrapolation(per_arm[first][m])
+        e = extrapolation_mean(clip_mean[second][m]) - extrapolation_mean(clip_mean[first][m])
         report["extrapolation_difference"][m] = {**interval(e), "p": sig(t_test(e))}
-    fid = np.concatenate([_extrapolation(per_arm[a]["object_fidelity"]) for a in arms])
-    for m in SEGMENT_MEASURES:
-        x = np.concatenate([_extrapolation(per_arm[a][m]) for a in arms])
-        ok = np.isfinite(x) & np.isfinite(fid)
-        report["correlation_with_fidelity"][m] = round(float(np.corrcoef(x[ok], fid[ok])[0, 1]), 3) if ok.sum() > 2 else None
-    print(f"{second} - {first}, extrapolation mean (segments after the first), {len(runs)} runs x {args.clips} clips:")
+        if m in SEGMENT_MEASURES:
+            ok = np.isfinite(e) & np.isfinite(fid_d)
+            r = float(np.corrcoef(e[ok], fid_d[ok])[0, 1]) if ok.sum() > 2 and e[ok].std() > 0 and fid_d[ok].std() > 0 \
+                else None
+            report["correlation_with_fidelity_difference"][m] = {"r": None if r is None else round(r, 3),
+                                                                 "n": int(ok.sum())}
+    atomic_write_text(args.out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"{second} - {first}, per clip averaged over {len(runs)} runs, extrapolation mean (segments after the "
+          f"first), {args.clips} clips; r = correlation with the fidelity difference over clips:")
     for m in measures:
-        r = report["extrapolation_difference"][m]
-        corr = report["correlation_with_fidelity"].get(m)
-        print(f"  {m:15s} {r['mean']:+.4g} +- {r['ci95']:.2g} (p {r['p']})"
-              + ("" if corr is None else f"   r with fidelity {corr:+.2f}"))
-    if args.out:
-        atomic_write_json(Path(args.out), report)
+        corr = report["correlation_with_fidelity_difference"].get(m)
+        print(f"  {m:15s} {_fmt(report['extrapolation_difference'][m])}"
+              + ("" if not corr or corr["r"] is None else f"   r {corr['r']:+.2f}"))
     return 0
 
 
