@@ -51,11 +51,12 @@ def pixel_frames(geo: dict, latent: int) -> int:
     return 1 + geo["temporal"] * (latent - 1) if geo["causal"] else geo["temporal"] * latent
 
 
-def chunks_for_seconds(cfg: Config, seconds: float, history: bool) -> int:
-    """Generated chunks that make at least `seconds` of video at data.fps (after a given history when
-    `history`): the video's first chunk brings pixel_frames(cf) frames, every later one cf x temporal."""
+def chunks_for_seconds(cfg: Config, seconds: float, history: bool, fps: Optional[float] = None) -> int:
+    """Generated chunks that make at least `seconds` of video played at `fps` (default data.fps; after a
+    given history when `history`): the video's first chunk brings pixel_frames(cf) frames, every later one
+    cf x temporal."""
     geo, cf = codec_geometry(cfg), cfg.model.chunk_frames
-    want = math.ceil(seconds * cfg.data.fps - 1e-9)
+    want = math.ceil(seconds * (cfg.data.fps if fps is None else fps) - 1e-9)
     first = 0 if history else pixel_frames(geo, cf)
     per = pixel_frames(geo, 2 * cf) - pixel_frames(geo, cf)
     return 1 + max(0, math.ceil((want - (first or per)) / per))

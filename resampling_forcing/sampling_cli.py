@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: config diffusion.negative_prompt)")
     p.add_argument("--num-chunks", type=int, default=None, help="chunks to generate (after --init-video's history)")
     p.add_argument("--seconds", type=float, default=None, help="instead of --num-chunks: generate at least this "
-                   "long a video (after the history) at the config's data.fps, rounded up to whole chunks")
+                   "long a video (after the history) at --fps (default the config's data.fps), rounded up to whole "
+                   "chunks")
     p.add_argument("--output", required=True, help="out.mp4 (several prompts: out_000_<prompt>.mp4, ...), or a directory (no suffix / trailing /): DIR/000_<prompt>.mp4")
     p.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (config: diffusion.sample_steps, paper 32)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (config: diffusion.sample_shift, paper 5.0)")

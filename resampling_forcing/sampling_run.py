@@ -69,13 +69,16 @@ def run(args) -> int:
                            "in the checkpoint's config): add --routing topk --top-k K or --routing window")
         if args.seconds is not None:  # the length in chunks, from the config's fps and the codec's geometry
             given = args.init_video is not None or args.init_image is not None
-            args.num_chunks = chunks_for_seconds(cfg, args.seconds, history=given)
+            fps = args.fps if args.fps is not None else cfg.data.fps  # seconds of the file written
+            if args.seconds * fps > 1e8:
+                raise BadInput(f"--seconds {args.seconds:g} at {fps:g} fps is over 10^8 frames; give a length in reach")
+            args.num_chunks = chunks_for_seconds(cfg, args.seconds, history=given, fps=fps)
             check_storyboard_fits(storyboard, args)
             if not args.quiet:
                 geo, cf = codec_geometry(cfg), cfg.model.chunk_frames
                 frames = pixel_frames(geo, (args.num_chunks + given) * cf) - (pixel_frames(geo, cf) if given else 0)
-                print(f"--seconds {args.seconds:g}: {args.num_chunks} chunks, {frames} frames ({frames / cfg.data.fps:.2f} s "
-                      f"at {cfg.data.fps:g} fps)", file=sys.stderr)
+                print(f"--seconds {args.seconds:g}: {args.num_chunks} chunks, {frames} frames ({frames / fps:.2f} s "
+                      f"at {fps:g} fps)", file=sys.stderr)
         check_memory(cfg, device, args, len(mine), opts)
         pipe = Pipeline.from_pretrained(args.checkpoint, config=args.config, overrides=args.overrides,
                                         device=device, dtype=args.dtype, use_ema=not args.no_ema,

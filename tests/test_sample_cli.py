@@ -711,10 +711,21 @@ def test_seconds_gives_the_length(run_dir, tmp_path, capsys):
     assert read_mp4(out).shape[0] == 5 * CF  # 8.8 frames at 4 fps -> 9 -> 5 chunks of 2 frames
     assert json.loads(out.with_suffix(".json").read_text())["num_chunks"] == 5
     assert "--seconds 2.2: 5 chunks, 10 frames (2.50 s at 4 fps)" in capsys.readouterr().err
+    # the seconds of the file written: at --fps 8, twice the frames; after an image's history chunk
+    import imageio.v3 as iio
+
+    img = tmp_path / "first.png"
+    iio.imwrite(img, np.full((8, 8, 3), 90, np.uint8))
+    out2 = tmp_path / "s2.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--seconds", 2.2, "--fps", 8, "--init-image", img,
+               "--output", out2, "--device", "cpu") == 0
+    assert json.loads(out2.with_suffix(".json").read_text())["num_chunks"] == 9  # 17.6 -> 18 frames, 2 a chunk
+    assert "--seconds 2.2: 9 chunks, 18 frames (2.25 s at 8 fps)" in capsys.readouterr().err
     for args, words in ((("--num-chunks", 2, "--seconds", 1), "one of them"), ((), "--num-chunks N or --seconds S"),
                         (("--seconds", 0), "--seconds must be a number > 0"),
                         (("--seconds", "nan"), "--seconds must be a number > 0"),
-                        (("--seconds", 1, "--prompts-at", "0:a;3:b"), "--seconds 1 makes 2 chunks")):
+                        (("--seconds", 1, "--prompts-at", "0:a;3:b"), "--seconds 1 makes 2 chunks"),
+                        (("--seconds", 1e308), "is over 10^8 frames")):
         prompt = () if "--prompts-at" in args else ("--prompt", "x")
         assert cli("--checkpoint", run_dir, *prompt, *args, "--output", tmp_path / "bad.mp4", "--device", "cpu") == 2
         err = capsys.readouterr().err.strip()
