@@ -117,9 +117,14 @@ def cache_key(checkpoint, **settings) -> str:
 
     ck = Path(checkpoint)
     files = sorted(ck.rglob("*.safetensors")) if ck.is_dir() else ([ck] if ck.is_file() else [])
+    from .models.loading import CheckpointError
+
     for folder in sorted({p.parent for p in files}):
         if adapters_only(folder):  # what reading it merges: a base rewritten in place changes the key
-            files += [p for p in chain_files(folder) if p not in files]
+            try:
+                files += [p for p in chain_files(folder) if p not in files]
+            except CheckpointError:  # its base is gone: a cached evaluation is all that is left of it
+                pass
     weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     from .eval.metrics import METRICS_VERSION
 
