@@ -32,7 +32,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -143,13 +143,33 @@ def _report_problem(r) -> str | None:
     return None
 
 
+def _weights_digest(folder: str) -> Optional[str]:
+    """sha256 over a warmup's weight files (names and bytes); None when it is not there (any more)."""
+    import hashlib
+
+    f = Path(folder)
+    files = sorted(f.rglob("*.safetensors")) if f.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(f)).encode())
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def _differences(first: dict, r: dict, keys: Sequence[str]) -> list[str]:
     """The report keys (and evaluation settings) in which report `r` differs from `first`."""
-    def same(k: str, a, b) -> bool:  # the warmup as a file: a relative and an absolute path to it agree
+    def same(k: str, a, b) -> bool:  # the warmup as a file: two paths to it, or to two copies of it, agree
         if k == "overrides":
             a, b = a or [], b or []
-        return a == b or (k == "warmup" and isinstance(a, str) and isinstance(b, str)
-                          and Path(a).resolve() == Path(b).resolve())
+        if a == b:
+            return True
+        if k != "warmup" or not isinstance(a, str) or not isinstance(b, str):
+            return False
+        return Path(a).resolve() == Path(b).resolve() or (_weights_digest(a) or 1) == (_weights_digest(b) or 2)
 
     diff = [k for k in keys if not same(k, r.get(k), first.get(k))]
     diff += [f"eval.{k}" for k in _SAME_EVAL if r["eval"].get(k) != first["eval"].get(k)]

@@ -207,6 +207,14 @@ def test_the_warmup_is_compared_as_a_file(tmp_path, monkeypatch):
     (b / "report.json").write_text(json.dumps({**report, "warmup": str(tmp_path / "other")}))
     with pytest.raises(Exception, match="differs from .* in warmup"):
         pool([a, b], ["object_fidelity"])
+    # a copy of the same warmup (a run from another checkout) pools; a copy of other weights does not
+    for d, data in ((tmp_path / "assets" / "w", b"weights"), (tmp_path / "other", b"weights")):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model.safetensors").write_bytes(data)
+    assert list(pool([a, b], ["object_fidelity"])["arms"]) == ["x"]
+    (tmp_path / "other" / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(Exception, match="differs from .* in warmup"):
+        pool([a, b], ["object_fidelity"])
 
 
 def test_reference_from_other_folders_pairs_seed_by_seed(tmp_path, capsys):
