@@ -351,6 +351,11 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
     need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history, streamed=True)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    local = int(local) if re.fullmatch(r"[0-9]+", local) else 1
+    if local > 1:  # a launcher's processes on this node share its RAM (and, on a CPU, are its device)
+        need = dict(need, host=need["host"] * local, device=need["device"] * (local if device.type == "cpu" else 1))
+        what += f" in each of {local} processes on this node"
     fix = "lower --num-chunks / --batch" + (" / --max-history-chunks (counted in full here)" if args.init_video else "")
     if opts.kv_resident_chunks is None:
         fix += ", bound the KV cache (--kv-resident-chunks N)"

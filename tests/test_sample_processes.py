@@ -121,3 +121,30 @@ def test_torchrun_two_processes(run_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
     for p in one.glob("*.mp4"):
         np.testing.assert_array_equal(read_mp4(out / p.name), read_mp4(p))
+
+
+def test_the_memory_check_counts_the_processes_of_a_node(monkeypatch):
+    """Under a launcher the processes of one node share its RAM: each one's host need counts LOCAL_WORLD_SIZE
+    times (a CPU rollout's device memory is RAM too)."""
+    import types
+
+    import torch
+
+    import resampling_forcing.memory as memory
+    from resampling_forcing.config import load_config
+    from resampling_forcing.options import SamplingOptions
+    from resampling_forcing.cli import BadInput
+
+    cfg = load_config(REPO / "assets" / "tiny-pretrained" / "config.yaml")
+    args = types.SimpleNamespace(batch=1, max_history_chunks=None, init_video=None, init_image=None, num_chunks=8,
+                                 dtype="fp32", quiet=True)
+    opts = SamplingOptions(steps=1)
+    need = memory.rollout_need(cfg, opts, 8, 1, 4, 0, streamed=True)
+    one = need["host"] + need["device"]
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: int(one * 2.5))
+    CLI.check_memory(cfg, torch.device("cpu"), args, 1, opts)  # one process: fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    CLI.check_memory(cfg, torch.device("cpu"), args, 1, opts)  # two: fit
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(BadInput, match="in each of 3 processes on this node"):
+        CLI.check_memory(cfg, torch.device("cpu"), args, 1, opts)
