@@ -14,7 +14,8 @@ paired difference (second arm - first) averaged over the runs (every run continu
 same sampler noise, so the clip is the unit: a 95% interval over clips); and over the clips, the
 correlation of each pixel measure's difference with the object fidelity's difference (extrapolation means:
 the segments after the first), i.e. whether a clip that the method helps more also moves that measure more.
-The continuations are kept in OUT.videos.npz (keyed) so a rerun measures without rolling out again.
+The continuations are kept in OUT.videos.npz (keyed by the arm's weight files and the settings) so a rerun measures
+without rolling out again.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _fmt(r: dict) -> str:
 def _continuations(run: Path, arms: list[str], protocol: str, clips_n: int, cache: dict) -> tuple:
     """(world config, preset dict, clips, {arm: uint8 videos}) of one ablation folder; videos from `cache`
     when their key is there."""
-    from resampling_forcing.ablation_eval import continue_clips, eval_clips
+    from resampling_forcing.ablation_eval import cache_key, continue_clips, eval_clips
     from resampling_forcing.ablation_report import protocol_routing
     from resampling_forcing.attention.routing import RoutingSpec
     from resampling_forcing.config import synthetic_seed
@@ -59,8 +60,8 @@ def _continuations(run: Path, arms: list[str], protocol: str, clips_n: int, cach
     preset = report["preset"]
     videos, world = {}, None
     for a in arms:
-        key = hashlib.sha1(f"{run.resolve()}|{a}|{protocol}|{clips_n}|{preset['given_chunks']}|{preset['sample_seed']}|"
-                           f"{preset['eval_segments']}".encode()).hexdigest()
+        key = hashlib.sha1(cache_key(run / "arms" / a, protocol=protocol, clips=clips_n, given=preset["given_chunks"],
+                                     seed=preset["sample_seed"], segments=preset["eval_segments"]).encode()).hexdigest()
         pipe = Pipeline.from_pretrained(run / "arms" / a, device="cpu")
         world = world or pipe.config
         seg = world.data.num_frames
@@ -119,8 +120,9 @@ def _main(argv=None):
             cached_eval = eval_path(run, a, protocol=args.protocol)
             if cached_eval.is_file():  # the ablation's own evaluation of the same continuations
                 with np.load(cached_eval) as z:
-                    same = z["object_fidelity"].shape[0] >= args.clips and np.allclose(
-                        z["object_fidelity"][:args.clips], objects["object_fidelity"], equal_nan=True)
+                    theirs = z["object_fidelity"][:args.clips]
+                    same = theirs.shape == objects["object_fidelity"].shape and np.allclose(
+                        theirs, objects["object_fidelity"], equal_nan=True)
                 checks.append({"run": str(run), "arm": a, "matches_ablation_eval": bool(same)})
                 if not same:
                     print(f"warning: {run} {a}: object fidelity differs from {cached_eval}", file=sys.stderr)
@@ -130,8 +132,9 @@ def _main(argv=None):
                 per_run[a].setdefault(m, []).append(v)
             print(f"{run.name} {a}: fidelity per segment {np.round(np.nanmean(objects['object_fidelity'], 0), 3).tolist()}",
                   flush=True)
-    if len(cache) > n_cached:
-        np.savez(cache_file, **cache)
+        if len(cache) > n_cached:  # after each run: a later failure keeps these rollouts
+            np.savez(cache_file, **cache)
+            n_cached = len(cache)
     measures = (*SEGMENT_MEASURES, "object_fidelity", "collapse")
     first, second = arms
     with np.errstate(all="ignore"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import functools
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -144,16 +145,23 @@ def _report_problem(r) -> str | None:
 
 
 def _weights_digest(folder: str) -> Optional[str]:
-    """sha256 over a warmup's weight files (names and bytes); None when it is not there (any more)."""
-    import hashlib
-
-    f = Path(folder)
-    files = sorted(f.rglob("*.safetensors")) if f.is_dir() else []
+    """sha256 over a warmup's weight files and their model configs (names and bytes); None when it is not
+    there (any more). Hashed once per folder and state of its files (a comparison reads gigabytes at 1.3B)."""
+    f = Path(folder).resolve()
+    files = sorted([*f.rglob("*.safetensors"), *f.rglob("model_config.json")]) if f.is_dir() else []
     if not files:
         return None
+    return _digest(str(f), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(folder: str, files: tuple) -> str:
+    import hashlib
+
     h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(f)).encode())
+    for name, _, _ in files:
+        p = Path(name)
+        h.update(str(p.relative_to(folder)).encode())
         with open(p, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

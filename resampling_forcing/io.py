@@ -517,22 +517,28 @@ def write_mp4(
     return path
 
 
+class VideoReadError(ValueError):
+    """A video file that cannot be read (missing, empty, undecodable): the message names the file."""
+
+
 def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[np.ndarray]]:
     """(fps, blocks of uint8 [<= block, H, W, 3] RGB frames): a video read block by block, in the memory of
-    one block whatever its length. ``ValueError`` naming the file (as read_mp4) for a file that cannot be
-    opened, now; for one that fails later, when the failing block is read."""
+    one block whatever its length. ``VideoReadError`` naming the file (as read_mp4) for a file that cannot
+    be opened, now; for one that fails later, when the failing block is read."""
     import imageio_ffmpeg
 
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block={block!r}: need an int >= 1")
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such video file")
+        raise VideoReadError(f"{path}: no such video file")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty video file (0 bytes)")
+        raise VideoReadError(f"{path}: empty video file (0 bytes)")
     try:
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
     except Exception as e:  # imageio-ffmpeg raises IOError/RuntimeError/StopIteration variants
-        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") \
+        raise VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") \
             from e
     w, h = meta["size"]
 
@@ -546,14 +552,14 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
                     yield np.stack(frames)
                     frames = []
         except Exception as e:  # noqa: BLE001 - a decoder failure mid-file
-            raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: "
+            raise VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[0]})") from e
         finally:
             reader.close()
         if frames:
             yield np.stack(frames)
         elif not any_frame:
-            raise ValueError(f"{path}: video has no decodable frames")
+            raise VideoReadError(f"{path}: video has no decodable frames")
 
     return float(meta.get("fps") or 0.0), blocks()
 

@@ -22,7 +22,8 @@ These are proxies with no model and no reference: they say that and how a video 
 whether it is good (a scene may rightly get darker). For prompt adherence and per-segment quality use a
 learned metric (VBench); on the synthetic world, the object metrics of `python -m resampling_forcing.eval`.
 With --compare, each video is paired with the one of the same file name in the other set and the
-per-segment differences get a 95% interval over the pairs (stats.interval) and a paired t test's p.
+per-segment differences get a 95% interval over the pairs (stats.interval) and a paired t test's p
+(segment k of each: pair videos of one length, or the joined last segments span different frames).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..cli import BadInput, OneLineParser, check_output_file, run_cli
-from ..io import atomic_write_text, iter_mp4, to_uint8_video
+from ..io import VideoReadError, atomic_write_text, iter_mp4, to_uint8_video
 from ..stats import interval, sig, t_test
 
 __all__ = ["FRAME_MEASURES", "SEGMENT_MEASURES", "frame_measures", "color_histogram", "hellinger", "measure_video",
@@ -141,6 +142,10 @@ def measure_blocks(blocks: Iterable[np.ndarray], segment_frames: int, name: Opti
     counts: list[np.ndarray] = []  # per whole-segment index: histogram counts
     prev_y, f = None, 0
     for block in blocks:
+        if block.dtype != np.uint8 or block.ndim != 4 or block.shape[-1] != 3:
+            raise TypeError(f"blocks must be uint8 [n, H, W, 3]; got {block.dtype} {list(block.shape)}")
+        if block.shape[0] == 0:
+            continue
         m, prev_y = _block_measures(block, prev_y)
         for k in FRAME_MEASURES:
             per[k].append(m[k])
@@ -242,7 +247,7 @@ def _measure_files(paths: list[Path], args) -> tuple[dict[Path, dict], list[dict
                     raise BadInput(f"{p}: the file gives no frame rate; give --segment-frames N")
                 seg = max(1, round(args.segment_seconds * fps))
             results[p] = measure_blocks(blocks, seg, name=str(p))
-        except ValueError as e:  # names the file and why (missing, empty, undecodable)
+        except VideoReadError as e:  # names the file and why (missing, empty, undecodable)
             reason = str(e).strip().splitlines()[0]
             print(f"warning: skipped {reason}", file=sys.stderr)
             skipped.append({"video": str(p), "reason": reason})
