@@ -83,6 +83,7 @@ def _main(argv=None):
     p.add_argument("--clips", type=positive_int, default=32)
     p.add_argument("--out", required=True, help="the report (JSON); the continuations go to OUT.videos.npz")
     args = p.parse_args(argv)
+    check_out("--out", args.out, (".json",))
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if len(arms) != 2:
         raise BadInput(f"--arms {args.arms!r}: two arm names (the difference is second - first)")
@@ -93,7 +94,6 @@ def _main(argv=None):
         for a in arms:
             if not (r / "arms" / a).is_dir():
                 raise BadInput(f"--runs: {r / 'arms' / a} is not there (an ablation folder with that arm trained)")
-    check_out("--out", args.out, (".json",))
     from resampling_forcing.ablation_eval import extrapolation_mean, metric_arrays, score
     from resampling_forcing.ablation_report import PROTOCOLS, eval_path
     from resampling_forcing.eval.pixel import SEGMENT_MEASURES

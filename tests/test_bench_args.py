@@ -91,6 +91,10 @@ CASES = [
     ("rope_period", ["--rope-horizon", "none,far"], "--rope-horizon"),
     ("rope_period", ["--rope-horizon", "4:0"], "--rope-horizon"),
     ("rope_period", ["--checkpoint", "/nonexistent"], "--checkpoint"),
+    ("pixel_drift", ["--runs", "/nonexistent"], "--runs"),
+    ("pixel_drift", ["--runs", "/nonexistent", "--arms", "tf"], "--arms"),
+    ("pixel_cost", ["--size", "8by8"], "--size"),
+    ("pixel_cost", ["--frames", "0"], "--frames"),
     ("kernels", ["--pattern", "bogus"], "--pattern"),  # was: exit 1
     ("kernels", ["--methods", "bogus"], "--methods"),  # was: silently timed nothing for it
     ("kernels", ["--histories", "0"], "--histories"),
@@ -128,7 +132,7 @@ def test_bad_argument_is_one_line_exit_2(script, args, flag, tmp_path, capsys):
 
 SCRIPTS = ["rollout", "routed_attention", "kv_offload", "long_rollout", "train_step", "train_forward", "prompt_switch",
            "quality_sweep", "kernels", "rope_period", "far_positions",
-           "sink_attention"]
+           "sink_attention", "pixel_cost"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
