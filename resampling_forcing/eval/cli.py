@@ -25,7 +25,9 @@ from .metrics import evaluate_video, mean_or_none, mean_over_videos, reference_m
 from .report import plot_drift, summary_table
 
 
-def _collect_videos(items: Sequence[str]) -> list[Path]:
+def collect_videos(items: Sequence[str]) -> list[Path]:
+    """The mp4 files named by `items` (files, or folders of them: not hidden, sorted); EvalInputError (one
+    line) for a missing path or a folder without any."""
     out = []
     for it in items:
         p = Path(it)
@@ -132,7 +134,7 @@ def evaluate_paths(
     """Evaluate mp4 files/folders; return ``{"segment_frames", "config", "videos", "mean", "overall",
     "skipped"}`` (videos that could not be decoded: named in a warning and left out of the means)."""
     check_segment_frames(segment_frames)
-    paths = _collect_videos(videos)
+    paths = collect_videos(videos)
     mapping = None
     if caption is None and captions not in (None, "sidecar", "from_sidecar"):
         cp = Path(captions)

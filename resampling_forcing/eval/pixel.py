@@ -219,19 +219,13 @@ def compare(results: list[dict], others: list[dict]) -> dict:
 
 
 def _videos(items: Sequence[str], flag: str) -> list[Path]:
-    out = []
-    for it in items:
-        p = Path(it)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() == ".mp4" and not q.name.startswith("."))
-            if not found:
-                raise BadInput(f"{flag} {p}: the folder holds no .mp4 files")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise BadInput(f"{flag} {p}: no such file or folder")
-    return out
+    from .cli import collect_videos
+    from .config import EvalInputError
+
+    try:
+        return collect_videos(items)
+    except EvalInputError as e:
+        raise BadInput(f"{flag} {e}") from None
 
 
 def _measure_files(paths: list[Path], args) -> tuple[dict[Path, dict], list[dict]]:
