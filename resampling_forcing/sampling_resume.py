@@ -206,8 +206,9 @@ class ReplayChunks:
     """sample()'s `replay` from resume folders, one chunk at a time: item g is [B, C, cf, h, w] (float32,
     CPU), sample b's from states[b]; only the chunk being replayed is in memory."""
 
-    def __init__(self, states: list, n: int):
+    def __init__(self, states: list, n: int, kept: Optional[int] = None):
         self.states, self.n = states, int(n)
+        self.kept = self.n if kept is None else int(kept)  # usable chunks in every folder (>= n: a shorter run)
 
     def __len__(self) -> int:
         return self.n
@@ -237,11 +238,12 @@ def finished(video: str | Path, key: dict, num_chunks: int, fps: float, selectio
 
 def batch_replay(states: list, keys: list, num_chunks: int, chunk_shape: tuple, note=print) -> Optional[ReplayChunks]:
     """The chunks a batch's resume folders keep, as sample()'s `replay` (None when there are none): as many
-    as every folder of the batch has (at most num_chunks). ResumeError for a folder that another run wrote;
-    `note(msg)` hears of a damaged chunk file (it and the chunks after it are generated again)."""
+    as every folder of the batch has, at most num_chunks (`.kept`: all of them, which a shorter run leaves in
+    place). ResumeError for a folder that another run wrote; `note(msg)` hears of a damaged chunk file (it and
+    the chunks after it are generated again)."""
     for st, key in zip(states, keys):
         st.check(key)
-    n = min(min(st.chunks() if st.exists() else 0 for st in states), num_chunks)
+    n = min(st.chunks() if st.exists() else 0 for st in states)
     for st in states:
         if n == 0:
             break
@@ -249,4 +251,4 @@ def batch_replay(states: list, keys: list, num_chunks: int, chunk_shape: tuple, 
         if problem is not None:
             note(problem)
         n = min(n, m)
-    return ReplayChunks(states, n) if n else None
+    return ReplayChunks(states, min(n, num_chunks), kept=n) if n else None

@@ -163,7 +163,7 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
             for i in idx:
                 files.append(VideoFiles(paths[i], fps, with_selection=opts.record_selection))
             for i, st in zip(idx, states):
-                st.begin(keys[i], keep=0 if replay is None else len(replay))
+                st.begin(keys[i], keep=0 if replay is None else replay.kept)
 
             def sink(piece):
                 for b, f in enumerate(files):

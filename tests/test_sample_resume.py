@@ -237,10 +237,20 @@ def test_keep_chunks_lets_a_finished_video_be_extended_exactly(run_dir, tmp_path
     made = _count_chunks(monkeypatch)
     assert cli(*base, "--num-chunks", 2, "--output", out, "--resume", "--keep-chunks") == 0
     assert not made  # finished with these settings: kept
-    assert cli(*base, "--num-chunks", 4, "--output", out, "--resume") == 0
+    assert cli(*base, "--num-chunks", 4, "--output", out, "--resume", "--keep-chunks") == 0
     assert len(made) == 2
     np.testing.assert_array_equal(read_mp4(out), read_mp4(full))
-    assert not state_dir(out).exists()
+    assert ResumeState(out).chunks() == 4
+    # a shorter video from the kept chunks: nothing denoised, and the chunks beyond it stay for later
+    short = tmp_path / "short.mp4"
+    assert cli(*base, "--num-chunks", 2, "--output", short) == 0
+    made.clear()
+    assert cli(*base, "--num-chunks", 2, "--output", out, "--resume") == 0
+    assert not made and ResumeState(out).chunks() == 4
+    np.testing.assert_array_equal(read_mp4(out), read_mp4(short))
+    assert cli(*base, "--num-chunks", 4, "--output", out, "--resume") == 0
+    assert not made and not state_dir(out).exists()  # all four replayed, the folder goes with the whole video
+    np.testing.assert_array_equal(read_mp4(out), read_mp4(full))
 
 
 def test_resume_refuses_another_runs_folder_and_regenerates_a_damaged_chunk(run_dir, tmp_path, monkeypatch, capsys):
