@@ -111,23 +111,20 @@ def metric_arrays(results: list[dict]) -> dict[str, np.ndarray]:
 
 def cache_key(checkpoint, **settings) -> str:
     """What a cached evaluation (OUT/eval/*.npz) depends on: the checkpoint's weight files (path, size,
-    modification time; of a checkpoint keeping only LoRA adapters, its base's too: lora.chain_files), the
-    metrics' version and the evaluation settings. A cache whose key differs is evaluated again."""
-    from .lora import adapters_only, chain_files
+    modification time) and what reading them reads besides (a LoRA checkpoint keeping only adapters: its
+    base's, models.loading.weight_files), the metrics' version and the evaluation settings. A cache whose key
+    differs is evaluated again."""
+    from .eval.metrics import METRICS_VERSION
+    from .models.loading import CheckpointError, detect_layout, weight_files
 
     ck = Path(checkpoint)
     files = sorted(ck.rglob("*.safetensors")) if ck.is_dir() else ([ck] if ck.is_file() else [])
-    from .models.loading import CheckpointError
-
     for folder in sorted({p.parent for p in files}):
-        if adapters_only(folder):  # what reading it merges: a base rewritten in place changes the key
-            try:
-                files += [p for p in chain_files(folder) if p not in files]
-            except CheckpointError:  # its base is gone: a cached evaluation is all that is left of it
-                pass
+        try:  # a base rewritten in place changes the key
+            files += [p for p in weight_files(*detect_layout(folder)) if p not in files]
+        except CheckpointError:  # no checkpoint there, or its base is gone: its own files are the key
+            pass
     weights = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    from .eval.metrics import METRICS_VERSION
-
     return json.dumps({"weights": weights, "metrics": METRICS_VERSION, **settings}, sort_keys=True, default=str)
 
 

@@ -31,7 +31,10 @@ RAMPS: tuple[str, ...] = typing.get_args(Ramp)
 VaeKind = Literal["wan", "wan2.2", "pixel_shuffle"]
 TextKind = Literal["umt5", "hash"]
 VAE_KINDS: tuple[str, ...] = typing.get_args(VaeKind)
-WAN_VAES = {"wan": "Wan2.1-T2V-1.3B", "wan2.2": "Wan2.2-TI2V-5B"}  # the Wan VAE kinds, and a checkpoint holding each
+# The Wan VAE kinds: a checkpoint holding each and its geometry (latent channels, spatial and temporal downsampling,
+# Wan2.2's 16 with its 2x2 patchify; causal: 1 + 4k frames -> 1 + k latents), read by memory and encoders.builders.
+WAN_VAES = {"wan": dict(checkpoint="Wan2.1-T2V-1.3B", channels=16, spatial=8, temporal=4, causal=True),
+            "wan2.2": dict(checkpoint="Wan2.2-TI2V-5B", channels=48, spatial=16, temporal=4, causal=True)}
 TEXT_KINDS: tuple[str, ...] = typing.get_args(TextKind)
 
 
@@ -371,19 +374,20 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
             raise ConfigError(f"{key}={value}: must be >= 1")
     if require_encoder_paths:  # first: the encoder to build decides the frame and size rules below
         if e.vae in WAN_VAES and not e.vae_path:
-            raise ConfigError(f"encoders.vae={e.vae} needs encoders.vae_path (a local {WAN_VAES[e.vae]} VAE / diffusers "
-                              f"folder), e.g. encoders.vae_path=checkpoints/{WAN_VAES[e.vae]}-Diffusers; or "
+            name = WAN_VAES[e.vae]["checkpoint"]
+            raise ConfigError(f"encoders.vae={e.vae} needs encoders.vae_path (a local {name} VAE / diffusers "
+                              f"folder), e.g. encoders.vae_path=checkpoints/{name}-Diffusers; or "
                               "encoders.vae=pixel_shuffle")
         if e.text == "umt5" and not e.text_path:
             raise ConfigError("encoders.text=umt5 needs encoders.text_path (a local umT5 / diffusers folder), "
                               "e.g. encoders.text_path=checkpoints/Wan2.1-T2V-1.3B-Diffusers; or encoders.text=hash")
-    from .memory import WAN_VAE_GEOMETRY, codec_geometry  # the codecs' geometry (lazy: memory imports this)
+    from .memory import codec_geometry  # the codecs' geometry (lazy: memory imports this)
 
-    fit = [k for k, g in WAN_VAE_GEOMETRY.items() if g["channels"] == m.in_channels]
+    fit = [k for k, g in WAN_VAES.items() if g["channels"] == m.in_channels]
     # sizes from a preset (a raw checkpoint's come from its file later: Pipeline checks the VAE against them)
     if m.preset is not None and e.vae in WAN_VAES and fit and e.vae not in fit:
-        raise ConfigError(f"encoders.vae={e.vae} gives {WAN_VAE_GEOMETRY[e.vae]['channels']} latent channels, "
-                          f"model.in_channels={m.in_channels} is {WAN_VAES[fit[0]]}'s: set encoders.vae={fit[0]}")
+        raise ConfigError(f"encoders.vae={e.vae} gives {WAN_VAES[e.vae]['channels']} latent channels, model."
+                          f"in_channels={m.in_channels} is {WAN_VAES[fit[0]]['checkpoint']}'s: set encoders.vae={fit[0]}")
     spatial = codec_geometry(cfg)["spatial"]
     for key, value, patch in (("data.height", cfg.data.height, m.patch_size[1]),
                               ("data.width", cfg.data.width, m.patch_size[2])):

@@ -15,14 +15,9 @@ import math
 import os
 from typing import Optional
 
-from .config import Config
+from .config import WAN_VAES, Config
 
 GiB = float(1 << 30)
-# The Wan VAEs (encoders.vae kinds): latent channels, spatial and temporal downsampling (Wan2.2's spatial 16
-# includes its 2x2 patchify), causal in time (1 + 4k frames -> 1 + k latent frames). encoders.builders checks a
-# loaded VAE against its kind's row.
-WAN_VAE_GEOMETRY = {"wan": dict(channels=16, spatial=8, temporal=4, causal=True),
-                    "wan2.2": dict(channels=48, spatial=16, temporal=4, causal=True)}
 
 
 def gib(n: float) -> str:
@@ -38,7 +33,7 @@ def codec_geometry(cfg: Config) -> dict:
     if e.vae == "pixel_shuffle":
         s = e.vae_factor
         return dict(channels=3 * s * s, spatial=s, temporal=1, causal=False)
-    return dict(WAN_VAE_GEOMETRY[e.vae])
+    return {k: WAN_VAES[e.vae][k] for k in ("channels", "spatial", "temporal", "causal")}
 
 
 def latent_frames(geo: dict, num_frames: int) -> int:

@@ -6,7 +6,6 @@ from typing import Any, Mapping
 import torch
 
 from ..config import TEXT_KINDS, VAE_KINDS, WAN_VAES  # declared once, with the config schema
-from ..memory import WAN_VAE_GEOMETRY
 from .codec import VideoCodec
 from .common import DeviceLike, EncoderLoadError
 from .pixel_shuffle import PixelShuffleVAE
@@ -46,7 +45,7 @@ def build_vae(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype
     ``temporal_factor``, ``scale``, ``shift`` for pixel_shuffle); or the project's
     ``EncoderConfig`` (``vae``, ``vae_path``, ``vae_factor``). Keyword ``overrides`` win.
     kinds: "wan" / "wan2.2" (:class:`WanVAE`, needs a path; the VAE found there must have the kind's
-    downsampling, memory.WAN_VAE_GEOMETRY), "pixel_shuffle" (:class:`PixelShuffleVAE`).
+    downsampling, config.WAN_VAES), "pixel_shuffle" (:class:`PixelShuffleVAE`).
     Unknown kind -> ValueError naming the accepted values.
     """
     cfg, enc_style, spec = _spec_head(cfg, "vae")
@@ -60,7 +59,7 @@ def build_vae(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype
     kind = spec["kind"]
     if kind in WAN_VAES:
         if not spec["path"]:
-            raise ValueError(f"build_vae: kind {kind!r} needs a path (encoders.vae_path) to a local {WAN_VAES[kind]} "
+            raise ValueError(f"build_vae: kind {kind!r} needs a path (encoders.vae_path) to a local {WAN_VAES[kind]['checkpoint']} "
                              "diffusers repo or its vae/ folder")
         vae = WanVAE(spec["path"], device=device, dtype=dtype)
         _check_wan_kind(vae, kind, spec["path"])
@@ -73,12 +72,12 @@ def build_vae(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype
 
 def _check_wan_kind(vae: WanVAE, kind: str, path) -> None:
     """The config's geometry rules (resolution multiples, memory) follow the kind: the VAE must match it."""
-    want = WAN_VAE_GEOMETRY[kind]
+    want, name = WAN_VAES[kind], WAN_VAES[kind]["checkpoint"]
     got = dict(spatial=vae.spatial_factor, temporal=vae.temporal_factor)
     if got != {k: want[k] for k in got}:
-        other = [k for k, g in WAN_VAE_GEOMETRY.items() if g["spatial"] == got["spatial"] and g["temporal"] == got["temporal"]]
-        fix = f"set encoders.vae={other[0]}" if other else f"give a {WAN_VAES[kind]} VAE"
-        raise EncoderLoadError(f"encoders.vae={kind} expects {WAN_VAES[kind]}'s VAE ({want['temporal']}x{want['spatial']}x"
+        other = [k for k, g in WAN_VAES.items() if g["spatial"] == got["spatial"] and g["temporal"] == got["temporal"]]
+        fix = f"set encoders.vae={other[0]}" if other else f"give a {name} VAE"
+        raise EncoderLoadError(f"encoders.vae={kind} expects {name}'s VAE ({want['temporal']}x{want['spatial']}x"
                                f"{want['spatial']} downsampling), {path} holds one with {got['temporal']}x{got['spatial']}x"
                                f"{got['spatial']}: {fix}")
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ..data.synthetic import parse_caption
 from ..cli import BadInput, OneLineParser, check_output_file, run_cli
-from ..io import atomic_write_json, read_mp4
+from ..io import VideoReadError, atomic_write_json, read_mp4
 from .config import EvalConfig, EvalInputError, check_segment_frames
 from .metrics import evaluate_video, mean_or_none, mean_over_videos, reference_meta_problem
 from .report import plot_drift, summary_table
@@ -56,7 +56,7 @@ def _read_video(path: Path):
     """uint8 ``[F, H, W, 3]`` frames of an mp4; an unreadable file is bad input (one line, exit 2)."""
     try:
         return read_mp4(path)
-    except ValueError as e:
+    except VideoReadError as e:
         raise EvalInputError(str(e)) from None
 
 
