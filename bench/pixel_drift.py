@@ -98,7 +98,7 @@ def _main(argv=None):
     from resampling_forcing.ablation_report import PROTOCOLS, eval_path
     from resampling_forcing.eval.pixel import SEGMENT_MEASURES
     from resampling_forcing.io import atomic_write_text
-    from resampling_forcing.stats import interval, sig, t_test
+    from resampling_forcing.stats import interval, mean_test
 
     if args.protocol not in PROTOCOLS:
         raise BadInput(f"--protocol {args.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -148,9 +148,9 @@ def _main(argv=None):
         if m in truth:
             report["per_segment"][m]["truth"] = [interval(c) for c in truth[m].T]
         d = clip_mean[second][m] - clip_mean[first][m]
-        report["difference"][m] = [{**interval(c), "p": sig(t_test(c))} for c in d.T]
+        report["difference"][m] = [mean_test(c) for c in d.T]
         e = extrapolation_mean(clip_mean[second][m]) - extrapolation_mean(clip_mean[first][m])
-        report["extrapolation_difference"][m] = {**interval(e), "p": sig(t_test(e))}
+        report["extrapolation_difference"][m] = mean_test(e)
         if m in SEGMENT_MEASURES:
             ok = np.isfinite(e) & np.isfinite(fid_d)
             r = float(np.corrcoef(e[ok], fid_d[ok])[0, 1]) if ok.sum() > 2 and e[ok].std() > 0 and fid_d[ok].std() > 0 \

@@ -71,9 +71,9 @@ def _scores(videos, clips, seg: int, frames: int) -> tuple[dict, dict]:
 
 def _paired(a: np.ndarray, b: np.ndarray) -> dict:
     """Per-clip difference a - b: mean, 95% t interval and the paired t test's p."""
-    from resampling_forcing.stats import interval, sig, t_test
+    from resampling_forcing.stats import mean_test
 
-    return {**interval(a - b), "p": sig(t_test(a - b))}
+    return mean_test(a - b)
 
 
 def rope_periods(pipe) -> list[float]:

@@ -124,11 +124,11 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
     weights = fingerprint(pipe.model.state_dict())
     init = init_source(args.init_video, args.init_image, args.max_history_chunks, pipe.config.data.fps)
     mine = [i for idx in batches for i in idx]
-    keys = {i: run_key(weights=weights, pipeline=pipe.describe(), options=opts.to_dict(), prompt=prompts[i],
-                       negative_prompt=neg if opts.cfg_scale != 1.0 else None, seed=args.seed, index=i,
-                       batch_indices=idx, storyboard=[list(e) for e in storyboard] if storyboard else None,
-                       switch_cache=args.switch_cache if storyboard else None, init=init)
-            for idx in batches for i in idx}
+    common = dict(weights=weights, pipeline=pipe.describe(), options=opts.to_dict(),
+                  negative_prompt=neg if opts.cfg_scale != 1.0 else None, seed=args.seed,
+                  storyboard=[list(e) for e in storyboard] if storyboard else None,
+                  switch_cache=args.switch_cache if storyboard else None, init=init)
+    keys = {i: run_key(prompt=prompts[i], index=i, batch_indices=idx, **common) for idx in batches for i in idx}
     if args.resume:  # every folder before the first video: a refusal never comes in the middle of the run
         try:
             for i in mine:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["t975", "t_two_sided_p", "interval", "t_test", "holm", "sig"]
+__all__ = ["t975", "t_two_sided_p", "interval", "t_test", "holm", "sig", "mean_test"]
 
 
 def t975(df: float) -> float:
@@ -95,3 +95,9 @@ def t_test(d: np.ndarray) -> Optional[float]:
 def sig(p: Optional[float], digits: int = 3) -> Optional[float]:
     """A p-value for a report: `digits` significant figures (a tiny p stays visible, not 0.0)."""
     return None if p is None else float(f"{p:.{digits}g}")
+
+
+def mean_test(d: np.ndarray) -> dict:
+    """The mean of the finite values of `d` (differences, one per pair) with its 95% interval (`interval`)
+    and the two-sided t test of mean 0 (`t_test`, its p rounded by `sig`)."""
+    return {**interval(d), "p": sig(t_test(d))}

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..cli import BadInput, OneLineParser, check_output_file, run_cli
 from ..io import VideoReadError, atomic_write_text, iter_mp4, to_uint8_video
-from ..stats import interval, sig, t_test
+from ..stats import interval, mean_test
 
 __all__ = ["FRAME_MEASURES", "SEGMENT_MEASURES", "frame_measures", "color_histogram", "hellinger", "measure_video",
            "measure_blocks", "summary", "compare", "main"]
@@ -182,10 +182,9 @@ def measure_video(frames, segment_frames: int, name: Optional[str] = None) -> di
     return measure_blocks((video[a:a + BLOCK] for a in range(0, video.shape[0], BLOCK)), segment_frames, name)
 
 
-def _interval(values: np.ndarray) -> dict:
-    """stats.interval, with no half-width for fewer than 2 values (one value is no certainty)."""
-    out = interval(values)
-    return out if out["n"] > 1 else {**out, "ci95": None}
+def _from_two(r: dict) -> dict:
+    """No half-width from fewer than 2 values (one value is no certainty)."""
+    return r if r["n"] > 1 else {**r, "ci95": None}
 
 
 def _per_segment(results: list[dict], measure: str, nseg: int) -> np.ndarray:
@@ -201,7 +200,7 @@ def _per_segment(results: list[dict], measure: str, nseg: int) -> np.ndarray:
 def summary(results: list[dict]) -> dict:
     """Per measure, per segment: the mean over videos with its 95% interval."""
     nseg = max(len(r["segments"]) for r in results)
-    return {m: [_interval(col) for col in _per_segment(results, m, nseg).T] for m in SEGMENT_MEASURES}
+    return {m: [_from_two(interval(col)) for col in _per_segment(results, m, nseg).T] for m in SEGMENT_MEASURES}
 
 
 def compare(results: list[dict], others: list[dict]) -> dict:
@@ -211,7 +210,7 @@ def compare(results: list[dict], others: list[dict]) -> dict:
     out = {}
     for m in SEGMENT_MEASURES:
         d = _per_segment(results, m, nseg) - _per_segment(others, m, nseg)
-        out[m] = [{**_interval(col), "p": sig(t_test(col))} for col in d.T]
+        out[m] = [_from_two(mean_test(col)) for col in d.T]
     return out
 
 

@@ -82,19 +82,6 @@ _OPTION_ARGS = ("steps", "shift", "cfg_scale", "context_t", "routing", "top_k", 
                 "rope_far_at")
 
 
-def _check_replay(replay, batch: int, cfg, latent_hw) -> None:
-    """A replay tensor of this call's shape, or a sequence of chunks (each checked by the rollout)."""
-    if replay is None or (not torch.is_tensor(replay) and hasattr(replay, "__len__") and hasattr(replay, "__getitem__")):
-        return
-    cf = cfg.chunk_frames
-    want = [batch, cfg.in_channels, f"n*{cf}", *latent_hw]
-    if not torch.is_tensor(replay) or replay.dim() != 5 or replay.shape[2] % cf or \
-            [replay.shape[0], replay.shape[1], *replay.shape[3:]] != [batch, cfg.in_channels, *latent_hw]:
-        got = list(replay.shape) if torch.is_tensor(replay) else type(replay).__name__
-        raise PipelineError(f"replay must be latents {want} (whole chunks of this call) or a sequence of chunks; "
-                            f"got {got}")
-
-
 @dataclass
 class Pipeline:
     model: CausalWanModel
@@ -301,7 +288,6 @@ class Pipeline:
         else:
             opts = options
         hh, ww, latent_hw = self._geometry(height, width)
-        _check_replay(replay, bsz, self.model.cfg, latent_hw)
         problem = host_tier_problem(opts.kv_host_dtype, dtype_name(self.dtype))
         if problem:
             raise PipelineError(f"kv_host_dtype {problem}")
