@@ -301,8 +301,8 @@ def _main(argv=None) -> int:
     p.add_argument("--sink", type=nonneg_int, default=0, help="sink chunks kept by topk modes")
     p.add_argument("--window-sink", action="store_true", help="window modes keep --sink chunks too")
     p.add_argument("--vae", default="auto", choices=["auto", "pixel_shuffle", "wan", "wan2.2", "none"],
-                   help="auto: pixel_shuffle when the channels fit (tiny), Wan2.2's for 48 channels, else Wan2.1's "
-                   "(random weights)")
+                   help="auto: Wan2.2's for a wan2.2-* preset, pixel_shuffle when the channels fit (the tiny presets), "
+                   "else Wan2.1's (random weights)")
     p.add_argument("--vae-base-dim", type=positive_int, default=96, help="random Wan VAE width (real: 96)")
     p.add_argument("--decode-chunks", type=nonneg_int, default=None,
                    help="chunks decoded to time the VAE (default: all for pixel_shuffle, 1 for the Wan VAE)")

@@ -28,10 +28,10 @@ clips. Holm's adjustment runs over the arms, per metric. Per-seed rows are print
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
-import functools
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -177,7 +177,10 @@ def _differences(first: dict, r: dict, keys: Sequence[str]) -> list[str]:
             return True
         if k != "warmup" or not isinstance(a, str) or not isinstance(b, str):
             return False
-        return Path(a).resolve() == Path(b).resolve() or (_weights_digest(a) or 1) == (_weights_digest(b) or 2)
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+        da, db = _weights_digest(a), _weights_digest(b)  # two copies of the same weights (another checkout)
+        return da is not None and da == db
 
     diff = [k for k in keys if not same(k, r.get(k), first.get(k))]
     diff += [f"eval.{k}" for k in _SAME_EVAL if r["eval"].get(k) != first["eval"].get(k)]

@@ -42,6 +42,8 @@ __all__ = [
     "to_uint8_video",
     "write_mp4",
     "read_mp4",
+    "iter_mp4",
+    "VideoReadError",
     "Mp4Writer",
     "mp4_frames",
     "AtomicGroup",
@@ -523,8 +525,8 @@ class VideoReadError(ValueError):
 
 def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[np.ndarray]]:
     """(fps, blocks of uint8 [<= block, H, W, 3] RGB frames): a video read block by block, in the memory of
-    one block whatever its length. ``VideoReadError`` naming the file (as read_mp4) for a file that cannot
-    be opened, now; for one that fails later, when the failing block is read."""
+    one block whatever its length (read_mp4 joins them). ``VideoReadError`` naming the file for a file that
+    cannot be opened, now; for one that fails later, when the failing block is read."""
     import imageio_ffmpeg
 
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
@@ -553,7 +555,7 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
                     frames = []
         except Exception as e:  # noqa: BLE001 - a decoder failure mid-file
             raise VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0]})") from e
+                                 f"{(str(e).strip().splitlines() or [''])[0]})") from e
         finally:
             reader.close()
         if frames:

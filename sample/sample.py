@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample videos from a run, a checkpoint or a raw Wan2.1 checkpoint into mp4 files.
+"""Sample videos from a run, a checkpoint or a raw Wan checkpoint (Wan2.1 T2V, Wan2.2-TI2V-5B) into mp4 files.
 
     python sample/sample.py --checkpoint runs/tiny --prompt "a red circle moves left" \\
         --num-chunks 8 --output outputs/red.mp4

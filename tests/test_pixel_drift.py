@@ -167,7 +167,7 @@ def test_a_short_last_piece_joins_the_segment_before_it():
     r = measure_video(v, 80)
     assert [(s["start"], s["stop"]) for s in r["segments"]] == [(0, 81)] and r["drift"]["motion"] is None
     want = color_histogram(v[40:81])  # the joined segment's histogram counts every frame of it
-    assert r is not None and measure_video(v, 40)["segments"][1]["color_drift"] == pytest.approx(
+    assert measure_video(v, 40)["segments"][1]["color_drift"] == pytest.approx(
         hellinger(color_histogram(v[:40]), want), abs=1e-6)
 
 
@@ -178,3 +178,25 @@ def test_streamed_blocks_equal_the_whole_video(block):
     v = _textured(f=23, h=9, w=11, seed=3).astype(np.uint8)
     whole = measure_video(v, 7)
     assert measure_blocks((v[a:a + block] for a in range(0, 23, block)), 7) == whole
+
+
+def test_iter_mp4_blocks_join_to_the_whole_video(tmp_path):
+    """io.iter_mp4 in blocks of 1, 3, F and F + 1 frames gives read_mp4's frames and fps; an unreadable file is
+    a VideoReadError naming it."""
+    from resampling_forcing.io import VideoReadError, iter_mp4, read_mp4
+
+    path = tmp_path / "v.mp4"
+    write_mp4(path, _textured(f=10, h=16, w=16).astype(np.uint8), fps=8)
+    whole, fps = read_mp4(path, with_fps=True)
+    assert whole.shape[0] == 10
+    for block in (1, 3, 10, 11):
+        got_fps, blocks = iter_mp4(path, block)
+        parts = list(blocks)
+        assert got_fps == fps and all(p.shape[0] <= block for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(VideoReadError, match="bad.mp4: cannot decode video"):
+        list(iter_mp4(bad)[1])
+    with pytest.raises(ValueError, match="block=0"):
+        iter_mp4(path, 0)
