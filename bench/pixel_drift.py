@@ -54,22 +54,21 @@ def _continuations(run: Path, arms: list[str], protocol: str, clips_n: int, cach
     from resampling_forcing.ablation_report import protocol_routing
     from resampling_forcing.attention.routing import RoutingSpec
     from resampling_forcing.config import synthetic_seed
-    from resampling_forcing.pipeline import Pipeline
+    from resampling_forcing.pipeline import Pipeline, resolve_config
 
     report = json.loads((run / "report.json").read_text())
     preset = report["preset"]
-    videos, world = {}, None
+    world = resolve_config(run / "arms" / arms[0])  # the arms share the world (the ablation's data and clips)
+    seg = world.data.num_frames
+    clips = eval_clips(world.data, clips_n, seg * preset["eval_segments"], synthetic_seed(world))
+    videos = {}
     for a in arms:
         key = hashlib.sha1(cache_key(run / "arms" / a, protocol=protocol, clips=clips_n, given=preset["given_chunks"],
                                      seed=preset["sample_seed"], segments=preset["eval_segments"]).encode()).hexdigest()
-        pipe = Pipeline.from_pretrained(run / "arms" / a, device="cpu")
-        world = world or pipe.config
-        seg = world.data.num_frames
-        clips = eval_clips(world.data, clips_n, seg * preset["eval_segments"], synthetic_seed(world))
-        if key not in cache:
+        if key not in cache:  # only a rollout needs the model
             spec = protocol_routing(protocol, world)
-            cache[key] = continue_clips(pipe, clips, preset["given_chunks"],
-                                        routing=RoutingSpec(*spec) if spec is not None else "dense",
+            cache[key] = continue_clips(Pipeline.from_pretrained(run / "arms" / a, device="cpu"), clips,
+                                        preset["given_chunks"], routing=RoutingSpec(*spec) if spec is not None else "dense",
                                         seed=preset["sample_seed"])
         videos[a] = cache[key]
     return world, preset, clips, videos

@@ -205,23 +205,26 @@ def check_writable(paths: list[Path]) -> None:
                 raise BadInput(f"--output: {q} exists and is not writable")
 
 
+def launcher_int(name: str, default: str | None) -> int:
+    """A launcher's environment variable (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE) as an int >= 0;
+    `default` when it is not set (None: it must be); anything else is one line."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise BadInput(f"environment: WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {name} is not set; start "
+                       "sample.py with torchrun or accelerate launch, which set WORLD_SIZE, RANK and LOCAL_RANK")
+    if not re.fullmatch(r"[0-9]+", value):
+        raise BadInput(f"environment variable {name}={value!r}: a launcher sets it to an int >= 0")
+    return int(value)
+
+
 def process_share(args, num_prompts: int) -> tuple[list[list[int]], int, int]:
     """Under a launcher (torchrun, accelerate launch: WORLD_SIZE, RANK, LOCAL_RANK set) the batches of one
     process sampling every prompt ([0 .. B-1], [B .. 2B-1], ...) are dealt round-robin: process r takes
     batches r, r + W, ..., on cuda:LOCAL_RANK. So the files, seeds, batches and videos (and the --resume
     keys) do not depend on the number of processes. -> (this process's batches, rank, world size)."""
-    def read(name: str, default: str | None) -> int:
-        value = os.environ.get(name, default)
-        if value is None:
-            raise BadInput(f"environment: WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set; start "
-                           "sample.py with torchrun or accelerate launch, which set WORLD_SIZE, RANK and LOCAL_RANK")
-        if not re.fullmatch(r"[0-9]+", value):
-            raise BadInput(f"environment variable {name}={value!r}: a launcher sets it to an int >= 0")
-        return int(value)
-
-    world = read("WORLD_SIZE", "1")
+    world = launcher_int("WORLD_SIZE", "1")
     several = world > 1
-    rank, _ = read("RANK", None if several else "0"), read("LOCAL_RANK", None if several else "0")
+    rank, _ = launcher_int("RANK", None if several else "0"), launcher_int("LOCAL_RANK", None if several else "0")
     if world < 1 or rank >= world:
         raise BadInput(f"environment: RANK={rank} with WORLD_SIZE={world}; a launcher sets 0 <= RANK < WORLD_SIZE")
     if several and args.device not in ("auto", "cuda", "cpu"):
@@ -351,8 +354,7 @@ def check_memory(cfg, device, args, num_prompts: int, opts) -> None:
     history = args.max_history_chunks if args.init_video is not None else (1 if args.init_image is not None else 0)
     need = rollout_need(cfg, opts, args.num_chunks, batch, DTYPE_BYTES[args.dtype], history, streamed=True)
     what = f"sampling {args.num_chunks} chunks at {d.height}x{d.width} (batch {batch})"
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    local = int(local) if re.fullmatch(r"[0-9]+", local) else 1
+    local = launcher_int("LOCAL_WORLD_SIZE", "1")
     if local > 1:  # a launcher's processes on this node share its RAM (and, on a CPU, are its device)
         need = dict(need, host=need["host"] * local, device=need["device"] * (local if device.type == "cpu" else 1))
         what += f" in each of {local} processes on this node"

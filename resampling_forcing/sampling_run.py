@@ -13,7 +13,7 @@ from .cli import BadInput
 from .signals import GracefulStop
 from .memory import chunks_for_seconds, codec_geometry, pixel_frames
 from .sampling_cli import (check_args, check_leftovers, check_memory, check_storyboard_fits, check_writable,
-                           output_paths, process_share, read_prompts, read_storyboard, sampling_options)
+                           launcher_int, output_paths, process_share, read_prompts, read_storyboard, sampling_options)
 
 __all__ = ["run"]
 
@@ -213,7 +213,7 @@ def _process_device(device: str) -> str:
         import torch
 
         if device == "cuda" or torch.cuda.is_available():
-            return "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{os.environ['LOCAL_RANK']}"
+            return "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{launcher_int('LOCAL_RANK', '0')}"
     return device
 
 

@@ -148,3 +148,6 @@ def test_the_memory_check_counts_the_processes_of_a_node(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(BadInput, match="in each of 3 processes on this node"):
         CLI.check_memory(cfg, torch.device("cpu"), args, 1, opts)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(BadInput, match="LOCAL_WORLD_SIZE='two'"):
+        CLI.check_memory(cfg, torch.device("cpu"), args, 1, opts)
