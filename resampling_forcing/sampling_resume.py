@@ -236,13 +236,12 @@ def finished(video: str | Path, key: dict, num_chunks: int, fps: float, selectio
             and (not selection or video.with_suffix(".selection.npy").is_file()))
 
 
-def batch_replay(states: list, keys: list, num_chunks: int, chunk_shape: tuple, note=print) -> Optional[ReplayChunks]:
+def batch_replay(states: list, num_chunks: int, chunk_shape: tuple, note=print) -> Optional[ReplayChunks]:
     """The chunks a batch's resume folders keep, as sample()'s `replay` (None when there are none): as many
     as every folder of the batch has, at most num_chunks (`.kept`: all of them, which a shorter run leaves in
-    place). ResumeError for a folder that another run wrote; `note(msg)` hears of a damaged chunk file (it and
-    the chunks after it are generated again)."""
-    for st, key in zip(states, keys):
-        st.check(key)
+    place). The folders' keys are the caller's to check first (`ResumeState.check`: sample.py checks every
+    folder before its first video); `note(msg)` hears of a damaged chunk file (it and the chunks after it are
+    generated again)."""
     n = min(st.chunks() if st.exists() else 0 for st in states)
     for st in states:
         if n == 0:

@@ -150,7 +150,7 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
             continue
         replay = None
         if args.resume:
-            replay = batch_replay(states, [keys[i] for i in idx], args.num_chunks,
+            replay = batch_replay(states, args.num_chunks,
                                   (cfg.in_channels, cfg.chunk_frames, *pipe.latent_hw),
                                   note=lambda msg: print(f"note: {msg}", file=sys.stderr))
             if replay is not None and not args.quiet:
