@@ -416,7 +416,10 @@ class CachedAttention:
                 # window: read its few chunks packed (a private copy), so only they are rotated
                 hist_k, hist_v = (_gather(x, chunks, cache.chunk_tokens) for x in (hist_k, hist_v))
                 packed, private = (chunks, n), True
-            if far:
+            turned = None  # top-k: routed attention reads the far chunks it picked at their positions
+            if far and chunks is None:
+                turned = pos
+            elif far:
                 hist_k = pos.keys(hist_k, cache.chunk_tokens, n, packed[0] if packed else None, in_place=private)
             if packed is None:
                 sel = _static_sel(q, n, chunks) if sel is None else sel
@@ -427,7 +430,7 @@ class CachedAttention:
             else:
                 sel_a, chunks_a = _packed_columns(sel, used, len(staged)), None
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel_a, cache.chunk_tokens, backend=self._path,
-                                      chunks=chunks_a, packed=packed)
+                                      chunks=chunks_a, packed=packed, positions=turned)
             if record and sel is None:
                 sel = _static_sel(q, n, chunks)
         else:

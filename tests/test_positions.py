@@ -9,6 +9,7 @@ import torch
 
 from resampling_forcing.attention.positions import FarPositions
 from resampling_forcing.attention.reference import routed_attention_reference, select_chunks_reference
+from resampling_forcing.attention.routed import routed_attention
 from resampling_forcing.attention.spec import RoutingSpec
 from resampling_forcing.cache import CachedAttention, KVCache, SelectionRecorder, TieredKVCache
 from resampling_forcing.models.wan import apply_rope, rope_cos_sin, rope_frame_freqs
@@ -245,3 +246,110 @@ def test_bench_rope_period_pairs_runs_per_clip(tmp_path):
     assert same["vs_absolute"]["mean"] == 0 and same["vs_absolute"]["p"] == 1
     assert all(d["mean"] == 0 for d in same["metrics_vs_absolute"].values())
     assert moved["fidelity_per_clip"] != res["routing"]["sink1_window4"]["fidelity_per_clip"]
+
+
+def _far_plan(monkeypatch, layout):
+    """Force the torch path's plan: (dense chunks per head, sparse layout), or None (the cost model's)."""
+    import resampling_forcing.attention.routed_torch as R
+
+    orig, seen = R._plan_history, []
+
+    def plan(sel, T, D, **kw):
+        p = orig(sel, T, D, **kw) if layout is None else orig(sel, T, D, force_dense=layout[0],
+                                                                force_layout=layout[1], **kw)
+        seen.append(p.kind)
+        return p
+
+    monkeypatch.setattr(R, "_plan_history", plan)
+    return seen
+
+
+def _far_sel(b, hh, lq, n, k, pattern, g):
+    """Top-k picks: "random" (each token its own), "coherent" (sink + most recent for most tokens)."""
+    scores = torch.rand(b, hh, lq, n, generator=g)
+    if pattern == "coherent":
+        scores[..., [0] + list(range(n - k + 1, n))] += 2.0
+        scores[:, :, 1::4] = torch.rand(b, hh, len(range(1, lq, 4)), n, generator=g)  # outliers
+    return scores >= scores.topk(k, dim=-1).values[..., -1:]
+
+
+# the torch path under each plan (dense chunks per head, sparse layout; None: the cost model's), and the
+# kernel (which has no plan)
+FAR_CASES = [("torch", None), ("torch", (0, "padded")), ("torch", (0, "per-chunk")), ("torch", (1, "padded")),
+             ("torch", (2, "per-chunk")), ("torch", (100, None)), ("triton", None)]
+
+
+@pytest.mark.parametrize("backend, layout", FAR_CASES, ids=lambda x: x if isinstance(x, str) else
+                         "auto" if x is None else "-".join(map(str, x)))
+@pytest.mark.parametrize("pattern, k", [("random", 1), ("random", 3), ("coherent", 3)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_routed_attention_reads_far_chunks_at_their_positions(monkeypatch, backend, layout, pattern, k, packed):
+    """routed_attention(positions=...) == the reference over keys RoPE'd at the remapped positions,
+    for every torch-path plan (dense blocks, padded / per-chunk rows: the queries turned back) and the
+    kernel (a rotated copy), packed (a bounded cache's staged chunks) or not; horizon 3 read at 5
+    (shifts of both signs and 0 among the far chunks), odd shapes."""
+    seen = _far_plan(monkeypatch, layout)
+    b, hh, cf, rows, cols, d, n, horizon, at = 2, 3, 1, 1, 7, 16, 9, 3, 5
+    T = cf * rows * cols
+    g = torch.Generator().manual_seed(k + 10 * packed)
+    x = torch.randn(b, hh, n * T, d, generator=g)
+    v = torch.randn(b, hh, n * T, d, generator=g)
+    absolute = _rope(x, torch.arange(n * cf), rows, cols)
+    want_k = _rope(x, _positions(n, horizon, cf, at), rows, cols)
+    frames_now = torch.arange(n * cf, (n + 1) * cf)
+    q = _rope(torch.randn(b, hh, T, d, generator=g), frames_now, rows, cols)
+    k_cur = _rope(torch.randn(b, hh, 5, d, generator=g), frames_now[:1], 1, 5)
+    v_cur = torch.randn(b, hh, 5, d, generator=g)
+    sel = _far_sel(b, hh, T, n, k, pattern, g)
+    pos = FarPositions(horizon, rope_frame_freqs(d, THETA), cf, at)
+    ids = [0, 1, 3, 4, 7, 8] if packed else list(range(n))
+    cols_of = lambda t: torch.cat([t[:, :, i * T:(i + 1) * T] for i in ids], dim=2)  # noqa: E731
+    sel_p = sel[..., ids]
+    got, got_lse = routed_attention(q, cols_of(absolute), cols_of(v), k_cur, v_cur, sel_p, T, backend=backend,
+                                    packed=(ids, n) if packed else None, positions=pos)
+    want, want_lse = routed_attention_reference(q, cols_of(want_k), cols_of(v), k_cur, v_cur, sel_p, T)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
+    if backend == "torch":
+        assert seen == ["blocks"]
+    # not vacuous: absolute positions give another answer
+    plain, _ = routed_attention_reference(q, cols_of(absolute), cols_of(v), k_cur, v_cur, sel_p, T)
+    assert not torch.allclose(plain, got, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [(0, "padded"), (0, "per-chunk"), (2, "per-chunk")],
+                         ids=lambda x: "-".join(map(str, x)))
+def test_far_chunks_gradients_equal_the_rotated_twin(monkeypatch, layout):
+    """Outputs and gradients (q, keys, values) of the torch path with positions == the reference over
+    `positions.keys(...)` (fp64)."""
+    _far_plan(monkeypatch, layout)
+    b, hh, n, T, d = 1, 2, 7, 5, 12
+    g = torch.Generator().manual_seed(3)
+    ins = [torch.randn(b, hh, L, d, generator=g, dtype=torch.float64).requires_grad_()
+           for L in (T, n * T, n * T, T, T)]
+    sel = _far_sel(b, hh, T, n, 2, "random", g)
+    pos = FarPositions(2, rope_frame_freqs(d, THETA), 1, 4)
+    out, lse = routed_attention(*ins, sel, T, backend="torch", positions=pos)
+    grads = torch.autograd.grad(out.pow(2).sum() + lse.sum(), ins)
+    ref_in = [t.detach().clone().requires_grad_() for t in ins]
+    k_ref = pos.keys(ref_in[1], T, n)
+    ref, ref_lse = routed_attention_reference(ref_in[0], k_ref, *ref_in[2:], sel, T)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum() + ref_lse.sum(), ref_in)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-8)
+
+
+def test_window_chunks_given_read_far_chunks_at_their_positions():
+    """The uniform plan (chunks every query reads, given by the caller) turns the far ones in its gathered copy."""
+    b, hh, n, T, d = 1, 2, 8, 6, 16
+    g = torch.Generator().manual_seed(4)
+    q, kh, vh, kc, vc = (torch.randn(b, hh, L, d, generator=g) for L in (T, n * T, n * T, T, T))
+    pos = FarPositions(3, rope_frame_freqs(d, THETA), 1)
+    chunks = [0, 1, 6, 7]
+    sel = torch.zeros(b, hh, T, n, dtype=torch.bool)
+    sel[..., chunks] = True
+    got, _ = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch", chunks=chunks, positions=pos)
+    want, _ = routed_attention_reference(q, pos.keys(kh, T, n), vh, kc, vc, sel, T)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, routed_attention_reference(q, kh, vh, kc, vc, sel, T)[0], atol=1e-4)

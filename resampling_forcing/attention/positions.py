@@ -15,6 +15,9 @@ Rotations compose: the cached key of chunk c (rotated to its absolute position) 
 exp(i * s_c * omega), s_c = (n - D - c) chunks in frames, is the key at the remapped position. The cache
 keeps absolute keys (nothing accumulates over a rollout); every call rotates a copy of what it reads.
 Mean keys (top-k's descriptors) rotate the same way, so selection scores what attention reads.
+A score only needs the product: q . (R(s) k) = (R(-s) q) . k, so routed attention's torch path turns the
+few queries that read a far chunk back instead of copying and turning every far key (`column_shifts`,
+`turn_`; attention.routed_torch).
 Host integers only: the shifts come from the rollout's cursor, no device reads.
 """
 from __future__ import annotations
@@ -65,17 +68,32 @@ class FarPositions:
         """How many history chunks (0 .. n-1, the current chunk is n) lie beyond the horizon."""
         return max(0, n - self.horizon)
 
-    def _rotate_(self, x: torch.Tensor, first_shift: int) -> None:
-        """Rotate x [B, Hh, m, ..., D] in place on the frame axis (its first F dims): m consecutive
-        chunks, the first shifted by `first_shift` chunks, the next by one less, ... Only the F frame dims
-        are touched (about a third of a Wan head), in fp32."""
-        m, f = x.shape[2], 2 * self.freqs.shape[0]
-        shifts = torch.arange(first_shift, first_shift - m, -1, dtype=torch.float64, device=x.device)
-        angles = (shifts * self.chunk_frames)[:, None] * self.freqs.to(x.device)  # [m, F/2]
-        rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
-        rot = rot.reshape(m, *([1] * (x.dim() - 4)), -1)
-        xc = torch.view_as_complex(x[..., :f].float().unflatten(-1, (-1, 2)).contiguous())
+    def turn_(self, x: torch.Tensor, shifts: torch.Tensor) -> None:
+        """Rotate x [..., D] in place on the frame axis (its first F dims, about a third of a Wan head) by
+        `shifts` chunks (float64, broadcast against x.shape[:-1]; 0 leaves a row as it is), in fp32 (fp64
+        for fp64 x). A negative shift turns a query back: (R(-s) q) . k = q . (R(s) k)."""
+        f = 2 * self.freqs.shape[0]
+        angles = (shifts.to(x.device) * self.chunk_frames)[..., None] * self.freqs.to(x.device)  # [..., F/2]
+        wide = x.dtype == torch.float64
+        rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex128 if wide else torch.complex64)
+        xc = torch.view_as_complex(x[..., :f].to(torch.float64 if wide else torch.float32).unflatten(-1, (-1, 2))
+                                   .contiguous())
         x[..., :f] = torch.view_as_real(xc * rot).flatten(-2)
+
+    def _rotate_(self, x: torch.Tensor, first_shift: int) -> None:
+        """Rotate x [B, Hh, m, T, D] in place: m consecutive chunks, the first shifted by `first_shift`
+        chunks, the next by one less, ..."""
+        m = x.shape[2]
+        shifts = torch.arange(first_shift, first_shift - m, -1, dtype=torch.float64)
+        self.turn_(x, shifts.view(m, *([1] * (x.dim() - 4))))
+
+    def column_shifts(self, n: int, ids: list[int] | None = None, columns: int | None = None) -> list[int] | None:
+        """The shift (chunks) each history column is read at: column j holds chunk ids[j] (None: j, of
+        `columns`) of an n-chunk history; 0 for near chunks; None when no column is far."""
+        cut = self.far_chunks(n)
+        listed = list(range(columns)) if ids is None else list(ids)
+        shifts = [n - self.at - c if c < cut else 0 for c in listed]
+        return shifts if any(c < cut for c in listed) else None
 
     def keys(self, k: torch.Tensor, chunk_tokens: int, n: int, chunks: list[int] | None = None,
              in_place: bool = False) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .backends import kernel_is_cheaper, kernels, use_routing_kernels
 from .masks import block_mask_from_counts
+from .positions import FarPositions
 from .routed_torch import _plan_history, routed_attention_torch
 from .selection import check_4d
 
@@ -84,6 +85,7 @@ def routed_attention(
     *,
     chunks: list[int] | None = None,
     packed: tuple[list[int], int] | None = None,
+    positions: FarPositions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention of current-chunk queries: own chunk (full) + selected history chunks (per token).
 
@@ -107,6 +109,10 @@ def routed_attention(
     list, len N) of an n-chunk history (a bounded cache's staging buffer): same output, bit for bit, as
     over the whole history with `sel` zero elsewhere (the kernel skips unselected chunks; the torch path
     plans as unpacked).
+    positions: far-history positions (attention.positions): the history chunks beyond its horizon are
+    read at its distance, the same output as `positions.keys(k_hist, ...)` passed instead (the kernel is
+    given that rotated copy; the torch path rotates only what it reads: the gathered keys of a uniform
+    plan, else the queries that read a far chunk, turned back).
     """
     check_attention_inputs("routed_attention", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
     if packed is not None and (len(packed[0]) != sel.shape[-1] or any(not 0 <= j < packed[1] for j in packed[0])):
@@ -126,7 +132,12 @@ def routed_attention(
         plan = _plan_history(sel, chunk_tokens, q.shape[-1], full_chunks=full, extra=work)
         use_kernel = kernel_is_cheaper(*plan.extra)
     _LAST_PATH[0] = "triton" if use_kernel else "torch"
+    n = sel.shape[-1] if packed is None else packed[1]  # the current chunk's index
+    ids = None if packed is None else list(packed[0])
+    shifts = None if positions is None else positions.column_shifts(n, ids, sel.shape[-1])
     if use_kernel:
+        if shifts is not None:
+            k_hist = positions.keys(k_hist, chunk_tokens, n, ids)
         if needs_grad:
             raise RuntimeError(
                 "routed_attention: backend='triton' is forward only but inputs require grad; "
@@ -134,7 +145,8 @@ def routed_attention(
             )
         return kernels().routed_attention_fwd(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
     return routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale,
-                                   sorted(chunks) if chunks is not None else None, packed, plan)
+                                   sorted(chunks) if chunks is not None else None, packed, plan,
+                                   None if shifts is None else (positions, shifts))
 
 
 def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:

@@ -301,10 +301,13 @@ def _runs(chunks: list[int], ids: list[int] | None) -> list[tuple[int, int]]:
     return out
 
 
-def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: list[int] | None = None):
+def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: list[int] | None = None,
+                    far=None):
     """History branch of a "blocks" plan. Returns (dense parts [(h0, h1, out [n,r,Lq,D], lse [n,r,Lq])],
     sparse parts [(out [n,D], lse [n], query row [n])]); query row B*Hh*Lq marks padding rows.
-    ids: history index of each column of a packed history (dense runs as unpacked), None = unpacked."""
+    ids: history index of each column of a packed history (dense runs as unpacked), None = unpacked.
+    far: (FarPositions, shift per column) or None: a query reading a far column is turned back by its
+    shift (no key is copied; attention.positions)."""
     B, Hh, Lq, D = q.shape
     N = sel.shape[-1]
     BH, M, dev = B * Hh, B * Hh * Lq, q.device
@@ -318,6 +321,9 @@ def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: l
     for h0, h1, chunks in dense_groups:
         for j0, j1 in _runs(chunks, ids):
             qe = qf[h0:h1, None].expand(h1 - h0, j1 - j0, Lq, D)
+            if far is not None and any(far[1][j0:j1]):
+                qe = qe.clone()
+                far[0].turn_(qe, -torch.tensor(far[1][j0:j1], dtype=torch.float64).view(-1, 1))
             o, lse = _attn_lse(qe, kh[h0:h1, j0:j1], vh[h0:h1, j0:j1], scale)
             lse = lse.masked_fill(~sel_h[h0:h1, :, j0:j1].transpose(1, 2), NEG_INF)  # pairs not selected
             dense_parts.append((h0, h1, o, lse))
@@ -356,6 +362,10 @@ def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: l
     qrow = torch.arange(M, device=dev).view(BH, 1, Lq).expand(BH, N, Lq)
     dest = torch.full((R + 1,), M, dtype=torch.int64, device=dev).scatter_(0, slot.flatten(), qrow.flatten())[:R]
     q_rows = torch.cat([qf.reshape(M, D), qf.new_zeros(1, D)]).index_select(0, dest)  # padding: q = 0
+    if far is not None:  # each row turned back by its column's shift (padding rows: column N, shift 0)
+        col = torch.arange(N, device=dev).view(1, N, 1).expand(BH, N, Lq)
+        col = torch.full((R + 1,), N, dtype=torch.int64, device=dev).scatter_(0, slot.flatten(), col.flatten())[:R]
+        far[0].turn_(q_rows, -_to_device(far[1] + [0], dev).double()[col])
     parts = []
     for o0, n, h0, h1, j0, j1, g in calls:
         o, lse = _attn_lse(q_rows[o0: o0 + n].view(h1 - h0, j1 - j0, g, D), kh[h0:h1, j0:j1], vh[h0:h1, j0:j1], scale)
@@ -411,11 +421,14 @@ def _chunk_runs(x: torch.Tensor, chunks: list[int], T: int) -> list[torch.Tensor
     return [x[:, :, a * T: b * T] for a, b in index_runs(chunks)]
 
 
-def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None, packed=None, plan=None):
+def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None, packed=None, plan=None,
+                           far=None):
     """packed: (ids, n) when k_hist / sel hold only the history chunks `ids` (ascending) of an n-chunk
     history: planned and merged exactly as over the whole history (bit-identical output; the padded
     layout's calls then read only the packed chunks: rows of the others would all be padding).
-    plan: `_plan_history(sel, ...)` already made by the caller (its one host sync), else planned here."""
+    plan: `_plan_history(sel, ...)` already made by the caller (its one host sync), else planned here.
+    far: (FarPositions, shift per column of k_hist) or None: far columns are read at their shifted
+    positions, rotating only what is read (the uniform plan's gathered keys, the queries of the others)."""
     N = sel.shape[-1]
     ids = None if packed is None else list(packed[0])
     if plan is not None:
@@ -431,11 +444,15 @@ def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunk
     if plan.kind == "blocks":  # current chunk + dense blocks + sparse rows, merged by lse
         B, Hh, Lq, D = q.shape
         out_c, lse_c = _attn_lse(q, k_cur, v_cur, scale)
-        dense_parts, sparse = _blocks_history(q, k_hist, v_hist, sel, T, scale, plan, ids)
+        dense_parts, sparse = _blocks_history(q, k_hist, v_hist, sel, T, scale, plan, ids, far)
         out, lse = _merge_blocks(out_c.reshape(B * Hh, Lq, D), lse_c.reshape(B * Hh, Lq), dense_parts, sparse)
         out, lse = out.view(B, Hh, Lq, D), lse.view(B, Hh, Lq)
     elif plan.kind == "uniform":  # same chunks for every query: one plain attention over [them | current]
         k = torch.cat(_chunk_runs(k_hist, plan.chunks, T) + [k_cur], dim=2)
+        shifts = [] if far is None else [far[1][j] for j in plan.chunks]
+        m = max((i + 1 for i, c in enumerate(shifts) if c), default=0)  # far columns lead the ascending copy
+        if m:
+            far[0].turn_(k[:, :, :m * T].unflatten(2, (m, T)), torch.tensor(shifts[:m], dtype=torch.float64).view(-1, 1))
         v = torch.cat(_chunk_runs(v_hist, plan.chunks, T) + [v_cur], dim=2)
         out, lse = _attn_lse(q, k, v, scale)
     else:
