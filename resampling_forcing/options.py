@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .attention.spec import RoutingSpec, check_rope_horizon, routing_spec
+from .attention.spec import BACKENDS, RoutingSpec, check_rope_horizon, routing_spec
 from .config import DiffusionConfig, check_sampling
 from .models.loading import DTYPES
 
@@ -41,7 +41,9 @@ class SamplingOptions:
     context_t: float = DiffusionConfig.context_t
     routing: Optional[RoutingSpec] = None  # None or mode dense = dense attention over all history
     routing_layers: Optional[list[int]] = None  # blocks that route (None = all)
-    backend: str = "sdpa"  # a RESOLVED backend name (attention.backends.resolve_backend)
+    # attention backend (attention.spec.BACKENDS), resolved once for the model's device by the rollout
+    # (attention.backends.resolve_backend); None = "auto", as the config's default
+    backend: Optional[str] = None
     record_selection: bool = False
     # Bounded memory: at most this many finished chunks' K/V stay on the device, older ones go to
     # host memory (cache.TieredKVCache; outputs bit-identical). None = all resident.
@@ -65,6 +67,8 @@ class SamplingOptions:
         if self.kv_host_dtype is not None and self.kv_resident_chunks is None:
             raise ValueError("kv_host_dtype needs kv_resident_chunks N (it is the dtype of the host tier)")
         check_rope_horizon(self.rope_horizon, self.rope_far_at)
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is unknown; choose one of {list(BACKENDS)} (None: auto)")
         if self.routing is not None and not isinstance(self.routing, RoutingSpec):
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
         if not isinstance(self.record_selection, bool):

@@ -47,6 +47,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .attention.backends import resolve_backend
 from .attention.positions import FarPositions
 from .attention.spec import window_reads
 from .cache import CachedAttention, KVCache, SelectionRecorder
@@ -80,6 +81,8 @@ class SampleNoise:
     def __call__(self, shape: Sequence[int], device) -> torch.Tensor:
         """[B, *shape] float32 on `device`; sample b's values depend only on (seed, indices[b])."""
         out = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators])
+        if torch.device(device).type == "cuda":  # pinned + non_blocking: no wait for the queued passes
+            return out.pin_memory().to(device, non_blocking=True)
         return out.to(device)
 
 
@@ -160,9 +163,10 @@ class Rollout:
         opt, wrap = self.options, (attn_wrapper or (lambda op: op))
         attn_kw = dict(routing=opt.routing, routing_layers=opt.routing_layers,
                        positions=FarPositions.for_model(model, opt.rope_horizon, opt.rope_far_at))
-        self._denoise_op = wrap(CachedAttention(self.cache, opt.backend, **attn_kw))
-        self._commit_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, recorder=self.recorder, **attn_kw))
-        self._recache_op = wrap(CachedAttention(self.cache, opt.backend, commit=True, **attn_kw))
+        backend = resolve_backend(opt.backend or "auto", self.device)  # resolved names resolve to themselves
+        self._denoise_op = wrap(CachedAttention(self.cache, backend, **attn_kw))
+        self._commit_op = wrap(CachedAttention(self.cache, backend, commit=True, recorder=self.recorder, **attn_kw))
+        self._recache_op = wrap(CachedAttention(self.cache, backend, commit=True, **attn_kw))
         self.pending: Optional[torch.Tensor] = None  # finished chunk not yet written into the cache
         # The model input of every cache-writing pass so far ([B, C, cf, h, w] fp32, after the
         # context_t re-noising): what `recache` runs again under a new text. Latent-sized, 1/1440 of

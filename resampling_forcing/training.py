@@ -139,8 +139,7 @@ class Trainer:
         vae = text = None
         if cfg.data.source != "latents":
             vae = build_vae(cfg.encoders, device=self.device)
-            text_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.encoders.text == "umt5" else torch.float32
-            text = build_text_encoder(cfg.encoders, device=self.device, dtype=text_dtype)
+            text = build_text_encoder(cfg.encoders, device=self.device)
             if vae.latent_channels != cfg.model.in_channels:
                 raise ConfigError(f"encoders give {vae.latent_channels} latent channels but model.in_channels="
                                   f"{cfg.model.in_channels}")

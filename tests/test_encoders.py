@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,3 +338,20 @@ def test_factories(wan_repo, umt5_repo):
     with pytest.raises(ValueError, match="needs a path"):
         build_text_encoder("umt5")
     assert isinstance(DecodeState(), DecodeState)
+
+
+def test_one_text_dtype_rule(umt5_repo):
+    """Training, precompute, a store's empty prompt and sampling build the text encoder without a dtype:
+    umT5 on CUDA in bf16, everything else fp32 (one rule: encoders.text_dtype)."""
+    from resampling_forcing.config import EncoderConfig
+    from resampling_forcing.encoders import text_dtype
+
+    assert text_dtype("umt5", "cuda") == text_dtype("umt5", torch.device("cuda:1")) == torch.bfloat16
+    assert text_dtype("umt5", "cpu") == text_dtype("hash", "cuda") == text_dtype("hash", "cpu") == torch.float32
+    assert build_text_encoder(EncoderConfig(text="umt5", text_path=str(umt5_repo), text_len=8)).dtype == torch.float32
+    assert build_text_encoder("hash", dtype=torch.float64).dtype == torch.float64  # an explicit dtype wins
+    repo = Path(__file__).resolve().parents[1]
+    for f in ("resampling_forcing/training.py", "resampling_forcing/data/loader.py",
+              "resampling_forcing/pipeline/loading.py", "train/precompute.py"):
+        calls = [ln.split("#")[0] for ln in (repo / f).read_text().splitlines() if "build_text_encoder(" in ln and "import" not in ln]
+        assert calls and all("dtype" not in ln for ln in calls), (f, calls)

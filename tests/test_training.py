@@ -106,16 +106,23 @@ def test_resume_refuses_changed_model_or_encoders(tmp_path, synth, caplog):
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeypatch):
+    """Model, EMA, optimizer, step and RNG come back: the losses, the weights and the EMA weights of the
+    resumed run equal the uninterrupted run's, bit for bit."""
+    from safetensors.torch import load_file
+
+    from resampling_forcing.checkpoint import EMA_WEIGHTS
+
+    args = ("train.save_every=100", "train.ema_decay=0.9")
     ref_run, run = tmp_path / "ref", tmp_path / "run"
-    train(cfg_for(ref_run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
+    train(cfg_for(ref_run, synth, *args, steps_tf=2, steps_rf=4))
     ref = read_log(ref_run)
 
     original = sigterm_after_step(monkeypatch, 3)
-    first = train(cfg_for(run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
+    first = train(cfg_for(run, synth, *args, steps_tf=2, steps_rf=4))
     assert first["status"] == "interrupted" and first["step"] == 3
     assert [s for s, _ in list_checkpoints(run)] == [3]
     monkeypatch.setattr(Trainer, "train_step", original)
-    second = train(cfg_for(run, synth, "train.save_every=100", steps_tf=2, steps_rf=4))
+    second = train(cfg_for(run, synth, *args, steps_tf=2, steps_rf=4))
     assert second["status"] == "completed" and second["step"] == 6
     got = read_log(run)
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]  # exact, step for step
@@ -123,8 +130,11 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeyp
     a = load_model(list_checkpoints(ref_run)[-1][1]).state_dict()
     b = load_model(list_checkpoints(run)[-1][1]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a, ema_b = (load_file(str(list_checkpoints(r)[-1][1] / EMA_WEIGHTS)) for r in (ref_run, run))
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert any(not torch.equal(ema_a[k], a[k]) for k in ema_a if k in a)  # the EMA is not the weights
     # an explicit resume_from (another run's checkpoint) continues from there into a new run dir
-    third = train(cfg_for(tmp_path / "branch", synth, "train.save_every=100", f"train.resume_from={run}/checkpoints/step_0000003",
+    third = train(cfg_for(tmp_path / "branch", synth, *args, f"train.resume_from={run}/checkpoints/step_0000003",
                           steps_tf=2, steps_rf=4))
     assert third["step"] == 6
     assert [r["loss"] for r in read_log(tmp_path / "branch")] == [r["loss"] for r in ref[3:]]

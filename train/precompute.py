@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                   help="stored dtype and the text encoder's; the VAE encodes in fp32 (Wan's recommendation)")
+                   help="stored dtype; the VAE encodes in fp32 (Wan's recommendation), the text encoder in "
+                        "training's and sampling's dtype (umT5 on CUDA: bf16; else fp32)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store in --out")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     try:  # intermixed: key=value overrides may follow a later flag (`... data.fps=4 --out O data.height=16`)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                    split=args.split or None, random_start=False)
         dtype = DTYPES[args.dtype]
         vae = build_vae(cfg.encoders, device=args.device, dtype=torch.float32)  # latents cast to dtype when stored
-        text = build_text_encoder(cfg.encoders, device=args.device, dtype=dtype)
+        text = build_text_encoder(cfg.encoders, device=args.device)  # the one dtype rule (encoders.text_dtype())
         index = precompute(dataset, vae, text, out, shard_size=args.shard_size, device=args.device,
                            dtype=dtype, overwrite=args.overwrite, encoders=dataclasses.asdict(cfg.encoders))
         if not index.get("num_items"):

@@ -69,8 +69,7 @@ def prepare_null_text(cfg: Config, device: torch.device, write: bool = True) -> 
         if probe_writable_dir(path.parent):
             raise DataError(f"{problem} and {path.parent} is not writable; rerun train/precompute.py for this "
                             "store (it writes the empty prompt's embedding) or make the folder writable")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        write_null_text(path.parent, build_text_encoder(cfg.encoders, device=device, dtype=dtype))
+        write_null_text(path.parent, build_text_encoder(cfg.encoders, device=device))
 
 
 def _null_text_problem(path: Path) -> Optional[str]:

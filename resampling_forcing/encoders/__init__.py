@@ -13,9 +13,9 @@ Two text encoders share one interface (``encode(list[str]) -> [B, text_len, text
 
 Modules: ``common`` (load error, device placement), ``codec`` (VideoCodec, DecodeState),
 ``wan_vae``, ``pixel_shuffle``, ``text`` (umT5, hash, prompt_clean), ``builders`` (build_vae,
-build_text_encoder). Every public name is re-exported here.
+build_text_encoder, text_dtype: the text encoder's one dtype rule). Every public name is re-exported here.
 """
-from .builders import TEXT_KINDS, VAE_KINDS, build_text_encoder, build_vae
+from .builders import TEXT_KINDS, VAE_KINDS, build_text_encoder, build_vae, text_dtype
 from .codec import DecodeState, VideoCodec
 from .common import EncoderLoadError
 from .pixel_shuffle import PixelShuffleVAE

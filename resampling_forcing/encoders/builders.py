@@ -82,9 +82,16 @@ def _check_wan_kind(vae: WanVAE, kind: str, path) -> None:
                                f"{got['spatial']}: {fix}")
 
 
-def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32,
+def text_dtype(kind: str, device: DeviceLike) -> torch.dtype:
+    """The text encoder's compute dtype, one rule for training, precompute, a store's empty-prompt
+    embedding and sampling (so the unconditional branch of guidance sees what training saw): umT5 on CUDA
+    in bf16 (its released weights' precision, as Wan's own code runs it), everything else in fp32."""
+    return torch.bfloat16 if kind == "umt5" and torch.device(device).type == "cuda" else torch.float32
+
+
+def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: torch.dtype | None = None,
                        **overrides: Any):
-    """Build a text encoder from a spec.
+    """Build a text encoder from a spec, computing in `dtype` (None: `text_dtype`'s rule).
 
     ``cfg`` may be: a kind string; a mapping / object with ``kind`` (+ ``path``, ``text_len``,
     ``dim`` / ``text_dim``, ``seed``, ``text_encoder_path``, ``tokenizer_path``); or the project's
@@ -103,6 +110,7 @@ def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: to
     })
     spec.update(overrides)
     kind = spec["kind"]
+    dtype = text_dtype(kind, device) if dtype is None else dtype
     if kind == "umt5":
         if not (spec["path"] or spec["text_encoder_path"]):
             raise ValueError("build_text_encoder: kind 'umt5' needs a path (encoders.text_path) to a local "

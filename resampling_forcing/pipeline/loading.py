@@ -203,7 +203,7 @@ def load_pretrained(path: Union[str, Path], *, config: Union[str, Path, Config, 
     model, applied = _load_model(info, cfg, dev, dt, loras, use_ema)
     try:
         vae = build_vae(cfg.encoders, device=dev, dtype=torch.float32)
-        text = build_text_encoder(cfg.encoders, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
+        text = build_text_encoder(cfg.encoders, device=dev)
     except (ValueError, OSError) as e:  # EncoderLoadError, missing paths, unknown kinds
         raise PipelineError(f"encoders: {str(e).strip().splitlines()[0]}") from None
     source = dict(kind=info.kind, path=str(info.path), model_dir=str(info.model_dir),
