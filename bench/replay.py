@@ -26,8 +26,7 @@ CAPTION = "a red circle, a green square and a blue circle bouncing"
 
 def token_grid(model, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
     """(frames, rows, columns) of one chunk's tokens."""
-    pt, ph, pw = model.cfg.patch_size
-    return max(model.cfg.chunk_frames // pt, 1), latent_hw[0] // ph, latent_hw[1] // pw
+    return model.cfg.chunk_grid(*latent_hw)
 
 
 @torch.no_grad()

@@ -66,8 +66,7 @@ def model_params(cfg: Config) -> int:
 
 
 def tokens_per_chunk(cfg: Config, h: int, w: int) -> int:
-    pt, ph, pw = cfg.model.patch_size
-    return max(cfg.model.chunk_frames // pt, 1) * max(h // ph, 1) * max(w // pw, 1)
+    return cfg.model.chunk_tokens(h, w)
 
 
 # ----------------------------------------------------------------------------- estimates

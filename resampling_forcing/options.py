@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from .attention.spec import BACKENDS, RoutingSpec, check_rope_horizon, routing_spec
-from .config import DiffusionConfig, check_sampling
+from .config import DiffusionConfig
+from .config_checks import check_sampling
 from .models.loading import DTYPES
 
 __all__ = ["SamplingOptions", "KV_HOST_DTYPES"]

@@ -51,7 +51,8 @@ import torch
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .cache import CachedAttention, KVCache
-from .config import OBJECTIVES, RAMPS, DiffusionConfig, StageConfig, check_degradation
+from .config import OBJECTIVES, RAMPS, DiffusionConfig, StageConfig
+from .config_checks import check_degradation
 from .diffusion import add_noise, sample_logit_normal
 
 RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")  # the OBJECTIVES that run the model
@@ -75,7 +76,7 @@ __all__ = [
 class DegradeSettings:
     """Everything a degradation pass needs besides the model and the data. The defaults are the
     config's (StageConfig, DiffusionConfig); the rules shared with a config stage are
-    config.check_degradation's."""
+    config_checks.check_degradation's."""
 
     objective: str = StageConfig.objective
     steps: int = StageConfig.resample_steps  # Euler steps from t_s to 0

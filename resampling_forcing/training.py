@@ -44,7 +44,8 @@ from .checkpoint import (check_resume_world, checkpoint_problem, clean_stale, tr
                          latest_checkpoint, latest_good_checkpoint, read_trainer_state, resolve_trainer_checkpoint,
                          save_checkpoint, weights_nonfinite, EMA_WEIGHTS, RANKS_DIR, config_file)
 from .checkpoint import step_of as step_of_path
-from .config import Config, ConfigError, StageConfig, validate
+from .config import Config, ConfigError, StageConfig
+from .config_checks import validate
 from .diffusion import add_noise, sample_logit_normal, velocity_loss, velocity_target
 from .io import atomic_write_text
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
@@ -154,13 +155,13 @@ class Trainer:
             acc.wait_for_everyone()
         self.data = TrainData(cfg, cfg.train.batch_size, acc.process_index, acc.num_processes, self.device, vae, text)
         probe = self.data.first_batch(0)[1]["latents"]
-        cf, (pt, ph, pw) = cfg.model.chunk_frames, cfg.model.patch_size
+        cf, (_, ph, pw) = cfg.model.chunk_frames, cfg.model.patch_size
         if probe.shape[1] != cfg.model.in_channels or probe.shape[2] % cf or probe.shape[3] % ph or probe.shape[4] % pw:
             raise DataError(f"latents {list(probe.shape[1:])} do not fit the model (in_channels {cfg.model.in_channels}, "
                             f"chunk_frames {cf}, patch {cfg.model.patch_size}); check data.num_frames/height/width")
         self.latent_shape = tuple(probe.shape[1:])
         self.num_chunks = probe.shape[2] // cf
-        self.chunk_tokens = cf // pt * (probe.shape[3] // ph) * (probe.shape[4] // pw)
+        self.chunk_tokens = cfg.model.chunk_tokens(probe.shape[3], probe.shape[4])
         self.cursor = DataCursor(self.data, cfg.train.seed, acc.process_index, self.device, self._all)
         self.gap = GapMonitor.held(cfg, self.data, self.device, self.backend, self.num_chunks,
                                    main=acc.is_main_process, zero_stage=self.zero_stage)

@@ -1,5 +1,5 @@
 """Small pieces of the training loop: stage schedule, the Accelerator, EMA, LR schedule, the metrics
-logger and trackers, preflight checks and the run lock (config values are checked once, by config.validate)."""
+logger and trackers, preflight checks and the run lock (config values are checked once, by config_checks.validate)."""
 from __future__ import annotations
 
 import datetime
@@ -136,7 +136,7 @@ class EMA:
     """fp32 exponential moving average of a model's trainable parameters (buffers are copied)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        """`decay` in (0, 1): train.ema_decay, checked by config.validate."""
+        """`decay` in (0, 1): train.ema_decay, checked by config_checks.validate."""
         self.decay = decay
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # LoRA's base: never moves
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k not in frozen}

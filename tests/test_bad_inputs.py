@@ -399,7 +399,7 @@ def _damaged_checkpoint(tmp_path, model_config) -> "os.PathLike":
 def test_bad_model_config_json_is_one_checkpoint_error(tmp_path, model_config, problem):
     """Bad values in model_config.json crashed the first forward pass (an unflatten RuntimeError, a
     TypeError in the memory estimate, an AttributeError for a list): now the typed construction and the
-    model rules of the config (config.check_model) refuse them at load, naming the file and the key."""
+    model rules of the config (config_checks.check_model) refuse them at load, naming the file and the key."""
     from resampling_forcing.models.loading import CheckpointError, load_model
 
     ck = _damaged_checkpoint(tmp_path, model_config)

@@ -4,7 +4,8 @@ import typing
 
 import pytest
 
-from resampling_forcing.config import FLOAT_RANGES, Config, ConfigError, config_from_dict, load_config
+from resampling_forcing.config import Config, ConfigError, config_from_dict, load_config
+from resampling_forcing.config_checks import FLOAT_RANGES
 from resampling_forcing.seeds import MAX_SEED
 
 NAN, INF = float("nan"), float("inf")

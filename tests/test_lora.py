@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from resampling_forcing import lora
 from resampling_forcing.checkpoint import EMA_WEIGHTS, LORA_WEIGHTS, list_checkpoints
-from resampling_forcing.config import ConfigError, LoraConfig, ModelConfig, load_config, resolve_model, validate
+from resampling_forcing.config import ConfigError, LoraConfig, ModelConfig, load_config, resolve_model
+from resampling_forcing.config_checks import validate
 from resampling_forcing.models.loading import CheckpointError, load_model, read_state_dict
 from resampling_forcing.models.wan import CausalWanModel
 from resampling_forcing.training import Trainer, train

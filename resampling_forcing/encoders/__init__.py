@@ -34,5 +34,6 @@ __all__ = [
     "TEXT_KINDS",
     "build_vae",
     "build_text_encoder",
+    "text_dtype",
     "prompt_clean",
 ]

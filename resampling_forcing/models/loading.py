@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig, check_model
+from ..config import ModelConfig
+from ..config_checks import check_model
 from ..dtypes import DTYPE_NAMES
 from ..io import atomic_path, atomic_write_text
 from ..typed_yaml import ConfigError, build
@@ -116,7 +117,7 @@ def _read_json(file: Path) -> dict:
 
 def config_from_checkpoint(path: str | Path, base: ModelConfig | None = None) -> ModelConfig:
     """ModelConfig from a checkpoint's config; fields not stored there come from `base`. The values go
-    through the config's typed construction and model rules (config.check_model), so a bad size is one
+    through the config's typed construction and model rules (config_checks.check_model), so a bad size is one
     CheckpointError naming the file and key here, not a traceback in the first forward."""
     layout, folder = detect_layout(path)
     base = base or ModelConfig()

@@ -241,7 +241,7 @@ class CausalWanModel(nn.Module):
         return (height // ph) * (width // pw)
 
     def chunk_tokens(self, height: int, width: int) -> int:
-        return self.cfg.chunk_frames // self.cfg.patch_size[0] * self.tokens_per_frame(height, width)
+        return self.cfg.chunk_tokens(height, width)
 
     def _check_latents(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
