@@ -81,7 +81,7 @@ def rope_periods(pipe) -> list[float]:
     from resampling_forcing.models.wan import rope_axis_dims
 
     m = pipe.model.cfg
-    d = rope_axis_dims(m.dim // m.num_heads)[0]
+    d = rope_axis_dims(m.head_dim)[0]
     return [round(2 * math.pi * m.rope_theta ** (i / d), 2) for i in range(0, d, 2)]
 
 

@@ -180,10 +180,9 @@ def calibrate(warmup: Path, out: Path, preset: Preset, clips: int) -> dict:
     from .diagnose import recommend_shift
 
     target, one_step = diag["report"]["rollout_mean"], diag["report"]["one_step_mean"]
-    rec = diag["recommendation"]
     sweep = {p["shift"]: p["degradation"] for p in diag["sweep"]["shifts"] if p["degradation"] is not None}
-    rec_one = recommend_shift(sweep, one_step)
-    return dict(target=target, recommended_shift=rec["shift"], reached=rec["reached"], rule=rec["rule"],
+    rec, rec_one = recommend_shift(sweep, target), recommend_shift(sweep, one_step)  # the arms' two strengths
+    return dict(target=target, recommended_shift=float(rec), reached=rec.reached, rule=rec.rule,
                 one_step_target=one_step, one_step_shift=float(rec_one), one_step_reached=rec_one.reached,
                 noise_sigma=math.sqrt(target), sweep=diag["sweep"], report=diag["report"])
 

@@ -83,7 +83,7 @@ class KVCache:
         `device` (TieredKVCache, the rest on `host_device`, in `host_dtype`: None = `dtype`; `keep`:
         see TieredKVCache); None keeps everything resident."""
         cfg = model.cfg
-        args = (cfg.num_layers, batch, cfg.num_heads, model.head_dim, model.chunk_tokens(*latent_hw),
+        args = (cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, model.chunk_tokens(*latent_hw),
                 device, dtype, capacity)
         if resident_chunks is None:
             return cls(*args)

@@ -69,6 +69,10 @@ class ModelConfig:
     # Per-block activation checkpointing during training.
     gradient_checkpointing: bool = False
 
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
     def chunk_grid(self, height: int, width: int) -> tuple[int, int, int]:
         """(frames, rows, columns) of one chunk's tokens, for latents of spatial size height x width."""
         pt, ph, pw = self.patch_size

@@ -138,7 +138,7 @@ def check_model(m: ModelConfig, prefix: str = "model.") -> None:
     check_floats(m, "model.", prefix)
     if m.dim % m.num_heads:
         raise ConfigError(f"{prefix}dim={m.dim} is not divisible by {prefix}num_heads={m.num_heads}")
-    head_dim = m.dim // m.num_heads
+    head_dim = m.head_dim
     if head_dim % 2 or head_dim < 6:
         raise ConfigError(f"{prefix}dim / {prefix}num_heads: head dim {head_dim} must be even and >= 6 for 3-axis RoPE")
     if len(m.patch_size) != 3 or min(m.patch_size) < 1:

@@ -213,10 +213,14 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text
     assert "degradation" in text and "ratio degradation / rollout over chunks 1-4" in text
-    assert "shift sweep" in text and "recommended resampling shift s = " in text
+    assert "shift sweep" in text and "recommended resampling shift s = " in text and "upper bound s = " in text
     rep = json.loads(out.read_text())
     assert rep["chunks"] == 6 and len(rep["report"]["rollout"]) == 6 and rep["report"]["rollout"][0] is None
-    assert [p["shift"] for p in rep["sweep"]["shifts"]] == [0.6, 2.0] and rep["recommendation"] is not None
+    assert [p["shift"] for p in rep["sweep"]["shifts"]] == [0.6, 2.0]
+    # the recommendation matches the one-step error, the upper bound the rollout error (docs/results.md#ablation)
+    assert "one-step error" in rep["recommendation"]["rule"] and "rollout error" in rep["upper_bound"]["rule"]
+    printed = float(text.split("recommended resampling shift s = ")[1].split()[0])
+    assert printed == pytest.approx(rep["recommendation"]["shift"], rel=1e-2)
 
 
 def test_cli_reads_a_synthetic_dir(tmp_path, capsys):

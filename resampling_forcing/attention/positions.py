@@ -61,7 +61,7 @@ class FarPositions:
 
         cfg = model.cfg
         device = next(model.parameters()).device  # made once where the keys live: no copy per call
-        return cls(horizon, rope_frame_freqs(model.head_dim, cfg.rope_theta, device),
+        return cls(horizon, rope_frame_freqs(cfg.head_dim, cfg.rope_theta, device),
                    cfg.chunk_frames // cfg.patch_size[0], far_at)
 
     def far_chunks(self, n: int) -> int:

@@ -223,7 +223,7 @@ class CausalWanModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.head_dim = cfg.dim // cfg.num_heads
+        self.head_dim = cfg.head_dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=tuple(cfg.patch_size),
                                          stride=tuple(cfg.patch_size))
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
