@@ -24,10 +24,11 @@ import math
 import re
 from typing import Callable, Iterable, Optional, Sequence
 
-from resampling_forcing.cli import MAX_SEED, BadInput, OneLineParser, check_output_file, guarded, report_bad_input  # noqa: F401
+from resampling_forcing.cli import (MAX_SEED, BadInput, OneLineParser, check_output_file, doc_summary,  # noqa: F401
+                                    guarded, report_bad_input)
 from resampling_forcing.dtypes import DTYPE_NAMES  # noqa: F401 (re-exported for the benches)
 
-__all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "add_attention_shape_args", "check_checkpoint", "check_device",
+__all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "doc_summary", "add_attention_shape_args", "check_checkpoint", "check_device",
            "check_out", "choice_list", "device_name", "finite_float", "given_flags", "int_list", "nonneg_int",
            "positive_int", "report_bad_input", "run_main", "seed_range", "setup_device", "torch_dtype"]
 

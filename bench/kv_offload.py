@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Bounded-memory rollouts (issue 14): device and total KV-cache bytes vs rollout length, all-resident
+"""Bounded-memory rollouts: device and total KV-cache bytes vs rollout length, all-resident
 vs `kv_resident_chunks=R` (cache.TieredKVCache), with a bit-for-bit check of the latents and the time.
 
     python bench/kv_offload.py --checkpoint assets/tiny-pretrained --chunks 4,8,16,32 --resident 2 \\
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (OneLineParser, BadInput, check_checkpoint, check_device, check_out, device_name,  # noqa: E402
+from bench.common import (OneLineParser, doc_summary, BadInput, check_checkpoint, check_device, check_out, device_name,  # noqa: E402
                           int_list, nonneg_int, positive_int, run_main)
 from resampling_forcing.attention.spec import window_reads  # noqa: E402
 from resampling_forcing.cache import KVCache  # noqa: E402
@@ -62,7 +62,7 @@ def wan_arithmetic(minutes: float = 1.0, resident: int = 4, staged: int | None =
 
 
 def _main(argv=None) -> int:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=doc_summary(__doc__))
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--chunks", type=int_list(1), default="4,8,16,32")
     p.add_argument("--resident", type=positive_int, default=2)

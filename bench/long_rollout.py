@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (OneLineParser, BadInput, check_checkpoint, check_out, choice_list, int_list,  # noqa: E402
+from bench.common import (OneLineParser, doc_summary, BadInput, check_checkpoint, check_out, choice_list, int_list,  # noqa: E402
                           positive_int, run_main)
 from resampling_forcing.io import atomic_write_json  # noqa: E402
 
@@ -65,7 +65,7 @@ def run_case(args, chunks: int, flags: list[str], folder: Path) -> dict:
 
 
 def _main(argv=None) -> int:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=doc_summary(__doc__))
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--chunks", type=int_list(1), default="16,64,256")
     p.add_argument("--modes", type=choice_list(list(MODES)), default=",".join(MODES),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BadInput, OneLineParser, check_out, int_list, run_main  # noqa: E402
+from bench.common import BadInput, OneLineParser, doc_summary, check_out, int_list, run_main  # noqa: E402
 
 _CHILD = """
 import json, resource, sys, time
@@ -39,7 +39,7 @@ print(json.dumps({"frames": rep["num_frames"], "seconds_per_frame": sec / rep["n
 
 
 def _main(argv=None):
-    p = OneLineParser(prog="bench/pixel_cost.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="bench/pixel_cost.py", description=doc_summary(__doc__))
     p.add_argument("--size", default="704x1280", help="HxW of the frames")
     p.add_argument("--frames", type=int_list(1), default="64,256", help="comma list of lengths")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")

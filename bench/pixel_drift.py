@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import BadInput, OneLineParser, check_out, positive_int, run_main  # noqa: E402
+from bench.common import BadInput, OneLineParser, doc_summary, check_out, positive_int, run_main  # noqa: E402
 
 
 def _pixel_arrays(videos, seg: int) -> dict[str, np.ndarray]:
@@ -75,7 +75,7 @@ def _continuations(run: Path, arms: list[str], protocol: str, clips_n: int, cach
 
 
 def _main(argv=None):
-    p = OneLineParser(prog="bench/pixel_drift.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="bench/pixel_drift.py", description=doc_summary(__doc__))
     p.add_argument("--runs", required=True, help="comma list of ablation folders (each with report.json, arms/NAME)")
     p.add_argument("--arms", default="tf,ar_1step", help="two arm names: the difference is second - first")
     p.add_argument("--protocol", default="sliding", help="the inference attention (ablation_report.PROTOCOLS)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What a prompt switch does on a synthetic-world checkpoint: keep vs recache (issue 14).
+"""What a prompt switch does on a synthetic-world checkpoint: keep vs recache.
 
 Rolls out `--chunks` chunks of "a red circle bouncing" per seed, switching at `--switch` to "a blue
 circle bouncing" with the cached history kept as written (`keep`) or re-encoded under the new text
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import (OneLineParser, BadInput, check_checkpoint, check_out, nonneg_int, positive_int,  # noqa: E402
+from bench.common import (OneLineParser, doc_summary, BadInput, check_checkpoint, check_out, nonneg_int, positive_int,  # noqa: E402
                           run_main, seed_range)
 from resampling_forcing.eval import detect  # noqa: E402
 from resampling_forcing.io import atomic_write_json  # noqa: E402
@@ -62,7 +62,7 @@ def measure(video: np.ndarray, f_switch: int, f_last: int, f_chunk: int) -> dict
 
 
 def _main(argv=None) -> int:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=doc_summary(__doc__))
     p.add_argument("--checkpoint", default="assets/tiny-pretrained")
     p.add_argument("--seeds", type=seed_range, default="0-7", help="a-b or a,b,c")
     p.add_argument("--chunks", type=positive_int, default=8)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (OneLineParser, DTYPE_NAMES, BadInput, check_checkpoint, check_out, choice_list,  # noqa: E402
+from bench.common import (OneLineParser, doc_summary, DTYPE_NAMES, BadInput, check_checkpoint, check_out, choice_list,  # noqa: E402
                           device_name, finite_float, nonneg_int, positive_int, run_main, setup_device)
 from resampling_forcing.attention.backends import resolve_backend  # noqa: E402
 from resampling_forcing.attention.routing import RoutingSpec  # noqa: E402
@@ -284,7 +284,7 @@ def latency_rows(preset, modes: dict, points) -> list[str]:
 
 
 def _main(argv=None) -> int:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=doc_summary(__doc__))
     p.add_argument("--presets", type=choice_list(MODEL_PRESETS), default="tiny,wan-100m",
                    help="comma list of model presets (config.MODEL_PRESETS)")
     p.add_argument("--modes", default="dense,topk1,topk5,window5", help=f"comma list: {MODES_HELP}")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import BadInput, OneLineParser, check_checkpoint, check_out, positive_int, run_main  # noqa: E402
+from bench.common import BadInput, OneLineParser, doc_summary, check_checkpoint, check_out, positive_int, run_main  # noqa: E402
 
 SCORED = ("psnr", "motion_score", "color_acc", "collapse")  # scored against the truth, per training clip
 ROUTINGS = {"dense": None, "sink1_window4": ("window", None, 1, 4), "window5": ("window", None, 0, 5),
@@ -86,7 +86,7 @@ def rope_periods(pipe) -> list[float]:
 
 
 def _main(argv=None):
-    p = OneLineParser(prog="bench/rope_period.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="bench/rope_period.py", description=doc_summary(__doc__))
     p.add_argument("--checkpoint", default="assets/ablation/ar_0.6")
     p.add_argument("--routing", default="dense,sink1_window4,window5", help=f"comma list of {', '.join(ROUTINGS)}")
     p.add_argument("--frames", type=positive_int, default=192, help="frames per continuation (given chunk included)")

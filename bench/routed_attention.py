@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import (OneLineParser, DTYPE_NAMES, BadInput, add_attention_shape_args, check_out,  # noqa: E402
+from bench.common import (OneLineParser, doc_summary, DTYPE_NAMES, BadInput, add_attention_shape_args, check_out,  # noqa: E402
                           choice_list, device_name, finite_float, int_list, nonneg_int, positive_int, run_main,
                           setup_device)
 from resampling_forcing.attention import routed_torch  # noqa: E402
@@ -107,7 +107,7 @@ def coherence(sel):
 
 
 def _main(argv=None) -> int:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=doc_summary(__doc__))
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--pattern", type=choice_list(PATTERNS), default="random,coherent,mixed",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BadInput, OneLineParser, check_checkpoint, check_out, positive_int, run_main  # noqa: E402
+from bench.common import BadInput, OneLineParser, doc_summary, check_checkpoint, check_out, positive_int, run_main  # noqa: E402
 
 
 def _distances(text: str) -> list[int]:
@@ -34,7 +34,7 @@ def _distances(text: str) -> list[int]:
 
 
 def _main(argv=None):
-    p = OneLineParser(prog="bench/sink_attention.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="bench/sink_attention.py", description=doc_summary(__doc__))
     p.add_argument("--checkpoint", default="assets/ablation/ar_0.6")
     p.add_argument("--clips", type=positive_int, default=16)
     p.add_argument("--chunk", type=positive_int, default=40, help="generated chunk whose attention is probed")

@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import (OneLineParser, check_device, check_out, choice_list, device_name, nonneg_int,  # noqa: E402
+from bench.common import (OneLineParser, doc_summary, check_device, check_out, choice_list, device_name, nonneg_int,  # noqa: E402
                           positive_int, run_main)
 
 PROG = "bench/train_step.py"
@@ -96,7 +96,7 @@ def run_one(preset: str, objective: str, rsteps: int, steps: int, device: str, t
 
 
 def _main(argv=None) -> int:
-    ap = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog=PROG, description=doc_summary(__doc__))
     ap.add_argument("--models", type=choice_list(SHAPES), default="tiny,wan-100m",
                     help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--steps", type=positive_int, default=5, help="measured steps per case (median reported)")

@@ -1,4 +1,4 @@
-"""A controlled ablation of the history degradation (issue 11), as one resumable command.
+"""A controlled ablation of the history degradation, as one resumable command.
 
     python -m resampling_forcing.ablation --preset cpu [--arms tf,ar_rec] [--steps 300] [--out DIR]
 
@@ -44,7 +44,7 @@ import numpy as np
 
 from .ablation_arms import (ARMS, DEFAULT_ARMS, arm_overrides, arm_settings, check_arm_sets, describe_arm,
                             seed_overrides)
-from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed
+from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_checkpoint, doc_summary, check_output_dir, check_seed
 
 __all__ = ["Preset", "PRESETS", "run", "main"]
 
@@ -448,7 +448,7 @@ def run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m resampling_forcing.ablation", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m resampling_forcing.ablation", description=doc_summary(__doc__))
     p.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default cpu)")
     p.add_argument("--arms", default=None, help=f"comma list (default {','.join(DEFAULT_ARMS)}; also: "
                    f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)}; any strength: ar_S, parallel_S, "

@@ -1,4 +1,4 @@
-"""Memory probe of history routing (issue 11): after a blackout, does a continuation bring back what
+"""Memory probe of history routing: after a blackout, does a continuation bring back what
 the model saw before it, and which inference routing keeps that memory?
 
     python -m resampling_forcing.ablation_memory [--out DIR] [--report-dir docs/ablation] [--steps N]
@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ablation import _finished, _path, _train, resumable_main
-from .cli import BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed
+from .cli import BadInput, OneLineParser, doc_summary, check_checkpoint, check_output_dir, check_seed
 
 __all__ = ["MODES", "CONDITIONINGS", "probe_clips", "after", "continue_probe", "memory_sanity", "run", "main"]
 
@@ -272,7 +272,7 @@ def table(report: dict) -> str:
 
 
 def build_parser():
-    p = OneLineParser(prog="python -m resampling_forcing.ablation_memory", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = OneLineParser(prog="python -m resampling_forcing.ablation_memory", description=doc_summary(__doc__))
     p.add_argument("--out", default="outputs/ablation/memory",
                    help="work folder; a rerun resumes it (the data set is rendered once into the config's "
                    "data.synthetic_dir, shared between runs: --set data.synthetic_dir=DIR to move it)")

@@ -39,7 +39,7 @@ import numpy as np
 
 from .ablation_eval import METRICS, extrapolation_mean, paired
 from .stats import holm, interval, sig, t975, t_test, t_two_sided_p
-from .cli import BadInput, OneLineParser, check_output_file, run_cli
+from .cli import BadInput, OneLineParser, check_output_file, doc_summary, run_cli
 
 __all__ = ["pool", "two_way_mean", "main"]
 
@@ -325,7 +325,7 @@ def table(result: dict) -> str:
 
 
 def build_parser():
-    p = OneLineParser(prog="python -m resampling_forcing.ablation_seeds", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m resampling_forcing.ablation_seeds", description=doc_summary(__doc__))
     p.add_argument("folders", nargs="+", help="ablation --out folders of the same preset, one per training seed")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list of {', '.join(METRICS)}")
     p.add_argument("--protocol", default="dense", help="the evaluations to pool: dense or sliding (ablation --protocols)")

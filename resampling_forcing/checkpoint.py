@@ -227,9 +227,9 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
     if not p.exists() and _looks_like_hub_id(path):
         p = resolve_hub_id(str(path))
     if not p.exists():
-        raise PipelineError(f"checkpoint {p} does not exist; pass a run dir, a {CHECKPOINTS}/step_* dir or a Wan2.1 checkpoint")
+        raise PipelineError(f"checkpoint {p} does not exist; pass a run dir, a {CHECKPOINTS}/step_* dir or a Wan2.1 / Wan2.2 checkpoint")
     if not p.is_dir():
-        raise PipelineError(f"checkpoint {p} is a file; pass its directory (run dir, {CHECKPOINTS}/step_* or a Wan2.1 folder)")
+        raise PipelineError(f"checkpoint {p} is a file; pass its directory (run dir, {CHECKPOINTS}/step_* or a Wan2.1 / Wan2.2 folder)")
     kind = "checkpoint"
 
     def weights_of(d: Path) -> Path:

@@ -15,12 +15,17 @@ from .seeds import MAX_SEED
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "check_checkpoint", "check_output_dir",
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "MAX_SEED", "BadInput", "OneLineParser", "doc_summary", "check_checkpoint", "check_output_dir",
            "check_output_file", "check_seed", "guarded", "report_bad_input", "run_cli"]
 
 
 class BadInput(Exception):
     """A user error: one line on stderr, exit code 2."""
+
+
+def doc_summary(doc: str | None) -> str:
+    """The first paragraph of a module docstring as one line: a CLI's --help description."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -109,7 +109,7 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
                           "e.g. [self_attn.q, ffn.0]")
     if training and lo.rank and not g.init_from:
         raise ConfigError(f"train.lora.rank={lo.rank} adapts the weights of train.init_from, which is not set; "
-                          "set it to a Wan2.1 folder or a run, or train.lora.rank=0 to train every weight")
+                          "set it to a Wan2.1 / Wan2.2 folder or a run, or train.lora.rank=0 to train every weight")
     if training and (not g.stages or sum(st.steps for st in g.stages) < 1):
         raise ConfigError("train.stages: need at least one stage with steps >= 1")
     for i, st in enumerate(g.stages):

@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Exposure gap of a checkpoint: the error of the histories training builds vs "
                             "the errors inference makes, per chunk; a sweep of the resampling shift s and "
                             "the s that matches them.")
-    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan2.1 checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan2.1 / Wan2.2 checkpoint")
     p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set diffusion.sample_steps=8 (repeatable)")

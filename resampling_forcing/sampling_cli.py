@@ -31,13 +31,13 @@ from pathlib import Path
 
 # torch-free imports only here: --help and the flag checks run before torch is imported
 from .attention.spec import BACKENDS, ROUTING_MODES
-from .cli import BadInput, OneLineParser, check_seed, run_cli
+from .cli import BadInput, OneLineParser, doc_summary, check_seed, run_cli
 from .dtypes import DTYPE_BYTES, DTYPE_NAMES, host_tier_problem
 from .storyboard import SWITCH_CACHE_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="sample.py", description=doc_summary(__doc__),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir (latest checkpoint), checkpoints/step_* dir, or a Wan checkpoint (Wan2.1 T2V, Wan2.2-TI2V-5B)")
     p.add_argument("--config", default=None, help="YAML merged over the checkpoint's config (needed for raw Wan checkpoints)")
@@ -270,7 +270,7 @@ def check_args(args) -> None:
     if not args.output.strip():
         raise BadInput("--output must not be empty (a .mp4 file or a folder)")
     if not args.checkpoint.strip():
-        raise BadInput("--checkpoint must not be empty (a run dir, a checkpoints/step_* dir or a Wan2.1 checkpoint)")
+        raise BadInput("--checkpoint must not be empty (a run dir, a checkpoints/step_* dir or a Wan2.1 / Wan2.2 checkpoint)")
     if args.batch < 1:
         raise BadInput(f"--batch must be >= 1 (got {args.batch})")
     check_seed("--seed", args.seed)

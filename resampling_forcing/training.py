@@ -174,7 +174,7 @@ class Trainer(TrainerCheckpoints):
                 load_state_into(model, read_state_dict(src), source=src)
             except CheckpointError as e:
                 raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}; pass a run folder, a "
-                                      "checkpoint folder or a Wan2.1 checkpoint folder") from None
+                                      "checkpoint folder or a Wan2.1 / Wan2.2 checkpoint folder") from None
             logger.info("initialised the model from %s", src)
         lo = cfg.train.lora
         self.lora = lora.LoraRun(lo, model, src, acc.mixed_precision) if lora.enabled(lo) else None

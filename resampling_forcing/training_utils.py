@@ -324,7 +324,7 @@ def init_source(cfg: Config) -> str:
         detect_layout(src)
     except CheckpointError as e:
         raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}; pass a run folder, a checkpoint "
-                              "folder or a Wan2.1 checkpoint folder") from None
+                              "folder or a Wan2.1 / Wan2.2 checkpoint folder") from None
     return src
 
 

@@ -26,9 +26,9 @@ if _ROOT not in sys.path:  # run from a checkout without installing
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resampling_forcing.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, OneLineParser
+    from resampling_forcing.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, OneLineParser, doc_summary
 
-    parser = OneLineParser(prog="train/train.py", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="train/train.py", description=doc_summary(__doc__))
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
     try:

@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..cli import BadInput, OneLineParser, check_output_file, run_cli
+from ..cli import BadInput, OneLineParser, check_output_file, doc_summary, run_cli
 from ..io import VideoReadError, atomic_write_text, iter_mp4, to_uint8_video
 from ..stats import interval, mean_test
 
@@ -248,7 +248,7 @@ def _measure_files(paths: list[Path], args) -> tuple[dict[Path, dict], list[dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m resampling_forcing.eval.pixel", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m resampling_forcing.eval.pixel", description=doc_summary(__doc__),
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("videos", nargs="+", help="mp4 files or folders of them")
     p.add_argument("--compare", nargs="+", default=None, metavar="VIDEO",

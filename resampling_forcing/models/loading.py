@@ -92,7 +92,7 @@ def detect_layout(path: str | Path) -> tuple[str, Path]:
         folder = folder / "transformer"
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{folder} has neither {OUR_CONFIG} nor config.json; point to a Wan2.1 checkpoint, "
+        raise CheckpointError(f"{folder} has neither {OUR_CONFIG} nor config.json; point to a Wan2.1 / Wan2.2 checkpoint, "
                               "its diffusers `transformer/` folder, or a resampling-forcing run/checkpoint")
     raw = _read_json(cfg_file)
     if "num_attention_heads" in raw:
