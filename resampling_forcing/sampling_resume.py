@@ -19,6 +19,7 @@ and counts as absent.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,9 +32,10 @@ import numpy as np
 from .io import atomic_path, atomic_write_json, clean_folder_temps
 
 __all__ = ["ResumeError", "ResumeState", "state_dir", "run_key", "key_difference", "file_digest", "init_source",
-           "finished", "batch_replay", "ReplayChunks"]
+           "finished", "batch_replay", "ReplayChunks", "lock_videos"]
 
 KEY_FILE = "run.json"
+LOCKS_DIR = ".sample-locks"  # beside the videos: an empty lock file per video (kept: removing one races)
 KEY_VERSION = 1
 
 
@@ -44,6 +46,63 @@ class ResumeError(ValueError):
 def state_dir(video: str | Path) -> Path:
     """The resume folder of the video `video` (out.mp4 -> out.resume)."""
     return Path(video).with_suffix(".resume")
+
+
+@contextlib.contextmanager
+def lock_videos(videos):
+    """Hold an exclusive lock on each of `videos` (the ones this process writes) while the context runs: a
+    second sample.py writing one of them (a repeated command, a --resume while the first still runs) is
+    refused at once in one line (ResumeError) instead of both writing one resume folder. flock on
+    OUTDIR/.sample-locks/NAME.lock: the kernel drops it however the holder ends (kill -9 too); the file is
+    removed on release (a killed holder's stays, empty, and is reused). Where no lock can be had (a
+    read-only folder, a file system without locks) it goes on without."""
+    held: list[tuple[int, Path]] = []
+    try:
+        for video in videos:
+            path = Path(video).parent / LOCKS_DIR / f"{Path(video).name}.lock"
+            fd = _lock_file(path, video)
+            if fd is not None:
+                held.append((fd, path))
+        yield
+    finally:
+        for fd, path in held:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still locked: a waiter that opened it finds it gone and retries (_lock_file)
+            os.close(fd)
+        for folder in {path.parent for _, path in held}:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # when no other video's lock is in it
+
+
+def _lock_file(path: Path, video) -> Optional[int]:
+    """The locked descriptor of lock file `path`, None where locks cannot be had; ResumeError when held."""
+    import errno
+    import fcntl
+
+    for _ in range(100):  # a retry only follows a release between our open and our lock
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ResumeError(f"another process is writing {video} (its lock {path} is held); let it finish or "
+                              "stop it, or choose another --output") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder released and removed it after we opened it: lock the path's new file
+    raise ResumeError(f"cannot lock {path} (it keeps being replaced); is another sample.py writing {video}?")
 
 
 def _chunk_file(folder: Path, g: int) -> Path:

@@ -4,12 +4,14 @@ mp4 and keeping each finished chunk for --resume (sampling_resume.py), and commi
 Torch is imported inside the functions: sample.py --help and the flag checks stay fast."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
 from .cli import BadInput
+from .sampling_resume import ResumeError, lock_videos
 from .signals import GracefulStop
 from .memory import chunks_for_seconds, codec_geometry, pixel_frames
 from .sampling_cli import (check_args, check_leftovers, check_memory, check_storyboard_fits, check_writable,
@@ -26,6 +28,16 @@ def run(args) -> int:
     batches, rank, world = process_share(args, len(prompts))
     mine = [i for idx in batches for i in idx]
     check_writable(paths)  # every process checks every output: they refuse together, before any loads
+    with contextlib.ExitStack() as held:  # this process's outputs locked before any resume folder is read
+        try:
+            held.enter_context(lock_videos([paths[i] for i in mine]))
+        except ResumeError as e:
+            raise BadInput(str(e)) from None
+        return _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, mine)
+
+
+def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, mine) -> int:
+    """Load the pipeline (and a given history), then generate this process's share (its outputs locked)."""
     check_leftovers(paths, args.resume, own={paths[i] for i in mine})
     if not mine:
         if not args.quiet:

@@ -379,3 +379,22 @@ def test_a_changed_init_image_is_refused(run_dir, tmp_path, monkeypatch, capsys)
     assert cli(*base, "--resume") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "init.sha256" in err, err
+
+
+def test_a_second_writer_of_the_same_video_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    """While a process writes v.mp4 (its lock held), a second sample.py for v.mp4 (a repeated command, a
+    --resume of a run that is still going) is refused before it reads or makes anything; other outputs in
+    the same folder are not held; once the first ends, the command runs."""
+    from resampling_forcing.sampling_resume import lock_videos
+
+    out, other = tmp_path / "v.mp4", tmp_path / "w.mp4"
+    base = ("--checkpoint", run_dir, "--prompt", "p", "--num-chunks", 1, "--quiet")
+    with lock_videos([out]):
+        for extra in ((), ("--resume",)):
+            assert cli(*base, "--output", out, *extra) == 2
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err and f"another process is writing {out}" in err, err
+            assert not out.exists() and not state_dir(out).exists()
+        assert cli(*base, "--output", other) == 0
+    assert cli(*base, "--output", out) == 0 and out.is_file()
+    assert not (tmp_path / ".sample-locks").exists()  # released and removed
