@@ -1,7 +1,8 @@
 """Plain references of history routing, for tests: obviously correct dense tensor math (MoBA keeps
 `moba_naive.py` beside `moba_efficient.py`). Memory O(B*Hh*Lq*N^2) and O(Lq*Lk): small checks only.
 
-select_chunks_reference     twin of selection.select_chunks (torch path bit for bit, Triton kernel)
+select_chunks_reference     twin of selection.select_chunks (torch path bit for bit, Triton kernel); its
+                            sink/window rule and scores are written apart from the fast path's
 routed_attention_reference  twin of routed.routed_attention (torch path, Triton kernel) and, with the
                             training mask, of routed_training.routed_training_attention
 """
@@ -12,7 +13,7 @@ import math
 import torch
 
 from .routed import check_attention_inputs
-from .selection import NEG_INF, check_select_inputs, keep_and_allowed, routing_scores, work_dtype
+from .selection import NEG_INF, check_select_inputs, work_dtype
 from .spec import RoutingSpec
 
 
@@ -30,13 +31,19 @@ def select_chunks_reference(
     check_select_inputs("select_chunks_reference", q, mean_k, spec, allowed)
     B, Hh, Lq, _ = q.shape
     N = mean_k.shape[2]
-    al, keep = keep_and_allowed(spec, allowed, Lq, N, q.device)
+    # written apart from the fast path's rule (selection.keep_and_allowed): counts of allowed chunks
+    # before / after each chunk by explicit triangular products, not running sums
+    al = allowed if allowed is not None else torch.ones((Lq, N), dtype=torch.bool, device=q.device)
+    j = torch.arange(N, device=q.device)
+    before = al.double() @ (j[:, None] < j[None, :]).double()  # [Lq, N]: allowed chunks j' < j
+    after = al.double() @ (j[:, None] > j[None, :]).double()  # allowed chunks j' > j
+    keep = al & ((before < spec.sink_chunks) | (after < spec.window_chunks))
     if spec.mode == "dense":
         return al.expand(B, Hh, Lq, N).clone()
     if spec.mode == "window":
         return keep.expand(B, Hh, Lq, N).clone()
     cand = (al & ~keep).expand(B, Hh, Lq, N)
-    s = routing_scores(q, mean_k)
+    s = q.double() @ mean_k.double().transpose(-1, -2)  # exact products (the scale does not change a rank)
     sa, sb = s.unsqueeze(-1), s.unsqueeze(-2)  # [.., a, 1], [.., 1, b]
     idx = torch.arange(N, device=q.device)
     a_before_b = idx[:, None] < idx[None, :]
