@@ -248,8 +248,8 @@ class TieredKVCache(KVCache):
 
     def staged_chunks(self, sel: torch.Tensor) -> tuple[list[int] | None, torch.Tensor | None]:
         """The union of `sel` [B, Hh, Lq, n] over batch, heads and queries: (host list, bool mask [n] on the
-        device); the list is the ONE host sync of a routed call in bounded mode. (None, None): stage all,
-        no sync, while nothing is offloaded."""
+        device); the list is the host sync the host tier adds to a routed call (the torch path's plan makes
+        its own after it). (None, None): stage all, no sync, while nothing is offloaded."""
         if self.offloaded == 0:
             return None, None
         used = sel.flatten(0, 2).any(dim=0)
