@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.common import BadInput, OneLineParser, doc_summary, check_out, positive_int, run_main  # noqa: E402
+from resampling_forcing.ablation_layout import REPORT_FILE, arm_dir, eval_path  # noqa: E402
 
 
 def _pixel_arrays(videos, seg: int) -> dict[str, np.ndarray]:
@@ -56,18 +57,18 @@ def _continuations(run: Path, arms: list[str], protocol: str, clips_n: int, cach
     from resampling_forcing.config import synthetic_seed
     from resampling_forcing.pipeline import Pipeline, resolve_config
 
-    report = json.loads((run / "report.json").read_text())
+    report = json.loads((run / REPORT_FILE).read_text())
     preset = report["preset"]
-    world = resolve_config(run / "arms" / arms[0])  # the arms share the world (the ablation's data and clips)
+    world = resolve_config(arm_dir(run, arms[0]))  # the arms share the world (the ablation's data and clips)
     seg = world.data.num_frames
     clips = eval_clips(world.data, clips_n, seg * preset["eval_segments"], synthetic_seed(world))
     videos = {}
     for a in arms:
-        key = hashlib.sha1(cache_key(run / "arms" / a, protocol=protocol, clips=clips_n, given=preset["given_chunks"],
+        key = hashlib.sha1(cache_key(arm_dir(run, a), protocol=protocol, clips=clips_n, given=preset["given_chunks"],
                                      seed=preset["sample_seed"], segments=preset["eval_segments"]).encode()).hexdigest()
         if key not in cache:  # only a rollout needs the model
             spec = protocol_routing(protocol, world)
-            cache[key] = continue_clips(Pipeline.from_pretrained(run / "arms" / a, device="cpu"), clips,
+            cache[key] = continue_clips(Pipeline.from_pretrained(arm_dir(run, a), device="cpu"), clips,
                                         preset["given_chunks"], routing=RoutingSpec(*spec) if spec is not None else "dense",
                                         seed=preset["sample_seed"])
         videos[a] = cache[key]
@@ -88,13 +89,13 @@ def _main(argv=None):
         raise BadInput(f"--arms {args.arms!r}: two arm names (the difference is second - first)")
     runs = [Path(r.strip()) for r in args.runs.split(",") if r.strip()]
     for r in runs:
-        if not (r / "report.json").is_file():
-            raise BadInput(f"--runs: {r} holds no report.json (an ablation folder)")
+        if not (r / REPORT_FILE).is_file():
+            raise BadInput(f"--runs: {r} holds no {REPORT_FILE} (an ablation folder)")
         for a in arms:
-            if not (r / "arms" / a).is_dir():
-                raise BadInput(f"--runs: {r / 'arms' / a} is not there (an ablation folder with that arm trained)")
+            if not arm_dir(r, a).is_dir():
+                raise BadInput(f"--runs: {arm_dir(r, a)} is not there (an ablation folder with that arm trained)")
     from resampling_forcing.ablation_eval import extrapolation_mean, metric_arrays, score
-    from resampling_forcing.ablation_report import PROTOCOLS, eval_path
+    from resampling_forcing.ablation_report import PROTOCOLS
     from resampling_forcing.eval.pixel import SEGMENT_MEASURES
     from resampling_forcing.io import atomic_write_text
     from resampling_forcing.stats import interval, mean_test

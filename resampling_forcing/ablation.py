@@ -44,7 +44,8 @@ import numpy as np
 
 from .ablation_arms import (ARMS, DEFAULT_ARMS, arm_overrides, arm_settings, check_arm_sets, describe_arm,
                             seed_overrides)
-from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_checkpoint, doc_summary, check_output_dir, check_seed
+from .ablation_layout import REPORT_FILE, arm_dir, eval_path, sheet_path
+from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed, doc_summary
 
 __all__ = ["Preset", "PRESETS", "run", "main"]
 
@@ -205,7 +206,6 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
     `protocol`'s, or a routing of the best arm) -> {summary, per-clip arrays} (cached at
     ablation_report.eval_path; a contact sheet in OUT/sheets for the eval set)."""
     from .ablation_eval import cache_key, cached, continue_clips, contact_sheet, metric_arrays, score, summarize
-    from .ablation_report import eval_path
     from .attention.routing import RoutingSpec
     from .pipeline import Pipeline
 
@@ -220,7 +220,7 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
                                 seed=preset.sample_seed)
         arrays = metric_arrays(score(videos, clips, seg))
         if split == "eval":
-            contact_sheet(videos, np.stack([v for v, _ in clips]), seg, out / "sheets" / f"{path.stem}.png")
+            contact_sheet(videos, np.stack([v for v, _ in clips]), seg, sheet_path(out, path.stem))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez(tmp, seconds=time.perf_counter() - t0, key=key, **arrays)
@@ -329,7 +329,7 @@ def run(args) -> int:
     # 4. arms
     arm_dirs = {}
     for i, name in enumerate(arms):
-        run_dir = out / "arms" / name
+        run_dir = arm_dir(out, name)
         arm_dirs[name] = run_dir
         arm_sets = arm_settings(arm_overrides(name, calib, preset, steps, warmup, run_dir, args.resample_steps),
                                 args.overrides, seed_sets)
@@ -421,7 +421,7 @@ def run(args) -> int:
     log = out / "invocations.jsonl"
     report["invocations"] = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.is_file() else []
     report["invocations"].append(this)
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / REPORT_FILE, report)
     with open(log, "a") as f:
         f.write(json.dumps(this) + "\n")
     summaries = {n: results[n]["summary"] for n in ["warmup"] + arms}

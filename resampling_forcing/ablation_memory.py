@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ablation import _finished, _path, _train, resumable_main
-from .cli import BadInput, OneLineParser, doc_summary, check_checkpoint, check_output_dir, check_seed
+from .ablation_layout import REPORT_FILE, eval_file, file_stem, sheet_path, sheets_dir
+from .cli import BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed, doc_summary
 
 __all__ = ["MODES", "CONDITIONINGS", "probe_clips", "after", "continue_probe", "memory_sanity", "run", "main"]
 
@@ -125,8 +126,8 @@ def _evaluate(name, checkpoint, clips, visible: int, given_chunks: int, spec, co
     from .ablation_eval import cache_key, cached, metric_arrays, score
     from .attention.routing import RoutingSpec
 
-    stem = f"{name}_{conditioning}".replace(" ", "_").replace("+", "and")
-    path = out / "eval" / f"{stem}.npz"
+    stem = file_stem(f"{name}_{conditioning}")
+    path = eval_file(out, stem)
     start = clips[0][1]["blackout"][0] + clips[0][1]["blackout"][1]
     key = cache_key(checkpoint, clips=len(clips), visible=visible, given=given_chunks, spec=spec, seed=seed)
     if not cached(path, key):
@@ -232,21 +233,20 @@ def run(args) -> int:
         before_training={cond: dict(after={m: interval(results[f"before dense {cond}"]["arrays"][m][:, 0])
                                            for m in SCORED}) for cond in CONDITIONINGS},
         wall_seconds_this_run=round(time.perf_counter() - t_start, 1))
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / REPORT_FILE, report)
     for cond in CONDITIONINGS:  # rows: truth, then every mode, for the first 2 clips
         rows, labels = [], []
         for c in range(2):
             rows.append(clips[c][0]), labels.append(f"clip {c} truth")
             for mode in MODES:
-                stem = f"{mode}_{cond}".replace(" ", "_").replace("+", "and")
-                rows.append(np.load(out / "eval" / f"{stem}.videos.npy")[c]), labels.append(mode)
-        contact_sheet(rows, out / "sheets" / f"memory_{cond}.png", every=2, labels=labels, last=True)
+                rows.append(np.load(eval_file(out, file_stem(f"{mode}_{cond}"), ".videos.npy"))[c]), labels.append(mode)
+        contact_sheet(rows, sheet_path(out, f"memory_{cond}"), every=2, labels=labels, last=True)
     print(table(report), flush=True)
     if args.report_dir:
         rd = Path(args.report_dir)
         (rd / "memory_sheets").mkdir(parents=True, exist_ok=True)
         atomic_write_json(rd / "memory.json", report)
-        for f in sorted((out / "sheets").glob("*.png")):
+        for f in sorted(sheets_dir(out).glob("*.png")):
             shutil.copyfile(f, rd / "memory_sheets" / f.name)
         print(f"[memory] wrote {rd / 'memory.json'} and its sheets", flush=True)
     print(f"[memory] done in {time.perf_counter() - t_start:.0f} s (this run; finished stages were reused)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from .ablation_eval import METRICS, extrapolation_mean, paired
 from .stats import holm, interval, sig
 
-__all__ = ["PROTOCOLS", "protocol_routing", "eval_path", "parse_protocols", "eval_entry", "with_holm", "table"]
+__all__ = ["PROTOCOLS", "protocol_routing", "parse_protocols", "eval_entry", "with_holm", "table"]
 
 PROTOCOLS = {
     "dense": "the whole history, the given chunk included (the paper's inference)",
@@ -33,15 +33,6 @@ def protocol_routing(name: str, cfg) -> tuple | None:
     if name == "sliding":
         return ("window", None, 0, training_horizon(cfg))
     raise ValueError(f"unknown protocol {name!r}")
-
-
-def eval_path(out, name: str, split: str = "eval", protocol: str = "dense"):
-    """Where ablation.py caches the evaluation of `name` (an arm, 'warmup' or '<arm> <routing>') on the
-    held-out set `split` under `protocol`: OUT/eval/[<split>_]<name>[_<protocol>].npz (ablation_seeds
-    reads it back)."""
-    full = name if protocol == "dense" else f"{name} {protocol}"
-    stem = ("" if split == "eval" else f"{split}_") + full.replace(" ", "_").replace("+", "and")
-    return Path(out) / "eval" / f"{stem}.npz"
 
 
 def parse_protocols(text: str) -> list[str]:

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ablation_eval import METRICS, extrapolation_mean, paired
+from .ablation_layout import REPORT_FILE, eval_path
 from .stats import holm, interval, sig, t975, t_test, t_two_sided_p
 from .cli import BadInput, OneLineParser, check_output_file, doc_summary, run_cli
 
@@ -83,7 +84,6 @@ def two_way_mean(d: np.ndarray) -> dict:
 def _arrays(folder: Path, arm: str, clips: int, protocol: str = "dense", routing=None) -> tuple[dict[str, np.ndarray], dict]:
     """An arm's per-clip arrays under `protocol` (its evaluation with inference `routing`, None = dense)
     and its evaluation key (weights left out) from folder/eval/<arm>[_<protocol>].npz."""
-    from .ablation_report import eval_path
 
     path = eval_path(folder, arm, protocol=protocol)
     if not path.is_file():
@@ -108,9 +108,9 @@ def _arrays(folder: Path, arm: str, clips: int, protocol: str = "dense", routing
 
 def _read_report(folder: Path) -> dict:
     """folder/report.json with the shape pool() reads (a damaged or foreign file: BadInput, one line)."""
-    rp = folder / "report.json"
+    rp = folder / REPORT_FILE
     if not rp.is_file():
-        raise BadInput(f"{folder}: no report.json; is it an ablation --out folder of a finished run?")
+        raise BadInput(f"{folder}: no {REPORT_FILE}; is it an ablation --out folder of a finished run?")
     try:
         report = json.loads(rp.read_text(encoding="utf-8"))
         problem = _report_problem(report)

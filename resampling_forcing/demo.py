@@ -35,6 +35,7 @@ from .checkpoint import config_file
 from .cli import BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed, report_bad_input
 from .config import ConfigError, load_config
 from .data.synthetic import generate_clip
+from .data.synthetic_dataset import INFO_NAME, MANIFEST_NAME
 from .eval import evaluate_video, mean_over_videos, plot_drift
 from .figures import contact_sheet
 from .io import atomic_write_json
@@ -50,10 +51,10 @@ SUMMARY_KEYS = ("quality", "object_fidelity", "motion_score", "identity_consiste
 
 def demo_captions(data_dir: Path, extra: int) -> list[str]:
     """Held-out captions of the generated data set, then `extra` training captions for contrast."""
-    info = json.loads((data_dir / "dataset.json").read_text())
+    info = json.loads((data_dir / INFO_NAME).read_text())
     captions = list(info["held_out_captions"])
     seen = []
-    for line in (data_dir / "manifest.jsonl").read_text().splitlines():
+    for line in (data_dir / MANIFEST_NAME).read_text().splitlines():
         row = json.loads(line)
         if row.get("split") == "train" and row["caption"] not in seen + captions:
             seen.append(row["caption"])

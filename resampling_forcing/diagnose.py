@@ -399,10 +399,11 @@ def load_clips(pipe, data: Optional[str], clips: int, held_out: str = "eval") ->
                               max_objects=d.synthetic_max_objects) for i in range(clips)]
         videos, captions = [v for v, _ in made], [m["caption"] for _, m in made]
     else:
+        from .data.synthetic_dataset import MANIFEST_NAME
         from .data.video import VideoClipDataset
 
         path = Path(data)
-        manifest = path / "manifest.jsonl" if path.is_dir() else path
+        manifest = path / MANIFEST_NAME if path.is_dir() else path
         if not manifest.is_file():
             raise BadInput(f"--data {data}: no manifest.jsonl in this directory (pass a synthetic_dir or a manifest)")
         try:

@@ -342,8 +342,10 @@ def preflight(cfg: Config, world: int | None = None) -> None:
         resolve_backend(cfg.attention.backend, device)
     except ValueError as e:
         raise ConfigError(f"attention.backend={cfg.attention.backend}: {str(e).splitlines()[0]}") from None
+    from .data.synthetic_dataset import MANIFEST_NAME
+
     folders = [("train.run_dir", cfg.train.run_dir)]
-    if cfg.data.source == "synthetic" and not (Path(cfg.data.synthetic_dir) / "manifest.jsonl").is_file():
+    if cfg.data.source == "synthetic" and not (Path(cfg.data.synthetic_dir) / MANIFEST_NAME).is_file():
         folders.append(("data.synthetic_dir", cfg.data.synthetic_dir))
     for key, folder in folders:
         problem = probe_writable_dir(folder)

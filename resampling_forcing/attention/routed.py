@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import kernel_is_cheaper, kernels, use_routing_kernels
-from .masks import block_mask_from_counts
+from .masks import FLEX_BLOCK, block_mask_from_counts
 from .positions import FarPositions
 from .routed_torch import _plan_history, routed_attention_torch
 from .selection import check_4d
@@ -165,7 +165,7 @@ def _make_inference_mask_mod(sel: torch.Tensor, chunk_tokens: int) -> Callable:
     return mask_mod
 
 
-def routed_block_mask(sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, block_size: int = 128):
+def routed_block_mask(sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, block_size: int = FLEX_BLOCK):
     """FlexAttention BlockMask for inference keys [history (N*T) | current (cur_tokens)].
 
     The mask_mod reads `sel` (exact per token); block sparsity is computed from `sel` at block

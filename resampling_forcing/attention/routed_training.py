@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import flex_fn
-from .masks import block_mask_from_counts, dual_history_chunks
+from .masks import FLEX_BLOCK, block_mask_from_counts, dual_history_chunks
 from .selection import check_4d, chunk_means, select_chunks
 from .spec import RoutingSpec
 
@@ -83,7 +83,7 @@ class RoutedTrainingMask:
         """FlexAttention mask_mod reading `sel` (exact per token)."""
         return _make_training_mask_mod(self.sel, self.num_chunks, self.chunk_tokens)
 
-    def block_mask(self, block_size: int = 128):
+    def block_mask(self, block_size: int = FLEX_BLOCK):
         """FlexAttention BlockMask, built from `sel` at block granularity (never materialises L x L).
 
         Block (qb, kb) is FULL when every (query, key) pair in it may attend, PARTIAL (mask_mod applied)
@@ -156,7 +156,7 @@ def routed_training_attention(
     scale: float | None = None,
     *,
     select_backend: str = "auto",
-    block_size: int = 128,
+    block_size: int = FLEX_BLOCK,
 ) -> torch.Tensor:
     """Training attention over [H_1..H_{N-1} | Q_1..Q_N] with the CONTRACTS.md mask and history routing.
 

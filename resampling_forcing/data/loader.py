@@ -172,7 +172,9 @@ class TrainData:
                         raise DataError("data.source=manifest needs data.manifest (a .jsonl/.json/.csv of path, caption)")
                     manifest = Path(cfg.data.manifest)
                 else:
-                    manifest = Path(cfg.data.synthetic_dir) / "manifest.jsonl"
+                    from .synthetic_dataset import MANIFEST_NAME
+
+                    manifest = Path(cfg.data.synthetic_dir) / MANIFEST_NAME
             try:
                 self.dataset = VideoClipDataset(
                     manifest, cfg.data.num_frames, cfg.data.height, cfg.data.width, fps=cfg.data.fps,

@@ -24,6 +24,7 @@ from .synthetic import (DEFAULT_COLORS, DEFAULT_SHAPES, FORMAT_VERSION, SceneSpe
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
+INFO_NAME = "dataset.json"  # the data set's parameters and counts
 BLACKOUT_MARGIN = 2  # visible frames a data set's blackout leaves before and after it
 RENDER_LOCK = ".render.lock"  # held by make_dataset (its own name: the folder may also be a run folder)
 
@@ -237,7 +238,7 @@ def make_dataset(
         manifest = out / MANIFEST_NAME
         _write_if_changed(manifest, "".join(json.dumps(r) + "\n" for r in rows))
         _write_if_changed(
-            out / "dataset.json",
+            out / INFO_NAME,
             json.dumps({
                 "format": FORMAT_VERSION,
                 "num_videos": num_videos,
