@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from resampling_forcing import kernels as K
+from resampling_forcing.kernels import routed_attention as kernel_module
 from resampling_forcing.attention.reference import routed_attention_reference, select_chunks_reference  # the plain twins
 from resampling_forcing.attention.routing import (
     RoutingSpec,
@@ -87,6 +88,20 @@ def test_kernel_block_sizes_not_dividing_chunks():
     q, kh, vh, kc, vc = rand_inputs(1, 2, 3, 13, 11, 16, torch.float32, Lq=19)
     sel = torch.rand(1, 2, 19, 3, device=DEVICE) > 0.3
     check_kernel(q, kh, vh, kc, vc, sel, 13, block_m=16, block_n=16)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_at_the_gpu_tile_sizes(D, dtype):
+    """The tiles the kernel uses on a GPU (not the interpreter's 32 x 32), at Wan's head dims: two row blocks
+    (Lq = 150 > BLOCK_M = 128 or 64) and key tiles straddling chunk boundaries (T = 150, Lc = 70): the
+    masks of a partial last block of rows and of key columns inside a tile are the ones a GPU runs."""
+    bm, bn, nw, ns = kernel_module._default_config(D, interpreted=False, fp32=dtype == torch.float32)
+    assert (bm, bn) != kernel_module._default_config(D, interpreted=True)[:2]
+    q, kh, vh, kc, vc = rand_inputs(1, 2, 3, 150, 70, D, dtype, Lq=150)
+    sel = torch.rand(1, 2, 150, 3, device=DEVICE) > 0.5
+    sel[0, 1, 3] = False  # a row with no history
+    check_kernel(q, kh, vh, kc, vc, sel, 150, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
 
 
 def test_kernel_head_dim_64_fp16():
@@ -369,6 +384,7 @@ import inspect, json, sys, torch
 from triton.backends.compiler import BaseBackend
 from triton.runtime import jit
 from resampling_forcing import kernels as K
+from resampling_forcing.kernels import routed_attention as kernel_module
 from resampling_forcing.attention.spec import RoutingSpec
 import importlib
 RA = importlib.import_module("resampling_forcing.kernels.routed_attention")
