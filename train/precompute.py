@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Encode a video manifest to VAE latents + text embeddings once, in resumable shards.
 
-    python train/precompute.py --config configs/wan1.3b_stage1_tf.yaml \
+    python train/precompute.py --config configs/wan1.3b_stage1_tf.yaml \\
         --manifest data/videos/manifest.jsonl --out data/latents_5s_480p --device cuda --dtype bf16
 
 Clip length, resolution and fps come from the config's `data` section; the encoders from its
@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--manifest", default=None, help="CSV/JSONL manifest (default: config data.manifest)")
     p.add_argument("--out", default=None, help="store directory (default: config data.latents_dir)")
-    p.add_argument("--split", default="train", help="manifest split to encode ('' for all rows)")
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--split", default="train", help="manifest split to encode (default: train; rows of other "
+                   "splits are not encoded; '' for all rows)")
+    p.add_argument("--shard-size", type=int, default=256, help="clips per shard file (default 256)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                    help="stored dtype; the VAE encodes in fp32 (Wan's recommendation), the text encoder in "
                         "training's and sampling's dtype (umT5 on CUDA: bf16; else fp32)")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = out_existed = None
     try:
-        resolve_device(args.device, what="--device", kinds=("cpu", "cuda"))
+        args.device = resolve_device(args.device, what="--device", kinds=("cpu", "cuda"))
         if args.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1 (got {args.shard_size})")
         cfg = load_config(args.config, args.overrides, require_encoder_paths=True)
