@@ -7,7 +7,7 @@ Measures, per model size and attention backend:
 - the block sparsity of the dual mask (fraction of 128x128 tiles FlexAttention skips).
 
 CPU:  python bench/train_forward.py --presets tiny wan-100m --out outputs/bench/train_forward.json
-GPU:  python bench/train_forward.py --device cuda --dtype bf16 --presets wan2.1-t2v-1.3b \
+GPU:  python bench/train_forward.py --device cuda --dtype bf16 --presets wan2.1-t2v-1.3b \\
         --latent 21x60x104 --chunk-frames 3 --backends sdpa flex --layers 2
       (the 1.3B shape at 5 s: 7 chunks x 3 latent frames x 1560 tokens, two streams; --layers
       keeps only a few blocks so time per block can be scaled to 30 blocks)

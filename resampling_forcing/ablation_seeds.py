@@ -2,7 +2,7 @@
 (or another reference arm).
 
     python -m resampling_forcing.ablation_seeds outputs/ablation/cpu outputs/ablation/cpu_seed1 \\
-        outputs/ablation/cpu_seed2 [--metrics object_fidelity,motion_score,collapse] [--protocol sliding] \
+        outputs/ablation/cpu_seed2 [--metrics object_fidelity,motion_score,collapse] [--protocol sliding] \\
         [--reference parallel_1step] [--arms ar_1step] [--out pooled.json]
 
 Every folder is one ablation run (report.json and its cached per-clip evaluations in eval/*.npz) of the
