@@ -49,6 +49,7 @@ def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, m
     from .io import clean_stale_temps
     from .models.loading import CheckpointError
     from .pipeline import Pipeline, PipelineError, read_image, resolve_config, resolve_device
+    from .pipeline.inputs import probe_video
     from .pipeline.loading import check_model_overrides
 
     early = Config()
@@ -63,6 +64,8 @@ def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, m
                 read_image(args.init_image, what="--init-image")  # bad files fail before anything is loaded
             except PipelineError as e:
                 raise BadInput(str(e)) from None
+        if args.init_video is not None:
+            probe_video(args.init_video, what="--init-video")  # likewise: its header, not its frames
         overrides = list(args.overrides) + ([f"attention.backend={args.attention_backend}"]
                                             if args.attention_backend is not None else [])
         device = resolve_device(_process_device(args.device), what="--device")
@@ -98,7 +101,11 @@ def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, m
                                         lora_scale=args.lora_scale)
         history, init_info = (None, None)
         if args.init_video is not None:
-            history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
+            try:
+                history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
+            except PipelineError as e:  # named by the flag and the file, once
+                text, lead = str(e).strip().splitlines()[0], f"{args.init_video}: "
+                raise BadInput(f"--init-video {args.init_video}: {text.removeprefix(lead)}") from None
         elif args.init_image is not None:
             history, init_info = pipe.load_init_image(args.init_image)
     except input_errors as e:

@@ -334,6 +334,8 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "lora missing": (base + ("--lora", tmp_path / "nope"), "does not exist; pass a LoRA .safetensors file"),
         "lora of a full run": (base + ("--lora", run_dir), "holds no lora.safetensors: it is not a LoRA run"),
         "lora not an adapter file": (base + ("--lora", board), "cannot read"),
+        "init video not a video": (base + ("--init-video", board), f"--init-video {board}: cannot decode video"),
+        "init video shorter than a chunk names the flag": (base + ("--init-video", short), f"--init-video {short}:"),
     }
     for name, (args, text) in expect.items():
         cases[name] = args

@@ -88,6 +88,19 @@ def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
     return video.unsqueeze(0), info
 
 
+def probe_video(video: Union[str, Path], what: str = "init video") -> None:
+    """PipelineError (one line, naming `what`, e.g. a flag) unless `video` is a file whose header decodes:
+    a bad file fails before a model is loaded (its frames are read later, by video_clip)."""
+    from ..data.decode import BadVideo, _PyAVBackend
+
+    if not Path(video).is_file():
+        raise PipelineError(f"{what} {video}: no such video file")
+    try:
+        _PyAVBackend().info(str(video))
+    except BadVideo as e:
+        raise PipelineError(f"{what} {video}: cannot decode video ({e})") from None
+
+
 def read_image(path: Union[str, Path], what: str = "init image") -> np.ndarray:
     """An image file -> uint8 [H, W, 3] RGB. PipelineError (one line) for a missing file, a file
     that is not an image, or a truncated/corrupt one."""
