@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .cli import BadInput
 from .sampling_resume import ResumeError, lock_videos
-from .signals import GracefulStop
+from .signals import GracefulStop, stop_at_once
 from .memory import chunks_for_seconds, codec_geometry, pixel_frames
 from .sampling_cli import (check_args, check_leftovers, check_memory, check_storyboard_fits, check_writable,
                            launcher_int, output_paths, process_share, read_prompts, read_storyboard, sampling_options)
@@ -29,6 +29,7 @@ def run(args) -> int:
     mine = [i for idx in batches for i in idx]
     check_writable(paths)  # every process checks every output: they refuse together, before any loads
     with contextlib.ExitStack() as held:  # this process's outputs locked before any resume folder is read
+        held.enter_context(stop_at_once("stopped while no video was in progress: nothing half-written"))
         try:
             held.enter_context(lock_videos([paths[i] for i in mine]))
         except ResumeError as e:

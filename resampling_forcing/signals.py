@@ -3,13 +3,14 @@ sample.py (finishes the chunk in progress, writes the video so far) and the synt
 (Ctrl+C after the video in progress). A second signal raises KeyboardInterrupt at once."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GracefulStop", "SecondSignal", "exit_code"]
+__all__ = ["GracefulStop", "SecondSignal", "exit_code", "stop_at_once"]
 
 
 def exit_code(name: str) -> int:
@@ -71,3 +72,26 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def stop_at_once(message: str, signals: tuple = GracefulStop.SIGNALS):
+    """While the context runs, SIGTERM / SIGINT raise SecondSignal (a KeyboardInterrupt: the CLIs' guard
+    prints it as one line and exits 128 + the signal) saying `message`: for the part of a command with
+    nothing to finish (loading), so that a stop there is not silent. A GracefulStop inside it takes over
+    and gives it back. Off the main thread: no handlers."""
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        raise SecondSignal(name, f"{name}: {message}")
+
+    old = {}
+    for s in signals:
+        try:
+            old[s] = signal.signal(s, handle)
+        except ValueError:
+            pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -93,6 +93,25 @@ def test_a_second_signal_stops_at_once_and_writes_nothing(run_dir, tmp_path, cap
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_signal_while_loading_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM before any video is begun (the model loading) stops at once: one line, exit 143, no file
+    and no lock left; the previous handlers are back."""
+    from resampling_forcing.pipeline import Pipeline
+
+    def loading(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("the signal did not stop the loading")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", loading)
+    out = tmp_path / "o" / "v.mp4"
+    assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 3, "--output", out, "--quiet") == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("SIGTERM: stopped while no video was in progress"), err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_stopped_storyboard_lists_only_the_switches_it_shows(run_dir, tmp_path, monkeypatch):
     _signal_after(monkeypatch, 0, signal.SIGTERM)
     out = tmp_path / "s.mp4"
