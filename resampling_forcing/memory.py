@@ -17,6 +17,10 @@ from typing import Optional
 
 from .config import WAN_VAES, Config
 
+# The most chunks of an init video kept as history by default (the CLI's --max-history-chunks and
+# Pipeline.generate's max_history_chunks): bounds the cache a long video would fill.
+MAX_HISTORY_CHUNKS = 16
+
 GiB = float(1 << 30)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from .attention.spec import BACKENDS, ROUTING_MODES
 from .cli import BadInput, OneLineParser, doc_summary, check_seed, run_cli
 from .dtypes import DTYPE_BYTES, DTYPE_NAMES, host_tier_problem
+from .memory import MAX_HISTORY_CHUNKS
 from .storyboard import SWITCH_CACHE_MODES
 
 
@@ -94,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "'Far-history positions'); default: the config's attention.rope_horizon (null = absolute)")
     p.add_argument("--rope-far-at", type=int, default=None, metavar="D",
                    help="with --rope-horizon: read the far chunks D chunks back instead of at the horizon")
-    p.add_argument("--max-history-chunks", type=int, default=16,
-                   help="keep at most the last N chunks of --init-video as history (default 16; bounds memory)")
+    p.add_argument("--max-history-chunks", type=int, default=MAX_HISTORY_CHUNKS,
+                   help=f"keep at most the last N chunks of --init-video as history (default {MAX_HISTORY_CHUNKS}; "
+                   "bounds memory)")
     p.add_argument("--no-ema", action="store_true", help="load model.safetensors even when ema.safetensors exists "
                    "(and a --lora file's adapters, not their EMA; of a LoRA checkpoint keeping only adapters, the adapters)")
     p.add_argument("--lora", action="append", default=None, metavar="PATH",

@@ -697,6 +697,18 @@ def test_api_parity_with_the_cli(run_dir, monkeypatch):
     assert not encoded
 
 
+def test_history_cap_default_is_one_value():
+    """The CLI's --max-history-chunks and the API's max_history_chunks default to one value (they were
+    16 chunks and every chunk)."""
+    import inspect
+
+    from resampling_forcing.memory import MAX_HISTORY_CHUNKS
+
+    api = inspect.signature(Pipeline.generate).parameters["max_history_chunks"].default
+    cli_default = load_sample_cli().build_parser().get_default("max_history_chunks")
+    assert api == cli_default == MAX_HISTORY_CHUNKS
+
+
 def test_seconds_gives_the_length(run_dir, tmp_path, capsys):
     """--seconds S: at least S seconds after the history at data.fps (4 here), rounded up to whole chunks."""
     from resampling_forcing.config import load_config

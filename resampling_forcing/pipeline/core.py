@@ -35,6 +35,7 @@ from ..attention.spec import RoutingSpec
 from ..config import Config
 from ..dtypes import dtype_name, host_tier_problem
 from ..io import fps_problem
+from ..memory import MAX_HISTORY_CHUNKS
 from ..models.wan import CausalWanModel
 from ..options import SamplingOptions
 from ..sampler import SampleResult, sample
@@ -229,7 +230,7 @@ class Pipeline:
                  sink: Optional[int] = None, window: Optional[int] = None, record_selection: Optional[bool] = None,
                  init_video=None, init_latents: Optional[torch.Tensor] = None, init_image=None,
                  storyboard=None, switch_cache: str = "keep", height: Optional[int] = None,
-                 width: Optional[int] = None, max_history_chunks: Optional[int] = None,
+                 width: Optional[int] = None, max_history_chunks: Optional[int] = MAX_HISTORY_CHUNKS,
                  kv_resident_chunks: Optional[int] = None, kv_host_dtype: Optional[str] = None,
                  rope_horizon: Union[int, str, None] = None, rope_far_at: Optional[int] = None,
                  options: Optional[SamplingOptions] = None,
@@ -246,7 +247,9 @@ class Pipeline:
         (path or array) as the first chunk's history (see load_init_image); or init_latents
         [1 or B, C, n*cf, h, w] directly. The result's video holds the VAE reconstruction of the
         given history followed by the new frames (`result.history_frames` of them are history).
-        `result.init_video` (dict) describes the trimming. Seeds: sample b uses (seed, indices[b]).
+        `result.init_video` (dict) describes the trimming: at most the video's last `max_history_chunks`
+        chunks are kept (default memory.MAX_HISTORY_CHUNKS, as the CLI's; None: all). Seeds: sample b
+        uses (seed, indices[b]).
         storyboard: prompt switching, a list of (chunk index, prompt) (or anything parse_storyboard
         takes); indices count generated chunks (0 = the first after the history); a prompt is a
         string for every sample or a list with one per sample. `prompts` may then be omitted (the
@@ -398,7 +401,8 @@ class Pipeline:
             if kwargs.get("init_latents") is not None or kwargs.get("init_image") is not None:
                 raise PipelineError("pass one of init_video, init_image, init_latents")
             kwargs["init_latents"], video_info = self.load_init_video(
-                kwargs.pop("init_video"), max_chunks=kwargs.pop("max_history_chunks", None), height=height, width=width)
+                kwargs.pop("init_video"), max_chunks=kwargs.pop("max_history_chunks", MAX_HISTORY_CHUNKS), height=height,
+                width=width)
         if kwargs.get("init_image") is not None:
             hist_chunks = 1
         elif kwargs.get("init_latents") is not None:

@@ -88,6 +88,13 @@ def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
     return video.unsqueeze(0), info
 
 
+def check_max_history_chunks(value, what: str = "max_history_chunks") -> None:
+    """PipelineError (one line, naming `what`) unless `value` is None (every chunk) or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise PipelineError(f"{what}={value!r}: an int >= 1 (the most chunks of the video kept as history), "
+                            "or None for all")
+
+
 def probe_video(video: Union[str, Path], what: str = "init video") -> None:
     """PipelineError (one line, naming `what`, e.g. a flag) unless `video` is a file whose header decodes:
     a bad file fails before a model is loaded (its frames are read later, by video_clip)."""
@@ -160,10 +167,7 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
     training; `resample_fps=False` keeps its own rate). `max_chunks` keeps at most that many
     history chunks (the END of the video); only those frames are converted, so a long clip costs
     no more memory than `max_chunks` chunks."""
-    if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, (int, np.integer))
-                                   or max_chunks < 1):
-        raise PipelineError(f"max_history_chunks={max_chunks!r}: an int >= 1 (the most chunks of the video "
-                            "kept as history), or None for all")
+    check_max_history_chunks(max_chunks)
     if not isinstance(video, (str, Path)):
         clip, info = prepare_init_video(video, vae, height, width, chunk_frames, max_chunks)
         info["source"] = "<array>"
