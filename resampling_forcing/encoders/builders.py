@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import TEXT_KINDS, VAE_KINDS, WAN_VAES  # declared once, with the config schema
+from ..config import TEXT_KINDS, VAE_KINDS, WAN_VAES, EncoderConfig  # declared once, with the config schema
 from .codec import VideoCodec
 from .common import DeviceLike, EncoderLoadError
 from .pixel_shuffle import PixelShuffleVAE
@@ -115,10 +115,12 @@ def build_text_encoder(cfg: Any = None, *, device: DeviceLike = "cpu", dtype: to
         if not (spec["path"] or spec["text_encoder_path"]):
             raise ValueError("build_text_encoder: kind 'umt5' needs a path (encoders.text_path) to a local "
                              "Wan diffusers repo with text_encoder/ and tokenizer/")
-        return UMT5TextEncoder(spec["path"], text_len=int(spec["text_len"] or 512), device=device, dtype=dtype,
-                               text_encoder_path=spec["text_encoder_path"], tokenizer_path=spec["tokenizer_path"])
+        return UMT5TextEncoder(spec["path"], text_len=int(spec["text_len"] or EncoderConfig.text_len), device=device,
+                               dtype=dtype, text_encoder_path=spec["text_encoder_path"],
+                               tokenizer_path=spec["tokenizer_path"])
     if kind == "hash":
-        return HashTextEncoder(text_len=int(spec["text_len"] or 16), dim=int(spec["dim"] or 32),
+        return HashTextEncoder(text_len=int(spec["text_len"] or EncoderConfig.text_len),
+                               dim=int(spec["dim"] or EncoderConfig.text_dim),
                                seed=int(spec["seed"] or 0), ngram=int(spec["ngram"] or 1), device=device,
                                dtype=dtype)
     raise ValueError(

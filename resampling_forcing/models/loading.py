@@ -144,21 +144,23 @@ def config_from_checkpoint(path: str | Path, base: ModelConfig | None = None) ->
 
 
 def _wan_values(raw: dict, layout: str) -> dict:
-    """The ModelConfig sizes of a diffusers or original Wan2.1 config.json."""
+    """The ModelConfig sizes of a diffusers or original Wan2.1 config.json; a key it leaves out takes
+    ModelConfig's default (Wan2.1-T2V-1.3B's, what Wan's own code defaults to)."""
+    d = ModelConfig()
     if layout == "diffusers":
         heads = raw["num_attention_heads"]
         return dict(dim=heads * raw["attention_head_dim"], num_heads=heads, ffn_dim=raw["ffn_dim"],
                     num_layers=raw["num_layers"], in_channels=raw["in_channels"],
                     out_channels=raw.get("out_channels") or raw["in_channels"], text_dim=raw["text_dim"],
-                    freq_dim=raw["freq_dim"], patch_size=list(raw.get("patch_size", [1, 2, 2])),
-                    eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
+                    freq_dim=raw["freq_dim"], patch_size=list(raw.get("patch_size", d.patch_size)),
+                    eps=raw.get("eps", d.eps), cross_attn_norm=raw.get("cross_attn_norm", d.cross_attn_norm),
                     qk_norm=raw.get("qk_norm") is not None)
     return dict(dim=raw["dim"], num_heads=raw["num_heads"], ffn_dim=raw["ffn_dim"],
-                num_layers=raw["num_layers"], in_channels=raw.get("in_dim", 16),
-                out_channels=raw.get("out_dim", 16), text_dim=raw.get("text_dim", 4096),
-                freq_dim=raw.get("freq_dim", 256), patch_size=list(raw.get("patch_size", [1, 2, 2])),
-                eps=raw.get("eps", 1e-6), cross_attn_norm=raw.get("cross_attn_norm", True),
-                qk_norm=raw.get("qk_norm", True))
+                num_layers=raw["num_layers"], in_channels=raw.get("in_dim", d.in_channels),
+                out_channels=raw.get("out_dim", d.out_channels), text_dim=raw.get("text_dim", d.text_dim),
+                freq_dim=raw.get("freq_dim", d.freq_dim), patch_size=list(raw.get("patch_size", d.patch_size)),
+                eps=raw.get("eps", d.eps), cross_attn_norm=raw.get("cross_attn_norm", d.cross_attn_norm),
+                qk_norm=raw.get("qk_norm", d.qk_norm))
 
 
 def weight_files(layout: str, folder: Path) -> list[Path]:
