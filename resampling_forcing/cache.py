@@ -141,6 +141,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def put_mean(self, layer: int, k: torch.Tensor) -> None:
+        """Keep the mean key [B, Hh, D] (fp32) of the current chunk's keys k [B, Hh, T, D] (top-k's descriptor)."""
         self.mean_k[layer][:, :, self.num_chunks] = k.float().mean(dim=2)
 
     def commit(self) -> None:

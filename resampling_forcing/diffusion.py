@@ -16,13 +16,15 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(x: torch.Tensor, eps: torch.Tensor, t: Union[torch.Tensor, float]) -> torch.Tensor:
-    """x_t = (1 - t) x + t eps. `t` is a number, [B], or any shape that broadcasts after the batch dim."""
+    """x_t = (1 - t) x + t eps for latents x, eps [B, C, F, H, W] (any shape with the batch first). `t` is a
+    number, [B], or any shape that broadcasts after the batch dim (e.g. [B, 1, F, 1, 1] per frame)."""
     if isinstance(t, torch.Tensor):
         t = _bcast(t.to(x.dtype), x)
     return (1 - t) * x + t * eps
 
 
 def velocity_target(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target v = eps - x (d x_t / dt), shaped as x [B, C, F, H, W]."""
     return eps - x
 
 
@@ -34,6 +36,7 @@ def velocity_loss(v: torch.Tensor, target: torch.Tensor, chunk_frames: int) -> t
 
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - t v: the clean estimate of x_t, v [B, C, F, H, W] at t (a number, [B] or broadcastable)."""
     return x_t - _bcast(t.to(x_t.dtype), x_t) * v
 
 
@@ -71,4 +74,5 @@ def euler_schedule(steps: int, shift: float, t_start: float = 1.0, device=None) 
 
 
 def euler_step(x_t: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, t_next: float | torch.Tensor) -> torch.Tensor:
+    """One Euler step of dx/dt = v from t to t_next: x_t, v [B, C, F, H, W] -> x at t_next."""
     return x_t + (t_next - t) * v

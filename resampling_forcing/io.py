@@ -372,6 +372,7 @@ class Mp4Writer:
         self._ffmpeg = None
 
     def write(self, frames) -> None:
+        """Append frames: uint8 [F, H, W, 3], or float in [-1, 1] as [3, F, H, W] or [F, H, W, 3] (to_uint8_video)."""
         import imageio_ffmpeg
 
         video = to_uint8_video(frames)

@@ -73,6 +73,8 @@ class DualForward(nn.Module):
         self.model = model
 
     def forward(self, history, noisy, t, context, attn, history_t=None):
+        """history, noisy [B, C, F, H, W], t [B, F] (per frame), context [B, Lt, text_dim] -> velocity of the
+        noisy half [B, C, F, H, W] (CausalWanModel.forward_dual), inputs cast to the weights' dtype."""
         dtype = self.model.patch_embedding.weight.dtype  # DeepSpeed bf16 keeps bf16 weights
         return self.model.forward_dual(history.to(dtype), noisy.to(dtype), t, context.to(dtype), attn, history_t)
 

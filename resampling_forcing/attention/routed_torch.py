@@ -423,7 +423,9 @@ def _chunk_runs(x: torch.Tensor, chunks: list[int], T: int) -> list[torch.Tensor
 
 def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunks=None, packed=None, plan=None,
                            far=None):
-    """packed: (ids, n) when k_hist / sel hold only the history chunks `ids` (ascending) of an n-chunk
+    """The torch path of routed.routed_attention (its arguments and shapes: q [B,Hh,Lq,D], k_hist/v_hist
+    [B,Hh,N*T,D], k_cur/v_cur [B,Hh,Lc,D], sel bool [B,Hh,Lq,N] -> (out [B,Hh,Lq,D], lse [B,Hh,Lq] fp32)).
+    packed: (ids, n) when k_hist / sel hold only the history chunks `ids` (ascending) of an n-chunk
     history: planned and merged exactly as over the whole history (bit-identical output; the padded
     layout's calls then read only the packed chunks: rows of the others would all be padding).
     plan: `_plan_history(sel, ...)` already made by the caller (its one host sync), else planned here.

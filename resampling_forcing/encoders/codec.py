@@ -118,6 +118,7 @@ class VideoCodec(Placed):
 
     # ------------------------------------------------------------------ decode API
     def encode(self, video: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """video [B, 3, F, H, W] in [-1, 1] -> latents [B, C, f, h, w] (the codec's geometry)."""
         raise NotImplementedError
 
     def init_decode_state(self) -> DecodeState:

@@ -34,6 +34,7 @@ class AttentionOp(Protocol):
 
 
 def full_attention(q, k, v, layer):
+    """Unmasked self-attention (the AttentionOp of a bidirectional forward): q, k, v [B, Hh, L, D] -> [B, Hh, L, D]."""
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -52,6 +52,7 @@ class VideoFiles:
             raise
 
     def write(self, frames) -> None:
+        """Append one video's frames [F, H, W, 3] uint8 (a tensor or an array) to its mp4."""
         with self._named():
             self._mp4.write(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
 
