@@ -244,7 +244,7 @@ def run(args) -> int:
         raise BadInput(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
     preset = dataclasses.replace(preset, shifts=preset.shifts or DEFAULT_SHIFTS)  # as the report records it
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(DEFAULT_ARMS)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms is not None else list(DEFAULT_ARMS)
     for a in arms:
         describe_arm(a)
     if len(set(arms)) < len(arms):

@@ -79,6 +79,11 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         return build(tp, value, path)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: take it as the number it spells
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
         return float(value)
@@ -123,12 +128,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         problem = str(getattr(e, "problem", None) or e).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); check its brackets and "
                           "quotes, and quote the whole key=value for the shell") from None
-    # YAML reads 1e-4 as a string (no dot); accept it as a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            pass
+    # (YAML reads 1e-4 as a string, no dot: a float field takes it as the number it spells, coerce)
     if isinstance(value, (bool, int, float)):
         value = _OverrideScalar(value, raw.strip())  # a string field takes the text instead
     return key.strip().split("."), value

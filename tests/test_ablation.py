@@ -164,9 +164,10 @@ def test_arms_at_any_strength():
 
 @pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),
                                       ("tf,ar_1.2,ar_1.2", "names an arm twice"),
-                                      ("tf --resample-steps 0", "--resample-steps must be >= 1")])
+                                      ("tf --resample-steps 0", "--resample-steps must be >= 1"),
+                                      ("", "names no arm"), (" , ", "names no arm")])  # an unset shell variable
 def test_bad_arm_names_are_one_line_exit_2(capsys, arms, msg):
-    assert main(["--arms", *arms.split()]) == 2
+    assert main(["--arms", *(arms.split() if arms.strip() else [arms])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
 

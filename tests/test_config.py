@@ -88,6 +88,18 @@ def test_overrides_parse_types_and_lists():
     assert cfg.attention.routing.top_k == 5 and cfg.model.patch_size == [1, 4, 4]
 
 
+def test_exponents_without_a_dot_are_floats_in_yaml_files_too(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string: a float field takes it as the number it spells, in a file as on the
+    command line (only the override was converted before); a string field keeps the text; nonsense fails."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  betas: [9e-1, 9.5E-1]\n  run_dir: runs/1e5\n")
+    cfg = load_config(path, ["diffusion.cfg_scale=5e0"])
+    assert (cfg.train.lr, cfg.train.betas, cfg.train.run_dir, cfg.diffusion.cfg_scale) == (1e-3, [0.9, 0.95], "runs/1e5", 5.0)
+    path.write_text("train:\n  lr: 1e-3x\n")
+    with pytest.raises(ConfigError, match="train.lr: expected float, got str '1e-3x'"):
+        load_config(path)
+
+
 def test_overrides_keep_the_text_of_string_fields():
     """YAML reads `no` as false and `2024` as an int: a string field takes the text as typed (the default
     train.mixed_precision=no was refused); other fields keep YAML's types, and a boolean where a word

@@ -133,6 +133,7 @@ def test_cli_report_compare_and_one_line_errors(tmp_path, capsys):
     for args, words in (([str(tmp_path / "nope")], "no such file or folder"),
                         ([str(a), "--segment-frames", "0"], "--segment-frames must be >= 1"),
                         ([str(a), "--segment-seconds", "nan"], "--segment-seconds must be a number > 0"),
+                        ([str(a), "--segment-seconds", "1", "--segment-frames", "4"], "both give the segment length"),
                         ([str(tmp_path / "c" / "x.mp4")], "no readable video"),
                         ([str(a), "--compare", str(b / "x.mp4")], "no video named y.mp4 there"),
                         ([str(a), str(a / "x.mp4"), "--compare", str(b)], "videos: two videos named x.mp4")):

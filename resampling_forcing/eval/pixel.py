@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("videos", nargs="+", help="mp4 files or folders of them")
     p.add_argument("--compare", nargs="+", default=None, metavar="VIDEO",
                    help="a second set (files or folders): each video paired with the one of the same file name")
-    p.add_argument("--segment-seconds", type=float, default=5.0, help="segment length in seconds (default 5)")
+    p.add_argument("--segment-seconds", type=float, default=None, help="segment length in seconds (default 5)")
     p.add_argument("--segment-frames", type=int, default=None, help="segment length in frames (instead of seconds)")
     p.add_argument("--out", required=True, help="the report (JSON)")
     return p
@@ -269,9 +269,13 @@ def _unique(paths: list[Path], flag: str) -> None:
 
 
 def run(args) -> int:
+    if args.segment_frames is not None and args.segment_seconds is not None:
+        raise BadInput("--segment-seconds and --segment-frames both give the segment length; give one")
     if args.segment_frames is not None and args.segment_frames < 1:
         raise BadInput(f"--segment-frames must be >= 1 (got {args.segment_frames})")
-    if not (math.isfinite(args.segment_seconds) and args.segment_seconds > 0):
+    if args.segment_frames is None and args.segment_seconds is None:
+        args.segment_seconds = 5.0
+    if args.segment_seconds is not None and not (math.isfinite(args.segment_seconds) and args.segment_seconds > 0):
         raise BadInput(f"--segment-seconds must be a number > 0 (got {args.segment_seconds:g})")
     check_output_file("--out", args.out, suffixes=(".json",))
     paths = _videos(args.videos, "videos")
