@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the videos a stopped run of this command left (their OUT.resume folders: the chunks "
                    "made so far are kept, bit for bit) and skip those it finished; a larger --num-chunks extends them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output videos (without it an existing one is refused, except with --resume "
+                   "the one this command wrote)")
     p.add_argument("--keep-chunks", action="store_true",
                    help="keep each video's OUT.resume folder after it is written, so that a later --resume with a "
                    "larger --num-chunks extends it exactly")
@@ -188,6 +191,24 @@ def output_paths(output: str, prompts: list[str]) -> list[Path]:
         return video_paths(output, prompts)
     except PipelineError as e:
         raise BadInput(f"--{e}") from None
+
+
+def check_existing(paths: list[Path], args) -> None:
+    """An existing video of `paths` (this process's outputs) is replaced only with --overwrite; --resume
+    continues or keeps the ones this command wrote (checked against their run keys once the model is loaded:
+    sampling_run). The input video is never an output."""
+    if args.init_video is not None:
+        src = Path(args.init_video).resolve()
+        for p in paths:
+            if p.resolve() == src:
+                raise BadInput(f"--output {p} is the --init-video itself: writing it would destroy the input; "
+                               "choose another --output")
+    if args.overwrite or args.resume:
+        return
+    for p in paths:
+        if p.exists():
+            raise BadInput(f"--output: {p} exists; add --overwrite to replace it (or --resume to continue the run "
+                           "that wrote it), or choose another --output")
 
 
 def check_writable(paths: list[Path]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from .io import atomic_path, atomic_write_json, clean_folder_temps
 
 __all__ = ["ResumeError", "ResumeState", "state_dir", "run_key", "key_difference", "file_digest", "init_source",
-           "finished", "batch_replay", "ReplayChunks", "lock_videos"]
+           "finished", "written_by", "batch_replay", "ReplayChunks", "lock_videos"]
 
 KEY_FILE = "run.json"
 LOCKS_DIR = ".sample-locks"  # beside the videos: an empty lock file per video (kept: removing one races)
@@ -280,18 +280,30 @@ class ReplayChunks:
         return torch.from_numpy(np.stack([st.read(g) for st in self.states]))
 
 
+def _sidecar(video: str | Path) -> Optional[dict]:
+    """The JSON written beside `video` when it was committed (None: absent or unreadable)."""
+    try:
+        meta = json.loads(Path(video).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def written_by(video: str | Path, key: dict) -> bool:
+    """`video`'s sidecar JSON names a run with `key` (finished or stopped early): this command's video."""
+    meta = _sidecar(video)
+    return (meta is not None and isinstance(meta.get("resume_key"), dict)
+            and key_difference(meta["resume_key"], key) is None)
+
+
 def finished(video: str | Path, key: dict, num_chunks: int, fps: float, selection: bool) -> bool:
     """`video` is a whole video of `num_chunks` chunks at `fps` committed by a run with `key` (its JSON
     sidecar's resume_key), with its selection file when `selection` is asked for. A video is committed
     before its folder goes, so a folder left beside it changes nothing."""
     video = Path(video)
-    try:
-        meta = json.loads(video.with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (video.is_file() and isinstance(meta, dict)
-            and isinstance(meta.get("resume_key"), dict) and key_difference(meta["resume_key"], key) is None
-            and meta.get("num_chunks") == num_chunks and "stopped_early" not in meta and meta.get("fps") == fps
+    meta = _sidecar(video)
+    return (video.is_file() and written_by(video, key) and meta.get("num_chunks") == num_chunks
+            and "stopped_early" not in meta and meta.get("fps") == fps
             and (not selection or video.with_suffix(".selection.npy").is_file()))
 
 

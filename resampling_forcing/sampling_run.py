@@ -14,7 +14,7 @@ from .cli import BadInput
 from .sampling_resume import ResumeError, lock_videos
 from .signals import GracefulStop, stop_at_once
 from .memory import chunks_for_seconds, codec_geometry, pixel_frames
-from .sampling_cli import (check_args, check_leftovers, check_memory, check_storyboard_fits, check_writable,
+from .sampling_cli import (check_args, check_existing, check_leftovers, check_memory, check_storyboard_fits, check_writable,
                            launcher_int, output_paths, process_share, read_prompts, read_storyboard, sampling_options)
 
 __all__ = ["run"]
@@ -28,6 +28,7 @@ def run(args) -> int:
     batches, rank, world = process_share(args, len(prompts))
     mine = [i for idx in batches for i in idx]
     check_writable(paths)  # every process checks every output: they refuse together, before any loads
+    check_existing([paths[i] for i in mine], args)  # its own only: another process may be writing the others
     with contextlib.ExitStack() as held:  # this process's outputs locked before any resume folder is read
         held.enter_context(stop_at_once("stopped while no video was in progress: nothing half-written"))
         try:
@@ -139,7 +140,7 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
     from .io import OutputError, is_no_space
     from .lora import fingerprint
     from .pipeline import VideoFiles
-    from .sampling_resume import ResumeError, ResumeState, batch_replay, finished, init_source, run_key
+    from .sampling_resume import ResumeError, ResumeState, batch_replay, finished, init_source, run_key, written_by
 
     weights = fingerprint(pipe.model.state_dict())
     init = init_source(args.init_video, args.init_image, args.max_history_chunks, pipe.config.data.fps)
@@ -155,6 +156,10 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
                 ResumeState(paths[i]).check(keys[i])
         except ResumeError as e:
             raise BadInput(str(e)) from None
+        for i in mine:  # an existing video is continued or kept only when this command wrote it
+            if paths[i].exists() and not args.overwrite and not written_by(paths[i], keys[i]):
+                raise BadInput(f"--resume: {paths[i]} exists and was written by another run (or has no sidecar "
+                               "JSON); add --overwrite to replace it, or choose another --output")
     cfg = pipe.model.cfg
     for k, idx in enumerate(batches):
         if stop.requested:

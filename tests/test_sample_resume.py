@@ -398,3 +398,26 @@ def test_a_second_writer_of_the_same_video_is_refused_in_one_line(run_dir, tmp_p
         assert cli(*base, "--output", other) == 0
     assert cli(*base, "--output", out) == 0 and out.is_file()
     assert not (tmp_path / ".sample-locks").exists()  # released and removed
+
+
+def test_an_existing_video_is_replaced_only_with_overwrite(run_dir, tmp_path, capsys):
+    """A second command writing an existing video is refused before it loads anything, the video untouched;
+    --overwrite replaces it; --resume keeps or continues only a video its own command wrote; the input
+    video is never an output."""
+    out = tmp_path / "v.mp4"
+    base = ("--checkpoint", run_dir, "--num-chunks", 1, "--quiet", "--output", out)
+    assert cli(*base, "--prompt", "a red circle") == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    for extra, words in ((("--prompt", "a blue square"), f"--output: {out} exists; add --overwrite"),
+                         (("--prompt", "a blue square", "--resume"), "exists and was written by another run")):
+        assert cli(*base, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, err
+        assert out.read_bytes() == before
+    assert cli(*base, "--prompt", "a red circle", "--resume") == 0  # its own command's: kept
+    assert out.read_bytes() == before
+    assert cli(*base, "--prompt", "a blue square", "--overwrite") == 0
+    assert out.read_bytes() != before and "blue" in json.loads(out.with_suffix(".json").read_text())["prompt"]
+    assert cli(*base, "--prompt", "x", "--init-video", out, "--overwrite") == 2
+    assert "is the --init-video itself" in capsys.readouterr().err
