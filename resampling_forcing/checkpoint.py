@@ -50,6 +50,7 @@ TB_DIR = "tb"  # RUN/tb/: TensorBoard events
 LOCK_FILE = ".lock"  # RUN/.lock: held by the running trainer (training_utils.RunLock)
 RANKS_DIR = "ranks"  # RUN/ranks/rank_<i>.json: per-rank weight hashes (multi-process consistency check)
 DEEPSPEED_STATE = "pytorch_model"  # step_*/pytorch_model/: DeepSpeed's own model + optimizer shards
+OPTIMIZER_STATE = "optimizer.bin"  # step_*/optimizer.bin: accelerate's optimizer state (not under DeepSpeed)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -230,6 +231,8 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
         raise PipelineError(f"checkpoint {p} does not exist; pass a run dir, a {CHECKPOINTS}/step_* dir or a Wan2.1 / Wan2.2 checkpoint")
     if not p.is_dir():
         raise PipelineError(f"checkpoint {p} is a file; pass its directory (run dir, {CHECKPOINTS}/step_* or a Wan2.1 / Wan2.2 folder)")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise PipelineError(f"checkpoint {p} cannot be read (permission denied); check its permissions")
     kind = "checkpoint"
 
     def weights_of(d: Path) -> Path:
@@ -294,18 +297,21 @@ def safetensors_problem(path: Path) -> Optional[str]:
     """Why a .safetensors file is not whole (header against the file size; nothing loaded), or None."""
     if not Path(path).is_file():
         return f"{Path(path).name} is missing"
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{path.name} is truncated ({size} bytes)"
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            return f"{path.name} is truncated (header of {n} bytes, file of {size})"
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            return f"{path.name} has a corrupt header"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"{path.name} is truncated (header of {n} bytes, file of {size})"
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                return f"{path.name} has a corrupt header"
+    except OSError as e:  # unreadable (permissions): one line, not a traceback
+        return f"{path.name} cannot be read ({e.strerror or type(e).__name__})"
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError):
@@ -341,6 +347,8 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
         return f"{STATE_FILE} is missing or unreadable"
     if not (ckpt / MODEL_WEIGHTS).is_file() and not (ckpt / LORA_WEIGHTS).is_file():
         return f"{MODEL_WEIGHTS} (or a LoRA run's {LORA_WEIGHTS}) is missing"
+    if not (ckpt / DEEPSPEED_STATE).is_dir() and not (ckpt / OPTIMIZER_STATE).is_file():
+        return f"{OPTIMIZER_STATE} is missing"  # accelerate's (DeepSpeed keeps its own in {DEEPSPEED_STATE}/)
     try:
         for p in sorted(ckpt.rglob("*")):
             if not p.is_file():

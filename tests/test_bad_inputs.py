@@ -217,6 +217,15 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, synth, 
         assert name in checkpoint_problem(step4)
         f.write_bytes(data)
     assert checkpoint_problem(step4) is None
+    (step4 / "optimizer.bin").rename(step4 / "opt.moved")  # a missing optimizer was taken as whole (a traceback)
+    assert checkpoint_problem(step4) == "optimizer.bin is missing"
+    (step4 / "opt.moved").rename(step4 / "optimizer.bin")
+    from unittest import mock
+
+    from resampling_forcing.checkpoint import safetensors_problem
+
+    with mock.patch("builtins.open", side_effect=PermissionError(13, "Permission denied")):  # root reads anything
+        assert safetensors_problem(step4 / "model.safetensors") == "model.safetensors cannot be read (Permission denied)"
     opt = step4 / "optimizer.bin"
     data = opt.read_bytes()
     opt.write_bytes(b"\x00not a checkpoint" * 3)  # not even a zip: was an UnpicklingError traceback on resume

@@ -117,3 +117,19 @@ def test_missing_keys_named(saved, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="neither model_config.json nor config.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("index", ["{bad", '{"weight_map": 5}', '{"metadata": {}}', '{"weight_map": {"a": 3}}'])
+def test_a_damaged_shard_index_is_one_named_error(saved, tmp_path, index):
+    """A sharded repo whose *.safetensors.index.json is not an index: CheckpointError naming the file (it was
+    a JSONDecodeError / AttributeError / KeyError traceback)."""
+    import shutil
+
+    _, root = saved
+    repo = tmp_path / "t"
+    shutil.copytree(root / "repo" / "transformer", repo)
+    (idx,) = repo.glob("*.safetensors.index.json")
+    idx.write_text(index)
+    with pytest.raises(CheckpointError, match=f"{idx.name} is not a readable shard index") as e:
+        load_model(repo)
+    assert "\n" not in str(e.value)

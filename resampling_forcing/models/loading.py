@@ -69,7 +69,14 @@ def diffusers_to_wan_key(key: str) -> str:
 def _weight_files(folder: Path) -> list[Path]:
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not all(isinstance(s, str) for s in shards):
+                raise TypeError("a shard name is not a string")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index[0]} is not a readable shard index ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0]}); re-download the checkpoint") from None
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"{index[0]} lists shard {missing[0]} which is missing; re-download the checkpoint")
