@@ -335,8 +335,9 @@ def _zip_problem(path: Path) -> Optional[str]:
     return None
 
 
-def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
-    """Why a checkpoint folder cannot be resumed from (a truncated or missing file), or None.
+def checkpoint_problem(ckpt: str | os.PathLike, resume: bool = False) -> Optional[str]:
+    """Why a checkpoint folder cannot be used (a truncated or missing file), or None; `resume`: to resume
+    training from, so accelerate's optimizer state must be there too (weights alone serve init_from, --lora).
 
     Cheap: safetensors headers against the file sizes, torch zip files' central directories,
     pickles' final STOP opcode, trainer_state.json parsed; nothing is loaded."""
@@ -347,7 +348,7 @@ def checkpoint_problem(ckpt: str | os.PathLike) -> Optional[str]:
         return f"{STATE_FILE} is missing or unreadable"
     if not (ckpt / MODEL_WEIGHTS).is_file() and not (ckpt / LORA_WEIGHTS).is_file():
         return f"{MODEL_WEIGHTS} (or a LoRA run's {LORA_WEIGHTS}) is missing"
-    if not (ckpt / DEEPSPEED_STATE).is_dir() and not (ckpt / OPTIMIZER_STATE).is_file():
+    if resume and not (ckpt / DEEPSPEED_STATE).is_dir() and not (ckpt / OPTIMIZER_STATE).is_file():
         return f"{OPTIMIZER_STATE} is missing"  # accelerate's (DeepSpeed keeps its own in {DEEPSPEED_STATE}/)
     try:
         for p in sorted(ckpt.rglob("*")):
@@ -399,14 +400,14 @@ def _is_legacy_pickle(path: Path) -> bool:
     return False
 
 
-def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -> Optional[Path]:
-    """The newest complete checkpoint whose files are whole. Damaged newer ones are named in a
+def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True, resume: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint whose files are whole (`resume`: checkpoint_problem's). Damaged newer ones are named in a
     warning and (``set_aside``, main process) renamed to ``step_XXXXXXX.damaged`` so that neither a
     later resume nor rotation nor the sampler picks them. CheckpointError when all are damaged."""
     ckpts = list_checkpoints(run_dir)
     damaged = []
     for _, path in reversed(ckpts):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, resume=resume)
         if problem is None:
             for bad, why in damaged:
                 logger.warning("checkpoint %s is damaged (%s); resuming from the previous complete one, %s%s",

@@ -246,6 +246,11 @@ def check_cfg_scale(value: float, name: str, usual: str) -> None:
         raise ConfigError(f"{name} must be in [0, {MAX_CFG_SCALE:g}] (got {value!r}); {usual}")
 
 
+# Euler steps of a sampling run: far above any useful count (the paper 32, Wan 50); a larger one is a typo
+# whose schedule alone would not fit in memory.
+MAX_SAMPLE_STEPS = 1000
+
+
 def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
                    names: tuple[str, str, str, str] = ("steps", "shift", "cfg_scale", "context_t")) -> None:
     """The rules of the sampling settings, for both of their spellings: the config (`validate`, names
@@ -255,8 +260,8 @@ def check_sampling(steps: int, shift: float, cfg_scale: float, context_t: float,
     for name, value in ((n_shift, shift), (n_cfg, cfg_scale), (n_ctx, context_t)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{name} must be a number (got {type(value).__name__} {value!r})")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"{n_steps} must be >= 1 (got {steps!r}; an int, the paper uses 32)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_SAMPLE_STEPS:
+        raise ConfigError(f"{n_steps} must be in [1, {MAX_SAMPLE_STEPS}] (got {steps!r}; an int, the paper uses 32)")
     if not (shift > 0 and math.isfinite(shift)) or shift > 1e6:
         raise ConfigError(f"{n_shift} must be in (0, 1e6] (got {shift!r}; the paper uses 5.0)")
     check_cfg_scale(cfg_scale, n_cfg, "the paper samples with 5.0; 1.0 switches guidance off")

@@ -341,13 +341,15 @@ def to_uint8_video(video) -> np.ndarray:
 # mp4
 # ----------------------------------------------------------------------------------------------
 MAX_FPS = 1000.0  # exclusive: ffmpeg tags 1000 fps as "1k", which reads back as 0; beyond is a typo
+MIN_FPS = 1e-3  # inclusive: ffmpeg writes no file below 1e-4 (a frame every 1000 s is already a slide show)
 
 
 def fps_problem(fps) -> str | None:
-    """Why `fps` cannot be an mp4 frame rate ("must be a number in (0, 1000)"), or None: the one rule of
+    """Why `fps` cannot be an mp4 frame rate ("must be a number in [0.001, 1000)"), or None: the one rule of
     write_mp4, which the sampling CLI and the Pipeline check before a rollout."""
-    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) or not 0 < fps < MAX_FPS:
-        return f"must be a number in (0, {MAX_FPS:g}) (got {fps!r})"
+    if (isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating))
+            or not MIN_FPS <= fps < MAX_FPS):
+        return f"must be a number in [{MIN_FPS:g}, {MAX_FPS:g}) (got {fps!r})"
     return None
 
 

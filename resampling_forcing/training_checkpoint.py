@@ -33,12 +33,12 @@ class TrainerCheckpoints:
     def _find_resume(self) -> Optional[Path]:
         if self.cfg.train.resume_from:
             ckpt = resolve_trainer_checkpoint(self.cfg.train.resume_from)
-            problem = checkpoint_problem(ckpt)
+            problem = checkpoint_problem(ckpt, resume=True)
             if problem:
                 raise CheckpointError(f"train.resume_from={ckpt} is damaged ({problem}); pass an earlier checkpoint")
             return ckpt
         # a truncated newest checkpoint (killed disk, full disk) falls back to the previous whole one
-        return latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process)
+        return latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process, resume=True)
 
     # accelerate hooks: the model is saved/loaded in our format (model.safetensors), not twice
     def _save_hook(self, models, weights, output_dir):

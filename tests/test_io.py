@@ -188,11 +188,12 @@ def test_probe_writable_dir_really_tries_and_leaves_nothing(tmp_path):
     assert "cannot create" in rio.probe_writable_dir("/proc/nope/run")
 
 
-@pytest.mark.parametrize("fps", [0.0, -1.0, float("inf"), float("nan"), 1e9, 1000])
+@pytest.mark.parametrize("fps", [0.0, -1.0, float("inf"), float("nan"), 1e9, 1000, 1e-6])
 def test_write_mp4_refuses_an_unwritable_frame_rate(tmp_path, fps):
     """inf crashed inside the writer (OverflowError) after a whole rollout, 1e9 and 1000 wrote stream rates
-    that read back as 0 (ffmpeg tags 1000 as "1k"): one ValueError naming the file, and no file."""
-    with pytest.raises(ValueError, match=r"fps must be a number in \(0, 1000\)"):
+    that read back as 0 (ffmpeg tags 1000 as "1k"), below 1e-4 ffmpeg writes no file: one ValueError naming
+    the file, and no file."""
+    with pytest.raises(ValueError, match=r"fps must be a number in \[0.001, 1000\)"):
         rio.write_mp4(tmp_path / "v.mp4", np.zeros((2, 8, 8, 3), np.uint8), fps=fps)
     assert not list(tmp_path.iterdir())
 

@@ -313,8 +313,10 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
     board = tmp_path / "board.yaml"
     board.write_text("- {chunk: 0, prompt: a, colour: red}\n")
     expect = {
-        "fps inf": (base + ("--fps", "inf"), "--fps must be a number in (0, 1000)"),
-        "fps 1000 (reads back as 0)": (base + ("--fps", 1000), "--fps must be a number in (0, 1000)"),
+        "fps inf": (base + ("--fps", "inf"), "--fps must be a number in [0.001, 1000)"),
+        "fps 1000 (reads back as 0)": (base + ("--fps", 1000), "--fps must be a number in [0.001, 1000)"),
+        "fps 1e-6 (ffmpeg writes nothing)": (base + ("--fps", "1e-6"), "--fps must be a number in [0.001, 1000)"),
+        "steps 1e6": (base + ("--steps", 1000000), "--steps must be in [1, 1000]"),
         "seed past int64": (base + ("--seed", 2**63), "--seed must be in [0, "),
         "empty output": (base + ("--output", ""), "--output must not be empty"),
         "negative cfg": (base + ("--cfg", -3), "--cfg must be in [0, 100]"),
@@ -586,7 +588,7 @@ def _api_cases(pipe):
         "generate's steps in pipe()": (lambda: pipe("a", num_frames=2, steps=1), "num_inference_steps="),
         "generate's callback in pipe()": (lambda: pipe("a", num_frames=2, num_inference_steps=1, callback=print),
                                           "callback_on_chunk_end="),
-        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps must be a number in (0, 1000) (got 0)"),
+        "fps 0": (lambda: pipe("a", num_frames=2, num_inference_steps=1, fps=0), "fps must be a number in [0.001, 1000) (got 0)"),
         "generator and seed": (lambda: pipe("a", num_frames=2, num_inference_steps=1, generator=3, seed=5),
                                "generator= (diffusers' name) or seed=, not both"),
         "indices of another length": (lambda: pipe.generate(["a", "b"], 1, indices=[0], **g),
