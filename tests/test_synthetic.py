@@ -1,6 +1,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,31 @@ def test_make_dataset_in_a_run_folder_and_a_complete_set_untouched(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     SD.make_dataset(run, num_videos=2, frames=4, size=16)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_of_somebody_elses_videos_is_refused_untouched(tmp_path):
+    """data.synthetic_dir pointed at a user's own data set (a manifest the renderer did not write): refused,
+    nothing rewritten (it replaced the manifest and the videos); a synthetic set killed between its info
+    file and its manifest is still resumed."""
+    from resampling_forcing.config import load_config
+    from resampling_forcing.data.loader import DataError, synthetic_manifest
+
+    mine = tmp_path / "mine"
+    (mine / "videos").mkdir(parents=True)
+    (mine / "manifest.jsonl").write_text('{"path": "videos/000000.mp4", "caption": "my cat"}\n')
+    (mine / "videos" / "000000.mp4").write_bytes(b"my precious video")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="did not write"):
+        SD.make_dataset(mine, num_videos=2, frames=4, size=16)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [f"data.synthetic_dir={mine}"])
+    with pytest.raises(DataError, match=r"data.synthetic_dir: .* did not write \(no dataset.json\)"):
+        synthetic_manifest(cfg)
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+    ours = tmp_path / "ours"
+    SD.make_dataset(ours, num_videos=2, frames=4, size=16)
+    (ours / "manifest.jsonl").unlink()  # killed after the info file, before the manifest
+    SD.make_dataset(ours, num_videos=2, frames=4, size=16)
+    assert (ours / "manifest.jsonl").is_file()
 
 
 def test_folder_lock_goes_on_unlocked_where_no_lock_can_be_had(tmp_path, monkeypatch, caplog):

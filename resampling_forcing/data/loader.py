@@ -129,10 +129,13 @@ def synthetic_manifest(cfg: Config) -> Path:
     from .synthetic_dataset import make_dataset
 
     d = cfg.data
-    return make_dataset(d.synthetic_dir, num_videos=d.synthetic_videos, frames=d.num_frames,
-                        size=(d.height, d.width), fps=d.fps, seed=synthetic_seed(cfg),
-                        max_objects=d.synthetic_max_objects, blackout_prob=d.synthetic_blackout_prob,
-                        blackout_frames=d.synthetic_blackout_frames)
+    try:
+        return make_dataset(d.synthetic_dir, num_videos=d.synthetic_videos, frames=d.num_frames,
+                            size=(d.height, d.width), fps=d.fps, seed=synthetic_seed(cfg),
+                            max_objects=d.synthetic_max_objects, blackout_prob=d.synthetic_blackout_prob,
+                            blackout_frames=d.synthetic_blackout_frames)
+    except ValueError as e:  # its values passed the config's checks: the folder is the problem (one line)
+        raise DataError(f"data.synthetic_dir: {e}") from None
 
 
 class TrainData:

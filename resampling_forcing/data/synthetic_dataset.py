@@ -191,6 +191,11 @@ def make_dataset(
     blackout_frames = tuple(int(x) for x in blackout_frames)
     check_blackout_law(frames, blackout_prob, blackout_frames)
     out = Path(out_dir)
+    if (out / MANIFEST_NAME).is_file() and not (out / INFO_NAME).is_file():
+        # the renderer writes its INFO_NAME before its manifest: this one is somebody's own data set
+        raise ValueError(f"{out} holds a {MANIFEST_NAME} that the synthetic renderer did not write (no {INFO_NAME}): "
+                         "rendering there would overwrite its videos; point data.synthetic_dir at an empty or "
+                         "synthetic folder (or use data.source=manifest for your videos)")
     vdir = out / "videos"
     vdir.mkdir(parents=True, exist_ok=True)
     # One renderer at a time (runs sharing data.synthetic_dir wait for each other); under the lock a
@@ -235,8 +240,7 @@ def make_dataset(
                 atomic_write_json(meta_path, meta, indent=None)
                 made += 1
             rows.append({"path": f"videos/{mp4.name}", "caption": scene.caption, "split": split})
-        manifest = out / MANIFEST_NAME
-        _write_if_changed(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+        # the info first, then the manifest: a manifest without an info file is not ours (checked above)
         _write_if_changed(
             out / INFO_NAME,
             json.dumps({
@@ -258,5 +262,7 @@ def make_dataset(
                 "held_out_captions": [make_caption(c) for c in held_out],
             }, indent=2) + "\n",
         )
+        manifest = out / MANIFEST_NAME
+        _write_if_changed(manifest, "".join(json.dumps(r) + "\n" for r in rows))
     logger.info("synthetic data set %s: %d videos (%d rendered, %d reused)", out, num_videos, made, num_videos - made)
     return manifest
