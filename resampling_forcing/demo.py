@@ -191,6 +191,24 @@ def _preflight(args, cfg) -> tuple[int, int]:
     return num_chunks, pixel_frames(geo, num_chunks * cfg.model.chunk_frames)
 
 
+DEMO_MARK = ".demo-run"  # in a run folder the demo made: a later demo may delete it
+
+
+def _is_demo_run(run: Path) -> bool:
+    """`run` was made by the demo: its mark, or (a run of an earlier demo, without one) a config.yaml whose
+    run and data folders are the demo's layout under the same --out."""
+    import yaml
+
+    if (run / DEMO_MARK).is_file():
+        return True
+    try:
+        saved = yaml.safe_load(config_file(run).read_text()) or {}
+        return (Path(saved["train"]["run_dir"]).resolve() == run.resolve()
+                and Path(saved["data"]["synthetic_dir"]).resolve() == (run.parent / "synthetic").resolve())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return False
+
+
 def _main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m resampling_forcing.demo", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,15 +237,20 @@ def _main(argv: list[str] | None = None) -> int:
             raise BadInput("the demo config needs two stages (teacher forcing, resampling)")
         cfg.train.stages[0].steps, cfg.train.stages[1].steps = args.tf_steps, args.rf_steps
         num_chunks, rollout_frames = _preflight(args, cfg)
+        run = Path(cfg.train.run_dir)
+        if run.exists() and not _is_demo_run(run):
+            raise BadInput(f"{run} exists and is not a demo run (no {DEMO_MARK}, and its config.yaml is not a "
+                           "demo's): the demo would delete it; choose another --out, or remove it yourself")
     except BadInput as e:
         return report_bad_input("demo", e)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     start = time.time()
-    run = Path(cfg.train.run_dir)
     if run.exists():  # a previous demo's run may come from other code or settings: train afresh
         print(f"[demo] removing the previous demo run {run}", flush=True)
         shutil.rmtree(run)
+    run.mkdir(parents=True)
+    (run / DEMO_MARK).touch()  # what lets a later demo delete it
 
     print(f"[demo] 1-2/5 data + training ({args.tf_steps} teacher-forcing + {args.rf_steps} resampling steps) "
           f"-> {out / 'run'}", flush=True)

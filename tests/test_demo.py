@@ -221,3 +221,29 @@ def test_demo_refuses_before_any_work(tmp_path, monkeypatch, capsys, case):
             "continue past the rollout": ["--continue-chunks 24 must be < the rollout's 24 chunks", "0 to skip"]}[case]
     assert all(w in err[0] for w in want), err
     assert not out.exists() and not (tmp_path / "data").exists()
+
+
+def test_demo_deletes_only_a_demo_run(tmp_path, monkeypatch, capsys):
+    """OUT/run that the demo did not make (a real training run) is refused in one line and kept (it was
+    deleted); a demo's run (its mark, or an earlier demo's config layout) is trained afresh."""
+    import yaml
+
+    def stop_here(cfg, **kw):
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(demo, "train", stop_here)
+    out = tmp_path / "demo"
+    run = out / "run"
+    (run / "checkpoints" / "step_0000003").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"run_dir": "/elsewhere"}, "data": {}}))
+    args = ["--out", str(out), "--pretrained", ""]
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run} exists and is not a demo run" in err[0], err
+    assert (run / "checkpoints" / "step_0000003").is_dir()
+    # an earlier demo's run (no mark): its config's folders are the demo's layout under --out
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"run_dir": str(run)},
+                                                      "data": {"synthetic_dir": str(out / "synthetic")}}))
+    with pytest.raises(RuntimeError, match="trained"):
+        demo.main(args)
+    assert (run / demo.DEMO_MARK).is_file() and not (run / "checkpoints").exists()
