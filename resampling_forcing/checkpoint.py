@@ -193,6 +193,9 @@ def _complete(d: Path) -> bool:
     return ((d / MODEL_WEIGHTS).is_file() or (d / LORA_WEIGHTS).is_file()) and (d / MODEL_CONFIG).is_file()
 
 
+_WARNED: set = set()  # (checkpoint, problem) pairs resolve_checkpoint has warned about
+
+
 def _looks_like_hub_id(path: Union[str, Path]) -> bool:
     return isinstance(path, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) is not None \
         and not path.startswith((".", "/")) and ".." not in path
@@ -256,7 +259,9 @@ def resolve_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoi
             raise PipelineError(f"run {p}: the weights of every checkpoint are damaged (newest: {ckpts[0].name}, "
                                 f"{damaged[0][1]}); restore one")
         for bad, why in damaged:
-            logger.warning("checkpoint %s is damaged (%s); using the previous whole one, %s", bad, why, ck.name)
+            if (bad, why) not in _WARNED:  # once a process: a command resolves its checkpoint more than once
+                _WARNED.add((bad, why))
+                logger.warning("checkpoint %s is damaged (%s); using the previous whole one, %s", bad, why, ck.name)
         run_dir, p, kind = p, ck, "run"
     else:
         run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else None

@@ -333,7 +333,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML: {what}{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
     return config_from_dict(data, overrides, require_encoder_paths=require_encoder_paths)

@@ -401,9 +401,12 @@ def test_damaged_or_configless_checkpoints(tmp_path, capsys, caplog):
     weights.write_bytes(weights.read_bytes()[:-100])
     with caplog.at_level("WARNING"):
         info = resolve_checkpoint(run)
-    assert info.step == 10 and "step_0000020" in caplog.text and "truncated" in caplog.text
-    assert cli("--checkpoint", run, "--prompt", "x", "--num-chunks", 1, "--steps", 1, "--output",
-               tmp_path / "ok.mp4") == 0
+        assert info.step == 10 and "step_0000020" in caplog.text and "truncated" in caplog.text
+        caplog.clear()
+        weights.write_bytes(weights.read_bytes()[:-1])  # another damage: warned again, once
+        assert cli("--checkpoint", run, "--prompt", "x", "--num-chunks", 1, "--steps", 1, "--output",
+                   tmp_path / "ok.mp4") == 0
+    assert caplog.text.count("step_0000020 is damaged") == 1, caplog.text  # the command resolves it twice
     capsys.readouterr()
     lone = save_checkpoint_for_tests(tmp_path / "lone") / "checkpoints" / "step_0000010"
     (lone / "config.yaml").unlink()
