@@ -140,6 +140,9 @@ def test_missing_file(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("train:\n  lr: 0.1\n  warmup_steps: 3\n  lr: 0.2\n")  # PyYAML kept the last one silently
+    with pytest.raises(ConfigError, match="key 'lr' appears twice in one mapping at line 4, column 3"):
+        load_config(bad)
     bad.write_text("train:\n  lr: [1, 2\n  steps: 3\n")  # where it is, in one line
     with pytest.raises(ConfigError, match=r"not valid YAML: expected ',' or '\]', but got ':' at line 3, column 8$"):
         load_config(bad)
