@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing-arm", default=None, help="arm whose inference routing is evaluated (default: the best)")
     p.add_argument("--protocols", default="dense,sliding", help="inference attention every arm is evaluated under "
                    "(comma list, dense required): dense = the whole history; sliding = a window of the training "
-                   "clip's history, no sink (error accumulation without the given chunk as an anchor)")
+                   "clip's history, no sink (error accumulation without the given chunk as an anchor); default dense,sliding")
     return p
 
 

@@ -328,7 +328,7 @@ def build_parser():
     p = OneLineParser(prog="python -m resampling_forcing.ablation_seeds", description=doc_summary(__doc__))
     p.add_argument("folders", nargs="+", help="ablation --out folders of the same preset, one per training seed")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list of {', '.join(METRICS)}")
-    p.add_argument("--protocol", default="dense", help="the evaluations to pool: dense or sliding (ablation --protocols)")
+    p.add_argument("--protocol", default="dense", help="the evaluations to pool: dense or sliding (ablation --protocols; default dense)")
     p.add_argument("--reference", default="tf", help="the arm the others are compared with (default tf)")
     p.add_argument("--arms", default=None, help="comma list of the arms compared with it (default: every arm "
                    "all folders hold); the Holm adjustment runs over these")

@@ -212,16 +212,16 @@ def _is_demo_run(run: Path) -> bool:
 def _main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m resampling_forcing.demo", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--tf-steps", type=int, default=250, help="teacher-forcing warmup steps")
-    p.add_argument("--rf-steps", type=int, default=100, help="Resampling Forcing steps")
-    p.add_argument("--length-factor", type=int, default=4, help="rollout length / training clip length")
-    p.add_argument("--extra-captions", type=int, default=2, help="training captions sampled besides held-out ones")
+    p.add_argument("--out", default="outputs/demo", help="where the run, the data set and the videos go (default outputs/demo)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default configs/tiny.yaml)")
+    p.add_argument("--tf-steps", type=int, default=250, help="teacher-forcing warmup steps (default 250)")
+    p.add_argument("--rf-steps", type=int, default=100, help="Resampling Forcing steps (default 100)")
+    p.add_argument("--length-factor", type=int, default=4, help="rollout length / training clip length (default 4)")
+    p.add_argument("--extra-captions", type=int, default=2, help="training captions sampled besides held-out ones (default 2)")
     p.add_argument("--pretrained", default=str(PRETRAINED), help="shipped checkpoint ('' to skip)")
     p.add_argument("--continue-chunks", type=int, default=1,
-                   help="chunks of each real clip given to the continuation run (0 to skip it)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="chunks of each real clip given to the continuation run (0 to skip it; default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     try:
         args = p.parse_args(argv)
