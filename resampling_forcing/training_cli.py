@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, OneLineParser, doc_summary
 
@@ -66,6 +67,15 @@ def _run(args) -> int:
         cfg = load_config(args.config, args.overrides, require_encoder_paths=True)
     except ConfigError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    from .checkpoint import config_file, list_checkpoints
+
+    run = Path(cfg.train.run_dir)
+    if Path(args.config).resolve() == config_file(run).resolve() and not list_checkpoints(run):
+        # a new run rewrites RUN/config.yaml with the resolved config: here that is the user's own file
+        # (resuming a run from its config.yaml, with checkpoints, is fine: it is the run's)
+        print(f"error: --config {args.config} is the config.yaml of train.run_dir={run}, which a new run rewrites "
+              "(its comments and layout lost); copy it elsewhere, or choose another train.run_dir", file=sys.stderr)
         return 2
 
     from .signals import exit_code

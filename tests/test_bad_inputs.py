@@ -53,6 +53,19 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+def test_a_config_inside_its_new_run_folder_is_not_rewritten(tmp_path, capsys):
+    """--config RUN/config.yaml with train.run_dir=RUN and no checkpoint yet: a new run would rewrite the
+    user's own file (comments and layout lost): one line, exit 2, the file as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = run / "config.yaml"
+    cfg.write_text("# my notes\n" + TINY_YAML.read_text())
+    before = cfg.read_text()
+    assert _train_cli()(["--config", str(cfg), f"train.run_dir={run}"]) == 2
+    assert "which a new run rewrites" in _one_error_line(capsys.readouterr().err)
+    assert cfg.read_text() == before and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
 def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
