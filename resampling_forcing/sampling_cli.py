@@ -257,21 +257,22 @@ def process_share(args, num_prompts: int) -> tuple[list[list[int]], int, int]:
     return batches[rank::world], rank, world
 
 
-def check_leftovers(paths: list[Path], resume: bool, own: set[Path]) -> None:
-    """A stopped run's resume folder is continued with --resume, never overwritten without it. Every process
-    of a launcher checks every output (they agree, before any loads); each tidies only its `own`."""
+def check_leftovers(paths: list[Path], resume: bool, own: set[Path], overwrite: bool = False) -> None:
+    """A stopped run's resume folder is continued with --resume, discarded with --overwrite (start over),
+    never overwritten without one of them. Every process of a launcher checks every output (they agree,
+    before any loads); each tidies only its `own`."""
     from .sampling_resume import ResumeState
 
     for p in paths:
         st = ResumeState(p)
         if st.dir.exists() and not st.dir.is_dir():
             raise BadInput(f"--output: {st.dir} is a file, and sample.py keeps the chunks of {p.name} in progress there")
-        if st.exists() and not st.chunks():
+        if st.exists() and (not st.chunks() or (overwrite and not resume)):
             if p in own:
-                st.remove()  # made by a run stopped before its first chunk: nothing to resume
+                st.remove()  # made by a run stopped before its first chunk, or discarded by --overwrite
         elif st.exists() and not resume:
             raise BadInput(f"{st.dir}: a run left {st.chunks()} chunk(s) of {p.name} there (stopped, or --keep-chunks); "
-                           "add --resume to continue or extend it, or remove the folder to start that video over")
+                           "add --resume to continue or extend it, or --overwrite to start that video over")
 
 
 def check_args(args) -> None:

@@ -40,7 +40,7 @@ def run(args) -> int:
 
 def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, mine) -> int:
     """Load the pipeline (and a given history), then generate this process's share (its outputs locked)."""
-    check_leftovers(paths, args.resume, own={paths[i] for i in mine})
+    check_leftovers(paths, args.resume, own={paths[i] for i in mine}, overwrite=args.overwrite)
     if not mine:
         if not args.quiet:
             print(f"process {rank} of {world}: no batch falls to it ({len(prompts)} prompts in all)", file=sys.stderr)

@@ -421,3 +421,9 @@ def test_an_existing_video_is_replaced_only_with_overwrite(run_dir, tmp_path, ca
     assert out.read_bytes() != before and "blue" in json.loads(out.with_suffix(".json").read_text())["prompt"]
     assert cli(*base, "--prompt", "x", "--init-video", out, "--overwrite") == 2
     assert "is the --init-video itself" in capsys.readouterr().err
+    # a stopped run's folder: --overwrite starts over (without it or --resume: refused, as before)
+    st = ResumeState(out)
+    st.begin({"any": "key"}, keep=0)
+    st.save(0, torch.zeros(1, 1, 1, 1))
+    assert cli(*base, "--prompt", "a red circle", "--overwrite") == 0
+    assert not st.dir.exists() and out.read_bytes() == before
