@@ -20,8 +20,9 @@ largest need so far):
   dense attention: the whole history of the layer (exact attention over it needs every key);
   window routing: sink + window (known on the host);
   top-k routing: the union over batch, heads and queries of the selected chunks. The selection is
-    on the device, so the cache reads the union's mask to the host: ONE host sync per layer call, the
-    price of the host tier (only while chunks are offloaded; the all-resident KVCache has none).
+    on the device, so its union's mask is read to the host in the routed call's one host sync
+    (attention.routed.plan_routed, made before the staging and handed to routed_attention(plan=...)):
+    the same one sync a top-k call makes on the all-resident KVCache.
 The attention paths see the packed history with the selection packed alike (`routed_attention(...,
 packed=(chunks, n))`) and compute the same arithmetic as over the whole history: outputs are
 bit-identical (tests/test_kv_offload.py) when a chunk's K/V bytes are a multiple of 64, as at every real
@@ -54,7 +55,7 @@ import torch
 from .attention.backends import attention, routing_path
 from .attention.ops import routes_layer
 from .attention.positions import FarPositions
-from .attention.routed import routed_attention
+from .attention.routed import plan_routed, routed_attention
 from .attention.selection import index_runs, select_chunks, static_chunks
 from .attention.spec import RoutingSpec
 
@@ -124,10 +125,10 @@ class KVCache:
         """Mean keys [B, Hh, n, D] (fp32) of the n finished chunks: always resident."""
         return self.mean_k[layer][:, :, :self.num_chunks]
 
-    def staged_chunks(self, sel: torch.Tensor) -> tuple[list[int] | None, torch.Tensor | None]:
-        """History chunks to bring in for the selection `sel` [B, Hh, Lq, n] and their union mask [n] on
-        sel's device: (None, None) = all of them (here: every chunk is a view already; nothing computed)."""
-        return None, None
+    def union_mask(self, sel: torch.Tensor) -> torch.Tensor | None:
+        """The chunks to stage for the selection `sel` [B, Hh, Lq, n] (a bounded cache's): None = all of them
+        (here every chunk is a view already; nothing computed)."""
+        return None
 
     def put_current(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunks: list[int] | None = None):
         """Write the current chunk's K/V into the scratch slot; return K, V of history + current
@@ -247,14 +248,13 @@ class TieredKVCache(KVCache):
         self.stage_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._staged = None
 
-    def staged_chunks(self, sel: torch.Tensor) -> tuple[list[int] | None, torch.Tensor | None]:
-        """The union of `sel` [B, Hh, Lq, n] over batch, heads and queries: (host list, bool mask [n] on the
-        device); the list is the host sync the host tier adds to a routed call (the torch path's plan makes
-        its own after it). (None, None): stage all, no sync, while nothing is offloaded."""
+    def union_mask(self, sel: torch.Tensor) -> torch.Tensor | None:
+        """The chunks to stage for the selection `sel` [B, Hh, Lq, n]: its union over batch, heads and
+        queries, a bool mask [n] on the device (read to the host in the routed plan's one sync:
+        attention.routed.plan_routed). None: stage all, while nothing is offloaded."""
         if self.offloaded == 0:
-            return None, None
-        used = sel.flatten(0, 2).any(dim=0)
-        return [j for j, u in enumerate(used.tolist()) if u], used
+            return None
+        return sel.flatten(0, 2).any(dim=0)
 
     def _stage(self, layer: int, chunks: list[int] | None) -> int:
         """Pack the history chunks `chunks` (None = all) of `layer` into the staging buffer, ascending;
@@ -400,13 +400,16 @@ class CachedAttention:
             chunks = static_chunks(self.routing, n)
         record = self.recorder is not None and self.commit
         pos, far = self.positions, self.positions is not None and self.positions.far_chunks(n) > 0
-        sel = None
+        sel = plan = None
         if routes and chunks != list(range(n)):
             staged = chunks
             if chunks is None:  # top-k: select first, over the resident mean keys
                 mean_k = cache.mean_keys(layer)
                 sel = select_chunks(q, pos.mean_keys(mean_k, n) if far else mean_k, self.routing, backend=self._path)
-                staged, used = cache.staged_chunks(sel)  # a bounded cache: the union (its one host sync)
+                used = cache.union_mask(sel)
+                if used is not None:  # a bounded cache: the union to stage, read in the routed plan's one sync
+                    plan = plan_routed(q, sel, cache.chunk_tokens, k.shape[2], backend=self._path, extra=used)
+                    staged = [j for j, u in enumerate(plan.extra) if u]
             hist_k, hist_v, _ = cache.history(layer, staged)
             cache.put_current(layer, k, v, staged)
             packed = (staged, n) if cache.packs and staged is not None else None
@@ -431,7 +434,7 @@ class CachedAttention:
             else:
                 sel_a, chunks_a = _packed_columns(sel, used, len(staged)), None
             out, _ = routed_attention(q, hist_k, hist_v, k, v, sel_a, cache.chunk_tokens, backend=self._path,
-                                      chunks=chunks_a, packed=packed, positions=turned)
+                                      chunks=chunks_a, packed=packed, positions=turned, plan=plan)
             if record and sel is None:
                 sel = _static_sel(q, n, chunks)
         else:

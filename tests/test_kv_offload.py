@@ -252,6 +252,35 @@ def test_topk_stages_only_the_union_and_is_bit_identical(shape, layout, monkeypa
         assert tier.mean_keys(layer).shape == (b, hh, n, d)  # selection reads every mean key, resident
 
 
+@pytest.mark.parametrize("far", [False, True], ids=["absolute", "far-positions"])
+def test_topk_on_a_bounded_cache_reads_the_device_once_per_call(monkeypatch, far):
+    """The union to stage and the routed plan come from ONE host read per layer call (attention.routed.
+    plan_routed), as on the all-resident cache (it took two: the union, then the plan); no .item() /
+    int(tensor); the output equals the all-resident cache's bit for bit."""
+    from resampling_forcing.attention.positions import FarPositions
+    from resampling_forcing.models.wan import rope_frame_freqs
+
+    b, hh, t, d, n = 1, 2, 5, 16, 9
+    spec = RoutingSpec("topk", top_k=2, sink_chunks=1, window_chunks=1)
+    full = _filled(KVCache(1, b, hh, d, t, "cpu", torch.float32, capacity=2), n, 1, b, hh, t, d, {2, 3}, 1)
+    tier = _filled(TieredKVCache(1, b, hh, d, t, "cpu", torch.float32, capacity=2, resident_chunks=2),
+                   n, 1, b, hh, t, d, {2, 3}, 1)
+    pos = FarPositions(3, rope_frame_freqs(d, 10000.0), 1) if far else None
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, hh, t, d, generator=g) for _ in range(3))
+    calls, orig = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or orig(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in the cache / attention path"))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("int(tensor) in the cache / attention path"))
+    reads = tier.host_reads
+    got = CachedAttention(tier, "sdpa", routing=spec, positions=pos)(q, k, v, 0)
+    assert len(calls) == 1 and tier.host_reads > reads  # chunks came from the host tier
+    calls.clear()
+    want = CachedAttention(full, "sdpa", routing=spec, positions=pos)(q, k, v, 0)
+    assert len(calls) == 1
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("spec", [RoutingSpec("topk", top_k=2, sink_chunks=1, window_chunks=1),
                                   RoutingSpec("window", sink_chunks=1, window_chunks=2)], ids=["topk", "window"])
 def test_packed_history_on_the_triton_path(spec):

@@ -432,3 +432,35 @@ def test_explicit_ops_in_small_query_blocks(monkeypatch):
     q, kh, vh, kc, vc = inputs(2, 2, 4, 10, 8)
     check(q, kh, vh, kc, vc, torch.rand(2, 2, 10, 4) > 0.5, 10)  # grouped
     check(q, kh, vh, kc, vc, torch.ones(2, 2, 10, 4, dtype=torch.bool), 10)  # uniform
+
+
+@pytest.mark.parametrize("pattern", ["random", "coherent", "uniform"])
+def test_a_plan_made_ahead_serves_the_packed_history(pattern, monkeypatch):
+    """plan_routed over the whole history's selection (one host read, with the caller's extra values), then
+    routed_attention over only the selected chunks packed (a bounded cache's staging) with that plan: no
+    host read of its own, the whole-history output bit for bit (and the reference's)."""
+    from resampling_forcing.attention.routed import plan_routed
+
+    B, Hh, N, T, D = 2, 3, 9, 5, 16
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, seed=4)
+    if pattern == "uniform":
+        sel = torch.zeros(B, Hh, T, N, dtype=torch.bool)
+        sel[..., [0, 4, 8]] = True
+    else:
+        sel = pattern_sel(B, Hh, T, N, 2, pattern, seed=4)
+    sel[..., 6] = False  # a chunk nobody selects: left out of the packed history
+    used = sel.flatten(0, 2).any(dim=0)
+    calls, orig = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or orig(self))
+    plan = plan_routed(q, sel, T, T, backend="torch", extra=used)
+    ids = [j for j, u in enumerate(plan.extra) if u]
+    assert len(calls) == 1 and ids == [j for j in range(N) if used[j]] and 6 not in ids
+    assert plan.plan.kind == ("uniform" if pattern == "uniform" else "blocks")
+    cols = lambda t: torch.cat([t[:, :, j * T:(j + 1) * T] for j in ids], dim=2)  # noqa: E731
+    got, got_lse = routed_attention(q, cols(kh), cols(vh), kc, vc, sel[..., ids], T, backend="torch",
+                                    packed=(ids, N), plan=plan)
+    assert len(calls) == 1  # the call read nothing
+    want, want_lse = routed_attention(q, kh, vh, kc, vc, sel, T, backend="torch")
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
+    ref, _ = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
+    torch.testing.assert_close(got, ref, **TOL)

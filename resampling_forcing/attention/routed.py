@@ -11,6 +11,7 @@ the kernel runs, per call whichever `backends.kernel_is_cheaper` says from `rout
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from .backends import kernel_is_cheaper, kernels, use_routing_kernels
 from .masks import FLEX_BLOCK, block_mask_from_counts
 from .positions import FarPositions
-from .routed_torch import _plan_history, routed_attention_torch
+from . import routed_torch as _torch_path  # its planner looked up at call time (tests force its layouts)
+from .routed_torch import _HistoryPlan, packed_plan, routed_attention_torch
 from .selection import check_4d
 
 
@@ -64,6 +66,42 @@ def routed_work(sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, block_row
     return torch.stack([visited * (block_rows * chunk_tokens) + cur, sel.sum() * chunk_tokens + cur])
 
 
+@dataclass
+class RoutedPlan:
+    """A routed call planned before its history is given (`plan_routed`): which path runs, the torch path's
+    plan over the whole history (None on the kernel's), and the caller's `extra` values, all read in ONE
+    host sync."""
+
+    use_kernel: bool
+    plan: _HistoryPlan | None
+    extra: list[int]
+
+
+def plan_routed(q: torch.Tensor, sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, backend: str = "auto",
+                extra: torch.Tensor | None = None) -> RoutedPlan:
+    """Plan a routed call of the current chunk's queries q [B,Hh,Lq,D] from the selection over the WHOLE
+    history sel [B,Hh,Lq,N] (inference), reading `extra` (int [E] on sel's device) in the same host sync:
+    for a caller that must learn something of the selection before it can give the history, e.g. a bounded
+    cache the union to stage. Pass the result to `routed_attention(..., plan=...)` with the history packed
+    or not: the call makes no sync of its own."""
+    extra = sel.new_zeros(0, dtype=torch.int64) if extra is None else extra.long().flatten()
+    use_kernel = use_routing_kernels(backend, q, "routed_attention", fp32=False)
+    B, Hh, Lq, N = sel.shape
+    if use_kernel and backend != "auto":  # the kernel plans nothing: the extra values alone
+        return RoutedPlan(True, None, extra.tolist())
+    if N == 0 or q.numel() == 0:
+        return RoutedPlan(use_kernel, _HistoryPlan("none"), extra.tolist())
+    work = None
+    if use_kernel:  # "auto" where the kernel runs: the statistics it decides by, in the same read
+        work = routed_work(sel, chunk_tokens, cur_tokens, kernels().block_rows(q.shape[-1]))
+        extra = torch.cat([work, extra])
+    plan = _torch_path._plan_history(sel, chunk_tokens, q.shape[-1], extra=extra)
+    values = plan.extra
+    if work is not None:
+        use_kernel, values = kernel_is_cheaper(*values[:2]), values[2:]
+    return RoutedPlan(use_kernel, plan, values)
+
+
 _LAST_PATH: list = ["-"]
 
 
@@ -86,6 +124,7 @@ def routed_attention(
     chunks: list[int] | None = None,
     packed: tuple[list[int], int] | None = None,
     positions: FarPositions | None = None,
+    plan: RoutedPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed attention of current-chunk queries: own chunk (full) + selected history chunks (per token).
 
@@ -113,6 +152,8 @@ def routed_attention(
     read at its distance, the same output as `positions.keys(k_hist, ...)` passed instead (the kernel is
     given that rotated copy; the torch path rotates only what it reads: the gathered keys of a uniform
     plan, else the queries that read a far chunk, turned back).
+    plan: `plan_routed` over the whole history's selection (its one host sync made before the call): the
+    call plans nothing (with `packed`, the plan is restricted to the packed chunks).
     """
     check_attention_inputs("routed_attention", q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens)
     if packed is not None and (len(packed[0]) != sel.shape[-1] or any(not 0 <= j < packed[1] for j in packed[0])):
@@ -125,12 +166,18 @@ def routed_attention(
     if chunks is not None and any(not 0 <= j < sel.shape[-1] for j in chunks):
         raise ValueError(f"routed_attention: chunks {list(chunks)} must be history chunk indices < {sel.shape[-1]}")
     use_kernel = use_routing_kernels(backend, q, "routed_attention", fp32=False)
-    plan = None
-    if use_kernel and backend == "auto" and chunks is None and sel.shape[-1] > 0 and q.numel() > 0:
+    hist_plan = None
+    if plan is not None:  # planned by the caller, over the whole history
+        if needs_grad or chunks is not None:
+            raise ValueError("routed_attention: plan= is for inference calls without chunks= (plan_routed)")
+        use_kernel = plan.use_kernel
+        if plan.plan is not None:
+            hist_plan = packed_plan(plan.plan, list(packed[0])) if packed is not None else plan.plan
+    elif use_kernel and backend == "auto" and chunks is None and sel.shape[-1] > 0 and q.numel() > 0:
         work = routed_work(sel, chunk_tokens, k_cur.shape[2], kernels().block_rows(q.shape[-1]))
         full = None if packed is None else packed[1]
-        plan = _plan_history(sel, chunk_tokens, q.shape[-1], full_chunks=full, extra=work)
-        use_kernel = kernel_is_cheaper(*plan.extra)
+        hist_plan = _torch_path._plan_history(sel, chunk_tokens, q.shape[-1], full_chunks=full, extra=work)
+        use_kernel = kernel_is_cheaper(*hist_plan.extra)
     _LAST_PATH[0] = "triton" if use_kernel else "torch"
     n = sel.shape[-1] if packed is None else packed[1]  # the current chunk's index
     ids = None if packed is None else list(packed[0])
@@ -145,7 +192,7 @@ def routed_attention(
             )
         return kernels().routed_attention_fwd(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale)
     return routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, chunk_tokens, scale,
-                                   sorted(chunks) if chunks is not None else None, packed, plan,
+                                   sorted(chunks) if chunks is not None else None, packed, hist_plan,
                                    None if shifts is None else (positions, shifts))
 
 

@@ -257,6 +257,21 @@ def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = N
     return _HistoryPlan("blocks", dense=dense, rows=rows_l, counts=counts_l, dense_mask=dense_mask, extra=extra_l)
 
 
+def packed_plan(plan: _HistoryPlan, ids: list[int]) -> _HistoryPlan:
+    """`plan` (made over a whole history's selection) for the packed history holding only the chunks `ids`
+    (ascending; every chunk any query selects is among them, so no dense or uniform chunk is left out): the
+    same calls, the same output bit for bit as `_plan_history(packed sel, full_chunks=n)` would plan. No
+    host sync (the dense mask's columns are picked on the device)."""
+    if plan.kind == "none":
+        return plan
+    pos = {c: j for j, c in enumerate(ids)}
+    if plan.kind == "uniform":
+        return _HistoryPlan("uniform", chunks=[pos[c] for c in plan.chunks], extra=plan.extra)
+    mask = plan.dense_mask.index_select(1, _to_device(list(ids), plan.dense_mask.device))
+    return _HistoryPlan("blocks", dense=[[pos[c] for c in d] for d in plan.dense], rows=plan.rows,
+                        counts=[[cnt[c] for c in ids] for cnt in plan.counts], dense_mask=mask, extra=plan.extra)
+
+
 def _head_groups(plan: _HistoryPlan):
     """(dense groups, padded sparse groups): consecutive heads that share one kernel call.
 
