@@ -46,6 +46,7 @@ from .ablation_arms import (ARMS, DEFAULT_ARMS, arm_overrides, arm_settings, che
                             seed_overrides)
 from .ablation_layout import REPORT_FILE, arm_dir, eval_path, sheet_path
 from .cli import EXIT_BAD_INPUT, BadInput, OneLineParser, check_checkpoint, check_output_dir, check_seed, doc_summary
+from .config_checks import check_cfg_scale
 
 __all__ = ["Preset", "PRESETS", "run", "main"]
 
@@ -256,6 +257,10 @@ def run(args) -> int:
         raise BadInput(f"--steps must be >= 1 (got {steps})")
     if args.resample_steps < 1:
         raise BadInput(f"--resample-steps must be >= 1 (got {args.resample_steps})")
+    try:
+        check_cfg_scale(args.resample_cfg, "--resample-cfg", "1 = no guidance while resampling (the default)")
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     # every flag is checked here, before hours of training (they were read only when first used)
     check_seed("--seed", args.seed)
     check_arm_sets(args.overrides)
@@ -331,7 +336,8 @@ def run(args) -> int:
     for i, name in enumerate(arms):
         run_dir = arm_dir(out, name)
         arm_dirs[name] = run_dir
-        arm_sets = arm_settings(arm_overrides(name, calib, preset, steps, warmup, run_dir, args.resample_steps),
+        arm_sets = arm_settings(arm_overrides(name, calib, preset, steps, warmup, run_dir, args.resample_steps,
+                                               args.resample_cfg),
                                 args.overrides, seed_sets)
         if _finished(run_dir, steps, config, arm_sets):
             continue
@@ -384,7 +390,8 @@ def run(args) -> int:
             d["validation"] = validation[name]
         if name != "warmup":
             d["description"] = describe_arm(name)
-            d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name], args.resample_steps)[2:4]
+            d["overrides"] = arm_overrides(name, calib, preset, steps, warmup, arm_dirs[name], args.resample_steps,
+                                           args.resample_cfg)[2:4]
         return d
 
     def protocol_entry(proto):
@@ -456,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the preset's)")
     p.add_argument("--resample-steps", type=int, default=1, help="Euler steps from t_s of the resampling arms' "
                    "history degradation (default 1, the paper's)")
+    p.add_argument("--resample-cfg", type=float, default=1.0, help="guidance scale of the resampling arms' "
+                   "rollout (default 1: none, the restated method's)")
     p.add_argument("--out", default=None, help="work folder (default outputs/ablation/<preset>, with --seed N "
                    "outputs/ablation/<preset>_seedN); a rerun with the same settings resumes it (the data set is "
                    "rendered once into the preset's data.synthetic_dir, shared by every seed: --set "

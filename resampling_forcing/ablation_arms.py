@@ -59,10 +59,11 @@ def describe_arm(name: str) -> str:
     raise BadInput(f"--arms: unknown arm {name!r}; choose from {', '.join(ARMS)}, or ar_S / parallel_S / ramp_S "
                    "with S > 0 a resampling shift (e.g. ar_1.2)")
 def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Path, run_dir: Path,
-                  resample_steps: int = 1) -> list[str]:
+                  resample_steps: int = 1, resample_cfg: float = 1.0) -> list[str]:
     """train/train.py overrides of arm `name` (config keys; everything else is the preset config's).
-    `resample_steps`: Euler steps from t_s of the resampling arms' degradation (the paper's 1 is the stage's
-    default, left unsaid so that the arms of earlier runs keep their settings)."""
+    `resample_steps`, `resample_cfg`: Euler steps from t_s and guidance scale of the resampling arms'
+    degradation (the paper's 1 and no guidance are the stage's defaults, left unsaid so that the arms of
+    earlier runs keep their settings)."""
     from .config import DiffusionConfig
 
     s_rec, sigma = calib["recommended_shift"], calib["noise_sigma"]
@@ -81,6 +82,8 @@ def arm_overrides(name: str, calib: dict, preset: Preset, steps: int, warmup: Pa
         stage["objective"] = "parallel_resampling" if form == "parallel" else "resampling"
         if resample_steps != 1:
             stage["resample_steps"] = int(resample_steps)
+        if resample_cfg != 1.0:
+            stage["resample_cfg"] = float(resample_cfg)
         if form == "ramp":
             stage.update(ramp="probability", ramp_steps=max(1, steps // 3))
     return [f"train.run_dir={run_dir}", f"train.init_from={warmup}", f"train.stages={json.dumps([stage])}",

@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cli import BadInput, OneLineParser, check_output_file, check_seed, run_cli
+from .config_checks import check_cfg_scale
 from .data.synthetic import HELD_OUT_SEED_BASES, HELD_OUT_SET_SIZE
 from .diffusion import shift_t
 from .resampling import OBJECTIVES, RESAMPLING_OBJECTIVES, DegradeSettings, degrade_history
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="degradation to measure (default: the config's last non-teacher-forcing stage, else resampling)")
     p.add_argument("--shift", type=float, default=None, help="resampling shift s of the t_s law (config: diffusion.resample_shift)")
     p.add_argument("--resample-steps", type=int, default=None, help="Euler steps from t_s to 0 (config: the stage's)")
+    p.add_argument("--resample-cfg", type=float, default=None, help="guidance scale of the resampling rollout "
+                   "(config: the stage's resample_cfg; 1 = off)")
     p.add_argument("--noise-scale", type=float, default=None, help="noise_augmentation std (config: the stage's)")
     p.add_argument("--shifts", default=DEFAULT_SHIFTS, help=f"shifts to sweep, comma separated (default {DEFAULT_SHIFTS})")
     p.add_argument("--context-chunks", type=int, default=1, help="true chunks the rollout continues (default 1)")
@@ -371,6 +374,11 @@ def _check_args(args) -> None:
         raise BadInput(f"--shift must be a finite number > 0 (got {args.shift})")
     if args.resample_steps is not None and args.resample_steps < 1:
         raise BadInput(f"--resample-steps must be >= 1 (got {args.resample_steps})")
+    if args.resample_cfg is not None:
+        try:
+            check_cfg_scale(args.resample_cfg, "--resample-cfg", "1 = no guidance while resampling")
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     if args.noise_scale is not None and not (math.isfinite(args.noise_scale) and args.noise_scale >= 0):
         raise BadInput(f"--noise-scale must be a finite number >= 0 (got {args.noise_scale})")
     check_seed("--seed", args.seed)
@@ -427,7 +435,8 @@ def _degrade_settings(pipe, args) -> DegradeSettings:
         objective=objective, steps=args.resample_steps or stage.resample_steps,
         shift=args.shift if args.shift is not None else cfg.diffusion.resample_shift,
         noise_scale=args.noise_scale if args.noise_scale is not None else stage.noise_aug_scale,
-        cfg_scale=stage.resample_cfg, backend=pipe.backend, context_t=cfg.diffusion.context_t)
+        cfg_scale=stage.resample_cfg if args.resample_cfg is None else args.resample_cfg, backend=pipe.backend,
+        context_t=cfg.diffusion.context_t)
 
 
 def _merge(parts: list[tuple[int, GapReport, dict]]) -> tuple[GapReport, dict]:

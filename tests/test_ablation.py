@@ -160,11 +160,17 @@ def test_arms_at_any_strength():
         o = arm_overrides(name, calib, PRESETS["cpu"], 30, Path("w"), Path("r"), resample_steps=4)
         assert _json.loads(o[2].split("=", 1)[1])[0].get("resample_steps") == want, name
         assert "resample_steps" not in stage_and_shift(name)[0]
+    # --resample-cfg likewise: guidance of the resampling rollout, left unsaid at the default (no guidance)
+    for name, want in (("ar_1step", 2.0), ("parallel_1step", 2.0), ("tf", None), ("noise_aug", None)):
+        o = arm_overrides(name, calib, PRESETS["cpu"], 30, Path("w"), Path("r"), resample_cfg=2.0)
+        assert _json.loads(o[2].split("=", 1)[1])[0].get("resample_cfg") == want, name
+        assert "resample_cfg" not in stage_and_shift(name)[0]
 
 
 @pytest.mark.parametrize("arms,msg", [("tf,ar_0", "the strength must be in"), ("ar_x", "unknown arm 'ar_x'"),
                                       ("tf,ar_1.2,ar_1.2", "names an arm twice"),
                                       ("tf --resample-steps 0", "--resample-steps must be >= 1"),
+                                      ("tf --resample-cfg -1", "--resample-cfg must be in [0, 100]"),
                                       ("", "names no arm"), (" , ", "names no arm")])  # an unset shell variable
 def test_bad_arm_names_are_one_line_exit_2(capsys, arms, msg):
     assert main(["--arms", *(arms.split() if arms.strip() else [arms])]) == 2
