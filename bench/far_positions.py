@@ -4,9 +4,9 @@
     OMP_NUM_THREADS=1 python bench/far_positions.py --threads 1 --histories 6,40 \\
         --out outputs/bench/far_positions.json
 
-The horizon re-rotates, at every call, the keys of the history chunks it reads beyond the horizon
-(attention/positions.py): dense attention and top-k on the all-resident cache rotate every far chunk (an
-elementwise pass over the history), window routing only its sink chunks. This times
+The horizon re-rotates, at every call, what it reads of the history beyond the horizon (attention/positions.py):
+dense attention rotates every far key (an elementwise pass over the history), window routing only its sink
+chunks, top-k on the torch path the queries that read a far chunk (turned back; the kernel gets rotated keys). This times
 `cache.CachedAttention` (one layer, queries = the current chunk) at Wan2.1-1.3B's heads (12 x 128) and one
 480p latent frame per chunk (1560 tokens) over a history of N chunks filled with random K/V, for dense,
 top-k and sink + window routing, horizon None vs --horizon; median of --reps calls after one warm-up.

@@ -176,7 +176,8 @@ def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Seque
 
 
 def calibrate(warmup: Path, out: Path, preset: Preset, clips: int) -> dict:
-    """The warmup's exposure gap on the calibration clips -> target error, recommended s, noise sigma."""
+    """The warmup's exposure gap on the calibration clips -> target error, the rollout-matched s (`recommended_shift`,
+    the arms' "rec" strength: diagnose's upper bound), the one-step-matched s, noise sigma."""
     diag = _diagnose(warmup, out / "calibration" / "diagnose_warmup.json", clips, preset.shifts,
                      ["--objective", "resampling"])
     from .diagnose import recommend_shift
@@ -205,7 +206,7 @@ def _evaluate(name: str, checkpoint: Path, clips, preset: Preset, seg: int, out:
               split: str = "eval", protocol: str = "dense") -> dict:
     """Continue `clips` (held-out set `split`) with a checkpoint under inference `routing` (the protocol
     `protocol`'s, or a routing of the best arm) -> {summary, per-clip arrays} (cached at
-    ablation_report.eval_path; a contact sheet in OUT/sheets for the eval set)."""
+    ablation_layout.eval_path; a contact sheet in OUT/sheets for the eval set)."""
     from .ablation_eval import cache_key, cached, continue_clips, contact_sheet, metric_arrays, score, summarize
     from .attention.routing import RoutingSpec
     from .pipeline import Pipeline
@@ -316,7 +317,7 @@ def run(args) -> int:
 
     # 2. calibration
     calib = calibrate(warmup, out, preset, gap_n)
-    print(f"[ablation] calibration: rollout error {calib['target']:.4g}, recommended s {calib['recommended_shift']:.3g} "
+    print(f"[ablation] calibration: rollout error {calib['target']:.4g}, rollout-matched s {calib['recommended_shift']:.3g} "
           f"({'reached' if calib['reached'] else 'NOT reached'}), noise sigma {calib['noise_sigma']:.3g}", flush=True)
 
     # 3. evaluation clips, the metrics' sanity check and the warmup's own evaluation (before the arms:

@@ -405,14 +405,14 @@ def _is_legacy_pickle(path: Path) -> bool:
     return False
 
 
-def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True, resume: bool = False) -> Optional[Path]:
-    """The newest complete checkpoint whose files are whole (`resume`: checkpoint_problem's). Damaged newer ones are named in a
+def latest_good_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint whose files are whole. Damaged newer ones are named in a
     warning and (``set_aside``, main process) renamed to ``step_XXXXXXX.damaged`` so that neither a
     later resume nor rotation nor the sampler picks them. CheckpointError when all are damaged."""
     ckpts = list_checkpoints(run_dir)
     damaged = []
     for _, path in reversed(ckpts):
-        problem = checkpoint_problem(path, resume=resume)
+        problem = checkpoint_problem(path)
         if problem is None:
             for bad, why in damaged:
                 logger.warning("checkpoint %s is damaged (%s); resuming from the previous complete one, %s%s",

@@ -35,7 +35,7 @@ __all__ = ["ResumeError", "ResumeState", "state_dir", "run_key", "key_difference
            "finished", "written_by", "batch_replay", "ReplayChunks", "lock_videos"]
 
 KEY_FILE = "run.json"
-LOCKS_DIR = ".sample-locks"  # beside the videos: an empty lock file per video (kept: removing one races)
+LOCKS_DIR = ".sample-locks"  # beside the videos: an empty lock file per video while it is written
 KEY_VERSION = 1
 
 

@@ -28,7 +28,6 @@ def run(args) -> int:
     batches, rank, world = process_share(args, len(prompts))
     mine = [i for idx in batches for i in idx]
     check_writable(paths)  # every process checks every output: they refuse together, before any loads
-    check_existing([paths[i] for i in mine], args)  # its own only: another process may be writing the others
     with contextlib.ExitStack() as held:  # this process's outputs locked before any resume folder is read
         held.enter_context(stop_at_once("stopped while no video was in progress: nothing half-written"))
         try:
@@ -40,6 +39,7 @@ def run(args) -> int:
 
 def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, mine) -> int:
     """Load the pipeline (and a given history), then generate this process's share (its outputs locked)."""
+    check_existing([paths[i] for i in mine], args)  # under the locks; its own only: another process may be writing the others
     check_leftovers(paths, args.resume, own={paths[i] for i in mine}, overwrite=args.overwrite)
     if not mine:
         if not args.quiet:

@@ -38,7 +38,12 @@ class TrainerCheckpoints:
                 raise CheckpointError(f"train.resume_from={ckpt} is damaged ({problem}); pass an earlier checkpoint")
             return ckpt
         # a truncated newest checkpoint (killed disk, full disk) falls back to the previous whole one
-        return latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process, resume=True)
+        ckpt = latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process)
+        problem = None if ckpt is None else checkpoint_problem(ckpt, resume=True)
+        if problem:  # whole weights without accelerate's optimizer state (copied without the .bin files?)
+            raise CheckpointError(f"{ckpt} cannot be resumed: {problem} (its weights are whole: start a new run "
+                                  f"from them with train.init_from={ckpt} and another train.run_dir, or restore the file)")
+        return ckpt
 
     # accelerate hooks: the model is saved/loaded in our format (model.safetensors), not twice
     def _save_hook(self, models, weights, output_dir):

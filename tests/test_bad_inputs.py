@@ -20,6 +20,7 @@ import torch
 
 from resampling_forcing.checkpoint import checkpoint_problem, list_checkpoints
 from resampling_forcing.io import write_mp4
+from resampling_forcing.models.loading import CheckpointError
 from resampling_forcing.training import Trainer, train
 from train_helpers import REPO, TINY_YAML, child_env, read_log, small_overrides
 from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
@@ -233,6 +234,9 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, synth, 
     (step4 / "optimizer.bin").rename(step4 / "opt.moved")  # a missing optimizer was taken as whole (a traceback)
     assert checkpoint_problem(step4, resume=True) == "optimizer.bin is missing"
     assert checkpoint_problem(step4) is None  # its weights still serve train.init_from, --lora
+    with pytest.raises(CheckpointError, match=r"step_0000004 cannot be resumed: optimizer.bin is missing .*train.init_from="):
+        train(load_cfg(run, synth, "train.save_every=2", "data.fixed_batch=true", steps_tf=2, steps_rf=3))
+    assert (step4 / "model.safetensors").is_file()  # refused, not set aside: its weights are whole
     (step4 / "opt.moved").rename(step4 / "optimizer.bin")
     from unittest import mock
 

@@ -264,3 +264,16 @@ def test_config_file_not_utf8(tmp_path):
     bad.write_bytes("train:\n  run_dir: r\u00e9sum\u00e9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(bad)
+
+
+def test_yaml_merge_keys_and_unhashable_keys(tmp_path):
+    """The duplicate-key check leaves YAML merge keys to YAML (`<<: *anchor`, own keys override) and an
+    unhashable key to YAML's own one-line refusal."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  stages: [&tf {name: tf, steps: 5}, {<<: *tf, name: rf, objective: resampling}]\n")
+    cfg = load_config(path)
+    assert [(s.name, s.steps, s.objective) for s in cfg.train.stages] == [("tf", 5, "teacher_forcing"),
+                                                                          ("rf", 5, "resampling")]
+    path.write_text("train:\n  ? [1, 2]\n  : 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML: found unhashable key at line 2"):
+        load_config(path)

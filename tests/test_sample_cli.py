@@ -750,3 +750,17 @@ def test_seconds_gives_the_length(run_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and words in err, (args, err)
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_a_model_override_equal_to_the_checkpoints_value_is_accepted_however_written(run_dir):
+    """--set model.eps=1e-6 (a string to YAML: no dot) equals the checkpoint's 1e-06 and is accepted, as
+    0.000001 is; another value is refused in one line."""
+    from resampling_forcing.pipeline import resolve_config
+    from resampling_forcing.pipeline.loading import check_model_overrides
+
+    cfg = resolve_config(run_dir)
+    assert cfg.model.eps == 1e-6
+    for same in ("model.eps=1e-6", "model.eps=0.000001", "model.eps=1E-6"):
+        check_model_overrides(cfg, [same])
+    with pytest.raises(PipelineError, match=r"model.eps=1e-5: the checkpoint fixes model.eps = 1e-06"):
+        check_model_overrides(cfg, ["model.eps=1e-5"])

@@ -70,8 +70,8 @@ class FarPositions:
 
     def turn_(self, x: torch.Tensor, shifts: torch.Tensor) -> None:
         """Rotate x [..., D] in place on the frame axis (its first F dims, about a third of a Wan head) by
-        `shifts` chunks (float64, broadcast against x.shape[:-1]; 0 leaves a row as it is), in fp32 (fp64
-        for fp64 x). A negative shift turns a query back: (R(-s) q) . k = q . (R(s) k)."""
+        `shifts` chunks (float64 on x's device, broadcast against x.shape[:-1]; 0 leaves a row as it is), in
+        fp32 (fp64 for fp64 x). A negative shift turns a query back: (R(-s) q) . k = q . (R(s) k)."""
         f = 2 * self.freqs.shape[0]
         angles = (shifts.to(x.device) * self.chunk_frames)[..., None] * self.freqs.to(x.device)  # [..., F/2]
         wide = x.dtype == torch.float64
@@ -84,7 +84,7 @@ class FarPositions:
         """Rotate x [B, Hh, m, T, D] in place: m consecutive chunks, the first shifted by `first_shift`
         chunks, the next by one less, ..."""
         m = x.shape[2]
-        shifts = torch.arange(first_shift, first_shift - m, -1, dtype=torch.float64)
+        shifts = torch.arange(first_shift, first_shift - m, -1, dtype=torch.float64, device=x.device)
         self.turn_(x, shifts.view(m, *([1] * (x.dim() - 4))))
 
     def column_shifts(self, n: int, ids: list[int] | None = None, columns: int | None = None) -> list[int] | None:

@@ -338,7 +338,7 @@ def _blocks_history(q, k_hist, v_hist, sel, T, scale, plan: _HistoryPlan, ids: l
             qe = qf[h0:h1, None].expand(h1 - h0, j1 - j0, Lq, D)
             if far is not None and any(far[1][j0:j1]):
                 qe = qe.clone()
-                far[0].turn_(qe, -torch.tensor(far[1][j0:j1], dtype=torch.float64).view(-1, 1))
+                far[0].turn_(qe, -_to_device(far[1][j0:j1], dev).double().view(-1, 1))
             o, lse = _attn_lse(qe, kh[h0:h1, j0:j1], vh[h0:h1, j0:j1], scale)
             lse = lse.masked_fill(~sel_h[h0:h1, :, j0:j1].transpose(1, 2), NEG_INF)  # pairs not selected
             dense_parts.append((h0, h1, o, lse))
@@ -469,7 +469,8 @@ def routed_attention_torch(q, k_hist, v_hist, k_cur, v_cur, sel, T, scale, chunk
         shifts = [] if far is None else [far[1][j] for j in plan.chunks]
         m = max((i + 1 for i, c in enumerate(shifts) if c), default=0)  # far columns lead the ascending copy
         if m:
-            far[0].turn_(k[:, :, :m * T].unflatten(2, (m, T)), torch.tensor(shifts[:m], dtype=torch.float64).view(-1, 1))
+            far[0].turn_(k[:, :, :m * T].unflatten(2, (m, T)),
+                         _to_device(shifts[:m], k.device).double().view(-1, 1))
         v = torch.cat(_chunk_runs(v_hist, plan.chunks, T) + [v_cur], dim=2)
         out, lse = _attn_lse(q, k, v, scale)
     else:

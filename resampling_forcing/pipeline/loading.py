@@ -149,12 +149,19 @@ def _wan_encoder_defaults(cfg: Config, model_dir: Path) -> Config:
 def check_model_overrides(cfg: Config, overrides: Sequence[str]) -> None:
     """An override `model.KEY=VALUE` that the checkpoint overrules (our checkpoints fix every model key
     in model_config.json, a raw Wan2.1 checkpoint its sizes) would be ignored silently: PipelineError."""
-    from ..typed_yaml import override_value
+    import typing
 
+    from ..typed_yaml import ConfigError, coerce, override_value
+
+    hints = typing.get_type_hints(type(cfg.model))
     for text in overrides:
         keys, want = override_value(text)
         if len(keys) != 2 or keys[0] != "model" or not hasattr(cfg.model, keys[1]):
             continue
+        try:  # as the config reads it (1e-6 is a float there, a string to YAML)
+            want = coerce(want, hints[keys[1]], text)
+        except (ConfigError, KeyError):
+            pass
         got = getattr(cfg.model, keys[1])
         if got != want and not (isinstance(got, str) and str(want) == got):
             raise PipelineError(f"{text}: the checkpoint fixes model.{keys[1]} = {got!r} (its model config); "
