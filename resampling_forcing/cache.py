@@ -22,7 +22,8 @@ largest need so far):
   top-k routing: the union over batch, heads and queries of the selected chunks. The selection is
     on the device, so its union's mask is read to the host in the routed call's one host sync
     (attention.routed.plan_routed, made before the staging and handed to routed_attention(plan=...)):
-    the same one sync a top-k call makes on the all-resident KVCache.
+    the same one sync a top-k call makes on the all-resident KVCache on the torch and auto paths; with
+    an explicit triton backend (no sync all-resident) it is the one sync the host tier costs.
 The attention paths see the packed history with the selection packed alike (`routed_attention(...,
 packed=(chunks, n))`) and compute the same arithmetic as over the whole history: outputs are
 bit-identical (tests/test_kv_offload.py) when a chunk's K/V bytes are a multiple of 64, as at every real

@@ -504,7 +504,8 @@ def run(args) -> int:
     report, sweep = _merge(parts)
     target = report.rollout_mean
     sweep_obj = settings.objective if settings.objective in RESAMPLING_OBJECTIVES else "resampling"
-    what = (f"{sweep_obj}, {settings.steps} Euler step(s); mean degradation error over chunks "
+    guided = f", cfg {settings.cfg_scale:g}" if settings.cfg_scale != 1.0 else ""
+    what = (f"{sweep_obj}, {settings.steps} Euler step(s){guided}; mean degradation error over chunks "
             f"{report.chunks[0]}-{report.chunks[-1]}")
     rec = recommend_shift(sweep, target) if math.isfinite(target) and target > 0 else None
     one = report.one_step_mean  # second target: the error ONE generated chunk has (docs/results.md#ablation)
@@ -512,8 +513,8 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
 
     step = pipe.source.get("step")
-    deg = {"resampling": f"s = {settings.shift:g}, {settings.steps} Euler step(s)",
-           "parallel_resampling": f"s = {settings.shift:g}, {settings.steps} Euler step(s)",
+    deg = {"resampling": f"s = {settings.shift:g}, {settings.steps} Euler step(s){guided}",
+           "parallel_resampling": f"s = {settings.shift:g}, {settings.steps} Euler step(s){guided}",
            "noise_augmentation": f"std {settings.noise_scale:g}", "teacher_forcing": "identity"}[settings.objective]
     print(f"exposure gap of {args.checkpoint}" + (f" (step {step})" if step is not None else "") +
           f": {len(captions)} clips x {n} chunks; degradation {settings.objective} ({deg}); sampler "

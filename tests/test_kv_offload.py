@@ -272,6 +272,8 @@ def test_topk_on_a_bounded_cache_reads_the_device_once_per_call(monkeypatch, far
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or orig(self))
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in the cache / attention path"))
     monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("int(tensor) in the cache / attention path"))
+    for name in ("__bool__", "__float__", "numpy", "nonzero"):  # other reads of device values
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, **k: pytest.fail(f"{_n} in the cache path"))
     reads = tier.host_reads
     got = CachedAttention(tier, "sdpa", routing=spec, positions=pos)(q, k, v, 0)
     assert len(calls) == 1 and tier.host_reads > reads  # chunks came from the host tier

@@ -464,3 +464,41 @@ def test_a_plan_made_ahead_serves_the_packed_history(pattern, monkeypatch):
     assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
     ref, _ = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
     torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_a_plan_made_ahead_decides_the_auto_path_as_the_call_would(monkeypatch):
+    """Where the kernel may run ("auto"; here its interpreter, the check forced on): plan_routed reads the
+    kernel's work statistics and the caller's extra values in ONE read, decides as routed_attention decides
+    for the packed call by itself, and that call with the plan reads nothing more; a plan reading chunks
+    the packed ids leave out is one ValueError."""
+    import resampling_forcing.attention.routed as RT
+    from resampling_forcing.attention.backends import kernel_is_cheaper, kernels
+    from resampling_forcing.attention.routed import plan_routed, routed_work
+
+    monkeypatch.setattr(RT, "use_routing_kernels", lambda backend, q, what, fp32=False: backend in ("auto", "triton"))
+    B, Hh, N, T, D = 1, 2, 7, 9, 16
+    q, kh, vh, kc, vc = inputs(B, Hh, N, T, D, seed=6)
+    for pattern in ("random", "coherent"):
+        sel = pattern_sel(B, Hh, T, N, 2, pattern, seed=6)
+        sel[..., 3] = False
+        used = sel.flatten(0, 2).any(dim=0)
+        ids = [j for j in range(N) if used[j]]
+        calls, orig = [], torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or orig(self))
+        plan = plan_routed(q, sel, T, T, backend="auto", extra=used)
+        assert len(calls) == 1 and plan.extra == used.long().tolist()
+        work = routed_work(sel[..., ids], T, T, kernels().block_rows(D)).tolist()
+        assert plan.use_kernel == kernel_is_cheaper(*work)  # what the packed call would decide itself
+        cols = lambda t: torch.cat([t[:, :, j * T:(j + 1) * T] for j in ids], dim=2)  # noqa: E731
+        calls.clear()
+        got, _ = routed_attention(q, cols(kh), cols(vh), kc, vc, sel[..., ids], T, packed=(ids, N), plan=plan)
+        assert calls == []
+        monkeypatch.setattr(torch.Tensor, "tolist", orig)
+        want, _ = routed_attention_reference(q, kh, vh, kc, vc, sel, T)
+        torch.testing.assert_close(got, want, **TOL)
+    uniform = torch.zeros(B, Hh, T, N, dtype=torch.bool)
+    uniform[..., [0, 4, 6]] = True  # every query reads chunks 0, 4, 6: a uniform plan
+    plan = plan_routed(q, uniform, T, T, backend="torch").plan
+    assert plan.kind == "uniform" and R.packed_plan(plan, [0, 4, 6]).chunks == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"reads history chunks \[4\] that the packed ids \[0, 6\] leave out"):
+        R.packed_plan(plan, [0, 6])

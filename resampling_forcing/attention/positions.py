@@ -33,7 +33,8 @@ from .spec import check_rope_horizon
 @dataclass(frozen=True)
 class FarPositions:
     """horizon: chunks (>= 1) beyond which history is far; freqs: angle per patched frame of the frame
-    axis's rotary pairs [F/2], the first pairs of a head (float64: models.wan.rope_frame_freqs);
+    axis's rotary pairs [F/2], the first pairs of a head (float64: models.wan.rope_frame_freqs; on the keys'
+    device, as for_model makes it: elsewhere every call copies it);
     chunk_frames: patched frames per chunk; far_at: the distance (chunks) far history is read at, None =
     the horizon."""
 

@@ -171,7 +171,7 @@ def routed_attention(
         if needs_grad or chunks is not None:
             raise ValueError("routed_attention: plan= is for inference calls without chunks= (plan_routed)")
         use_kernel = plan.use_kernel
-        if plan.plan is not None:
+        if plan.plan is not None and not use_kernel:  # (the kernel plans nothing)
             hist_plan = packed_plan(plan.plan, list(packed[0])) if packed is not None else plan.plan
     elif use_kernel and backend == "auto" and chunks is None and sel.shape[-1] > 0 and q.numel() > 0:
         work = routed_work(sel, chunk_tokens, k_cur.shape[2], kernels().block_rows(q.shape[-1]))

@@ -232,8 +232,8 @@ def _plan_history(sel: torch.Tensor, T: int, D: int, force_dense: int | None = N
     dense_cost = m * _problem_rows(torch.tensor(float(Lq), dtype=torch.float64)) + call * (m > 0)
     cost = dense_cost + torch.where(use_var, var_cost, pad_cost)
     best = cost.argmin(dim=1)  # first minimum: the fewest dense blocks among equal costs
-    if force_dense is not None:
-        best = torch.full_like(best, min(force_dense, N))
+    if force_dense is not None:  # at most the chunks each head selects (a chunk nobody selects is never dense)
+        best = torch.minimum(torch.full_like(best, min(force_dense, N)), (counts > 0).sum(dim=1))
     var = use_var.gather(1, best[:, None]).squeeze(1)
     rows = g_m.gather(1, best[:, None]).squeeze(1).long().masked_fill(var, 0)
     rank = torch.empty_like(order).scatter_(1, order, m[:N].expand(BH, N).contiguous())
@@ -265,6 +265,10 @@ def packed_plan(plan: _HistoryPlan, ids: list[int]) -> _HistoryPlan:
     if plan.kind == "none":
         return plan
     pos = {c: j for j, c in enumerate(ids)}
+    needed = set(plan.chunks) if plan.kind == "uniform" else {c for d in plan.dense for c in d}
+    if not needed <= set(pos) or (plan.kind == "blocks" and len(plan.counts[0]) <= max(ids, default=-1)):
+        raise ValueError(f"routed_attention: the plan reads history chunks {sorted(needed - set(pos))} that the "
+                         f"packed ids {list(ids)} leave out (plan over the whole history: plan_routed)")
     if plan.kind == "uniform":
         return _HistoryPlan("uniform", chunks=[pos[c] for c in plan.chunks], extra=plan.extra)
     mask = plan.dense_mask.index_select(1, _to_device(list(ids), plan.dense_mask.device))
