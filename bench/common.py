@@ -28,7 +28,7 @@ from resampling_forcing.cli import (MAX_SEED, BadInput, OneLineParser, check_out
                                     guarded, report_bad_input)
 from resampling_forcing.dtypes import DTYPE_NAMES  # noqa: F401 (re-exported for the benches)
 
-__all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "doc_summary", "add_attention_shape_args", "check_checkpoint", "check_device",
+__all__ = ["DTYPE_NAMES", "BadInput", "OneLineParser", "doc_summary", "wan13b_shape", "add_attention_shape_args", "check_checkpoint", "check_device",
            "check_out", "choice_list", "device_name", "finite_float", "given_flags", "int_list", "nonneg_int",
            "positive_int", "report_bad_input", "run_main", "seed_range", "setup_device", "torch_dtype"]
 
@@ -193,13 +193,28 @@ def torch_dtype(name: str):
     return DTYPES[name]
 
 
+def wan13b_shape(chunk_frames: int = 1) -> tuple[int, int, int]:
+    """(heads, head dim, tokens per chunk) of Wan2.1-T2V-1.3B at 480x832 (a 60x104 latent) with chunks of
+    `chunk_frames` latent frames: the attention shape the benchmarks measure at, from the model preset."""
+    import dataclasses
+
+    from resampling_forcing.config import MODEL_PRESETS, ModelConfig
+
+    m = dataclasses.replace(ModelConfig(**MODEL_PRESETS["wan2.1-t2v-1.3b"]), chunk_frames=chunk_frames)
+    return m.num_heads, m.head_dim, m.chunk_tokens(60, 104)
+
+
 def add_attention_shape_args(p: argparse.ArgumentParser, *, history_flag: str, history: str, topk_flag: str,
-                             heads: int, head_dim: int = 128) -> None:
-    """History lengths and top-k values (comma lists, kept as strings) and the heads x head-dim shape."""
+                             heads: int | None = None) -> None:
+    """History lengths and top-k values (comma lists, kept as strings) and the heads x head-dim shape
+    (default Wan2.1-T2V-1.3B's; `heads` a smaller default for a CPU benchmark)."""
+    wan_heads, head_dim, _ = wan13b_shape()
+    heads = wan_heads if heads is None else heads
     p.add_argument(history_flag, type=int_list(1), default=history, help="history lengths in chunks (comma list)")
     p.add_argument(topk_flag, type=int_list(1), default="1,5", help="top-k values (comma list)")
-    p.add_argument("--heads", type=positive_int, default=heads)
-    p.add_argument("--head-dim", type=positive_int, default=head_dim)
+    p.add_argument("--heads", type=positive_int, default=heads, help=f"attention heads (default {heads}; "
+                   f"Wan2.1-1.3B has {wan_heads})")
+    p.add_argument("--head-dim", type=positive_int, default=head_dim, help=f"head dim (default {head_dim})")
 
 
 def setup_device(args: argparse.Namespace):

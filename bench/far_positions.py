@@ -21,14 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (DTYPE_NAMES, BadInput, OneLineParser, doc_summary, add_attention_shape_args, check_out,  # noqa: E402
+from bench.common import (wan13b_shape, DTYPE_NAMES, BadInput, OneLineParser, doc_summary, add_attention_shape_args, check_out,  # noqa: E402
                           device_name, nonneg_int, positive_int, run_main, setup_device)
 
 
 def _main(argv=None):
     p = OneLineParser(prog="bench/far_positions.py", description=doc_summary(__doc__))
-    add_attention_shape_args(p, history_flag="--histories", history="6,40", topk_flag="--top-k", heads=12)
-    p.add_argument("--tokens", type=positive_int, default=1560, help="tokens per chunk (480p: 30 x 52)")
+    add_attention_shape_args(p, history_flag="--histories", history="6,40", topk_flag="--top-k")
+    p.add_argument("--tokens", type=positive_int, default=wan13b_shape(1)[2],
+                   help="tokens per chunk (default: one 480p latent frame of Wan2.1, 30 x 52 patches)")
     p.add_argument("--horizon", type=positive_int, default=5, help="rope_horizon in chunks")
     p.add_argument("--sink", type=nonneg_int, default=1)
     p.add_argument("--window", type=positive_int, default=4)

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (OneLineParser, BadInput, add_attention_shape_args, check_out, choice_list,  # noqa: E402
+from bench.common import (wan13b_shape, OneLineParser, BadInput, add_attention_shape_args, check_out, choice_list,  # noqa: E402
                           given_flags, nonneg_int, positive_int, report_bad_input, torch_dtype)  # torch-free
 
 PROG = "bench/kernels.py"
@@ -66,8 +66,9 @@ def parse_args(argv=None):
                         "flags it would ignore (--histories, --topk, --heads, --head-dim, --chunk-tokens, --dtype, "
                         "--warmup, --reps, --tune)")
     p.add_argument("--out", default="outputs/bench/kernels.json", help="where to write the JSON results")
-    add_attention_shape_args(p, history_flag="--histories", history="5,10,20,40,60", topk_flag="--topk", heads=12)
-    p.add_argument("--chunk-tokens", type=positive_int, default=4680, help="tokens per chunk (3 latent frames x 1560)")
+    add_attention_shape_args(p, history_flag="--histories", history="5,10,20,40,60", topk_flag="--topk")
+    p.add_argument("--chunk-tokens", type=positive_int, default=wan13b_shape(3)[2],
+                   help="tokens per chunk (default: the paper's 3 latent frames of Wan2.1 at 480p)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--pattern", type=choice_list(("coherent", "random")), default="coherent,random",
                    help="comma list of coherent, random: the timings run for each (the checks use the first)")

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import (OneLineParser, doc_summary, DTYPE_NAMES, BadInput, add_attention_shape_args, check_out,  # noqa: E402
+from bench.common import (wan13b_shape, OneLineParser, doc_summary, DTYPE_NAMES, BadInput, add_attention_shape_args, check_out,  # noqa: E402
                           choice_list, device_name, finite_float, int_list, nonneg_int, positive_int, run_main,
                           setup_device)
 from resampling_forcing.attention import routed_torch  # noqa: E402
@@ -112,8 +112,8 @@ def _main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--pattern", type=choice_list(PATTERNS), default="random,coherent,mixed",
                    help="comma list of random, coherent, mixed")
-    p.add_argument("--tokens", type=int_list(1), default="1560",
-                   help="tokens per chunk (comma list); 1560 = one 480p latent frame")
+    p.add_argument("--tokens", type=int_list(1), default=str(wan13b_shape(1)[2]),
+                   help="tokens per chunk (comma list; default one 480p latent frame of Wan2.1)")
     add_attention_shape_args(p, history_flag="--history", history="6,10,20,40", topk_flag="--k", heads=2)
     p.add_argument("--gap", type=finite_float, default=3.5,
                    help="coherent heads: score lead of the preferred chunks in units of the per-token noise")
