@@ -289,9 +289,10 @@ def _sidecar(video: str | Path) -> Optional[dict]:
     return meta if isinstance(meta, dict) else None
 
 
-def written_by(video: str | Path, key: dict) -> bool:
-    """`video`'s sidecar JSON names a run with `key` (finished or stopped early): this command's video."""
-    meta = _sidecar(video)
+def written_by(video: str | Path, key: dict, meta: Optional[dict] = None) -> bool:
+    """`video`'s sidecar JSON (`meta`, else read) names a run with `key` (finished or stopped early): this
+    command's video."""
+    meta = _sidecar(video) if meta is None else meta
     return (meta is not None and isinstance(meta.get("resume_key"), dict)
             and key_difference(meta["resume_key"], key) is None)
 
@@ -302,7 +303,7 @@ def finished(video: str | Path, key: dict, num_chunks: int, fps: float, selectio
     before its folder goes, so a folder left beside it changes nothing."""
     video = Path(video)
     meta = _sidecar(video)
-    return (video.is_file() and written_by(video, key) and meta.get("num_chunks") == num_chunks
+    return (video.is_file() and written_by(video, key, meta) and meta.get("num_chunks") == num_chunks
             and "stopped_early" not in meta and meta.get("fps") == fps
             and (not selection or video.with_suffix(".selection.npy").is_file()))
 

@@ -78,12 +78,13 @@ class RoutedPlan:
 
 
 def plan_routed(q: torch.Tensor, sel: torch.Tensor, chunk_tokens: int, cur_tokens: int, backend: str = "auto",
-                extra: torch.Tensor | None = None) -> RoutedPlan:
+                extra: torch.Tensor | None = None, full_chunks: int | None = None) -> RoutedPlan:
     """Plan a routed call of the current chunk's queries q [B,Hh,Lq,D] from the selection over the WHOLE
     history sel [B,Hh,Lq,N] (inference), reading `extra` (int [E] on sel's device) in the same host sync:
     for a caller that must learn something of the selection before it can give the history, e.g. a bounded
     cache the union to stage. Pass the result to `routed_attention(..., plan=...)` with the history packed
-    or not: the call makes no sync of its own."""
+    or not: the call makes no sync of its own. (routed_attention plans its own calls here too, `sel` then
+    the packed columns of a `full_chunks`-chunk history.)"""
     extra = sel.new_zeros(0, dtype=torch.int64) if extra is None else extra.long().flatten()
     use_kernel = use_routing_kernels(backend, q, "routed_attention", fp32=False)
     B, Hh, Lq, N = sel.shape
@@ -95,7 +96,7 @@ def plan_routed(q: torch.Tensor, sel: torch.Tensor, chunk_tokens: int, cur_token
     if use_kernel:  # "auto" where the kernel runs: the statistics it decides by, in the same read
         work = routed_work(sel, chunk_tokens, cur_tokens, kernels().block_rows(q.shape[-1]))
         extra = torch.cat([work, extra])
-    plan = _torch_path._plan_history(sel, chunk_tokens, q.shape[-1], extra=extra)
+    plan = _torch_path._plan_history(sel, chunk_tokens, q.shape[-1], full_chunks=full_chunks, extra=extra)
     values = plan.extra
     if work is not None:
         use_kernel, values = kernel_is_cheaper(*values[:2]), values[2:]
@@ -174,10 +175,8 @@ def routed_attention(
         if plan.plan is not None and not use_kernel:  # (the kernel plans nothing)
             hist_plan = packed_plan(plan.plan, list(packed[0])) if packed is not None else plan.plan
     elif use_kernel and backend == "auto" and chunks is None and sel.shape[-1] > 0 and q.numel() > 0:
-        work = routed_work(sel, chunk_tokens, k_cur.shape[2], kernels().block_rows(q.shape[-1]))
-        full = None if packed is None else packed[1]
-        hist_plan = _torch_path._plan_history(sel, chunk_tokens, q.shape[-1], full_chunks=full, extra=work)
-        use_kernel = kernel_is_cheaper(*hist_plan.extra)
+        own = plan_routed(q, sel, chunk_tokens, k_cur.shape[2], backend, full_chunks=None if packed is None else packed[1])
+        use_kernel, hist_plan = own.use_kernel, own.plan
     _LAST_PATH[0] = "triton" if use_kernel else "torch"
     n = sel.shape[-1] if packed is None else packed[1]  # the current chunk's index
     ids = None if packed is None else list(packed[0])
