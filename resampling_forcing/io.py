@@ -11,8 +11,9 @@ Video frames
   ``[3, F, H, W]`` (channel first, what the datasets produce) or ``[F, H, W, 3]``; a leading batch
   dimension of size 1 is dropped. See :func:`to_uint8_video`.
 
-mp4 files are H.264 (libx264) written through imageio-ffmpeg with ``macro_block_size=1`` so that small
-frames (32x32, 48x80, ...) keep their exact size; read-back shape equals the input shape. The pixel
+mp4 files are H.264 (libx264), written by imageio-ffmpeg's ffmpeg binary (ffmpeg.py starts it) at their
+exact size, small frames (32x32, 48x80, ...) included, and read by PyAV; read-back shape equals the
+input shape. The pixel
 format is ``yuv420p`` (plays everywhere) when height and width are even, ``yuv444p`` otherwise (4:2:0
 cannot represent odd sizes).
 """
@@ -375,7 +376,7 @@ class Mp4Writer:
 
     def write(self, frames) -> None:
         """Append frames: uint8 [F, H, W, 3], or float in [-1, 1] as [3, F, H, W] or [F, H, W, 3] (to_uint8_video)."""
-        import imageio_ffmpeg
+        from .ffmpeg import Encoder
 
         video = to_uint8_video(frames)
         num, h, w, _ = video.shape
@@ -383,18 +384,14 @@ class Mp4Writer:
             if num == 0:
                 return
             pix_fmt = self.pix_fmt or ("yuv420p" if (h % 2 == 0 and w % 2 == 0) else "yuv444p")
-            self._ffmpeg = imageio_ffmpeg.write_frames(
-                str(self.path), (w, h), fps=self.fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out=pix_fmt,
-                quality=self.quality, macro_block_size=1, ffmpeg_log_level="error",
-                output_params=["-movflags", "+faststart"])
-            self._size = (h, w)
             with self._encoding():
-                self._ffmpeg.send(None)  # start the ffmpeg process
+                self._ffmpeg = Encoder(self.path, (h, w), self.fps, self.quality, pix_fmt)
+            self._size = (h, w)
         elif (h, w) != self._size:
             raise ValueError(f"{self.path}: frames of {h}x{w} after frames of {self._size[0]}x{self._size[1]}")
         with self._encoding():
             for frame in video:
-                self._ffmpeg.send(frame)
+                self._ffmpeg.write(frame)
         self.frames += num
 
     def close(self) -> Path:
@@ -403,36 +400,38 @@ class Mp4Writer:
         if ffmpeg is None:
             raise ValueError(f"{self.path}: cannot write a video with 0 frames")
         with self._encoding():
-            ffmpeg.close()
+            code = ffmpeg.close()
             frames = mp4_frames(self.path)
             if frames != self.frames:
                 got = "no complete file" if frames is None else f"{frames} of the {self.frames} frames"
                 raise RuntimeError(f"{self.path}: ffmpeg wrote {got} (stopped or killed?)")
+            if code != 0:
+                raise RuntimeError(f"{self.path}: ffmpeg exited with code {code}")
         return self.path
 
     def abort(self) -> None:
         """Kill ffmpeg now (the file is then to be discarded): no wait for its backlog."""
         ffmpeg, self._ffmpeg = self._ffmpeg, None
         if ffmpeg is not None:
-            with contextlib.suppress(BaseException):  # imageio kills ffmpeg on a KeyboardInterrupt, re-raised
-                ffmpeg.throw(KeyboardInterrupt)
+            ffmpeg.kill()
 
     @contextlib.contextmanager
     def _encoding(self) -> Iterator[None]:
         """An ffmpeg step: its failure on a full disk as OSError(ENOSPC) naming the file (ffmpeg reports it
-        as a broken pipe or an unfinished file), other failures as they are."""
+        as a broken pipe or an unfinished file), other failures as they are. Either way the encoder is
+        killed: a writer whose step failed writes nothing more (no ffmpeg left waiting on its pipe)."""
         import errno
         import shutil
 
         try:
             yield
         except (OSError, RuntimeError) as e:
+            self.abort()
             full = is_no_space(e)
             if not full:
                 with contextlib.suppress(OSError):
                     full = shutil.disk_usage(self.path.parent).free < 2**20
             if full:
-                self.abort()
                 raise OSError(errno.ENOSPC, "No space left on device", str(self.path)) from None
             raise
 
@@ -527,10 +526,14 @@ class VideoReadError(ValueError):
 
 
 def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[np.ndarray]]:
-    """(fps, blocks of uint8 [<= block, H, W, 3] RGB frames): a video read block by block, in the memory of
-    one block whatever its length (read_mp4 joins them). ``VideoReadError`` naming the file for a file that
-    cannot be opened, now; for one that fails later, when the failing block is read."""
-    import imageio_ffmpeg
+    """(fps, blocks of uint8 [<= block, H, W, 3] RGB frames, upright by the file's display matrix): a video
+    read block by block, in the memory of one block whatever its length (read_mp4 joins them).
+    ``VideoReadError`` naming the file for a file that cannot be opened, now; for one that fails later, when
+    the failing block is read. Decoded in this process by PyAV (the training clips' decoder, data/decode.py):
+    no ffmpeg child, so a reader in a threaded program (a notebook) cannot hang in fork (see ffmpeg.py)."""
+    import av
+
+    from .data.decode import rotation_k
 
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block={block!r}: need an int >= 1")
@@ -539,34 +542,40 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
         raise VideoReadError(f"{path}: no such video file")
     if path.stat().st_size == 0:
         raise VideoReadError(f"{path}: empty video file (0 bytes)")
+
+    def failed(e: BaseException) -> VideoReadError:
+        return VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0]})")
+
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(reader)
-    except Exception as e:  # imageio-ffmpeg raises IOError/RuntimeError/StopIteration variants
-        raise VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") \
-            from e
-    w, h = meta["size"]
+        container = av.open(str(path))
+        if not container.streams.video:
+            container.close()
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    except Exception as e:  # PyAV's errors are OSError / ValueError subclasses named by FFmpeg
+        raise failed(e) from e
 
     def blocks() -> Iterator[np.ndarray]:
         frames, any_frame = [], False
         try:
-            for buf in reader:
-                frames.append(np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3))
+            for fr in container.decode(stream):
+                frames.append(np.rot90(fr.to_ndarray(format="rgb24"), rotation_k(fr)))
                 if len(frames) == block:
                     any_frame = True
-                    yield np.stack(frames)
+                    yield np.ascontiguousarray(np.stack(frames))
                     frames = []
         except Exception as e:  # noqa: BLE001 - a decoder failure mid-file
-            raise VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: "
-                                 f"{(str(e).strip().splitlines() or [''])[0]})") from e
+            raise failed(e) from e
         finally:
-            reader.close()
+            container.close()
         if frames:
-            yield np.stack(frames)
+            yield np.ascontiguousarray(np.stack(frames))
         elif not any_frame:
             raise VideoReadError(f"{path}: video has no decodable frames")
 
-    return float(meta.get("fps") or 0.0), blocks()
+    return fps, blocks()
 
 
 def read_mp4(path: str | os.PathLike, with_fps: bool = False):

@@ -58,29 +58,18 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     # existing complete file is kept untouched
     good = rio.write_mp4(tmp_path / "v.mp4", _clip(5), fps=8)
     before = good.read_bytes()
-    import imageio_ffmpeg
+    from resampling_forcing.ffmpeg import Encoder
 
-    real = imageio_ffmpeg.write_frames
+    real = Encoder.write
+    sent = {}
 
-    def broken(*a, **k):
-        gen = real(*a, **k)
+    def broken(self, frame):  # the third frame fails, ffmpeg holding two
+        sent[self] = sent.get(self, 0) + 1
+        if sent[self] == 3:
+            raise RuntimeError("disk full")
+        real(self, frame)
 
-        def wrapper():
-            n = 0
-            frame = yield
-            while True:
-                gen.send(frame)
-                n += 1
-                if n == 2:
-                    gen.close()
-                    raise RuntimeError("disk full")
-                frame = yield
-
-        w = wrapper()
-        gen.send(None)
-        return w
-
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
+    monkeypatch.setattr(Encoder, "write", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         rio.write_mp4(tmp_path / "v.mp4", _clip(5, seed=1), fps=8)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -247,13 +236,12 @@ def test_mp4_writer_full_disk_is_enospc_naming_the_file(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    import imageio_ffmpeg
+    from resampling_forcing.ffmpeg import Encoder
 
-    def broken(*a, **k):  # the generator ffmpeg's pipe gives once ffmpeg has died
-        yield
+    def broken(self, frame):  # what a write to a dead ffmpeg's pipe raises
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", broken)
+    monkeypatch.setattr(Encoder, "write", broken)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
     w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
@@ -280,3 +268,30 @@ def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
     assert all(s == "Z" for s in ffmpeg_children().values()), ffmpeg_children()
     f = tmp_path / "v.mp4"  # killed, not finished: no complete file (a graceful close would have written one)
     assert not f.exists() or rio.mp4_frames(f) is None
+
+
+def test_mp4_writer_runs_no_python_between_fork_and_exec(tmp_path):
+    """imageio-ffmpeg's preexec_fn made Python run in the forked child before exec: its at-fork hooks and a
+    garbage collection there (a PyAV scaler's slice threads' condition variable, which no thread of the
+    child can release) hung the writer forever and with it CI. The encoder starts ffmpeg with no Python
+    between fork and exec: an at-fork hook that would end the child unfinished never runs."""
+    armed = []
+    os.register_at_fork(after_in_child=lambda: armed and os._exit(17))  # no-op once disarmed
+    armed.append(True)
+    try:
+        rio.write_mp4(tmp_path / "v.mp4", _clip(3), fps=8)
+    finally:
+        armed.clear()
+    assert rio.mp4_frames(tmp_path / "v.mp4") == 3
+
+
+def test_mp4_writer_encoder_has_its_own_process_group(tmp_path):
+    """A terminal's Ctrl+C goes to its foreground process group: ffmpeg is outside ours, so only this process
+    hears it (and stops after the video in progress) while ffmpeg finishes the file it is writing."""
+    from helpers import ffmpeg_children
+
+    with rio.Mp4Writer(tmp_path / "v.mp4", fps=8) as w:
+        w.write(_clip(2))
+        kids = [pid for pid, state in ffmpeg_children().items() if state != "Z"]
+        assert kids and all(os.getpgid(pid) != os.getpgid(0) for pid in kids)
+    assert rio.mp4_frames(tmp_path / "v.mp4") == 2

@@ -163,7 +163,7 @@ def test_make_dataset_waits_for_another_renderer(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING, logger="resampling_forcing.io"):
         with folder_lock(out, SD.RENDER_LOCK, "test holds it"):
-            worker = threading.Thread(target=render)
+            worker = threading.Thread(target=render, daemon=True)  # a hang fails the test, not the run
             worker.start()
             deadline = time.monotonic() + 60
             while "another process is rendering" not in caplog.text and time.monotonic() < deadline:
@@ -185,7 +185,8 @@ def test_make_dataset_in_a_run_folder_and_a_complete_set_untouched(tmp_path):
 
     run = tmp_path / "run"
     lock = RunLock(run).acquire()
-    worker = threading.Thread(target=SD.make_dataset, args=(run,), kwargs=dict(num_videos=2, frames=4, size=16))
+    worker = threading.Thread(target=SD.make_dataset, args=(run,), kwargs=dict(num_videos=2, frames=4, size=16),
+                              daemon=True)
     worker.start()
     worker.join(120)
     alive = worker.is_alive()

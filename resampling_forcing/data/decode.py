@@ -112,7 +112,7 @@ def _uneven_times(times, fps: float) -> np.ndarray | None:
     return t
 
 
-def _rotation_k(frame) -> int:
+def rotation_k(frame) -> int:
     """Quarter turns (counter-clockwise, as np.rot90) that show ``frame`` upright (its display matrix)."""
     return int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4
 
@@ -127,7 +127,7 @@ def _pyav_display(path: str) -> tuple[int, float]:
             s = c.streams.video[0]
             sar = float(s.sample_aspect_ratio or s.codec_context.sample_aspect_ratio or 1) or 1.0
             for fr in c.decode(s):
-                return _rotation_k(fr), sar
+                return rotation_k(fr), sar
     except Exception:
         pass
     return 0, 1.0
@@ -230,7 +230,7 @@ class _PyAVBackend:
         times = None
         if tb and None not in pts:  # else no timestamps (e.g. a raw stream): constant rate
             times = _uneven_times([float(t * tb) for t in sorted(pts)], fps)
-        h, w, sar = _turned(_rotation_k(first), int(first.height), int(first.width), sar)
+        h, w, sar = _turned(rotation_k(first), int(first.height), int(first.width), sar)
         return VideoInfo(n, fps, h, w, times, sar, self.name)
 
     def frames(self, path: str, indices: list[int], handle=None) -> np.ndarray:
@@ -243,7 +243,7 @@ class _PyAVBackend:
             with av.open(path) as c:
                 for k, fr in enumerate(c.decode(video=0)):
                     if k in need:
-                        got[k] = np.rot90(fr.to_ndarray(format="rgb24"), _rotation_k(fr))
+                        got[k] = np.rot90(fr.to_ndarray(format="rgb24"), rotation_k(fr))
                     if k >= last:
                         break
         except Exception as e:
