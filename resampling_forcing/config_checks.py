@@ -11,7 +11,7 @@ import numbers
 import typing
 from typing import Any, Optional
 
-from .attention.spec import check_rope_horizon
+from .attention.spec import check_rope_horizon, routing_layers_problem
 from .config import OBJECTIVES, RAMPS, WAN_VAES, Config, ModelConfig
 from .seeds import MAX_SEED
 from .typed_yaml import ConfigError
@@ -27,11 +27,9 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
     for f in dataclasses.fields(cfg):  # every float's range, NaN and inf refused (the model's: check_model)
         if f.name != "model":
             check_floats(getattr(cfg, f.name), f"{f.name}.")
-    layers = cfg.attention.routing.layers
-    if layers is not None and (not layers or len(set(layers)) != len(layers)
-                               or not all(0 <= i < m.num_layers for i in layers)):
-        raise ConfigError(f"attention.routing.layers={layers}: must be distinct block indices in [0, {m.num_layers - 1}] "
-                          "(model.num_layers blocks), or null for all")
+    problem = routing_layers_problem(cfg.attention.routing.layers, m.num_layers)
+    if problem:
+        raise ConfigError(f"attention.routing.layers={cfg.attention.routing.layers}: {problem}")
     try:
         a = cfg.attention
         check_rope_horizon(a.rope_horizon, a.rope_far_at, ("attention.rope_horizon", "attention.rope_far_at"))

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .attention.spec import BACKENDS, RoutingSpec, check_rope_horizon, routing_spec
+from .attention.spec import BACKENDS, RoutingSpec, check_rope_horizon, routing_layers_problem, routing_spec
 from .config import DiffusionConfig
 from .config_checks import check_sampling
 from .models.loading import DTYPES
@@ -74,12 +74,9 @@ class SamplingOptions:
             raise TypeError(f"routing must be a RoutingSpec or None, got {type(self.routing).__name__}")
         if not isinstance(self.record_selection, bool):
             raise TypeError(f"record_selection must be True or False, got {self.record_selection!r}")
-        layers = self.routing_layers
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
-                                   or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
-                                   or len(set(layers)) != len(layers)):
-            raise ValueError(f"routing_layers must be a list of distinct block indices >= 0 (got {layers!r}); "
-                             "None routes every block")
+        problem = routing_layers_problem(self.routing_layers)
+        if problem:
+            raise ValueError(f"routing_layers={self.routing_layers!r}: {problem}")
 
     @property
     def uses_routing(self) -> bool:
@@ -106,10 +103,9 @@ class SamplingOptions:
                                       or (mode_given == "window" and name == "top_k")):
                 raise ValueError(f"routing={mode_given!r} contradicts {name}={value!r} "
                                  f"({'a RoutingSpec is used as given' if isinstance(routing, RoutingSpec) else 'drop one'})")
-        layers = overrides.get("routing_layers")
-        if layers is not None and isinstance(layers, (list, tuple)) and any(
-                isinstance(i, int) and not isinstance(i, bool) and i >= cfg.model.num_layers for i in layers):
-            raise ValueError(f"routing_layers={list(layers)}: block indices must be < model.num_layers={cfg.model.num_layers}")
+        problem = routing_layers_problem(overrides.get("routing_layers"), cfg.model.num_layers)
+        if problem:
+            raise ValueError(f"routing_layers={overrides['routing_layers']!r}: {problem}")
         if isinstance(routing, RoutingSpec):
             spec = routing
         else:

@@ -49,7 +49,7 @@ import torch
 
 from .attention.backends import resolve_backend
 from .attention.positions import FarPositions
-from .attention.spec import window_reads
+from .attention.spec import routing_layers_problem, window_reads
 from .cache import CachedAttention, KVCache, SelectionRecorder
 from .diffusion import add_noise, euler_schedule
 from .options import KV_HOST_DTYPES, SamplingOptions
@@ -127,10 +127,9 @@ class Rollout:
         self.latent_hw = (h, w)
         self.chunk_frames = cfg.chunk_frames
         self.chunk_shape = (cfg.in_channels, cfg.chunk_frames, h, w)
-        layers = self.options.routing_layers
-        if layers is not None and any(i >= cfg.num_layers for i in layers):  # else silently not routed
-            raise ValueError(f"routing_layers={list(layers)}: block indices must be < the model's "
-                             f"{cfg.num_layers} blocks")
+        problem = routing_layers_problem(self.options.routing_layers, cfg.num_layers)  # else silently not routed
+        if problem:
+            raise ValueError(f"routing_layers={self.options.routing_layers!r}: {problem}")
         self.use_uncond = (self.options.cfg_scale != 1.0) if uncond is None else bool(uncond)
         if self.use_uncond:
             if neg_context is None:
@@ -153,7 +152,7 @@ class Rollout:
                                        capacity=max(1, int(capacity)),
                                        resident_chunks=self.options.kv_resident_chunks,
                                        host_dtype=KV_HOST_DTYPES.get(self.options.kv_host_dtype),
-                                       keep=window_reads(self.options.routing, layers, cfg.num_layers))
+                                       keep=window_reads(self.options.routing, self.options.routing_layers, cfg.num_layers))
         with torch.no_grad():
             self.cache.text_kv = model.text_kv(ctx.to(self.device))
         # t grid as host floats: no device reads while sampling.

@@ -330,7 +330,7 @@ def test_sampling_option_errors():
         sample(model, _ctx(0, 1), 0, (H, W), options=SamplingOptions(cfg_scale=1.0))
     topk = RoutingSpec(mode="topk", top_k=1)
     past = model.cfg.num_layers  # options built without a config: the model is what knows its depth
-    with pytest.raises(ValueError, match=f"routing_layers=\\[0, {past}\\].*< the model's {past} blocks"):
+    with pytest.raises(ValueError, match=f"routing_layers=\\[0, {past}\\]: .*< {past} \\(the model's blocks\\)"):
         Rollout(model, _ctx(0, 1), latent_hw=(H, W), options=SamplingOptions(cfg_scale=1.0, routing=topk,
                                                                              routing_layers=[0, past]))
     assert math.isfinite(SamplingOptions().shift)
@@ -408,3 +408,21 @@ def test_a_rollout_without_recache_keeps_no_inputs(ct, monkeypatch):
         sample(model, None if board_ else _ctx(1, 1), 3, (H, W), options=opts, decode=False, storyboard=board_,
                switch_cache=mode)
     assert kept == [False, False, True]
+
+
+@pytest.mark.parametrize("layers,num_layers,ok", [
+    (None, 4, True), ([0, 3], 4, True), ((2,), None, True), ([7], None, True),
+    ([], 4, False), ([1, 1], 4, False), ([-1], 4, False), ([True], 4, False), ("0", 4, False),
+    ([0, 4], 4, False), ([0.0], None, False)])
+def test_routing_layers_one_rule(layers, num_layers, ok):
+    """attention.routing.layers, SamplingOptions.routing_layers and the Rollout share one rule."""
+    from resampling_forcing.attention.spec import routing_layers_problem
+
+    problem = routing_layers_problem(layers, num_layers)
+    assert (problem is None) == ok
+    if num_layers is None:  # what SamplingOptions itself can check, before a model is known
+        if ok:
+            SamplingOptions(routing_layers=layers)
+        else:
+            with pytest.raises(ValueError, match="routing_layers=.*must be distinct block indices"):
+                SamplingOptions(routing_layers=layers)

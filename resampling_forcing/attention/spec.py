@@ -82,6 +82,21 @@ def routing_spec(cfg: RoutingSpec | None) -> RoutingSpec | None:
     return RoutingSpec(cfg.mode, cfg.top_k, cfg.sink_chunks, cfg.window_chunks)
 
 
+def routing_layers_problem(layers, num_layers: int | None = None) -> str | None:
+    """Why `layers` cannot name the blocks that route, or None: a non-empty list of distinct block indices
+    in [0, num_layers) (None = every block). `num_layers` None checks the form only (options built before
+    a model is known: the Rollout checks the depth). The one rule of attention.routing.layers,
+    SamplingOptions.routing_layers and the Rollout."""
+    if layers is None:
+        return None
+    top = "" if num_layers is None else f", < {num_layers} (the model's blocks)"
+    if (not isinstance(layers, (list, tuple)) or not layers or len(set(layers)) != len(layers)
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+            or (num_layers is not None and max(layers) >= num_layers)):
+        return f"must be distinct block indices >= 0{top}, or null/None for every block"
+    return None
+
+
 def every_block_routes(routing_layers, num_layers: int) -> bool:
     """Whether routing applies to every one of `num_layers` blocks (`routing_layers` None = all; a list
     naming them all counts too)."""
