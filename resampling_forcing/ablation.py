@@ -168,7 +168,7 @@ def _diagnose(checkpoint: Path, out: Path, clips: int, shifts: str, extra: Seque
     args = ["--clips", str(clips), "--shifts", shifts, "--held-out", "calibration", "--device", "cpu", *extra]
     key, key_file = cache_key(checkpoint, diagnose=args), out.with_suffix(".key")
     if not (out.is_file() and key_file.is_file() and key_file.read_text() == key):
-        code = diagnose(["--checkpoint", str(checkpoint), "--out", str(out), *args])
+        code = diagnose(["--checkpoint", str(checkpoint), "--out", str(out), "--overwrite", *args])
         if code != 0:
             raise RuntimeError(f"diagnose of {checkpoint} failed (exit {code})")
         key_file.write_text(key)

@@ -40,7 +40,7 @@ import numpy as np
 from .ablation_eval import METRICS, extrapolation_mean, paired
 from .ablation_layout import REPORT_FILE, eval_path
 from .stats import holm, interval, sig, t975, t_test, t_two_sided_p
-from .cli import BadInput, OneLineParser, check_output_file, doc_summary, run_cli
+from .cli import BadInput, OneLineParser, add_overwrite, check_output_file, doc_summary, run_cli
 
 __all__ = ["pool", "two_way_mean", "main"]
 
@@ -335,6 +335,7 @@ def build_parser():
     p.add_argument("--reference-folders", default=None, help="comma list: read the reference arm from these "
                    "folders, one per folder in the same order (same seeds; another training setting)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
+    add_overwrite(p)
     return p
 
 
@@ -343,7 +344,7 @@ def _run(args) -> int:
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise BadInput(f"--metrics {args.metrics!r}: choose from {', '.join(METRICS)}")
-    out = None if args.out is None else check_output_file("--out", args.out, (".json",))
+    out = None if args.out is None else check_output_file("--out", args.out, (".json",), args.overwrite)
     for f in args.folders:
         if not Path(f).is_dir():
             raise BadInput(f"{f}: not a folder")

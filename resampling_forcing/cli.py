@@ -41,9 +41,16 @@ def check_seed(flag: str, seed) -> None:
         raise BadInput(f"{flag} must be in [0, {MAX_SEED}] (got {seed})")
 
 
-def check_output_file(flag: str, path, suffixes: Sequence[str] = ()) -> Path:
+def add_overwrite(p: argparse.ArgumentParser, what: str = "--out") -> None:
+    """The one --overwrite flag of the tools that write a report (check_output_file's `overwrite`)."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (default: refuse it)")
+
+
+def check_output_file(flag: str, path, suffixes: Sequence[str] = (), overwrite: bool | None = None) -> Path:
     """An output FILE a tool writes at the end, checked before any work: not empty, not a folder, one of
-    `suffixes` (when given), and its folder creatable and writable (really probed). BadInput otherwise."""
+    `suffixes` (when given), and its folder creatable and writable (really probed). `overwrite` False: an
+    existing file is refused (a report of minutes of work is not replaced silently); None: not asked
+    (benchmarks, whose results are meant to be replaced). BadInput otherwise."""
     from .io import probe_writable_dir  # numpy only; kept out of the torch-free import path of --help
 
     if path is None or not str(path).strip():
@@ -53,6 +60,8 @@ def check_output_file(flag: str, path, suffixes: Sequence[str] = ()) -> Path:
         raise BadInput(f"{flag} {p} is a directory; give a file path")
     if suffixes and p.suffix.lower() not in suffixes:
         raise BadInput(f"{flag} {p}: expected a {' / '.join(suffixes)} file")
+    if overwrite is False and p.exists():
+        raise BadInput(f"{flag} {p} exists; pass --overwrite to replace it (or give another path)")
     problem = probe_writable_dir(p.parent)
     if problem:
         raise BadInput(f"{flag} {p}: {problem}")

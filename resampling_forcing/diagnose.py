@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cli import BadInput, OneLineParser, check_output_file, check_seed, run_cli
+from .cli import BadInput, OneLineParser, add_overwrite, check_output_file, check_seed, run_cli
 from .config_checks import check_cfg_scale
 from .data.synthetic import HELD_OUT_SEED_BASES, HELD_OUT_SET_SIZE
 from .diffusion import shift_t
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--out", default=None, help="write the report JSON here")
+    add_overwrite(p)
     return p
 
 
@@ -386,7 +387,7 @@ def _check_args(args) -> None:
         if value is not None and not str(value).strip():
             raise BadInput(f"{flag} must not be empty")
     if args.out is not None:
-        check_output_file("--out", args.out, (".json",))
+        check_output_file("--out", args.out, (".json",), args.overwrite)
     if args.data is not None and not Path(args.data).exists():
         raise BadInput(f"--data {args.data}: no such file or directory")
     if args.data is not None and args.held_out is not None:

@@ -337,19 +337,29 @@ def test_loader_workers_die_with_their_parent(tmp_path):
 
 
 def _tool_cases(tmp_path):
-    from resampling_forcing import ablation, ablation_memory, demo, diagnose
+    from resampling_forcing import ablation, ablation_memory, ablation_seeds, demo, diagnose
     from resampling_forcing.eval import cli as eval_cli
+    from resampling_forcing.eval import pixel
 
     ck = str(REPO / "assets" / "tiny-pretrained")
     vids = tmp_path / "vids"
     vids.mkdir()
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    report, plot = tmp_path / "report.json", tmp_path / "plot.png"  # a report of an earlier run: kept
+    report.write_text("{}")
+    plot.write_text("png")
+    exists = "exists; pass --overwrite to replace it"
     old_out = tmp_path / "old_ablation"  # a work folder of the version that calibrated on the eval clips
     (old_out / "gaps").mkdir(parents=True)
     return {
         "diagnose --out a folder": (diagnose.main, ["--checkpoint", ck, "--out", str(tmp_path)], "is a directory"),
         "diagnose --out under /proc": (diagnose.main, ["--checkpoint", ck, "--out", "/proc/x/r.json"], "cannot create"),
+        "diagnose --out exists": (diagnose.main, ["--checkpoint", ck, "--out", str(report)], exists),
+        "eval --out exists": (eval_cli.main, ["--videos", str(vids), "--out", str(report)], exists),
+        "eval --plot exists": (eval_cli.main, ["--videos", str(vids), "--plot", str(plot)], exists),
+        "pixel --out exists": (pixel.main, [str(vids), "--out", str(report)], exists),
+        "seeds --out exists": (ablation_seeds.main, [str(vids), str(vids), "--out", str(report)], exists),
         "diagnose huge seed": (diagnose.main, ["--checkpoint", ck, "--seed", str(2**80)], "--seed must be in"),
         "diagnose empty --checkpoint": (diagnose.main, ["--checkpoint", ""], "--checkpoint must not be empty"),
         "diagnose --config a folder": (diagnose.main, ["--checkpoint", ck, "--config", str(tmp_path)], "is a directory"),
@@ -378,17 +388,20 @@ def _tool_cases(tmp_path):
 
 
 def test_secondary_tools_refuse_bad_input_in_one_line_before_any_work(tmp_path, capsys):
-    """diagnose, eval, ablation, ablation_memory and the demo: each bad flag is one line and exit 2 before
-    any work (output paths were found bad only after the run, some ablation flags only after training
-    every arm, the demo deleted a run_dir given as an override), and nothing is written."""
+    """diagnose, eval, pixel, ablation, ablation_seeds, ablation_memory and the demo: each bad flag is one line
+    and exit 2 before any work (output paths were found bad only after the run, some ablation flags only after
+    training every arm, the demo deleted a run_dir given as an override, reports were replaced without
+    --overwrite), and nothing is written."""
     for name, (main, argv, text) in _tool_cases(tmp_path).items():
         capsys.readouterr()
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and text in err, f"{name}: {err!r}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "old_ablation", "vids"]  # nothing created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "old_ablation", "plot.png", "report.json",
+                                                          "vids"]  # nothing created
     assert [p.name for p in (tmp_path / "old_ablation").iterdir()] == ["gaps"]
     assert (tmp_path / "a_file").read_text() == "x"
+    assert (tmp_path / "report.json").read_text() == "{}" and (tmp_path / "plot.png").read_text() == "png"
 
 
 # ----------------------------------------------------------------------------- a checkpoint's model_config.json

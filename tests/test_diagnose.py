@@ -223,7 +223,8 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert printed == pytest.approx(rep["recommendation"]["shift"], rel=1e-2)
     # --resample-cfg: the resampling rollout's guidance, in the degradation measured and said
     assert rep["degradation"]["cfg_scale"] == 1.0 and "Euler step(s), cfg" not in text
-    code = main(["--checkpoint", str(run), "--clips", "2", "--shifts", "2", "--resample-cfg", "2", "--out", str(out)])
+    code = main(["--checkpoint", str(run), "--clips", "2", "--shifts", "2", "--resample-cfg", "2", "--out", str(out),
+                 "--overwrite"])  # replaces the report above
     guided, text = json.loads(out.read_text()), capsys.readouterr().out
     assert code == 0 and guided["degradation"]["cfg_scale"] == 2.0 and "1 Euler step(s), cfg 2" in text
     assert guided["report"]["degradation_mean"] != rep["report"]["degradation_mean"]

@@ -163,17 +163,20 @@ def test_cli_sidecars_and_bad_input(tmp_path, capsys):
     v = read_mp4(vids / "000001.mp4")
     write_mp4(gen / "000001.mp4", v, fps=8)
     (gen / "000001.json").write_text(json.dumps({"prompt": json.loads((vids / "000001.json").read_text())["prompt"]}))
-    rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids), "--segment-frames", "10", "--out", str(out)])
+    rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids), "--segment-frames", "10",
+                 "--out", str(out), "--overwrite"])
     rep = json.loads(out.read_text())
     assert rc == 0 and rep["mean"][0]["psnr"] > 25 and rep["mean"][0]["center_error"] < 0.5
     # one reference FILE: taken whatever its name for one video, refused (one line) for several whose
     # names differ (every video was compared with it)
-    rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids / "000000.mp4"), "--out", str(out)])
+    rc = E.main(["--videos", str(gen / "000001.mp4"), "--reference", str(vids / "000000.mp4"),
+                 "--out", str(out), "--overwrite"])
     assert rc == 0
     write_mp4(gen / "000002.mp4", read_mp4(vids / "000002.mp4"), fps=8)
     (gen / "000002.json").write_text(json.dumps({"prompt": json.loads((vids / "000002.json").read_text())["prompt"]}))
     capsys.readouterr()
-    assert E.main(["--videos", str(gen), "--reference", str(vids / "000001.mp4"), "--out", str(out)]) == 2
+    assert E.main(["--videos", str(gen), "--reference", str(vids / "000001.mp4"),
+                   "--out", str(out), "--overwrite"]) == 2
     assert "no reference video named 000002.mp4" in capsys.readouterr().err
     (gen / "000002.mp4").unlink()
     (gen / "000002.json").unlink()
@@ -181,7 +184,7 @@ def test_cli_sidecars_and_bad_input(tmp_path, capsys):
     cmap = tmp_path / "caps.json"
     cmap.write_text(json.dumps({"000001.mp4": "a blue square bouncing"}))
     (gen / "000001.json").unlink()
-    assert E.main(["--videos", str(gen), "--captions", str(cmap), "--out", str(out)]) == 0
+    assert E.main(["--videos", str(gen), "--captions", str(cmap), "--out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
     for argv in (
         ["--videos", str(tmp_path / "nothing")],
@@ -200,7 +203,7 @@ def test_cli_sidecars_and_bad_input(tmp_path, capsys):
     mixed = tmp_path / "mixed"
     shutil.copytree(vids, mixed)
     (mixed / "000001.mp4").write_bytes(b"\x00" * 100)
-    assert E.main(["--videos", str(mixed), "--segment-frames", "8", "--out", str(out)]) == 0
+    assert E.main(["--videos", str(mixed), "--segment-frames", "8", "--out", str(out), "--overwrite"]) == 0
     rep = json.loads(out.read_text())
     assert len(rep["videos"]) == 2 and [s["video"] for s in rep["skipped"]] == [str(mixed / "000001.mp4")]
     assert f"warning: skipping {mixed / '000001.mp4'}" in capsys.readouterr().err
@@ -221,7 +224,7 @@ def test_reference_with_a_sample_sidecar_is_refused_before_scoring(tmp_path, mon
     scored = []
     monkeypatch.setattr(eval_cli, "evaluate_video", lambda *a, **k: scored.append(a) or {})
     out = tmp_path / "m.json"
-    assert E.main(["--videos", str(vids), "--reference", str(vids), "--out", str(out)]) == 2
+    assert E.main(["--videos", str(vids), "--reference", str(vids), "--out", str(out), "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"eval: error: --reference {vids / 'a.json'}: not generator metadata (no per-frame objects"), err

@@ -113,7 +113,7 @@ def test_cli_report_compare_and_one_line_errors(tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert len(rep["videos"]) == 2 and rep["videos"][0]["segment_frames"] == 8
     assert rep["summary"]["sharpness"][0]["n"] == 2
-    assert main([str(a), "--compare", str(b), "--segment-frames", "8", "--out", str(out)]) == 0
+    assert main([str(a), "--compare", str(b), "--segment-frames", "8", "--out", str(out), "--overwrite"]) == 0
     rep = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     d = rep["difference"]["brightness"]
     assert len(d) == 2 and d[0]["n"] == 2 and "p" in d[0]
@@ -125,7 +125,8 @@ def test_cli_report_compare_and_one_line_errors(tmp_path, capsys):
     (tmp_path / "c" / "x.mp4").write_bytes(b"not a video")
     write_mp4(tmp_path / "c" / "y.mp4", v.astype(np.uint8), fps=8)
     # one corrupt video is skipped with a warning and listed, not a crash; its pair goes with it
-    assert main([str(a), "--compare", str(tmp_path / "c"), "--segment-frames", "8", "--out", str(out)]) == 0
+    assert main([str(a), "--compare", str(tmp_path / "c"), "--segment-frames", "8",
+                 "--out", str(out), "--overwrite"]) == 0
     rep = json.loads(out.read_text())
     assert [s["video"] for s in rep["skipped"]] == [str(tmp_path / "c" / "x.mp4")]
     assert rep["difference"]["brightness"][0]["n"] == 1 and len(rep["videos"]) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.synthetic import parse_caption
-from ..cli import BadInput, OneLineParser, check_output_file, run_cli
+from ..cli import BadInput, OneLineParser, add_overwrite, check_output_file, run_cli
 from ..io import VideoReadError, atomic_write_json, read_mp4
 from .config import EvalConfig, EvalInputError, check_segment_frames
 from .metrics import evaluate_video, mean_or_none, mean_over_videos, reference_meta_problem
@@ -203,15 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--segment-frames", type=int, default=None, help="segment length in frames (the training clip length); default: whole video")
     ap.add_argument("--out", default=None, help="write the metrics JSON here (default: print the JSON to stdout)")
     ap.add_argument("--plot", default=None, help="write a PNG of the metrics over segments here")
+    add_overwrite(ap, "--out / --plot")
     return ap
 
 
 def run(args) -> int:
     # outputs first: a bad --out / --plot is refused before any video is read, and never after the JSON
     if args.out is not None:
-        check_output_file("--out", args.out, (".json",))
+        check_output_file("--out", args.out, (".json",), args.overwrite)
     if args.plot is not None:
-        check_output_file("--plot", args.plot, (".png",))
+        check_output_file("--plot", args.plot, (".png",), args.overwrite)
     try:
         report = evaluate_paths(args.videos, args.captions, args.caption, args.reference, args.segment_frames)
     except EvalInputError as e:

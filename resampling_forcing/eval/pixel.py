@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..cli import BadInput, OneLineParser, check_output_file, doc_summary, run_cli
+from ..cli import BadInput, OneLineParser, add_overwrite, check_output_file, doc_summary, run_cli
 from ..io import VideoReadError, atomic_write_text, iter_mp4, to_uint8_video
 from ..stats import interval, mean_test
 
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-seconds", type=float, default=None, help="segment length in seconds (default 5)")
     p.add_argument("--segment-frames", type=int, default=None, help="segment length in frames (instead of seconds)")
     p.add_argument("--out", required=True, help="the report (JSON)")
+    add_overwrite(p)
     return p
 
 
@@ -277,7 +278,7 @@ def run(args) -> int:
         args.segment_seconds = 5.0
     if args.segment_seconds is not None and not (math.isfinite(args.segment_seconds) and args.segment_seconds > 0):
         raise BadInput(f"--segment-seconds must be a number > 0 (got {args.segment_seconds:g})")
-    check_output_file("--out", args.out, suffixes=(".json",))
+    check_output_file("--out", args.out, (".json",), args.overwrite)
     paths = _videos(args.videos, "videos")
     report = {"segment_seconds": None if args.segment_frames else args.segment_seconds,
               "segment_frames": args.segment_frames}
