@@ -103,11 +103,8 @@ def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, m
                                         lora_scale=args.lora_scale)
         history, init_info = (None, None)
         if args.init_video is not None:
-            try:
-                history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks)
-            except PipelineError as e:  # named by the flag and the file, once
-                text, lead = str(e).strip().splitlines()[0], f"{args.init_video}: "
-                raise BadInput(f"--init-video {args.init_video}: {text.removeprefix(lead)}") from None
+            history, init_info = pipe.load_init_video(args.init_video, max_chunks=args.max_history_chunks,
+                                                      what="--init-video")
         elif args.init_image is not None:
             history, init_info = pipe.load_init_image(args.init_image)
     except input_errors as e:

@@ -570,7 +570,7 @@ def _api_cases(pipe):
         "dense with top_k": (lambda: pipe.generate("a", 1, routing="dense", top_k=2, **g), "contradicts top_k"),
         "window with top_k": (lambda: pipe.generate("a", 1, routing="window", top_k=2, window=1, **g),
                               "contradicts top_k"),
-        "routing_layers out of range": (lambda: pipe.sampling_options(top_k=1, routing_layers=[99]), "model.num_layers"),
+        "routing_layers out of range": (lambda: pipe.sampling_options(top_k=1, routing_layers=[99]), "< 2 (the model's blocks)"),
         "routing_layers a string": (lambda: pipe.sampling_options(top_k=1, routing_layers="all"), "routing_layers"),
         "record_selection a string": (lambda: pipe.generate("a", 1, record_selection="no", **g), "record_selection"),
         "decode a string": (lambda: pipe.generate("a", 1, decode="no", **g), "decode must be True or False"),
@@ -660,7 +660,7 @@ def test_api_save_refuses_a_bad_path(run_dir, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_api_init_pixels_and_loading_arguments_are_checked(run_dir):
+def test_api_init_pixels_and_loading_arguments_are_checked(run_dir, tmp_path):
     """Init frames: uint8 or float in [-1, 1] only (a float image in 0..255 gave a white history, NaN or an
     int64 array went through); from_pretrained's arguments of the wrong type are named (pathlib TypeErrors,
     a str of overrides split into characters, fp64 or int8 weights)."""
@@ -674,6 +674,14 @@ def test_api_init_pixels_and_loading_arguments_are_checked(run_dir):
             pipe.load_init_video(np.stack([frames] * 4))
     pipe.load_init_image(np.zeros((8, 8, 3), np.uint8))
     pipe.load_init_image(np.zeros((3, 8, 8), np.float32))
+    # a bad file is named by the pipeline with the input's name (the CLI passes its flag), one line
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 64)
+    for what, path, text in (("init video", tmp_path / "none.mp4", "no such video file"),
+                             ("--init-video", junk, "cannot decode video")):
+        with pytest.raises(PipelineError, match=f"^{what} {path}: {text}") as e:
+            pipe.load_init_video(path, what=what) if what != "init video" else pipe.load_init_video(path)
+        assert "\n" not in str(e.value)
     for kw, text in ((dict(path=None), "path: "), (dict(path=5), "path: "), (dict(config=5), "config: "),
                      (dict(overrides="diffusion.sample_steps=2"), "overrides: "),
                      (dict(dtype=torch.float64), "not supported"), (dict(use_ema="no"), "use_ema")):

@@ -206,13 +206,13 @@ class Pipeline:
 
     def load_init_video(self, video, max_chunks: Optional[int] = None,
                         resample_fps: bool = True, height: Optional[int] = None,
-                        width: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+                        width: Optional[int] = None, what: str = "init video") -> tuple[torch.Tensor, dict]:
         """A path (mp4 etc.) or frames -> (latents [1, C, n*cf, h, w], info): a file is resampled to
         the model's frame rate (config data.fps) unless resample_fps=False; at most `max_chunks`
-        chunks from the END of the video are kept (pipeline.inputs.video_clip)."""
+        chunks from the END of the video are kept (pipeline.inputs.video_clip; its errors name `what`)."""
         hh, ww, _ = self._geometry(height, width)
         clip, info = video_clip(video, self.vae, hh, ww, self.chunk_frames, self.config.data.fps,
-                                max_chunks=max_chunks, resample_fps=resample_fps)
+                                max_chunks=max_chunks, resample_fps=resample_fps, what=what)
         return self._encode(clip), info
 
     @torch.no_grad()

@@ -46,32 +46,33 @@ def _as_pixels(frames, what: str) -> torch.Tensor:
     return x
 
 
-def _frames_to_float(frames) -> torch.Tensor:
+def _frames_to_float(frames, what: str = "init video") -> torch.Tensor:
     """uint8 [F, H, W, 3] (or float [3, F, H, W] / [F, H, W, 3] in [-1, 1]) -> float [3, F, H, W]."""
-    x = _as_pixels(frames, "init video")
+    x = _as_pixels(frames, what)
     if x.dim() == 5 and x.shape[0] == 1:
         x = x[0]
     if x.dim() != 4:
-        raise PipelineError(f"init video must be [F, H, W, 3] uint8 or [3, F, H, W] float; got shape {list(x.shape)}")
+        raise PipelineError(f"{what} must be [F, H, W, 3] uint8 or [3, F, H, W] float; got shape {list(x.shape)}")
     if x.dtype == torch.uint8:
         if x.shape[-1] != 3:
-            raise PipelineError(f"uint8 init video must be [F, H, W, 3]; got {list(x.shape)}")
+            raise PipelineError(f"{what}: uint8 frames must be [F, H, W, 3]; got {list(x.shape)}")
         return x.permute(3, 0, 1, 2).float() / 127.5 - 1.0
     x = x.float()
     if x.shape[0] == 3 and x.shape[-1] != 3:
         return x
     if x.shape[-1] == 3:
         return x.permute(3, 0, 1, 2)
-    raise PipelineError(f"float init video must be [3, F, H, W] or [F, H, W, 3]; got {list(x.shape)}")
+    raise PipelineError(f"{what}: float frames must be [3, F, H, W] or [F, H, W, 3]; got {list(x.shape)}")
 
 
 def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
-                       max_chunks: Optional[int] = None, sar: float = 1.0) -> tuple[torch.Tensor, dict]:
+                       max_chunks: Optional[int] = None, sar: float = 1.0,
+                       what: str = "init video") -> tuple[torch.Tensor, dict]:
     """Frames of a given video -> (video [1, 3, F', height, width] in [-1, 1], info), F' the
     largest frame count that encodes to a whole number of chunks (at most `max_chunks`),
     keeping the LAST F' frames. `sar`: the frames' pixel aspect ratio (resize_center_crop keeps the
-    displayed aspect). Raises PipelineError when the video is shorter than one chunk."""
-    video = _frames_to_float(frames)
+    displayed aspect). Raises PipelineError naming `what` when the video is shorter than one chunk."""
+    video = _frames_to_float(frames, what)
     n_in = video.shape[1]
     tf = vae.temporal_factor
     latent_avail = (1 + (n_in - 1) // tf) if vae.causal_first_frame else n_in // tf
@@ -79,7 +80,7 @@ def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
     if max_chunks is not None:
         chunks = min(chunks, int(max_chunks))
     if chunks < 1:
-        raise PipelineError(f"init video has {n_in} frames; one chunk of {chunk_frames} latent frames needs at "
+        raise PipelineError(f"{what}: {n_in} frames; one chunk of {chunk_frames} latent frames needs at "
                             f"least {vae.frames_for_latents(chunk_frames)} frames")
     used = vae.frames_for_latents(chunks * chunk_frames)
     video = resize_center_crop(video[:, n_in - used:], height, width, sar)
@@ -150,7 +151,7 @@ def image_clip(image, vae, height: int, width: int, chunk_frames: int) -> tuple[
         frame = frame.float()
         frames = (frame.unsqueeze(1) if frame.shape[0] == 3 and frame.shape[-1] != 3
                   else frame.permute(2, 0, 1).unsqueeze(1)).expand(-1, n, -1, -1)
-    clip, _ = prepare_init_video(frames, vae, height, width, chunk_frames, max_chunks=1)
+    clip, _ = prepare_init_video(frames, vae, height, width, chunk_frames, max_chunks=1, what="init image")
     h0, w0 = (frame.shape[0], frame.shape[1]) if frame.dtype == torch.uint8 or frame.shape[-1] == 3 \
         else (frame.shape[1], frame.shape[2])
     info = dict(source=src, kind="image", image_size=[int(h0), int(w0)], frames_repeated=n, chunks=1,
@@ -159,9 +160,10 @@ def image_clip(image, vae, height: int, width: int, chunk_frames: int) -> tuple[
 
 
 def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: float,
-               max_chunks: Optional[int] = None, resample_fps: bool = True) -> tuple[torch.Tensor, dict]:
+               max_chunks: Optional[int] = None, resample_fps: bool = True,
+               what: str = "init video") -> tuple[torch.Tensor, dict]:
     """A path (mp4 etc., read as a player shows it: data/decode.py) or frames -> (clip [1, 3, F', height,
-    width], info).
+    width], info). A bad file: PipelineError, one line naming `what` (e.g. a CLI flag) and the file.
 
     A file is first resampled in time to `fps` (the model's, config data.fps; by timestamp as in
     training; `resample_fps=False` keeps its own rate). `max_chunks` keeps at most that many
@@ -169,7 +171,7 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
     no more memory than `max_chunks` chunks."""
     check_max_history_chunks(max_chunks)
     if not isinstance(video, (str, Path)):
-        clip, info = prepare_init_video(video, vae, height, width, chunk_frames, max_chunks)
+        clip, info = prepare_init_video(video, vae, height, width, chunk_frames, max_chunks, what=what)
         info["source"] = "<array>"
         return clip, info
     from ..data.decode import BadVideo, _PyAVBackend
@@ -177,7 +179,7 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
 
     path = Path(video)
     if not path.is_file():
-        raise PipelineError(f"{video}: no such video file")
+        raise PipelineError(f"{what} {video}: no such video file")
     # read as a player shows it, as the training clips are (data/decode.py): display rotation, non-square
     # pixels, variable frame rates by timestamp, an edit list's hidden frames left out
     backend = _PyAVBackend()
@@ -193,8 +195,9 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
             idx = idx[max(n_in - vae.frames_for_latents(int(max_chunks) * chunk_frames), 0):]
         clip_frames = backend.frames(str(path), idx)  # uint8 [F, H, W, 3], upright
     except BadVideo as e:
-        raise PipelineError(f"{video}: cannot decode video ({e})") from None
-    clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks, src.sar)
+        raise PipelineError(f"{what} {video}: cannot decode video ({e})") from None
+    clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks, src.sar,
+                                    f"{what} {video}")
     info.update(frames_in=n_in, frames_dropped_from_start=n_in - info["frames_used"], max_chunks=max_chunks,
                 source_frames=n_file, source_fps=src_fps, fps=fps if (src_fps and resample_fps) else src_fps)
     info["source"] = str(video)
