@@ -311,6 +311,25 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     return cfg
 
 
+# The first line of the config.yaml a run writes (RUN/ and each checkpoint): a new run replaces only a
+# config.yaml that begins with it (training_cli), never a file of the user's in the folder.
+RUN_CONFIG_HEADER = "# the resolved config of this run, written by the trainer (a new run here replaces it)\n"
+
+
+def run_config_yaml(cfg: "Config") -> str:
+    """The text of a run's config.yaml: RUN_CONFIG_HEADER, then every value of `cfg` (loads back equal)."""
+    return RUN_CONFIG_HEADER + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def written_by_a_run(path: str | Path) -> bool:
+    """Whether the file at `path` is a config.yaml a run wrote (begins with RUN_CONFIG_HEADER)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline() == RUN_CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 require_encoder_paths: bool = False) -> Config:
     """Read YAML (or start from defaults when `path` is None) and apply key=value overrides.

@@ -26,7 +26,6 @@ checkpoint.py.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import yaml
 
 from . import lora
 from .attention.backends import resolve_backend
@@ -42,7 +40,7 @@ from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .attention.spec import routing_spec
 from .checkpoint import RANKS_DIR, check_resume_world, clean_stale, config_file, training_engine
-from .config import Config, ConfigError, StageConfig
+from .config import Config, ConfigError, StageConfig, run_config_yaml
 from .config_checks import validate
 from .diffusion import add_noise, sample_logit_normal, velocity_loss, velocity_target
 from .io import atomic_write_text
@@ -137,7 +135,7 @@ class Trainer(TrainerCheckpoints):
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(self.run_dir)
-            atomic_write_text(config_file(self.run_dir), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            atomic_write_text(config_file(self.run_dir), run_config_yaml(cfg))
         vae = text = None
         if cfg.data.source != "latents":
             vae = build_vae(cfg.encoders, device=self.device)

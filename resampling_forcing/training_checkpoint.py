@@ -4,14 +4,12 @@ an abort, which checkpoint is really good. A mixin of training.Trainer (its stat
 lora, cursor, step, last_checkpoint); the folder layout is checkpoint.py's."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from . import lora
 from .attention.masks import MaskSpec
@@ -19,6 +17,7 @@ from .attention.ops import MaskedAttention
 from .checkpoint import (EMA_WEIGHTS, checkpoint_problem, config_file, latest_good_checkpoint, read_trainer_state,
                          resolve_trainer_checkpoint, save_checkpoint, weights_nonfinite)
 from .checkpoint import step_of as step_of_path
+from .config import run_config_yaml
 from .diffusion import velocity_loss, velocity_target
 from .models.loading import CheckpointError, load_state_into, read_state_dict, save_model
 from .resampling import eval_mode
@@ -182,7 +181,7 @@ class TrainerCheckpoints:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(folder / EMA_WEIGHTS))
-        config_file(folder).write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+        config_file(folder).write_text(run_config_yaml(self.cfg))
 
     def save(self) -> Path:
         path = save_checkpoint(self.acc, self.run_dir, self.step, trainer_state=self.trainer_state(),

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, written_by_a_run
     from .data.loader import DataError
     from .encoders import EncoderLoadError
     from .models.loading import CheckpointError
@@ -71,11 +71,14 @@ def _run(args) -> int:
     from .checkpoint import config_file, list_checkpoints
 
     run = Path(cfg.train.run_dir)
-    if Path(args.config).resolve() == config_file(run).resolve() and not list_checkpoints(run):
-        # a new run rewrites RUN/config.yaml with the resolved config: here that is the user's own file
-        # (resuming a run from its config.yaml, with checkpoints, is fine: it is the run's)
-        print(f"error: --config {args.config} is the config.yaml of train.run_dir={run}, which a new run rewrites "
-              "(its comments and layout lost); copy it elsewhere, or choose another train.run_dir", file=sys.stderr)
+    mine = config_file(run)
+    if mine.is_file() and not list_checkpoints(run) and not written_by_a_run(mine):
+        # a new run writes RUN/config.yaml (the resolved config): a file there that no run wrote is the
+        # user's (often the --config itself); resuming a run, with checkpoints, keeps its own
+        given = " (your --config)" if args.config and Path(args.config).resolve() == mine.resolve() else ""
+        print(f"error: train.run_dir={run} holds a config.yaml{given} that no run wrote, which a new run would "
+              "replace (its comments and layout lost); copy it elsewhere, or choose another train.run_dir",
+              file=sys.stderr)
         return 2
 
     from .signals import exit_code
