@@ -28,8 +28,9 @@ class Encoder:
 
     ``write(frame)`` sends a frame (a C-contiguous array of ``H*W*3`` bytes); a dead ffmpeg (full disk,
     killed) surfaces there as ``BrokenPipeError``. ``close()`` ends the stream, waits for the file and
-    returns ffmpeg's exit code (the caller checks the file). ``kill()`` stops it at once (no wait for its
-    backlog)."""
+    returns ffmpeg's exit code (the caller checks the file); interrupted while waiting, it kills ffmpeg
+    (which has its own session: a Ctrl+C reaches only this process). ``kill()`` stops it at once (no wait
+    for its backlog) and returns its exit code."""
 
     def __init__(self, path: str | Path, size_hw: tuple[int, int], fps: float, quality: float, pix_fmt: str,
                  extra: tuple[str, ...] = ("-movflags", "+faststart")):
@@ -40,7 +41,7 @@ class Encoder:
         self.cmd = [
             imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error",
             "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
-            "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
+            "-r", str(Fraction(float(fps)).limit_denominator()), "-i", "-", "-an",
             "-vcodec", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf_for_quality(quality)),
             *extra, str(self.path),
         ]
@@ -57,9 +58,13 @@ class Encoder:
             proc.stdin.close()
         except BrokenPipeError:  # ffmpeg already gone: its exit code says why
             pass
-        return proc.wait()
+        try:
+            return proc.wait()
+        except BaseException:  # Ctrl+C while ffmpeg finishes: not left encoding on its own
+            self.kill()
+            raise
 
-    def kill(self) -> None:
+    def kill(self) -> int:
         proc = self._proc
         if proc.poll() is None:
             proc.kill()
@@ -67,4 +72,4 @@ class Encoder:
             proc.stdin.close()
         except OSError:
             pass
-        proc.wait()
+        return proc.wait()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -215,7 +216,6 @@ def folder_lock(folder: str | os.PathLike, name: str, waiting: str) -> Iterator[
     lock service). training_utils.RunLock is the other lock: non-blocking, a held run folder is an error."""
     import errno
     import fcntl
-    import logging
 
     log = logging.getLogger(__name__)
     path = Path(folder) / name
@@ -360,7 +360,8 @@ class Mp4Writer:
     kills ffmpeg on an error. Writes ``path`` itself: wrap it in :func:`atomic_path` / :func:`atomic_group`
     for an all-or-nothing file. ffmpeg starts at the first piece (its frame size). ``close()`` checks that
     the file is a complete mp4 (an encoder killed or out of disk space leaves none); a failing encoder
-    raises ``OSError(ENOSPC)`` naming ``path`` when its folder has no space left, else ``RuntimeError``.
+    raises ``OSError(ENOSPC)`` naming ``path`` when its folder has no space left, else ``RuntimeError``
+    (a dead ffmpeg with its exit code), and the writer then refuses further calls.
     ``quality``: imageio-ffmpeg scale 0..10 (maps to libx264 ``crf = 51*(1-q/10)``; 9 -> crf 5,
     visually lossless; 10 would be crf 0, the lossless profile many players refuse).
     ``pix_fmt``: output pixel format; default yuv420p for even sizes, yuv444p for odd ones."""
@@ -369,15 +370,24 @@ class Mp4Writer:
         problem = fps_problem(fps)
         if problem:
             raise ValueError(f"{path}: fps {problem}")
+        if (isinstance(quality, bool) or not isinstance(quality, (int, float, np.integer, np.floating))
+                or not 0 <= quality <= 10):
+            raise ValueError(f"{path}: quality must be a number in [0, 10] (got {quality!r})")
         self.path, self.fps, self.quality, self.pix_fmt = Path(path), fps, quality, pix_fmt
         self.frames = 0
         self._size: tuple[int, int] | None = None
         self._ffmpeg = None
+        self._failed: str | None = None  # why an encoder step failed: no call after it writes
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"{self.path}: the encoder failed earlier ({self._failed}); this writer writes nothing more")
 
     def write(self, frames) -> None:
         """Append frames: uint8 [F, H, W, 3], or float in [-1, 1] as [3, F, H, W] or [F, H, W, 3] (to_uint8_video)."""
         from .ffmpeg import Encoder
 
+        self._check_usable()
         video = to_uint8_video(frames)
         num, h, w, _ = video.shape
         if self._size is None:
@@ -396,11 +406,13 @@ class Mp4Writer:
 
     def close(self) -> Path:
         """Finish the file; refuses a video without frames and a file that is not a complete mp4."""
-        ffmpeg, self._ffmpeg = self._ffmpeg, None
+        self._check_usable()
+        ffmpeg = self._ffmpeg
         if ffmpeg is None:
             raise ValueError(f"{self.path}: cannot write a video with 0 frames")
         with self._encoding():
-            code = ffmpeg.close()
+            code = ffmpeg.close()  # (interrupted, it kills ffmpeg; abort() then finds it dead)
+            self._ffmpeg = None
             frames = mp4_frames(self.path)
             if frames != self.frames:
                 got = "no complete file" if frames is None else f"{frames} of the {self.frames} frames"
@@ -409,11 +421,11 @@ class Mp4Writer:
                 raise RuntimeError(f"{self.path}: ffmpeg exited with code {code}")
         return self.path
 
-    def abort(self) -> None:
-        """Kill ffmpeg now (the file is then to be discarded): no wait for its backlog."""
+    def abort(self) -> int | None:
+        """Kill ffmpeg now (the file is then to be discarded): no wait for its backlog. Its exit code (None
+        when none was running)."""
         ffmpeg, self._ffmpeg = self._ffmpeg, None
-        if ffmpeg is not None:
-            ffmpeg.kill()
+        return None if ffmpeg is None else ffmpeg.kill()
 
     @contextlib.contextmanager
     def _encoding(self) -> Iterator[None]:
@@ -426,13 +438,22 @@ class Mp4Writer:
         try:
             yield
         except (OSError, RuntimeError) as e:
-            self.abort()
+            code = self.abort()
             full = is_no_space(e)
             if not full:
                 with contextlib.suppress(OSError):
                     full = shutil.disk_usage(self.path.parent).free < 2**20
             if full:
+                self._failed = "no space left"
                 raise OSError(errno.ENOSPC, "No space left on device", str(self.path)) from None
+            if isinstance(e, BrokenPipeError):  # ffmpeg died (killed, or failed on this file): say so, with its code
+                self._failed = f"ffmpeg stopped, exit code {code}"
+                raise RuntimeError(f"{self.path}: ffmpeg stopped (exit code {code}) before the video was finished "
+                                   "(killed?)") from None
+            self._failed = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise
+        except BaseException:  # Ctrl+C mid-write: ffmpeg goes too
+            self.abort()
             raise
 
     def __enter__(self) -> "Mp4Writer":
@@ -547,29 +568,35 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
         return VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or [''])[0]})")
 
-    try:
-        container = av.open(str(path))
-        if not container.streams.video:
-            container.close()
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    try:  # the header now (a bad file fails at once); the container is opened again for the frames
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
     except Exception as e:  # PyAV's errors are OSError / ValueError subclasses named by FFmpeg
         raise failed(e) from e
 
     def blocks() -> Iterator[np.ndarray]:
-        frames, any_frame = [], False
+        frames, any_frame, damaged = [], False, 0
         try:
-            for fr in container.decode(stream):
-                frames.append(np.rot90(fr.to_ndarray(format="rgb24"), rotation_k(fr)))
-                if len(frames) == block:
-                    any_frame = True
-                    yield np.ascontiguousarray(np.stack(frames))
-                    frames = []
+            with av.open(str(path)) as container:
+                for packet in container.demux(container.streams.video[0]):
+                    try:
+                        decoded = packet.decode()
+                    except av.error.InvalidDataError:  # a damaged packet: skipped, as ffmpeg's own reader does
+                        damaged += 1
+                        continue
+                    for fr in decoded:
+                        frames.append(np.rot90(fr.to_ndarray(format="rgb24"), rotation_k(fr)))
+                        if len(frames) == block:
+                            any_frame = True
+                            yield np.ascontiguousarray(np.stack(frames))
+                            frames = []
         except Exception as e:  # noqa: BLE001 - a decoder failure mid-file
             raise failed(e) from e
-        finally:
-            container.close()
+        if damaged:
+            logging.getLogger(__name__).warning("%s: %d damaged packet(s) skipped", path, damaged)
         if frames:
             yield np.ascontiguousarray(np.stack(frames))
         elif not any_frame:

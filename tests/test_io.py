@@ -248,9 +248,13 @@ def test_mp4_writer_full_disk_is_enospc_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         w.write(np.zeros((3, 16, 16, 3), np.uint8))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "v.mp4") and rio.is_no_space(e.value)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))  # space left: the error as it is
-    with pytest.raises(BrokenPipeError):
-        rio.Mp4Writer(tmp_path / "w.mp4", fps=8).write(np.zeros((3, 16, 16, 3), np.uint8))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))  # space left: a dead encoder
+    w = rio.Mp4Writer(tmp_path / "w.mp4", fps=8)
+    with pytest.raises(RuntimeError, match=r"w\.mp4: ffmpeg stopped \(exit code -?\d+\) before the video was finished"):
+        w.write(np.zeros((3, 16, 16, 3), np.uint8))
+    for call in (lambda: w.write(np.zeros((1, 16, 16, 3), np.uint8)), w.close):  # said again, not a bare AttributeError
+        with pytest.raises(RuntimeError, match="the encoder failed earlier"):
+            call()
 
 
 def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
@@ -295,3 +299,51 @@ def test_mp4_writer_encoder_has_its_own_process_group(tmp_path):
         kids = [pid for pid, state in ffmpeg_children().items() if state != "Z"]
         assert kids and all(os.getpgid(pid) != os.getpgid(0) for pid in kids)
     assert rio.mp4_frames(tmp_path / "v.mp4") == 2
+
+
+def test_mp4_writer_interrupted_while_closing_leaves_no_encoder(tmp_path):
+    """Ctrl+C while close() waits for ffmpeg's backlog: ffmpeg (in its own session, so the terminal's Ctrl+C
+    does not reach it) is killed, not left encoding on its own into a temporary that is being removed."""
+    from helpers import ffmpeg_children
+
+    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    w.write(np.random.default_rng(0).integers(0, 255, (24, 480, 832, 3), dtype=np.uint8))  # seconds of work
+    proc = w._ffmpeg._proc
+
+    def interrupted(*a, **k):
+        del proc.wait  # the real wait from now on (the kill reaps ffmpeg with it)
+        raise KeyboardInterrupt
+
+    proc.wait = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    assert all(s == "Z" for s in ffmpeg_children().values()), ffmpeg_children()
+    w.abort()  # what a caller's cleanup does next: nothing left to do, no error
+
+
+def test_read_skips_a_damaged_packet(tmp_path, caplog):
+    """One damaged packet (here the last frame's NAL length) costs that frame, not the video (PyAV's
+    container-level decode raised on it; ffmpeg's reader, used before, skipped it too), with a warning."""
+    import logging
+
+    p = rio.write_mp4(tmp_path / "v.mp4", _clip(12), fps=8)
+    data = bytearray(p.read_bytes())
+    i = data.index(b"stsz") + 4  # version/flags, sample size (0: the sizes follow), count, the sizes
+    count = int.from_bytes(data[i + 8:i + 12], "big")
+    last = int.from_bytes(data[i + 8 + 4 * count:i + 12 + 4 * count], "big")
+    assert data.rindex(b"mdat") < len(data) - last  # faststart: the samples, in order, end the file
+    data[len(data) - last:len(data) - last + 4] = b"\xff\xff\xff\xf0"
+    p.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="resampling_forcing.io"):
+        video = rio.read_mp4(p)
+    assert video.shape[0] == 11 and "1 damaged packet(s) skipped" in caplog.text
+
+
+def test_mp4_writer_arguments(tmp_path):
+    """quality outside imageio-ffmpeg's 0..10 scale is refused (it gave a negative crf and a misleading 'no
+    complete file'); numpy frame rates are rates."""
+    for bad in (11, -1, "9", True):
+        with pytest.raises(ValueError, match="quality must be a number in"):
+            rio.Mp4Writer(tmp_path / "v.mp4", quality=bad)
+    p = rio.write_mp4(tmp_path / "v.mp4", _clip(3), fps=np.float32(7.5))
+    assert rio.read_mp4(p, with_fps=True)[1] == 7.5
