@@ -551,10 +551,12 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
     read block by block, in the memory of one block whatever its length (read_mp4 joins them).
     ``VideoReadError`` naming the file for a file that cannot be opened, now; for one that fails later, when
     the failing block is read. Decoded in this process by PyAV (the training clips' decoder, data/decode.py):
-    no ffmpeg child, so a reader in a threaded program (a notebook) cannot hang in fork (see ffmpeg.py)."""
+    no ffmpeg child, so a reader in a threaded program (a notebook) cannot hang in fork (see ffmpeg.py).
+    8-bit videos give ffmpeg's own pixels; deeper ones (10-bit) go through PyAV's default conversion to
+    rgb24, a few levels from ffmpeg's on average. A damaged packet is skipped with a warning."""
     import av
 
-    from .data.decode import rotation_k
+    from .data.decode import orientation
 
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block={block!r}: need an int >= 1")
@@ -588,7 +590,7 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
                         damaged += 1
                         continue
                     for fr in decoded:
-                        frames.append(np.rot90(fr.to_ndarray(format="rgb24"), rotation_k(fr)))
+                        frames.append(orientation(fr).apply(fr.to_ndarray(format="rgb24")))
                         if len(frames) == block:
                             any_frame = True
                             yield np.ascontiguousarray(np.stack(frames))

@@ -72,6 +72,11 @@ def vids(tmp_path_factory):
     write_mp4(d / "land.mp4", x, fps=8)
     for r in (90, 180, 270):
         _ffmpeg("-display_rotation", r, "-i", d / "land.mp4", "-c", "copy", d / f"rot{r}.mp4")
+    # mirrored (a front camera's video, tagged rather than re-encoded), alone and with a quarter turn
+    for name, flags in (("hflip", ["-display_hflip"]), ("vflip", ["-display_vflip"]),
+                        ("rot90h", ["-display_rotation", "90", "-display_hflip"]),
+                        ("rot270v", ["-display_rotation", "270", "-display_vflip"])):
+        _ffmpeg(*flags, "-i", d / "land.mp4", "-c", "copy", d / f"{name}.mp4")
     # non-square pixels: 64x48 stored, SAR 2:1 (shown 128x48); a green band at stored columns 24-39
     x = np.zeros((4, 48, 64, 3), np.uint8)
     x[:, :, 24:40, 1] = 255
@@ -152,6 +157,22 @@ def test_rotated_phone_videos_are_upright(vids, rot, backend):
     assert np.abs(clip - _shown(vids / f"rot{rot}.mp4", h, w)).max() < 0.05
     red_side = {90: (slice(None), slice(0, 4)), 180: (slice(-4, None), slice(None)), 270: (slice(None), slice(-4, None))}
     assert clip[red_side[rot] + (0,)].mean() > 0.9  # the red bar: left, bottom, right
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["hflip", "vflip", "rot90h", "rot270v"])
+def test_mirrored_videos_are_shown_as_a_player_shows_them(vids, name, backend):
+    """A display matrix with a mirror: the training clip and io.read_mp4 show what ffmpeg shows. PyAV's
+    rotation angle alone turned a horizontal mirror into a half turn (upside down) and ignored a vertical
+    one."""
+    from resampling_forcing.io import read_mp4
+
+    h, w = (64, 48) if name.startswith("rot") else (48, 64)
+    shown = _shown(vids / f"{name}.mp4", h, w)
+    ds = _dataset(vids, f"{name}.mp4", 1, h, w, max_upscale=1.0, backend=backend)
+    clip = ds[0]["video"][:, 0].permute(1, 2, 0).numpy()
+    assert ds.num_bad == 0 and np.abs(clip - shown).max() < 0.05
+    assert np.array_equal(read_mp4(vids / f"{name}.mp4")[0], np.round((shown + 1) * 127.5).astype(np.uint8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

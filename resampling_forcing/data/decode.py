@@ -8,8 +8,9 @@ shows it, so that they return the same frames for the same clip:
 - time: each frame's presentation timestamp. ``VideoInfo.times`` is None for a constant frame
   rate (frame k at ``k / fps``, to within a tenth of a frame), else the timestamps of a variable
   frame rate file (seconds, the first shown frame at 0).
-- orientation: the display rotation (portrait phone videos store landscape pixels plus a display
-  matrix) is applied to the frames, and ``height``/``width`` are those of the rotated frames.
+- orientation: the display matrix (portrait phone videos store landscape pixels plus a rotation; a
+  front camera's may add a mirror) is applied to the frames as ffmpeg's player does (:func:`orientation`),
+  and ``height``/``width`` are those of the frames as shown.
   ``sar`` is the pixel aspect ratio (non-square pixels), which the resize honours.
 
 decord cannot seek edit-list files consistently and fails on 90/270 degree rotated ones (its
@@ -112,13 +113,62 @@ def _uneven_times(times, fps: float) -> np.ndarray | None:
     return t
 
 
-def rotation_k(frame) -> int:
-    """Quarter turns (counter-clockwise, as np.rot90) that show ``frame`` upright (its display matrix)."""
-    return int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4
+@dataclass(frozen=True)
+class Orientation:
+    """How a decoded frame is shown: ``k`` quarter turns counter-clockwise (np.rot90), then rows flipped
+    (``vflip``), then columns (``hflip``). ``turned``: height and width swap."""
+
+    k: int = 0
+    vflip: bool = False
+    hflip: bool = False
+
+    @property
+    def turned(self) -> bool:
+        return self.k % 2 == 1
+
+    @property
+    def upright(self) -> bool:
+        return self == Orientation()
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """[H, W, C] as stored -> as shown (a view)."""
+        x = np.rot90(image, self.k)
+        if self.vflip:
+            x = x[::-1]
+        return x[:, ::-1] if self.hflip else x
 
 
-def _pyav_display(path: str) -> tuple[int, float]:
-    """(quarter turns, pixel aspect) of a file as PyAV reads them; (0, 1.0) when PyAV cannot tell.
+def orientation(frame) -> Orientation:
+    """The Orientation ffmpeg's player gives ``frame`` (fftools' autorotate, from the frame's display
+    matrix): the rotations by quarter turns and the mirrored ones (a phone's front camera); a rotation by
+    another angle is rounded to quarter turns. Upright when the frame carries no display matrix."""
+    import math
+
+    m = None
+    with contextlib.suppress(Exception):  # PyAV without frame side data: the rotation alone
+        for sd in frame.side_data:
+            if getattr(sd.type, "name", str(sd.type)).upper().endswith("DISPLAYMATRIX"):
+                m = np.frombuffer(bytes(sd), dtype=np.int32)[:9].astype(np.float64) / 65536.0
+    if m is None:
+        return Orientation(int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4)
+    s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if s0 == 0 or s1 == 0:
+        return Orientation()
+    theta = round(math.degrees(math.atan2(m[1] / s1, m[0] / s0)))  # ffmpeg's get_rotation, clockwise
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return Orientation(1, vflip=True) if m[3] > 0 else Orientation(3)  # transpose=cclock_flip / clock
+    if abs(theta - 180) < 1:
+        return Orientation(0, vflip=m[4] < 0, hflip=m[0] < 0)
+    if abs(theta - 270) < 1:
+        return Orientation(3, vflip=True) if m[3] < 0 else Orientation(1)  # transpose=clock_flip / cclock
+    if abs(theta) < 1:
+        return Orientation(0, vflip=m[4] < 0)
+    return Orientation(int(round(-theta / 90)) % 4)
+
+
+def _pyav_display(path: str) -> tuple[Orientation, float]:
+    """(orientation, pixel aspect) of a file as PyAV reads them; (upright, 1.0) when PyAV cannot tell.
     The rotation is known only from a decoded frame (PyAV exposes no stream display matrix)."""
     try:
         import av
@@ -127,15 +177,15 @@ def _pyav_display(path: str) -> tuple[int, float]:
             s = c.streams.video[0]
             sar = float(s.sample_aspect_ratio or s.codec_context.sample_aspect_ratio or 1) or 1.0
             for fr in c.decode(s):
-                return rotation_k(fr), sar
+                return orientation(fr), sar
     except Exception:
         pass
-    return 0, 1.0
+    return Orientation(), 1.0
 
 
-def _turned(k: int, h: int, w: int, sar: float) -> tuple[int, int, float]:
-    """Size and pixel aspect after ``k`` quarter turns."""
-    return (w, h, 1.0 / sar) if k % 2 else (h, w, sar)
+def _turned(o: Orientation, h: int, w: int, sar: float) -> tuple[int, int, float]:
+    """Size and pixel aspect as shown."""
+    return (w, h, 1.0 / sar) if o.turned else (h, w, sar)
 
 
 class _DecordBackend:
@@ -167,9 +217,9 @@ class _DecordBackend:
             raise UsePyAV("MP4 edit list")
         if np.any(np.diff(ts) < 0):
             raise UsePyAV("timestamps out of order")
-        k, sar = _pyav_display(path)
-        if k:
-            raise UsePyAV("rotated video")
+        shown, sar = _pyav_display(path)
+        if not shown.upright:
+            raise UsePyAV("rotated or mirrored video")
         try:
             h, w = vr[0].shape[:2]  # decord exposes no size without decoding a frame
         except Exception as e:
@@ -230,7 +280,7 @@ class _PyAVBackend:
         times = None
         if tb and None not in pts:  # else no timestamps (e.g. a raw stream): constant rate
             times = _uneven_times([float(t * tb) for t in sorted(pts)], fps)
-        h, w, sar = _turned(rotation_k(first), int(first.height), int(first.width), sar)
+        h, w, sar = _turned(orientation(first), int(first.height), int(first.width), sar)
         return VideoInfo(n, fps, h, w, times, sar, self.name)
 
     def frames(self, path: str, indices: list[int], handle=None) -> np.ndarray:
@@ -243,7 +293,7 @@ class _PyAVBackend:
             with av.open(path) as c:
                 for k, fr in enumerate(c.decode(video=0)):
                     if k in need:
-                        got[k] = np.rot90(fr.to_ndarray(format="rgb24"), rotation_k(fr))
+                        got[k] = orientation(fr).apply(fr.to_ndarray(format="rgb24"))
                     if k >= last:
                         break
         except Exception as e:
