@@ -1,4 +1,4 @@
-"""The ffmpeg encoder process behind io.Mp4Writer: raw RGB frames in on a pipe, an H.264 mp4 out.
+"""The ffmpeg encoder process behind mp4.Mp4Writer: raw RGB frames in on a pipe, an H.264 mp4 out.
 
 Why not imageio-ffmpeg's ``write_frames``: it starts ffmpeg with ``preexec_fn=os.setpgrp`` (to keep a
 terminal's Ctrl+C away from it), and a ``preexec_fn`` makes Python ``fork()`` and run Python code in the

@@ -8,7 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import atomic_path, to_uint8_video
+from .io import atomic_path
+
+from .mp4 import to_uint8_video
 
 __all__ = ["contact_sheet", "save_figure"]
 

@@ -81,7 +81,7 @@ class SampleResult:
 
 
 def _to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """[B, 3, F, H, W] float in [-1, 1] -> uint8 [B, F, H, W, 3] (same rounding as io.to_uint8_video)."""
+    """[B, 3, F, H, W] float in [-1, 1] -> uint8 [B, F, H, W, 3] (same rounding as mp4.to_uint8_video)."""
     x = torch.nan_to_num(frames.float(), nan=0.0, posinf=1.0, neginf=-1.0)
     return ((x + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 

@@ -284,7 +284,7 @@ def check_args(args) -> None:
         raise BadInput(f"--num-chunks must be >= 1 (got {args.num_chunks})")
     if args.seconds is not None and not (math.isfinite(args.seconds) and args.seconds > 0):
         raise BadInput(f"--seconds must be a number > 0 (got {args.seconds:g})")
-    from .io import fps_problem  # numpy only (write_mp4's rule)
+    from .mp4 import fps_problem  # numpy only (write_mp4's rule)
 
     if args.fps is not None and fps_problem(args.fps):
         raise BadInput(f"--fps {fps_problem(args.fps)}")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from resampling_forcing.checkpoint import checkpoint_problem, list_checkpoints
-from resampling_forcing.io import write_mp4
+from resampling_forcing.mp4 import write_mp4
 from resampling_forcing.models.loading import CheckpointError
 from resampling_forcing.training import Trainer, train
 from train_helpers import REPO, TINY_YAML, child_env, read_log, small_overrides

@@ -10,7 +10,7 @@ import torch
 from resampling_forcing import eval as E
 from resampling_forcing.data import synthetic as S
 from resampling_forcing.data import synthetic_dataset as SD
-from resampling_forcing.io import read_mp4, write_mp4
+from resampling_forcing.mp4 import read_mp4, write_mp4
 
 SEEDS = (0, 2, 5, 9)  # one- and two-object scenes, circles, squares and triangles
 

@@ -8,6 +8,7 @@ import torch
 
 from resampling_forcing import figures
 from resampling_forcing import io as rio
+from resampling_forcing import mp4 as rmp4
 
 
 def _clip(f=10, h=32, w=32, seed=0):
@@ -27,8 +28,8 @@ def _only_final(folder, names):
 @pytest.mark.parametrize("h,w", [(32, 32), (64, 64), (48, 80), (33, 17)])
 def test_mp4_round_trip_shape_and_content(tmp_path, h, w):
     x = _clip(9, h, w)
-    p = rio.write_mp4(tmp_path / "a.mp4", x, fps=8)
-    y, fps = rio.read_mp4(p, with_fps=True)
+    p = rmp4.write_mp4(tmp_path / "a.mp4", x, fps=8)
+    y, fps = rmp4.read_mp4(p, with_fps=True)
     assert y.shape == x.shape and y.dtype == np.uint8
     assert fps == pytest.approx(8.0)
     assert np.abs(y.astype(int) - x).mean() < 3.0
@@ -38,25 +39,25 @@ def test_mp4_round_trip_shape_and_content(tmp_path, h, w):
 def test_write_float_tensor_channel_first(tmp_path):
     x = _clip(7)
     t = torch.from_numpy(x).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # [3,F,H,W] in [-1,1]
-    rio.write_mp4(tmp_path / "t.mp4", t, fps=4)
-    y = rio.read_mp4(tmp_path / "t.mp4")
+    rmp4.write_mp4(tmp_path / "t.mp4", t, fps=4)
+    y = rmp4.read_mp4(tmp_path / "t.mp4")
     assert y.shape == x.shape
     assert np.abs(y.astype(int) - x).mean() < 3.0
     # batch of one and [F,H,W,3] float also accepted
-    assert rio.to_uint8_video(t[None]).shape == x.shape
-    assert rio.to_uint8_video(x.astype(np.float32) / 127.5 - 1).shape == x.shape
+    assert rmp4.to_uint8_video(t[None]).shape == x.shape
+    assert rmp4.to_uint8_video(x.astype(np.float32) / 127.5 - 1).shape == x.shape
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
-        rio.write_mp4(tmp_path / "bad.mp4", np.zeros((3, 8, 8, 4), np.uint8))
+        rmp4.write_mp4(tmp_path / "bad.mp4", np.zeros((3, 8, 8, 4), np.uint8))
     with pytest.raises(ValueError):
-        rio.write_mp4(tmp_path / "bad.mp4", np.zeros((0, 8, 8, 3), np.uint8))
+        rmp4.write_mp4(tmp_path / "bad.mp4", np.zeros((0, 8, 8, 3), np.uint8))
     _only_final(tmp_path, [])
 
     # a failure in the middle of encoding: nothing under the final name, no temp left, and an
     # existing complete file is kept untouched
-    good = rio.write_mp4(tmp_path / "v.mp4", _clip(5), fps=8)
+    good = rmp4.write_mp4(tmp_path / "v.mp4", _clip(5), fps=8)
     before = good.read_bytes()
     from resampling_forcing.ffmpeg import Encoder
 
@@ -71,22 +72,22 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Encoder, "write", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        rio.write_mp4(tmp_path / "v.mp4", _clip(5, seed=1), fps=8)
+        rmp4.write_mp4(tmp_path / "v.mp4", _clip(5, seed=1), fps=8)
     with pytest.raises(RuntimeError, match="disk full"):
-        rio.write_mp4(tmp_path / "new.mp4", _clip(5), fps=8)
+        rmp4.write_mp4(tmp_path / "new.mp4", _clip(5), fps=8)
     _only_final(tmp_path, ["v.mp4"])
     assert good.read_bytes() == before
 
 
 def test_read_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="no such video"):
-        rio.read_mp4(tmp_path / "missing.mp4")
+        rmp4.read_mp4(tmp_path / "missing.mp4")
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.mp4"):
-        rio.read_mp4(tmp_path / "empty.mp4")
+        rmp4.read_mp4(tmp_path / "empty.mp4")
     (tmp_path / "junk.mp4").write_bytes(os.urandom(2000))
     with pytest.raises(ValueError, match="junk.mp4"):
-        rio.read_mp4(tmp_path / "junk.mp4")
+        rmp4.read_mp4(tmp_path / "junk.mp4")
 
 
 def test_contact_sheet(tmp_path):
@@ -154,10 +155,10 @@ def test_atomic_files_honour_the_umask(tmp_path, umask, mode):
     try:
         assert rio.current_umask() == umask
         rio.atomic_write_json(tmp_path / "a.json", {"a": 1})
-        rio.write_mp4(tmp_path / "v.mp4", _clip(3), fps=4)
+        rmp4.write_mp4(tmp_path / "v.mp4", _clip(3), fps=4)
         with rio.atomic_group([tmp_path / "g.json", tmp_path / "g.mp4"]) as (j, m):
             j.write_text("{}")
-            rio.write_mp4(m, _clip(3), fps=4, atomic=False)
+            rmp4.write_mp4(m, _clip(3), fps=4, atomic=False)
         model = CausalWanModel(ModelConfig(dim=32, num_heads=2, ffn_dim=48, num_layers=1, freq_dim=16,
                                            in_channels=4, out_channels=4, text_dim=8))
         assert isinstance(model, nn.Module)
@@ -183,7 +184,7 @@ def test_write_mp4_refuses_an_unwritable_frame_rate(tmp_path, fps):
     that read back as 0 (ffmpeg tags 1000 as "1k"), below 1e-4 ffmpeg writes no file: one ValueError naming
     the file, and no file."""
     with pytest.raises(ValueError, match=r"fps must be a number in \[0.001, 1000\)"):
-        rio.write_mp4(tmp_path / "v.mp4", np.zeros((2, 8, 8, 3), np.uint8), fps=fps)
+        rmp4.write_mp4(tmp_path / "v.mp4", np.zeros((2, 8, 8, 3), np.uint8), fps=fps)
     assert not list(tmp_path.iterdir())
 
 
@@ -194,37 +195,37 @@ def test_mp4_writer_pieces_equal_one_write(tmp_path):
     """Pieces of a video written one by one give the file that writing it at once gives."""
     g = np.random.default_rng(0)
     video = g.integers(0, 255, (9, 16, 24, 3), dtype=np.uint8)
-    once = rio.write_mp4(tmp_path / "once.mp4", video, fps=8)
-    with rio.Mp4Writer(tmp_path / "pieces.mp4", fps=8) as w:
+    once = rmp4.write_mp4(tmp_path / "once.mp4", video, fps=8)
+    with rmp4.Mp4Writer(tmp_path / "pieces.mp4", fps=8) as w:
         for piece in (video[:1], video[1:5], video[5:5], video[5:]):
             w.write(piece)
     assert w.frames == 9 and (tmp_path / "pieces.mp4").read_bytes() == once.read_bytes()
-    other = rio.Mp4Writer(tmp_path / "x.mp4")
+    other = rmp4.Mp4Writer(tmp_path / "x.mp4")
     other.write(video[:2])
     with pytest.raises(ValueError, match="frames of 8x24 after frames of 16x24"):
         other.write(video[:, :8])
     other.abort()
     with pytest.raises(ValueError, match="0 frames"):
-        rio.Mp4Writer(tmp_path / "y.mp4").close()
+        rmp4.Mp4Writer(tmp_path / "y.mp4").close()
 
 
 def test_mp4_frames_sees_a_truncated_file(tmp_path):
-    f = rio.write_mp4(tmp_path / "a.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=8)
-    assert rio.mp4_frames(f) == 6
+    f = rmp4.write_mp4(tmp_path / "a.mp4", np.zeros((6, 16, 16, 3), np.uint8), fps=8)
+    assert rmp4.mp4_frames(f) == 6
     data = f.read_bytes()
     for cut in (len(data) - 1, len(data) // 2, 40, 5):  # what a killed or starved encoder leaves
         (tmp_path / "t.mp4").write_bytes(data[:cut])
-        assert rio.mp4_frames(tmp_path / "t.mp4") is None
+        assert rmp4.mp4_frames(tmp_path / "t.mp4") is None
 
 
 @pytest.mark.parametrize("found,message", [(None, "no complete file"), (2, "2 of the 3 frames")])
 def test_mp4_writer_refuses_an_unfinished_file(tmp_path, monkeypatch, found, message):
     """close() checks the file: an encoder that died before finishing it (a kill -9, the OOM killer) or that
     ended it early (a SIGTERM to the whole job) is an error, so no caller commits it as the video."""
-    real = rio.mp4_frames
-    assert real(rio.write_mp4(tmp_path / "ok.mp4", np.zeros((3, 16, 16, 3), np.uint8))) == 3
-    monkeypatch.setattr(rio, "mp4_frames", lambda path: found)
-    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    real = rmp4.mp4_frames
+    assert real(rmp4.write_mp4(tmp_path / "ok.mp4", np.zeros((3, 16, 16, 3), np.uint8))) == 3
+    monkeypatch.setattr(rmp4, "mp4_frames", lambda path: found)
+    w = rmp4.Mp4Writer(tmp_path / "v.mp4", fps=8)
     w.write(np.zeros((3, 16, 16, 3), np.uint8))
     with pytest.raises(RuntimeError, match=message):
         w.close()
@@ -244,12 +245,12 @@ def test_mp4_writer_full_disk_is_enospc_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Encoder, "write", broken)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
-    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    w = rmp4.Mp4Writer(tmp_path / "v.mp4", fps=8)
     with pytest.raises(OSError) as e:
         w.write(np.zeros((3, 16, 16, 3), np.uint8))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "v.mp4") and rio.is_no_space(e.value)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))  # space left: a dead encoder
-    w = rio.Mp4Writer(tmp_path / "w.mp4", fps=8)
+    w = rmp4.Mp4Writer(tmp_path / "w.mp4", fps=8)
     with pytest.raises(RuntimeError, match=r"w\.mp4: ffmpeg stopped \(exit code -?\d+\) before the video was finished"):
         w.write(np.zeros((3, 16, 16, 3), np.uint8))
     for call in (lambda: w.write(np.zeros((1, 16, 16, 3), np.uint8)), w.close):  # said again, not a bare AttributeError
@@ -260,7 +261,7 @@ def test_mp4_writer_full_disk_is_enospc_naming_the_file(tmp_path, monkeypatch):
 def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
     """abort() does not wait for ffmpeg to encode its backlog (a second Ctrl-C stops at once): right after it
     no ffmpeg child of this process is alive (a killed one is at most a zombie)."""
-    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    w = rmp4.Mp4Writer(tmp_path / "v.mp4", fps=8)
     w.write(np.random.default_rng(0).integers(0, 255, (24, 480, 832, 3), dtype=np.uint8))  # seconds of work
     from helpers import ffmpeg_children
 
@@ -271,7 +272,7 @@ def test_mp4_writer_abort_kills_the_encoder_at_once(tmp_path):
         time.sleep(0.01)
     assert all(s == "Z" for s in ffmpeg_children().values()), ffmpeg_children()
     f = tmp_path / "v.mp4"  # killed, not finished: no complete file (a graceful close would have written one)
-    assert not f.exists() or rio.mp4_frames(f) is None
+    assert not f.exists() or rmp4.mp4_frames(f) is None
 
 
 def test_mp4_writer_runs_no_python_between_fork_and_exec(tmp_path):
@@ -283,10 +284,10 @@ def test_mp4_writer_runs_no_python_between_fork_and_exec(tmp_path):
     os.register_at_fork(after_in_child=lambda: armed and os._exit(17))  # no-op once disarmed
     armed.append(True)
     try:
-        rio.write_mp4(tmp_path / "v.mp4", _clip(3), fps=8)
+        rmp4.write_mp4(tmp_path / "v.mp4", _clip(3), fps=8)
     finally:
         armed.clear()
-    assert rio.mp4_frames(tmp_path / "v.mp4") == 3
+    assert rmp4.mp4_frames(tmp_path / "v.mp4") == 3
 
 
 def test_mp4_writer_encoder_has_its_own_process_group(tmp_path):
@@ -294,11 +295,11 @@ def test_mp4_writer_encoder_has_its_own_process_group(tmp_path):
     hears it (and stops after the video in progress) while ffmpeg finishes the file it is writing."""
     from helpers import ffmpeg_children
 
-    with rio.Mp4Writer(tmp_path / "v.mp4", fps=8) as w:
+    with rmp4.Mp4Writer(tmp_path / "v.mp4", fps=8) as w:
         w.write(_clip(2))
         kids = [pid for pid, state in ffmpeg_children().items() if state != "Z"]
         assert kids and all(os.getpgid(pid) != os.getpgid(0) for pid in kids)
-    assert rio.mp4_frames(tmp_path / "v.mp4") == 2
+    assert rmp4.mp4_frames(tmp_path / "v.mp4") == 2
 
 
 def test_mp4_writer_interrupted_while_closing_leaves_no_encoder(tmp_path):
@@ -306,7 +307,7 @@ def test_mp4_writer_interrupted_while_closing_leaves_no_encoder(tmp_path):
     does not reach it) is killed, not left encoding on its own into a temporary that is being removed."""
     from helpers import ffmpeg_children
 
-    w = rio.Mp4Writer(tmp_path / "v.mp4", fps=8)
+    w = rmp4.Mp4Writer(tmp_path / "v.mp4", fps=8)
     w.write(np.random.default_rng(0).integers(0, 255, (24, 480, 832, 3), dtype=np.uint8))  # seconds of work
     proc = w._ffmpeg._proc
 
@@ -326,7 +327,7 @@ def test_read_skips_a_damaged_packet(tmp_path, caplog):
     container-level decode raised on it; ffmpeg's reader, used before, skipped it too), with a warning."""
     import logging
 
-    p = rio.write_mp4(tmp_path / "v.mp4", _clip(12), fps=8)
+    p = rmp4.write_mp4(tmp_path / "v.mp4", _clip(12), fps=8)
     data = bytearray(p.read_bytes())
     i = data.index(b"stsz") + 4  # version/flags, sample size (0: the sizes follow), count, the sizes
     count = int.from_bytes(data[i + 8:i + 12], "big")
@@ -334,8 +335,8 @@ def test_read_skips_a_damaged_packet(tmp_path, caplog):
     assert data.rindex(b"mdat") < len(data) - last  # faststart: the samples, in order, end the file
     data[len(data) - last:len(data) - last + 4] = b"\xff\xff\xff\xf0"
     p.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="resampling_forcing.io"):
-        video = rio.read_mp4(p)
+    with caplog.at_level(logging.WARNING, logger="resampling_forcing.mp4"):
+        video = rmp4.read_mp4(p)
     assert video.shape[0] == 11 and "1 damaged packet(s) skipped" in caplog.text
 
 
@@ -344,6 +345,6 @@ def test_mp4_writer_arguments(tmp_path):
     complete file'); numpy frame rates are rates."""
     for bad in (11, -1, "9", True):
         with pytest.raises(ValueError, match="quality must be a number in"):
-            rio.Mp4Writer(tmp_path / "v.mp4", quality=bad)
-    p = rio.write_mp4(tmp_path / "v.mp4", _clip(3), fps=np.float32(7.5))
-    assert rio.read_mp4(p, with_fps=True)[1] == 7.5
+            rmp4.Mp4Writer(tmp_path / "v.mp4", quality=bad)
+    p = rmp4.write_mp4(tmp_path / "v.mp4", _clip(3), fps=np.float32(7.5))
+    assert rmp4.read_mp4(p, with_fps=True)[1] == 7.5

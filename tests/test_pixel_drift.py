@@ -9,7 +9,7 @@ import pytest
 
 from resampling_forcing.eval.pixel import (SEGMENT_MEASURES, color_histogram, frame_measures, hellinger, main,
                                            measure_video)
-from resampling_forcing.io import write_mp4
+from resampling_forcing.mp4 import write_mp4
 
 
 def _reference(frame: np.ndarray) -> dict:
@@ -185,7 +185,7 @@ def test_streamed_blocks_equal_the_whole_video(block):
 def test_iter_mp4_blocks_join_to_the_whole_video(tmp_path):
     """io.iter_mp4 in blocks of 1, 3, F and F + 1 frames gives read_mp4's frames and fps; an unreadable file is
     a VideoReadError naming it."""
-    from resampling_forcing.io import VideoReadError, iter_mp4, read_mp4
+    from resampling_forcing.mp4 import VideoReadError, iter_mp4, read_mp4
 
     path = tmp_path / "v.mp4"
     write_mp4(path, _textured(f=10, h=16, w=16).astype(np.uint8), fps=8)

@@ -15,7 +15,7 @@ import yaml
 from resampling_forcing import sampler
 from resampling_forcing.config import to_dict
 from resampling_forcing.encoders import PixelShuffleVAE, VideoCodec
-from resampling_forcing.io import read_mp4, write_mp4
+from resampling_forcing.mp4 import read_mp4, write_mp4
 from resampling_forcing.models.wan import CausalWanModel
 from resampling_forcing.pipeline import Pipeline, PipelineError, prepare_init_video, resolve_checkpoint
 from resampling_forcing.options import SamplingOptions
@@ -438,15 +438,15 @@ def test_cli_subprocess_exit_code_and_stderr(tmp_path):
 
 def test_mp4_and_json_appear_together_and_quiet_keeps_wrote_line(run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "p" / "v.mp4"
-    import resampling_forcing.io as rio
+    import resampling_forcing.mp4 as rmp4
 
-    real = rio.Mp4Writer.close
+    real = rmp4.Mp4Writer.close
 
     def killed(self):  # the encoder dies at the end (as under kill -9 or a full disk)
         real(self)
         raise RuntimeError("killed while encoding")
 
-    monkeypatch.setattr(rio.Mp4Writer, "close", killed)
+    monkeypatch.setattr(rmp4.Mp4Writer, "close", killed)
     capsys.readouterr()
     assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 1, "--output", out, "--quiet",
                "--device", "cpu") == 1  # not the input's fault: one line, exit 1
@@ -455,7 +455,7 @@ def test_mp4_and_json_appear_together_and_quiet_keeps_wrote_line(run_dir, tmp_pa
     assert sorted(os.listdir(out.parent)) == ["v.resume"]  # neither file, no temporaries; the chunks made
     assert err[0].endswith("(--resume continues the videos in progress)"), err
     shutil.rmtree(out.parent / "v.resume")  # start over (a leftover folder needs --resume)
-    monkeypatch.setattr(rio.Mp4Writer, "close", real)
+    monkeypatch.setattr(rmp4.Mp4Writer, "close", real)
     stale = out.parent / ".v.abcd1234.tmp.json"  # what a kill -9 would have left
     stale.write_text("{}")
     capsys.readouterr()
@@ -497,16 +497,16 @@ def test_cli_full_disk_names_the_video_and_keeps_the_finished_ones(run_dir, tmp_
     not the first), exit 2; the first video stays whole with its JSON, nothing of the second is left."""
     import errno
 
-    import resampling_forcing.io as rio
+    import resampling_forcing.mp4 as rmp4
 
-    real = rio.Mp4Writer.close
+    real = rmp4.Mp4Writer.close
 
     def close(self):
         if ".001_" in self.path.name:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         return real(self)
 
-    monkeypatch.setattr(rio.Mp4Writer, "close", close)
+    monkeypatch.setattr(rmp4.Mp4Writer, "close", close)
     out = tmp_path / "o"
     capsys.readouterr()
     assert cli("--checkpoint", run_dir, "--prompt", "a", "--prompt", "b", "--batch", 2, "--num-chunks", 1,
@@ -516,7 +516,7 @@ def test_cli_full_disk_names_the_video_and_keeps_the_finished_ones(run_dir, tmp_
                             "the videos in progress"), err
     # the batch's chunks stay until every video of it is written: --resume then denoises nothing again
     assert sorted(os.listdir(out)) == ["000_a.json", "000_a.mp4", "000_a.resume", "001_b.resume"]
-    monkeypatch.setattr(rio.Mp4Writer, "close", real)  # space freed
+    monkeypatch.setattr(rmp4.Mp4Writer, "close", real)  # space freed
     monkeypatch.setattr(sampler.Rollout, "next_chunk", lambda *a, **k: pytest.fail("a kept chunk denoised again"))
     assert cli("--checkpoint", run_dir, "--prompt", "a", "--prompt", "b", "--batch", 2, "--num-chunks", 1,
                "--output", f"{out}/", "--quiet", "--device", "cpu", "--resume") == 0

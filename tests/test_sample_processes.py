@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resampling_forcing.io import read_mp4
+from resampling_forcing.mp4 import read_mp4
 
 from helpers import load_sample_cli, save_checkpoint_for_tests
 

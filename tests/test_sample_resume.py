@@ -19,7 +19,7 @@ import torch
 from resampling_forcing import sampler
 from resampling_forcing.attention.routing import RoutingSpec
 from resampling_forcing.encoders import PixelShuffleVAE
-from resampling_forcing.io import read_mp4
+from resampling_forcing.mp4 import read_mp4
 from resampling_forcing.options import SamplingOptions
 from resampling_forcing.sampler import sample
 from resampling_forcing.sampling_resume import ResumeState, key_difference, state_dir

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resampling_forcing import sampler
-from resampling_forcing.io import read_mp4
+from resampling_forcing.mp4 import read_mp4
 
 from helpers import ffmpeg_children, load_sample_cli, save_checkpoint_for_tests
 

@@ -196,7 +196,7 @@ def test_cli_prompts_at_and_storyboard_file(tmp_path, capsys):
     assert meta["switch_cache"] == "keep" and meta["prompt"] == RED
     assert json.loads((tmp_path / "rc.json").read_text())["switch_cache"] == "recache"
     assert json.loads((tmp_path / "plain.json").read_text())["storyboard"] is None
-    from resampling_forcing.io import read_mp4
+    from resampling_forcing.mp4 import read_mp4
 
     plain, sw, rc = (read_mp4(tmp_path / f"{n}.mp4") for n in ("plain", "sw", "rc"))
     assert plain.shape == sw.shape == rc.shape
@@ -298,7 +298,7 @@ def test_pipeline_call_like_diffusers(pipe, tmp_path):
     meta = json.loads((tmp_path / "call.json").read_text())
     assert paths == [tmp_path / "call.mp4"] and meta["frames"] == f3 and meta["seed"] == out.seed
     assert meta["prompt"] == RED and meta["sampling"]["steps"] == 2
-    from resampling_forcing.io import read_mp4
+    from resampling_forcing.mp4 import read_mp4
 
     assert read_mp4(tmp_path / "call.mp4").shape[0] == f3
     # lists of prompts with a negative prompt each; other sizes; early stop

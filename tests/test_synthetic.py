@@ -8,7 +8,7 @@ import pytest
 
 from resampling_forcing.data import synthetic as S
 from resampling_forcing.data import synthetic_dataset as SD
-from resampling_forcing.io import read_mp4
+from resampling_forcing.mp4 import read_mp4
 
 
 def test_deterministic_and_long_clips_continue_short_ones():
@@ -255,9 +255,9 @@ def test_ctrl_c_while_rendering_stops_after_the_video_in_progress(tmp_path, monk
     ffmpeg writer was dropped by CPython): the video in progress is finished, then KeyboardInterrupt."""
     import signal
 
-    from resampling_forcing import io as rio
+    from resampling_forcing import mp4 as rmp4
 
-    real, calls = rio.write_mp4, []
+    real, calls = rmp4.write_mp4, []
 
     def write_mp4(path, *a, **k):
         calls.append(path)
@@ -265,7 +265,7 @@ def test_ctrl_c_while_rendering_stops_after_the_video_in_progress(tmp_path, monk
             os.kill(os.getpid(), signal.SIGINT)  # arrives while video 1 is being written
         return real(path, *a, **k)
 
-    monkeypatch.setattr(rio, "write_mp4", write_mp4)
+    monkeypatch.setattr(rmp4, "write_mp4", write_mp4)
     out = tmp_path / "ds"
     with pytest.raises(KeyboardInterrupt):
         SD.make_dataset(out, num_videos=5, frames=4, size=16)

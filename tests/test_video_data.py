@@ -10,7 +10,7 @@ import torch
 from resampling_forcing.data import decode as D
 from resampling_forcing.data import synthetic as S
 from resampling_forcing.data import video as V
-from resampling_forcing.io import write_mp4
+from resampling_forcing.mp4 import write_mp4
 
 
 def _counter_video(n, h=32, w=32):

@@ -14,7 +14,7 @@ import torch
 
 from resampling_forcing.data import decode as D
 from resampling_forcing.data import video as V
-from resampling_forcing.io import write_mp4
+from resampling_forcing.mp4 import write_mp4
 
 HAVE_DECORD = D._get_decord() is not None
 BACKENDS = ["pyav", "auto", pytest.param("decord", marks=pytest.mark.skipif(not HAVE_DECORD, reason="decord absent"))]
@@ -165,7 +165,7 @@ def test_mirrored_videos_are_shown_as_a_player_shows_them(vids, name, backend):
     """A display matrix with a mirror: the training clip and io.read_mp4 show what ffmpeg shows. PyAV's
     rotation angle alone turned a horizontal mirror into a half turn (upside down) and ignored a vertical
     one."""
-    from resampling_forcing.io import read_mp4
+    from resampling_forcing.mp4 import read_mp4
 
     h, w = (64, 48) if name.startswith("rot") else (48, 64)
     shown = _shown(vids / f"{name}.mp4", h, w)

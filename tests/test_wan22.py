@@ -10,7 +10,7 @@ import yaml
 
 from resampling_forcing.config import ConfigError, config_from_dict, load_config
 from resampling_forcing.encoders import EncoderLoadError, build_vae
-from resampling_forcing.io import read_mp4
+from resampling_forcing.mp4 import read_mp4
 from resampling_forcing.memory import codec_geometry
 from resampling_forcing.models.wan import CausalWanModel
 

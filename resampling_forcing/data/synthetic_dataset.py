@@ -179,7 +179,8 @@ def make_dataset(
     levels); decord, PyAV and imageio read it, but some browsers do not play it: pass ``"yuv420p"``
     for files meant for viewing.
     """
-    from ..io import atomic_write_json, clean_folder_temps, folder_lock, write_mp4
+    from ..io import atomic_write_json, clean_folder_temps, folder_lock
+    from ..mp4 import write_mp4
     from ..signals import GracefulStop
 
     if num_videos < 1:

@@ -1,6 +1,6 @@
 """Drift evaluation for bouncing-shapes videos: the generator is known, so every frame is measured.
 
-For each video (uint8 ``[F,H,W,3]`` or float in [-1,1], see :func:`resampling_forcing.io.to_uint8_video`)
+For each video (uint8 ``[F,H,W,3]`` or float in [-1,1], see :func:`resampling_forcing.mp4.to_uint8_video`)
 and its caption (parsed with :func:`~resampling_forcing.data.synthetic.parse_caption`), objects are
 detected per frame (:mod:`.detect`), measured per frame and per transition and summarised per segment
 of the training clip length (:mod:`.metrics`), plotted and tabulated (:mod:`.report`); the command line

@@ -19,7 +19,8 @@ from typing import Sequence
 
 from ..data.synthetic import parse_caption
 from ..cli import BadInput, OneLineParser, add_overwrite, check_output_file, run_cli
-from ..io import VideoReadError, atomic_write_json, read_mp4
+from ..io import atomic_write_json
+from ..mp4 import VideoReadError, read_mp4
 from .config import EvalConfig, EvalInputError, check_segment_frames
 from .metrics import evaluate_video, mean_or_none, mean_over_videos, reference_meta_problem
 from .report import plot_drift, summary_table

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.synthetic import SIZE_RANGE, luma, shape_coverage
-from ..io import to_uint8_video
+from ..mp4 import to_uint8_video
 from .config import EvalConfig
 
 

@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from ..data.synthetic import SPEED_RANGE, bounding_radius, parse_caption
-from ..io import to_uint8_video
+from ..mp4 import to_uint8_video
 from .config import SCORE_KEYS, EvalConfig, EvalInputError, check_segment_frames
 from .detect import Blob, area_to_r, detect, dilate
 

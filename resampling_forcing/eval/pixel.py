@@ -16,7 +16,7 @@ Per segment: the means of those, and `color_drift`: the Hellinger distance of th
 (8 bins per channel) to the first segment's, in [0, 1] (0 = the same colours). A last piece shorter than
 half a segment joins the segment before it. `drift` compares the last segment with the first (a ratio for
 sharpness, saturation, colorfulness, contrast, motion; a difference for the rest; none for one segment).
-Videos are read block by block (io.iter_mp4): memory does not grow with their length.
+Videos are read block by block (mp4.iter_mp4): memory does not grow with their length.
 
 These are proxies with no model and no reference: they say that and how a video changes over time, not
 whether it is good (a scene may rightly get darker). For prompt adherence and per-segment quality use a
@@ -38,7 +38,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..cli import BadInput, OneLineParser, add_overwrite, check_output_file, doc_summary, run_cli
-from ..io import VideoReadError, atomic_write_text, iter_mp4, to_uint8_video
+from ..io import atomic_write_text
+from ..mp4 import VideoReadError, iter_mp4, to_uint8_video
 from ..stats import interval, mean_test
 
 __all__ = ["FRAME_MEASURES", "SEGMENT_MEASURES", "frame_measures", "color_histogram", "hellinger", "measure_video",
@@ -90,7 +91,7 @@ def _block_measures(block: np.ndarray, prev_y: Optional[np.ndarray]) -> tuple[di
 
 
 def frame_measures(frames) -> dict[str, np.ndarray]:
-    """Per-frame measures of a video (uint8 [F, H, W, 3], or what io.to_uint8_video takes): {name: [F]}."""
+    """Per-frame measures of a video (uint8 [F, H, W, 3], or what mp4.to_uint8_video takes): {name: [F]}."""
     video = to_uint8_video(frames)
     if video.shape[0] == 0:
         raise ValueError("the video has no frames")
@@ -177,7 +178,7 @@ def measure_blocks(blocks: Iterable[np.ndarray], segment_frames: int, name: Opti
 
 
 def measure_video(frames, segment_frames: int, name: Optional[str] = None) -> dict:
-    """measure_blocks of a video held in memory (what io.to_uint8_video takes)."""
+    """measure_blocks of a video held in memory (what mp4.to_uint8_video takes)."""
     video = to_uint8_video(frames)
     return measure_blocks((video[a:a + BLOCK] for a in range(0, video.shape[0], BLOCK)), segment_frames, name)
 

@@ -34,7 +34,7 @@ from ..attention.backends import resolve_backend
 from ..attention.spec import RoutingSpec
 from ..config import Config
 from ..dtypes import dtype_name, host_tier_problem
-from ..io import fps_problem
+from ..mp4 import fps_problem
 from ..memory import MAX_HISTORY_CHUNKS
 from ..models.wan import CausalWanModel
 from ..options import SamplingOptions

@@ -37,7 +37,8 @@ class VideoFiles:
     held whole); `abort` (or any error in `commit`) leaves no file."""
 
     def __init__(self, path: Union[str, Path], fps: float, with_selection: bool = False):
-        from ..io import AtomicGroup, Mp4Writer
+        from ..io import AtomicGroup
+        from ..mp4 import Mp4Writer
 
         self.path = Path(path)
         names = [self.path.with_suffix(".json"), self.path]
