@@ -322,11 +322,17 @@ def run_config_yaml(cfg: "Config") -> str:
 
 
 def written_by_a_run(path: str | Path) -> bool:
-    """Whether the file at `path` is a config.yaml a run wrote (begins with RUN_CONFIG_HEADER)."""
+    """Whether the file at `path` is a config.yaml a run wrote: it begins with RUN_CONFIG_HEADER, or (a run
+    of a version before the header) it is, byte for byte, the dump of every value of the config it holds."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline() == RUN_CONFIG_HEADER
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith(RUN_CONFIG_HEADER):
+        return True
+    try:
+        return text == yaml.safe_dump(dataclasses.asdict(config_from_dict(yaml.safe_load(text))), sort_keys=False)
+    except Exception:  # noqa: BLE001 - not a config at all, or not a valid one: not a run's
         return False
 
 

@@ -292,7 +292,7 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
     rgb24, a few levels from ffmpeg's on average. A damaged packet is skipped with a warning."""
     import av
 
-    from .data.decode import orientation
+    from .data.decode import error_line, orientation
 
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block={block!r}: need an int >= 1")
@@ -303,8 +303,7 @@ def iter_mp4(path: str | os.PathLike, block: int = 32) -> tuple[float, Iterator[
         raise VideoReadError(f"{path}: empty video file (0 bytes)")
 
     def failed(e: BaseException) -> VideoReadError:
-        return VideoReadError(f"{path}: cannot decode video ({type(e).__name__}: "
-                              f"{(str(e).strip().splitlines() or [''])[0]})")
+        return VideoReadError(f"{path}: cannot decode video ({error_line(e)})")
 
     try:  # the header now (a bad file fails at once); the container is opened again for the frames
         with av.open(str(path)) as container:

@@ -304,6 +304,8 @@ def check_args(args) -> None:
         raise BadInput("give --init-video or --init-image, not both")
     for flag, value in (("--init-video", args.init_video), ("--init-image", args.init_image),
                         ("--storyboard", args.storyboard), ("--prompts-file", args.prompts_file)):
+        if value is not None and not value.strip():  # Path("") is the current folder
+            raise BadInput(f"{flag} must not be empty (a file path)")
         if value is not None and not Path(value).is_file():
             raise BadInput(f"{flag} {value}: {'is a directory, not a file' if Path(value).is_dir() else 'no such file'}")
     from .lora_formats import check_file, lora_list

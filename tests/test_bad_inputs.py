@@ -58,7 +58,7 @@ def test_a_config_inside_its_new_run_folder_is_not_rewritten(tmp_path, capsys):
     """A new run (no checkpoint) writes RUN/config.yaml: a config.yaml there that no run wrote is the user's,
     the --config itself or another file: one line, exit 2, the file as it was. A run's own (its first line
     RUN_CONFIG_HEADER: a start stopped before its first checkpoint) is replaced as before."""
-    from resampling_forcing.config import load_config, run_config_yaml
+    from resampling_forcing.config import RUN_CONFIG_HEADER, load_config, run_config_yaml
 
     run = tmp_path / "run"
     run.mkdir()
@@ -70,13 +70,16 @@ def test_a_config_inside_its_new_run_folder_is_not_rewritten(tmp_path, capsys):
         err = _one_error_line(capsys.readouterr().err)
         assert f"holds a config.yaml {note}".replace("  ", " ").rstrip() in err and "that no run wrote" in err, err
         assert cfg.read_text() == before and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
-    # a run's own config.yaml passes this check (the run then stops at its missing manifest, another line)
-    cfg.write_text(run_config_yaml(load_config(TINY_YAML, [f"train.run_dir={run}"])))
-    argv = ["--config", str(TINY_YAML), f"train.run_dir={run}", "data.source=manifest",
-            f"data.manifest={tmp_path / 'none.jsonl'}"]
-    assert _train_cli()(argv) == 2
-    err = _one_error_line(capsys.readouterr().err)
-    assert "no run wrote" not in err and "none.jsonl" in err, err
+    # a run's own config.yaml passes this check (the run then stops at its missing manifest, another line),
+    # also one written before the header (a crashed start of an older version, restarted)
+    own = run_config_yaml(load_config(TINY_YAML, [f"train.run_dir={run}"]))
+    for text in (own, own.removeprefix(RUN_CONFIG_HEADER)):
+        cfg.write_text(text)
+        argv = ["--config", str(TINY_YAML), f"train.run_dir={run}", "data.source=manifest",
+                f"data.manifest={tmp_path / 'none.jsonl'}"]
+        assert _train_cli()(argv) == 2
+        err = _one_error_line(capsys.readouterr().err)
+        assert "no run wrote" not in err and "none.jsonl" in err, err
 
 
 def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, capsys):

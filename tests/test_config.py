@@ -39,7 +39,7 @@ def test_preset_fills_sizes_and_explicit_keys_win():
     ({"data": {"synthetic_blackout_prob": 1.5}}, r"data\.synthetic_blackout_prob .*must be in \[0, 1\]"),
     ({"data": {"synthetic_blackout_frames": [4]}}, r"data\.synthetic_blackout_frames=\[4\]: need \[lo, hi\]"),
     ({"model": {"num_layers": 4}, "attention": {"routing": {"layers": [1, 4]}}},
-     r"attention\.routing\.layers=\[1, 4\]: must be distinct block indices >= 0, < 4 \(the model's blocks\)"),
+     r"attention\.routing\.layers=\[1, 4\]: must be a non-empty list of distinct block indices >= 0, < 4 \(the model's blocks\)"),
     ({"attention": {"routing": {"layers": [-1]}}}, r"attention\.routing\.layers=\[-1\]"),
     ({"attention": {"routing": {"layers": [0, 0]}}}, r"attention\.routing\.layers=\[0, 0\]"),
     ({"attention": {"routing": {"layers": []}}}, r"attention\.routing\.layers=\[\]"),

@@ -338,6 +338,7 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "lora not an adapter file": (base + ("--lora", board), "cannot read"),
         "init video not a video": (base + ("--init-video", board), f"--init-video {board}: cannot decode video"),
         "init video shorter than a chunk names the flag": (base + ("--init-video", short), f"--init-video {short}:"),
+        "empty init video": (base + ("--init-video", ""), "--init-video must not be empty"),
     }
     for name, (args, text) in expect.items():
         cases[name] = args
@@ -352,6 +353,8 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
             assert "needs at least" in err and "GiB" in err, err  # refused up front with the estimate
         if name == "output under /proc":
             assert "cannot create" in err, err
+        if name == "init video not a video":
+            assert err.count(str(board)) == 1, err  # PyAV's message carried the file name again
     short.unlink()
     assert not list(tmp_path.rglob("*.mp4"))
 
@@ -572,6 +575,8 @@ def _api_cases(pipe):
                               "contradicts top_k"),
         "routing_layers out of range": (lambda: pipe.sampling_options(top_k=1, routing_layers=[99]), "< 2 (the model's blocks)"),
         "routing_layers a string": (lambda: pipe.sampling_options(top_k=1, routing_layers="all"), "routing_layers"),
+        "options= too deep": (lambda: pipe.generate("a", 1, options=SamplingOptions(routing_layers=[0, 99])),
+                              "routing_layers=[0, 99]: must be a non-empty list"),
         "record_selection a string": (lambda: pipe.generate("a", 1, record_selection="no", **g), "record_selection"),
         "decode a string": (lambda: pipe.generate("a", 1, decode="no", **g), "decode must be True or False"),
         "prompt an int": (lambda: pipe.generate(5, 1, **g), "prompts: a string or a list of strings"),
@@ -682,6 +687,9 @@ def test_api_init_pixels_and_loading_arguments_are_checked(run_dir, tmp_path):
         with pytest.raises(PipelineError, match=f"^{what} {path}: {text}") as e:
             pipe.load_init_video(path, what=what) if what != "init video" else pipe.load_init_video(path)
         assert "\n" not in str(e.value)
+    fast = write_mp4(tmp_path / "fast.mp4", np.zeros((3, 8, 8, 3), np.uint8), fps=999)  # 3 ms of video
+    with pytest.raises(PipelineError, match=r"fast\.mp4: 1 frame at the model's [\d.]+ fps \(3 in the file, at 999 fps\)"):
+        pipe.load_init_video(fast)  # the count after resampling, said as such
     for kw, text in ((dict(path=None), "path: "), (dict(path=5), "path: "), (dict(config=5), "config: "),
                      (dict(overrides="diffusion.sample_steps=2"), "overrides: "),
                      (dict(dtype=torch.float64), "not supported"), (dict(use_ema="no"), "use_ema")):

@@ -424,5 +424,5 @@ def test_routing_layers_one_rule(layers, num_layers, ok):
         if ok:
             SamplingOptions(routing_layers=layers)
         else:
-            with pytest.raises(ValueError, match="routing_layers=.*must be distinct block indices"):
+            with pytest.raises(ValueError, match="routing_layers=.*must be a non-empty list of distinct block indices"):
                 SamplingOptions(routing_layers=layers)

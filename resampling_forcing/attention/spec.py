@@ -93,7 +93,7 @@ def routing_layers_problem(layers, num_layers: int | None = None) -> str | None:
     if (not isinstance(layers, (list, tuple)) or not layers or len(set(layers)) != len(layers)
             or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
             or (num_layers is not None and max(layers) >= num_layers)):
-        return f"must be distinct block indices >= 0{top}, or null/None for every block"
+        return f"must be a non-empty list of distinct block indices >= 0{top}, or null/None for every block"
     return None
 
 

@@ -96,9 +96,15 @@ def _quiet_fd2():
 _NATIVE_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    msg = _NATIVE_PREFIX.sub("", lines[0]) if lines else ""
+def error_line(e: BaseException) -> str:
+    """A decoder's exception as one short line ("InvalidDataError: Invalid data found when processing input"):
+    an OSError's or PyAV error's reason without its errno and file name (the caller names the file)."""
+    reason = getattr(e, "strerror", None)
+    if isinstance(reason, str) and reason.strip():
+        msg = reason.strip()
+    else:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        msg = _NATIVE_PREFIX.sub("", lines[0]) if lines else ""
     return f"{type(e).__name__}: {msg}"[:200]
 
 
@@ -200,7 +206,7 @@ class _DecordBackend:
             with _quiet_fd2():
                 vr = d.VideoReader(path, ctx=d.cpu(0), num_threads=self.threads)
         except Exception as e:
-            raise BadVideo("unreadable", _first_line(e)) from None
+            raise BadVideo("unreadable", error_line(e)) from None
         return vr
 
     def info(self, path: str, handle=None) -> VideoInfo:
@@ -212,7 +218,7 @@ class _DecordBackend:
             fps = float(vr.get_avg_fps())
             ts = np.asarray(vr.get_frame_timestamp(list(range(n))), dtype=np.float64)[:, 0]
         except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
+            raise BadVideo("corrupt", error_line(e)) from None
         if ts[0] < -1e-3:  # frames before an edit list's start: decord counts them and seeks inconsistently
             raise UsePyAV("MP4 edit list")
         if np.any(np.diff(ts) < 0):
@@ -223,7 +229,7 @@ class _DecordBackend:
         try:
             h, w = vr[0].shape[:2]  # decord exposes no size without decoding a frame
         except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
+            raise BadVideo("corrupt", error_line(e)) from None
         return VideoInfo(n, fps, int(h), int(w), _uneven_times(ts, fps), sar, self.name)
 
     def frames(self, path: str, indices: list[int], handle=None) -> np.ndarray:
@@ -232,7 +238,7 @@ class _DecordBackend:
             uniq = sorted(set(indices))
             batch = vr.get_batch(uniq).asnumpy()
         except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
+            raise BadVideo("corrupt", error_line(e)) from None
         pos = {j: k for k, j in enumerate(uniq)}
         return batch[[pos[i] for i in indices]]
 
@@ -253,7 +259,7 @@ class _PyAVBackend:
         try:
             c = av.open(path)
         except Exception as e:
-            raise BadVideo("unreadable", _first_line(e)) from None
+            raise BadVideo("unreadable", error_line(e)) from None
         with c:
             if not c.streams.video:
                 raise BadVideo("unreadable", "no video stream")
@@ -269,7 +275,7 @@ class _PyAVBackend:
                         n += 1
                         pts.append(p.pts)
             except Exception as e:
-                raise BadVideo("corrupt", _first_line(e)) from None
+                raise BadVideo("corrupt", error_line(e)) from None
             tb = s.time_base
         if n <= 0:
             raise BadVideo("no_frames", "0 frames")
@@ -297,7 +303,7 @@ class _PyAVBackend:
                     if k >= last:
                         break
         except Exception as e:
-            raise BadVideo("corrupt", _first_line(e)) from None
+            raise BadVideo("corrupt", error_line(e)) from None
         if len(got) < len(need):
             raise BadVideo("corrupt", f"decoded only up to frame {max(got) if got else -1} of {last}")
         return np.stack([got[i] for i in indices])

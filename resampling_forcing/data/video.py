@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..seeds import mix_seed
-from .decode import BadVideo, UsePyAV, VideoInfo, _backends, _DecordBackend, _first_line, _PyAVBackend  # noqa: F401
+from .decode import BadVideo, UsePyAV, VideoInfo, _backends, _DecordBackend, error_line, _PyAVBackend  # noqa: F401
 
 logger = logging.getLogger("resampling_forcing.data")
 
@@ -388,7 +388,7 @@ class VideoClipDataset(Dataset):
         except BadVideo as e:
             self._mark_bad(i, e)
         except Exception as e:  # anything unexpected from a decoder: never stop the run
-            self._mark_bad(i, BadVideo("corrupt", _first_line(e)))
+            self._mark_bad(i, BadVideo("corrupt", error_line(e)))
         return None
 
     def __getitem__(self, i: int) -> dict:

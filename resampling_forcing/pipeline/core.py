@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..attention.backends import resolve_backend
-from ..attention.spec import RoutingSpec
+from ..attention.spec import RoutingSpec, routing_layers_problem
 from ..config import Config
 from ..dtypes import dtype_name, host_tier_problem
 from ..mp4 import fps_problem
@@ -294,6 +294,9 @@ class Pipeline:
         problem = host_tier_problem(opts.kv_host_dtype, dtype_name(self.dtype))
         if problem:
             raise PipelineError(f"kv_host_dtype {problem}")
+        problem = routing_layers_problem(opts.routing_layers, self.model.cfg.num_layers)  # options= built elsewhere
+        if problem:
+            raise PipelineError(f"routing_layers={opts.routing_layers!r}: {problem}")
         given = [n for n, v in (("init_video", init_video), ("init_latents", init_latents),
                                 ("init_image", init_image)) if v is not None]
         if len(given) > 1:

@@ -67,11 +67,12 @@ def _frames_to_float(frames, what: str = "init video") -> torch.Tensor:
 
 def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
                        max_chunks: Optional[int] = None, sar: float = 1.0,
-                       what: str = "init video") -> tuple[torch.Tensor, dict]:
+                       what: str = "init video", counted: str = "") -> tuple[torch.Tensor, dict]:
     """Frames of a given video -> (video [1, 3, F', height, width] in [-1, 1], info), F' the
     largest frame count that encodes to a whole number of chunks (at most `max_chunks`),
     keeping the LAST F' frames. `sar`: the frames' pixel aspect ratio (resize_center_crop keeps the
-    displayed aspect). Raises PipelineError naming `what` when the video is shorter than one chunk."""
+    displayed aspect). Raises PipelineError naming `what` when the video is shorter than one chunk
+    (`counted` says how its frames were counted, e.g. after resampling a file's rate)."""
     video = _frames_to_float(frames, what)
     n_in = video.shape[1]
     tf = vae.temporal_factor
@@ -80,7 +81,7 @@ def prepare_init_video(frames, vae, height: int, width: int, chunk_frames: int,
     if max_chunks is not None:
         chunks = min(chunks, int(max_chunks))
     if chunks < 1:
-        raise PipelineError(f"{what}: {n_in} frames; one chunk of {chunk_frames} latent frames needs at "
+        raise PipelineError(f"{what}: {n_in} frame{'s' if n_in != 1 else ''}{counted}; one chunk of {chunk_frames} latent frames needs at "
                             f"least {vae.frames_for_latents(chunk_frames)} frames")
     used = vae.frames_for_latents(chunks * chunk_frames)
     video = resize_center_crop(video[:, n_in - used:], height, width, sar)
@@ -186,8 +187,10 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
     try:
         src = backend.info(str(path))
         n_file, src_fps = src.num_frames, src.fps
+        counted = ""
         if resample_fps and (abs(src_fps - fps) > 1e-3 or src.times is not None):
             idx = frame_indices(0, available_frames(n_file, src_fps, fps, src.times), n_file, src_fps, fps, src.times)
+            counted = f" at the model's {fps:g} fps ({n_file} in the file, at {src_fps:g} fps)"
         else:
             idx = list(range(n_file))
         n_in = len(idx)
@@ -197,7 +200,7 @@ def video_clip(video, vae, height: int, width: int, chunk_frames: int, fps: floa
     except BadVideo as e:
         raise PipelineError(f"{what} {video}: cannot decode video ({e})") from None
     clip, info = prepare_init_video(clip_frames, vae, height, width, chunk_frames, max_chunks, src.sar,
-                                    f"{what} {video}")
+                                    f"{what} {video}", counted)
     info.update(frames_in=n_in, frames_dropped_from_start=n_in - info["frames_used"], max_chunks=max_chunks,
                 source_frames=n_file, source_fps=src_fps, fps=fps if (src_fps and resample_fps) else src_fps)
     info["source"] = str(video)
