@@ -2,9 +2,10 @@
 
 Why not imageio-ffmpeg's ``write_frames``: it starts ffmpeg with ``preexec_fn=os.setpgrp`` (to keep a
 terminal's Ctrl+C away from it), and a ``preexec_fn`` makes Python ``fork()`` and run Python code in the
-child of a process that has threads. A lock another thread held at that moment (tests, a notebook kernel,
-a renderer thread) is never released in the child, which then hangs before ``exec`` and the writer with
-it (imageio-ffmpeg issue #58; it hung this project's CI). ``start_new_session=True`` gives ffmpeg its own
+child of a process that has threads: whatever that code waits for from a thread that is not in the
+child (a lock, a condition variable) never comes, and the child hangs before ``exec``, the writer with it
+(imageio-ffmpeg issue #58). In this project's CI a garbage collection in the child freed a PyAV scaler,
+which waited for its slice threads forever. ``start_new_session=True`` gives ffmpeg its own
 process group (Ctrl+C reaches only this process, which stops after the video in progress) from C, with
 no Python code between fork and exec. The command line is imageio-ffmpeg's (its bundled binary, libx264,
 its quality -> crf map), so files are as before.
