@@ -3,7 +3,7 @@
 Held-out clips of the synthetic world (generator seeds from ``HELD_OUT_SEED_BASES[split]``: the eval,
 calibration and validation sets are disjoint, and none is ever in a training set;
 scenes whose object combination the data set holds out for composition tests are skipped, so every
-clip shows a combination the model trained on) are rendered ``total_frames`` long (8x the training
+clip shows a combination the model trained on) are rendered ``frames`` long (8x the training
 clip). A model is given the first ``given_chunks`` chunks (VAE-encoded, as ``--init-video``) and
 continues to the end; every segment of ``segment_frames`` frames (the training clip length) is
 scored against the true continuation with eval.evaluate_video:

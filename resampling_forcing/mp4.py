@@ -93,7 +93,7 @@ def fps_problem(fps) -> str | None:
 class Mp4Writer:
     """An H.264 mp4 written piece by piece: ``write(frames)`` any number of times (pieces of one frame size,
     as :func:`to_uint8_video` takes them), then ``close()``; as a context manager it closes on success and
-    kills ffmpeg on an error. Writes ``path`` itself: wrap it in :func:`atomic_path` / :func:`atomic_group`
+    kills ffmpeg on an error. Writes ``path`` itself: wrap it in :func:`io.atomic_path` / :func:`io.atomic_group`
     for an all-or-nothing file. ffmpeg starts at the first piece (its frame size). ``close()`` checks that
     the file is a complete mp4 (an encoder killed or out of disk space leaves none); a failing encoder
     raises ``OSError(ENOSPC)`` naming ``path`` when its folder has no space left, else ``RuntimeError``
@@ -263,7 +263,7 @@ def write_mp4(
 
     ``frames``: uint8 ``[F,H,W,3]`` or float ``[3,F,H,W]`` / ``[F,H,W,3]`` in ``[-1,1]``.
     ``quality``, ``pix_fmt``: as :class:`Mp4Writer`, the one encoder.
-    ``atomic=False``: write ``path`` directly (it is already a temporary name, e.g. of :func:`atomic_group`).
+    ``atomic=False``: write ``path`` directly (it is already a temporary name, e.g. of :func:`io.atomic_group`).
     """
     video = to_uint8_video(frames)
     if video.shape[0] == 0:

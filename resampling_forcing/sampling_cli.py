@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale; 1 switches the unconditional branch off (paper 5.0)")
     p.add_argument("--context-t", type=float, default=None, help="timestep of the cache-writing pass (default 0)")
     p.add_argument("--routing", choices=ROUTING_MODES, default=None,
-                   help="history routing mode (default: --top-k -> topk, --window/--sink -> window, else config)")
+                   help="history routing mode (default: --top-k -> topk; --window/--sink -> window on a dense config, "
+                        "added to top-k on a top-k one; else config)")
     p.add_argument("--top-k", type=int, default=None, help="attend the top-k history chunks per query token")
     p.add_argument("--sink", type=int, default=None, help="always keep the first N history chunks")
-    p.add_argument("--window", type=int, default=None, help="always keep the last N history chunks (alone: sliding window)")
+    p.add_argument("--window", type=int, default=None, help="always keep the last N history chunks (alone on a dense config: the sliding-window "
+                        "baseline)")
     p.add_argument("--record-selection", action="store_true",
                    help="save the routing selection frequencies [chunks, layers, heads, history] as .npy next to the video")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed (seed, i) whatever the batch")

@@ -183,7 +183,7 @@ def test_streamed_blocks_equal_the_whole_video(block):
 
 
 def test_iter_mp4_blocks_join_to_the_whole_video(tmp_path):
-    """io.iter_mp4 in blocks of 1, 3, F and F + 1 frames gives read_mp4's frames and fps; an unreadable file is
+    """mp4.iter_mp4 in blocks of 1, 3, F and F + 1 frames gives read_mp4's frames and fps; an unreadable file is
     a VideoReadError naming it."""
     from resampling_forcing.mp4 import VideoReadError, iter_mp4, read_mp4
 

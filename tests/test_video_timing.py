@@ -162,7 +162,7 @@ def test_rotated_phone_videos_are_upright(vids, rot, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["hflip", "vflip", "rot90h", "rot270v"])
 def test_mirrored_videos_are_shown_as_a_player_shows_them(vids, name, backend):
-    """A display matrix with a mirror: the training clip and io.read_mp4 show what ffmpeg shows. PyAV's
+    """A display matrix with a mirror: the training clip and mp4.read_mp4 show what ffmpeg shows. PyAV's
     rotation angle alone turned a horizontal mirror into a half turn (upside down) and ignored a vertical
     one."""
     from resampling_forcing.mp4 import read_mp4

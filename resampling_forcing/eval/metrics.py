@@ -7,10 +7,10 @@ Metrics (each in [0, 1] unless a unit is given; higher is better)
   not); extra blobs lower it. ``count_acc``: #found == #expected. ``color_acc``: the found colours
   equal the caption's. ``shape_acc``: shape correct among matched, classifiable blobs.
 - ``identity_consistency``: per frame transition and object, the object is found in both frames,
-  keeps its shape class, and moved at most ``max_jump`` (0.15 x frame size: the generator moves at
+  keeps its shape class, and moved at most ``max_jump_frac`` (0.15 x frame size: the generator moves at
   most 0.05 x size per frame), i.e. it was not replaced or teleported.
 - ``motion_score``: per transition and object, the object MOVES (at least half the generator's
-  minimum speed) AND its new position agrees (within ``physics_tol``) with the generator's physics
+  minimum speed) AND its new position agrees (within ``physics_tol_frac``) with the generator's physics
   predicted from the two previous positions: constant velocity, reflection at walls (near a wall
   either velocity sign is accepted, as the bounce may fall between frames), the velocity mirrored
   about the contact normal in object-object contacts. A frozen clip fails "moves"; shuffled frames fail the physics.

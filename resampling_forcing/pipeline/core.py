@@ -2,7 +2,7 @@
 
     pipe = Pipeline.from_pretrained("runs/tiny")             # RUN dir: its latest checkpoint
     pipe = Pipeline.from_pretrained("runs/tiny/checkpoints/step_0001000")
-    pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", config="configs/wan.yaml")  # raw Wan
+    pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", config="configs/wan1.3b_stage1_tf.yaml")  # raw Wan
     out = pipe.generate(["a red circle moves left"], num_chunks=8, seed=0, top_k=5)
     out.video      # uint8 [B, frames, H, W, 3]; out.timings; out.selection (record_selection=True)
     opts = pipe.sampling_options(steps=8, top_k=5)                      # built once, reused
