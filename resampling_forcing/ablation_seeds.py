@@ -194,11 +194,11 @@ def _differences(first: dict, r: dict, keys: Sequence[str]) -> list[str]:
 def _check_reference_folders(folders: Sequence[Path], reports: list[dict], refs: Sequence[Path],
                              ref_reports: list[dict]) -> None:
     """BadInput unless `refs` pair with `folders` seed by seed: the same training seed, warmup and
-    evaluation (their training may differ: that is the comparison)."""
+    evaluation (their training may differ, its length included: that is the comparison)."""
     if len(refs) != len(folders):
         raise BadInput(f"--reference-folders names {len(refs)} folders for {len(folders)}; one per folder, same order")
     for f, r, g, q in zip(folders, reports, refs, ref_reports):
-        diff = _differences(r, q, ("train_seed", "warmup", "data_seed", "steps_per_arm"))
+        diff = _differences(r, q, ("train_seed", "warmup", "data_seed"))
         if diff:
             raise BadInput(f"{g} differs from {f} in {', '.join(diff)}; pair each folder with one of the same seed, "
                            "warmup and evaluation")

@@ -236,6 +236,11 @@ def test_reference_from_other_folders_pairs_seed_by_seed(tmp_path, capsys):
     assert main([str(f) for f in la] + ["--reference", "ar", "--reference-folders", ",".join(map(str, fa[::-1]))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ablation_seeds: error: ") and "differs from" in err and "train_seed" in err and "\n" not in err
+    # a longer schedule is a training variant too (ablation --steps 600 against 300): compared, not refused
+    longer = [_folder(tmp_path / "long", s, lora[s], steps=600) for s in range(2)]
+    assert pool(longer, ["object_fidelity"], reference="ar", arms=["ar"], reference_folders=fa)["arms"]["ar"]
+    with pytest.raises(Exception, match="differs from .* in steps_per_arm"):  # but not pooled as replicates
+        pool([la[0], longer[1]], ["object_fidelity"])
 
 
 def test_folders_trained_with_other_overrides_are_not_replicates(tmp_path, capsys):
