@@ -151,10 +151,10 @@ def orientation(frame) -> Orientation:
     import math
 
     m = None
-    with contextlib.suppress(Exception):  # PyAV without frame side data: the rotation alone
-        for sd in frame.side_data:
-            if getattr(sd.type, "name", str(sd.type)).upper().endswith("DISPLAYMATRIX"):
-                m = np.frombuffer(bytes(sd), dtype=np.int32)[:9].astype(np.float64) / 65536.0
+    with contextlib.suppress(AttributeError):  # a PyAV without frame side data: the rotation alone
+        sd = frame.side_data.get("DISPLAYMATRIX")  # (iterating the container changed in PyAV 18.1.1; get did not)
+        if sd is not None and len(bytes(sd)) >= 36:  # 9 int32: 16.16 fixed point, 2.30 for the last column
+            m = np.frombuffer(bytes(sd), dtype=np.int32)[:9].astype(np.float64) / 65536.0
     if m is None:
         return Orientation(int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4)
     s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
@@ -165,11 +165,11 @@ def orientation(frame) -> Orientation:
     if abs(theta - 90) < 1:
         return Orientation(1, vflip=True) if m[3] > 0 else Orientation(3)  # transpose=cclock_flip / clock
     if abs(theta - 180) < 1:
-        return Orientation(0, vflip=m[4] < 0, hflip=m[0] < 0)
+        return Orientation(0, vflip=bool(m[4] < 0), hflip=bool(m[0] < 0))
     if abs(theta - 270) < 1:
         return Orientation(3, vflip=True) if m[3] < 0 else Orientation(1)  # transpose=clock_flip / cclock
     if abs(theta) < 1:
-        return Orientation(0, vflip=m[4] < 0)
+        return Orientation(0, vflip=bool(m[4] < 0))
     return Orientation(int(round(-theta / 90)) % 4)
 
 
