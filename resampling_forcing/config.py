@@ -312,13 +312,14 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
 
 
 # The first line of the config.yaml a run writes (RUN/ and each checkpoint): a new run replaces only a
-# config.yaml that begins with it (training_cli), never a file of the user's in the folder.
+# config.yaml a run wrote (written_by_a_run; training_cli), never a file of the user's in the folder.
 RUN_CONFIG_HEADER = "# the resolved config of this run, written by the trainer (a new run here replaces it)\n"
 
 
-def run_config_yaml(cfg: "Config") -> str:
-    """The text of a run's config.yaml: RUN_CONFIG_HEADER, then every value of `cfg` (loads back equal)."""
-    return RUN_CONFIG_HEADER + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+def run_config_yaml(cfg: "Config", header: bool = True) -> str:
+    """The text of a run's config.yaml: RUN_CONFIG_HEADER, then every value of `cfg` (loads back equal);
+    `header=False`: what trainers wrote before the header existed."""
+    return (RUN_CONFIG_HEADER if header else "") + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
 def written_by_a_run(path: str | Path) -> bool:
@@ -331,7 +332,7 @@ def written_by_a_run(path: str | Path) -> bool:
     if text.startswith(RUN_CONFIG_HEADER):
         return True
     try:
-        return text == yaml.safe_dump(dataclasses.asdict(config_from_dict(yaml.safe_load(text))), sort_keys=False)
+        return text == run_config_yaml(config_from_dict(yaml.safe_load(text)), header=False)
     except Exception:  # noqa: BLE001 - not a config at all, or not a valid one: not a run's
         return False
 

@@ -33,8 +33,7 @@ class Encoder:
     (which has its own session: a Ctrl+C reaches only this process). ``kill()`` stops it at once (no wait
     for its backlog) and returns its exit code."""
 
-    def __init__(self, path: str | Path, size_hw: tuple[int, int], fps: float, quality: float, pix_fmt: str,
-                 extra: tuple[str, ...] = ("-movflags", "+faststart")):
+    def __init__(self, path: str | Path, size_hw: tuple[int, int], fps: float, quality: float, pix_fmt: str):
         import imageio_ffmpeg
 
         h, w = size_hw
@@ -44,7 +43,7 @@ class Encoder:
             "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
             "-r", str(Fraction(float(fps)).limit_denominator()), "-i", "-", "-an",
             "-vcodec", "libx264", "-pix_fmt", pix_fmt, "-crf", str(crf_for_quality(quality)),
-            *extra, str(self.path),
+            "-movflags", "+faststart", str(self.path),  # the index first: the file plays while it streams
         ]
         # stderr stays the caller's (ffmpeg prints only errors); stdout is unused
         self._proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

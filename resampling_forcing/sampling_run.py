@@ -203,7 +203,7 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
                                 callback=on_chunk, video_sink=sink, keep_latents=False, replay=replay)
             _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, storyboard, load_s, stop,
                           states, [keys[i] for i in idx])
-        except (OutputError, BrokenPipeError) as e:
+        except OutputError as e:  # (a dead encoder's broken pipe arrives as one: mp4.Mp4Writer, VideoFiles)
             if stop.requested is not None:
                 # a signal to the whole job (Slurm, systemd) reaches the encoders too: they end their files early
                 print(f"stopped by {stop.requested}, which also stopped the video encoder (a signal to the whole "
@@ -211,8 +211,6 @@ def _generate_and_write(args, pipe, prompts, paths, batches, neg, fps, opts, his
                       "keep them",
                       file=sys.stderr)
                 return stop.exit_code()
-            if isinstance(e, BrokenPipeError):
-                raise
             print(f"error: {e} (--resume continues the videos in progress)", file=sys.stderr)  # one line, exit 1
             return 1
         except OSError as e:

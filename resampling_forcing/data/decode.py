@@ -165,7 +165,8 @@ def orientation(frame) -> Orientation:
     if abs(theta - 90) < 1:
         return Orientation(1, vflip=True) if m[3] > 0 else Orientation(3)  # transpose=cclock_flip / clock
     if abs(theta - 180) < 1:
-        return Orientation(0, vflip=bool(m[4] < 0), hflip=bool(m[0] < 0))
+        vflip, hflip = bool(m[4] < 0), bool(m[0] < 0)
+        return Orientation(2) if vflip and hflip else Orientation(0, vflip=vflip, hflip=hflip)  # both: a half turn
     if abs(theta - 270) < 1:
         return Orientation(3, vflip=True) if m[3] < 0 else Orientation(1)  # transpose=clock_flip / cclock
     if abs(theta) < 1:
