@@ -228,7 +228,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     init_from: Optional[str] = None  # weights to start from (Wan checkpoint or our checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train adapters on frozen init_from
-    resume_from: Optional[str] = None  # a checkpoint dir; else auto-resume from run_dir
+    resume_from: Optional[str] = None  # where a new run_dir starts (a branch of another run); run_dir's own checkpoints win once saved
     save_every: int = 100
     keep_last: int = 3
     log_every: int = 10

@@ -30,19 +30,32 @@ class TrainerCheckpoints:
     """Checkpoint methods of training.Trainer."""
 
     def _find_resume(self) -> Optional[Path]:
-        if self.cfg.train.resume_from:
-            ckpt = resolve_trainer_checkpoint(self.cfg.train.resume_from)
-            problem = checkpoint_problem(ckpt, resume=True)
-            if problem:
-                raise CheckpointError(f"train.resume_from={ckpt} is damaged ({problem}); pass an earlier checkpoint")
-            return ckpt
+        """The checkpoint to resume: the run's own newest good one, else train.resume_from (where a run
+        starts: a branch of another run). Once the run has saved its own, rerunning the same command
+        continues them, not its starting point again; sets self.started_from (carried in every checkpoint)."""
         # a truncated newest checkpoint (killed disk, full disk) falls back to the previous whole one
-        ckpt = latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process)
-        problem = None if ckpt is None else checkpoint_problem(ckpt, resume=True)
+        own = latest_good_checkpoint(self.run_dir, set_aside=self.acc.is_main_process)
+        self.started_from = None if own is None else read_trainer_state(own).get("started_from")
+        if self.cfg.train.resume_from:
+            start = resolve_trainer_checkpoint(self.cfg.train.resume_from)
+            if own is None:
+                problem = checkpoint_problem(start, resume=True)
+                if problem:
+                    raise CheckpointError(f"train.resume_from={start} is damaged ({problem}); "
+                                          "pass an earlier checkpoint")
+                self.started_from = str(start.resolve())
+                return start
+            if self.started_from != str(start.resolve()) and own.resolve() != start.resolve():
+                raise CheckpointError(
+                    f"train.run_dir={self.run_dir} already holds checkpoints (newest {own.name}) that did not start "
+                    f"from train.resume_from={start}: resume them without train.resume_from, or branch into a "
+                    "new train.run_dir")
+            logger.info("resuming this run's own %s (train.resume_from=%s is where it started)", own.name, start)
+        problem = None if own is None else checkpoint_problem(own, resume=True)
         if problem:  # whole weights without accelerate's optimizer state (copied without the .bin files?)
-            raise CheckpointError(f"{ckpt} cannot be resumed: {problem} (its weights are whole: start a new run "
-                                  f"from them with train.init_from={ckpt} and another train.run_dir, or restore the file)")
-        return ckpt
+            raise CheckpointError(f"{own} cannot be resumed: {problem} (its weights are whole: start a new run "
+                                  f"from them with train.init_from={own} and another train.run_dir, or restore the file)")
+        return own
 
     # accelerate hooks: the model is saved/loaded in our format (model.safetensors), not twice
     def _save_hook(self, models, weights, output_dir):
@@ -147,7 +160,8 @@ class TrainerCheckpoints:
                 "lr": train_lr(self.cfg, self.step),
                 "world_size": self.acc.num_processes, "engine": self.engine, "batch_size": self.cfg.train.batch_size,
                 "grad_accum": self.cfg.train.grad_accum, "seed": self.cfg.train.seed,
-                "bad_in_a_row": self.bad_in_a_row, "seed_rule": "mix_seed", "time": time.time()}
+                "bad_in_a_row": self.bad_in_a_row, "seed_rule": "mix_seed", "started_from": self.started_from,
+                "time": time.time()}
 
     def _export_state(self) -> Optional[dict]:
         """The weights to export, or None for the module's own state (DDP, one process). Under DeepSpeed

@@ -14,7 +14,7 @@ import yaml
 
 from resampling_forcing.checkpoint import STATE_FILE, list_checkpoints, read_trainer_state
 from resampling_forcing.config import Config, ConfigError, StageConfig, config_from_dict, load_config
-from resampling_forcing.models.loading import load_model
+from resampling_forcing.models.loading import CheckpointError, load_model
 from resampling_forcing.training import Trainer, TrainingAborted, lr_at, ramp_at, stage_at, train, train_lr
 from train_helpers import REPO, TINY_YAML, read_log, small_overrides
 from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
@@ -138,6 +138,15 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, synth, monkeyp
                           steps_tf=2, steps_rf=4))
     assert third["step"] == 6
     assert [r["loss"] for r in read_log(tmp_path / "branch")] == [r["loss"] for r in ref[3:]]
+    # the same command again (more steps) continues the branch's own step 6, not its starting point
+    branch_log = read_log(tmp_path / "branch")
+    fourth = train(cfg_for(tmp_path / "branch", synth, *args, f"train.resume_from={run}/checkpoints/step_0000003",
+                           steps_tf=2, steps_rf=5))
+    assert fourth["step"] == 7 and read_log(tmp_path / "branch")[:3] == branch_log  # steps 4-6 not redone (wall times)
+    # a run dir whose checkpoints started elsewhere is refused, not silently rewound
+    with pytest.raises(CheckpointError, match="did not start from train.resume_from"):
+        train(cfg_for(run, synth, *args, f"train.resume_from={run}/checkpoints/step_0000003", steps_tf=2, steps_rf=5))
+    assert [s for s, _ in list_checkpoints(run)] == [3, 6]
 
 
 def test_sigterm_within_a_step_drops_it_and_resumes_exactly(tmp_path, synth, monkeypatch):
