@@ -499,6 +499,10 @@ def test_latents_source_trains(tmp_path, synth):
     (store / "index.json").write_text(json.dumps(index))
     refuse(match=r"holds latents \[C, f, h, w\] = \[49, 8, 4, 4\], this config's encoders make \[48, 8, 4, 4\]")
     index["latent_shape"][0] -= 1
+    index["complete"] = False  # a precompute stopped (or still running): trained on the part before
+    (store / "index.json").write_text(json.dumps(index))
+    refuse(match=r"the latent store is unfinished \(21 clips so far.*rerunning train/precompute\.py with --out ")
+    index["complete"] = True
     (store / "index.json").write_text(json.dumps(index))
     shard = store / index["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated: failed in a loader worker before
@@ -542,6 +546,12 @@ def test_loader_order_is_a_function_of_the_position(tmp_path, synth):
     r0 = TrainData(cfg, 2, rank=0, world=2, **enc).indices(5)
     r1 = TrainData(cfg, 2, rank=1, world=2, **enc).indices(5)
     assert len(set(r0) | set(r1)) == 4
+    from resampling_forcing.seeds import mix_seed
+
+    for pos in (plain.per_epoch + 1, 0, plain.per_epoch + 1):  # each epoch's permutation drawn once, read in any order
+        e, i = divmod(pos, plain.per_epoch)
+        perm = torch.randperm(plain.num_items, generator=torch.Generator().manual_seed(mix_seed(cfg.train.seed, e)))
+        assert plain.indices(pos) == [plain.rows[j] for j in perm[2 * i:2 * i + 2].tolist()]
     # a training-seed replicate gets its own epoch orders, not another seed's shifted by an epoch
     # (the permutation was seeded with seed + epoch: seed 1's epoch 0 was seed 0's epoch 1)
     cfg.train.seed = 1

@@ -154,6 +154,7 @@ class TrainData:
         self._loader_epoch: Optional[int] = None
         self._loader_iter = None
         self._next_pos: Optional[int] = None
+        self._perm: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation): drawn once per epoch
         if self.source == "latents":
             from .latents import LatentDataset
 
@@ -166,6 +167,10 @@ class TrainData:
             problem = store_mismatch(self.dataset.index, cfg)
             if problem:
                 raise DataError(problem)
+            if not self.dataset.complete:  # training on a part would change the data order once it completes
+                raise DataError(f"{cfg.data.latents_dir}: the latent store is unfinished ({len(self.dataset)} clips so "
+                                "far: its precompute was stopped or is still running); finish it by rerunning "
+                                f"train/precompute.py with --out {cfg.data.latents_dir}")
         else:
             from .video import VideoClipDataset
 
@@ -217,9 +222,11 @@ class TrainData:
         if self.cfg.data.fixed_batch:
             position = 0
         epoch, i = divmod(position, self.per_epoch)
-        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, epoch)))
+        if self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.num_items, generator=gen).tolist())
         start = (i * self.world + self.rank) * self.batch_size
-        return [self.rows[j] for j in perm[start:start + self.batch_size].tolist()]
+        return [self.rows[j] for j in self._perm[1][start:start + self.batch_size]]
 
     def epoch_of(self, position: int) -> int:
         return 0 if self.cfg.data.fixed_batch else position // self.per_epoch
