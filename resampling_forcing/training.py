@@ -89,6 +89,11 @@ class Trainer(TrainerCheckpoints):
         validate(cfg, training=True)  # load_config checked what inference needs too; this adds the training rules
         self.cfg = cfg
         self.acc = accelerator or build_accelerator(cfg)
+        accum = self.acc.gradient_accumulation_steps  # what accelerate divides each micro-batch's loss by
+        if not self.is_deepspeed and accum != cfg.train.grad_accum:  # DeepSpeed's is set from the config at prepare
+            raise ConfigError(f"the Accelerator accumulates {accum} micro-batches per step, train.grad_accum is "
+                              f"{cfg.train.grad_accum}: build it with gradient_accumulation_steps="
+                              f"{cfg.train.grad_accum} (or drop accelerate's --gradient_accumulation_steps)")
         self.run_dir = Path(cfg.train.run_dir)
         self.step = 0
         self.bad_in_a_row = 0

@@ -709,3 +709,17 @@ def test_resume_in_the_middle_of_a_ramp_is_exact(tmp_path, synth, monkeypatch):
                   steps_tf=1, steps_rf=5))
     assert [r["loss_chunk"] for r in read_log(off)] == [r["loss_chunk"] for r in read_log(plain)]
     assert [r["loss"] for r in read_log(plain)][1:] != [r["loss"] for r in ref][1:]
+
+
+def test_an_accelerator_accumulating_otherwise_is_refused(tmp_path, synth, monkeypatch):
+    """accelerate divides each micro-batch's loss by its own gradient_accumulation_steps: an Accelerator
+    passed to train(), or `accelerate launch --gradient_accumulation_steps`, that disagrees with
+    train.grad_accum summed the micro-batches instead of averaging them (twice the gradient norm)."""
+    from accelerate import Accelerator
+
+    with pytest.raises(ConfigError, match=r"the Accelerator accumulates 1 micro-batches per step, train\.grad_accum is 2"):
+        train(cfg_for(tmp_path / "a", synth, "train.grad_accum=2"), Accelerator(cpu=True))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")  # what the launcher's flag sets
+    with pytest.raises(ConfigError, match=r"accumulates 3 micro-batches per step, train\.grad_accum is 2"):
+        train(cfg_for(tmp_path / "b", synth, "train.grad_accum=2"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing left behind
