@@ -59,6 +59,19 @@ from .training_utils import (EMA, MetricsLogger, build_accelerator, format_count
 logger = logging.getLogger("resampling_forcing.train")
 
 
+def global_rng_state() -> tuple:
+    """The global torch RNGs (CPU, and every CUDA device's): what draws outside the step's own generator
+    (LoRA dropout) use; accelerate's checkpoint saves them."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def set_global_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class TrainingAborted(RuntimeError):
     """Too many non-finite losses in a row; the message names the step and the last checkpoint."""
 
@@ -290,7 +303,7 @@ class Trainer(TrainerCheckpoints):
         start = time.perf_counter()
         good, skipped, t_res = 0, 0, 0.0
         losses, chunks, ts = [], [], []
-        begin = (self.cursor.position, self.bad_in_a_row)
+        begin = (self.cursor.position, self.bad_in_a_row, global_rng_state())  # what a dropped step gives back
         while good < k:
             pos, batch, gen = self.cursor.next()
             last = good == k - 1
@@ -303,7 +316,8 @@ class Trainer(TrainerCheckpoints):
                 bad, stopping = (v > 0 for v in over_processes(acc, self.device, flags, "max"))
                 if stopping:  # within one micro-batch, not after the step (launchers kill 30 s after a signal)
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.cursor.position, self.bad_in_a_row = begin
+                    self.cursor.position, self.bad_in_a_row, rng = begin
+                    set_global_rng_state(rng)  # LoRA dropout drew from it: the redone step draws the same masks
                     return None
                 if bad:
                     skipped += 1

@@ -3,6 +3,7 @@ only the adapters train, a checkpoint is usable as any other, a resume is exact 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -208,6 +209,29 @@ def _stopped_lora_run(tmp_path, synth, monkeypatch, **base_overrides):
     monkeypatch.undo()
     _reset_accelerate()
     return base, run
+
+
+def test_stop_within_a_step_resumes_exactly_with_adapter_dropout(tmp_path, synth, base_run, monkeypatch):
+    """A signal within an accumulating step drops the step; LoRA dropout had drawn its masks from the
+    global RNG meanwhile, and the checkpoint saved that advanced state: the redone step drew other masks."""
+    args = ("train.lora.dropout=0.5", "train.grad_accum=3")
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    train(_lora_cfg(ref_run, synth, base_run, *args))
+    _reset_accelerate()
+    original, calls = Trainer.compute_loss, []
+
+    def signal_in_step_3(self, batch, stage, gen):  # the 2nd micro-batch of step 3 (2 steps done)
+        calls.append(self.step)
+        if self.step == 2 and calls.count(2) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, stage, gen)
+
+    monkeypatch.setattr(Trainer, "compute_loss", signal_in_step_3)
+    assert train(_lora_cfg(run, synth, base_run, *args))["step"] == 2
+    _reset_accelerate()
+    monkeypatch.setattr(Trainer, "compute_loss", original)
+    assert train(_lora_cfg(run, synth, base_run, *args))["step"] == 4
+    assert [r["loss"] for r in read_log(run)] == [r["loss"] for r in read_log(ref_run)]  # exact, step for step
 
 
 def test_resume_refuses_another_base_or_rank(tmp_path, synth, monkeypatch):
