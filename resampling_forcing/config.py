@@ -231,7 +231,7 @@ class TrainConfig:
     resume_from: Optional[str] = None  # where a new run_dir starts (a branch of another run); run_dir's own checkpoints win once saved
     save_every: int = 100
     keep_last: int = 3
-    log_every: int = 10
+    log_every: int = 10  # steps between the progress bar's loss updates; log.jsonl and TensorBoard record every step
     max_bad_steps: int = 20  # consecutive NaN/Inf losses or gradient norms before aborting
     seed: int = 0
     tensorboard: bool = True

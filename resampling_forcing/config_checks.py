@@ -120,6 +120,15 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
         if st.ramp != "none" and st.objective == "teacher_forcing":
             raise ConfigError(f"{where}ramp={st.ramp}: a teacher_forcing stage has no history "
                               "degradation to ramp; set it to none (ramp the stage after the warmup)")
+        # settings the stage would ignore: a typo of intent, refused like an unknown key
+        unused = [f"{k}={v}" for k, v, default in (("resample_steps", st.resample_steps, 1),
+                                                   ("resample_cfg", st.resample_cfg, 1.0)) if v != default]
+        if unused and st.objective not in ("resampling", "parallel_resampling"):
+            raise ConfigError(f"{where}{unused[0]}: only a resampling stage runs the model on its history "
+                              f"(this one is {st.objective}); remove it")
+        if training and st.ramp != "none" and st.ramp_steps > st.steps > 0:
+            raise ConfigError(f"{where}ramp_steps={st.ramp_steps} is longer than the stage (steps={st.steps}): the "
+                              f"ramp would stop at r={st.steps / st.ramp_steps:.2f}; set ramp_steps <= {st.steps}")
         if training and st.routing and cfg.attention.routing.mode == "dense":
             raise ConfigError(f"{where}routing=true needs attention.routing.mode topk or window "
                               "(e.g. attention.routing.mode=topk attention.routing.top_k=5)")

@@ -677,10 +677,18 @@ def test_ramp_level_schedule():
     ("train.stages.1.ramp_steps=-1", r"train\.stages\[1\]\.ramp_steps=-1: must be >= 0"),
     ("train.stages.0.ramp=strength", r"train\.stages\[0\]\.ramp=strength: a teacher_forcing stage"),
     ("train.stages.1.ramp=linear", r"train\.stages\[1\]\.ramp: 'linear' is not one of"),
+    # settings the stage would ignore (ramp: none with ramp_steps stays the hard switch: a toggle)
+    ("train.stages.0.resample_steps=4", r"train\.stages\[0\]\.resample_steps=4: only a resampling stage .*teacher_forcing"),
+    ("train.stages.1.objective=noise_augmentation train.stages.1.resample_cfg=2",
+     r"train\.stages\[1\]\.resample_cfg=2\.0: only a resampling stage .*noise_augmentation\); remove it"),
+    ("train.stages.1.ramp=probability train.stages.1.ramp_steps=9",
+     r"train\.stages\[1\]\.ramp_steps=9 is longer than the stage \(steps=3\): the ramp would stop at r=0\.33"),
 ])
 def test_ramp_config_errors_name_the_key(tmp_path, synth, override, key):
-    with pytest.raises(ConfigError, match=key) as err:
-        cfg_for(tmp_path / "run", synth, override)
+    from resampling_forcing.config_checks import validate
+
+    with pytest.raises(ConfigError, match=key) as err:  # the training rules too (what Trainer checks)
+        validate(cfg_for(tmp_path / "run", synth, *override.split()), training=True)
     assert "\n" not in str(err.value)
 
 
