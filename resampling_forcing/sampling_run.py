@@ -54,9 +54,13 @@ def _load_and_generate(args, storyboard, prompts, paths, batches, rank, world, m
     from .pipeline.inputs import probe_video
     from .pipeline.loading import check_model_overrides
 
-    early = Config()
+    early = Config()  # what the checkpoint's config may give (checked once it is read) gets a stand-in here
     if args.rope_far_at is not None and args.rope_horizon is None:
-        early.attention.rope_horizon = 1  # the checkpoint's config may set the horizon: checked once it is read
+        early.attention.rope_horizon = 1
+    if args.routing == "topk" and args.top_k is None:
+        early.attention.routing.top_k = 1
+    if args.routing == "window" and not (args.window or args.sink):
+        early.attention.routing.window_chunks = 1
     sampling_options(early, "cpu", args)  # the flags' own values, before any file is read
     input_errors = (PipelineError, CheckpointError, ConfigError, EncoderLoadError)
     t_load = time.perf_counter()

@@ -207,6 +207,14 @@ def test_cli_routing_and_selection(run_dir, tmp_path):
     assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", out, "--window", 1,
                "--quiet", "--device", "cpu") == 0
     assert json.loads(out.with_suffix(".json").read_text())["sampling"]["routing"]["mode"] == "window"
+    # --routing alone takes the numbers from the config (here --set; a top-k run's own config alike): it
+    # was refused before the checkpoint was read
+    for mode, key, value in (("topk", "top_k", 2), ("window", "window_chunks", 1)):
+        out = tmp_path / f"{mode}.mp4"
+        assert cli("--checkpoint", run_dir, "--prompt", "x", "--num-chunks", 2, "--output", out, "--routing", mode,
+                   "--set", f"attention.routing.{key}={value}", "--quiet", "--device", "cpu") == 0
+        got = json.loads(out.with_suffix(".json").read_text())["sampling"]["routing"]
+        assert got["mode"] == mode and got[key] == value
 
 
 def test_cli_bf16_smoke(run_dir, tmp_path):
