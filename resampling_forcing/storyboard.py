@@ -9,6 +9,7 @@ chunk where it starts (0 = the first chunk after any given history). Written as
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -55,7 +56,9 @@ def parse_storyboard(spec: Union[str, Path, Sequence, dict]) -> list[tuple[int, 
     holding a list or mapping as above. Returns sorted (chunk, prompt) pairs (check_storyboard);
     PipelineError (one line) for anything malformed. Chunk indices count generated chunks."""
     src = "storyboard"
-    if isinstance(spec, Path) or (isinstance(spec, str) and spec.lower().endswith((".json", ".yaml", ".yml"))):
+    inline = isinstance(spec, str) and re.match(r"\s*[+-]?\d+\s*:", spec)  # "0:...;8:... settings.yaml" is text
+    if isinstance(spec, Path) or (isinstance(spec, str) and not inline
+                                  and spec.lower().endswith((".json", ".yaml", ".yml"))):
         path = Path(spec)
         src = f"storyboard file {path}"
         if not path.is_file():

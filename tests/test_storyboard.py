@@ -171,6 +171,8 @@ def test_pipeline_storyboard_errors(pipe, tmp_path):
     j = tmp_path / "s.json"
     j.write_text(json.dumps({"0": "a", "5": "b"}))
     assert parse_storyboard(str(j)) == [(0, "a"), (5, "b")]
+    # inline text whose last prompt ends like a file name is text, not a file to open
+    assert parse_storyboard("0:a cat;2:a sign reading config.yaml") == [(0, "a cat"), (2, "a sign reading config.yaml")]
     j.write_text("{not json")
     with pytest.raises(PipelineError, match="not valid JSON/YAML"):
         parse_storyboard(j)
