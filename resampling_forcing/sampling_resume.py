@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from .dtypes import dtype_name
 from .io import atomic_path, atomic_write_json, clean_folder_temps
 
 __all__ = ["ResumeError", "ResumeState", "state_dir", "run_key", "key_difference", "file_digest", "init_source",
@@ -139,7 +140,8 @@ def run_key(*, weights: str, pipeline: dict, options: dict, prompt, negative_pro
     a storyboard without switches) and the number of chunks (a resumed run may ask for more)."""
     opts = dict(options)
     opts.pop("record_selection", None)
-    if opts.get("kv_host_dtype") in (None, pipeline.get("dtype")):  # bit-identical to the all-resident cache
+    model_dtype = dtype_name(pipeline["dtype"]) if pipeline.get("dtype") else None  # "float32" -> "fp32"
+    if opts.get("kv_host_dtype") in (None, model_dtype):  # bit-identical to the all-resident cache
         opts.pop("kv_resident_chunks", None)
         opts.pop("kv_host_dtype", None)
     pipe = {k: v for k, v in pipeline.items() if k not in ("source", "device")}

@@ -354,9 +354,10 @@ def test_resume_is_refused_before_any_video_and_what_changes_no_bit_may_change(r
     # another seed: refused before video 0 (which it would make again first) is started
     assert cli(*base, "--seed", 2, "--resume") == 2 and not made
     assert "(seed: 1 then, 2 now)" in capsys.readouterr().err
-    # another fps, a bounded cache and selections change no bit of the latents: video 0 is made again (its fps
-    # differs), video 1 continues from its kept chunk
-    assert cli(*base, "--seed", 1, "--resume", "--fps", 10, "--kv-resident-chunks", 1, "--record-selection") == 0
+    # another fps, a bounded cache (its host tier in the model's own dtype, named or not) and selections change
+    # no bit of the latents: video 0 is made again (its fps differs), video 1 continues from its kept chunk
+    assert cli(*base, "--seed", 1, "--resume", "--fps", 10, "--kv-resident-chunks", 1, "--kv-host-dtype", "fp32",
+               "--record-selection") == 0
     assert len(made) == 3 + 2
     meta = json.loads(v1.with_suffix(".json").read_text())
     assert meta["timings"]["replayed_chunks"] == 1 and meta["fps"] == 10 and v1.with_suffix(".selection.npy").exists()
