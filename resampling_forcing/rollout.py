@@ -336,11 +336,18 @@ class Rollout:
         ts = self.timesteps
         for i in range(len(ts) - 1):
             v = self.velocity(x, ts[i])
-            x = x + (ts[i + 1] - ts[i]) * v
+            x = x + (ts[i + 1] - ts[i]) * self._unclamped(v, ts[i])
             if on_step is not None:
                 on_step(i)
         self.pending = x
         return x
+
+    def _unclamped(self, v: torch.Tensor, t: float) -> torch.Tensor:
+        """An x0-predicting model's velocity divides by max(t, model.x0_min_t) (a bound for the training
+        loss): below x0_min_t an Euler step with it stops short of the prediction (at t_next = 0 it kept
+        1 - t / x0_min_t of x - x0). Rescaled to (x - x0) / t, the step lands on x0 + t_next / t (x - x0)."""
+        cfg = self.model.cfg
+        return v * (cfg.x0_min_t / t) if cfg.prediction == "x0" and t < cfg.x0_min_t else v
 
     # -- routing statistics -----------------------------------------------------------------
 

@@ -216,6 +216,28 @@ def test_euler_loop_and_lazy_write():
     assert ro.cached_chunks == 2
 
 
+def test_an_x0_model_lands_on_its_prediction_below_the_training_clamp():
+    """An x0 model's velocity divides by max(t, x0_min_t); with steps below x0_min_t (50 steps, shift 1:
+    t = 0.04, 0.02) an Euler step stopped short (the last kept 60% of x - x0). It must give the model's x0."""
+    model = tiny_model(prediction="x0")
+    opts = SamplingOptions(steps=50, shift=1.0, cfg_scale=1.0)
+    ro = Rollout(model, _ctx(3, 1), latent_hw=(H, W), options=opts, seed=1)
+    got = ro.next_chunk()
+    ref = Rollout(model, _ctx(3, 1), latent_hw=(H, W), options=opts, seed=1)
+    x, ts = ref.noise(ref.chunk_shape, "cpu"), ref.timesteps
+    m = model.cfg.x0_min_t
+    assert 0 < ts[-2] < m
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        v = ref.velocity(x, t)
+        if t >= m:  # above the clamp the plain Euler step is the exact one
+            x = x + (t_next - t) * v
+        else:  # in x0 terms: the network's prediction, and the path to it
+            x0 = x - m * v
+            x = x0 + (t_next / t) * (x - x0)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, x0, rtol=1e-5, atol=1e-5)  # the last step lands on the prediction
+
+
 def test_context_t_renoises_written_chunk():
     model = tiny_model()
     ctx = _ctx(3, 1)
