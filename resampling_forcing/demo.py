@@ -192,6 +192,8 @@ def _preflight(args, cfg) -> tuple[int, int]:
 
 
 DEMO_MARK = ".demo-run"  # in a run folder the demo made: a later demo may delete it
+# what a demo writes beside its run (removed with a previous demo run): the videos of each model, plots, sheet
+PREVIOUS_OUTPUTS = ("live", "pretrained", "*_continued", "drift_*.png", "contact_sheet.png", "metrics.json")
 
 
 def _is_demo_run(run: Path) -> bool:
@@ -247,8 +249,11 @@ def _main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     start = time.time()
     if run.exists():  # a previous demo's run may come from other code or settings: train afresh
-        print(f"[demo] removing the previous demo run {run}", flush=True)
+        print(f"[demo] removing the previous demo run {run} and its outputs", flush=True)
         shutil.rmtree(run)
+        for name in PREVIOUS_OUTPUTS:  # a new run that writes fewer must not show the old ones beside it
+            for path in out.glob(name):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     run.mkdir(parents=True)
     (run / DEMO_MARK).touch()  # what lets a later demo delete it
 

@@ -244,6 +244,13 @@ def test_demo_deletes_only_a_demo_run(tmp_path, monkeypatch, capsys):
     # an earlier demo's run (no mark): its config's folders are the demo's layout under --out
     (run / "config.yaml").write_text(yaml.safe_dump({"train": {"run_dir": str(run)},
                                                       "data": {"synthetic_dir": str(out / "synthetic")}}))
+    for name in ("pretrained/000_a.mp4", "pretrained_continued/000_a.mp4", "live/005_b.mp4"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(b"an earlier demo's video")
+    for name in ("drift_pretrained.png", "metrics.json", "contact_sheet.png"):
+        (out / name).write_bytes(b"x")
     with pytest.raises(RuntimeError, match="trained"):
         demo.main(args)
     assert (run / demo.DEMO_MARK).is_file() and not (run / "checkpoints").exists()
+    # its outputs went with it: a run without --pretrained showed the old pretrained videos and plots beside
+    assert sorted(p.name for p in out.iterdir()) == ["run"]
