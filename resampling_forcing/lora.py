@@ -95,6 +95,17 @@ def check_model_targets(model_cfg: ModelConfig, targets: list[str]) -> None:
         check_targets(CausalWanModel(model_cfg), targets)
 
 
+def adapter_count(model_cfg: ModelConfig, cfg: LoraConfig) -> int:
+    """Numbers the adapters of `cfg` add to a model of `model_cfg` (rank x (in + out) per target linear
+    layer), counted on a weightless (meta-device) model: for the memory estimate, before anything loads."""
+    from .models.wan import CausalWanModel
+
+    with torch.device("meta"):
+        model = CausalWanModel(model_cfg)
+    return sum(cfg.rank * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and any(_matches(name, t) for t in cfg.targets))
+
+
 def add_adapters(model: nn.Module, cfg: LoraConfig) -> None:
     """Wrap the target layers of `model` (in place) and freeze every other weight."""
     from peft import LoraConfig as PeftLora

@@ -76,8 +76,19 @@ def tokens_per_chunk(cfg: Config, h: int, w: int) -> int:
 # ----------------------------------------------------------------------------- estimates
 
 
+def trained_params(cfg: Config) -> int:
+    """Numbers the optimizer trains: every weight, or a LoRA run's adapters (lora.adapter_count)."""
+    if not cfg.train.lora.rank:
+        return model_params(cfg)
+    from .lora import adapter_count  # lazy: torch (config validation imports this module torch-free)
+
+    return adapter_count(cfg.model, cfg.train.lora)
+
+
 def train_memory(cfg: Config, world: int = 1) -> dict:
-    """Lower bound of one training step per process: {"device", "host", "parts"} in bytes."""
+    """Lower bound of one training step per process: {"device", "host", "parts"} in bytes. The weights,
+    gradients and AdamW's two moments (fp32) are divided over `world` processes as ZeRO-3 shards them
+    (DDP and ZeRO-1/2 hold more of them per process)."""
     d, m, t = cfg.data, cfg.model, cfg.train
     geo = codec_geometry(cfg)
     b = t.batch_size
@@ -91,6 +102,7 @@ def train_memory(cfg: Config, world: int = 1) -> dict:
     parts = {
         # fp32, or a LoRA run's frozen base held in the mixed-precision dtype (lora.HOLD_DTYPES)
         "weights": model_params(cfg) * (2 if t.lora.rank and t.mixed_precision != "no" else 4) // max(world, 1),
+        "gradients and optimizer": trained_params(cfg) * (4 + 8) // max(world, 1),  # fp32 grads, exp_avg, exp_avg_sq
         "latents": 4 * b * geo["channels"] * f * h * w * 4,  # clean, noisy, noise, history
         "activations": b * tokens * m.dim * act_bytes * m.num_layers,  # one block input per layer
     }

@@ -110,6 +110,16 @@ def test_only_the_adapters_get_gradients():
     n = sum(p.numel() for n_, p in wrapped.named_parameters() if lora.is_adapter(n_))
     c = wrapped.cfg
     assert n == c.num_layers * 2 * 2 * (2 * c.dim * 2)  # blocks x {self, cross} x {q, v} x (A + B)
+    # the memory estimate's count (a meta-device model, before anything loads) is what training holds
+    from resampling_forcing.memory import trained_params
+
+    cfg = load_config(TINY_YAML, ["train.lora.rank=2", "train.lora.targets=[q, v]", "train.init_from=x"])
+    cfg.model = c
+    assert trained_params(cfg) == n
+    plain = _model()
+    lora.add_adapters(plain, LoraConfig(rank=4))
+    cfg.train.lora = LoraConfig(rank=4)
+    assert trained_params(cfg) == sum(p.numel() for n_, p in plain.named_parameters() if lora.is_adapter(n_))
 
 
 def test_load_merged_into_the_adapted_model_gives_the_plain_function():
