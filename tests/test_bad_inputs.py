@@ -102,7 +102,7 @@ def test_train_cli_bad_inputs_one_line_exit_2_nothing_left(tmp_path, synth, caps
         "optional field, wrong type": (["train.ema_decay=high"], "train.ema_decay: "),
         # before the data set is rendered (a fresh synthetic folder stays absent) or encoders load
         "init_from typo": ([f"train.init_from={tmp_path / 'no_such_run'}",
-                            f"data.synthetic_dir={tmp_path / 'fresh_synth'}"], "train.init_from="),
+                            f"data.synthetic_dir={tmp_path / 'fresh_synth'}"], "no_such_run does not exist"),
         "init_from truncated": ([f"train.init_from={truncated}", f"data.synthetic_dir={tmp_path / 'fresh_synth'}"],
                                 "model.safetensors is truncated"),
         "no usable video": (["data.source=manifest", f"data.manifest={manifest}"],

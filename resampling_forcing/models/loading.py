@@ -92,7 +92,7 @@ def detect_layout(path: str | Path) -> tuple[str, Path]:
     """-> (layout, folder) with layout in {ours, diffusers, original}."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint path {folder} is not a directory")
+        raise CheckpointError(f"checkpoint path {folder} " + ("is not a directory" if folder.exists() else "does not exist"))
     if (folder / OUR_CONFIG).is_file():
         return "ours", folder
     if (folder / "transformer" / "config.json").is_file():
