@@ -20,4 +20,7 @@ def host_tier_problem(host: str | None, model: str) -> str | None:
     if host is not None and DTYPE_BYTES[host] > DTYPE_BYTES[model]:
         return (f"{host} is larger than the model's {model}: the host tier would hold the same values in more "
                 f"memory; use {model} (the default) or smaller")
+    if host is not None and host != model and DTYPE_BYTES[host] == DTYPE_BYTES[model]:
+        return (f"{host} is as large as the model's {model} but rounds its values (fp16 overflows bf16's range, "
+                f"bf16 drops fp16's precision): no memory saved; use {model} (the default)")
     return None

@@ -341,6 +341,8 @@ def test_bad_inputs_exit_2_one_line(run_dir, tmp_path, capsys):
         "recache without a storyboard": (base + ("--switch-cache", "recache"), "give --prompts-at or --storyboard"),
         "host tier larger": (base + ("--dtype", "bf16", "--kv-resident-chunks", 1, "--kv-host-dtype", "fp32"),
                              "--kv-host-dtype fp32 is larger than the model's bf16"),
+        "host tier fp16 under bf16": (base + ("--dtype", "bf16", "--kv-resident-chunks", 1, "--kv-host-dtype", "fp16"),
+                                      "--kv-host-dtype fp16 is as large as the model's bf16 but rounds its values"),
         "lora missing": (base + ("--lora", tmp_path / "nope"), "does not exist; pass a LoRA .safetensors file"),
         "lora of a full run": (base + ("--lora", run_dir), "holds no lora.safetensors: it is not a LoRA run"),
         "lora not an adapter file": (base + ("--lora", board), "cannot read"),
@@ -788,3 +790,14 @@ def test_a_model_override_equal_to_the_checkpoints_value_is_accepted_however_wri
         check_model_overrides(cfg, [same])
     with pytest.raises(PipelineError, match=r"model.eps=1e-5: the checkpoint fixes model.eps = 1e-06"):
         check_model_overrides(cfg, ["model.eps=1e-5"])
+
+
+def test_pipe_generator_gives_the_seed_it_draws(run_dir):
+    """pipe(generator=torch.Generator) (diffusers' idiom) draws its seed from the generator where the
+    generator lives (a CUDA generator failed on the CPU draw): the same video as that seed."""
+    pipe = Pipeline.from_pretrained(run_dir, device="cpu")
+    a = pipe("a", num_frames=2, num_inference_steps=1, generator=torch.Generator().manual_seed(7))
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
+    b = pipe("a", num_frames=2, num_inference_steps=1, seed=seed)
+    c = pipe("a", num_frames=2, num_inference_steps=1, seed=seed + 1)
+    assert a.seed == b.seed == seed and torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)

@@ -382,7 +382,8 @@ class Pipeline:
         if generator is not None and "seed" in kwargs:
             raise PipelineError("pass generator= (diffusers' name) or seed=, not both")
         if isinstance(generator, torch.Generator):
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            # drawn where the generator lives (diffusers' idiom passes a CUDA one)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         elif generator is None:
             seed = int(kwargs.pop("seed", 0))
         else:
