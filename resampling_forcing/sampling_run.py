@@ -288,7 +288,7 @@ def _commit_batch(args, pipe, res, idx, files, prompts, paths, fps, init_info, s
         t = res.timings
         part = "" if stopped is None else f", stopped by {stop.requested} after {done} of {args.num_chunks} chunks"
         if t["replayed_chunks"]:
-            part += f", {t['replayed_chunks']} kept from the stopped run"
+            part += f", {t['replayed_chunks']} replayed from the kept chunks"
         if t["first_chunk_latency_s"] is not None:
             part += f", first chunk {t['first_chunk_latency_s']:.2f}s, {t['fps_with_decode'] or 0:.2f} fps with decode"
         print(f"wrote {path} ({meta['frames']} frames{part})" + ("; --resume continues it" if stopped else ""),
