@@ -24,6 +24,7 @@ from .typed_yaml import ConfigError, apply_overrides, build
 Objective = Literal["teacher_forcing", "resampling", "noise_augmentation", "parallel_resampling"]
 Ramp = Literal["none", "probability", "strength"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")  # the OBJECTIVES that run the model on the history
 RAMPS: tuple[str, ...] = typing.get_args(Ramp)
 # The encoder kinds (encoders/builders.py builds them), declared once the same way.
 VaeKind = Literal["wan", "wan2.2", "pixel_shuffle"]

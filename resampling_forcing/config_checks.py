@@ -12,7 +12,7 @@ import typing
 from typing import Any, Optional
 
 from .attention.spec import check_rope_horizon, routing_layers_problem
-from .config import OBJECTIVES, RAMPS, WAN_VAES, Config, ModelConfig
+from .config import OBJECTIVES, RAMPS, RESAMPLING_OBJECTIVES, WAN_VAES, Config, ModelConfig, StageConfig
 from .seeds import MAX_SEED
 from .typed_yaml import ConfigError
 
@@ -121,9 +121,9 @@ def validate(cfg: Config, require_encoder_paths: bool = False, training: bool = 
             raise ConfigError(f"{where}ramp={st.ramp}: a teacher_forcing stage has no history "
                               "degradation to ramp; set it to none (ramp the stage after the warmup)")
         # settings the stage would ignore: a typo of intent, refused like an unknown key
-        unused = [f"{k}={v}" for k, v, default in (("resample_steps", st.resample_steps, 1),
-                                                   ("resample_cfg", st.resample_cfg, 1.0)) if v != default]
-        if unused and st.objective not in ("resampling", "parallel_resampling"):
+        unused = [f"{k}={getattr(st, k)}" for k in ("resample_steps", "resample_cfg")
+                  if getattr(st, k) != getattr(StageConfig, k)]
+        if unused and st.objective not in RESAMPLING_OBJECTIVES:
             raise ConfigError(f"{where}{unused[0]}: only a resampling stage runs the model on its history "
                               f"(this one is {st.objective}); remove it")
         if training and st.ramp != "none" and st.ramp_steps > st.steps > 0:

@@ -253,7 +253,10 @@ def _main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run)
         for name in PREVIOUS_OUTPUTS:  # a new run that writes fewer must not show the old ones beside it
             for path in out.glob(name):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     run.mkdir(parents=True)
     (run / DEMO_MARK).touch()  # what lets a later demo delete it
 

@@ -51,11 +51,10 @@ import torch
 from .attention.masks import MaskSpec
 from .attention.ops import MaskedAttention
 from .cache import CachedAttention, KVCache
-from .config import OBJECTIVES, RAMPS, DiffusionConfig, StageConfig
+from .config import OBJECTIVES, RAMPS, RESAMPLING_OBJECTIVES, DiffusionConfig, StageConfig
 from .config_checks import check_degradation
 from .diffusion import add_noise, sample_logit_normal
 
-RESAMPLING_OBJECTIVES = ("resampling", "parallel_resampling")  # the OBJECTIVES that run the model
 
 __all__ = [
     "OBJECTIVES",

@@ -3,7 +3,6 @@ only the adapters train, a checkpoint is usable as any other, a resume is exact 
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from resampling_forcing.config_checks import validate
 from resampling_forcing.models.loading import CheckpointError, load_model, read_state_dict
 from resampling_forcing.models.wan import CausalWanModel
 from resampling_forcing.training import Trainer, train
-from test_training import sigterm_after_step
+from test_training import sigterm_after_step, sigterm_in_micro_batch
 from train_helpers import TINY_YAML, read_log, small_overrides
 from train_helpers import fresh_accelerate_state, synth  # noqa: F401 (fixtures)
 
@@ -228,16 +227,8 @@ def test_stop_within_a_step_resumes_exactly_with_adapter_dropout(tmp_path, synth
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     train(_lora_cfg(ref_run, synth, base_run, *args))
     _reset_accelerate()
-    original, calls = Trainer.compute_loss, []
-
-    def signal_in_step_3(self, batch, stage, gen):  # the 2nd micro-batch of step 3 (2 steps done)
-        calls.append(self.step)
-        if self.step == 2 and calls.count(2) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch, stage, gen)
-
-    monkeypatch.setattr(Trainer, "compute_loss", signal_in_step_3)
-    assert train(_lora_cfg(run, synth, base_run, *args))["step"] == 2
+    calls, original = sigterm_in_micro_batch(monkeypatch, 2, 2)  # the 2nd micro-batch of step 3
+    assert train(_lora_cfg(run, synth, base_run, *args))["step"] == 2 and calls.count(2) == 2  # within the step
     _reset_accelerate()
     monkeypatch.setattr(Trainer, "compute_loss", original)
     assert train(_lora_cfg(run, synth, base_run, *args))["step"] == 4

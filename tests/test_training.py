@@ -42,6 +42,22 @@ def sigterm_after_step(monkeypatch, step: int):
     return original
 
 
+def sigterm_in_micro_batch(monkeypatch, steps_done: int, nth: int) -> tuple[list, object]:
+    """Make the trainer send itself SIGTERM in the `nth` micro-batch of the step after `steps_done` steps
+    (a stop within an accumulating step); returns (the steps of every micro-batch computed, the original
+    compute_loss to put back for the resumed run)."""
+    original, calls = Trainer.compute_loss, []
+
+    def signal_in_step(self, batch, stage, gen):
+        calls.append(self.step)
+        if self.step == steps_done and calls.count(steps_done) == nth:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, stage, gen)
+
+    monkeypatch.setattr(Trainer, "compute_loss", signal_in_step)
+    return calls, original
+
+
 def test_stage_schedule_and_lr():
     cfg = Config()
     cfg.train.stages = [StageConfig(name="tf", steps=3), StageConfig(name="rf", objective="resampling", steps=2)]
@@ -157,16 +173,7 @@ def test_sigterm_within_a_step_drops_it_and_resumes_exactly(tmp_path, synth, mon
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     train(cfg_for(ref_run, synth, *args, steps_tf=2, steps_rf=3))
     ref = read_log(ref_run)
-    original = Trainer.compute_loss
-    calls = []
-
-    def signal_in_step_4(self, batch, stage, gen):  # the 2nd micro-batch of step 4 (3 steps done)
-        calls.append(self.step)
-        if self.step == 3 and calls.count(3) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch, stage, gen)
-
-    monkeypatch.setattr(Trainer, "compute_loss", signal_in_step_4)
+    calls, original = sigterm_in_micro_batch(monkeypatch, 3, 2)  # the 2nd micro-batch of step 4
     first = train(cfg_for(run, synth, *args, steps_tf=2, steps_rf=3))
     assert first["status"] == "interrupted" and first["step"] == 3
     assert calls.count(3) == 2  # stopped within the step, not after its 3 micro-batches
